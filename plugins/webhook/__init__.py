@@ -1,0 +1,10 @@
+"""The ``webhook`` destination: each event as an HTTP request to a URL of yours."""
+
+from router import hookimpl
+
+from .destination import Webhook
+
+
+@hookimpl
+def router_register_destinations(register):
+    register(Webhook)

@@ -1,0 +1,75 @@
+"""Sends each event to one URL: the normalized event as JSON, or a body rendered from a
+sandboxed jinja2 template (``event`` and ``options`` in scope)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from router import DeliveryDefaults, Destination, Event, HttpRequest, Payload
+from router.templates import Template
+
+
+class WebhookSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="Where to send, http:// or https://. Private, loopback and "
+                                 "link-local hosts need `egress.allow_private_addresses`.")
+    method: Literal["POST", "PUT", "PATCH"] = Field("POST", description="HTTP method.")
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Extra request headers. Values are treated as secrets and masked.")
+    body: str | None = Field(
+        None, description="Optional jinja2 template of the body (sandboxed), with `event` and "
+                          "`options` in scope. Without it the body is the event as JSON.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        return url
+
+
+class Webhook(Destination[WebhookSettings]):
+    plugin_name = "webhook"
+    Settings = WebhookSettings
+    delivery = DeliveryDefaults(timeout=10, concurrency=8)
+
+    def __init__(self, settings: WebhookSettings) -> None:
+        super().__init__(settings)
+        self._template = Template(settings.body, where="settings.body") if settings.body else None
+        self._headers = {name: value.get_secret_value()
+                         for name, value in settings.headers.items()}
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        if self._template is None:
+            return [Payload(event.to_dict())]
+        return [Payload(self._template.render(event=event.to_dict(), options=dict(options)))]
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        (payload,) = payloads
+        body = payload.body
+        if isinstance(body, str):
+            content_type = "application/json" if _is_json(body) else "text/plain; charset=utf-8"
+            data = body.encode()
+        else:
+            content_type, data = "application/json", orjson.dumps(body)
+        headers = {"Content-Type": content_type, **self._headers}
+        return HttpRequest(self.settings.method, self.settings.url, headers, data)
+
+    def endpoints(self) -> Sequence[str]:
+        return (self.settings.url,)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True

@@ -1,0 +1,152 @@
+"""What a destination type provides: the whole public contract between the core and an adapter.
+
+A destination is a class with pure methods. The core calls them in this order::
+
+    translate(event, options)   -> [Payload, ...]     once per event, when it is routed
+    build_request(payloads)     -> HttpRequest        once per batch, when it is sent
+    read_response(payloads, r)  -> [outcome, ...]     once per answer, to judge each payload
+
+None of them does I/O, sleeps or retries: the core owns the HTTP session, the retry policy,
+batching, rate limits and the spool. That is what makes an adapter testable without a network
+and what keeps every destination's delivery behaviour the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.errors import DestinationError
+from router.events import Event
+
+DEFAULT_RETRY_STATUSES: frozenset[int] = frozenset({408, 423, 425, 429, 500, 502, 503, 504,
+                                                    505, 506, 507, 508, 509, 510, 511, 598, 599})
+"""Statuses retried unless a destination's ``delivery.retry_on`` says otherwise: timeouts,
+throttling and server errors (Segment's set; 501 "not implemented" will not get better)."""
+
+
+class Payload(NamedTuple):
+    """One translated unit of work for one destination: the JSON-able ``body`` a request will
+    carry for this event, and the ``group`` it may share a batch request with.
+
+    Payloads of one destination are batched only with payloads of the same ``group``; use it
+    when one API has several endpoints (``"import"`` and ``"engage"``), or per-event options
+    that change the request (another project token). The body must not contain secrets:
+    credentials belong in ``build_request``, so they never reach the spool or dead letters.
+    """
+
+    body: Any
+    group: str = ""
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    """A request described, not sent: what ``build_request`` returns and dry-run prints."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+
+    @classmethod
+    def json(cls, method: str, url: str, data: Any, headers: Mapping[str, str] | None = None
+             ) -> HttpRequest:
+        """A request whose body is ``data`` as JSON, with the matching content type."""
+        all_headers = {"Content-Type": "application/json"}
+        if headers:
+            all_headers.update(headers)
+        return cls(method, url, all_headers, orjson.dumps(data))
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    """An answer from a destination's API, as ``read_response`` sees it."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def json(self) -> Any:
+        """The body parsed as JSON, or None when it is not JSON."""
+        try:
+            return orjson.loads(self.body) if self.body else None
+        except orjson.JSONDecodeError:
+            return None
+
+
+Outcome = DestinationError | None
+"""What happened to one payload: None when delivered, else a ``RetryableError`` or a
+``PermanentError`` saying why."""
+
+
+class DeliveryDefaults(BaseModel):
+    """A destination's documented delivery limits, declared as data. Operators may override
+    each one in the ``delivery`` section of the destination's config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout: float = Field(10.0, gt=0, description="seconds to wait for one request")
+    max_attempts: int = Field(10, ge=1, description="attempts before dead-lettering")
+    max_age: float = Field(4 * 3600.0, gt=0,
+                           description="seconds after which an undelivered event is dead-lettered")
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    rate_limit: float | None = Field(None, gt=0, description="requests per second, at most")
+    batch_size: int = Field(1, ge=1, description="payloads per request, at most")
+    batch_bytes: int = Field(1_000_000, ge=1024, description="request body bytes, at most")
+    batch_wait: float = Field(1.0, ge=0, description="seconds a partial batch waits for more")
+    retry_on: frozenset[int] = Field(DEFAULT_RETRY_STATUSES,
+                                     description="HTTP statuses retried; others are permanent")
+    ordered: bool = Field(False, description="hold a user's later events while one retries")
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+class Destination(Generic[SettingsT]):
+    """Base class of every destination type, built-in or third-party.
+
+    Subclasses set ``plugin_name`` (the ``plugin:`` key in the config), ``Settings`` (a
+    pydantic model whose field descriptions document the settings; use ``SecretStr`` for
+    credentials) and, when the API batches or has limits, ``delivery``.
+    """
+
+    plugin_name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]]
+    delivery: ClassVar[DeliveryDefaults] = DeliveryDefaults()
+
+    def __init__(self, settings: SettingsT) -> None:
+        self.settings = settings
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        """Turn one event into the payloads this destination sends for it.
+
+        ``options`` is the object the event's integrations map gave for this destination
+        (empty when it gave ``true``). Return ``[]`` or raise ``SkipEvent`` when there is
+        nothing to send; raise ``EventRejected`` when the vendor would refuse the event.
+        Must be deterministic: the same event always gives the same payloads.
+        """
+        raise NotImplementedError
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        """One HTTP request carrying ``payloads`` (all of one group; one of them unless
+        ``delivery.batch_size`` is above 1). Credentials are added here."""
+        raise NotImplementedError
+
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        """Judge an answer per payload, in order, or return None to let the core judge by
+        status alone (2xx delivered, ``retry_on`` retried, the rest permanent).
+
+        Override it where the API reports more than its status says: failed items of a
+        batch, an error inside a 200, a vendor rate-limit header.
+        """
+        return None
+
+    def endpoints(self) -> Sequence[str]:
+        """URLs this configured destination will send to, checked against the egress policy
+        when the config is loaded. Vendor APIs on public hosts need not list theirs."""
+        return ()

@@ -1,0 +1,77 @@
+"""The error types of the router, and what each one means for delivery.
+
+Adapters raise these instead of checking statuses ad hoc; the core turns them into outcomes
+(skipped, invalid, retried, dead-lettered) and carries the human-readable ``reason`` all the way
+to dry-run output, dead letters, logs and metrics.
+"""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """Base class of every error the router raises on purpose."""
+
+
+class ConfigError(RouterError):
+    """The configuration cannot be used. Raised at start, never while running.
+
+    ``str()`` names the file, the line and the field, and says what was expected.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        self.file, self.line, self.field, self.message = file, line, field, message
+        where = ":".join(str(part) for part in (file, line) if part is not None)
+        prefix = f"{where}: " if where else ""
+        field_part = f"{field}: " if field else ""
+        super().__init__(f"{prefix}{field_part}{message}")
+
+
+class InvalidEvent(RouterError):
+    """An event breaks the spec. It is rejected alone; its neighbours carry on.
+
+    ``problems`` lists ``(field, message)`` pairs. Input values are never echoed, so an
+    event carrying a secret cannot leak it through an error message.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field}: {message}" if field else message
+                                   for field, message in problems))
+
+
+class StorageFull(RouterError):
+    """The storage refused new work (its disk budget is spent). Intake must answer "try later"."""
+
+
+class DestinationError(RouterError):
+    """Base of what a destination adapter raises. ``reason`` is shown to people as it is."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class SkipEvent(DestinationError):
+    """The destination has no meaning for this event (a call type or semantic event it does
+    not support). Not a failure: the event is reported as skipped with the reason."""
+
+
+class EventRejected(DestinationError):
+    """The destination's API would reject this event (a name too long, a purchase without a
+    currency, ...). Raised before sending, above all where the vendor fails silently; the
+    event is reported invalid for this destination only."""
+
+
+class RetryableError(DestinationError):
+    """Sending failed in a way that may pass later (timeout, 429, 5xx, a transient error in
+    a 200 body). The core retries with backoff, no sooner than ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class PermanentError(DestinationError):
+    """Sending failed and will fail again unchanged (400, 401, 404, ...). The event goes to
+    the dead-letter store at once, with this reason."""

@@ -1,0 +1,224 @@
+"""The Segment / Customer.io event spec as a pydantic model, and its normalization.
+
+``parse_event`` is the one door every event comes through (HTTP, ``router send``,
+``Router.route``), so the rules of the contract live here and nowhere else: required fields per
+call type, unknown fields kept, ``messageId`` generated, timestamps corrected for client clock
+skew, reserved properties normalized, the 32 KB size limit.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from router.currencies import ISO_4217_CODES
+from router.errors import InvalidEvent
+
+CallType = Literal["track", "identify", "page", "screen", "group", "alias"]
+CALL_TYPES: tuple[str, ...] = ("track", "identify", "page", "screen", "group", "alias")
+
+MAX_EVENT_BYTES = 32 * 1024
+"""Segment and Customer.io refuse an event over 32 KB serialized; so do we, wherever it enters."""
+
+DEFAULT_CURRENCY = "USD"
+TIMESTAMP_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
+_PROPERTY_CALLS = frozenset({"track", "page", "screen"})
+
+
+class Event(BaseModel):
+    """A normalized event. Unknown top-level fields are kept (``model_extra``)."""
+
+    model_config = ConfigDict(extra="allow", hide_input_in_errors=True,
+                              coerce_numbers_to_str=True, frozen=False)
+
+    type: CallType
+    messageId: str
+    timestamp: datetime
+    receivedAt: datetime
+    userId: str | None = None
+    anonymousId: str | None = None
+    event: str | None = None
+    name: str | None = None
+    groupId: str | None = None
+    previousId: str | None = None
+    properties: dict[str, Any] = {}
+    traits: dict[str, Any] = {}
+    context: dict[str, Any] = {}
+    integrations: dict[str, Any] | None = None
+    originalTimestamp: datetime | None = None
+    sentAt: datetime | None = None
+    version: int | str | None = None
+
+    @property
+    def user_key(self) -> str:
+        """Who the event is about: the user id, else the anonymous id. Orders per-user work."""
+        return self.userId or self.anonymousId or ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as plain JSON data (timestamps as ISO-8601 strings), unset fields left out.
+
+        This is what templates see as ``event`` and what the webhook sends by default.
+        """
+        data: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if value is None:
+                continue
+            data[key] = format_time(value) if isinstance(value, datetime) else value
+        if self.__pydantic_extra__:
+            data.update(self.__pydantic_extra__)
+        return data
+
+
+def format_time(moment: datetime) -> str:
+    """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps."""
+    moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_event(raw: Any, *, received_at: datetime | None = None,
+                max_bytes: int = MAX_EVENT_BYTES, size: int | None = None) -> Event:
+    """Validate and normalize one raw event, or raise ``InvalidEvent`` naming each bad field.
+
+    ``size`` is the event's serialized size when the caller already knows it (the HTTP server
+    measures raw bytes); otherwise the event is serialized once to measure it.
+    """
+    if not isinstance(raw, Mapping):
+        raise InvalidEvent([("", "an event must be a JSON object")])
+    if size is None:
+        try:
+            size = len(orjson.dumps(raw))
+        except TypeError as exc:
+            raise InvalidEvent([("", f"not JSON-serializable: {exc}")]) from None
+    if size > max_bytes:
+        raise InvalidEvent([("", f"event is {size} bytes, over the {max_bytes // 1024} KB limit")])
+
+    received = received_at or datetime.now(timezone.utc)
+    data = dict(raw)
+    data.setdefault("messageId", None)
+    if not data["messageId"]:
+        data["messageId"] = str(uuid.uuid4())
+    data["receivedAt"] = received
+    data.pop("writeKey", None)  # a credential, never part of the event
+    client_timestamp = data.get("timestamp")
+    data["timestamp"] = received  # placeholder; corrected below once the fields are parsed
+    try:
+        event = Event.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(_problems(exc)) from None
+
+    problems = _call_type_problems(event)
+    if client_timestamp is not None:
+        try:
+            event.originalTimestamp = event.originalTimestamp or _as_datetime(client_timestamp)
+        except (ValidationError, ValueError):
+            problems.append(("timestamp", "expected an ISO-8601 date-time"))
+    if event.type in _PROPERTY_CALLS and event.properties:
+        problems += normalize_reserved_properties(event.properties)
+    if problems:
+        raise InvalidEvent(problems)
+    event.timestamp = corrected_timestamp(event, explicit=client_timestamp is not None)
+    return event
+
+
+def corrected_timestamp(event: Event, *, explicit: bool) -> datetime:
+    """Segment's clock-skew correction: ``receivedAt - (sentAt - originalTimestamp)``.
+
+    Without ``sentAt`` a client-given timestamp is trusted as it is (server libraries and
+    historical imports); without any, the receive time is the event time.
+    """
+    original = event.originalTimestamp
+    if original is not None and event.sentAt is not None:
+        return event.receivedAt - (_utc(event.sentAt) - _utc(original))
+    if explicit and original is not None:
+        return _utc(original)
+    return event.receivedAt
+
+
+def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str, str]]:
+    """Make ``revenue``/``value`` numbers and ``currency`` an upper-case ISO 4217 code, in place.
+
+    Returns the problems found, as ``(field, message)`` pairs.
+    """
+    problems: list[tuple[str, str]] = []
+    for key in ("revenue", "value"):
+        if key in properties and properties[key] is not None:
+            number = as_number(properties[key])
+            if number is None:
+                problems.append((f"properties.{key}", "expected a number or a numeric string"))
+            else:
+                properties[key] = number
+    currency = properties.get("currency")
+    if currency is not None:
+        code = currency.strip().upper() if isinstance(currency, str) else None
+        if code not in ISO_4217_CODES:
+            problems.append(("properties.currency",
+                             "expected an ISO 4217 currency code such as USD or EUR"))
+        else:
+            properties["currency"] = code
+    elif properties.get("revenue") is not None:
+        properties["currency"] = DEFAULT_CURRENCY
+    return problems
+
+
+def as_number(value: Any) -> float | int | None:
+    """A finite number from a number or a numeric string; None when it is neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _call_type_problems(event: Event) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if not event.userId and not event.anonymousId:
+        problems.append(("userId", "one of userId or anonymousId is required"))
+    if event.type == "track" and not (event.event and event.event.strip()):
+        problems.append(("event", "required for a track call (the name of the action)"))
+    elif event.type == "group" and not event.groupId:
+        problems.append(("groupId", "required for a group call"))
+    elif event.type == "alias":
+        if not event.previousId:
+            problems.append(("previousId", "required for an alias call"))
+        if not event.userId:
+            problems.append(("userId", "required for an alias call (the new id)"))
+    if event.integrations and "All" in event.integrations \
+            and not isinstance(event.integrations["All"], bool):
+        problems.append(("integrations.All", "expected true or false"))
+    return problems
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """Field paths and messages only: pydantic's input echo could carry a secret."""
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "literal_error" and field == "type":
+            message = "expected one of " + ", ".join(CALL_TYPES)
+        problems.append((field, message))
+    return problems
+
+
+class _Moment(BaseModel):
+    at: datetime
+
+
+def _as_datetime(value: Any) -> datetime:
+    return _utc(_Moment(at=value).at)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment

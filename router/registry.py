@@ -1,0 +1,125 @@
+"""Finds destination plugins and keeps the destination types they register, by plugin name.
+
+Plugins come from the entry-point group ``router.destinations`` (the built-ins included, so
+they load exactly as a third-party package does). A plugin that fails to load is remembered,
+not fatal: a config that uses it fails at start with the plugin's error; one that does not
+merely gets a warning.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import pluggy
+from pydantic import BaseModel
+
+from router import hookspecs
+from router.destination import Destination
+from router.errors import ConfigError
+
+ENTRY_POINT_GROUP = "router.destinations"
+log = logging.getLogger("router.plugins")
+
+
+@dataclass(frozen=True)
+class DestinationType:
+    """A registered destination class and where it came from."""
+
+    cls: type[Destination]
+    package: str
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.cls.plugin_name
+
+
+@dataclass
+class Registry:
+    """The destination types known to this process, and the plugins that failed to load."""
+
+    plugin_manager: pluggy.PluginManager
+    types: dict[str, DestinationType] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+
+    def get(self, plugin: str) -> DestinationType:
+        """The type registered as ``plugin``, or a ``ConfigError`` saying why there is none."""
+        if plugin in self.types:
+            return self.types[plugin]
+        if plugin in self.broken:
+            raise ConfigError(f"plugin {plugin!r} failed to load: {self.broken[plugin]}")
+        known = ", ".join(sorted(self.types)) or "none"
+        raise ConfigError(f"unknown plugin {plugin!r}; installed: {known}")
+
+
+def create_registry(*, entry_points: bool = True,
+                    extra_plugins: tuple[ModuleType | object, ...] = ()) -> Registry:
+    """Build a plugin manager and collect every destination type.
+
+    Never called at import time: tests build their own registry, with ``extra_plugins`` for
+    plugins defined in the test itself.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    registry = Registry(pm)
+    origins: dict[object, tuple[str, str]] = {}
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            package, version = _distribution(ep)
+            try:
+                module = ep.load()
+                if pm.is_registered(module):
+                    continue
+                pm.register(module, name=f"{ep.name} ({package})")
+            except Exception as exc:  # noqa: BLE001 - any failure of third-party code
+                registry.broken[ep.name] = f"{type(exc).__name__}: {exc} (package {package} {version})"
+                log.warning("destination plugin %r from %s %s failed to load: %s",
+                            ep.name, package, version, exc)
+                continue
+            origins[module] = (package, version)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+        origins[plugin] = (getattr(plugin, "__name__", type(plugin).__name__), "local")
+    pm.check_pending()
+
+    for impl in pm.hook.router_register_destinations.get_hookimpls():
+        package, version = origins.get(impl.plugin, (impl.plugin_name, "unknown"))
+
+        def register(cls: type[Destination], _origin: tuple[str, str] = (package, version)) -> None:
+            _add_type(registry, cls, *_origin)
+
+        try:
+            impl.function(register=register)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            registry.broken[impl.plugin_name] = f"{type(exc).__name__}: {exc}"
+            log.warning("destination plugin %s %s failed to register: %s", package, version, exc)
+    return registry
+
+
+def _add_type(registry: Registry, cls: type[Destination], package: str, version: str) -> None:
+    where = f"(from {package} {version})"
+    if not (isinstance(cls, type) and issubclass(cls, Destination)):
+        raise ConfigError(f"{cls!r} registered {where} is not a router.Destination subclass")
+    name = getattr(cls, "plugin_name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"{cls.__name__} {where} needs a plugin_name that is an identifier")
+    settings = getattr(cls, "Settings", None)
+    if not (isinstance(settings, type) and issubclass(settings, BaseModel)):
+        raise ConfigError(f"{cls.__name__} {where} needs a pydantic Settings model")
+    existing = registry.types.get(name)
+    if existing and existing.cls is not cls:
+        raise ConfigError(f"plugin name {name!r} {where} is already registered by "
+                          f"{existing.package} {existing.version}")
+    registry.types[name] = DestinationType(cls, package, version)
+
+
+def _distribution(ep: importlib.metadata.EntryPoint) -> tuple[str, str]:
+    dist = ep.dist
+    if dist is None:
+        return ep.module, "unknown"
+    return dist.metadata["Name"], dist.version
