@@ -98,6 +98,9 @@ class DeliveryDefaults(BaseModel):
     batch_size: int = Field(1, ge=1, description="payloads per request, at most")
     batch_bytes: int = Field(1_000_000, ge=1024, description="request body bytes, at most")
     batch_wait: float = Field(1.0, ge=0, description="seconds a partial batch waits for more")
+    backoff_initial: float = Field(1.0, gt=0, description="seconds before the first retry, "
+                                   "at most (exponential with full jitter)")
+    backoff_max: float = Field(300.0, gt=0, description="longest wait between two attempts")
     retry_on: frozenset[int] = Field(DEFAULT_RETRY_STATUSES,
                                      description="HTTP statuses retried; others are permanent")
     ordered: bool = Field(False, description="hold a user's later events while one retries")

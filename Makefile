@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SINK_PORT ?= 9900
+
+.PHONY: serve test bench check clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]' -e examples/router-acme
+	touch $(STAMP)
+
+## Run the router on the embedded default (SQLite under var/) with config/router.yaml,
+## beside a local sink that prints what each destination receives. Ctrl-C stops both.
+serve: $(STAMP)
+	mkdir -p var
+	$(BIN)/python -m router.testing.sink --port $(SINK_PORT) & sink=$$!; \
+	trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/router serve -c config/router.yaml
+
+## The whole test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Benchmarks; figures are printed and recorded in docs/performance.md by hand.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run core
+
+check: $(STAMP)
+	$(BIN)/router check -c config/router.yaml
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

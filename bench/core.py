@@ -1,0 +1,227 @@
+"""The in-process path, network left out: bytes in, every destination's request bodies out.
+
+Stages: parse the bytes, validate and normalize, dedup, integrations map and filters,
+translate for each destination, serialize each request body. Measured interleaved with a
+reference on the same bytes (orjson.loads of the event plus orjson.dumps of each
+destination's prebuilt body: the parse+serialize ceiling), because the machine is shared and
+noisy: the ratio to the reference is the figure that travels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import resource
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+
+import orjson
+
+from bench.events import event_mix
+from router.config import parse_config
+from router.events import parse_event
+from router.integrations import IntegrationsMap
+from router.routing import Router, Status
+from router.storage.base import Acceptance
+from router.storage.memory import MemoryStorage
+
+# Settings for each destination used in the benchmark (fake keys; nothing is sent).
+BENCH_DESTINATIONS: dict[str, dict] = {
+    "webhook": {"url": "https://hooks.example.com/in"},
+    "amplitude": {"api_key": "bench-amplitude-key"},
+    "mixpanel": {"project_id": "123456", "api_secret": "bench-mixpanel-secret"},
+    "ga4": {"measurement_id": "G-BENCH123", "api_secret": "bench-ga4-secret"},
+    "posthog": {"api_key": "phc_bench"},
+    "meta_capi": {"pixel_id": "1234567890", "access_token": "bench-meta-token"},
+    "customerio": {"site_id": "bench-site", "api_key": "bench-cio-key"},
+    "braze": {"api_key": "bench-braze-key", "instance": "US-01"},
+    "segment": {"write_key": "bench-segment-key"},
+    "acme": {"api_key": "bench-acme-key"},
+}
+FIVE = ("webhook", "amplitude", "mixpanel", "ga4", "posthog")
+
+
+def make_router(plugins: Sequence[str]) -> Router:
+    """A router with one destination per plugin (repeats get numbered names)."""
+    lines = ["storage: memory://", "destinations:"]
+    for index, plugin in enumerate(plugins):
+        settings = orjson.dumps(BENCH_DESTINATIONS[plugin]).decode()
+        lines += [f"  - name: {plugin}-{index}", f"    plugin: {plugin}",
+                  f"    settings: {settings}"]
+    return Router(parse_config("\n".join(lines), env={}), deliver=False,
+                  storage=MemoryStorage())
+
+
+def full_path(router: Router, storage: MemoryStorage, window: float) -> Callable[[bytes], int]:
+    """The whole path for one event; returns the bytes of request bodies produced."""
+    destinations = router.destinations
+    received = datetime.now(timezone.utc)
+    now = time.time()
+
+    def run(raw: bytes) -> int:
+        event = parse_event(orjson.loads(raw), received_at=received, size=len(raw))
+        # dedup, as accept() does it for memory:// (no jobs: bodies are measured below)
+        key = (router_source, event.messageId)
+        if storage.seen.get(key, 0) > now:
+            return 0
+        storage.seen[key] = now + window
+        integrations = IntegrationsMap(event.integrations)
+        produced = 0
+        for destination in destinations:
+            result = router._decide(destination, event, integrations)
+            if result.status is Status.SEND:
+                for payload in result.payloads:
+                    produced += len(orjson.dumps(payload.body))
+                    request = destination.adapter.build_request([payload])
+                    produced += len(request.body or b"")
+        return produced
+
+    router_source = "bench"
+    return run
+
+
+def direct_translators(router: Router) -> Callable[[bytes], int]:
+    """The same work calling each adapter directly: what the plugin layer is compared to."""
+    adapters = [destination.adapter for destination in router.destinations]
+    received = datetime.now(timezone.utc)
+
+    def run(raw: bytes) -> int:
+        event = parse_event(orjson.loads(raw), received_at=received, size=len(raw))
+        produced = 0
+        for adapter in adapters:
+            try:
+                payloads = adapter.translate(event, {})
+            except Exception:  # noqa: BLE001 - skips and rejections count as no output
+                continue
+            for payload in payloads:
+                produced += len(orjson.dumps(payload.body))
+                produced += len(adapter.build_request([payload]).body or b"")
+        return produced
+
+    return run
+
+
+def reference(router: Router, sample: Sequence[bytes]) -> Callable[[bytes], int]:
+    """orjson.loads of the event plus orjson.dumps of each destination's prebuilt body."""
+    prebuilt: dict[bytes, list] = {}
+    received = datetime.now(timezone.utc)
+    for raw in sample:
+        event = parse_event(orjson.loads(raw), received_at=received)
+        bodies = []
+        for result in router.plan(event).results:
+            bodies += [payload.body for payload in result.payloads]
+        prebuilt[raw] = bodies
+
+    def run(raw: bytes) -> int:
+        orjson.loads(raw)
+        return sum(len(orjson.dumps(body)) for body in prebuilt[raw])
+
+    return run
+
+
+def measure(function: Callable[[bytes], int], events: Sequence[bytes]) -> float:
+    """Seconds per event for one pass over ``events``."""
+    gc.collect()
+    started = time.perf_counter()
+    for raw in events:
+        function(raw)
+    return (time.perf_counter() - started) / len(events)
+
+
+def interleaved(functions: dict[str, Callable[[bytes], int]], events: Sequence[bytes],
+                rounds: int = 5) -> dict[str, float]:
+    """Best seconds-per-event of each function over ``rounds`` interleaved passes."""
+    best = {name: float("inf") for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            best[name] = min(best[name], measure(function, events))
+    return best
+
+
+def stage_costs(router: Router, events: Sequence[bytes]) -> dict[str, float]:
+    """Microseconds per event spent in each stage of the path."""
+    received = datetime.now(timezone.utc)
+    parsed = [orjson.loads(raw) for raw in events]
+    normalized = [parse_event(item, received_at=received) for item in parsed]
+    maps = [IntegrationsMap(event.integrations) for event in normalized]
+    results = [[router._decide(d, e, m) for d in router.destinations]
+               for e, m in zip(normalized, maps)]
+    storage = MemoryStorage()
+    timings: dict[str, Callable[[], object]] = {
+        "parse bytes": lambda: [orjson.loads(raw) for raw in events],
+        "validate+normalize": lambda: [parse_event(item, received_at=received) for item in parsed],
+        "dedup": lambda: asyncio.run(storage.accept(
+            [Acceptance("bench", e.messageId + str(time.perf_counter_ns()), ()) for e in normalized],
+            window=43200, now=time.time())),
+        "integrations+filters": lambda: [[m.decide(d.name, default_on=d.default_on)
+                                          for d in router.destinations] for m in maps],
+        "translate": lambda: [[d.translate(e, {}) if r.status is Status.SEND else None
+                               for d, r in zip(router.destinations, rs)]
+                              for e, rs in zip(normalized, results)],
+        "serialize bodies": lambda: [[d.adapter.build_request([p]) for d, r in
+                                      zip(router.destinations, rs) for p in r.payloads]
+                                     for rs in results],
+    }
+    costs = {}
+    for name, run in timings.items():
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - started)
+        costs[name] = best / len(events) * 1e6
+    return costs
+
+
+def run(count: int = 20_000) -> dict[str, object]:
+    events = event_mix(count)
+    figures: dict[str, object] = {}
+    five = make_router(FIVE)
+    storage = MemoryStorage()
+    functions = {"full path (5 destinations)": full_path(five, storage, 43200),
+                 "direct translators (5)": direct_translators(five),
+                 "reference (orjson ceiling)": reference(five, events)}
+    # Fresh messageIds each pass, so dedup never short-cuts the path.
+    passes = [event_mix(count, seed=seed) for seed in range(100, 105)]
+    best = {name: float("inf") for name in functions}
+    for batch in passes:
+        best_round = interleaved(functions, batch, rounds=1)
+        best = {name: min(best[name], best_round[name]) for name in functions}
+    full, direct, ceiling = (best["full path (5 destinations)"], best["direct translators (5)"],
+                             best["reference (orjson ceiling)"])
+    figures["events_per_second"] = round(1 / full)
+    figures["reference_events_per_second"] = round(1 / ceiling)
+    figures["percent_of_reference"] = round(100 * ceiling / full, 1)
+    figures["plugin_layer_overhead_percent"] = round(100 * (full / direct - 1), 1)
+    figures["stage_microseconds"] = {k: round(v, 2) for k, v in stage_costs(five, events).items()}
+
+    scaling = {}
+    for n in (1, 2, 5, 10):
+        router = make_router([FIVE[i % len(FIVE)] for i in range(n)])
+        per_event = min(measure(full_path(router, MemoryStorage(), 43200), event_mix(5000, seed=200 + r))
+                        for r in range(3))
+        scaling[n] = round(per_event * 1e6, 2)
+    figures["microseconds_by_destination_count"] = scaling
+
+    window_costs = {}
+    for remembered in (0, 1_000_000):
+        storage = MemoryStorage()
+        now = time.time()
+        storage.seen.update({("bench", f"old-{i}"): now + 43200 for i in range(remembered)})
+        per_event = min(measure(full_path(five, storage, 43200), event_mix(5000, seed=300 + r))
+                        for r in range(3))
+        window_costs[remembered] = round(per_event * 1e6, 2)
+    figures["microseconds_by_dedup_window_size"] = window_costs
+
+    translation = {}
+    for plugin in BENCH_DESTINATIONS:
+        try:
+            router = make_router([plugin])
+        except Exception:  # noqa: BLE001 - a plugin not installed is left out
+            continue
+        per_event = min(measure(direct_translators(router), events[:5000]) for _ in range(3))
+        translation[plugin] = round(per_event * 1e6, 2)
+    figures["translate_microseconds_by_plugin_with_parse"] = translation
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return figures

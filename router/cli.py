@@ -1,0 +1,253 @@
+"""The ``router`` command: check a config, send events (or dry-run them), list plugins, serve
+the HTTP API, and manage dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from router.config import load_config, parse_duration
+from router.destination import HttpRequest
+from router.errors import ConfigError
+from router.input import Unreadable, read_events
+from router.registry import create_registry
+from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or EXIT_OK)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="router", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate a config, load its plugins and templates")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(run=check_command)
+
+    send = commands.add_parser("send", help="route events from a file or stdin")
+    send.add_argument("-c", "--config", required=True)
+    send.add_argument("input", nargs="?", default="-", help="EVENTS.json, .jsonl, or - for stdin")
+    send.add_argument("--dry-run", action="store_true",
+                      help="print the exact requests instead of sending; changes nothing")
+    send.add_argument("--json", action="store_true", help="one JSON object a line")
+    send.add_argument("--source", default=DEFAULT_SOURCE, help="source name for dedup")
+    send.add_argument("--wait", default="60s",
+                      help="how long to wait for delivery before leaving the rest queued")
+    send.set_defaults(run=send_command)
+
+    plugins = commands.add_parser("plugins", help="list the destination plugins found")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(run=plugins_command)
+
+    serve = commands.add_parser("serve", help="run the HTTP ingest API and delivery")
+    serve.add_argument("-c", "--config", required=True)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(run=serve_command)
+
+    dlq = commands.add_parser("dlq", help="list, replay or purge dead letters")
+    dlq.add_argument("action", choices=("list", "replay", "purge"))
+    dlq.add_argument("-c", "--config", required=True)
+    dlq.add_argument("--destination")
+    dlq.add_argument("--reason", help="only dead letters whose reason contains this text")
+    dlq.add_argument("--since", help="only those failed within this long, e.g. 2h")
+    dlq.add_argument("--limit", type=int, default=100)
+    dlq.add_argument("--json", action="store_true")
+    dlq.set_defaults(run=dlq_command)
+    return parser
+
+
+# -- check ------------------------------------------------------------------------------------
+
+def check_command(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    router = Router(loaded, deliver=False)
+    config = loaded.config
+    print(f"{args.config}: OK")
+    print(f"  storage: {config.storage}")
+    print(f"  dedup window: {_seconds(config.dedup.window)}")
+    print(f"  sources: {', '.join(s.name for s in config.sources) or '(none: the HTTP API accepts no write key)'}")
+    print(f"  destinations ({len(router.destinations)} enabled):")
+    for destination in router.destinations:
+        delivery = destination.delivery
+        flags = [] if destination.default_on else ["off by default"]
+        print(f"    {destination.name:<24} plugin {destination.plugin.name} "
+              f"({destination.plugin.package} {destination.plugin.version}); batch "
+              f"{delivery.batch_size}, concurrency {delivery.concurrency}, timeout "
+              f"{_seconds(delivery.timeout)}{', ' + ', '.join(flags) if flags else ''}")
+    disabled = [d.name for d in config.destinations if not d.enabled]
+    if disabled:
+        print(f"  disabled: {', '.join(disabled)}")
+    return EXIT_OK
+
+
+# -- send -------------------------------------------------------------------------------------
+
+def send_command(args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.input == "-" else _read_input(args.input)
+    router = Router(load_config(args.config), deliver=not args.dry_run)
+    items = list(read_events(data))
+    if args.dry_run:
+        results = dry_run(router, items, source=args.source)
+    else:
+        results = asyncio.run(_send(router, items, args.source, parse_duration(args.wait)))
+    printer = _print_json if args.json else _print_table
+    for index, result in enumerate(results):
+        printer(router, index, result, sys.stdout, requests=args.dry_run)
+    return EXIT_PROBLEM if any(r.invalid for r in results) else EXIT_OK
+
+
+def _read_input(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read events: {exc.strerror}", file=path) from None
+
+
+def dry_run(router: Router, items: Sequence[Any], *, source: str = DEFAULT_SOURCE
+            ) -> list[RouteResult]:
+    """Plan every event without storage; a messageId repeated in the input is a duplicate."""
+    seen: set[tuple[str, str]] = set()
+    received = datetime.now(timezone.utc)
+    results = []
+    for item in items:
+        if isinstance(item, Unreadable):
+            results.append(_unreadable(item))
+            continue
+        result = router.plan(item, received_at=received)
+        if result.event is not None:
+            key = (source, result.event.messageId)
+            if key in seen:
+                reason = f"messageId {result.message_id!r} appeared earlier in the input"
+                result.results = [DestinationResult(r.destination, Status.DUPLICATE, reason)
+                                  for r in result.results]
+            seen.add(key)
+        results.append(result)
+    return results
+
+
+async def _send(router: Router, items: list[Any], source: str, wait: float) -> list[RouteResult]:
+    async with router:
+        events = [item for item in items if not isinstance(item, Unreadable)]
+        routed = iter(await router.route_many(events, source=source))
+        results = [_unreadable(item) if isinstance(item, Unreadable) else next(routed)
+                   for item in items]
+        await router.drain(timeout=wait)
+    return results
+
+
+def _unreadable(item: Unreadable) -> RouteResult:
+    return RouteResult(None, None, [DestinationResult(None, Status.INVALID, item.reason)])
+
+
+def _request_json(router: Router, destination: str, request: HttpRequest) -> dict[str, Any]:
+    masker = router.destination(destination).masker
+    body: Any = None
+    if request.body is not None:
+        text = masker.mask(request.body.decode("utf-8", errors="replace"))
+        try:
+            body = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            body = text
+    return {"method": request.method, "url": masker.mask(request.url),
+            "headers": masker.mask_headers(request.headers), "body": body}
+
+
+def _print_json(router: Router, index: int, result: RouteResult, out: TextIO, *,
+                requests: bool) -> None:
+    for item in result.results:
+        line: dict[str, Any] = {"event_index": index, "message_id": result.message_id,
+                                "destination": item.destination, "status": str(item.status),
+                                "reason": item.reason}
+        if requests and item.status is Status.SEND and item.destination:
+            line["requests"] = [_request_json(router, item.destination, request)
+                                for request in router.requests_for(item)]
+        out.write(orjson.dumps(line).decode() + "\n")
+
+
+def _print_table(router: Router, index: int, result: RouteResult, out: TextIO, *,
+                 requests: bool) -> None:
+    event = result.event
+    title = f"{event.type} {event.event or event.name or ''}".strip() if event else "invalid event"
+    out.write(f"event {index}: {title}  (messageId {result.message_id or '-'})\n")
+    for item in result.results:
+        name = item.destination or "-"
+        detail = item.reason or ("queued for delivery" if not requests else "")
+        out.write(f"  {name:<22} {item.status:<9} {detail}\n".rstrip() + "\n")
+        if requests and item.status is Status.SEND and item.destination:
+            for request in router.requests_for(item):
+                shown = _request_json(router, item.destination, request)
+                out.write(f"      {shown['method']} {shown['url']}\n")
+                for header, value in shown["headers"].items():
+                    out.write(f"      {header}: {value}\n")
+                body = shown["body"]
+                text = body if isinstance(body, str) else orjson.dumps(
+                    body, option=orjson.OPT_INDENT_2).decode()
+                out.write("".join(f"      {line}\n" for line in (text or "").splitlines()))
+    out.write("\n")
+
+
+# -- plugins ----------------------------------------------------------------------------------
+
+def plugins_command(args: argparse.Namespace) -> int:
+    registry = create_registry()
+    rows = []
+    for name in sorted(registry.types):
+        kind = registry.types[name]
+        fields = [{"name": field_name, "required": info.is_required(),
+                   "description": info.description or ""}
+                  for field_name, info in kind.cls.Settings.model_fields.items()]
+        rows.append({"name": name, "package": kind.package, "version": kind.version,
+                     "settings": fields})
+    if args.json:
+        for row in rows:
+            print(orjson.dumps(row).decode())
+    else:
+        for row in rows:
+            print(f"{row['name']}  ({row['package']} {row['version']})")
+            for field in row["settings"]:
+                required = "required" if field["required"] else "optional"
+                print(f"    {field['name']:<22} {required:<9} {field['description']}")
+    for name, error in sorted(registry.broken.items()):
+        print(f"{name}  FAILED TO LOAD: {error}", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- serve / dlq ------------------------------------------------------------------------------
+
+def serve_command(args: argparse.Namespace) -> int:
+    from router.server.run import serve
+    return serve(args.config, host=args.host, port=args.port)
+
+
+def dlq_command(args: argparse.Namespace) -> int:
+    from router.dead_letters import run_dlq_command
+    return asyncio.run(run_dlq_command(args))
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{int(value // size)}{unit}"
+    return f"{value:g}s"

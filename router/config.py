@@ -1,0 +1,334 @@
+"""The YAML config: loading, ``${VAR}`` interpolation, validation, and errors that point home.
+
+Every error names the file, the line and the field, and says what was expected. To get there
+the YAML is composed into nodes (which carry their line) and converted by hand, so each value's
+path (``destinations.1.settings.api_key``) maps back to its line. Only PyYAML's safe loader is
+used; the file size and the number of nodes are capped against alias bombs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
+                      field_validator, model_validator)
+from typing_extensions import Annotated
+
+from router.errors import ConfigError
+from router.events import CallType
+
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_NODES = 100_000
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+               "h": 3600, "hour": 3600}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"10s"``, ``"500ms"``, ``"4h"``, ``"2d"`` or a plain number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError("expected a duration such as 500ms, 10s, 5m, 12h or 7d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_rate(value: Any) -> float:
+    """Requests per second from ``"100/s"``, ``"600/m"``, ``"3600/h"`` or a plain number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _RATE.match(str(value))
+    if not match:
+        raise ValueError("expected a rate such as 100/s, 600/m or 3600/h")
+    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Rate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_request_bytes: int = Field(500 * 1024, ge=1024)
+    shutdown_grace: Duration = 30.0
+
+
+class DedupConfig(_Section):
+    window: Duration = 12 * 3600.0
+
+
+class SourceConfig(_Section):
+    name: str = Field(min_length=1)
+    write_keys: list[SecretStr] = Field(min_length=1)
+
+
+class DeliveryOverrides(_Section):
+    """Per-destination overrides of the plugin's ``DeliveryDefaults``; unset means default."""
+
+    timeout: Duration | None = None
+    max_attempts: int | None = Field(None, ge=1)
+    max_age: Duration | None = None
+    concurrency: int | None = Field(None, ge=1)
+    rate_limit: Rate | None = None
+    batch_size: int | None = Field(None, ge=1)
+    batch_bytes: int | None = Field(None, ge=1024)
+    batch_wait: Annotated[float, BeforeValidator(parse_duration), Field(ge=0)] | None = None
+    backoff_initial: Duration | None = None
+    backoff_max: Duration | None = None
+    retry_on: list[Annotated[int, Field(ge=100, le=599)]] | None = None
+    ordered: bool | None = None
+
+
+class FilterConfig(_Section):
+    """Which events a destination takes, beyond the integrations map."""
+
+    types: list[CallType] | None = None
+    events: list[str] | None = Field(None, description="track event names or glob patterns")
+    exclude_events: list[str] | None = None
+
+
+class MappingConfig(_Section):
+    """Operator overrides applied before the plugin translates an event."""
+
+    event_names: dict[str, str] = Field(default_factory=dict)
+    properties: dict[str, str] = Field(
+        default_factory=dict, description="property name -> sandboxed jinja2 template")
+
+
+class DestinationConfig(_Section):
+    name: str = Field(min_length=1)
+    plugin: str = Field(min_length=1)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = True
+    default_on: bool = True
+    filter: FilterConfig | None = None
+    delivery: DeliveryOverrides = Field(default_factory=DeliveryOverrides)
+    mapping: MappingConfig = Field(default_factory=MappingConfig)
+
+
+class EgressConfig(_Section):
+    allow_private_addresses: bool = False
+    allowed_networks: list[str] = Field(default_factory=list,
+                                        description="CIDRs allowed even when private")
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network such as 10.1.0.0/16") from None
+        return networks
+
+
+class RouterConfig(_Section):
+    """The whole file. ``source`` is where it came from, for error messages."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    storage: str = "sqlite:///var/router.db"
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str) -> str:
+        if not re.match(r"^(sqlite:///.+|memory://.*|redis://.+)$", url):
+            raise ValueError("expected sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+                             "memory:// or redis://host:port/db")
+        return url
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RouterConfig:
+        for kind, items in (("destinations", self.destinations), ("sources", self.sources)):
+            seen: dict[str, int] = {}
+            for index, item in enumerate(items):
+                key = item.name.lower()
+                if key in seen:
+                    raise ValueError(f"{kind}.{index}.name: {item.name!r} is already used by "
+                                     f"{kind}.{seen[key]} (names are case-insensitive)")
+                seen[key] = index
+        return self
+
+
+class SourceMap:
+    """Where each value of a config came from: file and line by dotted path."""
+
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int]) -> None:
+        self.file, self.lines = file, lines
+
+    def error(self, path: Sequence[Any], message: str) -> ConfigError:
+        """A ConfigError for the value at ``path``, at its own line or its nearest parent's."""
+        path = tuple(path)
+        for depth in range(len(path), -1, -1):
+            line = self.lines.get(path[:depth])
+            if line is not None:
+                break
+        return ConfigError(message, file=self.file, line=line,
+                           field=".".join(str(part) for part in path) or None)
+
+    def validation_error(self, exc: ValidationError, prefix: Sequence[Any] = ()) -> ConfigError:
+        """The first problem of a pydantic error, without echoing the input (it may be a
+        secret); the others are listed after it."""
+        errors = exc.errors(include_input=False, include_url=False)
+        first, *rest = errors
+        error = self.error((*prefix, *first["loc"]), _describe(first))
+        if rest:
+            more = "; ".join(".".join(str(p) for p in (*prefix, *e["loc"])) + f": {_describe(e)}"
+                             for e in rest[:5])
+            error = ConfigError(f"{error.message} (also: {more})", file=error.file,
+                                line=error.line, field=error.field)
+        return error
+
+
+class LoadedConfig:
+    """A validated config and the map back to its source lines."""
+
+    def __init__(self, config: RouterConfig, source: SourceMap, base_dir: Path) -> None:
+        self.config, self.source, self.base_dir = config, source, base_dir
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read, interpolate and validate a config file; ``ConfigError`` on any problem."""
+    file = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config: {exc.strerror}", file=file) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"the config is over {MAX_CONFIG_BYTES // 1024} KB", file=file)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("the config is not UTF-8 text", file=file) from None
+    return parse_config(text, file=file, env=os.environ if env is None else env,
+                        base_dir=Path(path).resolve().parent)
+
+
+def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | None = None,
+                 base_dir: Path | None = None) -> LoadedConfig:
+    """Like ``load_config`` for YAML text already in hand (tests, embedding)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError(f"not valid YAML: {exc.problem or exc}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", file=file) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    converter = _Converter(file, lines, os.environ if env is None else env)
+    data = converter.convert(node, ()) if node is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of sections (server, storage, destinations, ...)",
+                          file=file, line=1)
+    source = SourceMap(file, lines)
+    try:
+        config = RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _unique_name_error(exc, source) or source.validation_error(exc) from None
+    return LoadedConfig(config, source, base_dir or Path.cwd())
+
+
+def _unique_name_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:
+    for error in exc.errors(include_input=False, include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        match = re.match(r"^(destinations|sources)\.(\d+)\.name: (.*)$", message)
+        if match and not error["loc"]:
+            return source.error((match.group(1), int(match.group(2)), "name"), match.group(3))
+    return None
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return "unknown field (check its spelling against the docs)"
+    if error["type"] == "missing":
+        return "required field is missing"
+    return message
+
+
+class _Converter:
+    """Turns composed YAML nodes into plain data, recording lines and expanding ``${VAR}``."""
+
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int], env: Mapping[str, str]) -> None:
+        self.file, self.lines, self.env, self.nodes = file, lines, env, 0
+
+    def convert(self, node: yaml.Node, path: tuple[Any, ...]) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"the config expands to over {MAX_CONFIG_NODES} values "
+                              "(too many aliases?)", file=self.file, line=node.start_mark.line + 1)
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if not isinstance(node, yaml.ScalarNode) and node.tag not in _COLLECTION_TAGS:
+            raise ConfigError(f"unsupported YAML tag {node.tag}", file=self.file,
+                              line=node.start_mark.line + 1, field=".".join(map(str, path)))
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+                if not isinstance(key, (str, int)):
+                    raise ConfigError("mapping keys must be strings", file=self.file,
+                                      line=key_node.start_mark.line + 1)
+                if key in result:
+                    raise ConfigError(f"duplicate key {key!r}", file=self.file,
+                                      line=key_node.start_mark.line + 1,
+                                      field=".".join(map(str, path + (key,))))
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                result[key] = self.convert(value_node, path + (key,))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, path + (index,)) for index, item in enumerate(node.value)]
+        value = self.scalar(node)
+        if isinstance(value, str) and "${" in value:
+            value = self.interpolate(value, node, path)
+        return value
+
+    def scalar(self, node: yaml.Node) -> Any:
+        """A scalar typed by the safe loader (int, float, bool, null, str); any other tag,
+        such as ``!!python/object``, is refused."""
+        if node.tag == "tag:yaml.org,2002:str":
+            return node.value
+        try:
+            return yaml.SafeLoader("").construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            raise ConfigError(f"unsupported YAML value: {exc.problem}", file=self.file,
+                              line=node.start_mark.line + 1) from None
+
+    def interpolate(self, text: str, node: yaml.Node, path: tuple[Any, ...]) -> str:
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = self.env.get(name)
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    raise ConfigError(f"environment variable {name} is not set "
+                                      f"(use ${{{name}:-default}} for a default)",
+                                      file=self.file, line=node.start_mark.line + 1,
+                                      field=".".join(map(str, path)))
+                value = default
+            if "\n" in value or "\r" in value:
+                raise ConfigError(f"environment variable {name} contains a line break",
+                                  file=self.file, line=node.start_mark.line + 1,
+                                  field=".".join(map(str, path)))
+            return value
+
+        return _ENV_REFERENCE.sub(replace, text)
+

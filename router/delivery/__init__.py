@@ -1,0 +1,1 @@
+"""Delivery: the transport, retry policy, batching, rate limits and workers."""

@@ -1,0 +1,42 @@
+"""Per-destination pacing: a token bucket for the configured rate, and a pause that a
+throttled API (429/503 with ``Retry-After``) imposes on the whole destination."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` requests a second on average, bursts up to ``burst``."""
+
+    def __init__(self, rate: float | None, *, burst: float | None = None,
+                 clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate or 1.0)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.updated = clock()
+        self.paused_until = 0.0
+        self._lock = asyncio.Lock()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of the destination for ``seconds`` (the server asked us to)."""
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
+
+    async def acquire(self) -> None:
+        """Wait until one request may go."""
+        async with self._lock:  # first come, first served
+            while True:
+                now = self.clock()
+                if now < self.paused_until:
+                    await asyncio.sleep(self.paused_until - now)
+                    continue
+                if self.rate is None:
+                    return
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)

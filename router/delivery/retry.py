@@ -1,0 +1,89 @@
+"""The retry policy, in one place: what a response means, how long to wait, when to give up.
+
+Pure functions with the clock and the random source passed in, so they are tested exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+from router.destination import DeliveryDefaults, Outcome
+from router.errors import PermanentError, RetryableError
+
+MAX_RETRY_AFTER = 15 * 60.0
+"""A ``Retry-After`` beyond this is capped: an API asking for a day is not trusted to mean it,
+and the event's own ``max_age`` decides when to give up."""
+
+# Vendor rate-limit headers that say when to come back, in seconds (Braze, others).
+_RETRY_AFTER_HEADERS = ("retry-after", "x-ratelimit-retry-after", "x-rate-limit-retry-after")
+
+
+def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset[int],
+                    *, now: float) -> Outcome:
+    """The default judgement of a response by its status: 2xx delivered, ``retry_on``
+    retried (no sooner than ``Retry-After``), anything else permanent."""
+    if 200 <= status < 300:
+        return None
+    if status in retry_on:
+        return RetryableError(f"HTTP {status}", retry_after=retry_after(headers, now=now))
+    if 300 <= status < 400:
+        return PermanentError(f"HTTP {status}: redirects are not followed")
+    return PermanentError(f"HTTP {status}")
+
+
+def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
+    """Seconds to wait from ``Retry-After`` (delta-seconds or an HTTP-date) or a vendor's
+    equivalent header; None when there is none or it cannot be read."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    for name in _RETRY_AFTER_HEADERS:
+        value = lowered.get(name)
+        if value is None:
+            continue
+        value = value.strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                moment = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                continue
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            seconds = moment.timestamp() - now
+        return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    return None
+
+
+def backoff(attempt: int, delivery: DeliveryDefaults, rng: random.Random) -> float:
+    """Exponential backoff with full jitter (AWS's "full jitter"): a random wait between 0
+    and ``initial * 2^(attempt-1)``, capped, so retries of many events spread out."""
+    ceiling = min(delivery.backoff_max, delivery.backoff_initial * 2 ** min(attempt - 1, 30))
+    return rng.uniform(0, ceiling)
+
+
+def next_attempt_at(attempt: int, error: RetryableError, delivery: DeliveryDefaults, *,
+                    now: float, rng: random.Random) -> float:
+    """When to try again: the backoff, but never before the server's ``Retry-After``."""
+    wait = backoff(attempt, delivery, rng)
+    if error.retry_after is not None:
+        wait = max(wait, min(error.retry_after, MAX_RETRY_AFTER))
+    return now + wait
+
+
+def exhausted(attempts: int, created_at: float, delivery: DeliveryDefaults, *,
+              now: float, next_at: float) -> str | None:
+    """Why to give up instead of retrying, or None: the attempts are used up, or the next
+    attempt would come after the event's maximum age."""
+    if attempts >= delivery.max_attempts:
+        return f"gave up after {attempts} attempts"
+    if next_at - created_at > delivery.max_age:
+        hours = delivery.max_age / 3600
+        return f"gave up: older than the maximum age ({hours:g} h) before the next attempt"
+    return None
+
+
+def utc_now() -> float:
+    return datetime.now(timezone.utc).timestamp()

@@ -1,0 +1,289 @@
+"""The delivery service: one worker per destination, sharing one transport.
+
+Each worker leases due jobs of its destination from the storage, groups them into batches
+within the plugin's limits, sends them (bounded concurrency, rate limit, pause on throttling),
+and records each job's fate: delivered, retried later, or dead-lettered. Destinations share
+nothing but the storage and the connection pool, so one that hangs or fails cannot hold back
+the others; its backlog waits on disk, and only a bounded number of its jobs are in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+
+import orjson
+
+from router.delivery import retry
+from router.delivery.egress import EgressPolicy
+from router.delivery.ratelimit import RateLimiter
+from router.delivery.telemetry import DeliveryMetrics
+from router.delivery.transport import Transport
+from router.destination import HttpRequest, Outcome, Payload
+from router.destinations import ConfiguredDestination
+from router.errors import DestinationError, PermanentError, RetryableError
+from router.storage.base import Failure, Job, Storage
+
+log = logging.getLogger("router.delivery")
+POLL_INTERVAL = 0.5
+"""How often an idle worker looks for retries that have come due (new work wakes it at once)."""
+MAX_RESPONSE_IN_DEAD_LETTER = 2048
+
+
+class DeliveryService:
+    def __init__(self, destinations: Sequence[ConfiguredDestination], storage: Storage, *,
+                 egress: EgressPolicy, metrics: DeliveryMetrics | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.storage = storage
+        self.metrics = metrics or DeliveryMetrics()
+        self.transport = Transport(egress)
+        rng = rng or random.Random()
+        self.workers = {d.name: DestinationWorker(d, storage, self.transport, self.metrics, rng)
+                        for d in destinations}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.transport.start()
+        self._tasks = [asyncio.create_task(worker.run(), name=f"deliver:{name}")
+                       for name, worker in self.workers.items()]
+
+    def wake(self, destinations: Iterable[str]) -> None:
+        """New work was queued for these destinations: look now rather than at the next poll."""
+        for name in destinations:
+            worker = self.workers.get(name)
+            if worker is not None:
+                worker.wakeup.set()
+
+    async def stop(self, *, grace: float) -> None:
+        """Stop leasing, let in-flight requests finish for up to ``grace`` seconds, then hand
+        what is still unfinished back to the queue untouched."""
+        for worker in self.workers.values():
+            worker.stopping = True
+            worker.wakeup.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(worker.finish(grace) for worker in self.workers.values()))
+        await self.transport.close()
+
+
+class DestinationWorker:
+    def __init__(self, destination: ConfiguredDestination, storage: Storage,
+                 transport: Transport, metrics: DeliveryMetrics, rng: random.Random) -> None:
+        self.destination = destination
+        self.name = destination.name
+        self.delivery = destination.delivery
+        self.storage = storage
+        self.transport = transport
+        self.metrics = metrics
+        self.rng = rng
+        self.limiter = RateLimiter(self.delivery.rate_limit)
+        self.slots = asyncio.Semaphore(self.delivery.concurrency)
+        self.wakeup = asyncio.Event()
+        self.stopping = False
+        self.in_flight: dict[asyncio.Task[None], list[Job]] = {}
+        self.leased_ids: set[int | str] = set()
+        # Long enough that a lease never lapses under a live worker; after a crash, the
+        # storage takes leases back at start (SQLite) or when they lapse (Redis).
+        self.lease_for = max(300.0, self.delivery.timeout * 4)
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                jobs = await self._lease()
+            except Exception:  # noqa: BLE001 - storage trouble: wait and try again
+                log.exception("destination %s: cannot lease work", self.name)
+                await self._sleep(POLL_INTERVAL * 4)
+                continue
+            if not jobs:
+                await self._sleep(POLL_INTERVAL)
+                continue
+            for batch in self._batches(jobs):
+                await self.slots.acquire()
+                if self.stopping:
+                    self.slots.release()
+                    await self.storage.release([job.id for job in batch])
+                    self._forget(batch)
+                    continue
+                task = asyncio.create_task(self._deliver(batch))
+                self.in_flight[task] = batch
+                task.add_done_callback(self._done)
+
+    async def finish(self, grace: float) -> None:
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=grace)
+        leftover = [job for jobs in self.in_flight.values() for job in jobs]
+        for task in list(self.in_flight):
+            task.cancel()
+        if leftover:
+            await self.storage.release([job.id for job in leftover])
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._forget(self.in_flight.pop(task, []))
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("destination %s: delivery task failed", self.name,
+                      exc_info=task.exception())
+
+    def _forget(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.leased_ids.discard(job.id)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self.wakeup.clear()
+
+    async def _lease(self) -> list[Job]:
+        """Due jobs, enough for the free request slots; a partial batch waits up to
+        ``batch_wait`` for company so a quiet stream still goes out promptly."""
+        delivery = self.delivery
+        free = max(1, delivery.concurrency - len(self.in_flight))
+        limit = delivery.batch_size * free
+        jobs = await self._lease_more(limit)
+        if jobs and delivery.batch_size > 1 and len(jobs) < delivery.batch_size:
+            oldest = min(job.created_at for job in jobs)
+            deadline = oldest + delivery.batch_wait
+            while len(jobs) < delivery.batch_size and not self.stopping:
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    break
+                await self._sleep(remaining)
+                jobs += await self._lease_more(limit - len(jobs))
+        return jobs
+
+    async def _lease_more(self, limit: int) -> list[Job]:
+        jobs = await self.storage.lease(self.name, limit, now=time.time(),
+                                        lease_for=self.lease_for, ordered=self.delivery.ordered)
+        fresh = [job for job in jobs if job.id not in self.leased_ids]
+        self.leased_ids.update(job.id for job in fresh)
+        return fresh
+
+    def _batches(self, jobs: list[Job]) -> Iterable[list[Job]]:
+        """Jobs of one group together, at most ``batch_size`` and about ``batch_bytes``."""
+        by_group: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_group.setdefault(job.group, []).append(job)
+        for group_jobs in by_group.values():
+            batch: list[Job] = []
+            size = 0
+            for job in group_jobs:
+                if batch and (len(batch) >= self.delivery.batch_size
+                              or size + len(job.body) > self.delivery.batch_bytes):
+                    yield batch
+                    batch, size = [], 0
+                batch.append(job)
+                size += len(job.body) + 1
+            if batch:
+                yield batch
+
+    async def _deliver(self, batch: list[Job]) -> None:
+        now = time.time()
+        for job in batch:
+            job.attempts += 1
+            job.first_attempt_at = job.first_attempt_at or now
+        outcomes = await self._attempt(batch)
+        await self._record(batch, outcomes)
+
+    async def _attempt(self, batch: list[Job]) -> list[tuple[Outcome, Failure | None]]:
+        """Send a batch; one outcome per job. A 413 splits the batch in two and sends each
+        half, down to single jobs, instead of failing them all."""
+        payloads = [Payload(orjson.loads(job.body), job.group) for job in batch]
+        adapter = self.destination.adapter
+        try:
+            request = adapter.build_request(payloads)
+        except DestinationError as exc:
+            return [(PermanentError(exc.reason), Failure(exc.reason))] * len(batch) \
+                if not isinstance(exc, RetryableError) else [(exc, Failure(exc.reason))] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin fails its own jobs only
+            reason = f"{self.destination.plugin.name} failed to build a request: {type(exc).__name__}"
+            log.exception("destination %s: %s", self.name, reason)
+            return [(PermanentError(reason), Failure(reason))] * len(batch)
+
+        await self.limiter.acquire()
+        started = time.monotonic()
+        try:
+            response = await self.transport.send(request, timeout=self.delivery.timeout)
+        except DestinationError as exc:
+            self.metrics.requests.inc(self.name, "error")
+            return [(exc, self._failure(exc.reason, request, None))] * len(batch)
+        self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
+        self.metrics.requests.inc(self.name, str(response.status))
+
+        if response.status == 413 and len(batch) > 1:
+            middle = len(batch) // 2
+            first, second = await asyncio.gather(self._attempt(batch[:middle]),
+                                                 self._attempt(batch[middle:]))
+            return first + second
+
+        outcomes = self._judge(payloads, response)
+        failure = None
+        if any(outcome is not None for outcome in outcomes):
+            failure = self._failure(f"HTTP {response.status}", request, response)
+        return [(outcome, failure) for outcome in outcomes]
+
+    def _judge(self, payloads: list[Payload], response) -> list[Outcome]:  # noqa: ANN001
+        now = time.time()
+        try:
+            judged = self.destination.adapter.read_response(payloads, response)
+        except Exception:  # noqa: BLE001 - fall back to the status when the plugin breaks
+            log.exception("destination %s: read_response failed", self.name)
+            judged = None
+        if judged is not None and len(judged) == len(payloads):
+            return list(judged)
+        outcome = retry.classify_status(response.status, response.headers,
+                                        self.delivery.retry_on, now=now)
+        if isinstance(outcome, RetryableError) and outcome.retry_after and \
+                response.status in (429, 503):
+            # Back off the destination, not just this request (Vector #4724's lesson).
+            self.limiter.pause(outcome.retry_after)
+        return [outcome] * len(payloads)
+
+    def _failure(self, reason: str, request: HttpRequest, response) -> Failure:  # noqa: ANN001
+        masker = self.destination.masker
+        shown_request = {"method": request.method, "url": masker.mask(request.url),
+                         "headers": masker.mask_headers(request.headers)}
+        text = None
+        status = None
+        if response is not None:
+            status = response.status
+            text = masker.mask(response.body[:MAX_RESPONSE_IN_DEAD_LETTER]
+                               .decode("utf-8", errors="replace"))
+        return Failure(masker.mask(reason), status, shown_request, text)
+
+    async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]) -> None:
+        now = time.time()
+        delivered: list[Job] = []
+        for job, (outcome, failure) in zip(batch, outcomes):
+            if outcome is None:
+                delivered.append(job)
+                continue
+            failure = failure or Failure(outcome.reason)
+            failure.reason = self.destination.masker.mask(outcome.reason)
+            if isinstance(outcome, RetryableError):
+                due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
+                                            rng=self.rng)
+                gave_up = retry.exhausted(job.attempts, job.created_at, self.delivery,
+                                          now=now, next_at=due)
+                if gave_up is None:
+                    await self.storage.retry([job], not_before=[due], now=now, failure=failure)
+                    self.metrics.retried.inc(self.name)
+                    self._log_failure(job, failure, "retry")
+                    continue
+                failure.reason = f"{gave_up}; last: {failure.reason}"
+            await self.storage.dead_letter([job], now=now, failure=failure)
+            self.metrics.dead_lettered.inc(self.name)
+            self._log_failure(job, failure, "dead_letter")
+        if delivered:
+            await self.storage.complete([job.id for job in delivered])
+            self.metrics.delivered.inc(self.name, amount=len(delivered))
+            for job in delivered:
+                self.metrics.latency.observe(now - job.created_at, self.name)
+
+    def _log_failure(self, job: Job, failure: Failure, action: str) -> None:
+        log.warning(orjson.dumps({"destination": self.name, "action": action,
+                                  "message_id": job.message_id, "attempt": job.attempts,
+                                  "status": failure.status, "reason": failure.reason}).decode())

@@ -1,0 +1,77 @@
+"""The one place that talks HTTP: a shared aiohttp session, and the mapping of every client
+error to the router's typed errors.
+
+Redirects are not followed and ambient proxy settings are ignored, so the egress policy
+checked on each request is the one that applies (see ``egress.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from router.delivery.egress import EgressBlocked, EgressPolicy, check_url, session_kwargs
+from router.destination import HttpRequest, HttpResponse
+from router.errors import PermanentError, RetryableError
+
+MAX_RESPONSE_BYTES = 256 * 1024
+"""Enough for any vendor's error report; a larger answer is cut, never held in full."""
+
+
+class Transport:
+    def __init__(self, policy: EgressPolicy, *, connections: int = 256) -> None:
+        self.policy = policy
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        kwargs = session_kwargs(self.policy, limit=self.connections, limit_per_host=0,
+                                ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(**kwargs, auto_decompress=True,
+                                              skip_auto_headers=("User-Agent",),
+                                              headers={"User-Agent": "event-router"})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
+        """Send one request. Returns the response whatever its status; raises
+        ``RetryableError`` for network failures and timeouts, ``PermanentError`` for a
+        request the egress policy refuses."""
+        assert self._session is not None, "transport not started"
+        blocked = check_url(request.url, self.policy)
+        if blocked:
+            raise PermanentError(f"egress refused: {blocked}")
+        try:
+            async with self._session.request(
+                    request.method, request.url, headers=request.headers, data=request.body,
+                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
+                body = await answer.content.read(MAX_RESPONSE_BYTES)
+                return HttpResponse(answer.status, dict(answer.headers), body)
+        except EgressBlocked as exc:
+            raise PermanentError(f"egress refused: {exc}") from None
+        except asyncio.TimeoutError:
+            raise RetryableError(f"timed out after {timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            reason = _egress_reason(exc)
+            if reason:
+                raise PermanentError(f"egress refused: {reason}") from None
+            raise RetryableError(f"cannot connect: {exc.os_error or exc}") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                aiohttp.ClientOSError) as exc:
+            raise RetryableError(f"connection lost: {type(exc).__name__}: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise RetryableError(f"request failed: {type(exc).__name__}: {exc}") from None
+
+
+def _egress_reason(exc: aiohttp.ClientConnectorError) -> str | None:
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, EgressBlocked):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "os_error", None) \
+            if cause is not getattr(cause, "os_error", None) else None
+    return None

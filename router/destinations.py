@@ -1,0 +1,103 @@
+"""Configured destinations: a plugin's adapter with its settings, delivery limits, filter and
+mapping overrides, built once from the config and checked there, so problems fail at start."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from router.config import DestinationConfig, LoadedConfig
+from router.destination import DeliveryDefaults, Destination, Payload
+from router.errors import ConfigError
+from router.events import Event
+from router.filters import EventFilter
+from router.redaction import Masker, secret_values
+from router.registry import DestinationType, Registry
+from router.templates import Template
+
+log = logging.getLogger("router.destinations")
+
+
+@dataclass
+class ConfiguredDestination:
+    """One ``destinations[]`` entry, ready to route to."""
+
+    name: str
+    plugin: DestinationType
+    adapter: Destination[Any]
+    delivery: DeliveryDefaults
+    default_on: bool = True
+    event_filter: EventFilter | None = None
+    renames: Mapping[str, str] = field(default_factory=dict)
+    property_templates: Mapping[str, Template] = field(default_factory=dict)
+    masker: Masker = field(default_factory=Masker)
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        """The adapter's translation, after the operator's mapping overrides."""
+        if self.renames or self.property_templates:
+            event = self._apply_mapping(event)
+        return self.adapter.translate(event, options)
+
+    def _apply_mapping(self, event: Event) -> Event:
+        update: dict[str, Any] = {}
+        if event.event is not None and event.event in self.renames:
+            update["event"] = self.renames[event.event]
+        if self.property_templates:
+            context = event.to_dict()
+            properties = dict(event.properties)
+            for key, template in self.property_templates.items():
+                properties[key] = template.render(event=context)
+            update["properties"] = properties
+        return event.model_copy(update=update) if update else event
+
+
+def build_destinations(loaded: LoadedConfig, registry: Registry) -> list[ConfiguredDestination]:
+    """Every enabled destination of the config; ``ConfigError`` with file and line on any
+    problem (unknown plugin, bad settings, a template that does not compile)."""
+    built = []
+    for index, entry in enumerate(loaded.config.destinations):
+        if entry.enabled:
+            built.append(_build(loaded, registry, index, entry))
+    return built
+
+
+def _build(loaded: LoadedConfig, registry: Registry, index: int,
+           entry: DestinationConfig) -> ConfiguredDestination:
+    source = loaded.source
+    path: tuple[Any, ...] = ("destinations", index)
+    try:
+        plugin = registry.get(entry.plugin)
+    except ConfigError as exc:
+        raise source.error((*path, "plugin"), exc.message) from None
+    try:
+        settings = plugin.cls.Settings.model_validate(entry.settings)
+    except ValidationError as exc:
+        raise source.validation_error(exc, (*path, "settings")) from None
+    try:
+        adapter = plugin.cls(settings)
+    except ConfigError as exc:
+        raise source.error((*path, *(exc.field or "settings").split(".")), exc.message) from None
+    except (ValueError, TypeError) as exc:
+        raise source.error((*path, "settings"), f"{entry.plugin}: {exc}") from None
+
+    overrides = entry.delivery.model_dump(exclude_none=True)
+    if "retry_on" in overrides:
+        overrides["retry_on"] = frozenset(overrides["retry_on"])
+    delivery = plugin.cls.delivery.model_copy(update=overrides)
+
+    templates = {}
+    for key, text in entry.mapping.properties.items():
+        try:
+            templates[key] = Template(text, where=f"mapping.properties.{key}")
+        except ConfigError as exc:
+            raise source.error((*path, "mapping", "properties", key), exc.message) from None
+    return ConfiguredDestination(
+        name=entry.name, plugin=plugin, adapter=adapter, delivery=delivery,
+        default_on=entry.default_on,
+        event_filter=EventFilter(entry.filter) if entry.filter else None,
+        renames=dict(entry.mapping.event_names), property_templates=templates,
+        masker=Masker(secret_values(settings)))

@@ -1,0 +1,65 @@
+"""The integrations map: which destinations an event asks for, decided purely.
+
+RudderStack's algorithm with the contract's changes: ``"All": false`` turns every destination
+off unless it is named with a truthy value, ``"All": true`` (the default) turns them on unless
+named with ``false``; names match case-insensitively; an object value means enabled and is
+handed to the destination as per-event options; a destination that is off by default is
+reached only by events that name it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
+
+class Decision(NamedTuple):
+    """Whether one destination takes one event, with its per-event options or the reason not."""
+
+    enabled: bool
+    options: Mapping[str, Any] = _NO_OPTIONS
+    reason: str = ""
+
+
+class IntegrationsMap:
+    """An event's ``integrations`` object, read once so each destination's lookup is cheap."""
+
+    __slots__ = ("all_on", "named")
+
+    def __init__(self, integrations: Mapping[str, Any] | None) -> None:
+        self.all_on = True
+        self.named: dict[str, Any] = {}
+        if not integrations:
+            return
+        for key, value in integrations.items():
+            if key == "All":
+                self.all_on = value is not False
+            else:
+                self.named[key.lower()] = value
+
+    def decide(self, name: str, *, default_on: bool = True) -> Decision:
+        """The decision for the destination configured as ``name``."""
+        key = name.lower()
+        if key in self.named:
+            value = self.named[key]
+            if isinstance(value, Mapping):
+                return Decision(True, value)
+            if value:
+                return Decision(True)
+            return Decision(False, reason=f"integrations map turns {name} off")
+        if not default_on:
+            return Decision(False, reason=f"{name} is off by default and the event does not "
+                                          "name it in its integrations map")
+        if not self.all_on:
+            return Decision(False, reason=f'integrations map has "All": false and does not '
+                                          f"name {name}")
+        return Decision(True)
+
+
+def decide(integrations: Mapping[str, Any] | None, name: str, *, default_on: bool = True
+           ) -> Decision:
+    """One-shot form of ``IntegrationsMap(integrations).decide(name)``."""
+    return IntegrationsMap(integrations).decide(name, default_on=default_on)

@@ -1,0 +1,54 @@
+"""Masking secrets wherever something is shown: dry-run, logs, dead letters, errors.
+
+Secrets are known by type (every ``SecretStr`` in a destination's settings, every write key),
+so masking replaces their values wherever they occur, including inside URLs (GA4 and Meta take
+keys in the query string) and bodies; credential headers are masked whole, since a Basic or
+Bearer header encodes its secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+REDACTED = "**REDACTED**"
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key",
+                               "x-auth-token", "cookie"})
+_MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary text ("1", "abc")
+
+
+def secret_values(value: Any) -> Iterator[str]:
+    """Every SecretStr value inside a settings model, dict or list, at any depth."""
+    if isinstance(value, SecretStr):
+        yield value.get_secret_value()
+    elif isinstance(value, BaseModel):
+        for field_name in type(value).model_fields:
+            yield from secret_values(getattr(value, field_name))
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from secret_values(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from secret_values(item)
+
+
+class Masker:
+    """Replaces known secret values in text with ``**REDACTED**``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH},
+                              key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
+
+    def __add__(self, other: Masker) -> Masker:
+        return Masker([*self.secrets, *other.secrets])
+
+    def mask(self, text: str) -> str:
+        return self._pattern.sub(REDACTED, text) if self._pattern else text
+
+    def mask_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)
+                for name, value in headers.items()}

@@ -1,0 +1,166 @@
+"""The storage interface every backend implements, and the records it keeps.
+
+A job is one payload for one destination: the unit that is delivered, retried and
+dead-lettered. Jobs are written together with the event's dedup record in one atomic
+``accept``, so an event is either fully accepted (remembered and queued for every destination)
+or not at all.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to queue: ``body`` is the payload's JSON, already serialized."""
+
+    destination: str
+    message_id: str
+    user_key: str
+    group: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """One event to accept: its dedup key and its jobs."""
+
+    source: str
+    message_id: str
+    jobs: Sequence[NewJob]
+
+
+@dataclass(slots=True)
+class Job:
+    """A queued job as a worker leases it."""
+
+    id: int | str
+    destination: str
+    message_id: str
+    user_key: str
+    group: str
+    body: bytes
+    created_at: float
+    attempts: int = 0
+    first_attempt_at: float | None = None
+
+
+@dataclass(slots=True)
+class Failure:
+    """Why a job failed, kept with a retry or a dead letter (secrets already masked)."""
+
+    reason: str
+    status: int | None = None
+    request: dict[str, Any] | None = None
+    response: str | None = None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    id: int | str
+    destination: str
+    message_id: str
+    user_key: str
+    group: str
+    body: bytes
+    attempts: int
+    created_at: float
+    failed_at: float
+    reason: str
+    status: int | None = None
+    request: dict[str, Any] | None = None
+    response: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    destination: str | None = None
+    reason: str | None = None          # substring of the reason
+    since: float | None = None         # failed at or after (epoch seconds)
+    until: float | None = None
+    ids: tuple[int | str, ...] | None = None
+
+
+@dataclass(slots=True)
+class QueueStats:
+    pending: int = 0
+    oldest_created_at: float | None = None
+    dead_letters: int = 0
+
+
+@dataclass(slots=True)
+class StorageStats:
+    queues: dict[str, QueueStats] = field(default_factory=dict)
+    dedup_entries: int = 0
+    bytes_used: int | None = None
+
+
+class Storage(ABC):
+    """Durable state. Every method is a coroutine; a method returns only once its change is
+    durable in this backend (for ``memory://``, never: it is for tests and dry runs)."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, create the schema, and put back to the queue every job that was leased by
+        a process that is gone (after a crash, in-flight work is sent again)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def accept(self, items: Sequence[Acceptance], *, window: float, now: float
+                     ) -> list[bool]:
+        """Remember each event's ``(source, messageId)`` for ``window`` seconds and queue its
+        jobs, atomically per event. Returns False for an event already seen within its window
+        (nothing is queued for it). Raises ``StorageFull`` when the disk budget is spent."""
+
+    @abstractmethod
+    async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
+                    ordered: bool = False) -> list[Job]:
+        """Take up to ``limit`` due jobs of one destination, oldest first, hiding them from
+        other workers for ``lease_for`` seconds.
+
+        With ``ordered``, a job is taken only when no earlier job of the same user is left
+        for this destination (queued, leased or waiting for a retry): a user's events go out
+        one at a time, in order, while other users' events go on."""
+
+    @abstractmethod
+    async def complete(self, job_ids: Sequence[int | str]) -> None:
+        """Delivered: forget the jobs."""
+
+    @abstractmethod
+    async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
+                    failure: Failure) -> None:
+        """Put leased jobs back, due at ``not_before``, with their attempt counts."""
+
+    @abstractmethod
+    async def dead_letter(self, jobs: Sequence[Job], *, now: float, failure: Failure) -> None:
+        """Move leased jobs to the dead-letter store with why they failed."""
+
+    @abstractmethod
+    async def release(self, job_ids: Sequence[int | str]) -> None:
+        """Give leased jobs back untouched (shutdown): due at once, attempts unchanged."""
+
+    @abstractmethod
+    async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
+        ...
+
+    @abstractmethod
+    async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
+        """Queue matching dead letters again, to their own destination only; returns how many."""
+
+    @abstractmethod
+    async def purge(self, where: DeadLetterFilter) -> int:
+        ...
+
+    @abstractmethod
+    async def stats(self, *, now: float) -> StorageStats: ...
+
+    async def ping(self) -> bool:
+        """True when the storage answers (readiness)."""
+        await self.stats(now=0)
+        return True

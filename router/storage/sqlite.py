@@ -1,0 +1,346 @@
+"""``sqlite:///path``: the embedded default. One file holds the dedup window, the spool and the
+dead letters, so one transaction accepts an event (dedup record and jobs together).
+
+All access goes through one writer thread with one connection. Operations queue up and the
+thread runs whatever has gathered in a single transaction (group commit), so a burst of
+events costs one commit, not one per event, while each caller still waits for its own change
+to be durable. WAL with ``synchronous=NORMAL`` survives a process crash (``kill -9``) without
+losing a committed event; ``?synchronous=full`` also survives power loss, at a higher cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+
+import orjson
+
+from router.errors import StorageFull
+from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
+                                 QueueStats, Storage, StorageStats)
+
+T = TypeVar("T")
+MAX_OPERATIONS_PER_COMMIT = 1000
+DEDUP_PURGE_INTERVAL = 30.0
+DEDUP_PURGE_CHUNK = 20_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS dedup (
+    source TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (source, message_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expires_at);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
+    user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
+    due_at REAL NOT NULL, leased INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, first_attempt_at REAL, last_error TEXT);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, due_at, id);
+CREATE INDEX IF NOT EXISTS jobs_user ON jobs (destination, user_key, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
+    user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL, failed_at REAL NOT NULL, reason TEXT NOT NULL, status INTEGER,
+    request TEXT, response TEXT);
+CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, failed_at);
+"""
+_JOB_COLUMNS = "id, destination, message_id, user_key, grp, body, created_at, attempts, first_attempt_at"
+_LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
+                   "failed_at, reason, status, request, response")
+
+
+class SqliteStorage(Storage):
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL",
+                 max_bytes: int | None = None) -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self.max_bytes = max_bytes
+        self._operations: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any],
+                                                  asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._last_purge = 0.0
+        self._recover = True
+
+    @classmethod
+    def from_url(cls, url: str, *, base_dir: Path) -> SqliteStorage:
+        """``sqlite:///var/router.db`` is relative to ``base_dir``; ``sqlite:////abs.db`` is
+        absolute. Options: ``?synchronous=full`` and ``?max_bytes=10000000000``."""
+        rest = url.removeprefix("sqlite:///")
+        path_part, _, query = rest.partition("?")
+        options = {key: values[-1] for key, values in parse_qs(query).items()}
+        path = Path(path_part)
+        if not path.is_absolute():
+            path = base_dir / path
+        max_bytes = int(options["max_bytes"]) if "max_bytes" in options else None
+        return cls(path, synchronous=options.get("synchronous", "normal"), max_bytes=max_bytes)
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    async def open(self, *, recover: bool = True) -> None:
+        """``recover=False`` is for tools (``router dlq``) that share the file with a running
+        router and must not take its leases back."""
+        self._recover = recover
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-writer",
+                                        daemon=True)
+        self._thread.start()
+        await ready
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._operations.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = ready.get_loop()
+        try:
+            connection = self._connect()
+        except Exception as exc:  # noqa: BLE001 - reported to the opener
+            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None, None)
+        with connection:
+            while (first := self._operations.get()) is not None:
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_OPERATIONS_PER_COMMIT:
+                    try:
+                        item = self._operations.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(connection, batch)
+                if stop:
+                    break
+        connection.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'FULL' else 'NORMAL'}")
+        connection.execute("PRAGMA busy_timeout=10000")
+        connection.executescript(SCHEMA)
+        if self._recover:
+            # Jobs leased by a process that died go back to the queue: sent again, never lost.
+            connection.execute("UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1",
+                               (time.time(),))
+        return connection
+
+    def _commit(self, connection: sqlite3.Connection, batch: list[tuple[Callable[..., Any],
+                                                                          asyncio.Future[Any]]]) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for operation, future in batch:
+                connection.execute("SAVEPOINT operation")
+                try:
+                    result = operation(connection)
+                except sqlite3.Error as exc:
+                    connection.execute("ROLLBACK TO operation")
+                    outcomes.append((future, None, _storage_error(exc)))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    connection.execute("ROLLBACK TO operation")
+                    outcomes.append((future, None, exc))
+                else:
+                    outcomes.append((future, result, None))
+                connection.execute("RELEASE operation")
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            error = _storage_error(exc)
+            outcomes = [(future, None, error) for _, future in batch]
+        for future, result, error in outcomes:
+            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None:
+            raise RuntimeError("storage is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._operations.put((operation, future))
+        return await future
+
+    # -- the interface ----------------------------------------------------------------------
+
+    async def accept(self, items: Sequence[Acceptance], *, window: float, now: float) -> list[bool]:
+        def operation(connection: sqlite3.Connection) -> list[bool]:
+            self._check_budget(connection)
+            self._purge_dedup(connection, now)
+            accepted = []
+            for item in items:
+                cursor = connection.execute(
+                    "INSERT INTO dedup (source, message_id, expires_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (source, message_id) DO UPDATE SET expires_at = excluded.expires_at "
+                    "WHERE dedup.expires_at <= ?",
+                    (item.source, item.message_id, now + window, now))
+                is_new = cursor.rowcount == 1
+                accepted.append(is_new)
+                if is_new and item.jobs:
+                    connection.executemany(
+                        "INSERT INTO jobs (destination, message_id, user_key, grp, body, "
+                        "created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(job.destination, job.message_id, job.user_key, job.group, job.body,
+                          now, now) for job in item.jobs])
+            return accepted
+
+        return await self._call(operation)
+
+    def _check_budget(self, connection: sqlite3.Connection) -> None:
+        if self.max_bytes is None:
+            return
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+        size = connection.execute("PRAGMA page_size").fetchone()[0]
+        if (pages - free) * size >= self.max_bytes:
+            raise StorageFull(f"the spool has reached its budget of {self.max_bytes} bytes")
+
+    def _purge_dedup(self, connection: sqlite3.Connection, now: float) -> None:
+        """Forget expired message ids a chunk at a time, so the file stays bounded and no
+        single commit stalls the writer."""
+        if now - self._last_purge < DEDUP_PURGE_INTERVAL:
+            return
+        self._last_purge = now
+        connection.execute(
+            "DELETE FROM dedup WHERE (source, message_id) IN (SELECT source, message_id FROM dedup "
+            "WHERE expires_at <= ? LIMIT ?)", (now, DEDUP_PURGE_CHUNK))
+
+    async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
+                    ordered: bool = False) -> list[Job]:
+        head_of_user = (" AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.destination"
+                        " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
+                        " < jobs.id)") if ordered else ""
+
+        def operation(connection: sqlite3.Connection) -> list[Job]:
+            rows = connection.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND due_at <= ?"
+                f"{head_of_user} ORDER BY due_at, id LIMIT ?", (destination, now, limit)).fetchall()
+            if rows:
+                connection.executemany("UPDATE jobs SET leased = 1, due_at = ? WHERE id = ?",
+                                       [(now + lease_for, row[0]) for row in rows])
+            return [Job(*row) for row in rows]
+
+        return await self._call(operation)
+
+    async def complete(self, job_ids: Sequence[int | str]) -> None:
+        await self._call(lambda connection: connection.executemany(
+            "DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in job_ids]))
+
+    async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
+                    failure: Failure) -> None:
+        await self._call(lambda connection: connection.executemany(
+            "UPDATE jobs SET leased = 0, due_at = ?, attempts = ?, first_attempt_at = ?, "
+            "last_error = ? WHERE id = ?",
+            [(due, job.attempts, job.first_attempt_at, failure.reason, job.id)
+             for job, due in zip(jobs, not_before)]))
+
+    async def dead_letter(self, jobs: Sequence[Job], *, now: float, failure: Failure) -> None:
+        request = orjson.dumps(failure.request).decode() if failure.request else None
+
+        def operation(connection: sqlite3.Connection) -> None:
+            for job in jobs:
+                if connection.execute("DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
+                    connection.execute(
+                        f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
+                        "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job.destination, job.message_id, job.user_key, job.group, job.body,
+                         job.attempts, job.created_at, now, failure.reason, failure.status,
+                         request, failure.response))
+
+        await self._call(operation)
+
+    async def release(self, job_ids: Sequence[int | str]) -> None:
+        now = time.time()
+        await self._call(lambda connection: connection.executemany(
+            "UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
+            [(now, job_id) for job_id in job_ids]))
+
+    async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
+        clause, params = _where(where)
+
+        def operation(connection: sqlite3.Connection) -> list[DeadLetter]:
+            rows = connection.execute(f"SELECT {_LETTER_COLUMNS} FROM dead_letters{clause} "
+                                      "ORDER BY id LIMIT ?", (*params, limit)).fetchall()
+            return [DeadLetter(*row[:11], orjson.loads(row[11]) if row[11] else None, row[12])
+                    for row in rows]
+
+        return await self._call(operation)
+
+    async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
+        clause, params = _where(where)
+
+        def operation(connection: sqlite3.Connection) -> int:
+            connection.execute(
+                "INSERT INTO jobs (destination, message_id, user_key, grp, body, created_at, due_at)"
+                f" SELECT destination, message_id, user_key, grp, body, ?, ? FROM dead_letters{clause}"
+                " ORDER BY id", (now, now, *params))
+            return connection.execute(f"DELETE FROM dead_letters{clause}", params).rowcount
+
+        return await self._call(operation)
+
+    async def purge(self, where: DeadLetterFilter) -> int:
+        clause, params = _where(where)
+        return await self._call(lambda connection: connection.execute(
+            f"DELETE FROM dead_letters{clause}", params).rowcount)
+
+    async def stats(self, *, now: float) -> StorageStats:
+        def operation(connection: sqlite3.Connection) -> StorageStats:
+            stats = StorageStats()
+            for destination, pending, oldest in connection.execute(
+                    "SELECT destination, COUNT(*), MIN(created_at) FROM jobs GROUP BY destination"):
+                stats.queues[destination] = QueueStats(pending, oldest)
+            for destination, count in connection.execute(
+                    "SELECT destination, COUNT(*) FROM dead_letters GROUP BY destination"):
+                stats.queues.setdefault(destination, QueueStats()).dead_letters = count
+            stats.dedup_entries = connection.execute("SELECT COUNT(*) FROM dedup").fetchone()[0]
+            pages = connection.execute("PRAGMA page_count").fetchone()[0]
+            stats.bytes_used = pages * connection.execute("PRAGMA page_size").fetchone()[0]
+            return stats
+
+        return await self._call(operation)
+
+
+def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:
+    conditions: list[str] = []
+    params: list[Any] = []
+    if where.destination is not None:
+        conditions.append("destination = ? COLLATE NOCASE")
+        params.append(where.destination)
+    if where.reason is not None:
+        conditions.append("instr(lower(reason), lower(?)) > 0")
+        params.append(where.reason)
+    if where.since is not None:
+        conditions.append("failed_at >= ?")
+        params.append(where.since)
+    if where.until is not None:
+        conditions.append("failed_at <= ?")
+        params.append(where.until)
+    if where.ids is not None:
+        conditions.append(f"id IN ({', '.join('?' * len(where.ids))})" if where.ids else "0")
+        params.extend(where.ids)
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(params)
+
+
+def _storage_error(exc: sqlite3.Error) -> Exception:
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+        return StorageFull(f"the spool's disk is full: {exc}")
+    return exc
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
