@@ -15,9 +15,11 @@ from typing import Any, TextIO
 import orjson
 
 from router.config import load_config, parse_duration
+from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import ConfigError
 from router.input import Unreadable, read_events
+from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
 
@@ -85,7 +87,7 @@ def check_command(args: argparse.Namespace) -> int:
     router = Router(loaded, deliver=False)
     config = loaded.config
     print(f"{args.config}: OK")
-    print(f"  storage: {config.storage}")
+    print(f"  storage: {redacted_url(config.storage)}")
     print(f"  dedup window: {_seconds(config.dedup.window)}")
     print(f"  sources: {', '.join(s.name for s in config.sources) or '(none: the HTTP API accepts no write key)'}")
     print(f"  destinations ({len(router.destinations)} enabled):")
@@ -143,8 +145,22 @@ def dry_run(router: Router, items: Sequence[Any], *, source: str = DEFAULT_SOURC
                 result.results = [DestinationResult(r.destination, Status.DUPLICATE, reason)
                                   for r in result.results]
             seen.add(key)
+            result.results = [_egress_checked(router, item) for item in result.results]
         results.append(result)
     return results
+
+
+def _egress_checked(router: Router, item: DestinationResult) -> DestinationResult:
+    """The same egress rule the transport applies at connect time, applied to the URLs a
+    dry run shows, so a preview never promises a request that would be refused."""
+    if item.status is not Status.SEND:
+        return item
+    for request in router.requests_for(item):
+        refused = check_url(request.url, router.egress)
+        if refused:
+            return DestinationResult(item.destination, Status.INVALID,
+                                     f"egress refused: {refused}")
+    return item
 
 
 async def _send(router: Router, items: list[Any], source: str, wait: float) -> list[RouteResult]:
@@ -180,9 +196,10 @@ def _print_json(router: Router, index: int, result: RouteResult, out: TextIO, *,
         line: dict[str, Any] = {"event_index": index, "message_id": result.message_id,
                                 "destination": item.destination, "status": str(item.status),
                                 "reason": item.reason}
-        if requests and item.status is Status.SEND and item.destination:
+        if requests:
             line["requests"] = [_request_json(router, item.destination, request)
-                                for request in router.requests_for(item)]
+                                for request in router.requests_for(item)] \
+                if item.status is Status.SEND and item.destination else []
         out.write(orjson.dumps(line).decode() + "\n")
 
 

@@ -283,7 +283,11 @@ class _Converter:
                               line=node.start_mark.line + 1, field=".".join(map(str, path)))
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
+            merged: list[dict[Any, Any]] = []
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`
+                    merged += self.merge_sources(value_node, path)
+                    continue
                 key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, (str, int)):
                     raise ConfigError("mapping keys must be strings", file=self.file,
@@ -294,6 +298,9 @@ class _Converter:
                                       field=".".join(map(str, path + (key,))))
                 self.lines[path + (key,)] = key_node.start_mark.line + 1
                 result[key] = self.convert(value_node, path + (key,))
+            for source in merged:  # explicit keys win over merged ones, as YAML says
+                for key, value in source.items():
+                    result.setdefault(key, value)
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.convert(item, path + (index,)) for index, item in enumerate(node.value)]
@@ -301,6 +308,15 @@ class _Converter:
         if isinstance(value, str) and "${" in value:
             value = self.interpolate(value, node, path)
         return value
+
+    def merge_sources(self, node: yaml.Node, path: tuple[Any, ...]) -> list[dict[Any, Any]]:
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        converted = [self.convert(source, path) for source in sources]
+        if not all(isinstance(source, dict) for source in converted):
+            raise ConfigError("a merge key (<<) takes a mapping or a list of mappings",
+                              file=self.file, line=node.start_mark.line + 1,
+                              field=".".join(map(str, path)) or None)
+        return converted
 
     def scalar(self, node: yaml.Node) -> Any:
         """A scalar typed by the safe loader (int, float, bool, null, str); any other tag,

@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from router.config import DestinationConfig, LoadedConfig
+from router.config import DestinationConfig, LoadedConfig, RouterConfig
+from router.delivery.egress import EgressPolicy, check_url
 from router.destination import DeliveryDefaults, Destination, Payload
 from router.errors import ConfigError
 from router.events import Event
@@ -55,17 +56,25 @@ class ConfiguredDestination:
         return event.model_copy(update=update) if update else event
 
 
-def build_destinations(loaded: LoadedConfig, registry: Registry) -> list[ConfiguredDestination]:
+def build_destinations(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy
+                       ) -> list[ConfiguredDestination]:
     """Every enabled destination of the config; ``ConfigError`` with file and line on any
-    problem (unknown plugin, bad settings, a template that does not compile)."""
+    problem (unknown plugin, bad settings, a template that does not compile, a URL the
+    egress policy refuses)."""
     built = []
     for index, entry in enumerate(loaded.config.destinations):
         if entry.enabled:
-            built.append(_build(loaded, registry, index, entry))
+            built.append(_build(loaded, registry, egress, index, entry))
     return built
 
 
-def _build(loaded: LoadedConfig, registry: Registry, index: int,
+def egress_policy(config: RouterConfig) -> EgressPolicy:
+    """The config's ``egress`` section as the policy the transport enforces."""
+    return EgressPolicy(allow_private_addresses=config.egress.allow_private_addresses,
+                        allowed_networks=tuple(config.egress.allowed_networks))
+
+
+def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index: int,
            entry: DestinationConfig) -> ConfiguredDestination:
     source = loaded.source
     path: tuple[Any, ...] = ("destinations", index)
@@ -83,6 +92,12 @@ def _build(loaded: LoadedConfig, registry: Registry, index: int,
         raise source.error((*path, *(exc.field or "settings").split(".")), exc.message) from None
     except (ValueError, TypeError) as exc:
         raise source.error((*path, "settings"), f"{entry.plugin}: {exc}") from None
+
+    for url in adapter.endpoints():
+        refused = check_url(url, egress)
+        if refused:
+            raise source.error((*path, "settings"), f"egress refused: {refused} (set "
+                               "egress.allow_private_addresses to allow it)")
 
     overrides = entry.delivery.model_dump(exclude_none=True)
     if "retry_on" in overrides:

@@ -77,7 +77,7 @@ class Event(BaseModel):
 
 def format_time(moment: datetime) -> str:
     """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps."""
-    moment = moment.astimezone(timezone.utc)
+    moment = _utc(moment).astimezone(timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -118,6 +118,10 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
             event.originalTimestamp = event.originalTimestamp or _as_datetime(client_timestamp)
         except (ValidationError, ValueError):
             problems.append(("timestamp", "expected an ISO-8601 date-time"))
+    if event.originalTimestamp is None and event.sentAt is not None:
+        # No event time from the client: its clock at sending is the best estimate, and
+        # keeping it makes the normalized event parse again to the same timestamp.
+        event.originalTimestamp = event.sentAt
     if event.type in _PROPERTY_CALLS and event.properties:
         problems += normalize_reserved_properties(event.properties)
     if problems:

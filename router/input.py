@@ -26,14 +26,17 @@ def read_events(data: bytes) -> Iterator[Any]:
     if isinstance(document, list):
         yield from document
     elif isinstance(document, dict) and isinstance(document.get("batch"), list):
-        yield from _with_batch_defaults(document)
+        yield from with_batch_defaults(document)
     else:
         yield document
 
 
-def _with_batch_defaults(body: dict[str, Any]) -> Iterator[Any]:
+def with_batch_defaults(body: dict[str, Any]) -> Iterator[Any]:
     """Events of a batch body, with the batch's ``context``, ``integrations`` and ``sentAt``
-    as defaults (an event's own values win), as Segment's batch endpoint applies them."""
+    as defaults (an event's own values win), as Segment's batch endpoint applies them.
+
+    Shared by ``router send`` and the HTTP ``/v1/batch`` endpoint, so a batch means the same
+    thing wherever it enters."""
     shared = {key: body[key] for key in ("context", "integrations", "sentAt") if key in body}
     for event in body["batch"]:
         if isinstance(event, dict) and shared:

@@ -8,7 +8,6 @@ take over. ``plan`` is the same path without storage, for dry runs.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,11 +19,10 @@ from typing import Any
 
 import orjson
 
-from router.config import LoadedConfig, RouterConfig, load_config
+from router.config import LoadedConfig, load_config
 from router.destination import HttpRequest, Payload
-from router.delivery.egress import EgressPolicy
 from router.delivery.telemetry import DeliveryMetrics
-from router.destinations import ConfiguredDestination, build_destinations
+from router.destinations import ConfiguredDestination, build_destinations, egress_policy
 from router.errors import EventRejected, InvalidEvent, SkipEvent
 from router.events import Event, parse_event
 from router.integrations import IntegrationsMap
@@ -52,6 +50,8 @@ class DestinationResult:
     status: Status
     reason: str = ""
     payloads: Sequence[Payload] = ()
+    bodies: Sequence[bytes] = ()
+    """The payloads' bodies serialized, as they are queued."""
 
 
 @dataclass(slots=True)
@@ -91,7 +91,9 @@ class Router:
         self.loaded = loaded
         self.config = loaded.config
         self.registry = registry or create_registry()
-        self.destinations: list[ConfiguredDestination] = build_destinations(loaded, self.registry)
+        self.egress = egress_policy(self.config)
+        self.destinations: list[ConfiguredDestination] = build_destinations(
+            loaded, self.registry, self.egress)
         self.storage = storage or open_storage(self.config.storage, base_dir=Path.cwd())
         self.window = self.config.dedup.window
         self._deliver = deliver
@@ -118,7 +120,7 @@ class Router:
         if self._deliver:
             from router.delivery.service import DeliveryService
             self._delivery = DeliveryService(self.destinations, self.storage,
-                                             egress=egress_policy(self.config),
+                                             egress=self.egress,
                                              metrics=self.delivery_metrics)
             await self._delivery.start()
 
@@ -205,17 +207,20 @@ class Router:
                 return DestinationResult(name, Status.SKIPPED, reason)
         try:
             payloads = destination.translate(event, decision.options)
+            bodies = [orjson.dumps(payload.body) for payload in payloads]
         except SkipEvent as exc:
             return DestinationResult(name, Status.SKIPPED, exc.reason)
         except EventRejected as exc:
             return DestinationResult(name, Status.INVALID, exc.reason)
         except Exception as exc:  # noqa: BLE001 - a broken plugin costs only its own events
-            log.exception("destination %s failed to translate an event", name)
+            # The message may quote settings: masked, and no traceback (it shows values too).
+            log.error("destination %s failed to translate event %s: %s", name, event.messageId,
+                      destination.masker.mask(f"{type(exc).__name__}: {exc}"))
             return DestinationResult(name, Status.INVALID,
                                      f"{destination.plugin.name} failed: {type(exc).__name__}")
         if not payloads:
             return DestinationResult(name, Status.SKIPPED, "the destination sends nothing for it")
-        return DestinationResult(name, Status.SEND, payloads=payloads)
+        return DestinationResult(name, Status.SEND, payloads=payloads, bodies=bodies)
 
     def destination(self, name: str) -> ConfiguredDestination:
         for destination in self.destinations:
@@ -231,22 +236,13 @@ class Router:
         return [adapter.build_request([payload]) for payload in result.payloads]
 
 
-def egress_policy(config: RouterConfig) -> EgressPolicy:
-    """The config's ``egress`` section as the policy the transport enforces."""
-    return EgressPolicy(
-        allow_private_addresses=config.egress.allow_private_addresses,
-        allowed_networks=tuple(ipaddress.ip_network(network, strict=False)
-                               for network in config.egress.allowed_networks))
-
-
 def _jobs(result: RouteResult) -> list[NewJob]:
     event = result.event
     assert event is not None
     user_key = event.user_key
-    return [NewJob(r.destination, event.messageId, user_key, payload.group,
-                   orjson.dumps(payload.body))
+    return [NewJob(r.destination, event.messageId, user_key, payload.group, body)
             for r in result.results if r.status is Status.SEND and r.destination
-            for payload in r.payloads]
+            for payload, body in zip(r.payloads, r.bodies)]
 
 
 def _mark_duplicate(result: RouteResult) -> None:

@@ -8,7 +8,10 @@ user-chosen one: CVE-2024-56201), no custom filters that call what they are hand
 
 from __future__ import annotations
 
+import functools
 import operator
+import re
+from collections.abc import Callable
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError
@@ -17,26 +20,98 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from router.errors import ConfigError, EventRejected
 
 MAX_OUTPUT_CHARS = 256 * 1024
-MAX_REPEAT = 100_000
+MAX_VALUE_SIZE = 100_000
+"""The largest string or list one operation in a template may build (a repetition, a
+padding width, an indent): jinja2's sandbox caps ``range`` but not these."""
+MAX_POWER_BITS = 4096
 TEMPLATE_NAME = "template"
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return sum(len(item) if isinstance(item, (str, list, tuple)) else 1 for item in value)
+    return 1
+
+
+def _refuse_large_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_VALUE_SIZE:
+            raise SecurityError(f"argument {value} is too large for a template")
+
+
+def _refuse_large_replace(text: Any, old: Any = None, new: Any = None, *_: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        hits = text.count(old) if old else len(text) + 1
+        if len(text) + hits * len(new) > MAX_VALUE_SIZE * 10:
+            raise SecurityError("replacement too large for a template")
+
+
+def _refuse_wide_format(text: str) -> None:
+    if _WIDE_FORMAT.search(text):
+        raise SecurityError("format width too large for a template")
 
 
 class _CappedSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    """The immutable sandbox, plus limits on what one operation may allocate."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "**":
-            if isinstance(right, (int, float)) and abs(right) > 64:
-                raise SecurityError("exponent too large in template")
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and \
+                    abs(left) > 1 and right * abs(left).bit_length() > MAX_POWER_BITS:
+                raise SecurityError("power too large for a template")
+            if isinstance(right, float) and abs(right) > 1024:
+                raise SecurityError("power too large for a template")
             return operator.pow(left, right)
-        for sized, count in ((left, right), (right, left)):
-            if isinstance(sized, (str, list, tuple)) and isinstance(count, int) \
-                    and len(sized) * count > MAX_REPEAT:
-                raise SecurityError("repetition too large in template")
-        return operator.mul(left, right)
+        if operator_name == "*":
+            for sized, count in ((left, right), (right, left)):
+                if isinstance(sized, (str, list, tuple)) and isinstance(count, int) \
+                        and _size(sized) * count > MAX_VALUE_SIZE:
+                    raise SecurityError("repetition too large for a template")
+            return operator.mul(left, right)
+        if operator_name == "%":
+            if isinstance(left, str):
+                _refuse_wide_format(left)
+            return operator.mod(left, right)
+        if _size(left) + _size(right) > MAX_OUTPUT_CHARS:
+            raise SecurityError("value too large for a template")
+        return operator.add(left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _refuse_large_arguments(args, kwargs)
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        text = getattr(method, "__self__", None)
+        if isinstance(text, str):
+            name = getattr(method, "__name__", "")
+            if name in ("format", "format_map"):
+                _refuse_wide_format(text)
+            elif name == "replace":
+                _refuse_large_replace(text, *args)
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A built-in filter that refuses huge widths and indents (``center(10**9)``,
+    ``indent(10**8)``, ``tojson(indent=10**8)``, ``format`` with a wide field)."""
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _refuse_large_arguments(args, kwargs)
+        name = function.__name__
+        if name == "do_format" and args and isinstance(args[0], str):
+            _refuse_wide_format(args[0])
+        elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
+            _refuse_large_replace(str(args[1]), args[2], args[3])
+        return function(*args, **kwargs)
+
+    return guarded
 
 
 _environment = _CappedSandbox(undefined=StrictUndefined, autoescape=False)
+_environment.filters = {name: _guarded_filter(f) for name, f in _environment.filters.items()}
 
 
 class Template:
@@ -69,5 +144,6 @@ class Template:
             raise
         except SecurityError as exc:
             raise EventRejected(f"{self.where}: refused by the template sandbox: {exc}") from None
-        except (TemplateError, ArithmeticError, TypeError, ValueError, RecursionError) as exc:
-            raise EventRejected(f"{self.where}: template failed: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure of a user template is its own
+            raise EventRejected(f"{self.where}: template failed: {type(exc).__name__}: {exc}"
+                                ) from None

@@ -64,6 +64,15 @@ def backoff(attempt: int, delivery: DeliveryDefaults, rng: random.Random) -> flo
     return rng.uniform(0, ceiling)
 
 
+def destination_pause(failures_in_a_row: int, delivery: DeliveryDefaults,
+                      rng: random.Random) -> float:
+    """How long a destination rests after failing ``failures_in_a_row`` batches: exponential
+    with "equal jitter" (at least half the step), so a dead destination is probed ever
+    more rarely, up to ``backoff_max``, and at once again after its first success."""
+    step = min(delivery.backoff_max, delivery.backoff_initial * 2 ** min(failures_in_a_row - 1, 30))
+    return step / 2 + rng.uniform(0, step / 2)
+
+
 def next_attempt_at(attempt: int, error: RetryableError, delivery: DeliveryDefaults, *,
                     now: float, rng: random.Random) -> float:
     """When to try again: the backoff, but never before the server's ``Retry-After``."""

@@ -22,7 +22,7 @@ from router.delivery.egress import EgressPolicy
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import Transport
-from router.destination import HttpRequest, Outcome, Payload
+from router.destination import HttpRequest, HttpResponse, Outcome, Payload
 from router.destinations import ConfiguredDestination
 from router.errors import DestinationError, PermanentError, RetryableError
 from router.storage.base import Failure, Job, Storage
@@ -31,6 +31,8 @@ log = logging.getLogger("router.delivery")
 POLL_INTERVAL = 0.5
 """How often an idle worker looks for retries that have come due (new work wakes it at once)."""
 MAX_RESPONSE_IN_DEAD_LETTER = 2048
+SPLIT_STATUSES = frozenset({400, 413, 422})
+"""Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
 
 
 class DeliveryService:
@@ -82,6 +84,7 @@ class DestinationWorker:
         self.slots = asyncio.Semaphore(self.delivery.concurrency)
         self.wakeup = asyncio.Event()
         self.stopping = False
+        self.failures_in_a_row = 0
         self.in_flight: dict[asyncio.Task[None], list[Job]] = {}
         self.leased_ids: set[int | str] = set()
         # Long enough that a lease never lapses under a live worker; after a crash, the
@@ -186,11 +189,28 @@ class DestinationWorker:
             job.attempts += 1
             job.first_attempt_at = job.first_attempt_at or now
         outcomes = await self._attempt(batch)
+        self._note_health([outcome for outcome, _ in outcomes])
         await self._record(batch, outcomes)
 
-    async def _attempt(self, batch: list[Job]) -> list[tuple[Outcome, Failure | None]]:
-        """Send a batch; one outcome per job. A 413 splits the batch in two and sends each
-        half, down to single jobs, instead of failing them all."""
+    def _note_health(self, outcomes: list[Outcome]) -> None:
+        """Back off the whole destination while it keeps failing (down, refusing
+        connections, answering 5xx): without this, a dead destination would cycle through
+        its entire backlog, one doomed connection after another."""
+        if outcomes and all(isinstance(outcome, RetryableError) for outcome in outcomes):
+            self.failures_in_a_row += 1
+            self.limiter.pause(retry.destination_pause(self.failures_in_a_row, self.delivery,
+                                                       self.rng))
+        elif any(outcome is None for outcome in outcomes):
+            self.failures_in_a_row = 0
+
+    async def _attempt(self, batch: list[Job], *, may_split: bool = True
+                       ) -> list[tuple[Outcome, Failure | None]]:
+        """Send a batch; one outcome per job.
+
+        One bad event must not cost its neighbours: a batch refused whole (413, or a 400/422
+        the plugin could not pin on particular events) is split in two and each half sent.
+        If both halves are refused whole too, the fault is not in an event (a bad key, say)
+        and splitting stops; otherwise the refused half is split again, down to the event."""
         payloads = [Payload(orjson.loads(job.body), job.group) for job in batch]
         adapter = self.destination.adapter
         try:
@@ -213,19 +233,38 @@ class DestinationWorker:
         self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
         self.metrics.requests.inc(self.name, str(response.status))
 
-        if response.status == 413 and len(batch) > 1:
-            middle = len(batch) // 2
-            first, second = await asyncio.gather(self._attempt(batch[:middle]),
-                                                 self._attempt(batch[middle:]))
-            return first + second
-
         outcomes = self._judge(payloads, response)
+        if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
+                all(isinstance(outcome, PermanentError) for outcome in outcomes):
+            return await self._split(batch, self._shown_body(response),
+                                     always=response.status == 413)
         failure = None
         if any(outcome is not None for outcome in outcomes):
             failure = self._failure(f"HTTP {response.status}", request, response)
         return [(outcome, failure) for outcome in outcomes]
 
-    def _judge(self, payloads: list[Payload], response) -> list[Outcome]:  # noqa: ANN001
+    async def _split(self, batch: list[Job], refused: str | None, *, always: bool
+                     ) -> list[tuple[Outcome, Failure | None]]:
+        """Send each half of a refused batch. When both halves are refused whole with the
+        very answer the batch got (``refused``), the fault is not in any one event (a bad
+        key, say), so splitting stops rather than send a request per event."""
+        middle = len(batch) // 2
+        halves = [batch[:middle], batch[middle:]]
+        results = [await self._attempt(half, may_split=always) for half in halves]
+        if always:
+            return results[0] + results[1]
+        whole = [_refused_whole(result) for result in results]
+        if all(answer is not None and answer == refused for answer in whole):
+            return results[0] + results[1]
+        for index, half in enumerate(halves):
+            if whole[index] is not None and len(half) > 1:
+                results[index] = await self._split(half, None, always=False)
+        return results[0] + results[1]
+
+    def _judge(self, payloads: list[Payload], response: HttpResponse) -> list[Outcome]:
+        """One outcome per payload: the plugin's judgement when it gives one, else the
+        status's. A throttling answer pauses the whole destination (Vector #4724's lesson:
+        backing off one request while sending others only prolongs the throttling)."""
         now = time.time()
         try:
             judged = self.destination.adapter.read_response(payloads, response)
@@ -233,26 +272,31 @@ class DestinationWorker:
             log.exception("destination %s: read_response failed", self.name)
             judged = None
         if judged is not None and len(judged) == len(payloads):
-            return list(judged)
-        outcome = retry.classify_status(response.status, response.headers,
-                                        self.delivery.retry_on, now=now)
-        if isinstance(outcome, RetryableError) and outcome.retry_after and \
-                response.status in (429, 503):
-            # Back off the destination, not just this request (Vector #4724's lesson).
-            self.limiter.pause(outcome.retry_after)
-        return [outcome] * len(payloads)
+            outcomes = list(judged)
+        else:
+            outcomes = [retry.classify_status(response.status, response.headers,
+                                              self.delivery.retry_on, now=now)] * len(payloads)
+        if response.status in (429, 503):
+            waits = [o.retry_after for o in outcomes
+                     if isinstance(o, RetryableError) and o.retry_after]
+            if waits and len(waits) == len(outcomes):
+                self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
+        return outcomes
 
-    def _failure(self, reason: str, request: HttpRequest, response) -> Failure:  # noqa: ANN001
+    def _failure(self, reason: str, request: HttpRequest, response: HttpResponse | None
+                 ) -> Failure:
         masker = self.destination.masker
         shown_request = {"method": request.method, "url": masker.mask(request.url),
                          "headers": masker.mask_headers(request.headers)}
-        text = None
-        status = None
-        if response is not None:
-            status = response.status
-            text = masker.mask(response.body[:MAX_RESPONSE_IN_DEAD_LETTER]
-                               .decode("utf-8", errors="replace"))
-        return Failure(masker.mask(reason), status, shown_request, text)
+        if response is None:
+            return Failure(masker.mask(reason), None, shown_request, None)
+        return Failure(masker.mask(reason), response.status, shown_request,
+                       self._shown_body(response))
+
+    def _shown_body(self, response: HttpResponse) -> str:
+        """The start of a response body, secrets masked: what a dead letter keeps."""
+        return self.destination.masker.mask(
+            response.body[:MAX_RESPONSE_IN_DEAD_LETTER].decode("utf-8", errors="replace"))
 
     async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]) -> None:
         now = time.time()
@@ -287,3 +331,11 @@ class DestinationWorker:
         log.warning(orjson.dumps({"destination": self.name, "action": action,
                                   "message_id": job.message_id, "attempt": job.attempts,
                                   "status": failure.status, "reason": failure.reason}).decode())
+
+
+def _refused_whole(result: list[tuple[Outcome, Failure | None]]) -> str | None:
+    """The answer a whole batch was refused with, or None when any of it got through."""
+    if not all(isinstance(outcome, PermanentError) for outcome, _ in result):
+        return None
+    failure = result[0][1]
+    return (failure.response or "") if failure else ""

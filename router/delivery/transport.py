@@ -11,7 +11,8 @@ import asyncio
 
 import aiohttp
 
-from router.delivery.egress import EgressBlocked, EgressPolicy, check_url, session_kwargs
+from router.delivery.egress import (EgressBlocked, EgressPolicy, check_url, egress_reason,
+                                    session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 
@@ -56,7 +57,7 @@ class Transport:
         except asyncio.TimeoutError:
             raise RetryableError(f"timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
-            reason = _egress_reason(exc)
+            reason = egress_reason(exc)
             if reason:
                 raise PermanentError(f"egress refused: {reason}") from None
             raise RetryableError(f"cannot connect: {exc.os_error or exc}") from None
@@ -66,12 +67,3 @@ class Transport:
         except aiohttp.ClientError as exc:
             raise RetryableError(f"request failed: {type(exc).__name__}: {exc}") from None
 
-
-def _egress_reason(exc: aiohttp.ClientConnectorError) -> str | None:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, EgressBlocked):
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__ or getattr(cause, "os_error", None) \
-            if cause is not getattr(cause, "os_error", None) else None
-    return None

@@ -104,9 +104,10 @@ class Storage(ABC):
     durable in this backend (for ``memory://``, never: it is for tests and dry runs)."""
 
     @abstractmethod
-    async def open(self) -> None:
-        """Connect, create the schema, and put back to the queue every job that was leased by
-        a process that is gone (after a crash, in-flight work is sent again)."""
+    async def open(self, *, recover: bool = True) -> None:
+        """Connect, create the schema, and (with ``recover``) put back to the queue every job
+        leased by a process that is gone: after a crash, in-flight work is sent again. Tools
+        that share the storage with a running router (``router dlq``) open without it."""
 
     @abstractmethod
     async def close(self) -> None: ...

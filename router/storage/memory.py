@@ -19,8 +19,9 @@ class MemoryStorage(Storage):
         self.letters: dict[int, DeadLetter] = {}
         self._ids = itertools.count(1)
 
-    async def open(self) -> None:
-        self.leased_until.clear()
+    async def open(self, *, recover: bool = True) -> None:
+        if recover:
+            self.leased_until.clear()
 
     async def close(self) -> None:
         pass

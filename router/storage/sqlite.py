@@ -28,8 +28,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 
 T = TypeVar("T")
 MAX_OPERATIONS_PER_COMMIT = 1000
-DEDUP_PURGE_INTERVAL = 30.0
-DEDUP_PURGE_CHUNK = 20_000
+DEDUP_PURGE_MINIMUM = 100
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedup (
@@ -64,7 +63,6 @@ class SqliteStorage(Storage):
         self._operations: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any],
                                                   asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._last_purge = 0.0
         self._recover = True
 
     @classmethod
@@ -83,8 +81,6 @@ class SqliteStorage(Storage):
     # -- the writer thread ------------------------------------------------------------------
 
     async def open(self, *, recover: bool = True) -> None:
-        """``recover=False`` is for tools (``router dlq``) that share the file with a running
-        router and must not take its leases back."""
         self._recover = recover
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -176,7 +172,7 @@ class SqliteStorage(Storage):
     async def accept(self, items: Sequence[Acceptance], *, window: float, now: float) -> list[bool]:
         def operation(connection: sqlite3.Connection) -> list[bool]:
             self._check_budget(connection)
-            self._purge_dedup(connection, now)
+            self._purge_dedup(connection, now, at_least=2 * len(items))
             accepted = []
             for item in items:
                 cursor = connection.execute(
@@ -205,15 +201,12 @@ class SqliteStorage(Storage):
         if (pages - free) * size >= self.max_bytes:
             raise StorageFull(f"the spool has reached its budget of {self.max_bytes} bytes")
 
-    def _purge_dedup(self, connection: sqlite3.Connection, now: float) -> None:
-        """Forget expired message ids a chunk at a time, so the file stays bounded and no
-        single commit stalls the writer."""
-        if now - self._last_purge < DEDUP_PURGE_INTERVAL:
-            return
-        self._last_purge = now
+    def _purge_dedup(self, connection: sqlite3.Connection, now: float, *, at_least: int) -> None:
+        """Forget expired message ids, twice as many as were just remembered, so the table
+        stays bounded at any intake rate without one large delete stalling the writer."""
         connection.execute(
             "DELETE FROM dedup WHERE (source, message_id) IN (SELECT source, message_id FROM dedup "
-            "WHERE expires_at <= ? LIMIT ?)", (now, DEDUP_PURGE_CHUNK))
+            "WHERE expires_at <= ? LIMIT ?)", (now, max(at_least, DEDUP_PURGE_MINIMUM)))
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
                     ordered: bool = False) -> list[Job]:
@@ -232,17 +225,24 @@ class SqliteStorage(Storage):
 
         return await self._call(operation)
 
+    async def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run one statement per row. Returns nothing on purpose: a cursor handed back to the
+        event loop's thread and finalized there would race the writer thread (SQLITE_MISUSE)."""
+        def operation(connection: sqlite3.Connection) -> None:
+            connection.executemany(sql, rows)
+
+        await self._call(operation)
+
     async def complete(self, job_ids: Sequence[int | str]) -> None:
-        await self._call(lambda connection: connection.executemany(
-            "DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in job_ids]))
+        await self._execute_many("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in job_ids])
 
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:
-        await self._call(lambda connection: connection.executemany(
+        await self._execute_many(
             "UPDATE jobs SET leased = 0, due_at = ?, attempts = ?, first_attempt_at = ?, "
             "last_error = ? WHERE id = ?",
             [(due, job.attempts, job.first_attempt_at, failure.reason, job.id)
-             for job, due in zip(jobs, not_before)]))
+             for job, due in zip(jobs, not_before)])
 
     async def dead_letter(self, jobs: Sequence[Job], *, now: float, failure: Failure) -> None:
         request = orjson.dumps(failure.request).decode() if failure.request else None
@@ -261,9 +261,8 @@ class SqliteStorage(Storage):
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
         now = time.time()
-        await self._call(lambda connection: connection.executemany(
-            "UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
-            [(now, job_id) for job_id in job_ids]))
+        await self._execute_many("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
+                                 [(now, job_id) for job_id in job_ids])
 
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
         clause, params = _where(where)

@@ -1,0 +1,322 @@
+"""Segment-spec events as Amplitude HTTP V2 events.
+
+Pure functions of the event, its per-event options and a few settings. Bodies carry no
+credentials: the ``api_key`` is added by ``build_request``. Field names and rules come from
+Amplitude's "HTTP V2 API" reference ("Keys for the event argument") unless noted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from router import Event, EventRejected
+from router.semantics import ORDER_COMPLETED
+
+DEFAULT_MIN_ID_LENGTH = 5
+"""user_id and device_id need at least 5 characters unless the request's
+``options.min_id_length`` says otherwise."""
+
+# Event names Amplitude keeps for itself; $identify and $groupidentify are "predefined for
+# identification and group identification", so a track call may not borrow them either.
+RESERVED_EVENT_TYPES = frozenset({
+    "[Amplitude] Start Session", "[Amplitude] End Session", "[Amplitude] Revenue",
+    "[Amplitude] Revenue (Verified)", "[Amplitude] Revenue (Unverified)",
+    "[Amplitude] Merged User", "$identify", "$groupidentify",
+})
+MAX_DEPTH = 40  # "Object depth may not exceed 40 layers" (event and user properties)
+# `groups`: "up to 5 unique group types and 10 total group values per event. Any groups past
+# that threshold aren't tracked" - silently, so the router refuses such an event instead.
+MAX_GROUP_TYPES = 5
+MAX_GROUP_VALUES = 10
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+PRODUCT_PURCHASED = "Product Purchased"
+# Segment's campaign context → the UTM user properties Amplitude's SDKs record
+# (AD amplitude/utm.ts: last touch in $set, first touch as initial_* in $setOnce).
+_CAMPAIGN = {"source": "utm_source", "medium": "utm_medium", "name": "utm_campaign",
+             "term": "utm_term", "content": "utm_content"}
+_PAGE_FIELDS = ("path", "referrer", "search", "title", "url")
+
+
+@dataclass(frozen=True)
+class EventOptions:
+    """The per-event options this destination understands, from the event's integrations
+    map (``integrations: {"Amplitude": {...}}``). Unknown keys are ignored."""
+
+    session_id: int | None = None
+    groups: dict[str, Any] = field(default_factory=dict)
+    group_type: str | None = None
+
+
+def event_options(options: Mapping[str, Any]) -> EventOptions:
+    """Validated per-event options, or ``EventRejected`` naming the bad one."""
+    session_id = options.get("session_id")
+    if session_id is not None:
+        session_id = _session_id(session_id)
+    groups = options.get("groups") or {}
+    if not isinstance(groups, Mapping) or not all(
+            isinstance(key, str) and _is_group_value(value) for key, value in groups.items()):
+        raise EventRejected("integrations option groups: expected an object of group type → "
+                            "group name (a string or a list of strings)")
+    check_groups(groups)
+    group_type = options.get("group_type")
+    if group_type is not None and not (isinstance(group_type, str) and group_type):
+        raise EventRejected("integrations option group_type: expected a non-empty string")
+    return EventOptions(session_id, dict(groups), group_type)
+
+
+def _session_id(value: Any) -> int:
+    """Amplitude's session_id is the session's start in ms since the epoch; -1 means none.
+    Numeric strings are accepted since web clients often send the id as text."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise EventRejected("integrations option session_id: expected the session's start "
+                            "time in milliseconds since the epoch (or -1 for no session)")
+    return value
+
+
+def _is_group_value(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+def check_groups(groups: Mapping[str, Any]) -> None:
+    """Refuse what Amplitude would silently drop: over 5 group types or 10 group values."""
+    values = sum(len(value) if isinstance(value, list) else 1 for value in groups.values())
+    if len(groups) > MAX_GROUP_TYPES or values > MAX_GROUP_VALUES:
+        raise EventRejected(f"the event names {len(groups)} group types and {values} group "
+                            f"values; Amplitude tracks at most {MAX_GROUP_TYPES} types and "
+                            f"{MAX_GROUP_VALUES} values per event and drops the rest silently")
+
+
+def identity(event: Event, min_id_length: int) -> dict[str, str]:
+    """``user_id`` from userId, ``device_id`` from anonymousId (else ``context.device.id``,
+    as Segment's Amplitude destination does). An event with both makes Amplitude merge the
+    anonymous device into the user; with neither id of valid length it would be refused."""
+    ids: dict[str, str] = {}
+    if event.userId:
+        ids["user_id"] = event.userId
+    device = event.context.get("device")
+    device_id = event.anonymousId or (
+        device.get("id") if isinstance(device, Mapping) and isinstance(device.get("id"), str)
+        else None)
+    if device_id:
+        ids["device_id"] = device_id
+    for name, value in ids.items():
+        if len(value) < min_id_length:
+            raise EventRejected(
+                f"{name} is {len(value)} characters; Amplitude refuses ids shorter than "
+                f"{min_id_length} (set `min_id_length` to allow shorter ids)")
+    return ids
+
+
+def event_time(event: Event) -> int:
+    """Milliseconds since the epoch: Amplitude's ``time``."""
+    return (event.timestamp - EPOCH) // timedelta(milliseconds=1)
+
+
+def insert_id(event: Event, part: str = "") -> str:
+    """Amplitude's dedup key (7 days, per device_id and insert_id): the messageId itself, and
+    for the extra events one message makes, the messageId and a fixed suffix."""
+    return f"{event.messageId}-{part}" if part else event.messageId
+
+
+def context_fields(event: Event) -> dict[str, Any]:
+    """Amplitude's device and location fields from the Segment context (the mapping of
+    Segment's Amplitude destination, AD amplitude/event-schema.ts)."""
+    context = event.context
+    found: dict[str, Any] = {}
+    for section, key, name in (
+            ("app", "version", "app_version"), ("device", "type", "platform"),
+            ("os", "name", "os_name"), ("os", "version", "os_version"),
+            ("device", "brand", "device_brand"),
+            ("device", "manufacturer", "device_manufacturer"),
+            ("device", "model", "device_model"), ("network", "carrier", "carrier"),
+            ("location", "country", "country"), ("location", "region", "region"),
+            ("location", "city", "city"), ("location", "latitude", "location_lat"),
+            ("location", "longitude", "location_lng")):
+        part = context.get(section)
+        if isinstance(part, Mapping) and part.get(key) is not None:
+            found[name] = part[key]
+    library = context.get("library")
+    if "platform" not in found and isinstance(library, Mapping) \
+            and library.get("name") == "analytics.js":
+        found["platform"] = "Web"  # as Segment's destination does for browser events
+    if isinstance(context.get("locale"), str):
+        found["language"] = context["locale"]
+    if isinstance(context.get("ip"), str):
+        found["ip"] = context["ip"]  # Amplitude geolocates from it
+    device = context.get("device") if isinstance(context.get("device"), Mapping) else {}
+    advertising_id = device.get("advertisingId")
+    os_info = context.get("os")
+    os_name = str(os_info.get("name", "")).lower() if isinstance(os_info, Mapping) else ""
+    if isinstance(advertising_id, str) and advertising_id:
+        if os_name == "ios":
+            found["idfa"] = advertising_id
+        elif os_name == "android":
+            found["adid"] = advertising_id
+    return found
+
+
+def attribution(event: Event) -> dict[str, dict[str, Any]]:
+    """UTM parameters and the referrer as user properties: the last touch in ``$set``, the
+    first touch as ``initial_*`` in ``$setOnce`` (AD amplitude/utm.ts, referrer.ts)."""
+    last: dict[str, Any] = {}
+    campaign = event.context.get("campaign")
+    if isinstance(campaign, Mapping):
+        for key, name in _CAMPAIGN.items():
+            if campaign.get(key) is not None:
+                last[name] = campaign[key]
+    page = event.context.get("page")
+    if isinstance(page, Mapping) and page.get("referrer"):
+        last["referrer"] = page["referrer"]
+    if not last:
+        return {}
+    return {"$set": dict(last), "$setOnce": {f"initial_{key}": value
+                                              for key, value in last.items()}}
+
+
+def as_number(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
+    """Amplitude's revenue fields, which live at the event root, from an event's properties
+    or one product: ``revenue`` (price × quantity when both are given, Amplitude's own rule),
+    ``price``, ``quantity`` (an integer), ``productId`` and ``revenueType`` ("Purchase" unless
+    given), as Segment's logPurchase builds them. Nothing when there is no revenue."""
+    price = as_number(item.get("price"))
+    quantity = as_number(item.get("quantity"))
+    revenue = as_number(item.get("revenue"))
+    if price is not None and quantity is not None:
+        revenue = price * quantity
+    if revenue is None:
+        return {}
+    fields: dict[str, Any] = {"revenue": revenue}
+    if price is not None:
+        fields["price"] = price
+    if quantity is not None:
+        fields["quantity"] = round(quantity)
+    product_id = item.get("productId") or item.get("product_id") or item.get("sku")
+    if isinstance(product_id, (str, int)) and not isinstance(product_id, bool):
+        fields["productId"] = str(product_id)
+    revenue_type = item.get("revenueType") or item.get("revenue_type")
+    fields["revenueType"] = revenue_type if isinstance(revenue_type, str) else "Purchase"
+    return fields
+
+
+def depth(value: Any) -> int:
+    """How many object/array levels a value nests."""
+    if isinstance(value, Mapping):
+        return 1 + max((depth(item) for item in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth(item) for item in value), default=0)
+    return 0
+
+
+@dataclass(frozen=True)
+class Builder:
+    """Builds the Amplitude events of one Segment event, which all share its ids, time,
+    context, session and event-level groups."""
+
+    event: Event
+    options: EventOptions
+    min_id_length: int
+
+    def amplitude_event(self, event_type: str, *, part: str = "", **fields: Any
+                        ) -> dict[str, Any]:
+        """One event. ``fields`` (properties, revenue, groups) win over the context's."""
+        body: dict[str, Any] = {**identity(self.event, self.min_id_length),
+                                "event_type": event_type, "time": event_time(self.event),
+                                "insert_id": insert_id(self.event, part),
+                                **context_fields(self.event)}
+        if self.options.session_id is not None:
+            body["session_id"] = self.options.session_id
+        if self.options.groups:
+            body["groups"] = dict(self.options.groups)
+        body.update({key: value for key, value in fields.items() if value not in (None, {})})
+        for name in ("event_properties", "user_properties", "group_properties"):
+            if name in body and depth(body[name]) > MAX_DEPTH:
+                raise EventRejected(f"{name} nest deeper than {MAX_DEPTH} levels, the most "
+                                    "Amplitude accepts")
+        return body
+
+
+def track_events(builder: Builder, name: str, *, product_purchased: bool,
+                 revenue_per_product: bool) -> list[dict[str, Any]]:
+    """A track call, and for an ``Order Completed`` with ``products[]`` one "Product
+    Purchased" event per product (Segment's logPurchase). Revenue is counted once: on the
+    order, or with ``revenue_per_product`` on each product instead."""
+    if name in RESERVED_EVENT_TYPES:
+        raise EventRejected(f"{name!r} is an event name Amplitude reserves for itself")
+    event = builder.event
+    listed = event.properties.get("products")
+    products = [item for item in listed if isinstance(item, Mapping)] \
+        if product_purchased and name == ORDER_COMPLETED and isinstance(listed, list) else []
+    on_order = {} if products and revenue_per_product else _order_revenue(event.properties)
+    events = [builder.amplitude_event(name, event_properties=dict(event.properties),
+                                      user_properties=attribution(event), **on_order)]
+    order = {key: event.properties[key] for key in ("order_id", "currency")
+             if event.properties.get(key) is not None}
+    for index, product in enumerate(products):
+        events.append(builder.amplitude_event(
+            PRODUCT_PURCHASED, part=f"product-{index}",
+            event_properties={**order, **product},
+            **(revenue_fields(product) if revenue_per_product else {})))
+    return events
+
+
+def _order_revenue(properties: Mapping[str, Any]) -> dict[str, Any]:
+    """Root revenue fields only for events that carry the reserved ``revenue`` property:
+    a cart or product view with a price is not revenue."""
+    return revenue_fields(properties) if properties.get("revenue") is not None else {}
+
+
+def page_event(builder: Builder) -> dict[str, Any]:
+    """A page or screen as "Viewed {name}" (Segment's Amplitude presets), or "Loaded a Page"
+    / "Loaded a Screen" when it has no name. Properties: the page's own, its name, and the
+    ``context.page`` fields it lacks."""
+    event = builder.event
+    kind = "Screen" if event.type == "screen" else "Page"
+    name = event.name or event.properties.get("name")
+    event_type = f"Viewed {name}" if isinstance(name, str) and name else f"Loaded a {kind}"
+    page = event.context.get("page") if event.type == "page" else None
+    properties = {key: page[key] for key in _PAGE_FIELDS
+                  if isinstance(page, Mapping) and page.get(key) is not None}
+    properties.update(event.properties)
+    if event.name:
+        properties.setdefault("name", event.name)
+    return builder.amplitude_event(event_type, event_properties=properties,
+                                   user_properties=attribution(event))
+
+
+def identify_event(builder: Builder) -> dict[str, Any]:
+    """``$identify``: the traits ``$set`` as user properties (and the UTM/referrer
+    attribution). Carrying both user_id and device_id, it also merges the two."""
+    user_properties = attribution(builder.event)
+    user_properties["$set"] = {**user_properties.get("$set", {}), **builder.event.traits}
+    return builder.amplitude_event("$identify", user_properties=user_properties)
+
+
+def group_events(builder: Builder, group_type: str) -> list[dict[str, Any]]:
+    """What Amplitude's SDKs send for setGroup + groupIdentify: a ``$identify`` that puts the
+    user in the group (``groups`` and the user property named by the group type), then a
+    ``$groupidentify`` that ``$set``s the group's traits as group properties."""
+    event = builder.event
+    groups = {group_type: event.groupId}
+    events = [builder.amplitude_event("$identify", part="group", groups=groups,
+                                      user_properties={"$set": {group_type: event.groupId}})]
+    if event.traits:
+        events.append(builder.amplitude_event(
+            "$groupidentify", part="groupidentify", groups=groups,
+            group_properties={"$set": dict(event.traits)}))
+    return events

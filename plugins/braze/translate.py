@@ -1,0 +1,148 @@
+"""Segment-spec events as Braze REST objects: attribute, event and purchase objects for
+``/users/track``, alias objects for ``/users/identify``, ids for ``/users/delete``.
+
+Every payload body holds exactly one object in one array (``{"events": [{...}]}``), so a batch
+of N payloads is N objects: Braze counts attributes, events and purchases together against its
+per-request limit, and a 201's ``errors[].index`` maps back to one payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date
+from typing import Any
+
+from router import Event, EventRejected
+from router.events import as_number, format_time
+from router.semantics import products
+
+MAX_NAME = 255  # custom event names and product ids (Braze "Event object", "Purchase object")
+MAX_QUANTITY = 100  # the Braze SDKs refuse a purchase quantity outside 1..100
+
+# Segment trait → Braze standard attribute (Braze "User attributes object").
+STANDARD_ATTRIBUTES = {
+    "email": "email", "firstName": "first_name", "first_name": "first_name",
+    "lastName": "last_name", "last_name": "last_name", "phone": "phone",
+}
+_GENDERS = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O",
+            "n": "N", "not applicable": "N", "p": "P", "prefer not to say": "P",
+            "u": "U", "unknown": "U"}
+# Keys that name the user in a Braze object; a trait must not overwrite them.
+_IDENTIFIER_KEYS = frozenset({"external_id", "user_alias", "braze_id", "_update_existing_only"})
+
+
+def user_reference(event: Event, alias_label: str, update_existing_only: bool
+                   ) -> dict[str, Any]:
+    """How a Braze object names the event's user: ``external_id`` from userId, else a
+    ``user_alias`` of the anonymousId under ``alias_label``.
+
+    ``_update_existing_only`` applies to known users only: Braze creates alias-only users
+    only when it is false ("User alias object").
+    """
+    if event.userId:
+        return {"external_id": event.userId, "_update_existing_only": update_existing_only}
+    return {"user_alias": anonymous_alias(event, alias_label), "_update_existing_only": False}
+
+
+def anonymous_alias(event: Event, alias_label: str) -> dict[str, str]:
+    return {"alias_name": event.anonymousId or "", "alias_label": alias_label}
+
+
+def custom_event(name: str, event: Event, properties: Mapping[str, Any],
+                 reference: Mapping[str, Any], app_id: str | None) -> dict[str, Any]:
+    """One event object: ``name``, ISO-8601 ``time`` and the properties as they are."""
+    if len(name) > MAX_NAME:
+        raise EventRejected(f"event name is {len(name)} characters; Braze takes at most "
+                            f"{MAX_NAME}")
+    body = {**reference, **({"app_id": app_id} if app_id else {}), "name": name,
+            "time": format_time(event.timestamp)}
+    if properties:
+        body["properties"] = dict(properties)
+    return body
+
+
+def purchases(event: Event, reference: Mapping[str, Any], app_id: str | None
+              ) -> list[dict[str, Any]]:
+    """One purchase object per product, as Braze records purchases (Segment's and
+    RudderStack's Order Completed mapping). Braze requires ``product_id``, ``currency`` and
+    ``price``, so a product without them rejects the order rather than losing revenue silently.
+    """
+    currency = event.properties.get("currency") or "USD"
+    order = {key: event.properties[key] for key in ("order_id", "checkout_id", "coupon")
+             if event.properties.get(key) is not None}
+    found = []
+    for index, product in enumerate(products(event), start=1):
+        product_id = product.get("product_id") or product.get("sku")
+        if not isinstance(product_id, str) or not product_id:
+            raise EventRejected(f"product {index} has no product_id or sku; Braze needs one "
+                                "for each purchase")
+        if len(product_id) > MAX_NAME:
+            raise EventRejected(f"product {index}: product_id is over {MAX_NAME} characters")
+        price = as_number(product.get("price"))
+        if price is None:
+            raise EventRejected(f"product {index} has no numeric price; Braze needs one for "
+                                "each purchase")
+        quantity = _quantity(product.get("quantity", 1), index)
+        details = {key: value for key, value in product.items()
+                   if key not in ("product_id", "price", "quantity", "currency")}
+        found.append({**reference, **({"app_id": app_id} if app_id else {}),
+                      "product_id": product_id, "currency": currency, "price": price,
+                      "quantity": quantity, "time": format_time(event.timestamp),
+                      "properties": {**order, **details}})
+    return found
+
+
+def _quantity(value: Any, index: int) -> int:
+    number = as_number(value)
+    if number is None or number != int(number):
+        raise EventRejected(f"product {index}: quantity must be a whole number for Braze")
+    if not 1 <= number <= MAX_QUANTITY:
+        raise EventRejected(f"product {index}: quantity {int(number)} is outside 1..{MAX_QUANTITY}"
+                            ", which Braze accepts")
+    return int(number)
+
+
+def attributes(traits: Mapping[str, Any]) -> dict[str, Any]:
+    """Traits as Braze attributes: its standard names where it has them (email, first_name,
+    gender M/F/O/N/P/U, dob YYYY-MM-DD, home_city, country), the rest as custom attributes."""
+    found: dict[str, Any] = {}
+    for key, value in traits.items():
+        if key in _IDENTIFIER_KEYS:
+            continue
+        if key in STANDARD_ATTRIBUTES:
+            found[STANDARD_ATTRIBUTES[key]] = value
+        elif key == "gender" and isinstance(value, str) and value.strip().lower() in _GENDERS:
+            found["gender"] = _GENDERS[value.strip().lower()]
+        elif key == "birthday" and _iso_date(value):
+            found["dob"] = _iso_date(value)
+        elif key == "address" and isinstance(value, Mapping):
+            if value.get("city"):
+                found["home_city"] = value["city"]
+            if value.get("country"):
+                found["country"] = value["country"]
+            found["address"] = dict(value)
+        else:
+            found[key] = value
+    return found
+
+
+def _iso_date(value: Any) -> str | None:
+    """``YYYY-MM-DD`` from a date or an ISO date-time string, else None."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return date.fromisoformat(value[:10]).isoformat()
+    except ValueError:
+        return None
+
+
+def page_event_name(event: Event) -> str:
+    """"Viewed {name} Page" / "Loaded a Page" (screens likewise), as Segment names them."""
+    kind = "Screen" if event.type == "screen" else "Page"
+    return f"Viewed {event.name} {kind}" if event.name else f"Loaded a {kind}"
+
+
+def identify_alias(external_id: str, alias: Mapping[str, str]) -> dict[str, Any]:
+    """An ``aliases_to_identify`` entry: the alias-only profile becomes (or merges into) the
+    user with ``external_id`` ("Identify users")."""
+    return {"external_id": external_id, "user_alias": dict(alias)}

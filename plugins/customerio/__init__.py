@@ -1,0 +1,10 @@
+"""The ``customerio`` destination: Customer.io Journeys through the Track API v2."""
+
+from router import hookimpl
+
+from .destination import CustomerIO
+
+
+@hookimpl
+def router_register_destinations(register):
+    register(CustomerIO)

@@ -1,0 +1,10 @@
+"""The ``meta_capi`` destination: conversions to Meta's Conversions API (Facebook Pixel)."""
+
+from router import hookimpl
+
+from .destination import MetaConversions
+
+
+@hookimpl
+def router_register_destinations(register):
+    register(MetaConversions)

@@ -1,0 +1,300 @@
+"""How a Segment-spec event becomes one Meta Conversions API server event.
+
+Meta refuses a whole request when one of its events is invalid ("If any event_time in data is
+greater than 7 days in the past, we return an error for the entire request and process no
+events", Server Event Parameters), so each rule is checked here, per event, and breaking one
+raises ``EventRejected`` instead of sinking the batch it would have travelled in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from router import Event, EventRejected
+from router import semantics as spec
+
+MAX_EVENT_AGE = timedelta(days=7)  # Server Event Parameters, event_time
+CUSTOM_EVENT_NAME_MAX = 50  # Meta Pixel reference: custom event names up to 50 characters
+
+# destinations.md §2.2 (RT facebook_conversions/config.js). Names are case-sensitive.
+STANDARD_EVENTS: dict[str, str] = {
+    spec.PRODUCT_LIST_VIEWED: "ViewContent",
+    spec.PRODUCT_VIEWED: "ViewContent",
+    spec.PRODUCT_ADDED: "AddToCart",
+    spec.CHECKOUT_STARTED: "InitiateCheckout",
+    spec.PAYMENT_INFO_ENTERED: "AddPaymentInfo",
+    spec.PRODUCT_ADDED_TO_WISHLIST: "AddToWishlist",
+    spec.PRODUCTS_SEARCHED: "Search",
+    spec.ORDER_COMPLETED: "Purchase",
+}
+
+# Trait names (Segment spec, both spellings) that feed user_data. Never passed on as
+# custom_data: Meta's terms forbid unhashed contact information outside user_data.
+EMAIL_KEYS = ("email",)
+PHONE_KEYS = ("phone",)
+FIRST_NAME_KEYS = ("firstName", "first_name")
+LAST_NAME_KEYS = ("lastName", "last_name")
+ADDRESS_KEYS = {"ct": ("city",), "st": ("state",), "zp": ("postalCode", "postal_code", "zip"),
+                "country": ("country",)}
+PII_KEYS = frozenset({*EMAIL_KEYS, *PHONE_KEYS, *FIRST_NAME_KEYS, *LAST_NAME_KEYS, "name",
+                      "address", *(key for keys in ADDRESS_KEYS.values() for key in keys),
+                      "fbc", "fbp"})
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
+_US_ZIP = re.compile(r"(\d{5})-?\d{4}\Z")
+
+
+# --- event name and time -------------------------------------------------------------------
+
+def event_name(event: Event) -> str:
+    """The standard event a spec event maps to; page and screen are PageView; any other track
+    keeps its own name as a custom event."""
+    if event.type in ("page", "screen"):
+        return "PageView"
+    name = event.event or ""
+    standard = STANDARD_EVENTS.get(name)
+    if standard:
+        return standard
+    if len(name) > CUSTOM_EVENT_NAME_MAX:
+        raise EventRejected(f"Meta custom event names take at most {CUSTOM_EVENT_NAME_MAX} "
+                            f"characters; {name[:20]!r}... has {len(name)}")
+    return name
+
+
+def event_time(event: Event, *, margin: timedelta) -> int:
+    """Unix seconds, after checking Meta's window: not in the future, at most 7 days old.
+
+    Both are measured from ``receivedAt`` (translate must be deterministic); ``margin`` is
+    kept free for retries, since one stale event fails its whole request.
+    """
+    if event.timestamp > event.receivedAt:
+        raise EventRejected("the event's timestamp is after the router received it; Meta "
+                            "refuses event_time in the future")
+    age = event.receivedAt - event.timestamp
+    if age > MAX_EVENT_AGE - margin:
+        raise EventRejected(f"the event happened {age / timedelta(days=1):.1f} days before it "
+                            f"was received; Meta refuses event_time over 7 days old, and "
+                            f"this leaves {margin / timedelta(hours=1):.0f} h for retries")
+    return int(event.timestamp.timestamp())
+
+
+# --- required fields and options ----------------------------------------------------------
+
+def source_url(event: Event) -> str | None:
+    """The page the event happened on: a page call's own url, else ``context.page.url``."""
+    if event.type == "page" and isinstance(event.properties.get("url"), str):
+        return event.properties["url"]
+    page = event.context.get("page")
+    url = page.get("url") if isinstance(page, Mapping) else None
+    return url if isinstance(url, str) and url else None
+
+
+def check_required(server_event: Mapping[str, Any]) -> None:
+    """Meta's required parameters per action source (Server Event Parameters)."""
+    source = server_event["action_source"]
+    if source == "website":
+        if "event_source_url" not in server_event:
+            raise EventRejected("Meta website events need event_source_url: the event has no "
+                                "context.page.url (set action_source for server-side events)")
+        if "client_user_agent" not in server_event["user_data"]:
+            raise EventRejected("Meta website events need client_user_agent: the event has no "
+                                "context.userAgent (set action_source for server-side events)")
+    if source == "app" and "app_data" not in server_event:
+        raise EventRejected("Meta app events need app_data: give it in the integrations "
+                            "options")
+
+
+def processing_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Limited Data Use (CCPA): ``data_processing_options: ["LDU"]``, with country 1 (US) and
+    state 1000 (California), or 0 to let Meta geolocate (Data Processing Options docs)."""
+    if "data_processing_options" not in options:
+        return {}
+    flags = options["data_processing_options"]
+    if not isinstance(flags, list) or any(flag != "LDU" for flag in flags):
+        raise EventRejected('data_processing_options must be [] or ["LDU"]')
+    result: dict[str, Any] = {"data_processing_options": flags}
+    for key in ("data_processing_options_country", "data_processing_options_state"):
+        value = options.get(key)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise EventRejected(f"{key} must be an integer (0 lets Meta geolocate)")
+            result[key] = value
+    if flags and "data_processing_options_country" not in result:
+        result["data_processing_options_country"] = 0
+        result["data_processing_options_state"] = result.get(
+            "data_processing_options_state", 0)
+    return result
+
+
+# --- user_data -----------------------------------------------------------------------------
+
+def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Customer information: contact fields normalized and SHA-256 hashed, the ids hashed,
+    IP, user agent, fbc and fbp as they are (Customer Information Parameters)."""
+    traits = _traits(event)
+    address = traits.get("address") if isinstance(traits.get("address"), Mapping) else {}
+    data: dict[str, Any] = {}
+    _put_hashed(data, "em", _first(traits, EMAIL_KEYS), normalize_email)
+    _put_hashed(data, "ph", _first(traits, PHONE_KEYS), normalize_phone)
+    _put_hashed(data, "fn", _first(traits, FIRST_NAME_KEYS), normalize_name)
+    _put_hashed(data, "ln", _first(traits, LAST_NAME_KEYS), normalize_name)
+    country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
+    normalizers = {"ct": normalize_name, "st": normalize_name,
+                   "zp": lambda zip_code: normalize_zip(zip_code, country),
+                   "country": normalize_country}
+    for key, names in ADDRESS_KEYS.items():
+        _put_hashed(data, key, _first(address, names) or _first(traits, names), normalizers[key])
+    ids = [sha256(str(value)) for value in (event.userId, event.anonymousId) if value]
+    if ids:
+        data["external_id"] = ids
+    if isinstance(event.context.get("ip"), str):
+        data["client_ip_address"] = event.context["ip"]
+    if isinstance(event.context.get("userAgent"), str):
+        data["client_user_agent"] = event.context["userAgent"]
+    for key in ("fbc", "fbp"):  # click id and browser id cookies, sent unhashed
+        value = options.get(key) or event.context.get(key) or traits.get(key)
+        if isinstance(value, str) and value:
+            data[key] = value
+    return data
+
+
+def normalize_email(value: str) -> str:
+    return value.strip().lower()
+
+
+def normalize_phone(value: str) -> str:
+    """Digits only, without leading zeros; the country code must already be in it."""
+    return re.sub(r"\D", "", value).lstrip("0")
+
+
+def normalize_name(value: str) -> str:
+    """Lower case without spaces or punctuation (fn, ln, ct, st); UTF-8 letters are kept."""
+    return "".join(char for char in value.lower() if char.isalnum())
+
+
+def normalize_zip(value: str, country: Any) -> str:
+    """Lower case without spaces or dashes; only the first 5 digits of a US ZIP+4."""
+    compact = value.strip().lower().replace(" ", "")
+    us = _US_ZIP.match(compact)
+    if us and (not isinstance(country, str) or country.strip().lower() in ("us", "usa")):
+        return us.group(1)
+    return compact.replace("-", "")
+
+
+def normalize_country(value: str) -> str | None:
+    """ISO 3166-1 alpha-2 in lower case; anything else (a country's name) is left out."""
+    code = value.strip().lower()
+    return code if len(code) == 2 and code.isalpha() else None
+
+
+def sha256(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+def _put_hashed(data: dict[str, Any], key: str, value: Any, normalize) -> None:  # noqa: ANN001
+    """Normalize then hash ``value`` into ``data[key]``; a value that is already a SHA-256
+    hex digest is passed as it is (Meta's SDKs do the same)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        return
+    if _SHA256_HEX.match(value):
+        data[key] = value
+        return
+    normalized = normalize(value)
+    if normalized:
+        data[key] = sha256(normalized)
+
+
+def _traits(event: Event) -> Mapping[str, Any]:
+    """The user's traits as track and page calls carry them (``context.traits``)."""
+    traits = event.context.get("traits")
+    return {**(traits if isinstance(traits, Mapping) else {}), **event.traits}
+
+
+# --- custom_data ---------------------------------------------------------------------------
+
+# Properties used up by the money and product fields below.
+MONEY_KEYS = frozenset({"revenue", "total", "value", "currency"})
+PRODUCT_KEYS = frozenset({"product_id", "sku", "name", "price", "quantity", "category",
+                          "brand", "variant", "position", "url", "image_url"})
+
+
+def custom_data(event: Event, name: str) -> dict[str, Any]:
+    """Money, products, order id and the remaining properties (without contact data).
+
+    value ← revenue ‖ total ‖ value (destinations.md §2.2); a single-product event without
+    any of them is worth price × quantity.
+    """
+    props = event.properties
+    data: dict[str, Any] = {key: value for key, value in props.items()
+                            if key not in MONEY_KEYS and key not in PII_KEYS
+                            and key != "products" and value is not None}
+    value = _first(props, ("revenue", "total", "value"))
+    listed = spec.products(event)
+    single = "products" not in props and bool(listed)
+    if single:
+        for key in PRODUCT_KEYS:
+            data.pop(key, None)
+        if value is None and isinstance(props.get("price"), (int, float)):
+            value = props["price"] * _quantity(props)
+    if value is not None:
+        data["value"] = value
+    if props.get("currency") is not None:
+        data["currency"] = props["currency"]
+    if listed:
+        data.update(_contents(listed))
+    if single:
+        for meta_key, segment_key in (("content_name", "name"), ("content_category", "category")):
+            if props.get(segment_key) is not None:
+                data[meta_key] = props[segment_key]
+    if event.type == "page":
+        data.pop("url", None)  # it is the event's event_source_url
+    if name == "Search" and props.get("query") is not None:
+        data["search_string"] = data.pop("query")
+    if name == "Purchase":
+        _check_purchase(data)
+    return data
+
+
+def _contents(listed: list[dict]) -> dict[str, Any]:
+    contents = []
+    for position, product in enumerate(listed):
+        product_id = _first(product, ("product_id", "sku"))
+        if product_id is None:
+            raise EventRejected(f"product {position} has no product_id or sku; Meta needs an "
+                                f"id in contents and content_ids")
+        content: dict[str, Any] = {"id": str(product_id), "quantity": _quantity(product)}
+        if isinstance(product.get("price"), (int, float)):
+            content["item_price"] = product["price"]
+        contents.append(content)
+    return {"content_ids": [content["id"] for content in contents], "contents": contents,
+            "num_items": sum(content["quantity"] for content in contents),
+            "content_type": "product"}
+
+
+def _check_purchase(data: Mapping[str, Any]) -> None:
+    """Meta answers a Purchase without value or currency with error 100, subcode 2804010.
+    Normalization adds USD whenever revenue is set, so only total/value alone can get here."""
+    if data.get("value") is None:
+        raise EventRejected("Meta needs a value on Purchase: set revenue, total or value")
+    if data.get("currency") is None:
+        raise EventRejected("Meta needs a currency on Purchase: set properties.currency")
+
+
+def _quantity(product: Mapping[str, Any]) -> int:
+    quantity = product.get("quantity")
+    if isinstance(quantity, (int, float)) and not isinstance(quantity, bool) and quantity > 0:
+        return int(quantity)
+    return 1
+
+
+def _first(data: Mapping[str, Any], keys) -> Any:  # noqa: ANN001
+    for key in keys:
+        if data.get(key) is not None:
+            return data[key]
+    return None

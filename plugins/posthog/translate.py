@@ -1,0 +1,219 @@
+"""Segment-spec events as PostHog capture events.
+
+Pure functions of the event, its per-event options and a few settings. Bodies carry no
+credentials: the project ``api_key`` is added by ``build_request``. Event shapes follow
+PostHog's capture API reference ("POST-only endpoints") and its SDKs; the context mapping
+follows RudderStack's PostHog destination (RT posthog/data/PHPropertiesConfig.json).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from router import Event, EventRejected
+from router.events import format_time
+
+PersonProfiles = Literal["always", "identified_only"]
+
+# Fixed, so the uuid of a message is the same in every process and release.
+UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "event-router:posthog:uuid")
+
+MAX_EVENT_BYTES = 900 * 1024
+"""PostHog drops events over 1 MB (its Kafka message limit); posthog-python and RudderStack
+stop at 900 KiB to leave room for what ingestion adds, and so does the router."""
+MAX_DISTINCT_ID = 200
+"""Capture cuts distinct ids to 200 characters; a longer one would be stored as another."""
+MAX_FUTURE = timedelta(hours=23)
+"""Events more than 23 h in the future get an ingestion warning and are hidden."""
+
+# Ids PostHog refuses to merge on, since they stem from a bug (PostHog ingestion's
+# isDistinctIdIllegal: case-insensitive, then exact, each also in quotes).
+_ILLEGAL_ANY_CASE = frozenset({"anonymous", "guest", "distinctid", "distinct_id", "id",
+                               "not_authenticated", "email", "undefined", "true", "false"})
+_ILLEGAL_EXACT = frozenset({"[object Object]", "NaN", "None", "none", "null", "0",
+                            "undefined"})
+
+_PAGE_FIELDS = {"url": "$current_url", "path": "$pathname", "referrer": "$referrer"}
+_CAMPAIGN = {"source": "utm_source", "medium": "utm_medium", "name": "utm_campaign",
+             "term": "utm_term", "content": "utm_content"}
+_CONTEXT = (("os", "name", "$os"), ("os", "version", "$os_version"),
+            ("device", "id", "$device_id"), ("device", "manufacturer", "$device_manufacturer"),
+            ("device", "model", "$device_model"), ("device", "name", "$device_name"),
+            ("app", "name", "$app_name"), ("app", "version", "$app_version"),
+            ("app", "build", "$app_build"), ("app", "namespace", "$app_namespace"),
+            ("screen", "width", "$screen_width"), ("screen", "height", "$screen_height"),
+            ("screen", "density", "$screen_density"),
+            ("network", "carrier", "$network_carrier"),
+            ("library", "name", "$lib"), ("library", "version", "$lib_version"))
+
+
+@dataclass(frozen=True)
+class EventOptions:
+    """Per-event options from the integrations map (``integrations: {"PostHog": {...}}``).
+    Unknown keys are ignored."""
+
+    groups: dict[str, str] = field(default_factory=dict)
+    group_type: str | None = None
+
+
+def event_options(options: Mapping[str, Any]) -> EventOptions:
+    """Validated per-event options, or ``EventRejected`` naming the bad one."""
+    groups = options.get("groups") or {}
+    if not isinstance(groups, Mapping) or not all(
+            isinstance(key, str) and isinstance(value, str) and value
+            for key, value in groups.items()):
+        raise EventRejected("integrations option groups: expected an object of group type → "
+                            "group key (strings)")
+    group_type = options.get("group_type")
+    if group_type is not None and not (isinstance(group_type, str) and group_type):
+        raise EventRejected("integrations option group_type: expected a non-empty string")
+    return EventOptions(dict(groups), group_type)
+
+
+def event_uuid(message_id: str) -> str:
+    """PostHog's ``uuid``, which must be a valid UUID or the event is dropped: a UUIDv5 of
+    the messageId, so every retry and replay of a message carries the same one."""
+    return str(uuid.uuid5(UUID_NAMESPACE, message_id))
+
+
+def is_illegal_id(value: str) -> bool:
+    """Whether PostHog refuses to merge persons on this id."""
+    bare = value.strip()
+    unquoted = bare[1:-1] if len(bare) >= 2 and bare[0] == bare[-1] and bare[0] in "'\"" \
+        else bare
+    return not unquoted or unquoted.lower() in _ILLEGAL_ANY_CASE or unquoted in _ILLEGAL_EXACT
+
+
+def distinct_id(event: Event) -> str:
+    """The person the event is about: userId, else anonymousId."""
+    who = event.userId or event.anonymousId or ""
+    if len(who) > MAX_DISTINCT_ID:
+        raise EventRejected(f"the distinct id is {len(who)} characters; PostHog keeps only "
+                            f"{MAX_DISTINCT_ID}, so it would be stored as another person")
+    return who
+
+
+def context_properties(event: Event) -> dict[str, Any]:
+    """PostHog's default properties from the Segment context."""
+    context = event.context
+    found: dict[str, Any] = {}
+    for section, key, name in _CONTEXT:
+        part = context.get(section)
+        if isinstance(part, Mapping) and part.get(key) is not None:
+            found[name] = part[key]
+    for key, name in (("ip", "$ip"), ("locale", "$locale"), ("timezone", "$timezone"),
+                      ("userAgent", "$useragent")):
+        if context.get(key) is not None:
+            found[name] = context[key]
+    page = context.get("page")
+    if isinstance(page, Mapping):
+        for key, name in _PAGE_FIELDS.items():
+            if page.get(key):
+                found[name] = page[key]
+    campaign = context.get("campaign")
+    if isinstance(campaign, Mapping):
+        for key, name in _CAMPAIGN.items():
+            if campaign.get(key) is not None:
+                found[name] = campaign[key]
+    return found
+
+
+@dataclass(frozen=True)
+class Builder:
+    """Builds the capture event of one Segment event: identity, time, uuid and the context's
+    properties are shared by every kind."""
+
+    event: Event
+    options: EventOptions
+    person_profiles: PersonProfiles
+
+    def capture(self, name: str, properties: Mapping[str, Any]) -> dict[str, Any]:
+        """One capture event. The event's properties win over the context's; PostHog's own
+        keys (``$groups``, ``$process_person_profile``) win over both."""
+        event = self.event
+        if event.timestamp - event.receivedAt > MAX_FUTURE:
+            raise EventRejected("timestamp is more than 23 hours after the router received "
+                                "the event; PostHog hides such events")
+        merged = {**context_properties(event), **properties}
+        traits = event.context.get("traits")
+        if event.type != "identify" and isinstance(traits, Mapping) and traits:
+            merged.setdefault("$set", dict(traits))  # context traits update the person
+        if "$ip" not in merged:
+            # Without the user's IP, PostHog would geolocate the router's own address (its
+            # server SDKs send $geoip_disable by default for the same reason).
+            merged["$geoip_disable"] = True
+        if self.options.groups:
+            merged["$groups"] = dict(self.options.groups)
+        if not event.userId and self.person_profiles == "identified_only":
+            merged["$process_person_profile"] = False
+        return {"event": name, "distinct_id": distinct_id(event), "properties": merged,
+                "timestamp": format_time(event.timestamp), "uuid": event_uuid(event.messageId)}
+
+
+def page_event(builder: Builder) -> dict[str, Any]:
+    """``$pageview`` with ``$current_url``, ``$pathname`` and ``$referrer`` from the page's
+    ``url``, ``path`` and ``referrer`` (else from ``context.page``); the page's own properties
+    stay as they are, and its name is ``name``."""
+    event = builder.event
+    properties = dict(event.properties)
+    for key, name in _PAGE_FIELDS.items():
+        if properties.get(key):
+            properties[name] = properties[key]
+    if event.name:
+        properties.setdefault("name", event.name)
+    return builder.capture("$pageview", properties)
+
+
+def screen_event(builder: Builder) -> dict[str, Any]:
+    """``$screen`` with ``$screen_name``, as PostHog's mobile SDKs send it."""
+    event = builder.event
+    properties = dict(event.properties)
+    name = event.name or properties.get("name")
+    if isinstance(name, str) and name:
+        properties["$screen_name"] = name
+    return builder.capture("$screen", properties)
+
+
+def identify_event(builder: Builder) -> dict[str, Any]:
+    """``$identify`` of userId with the traits in ``$set``. With an anonymousId too,
+    ``$anon_distinct_id`` makes PostHog merge the anonymous person into the user, as
+    posthog-js does when a visitor logs in."""
+    event = builder.event
+    properties: dict[str, Any] = {"$set": dict(event.traits)}
+    if event.userId and event.anonymousId and event.anonymousId != event.userId:
+        for name, value in (("userId", event.userId), ("anonymousId", event.anonymousId)):
+            if is_illegal_id(value):
+                raise EventRejected(f"{name} {value!r} is an id PostHog refuses to merge on "
+                                    "(it takes it for a bug)")
+        properties["$anon_distinct_id"] = event.anonymousId
+    return builder.capture("$identify", properties)
+
+
+def alias_event(builder: Builder) -> dict[str, Any]:
+    """``$create_alias``: ``alias`` (previousId) becomes another id of ``distinct_id``
+    (userId), the person that is kept (posthog-python ``alias(previous_id, distinct_id)``)."""
+    event = builder.event
+    assert event.userId is not None and event.previousId is not None  # parse_event checks
+    for name, value in (("userId", event.userId), ("previousId", event.previousId)):
+        if is_illegal_id(value):
+            raise EventRejected(f"{name} {value!r} is an id PostHog refuses to merge on "
+                                "(it takes it for a bug)")
+    return builder.capture("$create_alias", {"distinct_id": event.userId,
+                                             "alias": event.previousId})
+
+
+def group_event(builder: Builder, group_type: str) -> dict[str, Any]:
+    """``$groupidentify``: ``$group_set`` of the traits on (group type, groupId), sent as the
+    user so that the group call also appears in their activity; ``$groups`` ties the event
+    to the group (RT posthog transform)."""
+    event = builder.event
+    properties = {"$group_type": group_type, "$group_key": event.groupId,
+                  "$group_set": dict(event.traits)}
+    body = builder.capture("$groupidentify", properties)
+    body["properties"]["$groups"] = {**body["properties"].get("$groups", {}),
+                                     group_type: event.groupId}
+    return body

@@ -1,0 +1,104 @@
+"""The ``segment`` destination: events forwarded to a Segment-compatible tracking API.
+
+``POST {base_url}/v1/batch`` with the write key as the Basic auth user name: Segment itself
+(``https://api.segment.io``), Customer.io Data Pipelines (``https://cdp.customer.io``), or
+another instance of this router. The normalized event goes on unchanged, ``messageId``
+included so the next hop drops a retried event as a duplicate; semantic events go on too,
+since they mean something to the next hop.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+                    HttpResponse, Outcome, Payload, PermanentError)
+from router.events import MAX_EVENT_BYTES
+
+BATCH_PATH = "/v1/batch"
+_ENVELOPE_BYTES = len(b'{"batch":[]}')
+# The first hop's client clock: the next hop would apply the skew correction again (or, with
+# sentAt gone, take originalTimestamp as the time), so only the corrected timestamp goes on.
+_CLIENT_CLOCK_FIELDS = ("sentAt", "originalTimestamp")
+
+
+class SegmentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    write_key: SecretStr = Field(description="Write key of the receiving source (for "
+                                             "Customer.io Data Pipelines, its API key); the "
+                                             "Basic auth user name, with an empty password.")
+    base_url: str = Field("https://api.segment.io",
+                          description="Tracking API to forward to: `https://api.segment.io`, "
+                                      "`https://events.eu1.segmentapis.com`, "
+                                      "`https://cdp.customer.io`, `https://cdp-eu.customer.io`, "
+                                      "or another router. `/v1/batch` is appended.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host, such as "
+                             "https://api.segment.io")
+        return url.rstrip("/")
+
+
+class Segment(Destination[SegmentSettings]):
+    plugin_name = "segment"
+    Settings = SegmentSettings
+    delivery = DeliveryDefaults(
+        # /v1/batch takes at most 500 KB a request and 32 KB an event, else 400 (Segment
+        # "HTTP Tracking API": max request size); Customer.io Data Pipelines the same. The
+        # envelope counts, so it is taken off the budget.
+        batch_size=100,
+        batch_bytes=500_000 - _ENVELOPE_BYTES,
+        # Segment sets no hard rate limit but asks senders to stay under 50 requests a
+        # second (quoted by its client libraries); 100 events a batch keeps that ample.
+        rate_limit=50,
+    )
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        forwarded = event.to_dict()
+        for field in _CLIENT_CLOCK_FIELDS:
+            forwarded.pop(field, None)
+        size = len(orjson.dumps(forwarded))
+        if size > MAX_EVENT_BYTES:
+            # One event over the limit makes Segment refuse the whole batch with 400.
+            raise EventRejected(f"the forwarded event is {size} bytes; the tracking API takes "
+                                f"at most {MAX_EVENT_BYTES} per event")
+        return [Payload(forwarded)]
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        user = f"{self.settings.write_key.get_secret_value()}:"
+        token = base64.b64encode(user.encode()).decode()
+        return HttpRequest.json("POST", self.settings.base_url + BATCH_PATH,
+                                {"batch": [payload.body for payload in payloads]},
+                                headers={"Authorization": f"Basic {token}"})
+
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        """Segment answers 200 for a whole batch and 400 for one it refuses whole, which the
+        status says. This router, as a next hop, also lists the events it rejected one by one
+        (``{"rejected": [{"index", "reason"}]}``, with 200 when it kept others and 400 when
+        none): those fail alone, the others were accepted."""
+        body = response.json()
+        rejected = body.get("rejected") if isinstance(body, dict) else None
+        if not isinstance(rejected, list) or not rejected:
+            return None
+        reasons = {item["index"]: str(item.get("reason") or "no reason given")
+                   for item in rejected
+                   if isinstance(item, dict) and isinstance(item.get("index"), int)}
+        if not 200 <= response.status < 300 and len(reasons) < len(payloads):
+            return None
+        return [PermanentError(f"the next hop rejected the event: {reasons[index]}")
+                if index in reasons else None for index in range(len(payloads))]
+
+    def endpoints(self) -> Sequence[str]:
+        return (self.settings.base_url + BATCH_PATH,)

@@ -1,0 +1,200 @@
+"""Segment forwarder: the event that goes in, the ``/v1/batch`` request that comes out."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from router import EventRejected, HttpResponse, Payload, PermanentError, parse_event
+from router.registry import create_registry
+from router_plugins.segment.destination import Segment, SegmentSettings
+
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
+RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+WRITE_KEY = "wk_SECRET_5d1e77"
+
+
+def segment(**settings: Any) -> Segment:
+    return Segment(SegmentSettings.model_validate({"write_key": WRITE_KEY, **settings}))
+
+
+def event(raw: dict[str, Any], **kwargs: Any):
+    return parse_event(raw, received_at=RECEIVED, **kwargs)
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def forwarded(raw: dict[str, Any], options: dict[str, Any] | None = None) -> dict[str, Any]:
+    (payload,) = segment().translate(event(raw), options or {})
+    return payload.body
+
+
+def test_discovered_through_its_entry_point():
+    assert create_registry().get("segment").cls is Segment
+
+
+def test_events_go_to_the_batch_endpoint_with_the_write_key_as_user_name():
+    adapter = segment()
+    payloads = [*adapter.translate(event(fixture("identify_merge.json")), {}),
+                *adapter.translate(event(fixture("delete_person.json")), {})]
+    request = adapter.build_request(payloads)
+
+    assert (request.method, request.url) == ("POST", "https://api.segment.io/v1/batch")
+    assert request.headers == {
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
+    assert orjson.loads(request.body or b"") == {"batch": [
+        {"type": "identify", "messageId": "msg-identify-1",
+         "timestamp": "2024-03-01T12:00:00.000Z", "receivedAt": "2024-03-01T12:00:00.000Z",
+         "userId": "user-1042", "anonymousId": "anon-7f1c2e",
+         "properties": {}, "traits": {"email": "ada@example.com", "name": "Ada Lovelace",
+                                      "plan": "pro"}, "context": {}},
+        # A semantic event goes on unchanged: the next hop runs its delete.
+        {"type": "track", "messageId": "msg-delete-1", "event": "Delete Person",
+         "timestamp": "2024-03-01T12:00:00.000Z", "receivedAt": "2024-03-01T12:00:00.000Z",
+         "userId": "user-1042", "properties": {}, "traits": {}, "context": {}},
+    ]}
+
+
+def test_base_url_points_it_at_customerio_data_pipelines_or_another_router():
+    assert segment(base_url="https://cdp.customer.io").build_request(
+        [Payload({"type": "track"})]).url == "https://cdp.customer.io/v1/batch"
+    other = segment(base_url="http://127.0.0.1:8088/")
+    assert other.endpoints() == ("http://127.0.0.1:8088/v1/batch",)
+
+
+@pytest.mark.parametrize("raw", [
+    {"type": "track", "event": "Signed Up", "userId": "u1", "properties": {"plan": "pro"}},
+    {"type": "identify", "userId": "u1", "traits": {"email": "a@example.com"}},
+    {"type": "page", "anonymousId": "a1", "name": "Pricing", "properties": {"url": "https://x"}},
+    {"type": "screen", "userId": "u1", "name": "Home"},
+    {"type": "group", "userId": "u1", "groupId": "acme", "traits": {"seats": 5}},
+    {"type": "alias", "userId": "u1", "previousId": "a1"},
+])
+def test_all_six_call_types_go_on_as_the_normalized_event(raw):
+    parsed = event({**raw, "messageId": "m-1"})
+    assert forwarded({**raw, "messageId": "m-1"}) == parsed.to_dict()
+
+
+def test_reserved_properties_go_on_normalized_and_products_untouched():
+    body = forwarded(fixture("order_completed.json"))
+    assert body["properties"]["revenue"] == 25.0  # "25.00" became a number
+    assert body["properties"]["currency"] == "EUR"  # "eur" became upper case
+    given = fixture("order_completed.json")["properties"]["products"]
+    assert body["properties"]["products"] == given
+    assert body["integrations"] == {"All": True, "Slack": False,
+                                    "Mixpanel": {"project_token_override": "abc"}}
+
+
+def test_value_and_the_anonymous_id_go_on_for_anonymous_events():
+    body = forwarded(fixture("newsletter_signup.json"))
+    assert body["anonymousId"] == "anon-7f1c2e" and "userId" not in body
+    assert body["properties"] == {"value": 4.5, "list": "weekly"}
+
+
+def test_the_message_id_goes_on_so_the_next_hop_drops_retries():
+    adapter = segment()
+    parsed = event(fixture("order_completed.json"))
+    first, again = (adapter.translate(parsed, {})[0].body for _ in range(2))
+    assert first == again
+    assert first["messageId"] == "msg-order-50314b8e9bcf"
+
+
+def test_the_next_hop_sees_the_corrected_time_not_the_first_clients_clock():
+    # The client's clock ran 10 minutes fast; this hop corrected it from sentAt.
+    raw = {"type": "track", "event": "E", "userId": "u1",
+           "originalTimestamp": "2024-03-01T12:10:00.000Z", "sentAt": "2024-03-01T12:10:01.000Z"}
+    body = forwarded(raw)
+    assert body["timestamp"] == "2024-03-01T11:59:59.000Z"
+    assert "sentAt" not in body and "originalTimestamp" not in body
+
+    # An hour later (a retry), the next router takes the timestamp as it is.
+    next_hop = parse_event(body, received_at=RECEIVED + timedelta(hours=1))
+    assert next_hop.timestamp == datetime(2024, 3, 1, 11, 59, 59, tzinfo=timezone.utc)
+    assert next_hop.messageId == body["messageId"]
+
+
+def test_an_event_over_32_kb_once_normalized_is_rejected_before_it_sinks_a_batch():
+    big = {"type": "track", "event": "E", "userId": "u1", "properties": {"blob": "x" * 33_000}}
+    with pytest.raises(EventRejected, match="at most 32768 per event"):
+        segment().translate(event(big, max_bytes=64 * 1024), {})
+
+
+def test_options_change_nothing_the_integrations_map_goes_on_as_is():
+    raw = {"type": "track", "event": "E", "userId": "u1",
+           "integrations": {"All": False, "segment": {"note": "x"}}}
+    assert forwarded(raw, {"note": "x"})["integrations"] == {"All": False,
+                                                             "segment": {"note": "x"}}
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("settings", "field", "message"), [
+    ({"base_url": "api.segment.io"}, ("base_url",), "http:// or https://"),
+    ({"writeKey": "x"}, ("writeKey",), "Extra inputs are not permitted"),
+])
+def test_settings_errors_name_the_field(settings, field, message):
+    with pytest.raises(ValidationError) as caught:
+        SegmentSettings.model_validate({"write_key": WRITE_KEY, **settings})
+    (error,) = caught.value.errors()
+    assert error["loc"] == field and message in error["msg"]
+
+
+def test_the_write_key_is_secret_and_never_in_a_body():
+    assert all(field.description for field in SegmentSettings.model_fields.values())
+    with pytest.raises(ValidationError):
+        SegmentSettings.model_validate({})
+    assert WRITE_KEY not in repr(segment().settings)
+    for name in ("course_started.json", "order_completed.json", "identify_merge.json",
+                 "delete_person.json", "newsletter_signup.json"):
+        assert WRITE_KEY not in orjson.dumps(forwarded(fixture(name))).decode()
+
+
+# --- responses --------------------------------------------------------------------------------
+
+PAYLOADS = [Payload({"n": n}) for n in range(3)]
+
+
+@pytest.mark.parametrize("response", [
+    HttpResponse(200, {}, b"{}"),
+    HttpResponse(200, {}, b'{"success": true}'),
+    HttpResponse(400, {}, b'{"success": false, "code": "invalid_json"}'),
+    HttpResponse(429, {"Retry-After": "5"}, b""),
+    HttpResponse(502, {}, b"<html>bad gateway</html>"),
+])
+def test_whole_batch_answers_are_judged_by_status(response):
+    assert segment().read_response(PAYLOADS, response) is None
+
+
+def test_a_router_next_hop_rejecting_some_events_fails_only_those():
+    response = HttpResponse(200, {}, orjson.dumps({"success": True, "rejected": [
+        {"index": 1, "reason": "event: required for a track call"}]}))
+    outcomes = segment().read_response(PAYLOADS, response)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], PermanentError)
+    assert outcomes[1].reason == ("the next hop rejected the event: "
+                                  "event: required for a track call")
+
+
+def test_a_router_next_hop_rejecting_all_events_fails_each_with_its_reason():
+    response = HttpResponse(400, {}, orjson.dumps({"success": False, "code": "no_valid_event",
+                                                   "rejected": [{"index": i, "reason": f"r{i}"}
+                                                                for i in range(3)]}))
+    outcomes = segment().read_response(PAYLOADS, response)
+    assert [outcome.reason for outcome in outcomes] == [
+        f"the next hop rejected the event: r{i}" for i in range(3)]
+
+
+def test_delivery_limits_follow_the_tracking_api():
+    assert Segment.delivery.batch_size == 100
+    assert Segment.delivery.batch_bytes + len(b'{"batch":[]}') == 500_000
+    assert {429, 500, 503} <= Segment.delivery.retry_on

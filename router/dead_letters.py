@@ -1,0 +1,58 @@
+"""``router dlq list|replay|purge``: dead letters from the command line.
+
+It opens the storage without taking back leases, so it is safe beside a running
+``router serve`` on the same file; a replay queues jobs that the server's workers pick up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import orjson
+
+from router.config import load_config, parse_duration
+from router.storage import open_storage
+from router.storage.base import DeadLetter, DeadLetterFilter
+
+
+async def run_dlq_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config).config
+    storage = open_storage(config.storage, base_dir=Path.cwd())
+    since = time.time() - parse_duration(args.since) if args.since else None
+    where = DeadLetterFilter(destination=args.destination, reason=args.reason, since=since)
+    await storage.open(recover=False)
+    try:
+        if args.action == "list":
+            letters = await storage.dead_letters(where, limit=args.limit)
+            for letter in letters:
+                print(orjson.dumps(_as_json(letter)).decode() if args.json else _as_line(letter))
+            if not args.json:
+                print(f"{len(letters)} dead letter(s)")
+        elif args.action == "replay":
+            print(f"replayed {await storage.replay(where, now=time.time())} dead letter(s)")
+        else:
+            print(f"purged {await storage.purge(where)} dead letter(s)")
+    finally:
+        await storage.close()
+    return 0
+
+
+def _as_json(letter: DeadLetter) -> dict[str, object]:
+    return {"id": letter.id, "destination": letter.destination, "message_id": letter.message_id,
+            "attempts": letter.attempts, "failed_at": _time(letter.failed_at),
+            "accepted_at": _time(letter.created_at), "reason": letter.reason,
+            "status": letter.status, "request": letter.request, "response": letter.response,
+            "payload": orjson.loads(letter.body)}
+
+
+def _as_line(letter: DeadLetter) -> str:
+    return (f"#{letter.id} {_time(letter.failed_at)} {letter.destination} "
+            f"{letter.message_id} attempts={letter.attempts} status={letter.status or '-'} "
+            f"{letter.reason}")
+
+
+def _time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

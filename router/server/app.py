@@ -1,0 +1,336 @@
+"""The Segment-compatible HTTP ingest API: routes and handlers.
+
+``POST /v1/track|identify|page|screen|group|alias`` take one event, ``POST /v1/batch`` many;
+the one-letter paths (``/v1/t``, ``/v1/i``, ``/v1/p``, ``/v1/s``, ``/v1/g``, ``/v1/a``,
+``/v1/b``) are the ones analytics.js (analytics-next) posts to. A request goes through, in
+this order, each step refusing with a precise answer:
+
+1. the write key in the ``Authorization`` header, if there is one (``auth.py``);
+2. the body: encoding, size, decompression (``body.py``), then strict JSON (``parsing.py``);
+3. the write key in the body, if there was no header;
+4. each event's own checks (depth, NUL, encodability, 32 KB), then ``Router.route_many``,
+   which judges the event against the spec and returns once the accepted ones are durable.
+
+Only then is the answer 200. In a batch each event is judged alone: the invalid ones are
+listed with their index and reason, the others accepted. ``GET /health`` and
+``GET /metrics`` are for operators. Run it with ``create_runner`` (not a bare ``AppRunner``):
+the runner must leave request bodies compressed so that ``body.py`` can count and cap them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
+
+from router.errors import StorageFull
+from router.events import CALL_TYPES
+from router.input import with_batch_defaults
+from router.routing import RouteResult, Router
+from router.server.accesslog import ACCESS_LOGGER, REFUSAL, SOURCE, JsonAccessLogger
+from router.server.auth import WriteKeys, key_from_body, key_from_header
+from router.server.body import check_headers, read_body
+from router.server.parsing import check_event, parse_json
+from router.server.problems import Problem, json_response, unauthorized
+from router.server.telemetry import IngestMetrics
+
+log = logging.getLogger("router.server")
+
+MAX_BATCH_EVENTS = 2500
+"""Segment's and Customer.io's limit on events per batch request."""
+STORAGE_FULL_RETRY_AFTER = 30
+"""Seconds a client is told to wait when the storage has no room (503)."""
+HEALTH_TIMEOUT = 5.0
+LINGERING_TIME = 2.0
+
+SHORT_PATHS = {"track": "/v1/t", "identify": "/v1/i", "page": "/v1/p", "screen": "/v1/s",
+               "group": "/v1/g", "alias": "/v1/a"}
+"""analytics-next posts each call to ``{apiHost}/{first letter of the type}``."""
+BATCH_PATHS = ("/v1/batch", "/v1/b")
+ENDPOINTS: dict[str, str] = {
+    **{f"/v1/{call}": call for call in CALL_TYPES},
+    **{path: call for call, path in SHORT_PATHS.items()},
+    **{path: "batch" for path in BATCH_PATHS},
+    "/health": "health", "/metrics": "metrics",
+}
+"""Path -> the endpoint label of the request metrics (anything else counts as ``other``)."""
+
+CORS_PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_bytes: int
+
+
+ROUTER = web.AppKey("router", Router)
+WRITE_KEYS = web.AppKey("write_keys", WriteKeys)
+METRICS = web.AppKey("ingest_metrics", IngestMetrics)
+LIMITS = web.AppKey("limits", Limits)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(router: Router) -> web.Application:
+    """The ingest API in front of ``router`` (started and closed by the caller)."""
+    config = router.config
+    limits = Limits(max_request_bytes=config.server.max_request_bytes)
+    app = web.Application(client_max_size=limits.max_request_bytes,
+                          middlewares=[_answer_problems])
+    app[ROUTER] = router
+    app[WRITE_KEYS] = WriteKeys(config.sources)
+    app[METRICS] = IngestMetrics(destinations=[d.name for d in router.destinations])
+    app[LIMITS] = limits
+    if app[WRITE_KEYS].empty:
+        log.warning("no sources are configured: the HTTP API refuses every request with 401 "
+                    "(add sources with write_keys to the config)")
+
+    for call_type in CALL_TYPES:
+        _add_ingest(app, (f"/v1/{call_type}", SHORT_PATHS[call_type]), _call_handler(call_type))
+    _add_ingest(app, BATCH_PATHS, handle_batch)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
+    app.on_response_prepare.append(_finish_response)
+    return app
+
+
+def create_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> web.AppRunner:
+    """The runner the app must be served with: bodies left compressed for ``body.py`` to
+    count and cap, and one JSON access-log line per request.
+
+    ``lingering_time``: after refusing a body it has not read (413, 415, 401), aiohttp keeps
+    draining the connection so the client can still read the answer, by default for 10 s,
+    and in this version for the whole time even once the client is done (aio-libs/aiohttp
+    #1800). 2 s is plenty for a client to finish sending, and keeps refused uploads from
+    holding connections, or a graceful shutdown, for long."""
+    return web.AppRunner(app, auto_decompress=False, access_log_class=JsonAccessLogger,
+                         access_log=ACCESS_LOGGER, shutdown_timeout=shutdown_timeout,
+                         lingering_time=LINGERING_TIME)
+
+
+def _add_ingest(app: web.Application, paths: Sequence[str], handler: Handler) -> None:
+    for path in paths:
+        app.router.add_post(path, handler, expect_handler=_expect_continue)
+        app.router.add_route(hdrs.METH_OPTIONS, path, handle_preflight)
+
+
+# -- ingest -----------------------------------------------------------------------------------
+
+def _call_handler(call_type: str) -> Handler:
+    async def handle_call(request: web.Request) -> web.Response:
+        """One event; its ``type`` is the path's, whatever the body says."""
+        source, document = await _authenticated_body(request)
+        event = document
+        event.pop("writeKey", None)
+        event["type"] = call_type
+        metrics = request.app[METRICS]
+        rejection = check_event(event)
+        if rejection is not None:
+            metrics.events.inc(source, call_type, "rejected")
+            if rejection.too_large:
+                raise Problem(413, "event_too_large", rejection.reason)
+            raise Problem(400, "invalid_event", rejection.reason)
+        (result,) = await _route(request, [event], source)
+        _count(metrics, source, event, result)
+        if result.invalid:
+            raise Problem(400, "invalid_event", _invalid_reason(result))
+        return json_response({"success": True})
+
+    handle_call.__name__ = handle_call.__qualname__ = f"handle_{call_type}"
+    return handle_call
+
+
+async def handle_batch(request: web.Request) -> web.Response:
+    """Many events, each judged alone: 200 with the rejected ones listed when at least one
+    was accepted, 400 with the list when none was."""
+    source, document = await _authenticated_body(request)
+    batch = document.get("batch")
+    if not isinstance(batch, list):
+        raise Problem(400, "invalid_batch", 'expected {"batch": [...]}: a list of events')
+    if not batch:
+        raise Problem(400, "empty_batch", "the batch has no events")
+    if len(batch) > MAX_BATCH_EVENTS:
+        raise Problem(400, "batch_too_large", f"the batch has {len(batch)} events; "
+                      f"the limit is {MAX_BATCH_EVENTS}")
+    metrics = request.app[METRICS]
+    rejected: list[dict[str, Any]] = []
+    valid: list[tuple[int, dict[str, Any]]] = []
+    for index, event in enumerate(with_batch_defaults(document)):
+        if isinstance(event, dict):
+            event.pop("writeKey", None)  # analytics.js repeats the key in every event
+        rejection = check_event(event)
+        if rejection is None:
+            valid.append((index, event))
+        else:
+            rejected.append({"index": index, "reason": rejection.reason})
+            metrics.events.inc(source, _type_label(event), "rejected")
+    if valid:
+        results = await _route(request, [event for _, event in valid], source)
+        for (index, event), result in zip(valid, results):
+            _count(metrics, source, event, result)
+            if result.invalid:
+                rejected.append({"index": index, "reason": _invalid_reason(result)})
+    rejected.sort(key=lambda item: item["index"])
+    if len(rejected) == len(batch):
+        raise Problem(400, "no_valid_event", "no event in the batch is valid",
+                      extra={"rejected": rejected})
+    return json_response({"success": True, "rejected": rejected} if rejected
+                         else {"success": True})
+
+
+async def _authenticated_body(request: web.Request) -> tuple[str, dict[str, Any]]:
+    """The source the request speaks for and its JSON object body.
+
+    A key in the header is checked before the body is read, so a wrong key costs nothing;
+    without a header the key can only come from the body, read under the same limits."""
+    keys, limit = request.app[WRITE_KEYS], request.app[LIMITS].max_request_bytes
+    source = _source_from_header(request)
+    if source is not None:
+        request[SOURCE] = source  # the access log names it even if the body is refused
+    document = parse_json(await read_body(request, limit=limit))
+    if not isinstance(document, dict):
+        raise Problem(400, "invalid_body", "the body must be a JSON object")
+    if source is None:
+        source = keys.source_for(key_from_body(document))
+        request[SOURCE] = source
+    return source, document
+
+
+def _source_from_header(request: web.Request) -> str | None:
+    """The source named by the ``Authorization`` header, None without one; 401 when no
+    source is configured at all or the header is wrong."""
+    keys = request.app[WRITE_KEYS]
+    if keys.empty:
+        raise unauthorized()
+    header_key = key_from_header(request.headers.get(hdrs.AUTHORIZATION))
+    return keys.source_for(header_key) if header_key is not None else None
+
+
+async def _route(request: web.Request, events: list[dict[str, Any]], source: str
+                 ) -> list[RouteResult]:
+    """``route_many``: returns once every accepted event is durable in the storage."""
+    started = time.perf_counter()
+    try:
+        results = await request.app[ROUTER].route_many(events, source=source)
+    except StorageFull:
+        raise Problem(503, "storage_full", "the router's storage is full; retry later",
+                      headers={hdrs.RETRY_AFTER: str(STORAGE_FULL_RETRY_AFTER)}) from None
+    request.app[METRICS].commit_seconds.observe(time.perf_counter() - started)
+    return results
+
+
+def _count(metrics: IngestMetrics, source: str, raw: dict[str, Any], result: RouteResult
+           ) -> None:
+    if result.invalid:
+        metrics.events.inc(source, _type_label(raw), "rejected")
+    else:
+        assert result.event is not None
+        outcome = "duplicate" if result.duplicate else "accepted"
+        metrics.events.inc(source, result.event.type, outcome)
+
+
+def _invalid_reason(result: RouteResult) -> str:
+    return next((r.reason for r in result.results if r.reason), "invalid event")
+
+
+def _type_label(event: Any) -> str:
+    """The call type for a metrics label; anything else is ``unknown`` (bounded labels)."""
+    kind = event.get("type") if isinstance(event, dict) else None
+    return kind if isinstance(kind, str) and kind in CALL_TYPES else "unknown"
+
+
+async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` (curl sends it for bodies over 1 MB): refuse what the headers
+    already condemn (size, encoding, write key) before the client sends the body, else
+    invite it."""
+    try:
+        check_headers(request, request.app[LIMITS].max_request_bytes)
+        _source_from_header(request)
+    except Problem as problem:
+        return _refuse(request, problem)
+    return await _default_expect_handler(request)
+
+
+# -- operators --------------------------------------------------------------------------------
+
+async def handle_health(request: web.Request) -> web.Response:
+    """200 when the storage answers (the router can accept work), else 503."""
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT):
+            healthy = await request.app[ROUTER].storage.ping()
+    except Exception:  # noqa: BLE001 - any failure is "not ready", never a 500
+        log.warning("health check: the storage does not answer", exc_info=True)
+        healthy = False
+    if healthy:
+        return json_response({"status": "ok"})
+    return json_response({"status": "unavailable", "reason": "the storage does not answer"},
+                         status=503)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    """Prometheus text: delivery metrics, intake counters, and queue gauges read now."""
+    router, metrics = request.app[ROUTER], request.app[METRICS]
+    try:
+        metrics.use_stats(await router.storage.stats(now=time.time()))
+    except Exception:  # noqa: BLE001 - show the counters even when the storage is down
+        log.warning("metrics: cannot read storage stats", exc_info=True)
+    text = router.delivery_metrics.registry.render() + metrics.registry.render()
+    return web.Response(body=text.encode(),
+                        headers={hdrs.CONTENT_TYPE: "text/plain; version=0.0.4; charset=utf-8"})
+
+
+# -- every response ---------------------------------------------------------------------------
+
+async def handle_preflight(request: web.Request) -> web.Response:
+    """CORS preflight: browsers may POST from any origin with these headers."""
+    return web.Response(status=204, headers=CORS_PREFLIGHT_HEADERS)
+
+
+@web.middleware
+async def _answer_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal becomes a JSON answer; anything unexpected a 500 that says nothing."""
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return _refuse(request, problem)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {hdrs.ALLOW: exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+        return _refuse(request, Problem(exc.status, _slug(exc.reason), exc.reason,
+                                        headers=headers))
+    except Exception:
+        log.exception("unexpected error handling %s %s", request.method, request.path[:200])
+        return _refuse(request, Problem(500, "internal_error", "internal error; see the "
+                                        "router's log"))
+
+
+def _refuse(request: web.Request, problem: Problem) -> web.Response:
+    request[REFUSAL] = problem.code
+    request.app[METRICS].refusals.inc(problem.code)
+    return problem.response()
+
+
+async def _finish_response(request: web.Request, response: web.StreamResponse) -> None:
+    """CORS on every ingest answer (errors included, so a browser can read them), and the
+    request counted by endpoint and status."""
+    endpoint = ENDPOINTS.get(request.path, "other")
+    if request.path.startswith("/v1/"):
+        response.headers.setdefault("Access-Control-Allow-Origin", "*")
+        response.headers.setdefault("Access-Control-Expose-Headers", "Retry-After")
+    request.app[METRICS].requests.inc(endpoint, str(response.status))
+
+
+def _slug(reason: str) -> str:
+    return "_".join(reason.lower().split()) or "error"

@@ -1,0 +1,131 @@
+"""``router serve``: the ingest API and delivery in one process, until SIGINT or SIGTERM.
+
+Shutdown order is what keeps the promise that nothing accepted is lost: first stop accepting
+(close the listening socket, let requests in progress finish — each of them answers 200 only
+once its events are durable), then stop delivery (``Router.close``: requests in flight finish
+within the grace period, the rest go back to the queue untouched), then close the storage.
+A second Ctrl-C during that wait stops at once; the storage still holds every accepted event,
+and the next start takes the unfinished work back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sys
+
+from aiohttp import web
+
+from router.config import LoadedConfig, load_config
+from router.routing import Router
+from router.server.accesslog import ACCESS_LOGGER
+from router.server.app import create_app, create_runner
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def serve(config_path: str | os.PathLike[str], host: str | None = None,
+          port: int | None = None) -> int:
+    """Run until a stop signal; 0 after a clean shutdown, 1 when it cannot listen.
+
+    ``ConfigError`` propagates: the command line prints it (file, line, field)."""
+    loaded = load_config(config_path)
+    _log_access_to_stdout()
+    return asyncio.run(_serve(loaded, host=host, port=port))
+
+
+async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) -> int:
+    config = loaded.config
+    grace = config.server.shutdown_grace
+    router = Router(loaded)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, _on_stop_signal, loop, stop)
+    try:
+        try:
+            await router.start()
+        except Exception as exc:  # noqa: BLE001 - say what failed, without a traceback
+            print(f"error: cannot start the router: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            await router.close()
+            return 1
+        try:
+            status = await _run_api(router, host or config.server.host,
+                                    config.server.port if port is None else port, stop)
+        finally:
+            await router.close(grace=grace)  # finish or persist in-flight deliveries
+    finally:
+        for signum in _STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+    if status == 0:
+        print("router: stopped", flush=True)
+    return status
+
+
+async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event) -> int:
+    """Serve until ``stop`` is set; then stop accepting and let requests in progress
+    finish (each answers only once its events are durable)."""
+    grace = router.config.server.shutdown_grace
+    runner = create_runner(create_app(router), shutdown_timeout=grace)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+        _announce(router, runner)
+        await stop.wait()
+        print(f"router: stopping (in-flight work finishes within {grace:g} s or goes back to "
+              "the queue; Ctrl-C again to stop at once)", flush=True)
+        return 0
+    finally:
+        await runner.cleanup()
+
+
+def _on_stop_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """First signal: drain gracefully. Our handlers are then removed, so a second one has
+    its default effect (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates)."""
+    stop.set()
+    for signum in _STOP_SIGNALS:
+        loop.remove_signal_handler(signum)
+
+
+def _announce(router: Router, runner: web.AppRunner) -> None:
+    config = router.config
+    for address in runner.addresses:
+        host, port = address[0], address[1]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"router: listening on http://{shown}:{port}  (POST /v1/batch, /v1/track, ...; "
+              "GET /health, /metrics)", flush=True)
+    print(f"  storage: {_without_password(config.storage)}")
+    sources = ", ".join(source.name for source in config.sources)
+    print(f"  sources: {sources}" if sources else
+          "  WARNING: no sources are configured: every request is refused with 401 "
+          "(add sources with write_keys)")
+    if router.destinations:
+        print("  destinations: " + ", ".join(
+            f"{destination.name} ({destination.plugin.name})"
+            for destination in router.destinations))
+    else:
+        print("  destinations: none enabled (events are accepted and deduplicated only)")
+    sys.stdout.flush()
+
+
+def _log_access_to_stdout() -> None:
+    """One JSON line per request on stdout, whatever the root logger's level."""
+    if not ACCESS_LOGGER.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ACCESS_LOGGER.addHandler(handler)
+    ACCESS_LOGGER.setLevel(logging.INFO)
+    ACCESS_LOGGER.propagate = False
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1****@", url)

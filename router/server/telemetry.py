@@ -1,0 +1,70 @@
+"""What ``GET /metrics`` shows about intake, beside the router's delivery metrics.
+
+Counters are bumped by the handlers; the queue gauges are read from ``storage.stats`` when
+scraped, so they are exact for whichever process (or several, with Redis) shares the storage,
+and cost nothing between scrapes. Label values are bounded (configured source and destination
+names, the six call types, fixed outcome and reason codes, endpoint names), so a hostile
+client cannot grow the series without limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from router.metrics import Counter, Gauge, Histogram, Registry
+from router.storage.base import QueueStats, StorageStats
+
+OUTCOMES = ("accepted", "rejected", "duplicate")
+
+
+class IngestMetrics:
+    def __init__(self, destinations: Iterable[str] = (), registry: Registry | None = None
+                 ) -> None:
+        self.registry = registry or Registry()
+        self.destinations = tuple(destinations)
+        add = self.registry.add
+        self.events: Counter = add(Counter(  # type: ignore[assignment]
+            "router_ingest_events_total",
+            "Events received over HTTP, by source, call type and outcome "
+            "(accepted, rejected, duplicate).", ["source", "type", "outcome"]))
+        self.requests: Counter = add(Counter(  # type: ignore[assignment]
+            "router_http_requests_total", "HTTP requests answered, by endpoint and status.",
+            ["endpoint", "status"]))
+        self.refusals: Counter = add(Counter(  # type: ignore[assignment]
+            "router_http_refused_total", "Requests refused as a whole, by reason code "
+            "(unauthorized, request_too_large, invalid_json, ...).", ["code"]))
+        self.commit_seconds: Histogram = add(Histogram(  # type: ignore[assignment]
+            "router_ingest_commit_seconds",
+            "Time to make a request's accepted events durable (the wait before 200)."))
+        self._stats = StorageStats()
+        self._stats_at = 0.0
+        add(Gauge("router_queue_depth", "Jobs waiting for delivery, by destination.",
+                  ["destination"], self._depth))
+        add(Gauge("router_queue_oldest_age_seconds",
+                  "Age of the oldest job waiting for delivery, by destination.",
+                  ["destination"], self._oldest_age))
+        add(Gauge("router_dead_letters", "Jobs in the dead-letter store, by destination.",
+                  ["destination"], self._dead_letters))
+
+    def use_stats(self, stats: StorageStats, *, now: float | None = None) -> None:
+        """The storage figures the gauges show until the next scrape."""
+        self._stats, self._stats_at = stats, time.time() if now is None else now
+
+    def _queues(self) -> dict[str, QueueStats]:
+        """Every configured destination (an idle one shows 0, not nothing), plus any other
+        the storage still holds work for (one removed from the config, say)."""
+        queues = {name: QueueStats() for name in self.destinations}
+        queues.update(self._stats.queues)
+        return queues
+
+    def _depth(self) -> dict[tuple[str, ...], float]:
+        return {(name,): queue.pending for name, queue in self._queues().items()}
+
+    def _oldest_age(self) -> dict[tuple[str, ...], float]:
+        return {(name,): max(0.0, self._stats_at - queue.oldest_created_at)
+                if queue.pending and queue.oldest_created_at is not None else 0.0
+                for name, queue in self._queues().items()}
+
+    def _dead_letters(self) -> dict[tuple[str, ...], float]:
+        return {(name,): queue.dead_letters for name, queue in self._queues().items()}

@@ -1,0 +1,26 @@
+"""The test kit for destination-plugin authors (and the core's own tests).
+
+- ``FakeDestinationServer``, ``Answer``: a real HTTP server on 127.0.0.1 that records requests
+  and answers from a script.
+- ``DestinationHarness``: one destination driven by hand; events in, exact requests out,
+  answers judged as the router would.
+- ``check_destination``: the conformance suite every destination must pass.
+- ``make_event``, ``sample_events``: realistic raw events; ``router.testing.strategies``:
+  hypothesis strategies for any valid event.
+- ``conformance_test``: the suite as a pytest test, one line in a test module;
+  ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures.
+
+Needs the test extras (``pip install event-router[test]``): hypothesis, pytest, pytest-asyncio.
+"""
+
+from router.testing.conformance import (ConformanceFailure, ConformanceSuite, check_destination,
+                                        conformance_test)
+from router.testing.events import RECEIVED_AT, describe_event, make_event, sample_events
+from router.testing.fake_server import Answer, FakeDestinationServer, RecordedRequest
+from router.testing.harness import DestinationHarness, batches, classify_status, spooled
+
+__all__ = [
+    "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DestinationHarness",
+    "FakeDestinationServer", "RecordedRequest", "batches", "check_destination",
+    "classify_status", "conformance_test", "describe_event", "make_event", "sample_events", "spooled",
+]

@@ -1,0 +1,480 @@
+"""The conformance suite: what every destination must do, whatever its vendor.
+
+A plugin's own tests show the exact requests its vendor needs; this suite checks the rules
+the core relies on to deliver any destination's events safely, which no single example
+test can cover:
+
+``settings``
+    The plugin declares a ``plugin_name``, a pydantic ``Settings`` model whose fields all have
+    descriptions (they are the settings' documentation, shown by ``router plugins``), and
+    ``delivery`` limits.
+``sample_events``
+    Each of the kit's sample events (every call type, e-commerce, semantic events, anonymous
+    activity, an identify that merges two ids) gives payloads, or ``SkipEvent`` /
+    ``EventRejected`` with a reason, and passes the per-event rules below.
+``any_valid_event``
+    The same, property-based: hundreds of valid events of every call type drawn by
+    hypothesis (``strategies.raw_events()``), with per-event options under the destination's
+    name now and then.
+``batching``
+    A full batch (``delivery.batch_size`` payloads of one group) builds one request whose body
+    stays within ``delivery.batch_bytes``.
+``read_response``
+    Ordinary answers (200, 400, 429, 500, 503, with JSON, empty or HTML bodies) are judged
+    without raising, one outcome per payload.
+
+The per-event rules: only ``SkipEvent`` or ``EventRejected`` escape ``translate`` (anything
+else the router reports as a plugin failure) and only ``DestinationError``s escape
+``build_request``; ``translate`` leaves the event untouched (every destination gets the same
+object); payloads are ``Payload``s whose bodies ``orjson`` can serialize (they go to the
+spool); it is deterministic (the same payloads from a second call, from a new instance, and
+from the event parsed again, so a vendor dedup id built from it is stable across retries,
+replays and restarts; so are the requests); no secret from the settings is in a payload body
+or group (the spool and the dead letters keep them; credentials belong in ``build_request``).
+
+``check_destination`` runs it all and raises ``AssertionError`` naming the rule and the event
+that broke it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import keyword
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings_cls
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from router.destination import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload
+from router.errors import DestinationError, EventRejected, SkipEvent
+from router.events import Event
+from router.testing.events import describe_event, event_json, sample_events
+from router.testing.harness import DestinationHarness, batches, spooled
+from router.testing.strategies import json_values, raw_events, texts
+
+MIN_SECRET_LENGTH = 8
+"""Secrets are searched for as text; a short one ("abc", "true") would match by chance."""
+
+FIXED_MESSAGE_ID = "conformance-message-id-0001"
+
+READ_RESPONSE_ANSWERS: tuple[tuple[int, bytes], ...] = (
+    (200, b"{}"), (200, b""), (202, b'{"status": "ok"}'), (400, b'{"error": "bad request"}'),
+    (401, b""), (413, b"<html><body>Request Entity Too Large</body></html>"),
+    (429, b'{"error": "rate limited"}'), (500, b"<html><body>oops</body></html>"), (503, b""),
+)
+"""Answers any API may give, whatever it documents: the judgement must survive them all."""
+
+DedupId = Callable[[Any], Any]
+"""From one payload body to the vendor's dedup id in it (``lambda body: body["insert_id"]``)."""
+
+
+class ConformanceFailure(AssertionError):
+    """A destination broke a rule of the conformance suite. ``rule`` names it."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"[{rule}] {message}")
+
+
+@dataclass
+class ConformanceSuite:
+    """The suite for one destination class with one set of settings.
+
+    ``settings`` are the destination's settings as in the config; use distinctive secret
+    values (8 characters or more) so that a leak can be found. ``examples`` is how many
+    events hypothesis draws. ``dedup_id``, when given, reads the vendor's dedup id from a
+    payload body: it must be present, stable, and differ between events with different
+    ``messageId``s. ``events`` are raw events tried besides the kit's samples (your vendor's
+    edge cases).
+    """
+
+    destination_cls: type[Destination[Any]]
+    settings: Mapping[str, Any]
+    examples: int = 200
+    dedup_id: DedupId | None = None
+    events: Sequence[Mapping[str, Any]] = ()
+    hypothesis_settings: hypothesis_settings_cls | None = None
+    _harness: DestinationHarness[Any] | None = field(default=None, init=False, repr=False)
+
+    RULES: ClassVar[tuple[str, ...]] = ("settings", "sample_events", "any_valid_event",
+                                        "batching", "read_response")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, rules: Iterable[str] | None = None) -> None:
+        """Check the given rules (all by default), in order; the first broken one raises."""
+        for rule in rules or self.RULES:
+            if rule not in self.RULES:
+                raise ValueError(f"unknown rule {rule!r}; expected one of {self.RULES}")
+            getattr(self, f"check_{rule}")()
+
+    @property
+    def harness(self) -> DestinationHarness[Any]:
+        if self._harness is None:
+            self._harness = DestinationHarness(self.destination_cls, self.settings)
+        return self._harness
+
+    @property
+    def label(self) -> str:
+        plugin = getattr(self.destination_cls, "plugin_name", "?")
+        return f"{self.destination_cls.__name__} (plugin {plugin!r})"
+
+    def fail(self, rule: str, message: str, event: Any = None) -> ConformanceFailure:
+        """The failure to raise: the destination, the rule, the event and what went wrong."""
+        if event is None:
+            return ConformanceFailure(rule, f"{self.label}: {message}")
+        return ConformanceFailure(rule, f"{self.label} on {describe_event(event)}: {message}\n"
+                                        f"  event: {event_json(event)}")
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def check_settings(self) -> None:
+        """The declarations the core and ``router plugins`` read."""
+        cls = self.destination_cls
+        name = getattr(cls, "plugin_name", None)
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise self.fail("settings", f"plugin_name must be an identifier, got {name!r}")
+        settings_model = getattr(cls, "Settings", None)
+        if not (isinstance(settings_model, type) and issubclass(settings_model, BaseModel)):
+            raise self.fail("settings", "Settings must be a pydantic model class")
+        if not isinstance(cls.delivery, DeliveryDefaults):
+            raise self.fail("settings", "delivery must be a DeliveryDefaults")
+        undocumented = _undocumented_fields(settings_model)
+        if undocumented:
+            raise self.fail("settings", "every settings field needs a description (it is the "
+                                        "settings' documentation): missing on "
+                                        + ", ".join(undocumented))
+        for secret in self.harness.secrets():
+            if len(secret) < MIN_SECRET_LENGTH:
+                raise self.fail("settings", f"give the suite distinctive secret values of "
+                                            f"{MIN_SECRET_LENGTH}+ characters (such as "
+                                            f"'acme-key-0001'): a {len(secret)}-character "
+                                            "secret could match ordinary text")
+
+    def check_sample_events(self) -> None:
+        """The kit's sample events and the suite's extra ones, one by one."""
+        fresh = self.harness.fresh()
+        for raw in [*sample_events(), *map(dict, self.events)]:
+            self._check_event("sample_events", raw, fresh)
+        if self.dedup_id is not None:
+            self._check_dedup_ids_differ()
+
+    def check_any_valid_event(self) -> None:
+        """Property-based: any valid event of any call type, drawn by hypothesis."""
+        fresh = self.harness.fresh()
+        name = self.harness.name
+        option_objects = st.dictionaries(texts(max_size=24), json_values(max_leaves=4),
+                                         max_size=3)
+
+        @self._hypothesis_settings()
+        @given(raw=raw_events(), data=st.data())
+        def any_valid_event(raw: dict[str, Any], data: st.DataObject) -> None:
+            if data.draw(st.integers(0, 4), label="name the destination") == 0:
+                options = data.draw(option_objects, label="options")
+                raw = {**raw, "integrations": {**(raw.get("integrations") or {}), name: options}}
+            self._check_event("any_valid_event", raw, fresh)
+
+        any_valid_event()
+
+    def check_batching(self) -> None:
+        """A full batch of each group of the sample payloads fits ``batch_bytes``."""
+        delivery = self.harness.delivery
+        for group, payloads in self._sample_payloads_by_group().items():
+            full = list(itertools.islice(itertools.cycle(payloads), delivery.batch_size))
+            for batch in batches([spooled(payload) for payload in full], delivery):
+                request = self._build("batching", batch, event=None,
+                                      typed_errors_allowed=False)
+                assert request is not None
+                size = len(request.body or b"")
+                if size > delivery.batch_bytes:
+                    raise self.fail("batching", f"a batch of {len(batch)} payloads of group "
+                                                f"{group!r} built a {size}-byte request body, "
+                                                f"over delivery.batch_bytes ({delivery.batch_bytes})"
+                                                "; lower batch_size or batch_bytes, or trim "
+                                                "the payloads")
+
+    def check_read_response(self) -> None:
+        """Ordinary answers are judged without raising, one outcome per payload."""
+        destination = self.harness.destination
+        for group, payloads in self._sample_payloads_by_group().items():
+            batch = batches([spooled(payload) for payload in payloads],
+                            self.harness.delivery)[0]
+            for status, body in READ_RESPONSE_ANSWERS:
+                response = HttpResponse(status, {"Content-Type": "application/json"}, body)
+                where = f"HTTP {status} with body {body[:40]!r} for {len(batch)} payloads of " \
+                        f"group {group!r}"
+                try:
+                    judged = destination.read_response(batch, response)
+                except Exception as exc:
+                    raise self.fail("read_response", f"read_response raised "
+                                                     f"{type(exc).__name__}: {exc} on {where}; "
+                                                     "return outcomes instead") from exc
+                if judged is None:
+                    continue
+                judged = list(judged)
+                if len(judged) != len(batch):
+                    raise self.fail("read_response", f"read_response returned {len(judged)} "
+                                                     f"outcomes on {where}")
+                wrong = [o for o in judged if o is not None and not isinstance(o, DestinationError)]
+                if wrong:
+                    raise self.fail("read_response", f"read_response returned {wrong[0]!r} on "
+                                                     f"{where}; expected None, RetryableError "
+                                                     "or PermanentError")
+
+    # -- per event --------------------------------------------------------------------------
+
+    def _check_event(self, rule: str, raw: dict[str, Any], fresh: DestinationHarness[Any]
+                     ) -> list[Payload]:
+        """Every per-event rule on one raw event; its payloads ([] when skipped)."""
+        if not raw.get("messageId"):
+            raw = {**raw, "messageId": FIXED_MESSAGE_ID}  # parse_event would draw a uuid4
+        harness = self.harness
+        event = harness.event(raw)
+        options = harness.options_for(event)
+        payloads = self._translate(rule, harness, event, options)
+        if payloads is None:
+            return []
+        self._check_payloads(rule, event, payloads)
+
+        for again, how in ((self._translate(rule, harness, event, options), "a second call"),
+                           (self._translate(rule, fresh, event, options), "a new instance"),
+                           (self._translate(rule, harness, harness.event(raw), options),
+                            "the same raw event parsed again")):
+            if again != payloads:
+                raise self.fail(rule, f"translate is not deterministic: {how} gave other "
+                                      f"payloads{_first_difference(payloads, again or [])}; "
+                                      "vendor dedup ids and retries rely on it", event)
+        if self.dedup_id is not None:
+            self._check_dedup_id(rule, event, payloads)
+
+        spool = [spooled(payload) for payload in payloads]
+        for batch in [[payload] for payload in spool] + batches(spool, harness.delivery):
+            request = self._build(rule, batch, event)
+            if self._build(rule, batch, event) != request:
+                raise self.fail(rule, "build_request is not deterministic: two calls on the "
+                                      "same payloads built different requests", event)
+        return payloads
+
+    def _translate(self, rule: str, harness: DestinationHarness[Any], event: Event,
+                   options: Mapping[str, Any]) -> list[Payload] | None:
+        before = copy.deepcopy(event.to_dict())
+        try:
+            payloads = list(harness.destination.translate(event, options))
+        except (SkipEvent, EventRejected) as exc:
+            if not isinstance(exc.reason, str) or not exc.reason.strip():
+                raise self.fail(rule, f"{type(exc).__name__} needs a reason people can read",
+                                event) from exc
+            return None
+        except Exception as exc:
+            raise self.fail(rule, f"translate raised {type(exc).__name__}: {exc}; only "
+                                  "SkipEvent or EventRejected may escape translate (the router "
+                                  "reports anything else as a plugin failure)", event) from exc
+        if event.to_dict() != before:
+            raise self.fail(rule, "translate modified the event; the router hands the same "
+                                  "Event to every destination, so copy before changing it",
+                            event)
+        return payloads
+
+    def _check_payloads(self, rule: str, event: Event, payloads: list[Payload]) -> None:
+        event_text = orjson.dumps(event.to_dict(), default=str).decode()
+        secrets = [s for s in self.harness.secrets() if s not in event_text]
+        for index, payload in enumerate(payloads):
+            if not isinstance(payload, Payload) or not isinstance(payload.group, str):
+                raise self.fail(rule, f"translate must return Payload(body, group: str) items; "
+                                      f"item {index} is {payload!r:.200}", event)
+            try:
+                text = orjson.dumps(payload.body).decode()
+            except TypeError as exc:
+                raise self.fail(rule, f"payload {index} body is not serializable by orjson "
+                                      f"({exc}); bodies go to the spool as JSON", event) from exc
+            for secret in secrets:
+                for place, content in (("body", text), ("group", payload.group)):
+                    if secret in content or _json_escaped(secret) in content:
+                        raise self.fail(rule, f"a secret from the settings is in payload "
+                                              f"{index}'s {place}; payloads are stored in the "
+                                              "spool and dead letters, so credentials belong "
+                                              "in build_request", event)
+
+    def _build(self, rule: str, batch: list[Payload], event: Event | None, *,
+               typed_errors_allowed: bool = True) -> HttpRequest | None:
+        """The request for a batch, checked; None when build_request raised a typed error
+        (the core turns it into a retry or a dead letter), where that is allowed."""
+        try:
+            request = self.harness.destination.build_request(batch)
+        except DestinationError as exc:
+            if typed_errors_allowed:
+                return None
+            raise self.fail(rule, f"build_request refused {len(batch)} payload(s) of group "
+                                  f"{batch[0].group!r}: {type(exc).__name__}: {exc.reason}",
+                            event) from exc
+        except Exception as exc:
+            raise self.fail(rule, f"build_request raised {type(exc).__name__}: {exc} on "
+                                  f"{len(batch)} payload(s) of group {batch[0].group!r}; only "
+                                  "DestinationError may escape it", event) from exc
+        problem = _request_problem(request)
+        if problem:
+            raise self.fail(rule, f"build_request returned {problem}", event)
+        return request
+
+    # -- dedup ids --------------------------------------------------------------------------
+
+    def _check_dedup_id(self, rule: str, event: Event, payloads: list[Payload]) -> None:
+        assert self.dedup_id is not None
+        for index, payload in enumerate(payloads):
+            try:
+                value = self.dedup_id(spooled(payload).body)
+            except Exception as exc:
+                raise self.fail(rule, f"the dedup id of payload {index} cannot be read "
+                                      f"({type(exc).__name__}: {exc})", event) from exc
+            if value is None or value == "":
+                raise self.fail(rule, f"payload {index} has no vendor dedup id", event)
+
+    def _check_dedup_ids_differ(self) -> None:
+        """Two events that differ only in ``messageId`` must not share a dedup id, or the
+        vendor would drop the second as a repeat of the first."""
+        assert self.dedup_id is not None
+        harness = self.harness
+        for raw in sample_events():
+            first = {**raw, "messageId": "conformance-first-0001"}
+            second = {**raw, "messageId": "conformance-second-0002"}
+            try:
+                ones, twos = harness.payloads(first), harness.payloads(second)
+            except (SkipEvent, EventRejected):
+                continue
+            ids_one = {orjson.dumps(self.dedup_id(spooled(p).body)) for p in ones}
+            ids_two = {orjson.dumps(self.dedup_id(spooled(p).body)) for p in twos}
+            if ids_one & ids_two:
+                raise self.fail("sample_events", "two events differing only in messageId share "
+                                                 "a vendor dedup id; derive it from messageId",
+                                harness.event(first))
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _sample_payloads_by_group(self) -> dict[str, list[Payload]]:
+        by_group: dict[str, list[Payload]] = {}
+        for raw in [*sample_events(), *map(dict, self.events)]:
+            try:
+                payloads = self.harness.payloads(raw)
+            except (SkipEvent, EventRejected):
+                continue
+            for payload in payloads:
+                by_group.setdefault(payload.group, []).append(payload)
+        return by_group
+
+    def _hypothesis_settings(self) -> hypothesis_settings_cls:
+        if self.hypothesis_settings is not None:
+            return self.hypothesis_settings
+        # No example database: the suite runs inside other projects' test trees, and a
+        # failure prints its reproduction anyway. One failure reported, not a group of them,
+        # so callers see the AssertionError itself.
+        return hypothesis_settings_cls(
+            max_examples=self.examples, deadline=None, database=None,
+            report_multiple_bugs=False,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                   HealthCheck.filter_too_much])
+
+
+def check_destination(destination_cls: type[Destination[Any]], settings: Mapping[str, Any], *,
+                      examples: int = 200, dedup_id: DedupId | None = None,
+                      events: Sequence[Mapping[str, Any]] = (),
+                      rules: Iterable[str] | None = None) -> None:
+    """Run the conformance suite (every rule, or ``rules``) on one destination; raises
+    ``AssertionError`` (a ``ConformanceFailure``) naming the rule and the event broken."""
+    ConformanceSuite(destination_cls, settings, examples=examples, dedup_id=dedup_id,
+                     events=events).run(rules)
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+def _undocumented_fields(model: type[BaseModel], prefix: str = "",
+                         seen: set[type] | None = None) -> list[str]:
+    """Dotted names of fields without a description, nested models included."""
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return []
+    seen.add(model)
+    missing = []
+    for name, info in model.model_fields.items():
+        if not (info.description and info.description.strip()):
+            missing.append(prefix + name)
+        for nested in _models_in(info.annotation):
+            missing += _undocumented_fields(nested, f"{prefix}{name}.", seen)
+    return missing
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in typing.get_args(annotation):
+        found += _models_in(arg)
+    return found
+
+
+def _request_problem(request: Any) -> str | None:
+    """What is wrong with what build_request returned, or None."""
+    if not isinstance(request, HttpRequest):
+        return f"{type(request).__name__}, not an HttpRequest"
+    if not isinstance(request.method, str) or not request.method.isupper():
+        return f"a method {request.method!r}; expected an upper-case HTTP method"
+    if not isinstance(request.url, str) or not request.url.startswith(("http://", "https://")):
+        return f"a URL {request.url!r:.120}; expected an http:// or https:// URL"
+    if not isinstance(request.headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in request.headers.items()):
+        return "headers that are not a dict of str to str"
+    if request.body is not None and not isinstance(request.body, bytes):
+        return f"a {type(request.body).__name__} body; expected bytes or None"
+    return None
+
+
+def _json_escaped(text: str) -> str:
+    return orjson.dumps(text).decode()[1:-1]
+
+
+def _first_difference(first: Sequence[Payload], second: Sequence[Payload]) -> str:
+    if len(first) != len(second):
+        return f" ({len(first)} payloads, then {len(second)})"
+    for index, (one, two) in enumerate(zip(first, second)):
+        if one != two:
+            return f" (payload {index}: {_short(one)} then {_short(two)})"
+    return ""
+
+
+def _short(payload: Payload) -> str:
+    text = orjson.dumps(payload.body, default=str).decode() \
+        if isinstance(payload, Payload) else repr(payload)
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def conformance_test(destination_cls: type[Destination[Any]], settings: Mapping[str, Any], *,
+                     examples: int = 200, dedup_id: DedupId | None = None,
+                     events: Sequence[Mapping[str, Any]] = (),
+                     rules: Iterable[str] | None = None) -> Callable[[str], None]:
+    """The suite as a pytest test function, parametrized by rule (``test_conformance[settings]``,
+    ``[sample_events]``, ``[any_valid_event]``, ...), so a report names the rule that broke.
+
+    Assign it to a module-level name starting with ``test``::
+
+        test_conformance = conformance_test(Acme, settings={"api_key": "acme-key-0001"})
+
+    The arguments are those of ``check_destination``.
+    """
+    import pytest  # here, so the rest of the suite runs without pytest
+
+    suite = ConformanceSuite(destination_cls, settings, examples=examples, dedup_id=dedup_id,
+                             events=events)
+    chosen = tuple(rules) if rules is not None else ConformanceSuite.RULES
+
+    @pytest.mark.parametrize("rule", chosen)
+    def test_conformance(rule: str) -> None:
+        suite.run([rule])
+
+    test_conformance.__doc__ = f"{destination_cls.__name__} follows the destination contract."
+    return test_conformance

@@ -1,0 +1,215 @@
+"""Run events through one destination, without a router or a network, and look at what it
+would send.
+
+The harness calls a destination's pure methods the way the core does: settings validated by
+the plugin's own model, per-event options taken from the event's integrations map, payload
+bodies passed through the spool's JSON round trip before ``build_request`` (so a body that
+only works as live Python objects fails here, not in production), payloads batched by group
+within ``delivery.batch_size`` and ``batch_bytes``, and answers judged by ``read_response``
+with the core's status rules behind it::
+
+    harness = DestinationHarness(Acme, {"api_key": "acme-key-123"})
+    (request,) = harness.requests(make_event("track", event="Signed Up"))
+    assert request.url == "https://api.acme.example/v1/events"
+    assert harness.request_json(request)["events"][0]["name"] == "Signed Up"
+"""
+
+from __future__ import annotations
+
+import gzip
+import time
+import zlib
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel
+
+from router.delivery import retry
+from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
+                                HttpRequest, HttpResponse, Outcome, Payload)
+from router.errors import DestinationError
+from router.events import Event, parse_event
+from router.integrations import decide
+from router.redaction import secret_values
+from router.testing.events import RECEIVED_AT
+
+DestinationT = TypeVar("DestinationT", bound=Destination[Any])
+
+RawOrEvent = Mapping[str, Any] | Event
+
+
+def classify_status(status: int, retry_on: Collection[int] = DEFAULT_RETRY_STATUSES, *,
+                    headers: Mapping[str, str] | None = None, now: float | None = None
+                    ) -> Outcome:
+    """The core's judgement of an answer by its status alone: 2xx delivered (None),
+    ``retry_on`` a ``RetryableError`` (with ``Retry-After`` from ``headers``), anything else
+    a ``PermanentError``.
+
+    The rule lives in ``router.delivery.retry.classify_status``, which the delivery service
+    uses; this is that function with defaults that suit a test, so the kit can never judge
+    an answer differently from the router.
+    """
+    return retry.classify_status(status, headers or {}, frozenset(retry_on),
+                                 now=time.time() if now is None else now)
+
+
+def spooled(payload: Payload) -> Payload:
+    """The payload as ``build_request`` receives it in production: its body went to the
+    spool as JSON (``orjson.dumps``) and came back (tuples are lists, datetimes strings)."""
+    return Payload(orjson.loads(orjson.dumps(payload.body)), payload.group)
+
+
+def batches(payloads: Iterable[Payload], delivery: DeliveryDefaults) -> list[list[Payload]]:
+    """Payloads split into batches the way the delivery service does it: one group per
+    batch, in order of first appearance, at most ``batch_size`` payloads and about
+    ``batch_bytes`` of serialized bodies each."""
+    by_group: dict[str, list[Payload]] = {}
+    for payload in payloads:
+        by_group.setdefault(payload.group, []).append(payload)
+    result: list[list[Payload]] = []
+    for group_payloads in by_group.values():
+        batch: list[Payload] = []
+        size = 0
+        for payload in group_payloads:
+            body_size = len(orjson.dumps(payload.body))
+            if batch and (len(batch) >= delivery.batch_size
+                          or size + body_size > delivery.batch_bytes):
+                result.append(batch)
+                batch, size = [], 0
+            batch.append(payload)
+            size += body_size + 1
+        if batch:
+            result.append(batch)
+    return result
+
+
+class DestinationHarness(Generic[DestinationT]):
+    """One configured destination, driven by hand.
+
+    ``settings`` is what an operator writes under ``settings:`` in the config; it is validated
+    by ``destination_cls.Settings`` (a ``pydantic.ValidationError`` when it is wrong). ``name``
+    is the destination's configured name, which the integrations map is matched against
+    (default: the plugin name). ``delivery`` overrides the plugin's declared delivery limits,
+    as the config's ``delivery:`` section does.
+    """
+
+    def __init__(self, destination_cls: type[DestinationT],
+                 settings: Mapping[str, Any] | BaseModel, *, name: str | None = None,
+                 delivery: Mapping[str, Any] | DeliveryDefaults | None = None,
+                 received_at: datetime = RECEIVED_AT) -> None:
+        self.destination_cls = destination_cls
+        if isinstance(settings, destination_cls.Settings):
+            self.settings = settings
+        else:
+            self.settings = destination_cls.Settings.model_validate(dict(settings))
+        self.destination: DestinationT = destination_cls(self.settings)
+        self.name = name or destination_cls.plugin_name
+        if isinstance(delivery, DeliveryDefaults):
+            self.delivery = delivery
+        else:  # validated like the config's delivery section: a typo fails here
+            self.delivery = DeliveryDefaults.model_validate(
+                {**destination_cls.delivery.model_dump(), **dict(delivery or {})})
+        self.received_at = received_at
+
+    def event(self, event: RawOrEvent) -> Event:
+        """A raw event parsed as the router would (received at the harness's fixed moment);
+        an ``Event`` is returned as it is. ``InvalidEvent`` when the raw event is invalid."""
+        if isinstance(event, Event):
+            return event
+        return parse_event(event, received_at=self.received_at)
+
+    def options_for(self, event: RawOrEvent) -> Mapping[str, Any]:
+        """The per-event options the event's integrations map gives this destination (the
+        object under its name, matched case-insensitively), or ``{}``."""
+        return decide(self.event(event).integrations, self.name).options
+
+    def payloads(self, event: RawOrEvent, options: Mapping[str, Any] | None = None
+                 ) -> list[Payload]:
+        """What ``translate`` returns for the event. ``options`` default to the event's own
+        integrations map; the map's on/off decision is not applied, since the point is to see
+        what the destination sends when the event reaches it. ``SkipEvent`` and
+        ``EventRejected`` propagate, so tests can ``pytest.raises`` them."""
+        parsed = self.event(event)
+        if options is None:
+            options = self.options_for(parsed)
+        return list(self.destination.translate(parsed, options))
+
+    def requests(self, event: RawOrEvent, options: Mapping[str, Any] | None = None
+                 ) -> list[HttpRequest]:
+        """The requests one event makes: its payloads batched by group (one request per
+        group unless the group has more payloads than a batch holds)."""
+        return self.build_requests(self.payloads(event, options))
+
+    def requests_for_events(self, events: Iterable[RawOrEvent]) -> list[HttpRequest]:
+        """The requests several events make together, batched as the delivery service would
+        when they are queued at once. Events the destination skips or rejects send nothing."""
+        collected: list[Payload] = []
+        for event in events:
+            try:
+                collected += self.payloads(event)
+            except DestinationError:
+                continue
+        return self.build_requests(collected)
+
+    def build_requests(self, payloads: Iterable[Payload]) -> list[HttpRequest]:
+        """``build_request`` over the payloads after the spool's round trip, batch by batch."""
+        return [self.destination.build_request(batch)
+                for batch in batches([spooled(payload) for payload in payloads], self.delivery)]
+
+    @staticmethod
+    def request_json(request: HttpRequest) -> Any:
+        """The request body decoded as JSON (gzip or deflate ``Content-Encoding`` undone);
+        None when the request has no body. ``ValueError`` when the body is not JSON."""
+        if request.body is None:
+            return None
+        return orjson.loads(_decoded_body(request))
+
+    def outcomes(self, payloads: Sequence[Payload], status: int, body: Any = b"",
+                 headers: Mapping[str, str] | None = None) -> list[Outcome]:
+        """Judge an answer per payload as the delivery service does: ``read_response``
+        first, the status rules when it returns None. ``body`` is bytes, text or JSON-able
+        data. A ``read_response`` that returns the wrong number of outcomes fails the test:
+        the router would ignore it and fall back to the status."""
+        response = HttpResponse(status, dict(headers or {}), _as_bytes(body))
+        payloads = [spooled(payload) for payload in payloads]
+        judged = self.destination.read_response(payloads, response)
+        if judged is None:
+            outcome = classify_status(status, self.delivery.retry_on, headers=response.headers)
+            return [outcome] * len(payloads)
+        judged = list(judged)
+        if len(judged) != len(payloads):
+            raise AssertionError(f"{self.destination_cls.__name__}.read_response returned "
+                                 f"{len(judged)} outcomes for {len(payloads)} payloads")
+        return judged
+
+    def secrets(self) -> list[str]:
+        """Every ``SecretStr`` value in the validated settings, nested models, dicts and lists
+        included: the values that must never reach a payload body."""
+        return list(dict.fromkeys(value for value in secret_values(self.settings) if value))
+
+    def fresh(self) -> DestinationHarness[DestinationT]:
+        """Another harness with a new instance of the destination and the same settings: what a
+        restarted router would run."""
+        return DestinationHarness(self.destination_cls, self.settings, name=self.name,
+                                  delivery=self.delivery, received_at=self.received_at)
+
+
+def _decoded_body(request: HttpRequest) -> bytes:
+    body = request.body or b""
+    encoding = next((value for name, value in request.headers.items()
+                     if name.lower() == "content-encoding"), "").lower().strip()
+    if encoding == "gzip":
+        return gzip.decompress(body)
+    if encoding == "deflate":
+        return zlib.decompress(body)
+    return body
+
+
+def _as_bytes(body: Any) -> bytes:
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    return orjson.dumps(body)

@@ -1,0 +1,34 @@
+"""Building routers for delivery tests: YAML in, a started router out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from router.config import parse_config
+from router.registry import create_registry
+from router.routing import Router
+
+FAST_RETRIES = {"backoff_initial": "20ms", "backoff_max": "100ms", "timeout": "2s"}
+
+
+def router_for(tmp_path: Path, destinations: list[dict[str, Any]], *,
+               storage: str | None = None, **top: Any) -> Router:
+    """A router over a SQLite file in ``tmp_path`` (or ``storage``), loopback allowed."""
+    config = {"storage": storage or f"sqlite:///{tmp_path / 'router.db'}",
+              "egress": {"allow_private_addresses": True},
+              "destinations": destinations, **top}
+    loaded = parse_config(orjson.dumps(config).decode(), file="test.yaml", env={})
+    return Router(loaded, registry=create_registry())
+
+
+def webhook(name: str, url: str, **delivery: Any) -> dict[str, Any]:
+    return {"name": name, "plugin": "webhook", "settings": {"url": url},
+            "delivery": {**FAST_RETRIES, **delivery}}
+
+
+def track(n: int, user: str = "u1", **extra: Any) -> dict[str, Any]:
+    return {"type": "track", "event": "Tested", "userId": user, "messageId": f"m-{n}",
+            "properties": {"n": n}, **extra}

@@ -1,0 +1,115 @@
+"""Batching: up to the plugin's limits, prompt when quiet, and one bad event never costs its
+neighbours (a refused batch is split until the event at fault is found)."""
+
+from __future__ import annotations
+
+import time
+
+from router.storage.base import DeadLetterFilter
+from router.testing.fake_server import Answer, FakeDestinationServer
+from tests.delivery_helpers import FAST_RETRIES, router_for, track
+
+
+def acme(url: str, **delivery) -> dict:
+    """The example plugin (examples/router-acme): batches of up to 100 events."""
+    return {"name": "acme", "plugin": "acme", "settings": {"api_key": "k-123456", "base_url": url},
+            "delivery": {**FAST_RETRIES, "batch_wait": "200ms", **delivery}}
+
+
+def ids_in(request) -> list[str]:
+    return [event["id"] for event in request.json["events"]]
+
+
+async def test_events_are_sent_in_batches_up_to_the_plugin_limit(tmp_path):
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [acme(server.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(250)])
+            assert await router.drain(timeout=10)
+        sizes = [len(ids_in(request)) for request in server.requests]
+        assert sum(sizes) == 250 and max(sizes) == 100
+        assert len(server.requests) <= 4
+
+
+async def test_a_quiet_stream_is_sent_after_batch_wait_not_held_for_a_full_batch(tmp_path):
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [acme(server.url, batch_wait="300ms")])
+        async with router:
+            sent = time.time()
+            await router.route(track(1))
+            (request,) = await server.wait_for(1, timeout=5)
+        assert ids_in(request) == ["m-1"]
+        assert request.time - sent < 5  # sent alone, long before a batch of 100 could fill
+
+
+async def test_a_413_splits_the_batch_instead_of_failing_it(tmp_path):
+    def handler(request):
+        return Answer(413) if len(request.json["events"]) > 20 else Answer(200)
+
+    async with FakeDestinationServer(handler=handler) as server:
+        router = router_for(tmp_path, [acme(server.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(100)])
+            assert await router.drain(timeout=10)
+            assert await router.storage.dead_letters(DeadLetterFilter()) == []
+        delivered = [i for r in server.requests if r.status == 200 for i in ids_in(r)]
+        assert sorted(delivered) == sorted(f"m-{n}" for n in range(100))
+
+
+async def test_one_bad_event_in_a_refused_batch_costs_only_itself(tmp_path):
+    def handler(request):
+        bad = any(event["props"].get("n") == 37 for event in request.json["events"])
+        return Answer(400, body={"error": "event 37 is malformed"}) if bad else Answer(200)
+
+    async with FakeDestinationServer(handler=handler) as server:
+        router = router_for(tmp_path, [acme(server.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(64)])
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+        assert [letter.message_id for letter in letters] == ["m-37"]
+        delivered = {i for r in server.requests if r.status == 200 for i in ids_in(r)}
+        assert delivered == {f"m-{n}" for n in range(64)} - {"m-37"}
+        assert len(server.requests) < 20  # a binary search, not a request per event
+
+
+async def test_a_batch_refused_for_a_reason_no_event_has_is_not_split_to_pieces(tmp_path):
+    async with FakeDestinationServer() as server:
+        server.default = Answer(400, body={"error": "invalid api key"})
+        router = router_for(tmp_path, [acme(server.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(64)])
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=1000)
+        assert len(letters) == 64
+        assert len(server.requests) == 3  # the batch, then its two halves: then it stops
+
+
+async def test_a_plugin_can_fail_single_events_of_a_batch(tmp_path):
+    """Acme answers 207 naming the events it refused: only those are dead-lettered."""
+    def handler(request):
+        errors = [{"index": i, "error": "bad name"} for i, event in
+                  enumerate(request.json["events"]) if event["props"]["n"] % 10 == 0]
+        return Answer(207, body={"errors": errors})
+
+    async with FakeDestinationServer(handler=handler) as server:
+        router = router_for(tmp_path, [acme(server.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(30)])
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+        assert sorted(letter.message_id for letter in letters) == ["m-0", "m-10", "m-20"]
+        assert all("Acme refused it: bad name" in letter.reason for letter in letters)
+        assert len(server.requests) == 1
+
+
+async def test_the_rate_limit_spaces_requests(tmp_path):
+    from tests.delivery_helpers import webhook
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, rate_limit="10/s")])
+        async with router:
+            await router.route_many([track(n) for n in range(15)])
+            assert await router.drain(timeout=10)
+        times = sorted(request.time for request in server.requests)
+        # a burst of up to 10, then no faster than 10 a second
+        assert times[-1] - times[0] >= 0.4

@@ -1,0 +1,563 @@
+"""The YAML config (contract, "Config"): loading, ${VAR}, and errors that name file, line, field.
+
+Lines marked ``#!`` in the YAML below are where the error must point.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from router.config import load_config, parse_config
+from router.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "config" / "router.yaml"
+SECRET = "sk_live_CANARY_b7e21d90"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_plugin_warnings():
+    # Built-in plugins still being written log a warning when they fail to load.
+    logging.getLogger("router.plugins").setLevel(logging.ERROR)
+    yield
+    logging.getLogger("router.plugins").setLevel(logging.NOTSET)
+
+
+def write(tmp_path: Path, text: str, name: str = "router.yaml") -> tuple[Path, int | None]:
+    """Write the config; return its path and the 1-based line marked ``#!`` (if any)."""
+    text = textwrap.dedent(text).lstrip("\n")
+    path = tmp_path / name
+    path.write_text(text)
+    marked = [number for number, line in enumerate(text.splitlines(), 1) if "#!" in line]
+    return path, marked[0] if marked else None
+
+
+def router_for(path: Path, env: dict | None = None):
+    """The embedding path that also checks plugin settings and templates."""
+    from router.routing import Router
+    return Router(load_config(path, env=env), deliver=False)
+
+
+def assert_points_at(error: ConfigError, path: Path, line: int, field: str) -> None:
+    text = str(error)
+    assert error.file == str(path)
+    assert error.line == line, text
+    assert error.field == field, text
+    assert text.startswith(f"{path}:{line}: "), text
+    assert field in text
+
+
+def config_error(path: Path, *, env: dict | None = None, build: bool = False) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        if build:
+            router_for(path, env=env)
+        else:
+            load_config(path, env={} if env is None else env)
+    return caught.value
+
+
+# -- the example and interpolation --------------------------------------------------------------
+
+def test_example_config_loads_with_its_defaults():
+    loaded = load_config(EXAMPLE, env={})
+    config = loaded.config
+    assert config.storage == "sqlite:///var/router.db"
+    assert config.dedup.window == 12 * 3600
+    assert config.server.port == 8080
+    assert [s.name for s in config.sources] == ["website"]
+    assert config.sources[0].write_keys[0].get_secret_value() == "demo-write-key"
+    assert [d.name for d in config.destinations] == ["webhook", "Order alerts"]
+    assert config.destinations[0].settings["url"] == "http://127.0.0.1:9900/webhook"
+    assert config.destinations[0].settings["headers"]["Authorization"] == "Bearer demo-token"
+    assert config.destinations[1].filter.events == ["Order *"]
+
+
+def test_example_config_builds_its_destinations(monkeypatch, tmp_path):
+    for name in ("WEBHOOK_URL", "WEBHOOK_TOKEN", "ROUTER_WRITE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # its sqlite:///var/router.db is relative to the cwd
+    router = router_for(EXAMPLE)
+    assert [d.name for d in router.destinations] == ["webhook", "Order alerts"]
+    assert {d.plugin.name for d in router.destinations} == {"webhook"}
+    assert not (tmp_path / "var" / "router.db").exists(), "building a router opens no storage"
+
+
+def test_env_variables_and_defaults_are_interpolated(tmp_path):
+    path, _ = write(tmp_path, """
+        storage: ${STORAGE:-memory://}
+        server:
+          port: ${PORT}
+        sources:
+          - name: web
+            write_keys: ["${KEY_A}", "static-${KEY_B:-fallback}-end"]
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://${HOST}/v1/${PATH_PART:-events}
+              headers:
+                Authorization: "Bearer ${TOKEN}"
+    """)
+    config = load_config(path, env={"PORT": "9000", "KEY_A": "ka", "HOST": "hooks.example",
+                                     "TOKEN": "t0k", "PATH_PART": ""}).config
+    assert config.storage == "memory://"
+    assert config.server.port == 9000
+    assert [k.get_secret_value() for k in config.sources[0].write_keys] == \
+        ["ka", "static-fallback-end"]
+    settings = config.destinations[0].settings
+    assert settings["url"] == "https://hooks.example/v1/events"  # empty value takes the default
+    assert settings["headers"]["Authorization"] == "Bearer t0k"
+
+
+def test_env_value_wins_over_default(tmp_path):
+    path, _ = write(tmp_path, "storage: ${STORAGE:-memory://}\n")
+    assert load_config(path, env={"STORAGE": "sqlite:///x.db"}).config.storage == "sqlite:///x.db"
+
+
+def test_env_is_read_from_the_process_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROUTER_TEST_STORAGE", "memory://from-env")
+    path, _ = write(tmp_path, "storage: ${ROUTER_TEST_STORAGE}\n")
+    assert load_config(path).config.storage == "memory://from-env"
+
+
+def test_missing_env_variable_names_file_line_field_and_variable(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://${HOOK_HOST}/in   #!
+    """)
+    error = config_error(path)
+    assert_points_at(error, path, line, "destinations.0.settings.url")
+    assert "HOOK_HOST" in str(error)
+
+
+def test_env_value_with_a_line_break_is_refused(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        sources:
+          - name: web
+            write_keys:
+              - ${WRITE_KEY}   #!
+    """)
+    error = config_error(path, env={"WRITE_KEY": f"{SECRET}\nX-Injected: 1"})
+    assert_points_at(error, path, line, "sources.0.write_keys.0")
+    assert "WRITE_KEY" in str(error)
+    assert SECRET not in str(error)
+
+
+# -- errors point home ------------------------------------------------------------------------
+
+ERROR_CASES = {
+    "unknown top-level field": ("""
+        storage: memory://
+        sever:          #!
+          port: 8080
+    """, "sever"),
+    "unknown nested field": ("""
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://hooks.example
+            delivery:
+              timeout: 5s
+              timout: 5s   #!
+    """, "destinations.0.delivery.timout"),
+    "wrong type": ("""
+        storage: memory://
+        server:
+          host: 0.0.0.0
+          port: [8080]   #!
+    """, "server.port"),
+    "port out of range": ("""
+        storage: memory://
+        server:
+          port: 70000   #!
+    """, "server.port"),
+    "bad dedup window": ("""
+        storage: memory://
+        dedup:
+          window: 12 hours   #!
+    """, "dedup.window"),
+    "bad timeout": ("""
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings: {url: "https://hooks.example"}
+            delivery:
+              timeout: soon   #!
+    """, "destinations.0.delivery.timeout"),
+    "negative duration": ("""
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings: {url: "https://hooks.example"}
+            delivery:
+              max_age: -4h   #!
+    """, "destinations.0.delivery.max_age"),
+    "bad rate": ("""
+        storage: memory://
+        destinations:
+          - name: a
+            plugin: webhook
+            settings: {url: "https://a.example"}
+          - name: b
+            plugin: webhook
+            settings: {url: "https://b.example"}
+            delivery:
+              rate_limit: fast   #!
+    """, "destinations.1.delivery.rate_limit"),
+    "bad retry status": ("""
+        storage: memory://
+        destinations:
+          - name: a
+            plugin: webhook
+            settings: {url: "https://a.example"}
+            delivery:
+              retry_on: [429, 99]   #!
+    """, "destinations.0.delivery.retry_on.1"),
+    "bad storage url": ("""
+        server:
+          port: 8080
+        storage: postgres://db.example/router   #!
+    """, "storage"),
+    "duplicate destination names": ("""
+        storage: memory://
+        destinations:
+          - name: Slack alerts
+            plugin: webhook
+            settings: {url: "https://a.example"}
+          - name: slack ALERTS   #!
+            plugin: webhook
+            settings: {url: "https://b.example"}
+    """, "destinations.1.name"),
+    "duplicate source names": ("""
+        storage: memory://
+        sources:
+          - name: web
+            write_keys: [a]
+          - name: WEB   #!
+            write_keys: [b]
+    """, "sources.1.name"),
+    "unknown call type in filter": ("""
+        storage: memory://
+        destinations:
+          - name: a
+            plugin: webhook
+            settings: {url: "https://a.example"}
+            filter:
+              types:
+                - track
+                - purchase   #!
+    """, "destinations.0.filter.types.1"),
+    "missing required field": ("""
+        storage: memory://
+        destinations:
+          - name: a   #!
+            settings: {url: "https://a.example"}
+    """, "destinations.0.plugin"),
+    "empty write keys": ("""
+        storage: memory://
+        sources:
+          - name: web
+            write_keys: []   #!
+    """, "sources.0.write_keys"),
+    "duplicate yaml key": ("""
+        storage: memory://
+        server:
+          port: 1
+          port: 2   #!
+    """, "server.port"),
+}
+
+
+@pytest.mark.parametrize("text, field", ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_config_error_names_file_line_and_field(tmp_path, text, field):
+    path, line = write(tmp_path, text)  # a missing key has no line: it points at its entry
+    assert_points_at(config_error(path), path, line, field)
+
+
+def test_error_says_what_was_expected(tmp_path):
+    path, _ = write(tmp_path, """
+        storage: memory://
+        dedup:
+          window: forever
+    """)
+    assert "12h" in str(config_error(path))  # an example of a valid duration
+    path, _ = write(tmp_path, "storage: mysql://x\n")
+    assert "sqlite:///" in str(config_error(path))
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        server:
+          port: [8080   #!
+        dedup: {}
+    """)
+    error = config_error(path)
+    assert error.file == str(path)
+    assert error.line is not None and line <= error.line <= line + 1
+    assert str(error).startswith(f"{path}:{error.line}: ")
+
+
+def test_parse_config_reports_the_given_file_name():
+    with pytest.raises(ConfigError) as caught:
+        parse_config("storage: nope\n", file="inline.yaml", env={})
+    assert str(caught.value).startswith("inline.yaml:1: storage: ")
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    error = config_error(tmp_path / "absent.yaml")
+    assert "absent.yaml" in str(error)
+
+
+# -- YAML that must never run or explode ---------------------------------------------------------
+
+@pytest.mark.parametrize("value", [
+    '!!python/object/apply:os.system ["touch {marker}"]',
+    '!!python/object/apply:os.system\n    args: ["touch {marker}"]',
+    "!!python/object/new:subprocess.check_call [[touch, '{marker}']]",
+    "!!python/name:os.system",
+])
+def test_python_yaml_tags_are_refused_without_running_anything(tmp_path, value):
+    marker = tmp_path / "pwned"
+    first, *rest = value.format(marker=marker).split("\n")
+    path, line = write(tmp_path, "\n".join(["storage: memory://", "server:",
+                                            f"  port: {first}   #!", *rest]) + "\n")
+    error = config_error(path)
+    assert not marker.exists()
+    assert error.file == str(path) and error.line == line
+    assert "tag" in str(error).lower() or "unsupported" in str(error).lower()
+
+
+@pytest.mark.timeout(20)
+def test_billion_laughs_alias_bomb_is_refused(tmp_path):
+    lines = ["storage: memory://", 'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, 10):
+        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
+    lines.append("server: *a9")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    error = config_error(path)
+    assert error.file == str(path)
+    assert "alias" in str(error).lower() or "over" in str(error).lower()
+
+
+def test_yaml_anchors_and_merge_keys_work(tmp_path):
+    path, _ = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: a
+            plugin: webhook
+            settings: &common
+              url: https://a.example
+              method: PUT
+          - name: b
+            plugin: webhook
+            settings:
+              <<: *common
+              url: https://b.example
+    """)
+    config = load_config(path, env={}).config
+    assert config.destinations[1].settings == {"url": "https://b.example", "method": "PUT"}
+
+
+def test_plain_yaml_anchors_and_aliases_work(tmp_path):
+    path, _ = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: a
+            plugin: webhook
+            settings: &common
+              url: https://a.example
+          - name: b
+            plugin: webhook
+            settings: *common
+    """)
+    config = load_config(path, env={}).config
+    assert config.destinations[1].settings == {"url": "https://a.example"}
+
+
+# -- plugin settings, checked when the router is built -------------------------------------------
+
+def test_webhook_without_url_is_reported_at_its_settings(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: ok
+            plugin: webhook
+            settings: {url: "https://ok.example"}
+          - name: broken
+            plugin: webhook
+            settings:   #!
+              method: POST
+    """)
+    error = config_error(path, build=True)
+    assert error.file == str(path)
+    assert error.field == "destinations.1.settings.url"
+    assert error.line == line  # the url has no line of its own: its settings block
+    assert str(error).startswith(f"{path}:{line}: destinations.1.settings.url")
+
+
+def test_webhook_with_non_http_url_is_reported_at_the_url_line(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: broken
+            plugin: webhook
+            settings:
+              method: POST
+              url: ftp://x   #!
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, "destinations.0.settings.url")
+    assert "http" in error.message
+
+
+def test_unknown_webhook_setting_is_reported(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://a.example
+              verb: POST   #!
+    """)
+    assert_points_at(config_error(path, build=True), path, line,
+                     "destinations.0.settings.verb")
+
+
+def test_unknown_plugin_is_named_with_the_installed_ones(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: crm
+            plugin: salesforcee   #!
+            settings: {}
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, "destinations.0.plugin")
+    assert "salesforcee" in str(error)
+    assert "installed" in str(error) and "webhook" in str(error)
+
+
+def test_disabled_destination_is_not_built(tmp_path):
+    path, _ = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: primary
+            plugin: webhook
+            settings: {url: "https://a.example"}
+          - name: muted
+            plugin: webhook
+            enabled: false
+            settings: {url: "https://b.example"}
+    """)
+    assert [d.name for d in router_for(path).destinations] == ["primary"]
+
+
+def test_template_syntax_error_in_mapping_is_reported_at_its_field(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings: {url: "https://a.example"}
+            mapping:
+              properties:
+                total: "{{ event.properties.total "   #!
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, "destinations.0.mapping.properties.total")
+
+
+# -- secrets never reach an error ----------------------------------------------------------------
+
+SECRET_CASES = {
+    "write keys not a list": """
+        storage: memory://
+        sources:
+          - name: web
+            write_keys: ${SECRET}
+    """,
+    "write key beside a bad field": """
+        storage: memory://
+        sources:
+          - name: web
+            write_keys: ["${SECRET}"]
+            writekeys: ["${SECRET}"]
+    """,
+    "header beside a bad url": """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: ftp://${SECRET}
+              headers:
+                X-Api-Key: ${SECRET}
+    """,
+    "headers not a map": """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://a.example
+              headers: ${SECRET}
+    """,
+    "secret in a method": """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://a.example
+              method: ${SECRET}
+    """,
+    "secret in a port": """
+        storage: memory://
+        server:
+          port: ${SECRET}
+    """,
+    "secret in a duration": """
+        storage: memory://
+        dedup:
+          window: ${SECRET}
+    """,
+    "secret in a storage url": """
+        storage: rediss://:${SECRET}@cache.example:6379/0
+    """,
+    "secret with a line break": """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://a.example
+              headers:
+                Authorization: Bearer ${SECRET_NL}
+    """,
+}
+
+
+@pytest.mark.parametrize("text", SECRET_CASES.values(), ids=SECRET_CASES.keys())
+def test_secrets_never_appear_in_config_errors(tmp_path, text):
+    path, _ = write(tmp_path, text)
+    env = {"SECRET": SECRET, "SECRET_NL": f"{SECRET}\r\nX: y"}
+    error = config_error(path, env=env, build=True)
+    assert SECRET not in str(error)
+    assert SECRET not in repr(error)
+    assert SECRET not in (error.message or "")

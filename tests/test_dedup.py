@@ -1,0 +1,212 @@
+"""The dedup window (contract, "Events": messageId): the first event with a messageId per source
+is accepted, any other within the window is a duplicate. Both embedded backends, the SQLite one
+on a real file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from router.storage import open_storage
+from router.storage.base import Acceptance, NewJob
+from router.storage.sqlite import SqliteStorage
+
+LATER = 35.0  # seconds: well past the tiny windows these tests use
+
+WINDOW = 12 * 3600.0
+T0 = 1_700_000_000.0
+
+
+def job(message_id: str, destination: str = "hook") -> NewJob:
+    return NewJob(destination, message_id, "user-1", "", b'{"n": 1}')
+
+
+def item(message_id: str, source: str = "web", destinations: tuple[str, ...] = ("hook",)
+         ) -> Acceptance:
+    return Acceptance(source, message_id, [job(message_id, d) for d in destinations])
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"  # an absolute path gives sqlite:////...
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def storage(request, tmp_path):
+    url = "memory://" if request.param == "memory" else sqlite_url(tmp_path / "router.db")
+    store = open_storage(url)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def accept(store, *items, window=WINDOW, now=T0) -> list[bool]:
+    return await store.accept(list(items), window=window, now=now)
+
+
+async def pending(store, destination: str = "hook") -> int:
+    stats = await store.stats(now=T0)
+    queue = stats.queues.get(destination)
+    return queue.pending if queue else 0
+
+
+async def test_first_message_id_wins_and_a_repeat_is_a_duplicate(storage):
+    assert await accept(storage, item("m-1")) == [True]
+    assert await accept(storage, item("m-1"), now=T0 + 60) == [False]
+    assert await accept(storage, item("m-2"), now=T0 + 60) == [True]
+
+
+async def test_a_duplicate_queues_nothing(storage):
+    await accept(storage, item("m-1", destinations=("a", "b")))
+    await accept(storage, item("m-1", destinations=("a", "b")), now=T0 + 1)
+    assert await pending(storage, "a") == 1
+    assert await pending(storage, "b") == 1
+
+
+async def test_repeat_within_one_batch_is_a_duplicate(storage):
+    assert await accept(storage, item("m-1"), item("m-2"), item("m-1")) == [True, True, False]
+    assert await pending(storage) == 2
+
+
+async def test_same_message_id_from_another_source_is_not_a_duplicate(storage):
+    assert await accept(storage, item("m-1", source="web")) == [True]
+    assert await accept(storage, item("m-1", source="ios"), now=T0 + 1) == [True]
+    assert await accept(storage, item("m-1", source="ios"), now=T0 + 2) == [False]
+    assert await accept(storage, item("m-1", source="web"), now=T0 + 3) == [False]
+
+
+async def test_message_ids_are_compared_exactly(storage):
+    assert await accept(storage, item("abc"), item("ABC"), item("abc ")) == [True, True, True]
+
+
+async def test_accepted_again_after_the_window_expires(storage):
+    window = 600.0
+    assert await accept(storage, item("m-1"), window=window, now=T0) == [True]
+    assert await accept(storage, item("m-1"), window=window, now=T0 + window - 1) == [False]
+    assert await accept(storage, item("m-1"), window=window, now=T0 + window + 1) == [True]
+    # the new acceptance starts a new window, and queues the event again
+    assert await accept(storage, item("m-1"), window=window, now=T0 + window + 2) == [False]
+    assert await pending(storage) == 2
+
+
+async def test_a_duplicate_does_not_extend_the_window(storage):
+    window = 600.0
+    await accept(storage, item("m-1"), window=window, now=T0)
+    await accept(storage, item("m-1"), window=window, now=T0 + 500)
+    assert await accept(storage, item("m-1"), window=window, now=T0 + window + 1) == [True]
+
+
+async def test_concurrent_accepts_of_one_message_id_admit_exactly_one(storage):
+    results = await asyncio.gather(*(accept(storage, item("m-race"), now=T0 + i / 1000)
+                                     for i in range(20)))
+    assert sorted(flag for (flag,) in results) == [False] * 19 + [True]
+    assert await pending(storage) == 1
+
+
+# -- SQLite: a real file ---------------------------------------------------------------------------
+
+async def test_sqlite_window_survives_closing_and_reopening(tmp_path):
+    url = sqlite_url(tmp_path / "state" / "router.db")
+    first = open_storage(url)
+    await first.open()
+    assert await accept(first, item("m-1"), item("m-2", source="ios")) == [True, True]
+    await first.close()
+    assert (tmp_path / "state" / "router.db").exists()
+
+    reopened = open_storage(url)
+    await reopened.open()
+    try:
+        assert await accept(reopened, item("m-1"), now=T0 + 3600) == [False]
+        assert await accept(reopened, item("m-2", source="ios"), now=T0 + 3600) == [False]
+        assert await accept(reopened, item("m-2", source="web"), now=T0 + 3600) == [True]
+        assert await accept(reopened, item("m-1"), now=T0 + WINDOW + 1) == [True]
+        assert await pending(reopened) == 4
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_relative_url_is_relative_to_the_base_dir(tmp_path):
+    store = open_storage("sqlite:///var/router.db", base_dir=tmp_path)
+    await store.open()
+    try:
+        await accept(store, item("m-1"))
+    finally:
+        await store.close()
+    assert (tmp_path / "var" / "router.db").exists()
+
+
+async def test_sqlite_expired_entries_are_purged_so_the_table_stays_bounded(tmp_path):
+    path = tmp_path / "router.db"
+    store = SqliteStorage(path)
+    await store.open()
+    try:
+        tiny = 1.0
+        for batch in range(10):
+            await store.accept([item(f"m-{batch}-{i}") for i in range(200)], window=tiny,
+                               now=T0 + batch * 0.01)
+        before = (await store.stats(now=T0)).dedup_entries
+        assert before == 2000
+
+        later = T0 + LATER
+        # each accept forgets up to twice as many expired ids as it remembers
+        fresh = [item(f"fresh-{i}") for i in range(1000)]
+        assert await store.accept(fresh, window=tiny, now=later) == [True] * 1000
+        after = (await store.stats(now=later)).dedup_entries
+        assert after == 1000
+    finally:
+        await store.close()
+    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM dedup").fetchone()[0]
+    assert rows == 1000
+
+
+async def test_sqlite_purge_keeps_entries_still_in_their_window(tmp_path):
+    store = SqliteStorage(tmp_path / "router.db")
+    await store.open()
+    try:
+        await store.accept([item("short")], window=1.0, now=T0)
+        await store.accept([item("long")], window=WINDOW, now=T0)
+        later = T0 + LATER
+        await store.accept([item("other")], window=WINDOW, now=later)
+        assert (await store.stats(now=later)).dedup_entries == 2
+        assert await store.accept([item("long")], window=WINDOW, now=later) == [False]
+    finally:
+        await store.close()
+
+
+async def test_memory_expired_entries_are_purged_so_it_stays_bounded():
+    store = open_storage("memory://")
+    await store.open()
+    tiny = 1.0
+    for batch in range(11):  # past the size at which the memory backend starts purging
+        await store.accept([Acceptance("web", f"m-{batch}-{i}", []) for i in range(1000)],
+                           window=tiny, now=T0)
+    before = (await store.stats(now=T0)).dedup_entries
+    assert before == 11_000
+    later = T0 + 100
+    for i in range(1000):
+        await store.accept([Acceptance("web", f"fresh-{i}", [])], window=WINDOW, now=later)
+    after = (await store.stats(now=later)).dedup_entries
+    assert after < before
+    await store.close()
+
+
+async def test_sqlite_purge_keeps_up_with_sustained_traffic(tmp_path):
+    store = SqliteStorage(tmp_path / "router.db")
+    await store.open()
+    try:
+        per_interval = 40_000  # about 1,300 events/s
+        now = T0
+        for interval in range(4):
+            for start in range(0, per_interval, 4000):
+                await store.accept([Acceptance("web", f"{interval}-{i}", [])
+                                    for i in range(start, start + 4000)],
+                                   window=1.0, now=now + start / per_interval)
+            now += LATER
+        await store.accept([Acceptance("web", "last", [])], window=1.0, now=now)
+        entries = (await store.stats(now=now)).dedup_entries
+    finally:
+        await store.close()
+    # every id above expired more than one purge interval ago, save the last batch's
+    assert entries <= per_interval

@@ -1,0 +1,506 @@
+"""The event spec as users send it: required fields, normalization, limits, error hygiene.
+
+Everything here goes through ``parse_event``, the one door every event comes through (HTTP,
+``router send``, ``Router.route``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.currencies import ISO_4217_CODES
+from router.errors import InvalidEvent
+from router.events import MAX_EVENT_BYTES, parse_event
+
+RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+CANARY = "sk_live_CANARY_4f9a1c77"
+FIXTURES = Path(__file__).parent / "fixtures" / "events"
+
+
+def parse(raw, **kwargs):
+    kwargs.setdefault("received_at", RECEIVED)
+    return parse_event(raw, **kwargs)
+
+
+def problems_of(raw) -> InvalidEvent:
+    with pytest.raises(InvalidEvent) as caught:
+        parse(raw)
+    return caught.value
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# -- required fields per call type ------------------------------------------------------------
+
+VALID_MINIMAL = {
+    "track": {"type": "track", "event": "Signed Up", "userId": "u1"},
+    "identify": {"type": "identify", "userId": "u1"},
+    "page": {"type": "page", "anonymousId": "a1"},
+    "screen": {"type": "screen", "anonymousId": "a1"},
+    "group": {"type": "group", "userId": "u1", "groupId": "g1"},
+    "alias": {"type": "alias", "userId": "u1", "previousId": "a1"},
+}
+
+
+@pytest.mark.parametrize("call_type", sorted(VALID_MINIMAL))
+def test_minimal_event_of_each_call_type_is_accepted(call_type):
+    event = parse(VALID_MINIMAL[call_type])
+    assert event.type == call_type
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"userId": "u1", "event": "x"}, "type"),
+    ({"type": "purchase", "userId": "u1"}, "type"),
+    ({"type": "track", "userId": "u1"}, "event"),
+    ({"type": "track", "userId": "u1", "event": "   "}, "event"),
+    ({"type": "track", "event": "Signed Up"}, "userId"),
+    ({"type": "identify", "traits": {"email": "a@b.c"}}, "userId"),
+    ({"type": "page", "name": "Home"}, "userId"),
+    ({"type": "screen", "name": "Home"}, "userId"),
+    ({"type": "group", "userId": "u1"}, "groupId"),
+    ({"type": "alias", "userId": "u1"}, "previousId"),
+    ({"type": "alias", "anonymousId": "a1", "previousId": "p1"}, "userId"),
+    ({"type": "track", "event": "x", "userId": "u1", "properties": "not an object"}, "properties"),
+    ({"type": "identify", "userId": "u1", "traits": ["not", "an", "object"]}, "traits"),
+])
+def test_missing_or_wrong_required_field_is_named_in_the_error(raw, field):
+    error = problems_of(raw)
+    assert field in [name for name, _ in error.problems]
+    assert f"{field}:" in str(error)
+
+
+def test_unknown_type_error_lists_the_call_types():
+    error = problems_of({"type": "purchase", "userId": "u1"})
+    for call_type in VALID_MINIMAL:
+        assert call_type in str(error)
+
+
+def test_missing_ids_error_mentions_both_ids():
+    message = str(problems_of({"type": "track", "event": "x"}))
+    assert "userId" in message and "anonymousId" in message
+
+
+def test_several_problems_are_all_reported():
+    error = problems_of({"type": "alias"})
+    fields = {name for name, _ in error.problems}
+    assert {"previousId", "userId"} <= fields
+
+
+def test_anonymous_only_event_is_valid():
+    event = parse({"type": "track", "event": "Viewed", "anonymousId": "anon-1"})
+    assert event.userId is None and event.anonymousId == "anon-1"
+
+
+def test_an_event_that_is_not_an_object_is_invalid():
+    for raw in (["track"], "track", 42, None):
+        with pytest.raises(InvalidEvent):
+            parse(raw)
+
+
+# -- unknown fields, messageId, receivedAt ------------------------------------------------------
+
+def test_unknown_fields_are_kept_at_every_level():
+    raw = {**VALID_MINIMAL["track"], "customTopLevel": {"nested": [1, 2, {"deep": True}]},
+           "properties": {"plan": "pro", "extra": {"a": 1}},
+           "context": {"app": {"name": "shop"}, "weird": "kept"}}
+    data = parse(raw).to_dict()
+    assert data["customTopLevel"] == {"nested": [1, 2, {"deep": True}]}
+    assert data["properties"] == {"plan": "pro", "extra": {"a": 1}}
+    assert data["context"] == {"app": {"name": "shop"}, "weird": "kept"}
+
+
+def test_message_id_is_generated_when_missing_and_unique():
+    first = parse(VALID_MINIMAL["track"])
+    second = parse(VALID_MINIMAL["track"])
+    assert first.messageId and second.messageId
+    assert first.messageId != second.messageId
+    assert first.to_dict()["messageId"] == first.messageId
+
+
+def test_empty_message_id_is_replaced():
+    event = parse({**VALID_MINIMAL["track"], "messageId": ""})
+    assert event.messageId
+
+
+def test_message_id_is_kept_when_given():
+    event = parse({**VALID_MINIMAL["track"], "messageId": "ajs-123"})
+    assert event.messageId == "ajs-123"
+    assert event.to_dict()["messageId"] == "ajs-123"
+
+
+def test_received_at_is_set_by_the_router_not_the_client():
+    event = parse({**VALID_MINIMAL["track"], "receivedAt": "1999-01-01T00:00:00Z"})
+    assert event.receivedAt == RECEIVED
+    assert event.to_dict()["receivedAt"] == "2024-03-01T12:00:00.000Z"
+
+
+def test_received_at_defaults_to_now():
+    before = datetime.now(timezone.utc)
+    event = parse_event(VALID_MINIMAL["track"])
+    after = datetime.now(timezone.utc)
+    assert before <= event.receivedAt <= after
+
+
+def test_write_key_in_the_body_is_not_part_of_the_event():
+    event = parse({**VALID_MINIMAL["track"], "writeKey": CANARY})
+    assert CANARY not in json.dumps(event.to_dict())
+
+
+def test_input_dict_is_not_modified():
+    raw = {**VALID_MINIMAL["track"], "properties": {"revenue": "19.99", "currency": "eur"}}
+    snapshot = json.loads(json.dumps(raw))
+    parse(raw)
+    assert raw == snapshot
+
+
+# -- timestamps and clock skew ------------------------------------------------------------------
+
+def test_timestamp_defaults_to_the_receive_time():
+    event = parse(VALID_MINIMAL["track"])
+    assert event.timestamp == RECEIVED
+
+
+def test_clock_skew_corrected_from_sent_at_and_original_timestamp():
+    # The client's clock is 1 h behind; the event happened 10 s before it was sent.
+    original = RECEIVED - timedelta(hours=1, seconds=10)
+    sent = RECEIVED - timedelta(hours=1)
+    event = parse({**VALID_MINIMAL["track"], "originalTimestamp": iso(original),
+                   "sentAt": iso(sent)})
+    assert event.timestamp == RECEIVED - timedelta(seconds=10)
+    assert event.to_dict()["timestamp"] == "2024-03-01T11:59:50.000Z"
+
+
+def test_client_timestamp_is_the_original_timestamp_when_sent_at_is_present():
+    # analytics.js sends `timestamp` (client clock) and `sentAt`: Segment treats the former
+    # as originalTimestamp and corrects it.
+    client = RECEIVED + timedelta(minutes=5, seconds=-3)   # client clock 5 min ahead
+    sent = RECEIVED + timedelta(minutes=5)
+    event = parse({**VALID_MINIMAL["track"], "timestamp": iso(client), "sentAt": iso(sent)})
+    assert event.timestamp == RECEIVED - timedelta(seconds=3)
+    assert event.originalTimestamp == client
+
+
+def test_explicit_timestamp_without_sent_at_is_kept():
+    historical = datetime(2019, 6, 1, 8, 30, 0, 123000, tzinfo=timezone.utc)
+    event = parse({**VALID_MINIMAL["track"], "timestamp": iso(historical)})
+    assert event.timestamp == historical
+    assert event.to_dict()["timestamp"] == "2019-06-01T08:30:00.123Z"
+
+
+def test_timestamp_with_offset_is_normalized_to_utc():
+    event = parse({**VALID_MINIMAL["track"], "timestamp": "2024-03-01T14:00:00+02:00"})
+    assert event.to_dict()["timestamp"] == "2024-03-01T12:00:00.000Z"
+
+
+def test_sent_at_alone_leaves_the_receive_time():
+    event = parse({**VALID_MINIMAL["track"], "sentAt": iso(RECEIVED - timedelta(hours=3))})
+    assert event.timestamp == RECEIVED
+
+
+@pytest.mark.parametrize("field", ["timestamp", "sentAt", "originalTimestamp"])
+def test_unparsable_timestamp_is_named(field):
+    error = problems_of({**VALID_MINIMAL["track"], field: "yesterday-ish"})
+    assert field in [name for name, _ in error.problems]
+
+
+def test_timestamps_without_offset_are_read_as_utc_everywhere():
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        event = parse({**VALID_MINIMAL["track"], "originalTimestamp": "2024-03-01T11:00:00",
+                       "sentAt": "2024-03-01T11:00:10"})
+        data = event.to_dict()
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+    assert data["timestamp"] == "2024-03-01T11:59:50.000Z"
+    assert data["originalTimestamp"] == "2024-03-01T11:00:00.000Z"
+    assert data["sentAt"] == "2024-03-01T11:00:10.000Z"
+
+
+def test_reparsing_normalized_output_keeps_the_timestamp():
+    first = parse({**VALID_MINIMAL["track"], "sentAt": iso(RECEIVED - timedelta(hours=1))})
+    again = parse(first.to_dict())
+    assert again.timestamp == first.timestamp
+
+
+# -- reserved properties ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["revenue", "value"])
+@pytest.mark.parametrize("given, expected", [
+    ("19.99", 19.99), (" 7 ", 7), ("-3.5", -3.5), ("1e3", 1000), (12, 12), (0.5, 0.5),
+])
+def test_numeric_strings_become_numbers(key, given, expected):
+    event = parse({**VALID_MINIMAL["track"], "properties": {key: given}})
+    assert event.properties[key] == expected
+    assert isinstance(event.properties[key], (int, float))
+    assert not isinstance(event.properties[key], bool)
+
+
+@pytest.mark.parametrize("key", ["revenue", "value"])
+@pytest.mark.parametrize("bad", ["abc", "", "19,99", "NaN", "Infinity", True, [1], {"a": 1}])
+def test_non_numeric_revenue_or_value_is_invalid_naming_the_property(key, bad):
+    error = problems_of({**VALID_MINIMAL["track"], "properties": {key: bad}})
+    assert f"properties.{key}" in [name for name, _ in error.problems]
+    assert f"properties.{key}" in str(error)
+
+
+@pytest.mark.parametrize("call_type", ["page", "screen"])
+def test_reserved_properties_are_normalized_on_page_and_screen(call_type):
+    event = parse({**VALID_MINIMAL[call_type], "properties": {"revenue": "5", "currency": "gbp"}})
+    assert event.properties == {"revenue": 5.0, "currency": "GBP"}
+
+
+def test_currency_is_upper_cased():
+    event = parse({**VALID_MINIMAL["track"], "properties": {"revenue": 1, "currency": " eur "}})
+    assert event.properties["currency"] == "EUR"
+
+
+@pytest.mark.parametrize("bad", ["EURO", "XYZ", "us", "", 978, ["USD"]])
+def test_invalid_currency_code_is_rejected(bad):
+    error = problems_of({**VALID_MINIMAL["track"], "properties": {"revenue": 1, "currency": bad}})
+    assert "properties.currency" in [name for name, _ in error.problems]
+
+
+def test_usd_is_assumed_when_revenue_has_no_currency():
+    event = parse({**VALID_MINIMAL["track"], "properties": {"revenue": "25.00"}})
+    assert event.properties == {"revenue": 25.0, "currency": "USD"}
+
+
+def test_no_currency_added_without_revenue():
+    event = parse({**VALID_MINIMAL["track"], "properties": {"value": 3}})
+    assert "currency" not in event.properties
+
+
+def test_fixture_order_completed_is_normalized():
+    raw = json.loads((FIXTURES / "order_completed.json").read_text())
+    event = parse(raw)
+    assert event.properties["revenue"] == 25.0
+    assert event.properties["currency"] == "EUR"
+    assert len(event.properties["products"]) == 2
+    assert event.messageId == "msg-order-50314b8e9bcf"
+
+
+# -- size limit ---------------------------------------------------------------------------------
+
+def padded_event(size: int) -> dict:
+    """A valid track event whose compact JSON serialization is exactly ``size`` bytes."""
+    raw = {**VALID_MINIMAL["track"], "properties": {"pad": ""}}
+    base = len(orjson.dumps(raw))
+    raw["properties"]["pad"] = "x" * (size - base)
+    assert len(orjson.dumps(raw)) == size
+    return raw
+
+
+def test_event_of_exactly_32_kb_is_accepted():
+    assert MAX_EVENT_BYTES == 32 * 1024
+    parse(padded_event(32 * 1024))
+
+
+def test_event_over_32_kb_is_invalid():
+    error = problems_of(padded_event(32 * 1024 + 1))
+    assert "32 KB" in str(error)
+
+
+def test_oversized_event_error_does_not_echo_it():
+    raw = padded_event(40 * 1024)
+    raw["properties"]["secret"] = CANARY
+    raw["properties"]["pad"] = raw["properties"]["pad"][:-len(CANARY) - 20]
+    assert CANARY not in str(problems_of(raw))
+
+
+# -- error hygiene ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    {"type": CANARY},
+    {"userId": {"token": CANARY}},
+    {"anonymousId": [CANARY]},
+    {"event": {"name": CANARY}},
+    {"timestamp": CANARY},
+    {"sentAt": CANARY},
+    {"originalTimestamp": CANARY},
+    {"messageId": [CANARY]},
+    {"properties": CANARY},
+    {"properties": {"revenue": CANARY}},
+    {"properties": {"value": CANARY}},
+    {"properties": {"currency": CANARY}},
+    {"context": [CANARY]},
+    {"traits": CANARY},
+    {"integrations": {"All": CANARY}},
+    {"integrations": CANARY},
+    {"version": {"v": CANARY}},
+], ids=lambda bad: next(iter(bad)))
+def test_errors_never_echo_input_values(bad):
+    raw = {**VALID_MINIMAL["track"], **bad}
+    error = problems_of(raw)
+    assert CANARY not in str(error)
+    assert CANARY not in repr(error)
+    assert all(CANARY not in field and CANARY not in message for field, message in error.problems)
+
+
+@pytest.mark.parametrize("all_value", ["false", 0, 1, None, {"x": 1}])
+def test_integrations_all_must_be_a_boolean(all_value):
+    error = problems_of({**VALID_MINIMAL["track"], "integrations": {"All": all_value}})
+    assert "integrations.All" in [name for name, _ in error.problems]
+
+
+@pytest.mark.parametrize("integrations", [None, {}, {"All": True}, {"All": False, "x": True},
+                                          {"Mixpanel": {"opt": 1}}])
+def test_valid_integrations_maps_are_accepted(integrations):
+    event = parse({**VALID_MINIMAL["track"], "integrations": integrations})
+    assert event.integrations == integrations
+
+
+# -- properties (hypothesis) ----------------------------------------------------------------------
+
+RESERVED_KEYS = {"type", "messageId", "timestamp", "receivedAt", "userId", "anonymousId", "event",
+                 "name", "groupId", "previousId", "properties", "traits", "context",
+                 "integrations", "originalTimestamp", "sentAt", "version", "writeKey"}
+
+ids = st.text(min_size=1, max_size=20).filter(lambda s: s.strip())
+json_scalars = (st.none() | st.booleans() | st.integers(-2**53, 2**53)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+plain_dicts = st.dictionaries(st.text(max_size=10).filter(lambda k: k not in
+                                                            ("revenue", "value", "currency")),
+                              json_values, max_size=4)
+moments = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2035, 1, 1),
+                       timezones=st.just(timezone.utc))
+finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12)
+
+
+@st.composite
+def valid_raw_events(draw):
+    call_type = draw(st.sampled_from(sorted(VALID_MINIMAL)))
+    raw: dict = {"type": call_type}
+    id_choice = draw(st.sampled_from(["user", "anon", "both"]))
+    if call_type == "alias" or id_choice in ("user", "both"):
+        raw["userId"] = draw(ids)
+    if id_choice in ("anon", "both"):
+        raw["anonymousId"] = draw(ids)
+    if call_type == "track":
+        raw["event"] = draw(ids)
+    if call_type == "group":
+        raw["groupId"] = draw(ids)
+    if call_type == "alias":
+        raw["previousId"] = draw(ids)
+    if call_type in ("track", "page", "screen") and draw(st.booleans()):
+        props = draw(plain_dicts)
+        if draw(st.booleans()):
+            props["revenue"] = draw(finite | finite.map(repr))
+        if draw(st.booleans()):
+            props["value"] = draw(finite | finite.map(str))
+        if draw(st.booleans()):
+            code = draw(st.sampled_from(sorted(ISO_4217_CODES)))
+            props["currency"] = draw(st.sampled_from([code, code.lower(), code.title()]))
+        raw["properties"] = props
+    if call_type in ("identify", "group") and draw(st.booleans()):
+        raw["traits"] = draw(plain_dicts)
+    if draw(st.booleans()):
+        raw["context"] = draw(plain_dicts)
+    if draw(st.booleans()):
+        raw["messageId"] = draw(ids)
+    if draw(st.booleans()):
+        raw["timestamp"] = iso(draw(moments))
+    if draw(st.booleans()):
+        raw["sentAt"] = iso(draw(moments))
+    if draw(st.booleans()):
+        raw["integrations"] = draw(st.dictionaries(
+            st.text(min_size=1, max_size=10).filter(lambda k: k != "All"),
+            st.booleans() | st.dictionaries(st.text(max_size=5), json_scalars, max_size=2),
+            max_size=3))
+        if draw(st.booleans()):
+            raw["integrations"]["All"] = draw(st.booleans())
+    extras = draw(st.dictionaries(st.text(min_size=1, max_size=10).map(lambda k: "x_" + k),
+                                  json_values, max_size=3))
+    raw.update(extras)
+    return raw
+
+
+try:  # the project's shared strategies widen what is drawn, when they are there
+    from router.testing.strategies import raw_events as shared_raw_events
+except ImportError:  # pragma: no cover - depends on the tree
+    shared_raw_events = None
+
+any_valid_raw_event = (valid_raw_events() if shared_raw_events is None
+                       else st.one_of(valid_raw_events(), shared_raw_events()))
+TIME_FIELDS = {"timestamp", "originalTimestamp", "sentAt", "receivedAt"}
+
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+WHOLE_EVENT_SETTINGS = settings(PROPERTY_SETTINGS, max_examples=120)  # whole events are costly
+
+
+@WHOLE_EVENT_SETTINGS
+@given(any_valid_raw_event)
+def test_any_valid_event_parses(raw):
+    event = parse(raw)
+    data = event.to_dict()
+    assert event.type == raw["type"]
+    assert event.receivedAt == RECEIVED
+    if raw.get("messageId"):
+        assert event.messageId == str(raw["messageId"])
+    else:
+        assert event.messageId
+    for key, value in raw.items():  # unknown top-level fields are kept as they came
+        if key not in RESERVED_KEYS and key not in ("category", "channel"):
+            assert data[key] == value
+    if event.type in ("track", "page", "screen"):
+        for key in ("revenue", "value"):
+            if event.properties.get(key) is not None:
+                assert isinstance(event.properties[key], (int, float))
+        if event.properties.get("currency") is not None:
+            assert event.properties["currency"] in ISO_4217_CODES
+        if event.properties.get("revenue") is not None:
+            assert "currency" in event.properties
+
+
+@WHOLE_EVENT_SETTINGS
+@given(any_valid_raw_event)
+def test_parsing_is_idempotent_on_its_own_output(raw):
+    first = parse(raw)
+    again = parse(first.to_dict())
+    assert again.messageId == first.messageId
+    assert again.type == first.type
+    assert (again.userId, again.anonymousId, again.groupId, again.previousId, again.event) == \
+        (first.userId, first.anonymousId, first.groupId, first.previousId, first.event)
+    assert again.properties == first.properties
+    assert again.traits == first.traits
+    assert again.context == first.context
+    assert again.integrations == first.integrations
+    without_times = lambda data: {k: v for k, v in data.items() if k not in TIME_FIELDS}  # noqa: E731
+    assert without_times(again.to_dict()) == without_times(first.to_dict())
+
+
+@PROPERTY_SETTINGS
+@given(st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(["revenue", "value"]))
+def test_revenue_string_of_any_float_is_that_number(number, key):
+    for text in (repr(number), str(number), f" {number!r} "):
+        event = parse({**VALID_MINIMAL["track"], "properties": {key: text}})
+        assert event.properties[key] == number
+    if key == "revenue":
+        assert event.properties["currency"] == "USD"
+
+
+@PROPERTY_SETTINGS
+@given(st.text(max_size=6).filter(lambda s: s.strip().upper() not in ISO_4217_CODES))
+def test_anything_but_an_iso_code_is_refused_as_currency(code):
+    error = problems_of({**VALID_MINIMAL["track"], "properties": {"currency": code}})
+    assert "properties.currency" in [name for name, _ in error.problems]

@@ -1,0 +1,417 @@
+"""The embedding API (contract, "What it is", user 1): ``async with Router(...)`` and
+``await router.route(event)``, with ``memory://`` storage and delivery off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from router import (Destination, EventRejected, HttpRequest, Payload, SkipEvent, hookimpl,
+                    parse_event)
+from router.config import parse_config
+from router.registry import create_registry
+from router.routing import Router, Status
+
+LOUD_SECRET = "sk_live_CANARY_1e0f"
+
+
+class ProbeSettings(BaseModel):
+    behaviour: str = "echo"
+    token: SecretStr = SecretStr("")
+
+
+class Probe(Destination[ProbeSettings]):
+    """A test destination: echoes what it gets, or misbehaves as its settings say."""
+
+    plugin_name = "probe"
+    Settings = ProbeSettings
+
+    def translate(self, event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        behaviour = self.settings.behaviour
+        if behaviour == "crash" and event.event == "Crash Me":
+            raise RuntimeError(f"unexpected failure with {LOUD_SECRET}")
+        if behaviour == "crash" and event.event == "Leak":
+            raise ValueError(f"GET https://api.example/?key={self.settings.token.get_secret_value()}")
+        if behaviour == "crash" and event.event == "Key Error":
+            raise KeyError("properties")
+        if behaviour == "reject":
+            raise EventRejected("the vendor refuses events named " + repr(event.event))
+        if behaviour == "skip":
+            raise SkipEvent("probe has no meaning for this event")
+        if behaviour == "nothing":
+            return []
+        if behaviour == "decimal" and event.event == "Decimal":
+            return [Payload({"revenue": Decimal("19.99")})]  # a plugin bug: not JSON data
+        return [Payload({"event": event.event, "type": event.type,
+                         "properties": dict(event.properties), "options": dict(options),
+                         "messageId": event.messageId})]
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        return HttpRequest.json("POST", "https://probe.example/in", [p.body for p in payloads])
+
+
+class ProbePlugin:
+    @hookimpl
+    def router_register_destinations(self, register):
+        register(Probe)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_plugin_warnings():
+    logging.getLogger("router.plugins").setLevel(logging.ERROR)
+    yield
+    logging.getLogger("router.plugins").setLevel(logging.NOTSET)
+
+
+def make_router(destinations: str, *, storage: str = "memory://", dedup: str = "") -> Router:
+    text = f"storage: {storage}\n{dedup}destinations:\n" + textwrap.indent(
+        textwrap.dedent(destinations).strip("\n"), "  ") + "\n"
+    registry = create_registry(extra_plugins=(ProbePlugin(),))
+    return Router(parse_config(text, env={}), registry=registry, deliver=False)
+
+
+STANDARD = """
+    - name: Hook
+      plugin: webhook
+      settings: {url: "https://hooks.example/all"}
+    - name: Orders
+      plugin: webhook
+      filter:
+        types: [track]
+        events: ["Order *"]
+      settings: {url: "https://hooks.example/orders"}
+    - name: Audit
+      plugin: probe
+      default_on: false
+    - name: Identities
+      plugin: probe
+      filter:
+        types: [identify, alias]
+    - name: Muted
+      plugin: probe
+      enabled: false
+"""
+
+
+def track(name: str = "Signed Up", **extra) -> dict:
+    return {"type": "track", "event": name, "userId": "u-1", **extra}
+
+
+def statuses(result) -> dict[str, str]:
+    return {r.destination: str(r.status) for r in result.results}
+
+
+async def pending(router: Router) -> dict[str, int]:
+    stats = await router.storage.stats(now=time.time())
+    return {name: queue.pending for name, queue in stats.queues.items() if queue.pending}
+
+
+# -- per-destination decisions -----------------------------------------------------------------------
+
+async def test_route_reports_every_enabled_destination():
+    async with make_router(STANDARD) as router:
+        result = await router.route(track("Signed Up", messageId="m-1"))
+    assert result.message_id == "m-1"
+    assert not result.invalid and not result.duplicate
+    assert statuses(result) == {"Hook": "send", "Orders": "skipped", "Audit": "skipped",
+                                "Identities": "skipped"}
+    assert "Signed Up" in result.status_of("Orders").reason          # filter reason
+    assert "default" in result.status_of("Audit").reason             # off by default
+    assert "identify" in result.status_of("Identities").reason      # filter on call type
+
+
+async def test_filter_passes_matching_events():
+    async with make_router(STANDARD) as router:
+        result = await router.route(track("Order Completed", properties={"revenue": 5}))
+        identify = await router.route({"type": "identify", "userId": "u-1"})
+    assert statuses(result)["Orders"] == "send"
+    assert statuses(identify) == {"Hook": "send", "Orders": "skipped", "Audit": "skipped",
+                                  "Identities": "send"}
+
+
+async def test_integrations_map_decides_with_a_reason():
+    async with make_router(STANDARD) as router:
+        result = await router.route(track("Order Completed",
+                                          integrations={"All": False, "audit": {"tier": 2}}))
+        named_off = await router.route(track("Order Completed", integrations={"HOOK": False}))
+    assert statuses(result) == {"Hook": "skipped", "Orders": "skipped", "Audit": "send",
+                                "Identities": "skipped"}
+    assert "All" in result.status_of("Hook").reason
+    assert result.status_of("Audit").payloads[0].body["options"] == {"tier": 2}
+    assert statuses(named_off)["Hook"] == "skipped"
+    assert "integrations" in named_off.status_of("Hook").reason
+    assert statuses(named_off)["Orders"] == "send"
+
+
+async def test_default_on_false_needs_the_event_to_name_it():
+    async with make_router(STANDARD) as router:
+        assert statuses(await router.route(track(integrations={"All": True})))["Audit"] == \
+            "skipped"
+        assert statuses(await router.route(track(integrations={"Audit": True})))["Audit"] == \
+            "send"
+        assert statuses(await router.route(track(integrations={"Audit": False})))["Audit"] == \
+            "skipped"
+
+
+async def test_disabled_destination_gets_nothing():
+    async with make_router(STANDARD) as router:
+        result = await router.route(track(integrations={"Muted": True}))
+    assert "Muted" not in statuses(result)
+
+
+async def test_route_accepts_an_already_parsed_event():
+    async with make_router(STANDARD) as router:
+        result = await router.route(parse_event(track(messageId="pre-1")))
+    assert result.message_id == "pre-1"
+    assert statuses(result)["Hook"] == "send"
+
+
+# -- invalid and duplicate -----------------------------------------------------------------------------
+
+async def test_invalid_event_is_reported_with_its_reason():
+    async with make_router(STANDARD) as router:
+        result = await router.route({"type": "track", "userId": "u-1", "messageId": "bad-1"})
+        assert await pending(router) == {}
+    assert result.invalid
+    assert result.message_id == "bad-1"
+    (only,) = result.results
+    assert only.destination is None and only.status is Status.INVALID
+    assert "event" in only.reason
+
+
+async def test_event_over_32_kb_is_invalid_through_route():
+    async with make_router(STANDARD) as router:
+        result = await router.route(track(properties={"blob": "x" * (33 * 1024)}))
+    assert result.invalid
+    assert "32 KB" in result.results[0].reason
+
+
+async def test_repeated_message_id_is_a_duplicate_for_every_destination():
+    async with make_router(STANDARD) as router:
+        first = await router.route(track("Order Completed", messageId="m-dup"))
+        queued = await pending(router)
+        second = await router.route(track("Order Completed", messageId="m-dup"))
+        other_source = await router.route(track("Order Completed", messageId="m-dup"),
+                                          source="ios")
+        assert await pending(router) == {name: 2 * count for name, count in queued.items()}
+    assert statuses(first)["Hook"] == "send"
+    assert second.duplicate
+    assert set(statuses(second).values()) == {"duplicate"}
+    assert "m-dup" in second.results[0].reason
+    assert statuses(other_source)["Hook"] == "send"
+
+
+async def test_duplicate_after_restart_with_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'router.db'}"
+    async with make_router(STANDARD, storage=url) as router:
+        assert statuses(await router.route(track(messageId="m-keep")))["Hook"] == "send"
+    async with make_router(STANDARD, storage=url) as router:
+        again = await router.route(track(messageId="m-keep"))
+        assert again.duplicate
+        assert (await pending(router))["Hook"] == 1
+
+
+async def test_dedup_window_from_the_config_is_used():
+    async with make_router(STANDARD, dedup="dedup:\n  window: 1ms\n") as router:
+        assert router.window == pytest.approx(0.001)
+        await router.route(track(messageId="m-short"))
+        time.sleep(0.01)
+        again = await router.route(track(messageId="m-short"))
+    assert not again.duplicate
+
+
+async def test_route_many_keeps_neighbours_of_an_invalid_event():
+    events = [track("Order Completed", messageId="a"),
+              {"type": "track", "userId": "u-1", "messageId": "b"},          # no event name
+              {"type": "identify", "userId": "u-2", "messageId": "c"},
+              track("Order Completed", messageId="a")]                       # repeat of the first
+    async with make_router(STANDARD) as router:
+        results = await router.route_many(events)
+        queued = await pending(router)
+    assert [r.message_id for r in results] == ["a", "b", "c", "a"]
+    assert [r.invalid for r in results] == [False, True, False, False]
+    assert statuses(results[0]) == {"Hook": "send", "Orders": "send", "Audit": "skipped",
+                                    "Identities": "skipped"}
+    assert results[1].results[0].status is Status.INVALID
+    assert statuses(results[2])["Identities"] == "send"
+    assert results[3].duplicate
+    assert queued == {"Hook": 2, "Orders": 1, "Identities": 1}
+
+
+async def test_route_many_with_a_non_object_in_the_middle():
+    async with make_router(STANDARD) as router:
+        results = await router.route_many([track(messageId="x1"), "not an event",
+                                           track(messageId="x2")])
+        assert (await pending(router))["Hook"] == 2
+    assert [r.invalid for r in results] == [False, True, False]
+
+
+# -- misbehaving destinations ----------------------------------------------------------------------
+
+MISBEHAVING = """
+    - name: Hook
+      plugin: webhook
+      settings: {url: "https://hooks.example/all"}
+    - name: Crashy
+      plugin: probe
+      settings: {behaviour: crash}
+    - name: Picky
+      plugin: probe
+      settings: {behaviour: reject}
+    - name: Bored
+      plugin: probe
+      settings: {behaviour: skip}
+    - name: Quiet
+      plugin: probe
+      settings: {behaviour: nothing}
+"""
+
+
+async def test_plugin_crash_in_translate_is_invalid_for_that_destination_only():
+    async with make_router(MISBEHAVING) as router:
+        crash = await router.route(track("Crash Me", messageId="c-1"))
+        key_error = await router.route(track("Key Error", messageId="c-2"))
+        fine = await router.route(track("Fine", messageId="c-3"))
+        queued = await pending(router)
+    assert statuses(crash) == {"Hook": "send", "Crashy": "invalid", "Picky": "invalid",
+                               "Bored": "skipped", "Quiet": "skipped"}
+    reason = crash.status_of("Crashy").reason
+    assert "probe" in reason and "RuntimeError" in reason
+    assert LOUD_SECRET not in reason
+    assert statuses(key_error)["Crashy"] == "invalid"
+    assert statuses(fine)["Crashy"] == "send"
+    assert queued == {"Hook": 3, "Crashy": 1}
+
+
+async def test_a_crashing_plugin_does_not_log_its_settings_secrets(caplog):
+    async with make_router(f"""
+        - name: Crashy
+          plugin: probe
+          settings: {{behaviour: crash, token: "{LOUD_SECRET}"}}
+    """) as router:
+        with caplog.at_level(logging.DEBUG):
+            result = await router.route(track("Leak"))
+    assert result.status_of("Crashy").status is Status.INVALID
+    assert LOUD_SECRET not in result.status_of("Crashy").reason
+    assert LOUD_SECRET not in caplog.text
+
+
+async def test_a_plugin_returning_non_json_costs_only_its_own_event():
+    async with make_router("""
+        - name: Hook
+          plugin: webhook
+          settings: {url: "https://hooks.example/all"}
+        - name: Sloppy
+          plugin: probe
+          settings: {behaviour: decimal}
+    """) as router:
+        results = await router.route_many([track("Fine", messageId="n-1"),
+                                           track("Decimal", messageId="n-2"),
+                                           track("Fine", messageId="n-3")])
+        queued = await pending(router)
+    assert [statuses(r)["Hook"] for r in results] == ["send", "send", "send"]
+    assert statuses(results[1])["Sloppy"] == "invalid"
+    assert queued == {"Hook": 3, "Sloppy": 2}
+
+
+async def test_rejected_and_skipped_events_carry_the_plugin_reason():
+    async with make_router(MISBEHAVING) as router:
+        result = await router.route(track("Fine"))
+    assert "refuses events named 'Fine'" in result.status_of("Picky").reason
+    assert result.status_of("Bored").reason == "probe has no meaning for this event"
+    assert result.status_of("Quiet").reason
+
+
+# -- mapping overrides -----------------------------------------------------------------------------
+
+MAPPED = """
+    - name: Mapped
+      plugin: probe
+      mapping:
+        event_names:
+          Signed Up: signup
+          Order Completed: purchase
+        properties:
+          total_cents: "{{ (event.properties.revenue * 100) | int }}"
+          label: "{{ event.event | upper }}"
+    - name: Plain
+      plugin: probe
+"""
+
+
+async def test_mapping_event_names_and_properties_are_applied():
+    async with make_router(MAPPED) as router:
+        result = await router.route(track("Order Completed", properties={"revenue": "25.50",
+                                                                          "sku": "A"}))
+        unmapped = await router.route(track("Viewed", properties={"revenue": 1}))
+    mapped = result.status_of("Mapped").payloads[0].body
+    assert mapped["event"] == "purchase"
+    assert mapped["properties"]["total_cents"] == "2550"
+    assert mapped["properties"]["label"] == "ORDER COMPLETED"
+    assert mapped["properties"]["sku"] == "A" and mapped["properties"]["revenue"] == 25.5
+    plain = result.status_of("Plain").payloads[0].body
+    assert plain["event"] == "Order Completed"
+    assert "total_cents" not in plain["properties"]
+    assert unmapped.status_of("Mapped").payloads[0].body["event"] == "Viewed"
+
+
+async def test_mapping_template_failure_is_invalid_for_that_destination():
+    async with make_router(MAPPED) as router:
+        result = await router.route({"type": "identify", "userId": "u-1"})  # no revenue
+    assert result.status_of("Mapped").status is Status.INVALID
+    assert "mapping.properties" in result.status_of("Mapped").reason
+    assert result.status_of("Plain").status is Status.SEND
+
+
+async def test_mapping_on_the_webhook_changes_the_body_it_sends():
+    async with make_router("""
+        - name: Hook
+          plugin: webhook
+          settings: {url: "https://hooks.example/in"}
+          mapping:
+            event_names: {Signed Up: signup}
+    """) as router:
+        result = await router.route(track("Signed Up", messageId="w-1"))
+        (request,) = router.requests_for(result.status_of("Hook"))
+    body = json.loads(request.body)
+    assert body["event"] == "signup" and body["messageId"] == "w-1"
+
+
+# -- what is queued ----------------------------------------------------------------------------------
+
+async def test_queued_jobs_are_in_storage_after_route():
+    async with make_router(STANDARD) as router:
+        assert await pending(router) == {}
+        await router.route(track("Order Completed", messageId="q-1",
+                                 properties={"revenue": "9.5"}))
+        await router.route({"type": "identify", "userId": "u-9", "messageId": "q-2"})
+        assert await pending(router) == {"Hook": 2, "Orders": 1, "Identities": 1}
+        jobs = await router.storage.lease("Orders", 10, now=time.time() + 1, lease_for=60)
+    (job,) = jobs
+    assert job.message_id == "q-1" and job.user_key == "u-1"
+    body = json.loads(job.body)
+    assert body["event"] == "Order Completed"
+    assert body["properties"] == {"revenue": 9.5, "currency": "USD"}
+
+
+async def test_nothing_is_queued_for_skipped_or_invalid_destinations():
+    async with make_router(MISBEHAVING) as router:
+        await router.route(track("Fine"))
+        assert set(await pending(router)) == {"Hook", "Crashy"}
+
+
+async def test_plan_touches_no_storage():
+    router = make_router(STANDARD)
+    result = router.plan(track(messageId="p-1"))
+    assert statuses(result)["Hook"] == "send"
+    async with router:
+        assert await pending(router) == {}
+        assert statuses(await router.route(track(messageId="p-1")))["Hook"] == "send"

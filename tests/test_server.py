@@ -1,0 +1,916 @@
+"""The HTTP ingest API end to end: real HTTP on 127.0.0.1, a real Router and storage, and a
+webhook destination pointing at a recording server, so "accepted" is checked all the way to
+what the destination receives.
+
+Sections follow the rules of docs/http-api.md: endpoints, auth, body limits and encodings,
+hostile input, batches, duplicates, CORS, health, metrics, access log, shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gzip
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from router.config import parse_config
+from router.errors import StorageFull
+from router.routing import Router
+from router.server import body as body_module
+from router.server import auth as auth_module
+from router.server.app import create_app, create_runner
+from router.server.auth import WriteKeys
+from router.server.body import GzipDecoder
+from router.server.problems import Problem
+
+FIXTURES = Path(__file__).parent / "fixtures" / "events"
+REPO = Path(__file__).resolve().parent.parent
+WEB_KEY, WEB_KEY_2, MOBILE_KEY = "wk-web-CANARY-1", "wk-web-CANARY-2", "wk-mobile-CANARY-3"
+LIMIT = 500 * 1024
+
+
+def basic(user: str, password: str | None = "") -> str:
+    """An Authorization header value; ``password=None`` leaves the colon out."""
+    credentials = user if password is None else f"{user}:{password}"
+    return "Basic " + base64.b64encode(credentials.encode()).decode()
+
+
+# -- a destination that records what it receives ----------------------------------------------
+
+@dataclass
+class Recorder:
+    url: str = ""
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            assert time.monotonic() < deadline, \
+                f"the destination got {len(self.received)} of {count} events"
+            await asyncio.sleep(0.02)
+        return self.received
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [event["messageId"] for event in self.received]
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    record = Recorder()
+
+    async def hook(request: web.Request) -> web.Response:
+        record.received.append(await request.json())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    record.url = f"http://127.0.0.1:{port}/hook"
+    yield record
+    await runner.cleanup()
+
+
+# -- the router and its HTTP API ----------------------------------------------------------------
+
+def config_text(hook_url: str, *, storage: str = "memory://", sources: str | None = None,
+                server: str = "") -> str:
+    if sources is None:
+        sources = (f'sources:\n  - name: web\n    write_keys: ["{WEB_KEY}", "{WEB_KEY_2}"]\n'
+                   f'  - name: mobile\n    write_keys: ["{MOBILE_KEY}"]\n')
+    return (f"server:\n  host: 127.0.0.1\n  port: 0\n  shutdown_grace: 5s\n{server}"
+            f"storage: {storage}\n{sources}"
+            "egress:\n  allow_private_addresses: true\n"
+            "destinations:\n  - name: hook\n    plugin: webhook\n"
+            f'    settings: {{url: "{hook_url}"}}\n')
+
+
+@dataclass
+class Ingest:
+    url: str
+    port: int
+    router: Router
+    session: aiohttp.ClientSession
+
+    async def post(self, path: str, body: Any = None, *, data: Any = None,
+                   key: str | None = WEB_KEY, headers: dict[str, str] | None = None
+                   ) -> tuple[int, Any, Any]:
+        """POST ``body`` as JSON (or ``data`` as it is); returns status, JSON answer, headers."""
+        sent = dict(headers or {})
+        if key is not None:
+            sent.setdefault("Authorization", basic(key))
+        payload = json.dumps(body).encode() if data is None else data
+        async with self.session.post(self.url + path, data=payload, headers=sent) as response:
+            text = await response.text()
+            answer = json.loads(text) if text else None
+            return response.status, answer, response.headers
+
+    async def metrics(self) -> str:
+        async with self.session.get(self.url + "/metrics") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return await response.text()
+
+    async def stats(self) -> Any:
+        return await self.router.storage.stats(now=time.time())
+
+
+StartServer = Callable[..., Awaitable[Ingest]]
+
+
+@pytest.fixture
+async def start_server(recorder: Recorder) -> AsyncIterator[StartServer]:
+    """Starts router + API (``deliver`` as asked) with a config from ``config_text``."""
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    async def start(*, deliver: bool = True, **config: Any) -> Ingest:
+        loaded = parse_config(config_text(recorder.url, **config), file="test.yaml", env={})
+        router = Router(loaded, deliver=deliver)
+        await router.start()
+        cleanups.append(router.close)
+        runner = create_runner(create_app(router))
+        await runner.setup()
+        cleanups.append(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        ingest = Ingest(f"http://127.0.0.1:{port}", port, router, aiohttp.ClientSession())
+        cleanups.append(lambda: ingest.session.close())  # the session a test may replace
+        return ingest
+
+    yield start
+    for cleanup in reversed(cleanups):
+        await cleanup()
+
+
+@pytest.fixture
+async def ingest(start_server: StartServer) -> Ingest:
+    return await start_server()
+
+
+def track(message_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    event = {"type": "track", "event": "Signed Up", "userId": "u-1",
+             "properties": {"plan": "pro"}, **fields}
+    if message_id:
+        event["messageId"] = message_id
+    return event
+
+
+async def raw_request(port: int, data: bytes, *, send_after: bytes = b"",
+                      pause: float = 0.0, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Bytes on a socket, for what an HTTP client library will not send. Returns the status
+    and the body of the (first final) answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if pause:
+            await asyncio.sleep(pause)
+        if send_after:
+            writer.write(send_after)
+            await writer.drain()
+        while True:
+            status_line = await asyncio.wait_for(reader.readline(), timeout)
+            status = int(status_line.split()[1])
+            headers: dict[str, str] = {}
+            while (line := await asyncio.wait_for(reader.readline(), timeout)) \
+                    not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if status != 100:
+                break
+        length = int(headers.get("content-length", "0"))
+        return status, await asyncio.wait_for(reader.readexactly(length), timeout)
+    finally:
+        writer.close()
+
+
+# == endpoints ====================================================================================
+
+async def test_track_is_durable_then_delivered_with_the_same_message_id(
+        ingest: Ingest, recorder: Recorder) -> None:
+    status, answer, _ = await ingest.post("/v1/track", track("m-track-1"))
+    assert (status, answer) == (200, {"success": True})
+    (delivered,) = await recorder.wait_for(1)
+    assert delivered["messageId"] == "m-track-1"
+    assert delivered["type"] == "track" and delivered["event"] == "Signed Up"
+    assert "receivedAt" in delivered
+
+
+@pytest.mark.parametrize("path, call_type, event", [
+    ("/v1/identify", "identify", {"userId": "u-1", "traits": {"email": "a@example.com"}}),
+    ("/v1/i", "identify", {"userId": "u-1", "traits": {"plan": "pro"}}),
+    ("/v1/t", "track", {"userId": "u-1", "event": "Clicked"}),
+    ("/v1/page", "page", {"anonymousId": "a-1", "name": "Pricing"}),
+    ("/v1/p", "page", {"anonymousId": "a-1", "name": "Home"}),
+    ("/v1/screen", "screen", {"userId": "u-1", "name": "Settings"}),
+    ("/v1/s", "screen", {"userId": "u-1", "name": "Main"}),
+    ("/v1/group", "group", {"userId": "u-1", "groupId": "g-1"}),
+    ("/v1/g", "group", {"userId": "u-1", "groupId": "g-2"}),
+    ("/v1/alias", "alias", {"userId": "u-1", "previousId": "a-1"}),
+    ("/v1/a", "alias", {"userId": "u-2", "previousId": "a-2"}),
+])
+async def test_each_call_path_sets_the_type(ingest: Ingest, recorder: Recorder, path: str,
+                                            call_type: str, event: dict[str, Any]) -> None:
+    # The body claims another type: the path decides, as in Segment's API.
+    status, answer, _ = await ingest.post(path, {**event, "type": "track", "messageId": path})
+    assert (status, answer) == (200, {"success": True})
+    (delivered,) = await recorder.wait_for(1)
+    assert delivered["type"] == call_type and delivered["messageId"] == path
+
+
+async def test_analytics_next_style_batch_on_v1_b(ingest: Ingest, recorder: Recorder) -> None:
+    """analytics.js batching: text/plain, writeKey in the body and repeated in each event."""
+    body = {"writeKey": WEB_KEY, "sentAt": "2026-01-01T00:00:10.000Z", "batch": [
+        {"type": "track", "event": "A", "anonymousId": "a-1", "messageId": "b-1",
+         "writeKey": WEB_KEY, "timestamp": "2026-01-01T00:00:00.000Z"},
+        {"type": "page", "anonymousId": "a-1", "messageId": "b-2", "writeKey": WEB_KEY},
+    ]}
+    status, answer, _ = await ingest.post("/v1/b", body, key=None,
+                                          headers={"Content-Type": "text/plain"})
+    assert (status, answer) == (200, {"success": True})
+    delivered = await recorder.wait_for(2)
+    assert sorted(recorder.message_ids) == ["b-1", "b-2"]
+    assert all("writeKey" not in event for event in delivered)
+    assert WEB_KEY not in json.dumps(delivered)
+
+
+async def test_fixture_batch_rejects_the_invalid_event_alone(
+        ingest: Ingest, recorder: Recorder) -> None:
+    body = json.loads((FIXTURES / "batch.json").read_text())
+    status, answer, _ = await ingest.post("/v1/batch", body)
+    assert status == 200 and answer["success"] is True
+    (rejected,) = answer["rejected"]
+    assert rejected["index"] == 1 and "event" in rejected["reason"]
+    delivered = await recorder.wait_for(3)
+    await asyncio.sleep(0.2)
+    assert len(recorder.received) == 3
+    assert sorted(event["type"] for event in delivered) == ["page", "track", "track"]
+    # The batch's context and sentAt are each event's defaults.
+    assert all(event["context"]["library"]["name"] == "analytics-node" for event in delivered)
+    assert all(event["sentAt"].startswith("2026-11-20T14:03:12") for event in delivered)
+
+
+async def test_sqlite_storage_accepts_and_delivers(start_server: StartServer,
+                                                   recorder: Recorder, tmp_path: Path) -> None:
+    ingest = await start_server(storage=f"sqlite:///{tmp_path}/router.db")
+    events = [track(f"sq-{n}") for n in range(20)]
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": events})
+    assert (status, answer) == (200, {"success": True})
+    await recorder.wait_for(20)
+    assert sorted(recorder.message_ids) == sorted(f"sq-{n}" for n in range(20))
+
+
+async def test_unknown_path_and_method_are_json_errors(ingest: Ingest) -> None:
+    async with ingest.session.get(ingest.url + "/v1/nothing") as response:
+        assert response.status == 404
+        assert (await response.json())["success"] is False
+    async with ingest.session.get(ingest.url + "/v1/track") as response:
+        assert response.status == 405
+        assert "POST" in response.headers["Allow"]
+
+
+# == auth =========================================================================================
+
+@pytest.mark.parametrize("authorization", [
+    basic(WEB_KEY),                       # key:
+    basic(WEB_KEY, None),                 # key without the colon
+    basic(WEB_KEY_2),                     # a source's second key
+    basic(WEB_KEY, "ignored-password"),   # the password part is not checked, as in Segment
+    "basic " + base64.b64encode(f"{WEB_KEY}:".encode()).decode().rstrip("="),  # no padding
+])
+async def test_accepted_authorization_headers(ingest: Ingest, authorization: str) -> None:
+    status, answer, _ = await ingest.post("/v1/track", track(), key=None,
+                                          headers={"Authorization": authorization})
+    assert (status, answer) == (200, {"success": True})
+
+
+async def test_write_key_in_the_body(ingest: Ingest) -> None:
+    status, answer, _ = await ingest.post("/v1/track", {**track(), "writeKey": MOBILE_KEY},
+                                          key=None)
+    assert (status, answer) == (200, {"success": True})
+
+
+@pytest.mark.parametrize("authorization, body_key", [
+    (None, None),                                             # no key at all
+    (basic("wrong-key"), None),                               # unknown key
+    (basic(WEB_KEY + "x"), None),                             # near miss
+    (basic(""), None),                                        # empty user name
+    (basic(":" + WEB_KEY, None), None),                       # key in the password field
+    ("Basic !!!not-base64!!!", None),                         # bad base64
+    ("Basic " + base64.b64encode(b"\xff\xfe\xfd:").decode(), None),  # not UTF-8
+    ("Bearer " + WEB_KEY, None),                              # another scheme
+    ("Basic", None),                                          # no credentials
+    (None, "wrong-key"),                                      # wrong key in the body
+    (None, 12345),                                            # not a string
+    (None, ""),                                               # empty
+    (basic("wrong-key"), WEB_KEY),                            # a bad header is not rescued
+])
+async def test_refused_keys_get_one_identical_401(ingest: Ingest, recorder: Recorder,
+                                                  authorization: str | None,
+                                                  body_key: Any) -> None:
+    body = track() if body_key is None else {**track(), "writeKey": body_key}
+    headers = {} if authorization is None else {"Authorization": authorization}
+    status, answer, _ = await ingest.post("/v1/track", body, key=None, headers=headers)
+    assert status == 401
+    assert answer == {"success": False, "error": "missing or invalid write key",
+                      "code": "unauthorized", "message": "missing or invalid write key"}
+    assert (await ingest.stats()).dedup_entries == 0
+
+
+async def test_non_utf8_header_bytes_get_401(ingest: Ingest) -> None:
+    body = json.dumps(track()).encode()
+    head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic \xff\xfe\xe9t\xe9\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+    status, answer = await raw_request(ingest.port, head + body)
+    assert status == 401 and json.loads(answer)["code"] == "unauthorized"
+
+
+async def test_source_of_the_key_is_the_dedup_scope(ingest: Ingest, recorder: Recorder) -> None:
+    for key in (WEB_KEY, WEB_KEY_2, MOBILE_KEY):
+        status, _, _ = await ingest.post("/v1/track", track("same-id"), key=key)
+        assert status == 200
+    # web's two keys are one source: one copy for web, one for mobile.
+    await recorder.wait_for(2)
+    await asyncio.sleep(0.3)
+    assert recorder.message_ids == ["same-id", "same-id"]
+    text = await ingest.metrics()
+    assert 'router_ingest_events_total{source="web",type="track",outcome="accepted"} 1' in text
+    assert 'router_ingest_events_total{source="web",type="track",outcome="duplicate"} 1' in text
+    assert 'router_ingest_events_total{source="mobile",type="track",outcome="accepted"} 1' in text
+
+
+def test_keys_are_compared_as_digests_with_compare_digest_and_no_early_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = parse_config(config_text("http://127.0.0.1:9/hook"), env={}).config
+    keys = WriteKeys(config.sources)
+    calls: list[tuple[bytes, bytes]] = []
+    compare = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return compare(a, b)
+
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
+    for presented, expected in ((WEB_KEY, "web"), (MOBILE_KEY, "mobile"), ("nope", None)):
+        calls.clear()
+        if expected is None:
+            with pytest.raises(Problem) as refused:
+                keys.source_for(presented)
+            assert refused.value.status == 401
+        else:
+            assert keys.source_for(presented) == expected
+        # Every configured key is compared every time, match or not, first key or last.
+        assert len(calls) == 3
+        digest = hashlib.sha256(presented.encode()).digest()
+        assert all(len(a) == len(b) == 32 for a, b in calls)
+        assert all(b == digest for _, b in calls)
+        assert all(presented.encode() not in (a, b) for a, b in calls)
+
+
+async def test_no_sources_refuses_everything_and_says_so(start_server: StartServer,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        ingest = await start_server(sources="sources: []\n")
+    assert any("no sources are configured" in r.getMessage() for r in caplog.records)
+    for body in (track(), {**track(), "writeKey": WEB_KEY}):
+        status, answer, _ = await ingest.post("/v1/track", body)
+        assert status == 401 and answer["code"] == "unauthorized"
+
+
+# == body: size, encoding =========================================================================
+
+async def test_gzip_body_is_accepted(ingest: Ingest, recorder: Recorder) -> None:
+    data = gzip.compress(json.dumps({"batch": [track("gz-1"), track("gz-2")]}).encode())
+    status, answer, _ = await ingest.post("/v1/batch", data=data,
+                                          headers={"Content-Encoding": "gzip"})
+    assert (status, answer) == (200, {"success": True})
+    await recorder.wait_for(2)
+    assert sorted(recorder.message_ids) == ["gz-1", "gz-2"]
+
+
+async def test_concatenated_gzip_members_are_one_body(ingest: Ingest) -> None:
+    text = json.dumps(track("gz-members")).encode()
+    data = gzip.compress(text[:10]) + gzip.compress(text[10:])
+    status, _, _ = await ingest.post("/v1/track", data=data,
+                                     headers={"Content-Encoding": "x-gzip"})
+    assert status == 200
+
+
+def _gzip_bomb(inflated: int) -> bytes:
+    """``inflated`` zero bytes, gzipped (about 1000:1), built without holding them."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(1 << 20)
+    parts = [compressor.compress(chunk) for _ in range(inflated >> 20)]
+    return b"".join(parts) + compressor.flush()
+
+
+async def test_gzip_bomb_is_cut_at_the_limit(ingest: Ingest) -> None:
+    bomb = _gzip_bomb(200 << 20)  # 200 MB of zeros in about 200 KB
+    assert len(bomb) < LIMIT
+    started = time.monotonic()
+    status, answer, _ = await ingest.post("/v1/batch", data=bomb,
+                                          headers={"Content-Encoding": "gzip"})
+    assert status == 413 and answer["code"] == "request_too_large"
+    assert time.monotonic() - started < 5
+    assert (await ingest.stats()).dedup_entries == 0
+
+
+def test_gzip_decoder_never_inflates_past_the_limit() -> None:
+    bomb = _gzip_bomb(64 << 20)
+    decoder = GzipDecoder(LIMIT)
+    produced = 0
+    with pytest.raises(Problem) as refused:
+        for offset in range(0, len(bomb), 1024):
+            produced += len(decoder.feed(bomb[offset:offset + 1024]))
+    assert refused.value.status == 413
+    assert produced <= LIMIT
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"\x1f\x8b\x08\x00garbage-not-deflate", "invalid_gzip"),
+    (gzip.compress(json.dumps(track()).encode())[:-12], "invalid_gzip"),   # truncated
+    (json.dumps(track()).encode(), "invalid_gzip"),                        # plain JSON
+    (gzip.compress(gzip.compress(json.dumps(track()).encode())), "invalid_utf8"),  # nested
+])
+async def test_broken_gzip_is_400(ingest: Ingest, data: bytes, code: str) -> None:
+    status, answer, _ = await ingest.post("/v1/track", data=data,
+                                          headers={"Content-Encoding": "gzip"})
+    assert status == 400 and answer["code"] == code
+
+
+@pytest.mark.parametrize("encoding", ["deflate", "br", "zstd", "gzip, gzip", "compress"])
+async def test_other_encodings_are_415(ingest: Ingest, encoding: str) -> None:
+    status, answer, _ = await ingest.post("/v1/track", data=zlib.compress(b"{}"),
+                                          headers={"Content-Encoding": encoding})
+    assert status == 415 and answer["code"] == "unsupported_encoding"
+
+
+async def test_body_over_the_limit_with_content_length_is_413(ingest: Ingest) -> None:
+    events = [track(f"big-{n}", properties={"pad": "x" * 1000}) for n in range(600)]
+    data = json.dumps({"batch": events}).encode()
+    assert len(data) > LIMIT
+    status, answer, _ = await ingest.post("/v1/batch", data=data)
+    assert status == 413 and answer["code"] == "request_too_large"
+    assert (await ingest.stats()).dedup_entries == 0
+
+
+async def test_chunked_body_is_counted_while_read(ingest: Ingest) -> None:
+    """10 MB, chunked, no Content-Length: refused once 500 KB have been counted."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ingest.port)
+    writer.write(b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Authorization: " + basic(WEB_KEY).encode() + b"\r\n\r\n")
+    chunk = b'{"batch": [' + b" " * (65536 - 11)
+
+    async def send_ten_megabytes() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(160):
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")  # a complete body, as a real client sends it
+            await writer.drain()
+
+    sender = asyncio.create_task(send_ten_megabytes())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        assert status_line.startswith(b"HTTP/1.1 413"), status_line
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        answer = json.loads(await reader.readexactly(length))
+        assert answer["code"] == "request_too_large"
+        await asyncio.wait_for(sender, 10)  # the server read (and dropped) the rest
+    finally:
+        sender.cancel()
+        writer.close()
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Authorization: " + basic(WEB_KEY).encode() + b"\r\nContent-Length: 10000000", 413),
+    (b"Authorization: " + basic("wrong").encode() + b"\r\nContent-Length: 100", 401),
+    (b"Authorization: " + basic(WEB_KEY).encode()
+     + b"\r\nContent-Length: 100\r\nContent-Encoding: br", 415),
+], ids=["too large", "wrong key", "encoding"])
+async def test_expect_continue_is_refused_before_the_body(ingest: Ingest, headers: bytes,
+                                                          status: int) -> None:
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: x\r\n" + headers
+            + b"\r\nExpect: 100-continue\r\n\r\n")
+    got, answer = await raw_request(ingest.port, head)  # no body is ever sent
+    assert got == status and json.loads(answer)["success"] is False
+
+
+async def test_expect_continue_within_the_limit_is_invited(ingest: Ingest) -> None:
+    body = json.dumps(track("expect-1")).encode()
+    head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + basic(WEB_KEY).encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nExpect: 100-continue\r\n\r\n")
+    status, answer = await raw_request(ingest.port, head, send_after=body, pause=0.1)
+    assert status == 200 and json.loads(answer) == {"success": True}
+
+
+async def test_slow_body_is_cut_off(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(body_module, "BODY_TIMEOUT", 0.3)
+    head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: " + basic(WEB_KEY).encode() + b"\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"event": ')
+    status, answer = await raw_request(ingest.port, head)
+    assert status == 408 and json.loads(answer)["code"] == "body_timeout"
+
+
+async def test_client_leaving_mid_body_is_no_server_error(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: " + basic(WEB_KEY).encode() + b"\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"batch": [')
+    reader, writer = await asyncio.open_connection("127.0.0.1", ingest.port)
+    writer.write(head)
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    await writer.wait_closed()
+    deadline = time.monotonic() + 5
+    while 'router_http_refused_total{code="client_disconnected"} 1' not in await ingest.metrics():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_single_event_over_32_kb_is_413(ingest: Ingest, recorder: Recorder) -> None:
+    status, answer, _ = await ingest.post(
+        "/v1/track", track("huge", properties={"pad": "x" * (33 * 1024)}))
+    assert status == 413 and answer["code"] == "event_too_large"
+    assert "32 KB" in answer["error"]
+    assert (await ingest.stats()).dedup_entries == 0
+
+
+# == hostile input ==============================================================================
+
+DEEP = {"userId": "u", "event": "Deep", "properties": {}}
+_node = DEEP["properties"]
+for _ in range(70):
+    _node["x"] = {}
+    _node = _node["x"]
+
+HOSTILE: list[tuple[str, bytes, int, str]] = [
+    ("truncated JSON", b'{"event": "A", "userId":', 400, "invalid_json"),
+    ("trailing garbage", b'{"event": "A", "userId": "u"} trailing', 400, "invalid_json"),
+    ("single quotes", b"{'event': 'A'}", 400, "invalid_json"),
+    ("invalid UTF-8", b'{"event": "\xff\xfe", "userId": "u"}', 400, "invalid_utf8"),
+    ("overlong UTF-8", b'{"event": "\xc0\xaf", "userId": "u"}', 400, "invalid_utf8"),
+    ("NaN", b'{"event": "A", "userId": "u", "properties": {"v": NaN}}', 400, "invalid_json"),
+    ("Infinity", b'{"event": "A", "userId": "u", "properties": {"v": Infinity}}', 400,
+     "invalid_json"),
+    ("-Infinity", b'{"event": "A", "userId": "u", "properties": {"v": -Infinity}}', 400,
+     "invalid_json"),
+    ("overflowing float", b'{"event": "A", "userId": "u", "properties": {"v": 1e999}}', 400,
+     "invalid_json"),
+    ("5000-digit integer", b'{"event": "A", "userId": "u", "properties": {"v": '
+     + b"9" * 5000 + b"}}", 400, "invalid_json"),
+    ("integer beyond 64 bits", b'{"event": "A", "userId": "u", "properties": {"v": '
+     + str(2 ** 70).encode() + b"}}", 400, "invalid_event"),
+    ("lone surrogate", b'{"event": "\\ud800", "userId": "u"}', 400, "invalid_event"),
+    ("lone surrogate in a key", b'{"event": "A", "userId": "u", "properties": {"\\udfff": 1}}',
+     400, "invalid_event"),
+    ("100 000-deep arrays", b'{"event": "A", "userId": "u", "p": ' + b"[" * 100_000
+     + b"]" * 100_000 + b"}", 400, "too_deep"),
+    ("50 000-deep objects", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, 400, "too_deep"),
+    ("70-deep properties", json.dumps(DEEP).encode(), 400, "invalid_event"),
+    ("NUL in a value", b'{"event": "A\\u0000B", "userId": "u"}', 400, "invalid_event"),
+    ("NUL in a key", b'{"event": "A", "userId": "u", "properties": {"a\\u0000": 1}}', 400,
+     "invalid_event"),
+    ("duplicate keys", b'{"event": "A", "event": "B", "userId": "u"}', 400, "duplicate_key"),
+    ("array body", b"[]", 400, "invalid_body"),
+    ("string body", b'"track"', 400, "invalid_body"),
+    ("null body", b"null", 400, "invalid_body"),
+    ("empty body", b"", 400, "empty_body"),
+    ("whitespace body", b"   ", 400, "invalid_json"),
+    ("missing ids", b'{"event": "A"}', 400, "invalid_event"),
+    ("missing event name", b'{"userId": "u"}', 400, "invalid_event"),
+    ("properties not an object", b'{"event": "A", "userId": "u", "properties": [1]}', 400,
+     "invalid_event"),
+    ("bad timestamp", b'{"event": "A", "userId": "u", "timestamp": "yesterday"}', 400,
+     "invalid_event"),
+    ("bad currency", b'{"event": "A", "userId": "u", "properties": {"currency": "XXXX"}}',
+     400, "invalid_event"),
+    ("UTF-16 body", '{"event": "A", "userId": "u"}'.encode("utf-16"), 400, "invalid_utf8"),
+]
+
+
+@pytest.mark.parametrize("data, status, code",
+                         [pytest.param(d, s, c, id=name) for name, d, s, c in HOSTILE])
+async def test_hostile_input_is_refused_precisely(ingest: Ingest, recorder: Recorder,
+                                                  data: bytes, status: int, code: str) -> None:
+    got, answer, _ = await ingest.post("/v1/track", data=data)
+    assert (got, answer["code"]) == (status, code), answer
+    assert answer["success"] is False and answer["error"]
+    assert (await ingest.stats()).dedup_entries == 0, "nothing persisted from a refused request"
+    text = await ingest.metrics()
+    if code != "invalid_event":
+        assert f'router_http_refused_total{{code="{code}"}} 1' in text
+
+
+async def test_byte_order_mark_is_tolerated(ingest: Ingest) -> None:
+    status, _, _ = await ingest.post("/v1/track", data=b"\xef\xbb\xbf" + json.dumps(track())
+                                     .encode())
+    assert status == 200
+
+
+# == batches =====================================================================================
+
+async def test_batch_lists_each_bad_event_and_accepts_the_rest(
+        ingest: Ingest, recorder: Recorder) -> None:
+    events: list[Any] = [
+        track("ok-0"),
+        "not an object",
+        {**track("bad-type"), "type": "purchase"},
+        track("huge", properties={"pad": "x" * (33 * 1024)}),
+        {**track("deep"), "properties": DEEP["properties"]},
+        {**track("nul"), "event": "A\x00"},
+        {"type": "identify", "traits": {"email": "x@example.com"}},  # no ids
+        track("ok-7"),
+    ]
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": events})
+    assert status == 200 and answer["success"] is True
+    reasons = {item["index"]: item["reason"] for item in answer["rejected"]}
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6]
+    assert "JSON object" in reasons[1]
+    assert "type" in reasons[2]
+    assert "32 KB" in reasons[3]
+    assert "nested deeper" in reasons[4]
+    assert "NUL" in reasons[5]
+    assert "userId" in reasons[6]
+    await recorder.wait_for(2)
+    await asyncio.sleep(0.2)
+    assert sorted(recorder.message_ids) == ["ok-0", "ok-7"]
+    text = await ingest.metrics()
+    assert 'router_ingest_events_total{source="web",type="track",outcome="accepted"} 2' in text
+    assert 'router_ingest_events_total{source="web",type="unknown",outcome="rejected"} 2' in text
+
+
+async def test_batch_with_lone_surrogate_and_big_integer_events(
+        ingest: Ingest, recorder: Recorder) -> None:
+    data = (b'{"batch": [{"type": "track", "event": "\\ud83d", "userId": "u"},'
+            b'{"type": "track", "event": "ok", "userId": "u", "messageId": "fine"},'
+            b'{"type": "track", "event": "n", "userId": "u", "properties": {"n": '
+            + str(2 ** 65).encode() + b"}}]}")
+    status, answer, _ = await ingest.post("/v1/batch", data=data)
+    assert status == 200
+    reasons = {item["index"]: item["reason"] for item in answer["rejected"]}
+    assert "surrogate" in reasons[0] and "64-bit" in reasons[2] and 1 not in reasons
+    await recorder.wait_for(1)
+    assert recorder.message_ids == ["fine"]
+
+
+async def test_batch_of_only_invalid_events_is_400_with_the_list(ingest: Ingest) -> None:
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": [{"type": "track"}, 1]})
+    assert status == 400 and answer["success"] is False and answer["code"] == "no_valid_event"
+    assert [item["index"] for item in answer["rejected"]] == [0, 1]
+    assert (await ingest.stats()).dedup_entries == 0
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"batch": {"type": "track"}}, "invalid_batch"),
+    ({"events": []}, "invalid_batch"),
+    ({"batch": []}, "empty_batch"),
+    ({"batch": [{"type": "track", "event": "A", "userId": "u"}] * 2501}, "batch_too_large"),
+])
+async def test_malformed_batches_are_400(ingest: Ingest, body: Any, code: str) -> None:
+    status, answer, _ = await ingest.post("/v1/batch", body)
+    assert status == 400 and answer["code"] == code
+    assert (await ingest.stats()).dedup_entries == 0
+
+
+async def test_full_batch_of_2500_is_accepted(ingest: Ingest) -> None:
+    events = [{"type": "track", "event": "A", "userId": "u", "messageId": f"n{n}"}
+              for n in range(2500)]
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": events})
+    assert (status, answer) == (200, {"success": True})
+    assert (await ingest.stats()).dedup_entries == 2500
+
+
+# == duplicates, storage trouble =================================================================
+
+async def test_duplicates_are_success_counted_and_delivered_once(
+        ingest: Ingest, recorder: Recorder) -> None:
+    for _ in range(3):
+        status, answer, _ = await ingest.post("/v1/track", track("dup-1"))
+        assert (status, answer) == (200, {"success": True})
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": [
+        track("dup-1"), track("dup-2")]})
+    assert (status, answer) == (200, {"success": True})
+    await recorder.wait_for(2)
+    await asyncio.sleep(0.3)
+    assert sorted(recorder.message_ids) == ["dup-1", "dup-2"]
+    text = await ingest.metrics()
+    assert 'router_ingest_events_total{source="web",type="track",outcome="duplicate"} 3' in text
+    assert 'router_ingest_events_total{source="web",type="track",outcome="accepted"} 2' in text
+
+
+async def test_full_storage_is_503_with_retry_after(ingest: Ingest,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    async def full(*args: Any, **kwargs: Any) -> list[bool]:
+        raise StorageFull("disk budget spent")
+
+    monkeypatch.setattr(ingest.router.storage, "accept", full)
+    status, answer, headers = await ingest.post("/v1/track", track())
+    assert status == 503 and answer["code"] == "storage_full"
+    assert int(headers["Retry-After"]) > 0
+
+
+async def test_unexpected_error_is_a_500_that_says_nothing(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("internal detail CANARY-500")
+
+    monkeypatch.setattr(ingest.router, "route_many", broken)
+    status, answer, _ = await ingest.post("/v1/track", track())
+    assert status == 500 and answer["code"] == "internal_error"
+    assert "CANARY" not in json.dumps(answer)
+
+
+# == CORS ========================================================================================
+
+async def test_cors_preflight_and_headers_on_answers(ingest: Ingest) -> None:
+    headers = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization, content-type"}
+    for path in ("/v1/batch", "/v1/t", "/v1/track"):
+        async with ingest.session.options(ingest.url + path, headers=headers) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == "*"
+            assert "POST" in response.headers["Access-Control-Allow-Methods"]
+            allowed = response.headers["Access-Control-Allow-Headers"].lower()
+            assert "authorization" in allowed and "content-type" in allowed
+    origin = {"Origin": "https://shop.example"}
+    for key, expected in ((WEB_KEY, 200), ("wrong", 401)):
+        status, _, answer_headers = await ingest.post("/v1/track", track(), key=key,
+                                                      headers=origin)
+        assert status == expected
+        assert answer_headers["Access-Control-Allow-Origin"] == "*"
+
+
+# == health and metrics ==========================================================================
+
+async def test_health(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with ingest.session.get(ingest.url + "/health") as response:
+        assert response.status == 200 and await response.json() == {"status": "ok"}
+
+    async def down() -> bool:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ingest.router.storage, "ping", down)
+    async with ingest.session.get(ingest.url + "/health") as response:
+        assert response.status == 503
+        assert (await response.json())["status"] == "unavailable"
+
+
+async def test_metrics_show_intake_delivery_and_queues(start_server: StartServer) -> None:
+    ingest = await start_server(deliver=False)  # work stays queued: the gauges show it
+    await ingest.post("/v1/track", track("m-1"))
+    await ingest.post("/v1/track", track("m-1"))
+    await ingest.post("/v1/track", {"event": "no ids"})
+    await ingest.post("/v1/track", track(), key="wrong")
+    await asyncio.sleep(0.05)
+    text = await ingest.metrics()
+    for line in (
+        'router_ingest_events_total{source="web",type="track",outcome="accepted"} 1',
+        'router_ingest_events_total{source="web",type="track",outcome="duplicate"} 1',
+        'router_ingest_events_total{source="web",type="track",outcome="rejected"} 1',
+        'router_http_requests_total{endpoint="track",status="200"} 2',
+        'router_http_requests_total{endpoint="track",status="400"} 1',
+        'router_http_requests_total{endpoint="track",status="401"} 1',
+        'router_http_refused_total{code="unauthorized"} 1',
+        'router_queue_depth{destination="hook"} 1',
+        'router_dead_letters{destination="hook"} 0',
+        "# TYPE router_delivered_total counter",
+        "# TYPE router_ingest_commit_seconds histogram",
+    ):
+        assert line in text, line
+    age = next(line for line in text.splitlines()
+               if line.startswith('router_queue_oldest_age_seconds{destination="hook"}'))
+    assert 0 <= float(age.split()[-1]) < 60
+    assert WEB_KEY not in text
+
+
+# == access log ==================================================================================
+
+async def test_access_log_is_json_without_secrets_or_bodies(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+    # The level must be set before the connection opens (aiohttp checks it per connection).
+    caplog.set_level(logging.INFO, logger="router.access")
+    await ingest.session.close()
+    ingest.session = aiohttp.ClientSession()
+    await ingest.post("/v1/track", track("log-1", properties={"secret": "BODY-CANARY"}))
+    await ingest.post("/v1/track?writeKey=QUERY-CANARY", {**track(), "writeKey": "wrong"},
+                      key=None)
+    await ingest.post("/v1/batch", {"batch": [track()]}, key="bad-key-CANARY")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.access"]
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/v1/track", 200), ("/v1/track", 401), ("/v1/batch", 401)]
+    assert lines[0]["source"] == "web" and lines[1]["source"] is None
+    assert lines[1]["refusal"] == "unauthorized"
+    assert all({"method", "path", "status", "bytes", "duration_ms"} <= set(line)
+               for line in lines)
+    everything = caplog.text
+    for secret in ("CANARY", WEB_KEY, base64.b64encode(f"{WEB_KEY}:".encode()).decode()):
+        assert secret not in everything
+
+
+# == router serve ================================================================================
+
+def _child_env() -> dict[str, str]:
+    """The environment for ``python -m router`` run from a temporary directory."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
+        cwd=tmp_path, env=_child_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        banner = []
+        while not any("destinations:" in line for line in banner):
+            line = await asyncio.wait_for(process.stdout.readline(), 20)
+            assert line, (await process.stderr.read()).decode()  # type: ignore[union-attr]
+            banner.append(line.decode())
+        text = "".join(banner)
+        assert f"listening on http://127.0.0.1:{port}" in text
+        assert "hook (webhook)" in text and "sources: web, mobile" in text
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/v1/batch",
+                                    json={"batch": [track("serve-1")]},
+                                    headers={"Authorization": basic(WEB_KEY)}) as response:
+                assert response.status == 200
+        await recorder.wait_for(1)
+        process.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, err.decode()
+        assert "stopped" in out.decode()
+        access = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+        assert any(line["path"] == "/v1/batch" and line["status"] == 200 for line in access)
+        assert WEB_KEY not in out.decode() + err.decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert recorder.message_ids == ["serve-1"]
+
+
+async def test_serve_on_a_busy_port_exits_1(recorder: Recorder, tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "serve", "-c", str(config),
+            "--port", str(busy.getsockname()[1]), cwd=tmp_path, env=_child_env(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert "cannot listen" in err.decode() and "Traceback" not in err.decode()
+
+
+async def test_serve_with_a_bad_config_says_where(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text("server:\n  port: not-a-port\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), cwd=tmp_path,
+        env=_child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert "router.yaml:2" in err.decode() and "port" in err.decode()

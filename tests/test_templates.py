@@ -1,0 +1,301 @@
+"""User templates (webhook ``body``, ``mapping.properties``): they render what users expect, and
+nothing a template author writes can escape the sandbox or blow up the process.
+
+No wall-clock assertions: resource use is measured with tracemalloc (allocations, not time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from router.config import load_config
+from router.errors import ConfigError, EventRejected
+from router.events import parse_event
+from router.templates import MAX_OUTPUT_CHARS, Template
+
+EVENT = {"type": "track", "event": "Order Completed", "userId": "u-1", "messageId": "m-1",
+         "properties": {"order_id": "o-9", "revenue": "25.50", "currency": "eur"}}
+MEMORY_LIMIT = 32 * 1024 * 1024  # far above any legitimate render (output is capped at 256 K)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_plugin_warnings():
+    logging.getLogger("router.plugins").setLevel(logging.ERROR)
+    yield
+    logging.getLogger("router.plugins").setLevel(logging.NOTSET)
+
+
+def router_with(tmp_path: Path, destinations: str):
+    from router.routing import Router
+    path = tmp_path / "router.yaml"
+    path.write_text("storage: memory://\ndestinations:\n" + textwrap.indent(
+        textwrap.dedent(destinations).strip("\n"), "  ") + "\n")
+    return Router(load_config(path, env={}), deliver=False)
+
+
+def render(source: str, **context) -> str:
+    context.setdefault("event", parse_event(EVENT).to_dict())
+    context.setdefault("options", {})
+    return Template(source, where="settings.body").render(**context)
+
+
+def render_measured(source: str) -> tuple[BaseException | str, int]:
+    """Render under tracemalloc; the outcome (output or exception) and the peak allocation."""
+    tracemalloc.start()
+    try:
+        try:
+            outcome: BaseException | str = render(source)
+        except BaseException as exc:  # noqa: BLE001 - judged by the caller
+            outcome = exc
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+def test_webhook_body_template_renders_event_and_options(tmp_path):
+    router = router_with(tmp_path, """
+        - name: Sales
+          plugin: webhook
+          settings:
+            url: https://hooks.example/sales
+            body: |
+              {"text": {{ ("Order " ~ event.properties.order_id ~ ": " ~ event.properties.revenue
+                           ~ " " ~ event.properties.currency) | tojson }},
+               "channel": {{ options.channel | default("#general") | tojson }}}
+    """)
+    result = router.plan({**EVENT, "integrations": {"sales": {"channel": "#orders"}}})
+    (outcome,) = result.results
+    assert outcome.status == "send"
+    (request,) = router.requests_for(outcome)
+    assert request.method == "POST" and request.url == "https://hooks.example/sales"
+    assert request.headers["Content-Type"] == "application/json"
+    assert json.loads(request.body) == {"text": "Order o-9: 25.5 EUR", "channel": "#orders"}
+
+    (plain,) = router.plan(EVENT).results
+    (request,) = router.requests_for(plain)
+    assert json.loads(request.body)["channel"] == "#general"
+
+
+def test_webhook_body_that_is_not_json_is_sent_as_text(tmp_path):
+    router = router_with(tmp_path, """
+        - name: pager
+          plugin: webhook
+          settings:
+            url: https://hooks.example/p
+            method: PUT
+            body: "{{ event.event }} by {{ event.userId }}"
+    """)
+    (outcome,) = router.plan(EVENT).results
+    (request,) = router.requests_for(outcome)
+    assert request.method == "PUT"
+    assert request.body == b"Order Completed by u-1"
+    assert request.headers["Content-Type"].startswith("text/plain")
+
+
+def test_without_a_body_template_the_normalized_event_is_sent(tmp_path):
+    router = router_with(tmp_path, """
+        - name: raw
+          plugin: webhook
+          settings: {url: "https://hooks.example/raw"}
+    """)
+    (outcome,) = router.plan(EVENT).results
+    (request,) = router.requests_for(outcome)
+    body = json.loads(request.body)
+    assert body["messageId"] == "m-1"
+    assert body["properties"] == {"order_id": "o-9", "revenue": 25.5, "currency": "EUR"}
+    assert body["receivedAt"].endswith("Z")
+
+
+def test_template_sees_the_normalized_event():
+    out = render("{{ event.properties.revenue + 1 }} {{ event.properties.currency }}")
+    assert out == "26.5 EUR"
+
+
+@pytest.mark.parametrize("raw, source", [
+    ({"type": "track", "event": "Signed Up", "userId": "u"},
+     "{{ event.properties.plan | default('free') }}"),
+    ({"type": "track", "event": "Signed Up", "userId": "u", "properties": {}},
+     "{{ event.properties.plan | default('free') }}"),
+    ({"type": "identify", "userId": "u"}, "{{ event.traits.plan | default('free') }}"),
+    ({"type": "page", "anonymousId": "a"}, "{{ event.context.locale | default('free') }}"),
+])
+def test_templates_can_default_a_property_of_an_event_without_properties(raw, source):
+    assert render(source, event=parse_event(raw).to_dict()) == "free"
+
+
+def test_undefined_names_are_errors_not_empty_strings():
+    with pytest.raises(EventRejected) as caught:
+        render("{{ event.properties.missing_field }}")
+    assert "settings.body" in caught.value.reason
+
+
+def test_template_errors_cost_one_destination_only(tmp_path):
+    router = router_with(tmp_path, """
+        - name: strict
+          plugin: webhook
+          settings:
+            url: https://hooks.example/a
+            body: "{{ event.properties.not_there }}"
+        - name: fine
+          plugin: webhook
+          settings: {url: "https://hooks.example/b"}
+    """)
+    result = router.plan(EVENT)
+    assert result.status_of("strict").status == "invalid"
+    assert "settings.body" in result.status_of("strict").reason
+    assert result.status_of("fine").status == "send"
+
+
+# -- syntax errors at load -----------------------------------------------------------------------
+
+def test_template_syntax_error_names_the_field_and_template_line(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text(textwrap.dedent("""\
+        storage: memory://
+        destinations:
+          - name: ok
+            plugin: webhook
+            settings: {url: "https://hooks.example/ok"}
+          - name: broken
+            plugin: webhook
+            settings:
+              url: https://hooks.example/broken
+              body: |
+                {
+                  "type": {{ event.type | tojson }},
+                  "oops": {% if %}
+                }
+        """))
+    from router.routing import Router
+    with pytest.raises(ConfigError) as caught:
+        Router(load_config(path, env={}), deliver=False)
+    error = caught.value
+    assert error.file == str(path)
+    assert error.field == "destinations.1.settings.body"
+    assert error.line == 10
+    assert "template line 3" in str(error)
+    assert str(error).startswith(f"{path}:10: destinations.1.settings.body")
+
+
+def test_template_compile_error_is_a_config_error():
+    with pytest.raises(ConfigError) as caught:
+        Template("{{ event.type ", where="mapping.properties.total")
+    assert caught.value.field == "mapping.properties.total"
+
+
+# -- the sandbox ---------------------------------------------------------------------------------
+
+ESCAPES = [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ lipsum.__globals__ }}",
+    "{{ self.__init__.__globals__ }}",
+    "{{ event.__class__ }}",
+    "{{ ''|attr('__class__') }}",
+    "{{ (''|attr('__class__'))|attr('__mro__') }}",
+    "{{ ('{0.__class__.__mro__}'|attr('format'))(1) }}",
+    "{{ ('{0.__class__}'|attr('format'))(event) }}",
+    "{{ '{0.__class__}'.format(event) }}",
+    "{{ '{0.__class__.__base__.__subclasses__}'.format('x') }}",
+    "{{ '{0.__globals__}'.format(cycler.next) }}",
+    "{{ 'a' * 10**9 }}",
+    "{{ 10**9 * 'a' }}",
+    "{{ ['a'] * 10**9 }}",
+    "{{ 'a' * 100000 * 100000 }}",
+    "{{ 2 ** 100000 }}",
+    "{{ range(10**9)|list }}",
+    "{{ range(10**9)|join }}",
+    "{% for i in range(100000) %}{{ 'xxxxxxxxxx' }}{% endfor %}",
+    "{{ 'a' * 99999 }}{{ 'b' * 99999 }}{{ 'c' * 99999 }}",
+]
+
+
+@pytest.mark.parametrize("source", ESCAPES)
+def test_escape_corpus_is_refused_at_render(source):
+    template = Template(source, where="settings.body")  # compiles: refused when it runs
+    with pytest.raises(EventRejected) as caught:
+        template.render(event=parse_event(EVENT).to_dict(), options={})
+    assert caught.value.reason.startswith("settings.body")
+
+
+@pytest.mark.parametrize("source", ESCAPES)
+def test_escape_corpus_is_refused_without_using_much_memory(source):
+    outcome, peak = render_measured(source)
+    assert isinstance(outcome, EventRejected), outcome
+    assert peak < MEMORY_LIMIT
+
+
+def test_output_over_the_cap_is_refused():
+    render("x" * 100 + "{{ 'y' * 1000 }}")  # small output is fine
+    with pytest.raises(EventRejected) as caught:
+        render("{% for i in range(" + str(MAX_OUTPUT_CHARS // 10 + 1) + ") %}0123456789{% endfor %}")
+    assert "over" in caught.value.reason
+
+
+def test_the_sandbox_refuses_mutation_of_the_event():
+    event = parse_event(EVENT).to_dict()
+    with pytest.raises(EventRejected):
+        render("{{ event.properties.update({'revenue': 0}) }}", event=event)
+    assert event["properties"]["revenue"] == 25.5
+
+
+def test_escape_in_a_webhook_body_makes_the_event_invalid_for_that_destination(tmp_path):
+    router = router_with(tmp_path, """
+        - name: evil
+          plugin: webhook
+          settings:
+            url: https://hooks.example/evil
+            body: "{{ cycler.__init__.__globals__.os.popen('id').read() }}"
+        - name: good
+          plugin: webhook
+          settings: {url: "https://hooks.example/good"}
+    """)
+    result = router.plan(EVENT)
+    assert result.status_of("evil").status == "invalid"
+    assert "sandbox" in result.status_of("evil").reason
+    assert result.status_of("good").status == "send"
+
+
+# -- bugs found: resources and error types the sandbox does not cap -------------------------------
+
+MEMORY_BOMBS = [
+    "{{ 'x'.ljust(10**8)|length }}",
+    "{{ 'x'|center(10**8) }}",
+    "{{ 'x'|indent(10**8) }}",
+    "{{ '%0*d' % (10**8, 1) }}",
+    "{{ '{:>100000000}'.format('x') }}",
+    "{{ '{0:{1}}'.format('x', 10**8)|length }}",
+    "{{ ('a' * 10000)|replace('', 'x' * 10000)|length }}",
+    "{{ (['a' * 10000] * 10000)|join|length }}",
+]
+
+
+@pytest.mark.parametrize("source", MEMORY_BOMBS)
+def test_memory_bombs_are_refused_without_allocating_them(source):
+    outcome, peak = render_measured(source)
+    assert isinstance(outcome, EventRejected), outcome
+    assert peak < MEMORY_LIMIT, f"peak {peak // 2**20} MB"
+
+
+def test_huge_powers_are_refused():
+    with pytest.raises(EventRejected):
+        render("{{ (10**64**64**64) % 7 }}")
+
+
+@pytest.mark.parametrize("source", ["{{ '{0}'.format() }}", "{{ '{name}'.format() }}",
+                                    "{{ '{x}'.format_map({}) }}"])
+def test_any_render_failure_is_event_rejected(source):
+    with pytest.raises(EventRejected):
+        render(source)

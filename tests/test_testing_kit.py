@@ -1,0 +1,534 @@
+"""The plugin authors' test kit, tested: the fake server, the harness, the conformance suite
+(passing for a sound destination, failing for broken ones), the sample events and strategies."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+
+from router import (DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse, Outcome,
+                    Payload, PermanentError, RetryableError, SkipEvent, parse_event)
+from router.events import CALL_TYPES
+from router.testing import (Answer, ConformanceFailure, ConformanceSuite, DestinationHarness,
+                            FakeDestinationServer, check_destination, classify_status,
+                            conformance_test, make_event, sample_events)
+from router.testing.strategies import events, raw_events
+from router_plugins.webhook.destination import Webhook
+
+pytest_plugins = ["router.testing.pytest_plugin"]
+
+HOOK_SECRET = "Bearer hook-secret-0001"
+HOOK_SETTINGS = {"url": "https://hooks.example/in", "headers": {"Authorization": HOOK_SECRET}}
+
+
+async def post(url: str, data: Any = None, *, timeout: float = 5.0, **kwargs: Any
+               ) -> tuple[int, dict[str, str], bytes]:
+    """One request from a fresh aiohttp client, as the router's transport would send it:
+    ``data`` as JSON, or raw bytes given as ``body=``."""
+    body = kwargs.pop("body", None)
+    payload = {"data": body} if body is not None else {"json": data}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, timeout=aiohttp.ClientTimeout(total=timeout), **payload,
+                                **kwargs) as response:
+            return response.status, dict(response.headers), await response.read()
+
+
+# -- the fake destination server ------------------------------------------------------------
+
+async def test_fake_server_records_every_request_and_answers_200_by_default():
+    async with FakeDestinationServer() as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        status, headers, body = await post(server.url + "/v1/events?strict=1", {"n": 1},
+                                           headers={"Authorization": "Bearer k"})
+        assert (status, body) == (200, b"{}")
+        assert headers["Content-Type"] == "application/json"
+        (request,) = server.requests
+        assert (request.method, request.path, dict(request.query)) == \
+            ("POST", "/v1/events", {"strict": "1"})
+        assert request.headers["authorization"] == "Bearer k"  # case-insensitive
+        assert request.json == {"n": 1} and orjson.loads(request.body) == {"n": 1}
+        assert request.status == 200 and abs(request.time - time.time()) < 5
+
+
+async def test_fake_server_answers_a_status_sequence_then_the_default():
+    async with FakeDestinationServer() as server:
+        server.script([500, 503, Answer(400, body={"error": "bad"})])
+        answers = [await post(server.url, {"n": n}) for n in range(5)]
+    assert [status for status, _, _ in answers] == [500, 503, 400, 200, 200]
+    assert orjson.loads(answers[2][2]) == {"error": "bad"}
+    assert [r.status for r in server.requests] == [500, 503, 400, 200, 200]
+
+
+async def test_fake_server_scripts_per_path_before_the_global_script():
+    async with FakeDestinationServer(default=204) as server:
+        server.script([429], path="/import")
+        server.script([500])
+        assert (await post(server.url + "/engage"))[0] == 500  # global script
+        assert (await post(server.url + "/import"))[0] == 429  # its path's script
+        assert (await post(server.url + "/import"))[0] == 204  # both used up: the default
+        assert [r.path for r in server.requests_to("/import")] == ["/import", "/import"]
+
+
+async def test_fake_server_sends_retry_after():
+    async with FakeDestinationServer() as server:
+        server.script([Answer(429, headers={"Retry-After": "7"}, body=b"slow down")])
+        status, headers, body = await post(server.url)
+    assert (status, headers["Retry-After"], body) == (429, "7", b"slow down")
+    assert headers["Content-Type"].startswith("text/plain")
+
+
+async def test_fake_server_delays_an_answer_past_the_client_timeout():
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200, delay=2), Answer(201, delay=0.2)])
+        with pytest.raises(asyncio.TimeoutError):
+            await post(server.url, timeout=0.3)
+        started = time.monotonic()
+        assert (await post(server.url))[0] == 201
+        assert time.monotonic() - started >= 0.2
+        assert [r.status for r in server.requests] == [None, 201]  # the first was never sent
+
+
+async def test_fake_server_resets_the_connection():
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200, reset=True)])
+        with pytest.raises(aiohttp.ClientError):
+            await post(server.url, {"n": 1})
+        assert (await post(server.url, {"n": 2}))[0] == 200
+    assert [r.status for r in server.requests] == [None, 200]
+    assert server.requests[0].answer == Answer(200, reset=True)
+
+
+async def test_fake_server_handler_gives_per_message_answer_sequences():
+    sequences = {"m-1": [500, 200], "m-2": [429, 429, 200]}
+
+    def handler(request):
+        if request.path == "/fallback":
+            return None  # the script, then the default, answer instead
+        return Answer(sequences[request.json["messageId"]].pop(0))
+
+    async with FakeDestinationServer(handler=handler) as server:
+        server.script([418])
+        statuses = [(await post(server.url, {"messageId": m}))[0]
+                    for m in ["m-1", "m-2", "m-2", "m-1", "m-2"]]
+        assert statuses == [500, 429, 429, 200, 200]
+        assert (await post(server.url + "/fallback"))[0] == 418
+
+
+async def test_fake_server_accepts_an_async_handler():
+    async def handler(request):
+        await asyncio.sleep(0)
+        return 202
+
+    async with FakeDestinationServer(handler=handler) as server:
+        assert (await post(server.url))[0] == 202
+
+
+async def test_wait_for_waits_for_requests_in_flight_and_says_when_they_do_not_come():
+    async with FakeDestinationServer() as server:
+        senders = [asyncio.create_task(post(server.url, {"n": n})) for n in range(3)]
+        arrived = await server.wait_for(3, timeout=5)
+        assert sorted(r.json["n"] for r in arrived) == [0, 1, 2]
+        await asyncio.gather(*senders)
+        with pytest.raises(TimeoutError, match="expected 4 requests .* got 3"):
+            await server.wait_for(4, timeout=0.1)
+
+
+async def test_fake_server_stops_promptly_with_answers_held_back_and_frees_its_port():
+    server = FakeDestinationServer(default=Answer(200, delay=60))
+    await server.start()
+    pending = asyncio.create_task(post(server.url, timeout=30))
+    await server.wait_for(1)
+    started = time.monotonic()
+    await server.stop()
+    assert time.monotonic() - started < 3
+    with pytest.raises(aiohttp.ClientError):
+        await pending  # the held answer is dropped, not sent
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await post(server.url)  # nothing listens there any more
+
+
+# -- the harness, on the webhook destination ------------------------------------------------
+
+def test_harness_validates_settings_with_the_plugins_model():
+    with pytest.raises(ValidationError, match="url"):
+        DestinationHarness(Webhook, {"url": "ftp://nope"})
+
+
+def test_harness_payloads_are_the_normalized_event():
+    harness = DestinationHarness(Webhook, HOOK_SETTINGS)
+    order = next(e for e in sample_events() if e.get("event") == "Order Completed")
+    (payload,) = harness.payloads(order)
+    assert payload.body["properties"]["revenue"] == 25.0  # was "25.00"
+    assert payload.body["properties"]["currency"] == "EUR"  # was "eur"
+    assert payload.body["messageId"] == "msg-order-50314b8e9bcf"
+    assert payload.body["receivedAt"] == "2026-11-20T14:03:12.000Z"  # the kit's fixed clock
+
+
+def test_harness_requests_show_the_exact_request():
+    harness = DestinationHarness(Webhook, HOOK_SETTINGS)
+    event = make_event("track", event="Signed Up", properties={"plan": "pro"})
+    (request,) = harness.requests(event)
+    assert (request.method, request.url) == ("POST", "https://hooks.example/in")
+    assert request.headers == {"Content-Type": "application/json", "Authorization": HOOK_SECRET}
+    body = harness.request_json(request)
+    assert (body["event"], body["properties"], body["userId"]) == \
+        ("Signed Up", {"plan": "pro"}, "user-1042")
+
+
+def test_harness_hands_the_integrations_options_to_the_destination():
+    harness = DestinationHarness(Webhook, {**HOOK_SETTINGS, "method": "PUT",
+                                           "body": '{"channel": "{{ options.channel }}"}'})
+    event = make_event("track", integrations={"WEBHOOK": {"channel": "#sales"}})
+    (request,) = harness.requests(event)
+    assert request.method == "PUT"
+    assert harness.request_json(request) == {"channel": "#sales"}
+    (request,) = harness.requests(event, options={"channel": "#ops"})  # explicit options win
+    assert harness.request_json(request) == {"channel": "#ops"}
+
+
+def test_harness_judges_answers_like_the_router():
+    harness = DestinationHarness(Webhook, HOOK_SETTINGS)
+    payloads = harness.payloads(make_event("identify"))
+    assert harness.outcomes(payloads, 204) == [None]
+    (retry,) = harness.outcomes(payloads, 503, headers={"Retry-After": "7"})
+    assert isinstance(retry, RetryableError) and retry.retry_after == 7
+    (permanent,) = harness.outcomes(payloads, 404, body={"error": "no such hook"})
+    assert isinstance(permanent, PermanentError) and "404" in permanent.reason
+    operator_retries_404 = DestinationHarness(Webhook, HOOK_SETTINGS, delivery={"retry_on": [404]})
+    assert isinstance(operator_retries_404.outcomes(payloads, 404)[0], RetryableError)
+
+
+def test_classify_status_is_the_core_default():
+    assert classify_status(200) is None and classify_status(299) is None
+    assert isinstance(classify_status(429), RetryableError)
+    assert isinstance(classify_status(500), RetryableError)
+    assert isinstance(classify_status(501), PermanentError)  # "not implemented" stays so
+    assert isinstance(classify_status(400), PermanentError)
+    assert isinstance(classify_status(404, retry_on={404}), RetryableError)
+    assert classify_status(429, headers={"Retry-After": "3"}).retry_after == 3
+
+
+def test_harness_finds_secrets_at_any_depth():
+    class Region(BaseModel):
+        key: SecretStr = Field(description="regional key")
+
+    class DeepSettings(BaseModel):
+        token: SecretStr = Field(description="token")
+        regions: list[Region] = Field(description="regions")
+        extra: dict[str, SecretStr] = Field(description="extra keys")
+        optional: SecretStr | None = Field(None, description="unset")
+
+    class Deep(Recorder):
+        Settings = DeepSettings
+
+    harness = DestinationHarness(Deep, {"token": "token-0001", "regions": [{"key": "eu-key-0001"}],
+                                        "extra": {"x": "extra-0001"}})
+    assert sorted(harness.secrets()) == ["eu-key-0001", "extra-0001", "token-0001"]
+    assert sorted(DestinationHarness(Webhook, HOOK_SETTINGS).secrets()) == [HOOK_SECRET]
+
+
+# -- destinations for the harness and the conformance suite ---------------------------------
+
+class RecorderSettings(BaseModel):
+    api_key: SecretStr = Field(description="API key, sent as a bearer token.")
+    base_url: str = Field("https://api.recorder.example", description="API host.")
+
+
+class Recorder(Destination[RecorderSettings]):
+    """A sound batching destination: track and identify to /events, delete to /delete,
+    ``id`` from messageId for the vendor's dedup."""
+
+    plugin_name = "recorder"
+    Settings = RecorderSettings
+    delivery = DeliveryDefaults(batch_size=3, batch_bytes=64 * 1024)
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        if event.type == "track" and event.event in ("Delete Person", "User Deleted"):
+            return [Payload({"id": event.messageId, "user": event.user_key}, "delete")]
+        if event.type not in ("track", "identify"):
+            raise SkipEvent(f"Recorder has no {event.type} calls")
+        return [Payload({"id": event.messageId, "user": event.user_key,
+                         "name": event.event or "$identify",
+                         "at": event.timestamp, "props": event.properties or event.traits,
+                         "tags": ("a", "b")})]
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        token = self.settings.api_key.get_secret_value()
+        path = "/delete" if payloads[0].group == "delete" else "/events"
+        return HttpRequest.json("POST", self.settings.base_url + path,
+                                {"batch": [payload.body for payload in payloads]},
+                                {"Authorization": f"Bearer {token}"})
+
+
+RECORDER_SETTINGS = {"api_key": "recorder-key-0001"}
+
+
+def test_harness_batches_payloads_by_group_up_to_the_batch_size():
+    harness = DestinationHarness(Recorder, RECORDER_SETTINGS)
+    raws = [make_event("track", messageId=f"m-{n}") for n in range(4)] + \
+           [make_event("track", event="Delete Person", messageId="m-del")]
+    requests = harness.requests_for_events(raws)
+    assert [(r.url.rsplit("/", 1)[1], len(harness.request_json(r)["batch"])) for r in requests] \
+        == [("events", 3), ("events", 1), ("delete", 1)]
+    assert requests[0].headers["Authorization"] == "Bearer recorder-key-0001"
+
+
+def test_harness_passes_bodies_through_the_spool_like_the_core():
+    harness = DestinationHarness(Recorder, RECORDER_SETTINGS)
+    (request,) = harness.requests(make_event("track"))
+    (item,) = harness.request_json(request)["batch"]
+    assert item["tags"] == ["a", "b"]  # a tuple in the payload, a list after the spool
+    # a datetime, now its JSON text; clock skew corrected from sentAt (80 ms behind receipt)
+    assert item["at"] == "2026-11-20T14:03:12.080000+00:00"
+
+
+def test_request_json_undoes_gzip():
+    request = HttpRequest("POST", "https://x.example", {"Content-Encoding": "gzip"},
+                          gzip.compress(b'{"ok": true}'))
+    assert DestinationHarness.request_json(request) == {"ok": True}
+
+
+# -- the conformance suite ------------------------------------------------------------------
+
+def test_webhook_conforms():
+    check_destination(Webhook, HOOK_SETTINGS, examples=100)
+
+
+def test_a_sound_batching_destination_conforms_with_its_dedup_id():
+    check_destination(Recorder, RECORDER_SETTINGS, examples=100, dedup_id=lambda body: body["id"])
+
+
+test_webhook_conformance_in_one_line = conformance_test(Webhook, settings=HOOK_SETTINGS,
+                                                        examples=50)
+
+
+class AssumesAnIp(Recorder):
+    """Assumes every event carries ``context.ip``, as every sample does; server-side
+    libraries do not send one."""
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return [Payload({**payload.body, "ip": event.context["ip"]}, payload.group)
+                for payload in super().translate(event, options)]
+
+
+class CrashesOnOrders(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        if event.event == "Order Completed":
+            return [Payload({"coupon": event.properties["discount_code"]})]
+        return super().translate(event, options)
+
+
+class RandomInsertId(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return [Payload({**payload.body, "insert_id": str(uuid.uuid4())}, payload.group)
+                for payload in super().translate(event, options)]
+
+
+class SaltedPerInstance(Recorder):
+    def __init__(self, settings: RecorderSettings) -> None:
+        super().__init__(settings)
+        self.salt = uuid.uuid4().hex
+
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return [Payload({**payload.body, "id": f"{self.salt}:{event.messageId}"}, payload.group)
+                for payload in super().translate(event, options)]
+
+
+class LeaksItsKey(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return [Payload({**payload.body, "api_key": self.settings.api_key.get_secret_value()},
+                        payload.group) for payload in super().translate(event, options)]
+
+
+class MutatesTheEvent(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        event.properties.pop("revenue", None)
+        return super().translate(event, options)
+
+
+class UnserializableBody(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return [Payload({"ids": {event.messageId}})]  # a set: orjson refuses it
+
+
+class UndocumentedSettings(BaseModel):
+    api_key: SecretStr = Field(description="API key.")
+    region: str = "US"
+
+
+class Undocumented(Recorder):
+    Settings = UndocumentedSettings
+
+
+class HugeBatches(Recorder):
+    delivery = DeliveryDefaults(batch_size=500, batch_bytes=4096)
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        # The wrapper repeats every item three times: well over what the core measured.
+        return HttpRequest.json("POST", "https://api.recorder.example/events",
+                                {"batch": [p.body for p in payloads] * 3})
+
+
+class FragileResponseReader(Recorder):
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        return [None if item["ok"] else PermanentError("refused")
+                for item in response.json()["items"]]
+
+
+class SameDedupIdForAll(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return [Payload({**payload.body, "id": event.user_key}, payload.group)
+                for payload in super().translate(event, options)]
+
+
+def failure(destination_cls: type[Destination[Any]], rules: Sequence[str] | None = None,
+            **kwargs: Any) -> str:
+    """The conformance failure of a broken destination, as text."""
+    with pytest.raises(AssertionError) as raised:
+        check_destination(destination_cls, RECORDER_SETTINGS, examples=150, rules=rules,
+                          **kwargs)
+    assert isinstance(raised.value, ConformanceFailure)
+    return str(raised.value)
+
+
+def test_a_destination_raising_keyerror_on_some_events_fails_and_names_the_event():
+    message = failure(CrashesOnOrders)
+    assert "[sample_events]" in message
+    assert "track 'Order Completed'" in message and "msg-order-50314b8e9bcf" in message
+    assert "translate raised KeyError" in message
+
+
+def test_hypothesis_finds_events_that_break_a_destination_the_samples_do_not():
+    check_destination(AssumesAnIp, RECORDER_SETTINGS, rules=["sample_events"])
+    message = failure(AssumesAnIp, rules=["any_valid_event"])
+    assert "[any_valid_event]" in message and "translate raised KeyError: 'ip'" in message
+    assert "event: {" in message  # the falsifying event, to reproduce it
+
+
+def test_a_non_deterministic_destination_fails():
+    message = failure(RandomInsertId)
+    assert "not deterministic: a second call gave other payloads" in message
+
+
+def test_a_dedup_id_salted_per_instance_fails():
+    assert "not deterministic: a new instance gave other payloads" in failure(SaltedPerInstance)
+
+
+def test_a_destination_leaking_its_api_key_into_the_payload_fails():
+    message = failure(LeaksItsKey)
+    assert "secret from the settings is in payload 0's body" in message
+    assert "recorder-key-0001" not in message  # the report must not leak it either
+
+
+def test_a_destination_modifying_the_shared_event_fails():
+    assert "translate modified the event" in failure(MutatesTheEvent)
+
+
+def test_an_unserializable_payload_fails():
+    assert "not serializable by orjson" in failure(UnserializableBody)
+
+
+def test_undocumented_settings_fail():
+    message = failure(Undocumented)
+    assert "[settings]" in message and "missing on region" in message
+
+
+def test_short_secrets_are_refused_as_test_input():
+    with pytest.raises(AssertionError, match="distinctive secret values"):
+        check_destination(Recorder, {"api_key": "abc"}, rules=["settings"])
+
+
+def test_a_batch_over_batch_bytes_fails():
+    message = failure(HugeBatches, rules=["batching"])
+    assert "[batching]" in message and "over delivery.batch_bytes (4096)" in message
+
+
+def test_read_response_that_breaks_on_ordinary_answers_fails():
+    assert "read_response raised" in failure(FragileResponseReader, rules=["read_response"])
+
+
+def test_dedup_ids_that_do_not_follow_messageid_fail():
+    message = failure(SameDedupIdForAll, rules=["sample_events"], dedup_id=lambda b: b["id"])
+    assert "differing only in messageId share a vendor dedup id" in message
+
+
+def test_conformance_test_makes_one_test_per_rule():
+    test = conformance_test(LeaksItsKey, settings=RECORDER_SETTINGS, examples=20)
+    (mark,) = test.pytestmark
+    assert mark.args == ("rule", ConformanceSuite.RULES)
+    test("settings")  # this rule holds
+    with pytest.raises(AssertionError, match="secret"):
+        test("sample_events")
+
+
+# -- the pytest plugin's fixtures -----------------------------------------------------------
+
+async def test_fake_destination_fixture_is_a_started_server(fake_destination):
+    assert (await post(fake_destination.url + "/x"))[0] == 200
+    assert [r.path for r in fake_destination.requests] == ["/x"]
+
+
+async def test_destination_harness_fixture_sends_to_the_fake_server(fake_destination,
+                                                                    destination_harness):
+    """The whole path by hand: requests built by the harness, sent over HTTP, judged."""
+    fake_destination.script([Answer(503, headers={"Retry-After": "2"})])
+    harness = destination_harness(Recorder, {**RECORDER_SETTINGS,
+                                             "base_url": fake_destination.url})
+    payloads = harness.payloads(make_event("identify"))
+    (request,) = harness.build_requests(payloads)
+    status, headers, body = await post(request.url, headers=request.headers, body=request.body)
+    (outcome,) = harness.outcomes(payloads, status, body, headers)
+    assert isinstance(outcome, RetryableError) and outcome.retry_after == 2
+    (received,) = fake_destination.requests
+    assert received.path == "/events" and received.json["batch"][0]["user"] == "user-1042"
+    assert received.headers["Authorization"] == "Bearer recorder-key-0001"
+
+
+# -- sample events and strategies -----------------------------------------------------------
+
+def test_sample_events_cover_what_every_destination_must_handle():
+    raws = sample_events()
+    parsed = [parse_event(raw) for raw in raws]
+    assert {event.type for event in parsed} == set(CALL_TYPES)
+    names = {event.event for event in parsed}
+    assert {"Order Completed", "Delete Person", "User Deleted", "Suppress Person"} <= names
+    order = next(raw for raw in raws if raw.get("event") == "Order Completed")
+    assert order["properties"]["revenue"] == "25.00" and order["properties"]["currency"] == "eur"
+    assert len(order["properties"]["products"]) == 2
+    assert any(e.anonymousId and not e.userId for e in parsed)
+    assert any(e.type == "identify" and e.userId and e.anonymousId for e in parsed)
+    assert len({event.messageId for event in parsed}) == len(parsed)
+    raws[0]["event"] = "changed"
+    assert sample_events()[0]["event"] != "changed"  # fresh copies every call
+
+
+def test_make_event_builds_each_call_type_with_overrides():
+    for call_type in CALL_TYPES:
+        assert parse_event(make_event(call_type)).type == call_type
+    anonymous = parse_event(make_event("track", userId=None, event="Viewed"))
+    assert anonymous.userId is None and anonymous.anonymousId and anonymous.event == "Viewed"
+    with pytest.raises(ValueError, match="unknown call type"):
+        make_event("purchase")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_events())
+def test_raw_events_are_valid_events(raw):
+    assert parse_event(raw).type == raw["type"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events(types=["group", "alias"]))
+def test_events_are_parsed_and_limited_to_the_call_types_asked_for(event):
+    assert isinstance(event, Event) and event.type in ("group", "alias")
