@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from router.currencies import ISO_4217_CODES
 from router.errors import InvalidEvent
@@ -54,6 +54,7 @@ class Event(BaseModel):
     originalTimestamp: datetime | None = None
     sentAt: datetime | None = None
     version: int | str | None = None
+    _as_dict: dict[str, Any] | None = PrivateAttr(default=None)
 
     @property
     def user_key(self) -> str:
@@ -63,8 +64,21 @@ class Event(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """The event as plain JSON data (timestamps as ISO-8601 strings), unset fields left out.
 
-        This is what templates see as ``event`` and what the webhook sends by default.
+        This is what templates see as ``event`` and what the webhook sends by default. Built
+        once per event (several destinations ask for it); each caller gets its own copy of
+        the top level, while nested objects are shared and must not be changed.
         """
+        if self._as_dict is None:
+            self._as_dict = self._build_dict()
+        return dict(self._as_dict)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Event:
+        """A copy (with ``update`` applied) that builds its own ``to_dict``."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy._as_dict = None
+        return copy
+
+    def _build_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
         for key, value in self.__dict__.items():
             if value is None:
@@ -78,7 +92,7 @@ class Event(BaseModel):
 def format_time(moment: datetime) -> str:
     """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps."""
     moment = _utc(moment).astimezone(timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def parse_event(raw: Any, *, received_at: datetime | None = None,
@@ -88,7 +102,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     ``size`` is the event's serialized size when the caller already knows it (the HTTP server
     measures raw bytes); otherwise the event is serialized once to measure it.
     """
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict) and not isinstance(raw, Mapping):
         raise InvalidEvent([("", "an event must be a JSON object")])
     if size is None:
         try:
@@ -221,6 +235,11 @@ class _Moment(BaseModel):
 
 
 def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, str):
+        try:  # the common case, ISO-8601, without a pydantic round trip
+            return _utc(datetime.fromisoformat(value))
+        except ValueError:
+            pass
     return _utc(_Moment(at=value).at)
 
 

@@ -45,7 +45,7 @@ class IntegrationsMap:
         key = name.lower()
         if key in self.named:
             value = self.named[key]
-            if isinstance(value, Mapping):
+            if isinstance(value, dict):
                 return Decision(True, value)
             if value:
                 return Decision(True)

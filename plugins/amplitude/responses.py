@@ -48,7 +48,7 @@ def _bad_request(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Out
     problems: dict[int, list[str]] = {}
     for key, template in _FIELD_PROBLEMS:
         by_field = body.get(key)
-        if isinstance(by_field, Mapping):
+        if isinstance(by_field, dict):
             for name, indexes in by_field.items():
                 for index in _indexes(indexes, len(events)):
                     problems.setdefault(index, []).append(template.format(field=name))
@@ -135,7 +135,7 @@ def _indexes(value: Any, count: int) -> Iterable[int]:
 
 def _names(value: Any) -> frozenset[str]:
     """Ids from a map of id → rate, or a list of ids (Amplitude uses both shapes)."""
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return frozenset(key for key in value if isinstance(key, str))
     if isinstance(value, list):
         return frozenset(item for item in value if isinstance(item, str))

@@ -58,7 +58,7 @@ def event_options(options: Mapping[str, Any]) -> EventOptions:
     if session_id is not None:
         session_id = _session_id(session_id)
     groups = options.get("groups") or {}
-    if not isinstance(groups, Mapping) or not all(
+    if not isinstance(groups, dict) or not all(
             isinstance(key, str) and _is_group_value(value) for key, value in groups.items()):
         raise EventRejected("integrations option groups: expected an object of group type → "
                             "group name (a string or a list of strings)")
@@ -105,7 +105,7 @@ def identity(event: Event, min_id_length: int) -> dict[str, str]:
         ids["user_id"] = event.userId
     device = event.context.get("device")
     device_id = event.anonymousId or (
-        device.get("id") if isinstance(device, Mapping) and isinstance(device.get("id"), str)
+        device.get("id") if isinstance(device, dict) and isinstance(device.get("id"), str)
         else None)
     if device_id:
         ids["device_id"] = device_id
@@ -143,10 +143,10 @@ def context_fields(event: Event) -> dict[str, Any]:
             ("location", "city", "city"), ("location", "latitude", "location_lat"),
             ("location", "longitude", "location_lng")):
         part = context.get(section)
-        if isinstance(part, Mapping) and part.get(key) is not None:
+        if isinstance(part, dict) and part.get(key) is not None:
             found[name] = part[key]
     library = context.get("library")
-    if "platform" not in found and isinstance(library, Mapping) \
+    if "platform" not in found and isinstance(library, dict) \
             and library.get("name") == "analytics.js":
         found["platform"] = "Web"  # as Segment's destination does for browser events
     if isinstance(context.get("locale"), str):
@@ -156,7 +156,7 @@ def context_fields(event: Event) -> dict[str, Any]:
     device = context.get("device") if isinstance(context.get("device"), Mapping) else {}
     advertising_id = device.get("advertisingId")
     os_info = context.get("os")
-    os_name = str(os_info.get("name", "")).lower() if isinstance(os_info, Mapping) else ""
+    os_name = str(os_info.get("name", "")).lower() if isinstance(os_info, dict) else ""
     if isinstance(advertising_id, str) and advertising_id:
         if os_name == "ios":
             found["idfa"] = advertising_id
@@ -170,12 +170,12 @@ def attribution(event: Event) -> dict[str, dict[str, Any]]:
     first touch as ``initial_*`` in ``$setOnce`` (AD amplitude/utm.ts, referrer.ts)."""
     last: dict[str, Any] = {}
     campaign = event.context.get("campaign")
-    if isinstance(campaign, Mapping):
+    if isinstance(campaign, dict):
         for key, name in _CAMPAIGN.items():
             if campaign.get(key) is not None:
                 last[name] = campaign[key]
     page = event.context.get("page")
-    if isinstance(page, Mapping) and page.get("referrer"):
+    if isinstance(page, dict) and page.get("referrer"):
         last["referrer"] = page["referrer"]
     if not last:
         return {}
@@ -216,7 +216,7 @@ def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
 
 def depth(value: Any) -> int:
     """How many object/array levels a value nests."""
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return 1 + max((depth(item) for item in value.values()), default=0)
     if isinstance(value, list):
         return 1 + max((depth(item) for item in value), default=0)
@@ -260,7 +260,7 @@ def track_events(builder: Builder, name: str, *, product_purchased: bool,
         raise EventRejected(f"{name!r} is an event name Amplitude reserves for itself")
     event = builder.event
     listed = event.properties.get("products")
-    products = [item for item in listed if isinstance(item, Mapping)] \
+    products = [item for item in listed if isinstance(item, dict)] \
         if product_purchased and name == ORDER_COMPLETED and isinstance(listed, list) else []
     on_order = {} if products and revenue_per_product else _order_revenue(event.properties)
     events = [builder.amplitude_event(name, event_properties=dict(event.properties),
@@ -291,7 +291,7 @@ def page_event(builder: Builder) -> dict[str, Any]:
     event_type = f"Viewed {name}" if isinstance(name, str) and name else f"Loaded a {kind}"
     page = event.context.get("page") if event.type == "page" else None
     properties = {key: page[key] for key in _PAGE_FIELDS
-                  if isinstance(page, Mapping) and page.get(key) is not None}
+                  if isinstance(page, dict) and page.get(key) is not None}
     properties.update(event.properties)
     if event.name:
         properties.setdefault("name", event.name)

@@ -115,7 +115,7 @@ def attributes(traits: Mapping[str, Any]) -> dict[str, Any]:
             found["gender"] = _GENDERS[value.strip().lower()]
         elif key == "birthday" and _iso_date(value):
             found["dob"] = _iso_date(value)
-        elif key == "address" and isinstance(value, Mapping):
+        elif key == "address" and isinstance(value, dict):
             if value.get("city"):
                 found["home_city"] = value["city"]
             if value.get("country"):

@@ -343,10 +343,10 @@ def request_fields(event: Event, options: Mapping[str, Any], limits: ValueLimits
     if event.userId:
         fields["user_id"] = event.userId
     context_traits = event.context.get("traits")
-    context_traits = context_traits if isinstance(context_traits, Mapping) else {}
+    context_traits = context_traits if isinstance(context_traits, dict) else {}
     chosen = {name: context_traits.get(name) for name in traits}
     extra = options.get("user_properties") or {}
-    if not isinstance(extra, Mapping):
+    if not isinstance(extra, dict):
         raise EventRejected("the `user_properties` option must be an object")
     properties = user_properties({**chosen, **extra}, limits)
     if properties:
@@ -358,7 +358,7 @@ def request_fields(event: Event, options: Mapping[str, Any], limits: ValueLimits
 
 def consent(value: Any) -> dict[str, str]:
     """GA4's ``consent`` object: ad_user_data and ad_personalization, GRANTED or DENIED."""
-    if not isinstance(value, Mapping) or not set(value) <= {"ad_user_data",
+    if not isinstance(value, dict) or not set(value) <= {"ad_user_data",
                                                              "ad_personalization"}:
         raise EventRejected("the `consent` option takes ad_user_data and ad_personalization")
     for key, state in value.items():
@@ -394,7 +394,7 @@ def app_instance_id(event: Event, options: Mapping[str, Any]) -> str:
 
 def _ga_cookie_client_id(cookies: Any) -> str | None:
     """``GA1.1.1234567890.1712345678`` → ``1234567890.1712345678``, gtag's client id."""
-    if not isinstance(cookies, Mapping) or not isinstance(cookies.get("_ga"), str):
+    if not isinstance(cookies, dict) or not isinstance(cookies.get("_ga"), str):
         return None
     parts = cookies["_ga"].split(".")
     return ".".join(parts[-2:]) if len(parts) >= 4 else None

@@ -89,7 +89,7 @@ def source_url(event: Event) -> str | None:
     if event.type == "page" and isinstance(event.properties.get("url"), str):
         return event.properties["url"]
     page = event.context.get("page")
-    url = page.get("url") if isinstance(page, Mapping) else None
+    url = page.get("url") if isinstance(page, dict) else None
     return url if isinstance(url, str) and url else None
 
 
@@ -213,7 +213,7 @@ def _put_hashed(data: dict[str, Any], key: str, value: Any, normalize) -> None: 
 def _traits(event: Event) -> Mapping[str, Any]:
     """The user's traits as track and page calls carry them (``context.traits``)."""
     traits = event.context.get("traits")
-    return {**(traits if isinstance(traits, Mapping) else {}), **event.traits}
+    return {**(traits if isinstance(traits, dict) else {}), **event.traits}
 
 
 # --- custom_data ---------------------------------------------------------------------------

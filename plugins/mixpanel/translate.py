@@ -121,7 +121,7 @@ def truncated(value: Any) -> Any:
 def context_section(event: Event, name: str) -> Mapping[str, Any]:
     """One object of the event's context (``page``, ``campaign``, ...), or empty."""
     section = event.context.get(name)
-    return section if isinstance(section, Mapping) else {}
+    return section if isinstance(section, dict) else {}
 
 
 def context_properties(event: Event) -> dict[str, Any]:

@@ -63,7 +63,7 @@ class EventOptions:
 def event_options(options: Mapping[str, Any]) -> EventOptions:
     """Validated per-event options, or ``EventRejected`` naming the bad one."""
     groups = options.get("groups") or {}
-    if not isinstance(groups, Mapping) or not all(
+    if not isinstance(groups, dict) or not all(
             isinstance(key, str) and isinstance(value, str) and value
             for key, value in groups.items()):
         raise EventRejected("integrations option groups: expected an object of group type → "
@@ -103,19 +103,19 @@ def context_properties(event: Event) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for section, key, name in _CONTEXT:
         part = context.get(section)
-        if isinstance(part, Mapping) and part.get(key) is not None:
+        if isinstance(part, dict) and part.get(key) is not None:
             found[name] = part[key]
     for key, name in (("ip", "$ip"), ("locale", "$locale"), ("timezone", "$timezone"),
                       ("userAgent", "$useragent")):
         if context.get(key) is not None:
             found[name] = context[key]
     page = context.get("page")
-    if isinstance(page, Mapping):
+    if isinstance(page, dict):
         for key, name in _PAGE_FIELDS.items():
             if page.get(key):
                 found[name] = page[key]
     campaign = context.get("campaign")
-    if isinstance(campaign, Mapping):
+    if isinstance(campaign, dict):
         for key, name in _CAMPAIGN.items():
             if campaign.get(key) is not None:
                 found[name] = campaign[key]
@@ -140,7 +140,7 @@ class Builder:
                                 "the event; PostHog hides such events")
         merged = {**context_properties(event), **properties}
         traits = event.context.get("traits")
-        if event.type != "identify" and isinstance(traits, Mapping) and traits:
+        if event.type != "identify" and isinstance(traits, dict) and traits:
             merged.setdefault("$set", dict(traits))  # context traits update the person
         if "$ip" not in merged:
             # Without the user's IP, PostHog would geolocate the router's own address (its

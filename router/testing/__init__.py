@@ -22,5 +22,6 @@ from router.testing.harness import DestinationHarness, batches, classify_status,
 __all__ = [
     "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DestinationHarness",
     "FakeDestinationServer", "RecordedRequest", "batches", "check_destination",
-    "classify_status", "conformance_test", "describe_event", "make_event", "sample_events", "spooled",
+    "classify_status", "conformance_test", "describe_event", "make_event", "sample_events",
+    "spooled",
 ]

@@ -194,11 +194,11 @@ class ConformanceSuite:
                 assert request is not None
                 size = len(request.body or b"")
                 if size > delivery.batch_bytes:
+                    limit = delivery.batch_bytes
                     raise self.fail("batching", f"a batch of {len(batch)} payloads of group "
                                                 f"{group!r} built a {size}-byte request body, "
-                                                f"over delivery.batch_bytes ({delivery.batch_bytes})"
-                                                "; lower batch_size or batch_bytes, or trim "
-                                                "the payloads")
+                                                f"over delivery.batch_bytes ({limit}); lower "
+                                                "batch_size or batch_bytes, or trim the payloads")
 
     def check_read_response(self) -> None:
         """Ordinary answers are judged without raising, one outcome per payload."""

@@ -126,7 +126,8 @@ def products() -> st.SearchStrategy[dict[str, Any]]:
         "price": st.one_of(numbers(), numbers().map(str), st.none()),
         "quantity": st.one_of(st.integers(0, 1000), st.integers(0, 100).map(str)),
         "coupon": texts(), "position": st.integers(0, 100),
-        "url": st.just("https://shop.example/p/1"), "image_url": st.just("https://shop.example/p/1.jpg"),
+        "url": st.just("https://shop.example/p/1"),
+        "image_url": st.just("https://shop.example/p/1.jpg"),
     }
     return st.builds(lambda extra, product: {**extra, **product},
                      free_objects(max_size=2), st.fixed_dictionaries({}, optional=fields))

@@ -1,0 +1,45 @@
+"""``python -m router.testing.sink --port 9900``: a local destination that prints what it gets.
+
+``make serve`` starts it beside the router so the default config works offline and shows, for
+each request a destination sends, its method, path and body. It answers 200 to everything and
+listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+from aiohttp import web
+
+from router.redaction import REDACTED, SENSITIVE_HEADERS
+
+
+async def receive(request: web.Request) -> web.Response:
+    body = await request.read()
+    try:
+        shown = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        shown = body.decode("utf-8", errors="replace")
+    headers = ", ".join(f"{name}: {REDACTED if name.lower() in SENSITIVE_HEADERS else value}"
+                        for name, value in request.headers.items()
+                        if name.lower() not in ("host", "content-length", "accept-encoding",
+                                                "accept", "user-agent"))
+    print(f"--> {request.method} {request.path_qs}  ({headers})\n{shown}\n", flush=True)
+    return web.json_response({})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m router.testing.sink", description=__doc__)
+    parser.add_argument("--port", type=int, default=9900)
+    args = parser.parse_args(argv)
+    app = web.Application(client_max_size=32 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", receive)
+    print(f"sink: printing what destinations send to http://127.0.0.1:{args.port}/", flush=True)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

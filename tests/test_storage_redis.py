@@ -1,0 +1,854 @@
+"""The ``redis://`` storage against a real ``redis-server`` (contract, "Delivery": several
+router processes share the work and the dedup window; the work of a process that dies is
+taken over by the others).
+
+The server is started here, on a free port bound to 127.0.0.1 with persistence off, never the
+machine's shared Redis; every test uses its own key prefix. Most tests pass ``now`` (a fake
+clock) so they are deterministic; the few about Redis's own expiry wait real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from router.errors import StorageFull
+from router.storage import open_storage
+from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
+                                 NewJob)
+from router.storage.memory import MemoryStorage
+from router.storage.redis import RedisStorage
+from router.testing.fake_server import Answer, FakeDestinationServer
+from tests.delivery_helpers import router_for, track, webhook
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = Path("/usr/bin/redis-server")
+WINDOW = 12 * 3600.0
+T0 = 1_700_000_000.0
+LEASE_FOR = 30.0
+
+
+# -- a private redis-server for the session ---------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop our own server by its pid: SIGTERM, then SIGKILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis://127.0.0.1:<free port>/0`` of a redis-server started for this session (no
+    RDB, no AOF, a temporary working directory), stopped at the end."""
+    if not REDIS_SERVER.exists():
+        pytest.skip(f"{REDIS_SERVER} is not installed")
+    directory = tmp_path_factory.mktemp("redis")
+    for _ in range(3):  # another process may grab the free port first: try another one
+        port = _free_port()
+        with open(directory / "redis.log", "ab") as log_file:
+            process = subprocess.Popen(
+                [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(directory),
+                 "--daemonize", "no", "--loglevel", "warning"],
+                stdout=log_file, stderr=subprocess.STDOUT, cwd=directory)
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:
+            if _answers_ping(port):
+                break
+            time.sleep(0.05)
+        else:
+            _stop(process)
+            continue
+        break
+    else:
+        pytest.fail(f"redis-server did not start: {(directory / 'redis.log').read_text()}")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        _stop(process)
+
+
+def unique_url(redis_url: str) -> str:
+    """The test server's URL with a prefix of its own, so tests never see each other's keys."""
+    return f"{redis_url}?prefix=test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def url(redis_url: str) -> str:
+    return unique_url(redis_url)
+
+
+@pytest.fixture
+async def store(url: str):
+    storage = RedisStorage.from_url(url)
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+@pytest.fixture
+async def raw(redis_url: str):
+    """A plain client of the test server, to look at keys and change its settings."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def another(url: str, *, recover: bool = True) -> RedisStorage:
+    """A second instance on the same prefix: another router process, as far as Redis can
+    tell (its own owner token)."""
+    storage = RedisStorage.from_url(url)
+    await storage.open(recover=recover)
+    return storage
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def job(message_id: str, destination: str = "hook", user: str = "user-1", group: str = ""
+        ) -> NewJob:
+    return NewJob(destination, message_id, user, group, b'{"id": "%s"}' % message_id.encode())
+
+
+def item(message_id: str, source: str = "web", destinations: tuple[str, ...] = ("hook",),
+         user: str = "user-1") -> Acceptance:
+    return Acceptance(source, message_id, [job(message_id, d, user) for d in destinations])
+
+
+async def accept(storage, *items, window=WINDOW, now=T0) -> list[bool]:
+    return await storage.accept(list(items), window=window, now=now)
+
+
+async def lease(storage, limit=10, *, destination="hook", now=T0, lease_for=LEASE_FOR,
+                ordered=False) -> list[Job]:
+    return await storage.lease(destination, limit, now=now, lease_for=lease_for,
+                               ordered=ordered)
+
+
+async def pending(storage, destination: str = "hook") -> int:
+    stats = await storage.stats(now=T0)
+    queue = stats.queues.get(destination)
+    return queue.pending if queue else 0
+
+
+def ids(jobs: list[Job] | list[DeadLetter]) -> list[int | str]:
+    return [each.id for each in jobs]
+
+
+def tried(job_: Job, now: float) -> Job:
+    """The job as a worker has it after an attempt."""
+    job_.attempts += 1
+    job_.first_attempt_at = job_.first_attempt_at or now
+    return job_
+
+
+# -- the URL ----------------------------------------------------------------------------------
+
+def test_from_url_takes_the_prefix_and_keeps_the_rest():
+    storage = RedisStorage.from_url("redis://:s3cret-pass@cache.example:6380/2?prefix=edge"
+                                    "&socket_timeout=3")
+    assert storage.prefix == "edge"
+    assert storage.keys.ready("hook") == "edge:ready:hook"
+    assert "prefix" not in storage._url and "socket_timeout=3" in storage._url
+    assert "s3cret" not in repr(storage)
+    assert RedisStorage.from_url("redis://localhost:6379/0").prefix == "router"
+    with pytest.raises(ValueError, match="prefix"):
+        RedisStorage.from_url("redis://localhost:6379/0?prefix=")
+
+
+def test_open_storage_picks_the_redis_backend_without_connecting():
+    storage = open_storage("redis://127.0.0.1:1/0?prefix=x")  # nothing listens on port 1
+    assert isinstance(storage, RedisStorage)
+
+
+async def test_each_instance_leases_under_its_own_token(url):
+    first, second = RedisStorage.from_url(url), RedisStorage.from_url(url)
+    assert first.token != second.token
+
+
+# -- dedup ------------------------------------------------------------------------------------
+
+async def test_first_message_id_wins_and_a_repeat_is_a_duplicate(store):
+    assert await accept(store, item("m-1")) == [True]
+    assert await accept(store, item("m-1"), now=T0 + 60) == [False]
+    assert await accept(store, item("m-2"), now=T0 + 60) == [True]
+
+
+async def test_a_duplicate_queues_nothing(store):
+    await accept(store, item("m-1", destinations=("a", "b")))
+    await accept(store, item("m-1", destinations=("a", "b")), now=T0 + 1)
+    assert await pending(store, "a") == 1
+    assert await pending(store, "b") == 1
+
+
+async def test_repeat_within_one_batch_is_a_duplicate(store):
+    assert await accept(store, item("m-1"), item("m-2"), item("m-1")) == [True, True, False]
+    assert await pending(store) == 2
+
+
+async def test_dedup_is_per_source(store):
+    assert await accept(store, item("m-1", source="web")) == [True]
+    assert await accept(store, item("m-1", source="ios"), now=T0 + 1) == [True]
+    assert await accept(store, item("m-1", source="ios"), now=T0 + 2) == [False]
+    assert await accept(store, item("m-1", source="web"), now=T0 + 3) == [False]
+    # a colon in a source or a messageId cannot make two different pairs collide
+    assert await accept(store, item("b:c", source="a"), item("c", source="a:b")) == [True, True]
+
+
+async def test_message_ids_are_compared_exactly(store):
+    assert await accept(store, item("abc"), item("ABC"), item("abc ")) == [True, True, True]
+
+
+async def test_accepted_again_after_the_window_expires(store):
+    window = 600.0
+    assert await accept(store, item("m-1"), window=window, now=T0) == [True]
+    assert await accept(store, item("m-1"), window=window, now=T0 + window - 1) == [False]
+    assert await accept(store, item("m-1"), window=window, now=T0 + window + 1) == [True]
+    # the new acceptance starts a new window, and queues the event again
+    assert await accept(store, item("m-1"), window=window, now=T0 + window + 2) == [False]
+    assert await pending(store) == 2
+
+
+async def test_a_duplicate_does_not_extend_the_window(store):
+    window = 600.0
+    await accept(store, item("m-1"), window=window, now=T0)
+    await accept(store, item("m-1"), window=window, now=T0 + 500)
+    assert await accept(store, item("m-1"), window=window, now=T0 + window + 1) == [True]
+
+
+async def test_concurrent_accepts_of_one_message_id_admit_exactly_one(store):
+    results = await asyncio.gather(*(accept(store, item("m-race"), now=T0 + i / 1000)
+                                     for i in range(20)))
+    assert sorted(flag for (flag,) in results) == [False] * 19 + [True]
+    assert await pending(store) == 1
+
+
+async def test_redis_forgets_a_dedup_entry_when_its_window_ends(store, raw):
+    """The entry carries a real expiry (PX), so Redis frees it by itself: no purge job, and
+    memory bounded by the traffic of one window."""
+    now = time.time()
+    assert await accept(store, item("m-1"), window=0.4, now=now) == [True]
+    key = store.keys.seen("web", "m-1")
+    assert 0 < await raw.pttl(key) <= 400
+    assert await accept(store, item("m-1"), window=0.4, now=time.time()) == [False]
+    await asyncio.sleep(0.6)
+    assert await raw.exists(key) == 0
+    assert await accept(store, item("m-1"), window=0.4, now=time.time()) == [True]
+
+
+async def test_the_window_is_shared_by_every_instance(store, url):
+    other = await another(url)
+    try:
+        assert await accept(store, item("m-1")) == [True]
+        assert await accept(other, item("m-1"), now=T0 + 1) == [False]
+        assert await accept(other, item("m-2"), now=T0 + 1) == [True]
+        assert await accept(store, item("m-2"), now=T0 + 2) == [False]
+    finally:
+        await other.close()
+
+
+async def test_dedup_entries_are_counted_by_expiry_minute(store):
+    await accept(store, item("m-1"), item("m-2"), item("m-3"), window=600.0)
+    assert (await store.stats(now=T0)).dedup_entries == 3
+    # approximate: counted until the end of the minute their window ends in
+    assert (await store.stats(now=T0 + 600 + 60)).dedup_entries == 0
+
+
+# -- the queue: the same contract as the SQLite backend ---------------------------------------
+
+async def test_lease_takes_the_oldest_first_up_to_the_limit(store):
+    await accept(store, *(item(f"m-{n}") for n in range(5)))
+    first = await lease(store, 2)
+    assert [j.message_id for j in first] == ["m-0", "m-1"]
+    assert first[0].body == b'{"id": "m-0"}' and first[0].created_at == T0
+    assert first[0].attempts == 0 and first[0].first_attempt_at is None
+    assert [j.message_id for j in await lease(store, 10)] == ["m-2", "m-3", "m-4"]
+    assert await lease(store, 10) == []
+    assert isinstance(first[0].id, int) and first[0].id < first[1].id
+
+
+async def test_jobs_keep_their_fields(store):
+    await store.accept([Acceptance("web", "m-1", [NewJob("hook", "m-1", "anon:é", "batch-7",
+                                                         b"\x00\xffbinary")])],
+                       window=WINDOW, now=T0 + 0.123456789)
+    (leased,) = await lease(store, now=T0 + 1)
+    assert (leased.destination, leased.message_id, leased.user_key, leased.group, leased.body,
+            leased.created_at) == ("hook", "m-1", "anon:é", "batch-7", b"\x00\xffbinary",
+                                   T0 + 0.123456789)
+
+
+async def test_a_leased_job_is_hidden_until_its_lease_lapses(store):
+    await accept(store, item("m-1"))
+    (leased,) = await lease(store, now=T0)
+    assert await lease(store, now=T0 + LEASE_FOR - 1) == []
+    (again,) = await lease(store, now=T0 + LEASE_FOR)
+    assert again.id == leased.id
+
+
+async def test_each_destination_has_its_own_queue(store):
+    await accept(store, item("m-1", destinations=("a", "b")))
+    assert [j.destination for j in await lease(store, destination="a")] == ["a"]
+    assert [j.destination for j in await lease(store, destination="b")] == ["b"]
+    assert await lease(store, destination="c") == []
+
+
+async def test_complete_forgets_the_jobs(store):
+    await accept(store, item("m-1"), item("m-2"))
+    jobs = await lease(store)
+    await store.complete(ids(jobs))
+    assert await pending(store) == 0
+    assert (await store.stats(now=T0)).queues == {}
+    assert await lease(store, now=T0 + LEASE_FOR + 1) == []
+
+
+async def test_a_retry_is_due_later_with_its_attempts(store):
+    await accept(store, item("m-1"), item("m-2"))
+    first, second = await lease(store)
+    await store.retry([tried(first, T0)], not_before=[T0 + 60], now=T0,
+                      failure=Failure("HTTP 503", 503))
+    await store.complete([second.id])
+    assert await pending(store) == 1
+    assert await lease(store, now=T0 + 59) == []
+    (again,) = await lease(store, now=T0 + 60)
+    assert (again.id, again.attempts, again.first_attempt_at) == (first.id, 1, T0)
+    await store.retry([tried(again, T0 + 60)], not_before=[T0 + 120], now=T0 + 60,
+                      failure=Failure("HTTP 503", 503))
+    (third,) = await lease(store, now=T0 + 120)
+    assert (third.attempts, third.first_attempt_at) == (2, T0)
+
+
+async def test_a_due_retry_goes_out_before_newer_jobs(store):
+    await accept(store, item("m-1"))
+    (old,) = await lease(store)
+    await accept(store, item("m-2"), now=T0 + 1)
+    await store.retry([tried(old, T0)], not_before=[T0 + 5], now=T0, failure=Failure("x"))
+    assert [j.message_id for j in await lease(store, 1, now=T0 + 10)] == ["m-1"]
+
+
+async def test_release_gives_jobs_back_due_at_once_and_untouched(store):
+    await accept(store, item("m-1"), item("m-2"))
+    jobs = await lease(store)
+    for leased in jobs:
+        tried(leased, T0)  # in flight: attempted, no outcome yet
+    await store.release(ids(jobs))
+    again = await lease(store, now=T0 + 1)
+    assert ids(again) == ids(jobs)
+    assert [j.attempts for j in again] == [0, 0]
+
+
+async def test_dead_letter_keeps_why_and_replay_goes_to_its_own_destination_only(store):
+    await accept(store, item("m-1", destinations=("good", "bad")))
+    (good,) = await lease(store, destination="good")
+    (bad,) = await lease(store, destination="bad")
+    await store.complete([good.id])
+    failure = Failure("HTTP 400", 400, {"method": "POST", "url": "https://x.example/in",
+                                        "headers": {}}, '{"error": "nope"}')
+    await store.dead_letter([tried(bad, T0)], now=T0 + 5, failure=failure)
+    assert await pending(store, "bad") == 0
+
+    (letter,) = await store.dead_letters(DeadLetterFilter())
+    assert (letter.destination, letter.message_id, letter.user_key, letter.body) == \
+        ("bad", "m-1", "user-1", b'{"id": "m-1"}')
+    assert (letter.attempts, letter.created_at, letter.failed_at) == (1, T0, T0 + 5)
+    assert (letter.reason, letter.status, letter.request, letter.response) == \
+        ("HTTP 400", 400, failure.request, '{"error": "nope"}')
+    stats = await store.stats(now=T0)
+    assert stats.queues["bad"].dead_letters == 1 and stats.queues["bad"].pending == 0
+
+    assert await store.replay(DeadLetterFilter(destination="BAD"), now=T0 + 100) == 1
+    assert await store.dead_letters(DeadLetterFilter()) == []
+    assert await lease(store, destination="good", now=T0 + 100) == []
+    (replayed,) = await lease(store, destination="bad", now=T0 + 100)
+    assert (replayed.message_id, replayed.body, replayed.attempts, replayed.created_at,
+            replayed.first_attempt_at) == ("m-1", b'{"id": "m-1"}', 0, T0 + 100, None)
+    assert replayed.id != bad.id
+
+
+async def test_a_failure_without_a_response_is_kept_as_such(store):
+    await accept(store, item("m-1"))
+    (leased,) = await lease(store)
+    await store.dead_letter([leased], now=T0, failure=Failure("connection refused"))
+    (letter,) = await store.dead_letters(DeadLetterFilter())
+    assert (letter.status, letter.request, letter.response) == (None, None, None)
+
+
+async def dead_letters_at(store, specs: list[tuple[str, str, float]]) -> list[int | str]:
+    """Dead-letter one job per (destination, reason, failed_at); their letter ids."""
+    for n, (destination, _, _) in enumerate(specs):
+        await accept(store, item(f"m-{n}", destinations=(destination,)))
+    for destination, reason, failed_at in specs:
+        (leased,) = await lease(store, 1, destination=destination)
+        await store.dead_letter([leased], now=failed_at, failure=Failure(reason))
+    return ids(await store.dead_letters(DeadLetterFilter()))
+
+
+async def test_dead_letters_are_listed_in_order_with_filters_and_a_limit(store):
+    letters = await dead_letters_at(store, [("a", "HTTP 400", T0 + 1), ("b", "HTTP 500", T0 + 2),
+                                            ("a", "gave up: HTTP 503", T0 + 3),
+                                            ("A", "HTTP 500", T0 + 4)])
+    assert len(letters) == 4 and letters == sorted(letters)
+
+    async def listed(**where: Any) -> list[int | str]:
+        limit = where.pop("limit", 100)
+        return ids(await store.dead_letters(DeadLetterFilter(**where), limit=limit))
+
+    assert await listed(destination="a") == [letters[0], letters[2], letters[3]]
+    assert await listed(destination="B") == [letters[1]]
+    assert await listed(destination="nowhere") == []
+    assert await listed(reason="http 50") == [letters[1], letters[2], letters[3]]
+    assert await listed(since=T0 + 2, until=T0 + 3) == [letters[1], letters[2]]
+    assert await listed(ids=(letters[3], letters[0], 10**9)) == [letters[0], letters[3]]
+    assert await listed(ids=()) == []
+    assert await listed(destination="a", reason="500") == [letters[3]]
+    assert await listed(limit=2) == letters[:2]
+
+
+async def test_purge_removes_only_what_the_filter_selects(store):
+    letters = await dead_letters_at(store, [("a", "HTTP 400", T0 + 1), ("b", "HTTP 500", T0 + 2),
+                                            ("a", "HTTP 500", T0 + 3), ("a", "HTTP 404", T0 + 4),
+                                            ("b", "HTTP 410", T0 + 5)])
+    assert await store.purge(DeadLetterFilter(destination="A", reason="500")) == 1
+    assert await store.purge(DeadLetterFilter(since=T0 + 4.5)) == 1
+    assert await store.purge(DeadLetterFilter(ids=(letters[0],))) == 1
+    assert await store.purge(DeadLetterFilter(until=T0 + 1.5)) == 0
+    remaining = await store.dead_letters(DeadLetterFilter())
+    assert ids(remaining) == [letters[1], letters[3]]
+    assert await store.purge(DeadLetterFilter()) == 2
+    stats = await store.stats(now=T0)
+    assert all(queue.dead_letters == 0 for queue in stats.queues.values())
+
+
+async def test_concurrent_replays_queue_each_letter_once(store, url):
+    await dead_letters_at(store, [("hook", "HTTP 500", T0 + n) for n in range(20)])
+    other = await another(url)
+    try:
+        counts = await asyncio.gather(store.replay(DeadLetterFilter(), now=T0 + 100),
+                                      other.replay(DeadLetterFilter(), now=T0 + 100))
+    finally:
+        await other.close()
+    assert sum(counts) == 20
+    assert await pending(store) == 20
+
+
+async def test_stats_per_destination(store):
+    await accept(store, item("m-1", destinations=("a", "b")), now=T0)
+    await accept(store, item("m-2", destinations=("a",)), now=T0 + 10)
+    (first,) = await lease(store, 1, destination="a", now=T0 + 10)
+    await store.retry([tried(first, T0 + 10)], not_before=[T0 + 99], now=T0 + 10,
+                      failure=Failure("x"))
+    (other,) = await lease(store, 1, destination="b", now=T0 + 10)
+    await store.dead_letter([other], now=T0 + 11, failure=Failure("x"))
+    stats = await store.stats(now=T0 + 11)
+    # a retry waiting for its time is still pending, and still the oldest
+    assert (stats.queues["a"].pending, stats.queues["a"].oldest_created_at,
+            stats.queues["a"].dead_letters) == (2, T0, 0)
+    assert (stats.queues["b"].pending, stats.queues["b"].oldest_created_at,
+            stats.queues["b"].dead_letters) == (0, None, 1)
+    assert await store.ping()
+
+
+async def test_prefixes_keep_routers_apart(store, redis_url):
+    elsewhere = await another(unique_url(redis_url))
+    try:
+        await accept(store, item("m-1"))
+        assert await accept(elsewhere, item("m-1")) == [True]
+        assert len(await lease(elsewhere)) == 1
+        assert len(await lease(store)) == 1
+    finally:
+        await elsewhere.close()
+
+
+# -- ordered leasing --------------------------------------------------------------------------
+
+async def test_ordered_lease_holds_a_users_later_events_behind_a_retry(store):
+    await accept(store, item("a-1", user="a"), item("b-1", user="b"), item("a-2", user="a"),
+                 item("b-2", user="b"), item("c-1", user="c"))
+    heads = await lease(store, ordered=True)
+    assert [j.message_id for j in heads] == ["a-1", "b-1", "c-1"]
+    a1, b1, c1 = heads
+    await store.retry([tried(a1, T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
+    await store.complete([b1.id, c1.id])
+    # b's next event goes on; a's waits for its first, which waits for its retry
+    (b2,) = await lease(store, ordered=True, now=T0 + 1)
+    assert b2.message_id == "b-2"
+    await store.complete([b2.id])
+    assert await lease(store, ordered=True, now=T0 + 59) == []
+    (again,) = await lease(store, ordered=True, now=T0 + 60)
+    assert again.message_id == "a-1"
+    await store.complete([again.id])
+    assert [j.message_id for j in await lease(store, ordered=True, now=T0 + 61)] == ["a-2"]
+
+
+async def test_ordered_lease_holds_a_user_behind_a_leased_event(store):
+    await accept(store, item("a-1", user="a"), item("a-2", user="a"))
+    (first,) = await lease(store, 1, ordered=True)
+    assert await lease(store, ordered=True) == []
+    assert [j.message_id for j in await lease(store, ordered=False)] == ["a-2"]
+    await store.complete([first.id])
+
+
+async def test_ordered_lease_keeps_users_of_different_destinations_apart(store):
+    # ('a:b', user 'c') and ('a', user 'b:c') must not be taken for one user
+    await accept(store, Acceptance("web", "m-1", [NewJob("a:b", "m-1", "c", "", b"{}")]),
+                 Acceptance("web", "m-2", [NewJob("a", "m-2", "b:c", "", b"{}")]))
+    assert len(await lease(store, destination="a:b", ordered=True)) == 1
+    assert len(await lease(store, destination="a", ordered=True)) == 1
+
+
+# -- several processes ------------------------------------------------------------------------
+
+async def test_two_instances_share_the_work_and_never_lease_the_same_job(store, url):
+    await accept(store, *(item(f"m-{n}", user=f"u-{n % 7}") for n in range(300)))
+    other = await another(url)
+    taken: dict[str, list[int | str]] = {"one": [], "two": []}
+
+    async def work(name: str, storage: RedisStorage) -> None:
+        while jobs := await lease(storage, 7):
+            taken[name].extend(ids(jobs))
+            await storage.complete(ids(jobs))
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.gather(work("one", store), work("two", other))
+    finally:
+        await other.close()
+    assert taken["one"] and taken["two"]
+    assert not set(taken["one"]) & set(taken["two"])
+    assert len(taken["one"]) + len(taken["two"]) == 300
+    assert await pending(store) == 0
+
+
+async def test_the_leases_of_a_dead_instance_are_taken_over_once_they_lapse(store, url):
+    await accept(store, *(item(f"m-{n}") for n in range(5)))
+    dead, survivor = await another(url), await another(url)  # two running processes
+    held = await lease(dead, 3, now=T0)
+    for leased in held:
+        tried(leased, T0)
+    try:
+        rest = await lease(survivor, now=T0 + 1)
+        assert [j.message_id for j in rest] == ["m-3", "m-4"]
+        assert await lease(survivor, now=T0 + LEASE_FOR - 1) == []
+        taken = await lease(survivor, now=T0 + LEASE_FOR)
+        assert ids(taken) == ids(held)
+        assert [j.attempts for j in taken] == [0, 0, 0]  # the lost attempts were never recorded
+
+        # The dead instance wakes up late: its retry, dead letter and release are no-ops,
+        # for the survivor holds those jobs now ...
+        await dead.retry(held[:1], not_before=[T0], now=T0, failure=Failure("late"))
+        await dead.dead_letter(held[1:2], now=T0, failure=Failure("late"))
+        await dead.release(ids(held[2:]))
+        assert await store.dead_letters(DeadLetterFilter()) == []
+        assert await lease(survivor, now=T0 + LEASE_FOR + 0.5) == []
+        assert await pending(store) == 5
+        # ... but a late success still counts: the job was delivered, so it is forgotten
+        # (the survivor's own completion of it is then a no-op).
+        await dead.complete([held[0].id])
+        assert await pending(store) == 4
+        await survivor.retry([tried(taken[0], T0 + LEASE_FOR)], not_before=[T0],
+                             now=T0 + LEASE_FOR, failure=Failure("x"))
+        await survivor.complete(ids(taken) + ids(rest))
+        assert await pending(store) == 0
+    finally:
+        await dead.close()
+        await survivor.close()
+
+
+async def test_open_takes_back_only_leases_that_lapsed(store, url, raw):
+    await accept(store, *(item(f"m-{n}") for n in range(5)))
+    now = time.time()
+    live = await lease(store, 3, now=now, lease_for=300)
+    lapsed = await lease(store, 2, now=now - 1000, lease_for=1)
+    restarted = await another(url, recover=True)
+    try:
+        leased_key, ready_key = store.keys.leased("hook"), store.keys.ready("hook")
+        assert sorted(int(i) for i in await raw.zrange(leased_key, 0, -1)) == ids(live)
+        assert sorted(int(i) for i in await raw.zrange(ready_key, 0, -1)) == ids(lapsed)
+        assert ids(await lease(restarted, now=time.time())) == ids(lapsed)
+    finally:
+        await restarted.close()
+
+
+async def test_open_without_recover_takes_back_nothing(store, url, raw):
+    await accept(store, item("m-1"))
+    await lease(store, now=time.time() - 1000, lease_for=1)
+    tool = await another(url, recover=False)
+    try:
+        assert await raw.zcard(store.keys.leased("hook")) == 1
+        assert await tool.dead_letters(DeadLetterFilter()) == []
+    finally:
+        await tool.close()
+
+
+CHILD = """
+import asyncio, sys, time
+from router.storage.redis import RedisStorage
+
+async def main():
+    storage = RedisStorage.from_url(sys.argv[1])
+    await storage.open()
+    jobs = await storage.lease("hook", 3, now=time.time(), lease_for=30.0)
+    print(" ".join(str(job.id) for job in jobs), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_killed_with_sigkill_has_its_work_taken_over(store, url):
+    await accept(store, *(item(f"m-{n}") for n in range(5)), now=time.time())
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, url, cwd=ROOT,
+                                                 stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(child.stdout.readline(), 30)
+    finally:
+        child.kill()  # SIGKILL: it hands nothing back
+        await child.wait()
+    in_flight = [int(i) for i in line.split()]
+    assert len(in_flight) == 3
+    now = time.time()
+    # the rest goes on at once; the dead process's jobs come back once its leases lapse
+    assert len(await lease(store, now=now, lease_for=300)) == 2
+    assert await lease(store, now=now + 29) == []
+    assert ids(await lease(store, now=now + 31)) == in_flight
+
+
+# -- a full Redis -----------------------------------------------------------------------------
+
+async def test_redis_out_of_memory_is_storage_full(store, raw):
+    await accept(store, item("m-0"))
+    await raw.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StorageFull, match="out of memory"):
+            await accept(store, item("m-1", destinations=("a", "b")))
+    finally:
+        await raw.config_set("maxmemory", "0")
+    # nothing of the refused event was kept: accepting it again works
+    assert await pending(store, "a") == 0
+    assert await accept(store, item("m-1")) == [True]
+
+
+# -- a model check: Redis against the in-memory backend ---------------------------------------
+
+DESTINATIONS = ("a", "b")
+USERS = ("u1", "u2", "u3")
+MODEL_T0 = 1_000_000_000.0
+"""Long past in real time: ``open(recover=True)`` (which reads the real clock) then finds
+every lease lapsed, as the in-memory backend's recovery frees them all."""
+
+
+def as_tuple(job_: Job) -> tuple[Any, ...]:
+    return (job_.id, job_.destination, job_.message_id, job_.user_key, job_.group, job_.body,
+            job_.created_at, job_.attempts, job_.first_attempt_at)
+
+
+def letter_tuple(letter: DeadLetter) -> tuple[Any, ...]:
+    return dataclasses.astuple(letter)
+
+
+class RedisMatchesMemory(RuleBasedStateMachine):
+    """Any sequence of enqueue / lease / complete / retry / dead letter / release / replay /
+    purge / clock ticks / restarts leaves the Redis backend in the state the in-memory one
+    is in: the same jobs leased, in the same order, the same stats and dead letters.
+
+    Jobs whose lease lapsed are no longer acted on by the machine: there the backends differ
+    on purpose (Redis ignores a stale holder's retry; memory has no holders)."""
+
+    url: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.prefixed = unique_url(self.url)
+        self.redis = self.run(self._open())
+        self.memory = MemoryStorage()
+        self.run(self.memory.open())
+        self.now = MODEL_T0
+        # job id -> (the Redis job, a copy of the memory job, lease expiry)
+        self.held: dict[int | str, tuple[Job, Job, float]] = {}
+
+    def run(self, coroutine: Any) -> Any:
+        return self.loop.run_until_complete(coroutine)
+
+    async def _open(self) -> RedisStorage:
+        storage = RedisStorage.from_url(self.prefixed)
+        await storage.open()
+        return storage
+
+    def teardown(self) -> None:
+        self.run(self.redis.close())
+        self.loop.close()
+
+    def both(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return (self.run(getattr(self.redis, method)(*args, **kwargs)),
+                self.run(getattr(self.memory, method)(*args, **kwargs)))
+
+    @rule(events=st.lists(st.tuples(st.sampled_from(("web", "ios")), st.integers(0, 8),
+                                    st.sets(st.sampled_from(DESTINATIONS)),
+                                    st.sampled_from(USERS)), min_size=1, max_size=4))
+    def enqueue(self, events: list[tuple[str, int, set[str], str]]) -> None:
+        items = [Acceptance(source, f"m{n}", [NewJob(d, f"m{n}", user, "g" if d == "a" else "",
+                                                     b'{"n": %d}' % n) for d in sorted(dests)])
+                 for source, n, dests, user in events]
+        on_redis, on_memory = self.both("accept", items, window=50.0, now=self.now)
+        assert on_redis == on_memory
+
+    @rule(destination=st.sampled_from(DESTINATIONS), limit=st.integers(1, 4),
+          ordered=st.booleans())
+    def lease(self, destination: str, limit: int, ordered: bool) -> None:
+        on_redis, on_memory = self.both("lease", destination, limit, now=self.now,
+                                        lease_for=LEASE_FOR, ordered=ordered)
+        assert [as_tuple(j) for j in on_redis] == [as_tuple(j) for j in on_memory]
+        for redis_job, memory_job in zip(on_redis, on_memory):
+            self.held[redis_job.id] = (redis_job, dataclasses.replace(memory_job),
+                                       self.now + LEASE_FOR)
+
+    def pick(self, data: st.DataObject, *, several: bool) -> list[int | str]:
+        choices = sorted(self.held)
+        if several:
+            return data.draw(st.lists(st.sampled_from(choices), min_size=1, unique=True))
+        return [data.draw(st.sampled_from(choices))]
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        chosen = self.pick(data, several=True)
+        self.both("complete", chosen)
+        for job_id in chosen:
+            del self.held[job_id]
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), delay=st.sampled_from((0.0, 5.0, 20.0, 45.0)))
+    def retry(self, data: st.DataObject, delay: float) -> None:
+        (job_id,) = self.pick(data, several=False)
+        redis_job, memory_job, _ = self.held.pop(job_id)
+        failure = Failure("HTTP 503", 503)
+        self.run(self.redis.retry([tried(redis_job, self.now)], not_before=[self.now + delay],
+                                  now=self.now, failure=failure))
+        self.run(self.memory.retry([tried(memory_job, self.now)],
+                                   not_before=[self.now + delay], now=self.now,
+                                   failure=failure))
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), reason=st.sampled_from(("HTTP 400", "HTTP 500", "gave up")),
+          status=st.sampled_from((None, 400, 500)), with_response=st.booleans())
+    def dead_letter(self, data: st.DataObject, reason: str, status: int | None,
+                    with_response: bool) -> None:
+        (job_id,) = self.pick(data, several=False)
+        redis_job, memory_job, _ = self.held.pop(job_id)
+        failure = Failure(reason, status, {"url": "https://x.example"} if status else None,
+                          "{}" if with_response else None)
+        self.run(self.redis.dead_letter([tried(redis_job, self.now)], now=self.now,
+                                        failure=failure))
+        self.run(self.memory.dead_letter([tried(memory_job, self.now)], now=self.now,
+                                         failure=failure))
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        chosen = self.pick(data, several=True)
+        self.both("release", chosen)
+        for job_id in chosen:
+            del self.held[job_id]
+
+    filters = st.builds(DeadLetterFilter,
+                        destination=st.sampled_from((None, "a", "B", "c")),
+                        reason=st.sampled_from((None, "500", "http")))
+
+    @rule(where=filters)
+    def replay(self, where: DeadLetterFilter) -> None:
+        on_redis, on_memory = self.both("replay", where, now=self.now)
+        assert on_redis == on_memory
+
+    @rule(where=filters)
+    def purge(self, where: DeadLetterFilter) -> None:
+        on_redis, on_memory = self.both("purge", where)
+        assert on_redis == on_memory
+
+    @rule(seconds=st.sampled_from((1.0, 5.0, 20.0, 31.0, 60.0)))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        self.held = {job_id: held for job_id, held in self.held.items() if held[2] > self.now}
+
+    @rule()
+    def crash_and_restart(self) -> None:
+        """The process dies holding leases; a new one opens the storage and recovers."""
+        self.run(self.redis.close())
+        self.redis = self.run(self._open())
+        self.run(self.memory.open(recover=True))
+        self.held.clear()
+
+    @invariant()
+    def same_queues_and_dead_letters(self) -> None:
+        on_redis, on_memory = self.both("stats", now=self.now)
+        assert on_redis.queues == on_memory.queues
+        on_redis, on_memory = self.both("dead_letters", DeadLetterFilter(), limit=1000)
+        assert [letter_tuple(x) for x in on_redis] == [letter_tuple(x) for x in on_memory]
+
+
+def test_redis_behaves_like_the_in_memory_model(redis_url):
+    RedisMatchesMemory.url = redis_url
+    run_state_machine_as_test(
+        RedisMatchesMemory,
+        settings=settings(max_examples=60, stateful_step_count=30, deadline=None,
+                          database=None, suppress_health_check=[HealthCheck.too_slow]))
+
+
+# -- end to end: two routers, one Redis -------------------------------------------------------
+
+async def test_two_routers_share_the_queue_and_the_dedup_window(tmp_path, url):
+    async with FakeDestinationServer(default=Answer(200, delay=0.03)) as server:
+        destinations = [webhook("hook", server.url, concurrency=1)]
+        first = router_for(tmp_path, destinations, storage=url)
+        second = router_for(tmp_path, destinations, storage=url)
+        async with first, second:
+            results = await first.route_many([track(n) for n in range(40)])
+            assert not any(result.duplicate for result in results)
+            # the other router knows these messageIds: the window is shared
+            again = await second.route_many([track(n) for n in range(40)])
+            assert all(result.duplicate for result in again)
+            results = await second.route_many([track(n) for n in range(40, 50)])
+            assert not any(result.duplicate for result in results)
+            assert await first.drain(timeout=30)
+            stats = await second.storage.stats(now=time.time())
+        delivered = [request.json["messageId"] for request in server.requests
+                     if request.status == 200]
+        assert sorted(delivered) == sorted(f"m-{n}" for n in range(50))  # each exactly once
+        by_first = first.delivery_metrics.delivered.get("hook")
+        by_second = second.delivery_metrics.delivered.get("hook")
+        assert by_first + by_second == 50
+        assert by_first > 0 and by_second > 0  # both processes took part
+        assert stats.queues == {}
