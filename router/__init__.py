@@ -3,16 +3,16 @@
 The public API: everything a library user or a plugin author needs is importable from here.
 """
 
-from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
-                                HttpRequest, HttpResponse, Outcome, Payload)
+from router.destination import (DEFAULT_RETRY_STATUSES, BaseUrl, DeliveryDefaults, Destination,
+                                HttpRequest, HttpResponse, HttpUrl, Outcome, Payload)
 from router.errors import (ConfigError, DestinationError, EventRejected, InvalidEvent,
                            PermanentError, RetryableError, RouterError, SkipEvent, StorageFull)
 from router.events import Event, parse_event
 from router.hookspecs import hookimpl
 
 __all__ = [
-    "DEFAULT_RETRY_STATUSES", "ConfigError", "DeliveryDefaults", "Destination",
-    "DestinationError", "Event", "EventRejected", "HttpRequest", "HttpResponse",
+    "DEFAULT_RETRY_STATUSES", "BaseUrl", "ConfigError", "DeliveryDefaults", "Destination",
+    "DestinationError", "Event", "EventRejected", "HttpRequest", "HttpResponse", "HttpUrl",
     "InvalidEvent", "Outcome", "Payload", "PermanentError", "RetryableError", "RouterError",
     "SkipEvent", "StorageFull", "hookimpl", "parse_event",
 ]

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, NamedTuple, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from router.errors import DestinationError
 from router.events import Event
@@ -105,6 +106,19 @@ class DeliveryDefaults(BaseModel):
                                      description="HTTP statuses retried; others are permanent")
     ordered: bool = Field(False, description="hold a user's later events while one retries")
 
+
+def _http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return url
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+"""A settings field holding an http:// or https:// URL with a host (a webhook's URL)."""
+BaseUrl = Annotated[str, AfterValidator(lambda url: _http_url(url).rstrip("/"))]
+"""A settings field holding the base URL of an API (a region's host, a proxy, a test server),
+without its trailing slash, so paths can be appended."""
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
 from router.semantics import semantic_action
 
@@ -46,7 +45,7 @@ class AmplitudeSettings(BaseModel):
                           "Person` / `User Deleted`); without it those events are skipped.")
     region: Literal["US", "EU"] = Field(
         "US", description="Data residency of the project: US or EU.")
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, description="Send to this http(s) base URL instead of Amplitude's hosts (tests, "
                           "proxies): events to `{base_url}/2/httpapi` or `/batch`, "
                           "deletions to `{base_url}/api/2/deletions/users`.")
@@ -83,15 +82,6 @@ class AmplitudeSettings(BaseModel):
                              "data residency)")
         return region
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url.rstrip("/")
 
 
 class Amplitude(Destination[AmplitudeSettings]):

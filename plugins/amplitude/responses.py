@@ -9,7 +9,7 @@ devices wait 30 s. Amplitude's own Python SDK does the same (``ResponseProcessor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from router import HttpResponse, Outcome, Payload, PermanentError, RetryableError

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, SkipEvent)
 from router.semantics import ORDER_COMPLETED, semantic_action
 
@@ -44,7 +43,7 @@ class BrazeSettings(BaseModel):
     instance: str = Field(
         "US-01", description="Your Braze instance (cluster), e.g. US-01..US-08, US-10, EU-01, "
                              "EU-02, AU-01, ID-01; it picks the REST endpoint.")
-    rest_endpoint: str | None = Field(
+    rest_endpoint: BaseUrl | None = Field(
         None, description="A REST endpoint URL to use instead of the instance's (a new "
                           "instance, a proxy, tests).")
     app_id: str | None = Field(
@@ -71,15 +70,6 @@ class BrazeSettings(BaseModel):
                              f"{', '.join(INSTANCES)}, or set rest_endpoint")
         return name
 
-    @field_validator("rest_endpoint")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url.rstrip("/")
 
 
 class Braze(Destination[BrazeSettings]):

@@ -11,13 +11,12 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse, Outcome,
-                    Payload, PermanentError, RetryableError)
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse,
+                    Outcome, Payload, PermanentError, RetryableError)
 
 from . import translate
 
@@ -36,7 +35,7 @@ class CustomerIOSettings(BaseModel):
     region: Literal["us", "eu"] = Field(
         "us", description="Data center of the workspace: `us` (track.customer.io) or `eu` "
                           "(track-eu.customer.io).")
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, description="Send to this base URL instead of the region's Track API host (a "
                           "proxy, a test server). `/api/v2/batch` is appended.")
     object_type_id: str | None = Field(
@@ -52,16 +51,6 @@ class CustomerIOSettings(BaseModel):
         raise ValueError("expected `us` or `eu`: the data center of your Customer.io "
                          "workspace (shown on its privacy settings page)")
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host, such as "
-                             "https://track.customer.io")
-        return url.rstrip("/")
 
     @field_validator("object_type_id", mode="before")
     @classmethod

@@ -11,12 +11,12 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
 from router.semantics import semantic_action
 
@@ -47,7 +47,7 @@ class GA4Settings(BaseModel):
     region: Literal["global", "eu"] = Field(
         "global", description="`global` (www.google-analytics.com) or `eu` "
                               "(region1.google-analytics.com, collection in the EU).")
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, description="Send to this http(s) base URL instead of the region's host "
                           "(tests, proxies, server-side tagging).")
     debug: bool = Field(
@@ -86,15 +86,6 @@ class GA4Settings(BaseModel):
                              "stream ID, and not a Universal Analytics UA- ID)")
         return value
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url.rstrip("/")
 
     @field_validator("user_property_traits")
     @classmethod

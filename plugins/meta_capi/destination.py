@@ -10,12 +10,11 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, RetryableError, SkipEvent)
 from router.semantics import semantic_action
 
@@ -51,7 +50,7 @@ class MetaSettings(BaseModel):
     test_event_code: str | None = Field(
         None, description="Test event code from Events Manager > Test events: events show "
                           "there and are not used for ads. Remove it in production.")
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, description="Send to this http(s) base URL instead of graph.facebook.com "
                           "(tests, proxies).")
 
@@ -69,15 +68,6 @@ class MetaSettings(BaseModel):
             raise ValueError("expected a Graph API version such as v24.0")
         return version.strip()
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url.rstrip("/")
 
 
 class MetaConversions(Destination[MetaSettings]):

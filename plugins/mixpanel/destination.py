@@ -11,11 +11,10 @@ import base64
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, SkipEvent)
 from router.semantics import ORDER_COMPLETED, semantic_action
 
@@ -49,7 +48,7 @@ class MixpanelSettings(BaseModel):
         None, description="Numeric project id; required with a service account.")
     region: Literal["US", "EU", "IN"] = Field(
         "US", description="Data residency of the project: US, EU or IN.")
-    base_url: str | None = Field(
+    base_url: BaseUrl | None = Field(
         None, description="Send to this http(s) base URL instead of the region's host "
                           "(tests, proxies).")
     identity_merge: IdentityMerge = Field(
@@ -74,15 +73,6 @@ class MixpanelSettings(BaseModel):
             raise ValueError(f"unknown region {region!r}; expected one of US, EU, IN")
         return region
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url.rstrip("/")
 
     @model_validator(mode="after")
     def _one_credential(self) -> MixpanelSettings:

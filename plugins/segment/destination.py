@@ -12,12 +12,11 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError)
 from router.events import MAX_EVENT_BYTES
 
@@ -34,20 +33,12 @@ class SegmentSettings(BaseModel):
     write_key: SecretStr = Field(description="Write key of the receiving source (for "
                                              "Customer.io Data Pipelines, its API key); the "
                                              "Basic auth user name, with an empty password.")
-    base_url: str = Field("https://api.segment.io",
+    base_url: BaseUrl = Field("https://api.segment.io",
                           description="Tracking API to forward to: `https://api.segment.io`, "
                                       "`https://events.eu1.segmentapis.com`, "
                                       "`https://cdp.customer.io`, `https://cdp-eu.customer.io`, "
                                       "or another router. `/v1/batch` is appended.")
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host, such as "
-                             "https://api.segment.io")
-        return url.rstrip("/")
 
 
 class Segment(Destination[SegmentSettings]):

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from router import DeliveryDefaults, Destination, Event, HttpRequest, Payload
+from router import HttpUrl, DeliveryDefaults, Destination, Event, HttpRequest, Payload
 from router.templates import Template
 
 
 class WebhookSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="Where to send, http:// or https://. Private, loopback and "
+    url: HttpUrl = Field(description="Where to send, http:// or https://. Private, loopback and "
                                  "link-local hosts need `egress.allow_private_addresses`.")
     method: Literal["POST", "PUT", "PATCH"] = Field("POST", description="HTTP method.")
     headers: dict[str, SecretStr] = Field(
@@ -27,13 +26,6 @@ class WebhookSettings(BaseModel):
         None, description="Optional jinja2 template of the body (sandboxed), with `event` and "
                           "`options` in scope. Without it the body is the event as JSON.")
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url
 
 
 class Webhook(Destination[WebhookSettings]):
