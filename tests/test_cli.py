@@ -288,10 +288,6 @@ def test_every_json_line_has_the_contract_keys(workdir):
             assert line["requests"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: router/cli.py check_command prints config.storage "
-                   "verbatim, so the password of a redis:// URL reaches stdout; and "
-                   "router/storage/redis.py does not exist, so `check` on a redis:// config "
-                   "crashes with ModuleNotFoundError instead of validating it")
 def test_check_does_not_print_the_storage_password(tmp_path):
     (tmp_path / "redis.yaml").write_text(
         "storage: redis://:${REDIS_PASSWORD}@localhost:6379/0\n"

@@ -21,7 +21,7 @@ from router import (DeliveryDefaults, Destination, Event, HttpRequest, HttpRespo
 from router.events import CALL_TYPES
 from router.testing import (Answer, ConformanceFailure, ConformanceSuite, DestinationHarness,
                             FakeDestinationServer, check_destination, classify_status,
-                            conformance_test, make_event, sample_events)
+                            conformance_test, edge_events, make_event, sample_events)
 from router.testing.strategies import events, raw_events
 from router_plugins.webhook.destination import Webhook
 
@@ -312,12 +312,13 @@ test_webhook_conformance_in_one_line = conformance_test(Webhook, settings=HOOK_S
                                                         examples=50)
 
 
-class AssumesAnIp(Recorder):
-    """Assumes every event carries ``context.ip``, as every sample does; server-side
-    libraries do not send one."""
+class TrustsItsOptions(Recorder):
+    """Assumes per-event options always carry a ``region``; no sample names this destination
+    in its integrations map, but clients can send any object there."""
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
-        return [Payload({**payload.body, "ip": event.context["ip"]}, payload.group)
+        region = options["region"] if options else "us"
+        return [Payload({**payload.body, "region": region}, payload.group)
                 for payload in super().translate(event, options)]
 
 
@@ -410,9 +411,9 @@ def test_a_destination_raising_keyerror_on_some_events_fails_and_names_the_event
 
 
 def test_hypothesis_finds_events_that_break_a_destination_the_samples_do_not():
-    check_destination(AssumesAnIp, RECORDER_SETTINGS, rules=["sample_events"])
-    message = failure(AssumesAnIp, rules=["any_valid_event"])
-    assert "[any_valid_event]" in message and "translate raised KeyError: 'ip'" in message
+    check_destination(TrustsItsOptions, RECORDER_SETTINGS, rules=["sample_events"])
+    message = failure(TrustsItsOptions, rules=["any_valid_event"])
+    assert "[any_valid_event]" in message and "translate raised KeyError: 'region'" in message
     assert "event: {" in message  # the falsifying event, to reproduce it
 
 
@@ -511,6 +512,28 @@ def test_sample_events_cover_what_every_destination_must_handle():
     assert len({event.messageId for event in parsed}) == len(parsed)
     raws[0]["event"] = "changed"
     assert sample_events()[0]["event"] != "changed"  # fresh copies every call
+
+
+def test_edge_events_are_valid_and_unusual():
+    parsed = [parse_event(raw) for raw in edge_events()]
+    assert any(not event.context and not event.properties for event in parsed)
+    assert any("revenue" in e.properties and e.properties["revenue"] is None
+               and "currency" not in e.properties for e in parsed)
+    assert any(e.userId == "1042" for e in parsed)  # sent as a number
+
+
+def test_the_suite_catches_a_null_revenue_without_luck():
+    class TrustsRevenue(Recorder):
+        def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+            payloads = super().translate(event, options)
+            if "revenue" in event.properties:  # present, but may be null: no currency then
+                return [Payload({**p.body, "amount": [event.properties["revenue"],
+                                                      event.properties["currency"]]}, p.group)
+                        for p in payloads]
+            return payloads
+
+    message = failure(TrustsRevenue, rules=["sample_events"])
+    assert "track 'Cart Viewed'" in message and "KeyError: 'currency'" in message
 
 
 def test_make_event_builds_each_call_type_with_overrides():

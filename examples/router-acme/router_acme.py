@@ -33,7 +33,7 @@ class Acme(Destination[AcmeSettings]):
             body = {"id": event.messageId, "name": event.event, "user": event.user_key,
                     "ts": int(event.timestamp.timestamp() * 1000),
                     "props": event.properties}
-            if "revenue" in event.properties:
+            if event.properties.get("revenue") is not None:
                 body["revenue"] = {"amount": event.properties["revenue"],
                                    "currency": event.properties["currency"]}
             return [Payload(body)]

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import orjson
 
 from router.delivery import retry
+from router.delivery.batching import batches, from_spool
 from router.delivery.egress import EgressPolicy
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
@@ -102,7 +103,7 @@ class DestinationWorker:
             if not jobs:
                 await self._sleep(POLL_INTERVAL)
                 continue
-            for batch in self._batches(jobs):
+            for batch in batches(jobs, self.delivery, group=_group_of, size=_size_of):
                 await self.slots.acquire()
                 if self.stopping:
                     self.slots.release()
@@ -165,24 +166,6 @@ class DestinationWorker:
         self.leased_ids.update(job.id for job in fresh)
         return fresh
 
-    def _batches(self, jobs: list[Job]) -> Iterable[list[Job]]:
-        """Jobs of one group together, at most ``batch_size`` and about ``batch_bytes``."""
-        by_group: dict[str, list[Job]] = {}
-        for job in jobs:
-            by_group.setdefault(job.group, []).append(job)
-        for group_jobs in by_group.values():
-            batch: list[Job] = []
-            size = 0
-            for job in group_jobs:
-                if batch and (len(batch) >= self.delivery.batch_size
-                              or size + len(job.body) > self.delivery.batch_bytes):
-                    yield batch
-                    batch, size = [], 0
-                batch.append(job)
-                size += len(job.body) + 1
-            if batch:
-                yield batch
-
     async def _deliver(self, batch: list[Job]) -> None:
         now = time.time()
         for job in batch:
@@ -211,7 +194,7 @@ class DestinationWorker:
         the plugin could not pin on particular events) is split in two and each half sent.
         If both halves are refused whole too, the fault is not in an event (a bad key, say)
         and splitting stops; otherwise the refused half is split again, down to the event."""
-        payloads = [Payload(orjson.loads(job.body), job.group) for job in batch]
+        payloads = [from_spool(job.body, job.group) for job in batch]
         adapter = self.destination.adapter
         try:
             request = adapter.build_request(payloads)
@@ -339,3 +322,11 @@ def _refused_whole(result: list[tuple[Outcome, Failure | None]]) -> str | None:
         return None
     failure = result[0][1]
     return (failure.response or "") if failure else ""
+
+
+def _group_of(job: Job) -> str:
+    return job.group
+
+
+def _size_of(job: Job) -> int:
+    return len(job.body)

@@ -5,7 +5,7 @@
 - ``DestinationHarness``: one destination driven by hand; events in, exact requests out,
   answers judged as the router would.
 - ``check_destination``: the conformance suite every destination must pass.
-- ``make_event``, ``sample_events``: realistic raw events; ``router.testing.strategies``:
+- ``make_event``, ``sample_events``, ``edge_events``: realistic and unusual raw events; ``router.testing.strategies``:
   hypothesis strategies for any valid event.
 - ``conformance_test``: the suite as a pytest test, one line in a test module;
   ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures.
@@ -15,13 +15,15 @@ Needs the test extras (``pip install event-router[test]``): hypothesis, pytest, 
 
 from router.testing.conformance import (ConformanceFailure, ConformanceSuite, check_destination,
                                         conformance_test)
-from router.testing.events import RECEIVED_AT, describe_event, make_event, sample_events
+from router.testing.events import (RECEIVED_AT, describe_event, edge_events, make_event,
+                                   sample_events)
 from router.testing.fake_server import Answer, FakeDestinationServer, RecordedRequest
 from router.testing.harness import DestinationHarness, batches, classify_status, spooled
 
 __all__ = [
     "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DestinationHarness",
     "FakeDestinationServer", "RecordedRequest", "batches", "check_destination",
-    "classify_status", "conformance_test", "describe_event", "make_event", "sample_events",
+    "classify_status", "conformance_test", "describe_event", "edge_events", "make_event",
+    "sample_events",
     "spooled",
 ]

@@ -10,8 +10,9 @@ test can cover:
     ``delivery`` limits.
 ``sample_events``
     Each of the kit's sample events (every call type, e-commerce, semantic events, anonymous
-    activity, an identify that merges two ids) gives payloads, or ``SkipEvent`` /
-    ``EventRejected`` with a reason, and passes the per-event rules below.
+    activity, an identify that merges two ids) and edge events (no context, a null revenue,
+    products without prices, ...) gives payloads, or ``SkipEvent`` / ``EventRejected`` with
+    a reason, and passes the per-event rules below.
 ``any_valid_event``
     The same, property-based: hundreds of valid events of every call type drawn by
     hypothesis (``strategies.raw_events()``), with per-event options under the destination's
@@ -55,7 +56,7 @@ from pydantic import BaseModel
 from router.destination import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload
 from router.errors import DestinationError, EventRejected, SkipEvent
 from router.events import Event
-from router.testing.events import describe_event, event_json, sample_events
+from router.testing.events import describe_event, edge_events, event_json, sample_events
 from router.testing.harness import DestinationHarness, batches, spooled
 from router.testing.strategies import json_values, raw_events, texts
 
@@ -159,9 +160,9 @@ class ConformanceSuite:
                                             "secret could match ordinary text")
 
     def check_sample_events(self) -> None:
-        """The kit's sample events and the suite's extra ones, one by one."""
+        """The kit's sample and edge events and the suite's extra ones, one by one."""
         fresh = self.harness.fresh()
-        for raw in [*sample_events(), *map(dict, self.events)]:
+        for raw in [*sample_events(), *edge_events(), *map(dict, self.events)]:
             self._check_event("sample_events", raw, fresh)
         if self.dedup_id is not None:
             self._check_dedup_ids_differ()
@@ -173,15 +174,21 @@ class ConformanceSuite:
         option_objects = st.dictionaries(texts(max_size=24), json_values(max_leaves=4),
                                          max_size=3)
 
-        @self._hypothesis_settings()
-        @given(raw=raw_events(), data=st.data())
         def any_valid_event(raw: dict[str, Any], data: st.DataObject) -> None:
             if data.draw(st.integers(0, 4), label="name the destination") == 0:
                 options = data.draw(option_objects, label="options")
                 raw = {**raw, "integrations": {**(raw.get("integrations") or {}), name: options}}
             self._check_event("any_valid_event", raw, fresh)
 
-        any_valid_event()
+        # Hypothesis keys its example database by the test function; this one function
+        # checks every destination, so add the class to the key (as hypothesis's own pytest
+        # plugin does for parametrized tests): a failure found for one destination is
+        # replayed first on its next run, not on another destination.
+        cls = self.destination_cls
+        any_valid_event._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
+            f"{cls.__module__}.{cls.__qualname__}".encode())
+        test = given(raw=raw_events(), data=st.data())(any_valid_event)
+        self._hypothesis_settings()(test)()
 
     def check_batching(self) -> None:
         """A full batch of each group of the sample payloads fits ``batch_bytes``."""
@@ -371,12 +378,11 @@ class ConformanceSuite:
     def _hypothesis_settings(self) -> hypothesis_settings_cls:
         if self.hypothesis_settings is not None:
             return self.hypothesis_settings
-        # No example database: the suite runs inside other projects' test trees, and a
-        # failure prints its reproduction anyway. One failure reported, not a group of them,
-        # so callers see the AssertionError itself.
+        # The rest (example database, derandomize, verbosity) comes from the caller's
+        # hypothesis profile. One failure is reported, not a group of them, so callers see
+        # the ConformanceFailure (an AssertionError) itself.
         return hypothesis_settings_cls(
-            max_examples=self.examples, deadline=None, database=None,
-            report_multiple_bugs=False,
+            max_examples=self.examples, deadline=None, report_multiple_bugs=False,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                    HealthCheck.filter_too_much])
 

@@ -202,9 +202,39 @@ _SAMPLES: list[dict[str, Any]] = [
 ]
 
 
+_EDGES: list[dict[str, Any]] = [
+    # What server-side libraries send: no context, no properties, no timestamps.
+    {"type": "track", "event": "Signed Up", "userId": "u-edge-1", "messageId": "msg-edge-bare"},
+    {"type": "identify", "userId": "u-edge-1", "messageId": "msg-edge-bare-identify"},
+    {"type": "page", "anonymousId": "anon-edge-1", "messageId": "msg-edge-bare-page"},
+    {"type": "group", "userId": "u-edge-1", "groupId": "g-1", "messageId": "msg-edge-bare-group"},
+    # A null revenue gets no default currency; a numeric user id becomes a string.
+    {"type": "track", "event": "Cart Viewed", "userId": 1042, "messageId": "msg-edge-null-revenue",
+     "properties": {"revenue": None, "cart_id": "c-1"}},
+    # Currency and value in forms parse_event normalizes; products that break assumptions.
+    {"type": "track", "event": "Order Completed", "userId": "u-edge-1",
+     "messageId": "msg-edge-odd-products",
+     "properties": {"order_id": "o-edge", "value": "1e3", "currency": " jpy ",
+                    "products": [{"product_id": "p1", "price": "12.50", "quantity": "2"},
+                                 {"sku": "no-price"}, {}, "not-an-object", None]}},
+    # A long unicode name and a client timestamp with an offset.
+    {"type": "track", "event": "Évènement " + "très long " * 30, "anonymousId": "anon-edge-2",
+     "messageId": "msg-edge-long-name", "timestamp": "2026-11-20T16:03:11+02:00",
+     "properties": {"description": "ü" * 500}},
+]
+
+
 def sample_events() -> list[dict[str, Any]]:
     """Raw events every destination should be tried on (fresh copies)."""
     return copy.deepcopy(_SAMPLES)
+
+
+def edge_events() -> list[dict[str, Any]]:
+    """Valid but unusual raw events where destinations tend to trip (fresh copies): no
+    context or properties at all, a null revenue, a numeric user id, products without prices
+    or that are not objects, a padded lower-case currency, a very long unicode name. The
+    conformance suite tries them with the samples, so these cases never depend on luck."""
+    return copy.deepcopy(_EDGES)
 
 
 def describe_event(event: Any) -> str:

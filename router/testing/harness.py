@@ -27,6 +27,8 @@ import orjson
 from pydantic import BaseModel
 
 from router.delivery import retry
+from router.delivery.batching import batches as split_into_batches
+from router.delivery.batching import from_spool
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
                                 HttpRequest, HttpResponse, Outcome, Payload)
 from router.errors import DestinationError
@@ -56,33 +58,14 @@ def classify_status(status: int, retry_on: Collection[int] = DEFAULT_RETRY_STATU
 
 
 def spooled(payload: Payload) -> Payload:
-    """The payload as ``build_request`` receives it in production: its body went to the
-    spool as JSON (``orjson.dumps``) and came back (tuples are lists, datetimes strings)."""
-    return Payload(orjson.loads(orjson.dumps(payload.body)), payload.group)
+    """The payload as ``build_request`` receives it in production, after the spool."""
+    return from_spool(orjson.dumps(payload.body), payload.group)
 
 
 def batches(payloads: Iterable[Payload], delivery: DeliveryDefaults) -> list[list[Payload]]:
-    """Payloads split into batches the way the delivery service does it: one group per
-    batch, in order of first appearance, at most ``batch_size`` payloads and about
-    ``batch_bytes`` of serialized bodies each."""
-    by_group: dict[str, list[Payload]] = {}
-    for payload in payloads:
-        by_group.setdefault(payload.group, []).append(payload)
-    result: list[list[Payload]] = []
-    for group_payloads in by_group.values():
-        batch: list[Payload] = []
-        size = 0
-        for payload in group_payloads:
-            body_size = len(orjson.dumps(payload.body))
-            if batch and (len(batch) >= delivery.batch_size
-                          or size + body_size > delivery.batch_bytes):
-                result.append(batch)
-                batch, size = [], 0
-            batch.append(payload)
-            size += body_size + 1
-        if batch:
-            result.append(batch)
-    return result
+    """Payloads split into batches exactly as the delivery service does it."""
+    return split_into_batches(payloads, delivery, group=lambda payload: payload.group,
+                              size=lambda payload: len(orjson.dumps(payload.body)))
 
 
 class DestinationHarness(Generic[DestinationT]):

@@ -1,0 +1,43 @@
+"""How queued payloads are cut into requests: pure, shared by the delivery workers and the
+test kit, so a plugin's tests batch exactly as production does."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import orjson
+
+from router.destination import DeliveryDefaults, Payload
+
+Item = TypeVar("Item")
+
+
+def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
+            group: Callable[[Item], str], size: Callable[[Item], int]) -> list[list[Item]]:
+    """``items`` split into batches: one group per batch (in order of first appearance), at
+    most ``delivery.batch_size`` items and about ``delivery.batch_bytes`` of bodies each."""
+    by_group: dict[str, list[Item]] = {}
+    for item in items:
+        by_group.setdefault(group(item), []).append(item)
+    result: list[list[Item]] = []
+    for group_items in by_group.values():
+        batch: list[Item] = []
+        total = 0
+        for item in group_items:
+            item_size = size(item)
+            if batch and (len(batch) >= delivery.batch_size
+                          or total + item_size > delivery.batch_bytes):
+                result.append(batch)
+                batch, total = [], 0
+            batch.append(item)
+            total += item_size + 1  # the separator between bodies
+        if batch:
+            result.append(batch)
+    return result
+
+
+def from_spool(body: bytes, group: str) -> Payload:
+    """A payload as ``build_request`` receives it: its body went to the spool as JSON and came
+    back (tuples are lists, datetimes strings)."""
+    return Payload(orjson.loads(body), group)
