@@ -11,6 +11,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import (EventRejected, HttpResponse, Payload, PermanentError, RetryableError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
@@ -313,3 +314,8 @@ def test_429_with_only_a_reset_time_waits_until_then():
                                   "Date": "Fri, 20 Nov 2026 14:03:12 GMT"}, b"")
     (outcome,) = destination.read_response(payloads, response)
     assert isinstance(outcome, RetryableError) and outcome.retry_after == 8.0
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(Braze, settings={"api_key": "braze-rest-key-0001", "instance": "US-01"}, examples=100)

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import (EventRejected, HttpResponse, Payload, PermanentError, RetryableError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
@@ -377,3 +378,8 @@ def test_other_answers_are_judged_by_their_status(response):
 def test_429_and_5xx_are_retried_by_the_core():
     assert {429, 500, 502, 503, 504} <= CustomerIO.delivery.retry_on
     assert CustomerIO.delivery.batch_bytes + len(b'{"batch":[]}') == 500_000
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(CustomerIO, settings={"site_id": "site-0001", "api_key": "cio-track-key-0001"}, examples=100)

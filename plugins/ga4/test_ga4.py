@@ -12,6 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import (EventRejected, HttpResponse, Payload, PermanentError, SkipEvent,
                     parse_event)
 from router.registry import create_registry
@@ -488,3 +489,8 @@ def test_settings_errors_say_what_was_expected(settings, message):
 
 def test_every_setting_is_documented():
     assert all(field.description for field in GA4Settings.model_fields.values())
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(GoogleAnalytics4, settings={"measurement_id": "G-TEST12345", "api_secret": "ga4-secret-0001"}, examples=100)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import (EventRejected, HttpResponse, Payload, PermanentError, RetryableError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
@@ -431,3 +432,8 @@ def test_settings_errors_say_what_was_expected(settings, message):
 
 def test_every_setting_is_documented():
     assert all(field.description for field in MetaSettings.model_fields.values())
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(MetaConversions, settings={"pixel_id": "1234567890", "access_token": "meta-token-0001"}, examples=100)

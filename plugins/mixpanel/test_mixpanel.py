@@ -12,6 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import (EventRejected, HttpResponse, PermanentError, SkipEvent, parse_event)
 from router.registry import create_registry
 from router_plugins.mixpanel.destination import Mixpanel, MixpanelSettings
@@ -409,3 +410,8 @@ def test_engage_200_with_status_0_is_a_failure():
     assert isinstance(outcome, PermanentError) and "$distinct_id missing" in outcome.reason
     accepted = HttpResponse(200, {}, b'{"status": 1, "error": null}')
     assert destination.read_response(payloads, accepted) is None
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(Mixpanel, settings={"project_token": "mixpanel-token-0001", "api_secret": "mixpanel-secret-0001"}, examples=100)

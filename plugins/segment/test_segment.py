@@ -12,6 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import EventRejected, HttpResponse, Payload, PermanentError, parse_event
 from router.registry import create_registry
 from router_plugins.segment.destination import Segment, SegmentSettings
@@ -198,3 +199,8 @@ def test_delivery_limits_follow_the_tracking_api():
     assert Segment.delivery.batch_size == 100
     assert Segment.delivery.batch_bytes + len(b'{"batch":[]}') == 500_000
     assert {429, 500, 503} <= Segment.delivery.retry_on
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(Segment, settings={"write_key": "segment-write-key-0001"}, examples=100)

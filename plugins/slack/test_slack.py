@@ -11,6 +11,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from router.testing import conformance_test
 from router import (ConfigError, EventRejected, HttpResponse, Payload, PermanentError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
@@ -221,3 +222,8 @@ def test_delivery_follows_slacks_webhook_limits():
     assert (Slack.delivery.batch_size, Slack.delivery.rate_limit, Slack.delivery.concurrency) \
         == (1, 1.0, 1)
     assert {429, 500} <= Slack.delivery.retry_on
+
+
+# The contract every destination keeps, whatever its vendor (router.testing).
+
+test_conformance = conformance_test(Slack, settings={"url": "https://hooks.slack.com/services/T0001/B0001/slack-secret-0001"}, examples=100)

@@ -1,0 +1,72 @@
+"""The webhook destination: the event as JSON, or a sandboxed template's output."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from router import EventRejected
+from router.errors import ConfigError
+from router.testing import DestinationHarness, conformance_test
+from router_plugins.webhook.destination import Webhook
+
+URL = "https://hooks.example.com/in"
+ORDER = {"type": "track", "event": "Order Completed", "userId": "user-1042",
+         "messageId": "msg-1", "properties": {"order_id": "o-1", "revenue": "25", "currency": "eur"},
+         "integrations": {"webhook": {"plan": "pro"}}}
+
+
+def test_without_a_template_the_body_is_the_normalized_event():
+    harness = DestinationHarness(Webhook, {"url": URL})
+    (request,) = harness.requests(ORDER)
+    assert (request.method, request.url) == ("POST", URL)
+    assert request.headers == {"Content-Type": "application/json"}
+    body = harness.request_json(request)
+    assert body["messageId"] == "msg-1" and body["event"] == "Order Completed"
+    assert body["properties"]["revenue"] == 25.0 and body["properties"]["currency"] == "EUR"
+    assert body["receivedAt"].endswith("Z")
+
+
+def test_a_template_renders_the_body_with_event_and_options():
+    harness = DestinationHarness(Webhook, {
+        "url": URL, "method": "PUT", "headers": {"Authorization": "Bearer hook-token-0001"},
+        "body": '{"order": {{ event.properties.order_id | tojson }}, '
+                '"plan": {{ options.plan | tojson }}}'})
+    (request,) = harness.requests(ORDER, {"plan": "pro"})
+    assert request.method == "PUT"
+    assert request.headers["Authorization"] == "Bearer hook-token-0001"
+    assert harness.request_json(request) == {"order": "o-1", "plan": "pro"}
+
+
+def test_a_body_that_is_not_json_is_sent_as_text():
+    harness = DestinationHarness(Webhook, {"url": URL, "body": "{{ event.event }} by {{ event.userId }}"})
+    (request,) = harness.requests(ORDER)
+    assert request.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert request.body == b"Order Completed by user-1042"
+
+
+def test_a_template_that_fails_costs_only_that_event():
+    harness = DestinationHarness(Webhook, {"url": URL, "body": "{{ event.properties.missing.x }}"})
+    with pytest.raises(EventRejected, match="settings.body"):
+        harness.payloads(ORDER)
+
+
+def test_a_template_reaching_python_internals_is_refused():
+    harness = DestinationHarness(Webhook, {"url": URL, "body": "{{ ''.__class__.__mro__ }}"})
+    with pytest.raises(EventRejected, match="sandbox"):
+        harness.payloads(ORDER)
+
+
+def test_a_template_that_does_not_compile_fails_at_load_with_its_line():
+    with pytest.raises(ConfigError, match="line 2"):
+        DestinationHarness(Webhook, {"url": URL, "body": "{\n{{ event.event }"})
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "hooks.example.com", "http://"])
+def test_only_http_urls_with_a_host_are_accepted(url):
+    with pytest.raises(ValidationError, match="http"):
+        Webhook.Settings.model_validate({"url": url})
+
+
+test_conformance = conformance_test(
+    Webhook, settings={"url": URL, "headers": {"X-Api-Key": "hook-secret-0001"}}, examples=100)
