@@ -70,7 +70,7 @@ def test_example_config_loads_with_its_defaults():
     assert config.server.port == 8080
     assert [s.name for s in config.sources] == ["website"]
     assert config.sources[0].write_keys[0].get_secret_value() == "demo-write-key"
-    assert [d.name for d in config.destinations] == ["webhook", "Order alerts"]
+    assert [d.name for d in config.destinations] == ["webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"]
     assert config.destinations[0].settings["url"] == "http://127.0.0.1:9900/webhook"
     assert config.destinations[0].settings["headers"]["Authorization"] == "Bearer demo-token"
     assert config.destinations[1].filter.events == ["Order *"]
@@ -81,7 +81,7 @@ def test_example_config_builds_its_destinations(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # its sqlite:///var/router.db is relative to the cwd
     router = router_for(EXAMPLE)
-    assert [d.name for d in router.destinations] == ["webhook", "Order alerts"]
+    assert [d.name for d in router.destinations] == ["webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"]
     assert {d.plugin.name for d in router.destinations} == {"webhook"}
     assert not (tmp_path / "var" / "router.db").exists(), "building a router opens no storage"
 
