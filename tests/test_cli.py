@@ -338,7 +338,8 @@ def test_example_config_dry_run_works_offline(tmp_path):
                     env={"WEBHOOK_TOKEN": SECRET})
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines()]
-    assert {line["destination"] for line in lines} == set(["webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"])
+    assert {line["destination"] for line in lines} == {
+        "webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"}
     alert = next(line for line in lines if line["destination"] == "Order alerts")
     assert alert["requests"][0]["body"] == {"text": "New order 50314b8e9bcf000000000000: 25.0 EUR"}
     assert_no_secret(completed)

@@ -70,10 +70,11 @@ def test_example_config_loads_with_its_defaults():
     assert config.server.port == 8080
     assert [s.name for s in config.sources] == ["website"]
     assert config.sources[0].write_keys[0].get_secret_value() == "demo-write-key"
-    assert [d.name for d in config.destinations] == ["webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"]
+    assert [d.name for d in config.destinations] == [
+        "webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"]
     assert config.destinations[0].settings["url"] == "http://127.0.0.1:9900/webhook"
     assert config.destinations[0].settings["headers"]["Authorization"] == "Bearer demo-token"
-    assert config.destinations[1].filter.events == ["Order *"]
+    assert config.destinations[-1].filter.events == ["Order *"]
 
 
 def test_example_config_builds_its_destinations(monkeypatch, tmp_path):
@@ -81,8 +82,10 @@ def test_example_config_builds_its_destinations(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # its sqlite:///var/router.db is relative to the cwd
     router = router_for(EXAMPLE)
-    assert [d.name for d in router.destinations] == ["webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"]
-    assert {d.plugin.name for d in router.destinations} == {"webhook"}
+    assert [d.name for d in router.destinations] == [
+        "webhook", "Amplitude", "Mixpanel", "Google Analytics 4", "Meta", "Slack", "Order alerts"]
+    assert {d.plugin.name for d in router.destinations} == {
+        "webhook", "amplitude", "mixpanel", "ga4", "meta_capi", "slack"}
     assert not (tmp_path / "var" / "router.db").exists(), "building a router opens no storage"
 
 
