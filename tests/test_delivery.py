@@ -245,3 +245,25 @@ async def test_intake_refuses_clearly_when_the_spool_budget_is_spent(tmp_path):
         stats = await router.storage.stats(now=time.time())
     assert 0 < accepted < 100
     assert stats.queues["hook"].pending == accepted  # what was accepted is still there
+
+
+async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path):
+    """A destination that is down pauses its worker for up to backoff_max; shutdown must
+    not wait for that, and nothing it held is lost."""
+    server = FakeDestinationServer()
+    await server.start()
+    dead_url = server.url
+    await server.stop()
+    router = router_for(tmp_path, [webhook("dead", dead_url, backoff_initial="30s",
+                                           backoff_max="300s", concurrency=1)])
+    await router.start()
+    await router.route_many([track(n) for n in range(20)])
+    await asyncio.sleep(0.5)  # first attempts fail; the destination now rests for 15-30 s
+    started = time.monotonic()
+    await router.close(grace=1)
+    assert time.monotonic() - started < 10
+    reopened = router_for(tmp_path, [webhook("dead", dead_url)])
+    await reopened.storage.open()
+    stats = await reopened.storage.stats(now=time.time())
+    await reopened.storage.close()
+    assert stats.queues["dead"].pending == 20

@@ -61,13 +61,22 @@ class DeliveryService:
                 worker.wakeup.set()
 
     async def stop(self, *, grace: float) -> None:
-        """Stop leasing, let in-flight requests finish for up to ``grace`` seconds, then hand
-        what is still unfinished back to the queue untouched."""
+        """Stop leasing, let in-flight requests finish for up to ``grace`` seconds in all,
+        then hand what is still unfinished back to the queue untouched.
+
+        A worker waiting for a free request slot (its destination slow, paused or down) is
+        cancelled rather than waited for: its leased, unsent jobs go back to the queue."""
+        deadline = time.monotonic() + grace
         for worker in self.workers.values():
             worker.stopping = True
             worker.wakeup.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(worker.finish(grace) for worker in self.workers.values()))
+        if self._tasks:
+            _, waiting = await asyncio.wait(self._tasks, timeout=min(grace, 1.0))
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(*(worker.finish(remaining) for worker in self.workers.values()))
         await self.transport.close()
 
 
@@ -87,6 +96,7 @@ class DestinationWorker:
         self.stopping = False
         self.failures_in_a_row = 0
         self.in_flight: dict[asyncio.Task[None], list[Job]] = {}
+        self.undispatched: list[list[Job]] = []
         self.leased_ids: set[int | str] = set()
         # Long enough that a lease never lapses under a live worker; after a crash, the
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
@@ -103,23 +113,27 @@ class DestinationWorker:
             if not jobs:
                 await self._sleep(POLL_INTERVAL)
                 continue
-            for batch in batches(jobs, self.delivery, group=_group_of, size=_size_of):
+            self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
+            while self.undispatched:
                 await self.slots.acquire()
                 if self.stopping:
                     self.slots.release()
-                    await self.storage.release([job.id for job in batch])
-                    self._forget(batch)
-                    continue
+                    break
+                batch = self.undispatched.pop(0)
                 task = asyncio.create_task(self._deliver(batch))
                 self.in_flight[task] = batch
                 task.add_done_callback(self._done)
 
     async def finish(self, grace: float) -> None:
+        """After ``run`` has ended: wait up to ``grace`` for requests in flight, then put
+        every job this worker still holds back in the queue."""
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=grace)
         leftover = [job for jobs in self.in_flight.values() for job in jobs]
+        leftover += [job for batch in self.undispatched for job in batch]
         for task in list(self.in_flight):
             task.cancel()
+        self.undispatched = []
         if leftover:
             await self.storage.release([job.id for job in leftover])
 
