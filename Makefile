@@ -27,7 +27,7 @@ test: $(STAMP)
 
 ## Benchmarks; figures are printed and recorded in docs/performance.md by hand.
 bench: $(STAMP)
-	$(BIN)/python -m bench.run core
+	$(BIN)/python -m bench.run core delivery ingest
 
 check: $(STAMP)
 	$(BIN)/router check -c config/router.yaml

@@ -216,12 +216,10 @@ class SqliteStorage(Storage):
 
         def operation(connection: sqlite3.Connection) -> list[Job]:
             rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND due_at <= ?"
-                f"{head_of_user} ORDER BY due_at, id LIMIT ?", (destination, now, limit)).fetchall()
-            if rows:
-                connection.executemany("UPDATE jobs SET leased = 1, due_at = ? WHERE id = ?",
-                                       [(now + lease_for, row[0]) for row in rows])
-            return [Job(*row) for row in rows]
+                f"UPDATE jobs SET leased = 1, due_at = ? WHERE id IN (SELECT id FROM jobs WHERE"
+                f" destination = ? AND due_at <= ?{head_of_user} ORDER BY due_at, id LIMIT ?)"
+                f" RETURNING {_JOB_COLUMNS}", (now + lease_for, destination, now, limit)).fetchall()
+            return sorted((Job(*row) for row in rows), key=_by_id)
 
         return await self._call(operation)
 
@@ -234,7 +232,13 @@ class SqliteStorage(Storage):
         await self._call(operation)
 
     async def complete(self, job_ids: Sequence[int | str]) -> None:
-        await self._execute_many("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in job_ids])
+        def operation(connection: sqlite3.Connection) -> None:
+            for start in range(0, len(job_ids), 500):
+                chunk = job_ids[start:start + 500]
+                connection.execute(f"DELETE FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
+                                   tuple(chunk))
+
+        await self._call(operation)
 
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:
@@ -307,6 +311,10 @@ class SqliteStorage(Storage):
             return stats
 
         return await self._call(operation)
+
+
+def _by_id(job: Job) -> int | str:
+    return job.id
 
 
 def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:
