@@ -1,0 +1,23 @@
+"""Embedding the router in an ingestion service: the README's example, runnable.
+
+    python examples/embed.py [config/router.yaml]
+"""
+
+import asyncio
+import sys
+
+from router.routing import Router
+
+
+async def main(config: str) -> None:
+    async with Router.from_file(config) as router:
+        result = await router.route({
+            "type": "track", "event": "Signed Up", "userId": "user-42",
+            "properties": {"plan": "pro", "value": "9.99"},
+        })
+        for outcome in result.results:
+            print(outcome.destination, outcome.status, outcome.reason)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "config/router.yaml"))
