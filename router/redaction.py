@@ -19,12 +19,16 @@ REDACTED = "**REDACTED**"
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key",
                                "x-auth-token", "cookie"})
 _MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary text ("1", "abc")
+_MIN_TOKEN_LENGTH = 8  # a word of a secret long enough to be a credential on its own
 
 
 def secret_values(value: Any) -> Iterator[str]:
     """Every SecretStr value inside a settings model, dict or list, at any depth."""
     if isinstance(value, SecretStr):
-        yield value.get_secret_value()
+        secret = value.get_secret_value()
+        yield secret
+        # "Bearer <token>": an API that echoes the token alone must not reveal it either.
+        yield from (part for part in secret.split() if len(part) >= _MIN_TOKEN_LENGTH)
     elif isinstance(value, BaseModel):
         for field_name in type(value).model_fields:
             yield from secret_values(getattr(value, field_name))

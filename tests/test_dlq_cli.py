@@ -1,0 +1,60 @@
+"""``router dlq list|replay|purge`` on the SQLite spool a router left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from router.testing import Answer, FakeDestinationServer
+from tests.delivery_helpers import router_for, track, webhook
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "dlq-secret-token-0001"
+
+
+def dlq(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "router", "dlq", *args, "-c", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=config.parent,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+async def test_list_replay_and_purge_dead_letters(tmp_path):
+    async with FakeDestinationServer() as bad, FakeDestinationServer() as good:
+        bad.script([Answer(400, body={"error": f"bad token {TOKEN}"})] * 6)  # replays fail too
+        hook = webhook("bad", bad.url)
+        hook["settings"]["headers"] = {"Authorization": f"Bearer {TOKEN}"}
+        destinations = [hook, webhook("good", good.url)]
+        router = router_for(tmp_path, destinations)
+        async with router:
+            await router.route_many([track(1), track(2), track(3)])
+            assert await router.drain(timeout=10)
+        config = tmp_path / "router.json"
+        config.write_bytes(orjson.dumps({
+            "storage": f"sqlite:///{tmp_path / 'router.db'}",
+            "egress": {"allow_private_addresses": True}, "destinations": destinations}))
+
+        listed = dlq("list", "--json", config=config)
+        assert listed.returncode == 0, listed.stderr
+        letters = [orjson.loads(line) for line in listed.stdout.splitlines()]
+        assert sorted(letter["message_id"] for letter in letters) == ["m-1", "m-2", "m-3"]
+        assert {letter["destination"] for letter in letters} == {"bad"}
+        assert all(letter["status"] == 400 and letter["attempts"] == 1 for letter in letters)
+        assert TOKEN not in listed.stdout  # masked in the stored request and response
+        assert "**REDACTED**" in listed.stdout
+
+        assert "replayed 0" in dlq("replay", "--destination", "good", config=config).stdout
+        assert "replayed 3" in dlq("replay", "--destination", "bad", config=config).stdout
+        assert dlq("list", "--json", config=config).stdout == ""
+
+        async with router_for(tmp_path, destinations) as again:
+            assert await again.drain(timeout=10)
+        assert len(good.requests) == 3  # a replay never reaches the destination that succeeded
+        assert len(bad.requests) == 6
+
+        purged = dlq("purge", "--reason", "HTTP 400", config=config)
+        assert "purged 3" in purged.stdout
+        assert dlq("list", config=config).stdout.strip().endswith("0 dead letter(s)")
