@@ -58,6 +58,7 @@ DEDUP_BUCKET = 60
 """Width in seconds of the buckets that count dedup entries by expiry (``stats``)."""
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
+_WARNED: set[tuple[Any, ...]] = set()
 
 # -- Lua --------------------------------------------------------------------------------------
 #
@@ -205,7 +206,7 @@ if ordered then
       local user = redis.call('HGET', job_key(id), 'user_key')
       if user and not blocked[user] then
         blocked[user] = true
-        if true then
+        if redis.call('ZRANGE', user_key(d, user), 0, 0)[1] == id then
           chosen[#chosen + 1] = id
           if #chosen >= limit then break end
         end
@@ -478,7 +479,13 @@ class RedisStorage(Storage):
     async def _warn_about_server(self) -> None:
         """Say so at start when Redis is set up to lose accepted work: without AOF a restart
         of Redis loses what came since the last snapshot; an eviction policy other than
-        noeviction silently drops jobs and dedup entries when memory runs short."""
+        noeviction silently drops jobs and dedup entries when memory runs short. Once per
+        server and process: ``router dlq`` and tests open often."""
+        where = self._client.connection_pool.connection_kwargs
+        server = (where.get("host"), where.get("port"), where.get("path"), where.get("db"))
+        if server in _WARNED:
+            return
+        _WARNED.add(server)
         try:
             persistence = await self._client.info("persistence")
             memory = await self._client.info("memory")
