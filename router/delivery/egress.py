@@ -31,7 +31,9 @@ Both are permanent failures: retrying cannot make a refused address acceptable.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -208,6 +210,8 @@ def _describe(address: IPAddress, decisive: IPAddress, category: str) -> str:
 
 # --- URLs ------------------------------------------------------------------------------
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def check_url(url: str | URL, policy: EgressPolicy) -> str | None:
     """None if ``url`` may be sent to as far as can be told without DNS, else the reason.
@@ -217,7 +221,7 @@ def check_url(url: str | URL, policy: EgressPolicy) -> str | None:
     the only moment that counts.
     """
     if isinstance(url, str):
-        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in url):
+        if _CONTROL_CHARACTERS.search(url):
             # yarl silently drops CR/LF/TAB, browsers too: refuse rather than guess.
             return "the URL contains control characters (CR, LF, NUL, ...)"
         try:
@@ -246,7 +250,15 @@ def port_allowed(port: int | None, policy: EgressPolicy) -> str | None:
 
 def host_allowed(host: str, policy: EgressPolicy) -> str | None:
     """None unless ``host`` (a URL's decoded host) is an IP literal or loopback name the
-    policy refuses. Names pass: they are judged after resolution."""
+    policy refuses. Names pass: they are judged after resolution.
+
+    Cached: every request asks again about the same few hosts, and the verdict depends on
+    nothing but the host and the (frozen) policy."""
+    return _host_verdict(host, policy)
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_verdict(host: str, policy: EgressPolicy) -> str | None:
     name = host.rstrip(".").lower()   # "127.0.0.1." and "localhost." mean the same thing
     if ":" not in name and "%" in name:
         # Browsers decode "%31%32%37.0.0.1" to 127.0.0.1; aiohttp does not. Refuse the doubt.
