@@ -129,8 +129,7 @@ class SqliteStorage(Storage):
         connection.executescript(SCHEMA)
         if self._recover:
             # Jobs leased by a process that died go back to the queue: sent again, never lost.
-            connection.execute("UPDATE jobs SET leased = 0, due_at = ? WHERE leased = 1",
-                               (time.time(),))
+            connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
         return connection
 
     def _commit(self, connection: sqlite3.Connection, batch: list[tuple[Callable[..., Any],
@@ -214,11 +213,15 @@ class SqliteStorage(Storage):
                         " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
                         " < jobs.id)") if ordered else ""
 
+        # One process serves a SQLite file, so a lease needs no expiry: it lasts until the job
+        # is completed, retried, dead-lettered or released, or the process restarts (open()
+        # takes leases back). Only the unindexed `leased` flag changes, which keeps leasing
+        # cheap; the few leased rows are skipped in the due-order scan.
         def operation(connection: sqlite3.Connection) -> list[Job]:
             rows = connection.execute(
-                f"UPDATE jobs SET leased = 1, due_at = ? WHERE id IN (SELECT id FROM jobs WHERE"
-                f" destination = ? AND due_at <= ?{head_of_user} ORDER BY due_at, id LIMIT ?)"
-                f" RETURNING {_JOB_COLUMNS}", (now + lease_for, destination, now, limit)).fetchall()
+                f"UPDATE jobs SET leased = 1 WHERE id IN (SELECT id FROM jobs WHERE destination"
+                f" = ? AND due_at <= ? AND leased = 0{head_of_user} ORDER BY due_at, id LIMIT ?)"
+                f" RETURNING {_JOB_COLUMNS}", (destination, now, limit)).fetchall()
             return sorted((Job(*row) for row in rows), key=_by_id)
 
         return await self._call(operation)
