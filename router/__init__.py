@@ -4,7 +4,8 @@ The public API: everything a library user or a plugin author needs is importable
 """
 
 from router.destination import (DEFAULT_RETRY_STATUSES, BaseUrl, DeliveryDefaults, Destination,
-                                HttpRequest, HttpResponse, HttpUrl, Outcome, Payload)
+                                HttpRequest, HttpResponse, HttpUrl, Outcome, Payload,
+                                basic_auth)
 from router.errors import (ConfigError, DestinationError, EventRejected, InvalidEvent,
                            PermanentError, RetryableError, RouterError, SkipEvent, StorageFull)
 from router.events import Event, parse_event
@@ -14,5 +15,5 @@ __all__ = [
     "DEFAULT_RETRY_STATUSES", "BaseUrl", "ConfigError", "DeliveryDefaults", "Destination",
     "DestinationError", "Event", "EventRejected", "HttpRequest", "HttpResponse", "HttpUrl",
     "InvalidEvent", "Outcome", "Payload", "PermanentError", "RetryableError", "RouterError",
-    "SkipEvent", "StorageFull", "hookimpl", "parse_event",
+    "SkipEvent", "StorageFull", "basic_auth", "hookimpl", "parse_event",
 ]

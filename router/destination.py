@@ -13,6 +13,7 @@ and what keeps every destination's delivery behaviour the same.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, NamedTuple, TypeVar
@@ -119,6 +120,11 @@ HttpUrl = Annotated[str, AfterValidator(_http_url)]
 BaseUrl = Annotated[str, AfterValidator(lambda url: _http_url(url).rstrip("/"))]
 """A settings field holding the base URL of an API (a region's host, a proxy, a test server),
 without its trailing slash, so paths can be appended."""
+
+def basic_auth(user: str, password: str = "") -> str:
+    """An ``Authorization`` header value for HTTP Basic auth (``user:password``, base64)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 

@@ -8,14 +8,13 @@ credentials.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
 from router.semantics import semantic_action
 
@@ -81,7 +80,6 @@ class AmplitudeSettings(BaseModel):
             raise ValueError(f"unknown region {region!r}; expected US or EU (the project's "
                              "data residency)")
         return region
-
 
 
 class Amplitude(Destination[AmplitudeSettings]):
@@ -167,9 +165,8 @@ class Amplitude(Destination[AmplitudeSettings]):
         base = self.settings.base_url or PRIVACY_HOSTS[self.settings.region]
         user_ids = list(dict.fromkeys(
             payload.body["user_id"] for payload in payloads[:responses.MAX_DELETION_USERS]))
-        credentials = f"{self.settings.api_key.get_secret_value()}:" \
-                      f"{self.settings.secret_key.get_secret_value()}"
-        authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+        authorization = basic_auth(self.settings.api_key.get_secret_value(),
+                                   self.settings.secret_key.get_secret_value())
         return HttpRequest.json(
             "POST", f"{base}/api/2/deletions/users",
             {"user_ids": user_ids, "requester": self.settings.deletion_requester,

@@ -71,7 +71,6 @@ class BrazeSettings(BaseModel):
         return name
 
 
-
 class Braze(Destination[BrazeSettings]):
     plugin_name = "braze"
     Settings = BrazeSettings

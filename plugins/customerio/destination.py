@@ -8,14 +8,13 @@ with 207 and their indexes, and accepts the rest, so only the refused items fail
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (BaseUrl, DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse,
                     Outcome, Payload, PermanentError, RetryableError)
 
 from . import translate
@@ -50,7 +49,6 @@ class CustomerIOSettings(BaseModel):
             return region.strip().lower()
         raise ValueError("expected `us` or `eu`: the data center of your Customer.io "
                          "workspace (shown on its privacy settings page)")
-
 
     @field_validator("object_type_id", mode="before")
     @classmethod
@@ -88,11 +86,10 @@ class CustomerIO(Destination[CustomerIOSettings]):
         return [Payload(item)]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
-        credentials = f"{self.settings.site_id}:{self.settings.api_key.get_secret_value()}"
-        token = base64.b64encode(credentials.encode()).decode()
+        authorization = basic_auth(self.settings.site_id, self.settings.api_key.get_secret_value())
         return HttpRequest.json("POST", self._base_url() + BATCH_PATH,
                                 {"batch": [payload.body for payload in payloads]},
-                                headers={"Authorization": f"Basic {token}"})
+                                headers={"Authorization": authorization})
 
     def read_response(self, payloads: Sequence[Payload], response: HttpResponse
                       ) -> Sequence[Outcome] | None:

@@ -86,7 +86,6 @@ class GA4Settings(BaseModel):
                              "stream ID, and not a Universal Analytics UA- ID)")
         return value
 
-
     @field_validator("user_property_traits")
     @classmethod
     def _property_names(cls, names: list[str]) -> list[str]:

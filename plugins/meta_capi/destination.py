@@ -69,7 +69,6 @@ class MetaSettings(BaseModel):
         return version.strip()
 
 
-
 class MetaConversions(Destination[MetaSettings]):
     plugin_name = "meta_capi"
     Settings = MetaSettings

@@ -7,14 +7,13 @@ another group, so a batch never mixes endpoints or projects.
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, SkipEvent)
 from router.semantics import ORDER_COMPLETED, semantic_action
 
@@ -72,7 +71,6 @@ class MixpanelSettings(BaseModel):
         if isinstance(region, str):
             raise ValueError(f"unknown region {region!r}; expected one of US, EU, IN")
         return region
-
 
     @model_validator(mode="after")
     def _one_credential(self) -> MixpanelSettings:
@@ -162,14 +160,14 @@ class Mixpanel(Destination[MixpanelSettings]):
         url = f"{self._base_url}/import?strict=1"
         settings = self.settings
         if token_override:
-            return url, _basic(token_override, "")
+            return url, basic_auth(token_override, "")
         if settings.service_account_username and settings.service_account_secret:
             return (f"{url}&project_id={settings.project_id}",
-                    _basic(settings.service_account_username,
+                    basic_auth(settings.service_account_username,
                            settings.service_account_secret.get_secret_value()))
         if settings.api_secret is not None:
-            return url, _basic(settings.api_secret.get_secret_value(), "")
-        return url, _basic(settings.project_token.get_secret_value(), "")
+            return url, basic_auth(settings.api_secret.get_secret_value(), "")
+        return url, basic_auth(settings.project_token.get_secret_value(), "")
 
     def read_response(self, payloads: Sequence[Payload], response: HttpResponse
                       ) -> Sequence[Outcome] | None:
@@ -193,6 +191,3 @@ def _project_suffix(options: Mapping[str, Any]) -> str:
                             "project token (letters and digits)")
     return f":{token}"
 
-
-def _basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

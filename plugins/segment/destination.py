@@ -9,14 +9,13 @@ since they mean something to the next hop.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError)
 from router.events import MAX_EVENT_BYTES
 
@@ -38,7 +37,6 @@ class SegmentSettings(BaseModel):
                                       "`https://events.eu1.segmentapis.com`, "
                                       "`https://cdp.customer.io`, `https://cdp-eu.customer.io`, "
                                       "or another router. `/v1/batch` is appended.")
-
 
 
 class Segment(Destination[SegmentSettings]):
@@ -67,11 +65,10 @@ class Segment(Destination[SegmentSettings]):
         return [Payload(forwarded)]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
-        user = f"{self.settings.write_key.get_secret_value()}:"
-        token = base64.b64encode(user.encode()).decode()
         return HttpRequest.json("POST", self.settings.base_url + BATCH_PATH,
                                 {"batch": [payload.body for payload in payloads]},
-                                headers={"Authorization": f"Basic {token}"})
+                                headers={"Authorization": basic_auth(
+                                    self.settings.write_key.get_secret_value())})
 
     def read_response(self, payloads: Sequence[Payload], response: HttpResponse
                       ) -> Sequence[Outcome] | None:

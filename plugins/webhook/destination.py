@@ -27,7 +27,6 @@ class WebhookSettings(BaseModel):
                           "`options` in scope. Without it the body is the event as JSON.")
 
 
-
 class Webhook(Destination[WebhookSettings]):
     plugin_name = "webhook"
     Settings = WebhookSettings
