@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.currencies import ISO_4217_CODES
 from router.errors import InvalidEvent
@@ -54,7 +54,7 @@ class Event(BaseModel):
     originalTimestamp: datetime | None = None
     sentAt: datetime | None = None
     version: int | str | None = None
-    _as_dict: dict[str, Any] | None = PrivateAttr(default=None)
+    __slots__ = ("_as_dict",)  # to_dict()'s cache: a slot is cheap, and copies start empty
 
     @property
     def user_key(self) -> str:
@@ -68,15 +68,11 @@ class Event(BaseModel):
         once per event (several destinations ask for it); each caller gets its own copy of
         the top level, while nested objects are shared and must not be changed.
         """
-        if self._as_dict is None:
-            self._as_dict = self._build_dict()
-        return dict(self._as_dict)
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Event:
-        """A copy (with ``update`` applied) that builds its own ``to_dict``."""
-        copy = super().model_copy(update=update, deep=deep)
-        copy._as_dict = None
-        return copy
+        cached: dict[str, Any] | None = getattr(self, "_as_dict", None)
+        if cached is None:
+            cached = self._build_dict()
+            object.__setattr__(self, "_as_dict", cached)
+        return dict(cached)
 
     def _build_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -91,7 +87,8 @@ class Event(BaseModel):
 
 def format_time(moment: datetime) -> str:
     """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps."""
-    moment = _utc(moment).astimezone(timezone.utc)
+    if moment.tzinfo is not timezone.utc:
+        moment = _utc(moment).astimezone(timezone.utc)
     return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
@@ -125,6 +122,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         event = Event.model_validate(data)
     except ValidationError as exc:
         raise InvalidEvent(_problems(exc)) from None
+    object.__setattr__(event, "_as_dict", None)  # an unset slot would take pydantic's slow path
 
     problems = _call_type_problems(event)
     if client_timestamp is not None:
