@@ -213,10 +213,11 @@ class DestinationWorker:
         try:
             request = adapter.build_request(payloads)
         except DestinationError as exc:
-            return [(PermanentError(exc.reason), Failure(exc.reason))] * len(batch) \
-                if not isinstance(exc, RetryableError) else [(exc, Failure(exc.reason))] * len(batch)
+            outcome = exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)
+            return [(outcome, Failure(exc.reason))] * len(batch)
         except Exception as exc:  # noqa: BLE001 - a broken plugin fails its own jobs only
-            reason = f"{self.destination.plugin.name} failed to build a request: {type(exc).__name__}"
+            reason = (f"{self.destination.plugin.name} failed to build a request: "
+                      f"{type(exc).__name__}")
             log.exception("destination %s: %s", self.name, reason)
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
