@@ -187,6 +187,19 @@ def run(count: int = 20_000) -> dict[str, object]:
     figures["reference_events_per_second"] = round(1 / ceiling)
     figures["percent_of_reference"] = round(100 * ceiling / full, 1)
     figures["plugin_layer_overhead_percent"] = round(100 * (full / direct - 1), 1)
+
+    # The same path with five webhook destinations (no template): the core issue's setup,
+    # before the vendor destinations existed.
+    webhooks = make_router(["webhook"] * 5)
+    paired = {"full": full_path(webhooks, MemoryStorage(), 43200),
+              "reference": reference(webhooks, [raw for p in passes[:3] for raw in p])}
+    best_webhooks = {name: float("inf") for name in paired}
+    for batch in passes[:3]:
+        measured = interleaved(paired, batch, rounds=1)
+        best_webhooks = {name: min(best_webhooks[name], measured[name]) for name in paired}
+    figures["five_webhooks_events_per_second"] = round(1 / best_webhooks["full"])
+    figures["five_webhooks_percent_of_reference"] = round(
+        100 * best_webhooks["reference"] / best_webhooks["full"], 1)
     figures["stage_microseconds"] = {k: round(v, 2) for k, v in stage_costs(five, events).items()}
 
     scaling = {}
