@@ -186,7 +186,7 @@ def _request_json(router: Router, destination: str, request: HttpRequest) -> dic
             body = orjson.loads(text)
         except orjson.JSONDecodeError:
             body = text
-    return {"method": request.method, "url": masker.mask(request.url),
+    return {"method": request.method, "url": masker.mask_url(request.url),
             "headers": masker.mask_headers(request.headers), "body": body}
 
 

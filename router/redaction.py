@@ -19,6 +19,9 @@ REDACTED = "**REDACTED**"
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key",
                                "x-auth-token", "cookie"})
 _MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary text ("1", "abc")
+_CREDENTIAL_QUERY = re.compile(
+    r"([?&][^=&#]*(?:token|key|secret|signature|sig|auth|password|passwd|pwd)[^=&#]*=)[^&#]*",
+    re.IGNORECASE)
 _MIN_TOKEN_LENGTH = 8  # a word of a secret long enough to be a credential on its own
 
 
@@ -63,6 +66,11 @@ class Masker:
 
     def mask(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
+
+    def mask_url(self, url: str) -> str:
+        """A URL safe to show: known secrets masked, and the values of query parameters
+        whose names say they are credentials (``?token=``, ``&api_key=``, ...)."""
+        return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, self.mask(url))
 
     def mask_headers(self, headers: dict[str, str]) -> dict[str, str]:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)

@@ -284,7 +284,7 @@ class DestinationWorker:
     def _failure(self, reason: str, request: HttpRequest, response: HttpResponse | None
                  ) -> Failure:
         masker = self.destination.masker
-        shown_request = {"method": request.method, "url": masker.mask(request.url),
+        shown_request = {"method": request.method, "url": masker.mask_url(request.url),
                          "headers": masker.mask_headers(request.headers)}
         if response is None:
             return Failure(masker.mask(reason), None, shown_request, None)
