@@ -101,13 +101,17 @@ def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES) -> Rejection | 
     """None when ``event`` may be routed, else why not."""
     if not isinstance(event, dict):
         return Rejection("an event must be a JSON object")
-    reason = structure_problem(event)
-    if reason is not None:
-        return Rejection(reason)
     try:
-        size = len(orjson.dumps(event))
+        data = orjson.dumps(event)
     except TypeError as exc:
         return Rejection(_unencodable(str(exc)))
+    # The serialized bytes rule out the common case cheaply: no escaped NUL, and fewer
+    # brackets than the depth limit. Only an event that fails either is walked.
+    if b"\\u0000" in data or data.count(b"{") + data.count(b"[") > MAX_DEPTH:
+        reason = structure_problem(event)
+        if reason is not None:
+            return Rejection(reason)
+    size = len(data)
     if size > max_bytes:
         return Rejection(f"the event is {size} bytes, over the {max_bytes // 1024} KB limit",
                          too_large=True)
