@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from router.currencies import ISO_4217_CODES
 from router.errors import InvalidEvent
@@ -47,9 +47,10 @@ class Event(BaseModel):
     name: str | None = None
     groupId: str | None = None
     previousId: str | None = None
-    properties: dict[str, Any] = {}
-    traits: dict[str, Any] = {}
-    context: dict[str, Any] = {}
+    # default_factory, not `= {}`: pydantic deep-copies a mutable default for every event
+    properties: dict[str, Any] = Field(default_factory=dict)
+    traits: dict[str, Any] = Field(default_factory=dict)
+    context: dict[str, Any] = Field(default_factory=dict)
     integrations: dict[str, Any] | None = None
     originalTimestamp: datetime | None = None
     sentAt: datetime | None = None
@@ -89,7 +90,7 @@ def format_time(moment: datetime) -> str:
     """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps."""
     if moment.tzinfo is not timezone.utc:
         moment = _utc(moment).astimezone(timezone.utc)
-    return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def parse_event(raw: Any, *, received_at: datetime | None = None,
