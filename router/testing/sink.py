@@ -13,7 +13,7 @@ import sys
 import orjson
 from aiohttp import web
 
-from router.redaction import REDACTED, SENSITIVE_HEADERS
+from router.redaction import REDACTED, SENSITIVE_HEADERS, Masker
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -26,7 +26,8 @@ async def receive(request: web.Request) -> web.Response:
                         for name, value in request.headers.items()
                         if name.lower() not in ("host", "content-length", "accept-encoding",
                                                 "accept", "user-agent"))
-    print(f"--> {request.method} {request.path_qs}  ({headers})\n{shown}\n", flush=True)
+    path = Masker().mask_url(request.path_qs)  # api_secret=, token=, ... never printed
+    print(f"--> {request.method} {path}  ({headers})\n{shown}\n", flush=True)
     return web.json_response({})
 
 
