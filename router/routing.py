@@ -156,12 +156,17 @@ class Router:
         return result
 
     async def route_many(self, events: Iterable[Mapping[str, Any] | Event], *,
-                         source: str = DEFAULT_SOURCE, received_at: datetime | None = None
-                         ) -> list[RouteResult]:
+                         source: str = DEFAULT_SOURCE, received_at: datetime | None = None,
+                         sizes: Sequence[int] | None = None) -> list[RouteResult]:
         """Route several events with one durable write. Each is judged on its own: an invalid
-        or duplicate event never costs its neighbours."""
+        or duplicate event never costs its neighbours. ``sizes``, the events' serialized
+        sizes when the caller has measured them (the HTTP server does), saves measuring
+        them again."""
         received = received_at or datetime.now(timezone.utc)
-        results = [self.plan(event, received_at=received) for event in events]
+        events = list(events)
+        measured: Iterable[int | None] = sizes if sizes is not None else [None] * len(events)
+        results = [self.plan(event, received_at=received, size=size)
+                   for event, size in zip(events, measured, strict=True)]
         valid = [result for result in results if result.event is not None]
         if valid:
             accepted = await self.storage.accept(
@@ -178,14 +183,14 @@ class Router:
                 self._delivery.wake(woken)
         return results
 
-    def plan(self, event: Mapping[str, Any] | Event, *, received_at: datetime | None = None
-             ) -> RouteResult:
+    def plan(self, event: Mapping[str, Any] | Event, *, received_at: datetime | None = None,
+             size: int | None = None) -> RouteResult:
         """Decide and translate one event for every destination, touching no storage."""
         if isinstance(event, Event):
             parsed = event
         else:
             try:
-                parsed = parse_event(event, received_at=received_at)
+                parsed = parse_event(event, received_at=received_at, size=size)
             except InvalidEvent as exc:
                 message_id = event.get("messageId") if isinstance(event, Mapping) else None
                 return RouteResult(message_id if isinstance(message_id, str) else None, None,

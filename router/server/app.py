@@ -36,7 +36,7 @@ from router.routing import RouteResult, Router
 from router.server.accesslog import ACCESS_LOGGER, REFUSAL, SOURCE, JsonAccessLogger
 from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, read_body
-from router.server.parsing import check_event, parse_json
+from router.server.parsing import Rejection, check_event, parse_json
 from router.server.problems import Problem, json_response, unauthorized
 from router.server.telemetry import IngestMetrics
 
@@ -135,13 +135,13 @@ def _call_handler(call_type: str) -> Handler:
         event.pop("writeKey", None)
         event["type"] = call_type
         metrics = request.app[METRICS]
-        rejection = check_event(event)
-        if rejection is not None:
+        checked = check_event(event)
+        if isinstance(checked, Rejection):
             metrics.events.inc(source, call_type, "rejected")
-            if rejection.too_large:
-                raise Problem(413, "event_too_large", rejection.reason)
-            raise Problem(400, "invalid_event", rejection.reason)
-        (result,) = await _route(request, [event], source)
+            if checked.too_large:
+                raise Problem(413, "event_too_large", checked.reason)
+            raise Problem(400, "invalid_event", checked.reason)
+        (result,) = await _route(request, [event], [checked], source)
         _count(metrics, source, event, result)
         if result.invalid:
             raise Problem(400, "invalid_event", _invalid_reason(result))
@@ -165,19 +165,20 @@ async def handle_batch(request: web.Request) -> web.Response:
                       f"the limit is {MAX_BATCH_EVENTS}")
     metrics = request.app[METRICS]
     rejected: list[dict[str, Any]] = []
-    valid: list[tuple[int, dict[str, Any]]] = []
+    valid: list[tuple[int, dict[str, Any], int]] = []
     for index, event in enumerate(with_batch_defaults(document)):
         if isinstance(event, dict):
             event.pop("writeKey", None)  # analytics.js repeats the key in every event
-        rejection = check_event(event)
-        if rejection is None:
-            valid.append((index, event))
-        else:
-            rejected.append({"index": index, "reason": rejection.reason})
+        checked = check_event(event)
+        if isinstance(checked, Rejection):
+            rejected.append({"index": index, "reason": checked.reason})
             metrics.events.inc(source, _type_label(event), "rejected")
+        else:
+            valid.append((index, event, checked))
     if valid:
-        results = await _route(request, [event for _, event in valid], source)
-        for (index, event), result in zip(valid, results):
+        results = await _route(request, [event for _, event, _ in valid],
+                               [size for _, _, size in valid], source)
+        for (index, event, _), result in zip(valid, results):
             _count(metrics, source, event, result)
             if result.invalid:
                 rejected.append({"index": index, "reason": _invalid_reason(result)})
@@ -217,12 +218,12 @@ def _source_from_header(request: web.Request) -> str | None:
     return keys.source_for(header_key) if header_key is not None else None
 
 
-async def _route(request: web.Request, events: list[dict[str, Any]], source: str
-                 ) -> list[RouteResult]:
+async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list[int],
+                 source: str) -> list[RouteResult]:
     """``route_many``: returns once every accepted event is durable in the storage."""
     started = time.perf_counter()
     try:
-        results = await request.app[ROUTER].route_many(events, source=source)
+        results = await request.app[ROUTER].route_many(events, source=source, sizes=sizes)
     except StorageFull:
         raise Problem(503, "storage_full", "the router's storage is full; retry later",
                       headers={hdrs.RETRY_AFTER: str(STORAGE_FULL_RETRY_AFTER)}) from None

@@ -97,8 +97,9 @@ class Rejection:
     too_large: bool = False
 
 
-def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES) -> Rejection | None:
-    """None when ``event`` may be routed, else why not."""
+def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES) -> Rejection | int:
+    """Why ``event`` may not be routed, or, when it may, its serialized size (which the
+    router then takes as measured instead of serializing the event again)."""
     if not isinstance(event, dict):
         return Rejection("an event must be a JSON object")
     try:
@@ -115,7 +116,7 @@ def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES) -> Rejection | 
     if size > max_bytes:
         return Rejection(f"the event is {size} bytes, over the {max_bytes // 1024} KB limit",
                          too_large=True)
-    return None
+    return size
 
 
 def structure_problem(value: Any, *, max_depth: int = MAX_DEPTH) -> str | None:
