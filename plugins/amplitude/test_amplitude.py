@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from router import (EventRejected, HttpResponse, Payload, PermanentError, RetryableError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
-from router.testing import conformance_test
+from router.testing import conformance_test, requests_from, shown
 from router_plugins.amplitude.destination import Amplitude, AmplitudeSettings
 
 RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
@@ -42,14 +42,9 @@ def translate(destination: Amplitude, raw: dict[str, Any], options: dict | None 
 
 def requests(destination: Amplitude, raw: dict[str, Any], options: dict | None = None
              ) -> list[dict[str, Any]]:
-    """Every request the event makes, one per payload group, with the body decoded."""
-    payloads = translate(destination, raw, options)
-    shown = []
-    for group in dict.fromkeys(payload.group for payload in payloads):
-        request = destination.build_request([p for p in payloads if p.group == group])
-        shown.append({"method": request.method, "url": request.url,
-                      "headers": request.headers, "body": orjson.loads(request.body)})
-    return shown
+    """Every request the event makes, batched by group, with the body decoded."""
+    return [shown(request) for request in requests_from(destination,
+                                                        translate(destination, raw, options))]
 
 
 def events(destination: Amplitude, raw: dict[str, Any], options: dict | None = None

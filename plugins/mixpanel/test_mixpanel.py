@@ -12,7 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from router.testing import conformance_test
+from router.testing import conformance_test, requests_from, shown
 from router import (EventRejected, HttpResponse, PermanentError, SkipEvent, parse_event)
 from router.registry import create_registry
 from router_plugins.mixpanel.destination import Mixpanel, MixpanelSettings
@@ -40,15 +40,9 @@ def translate(destination: Mixpanel, raw: dict[str, Any], options: dict | None =
 
 def requests(destination: Mixpanel, raw: dict[str, Any], options: dict | None = None
              ) -> list[dict[str, Any]]:
-    """Every request the event makes, one per payload group, with the body decoded."""
-    payloads = translate(destination, raw, options)
-    groups = list(dict.fromkeys(payload.group for payload in payloads))
-    shown = []
-    for group in groups:
-        request = destination.build_request([p for p in payloads if p.group == group])
-        shown.append({"method": request.method, "url": request.url,
-                      "headers": request.headers, "body": orjson.loads(request.body)})
-    return shown
+    """Every request the event makes, batched by group, with the body decoded."""
+    return [shown(request) for request in requests_from(destination,
+                                                        translate(destination, raw, options))]
 
 
 def track(**fields: Any) -> dict[str, Any]:

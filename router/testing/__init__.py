@@ -18,12 +18,13 @@ from router.testing.conformance import (ConformanceFailure, ConformanceSuite, ch
 from router.testing.events import (RECEIVED_AT, describe_event, edge_events, make_event,
                                    sample_events)
 from router.testing.fake_server import Answer, FakeDestinationServer, RecordedRequest
-from router.testing.harness import DestinationHarness, batches, classify_status, spooled
+from router.testing.harness import (DestinationHarness, batches, classify_status,
+                                    requests_from, shown, spooled)
 
 __all__ = [
     "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DestinationHarness",
     "FakeDestinationServer", "RecordedRequest", "batches", "check_destination",
     "classify_status", "conformance_test", "describe_event", "edge_events", "make_event",
     "sample_events",
-    "spooled",
+    "requests_from", "shown", "spooled",
 ]

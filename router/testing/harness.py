@@ -68,6 +68,21 @@ def batches(payloads: Iterable[Payload], delivery: DeliveryDefaults) -> list[lis
                               size=lambda payload: len(orjson.dumps(payload.body)))
 
 
+def requests_from(destination: Destination[Any], payloads: Iterable[Payload],
+                  delivery: DeliveryDefaults | None = None) -> list[HttpRequest]:
+    """The requests a configured destination sends for ``payloads``: after the spool's JSON
+    round trip, batched by group within ``delivery`` (the destination's own by default)."""
+    limits = delivery or destination.delivery
+    return [destination.build_request(batch)
+            for batch in batches([spooled(payload) for payload in payloads], limits)]
+
+
+def shown(request: HttpRequest) -> dict[str, Any]:
+    """A request as plain data to compare in a test: method, URL, headers, decoded body."""
+    return {"method": request.method, "url": request.url, "headers": request.headers,
+            "body": DestinationHarness.request_json(request)}
+
+
 class DestinationHarness(Generic[DestinationT]):
     """One configured destination, driven by hand.
 
@@ -138,8 +153,7 @@ class DestinationHarness(Generic[DestinationT]):
 
     def build_requests(self, payloads: Iterable[Payload]) -> list[HttpRequest]:
         """``build_request`` over the payloads after the spool's round trip, batch by batch."""
-        return [self.destination.build_request(batch)
-                for batch in batches([spooled(payload) for payload in payloads], self.delivery)]
+        return requests_from(self.destination, payloads, self.delivery)
 
     @staticmethod
     def request_json(request: HttpRequest) -> Any:
