@@ -18,6 +18,7 @@ class MemoryStorage(Storage):
         self.leased_until: dict[int, float] = {}
         self.letters: dict[int, DeadLetter] = {}
         self._ids = itertools.count(1)
+        self._accept_calls = 0
 
     async def open(self, *, recover: bool = True) -> None:
         if recover:
@@ -41,8 +42,9 @@ class MemoryStorage(Storage):
                                         new.group, new.body, now)
                 self.due[job_id] = now
             accepted.append(True)
-        if len(self.seen) > 10_000 and next(self._ids) % 1000 == 0:
-            self.seen = {k: v for k, v in self.seen.items() if v > now}
+        self._accept_calls += 1
+        if self._accept_calls % 1000 == 0 and len(self.seen) > 10_000:
+            self.seen = {k: v for k, v in self.seen.items() if v > now}  # stay bounded
         return accepted
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
