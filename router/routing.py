@@ -95,6 +95,7 @@ class Router:
         self.destinations: list[ConfiguredDestination] = build_destinations(
             loaded, self.registry, self.egress)
         self.storage = storage or open_storage(self.config.storage, base_dir=Path.cwd())
+        self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
         self.window = self.config.dedup.window
         self._deliver = deliver
         self._delivery: Any = None
@@ -170,7 +171,8 @@ class Router:
         valid = [result for result in results if result.event is not None]
         if valid:
             accepted = await self.storage.accept(
-                [Acceptance(source, result.message_id or "", _jobs(result)) for result in valid],
+                [Acceptance(source, result.message_id or "", _jobs(result, self._ordered))
+                 for result in valid],
                 window=self.window, now=time.time())
             woken: set[str] = set()
             for result, is_new in zip(valid, accepted):
@@ -241,11 +243,12 @@ class Router:
         return [adapter.build_request([payload]) for payload in result.payloads]
 
 
-def _jobs(result: RouteResult) -> list[NewJob]:
+def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:
     event = result.event
     assert event is not None
     user_key = event.user_key
-    return [NewJob(r.destination, event.messageId, user_key, payload.group, body)
+    return [NewJob(r.destination, event.messageId, user_key, payload.group, body,
+                   r.destination in ordered)
             for r in result.results if r.status is Status.SEND and r.destination
             for payload, body in zip(r.payloads, r.bodies)]
 

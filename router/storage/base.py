@@ -16,13 +16,16 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """A job to queue: ``body`` is the payload's JSON, already serialized."""
+    """A job to queue: ``body`` is the payload's JSON, already serialized. ``ordered`` says
+    its destination delivers each user's events in order, so a backend may keep such jobs
+    where the per-user check is cheap."""
 
     destination: str
     message_id: str
     user_key: str
     group: str
     body: bytes
+    ordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

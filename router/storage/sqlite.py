@@ -6,6 +6,20 @@ thread runs whatever has gathered in a single transaction (group commit), so a b
 events costs one commit, not one per event, while each caller still waits for its own change
 to be durable. WAL with ``synchronous=NORMAL`` survives a process crash (``kill -9``) without
 losing a committed event; ``?synchronous=full`` also survives power loss, at a higher cost.
+
+The spool has two tables, because most jobs never fail:
+
+- ``queue``, where new jobs are appended: no index but the row id, which is the job id. Each
+  destination has a *lane* of ids (its lane number in the high bits, a sequence in the low
+  ones), so a destination's jobs are one id range in arrival order. A worker reads its lane
+  past an in-memory cursor, so leasing writes nothing, and a delivered job is one delete.
+- ``jobs``, indexed by due time and by user: jobs waiting for a retry, replayed dead letters,
+  and every job of a destination that keeps per-user order (the per-user check needs the
+  index). A job keeps its id when it moves here.
+
+Leases live in the process (one process serves a SQLite file): after a crash or restart,
+every job not yet completed is read again, so nothing is lost and duplicates carry the same
+``messageId``.
 """
 
 from __future__ import annotations
@@ -24,17 +38,25 @@ import orjson
 
 from router.errors import StorageFull
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
-                                 QueueStats, Storage, StorageStats)
+                                 NewJob, QueueStats, Storage, StorageStats)
 
 T = TypeVar("T")
 MAX_OPERATIONS_PER_COMMIT = 1000
 DEDUP_PURGE_MINIMUM = 100
+LANE_BITS = 40
+"""Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedup (
     source TEXT NOT NULL, message_id TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (source, message_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expires_at);
+CREATE TABLE IF NOT EXISTS lanes (
+    destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
+    last_seq INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY, message_id TEXT NOT NULL, user_key TEXT NOT NULL, grp TEXT NOT NULL,
+    body BLOB NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
@@ -50,6 +72,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, failed_at);
 """
 _JOB_COLUMNS = "id, destination, message_id, user_key, grp, body, created_at, attempts, first_attempt_at"
+_QUEUE_COLUMNS = "id, message_id, user_key, grp, body, created_at"
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response")
 
@@ -64,6 +87,8 @@ class SqliteStorage(Storage):
                                                   asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._recover = True
+        self._read_up_to: dict[int, int] = {}
+        """Per lane, the last queue id leased (touched by the writer thread only)."""
 
     @classmethod
     def from_url(cls, url: str, *, base_dir: Path) -> SqliteStorage:
@@ -82,6 +107,7 @@ class SqliteStorage(Storage):
 
     async def open(self, *, recover: bool = True) -> None:
         self._recover = recover
+        self._read_up_to = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-writer",
@@ -173,6 +199,7 @@ class SqliteStorage(Storage):
             self._check_budget(connection)
             self._purge_dedup(connection, now, at_least=2 * len(items))
             accepted = []
+            new_jobs: dict[tuple[str, bool], list[NewJob]] = {}
             for item in items:
                 cursor = connection.execute(
                     "INSERT INTO dedup (source, message_id, expires_at) VALUES (?, ?, ?) "
@@ -181,12 +208,22 @@ class SqliteStorage(Storage):
                     (item.source, item.message_id, now + window, now))
                 is_new = cursor.rowcount == 1
                 accepted.append(is_new)
-                if is_new and item.jobs:
+                if is_new:
+                    for job in item.jobs:
+                        new_jobs.setdefault((job.destination, job.ordered), []).append(job)
+            for (destination, ordered), jobs in new_jobs.items():
+                first = _take_ids(connection, destination, len(jobs))
+                if ordered:
                     connection.executemany(
-                        "INSERT INTO jobs (destination, message_id, user_key, grp, body, "
-                        "created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [(job.destination, job.message_id, job.user_key, job.group, job.body,
-                          now, now) for job in item.jobs])
+                        "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
+                        "created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(first + n, destination, job.message_id, job.user_key, job.group,
+                          job.body, now, now) for n, job in enumerate(jobs)])
+                else:
+                    connection.executemany(
+                        f"INSERT INTO queue ({_QUEUE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(first + n, job.message_id, job.user_key, job.group, job.body, now)
+                         for n, job in enumerate(jobs)])
             return accepted
 
         return await self._call(operation)
@@ -213,50 +250,68 @@ class SqliteStorage(Storage):
                         " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
                         " < jobs.id)") if ordered else ""
 
-        # One process serves a SQLite file, so a lease needs no expiry: it lasts until the job
-        # is completed, retried, dead-lettered or released, or the process restarts (open()
-        # takes leases back). Only the unindexed `leased` flag changes, which keeps leasing
-        # cheap; the few leased rows are skipped in the due-order scan.
+        # A lease needs no expiry here: it lasts until the job is completed, retried,
+        # dead-lettered or released, or the process restarts (then every job is read again).
+        # In `jobs` only the unindexed `leased` flag changes; in `queue` nothing is written.
         def operation(connection: sqlite3.Connection) -> list[Job]:
             rows = connection.execute(
                 f"UPDATE jobs SET leased = 1 WHERE id IN (SELECT id FROM jobs WHERE destination"
                 f" = ? AND due_at <= ? AND leased = 0{head_of_user} ORDER BY due_at, id LIMIT ?)"
                 f" RETURNING {_JOB_COLUMNS}", (destination, now, limit)).fetchall()
-            return sorted((Job(*row) for row in rows), key=_by_id)
+            leased = sorted((Job(*row) for row in rows), key=_by_id)
+            lane = _lane_of(connection, destination)
+            if lane is not None and len(leased) < limit:
+                start = lane << LANE_BITS
+                fresh = connection.execute(
+                    f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id > ? AND id < ? ORDER BY id "
+                    "LIMIT ?", (self._read_up_to.get(lane, start), start + (1 << LANE_BITS),
+                                limit - len(leased))).fetchall()
+                if fresh:
+                    self._read_up_to[lane] = fresh[-1][0]
+                leased += [Job(job_id, destination, message_id, user_key, group, body, created)
+                           for job_id, message_id, user_key, group, body, created in fresh]
+            return leased
 
         return await self._call(operation)
-
-    async def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        """Run one statement per row. Returns nothing on purpose: a cursor handed back to the
-        event loop's thread and finalized there would race the writer thread (SQLITE_MISUSE)."""
-        def operation(connection: sqlite3.Connection) -> None:
-            connection.executemany(sql, rows)
-
-        await self._call(operation)
 
     async def complete(self, job_ids: Sequence[int | str]) -> None:
         def operation(connection: sqlite3.Connection) -> None:
             for start in range(0, len(job_ids), 500):
-                chunk = job_ids[start:start + 500]
-                connection.execute(f"DELETE FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
-                                   tuple(chunk))
+                chunk = tuple(job_ids[start:start + 500])
+                marks = ", ".join("?" * len(chunk))
+                connection.execute(f"DELETE FROM queue WHERE id IN ({marks})", chunk)
+                connection.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
 
         await self._call(operation)
 
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:
-        await self._execute_many(
-            "UPDATE jobs SET leased = 0, due_at = ?, attempts = ?, first_attempt_at = ?, "
-            "last_error = ? WHERE id = ?",
-            [(due, job.attempts, job.first_attempt_at, failure.reason, job.id)
-             for job, due in zip(jobs, not_before)])
+        def operation(connection: sqlite3.Connection) -> None:
+            for job, due in zip(jobs, not_before):
+                if connection.execute("DELETE FROM queue WHERE id = ?", (job.id,)).rowcount:
+                    connection.execute(
+                        "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
+                        "created_at, due_at, attempts, first_attempt_at, last_error) VALUES "
+                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job.id, job.destination, job.message_id, job.user_key, job.group,
+                         job.body, job.created_at, due, job.attempts, job.first_attempt_at,
+                         failure.reason))
+                else:
+                    connection.execute(
+                        "UPDATE jobs SET leased = 0, due_at = ?, attempts = ?, "
+                        "first_attempt_at = ?, last_error = ? WHERE id = ?",
+                        (due, job.attempts, job.first_attempt_at, failure.reason, job.id))
+
+        await self._call(operation)
 
     async def dead_letter(self, jobs: Sequence[Job], *, now: float, failure: Failure) -> None:
         request = orjson.dumps(failure.request).decode() if failure.request else None
 
         def operation(connection: sqlite3.Connection) -> None:
             for job in jobs:
-                if connection.execute("DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
+                if (connection.execute("DELETE FROM queue WHERE id = ?", (job.id,)).rowcount
+                        or connection.execute("DELETE FROM jobs WHERE id = ?",
+                                              (job.id,)).rowcount):
                     connection.execute(
                         f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
                         "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -267,9 +322,19 @@ class SqliteStorage(Storage):
         await self._call(operation)
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
+        """Jobs of ``jobs`` are due again at once; for jobs of ``queue``, the lane's cursor
+        moves back so they are read again (ids still in flight are skipped by the worker)."""
         now = time.time()
-        await self._execute_many("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
-                                 [(now, job_id) for job_id in job_ids])
+
+        def operation(connection: sqlite3.Connection) -> None:
+            connection.executemany("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
+                                   [(now, job_id) for job_id in job_ids])
+            for job_id in job_ids:
+                lane = int(job_id) >> LANE_BITS
+                if lane and self._read_up_to.get(lane, job_id) >= job_id:
+                    self._read_up_to[lane] = int(job_id) - 1
+
+        await self._call(operation)
 
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
         clause, params = _where(where)
@@ -286,11 +351,20 @@ class SqliteStorage(Storage):
         clause, params = _where(where)
 
         def operation(connection: sqlite3.Connection) -> int:
-            connection.execute(
-                "INSERT INTO jobs (destination, message_id, user_key, grp, body, created_at, due_at)"
-                f" SELECT destination, message_id, user_key, grp, body, ?, ? FROM dead_letters{clause}"
-                " ORDER BY id", (now, now, *params))
-            return connection.execute(f"DELETE FROM dead_letters{clause}", params).rowcount
+            letters = connection.execute(
+                f"SELECT destination, message_id, user_key, grp, body FROM dead_letters{clause}"
+                " ORDER BY id", params).fetchall()
+            by_destination: dict[str, list[tuple[Any, ...]]] = {}
+            for letter in letters:
+                by_destination.setdefault(letter[0], []).append(letter)
+            for destination, rows in by_destination.items():
+                first = _take_ids(connection, destination, len(rows))
+                connection.executemany(
+                    "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
+                    "created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(first + n, *row, now, now) for n, row in enumerate(rows)])
+            connection.execute(f"DELETE FROM dead_letters{clause}", params)
+            return len(letters)
 
         return await self._call(operation)
 
@@ -302,9 +376,16 @@ class SqliteStorage(Storage):
     async def stats(self, *, now: float) -> StorageStats:
         def operation(connection: sqlite3.Connection) -> StorageStats:
             stats = StorageStats()
-            for destination, pending, oldest in connection.execute(
-                    "SELECT destination, COUNT(*), MIN(created_at) FROM jobs GROUP BY destination"):
-                stats.queues[destination] = QueueStats(pending, oldest)
+            lanes = dict(connection.execute("SELECT number, destination FROM lanes"))
+            queued = connection.execute(
+                f"SELECT id >> {LANE_BITS}, COUNT(*), MIN(created_at) FROM queue GROUP BY 1")
+            for destination, pending, oldest in [
+                    *((lanes[lane], pending, oldest) for lane, pending, oldest in queued),
+                    *connection.execute("SELECT destination, COUNT(*), MIN(created_at) FROM jobs"
+                                        " GROUP BY destination")]:
+                queue = stats.queues.setdefault(destination, QueueStats())
+                queue.pending += pending
+                queue.oldest_created_at = min(oldest, queue.oldest_created_at or oldest)
             for destination, count in connection.execute(
                     "SELECT destination, COUNT(*) FROM dead_letters GROUP BY destination"):
                 stats.queues.setdefault(destination, QueueStats()).dead_letters = count
@@ -318,6 +399,25 @@ class SqliteStorage(Storage):
 
 def _by_id(job: Job) -> int | str:
     return job.id
+
+
+def _lane_of(connection: sqlite3.Connection, destination: str) -> int | None:
+    row = connection.execute("SELECT number FROM lanes WHERE destination = ?",
+                             (destination,)).fetchone()
+    return row[0] if row else None
+
+
+def _take_ids(connection: sqlite3.Connection, destination: str, count: int) -> int:
+    """The first of ``count`` new job ids of a destination's lane (created on first use).
+    Ids are taken under the write lock and never reused, so a lane's ids grow in commit
+    order, which is what lets a worker read it with a cursor."""
+    connection.execute(
+        "INSERT OR IGNORE INTO lanes (destination, number) "
+        "VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM lanes))", (destination,))
+    number, last = connection.execute(
+        "UPDATE lanes SET last_seq = last_seq + ? WHERE destination = ? "
+        "RETURNING number, last_seq", (count, destination)).fetchone()
+    return (number << LANE_BITS) + last - count + 1
 
 
 def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:

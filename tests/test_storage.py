@@ -1,6 +1,6 @@
-"""The ``redis://`` storage against a real ``redis-server`` (contract, "Delivery": several
-router processes share the work and the dedup window; the work of a process that dies is
-taken over by the others).
+"""The durable storages: the contract ``sqlite://`` and ``redis://`` share, then what only
+Redis promises (contract, "Delivery": several router processes share the work and the dedup
+window; the work of a process that dies is taken over by the others).
 
 The server is started here, on a free port bound to 127.0.0.1 with persistence off, never the
 machine's shared Redis; every test uses its own key prefix. Most tests pass ``now`` (a fake
@@ -33,6 +33,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
                                  NewJob)
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
+from router.storage.sqlite import SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
 
@@ -114,8 +115,21 @@ def url(redis_url: str) -> str:
 
 
 @pytest.fixture
-async def store(url: str):
+async def redis_store(url: str):
     storage = RedisStorage.from_url(url)
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """Each backend that promises durability, for the contract they share."""
+    if request.param == "redis":
+        storage: RedisStorage | SqliteStorage = RedisStorage.from_url(
+            unique_url(request.getfixturevalue("redis_url")))
+    else:
+        storage = SqliteStorage(tmp_path / "spool.db")
     await storage.open()
     yield storage
     await storage.close()
@@ -145,8 +159,10 @@ def job(message_id: str, destination: str = "hook", user: str = "user-1", group:
 
 
 def item(message_id: str, source: str = "web", destinations: tuple[str, ...] = ("hook",),
-         user: str = "user-1") -> Acceptance:
-    return Acceptance(source, message_id, [job(message_id, d, user) for d in destinations])
+         user: str = "user-1", ordered: bool = False) -> Acceptance:
+    return Acceptance(source, message_id, [dataclasses.replace(job(message_id, d, user),
+                                                               ordered=ordered)
+                                           for d in destinations])
 
 
 async def accept(storage, *items, window=WINDOW, now=T0) -> list[bool]:
@@ -257,35 +273,35 @@ async def test_concurrent_accepts_of_one_message_id_admit_exactly_one(store):
     assert await pending(store) == 1
 
 
-async def test_redis_forgets_a_dedup_entry_when_its_window_ends(store, raw):
+async def test_redis_forgets_a_dedup_entry_when_its_window_ends(redis_store, raw):
     """The entry carries a real expiry (PX), so Redis frees it by itself: no purge job, and
     memory bounded by the traffic of one window."""
     now = time.time()
-    assert await accept(store, item("m-1"), window=0.4, now=now) == [True]
-    key = store.keys.seen("web", "m-1")
+    assert await accept(redis_store, item("m-1"), window=0.4, now=now) == [True]
+    key = redis_store.keys.seen("web", "m-1")
     assert 0 < await raw.pttl(key) <= 400
-    assert await accept(store, item("m-1"), window=0.4, now=time.time()) == [False]
+    assert await accept(redis_store, item("m-1"), window=0.4, now=time.time()) == [False]
     await asyncio.sleep(0.6)
     assert await raw.exists(key) == 0
-    assert await accept(store, item("m-1"), window=0.4, now=time.time()) == [True]
+    assert await accept(redis_store, item("m-1"), window=0.4, now=time.time()) == [True]
 
 
-async def test_the_window_is_shared_by_every_instance(store, url):
+async def test_the_window_is_shared_by_every_instance(redis_store, url):
     other = await another(url)
     try:
-        assert await accept(store, item("m-1")) == [True]
+        assert await accept(redis_store, item("m-1")) == [True]
         assert await accept(other, item("m-1"), now=T0 + 1) == [False]
         assert await accept(other, item("m-2"), now=T0 + 1) == [True]
-        assert await accept(store, item("m-2"), now=T0 + 2) == [False]
+        assert await accept(redis_store, item("m-2"), now=T0 + 2) == [False]
     finally:
         await other.close()
 
 
-async def test_dedup_entries_are_counted_by_expiry_minute(store):
-    await accept(store, item("m-1"), item("m-2"), item("m-3"), window=600.0)
-    assert (await store.stats(now=T0)).dedup_entries == 3
+async def test_dedup_entries_are_counted_by_expiry_minute(redis_store):
+    await accept(redis_store, item("m-1"), item("m-2"), item("m-3"), window=600.0)
+    assert (await redis_store.stats(now=T0)).dedup_entries == 3
     # approximate: counted until the end of the minute their window ends in
-    assert (await store.stats(now=T0 + 600 + 60)).dedup_entries == 0
+    assert (await redis_store.stats(now=T0 + 600 + 60)).dedup_entries == 0
 
 
 # -- the queue: the same contract as the SQLite backend ---------------------------------------
@@ -311,11 +327,11 @@ async def test_jobs_keep_their_fields(store):
                                    T0 + 0.123456789)
 
 
-async def test_a_leased_job_is_hidden_until_its_lease_lapses(store):
-    await accept(store, item("m-1"))
-    (leased,) = await lease(store, now=T0)
-    assert await lease(store, now=T0 + LEASE_FOR - 1) == []
-    (again,) = await lease(store, now=T0 + LEASE_FOR)
+async def test_a_leased_job_is_hidden_until_its_lease_lapses(redis_store):
+    await accept(redis_store, item("m-1"))
+    (leased,) = await lease(redis_store, now=T0)
+    assert await lease(redis_store, now=T0 + LEASE_FOR - 1) == []
+    (again,) = await lease(redis_store, now=T0 + LEASE_FOR)
     assert again.id == leased.id
 
 
@@ -452,16 +468,16 @@ async def test_purge_removes_only_what_the_filter_selects(store):
     assert all(queue.dead_letters == 0 for queue in stats.queues.values())
 
 
-async def test_concurrent_replays_queue_each_letter_once(store, url):
-    await dead_letters_at(store, [("hook", "HTTP 500", T0 + n) for n in range(20)])
+async def test_concurrent_replays_queue_each_letter_once(redis_store, url):
+    await dead_letters_at(redis_store, [("hook", "HTTP 500", T0 + n) for n in range(20)])
     other = await another(url)
     try:
-        counts = await asyncio.gather(store.replay(DeadLetterFilter(), now=T0 + 100),
+        counts = await asyncio.gather(redis_store.replay(DeadLetterFilter(), now=T0 + 100),
                                       other.replay(DeadLetterFilter(), now=T0 + 100))
     finally:
         await other.close()
     assert sum(counts) == 20
-    assert await pending(store) == 20
+    assert await pending(redis_store) == 20
 
 
 async def test_stats_per_destination(store):
@@ -481,13 +497,13 @@ async def test_stats_per_destination(store):
     assert await store.ping()
 
 
-async def test_prefixes_keep_routers_apart(store, redis_url):
+async def test_prefixes_keep_routers_apart(redis_store, redis_url):
     elsewhere = await another(unique_url(redis_url))
     try:
-        await accept(store, item("m-1"))
+        await accept(redis_store, item("m-1"))
         assert await accept(elsewhere, item("m-1")) == [True]
         assert len(await lease(elsewhere)) == 1
-        assert len(await lease(store)) == 1
+        assert len(await lease(redis_store)) == 1
     finally:
         await elsewhere.close()
 
@@ -495,8 +511,8 @@ async def test_prefixes_keep_routers_apart(store, redis_url):
 # -- ordered leasing --------------------------------------------------------------------------
 
 async def test_ordered_lease_holds_a_users_later_events_behind_a_retry(store):
-    await accept(store, item("a-1", user="a"), item("b-1", user="b"), item("a-2", user="a"),
-                 item("b-2", user="b"), item("c-1", user="c"))
+    await accept(store, *(item(f"{user}-{n}", user=user, ordered=True)
+                            for user, n in [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("c", 1)]))
     heads = await lease(store, ordered=True)
     assert [j.message_id for j in heads] == ["a-1", "b-1", "c-1"]
     a1, b1, c1 = heads
@@ -514,7 +530,7 @@ async def test_ordered_lease_holds_a_users_later_events_behind_a_retry(store):
 
 
 async def test_ordered_lease_holds_a_user_behind_a_leased_event(store):
-    await accept(store, item("a-1", user="a"), item("a-2", user="a"))
+    await accept(store, item("a-1", user="a", ordered=True), item("a-2", user="a", ordered=True))
     (first,) = await lease(store, 1, ordered=True)
     assert await lease(store, ordered=True) == []
     assert [j.message_id for j in await lease(store, ordered=False)] == ["a-2"]
@@ -523,16 +539,89 @@ async def test_ordered_lease_holds_a_user_behind_a_leased_event(store):
 
 async def test_ordered_lease_keeps_users_of_different_destinations_apart(store):
     # ('a:b', user 'c') and ('a', user 'b:c') must not be taken for one user
-    await accept(store, Acceptance("web", "m-1", [NewJob("a:b", "m-1", "c", "", b"{}")]),
-                 Acceptance("web", "m-2", [NewJob("a", "m-2", "b:c", "", b"{}")]))
+    await accept(store, Acceptance("web", "m-1", [NewJob("a:b", "m-1", "c", "", b"{}", True)]),
+                 Acceptance("web", "m-2", [NewJob("a", "m-2", "b:c", "", b"{}", True)]))
     assert len(await lease(store, destination="a:b", ordered=True)) == 1
     assert len(await lease(store, destination="a", ordered=True)) == 1
 
 
+# -- SQLite: the append-only queue and its cursor --------------------------------------------
+
+@pytest.fixture
+async def spool(tmp_path: Path):
+    storage = SqliteStorage(tmp_path / "spool.db")
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+async def test_sqlite_reopened_gives_back_every_unfinished_job(spool, tmp_path):
+    await accept(spool, *(item(f"m-{n}") for n in range(5)))
+    jobs = await lease(spool, 5)
+    await spool.complete([jobs[0].id])
+    await spool.retry([tried(jobs[1], T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
+    await spool.dead_letter([tried(jobs[2], T0)], now=T0, failure=Failure("HTTP 400", 400))
+    await spool.close()  # m-3 and m-4 were leased, in flight: the process "died" with them
+
+    reopened = SqliteStorage(tmp_path / "spool.db")
+    await reopened.open()
+    try:
+        assert [j.message_id for j in await lease(reopened, now=T0 + 1)] == ["m-3", "m-4"]
+        (retried,) = await lease(reopened, now=T0 + 60)
+        assert (retried.message_id, retried.attempts, retried.id) == ("m-1", 1, jobs[1].id)
+        assert await pending(reopened) == 3
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_never_reuses_a_job_id(spool):
+    """The cursor is past every id it has leased: a new job must get a higher one even when
+    every job before it is gone."""
+    await accept(spool, item("m-1"), item("m-2"))
+    first = await lease(spool)
+    await spool.complete(ids(first))
+    await accept(spool, item("m-3"))
+    (later,) = await lease(spool)
+    assert later.message_id == "m-3" and later.id > max(ids(first))
+
+
+async def test_sqlite_release_lets_the_jobs_be_read_again_but_not_those_in_flight(spool):
+    await accept(spool, *(item(f"m-{n}") for n in range(4)))
+    jobs = await lease(spool, 4)
+    await spool.release([jobs[1].id, jobs[3].id])
+    # the cursor moves back to m-1; m-2, still in flight, is read again and the worker
+    # skips it by id (it keeps the ids it holds)
+    again = await lease(spool)
+    assert [j.message_id for j in again] == ["m-1", "m-2", "m-3"]
+
+
+async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(spool, tmp_path):
+    await accept(spool, item("m-1"), item("m-2"))
+    first, second = await lease(spool)
+    await spool.complete([first.id])
+    await spool.dead_letter([second], now=T0, failure=Failure("HTTP 400", 400))
+    cli = SqliteStorage(tmp_path / "spool.db")  # `router dlq replay` while the router runs
+    await cli.open(recover=False)
+    try:
+        assert await cli.replay(DeadLetterFilter(), now=T0 + 5) == 1
+    finally:
+        await cli.close()
+    await accept(spool, item("m-3"))
+    assert [j.message_id for j in await lease(spool, now=T0 + 5)] == ["m-2", "m-3"]
+
+
+async def test_sqlite_jobs_queued_unordered_still_go_out_when_a_destination_becomes_ordered(
+        spool):
+    await accept(spool, item("a-1", user="a"), item("a-2", user="a"))
+    await accept(spool, item("a-3", user="a", ordered=True))
+    leased = await lease(spool, ordered=True)
+    assert sorted(j.message_id for j in leased) == ["a-1", "a-2", "a-3"]
+
+
 # -- several processes ------------------------------------------------------------------------
 
-async def test_two_instances_share_the_work_and_never_lease_the_same_job(store, url):
-    await accept(store, *(item(f"m-{n}", user=f"u-{n % 7}") for n in range(300)))
+async def test_two_instances_share_the_work_and_never_lease_the_same_job(redis_store, url):
+    await accept(redis_store, *(item(f"m-{n}", user=f"u-{n % 7}") for n in range(300)))
     other = await another(url)
     taken: dict[str, list[int | str]] = {"one": [], "two": []}
 
@@ -543,17 +632,17 @@ async def test_two_instances_share_the_work_and_never_lease_the_same_job(store, 
             await asyncio.sleep(0)
 
     try:
-        await asyncio.gather(work("one", store), work("two", other))
+        await asyncio.gather(work("one", redis_store), work("two", other))
     finally:
         await other.close()
     assert taken["one"] and taken["two"]
     assert not set(taken["one"]) & set(taken["two"])
     assert len(taken["one"]) + len(taken["two"]) == 300
-    assert await pending(store) == 0
+    assert await pending(redis_store) == 0
 
 
-async def test_the_leases_of_a_dead_instance_are_taken_over_once_they_lapse(store, url):
-    await accept(store, *(item(f"m-{n}") for n in range(5)))
+async def test_the_leases_of_a_dead_instance_are_taken_over_once_they_lapse(redis_store, url):
+    await accept(redis_store, *(item(f"m-{n}") for n in range(5)))
     dead, survivor = await another(url), await another(url)  # two running processes
     held = await lease(dead, 3, now=T0)
     for leased in held:
@@ -571,30 +660,30 @@ async def test_the_leases_of_a_dead_instance_are_taken_over_once_they_lapse(stor
         await dead.retry(held[:1], not_before=[T0], now=T0, failure=Failure("late"))
         await dead.dead_letter(held[1:2], now=T0, failure=Failure("late"))
         await dead.release(ids(held[2:]))
-        assert await store.dead_letters(DeadLetterFilter()) == []
+        assert await redis_store.dead_letters(DeadLetterFilter()) == []
         assert await lease(survivor, now=T0 + LEASE_FOR + 0.5) == []
-        assert await pending(store) == 5
+        assert await pending(redis_store) == 5
         # ... but a late success still counts: the job was delivered, so it is forgotten
         # (the survivor's own completion of it is then a no-op).
         await dead.complete([held[0].id])
-        assert await pending(store) == 4
+        assert await pending(redis_store) == 4
         await survivor.retry([tried(taken[0], T0 + LEASE_FOR)], not_before=[T0],
                              now=T0 + LEASE_FOR, failure=Failure("x"))
         await survivor.complete(ids(taken) + ids(rest))
-        assert await pending(store) == 0
+        assert await pending(redis_store) == 0
     finally:
         await dead.close()
         await survivor.close()
 
 
-async def test_open_takes_back_only_leases_that_lapsed(store, url, raw):
-    await accept(store, *(item(f"m-{n}") for n in range(5)))
+async def test_open_takes_back_only_leases_that_lapsed(redis_store, url, raw):
+    await accept(redis_store, *(item(f"m-{n}") for n in range(5)))
     now = time.time()
-    live = await lease(store, 3, now=now, lease_for=300)
-    lapsed = await lease(store, 2, now=now - 1000, lease_for=1)
+    live = await lease(redis_store, 3, now=now, lease_for=300)
+    lapsed = await lease(redis_store, 2, now=now - 1000, lease_for=1)
     restarted = await another(url, recover=True)
     try:
-        leased_key, ready_key = store.keys.leased("hook"), store.keys.ready("hook")
+        leased_key, ready_key = redis_store.keys.leased("hook"), redis_store.keys.ready("hook")
         assert sorted(int(i) for i in await raw.zrange(leased_key, 0, -1)) == ids(live)
         assert sorted(int(i) for i in await raw.zrange(ready_key, 0, -1)) == ids(lapsed)
         assert ids(await lease(restarted, now=time.time())) == ids(lapsed)
@@ -602,12 +691,12 @@ async def test_open_takes_back_only_leases_that_lapsed(store, url, raw):
         await restarted.close()
 
 
-async def test_open_without_recover_takes_back_nothing(store, url, raw):
-    await accept(store, item("m-1"))
-    await lease(store, now=time.time() - 1000, lease_for=1)
+async def test_open_without_recover_takes_back_nothing(redis_store, url, raw):
+    await accept(redis_store, item("m-1"))
+    await lease(redis_store, now=time.time() - 1000, lease_for=1)
     tool = await another(url, recover=False)
     try:
-        assert await raw.zcard(store.keys.leased("hook")) == 1
+        assert await raw.zcard(redis_store.keys.leased("hook")) == 1
         assert await tool.dead_letters(DeadLetterFilter()) == []
     finally:
         await tool.close()
@@ -616,6 +705,7 @@ async def test_open_without_recover_takes_back_nothing(store, url, raw):
 CHILD = """
 import asyncio, sys, time
 from router.storage.redis import RedisStorage
+from router.storage.sqlite import SqliteStorage
 
 async def main():
     storage = RedisStorage.from_url(sys.argv[1])
@@ -628,8 +718,8 @@ asyncio.run(main())
 """
 
 
-async def test_a_process_killed_with_sigkill_has_its_work_taken_over(store, url):
-    await accept(store, *(item(f"m-{n}") for n in range(5)), now=time.time())
+async def test_a_process_killed_with_sigkill_has_its_work_taken_over(redis_store, url):
+    await accept(redis_store, *(item(f"m-{n}") for n in range(5)), now=time.time())
     child = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, url, cwd=ROOT,
                                                  stdout=asyncio.subprocess.PIPE)
     try:
@@ -641,24 +731,24 @@ async def test_a_process_killed_with_sigkill_has_its_work_taken_over(store, url)
     assert len(in_flight) == 3
     now = time.time()
     # the rest goes on at once; the dead process's jobs come back once its leases lapse
-    assert len(await lease(store, now=now, lease_for=300)) == 2
-    assert await lease(store, now=now + 29) == []
-    assert ids(await lease(store, now=now + 31)) == in_flight
+    assert len(await lease(redis_store, now=now, lease_for=300)) == 2
+    assert await lease(redis_store, now=now + 29) == []
+    assert ids(await lease(redis_store, now=now + 31)) == in_flight
 
 
 # -- a full Redis -----------------------------------------------------------------------------
 
-async def test_redis_out_of_memory_is_storage_full(store, raw):
-    await accept(store, item("m-0"))
+async def test_redis_out_of_memory_is_storage_full(redis_store, raw):
+    await accept(redis_store, item("m-0"))
     await raw.config_set("maxmemory", "1")
     try:
         with pytest.raises(StorageFull, match="out of memory"):
-            await accept(store, item("m-1", destinations=("a", "b")))
+            await accept(redis_store, item("m-1", destinations=("a", "b")))
     finally:
         await raw.config_set("maxmemory", "0")
     # nothing of the refused event was kept: accepting it again works
-    assert await pending(store, "a") == 0
-    assert await accept(store, item("m-1")) == [True]
+    assert await pending(redis_store, "a") == 0
+    assert await accept(redis_store, item("m-1")) == [True]
 
 
 # -- a model check: Redis against the in-memory backend ---------------------------------------
