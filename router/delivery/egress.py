@@ -467,11 +467,18 @@ def make_trace_config(policy: EgressPolicy) -> aiohttp.TraceConfig:
 
 
 def session_kwargs(policy: EgressPolicy, *, resolver: AbstractResolver | None = None,
-                   **connector_kwargs: Any) -> dict[str, Any]:
+                   follows_redirects: bool = True, **connector_kwargs: Any) -> dict[str, Any]:
     """What ``aiohttp.ClientSession(**...)`` needs to enforce ``policy``: the guarded
     connector, the trace hooks, and ``trust_env=False`` so no ``HTTP(S)_PROXY`` from the
-    environment routes requests around the guard. Send with ``allow_redirects=False``: a
-    3xx is the destination's answer, not an instruction to go elsewhere."""
-    return {"connector": make_connector(policy, resolver=resolver, **connector_kwargs),
-            "trace_configs": [make_trace_config(policy)],
-            "trust_env": False}
+    environment routes requests around the guard.
+
+    The router sends with ``allow_redirects=False`` (a 3xx is the destination's answer, not
+    an instruction to go elsewhere) and says so with ``follows_redirects=False``: then the
+    connector's check is the whole guard, and the trace hooks, which cost several objects
+    on every request, are left out."""
+    kwargs: dict[str, Any] = {
+        "connector": make_connector(policy, resolver=resolver, **connector_kwargs),
+        "trust_env": False}
+    if follows_redirects:
+        kwargs["trace_configs"] = [make_trace_config(policy)]
+    return kwargs

@@ -96,6 +96,8 @@ class DestinationWorker:
         self.stopping = False
         self.failures_in_a_row = 0
         self.in_flight: dict[asyncio.Task[None], list[Job]] = {}
+        self.delivered: list[Job] = []
+        """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
         self.undispatched: list[list[Job]] = []
         self.leased_ids: set[int | str] = set()
         # Long enough that a lease never lapses under a live worker; after a crash, the
@@ -105,6 +107,7 @@ class DestinationWorker:
     async def run(self) -> None:
         while not self.stopping:
             try:
+                await self._complete_delivered()
                 jobs = await self._lease()
             except Exception:  # noqa: BLE001 - storage trouble: wait and try again
                 log.exception("destination %s: cannot lease work", self.name)
@@ -125,8 +128,8 @@ class DestinationWorker:
                 task.add_done_callback(self._done)
 
     async def finish(self, grace: float) -> None:
-        """After ``run`` has ended: wait up to ``grace`` for requests in flight, then put
-        every job this worker still holds back in the queue."""
+        """After ``run`` has ended: wait up to ``grace`` for requests in flight, record what
+        they delivered, then put every job this worker still holds back in the queue."""
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=grace)
         leftover = [job for jobs in self.in_flight.values() for job in jobs]
@@ -134,8 +137,24 @@ class DestinationWorker:
         for task in list(self.in_flight):
             task.cancel()
         self.undispatched = []
+        await self._complete_delivered()
         if leftover:
             await self.storage.release([job.id for job in leftover])
+
+    async def _complete_delivered(self) -> None:
+        """Tell the storage which jobs were delivered, all at once. Each worker round does
+        this once rather than once a request: a storage call costs more than a small
+        request. Until then a delivered job stays queued, so a crash in between sends it
+        again (at least once, with the same ``messageId``), never loses it."""
+        if not self.delivered:
+            return
+        delivered, self.delivered = self.delivered, []
+        try:
+            await self.storage.complete([job.id for job in delivered])
+        except BaseException:
+            self.delivered[:0] = delivered
+            raise
+        self.metrics.delivered.inc(self.name, amount=len(delivered))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._forget(self.in_flight.pop(task, []))
@@ -156,11 +175,12 @@ class DestinationWorker:
         self.wakeup.clear()
 
     async def _lease(self) -> list[Job]:
-        """Due jobs, enough for the free request slots; a partial batch waits up to
-        ``batch_wait`` for company so a quiet stream still goes out promptly."""
+        """Due jobs, enough for a request in each slot, so a round of requests costs one
+        storage call (the next round is leased while this one is in flight); a partial
+        batch waits up to ``batch_wait`` for company so a quiet stream still goes out
+        promptly."""
         delivery = self.delivery
-        free = max(1, delivery.concurrency - len(self.in_flight))
-        limit = delivery.batch_size * free
+        limit = delivery.batch_size * delivery.concurrency
         jobs = await self._lease_more(limit)
         if jobs and delivery.batch_size > 1 and len(jobs) < delivery.batch_size:
             oldest = min(job.created_at for job in jobs)
@@ -320,8 +340,9 @@ class DestinationWorker:
             self.metrics.dead_lettered.inc(self.name)
             self._log_failure(job, failure, "dead_letter")
         if delivered:
-            await self.storage.complete([job.id for job in delivered])
-            self.metrics.delivered.inc(self.name, amount=len(delivered))
+            if not self.delivered:
+                self.wakeup.set()  # an idle worker records them now, not at its next poll
+            self.delivered += delivered
             for job in delivered:
                 self.metrics.latency.observe(now - job.created_at, self.name)
 

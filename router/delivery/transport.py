@@ -27,8 +27,8 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        kwargs = session_kwargs(self.policy, limit=self.connections, limit_per_host=0,
-                                ttl_dns_cache=60)
+        kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self.connections,
+                                limit_per_host=0, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(**kwargs, auto_decompress=True,
                                               skip_auto_headers=("User-Agent",),
                                               headers={"User-Agent": "event-router"})
