@@ -26,6 +26,8 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         """Wait until one request may go."""
+        if self.rate is None and not self._lock.locked() and self.clock() >= self.paused_until:
+            return  # unlimited and not paused: the common case costs no lock
         async with self._lock:  # first come, first served
             while True:
                 now = self.clock()

@@ -30,6 +30,11 @@ from router.storage.base import Failure, Job, Storage
 
 log = logging.getLogger("router.delivery")
 POLL_INTERVAL = 0.5
+LEASE_AHEAD = 0.25
+"""Seconds of delivery, at the rate just seen, that a worker leases at once: a storage call
+costs far more than a small request, so a fast destination leases many jobs a call, while a
+slow one holds few (so few are sent twice after a crash, and no lease outlives its worker)."""
+MAX_LEASE = 2000
 """How often an idle worker looks for retries that have come due (new work wakes it at once)."""
 MAX_RESPONSE_IN_DEAD_LETTER = 2048
 SPLIT_STATUSES = frozenset({400, 413, 422})
@@ -50,8 +55,10 @@ class DeliveryService:
 
     async def start(self) -> None:
         await self.transport.start()
-        self._tasks = [asyncio.create_task(worker.run(), name=f"deliver:{name}")
+        self._tasks = [asyncio.create_task(worker.run(), name=f"lease:{name}")
                        for name, worker in self.workers.items()]
+        for worker in self.workers.values():
+            worker.start_senders()
 
     def wake(self, destinations: Iterable[str]) -> None:
         """New work was queued for these destinations: look now rather than at the next poll."""
@@ -64,7 +71,7 @@ class DeliveryService:
         """Stop leasing, let in-flight requests finish for up to ``grace`` seconds in all,
         then hand what is still unfinished back to the queue untouched.
 
-        A worker waiting for a free request slot (its destination slow, paused or down) is
+        A worker waiting for a free sender (its destination slow, paused or down) is
         cancelled rather than waited for: its leased, unsent jobs go back to the queue."""
         deadline = time.monotonic() + grace
         for worker in self.workers.values():
@@ -91,12 +98,20 @@ class DestinationWorker:
         self.metrics = metrics
         self.rng = rng
         self.limiter = RateLimiter(self.delivery.rate_limit)
-        self.slots = asyncio.Semaphore(self.delivery.concurrency)
+        self.ready: asyncio.Queue[list[Job]] = asyncio.Queue(self.delivery.concurrency)
+        """Batches leased and cut, waiting for a sender: a round of them, so the senders have
+        work while the next lease is taken."""
+        self.senders: list[asyncio.Task[None]] = []
         self.wakeup = asyncio.Event()
         self.stopping = False
         self.failures_in_a_row = 0
-        self.in_flight: dict[asyncio.Task[None], list[Job]] = {}
+        self.in_flight: dict[int, list[Job]] = {}
+        """The batch each busy sender is sending, by sender number."""
+        self.all_sent = asyncio.Event()
+        self.all_sent.set()
         self.delivered: list[Job] = []
+        self.delivered_per_second = 0.0
+        self.last_completed_at = time.monotonic()
         """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
         self.undispatched: list[list[Job]] = []
         self.leased_ids: set[int | str] = set()
@@ -104,7 +119,16 @@ class DestinationWorker:
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
         self.lease_for = max(300.0, self.delivery.timeout * 4)
 
+    def start_senders(self) -> None:
+        """``concurrency`` long-lived senders take batches from ``ready``: cheaper than a
+        task per request, and the number of requests in flight is bounded by construction."""
+        self.senders = [asyncio.create_task(self._send_forever(number),
+                                            name=f"send:{self.name}:{number}")
+                        for number in range(self.delivery.concurrency)]
+
     async def run(self) -> None:
+        """Lease due jobs, cut them into batches and hand them to the senders, a round at a
+        time; waits while every sender is busy and ``ready`` is full."""
         while not self.stopping:
             try:
                 await self._complete_delivered()
@@ -117,25 +141,40 @@ class DestinationWorker:
                 await self._sleep(POLL_INTERVAL)
                 continue
             self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
-            while self.undispatched:
-                await self.slots.acquire()
-                if self.stopping:
-                    self.slots.release()
-                    break
-                batch = self.undispatched.pop(0)
-                task = asyncio.create_task(self._deliver(batch))
-                self.in_flight[task] = batch
-                task.add_done_callback(self._done)
+            while self.undispatched and not self.stopping:
+                await self.ready.put(self.undispatched[0])
+                self.undispatched.pop(0)
+
+    async def _send_forever(self, number: int) -> None:
+        while True:
+            batch = await self.ready.get()
+            self.in_flight[number] = batch
+            self.all_sent.clear()
+            try:
+                await self._deliver(batch)
+            except Exception:  # noqa: BLE001 - a bug here must not stop the sender
+                log.exception("destination %s: delivery failed", self.name)
+            finally:
+                del self.in_flight[number]
+                self._forget(batch)
+                if not self.in_flight:
+                    self.all_sent.set()
 
     async def finish(self, grace: float) -> None:
         """After ``run`` has ended: wait up to ``grace`` for requests in flight, record what
         they delivered, then put every job this worker still holds back in the queue."""
+        leftover = [job for batch in self.undispatched for job in batch]
+        while not self.ready.empty():
+            leftover += self.ready.get_nowait()
         if self.in_flight:
-            await asyncio.wait(list(self.in_flight), timeout=grace)
-        leftover = [job for jobs in self.in_flight.values() for job in jobs]
-        leftover += [job for batch in self.undispatched for job in batch]
-        for task in list(self.in_flight):
-            task.cancel()
+            try:
+                await asyncio.wait_for(self.all_sent.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
+        leftover += [job for batch in self.in_flight.values() for job in batch]
+        for sender in self.senders:
+            sender.cancel()
+        await asyncio.gather(*self.senders, return_exceptions=True)
         self.undispatched = []
         await self._complete_delivered()
         if leftover:
@@ -155,13 +194,9 @@ class DestinationWorker:
             self.delivered[:0] = delivered
             raise
         self.metrics.delivered.inc(self.name, amount=len(delivered))
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._forget(self.in_flight.pop(task, []))
-        self.slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("destination %s: delivery task failed", self.name,
-                      exc_info=task.exception())
+        now = time.monotonic()
+        self.delivered_per_second = len(delivered) / max(now - self.last_completed_at, 1e-3)
+        self.last_completed_at = now
 
     def _forget(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
@@ -180,7 +215,7 @@ class DestinationWorker:
         batch waits up to ``batch_wait`` for company so a quiet stream still goes out
         promptly."""
         delivery = self.delivery
-        limit = delivery.batch_size * delivery.concurrency
+        limit = self._lease_size()
         jobs = await self._lease_more(limit)
         if jobs and delivery.batch_size > 1 and len(jobs) < delivery.batch_size:
             oldest = min(job.created_at for job in jobs)
@@ -192,6 +227,11 @@ class DestinationWorker:
                 await self._sleep(remaining)
                 jobs += await self._lease_more(limit - len(jobs))
         return jobs
+
+    def _lease_size(self) -> int:
+        """A round (a batch for each sender), or more when the destination takes them fast."""
+        round_size = self.delivery.batch_size * self.delivery.concurrency
+        return max(round_size, min(MAX_LEASE, int(self.delivered_per_second * LEASE_AHEAD)))
 
     async def _lease_more(self, limit: int) -> list[Job]:
         jobs = await self.storage.lease(self.name, limit, now=time.time(),
