@@ -8,6 +8,8 @@ skew, reserved properties normalized, the 32 KB size limit.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import uuid
 from collections.abc import Mapping
@@ -86,8 +88,11 @@ class Event(BaseModel):
         return data
 
 
+@functools.lru_cache(maxsize=4096)
 def format_time(moment: datetime) -> str:
-    """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps."""
+    """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps. Cached: the
+    events of a batch share their receive time, often their send time too, and formatting
+    costs more than the look-up."""
     if moment.tzinfo is not timezone.utc:
         moment = _utc(moment).astimezone(timezone.utc)
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewJob:
     """A job to queue: ``body`` is the payload's JSON, already serialized. ``ordered`` says
     its destination delivers each user's events in order, so a backend may keep such jobs
@@ -28,7 +28,7 @@ class NewJob:
     ordered: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Acceptance:
     """One event to accept: its dedup key and its jobs."""
 

@@ -198,15 +198,13 @@ class SqliteStorage(Storage):
         def operation(connection: sqlite3.Connection) -> list[bool]:
             self._check_budget(connection)
             self._purge_dedup(connection, now, at_least=2 * len(items))
+            remembered = _remember(connection, items, expires_at=now + window, now=now)
             accepted = []
             new_jobs: dict[tuple[str, bool], list[NewJob]] = {}
             for item in items:
-                cursor = connection.execute(
-                    "INSERT INTO dedup (source, message_id, expires_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (source, message_id) DO UPDATE SET expires_at = excluded.expires_at "
-                    "WHERE dedup.expires_at <= ?",
-                    (item.source, item.message_id, now + window, now))
-                is_new = cursor.rowcount == 1
+                key = (item.source, item.message_id)
+                is_new = key in remembered
+                remembered.discard(key)  # a repeat later in this batch is a duplicate
                 accepted.append(is_new)
                 if is_new:
                     for job in item.jobs:
@@ -399,6 +397,24 @@ class SqliteStorage(Storage):
 
 def _by_id(job: Job) -> int | str:
     return job.id
+
+
+def _remember(connection: sqlite3.Connection, items: Sequence[Acceptance], *,
+              expires_at: float, now: float) -> set[tuple[str, str]]:
+    """Record each ``(source, messageId)`` not seen within its window; returns those. One
+    statement per 300 events: the first of two repeats in a batch is taken, the second then
+    meets the entry the first just wrote."""
+    taken: set[tuple[str, str]] = set()
+    for start in range(0, len(items), 300):
+        chunk = items[start:start + 300]
+        values = [value for item in chunk for value in (item.source, item.message_id)]
+        taken.update(connection.execute(
+            "INSERT INTO dedup (source, message_id, expires_at) "
+            f"SELECT column1, column2, ? FROM (VALUES {', '.join(['(?, ?)'] * len(chunk))}) "
+            "WHERE true ON CONFLICT (source, message_id) DO UPDATE SET expires_at = "
+            "excluded.expires_at WHERE dedup.expires_at <= ? RETURNING source, message_id",
+            (expires_at, *values, now)).fetchall())
+    return taken
 
 
 def _lane_of(connection: sqlite3.Connection, destination: str) -> int | None:
