@@ -240,11 +240,15 @@ def webhook(name: str, url: str, **delivery: Any) -> dict[str, Any]:
     return {"name": name, "plugin": "webhook", "settings": {"url": url}, "delivery": delivery}
 
 
+OWN_PROCESS = os.environ.get("BENCH_OWN_PROCESS", "1") == "1"
+
+
 def make_router(directory: str, destinations: list[dict[str, Any]], *, deliver: bool = True,
                 storage: Any = None) -> Router:
     config = {"storage": f"sqlite:///{Path(directory) / 'router.db'}",
               "egress": {"allow_private_addresses": True},
               "server": {"shutdown_grace": "2s"},
+              "delivery": {"own_process": OWN_PROCESS},
               "destinations": destinations}
     loaded = parse_config(orjson.dumps(config).decode(), file="bench.yaml", env={})
     return Router(loaded, registry=create_registry(), deliver=deliver, storage=storage)

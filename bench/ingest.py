@@ -38,6 +38,8 @@ from bench.events import event_mix
 WRITE_KEY = "bench-write-key"
 BATCH = 100
 CONNECTIONS = 4
+OWN_PROCESS = os.environ.get("BENCH_OWN_PROCESS", "1") == "1"
+"""Deliver from a process of its own (the default here); BENCH_OWN_PROCESS=0 for one."""
 WARMUP = 2.0
 WINDOW = 15.0
 DRAIN_TIMEOUT = 60.0
@@ -45,10 +47,17 @@ STOP_TIMEOUT = 30.0
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time of a process, all its threads, and of its live children
+    (the delivery process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            child_pids = [int(child) for child in children.read().split()]
+    except FileNotFoundError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_seconds(child) for child in child_pids)
 
 
 def sinks_received(urls: list[str]) -> int:
@@ -164,6 +173,7 @@ def run() -> dict[str, Any]:
             "storage": f"sqlite:///{directory / 'router.db'}",
             "sources": [{"name": "bench", "write_keys": [WRITE_KEY]}],
             "egress": {"allow_private_addresses": True},
+            "delivery": {"own_process": OWN_PROCESS},
             "destinations": [
                 {"name": f"d{i}", "plugin": "segment",
                  "settings": {"write_key": "bench-key", "base_url": f"{sink_url}/ingest/d{i}"},

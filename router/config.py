@@ -138,6 +138,12 @@ class EgressConfig(_Section):
         return networks
 
 
+class DeliveryConfig(_Section):
+    own_process: bool = Field(False, description=(
+        "deliver from a second process beside the one that accepts events, so the two use "
+        "two CPU cores (needs sqlite:// or redis:// storage)"))
+
+
 class RouterConfig(_Section):
     """The whole file. ``source`` is where it came from, for error messages."""
 
@@ -147,6 +153,7 @@ class RouterConfig(_Section):
     sources: list[SourceConfig] = Field(default_factory=list)
     destinations: list[DestinationConfig] = Field(default_factory=list)
     egress: EgressConfig = Field(default_factory=EgressConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
 
     @field_validator("storage")
     @classmethod
@@ -166,6 +173,9 @@ class RouterConfig(_Section):
                     raise ValueError(f"{kind}.{index}.name: {item.name!r} is already used by "
                                      f"{kind}.{seen[key]} (names are case-insensitive)")
                 seen[key] = index
+        if self.delivery.own_process and self.storage.startswith("memory://"):
+            raise ValueError("delivery.own_process: the delivery process cannot see memory:// "
+                             "storage; use sqlite:// or redis://")
         return self
 
 

@@ -115,15 +115,26 @@ class Router:
         await self.close()
 
     async def start(self) -> None:
-        """Open the storage (taking back work a crashed process left) and start delivery."""
+        """Open the storage (taking back work a crashed process left) and start delivery:
+        here, or in a process of its own with ``delivery.own_process``, which then opens
+        the config's storage itself and loads plugins from their entry points."""
         await self.storage.open()
         self._open = True
-        if self._deliver:
+        if not self._deliver:
+            return
+        if self.config.delivery.own_process:
+            from router.delivery.process import DeliveryProcess
+            self._delivery = DeliveryProcess(self.loaded, self.delivery_metrics)
+        else:
             from router.delivery.service import DeliveryService
             self._delivery = DeliveryService(self.destinations, self.storage,
                                              egress=self.egress,
                                              metrics=self.delivery_metrics)
+        try:
             await self._delivery.start()
+        except BaseException:
+            self._delivery = None
+            raise
 
     async def drain(self, *, timeout: float) -> bool:
         """Wait until nothing is queued (delivered or dead-lettered), up to ``timeout``

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from router.testing.fake_server import Answer, FakeDestinationServer
 
@@ -16,8 +17,10 @@ WORKER = Path(__file__).with_name("durability_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_config(path: Path, storage: Path, urls: dict[str, str], **delivery) -> Path:
+def write_config(path: Path, storage: Path, urls: dict[str, str], *, own_process: bool = False,
+                 **delivery) -> Path:
     config = {"storage": f"sqlite:///{storage}", "egress": {"allow_private_addresses": True},
+              "delivery": {"own_process": own_process},
               "destinations": [{"name": name, "plugin": "webhook", "settings": {"url": url},
                                 "delivery": {"backoff_initial": "50ms", "backoff_max": "200ms",
                                              **delivery}}
@@ -32,10 +35,27 @@ async def start_worker(*args: str) -> asyncio.subprocess.Process:
         env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-async def test_kill_9_mid_delivery_loses_nothing(tmp_path):
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+async def exited(pid: int, timeout: float) -> bool:
+    for _ in range(int(timeout / 0.05)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+async def test_kill_9_mid_delivery_loses_nothing(tmp_path, own_process):
     """Kafka Connect's hard-bounce test in small: kill -9 while three destinations are
     being fed; after a restart every acknowledged event reaches every destination, and the
-    only duplicates are re-sends of the same messageId."""
+    only duplicates are re-sends of the same messageId. With a delivery process, the router
+    is killed and its delivery process stops by itself."""
     total = 3000
     servers = [FakeDestinationServer() for _ in range(3)]
     for server in servers:
@@ -43,7 +63,8 @@ async def test_kill_9_mid_delivery_loses_nothing(tmp_path):
         server.default = Answer(200, delay=0.01)  # a downstream that takes 10 ms
     try:
         config = write_config(tmp_path / "router.json", tmp_path / "spool.db",
-                              {f"d{i}": server.url for i, server in enumerate(servers)})
+                              {f"d{i}": server.url for i, server in enumerate(servers)},
+                              own_process=own_process)
         worker = await start_worker("route", str(config), str(total), "100")
         acknowledged = 0
         while acknowledged < total:
@@ -51,8 +72,12 @@ async def test_kill_9_mid_delivery_loses_nothing(tmp_path):
             assert line, "worker exited early"
             acknowledged = int(line.split()[1])
         await servers[0].wait_for(total // 3, timeout=60)  # well into delivery
+        delivery_processes = children_of(worker.pid)
+        assert len(delivery_processes) == (1 if own_process else 0)
         worker.send_signal(signal.SIGKILL)
         await worker.wait()
+        for pid in delivery_processes:  # orphaned: it sees the pipe close and stops
+            assert await exited(pid, timeout=30), "the delivery process outlived the router"
         delivered_before = [len(s.requests) for s in servers]
         assert min(delivered_before) < total, "killed too late: nothing left to resume"
 

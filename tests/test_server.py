@@ -852,9 +852,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path: Path) -> None:
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path: Path,
+                                                   own_process: bool) -> None:
     config = tmp_path / "router.yaml"
-    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
+                      + f"delivery:\n  own_process: {str(own_process).lower()}\n")
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),

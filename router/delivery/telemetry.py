@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from router.metrics import Counter, Histogram, Registry
+from typing import Any
+
+from router.metrics import Counter, Histogram, Metric, Registry
 
 
 class DeliveryMetrics:
@@ -25,3 +27,24 @@ class DeliveryMetrics:
         self.latency: Histogram = add(Histogram(  # type: ignore[assignment]
             "router_delivery_latency_seconds", "From acceptance to delivery.",
             ["destination"]))
+
+    def snapshot(self) -> dict[str, dict[tuple[str, ...], Any]]:
+        """Every series by metric name: what a delivery process sends to the process that
+        serves ``/metrics``."""
+        return {metric.name: dict(_series(metric)) for metric in self.registry.metrics}
+
+    def restore(self, snapshot: dict[str, dict[tuple[str, ...], Any]]) -> None:
+        """Take the values of a ``snapshot`` (the delivery process's, which owns them)."""
+        for metric in self.registry.metrics:
+            if metric.name in snapshot:
+                series = _series(metric)
+                series.clear()
+                series.update(snapshot[metric.name])
+
+
+def _series(metric: Metric) -> dict[tuple[str, ...], Any]:
+    if isinstance(metric, Counter):
+        return metric.values
+    if isinstance(metric, Histogram):
+        return metric.series
+    raise TypeError(f"{metric.name} cannot be copied between processes")

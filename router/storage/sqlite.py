@@ -43,6 +43,8 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 T = TypeVar("T")
 MAX_OPERATIONS_PER_COMMIT = 1000
 DEDUP_PURGE_MINIMUM = 100
+LOCK_TIMEOUT = 10.0
+"""Seconds to wait for the write lock that another process holds."""
 LANE_BITS = 40
 """Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 
@@ -156,13 +158,14 @@ class SqliteStorage(Storage):
         if self._recover:
             # Jobs leased by a process that died go back to the queue: sent again, never lost.
             connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
+        connection.execute("PRAGMA busy_timeout=0")  # _begin waits for the lock itself
         return connection
 
     def _commit(self, connection: sqlite3.Connection, batch: list[tuple[Callable[..., Any],
                                                                           asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            _begin(connection)
             for operation, future in batch:
                 connection.execute("SAVEPOINT operation")
                 try:
@@ -455,6 +458,24 @@ def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:
         conditions.append(f"id IN ({', '.join('?' * len(where.ids))})" if where.ids else "0")
         params.extend(where.ids)
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), tuple(params)
+
+
+def _begin(connection: sqlite3.Connection) -> None:
+    """Take the write lock, waiting while another process (the delivery process, ``router
+    dlq``) holds it. SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries,
+    far longer than a group commit holds the lock, so two busy processes would spend most
+    of their time asleep; this one retries after 0.1 ms, backing off to 5 ms."""
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    delay = 0.0001
+    while True:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
 
 
 def _storage_error(exc: sqlite3.Error) -> Exception:

@@ -1,0 +1,229 @@
+"""Delivery in a process of its own (``delivery.own_process: true``).
+
+One Python process runs on one core at a time, and a router that accepts and delivers at
+full speed needs more than that. With this option the router's process keeps intake
+(parsing, dedup, translation, the durable write) and a child process does the delivery,
+reading the same storage, which both can open: SQLite in WAL mode takes one writer at a
+time and readers alongside, Redis is shared anyway. Nothing passes between them but a pipe:
+
+- parent to child: ``("wake", names)`` when new work was queued (else the child would find
+  it at its next poll), ``("stop", grace)`` at shutdown;
+- child to parent: ``("ready", None)`` once delivering, ``("failed", text)`` if it cannot
+  start, and ``("metrics", snapshot)`` whenever its counters change, so ``/metrics`` stays
+  whole in the parent.
+
+When the parent dies, even by ``kill -9``, the pipe closes and the child stops as after a
+``stop``: nothing is lost, since every job stays in the storage until it is delivered. When
+the child dies, the parent starts another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from router.config import LoadedConfig
+from router.delivery.telemetry import DeliveryMetrics
+
+log = logging.getLogger("router.delivery")
+START_TIMEOUT = 60.0
+METRICS_INTERVAL = 0.05
+"""How often the child sends its counters when they changed."""
+RESTART_DELAY = 1.0
+
+
+class DeliveryProcess:
+    """The parent's handle on the delivery process: the same ``start``/``wake``/``stop`` as
+    the in-process ``DeliveryService``."""
+
+    def __init__(self, loaded: LoadedConfig, metrics: DeliveryMetrics) -> None:
+        self.loaded = loaded
+        self.metrics = metrics
+        self._process: Any = None
+        self._connection: Connection | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._to_wake: set[str] = set()
+        self._stopping = False
+        self._restart: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        """Start the child and wait until it delivers; ``RuntimeError`` if it cannot."""
+        self._spawn()
+        assert self._ready is not None
+        await asyncio.wait_for(self._ready, START_TIMEOUT)
+
+    def _spawn(self) -> None:
+        """A fresh interpreter (``python -m router.delivery.process FD``), not a fork or
+        multiprocessing's spawn: it inherits no threads or sockets and never re-imports the
+        embedding program's main module. Its config comes as the first message."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "router.delivery.process", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self._connection = Connection(ours.detach())
+        self._connection.send(("config", (self.loaded, os.getcwd())))
+        self._ready = loop.create_future()
+        loop.add_reader(self._connection.fileno(), self._on_message)
+
+    def wake(self, destinations: Iterable[str]) -> None:
+        """New work for these destinations; sent once per turn of the event loop."""
+        if not self._to_wake:
+            asyncio.get_running_loop().call_soon(self._send_wake)
+        self._to_wake.update(destinations)
+
+    def _send_wake(self) -> None:
+        names, self._to_wake = sorted(self._to_wake), set()
+        self._send(("wake", names))
+
+    def _send(self, message: tuple[str, Any]) -> None:
+        try:
+            if self._connection is not None:
+                self._connection.send(message)
+        except OSError:
+            pass  # the child is gone; _on_message sees the pipe close and starts another
+
+    def _on_message(self) -> None:
+        assert self._connection is not None
+        try:
+            while self._connection.poll():
+                kind, payload = self._connection.recv()
+                if kind == "metrics":
+                    self.metrics.restore(payload)
+                elif kind == "ready" and self._ready and not self._ready.done():
+                    self._ready.set_result(None)
+                elif kind == "failed" and self._ready and not self._ready.done():
+                    self._ready.set_exception(RuntimeError(f"delivery process: {payload}"))
+        except (EOFError, OSError):
+            self._child_gone()
+
+    def _child_gone(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._connection is not None:
+            loop.remove_reader(self._connection.fileno())
+            self._connection.close()
+            self._connection = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RuntimeError("delivery process exited during start"))
+            if not self._restart:
+                return  # start() reports it
+        elif self._ready is not None and self._ready.exception() is not None:
+            log.error("%s", self._ready.exception())
+        if not self._stopping:
+            log.error("delivery process exited (code %s); starting another in %g s",
+                      self._process.poll() if self._process else None, RESTART_DELAY)
+            self._restart = loop.call_later(RESTART_DELAY, self._spawn)
+
+    async def stop(self, *, grace: float) -> None:
+        """Ask the child to finish (in-flight requests within ``grace``, the rest back to
+        the queue) and wait for it; kill it if it overstays."""
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+        process = self._process
+        if process is None:
+            return
+        self._send(("stop", grace))
+        try:
+            await asyncio.to_thread(process.wait, grace + 10)
+        except subprocess.TimeoutExpired:
+            log.error("delivery process did not stop within %g s; killing it", grace + 10)
+            process.kill()
+            await asyncio.to_thread(process.wait, 5)
+        if self._connection is not None:
+            self._on_message()  # the last metrics, then the pipe's end
+        self._process = None
+
+
+# -- the child --------------------------------------------------------------------------------
+
+def main(fd: int) -> None:
+    """The delivery process's entry point. Ctrl-C reaches the whole process group; the
+    parent decides when to stop, so the child ignores SIGINT and takes SIGTERM as ``stop``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    connection = Connection(fd)
+    kind, (loaded, cwd) = connection.recv()
+    assert kind == "config"
+    asyncio.run(_deliver_until_stopped(loaded, connection, Path(cwd)))
+
+
+async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
+                                 base_dir: Path) -> None:
+    from router.delivery.service import DeliveryService
+    from router.destinations import build_destinations, egress_policy
+    from router.registry import create_registry
+    from router.storage import open_storage
+
+    config = loaded.config
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    grace = [config.server.shutdown_grace]
+    metrics = DeliveryMetrics()
+    try:
+        egress = egress_policy(config)
+        destinations = build_destinations(loaded, create_registry(), egress)
+        storage = open_storage(config.storage, base_dir=base_dir)
+        await storage.open()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails its start
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    service = DeliveryService(destinations, storage, egress=egress, metrics=metrics)
+    await service.start()
+
+    def on_message() -> None:
+        try:
+            while connection.poll():
+                kind, payload = connection.recv()
+                if kind == "wake":
+                    service.wake(payload)
+                elif kind == "stop":
+                    grace[0] = payload
+                    stop.set()
+        except (EOFError, OSError):  # the parent is gone: finish up, as after a stop
+            loop.remove_reader(connection.fileno())
+            stop.set()
+
+    loop.add_reader(connection.fileno(), on_message)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    connection.send(("ready", None))
+    sent: dict[str, Any] = {}
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), METRICS_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            sent = _send_metrics(connection, metrics, sent)
+    finally:
+        started = time.monotonic()
+        await service.stop(grace=grace[0])
+        await storage.close()
+        _send_metrics(connection, metrics, sent)
+        log.debug("delivery process stopped in %.2f s", time.monotonic() - started)
+
+
+def _send_metrics(connection: Connection, metrics: DeliveryMetrics,
+                  sent: dict[str, Any]) -> dict[str, Any]:
+    snapshot = metrics.snapshot()
+    if snapshot != sent:
+        try:
+            connection.send(("metrics", snapshot))
+        except OSError:
+            pass  # the parent is gone
+    return snapshot
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

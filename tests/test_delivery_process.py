@@ -1,0 +1,80 @@
+"""Delivery in a process of its own (``delivery.own_process``): the same guarantees as in
+one process, with the child's counters served by the parent, a child that dies replaced,
+and a child that never outlives its router (see also test_durability's kill -9 test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from router.errors import ConfigError
+from router.routing import Router
+from router.testing.fake_server import Answer, FakeDestinationServer
+from tests.delivery_helpers import router_for, track, webhook
+
+
+def own_process_router(tmp_path: Path, *destinations: dict) -> Router:
+    return router_for(tmp_path, list(destinations), delivery={"own_process": True})
+
+
+def delivery_pid(router: Router) -> int:
+    return router._delivery._process.pid  # the one private look: which process to kill
+
+
+async def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_delivery_process_delivers_and_its_counters_reach_the_router(tmp_path):
+    async with FakeDestinationServer() as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url))
+        async with router:
+            assert delivery_pid(router) != os.getpid()
+            await router.route_many([track(n) for n in range(30)])
+            await server.wait_for(30, timeout=20)
+            await wait_until(lambda: router.delivery_metrics.delivered.get("hook") == 30)
+            assert router.delivery_metrics.requests.get("hook", "200") == 30
+            assert await router.drain(timeout=10)
+        assert sorted(r.json["messageId"] for r in server.requests) == \
+            sorted(f"m-{n}" for n in range(30))
+
+
+async def test_a_delivery_process_that_dies_is_replaced_and_nothing_is_lost(tmp_path):
+    async with FakeDestinationServer(default=Answer(200, delay=0.02)) as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url, concurrency=1))
+        async with router:
+            await router.route_many([track(n) for n in range(100)])
+            await server.wait_for(10, timeout=20)
+            first = delivery_pid(router)
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: router._delivery._process is not None
+                             and router._delivery._process.pid != first)
+            await router.route_many([track(n) for n in range(100, 120)])
+            assert await router.drain(timeout=30)
+        delivered = {r.json["messageId"] for r in server.requests}
+        assert delivered == {f"m-{n}" for n in range(120)}  # re-sends allowed, losses not
+
+
+async def test_closing_the_router_stops_its_delivery_process(tmp_path):
+    async with FakeDestinationServer() as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url))
+        await router.start()
+        pid = delivery_pid(router)
+        await router.close(grace=1)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_delivery_process_needs_storage_both_processes_can_open(tmp_path):
+    with pytest.raises(ConfigError, match="own_process.*memory://"):
+        router_for(tmp_path, [webhook("hook", "http://127.0.0.1:9/")],
+                   delivery={"own_process": True},
+                   storage="memory://")
