@@ -99,6 +99,10 @@ class DeliveryDefaults(BaseModel):
     rate_limit: float | None = Field(None, gt=0, description="requests per second, at most")
     batch_size: int = Field(1, ge=1, description="payloads per request, at most")
     batch_bytes: int = Field(1_000_000, ge=1024, description="request body bytes, at most")
+    max_payload_bytes: int | None = Field(
+        None, ge=1, description="one payload's serialized body, at most: a larger one is "
+        "rejected when the event is routed (default: batch_bytes, since it could never be "
+        "sent)")
     batch_wait: float = Field(1.0, ge=0, description="seconds a partial batch waits for more")
     backoff_initial: float = Field(1.0, gt=0, description="seconds before the first retry, "
                                    "at most (exponential with full jitter)")

@@ -21,6 +21,7 @@ import orjson
 
 from router.config import LoadedConfig, load_config
 from router.destination import HttpRequest, Payload
+from router.delivery.batching import oversized
 from router.delivery.telemetry import DeliveryMetrics
 from router.destinations import ConfiguredDestination, build_destinations, egress_policy
 from router.errors import EventRejected, InvalidEvent, SkipEvent
@@ -226,6 +227,10 @@ class Router:
         try:
             payloads = destination.translate(event, decision.options)
             bodies = [orjson.dumps(payload.body) for payload in payloads]
+            for body in bodies:
+                reason = oversized(body, destination.delivery, destination.plugin.name)
+                if reason is not None:
+                    raise EventRejected(reason)
         except SkipEvent as exc:
             return DestinationResult(name, Status.SKIPPED, exc.reason)
         except EventRejected as exc:

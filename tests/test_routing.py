@@ -322,6 +322,28 @@ async def test_a_plugin_returning_non_json_costs_only_its_own_event():
     assert queued == {"Hook": 3, "Sloppy": 2}
 
 
+async def test_a_payload_over_the_destinations_limit_is_rejected_for_that_destination_only():
+    """The core measures each body as it serializes it: one over ``max_payload_bytes`` (or
+    over ``batch_bytes``, since no request could carry it) could never be sent."""
+    async with make_router("""
+        - name: Hook
+          plugin: webhook
+          settings: {url: "https://hooks.example/all"}
+        - name: Small
+          plugin: probe
+          delivery: {batch_bytes: 2048}
+    """) as router:
+        small, big = await router.route_many([
+            track("Fine", messageId="s-1"),
+            track("Fine", messageId="s-2", properties={"blob": "x" * 3000})])
+        queued = await pending(router)
+    assert statuses(small) == {"Hook": "send", "Small": "send"}
+    assert statuses(big) == {"Hook": "send", "Small": "invalid"}
+    assert "the probe payload is 3" in big.status_of("Small").reason
+    assert "over its limit of 2048" in big.status_of("Small").reason
+    assert queued == {"Hook": 2, "Small": 1}
+
+
 async def test_rejected_and_skipped_events_carry_the_plugin_reason():
     async with make_router(MISBEHAVING) as router:
         result = await router.route(track("Fine"))

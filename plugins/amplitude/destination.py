@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
 from router.semantics import semantic_action
 
@@ -127,11 +126,8 @@ class Amplitude(Destination[AmplitudeSettings]):
                 raise SkipEvent("group calls need the `group_type` setting (an Amplitude group "
                                 "type, Accounts add-on) or a `group_type` option on the event")
             bodies = translate.group_events(builder, group_type)
-        for body in bodies:
-            size = len(orjson.dumps(body))
-            if size > self.delivery.batch_bytes:
-                raise EventRejected(f"the Amplitude event is {size} bytes; a request may not "
-                                    f"exceed {MAX_REQUEST_BYTES} bytes")
+        # An event larger than batch_bytes (a request's 1 MB less the envelope) is rejected
+        # by the router when it is routed.
         return [Payload(body, EVENTS) for body in bodies]
 
     def _deletion(self, event: Event) -> Payload:

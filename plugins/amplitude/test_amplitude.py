@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from router import (EventRejected, HttpResponse, Payload, PermanentError, RetryableError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
+from router.testing import DestinationHarness
 from router.testing import conformance_test, requests_from, shown
 from router_plugins.amplitude.destination import Amplitude, AmplitudeSettings
 
@@ -363,8 +364,9 @@ def test_properties_nested_deeper_than_40_levels_are_rejected():
 
 def test_an_event_too_big_for_one_request_is_rejected_before_sending():
     big = track(properties={"blob": "x" * 1_000_000})
-    with pytest.raises(EventRejected, match="may not exceed 1000000 bytes"):
-        translate(amplitude(), big, max_bytes=2_000_000)
+    with pytest.raises(EventRejected, match="over its limit of 990000"):
+        DestinationHarness(Amplitude, amplitude().settings).payloads(
+            parse_event(big, max_bytes=2_000_000))
 
 
 # --- endpoints and settings ---------------------------------------------------------------

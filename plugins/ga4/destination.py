@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from router import (BaseUrl, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
 from router.semantics import semantic_action
 
@@ -129,9 +129,7 @@ class GoogleAnalytics4(Destination[GA4Settings]):
         body = {**t.request_fields(event, options, limits, stream=settings.stream,
                                      traits=settings.user_property_traits),
                 "events": [ga4_event]}
-        size = len(orjson.dumps(body))
-        if size > MAX_BODY_BYTES:
-            raise EventRejected(f"the GA4 request would be {size} bytes, over its 130 KB limit")
+        # A body over batch_bytes (130 KB) is rejected by the router when it is routed.
         return [Payload(body, group=_group(body))]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:

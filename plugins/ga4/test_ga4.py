@@ -12,7 +12,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from router.testing import conformance_test
+from router.testing import DestinationHarness, conformance_test
 from router import (EventRejected, HttpResponse, Payload, PermanentError, SkipEvent,
                     parse_event)
 from router.registry import create_registry
@@ -363,8 +363,9 @@ def test_oversized_request_is_rejected():
     parsed = parse_event({"type": "track", "event": "Cart Viewed", "anonymousId": "a",
                           "properties": {"products": products}},
                          received_at=RECEIVED, max_bytes=10_000_000)
-    with pytest.raises(EventRejected, match="bytes, over its 130 KB limit"):
-        ga4(max_param_value_length=500).translate(parsed, {})
+    with pytest.raises(EventRejected, match="over its limit of 130000"):
+        DestinationHarness(GoogleAnalytics4, ga4(max_param_value_length=500).settings).payloads(
+            parsed)
 
 
 def test_more_than_200_items_are_rejected():

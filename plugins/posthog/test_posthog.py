@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from router import EventRejected, HttpResponse, Payload, SkipEvent, parse_event
 from router.registry import create_registry
-from router.testing import conformance_test
+from router.testing import DestinationHarness, conformance_test
 from router_plugins.posthog.destination import PostHog, PostHogSettings
 
 RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
@@ -233,8 +233,9 @@ def test_bad_options_reject_the_event(options: dict):
 
 def test_an_event_over_posthogs_size_limit_is_rejected_before_sending():
     big = track(properties={"blob": "x" * (900 * 1024)})
-    with pytest.raises(EventRejected, match="drops events over 1 MB"):
-        translate(posthog(), big, max_bytes=2_000_000)
+    with pytest.raises(EventRejected, match="over its limit of 921600"):
+        DestinationHarness(PostHog, posthog().settings).payloads(
+            parse_event(big, max_bytes=2_000_000))
 
 
 def test_a_distinct_id_posthog_would_cut_is_rejected():

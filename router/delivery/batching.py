@@ -37,6 +37,15 @@ def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
     return result
 
 
+def oversized(body: bytes, delivery: DeliveryDefaults, plugin: str) -> str | None:
+    """Why a payload is too large to ever be sent, or None. The core measures each body as
+    it serializes it for the spool, so plugins need not serialize it again to check."""
+    limit = delivery.max_payload_bytes or delivery.batch_bytes
+    if len(body) <= limit:
+        return None
+    return f"the {plugin} payload is {len(body)} bytes, over its limit of {limit}"
+
+
 def from_spool(body: bytes, group: str) -> Payload:
     """A payload as ``build_request`` receives it: its body went to the spool as JSON and came
     back (tuples are lists, datetimes strings)."""

@@ -28,10 +28,10 @@ from pydantic import BaseModel
 
 from router.delivery import retry
 from router.delivery.batching import batches as split_into_batches
-from router.delivery.batching import from_spool
+from router.delivery.batching import from_spool, oversized
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
                                 HttpRequest, HttpResponse, Outcome, Payload)
-from router.errors import DestinationError
+from router.errors import DestinationError, EventRejected
 from router.events import Event, parse_event
 from router.integrations import decide
 from router.redaction import secret_values
@@ -128,11 +128,19 @@ class DestinationHarness(Generic[DestinationT]):
         """What ``translate`` returns for the event. ``options`` default to the event's own
         integrations map; the map's on/off decision is not applied, since the point is to see
         what the destination sends when the event reaches it. ``SkipEvent`` and
-        ``EventRejected`` propagate, so tests can ``pytest.raises`` them."""
+        ``EventRejected`` propagate, so tests can ``pytest.raises`` them; a payload over
+        ``delivery.max_payload_bytes`` (else ``batch_bytes``) is rejected as the router
+        rejects it."""
         parsed = self.event(event)
         if options is None:
             options = self.options_for(parsed)
-        return list(self.destination.translate(parsed, options))
+        payloads = list(self.destination.translate(parsed, options))
+        for payload in payloads:  # the core's size rule, as at routing
+            reason = oversized(orjson.dumps(payload.body), self.delivery,
+                               self.destination_cls.plugin_name)
+            if reason is not None:
+                raise EventRejected(reason)
+        return payloads
 
     def requests(self, event: RawOrEvent, options: Mapping[str, Any] | None = None
                  ) -> list[HttpRequest]:
