@@ -71,6 +71,7 @@ import orjson
 from bench.events import event_mix
 from router.config import parse_config
 from router.registry import create_registry
+from router.runtime import tune_garbage_collector
 from router.routing import Router, Status, _jobs
 from router.storage.base import Acceptance
 from router.storage.memory import MemoryStorage
@@ -184,6 +185,9 @@ def peak_rss_mb() -> float:
 def _child_entry(module: str, name: str, kwargs: dict[str, Any], sender: Any) -> None:
     try:
         function = getattr(__import__(module, fromlist=[name]), name)
+        # Each phase is a program embedding the router, set up as docs/performance.md
+        # advises (and as `router serve` is); the bare client gets the same.
+        tune_garbage_collector()
         sender.send(("ok", asyncio.run(function(**kwargs))))
     except BaseException:  # noqa: BLE001 - reported to the parent
         sender.send(("error", traceback.format_exc()))

@@ -34,6 +34,7 @@ from typing import Any
 
 from router.config import LoadedConfig
 from router.delivery.telemetry import DeliveryMetrics
+from router.runtime import tune_garbage_collector
 
 log = logging.getLogger("router.delivery")
 START_TIMEOUT = 60.0
@@ -181,6 +182,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         return
     service = DeliveryService(destinations, storage, egress=egress, metrics=metrics)
     await service.start()
+    tune_garbage_collector()
 
     def on_message() -> None:
         try:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from router.config import LoadedConfig, load_config
 from router.routing import Router
+from router.runtime import tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER
 from router.server.app import create_app, create_runner
 
@@ -53,6 +54,7 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
                   file=sys.stderr)
             await router.close()
             return 1
+        tune_garbage_collector()
         try:
             status = await _run_api(router, host or config.server.host,
                                     config.server.port if port is None else port, stop)
