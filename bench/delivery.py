@@ -112,12 +112,12 @@ def http_json(url: str, *, timeout: float = 5.0) -> Any:
 class SinkProcess:
     """``python -m bench.sink`` on a free port, stopped by its pid."""
 
-    def __init__(self, *, lifetime: float = SINK_LIFETIME) -> None:
+    def __init__(self, *, lifetime: float = SINK_LIFETIME, count_only: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.sink", "--port", str(self.port),
-             "--max-lifetime", str(lifetime)],
+             "--max-lifetime", str(lifetime), *(["--count-only"] if count_only else [])],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL)
 
@@ -149,11 +149,11 @@ class SinkProcess:
                 self.process.wait(5)
 
 
-def start_sinks(count: int) -> list[SinkProcess]:
+def start_sinks(count: int, *, count_only: bool = False) -> list[SinkProcess]:
     sinks: list[SinkProcess] = []
     try:
         for _ in range(count):
-            sinks.append(SinkProcess())
+            sinks.append(SinkProcess(count_only=count_only))
         for sink in sinks:
             sink.wait_ready()
     except BaseException:
