@@ -32,7 +32,8 @@ from typing import Any
 import orjson
 
 from bench.delivery import (LOOPBACK, NO_RATE_LIMIT, ROOT, free_port, http_json, in_child, log,
-                            machine_load, percentile, start_sinks)
+                            machine_load, percentile, process_tree_cpu_seconds,
+                            start_sinks)
 from bench.events import event_mix
 
 WRITE_KEY = "bench-write-key"
@@ -47,20 +48,6 @@ WARMUP = 2.0
 WINDOW = 15.0
 DRAIN_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, all its threads, and of its live children
-    (the delivery process)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            child_pids = [int(child) for child in children.read().split()]
-    except FileNotFoundError:
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_cpu_seconds(child) for child in child_pids)
 
 
 def sinks_received(urls: list[str]) -> int:
@@ -193,12 +180,12 @@ def run() -> dict[str, Any]:
         log(f"ingest: router serve (pid {server.pid}) on port {port}; load for "
             f"{WARMUP:g}+{WINDOW:g} s over {CONNECTIONS} connections")
 
-        cpu0, started = process_cpu_seconds(server.pid), time.perf_counter()
+        cpu0, started = process_tree_cpu_seconds(server.pid), time.perf_counter()
         result = in_child("bench.ingest", "load", timeout=WARMUP + WINDOW + 60, url=url,
                           sink_urls=sink_urls, connections=CONNECTIONS, warmup=WARMUP,
                           window=WINDOW)
         load_seconds = time.perf_counter() - started
-        cpu = process_cpu_seconds(server.pid) - cpu0
+        cpu = process_tree_cpu_seconds(server.pid) - cpu0
         acknowledged = result["total_events_acknowledged"]
         figures["load"] = result
         figures["server_cpu_us_per_event_acknowledged"] = round(cpu / acknowledged * 1e6, 1) \
@@ -213,7 +200,7 @@ def run() -> dict[str, Any]:
             time.sleep(0.1)
             received = sinks_received(sink_urls)
         drained = time.perf_counter() - drain_started
-        cpu_through_drain = process_cpu_seconds(server.pid) - cpu0
+        cpu_through_drain = process_tree_cpu_seconds(server.pid) - cpu0
         figures["server_cpu_us_per_event_ingested_and_delivered"] = round(
             cpu_through_drain / acknowledged * 1e6, 1) if acknowledged else None
         figures["delivery"] = {
