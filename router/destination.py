@@ -144,6 +144,11 @@ class Destination(Generic[SettingsT]):
     plugin_name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
     delivery: ClassVar[DeliveryDefaults] = DeliveryDefaults()
+    opaque_bodies: ClassVar[bool] = False
+    """True when ``build_request`` and ``read_response`` only place payload bodies into a
+    request and never look inside them. The core then hands each body over as the JSON it
+    was spooled as (an ``orjson.Fragment``) instead of parsing it back, and orjson writes it
+    out as it is: build the request with ``HttpRequest.json`` or ``orjson.dumps``."""
 
     def __init__(self, settings: SettingsT) -> None:
         self.settings = settings

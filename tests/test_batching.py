@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import orjson
+
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import FAST_RETRIES, router_for, track
@@ -113,3 +115,24 @@ async def test_the_rate_limit_spaces_requests(tmp_path):
         times = sorted(request.time for request in server.requests)
         # a burst of up to 10, then no faster than 10 a second
         assert times[-1] - times[0] >= 0.4
+
+
+async def test_an_opaque_destination_sends_the_spooled_bodies_as_they_were(tmp_path):
+    """segment declares opaque_bodies: its batches splice the spooled JSON instead of
+    parsing it back, and what arrives is the same events, byte for byte per event."""
+    from plugins.segment.destination import Segment  # noqa: PLC0415 - the plugin under test
+    assert Segment.opaque_bodies
+    async with FakeDestinationServer() as server:
+        destination = {"name": "seg", "plugin": "segment",
+                       "settings": {"write_key": "wk", "base_url": server.url},
+                       "delivery": {**FAST_RETRIES, "batch_wait": "100ms"}}
+        router = router_for(tmp_path, [destination])
+        events = [track(n, properties={"n": n, "price": 1.5, "tags": ["a", "é"]})
+                  for n in range(30)]
+        async with router:
+            results = await router.route_many(events)
+            assert await router.drain(timeout=10)
+        received = [event for request in server.requests for event in request.json["batch"]]
+        spooled = [result.status_of("seg").payloads[0].body for result in results]
+        assert [event["messageId"] for event in received] == [f"m-{n}" for n in range(30)]
+        assert received == [orjson.loads(orjson.dumps(body)) for body in spooled]

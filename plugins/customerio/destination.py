@@ -64,6 +64,7 @@ class CustomerIOSettings(BaseModel):
 
 class CustomerIO(Destination[CustomerIOSettings]):
     plugin_name = "customerio"
+    opaque_bodies = True  # build_request only lists the bodies
     Settings = CustomerIOSettings
     delivery = DeliveryDefaults(
         # /api/v2/batch: "smaller than 500kb", each item ≤32 KB (Track v2 reference); read

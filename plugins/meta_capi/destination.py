@@ -71,6 +71,7 @@ class MetaSettings(BaseModel):
 
 class MetaConversions(Destination[MetaSettings]):
     plugin_name = "meta_capi"
+    opaque_bodies = True  # build_request only lists the bodies
     Settings = MetaSettings
     # Meta docs: at most 1000 events in `data`; about 1 MB a request (RT README). No CAPI-
     # specific rate limit is published; throttling comes back as error codes (read_response).

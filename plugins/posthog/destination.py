@@ -75,6 +75,7 @@ class PostHogSettings(BaseModel):
 
 class PostHog(Destination[PostHogSettings]):
     plugin_name = "posthog"
+    opaque_bodies = True  # build_request only lists the bodies
     Settings = PostHogSettings
     # /batch/ takes request bodies up to 20 MB and sets no count limit (PostHog capture docs);
     # posthog-python keeps batches under 5 MiB "to be conservative", and so does the router.

@@ -40,6 +40,7 @@ class SegmentSettings(BaseModel):
 
 class Segment(Destination[SegmentSettings]):
     plugin_name = "segment"
+    opaque_bodies = True  # build_request only lists the bodies
     Settings = SegmentSettings
     delivery = DeliveryDefaults(
         # /v1/batch takes at most 500 KB a request and 32 KB an event, else 400 (Segment

@@ -46,7 +46,8 @@ def oversized(body: bytes, delivery: DeliveryDefaults, plugin: str) -> str | Non
     return f"the {plugin} payload is {len(body)} bytes, over its limit of {limit}"
 
 
-def from_spool(body: bytes, group: str) -> Payload:
+def from_spool(body: bytes, group: str, *, opaque: bool = False) -> Payload:
     """A payload as ``build_request`` receives it: its body went to the spool as JSON and came
-    back (tuples are lists, datetimes strings)."""
-    return Payload(orjson.loads(body), group)
+    back (tuples are lists, datetimes strings). For a destination with ``opaque_bodies`` the
+    body stays that JSON, as an ``orjson.Fragment`` that orjson writes out as it is."""
+    return Payload(orjson.Fragment(body) if opaque else orjson.loads(body), group)

@@ -268,7 +268,8 @@ class DestinationWorker:
         the plugin could not pin on particular events) is split in two and each half sent.
         If both halves are refused whole too, the fault is not in an event (a bad key, say)
         and splitting stops; otherwise the refused half is split again, down to the event."""
-        payloads = [from_spool(job.body, job.group) for job in batch]
+        opaque = self.destination.adapter.opaque_bodies
+        payloads = [from_spool(job.body, job.group, opaque=opaque) for job in batch]
         adapter = self.destination.adapter
         try:
             request = adapter.build_request(payloads)

@@ -57,9 +57,10 @@ def classify_status(status: int, retry_on: Collection[int] = DEFAULT_RETRY_STATU
                                  now=time.time() if now is None else now)
 
 
-def spooled(payload: Payload) -> Payload:
-    """The payload as ``build_request`` receives it in production, after the spool."""
-    return from_spool(orjson.dumps(payload.body), payload.group)
+def spooled(payload: Payload, *, opaque: bool = False) -> Payload:
+    """The payload as ``build_request`` receives it in production, after the spool (as JSON
+    text in an ``orjson.Fragment`` for a destination with ``opaque_bodies``)."""
+    return from_spool(orjson.dumps(payload.body), payload.group, opaque=opaque)
 
 
 def batches(payloads: Iterable[Payload], delivery: DeliveryDefaults) -> list[list[Payload]]:
@@ -73,8 +74,10 @@ def requests_from(destination: Destination[Any], payloads: Iterable[Payload],
     """The requests a configured destination sends for ``payloads``: after the spool's JSON
     round trip, batched by group within ``delivery`` (the destination's own by default)."""
     limits = delivery or destination.delivery
+    opaque = destination.opaque_bodies
     return [destination.build_request(batch)
-            for batch in batches([spooled(payload) for payload in payloads], limits)]
+            for batch in batches([spooled(payload, opaque=opaque) for payload in payloads],
+                                 limits)]
 
 
 def shown(request: HttpRequest) -> dict[str, Any]:
