@@ -144,11 +144,12 @@ class Destination(Generic[SettingsT]):
     plugin_name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
     delivery: ClassVar[DeliveryDefaults] = DeliveryDefaults()
-    opaque_bodies: ClassVar[bool] = False
+    opaque_bodies: bool = False
     """True when ``build_request`` and ``read_response`` only place payload bodies into a
     request and never look inside them. The core then hands each body over as the JSON it
     was spooled as (an ``orjson.Fragment``) instead of parsing it back, and orjson writes it
-    out as it is: build the request with ``HttpRequest.json`` or ``orjson.dumps``."""
+    out as it is: build the request with ``HttpRequest.json`` or ``orjson.dumps``. Set it on
+    the class, or in ``__init__`` when it depends on the settings."""
 
     def __init__(self, settings: SettingsT) -> None:
         self.settings = settings

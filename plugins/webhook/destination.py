@@ -35,6 +35,8 @@ class Webhook(Destination[WebhookSettings]):
     def __init__(self, settings: WebhookSettings) -> None:
         super().__init__(settings)
         self._template = Template(settings.body, where="settings.body") if settings.body else None
+        # The event as JSON is sent as it was spooled; a template's text is not JSON.
+        self.opaque_bodies = self._template is None
         self._headers = {name: value.get_secret_value()
                          for name, value in settings.headers.items()}
 

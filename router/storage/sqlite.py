@@ -314,8 +314,9 @@ class SqliteStorage(Storage):
             for start in range(0, len(job_ids), 500):
                 chunk = tuple(job_ids[start:start + 500])
                 marks = ", ".join("?" * len(chunk))
-                connection.execute(f"DELETE FROM queue WHERE id IN ({marks})", chunk)
-                connection.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
+                queued = connection.execute(f"DELETE FROM queue WHERE id IN ({marks})", chunk)
+                if queued.rowcount < len(chunk):  # some were retries or replays
+                    connection.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
 
         await self._call(operation)
 
