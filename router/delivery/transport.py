@@ -11,8 +11,7 @@ import asyncio
 
 import aiohttp
 
-from router.delivery.egress import (EgressBlocked, EgressPolicy, check_url, egress_reason,
-                                    session_kwargs)
+from router.delivery.egress import EgressBlocked, EgressPolicy, egress_reason, session_kwargs
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 
@@ -25,6 +24,7 @@ class Transport:
         self.policy = policy
         self.connections = connections
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self.connections,
@@ -32,6 +32,12 @@ class Transport:
         self._session = aiohttp.ClientSession(**kwargs, auto_decompress=True,
                                               skip_auto_headers=("User-Agent",),
                                               headers={"User-Agent": "event-router"})
+
+    def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(seconds)
+        if timeout is None:
+            timeout = self._timeouts[seconds] = aiohttp.ClientTimeout(total=seconds)
+        return timeout
 
     async def close(self) -> None:
         if self._session is not None:
@@ -43,13 +49,12 @@ class Transport:
         ``RetryableError`` for network failures and timeouts, ``PermanentError`` for a
         request the egress policy refuses."""
         assert self._session is not None, "transport not started"
-        blocked = check_url(request.url, self.policy)
-        if blocked:
-            raise PermanentError(f"egress refused: {blocked}")
         try:
+            # The guarded connector checks the URL against the egress policy on every
+            # request, pooled connection or not (egress.py), so it is not checked here too.
             async with self._session.request(
                     request.method, request.url, headers=request.headers, data=request.body,
-                    allow_redirects=False, timeout=aiohttp.ClientTimeout(total=timeout)) as answer:
+                    allow_redirects=False, timeout=self._timeout(timeout)) as answer:
                 body = await answer.content.read(MAX_RESPONSE_BYTES)
                 return HttpResponse(answer.status, dict(answer.headers), body)
         except EgressBlocked as exc:

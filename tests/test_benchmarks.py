@@ -1,0 +1,44 @@
+"""The benchmarks keep working: each stage runs here on a few hundred events, so a change
+that breaks ``make bench`` fails ``make test``. Speed is measured in bench/ and recorded in
+docs/performance.md, never asserted here; what is checked is that every event got through."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import core, ingest
+from bench.delivery import in_child, start_sinks
+
+
+@pytest.fixture(scope="module")
+def sink_urls():
+    sinks = start_sinks(3)
+    try:
+        yield [sink.url for sink in sinks]
+    finally:
+        for sink in sinks:
+            sink.stop()
+
+
+def test_the_core_benchmark_runs():
+    figures = core.run(count=200)
+    assert figures["events_per_second"] > 0 and figures["percent_of_reference"] > 0
+
+
+def test_the_delivery_phases_deliver_everything(sink_urls):
+    batching = in_child("bench.delivery", "phase_batching", urls=sink_urls, count=600)
+    assert batching["all_delivered"] and batching["jobs_left_in_spool"] == 0
+    spool = in_child("bench.delivery", "phase_spool", count=300, destinations=3)
+    assert spool["jobs_leased_and_completed"] == 900
+    one = in_child("bench.delivery", "phase_one_per_request", urls=sink_urls, count=300,
+                   warmup=0.1, window=0.5)
+    assert one["requests"] > 0 and set(one["statuses"]) <= {"w0 200", "w1 200", "w2 200"}
+
+
+def test_the_ingest_benchmark_delivers_everything_and_stops_cleanly(monkeypatch):
+    monkeypatch.setattr(ingest, "WARMUP", 0.2)
+    monkeypatch.setattr(ingest, "WINDOW", 1.0)
+    figures = ingest.run()
+    assert figures["load"]["total_events_acknowledged"] > 0
+    assert figures["delivery"]["all_delivered"]
+    assert figures["shutdown"]["exit_code"] == 0
