@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import resource
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 
 import orjson
 
+from bench.delivery import peak_rss_mb
 from bench.events import event_mix
 from router.config import parse_config
 from router.events import parse_event
@@ -240,5 +240,5 @@ def run(count: int = 20_000) -> dict[str, object]:
             best = min(best, time.perf_counter() - started)
         translation[plugin] = round(best / len(parsed) * 1e6, 2)
     figures["translate_and_serialize_microseconds_by_plugin"] = translation
-    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    figures["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return figures

@@ -52,7 +52,6 @@ import logging
 import math
 import multiprocessing
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -198,7 +197,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM). Not ``getrusage``'s ``ru_maxrss``: Linux
+    keeps that across exec, so a child reports its parent's size at fork when larger."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _child_entry(module: str, name: str, kwargs: dict[str, Any], sender: Any) -> None:
