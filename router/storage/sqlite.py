@@ -43,6 +43,9 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 T = TypeVar("T")
 MAX_OPERATIONS_PER_COMMIT = 1000
 DEDUP_PURGE_MINIMUM = 100
+PURGE_AFTER_EVENTS = 1000
+"""Expired message ids are purged once this many events were accepted (a statement less
+for most group commits)."""
 LOCK_TIMEOUT = 10.0
 """Seconds to wait for the write lock that another process holds."""
 LANE_BITS = 40
@@ -94,6 +97,7 @@ class SqliteStorage(Storage):
         self._operations: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._recover = True
+        self._accepted_since_purge = 0
         self._read_up_to: dict[int, int] = {}
         """Per lane, the last queue id leased (touched by the writer thread only)."""
 
@@ -182,23 +186,31 @@ class SqliteStorage(Storage):
             future.get_loop().call_soon_threadsafe(_settle, future, result, error)
 
     def _commit(self, connection: sqlite3.Connection, batch: list[_Operation]) -> None:
+        """Run ``batch`` in one transaction, each operation undone alone if it fails (in a
+        savepoint, unless it is alone: every statement hands the GIL over and back, and a
+        wait for it there holds the write lock that another process may be waiting for)."""
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        alone = len(batch) == 1
+        undo = "ROLLBACK" if alone else "ROLLBACK TO operation"
         try:
             _begin(connection)
             for operation, future, _ in batch:
-                connection.execute("SAVEPOINT operation")
+                if not alone:
+                    connection.execute("SAVEPOINT operation")
                 try:
                     result = operation(connection)
                 except sqlite3.Error as exc:
-                    connection.execute("ROLLBACK TO operation")
+                    connection.execute(undo)
                     outcomes.append((future, None, _storage_error(exc)))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    connection.execute("ROLLBACK TO operation")
+                    connection.execute(undo)
                     outcomes.append((future, None, exc))
                 else:
                     outcomes.append((future, result, None))
-                connection.execute("RELEASE operation")
-            connection.execute("COMMIT")
+                if not alone:
+                    connection.execute("RELEASE operation")
+            if connection.in_transaction:
+                connection.execute("COMMIT")
         except sqlite3.Error as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
@@ -226,7 +238,10 @@ class SqliteStorage(Storage):
 
         def operation(connection: sqlite3.Connection) -> list[bool]:
             self._check_budget(connection)
-            self._purge_dedup(connection, now, at_least=2 * len(items))
+            self._accepted_since_purge += len(items)
+            if self._accepted_since_purge >= PURGE_AFTER_EVENTS:
+                self._purge_dedup(connection, now, at_least=2 * self._accepted_since_purge)
+                self._accepted_since_purge = 0
             remembered = _remember(connection, items, expires_at=now + window, now=now)
             accepted = []
             for item in items:
