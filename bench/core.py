@@ -23,6 +23,7 @@ from router.config import parse_config
 from router.events import parse_event
 from router.integrations import IntegrationsMap
 from router.routing import Router, Status
+from router.runtime import tune_garbage_collector
 from router.storage.base import Acceptance
 from router.storage.memory import MemoryStorage
 
@@ -168,6 +169,8 @@ def stage_costs(router: Router, events: Sequence[bytes]) -> dict[str, float]:
 
 
 def run(count: int = 20_000) -> dict[str, object]:
+    # As `router serve` runs, and as docs/performance.md advises embedders.
+    tune_garbage_collector()
     events = event_mix(count)
     figures: dict[str, object] = {}
     five = make_router(FIVE)
