@@ -610,6 +610,14 @@ async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(s
     assert [j.message_id for j in await lease(spool, now=T0 + 5)] == ["m-2", "m-3"]
 
 
+async def test_sqlite_one_accept_with_ordered_and_unordered_jobs_of_a_destination(spool):
+    await accept(spool, item("a-1", user="a"), item("a-2", user="a", ordered=True),
+                 item("b-1", user="b"))
+    leased = await lease(spool, ordered=True)
+    assert sorted(j.message_id for j in leased) == ["a-1", "a-2", "b-1"]
+    assert len({j.id for j in leased}) == 3  # ids from one lane, never shared
+
+
 async def test_sqlite_jobs_queued_unordered_still_go_out_when_a_destination_becomes_ordered(
         spool):
     await accept(spool, item("a-1", user="a"), item("a-2", user="a"))

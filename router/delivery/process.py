@@ -50,7 +50,7 @@ class DeliveryProcess:
     def __init__(self, loaded: LoadedConfig, metrics: DeliveryMetrics) -> None:
         self.loaded = loaded
         self.metrics = metrics
-        self._process: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
         self._ready: asyncio.Future[None] | None = None
         self._to_wake: set[str] = set()
@@ -110,21 +110,24 @@ class DeliveryProcess:
             self._child_gone()
 
     def _child_gone(self) -> None:
+        """The pipe closed: the child exited. During ``start`` that is ``start``'s error;
+        later, unless the router is stopping, another child is started."""
         loop = asyncio.get_running_loop()
         if self._connection is not None:
             loop.remove_reader(self._connection.fileno())
             self._connection.close()
             self._connection = None
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(RuntimeError("delivery process exited during start"))
-            if not self._restart:
-                return  # start() reports it
-        elif self._ready is not None and self._ready.exception() is not None:
-            log.error("%s", self._ready.exception())
-        if not self._stopping:
-            log.error("delivery process exited (code %s); starting another in %g s",
-                      self._process.poll() if self._process else None, RESTART_DELAY)
-            self._restart = loop.call_later(RESTART_DELAY, self._spawn)
+        ready = self._ready
+        starting = ready is not None and not ready.done()
+        if starting:
+            ready.set_exception(RuntimeError("delivery process exited during start"))
+        if self._stopping or (starting and self._restart is None):
+            return  # stopping, or the first start failed: start() raises it
+        if ready is not None and ready.exception() is not None:  # a replacement's failure
+            log.error("%s", ready.exception())
+        log.error("delivery process exited (code %s); starting another in %g s",
+                  self._process.poll() if self._process else None, RESTART_DELAY)
+        self._restart = loop.call_later(RESTART_DELAY, self._spawn)
 
     async def stop(self, *, grace: float) -> None:
         """Ask the child to finish (in-flight requests within ``grace``, the rest back to

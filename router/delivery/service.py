@@ -30,12 +30,12 @@ from router.storage.base import Failure, Job, Storage
 
 log = logging.getLogger("router.delivery")
 POLL_INTERVAL = 0.5
+"""How often an idle worker looks for retries that have come due (new work wakes it at once)."""
 LEASE_AHEAD = 0.25
 """Seconds of delivery, at the rate just seen, that a worker leases at once: a storage call
 costs far more than a small request, so a fast destination leases many jobs a call, while a
 slow one holds few (so few are sent twice after a crash, and no lease outlives its worker)."""
 MAX_LEASE = 2000
-"""How often an idle worker looks for retries that have come due (new work wakes it at once)."""
 MAX_RESPONSE_IN_DEAD_LETTER = 2048
 SPLIT_STATUSES = frozenset({400, 413, 422})
 """Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
@@ -110,9 +110,9 @@ class DestinationWorker:
         self.all_sent = asyncio.Event()
         self.all_sent.set()
         self.delivered: list[Job] = []
+        """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
-        """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
         self.undispatched: list[list[Job]] = []
         self.leased_ids: set[int | str] = set()
         # Long enough that a lease never lapses under a live worker; after a crash, the
@@ -146,6 +146,7 @@ class DestinationWorker:
                 self.undispatched.pop(0)
 
     async def _send_forever(self, number: int) -> None:
+        """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
         while True:
             batch = await self.ready.get()
             self.in_flight[number] = batch
@@ -210,10 +211,9 @@ class DestinationWorker:
         self.wakeup.clear()
 
     async def _lease(self) -> list[Job]:
-        """Due jobs, enough for a request in each slot, so a round of requests costs one
-        storage call (the next round is leased while this one is in flight); a partial
-        batch waits up to ``batch_wait`` for company so a quiet stream still goes out
-        promptly."""
+        """Due jobs, as many as ``_lease_size`` says (the next lease is taken while the
+        senders work through ``ready``); a partial batch waits up to ``batch_wait`` for
+        company so a quiet stream still goes out promptly."""
         delivery = self.delivery
         limit = self._lease_size()
         jobs = await self._lease_more(limit)

@@ -248,15 +248,20 @@ class SqliteStorage(Storage):
                 key = (item.source, item.message_id)
                 accepted.append(key in remembered)
                 remembered.discard(key)  # a repeat later in this batch is a duplicate
-            rows = {lane: lane.rows if all(accepted) else lane.rows_of(accepted)
-                    for lane in lanes}
-            firsts = _take_ids_of(connection, {lane.destination: len(rows[lane]) // lane.width
-                                               for lane in lanes if rows[lane]})
+            every_one = all(accepted)
+            rows = {lane: lane.rows if every_one else lane.rows_of(accepted) for lane in lanes}
+            counts: dict[str, int] = {}
+            for lane in lanes:
+                counts[lane.destination] = counts.get(lane.destination, 0) + \
+                    len(rows[lane]) // lane.width
+            next_ids = _take_ids_of(connection, {name: n for name, n in counts.items() if n})
             by_table: dict[tuple[str, int], list[Any]] = {}
             for lane in lanes:
-                if rows[lane]:
-                    first = firsts[lane.destination]
-                    rows[lane][0::lane.width] = range(first, first + len(rows[lane]) // lane.width)
+                count = len(rows[lane]) // lane.width
+                if count:
+                    first = next_ids[lane.destination]
+                    next_ids[lane.destination] = first + count
+                    rows[lane][0::lane.width] = range(first, first + count)
                     by_table.setdefault((lane.insert, lane.width), []).extend(rows[lane])
             for (insert, width), values in by_table.items():
                 _insert_rows(connection, insert, width, values)
