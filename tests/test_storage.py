@@ -950,3 +950,22 @@ async def test_two_routers_share_the_queue_and_the_dedup_window(tmp_path, url):
         assert by_first + by_second == 50
         assert by_first > 0 and by_second > 0  # both processes took part
         assert stats.queues == {}
+
+
+async def test_a_delivery_process_works_over_redis(tmp_path, url):
+    """delivery.own_process with the shared storage: the router accepts, its delivery
+    process (which opens the same Redis prefix) delivers, and the router sees the counts."""
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [webhook("hook", server.url)], storage=url,
+                            delivery={"own_process": True})
+        async with router:
+            await router.route_many([track(n) for n in range(25)])
+            await server.wait_for(25, timeout=20)
+            assert await router.drain(timeout=10)
+            for _ in range(100):
+                if router.delivery_metrics.delivered.get("hook") == 25:
+                    break
+                await asyncio.sleep(0.05)
+            assert router.delivery_metrics.delivered.get("hook") == 25
+        assert sorted(r.json["messageId"] for r in server.requests) == \
+            sorted(f"m-{n}" for n in range(25))
