@@ -95,6 +95,10 @@ class Router:
         self.egress = egress_policy(self.config)
         self.destinations: list[ConfiguredDestination] = build_destinations(
             loaded, self.registry, self.egress)
+        if storage is not None and deliver and self.config.delivery.own_process:
+            raise ValueError("delivery.own_process: the delivery process opens the config's "
+                             "storage, so a storage passed to Router would not be the one "
+                             "it delivers from; pass none, or deliver=False")
         self.storage = storage or open_storage(self.config.storage, base_dir=Path.cwd())
         self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
         self.window = self.config.dedup.window

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from router.config import parse_config
 from router.errors import ConfigError
 from router.routing import Router
+from router.storage.memory import MemoryStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
 
@@ -78,3 +80,11 @@ def test_a_delivery_process_needs_storage_both_processes_can_open(tmp_path):
         router_for(tmp_path, [webhook("hook", "http://127.0.0.1:9/")],
                    delivery={"own_process": True},
                    storage="memory://")
+
+
+def test_a_storage_passed_in_cannot_be_shared_with_a_delivery_process(tmp_path):
+    loaded = parse_config(f"storage: sqlite:///{tmp_path / 'r.db'}\n"
+                          "delivery: {own_process: true}\n", file="t.yaml", env={})
+    with pytest.raises(ValueError, match="own_process.*storage passed to Router"):
+        Router(loaded, storage=MemoryStorage())
+    Router(loaded, storage=MemoryStorage(), deliver=False)  # intake only: fine
