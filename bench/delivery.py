@@ -4,7 +4,9 @@ The destinations are ``bench.sink`` processes (one per destination, aiohttp, 127
 what is measured is the router's real path: route() and its durable commit to a SQLite spool
 in a temporary directory, leasing, batching, the shared aiohttp client, and recording each
 job's fate. Every phase runs in a fresh child process (spawned), so its CPU time and peak
-memory are its own and one phase's heap does not inflate the next one's.
+memory are its own and one phase's heap does not inflate the next one's. Routers deliver
+from a process of their own (``delivery.own_process``; ``BENCH_OWN_PROCESS=0`` for one
+process), whose CPU time is counted with the phase's.
 
 Phases:
 
