@@ -99,6 +99,9 @@ class SqliteStorage(Storage):
         self._recover = True
         self._accepted_since_purge = 0
         self._read_up_to: dict[int, int] = {}
+        self._held: set[int | str] = set()
+        """Queue jobs leased by this process and not yet settled: what a cursor moved back
+        by ``release`` must not hand out twice (touched by the writer thread only)."""
         """Per lane, the last queue id leased (touched by the writer thread only)."""
 
     @classmethod
@@ -119,6 +122,7 @@ class SqliteStorage(Storage):
     async def open(self, *, recover: bool = True) -> None:
         self._recover = recover
         self._read_up_to = {}
+        self._held = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-writer",
@@ -316,21 +320,30 @@ class SqliteStorage(Storage):
 
     def _read_queue(self, connection: sqlite3.Connection, destination: str, limit: int
                     ) -> list[Job]:
-        """Up to ``limit`` queued jobs of a destination past its cursor, moving the cursor."""
+        """Up to ``limit`` queued jobs of a destination past its cursor, moving the cursor
+        and skipping jobs this process still holds."""
         lane = _lane_of(connection, destination)
         if lane is None:
             return []
         start = lane << LANE_BITS
-        rows = connection.execute(
-            f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
-            (self._read_up_to.get(lane, start), start + (1 << LANE_BITS), limit)).fetchall()
-        if rows:
-            self._read_up_to[lane] = rows[-1][0]
+        after = self._read_up_to.get(lane, start)
+        taken: list[tuple[Any, ...]] = []
+        while len(taken) < limit:
+            rows = connection.execute(
+                f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id > ? AND id < ? ORDER BY id "
+                "LIMIT ?", (after, start + (1 << LANE_BITS), limit - len(taken))).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            taken += [row for row in rows if row[0] not in self._held]
+        self._read_up_to[lane] = after
+        self._held.update(row[0] for row in taken)
         return [Job(job_id, destination, message_id, user_key, group, body, created)
-                for job_id, message_id, user_key, group, body, created in rows]
+                for job_id, message_id, user_key, group, body, created in taken]
 
     async def complete(self, job_ids: Sequence[int | str]) -> None:
         def operation(connection: sqlite3.Connection) -> None:
+            self._held.difference_update(job_ids)
             for start in range(0, len(job_ids), 500):
                 chunk = tuple(job_ids[start:start + 500])
                 marks = ", ".join("?" * len(chunk))
@@ -343,6 +356,7 @@ class SqliteStorage(Storage):
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:
         def operation(connection: sqlite3.Connection) -> None:
+            self._held.difference_update(job.id for job in jobs)
             for job, due in zip(jobs, not_before):
                 if connection.execute("DELETE FROM queue WHERE id = ?", (job.id,)).rowcount:
                     connection.execute(
@@ -364,6 +378,7 @@ class SqliteStorage(Storage):
         request = orjson.dumps(failure.request).decode() if failure.request else None
 
         def operation(connection: sqlite3.Connection) -> None:
+            self._held.difference_update(job.id for job in jobs)
             for job in jobs:
                 if (connection.execute("DELETE FROM queue WHERE id = ?", (job.id,)).rowcount
                         or connection.execute("DELETE FROM jobs WHERE id = ?",
@@ -379,10 +394,11 @@ class SqliteStorage(Storage):
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
         """Jobs of ``jobs`` are due again at once; for jobs of ``queue``, the lane's cursor
-        moves back so they are read again (ids still in flight are skipped by the worker)."""
+        moves back so they are read again (jobs still held are skipped)."""
         now = time.time()
 
         def operation(connection: sqlite3.Connection) -> None:
+            self._held.difference_update(job_ids)
             connection.executemany("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
                                    [(now, job_id) for job_id in job_ids])
             for job_id in job_ids:
