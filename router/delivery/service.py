@@ -246,18 +246,18 @@ class DestinationWorker:
             job.attempts += 1
             job.first_attempt_at = job.first_attempt_at or now
         outcomes = await self._attempt(batch)
-        self._note_health([outcome for outcome, _ in outcomes])
+        self._note_health(outcomes)
         await self._record(batch, outcomes)
 
-    def _note_health(self, outcomes: list[Outcome]) -> None:
+    def _note_health(self, outcomes: list[tuple[Outcome, Failure | None]]) -> None:
         """Back off the whole destination while it keeps failing (down, refusing
         connections, answering 5xx): without this, a dead destination would cycle through
         its entire backlog, one doomed connection after another."""
-        if outcomes and all(isinstance(outcome, RetryableError) for outcome in outcomes):
+        if outcomes and all(isinstance(outcome, RetryableError) for outcome, _ in outcomes):
             self.failures_in_a_row += 1
             self.limiter.pause(retry.destination_pause(self.failures_in_a_row, self.delivery,
                                                        self.rng))
-        elif any(outcome is None for outcome in outcomes):
+        elif any(outcome is None for outcome, _ in outcomes):
             self.failures_in_a_row = 0
 
     async def _attempt(self, batch: list[Job], *, may_split: bool = True

@@ -56,7 +56,8 @@ class Transport:
                     request.method, request.url, headers=request.headers, data=request.body,
                     allow_redirects=False, timeout=self._timeout(timeout)) as answer:
                 body = await answer.content.read(MAX_RESPONSE_BYTES)
-                return HttpResponse(answer.status, dict(answer.headers), body)
+                # aiohttp's case-insensitive view, not a copy: vendors' header names vary
+                return HttpResponse(answer.status, answer.headers, body)
         except EgressBlocked as exc:
             raise PermanentError(f"egress refused: {exc}") from None
         except asyncio.TimeoutError:
