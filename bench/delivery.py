@@ -298,16 +298,23 @@ async def route_all(router: Router, chunks: Sequence[Sequence[bytes]], *, produc
 
     async def producer() -> None:
         for chunk in pending:
-            events = [orjson.loads(raw) for raw in chunk]
-            started = time.time()
-            for result in await router.route_many(events):
-                started_at[result.message_id or ""] = started
-                for item in result.results:
-                    if item.status is Status.SEND and item.destination:
-                        queued[item.destination] = queued.get(item.destination, 0) + 1
+            await route_chunk(router, chunk, started_at, queued)
 
     await asyncio.gather(*(producer() for _ in range(producers)))
     return started_at, queued
+
+
+async def route_chunk(router: Router, chunk: Sequence[bytes], started_at: dict[str, float],
+                      queued: dict[str, int]) -> None:
+    """Route one chunk (parsed from bytes here), noting each messageId's route() start time
+    in ``started_at`` and counting the jobs queued per destination in ``queued``."""
+    events = [orjson.loads(raw) for raw in chunk]
+    started = time.time()
+    for result in await router.route_many(events):
+        started_at[result.message_id or ""] = started
+        for item in result.results:
+            if item.status is Status.SEND and item.destination:
+                queued[item.destination] = queued.get(item.destination, 0) + 1
 
 
 def delivered(router: Router, names: Sequence[str]) -> int:
@@ -453,15 +460,6 @@ async def phase_latency(urls: list[str], rate: int, seconds: float) -> dict[str,
         queued: dict[str, int] = {}
         outstanding: set[asyncio.Task[None]] = set()
 
-        async def route_chunk(events: Sequence[bytes]) -> None:
-            parsed = [orjson.loads(raw) for raw in events]
-            started = time.time()
-            for result in await router.route_many(parsed):
-                started_at[result.message_id or ""] = started
-                for item in result.results:
-                    if item.status is Status.SEND and item.destination:
-                        queued[item.destination] = queued.get(item.destination, 0) + 1
-
         await router.start()
         try:
             wall0 = time.perf_counter()
@@ -473,7 +471,7 @@ async def phase_latency(urls: list[str], rate: int, seconds: float) -> dict[str,
                 next_at += interval
                 while len(outstanding) >= 100:  # bounded, should the router fall behind
                     await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
-                task = asyncio.create_task(route_chunk(events))
+                task = asyncio.create_task(route_chunk(router, events, started_at, queued))
                 outstanding.add(task)
                 task.add_done_callback(outstanding.discard)
             if outstanding:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from bench.delivery import peak_rss_mb  # VmHWM: ru_maxrss would count the runner's size
 from router.config import load_config
 from router.routing import Router
 
@@ -28,16 +29,6 @@ async def route(config: str, count: int, chunk: int) -> None:
             print(f"accepted {start + chunk}", flush=True)
         while True:
             await asyncio.sleep(3600)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM). Not ``ru_maxrss``, which Linux keeps
-    across exec: it would report the test runner's size at fork when that is larger."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 async def backlog(config: str, count: int) -> None:

@@ -114,7 +114,6 @@ class DestinationWorker:
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
         self.undispatched: list[list[Job]] = []
-        self.leased_ids: set[int | str] = set()
         # Long enough that a lease never lapses under a live worker; after a crash, the
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
         self.lease_for = max(300.0, self.delivery.timeout * 4)
@@ -157,7 +156,6 @@ class DestinationWorker:
                 log.exception("destination %s: delivery failed", self.name)
             finally:
                 del self.in_flight[number]
-                self._forget(batch)
                 if not self.in_flight:
                     self.all_sent.set()
 
@@ -199,10 +197,6 @@ class DestinationWorker:
         self.delivered_per_second = len(delivered) / max(now - self.last_completed_at, 1e-3)
         self.last_completed_at = now
 
-    def _forget(self, jobs: Iterable[Job]) -> None:
-        for job in jobs:
-            self.leased_ids.discard(job.id)
-
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.wakeup.wait(), seconds)
@@ -234,11 +228,10 @@ class DestinationWorker:
         return max(round_size, min(MAX_LEASE, int(self.delivered_per_second * LEASE_AHEAD)))
 
     async def _lease_more(self, limit: int) -> list[Job]:
-        jobs = await self.storage.lease(self.name, limit, now=time.time(),
+        # Every storage hides a job while it is leased (tests/test_storage.py checks it), so
+        # what comes back is never a job this worker already holds.
+        return await self.storage.lease(self.name, limit, now=time.time(),
                                         lease_for=self.lease_for, ordered=self.delivery.ordered)
-        fresh = [job for job in jobs if job.id not in self.leased_ids]
-        self.leased_ids.update(job.id for job in fresh)
-        return fresh
 
     async def _deliver(self, batch: list[Job]) -> None:
         now = time.time()
@@ -268,9 +261,9 @@ class DestinationWorker:
         the plugin could not pin on particular events) is split in two and each half sent.
         If both halves are refused whole too, the fault is not in an event (a bad key, say)
         and splitting stops; otherwise the refused half is split again, down to the event."""
-        opaque = self.destination.adapter.opaque_bodies
-        payloads = [from_spool(job.body, job.group, opaque=opaque) for job in batch]
         adapter = self.destination.adapter
+        payloads = [from_spool(job.body, job.group, opaque=adapter.opaque_bodies)
+                    for job in batch]
         try:
             request = adapter.build_request(payloads)
         except DestinationError as exc:
