@@ -995,6 +995,8 @@ class SqliteSpoolKeepsEveryJob(RuleBasedStateMachine):
         # (destination, message id) -> due time, for every job not completed or dead-lettered
         self.pending: dict[tuple[str, str], float] = {}
         self.held: dict[int | str, Job] = {}
+        self.retried: set[tuple[str, str]] = set()
+        """Jobs that went through ``retry`` (kept in SQLite's indexed table from then on)."""
         self.letters = 0
 
     def run(self, coroutine: Any) -> Any:
@@ -1059,6 +1061,7 @@ class SqliteSpoolKeepsEveryJob(RuleBasedStateMachine):
         self.run(self.store.retry([tried(job, self.now)], not_before=[self.now + delay],
                                   now=self.now, failure=Failure("HTTP 503", 503)))
         self.pending[(job.destination, job.message_id)] = self.now + delay
+        self.retried.add((job.destination, job.message_id))
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
@@ -1074,11 +1077,15 @@ class SqliteSpoolKeepsEveryJob(RuleBasedStateMachine):
     @rule(data=st.data())
     def release(self, data: st.DataObject) -> None:
         chosen = self.pick(data)
+        released_at = time.time()  # release() takes no clock: a retried job is due from now
         self.run(self.store.release(chosen))
         for job_id in chosen:
             job = self.held.pop(job_id)
             key = (job.destination, job.message_id)
-            self.pending[key] = min(self.pending[key], self.now)  # due at once
+            # a new job is read again at once; a retried one is due at the real time of the
+            # release, long after this model's clock (MODEL_T0 is in 2001)
+            self.pending[key] = released_at if key in self.retried else \
+                min(self.pending[key], self.now)
 
     @rule(seconds=st.sampled_from((1.0, 10.0, 60.0)))
     def tick(self, seconds: float) -> None:
