@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -594,6 +595,70 @@ async def test_sqlite_release_lets_the_jobs_be_read_again_but_not_those_in_fligh
     assert [j.message_id for j in again] == ["m-1", "m-3"]
     await spool.complete([jobs[2].id])
     assert await lease(spool) == []
+
+
+async def test_sqlite_a_lease_may_stop_inside_a_bundle_and_the_next_goes_on_from_there(spool):
+    await accept(spool, *(item(f"m-{n}", destinations=("hook", "other")) for n in range(5)))
+    batches = [await lease(spool, 2) for _ in range(4)]
+    assert [[j.message_id for j in batch] for batch in batches] == [
+        ["m-0", "m-1"], ["m-2", "m-3"], ["m-4"], []]
+    assert [j.message_id for j in await lease(spool, destination="other")] == [
+        f"m-{n}" for n in range(5)]
+
+
+async def test_sqlite_a_large_accept_is_spooled_in_several_bundles(spool, tmp_path, monkeypatch):
+    monkeypatch.setattr("router.storage.sqlite.MAX_BUNDLE_JOBS", 3)
+    await accept(spool, *(item(f"m-{n}") for n in range(8)))
+    assert spool_rows(tmp_path / "spool.db")["bundles"] == 3
+    leased = await lease(spool, 5)
+    await spool.complete(ids(leased))
+    assert spool_rows(tmp_path / "spool.db") == {"bundles": 2, "settled": 2, "jobs": 0}
+    assert [j.message_id for j in await lease(spool)] == ["m-5", "m-6", "m-7"]
+
+
+def spool_rows(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as connection:
+        return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("bundles", "settled", "jobs")}
+
+
+async def test_sqlite_a_bundle_and_its_notes_go_once_every_job_of_it_is_settled(spool, tmp_path):
+    await accept(spool, *(item(f"m-{n}") for n in range(4)))
+    jobs = await lease(spool, 4)
+    await spool.complete([jobs[0].id])
+    await spool.retry([tried(jobs[1], T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
+    assert spool_rows(tmp_path / "spool.db") == {"bundles": 1, "settled": 2, "jobs": 1}
+    assert await pending(spool) == 3
+    await spool.dead_letter([tried(jobs[2], T0)], now=T0, failure=Failure("HTTP 400", 400))
+    await spool.complete([jobs[3].id])
+    assert spool_rows(tmp_path / "spool.db") == {"bundles": 0, "settled": 0, "jobs": 1}
+    assert await pending(spool) == 1  # the retry
+
+
+async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.executescript("""
+            CREATE TABLE lanes (destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
+                                last_seq INTEGER NOT NULL DEFAULT 0);
+            CREATE TABLE queue (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
+                                user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL,
+                                created_at REAL NOT NULL);
+            INSERT INTO lanes VALUES ('hook', 1, 2);
+            INSERT INTO queue VALUES ((1 << 40) + 1, 'old-1', 'u', '', X'7B7D', 1700000000.0),
+                                     ((1 << 40) + 2, 'old-2', 'u', '', X'7B7D', 1700000000.0);
+        """)
+    storage = SqliteStorage(path)
+    await storage.open()
+    try:
+        await accept(storage, item("new-1"))
+        leased = await lease(storage, now=T0 + 1)
+        assert [j.message_id for j in leased] == ["old-1", "old-2", "new-1"]
+        assert leased[0].body == b"{}" and leased[2].id > leased[1].id
+        await storage.complete(ids(leased))
+        assert await pending(storage) == 0
+    finally:
+        await storage.close()
 
 
 async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(spool, tmp_path):

@@ -9,13 +9,21 @@ losing a committed event; ``?synchronous=full`` also survives power loss, at a h
 
 The spool has two tables, because most jobs never fail:
 
-- ``queue``, where new jobs are appended: no index but the row id, which is the job id. Each
-  destination has a *lane* of ids (its lane number in the high bits, a sequence in the low
-  ones), so a destination's jobs are one id range in arrival order. A worker reads its lane
-  past an in-memory cursor, so leasing writes nothing, and a delivered job is one delete.
+- ``bundles``, where new jobs are appended: each accept writes one row per destination
+  holding all of that destination's jobs from it, packed. Each destination has a *lane* of
+  job ids (its lane number in the high bits, a sequence in the low ones); a bundle takes a
+  run of them and is keyed by its last, so a destination's bundles are one id range in
+  arrival order. A worker reads its lane past an in-memory cursor, so leasing writes
+  nothing, and a bundle whose jobs are all delivered is one delete. The cost of the spool is
+  then a row per request to the router and destination, not per event: the rows of the
+  ``jobs`` table below cost about as much each as a whole bundle.
 - ``jobs``, indexed by due time and by user: jobs waiting for a retry, replayed dead letters,
   and every job of a destination that keeps per-user order (the per-user check needs the
   index). A job keeps its id when it moves here.
+
+A job of a bundle that is settled while others of its bundle are still out (delivered,
+retried or dead-lettered) is written to ``settled``, so that the bundle, read again after a
+restart, gives back only what is unfinished; those rows go with their bundle.
 
 Leases live in the process (one process serves a SQLite file): after a crash or restart,
 every job not yet completed is read again, so nothing is lost and duplicates carry the same
@@ -29,7 +37,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs
@@ -38,7 +46,7 @@ import orjson
 
 from router.errors import StorageFull
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
-                                 QueueStats, Storage, StorageStats)
+                                 NewJob, QueueStats, Storage, StorageStats)
 
 T = TypeVar("T")
 MAX_OPERATIONS_PER_COMMIT = 1000
@@ -59,9 +67,10 @@ CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (expires_at);
 CREATE TABLE IF NOT EXISTS lanes (
     destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
     last_seq INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS queue (
-    id INTEGER PRIMARY KEY, message_id TEXT NOT NULL, user_key TEXT NOT NULL, grp TEXT NOT NULL,
-    body BLOB NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS bundles (
+    id INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, created_at REAL NOT NULL,
+    jobs BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS settled (id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
@@ -77,7 +86,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, failed_at);
 """
 _JOB_COLUMNS = "id, destination, message_id, user_key, grp, body, created_at, attempts, first_attempt_at"
-_QUEUE_COLUMNS = "id, message_id, user_key, grp, body, created_at"
+MAX_BUNDLE_JOBS = 1000
+"""An accept writes a destination's jobs in bundles of at most this many."""
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response")
 
@@ -98,11 +108,16 @@ class SqliteStorage(Storage):
         self._thread: threading.Thread | None = None
         self._recover = True
         self._accepted_since_purge = 0
+        # The state of the lanes this process reads (touched by the writer thread only):
         self._read_up_to: dict[int, int] = {}
+        """Per lane, the last job id its cursor has passed."""
         self._held: set[int | str] = set()
-        """Queue jobs leased by this process and not yet settled: what a cursor moved back
-        by ``release`` must not hand out twice (touched by the writer thread only)."""
-        """Per lane, the last queue id leased (touched by the writer thread only)."""
+        """Jobs leased by this process and not yet settled: what a cursor moved back by
+        ``release`` must not hand out twice."""
+        self._bundles: dict[int, _OpenBundle] = {}
+        """The bundles read and not yet finished, by id."""
+        self._bundle_of: dict[int | str, _OpenBundle] = {}
+        """For each held job that came from a bundle, its bundle."""
 
     @classmethod
     def from_url(cls, url: str, *, base_dir: Path) -> SqliteStorage:
@@ -121,8 +136,7 @@ class SqliteStorage(Storage):
 
     async def open(self, *, recover: bool = True) -> None:
         self._recover = recover
-        self._read_up_to = {}
-        self._held = set()
+        self._read_up_to, self._held, self._bundles, self._bundle_of = {}, set(), {}, {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-writer",
@@ -173,6 +187,7 @@ class SqliteStorage(Storage):
         connection.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'FULL' else 'NORMAL'}")
         connection.execute("PRAGMA busy_timeout=10000")
         connection.executescript(SCHEMA)
+        _move_jobs_of_the_old_queue_table(connection)
         if self._recover:
             # Jobs leased by a process that died go back to the queue: sent again, never lost.
             connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
@@ -238,7 +253,7 @@ class SqliteStorage(Storage):
     async def accept(self, items: Sequence[Acceptance], *, window: float, now: float) -> list[bool]:
         # The rows are built here, before the write lock is taken: another process (the
         # delivery process) waits for that lock, so it is held for SQLite's work only.
-        lanes = _rows_by_lane(items, now)
+        lanes = _lanes_of(items, now)
 
         def operation(connection: sqlite3.Connection) -> list[bool]:
             self._check_budget(connection)
@@ -252,21 +267,17 @@ class SqliteStorage(Storage):
                 key = (item.source, item.message_id)
                 accepted.append(key in remembered)
                 remembered.discard(key)  # a repeat later in this batch is a duplicate
-            every_one = all(accepted)
-            rows = {lane: lane.rows if every_one else lane.rows_of(accepted) for lane in lanes}
+            kept = lanes if all(accepted) else [lane.of(accepted) for lane in lanes]
+            kept = [lane for lane in kept if lane.jobs]
             counts: dict[str, int] = {}
-            for lane in lanes:
-                counts[lane.destination] = counts.get(lane.destination, 0) + \
-                    len(rows[lane]) // lane.width
-            next_ids = _take_ids_of(connection, {name: n for name, n in counts.items() if n})
+            for lane in kept:
+                counts[lane.destination] = counts.get(lane.destination, 0) + len(lane.jobs)
+            next_ids = _take_ids_of(connection, counts)
             by_table: dict[tuple[str, int], list[Any]] = {}
-            for lane in lanes:
-                count = len(rows[lane]) // lane.width
-                if count:
-                    first = next_ids[lane.destination]
-                    next_ids[lane.destination] = first + count
-                    rows[lane][0::lane.width] = range(first, first + count)
-                    by_table.setdefault((lane.insert, lane.width), []).extend(rows[lane])
+            for lane in kept:
+                first = next_ids[lane.destination]
+                next_ids[lane.destination] = first + len(lane.jobs)
+                by_table.setdefault((lane.insert, lane.width), []).extend(lane.values(first))
             for (insert, width), values in by_table.items():
                 _insert_rows(connection, insert, width, values)
             return accepted
@@ -297,13 +308,13 @@ class SqliteStorage(Storage):
 
         # A lease needs no expiry here: it lasts until the job is completed, retried,
         # dead-lettered or released, or the process restarts (then every job is read again).
-        # In `jobs` only the unindexed `leased` flag changes; in `queue` nothing is written,
-        # so when no job of `jobs` is due, leasing is a read that takes no lock.
-        def read_queue_only(connection: sqlite3.Connection) -> list[Job] | None:
+        # In `jobs` only the unindexed `leased` flag changes; in `bundles` nothing is
+        # written, so when no job of `jobs` is due, leasing is a read that takes no lock.
+        def read_bundles_only(connection: sqlite3.Connection) -> list[Job] | None:
             if connection.execute("SELECT 1 FROM jobs WHERE destination = ? AND due_at <= ? "
                                   "AND leased = 0 LIMIT 1", (destination, now)).fetchone():
                 return None
-            return self._read_queue(connection, destination, limit)
+            return self._read_bundles(connection, destination, limit)
 
         def operation(connection: sqlite3.Connection) -> list[Job]:
             rows = connection.execute(
@@ -312,53 +323,115 @@ class SqliteStorage(Storage):
                 f" RETURNING {_JOB_COLUMNS}", (destination, now, limit)).fetchall()
             leased = sorted((Job(*row) for row in rows), key=_by_id)
             if len(leased) < limit:
-                leased += self._read_queue(connection, destination, limit - len(leased))
+                leased += self._read_bundles(connection, destination, limit - len(leased))
             return leased
 
-        leased = await self._call(read_queue_only, writes=False)
+        leased = await self._call(read_bundles_only, writes=False)
         return leased if leased is not None else await self._call(operation)
 
-    def _read_queue(self, connection: sqlite3.Connection, destination: str, limit: int
-                    ) -> list[Job]:
-        """Up to ``limit`` queued jobs of a destination past its cursor, moving the cursor
-        and skipping jobs this process still holds."""
+    def _read_bundles(self, connection: sqlite3.Connection, destination: str, limit: int
+                      ) -> list[Job]:
+        """Up to ``limit`` jobs of a destination's bundles past its cursor, moving the
+        cursor and skipping jobs already settled or still held by this process."""
         lane = _lane_of(connection, destination)
         if lane is None:
             return []
-        start = lane << LANE_BITS
-        after = self._read_up_to.get(lane, start)
-        taken: list[tuple[Any, ...]] = []
+        end = (lane + 1) << LANE_BITS
+        after = self._read_up_to.get(lane, lane << LANE_BITS)
+        taken: list[Job] = []
         while len(taken) < limit:
+            # A bundle is keyed by its last job id, so the bundles that hold the next
+            # `wanted` ids end past `after` and start at or before `after + wanted`; one
+            # holds at most MAX_BUNDLE_JOBS ids, which bounds the scan.
+            wanted = after + limit - len(taken)
             rows = connection.execute(
-                f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE id > ? AND id < ? ORDER BY id "
-                "LIMIT ?", (after, start + (1 << LANE_BITS), limit - len(taken))).fetchall()
-            if not rows:
-                break
-            after = rows[-1][0]
-            taken += [row for row in rows if row[0] not in self._held]
+                "SELECT id, first_id, created_at, jobs FROM bundles WHERE id > ? AND id <= ? "
+                "AND first_id <= ? ORDER BY id",
+                (after, min(end - 1, wanted + MAX_BUNDLE_JOBS), wanted)).fetchall()
+            if not rows:  # none there: the next bundle, past a run of ids used by `jobs`
+                rows = connection.execute(
+                    "SELECT id, first_id, created_at, jobs FROM bundles WHERE id > ? AND id < ?"
+                    " ORDER BY id LIMIT 1", (after, end)).fetchall()
+                if not rows:
+                    break
+            for bundle_id, first_id, created_at, packed in rows:
+                bundle = self._open_bundle(connection, bundle_id, first_id)
+                for job_id, message_id, user_key, group, body in _unpack(packed, first_id,
+                                                                          after):
+                    if len(taken) == limit:
+                        break
+                    after = job_id
+                    if job_id in bundle.unsettled and job_id not in self._held:
+                        taken.append(Job(job_id, destination, message_id, user_key, group,
+                                         body, created_at))
+                        self._held.add(job_id)
+                        self._bundle_of[job_id] = bundle
+                if len(taken) == limit:
+                    break
         self._read_up_to[lane] = after
-        self._held.update(row[0] for row in taken)
-        return [Job(job_id, destination, message_id, user_key, group, body, created)
-                for job_id, message_id, user_key, group, body, created in taken]
+        return taken
+
+    def _open_bundle(self, connection: sqlite3.Connection, bundle_id: int, first_id: int
+                     ) -> _OpenBundle:
+        bundle = self._bundles.get(bundle_id)
+        if bundle is None:
+            settled = {row[0] for row in connection.execute(
+                "SELECT id FROM settled WHERE id BETWEEN ? AND ?", (first_id, bundle_id))}
+            bundle = self._bundles[bundle_id] = _OpenBundle(bundle_id, first_id, settled)
+        return bundle
+
+    def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
+                ) -> list[int | str]:
+        """Forget held jobs: the bundles they finish are deleted, and in a bundle still
+        open they are noted in ``settled``. Returns the ids that are not of a bundle (rows
+        of ``jobs``)."""
+        others: list[int | str] = []
+        of_bundles: list[tuple[int | str, _OpenBundle]] = []
+        finished: list[_OpenBundle] = []
+        for job_id in job_ids:
+            self._held.discard(job_id)
+            bundle = self._bundle_of.pop(job_id, None)
+            if bundle is None:
+                others.append(job_id)
+                continue
+            bundle.unsettled.discard(job_id)
+            of_bundles.append((job_id, bundle))
+            if not bundle.unsettled and self._bundles.pop(bundle.id, None) is not None:
+                finished.append(bundle)
+        # A finished bundle goes whole, with its notes; the others' settled jobs are noted.
+        settled = [job_id for job_id, bundle in of_bundles if bundle.unsettled]
+        for _, bundle in of_bundles:
+            if bundle.unsettled:
+                bundle.has_settled_rows = True
+        if settled:
+            _insert_rows(connection, "INSERT INTO settled (id)", 1, settled)
+        for start in range(0, len(finished), 500):
+            chunk = finished[start:start + 500]
+            connection.execute(f"DELETE FROM bundles WHERE id IN ({', '.join('?' * len(chunk))})",
+                               [bundle.id for bundle in chunk])
+            for bundle in chunk:
+                if bundle.has_settled_rows:
+                    connection.execute("DELETE FROM settled WHERE id BETWEEN ? AND ?",
+                                       (bundle.first_id, bundle.id))
+        return others
 
     async def complete(self, job_ids: Sequence[int | str]) -> None:
         def operation(connection: sqlite3.Connection) -> None:
-            self._held.difference_update(job_ids)
-            for start in range(0, len(job_ids), 500):
-                chunk = tuple(job_ids[start:start + 500])
-                marks = ", ".join("?" * len(chunk))
-                queued = connection.execute(f"DELETE FROM queue WHERE id IN ({marks})", chunk)
-                if queued.rowcount < len(chunk):  # some were retries or replays
-                    connection.execute(f"DELETE FROM jobs WHERE id IN ({marks})", chunk)
+            others = self._settle(connection, job_ids)
+            for start in range(0, len(others), 500):
+                chunk = others[start:start + 500]
+                connection.execute(f"DELETE FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
+                                   chunk)
 
         await self._call(operation)
 
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:
         def operation(connection: sqlite3.Connection) -> None:
-            self._held.difference_update(job.id for job in jobs)
+            from_bundles = {job.id for job in jobs if job.id in self._bundle_of}
+            self._settle(connection, [job.id for job in jobs])
             for job, due in zip(jobs, not_before):
-                if connection.execute("DELETE FROM queue WHERE id = ?", (job.id,)).rowcount:
+                if job.id in from_bundles:
                     connection.execute(
                         "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
                         "created_at, due_at, attempts, first_attempt_at, last_error) VALUES "
@@ -378,11 +451,11 @@ class SqliteStorage(Storage):
         request = orjson.dumps(failure.request).decode() if failure.request else None
 
         def operation(connection: sqlite3.Connection) -> None:
-            self._held.difference_update(job.id for job in jobs)
+            from_bundles = {job.id for job in jobs if job.id in self._bundle_of}
+            self._settle(connection, [job.id for job in jobs])
             for job in jobs:
-                if (connection.execute("DELETE FROM queue WHERE id = ?", (job.id,)).rowcount
-                        or connection.execute("DELETE FROM jobs WHERE id = ?",
-                                              (job.id,)).rowcount):
+                if job.id in from_bundles or connection.execute(
+                        "DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
                     connection.execute(
                         f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
                         "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -393,18 +466,21 @@ class SqliteStorage(Storage):
         await self._call(operation)
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
-        """Jobs of ``jobs`` are due again at once; for jobs of ``queue``, the lane's cursor
+        """Jobs of ``jobs`` are due again at once; for jobs of bundles, the lane's cursor
         moves back so they are read again (jobs still held are skipped)."""
         now = time.time()
 
         def operation(connection: sqlite3.Connection) -> None:
-            self._held.difference_update(job_ids)
-            connection.executemany("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?",
-                                   [(now, job_id) for job_id in job_ids])
+            rows = []
             for job_id in job_ids:
+                self._held.discard(job_id)
+                if self._bundle_of.pop(job_id, None) is None:
+                    rows.append((now, job_id))
+                    continue
                 lane = int(job_id) >> LANE_BITS
-                if lane and self._read_up_to.get(lane, job_id) >= job_id:
+                if self._read_up_to.get(lane, job_id) >= job_id:
                     self._read_up_to[lane] = int(job_id) - 1
+            connection.executemany("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?", rows)
 
         await self._call(operation)
 
@@ -449,10 +525,15 @@ class SqliteStorage(Storage):
         def operation(connection: sqlite3.Connection) -> StorageStats:
             stats = StorageStats()
             lanes = dict(connection.execute("SELECT number, destination FROM lanes"))
-            queued = connection.execute(
-                f"SELECT id >> {LANE_BITS}, COUNT(*), MIN(created_at) FROM queue GROUP BY 1")
+            # A bundle's jobs noted in `settled` are done, or counted in `jobs` (retries).
+            settled = dict(connection.execute(
+                f"SELECT id >> {LANE_BITS}, COUNT(*) FROM settled GROUP BY 1"))
+            bundled = connection.execute(
+                f"SELECT id >> {LANE_BITS}, SUM(id - first_id + 1), MIN(created_at) FROM bundles"
+                " GROUP BY 1").fetchall()
             for destination, pending, oldest in [
-                    *((lanes[lane], pending, oldest) for lane, pending, oldest in queued),
+                    *((lanes[lane], pending - settled.get(lane, 0), oldest)
+                      for lane, pending, oldest in bundled),
                     *connection.execute("SELECT destination, COUNT(*), MIN(created_at) FROM jobs"
                                         " GROUP BY destination")]:
                 queue = stats.queues.setdefault(destination, QueueStats())
@@ -474,39 +555,94 @@ def _by_id(job: Job) -> int | str:
 
 
 class _Lane:
-    """The rows one accept adds for one destination, flat, their ids still to be taken."""
+    """What one accept adds for one destination, built before the write lock is taken: a
+    bundle, or for an ordered destination rows of ``jobs``. Job ids are taken under the
+    lock."""
 
-    def __init__(self, destination: str, ordered: bool) -> None:
+    def __init__(self, destination: str, ordered: bool, jobs: list[NewJob], owners: list[int],
+                 now: float) -> None:
         self.destination = destination
-        self.width = 8 if ordered else 6
-        self.insert = ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
-                       "created_at, due_at)" if ordered else
-                       f"INSERT INTO queue ({_QUEUE_COLUMNS})")
-        self.rows: list[Any] = []
-        self.owners: list[int] = []
-        """The index of the event each row belongs to."""
+        self.ordered = ordered
+        self.jobs = jobs
+        self.owners = owners
+        """The index of the event each job belongs to."""
+        self.now = now
+        if ordered:
+            self.insert, self.width = _ORDERED_INSERT, 8
+            self._values: list[Any] = [
+                value for job in jobs for value in (0, destination, job.message_id,
+                                                    job.user_key, job.group, job.body, now, now)]
+        else:
+            self.insert, self.width = _BUNDLE_INSERT, 4
+            self._values = [value for start in range(0, len(jobs), MAX_BUNDLE_JOBS)
+                            for value in (0, 0, now, _pack(jobs[start:start + MAX_BUNDLE_JOBS]))]
 
-    def rows_of(self, accepted: list[bool]) -> list[Any]:
-        """The rows of the events accepted (duplicates queue nothing)."""
-        width = self.width
-        return [value for row, owner in enumerate(self.owners) if accepted[owner]
-                for value in self.rows[row * width:(row + 1) * width]]
+    def of(self, accepted: list[bool]) -> _Lane:
+        """The same without the jobs of duplicate events."""
+        kept = [n for n, owner in enumerate(self.owners) if accepted[owner]]
+        return _Lane(self.destination, self.ordered, [self.jobs[n] for n in kept],
+                     [self.owners[n] for n in kept], self.now)
+
+    def values(self, first: int) -> list[Any]:
+        """The values to insert, flat, with job ids from ``first`` on."""
+        if self.ordered:
+            self._values[0::8] = range(first, first + len(self.jobs))
+        else:
+            for row, start in enumerate(range(first, first + len(self.jobs), MAX_BUNDLE_JOBS)):
+                last = min(start + MAX_BUNDLE_JOBS, first + len(self.jobs)) - 1
+                self._values[row * 4:row * 4 + 2] = last, start
+        return self._values
 
 
-def _rows_by_lane(items: Sequence[Acceptance], now: float) -> list[_Lane]:
-    lanes: dict[tuple[str, bool], _Lane] = {}
+_BUNDLE_INSERT = "INSERT INTO bundles (id, first_id, created_at, jobs)"
+_ORDERED_INSERT = ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
+                   "created_at, due_at)")
+
+
+def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
+    jobs: dict[tuple[str, bool], tuple[list[NewJob], list[int]]] = {}
     for index, item in enumerate(items):
         for job in item.jobs:
-            lane = lanes.get((job.destination, job.ordered))
+            lane = jobs.get((job.destination, job.ordered))
             if lane is None:
-                lane = lanes[(job.destination, job.ordered)] = _Lane(job.destination, job.ordered)
-            if job.ordered:
-                lane.rows += (0, job.destination, job.message_id, job.user_key, job.group,
-                              job.body, now, now)
-            else:
-                lane.rows += (0, job.message_id, job.user_key, job.group, job.body, now)
-            lane.owners.append(index)
-    return list(lanes.values())
+                lane = jobs[(job.destination, job.ordered)] = ([], [])
+            lane[0].append(job)
+            lane[1].append(index)
+    return [_Lane(destination, ordered, lane_jobs, owners, now)
+            for (destination, ordered), (lane_jobs, owners) in jobs.items()]
+
+
+def _pack(jobs: Sequence[NewJob]) -> bytes:
+    """A bundle's jobs as one blob: the length of a JSON header, the header (messageId, user
+    key, group and body length of each job), then the bodies back to back, so that reading
+    a bundle never parses a body."""
+    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body))
+                           for job in jobs])
+    return b"".join((len(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
+
+
+def _unpack(packed: bytes, first_id: int, after: int
+            ) -> Iterator[tuple[int, str, str, str, bytes]]:
+    """The jobs of a bundle whose ids are past ``after``: id, messageId, user key, group and
+    body."""
+    offset = 4 + int.from_bytes(packed[:4], "big")
+    for job_id, (message_id, user_key, group, length) in enumerate(
+            orjson.loads(packed[4:offset]), first_id):
+        if job_id > after:
+            yield job_id, message_id, user_key, group, packed[offset:offset + length]
+        offset += length
+
+
+class _OpenBundle:
+    """A bundle this process has read: which of its jobs are not settled yet."""
+
+    __slots__ = ("first_id", "has_settled_rows", "id", "unsettled")
+
+    def __init__(self, bundle_id: int, first_id: int, settled: set[int]) -> None:
+        self.id = bundle_id
+        self.first_id = first_id
+        self.unsettled = set(range(first_id, bundle_id + 1)) - settled
+        self.has_settled_rows = bool(settled)
 
 
 def _remember(connection: sqlite3.Connection, items: Sequence[Acceptance], *,
@@ -577,6 +713,21 @@ def _take_ids(connection: sqlite3.Connection, destination: str, count: int) -> i
         "UPDATE lanes SET last_seq = last_seq + ? WHERE destination = ? "
         "RETURNING number, last_seq", (count, destination)).fetchone()
     return (number << LANE_BITS) + last - count + 1
+
+
+def _move_jobs_of_the_old_queue_table(connection: sqlite3.Connection) -> None:
+    """Spools written before bundles kept one row a job in a ``queue`` table: those jobs
+    move to ``jobs``, due at once, keeping their ids."""
+    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                              "name = 'queue'").fetchone():
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute(
+        "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, created_at, due_at)"
+        f" SELECT queue.id, lanes.destination, message_id, user_key, grp, body, created_at, "
+        f"created_at FROM queue JOIN lanes ON lanes.number = queue.id >> {LANE_BITS}")
+    connection.execute("DROP TABLE queue")
+    connection.execute("COMMIT")
 
 
 def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:
