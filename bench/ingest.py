@@ -31,18 +31,26 @@ from typing import Any
 
 import orjson
 
-from bench.delivery import (LOOPBACK, NO_RATE_LIMIT, ROOT, free_port, http_json, in_child, log,
-                            machine_load, percentile, process_tree_cpu_seconds,
-                            start_sinks)
+from bench.delivery import (
+    COUNTING_SINKS,
+    LOOPBACK,
+    NO_RATE_LIMIT,
+    ROOT,
+    free_port,
+    http_json,
+    in_child,
+    log,
+    machine_load,
+    percentile,
+    process_tree_cpu_seconds,
+    start_sinks,
+)
 from bench.events import event_mix
 
 WRITE_KEY = "bench-write-key"
 BATCH = 100
 CONNECTIONS = 4
 OWN_PROCESS = os.environ.get("BENCH_OWN_PROCESS", "1") == "1"
-COUNTING_SINKS = os.environ.get("BENCH_SINKS", "count") == "count"
-"""The fake destinations count events without parsing (BENCH_SINKS=parse to parse them):
-on 2 cores their CPU is taken from the router being measured."""
 """Deliver from a process of its own (the default here); BENCH_OWN_PROCESS=0 for one."""
 WARMUP = 2.0
 WINDOW = 15.0
@@ -151,8 +159,8 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30
 def run() -> dict[str, Any]:
     figures: dict[str, Any] = {"load_at_start": machine_load()}
     directory = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    sinks = start_sinks(3, count_only=COUNTING_SINKS)
-    figures["sinks"] = "count only" if COUNTING_SINKS else "parse every body"
+    sinks = start_sinks(3)
+    figures["sinks"] = "counting" if COUNTING_SINKS else "parsing"
     server: subprocess.Popen[bytes] | None = None
     output = open(directory / "serve.log", "wb")  # noqa: SIM115 - closed in finally
     try:
