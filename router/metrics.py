@@ -72,15 +72,17 @@ class Histogram(Metric):
         self.buckets = tuple(buckets)
         self.series: dict[tuple[str, ...], list[float]] = {}  # bucket counts, then sum, count
 
-    def observe(self, value: float, *label_values: str) -> None:
+    def observe(self, value: float, *label_values: str, count: int = 1) -> None:
+        """Record ``value`` (``count`` times: a batch's jobs accepted together share one
+        age)."""
         series = self.series.get(label_values)
         if series is None:
             series = self.series[label_values] = [0.0] * (len(self.buckets) + 2)
         index = bisect.bisect_left(self.buckets, value)
         if index < len(self.buckets):
-            series[index] += 1
-        series[-2] += value
-        series[-1] += 1
+            series[index] += count
+        series[-2] += value * count
+        series[-1] += count
 
     def samples(self):  # type: ignore[override]
         names = (*self.labels, "le")

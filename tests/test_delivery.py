@@ -9,7 +9,7 @@ import pytest
 
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
-from tests.delivery_helpers import router_for, track, webhook
+from tests.delivery_helpers import FAST_RETRIES, router_for, track, webhook
 
 
 async def eventually(router, condition, timeout: float = 10.0):
@@ -37,6 +37,29 @@ async def test_every_event_reaches_every_destination(tmp_path):
             assert await router.drain(timeout=10)
         for server in (one, two):
             assert sorted(await delivered_ids(server)) == sorted(f"m-{n}" for n in range(50))
+
+
+async def test_the_latency_histogram_counts_every_delivered_event(tmp_path):
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200, delay=0.5)])  # the first request: the others wait for it
+        segment = {"name": "hook", "plugin": "segment",
+                   "settings": {"write_key": "k-1", "base_url": server.url},
+                   "delivery": {**FAST_RETRIES, "concurrency": 1, "batch_wait": "20ms"}}
+        router = router_for(tmp_path, [segment])
+        async with router:
+            await router.route(track(0))
+            await asyncio.sleep(0.1)  # sent alone; the next 5 go in one batch after it
+            await router.route_many([track(n) for n in range(1, 6)])
+            assert await router.drain(timeout=10)
+            text = router.delivery_metrics.registry.render()
+    values = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+              for line in text.splitlines() if line.startswith("router_delivery_latency")}
+    assert values['router_delivery_latency_seconds_count{destination="hook"}'] == 6
+    buckets = [value for name, value in values.items() if "_bucket" in name]
+    assert buckets == sorted(buckets) and buckets[-1] == 6  # cumulative, +Inf last
+    # the first event waited 0.5 s for its answer, and the 5 behind it most of that too:
+    # each is counted with its own age, not once per request
+    assert values['router_delivery_latency_seconds_sum{destination="hook"}'] > 1.0
 
 
 async def test_server_errors_are_retried_until_delivered(tmp_path):

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import orjson
@@ -377,8 +378,8 @@ class DestinationWorker:
             if not self.delivered:
                 self.wakeup.set()  # an idle worker records them now, not at its next poll
             self.delivered += delivered
-            for job in delivered:
-                self.metrics.latency.observe(now - job.created_at, self.name)
+            for created_at, count in Counter(job.created_at for job in delivered).items():
+                self.metrics.latency.observe(now - created_at, self.name, count=count)
 
     def _log_failure(self, job: Job, failure: Failure, action: str) -> None:
         log.warning(orjson.dumps({"destination": self.name, "action": action,
