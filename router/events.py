@@ -12,15 +12,17 @@ import functools
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from router.currencies import ISO_4217_CODES
 from router.errors import InvalidEvent
+
+T = TypeVar("T")
 
 CallType = Literal["track", "identify", "page", "screen", "group", "alias"]
 CALL_TYPES: tuple[str, ...] = ("track", "identify", "page", "screen", "group", "alias")
@@ -57,7 +59,8 @@ class Event(BaseModel):
     originalTimestamp: datetime | None = None
     sentAt: datetime | None = None
     version: int | str | None = None
-    __slots__ = ("_as_dict",)  # to_dict()'s cache: a slot is cheap, and copies start empty
+    # Caches of to_dict() and shared(): slots are cheap, and copies start empty
+    __slots__ = ("_as_dict", "_shared")
 
     @property
     def user_key(self) -> str:
@@ -76,6 +79,20 @@ class Event(BaseModel):
             cached = self._build_dict()
             object.__setattr__(self, "_as_dict", cached)
         return dict(cached)
+
+    def shared(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``, called once per event and key: every destination that asks with
+        the same key gets the same object. A plugin whose payload body depends on the event
+        alone (not on its settings or options) builds it this way, so that when several of
+        its destinations are configured, the router serializes the body once for all of
+        them (it recognizes the object). What it returns must not be changed."""
+        shared: dict[str, Any] | None = getattr(self, "_shared", None)
+        if shared is None:
+            shared = {}
+            object.__setattr__(self, "_shared", shared)
+        if key not in shared:
+            shared[key] = build()
+        return shared[key]
 
     def _build_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
@@ -129,6 +146,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     except ValidationError as exc:
         raise InvalidEvent(_problems(exc)) from None
     object.__setattr__(event, "_as_dict", None)  # an unset slot would take pydantic's slow path
+    object.__setattr__(event, "_shared", None)
 
     problems = _call_type_problems(event)
     if client_timestamp is not None:

@@ -214,12 +214,16 @@ class Router:
                 return RouteResult(message_id if isinstance(message_id, str) else None, None,
                                    [DestinationResult(None, Status.INVALID, str(exc))])
         integrations = IntegrationsMap(parsed.integrations)
+        serialized: dict[int, tuple[Any, bytes]] = {}
         return RouteResult(parsed.messageId, parsed,
-                           [self._decide(destination, parsed, integrations)
+                           [self._decide(destination, parsed, integrations, serialized)
                             for destination in self.destinations])
 
     def _decide(self, destination: ConfiguredDestination, event: Event,
-                integrations: IntegrationsMap) -> DestinationResult:
+                integrations: IntegrationsMap, serialized: dict[int, tuple[Any, bytes]]
+                ) -> DestinationResult:
+        """``serialized`` holds this event's bodies serialized so far, by object: a body
+        that several destinations share (``Event.shared``) is serialized once."""
         name = destination.name
         decision = integrations.decide(name, default_on=destination.default_on)
         if not decision.enabled:
@@ -230,7 +234,7 @@ class Router:
                 return DestinationResult(name, Status.SKIPPED, reason)
         try:
             payloads = destination.translate(event, decision.options)
-            bodies = [orjson.dumps(payload.body) for payload in payloads]
+            bodies = [_serialize(payload.body, serialized) for payload in payloads]
             for body in bodies:
                 reason = oversized(body, destination.delivery, destination.plugin.name)
                 if reason is not None:
@@ -261,6 +265,15 @@ class Router:
             return []
         adapter = self.destination(result.destination).adapter
         return [adapter.build_request([payload]) for payload in result.payloads]
+
+
+def _serialize(body: Any, serialized: dict[int, tuple[Any, bytes]]) -> bytes:
+    known = serialized.get(id(body))
+    if known is not None and known[0] is body:
+        return known[1]
+    data = orjson.dumps(body)
+    serialized[id(body)] = (body, data)  # the body is kept, so its id is not reused
+    return data
 
 
 def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:

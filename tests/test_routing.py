@@ -128,6 +128,25 @@ async def test_route_reports_every_enabled_destination():
     assert "identify" in result.status_of("Identities").reason      # filter on call type
 
 
+async def test_a_body_several_destinations_share_is_serialized_once():
+    async with make_router("""
+        - {name: one, plugin: webhook, settings: {url: "https://hooks.example/1"}}
+        - {name: two, plugin: webhook, settings: {url: "https://hooks.example/2"}}
+        - {name: templated, plugin: webhook,
+           settings: {url: "https://hooks.example/3", body: '{"n": 1}'}}
+        - {name: next-hop, plugin: segment, settings: {write_key: k-1}}
+        - {name: other-hop, plugin: segment, settings: {write_key: k-2}}
+    """) as router:
+        result = await router.route(track(messageId="m-1", sentAt="2024-01-01T00:00:01Z",
+                                          timestamp="2024-01-01T00:00:00Z"))
+    bodies = {r.destination: r.bodies[0] for r in result.results}
+    assert bodies["one"] is bodies["two"]
+    assert json.loads(bodies["one"])["sentAt"] == "2024-01-01T00:00:01.000Z"
+    assert json.loads(bodies["templated"]) == '{"n": 1}'  # its own: the rendered text
+    assert bodies["next-hop"] is bodies["other-hop"]
+    assert "sentAt" not in json.loads(bodies["next-hop"])  # its own body, not the webhooks'
+
+
 async def test_filter_passes_matching_events():
     async with make_router(STANDARD) as router:
         result = await router.route(track("Order Completed", properties={"revenue": 5}))

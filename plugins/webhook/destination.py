@@ -41,8 +41,8 @@ class Webhook(Destination[WebhookSettings]):
                          for name, value in settings.headers.items()}
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
-        if self._template is None:
-            return [Payload(event.to_dict())]
+        if self._template is None:  # the same body for every webhook: serialized once
+            return [Payload(event.shared("webhook:event", event.to_dict))]
         return [Payload(self._template.render(event=event.to_dict(), options=dict(options)))]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
