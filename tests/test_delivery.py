@@ -62,6 +62,25 @@ async def test_the_latency_histogram_counts_every_delivered_event(tmp_path):
     assert values['router_delivery_latency_seconds_sum{destination="hook"}'] > 1.0
 
 
+async def test_a_batch_waiting_for_company_does_not_hold_back_what_was_delivered(tmp_path):
+    async with FakeDestinationServer() as server:
+        segment = {"name": "hook", "plugin": "segment",
+                   "settings": {"write_key": "k-1", "base_url": server.url},
+                   "delivery": {**FAST_RETRIES, "batch_wait": "4s"}}
+        server.script([Answer(200, delay=0.5)])  # in flight while the next one waits
+        router = router_for(tmp_path, [segment])
+        async with router:
+            await router.route_many([track(n) for n in range(100)])  # a full batch: sent
+            deadline = time.monotonic() + 3
+            while not server.requests and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await router.route(track(100))  # a partial batch: waits up to 4 s for company
+            while router.delivery_metrics.delivered.get("hook") < 100:
+                assert time.monotonic() < deadline, "delivered jobs waited for the batch"
+                await asyncio.sleep(0.01)
+            assert len(server.requests) == 1
+
+
 async def test_server_errors_are_retried_until_delivered(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([500, 503, 200])

@@ -138,7 +138,10 @@ class DestinationWorker:
                 await self._sleep(POLL_INTERVAL * 4)
                 continue
             if not jobs:
-                await self._sleep(POLL_INTERVAL)
+                # Sleep unless delivered jobs wait to be recorded: the signal of their
+                # arrival may have been taken by the wait for a fuller batch in _lease.
+                if not self.delivered:
+                    await self._sleep(POLL_INTERVAL)
                 continue
             self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
             while self.undispatched and not self.stopping:
@@ -219,6 +222,7 @@ class DestinationWorker:
                 remaining = deadline - time.time()
                 if remaining <= 0:
                     break
+                await self._complete_delivered()  # not held back by the wait
                 await self._sleep(remaining)
                 jobs += await self._lease_more(limit - len(jobs))
         return jobs
