@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from bench.delivery import (
+    BATCH_WAIT,
     COUNTING_SINKS,
     LOOPBACK,
     NO_RATE_LIMIT,
@@ -176,7 +177,7 @@ def run() -> dict[str, Any]:
             "destinations": [
                 {"name": f"d{i}", "plugin": "segment",
                  "settings": {"write_key": "bench-key", "base_url": f"{sink_url}/ingest/d{i}"},
-                 "delivery": {"rate_limit": NO_RATE_LIMIT}}
+                 "delivery": {"rate_limit": NO_RATE_LIMIT, "batch_wait": BATCH_WAIT}}
                 for i, sink_url in enumerate(sink_urls)],
         }
         config_path = directory / "router.yaml"
