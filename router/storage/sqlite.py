@@ -14,9 +14,8 @@ The spool has two tables, because most jobs never fail:
   job ids (its lane number in the high bits, a sequence in the low ones); a bundle takes a
   run of them and is keyed by its last, so a destination's bundles are one id range in
   arrival order. A worker reads its lane past an in-memory cursor, so leasing writes
-  nothing, and a bundle whose jobs are all delivered is one delete. The cost of the spool is
-  then a row per request to the router and destination, not per event: the rows of the
-  ``jobs`` table below cost about as much each as a whole bundle.
+  nothing, and a bundle whose jobs are all delivered is one delete: the spool costs a row
+  per ``accept`` and destination, not per event.
 - ``jobs``, indexed by due time and by user: jobs waiting for a retry, replayed dead letters,
   and every job of a destination that keeps per-user order (the per-user check needs the
   index). A job keeps its id when it moves here.
