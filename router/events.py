@@ -59,8 +59,7 @@ class Event(BaseModel):
     originalTimestamp: datetime | None = None
     sentAt: datetime | None = None
     version: int | str | None = None
-    # Caches of to_dict() and shared(): slots are cheap, and copies start empty
-    __slots__ = ("_as_dict", "_shared")
+    __slots__ = ("_shared",)  # shared()'s cache: a slot is cheap, and copies start empty
 
     @property
     def user_key(self) -> str:
@@ -74,11 +73,7 @@ class Event(BaseModel):
         once per event (several destinations ask for it); each caller gets its own copy of
         the top level, while nested objects are shared and must not be changed.
         """
-        cached: dict[str, Any] | None = getattr(self, "_as_dict", None)
-        if cached is None:
-            cached = self._build_dict()
-            object.__setattr__(self, "_as_dict", cached)
-        return dict(cached)
+        return dict(self.shared("router:to_dict", self._build_dict))
 
     def shared(self, key: str, build: Callable[[], T]) -> T:
         """``build()``, called once per event and key: every destination that asks with
@@ -145,8 +140,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         event = Event.model_validate(data)
     except ValidationError as exc:
         raise InvalidEvent(_problems(exc)) from None
-    object.__setattr__(event, "_as_dict", None)  # an unset slot would take pydantic's slow path
-    object.__setattr__(event, "_shared", None)
+    object.__setattr__(event, "_shared", None)  # an unset slot would take pydantic's slow path
 
     problems = _call_type_problems(event)
     if client_timestamp is not None:

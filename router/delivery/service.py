@@ -138,10 +138,7 @@ class DestinationWorker:
                 await self._sleep(POLL_INTERVAL * 4)
                 continue
             if not jobs:
-                # Sleep unless delivered jobs wait to be recorded: the signal of their
-                # arrival may have been taken by the wait for a fuller batch in _lease.
-                if not self.delivered:
-                    await self._sleep(POLL_INTERVAL)
+                await self._sleep(POLL_INTERVAL)
                 continue
             self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
             while self.undispatched and not self.stopping:

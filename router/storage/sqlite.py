@@ -398,9 +398,10 @@ class SqliteStorage(Storage):
             if not bundle.unsettled and self._bundles.pop(bundle.id, None) is not None:
                 finished.append(bundle)
         # A finished bundle goes whole, with its notes; the others' settled jobs are noted.
-        settled = [job_id for job_id, bundle in of_bundles if bundle.unsettled]
-        for _, bundle in of_bundles:
+        settled: list[int | str] = []
+        for job_id, bundle in of_bundles:
             if bundle.unsettled:
+                settled.append(job_id)
                 bundle.has_settled_rows = True
         if settled:
             _insert_rows(connection, "INSERT INTO settled (id)", 1, settled)
@@ -427,10 +428,9 @@ class SqliteStorage(Storage):
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:
         def operation(connection: sqlite3.Connection) -> None:
-            from_bundles = {job.id for job in jobs if job.id in self._bundle_of}
-            self._settle(connection, [job.id for job in jobs])
+            in_jobs_table = set(self._settle(connection, [job.id for job in jobs]))
             for job, due in zip(jobs, not_before):
-                if job.id in from_bundles:
+                if job.id not in in_jobs_table:  # it leaves its bundle for `jobs`
                     connection.execute(
                         "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
                         "created_at, due_at, attempts, first_attempt_at, last_error) VALUES "
@@ -450,10 +450,9 @@ class SqliteStorage(Storage):
         request = orjson.dumps(failure.request).decode() if failure.request else None
 
         def operation(connection: sqlite3.Connection) -> None:
-            from_bundles = {job.id for job in jobs if job.id in self._bundle_of}
-            self._settle(connection, [job.id for job in jobs])
+            in_jobs_table = set(self._settle(connection, [job.id for job in jobs]))
             for job in jobs:
-                if job.id in from_bundles or connection.execute(
+                if job.id not in in_jobs_table or connection.execute(
                         "DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
                     connection.execute(
                         f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
