@@ -70,8 +70,13 @@ async def load(url: str, sink_urls: list[str], connections: int, warmup: float,
     Counts only what is answered inside the window after ``warmup``."""
     import aiohttp
 
-    pool = event_mix(100 * BATCH, seed=seed)
-    prefix = f'"messageId":"bench-{seed}-'.encode()
+    # Each round through the pool makes its messageIds unique by their last 8 hex digits,
+    # so they stay as random as a client's UUIDs.
+    marker = b'"messageId":"'
+    pool = []
+    for raw in event_mix(100 * BATCH, seed=seed):
+        start = raw.index(marker) + len(marker)
+        pool.append((raw[:start + 28], raw[start + 36:]))
     headers = {"Content-Type": "application/json",
                "Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
     state = {"sent_batches": 0, "counting": False}
@@ -84,9 +89,9 @@ async def load(url: str, sink_urls: list[str], connections: int, warmup: float,
         number = state["sent_batches"]
         state["sent_batches"] += 1
         start = (number % 100) * BATCH
-        unique = f'"messageId":"r{number // 100}-{seed}-'.encode()
-        return (b'{"batch":[' + b",".join(raw.replace(prefix, unique)
-                                          for raw in pool[start:start + BATCH]) + b"]}")
+        round_mark = b"%08x" % (number // 100)
+        return (b'{"batch":[' + b",".join(head + round_mark + tail
+                                          for head, tail in pool[start:start + BATCH]) + b"]}")
 
     async def connection(session: aiohttp.ClientSession) -> None:
         while time.perf_counter() < stop_at:

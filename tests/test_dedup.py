@@ -127,6 +127,48 @@ async def test_sqlite_window_survives_closing_and_reopening(tmp_path):
         await reopened.close()
 
 
+async def test_sqlite_window_is_shared_by_two_storages_on_one_file(tmp_path):
+    """Each opened storage looks ids up in an index of its own; what another one accepted
+    into the same file is indexed before its next accept is judged."""
+    path = tmp_path / "router.db"
+    first, second = SqliteStorage(path), SqliteStorage(path)
+    await first.open()
+    await second.open()
+    try:
+        assert await accept(second, item("warm-up")) == [True]
+        assert await accept(first, item("m-1"), item("m-2")) == [True, True]
+        assert await accept(second, item("m-1"), item("m-3")) == [False, True]
+        assert await accept(first, item("m-3")) == [False]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_sqlite_window_of_an_older_spool_is_kept(tmp_path):
+    """Spools written before ``seen`` kept the window in an indexed ``dedup`` table; opening
+    one moves its entries, so what it accepted stays a duplicate."""
+    path = tmp_path / "router.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE dedup (source TEXT NOT NULL, message_id TEXT NOT NULL,
+            expires_at REAL NOT NULL, PRIMARY KEY (source, message_id)) WITHOUT ROWID;
+        CREATE INDEX dedup_expiry ON dedup (expires_at);""")
+    old.executemany("INSERT INTO dedup VALUES (?, ?, ?)",
+                    [("web", "kept", T0 + WINDOW), ("web", "expired", T0 - 1)])
+    old.commit()
+    old.close()
+    store = SqliteStorage(path)
+    await store.open()
+    try:
+        assert await accept(store, item("kept"), item("expired"), item("new")) == [
+            False, True, True]
+    finally:
+        await store.close()
+    tables = {name for (name,) in sqlite3.connect(path).execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "dedup" not in tables
+
+
 async def test_sqlite_relative_url_is_relative_to_the_base_dir(tmp_path):
     store = open_storage("sqlite:///var/router.db", base_dir=tmp_path)
     await store.open()
@@ -157,7 +199,7 @@ async def test_sqlite_expired_entries_are_purged_so_the_table_stays_bounded(tmp_
         assert after == 1000
     finally:
         await store.close()
-    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM dedup").fetchone()[0]
+    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM seen").fetchone()[0]
     assert rows == 1000
 
 
