@@ -186,17 +186,15 @@ class Router:
                    for event, size in zip(events, measured, strict=True)]
         valid = [result for result in results if result.event is not None]
         if valid:
-            accepted = await self.storage.accept(
-                [Acceptance(source, result.message_id or "", _jobs(result, self._ordered))
-                 for result in valid],
-                window=self.window, now=time.time())
-            woken: set[str] = set()
+            acceptances = [Acceptance(source, result.message_id or "",
+                                      _jobs(result, self._ordered)) for result in valid]
+            accepted = await self.storage.accept(acceptances, window=self.window,
+                                                 now=time.time())
             for result, is_new in zip(valid, accepted):
                 if not is_new:
                     _mark_duplicate(result)
-                else:
-                    woken.update(r.destination for r in result.results
-                                 if r.status is Status.SEND and r.destination)
+            woken = {job.destination for acceptance, is_new in zip(acceptances, accepted)
+                     if is_new for job in acceptance.jobs}
             if self._delivery is not None and woken:
                 self._delivery.wake(woken)
         return results
