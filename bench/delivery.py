@@ -32,8 +32,8 @@ Phases:
     event, and its share of the batching phase's CPU per event.
 ``one_event_per_request``
     3 ``webhook`` destinations (one event a request, concurrency 8 each). The spool is filled
-    first (72,000 jobs, no delivery, so it outlasts the window), then a router drains it; requests/s over a 5 s window
-    after a 1 s warm-up. Before and after it, in the same run, a bare ``aiohttp.ClientSession``
+    first (72,000 jobs, no delivery, so that it outlasts the window), then a router drains
+    it; requests/s over a 5 s window after a 1 s warm-up. Before and after it, in the same run, a bare ``aiohttp.ClientSession``
     with the same concurrency (24) POSTs the same kind of bodies to the same sinks for the
     same window: the ratio is the figure that travels (the machine is shared and noisy).
 ``destination_down``
