@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 
 from router.config import parse_config
+from router.delivery.process import MetricsSender
 from router.errors import ConfigError
 from router.routing import Router
 from router.storage.memory import MemoryStorage
@@ -88,3 +92,36 @@ def test_a_storage_passed_in_cannot_be_shared_with_a_delivery_process(tmp_path):
     with pytest.raises(ValueError, match="own_process.*storage passed to Router"):
         Router(loaded, storage=MemoryStorage())
     Router(loaded, storage=MemoryStorage(), deliver=False)  # intake only: fine
+
+
+def test_counters_never_hold_up_the_delivery_process_while_the_router_does_not_read():
+    """The delivery process's counters go to the router over a socket. While the router is
+    busy and does not read, the buffer fills; the delivery process must go on delivering
+    (offering a snapshot never waits), and once the router reads, the latest one arrives."""
+    ours, theirs = socket.socketpair()
+    for end in (ours, theirs):
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    router_end, child_end = Connection(ours.detach()), Connection(theirs.detach())
+    sender = MetricsSender(child_end)
+    padding = "x" * 20_000  # each snapshot alone is more than the buffer holds
+
+    def offer_all() -> None:
+        for number in range(200):
+            sender.offer({"number": number, "padding": padding})
+
+    offering = threading.Thread(target=offer_all, daemon=True)
+    offering.start()
+    offering.join(30)
+    assert not offering.is_alive(), "offering a snapshot waited for the reader"
+
+    received = []
+    while not received or received[-1] != 199:
+        assert router_end.poll(30), "the latest snapshot never arrived"
+        kind, snapshot = router_end.recv()
+        assert kind == "metrics"
+        received.append(snapshot["number"])
+    assert len(received) < 200, "snapshots not yet sent are replaced by newer ones"
+    sender.close(timeout=5)
+    router_end.close()
+    child_end.close()

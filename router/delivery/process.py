@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
@@ -203,6 +204,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     loop.add_reader(connection.fileno(), on_message)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     connection.send(("ready", None))
+    sender = MetricsSender(connection)  # from here on, the only one to send
     sent: dict[str, Any] = {}
     try:
         while not stop.is_set():
@@ -210,24 +212,66 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
                 await asyncio.wait_for(stop.wait(), METRICS_INTERVAL)
             except asyncio.TimeoutError:
                 pass
-            sent = _send_metrics(connection, metrics, sent)
+            sent = _offer_metrics(sender, metrics, sent)
     finally:
         started = time.monotonic()
         await service.stop(grace=grace[0])
         await storage.close()
-        _send_metrics(connection, metrics, sent)
+        _offer_metrics(sender, metrics, sent)
+        await asyncio.to_thread(sender.close, timeout=grace[0] + 1)
         log.debug("delivery process stopped in %.2f s", time.monotonic() - started)
 
 
-def _send_metrics(connection: Connection, metrics: DeliveryMetrics,
-                  sent: dict[str, Any]) -> dict[str, Any]:
+def _offer_metrics(sender: MetricsSender, metrics: DeliveryMetrics,
+                   sent: dict[str, Any]) -> dict[str, Any]:
     snapshot = metrics.snapshot()
     if snapshot != sent:
-        try:
-            connection.send(("metrics", snapshot))
-        except OSError:
-            pass  # the parent is gone
+        sender.offer(snapshot)
     return snapshot
+
+
+class MetricsSender:
+    """Sends the child's counters to the parent from a thread of its own. A send waits while
+    the parent is not reading and the socket's buffer is full: from the event loop, that
+    would stall delivery, and were the parent waiting to send a wake-up at the time, each
+    would wait for the other. Snapshots are cumulative, so one that has not gone out yet is
+    simply replaced by the next."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._latest: dict[str, Any] | None = None
+        self._changed = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._send_forever, name="metrics-sender",
+                                        daemon=True)
+        self._thread.start()
+
+    def offer(self, snapshot: dict[str, Any]) -> None:
+        """Queue ``snapshot`` in place of any not sent yet; never waits for the parent."""
+        with self._changed:
+            self._latest = snapshot
+            self._changed.notify()
+
+    def close(self, *, timeout: float) -> None:
+        """Send what is queued, then stop; waits at most ``timeout`` for a parent that does
+        not read."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join(timeout)
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._changed:
+                while self._latest is None and not self._closing:
+                    self._changed.wait()
+                snapshot, self._latest = self._latest, None
+            if snapshot is None:
+                return  # closing, and everything is sent
+            try:
+                self._connection.send(("metrics", snapshot))
+            except OSError:
+                return  # the parent is gone
 
 
 if __name__ == "__main__":
