@@ -33,9 +33,10 @@ Phases:
 ``one_event_per_request``
     3 ``webhook`` destinations (one event a request, concurrency 8 each). The spool is filled
     first (72,000 jobs, no delivery, so that it outlasts the window), then a router drains
-    it; requests/s over a 5 s window after a 1 s warm-up. Before and after it, in the same run, a bare ``aiohttp.ClientSession``
-    with the same concurrency (24) POSTs the same kind of bodies to the same sinks for the
-    same window: the ratio is the figure that travels (the machine is shared and noisy).
+    it; requests/s over a 5 s window after a 1 s warm-up. Before and after it, in the same
+    run, a bare ``aiohttp.ClientSession`` with the same concurrency (24) POSTs the same kind
+    of bodies to the same sinks for the same window: the ratio is the figure that travels
+    (the machine is shared and noisy).
 ``destination_down``
     2 healthy batching destinations alone, with a healthy third, and with a third whose URL
     is a closed port (alternated, twice each): the healthy ones' events/s until they have

@@ -205,29 +205,20 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     connection.send(("ready", None))
     sender = MetricsSender(connection)  # from here on, the only one to send
-    sent: dict[str, Any] = {}
     try:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), METRICS_INTERVAL)
             except asyncio.TimeoutError:
                 pass
-            sent = _offer_metrics(sender, metrics, sent)
+            sender.offer(metrics.snapshot())
     finally:
         started = time.monotonic()
         await service.stop(grace=grace[0])
         await storage.close()
-        _offer_metrics(sender, metrics, sent)
+        sender.offer(metrics.snapshot())
         await asyncio.to_thread(sender.close, timeout=grace[0] + 1)
         log.debug("delivery process stopped in %.2f s", time.monotonic() - started)
-
-
-def _offer_metrics(sender: MetricsSender, metrics: DeliveryMetrics,
-                   sent: dict[str, Any]) -> dict[str, Any]:
-    snapshot = metrics.snapshot()
-    if snapshot != sent:
-        sender.offer(snapshot)
-    return snapshot
 
 
 class MetricsSender:
@@ -240,6 +231,7 @@ class MetricsSender:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         self._latest: dict[str, Any] | None = None
+        self._offered: dict[str, Any] | None = None
         self._changed = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._send_forever, name="metrics-sender",
@@ -247,7 +239,11 @@ class MetricsSender:
         self._thread.start()
 
     def offer(self, snapshot: dict[str, Any]) -> None:
-        """Queue ``snapshot`` in place of any not sent yet; never waits for the parent."""
+        """Queue ``snapshot`` in place of any not sent yet, unless nothing changed since the
+        last one; never waits for the parent."""
+        if snapshot == self._offered:
+            return
+        self._offered = snapshot
         with self._changed:
             self._latest = snapshot
             self._changed.notify()

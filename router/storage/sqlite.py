@@ -198,8 +198,7 @@ class SqliteStorage(Storage):
         connection.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'FULL' else 'NORMAL'}")
         connection.execute("PRAGMA busy_timeout=10000")
         connection.executescript(SCHEMA)
-        _move_jobs_of_the_old_queue_table(connection)
-        _move_the_old_dedup_table(connection)
+        _move_the_old_tables(connection)
         connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
         if self._recover:
@@ -276,9 +275,7 @@ class SqliteStorage(Storage):
                 self._purge_dedup(connection, now, at_least=2 * self._accepted_since_purge)
                 self._accepted_since_purge = 0
             self._index_seen(connection, now)
-            remembered = _remember(connection, items, expires_at=now + window, now=now)
-            self._indexed_up_to = connection.execute(
-                "SELECT COALESCE(MAX(id), 0) FROM seen").fetchone()[0]
+            remembered = self._remember(connection, items, expires_at=now + window, now=now)
             accepted = []
             for item in items:
                 key = (item.source, item.message_id)
@@ -335,6 +332,37 @@ class SqliteStorage(Storage):
             "expires_at = max(expires_at, excluded.expires_at)",
             (self._indexed_up_to, last, now))
         self._indexed_up_to = last
+
+    def _remember(self, connection: sqlite3.Connection, items: Sequence[Acceptance], *,
+                  expires_at: float, now: float) -> set[tuple[str, str]]:
+        """Record each ``(source, messageId)`` not seen within its window; returns those.
+
+        Message ids are random (UUIDs, mostly), so an index of them takes each new one at a
+        random place: in the spool's file, every accepted event would rewrite a page of that
+        index through the WAL and again at the checkpoint (measured: 32 KB written and 35 µs
+        an event). So the durable record, ``seen``, is written in arrival order, and lookups
+        go to ``dedup_index``, which nothing writes to disk. It is keyed by the pair's 64-bit
+        hash: two different ids of one source with the same hash inside the window would
+        make the second a duplicate, about once in 10^12 events with ten million ids in the
+        window.
+
+        One statement per 300 events: the first of two repeats in a batch is taken, the
+        second then meets the entry the first just wrote."""
+        taken: set[tuple[str, str]] = set()
+        for start in range(0, len(items), 300):
+            keys = {_dedup_key(*pair): pair for pair in ((item.source, item.message_id)
+                                                         for item in items[start:start + 300])}
+            taken.update(keys[key] for (key,) in connection.execute(
+                "INSERT INTO dedup_index.keys (key, expires_at) "
+                f"SELECT column1, ? FROM (VALUES {', '.join(['(?)'] * len(keys))}) "
+                "WHERE true ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+                "WHERE keys.expires_at <= ? RETURNING key", (expires_at, *keys, now)))
+        last = _insert_rows(connection, "INSERT INTO seen (source, message_id, expires_at)", 3,
+                            [value for source, message_id in taken
+                             for value in (source, message_id, expires_at)])
+        if last is not None:  # the index has these rows already
+            self._indexed_up_to = last
+        return taken
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
                     ordered: bool = False) -> list[Job]:
@@ -684,46 +712,21 @@ def _dedup_key(source: str, message_id: str) -> int:
     return hash((source, message_id))
 
 
-def _remember(connection: sqlite3.Connection, items: Sequence[Acceptance], *,
-              expires_at: float, now: float) -> set[tuple[str, str]]:
-    """Record each ``(source, messageId)`` not seen within its window; returns those.
-
-    Message ids are random (UUIDs, mostly), so an index of them takes each new one at a random
-    place: in the spool's file, every accepted event would rewrite a page of that index
-    through the WAL and again at the checkpoint (measured: 32 KB written and 35 µs an event).
-    So the durable record, ``seen``, is written in arrival order, and lookups go to
-    ``dedup_index``, which nothing writes to disk. It is keyed by the pair's 64-bit hash: two
-    different ids of one source with the same hash inside the window would make the second
-    a duplicate, about once in 10^12 events with ten million ids in the window.
-
-    One statement per 300 events: the first of two repeats in a batch is taken, the second
-    then meets the entry the first just wrote."""
-    taken: set[tuple[str, str]] = set()
-    for start in range(0, len(items), 300):
-        keys = {_dedup_key(*pair): pair for pair in ((item.source, item.message_id)
-                                                     for item in items[start:start + 300])}
-        taken.update(keys[key] for (key,) in connection.execute(
-            "INSERT INTO dedup_index.keys (key, expires_at) "
-            f"SELECT column1, ? FROM (VALUES {', '.join(['(?)'] * len(keys))}) "
-            "WHERE true ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
-            "WHERE keys.expires_at <= ? RETURNING key", (expires_at, *keys, now)))
-    _insert_rows(connection, "INSERT INTO seen (source, message_id, expires_at)", 3,
-                 [value for source, message_id in taken
-                  for value in (source, message_id, expires_at)])
-    return taken
-
-
 def _insert_rows(connection: sqlite3.Connection, insert: str, width: int,
-                 values: list[Any]) -> None:
+                 values: list[Any]) -> int | None:
     """``insert`` (``INSERT INTO table (columns)``) of ``values``, ``width`` to a row, 1,000
-    rows a statement (SQLite takes 32,766 parameters). Not ``executemany``: each of its rows
-    gives up the GIL and takes it back, and under load every take waits for the event
-    loop's thread while the write lock, which another process may be waiting for, is held."""
+    rows a statement (SQLite takes 32,766 parameters); returns the last row's id, or None
+    when there was nothing to insert. Not ``executemany``: each of its rows gives up the GIL
+    and takes it back, and under load every take waits for the event loop's thread while
+    the write lock, which another process may be waiting for, is held."""
     step = 1000 * width
+    last = None
     for start in range(0, len(values), step):
         chunk = values[start:start + step]
         row = "(" + ", ".join("?" * width) + ")"
-        connection.execute(f"{insert} VALUES {', '.join([row] * (len(chunk) // width))}", chunk)
+        last = connection.execute(
+            f"{insert} VALUES {', '.join([row] * (len(chunk) // width))}", chunk).lastrowid
+    return last
 
 
 def _lane_of(connection: sqlite3.Connection, destination: str) -> int | None:
@@ -765,31 +768,28 @@ def _take_ids(connection: sqlite3.Connection, destination: str, count: int) -> i
     return (number << LANE_BITS) + last - count + 1
 
 
-def _move_jobs_of_the_old_queue_table(connection: sqlite3.Connection) -> None:
-    """Spools written before bundles kept one row a job in a ``queue`` table: those jobs
-    move to ``jobs``, due at once, keeping their ids."""
-    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                              "name = 'queue'").fetchone():
-        return
-    connection.execute("BEGIN IMMEDIATE")
-    connection.execute(
+def _move_the_old_tables(connection: sqlite3.Connection) -> None:
+    """Convert a spool written by an earlier version: a ``queue`` table of one row a job
+    (before bundles) moves to ``jobs``, due at once and keeping its ids; an indexed
+    ``dedup`` table (before ``seen``) moves to ``seen``, in the order its entries expire."""
+    _move_old_table(connection, "queue", (
         "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, created_at, due_at)"
-        f" SELECT queue.id, lanes.destination, message_id, user_key, grp, body, created_at, "
-        f"created_at FROM queue JOIN lanes ON lanes.number = queue.id >> {LANE_BITS}")
-    connection.execute("DROP TABLE queue")
-    connection.execute("COMMIT")
+        " SELECT queue.id, lanes.destination, message_id, user_key, grp, body, created_at, "
+        f"created_at FROM queue JOIN lanes ON lanes.number = queue.id >> {LANE_BITS}"))
+    _move_old_table(connection, "dedup", (
+        "INSERT INTO seen (source, message_id, expires_at) SELECT source, message_id, "
+        "expires_at FROM dedup ORDER BY expires_at"))
 
 
-def _move_the_old_dedup_table(connection: sqlite3.Connection) -> None:
-    """Spools written before ``seen`` kept the dedup window in an indexed ``dedup`` table:
-    its entries move to ``seen``, in the order they expire."""
-    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                              "name = 'dedup'").fetchone():
+def _move_old_table(connection: sqlite3.Connection, table: str, move: str) -> None:
+    """If ``table`` exists, run ``move`` (an ``INSERT ... SELECT`` from it) and drop it, in
+    one transaction."""
+    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                              (table,)).fetchone():
         return
     connection.execute("BEGIN IMMEDIATE")
-    connection.execute("INSERT INTO seen (source, message_id, expires_at) SELECT source, "
-                       "message_id, expires_at FROM dedup ORDER BY expires_at")
-    connection.execute("DROP TABLE dedup")
+    connection.execute(move)
+    connection.execute(f"DROP TABLE {table}")
     connection.execute("COMMIT")
 
 
