@@ -612,14 +612,15 @@ async def test_sqlite_a_large_accept_is_spooled_in_several_bundles(spool, tmp_pa
     assert spool_rows(tmp_path / "spool.db")["bundles"] == 3
     leased = await lease(spool, 5)
     await spool.complete(ids(leased))
-    assert spool_rows(tmp_path / "spool.db") == {"bundles": 2, "settled": 2, "jobs": 0}
+    # the two jobs settled in the bundle still out are one run: one row
+    assert spool_rows(tmp_path / "spool.db") == {"bundles": 2, "settled_runs": 1, "jobs": 0}
     assert [j.message_id for j in await lease(spool)] == ["m-5", "m-6", "m-7"]
 
 
 def spool_rows(path: Path) -> dict[str, int]:
     with sqlite3.connect(path) as connection:
         return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-                for table in ("bundles", "settled", "jobs")}
+                for table in ("bundles", "settled_runs", "jobs")}
 
 
 async def test_sqlite_a_bundle_and_its_notes_go_once_every_job_of_it_is_settled(spool, tmp_path):
@@ -627,12 +628,37 @@ async def test_sqlite_a_bundle_and_its_notes_go_once_every_job_of_it_is_settled(
     jobs = await lease(spool, 4)
     await spool.complete([jobs[0].id])
     await spool.retry([tried(jobs[1], T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
-    assert spool_rows(tmp_path / "spool.db") == {"bundles": 1, "settled": 2, "jobs": 1}
+    assert spool_rows(tmp_path / "spool.db") == {"bundles": 1, "settled_runs": 2, "jobs": 1}
     assert await pending(spool) == 3
     await spool.dead_letter([tried(jobs[2], T0)], now=T0, failure=Failure("HTTP 400", 400))
     await spool.complete([jobs[3].id])
-    assert spool_rows(tmp_path / "spool.db") == {"bundles": 0, "settled": 0, "jobs": 1}
+    assert spool_rows(tmp_path / "spool.db") == {"bundles": 0, "settled_runs": 0, "jobs": 1}
     assert await pending(spool) == 1  # the retry
+
+
+async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay_settled(
+        tmp_path):
+    path = tmp_path / "spool.db"
+    storage = SqliteStorage(path)
+    await storage.open()
+    await accept(storage, *(item(f"m-{n}") for n in range(6)))
+    leased = await lease(storage, 6)
+    await storage.complete([leased[0].id, leased[1].id, leased[3].id])
+    await storage.close()
+    with sqlite3.connect(path) as connection:  # as the version before runs wrote it
+        runs = connection.execute("SELECT first, last FROM settled_runs").fetchall()
+        connection.execute("CREATE TABLE settled (id INTEGER PRIMARY KEY)")
+        connection.executemany("INSERT INTO settled VALUES (?)",
+                               [(n,) for first, last in runs for n in range(first, last + 1)])
+        connection.execute("DROP TABLE settled_runs")
+    storage = SqliteStorage(path)
+    await storage.open()
+    try:
+        assert await pending(storage) == 3
+        assert [j.message_id for j in await lease(storage)] == ["m-2", "m-4", "m-5"]
+        assert spool_rows(path)["settled_runs"] == 3  # one a job, as they were
+    finally:
+        await storage.close()
 
 
 async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_path):

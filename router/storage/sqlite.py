@@ -20,9 +20,12 @@ The spool has two tables, because most jobs never fail:
   and every job of a destination that keeps per-user order (the per-user check needs the
   index). A job keeps its id when it moves here.
 
-A job of a bundle that is settled while others of its bundle are still out (delivered,
-retried or dead-lettered) is written to ``settled``, so that the bundle, read again after a
-restart, gives back only what is unfinished; those rows go with their bundle.
+Jobs of a bundle that are settled while others of its bundle are still out (delivered,
+retried or dead-lettered) are noted in ``settled_runs``, a row per run of consecutive ids
+(a delivered batch is one run), so that the bundle, read again after a restart, gives back
+only what is unfinished; those rows go with their bundle. A process keeps each bundle it
+reads unpacked until the bundle is finished, so the leases that take it a batch at a time
+read and parse it once.
 
 Leases live in the process (one process serves a SQLite file): after a crash or restart,
 every job not yet completed is read again, so nothing is lost and duplicates carry the same
@@ -68,7 +71,7 @@ CREATE TABLE IF NOT EXISTS lanes (
 CREATE TABLE IF NOT EXISTS bundles (
     id INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, created_at REAL NOT NULL,
     jobs BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS settled (id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS settled_runs (last INTEGER PRIMARY KEY, first INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
@@ -409,25 +412,24 @@ class SqliteStorage(Storage):
             # holds at most MAX_BUNDLE_JOBS ids, which bounds the scan.
             wanted = after + limit - len(taken)
             rows = connection.execute(
-                "SELECT id, first_id, created_at, jobs FROM bundles WHERE id > ? AND id <= ? "
-                "AND first_id <= ? ORDER BY id",
-                (after, min(end - 1, wanted + MAX_BUNDLE_JOBS), wanted)).fetchall()
+                "SELECT id, first_id FROM bundles WHERE id > ? AND id <= ? AND first_id <= ? "
+                "ORDER BY id", (after, min(end - 1, wanted + MAX_BUNDLE_JOBS), wanted)).fetchall()
             if not rows:  # none there: the next bundle, past a run of ids used by `jobs`
                 rows = connection.execute(
-                    "SELECT id, first_id, created_at, jobs FROM bundles WHERE id > ? AND id < ?"
-                    " ORDER BY id LIMIT 1", (after, end)).fetchall()
+                    "SELECT id, first_id FROM bundles WHERE id > ? AND id < ? ORDER BY id "
+                    "LIMIT 1", (after, end)).fetchall()
                 if not rows:
                     break
-            for bundle_id, first_id, created_at, packed in rows:
+            for bundle_id, first_id in rows:
                 bundle = self._open_bundle(connection, bundle_id, first_id)
-                for job_id, message_id, user_key, group, body in _unpack(packed, first_id,
-                                                                          after):
+                for index in range(max(after + 1 - first_id, 0), len(bundle.jobs)):
                     if len(taken) == limit:
                         break
-                    after = job_id
+                    after = job_id = first_id + index
                     if job_id in bundle.unsettled and job_id not in self._held:
+                        message_id, user_key, group, body = bundle.jobs[index]
                         taken.append(Job(job_id, destination, message_id, user_key, group,
-                                         body, created_at))
+                                         body, bundle.created_at))
                         self._held.add(job_id)
                         self._bundle_of[job_id] = bundle
                 if len(taken) == limit:
@@ -439,16 +441,21 @@ class SqliteStorage(Storage):
                      ) -> _OpenBundle:
         bundle = self._bundles.get(bundle_id)
         if bundle is None:
-            settled = {row[0] for row in connection.execute(
-                "SELECT id FROM settled WHERE id BETWEEN ? AND ?", (first_id, bundle_id))}
-            bundle = self._bundles[bundle_id] = _OpenBundle(bundle_id, first_id, settled)
+            created_at, packed = connection.execute(
+                "SELECT created_at, jobs FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+            settled = {job_id for first, last in connection.execute(
+                           "SELECT first, last FROM settled_runs WHERE last BETWEEN ? AND ?",
+                           (first_id, bundle_id))
+                       for job_id in range(first, last + 1)}
+            bundle = self._bundles[bundle_id] = _OpenBundle(bundle_id, first_id, created_at,
+                                                            _unpack(packed), settled)
         return bundle
 
     def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
                 ) -> list[int | str]:
         """Forget held jobs: the bundles they finish are deleted, and in a bundle still
-        open they are noted in ``settled``. Returns the ids that are not of a bundle (rows
-        of ``jobs``)."""
+        open they are noted in ``settled_runs``. Returns the ids that are not of a bundle
+        (rows of ``jobs``)."""
         others: list[int | str] = []
         of_bundles: list[tuple[int | str, _OpenBundle]] = []
         finished: list[_OpenBundle] = []
@@ -462,21 +469,24 @@ class SqliteStorage(Storage):
             of_bundles.append((job_id, bundle))
             if not bundle.unsettled and self._bundles.pop(bundle.id, None) is not None:
                 finished.append(bundle)
-        # A finished bundle goes whole, with its notes; the others' settled jobs are noted.
-        settled: list[int | str] = []
+        # A finished bundle goes whole, with its notes; the others' settled jobs are noted,
+        # a row per run of consecutive ids of one bundle.
+        settled: dict[_OpenBundle, list[int]] = {}
         for job_id, bundle in of_bundles:
             if bundle.unsettled:
-                settled.append(job_id)
+                settled.setdefault(bundle, []).append(int(job_id))
                 bundle.has_settled_rows = True
         if settled:
-            _insert_rows(connection, "INSERT INTO settled (id)", 1, settled)
+            _insert_rows(connection, "INSERT INTO settled_runs (last, first)", 2,
+                         [bound for ids in settled.values() for first, last in _runs(sorted(ids))
+                          for bound in (last, first)])
         for start in range(0, len(finished), 500):
             chunk = finished[start:start + 500]
             connection.execute(f"DELETE FROM bundles WHERE id IN ({', '.join('?' * len(chunk))})",
                                [bundle.id for bundle in chunk])
             for bundle in chunk:
                 if bundle.has_settled_rows:
-                    connection.execute("DELETE FROM settled WHERE id BETWEEN ? AND ?",
+                    connection.execute("DELETE FROM settled_runs WHERE last BETWEEN ? AND ?",
                                        (bundle.first_id, bundle.id))
         return others
 
@@ -588,9 +598,9 @@ class SqliteStorage(Storage):
         def operation(connection: sqlite3.Connection) -> StorageStats:
             stats = StorageStats()
             lanes = dict(connection.execute("SELECT number, destination FROM lanes"))
-            # A bundle's jobs noted in `settled` are done, or counted in `jobs` (retries).
+            # A bundle's jobs noted in `settled_runs` are done, or counted in `jobs` (retries).
             settled = dict(connection.execute(
-                f"SELECT id >> {LANE_BITS}, COUNT(*) FROM settled GROUP BY 1"))
+                f"SELECT last >> {LANE_BITS}, SUM(last - first + 1) FROM settled_runs GROUP BY 1"))
             bundled = connection.execute(
                 f"SELECT id >> {LANE_BITS}, SUM(id - first_id + 1), MIN(created_at) FROM bundles"
                 " GROUP BY 1").fetchall()
@@ -684,26 +694,38 @@ def _pack(jobs: Sequence[NewJob]) -> bytes:
     return b"".join((len(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
 
 
-def _unpack(packed: bytes, first_id: int, after: int
-            ) -> Iterator[tuple[int, str, str, str, bytes]]:
-    """The jobs of a bundle whose ids are past ``after``: id, messageId, user key, group and
-    body."""
+def _unpack(packed: bytes) -> list[tuple[str, str, str, bytes]]:
+    """The jobs of a bundle, in id order: messageId, user key, group and body."""
     offset = 4 + int.from_bytes(packed[:4], "big")
-    for job_id, (message_id, user_key, group, length) in enumerate(
-            orjson.loads(packed[4:offset]), first_id):
-        if job_id > after:
-            yield job_id, message_id, user_key, group, packed[offset:offset + length]
+    jobs = []
+    for message_id, user_key, group, length in orjson.loads(packed[4:offset]):
+        jobs.append((message_id, user_key, group, packed[offset:offset + length]))
         offset += length
+    return jobs
+
+
+def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
+    """The runs of consecutive numbers in sorted ``ids``, as (first, last)."""
+    first = previous = ids[0]
+    for job_id in ids[1:]:
+        if job_id != previous + 1:
+            yield first, previous
+            first = job_id
+        previous = job_id
+    yield first, previous
 
 
 class _OpenBundle:
-    """A bundle this process has read: which of its jobs are not settled yet."""
+    """A bundle this process has read: its jobs, unpacked, and which are not settled yet."""
 
-    __slots__ = ("first_id", "has_settled_rows", "id", "unsettled")
+    __slots__ = ("created_at", "first_id", "has_settled_rows", "id", "jobs", "unsettled")
 
-    def __init__(self, bundle_id: int, first_id: int, settled: set[int]) -> None:
+    def __init__(self, bundle_id: int, first_id: int, created_at: float,
+                 jobs: list[tuple[str, str, str, bytes]], settled: set[int]) -> None:
         self.id = bundle_id
         self.first_id = first_id
+        self.created_at = created_at
+        self.jobs = jobs
         self.unsettled = set(range(first_id, bundle_id + 1)) - settled
         self.has_settled_rows = bool(settled)
 
@@ -771,7 +793,8 @@ def _take_ids(connection: sqlite3.Connection, destination: str, count: int) -> i
 def _move_the_old_tables(connection: sqlite3.Connection) -> None:
     """Convert a spool written by an earlier version: a ``queue`` table of one row a job
     (before bundles) moves to ``jobs``, due at once and keeping its ids; an indexed
-    ``dedup`` table (before ``seen``) moves to ``seen``, in the order its entries expire."""
+    ``dedup`` table (before ``seen``) moves to ``seen``, in the order its entries expire; a
+    ``settled`` table of one row a job (before runs) moves to ``settled_runs``."""
     _move_old_table(connection, "queue", (
         "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, created_at, due_at)"
         " SELECT queue.id, lanes.destination, message_id, user_key, grp, body, created_at, "
@@ -779,6 +802,8 @@ def _move_the_old_tables(connection: sqlite3.Connection) -> None:
     _move_old_table(connection, "dedup", (
         "INSERT INTO seen (source, message_id, expires_at) SELECT source, message_id, "
         "expires_at FROM dedup ORDER BY expires_at"))
+    _move_old_table(connection, "settled", (
+        "INSERT INTO settled_runs (last, first) SELECT id, id FROM settled"))
 
 
 def _move_old_table(connection: sqlite3.Connection, table: str, move: str) -> None:
