@@ -175,10 +175,18 @@ def corrected_timestamp(event: Event, *, explicit: bool) -> datetime:
 
 
 def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str, str]]:
-    """Make ``revenue``/``value`` numbers and ``currency`` an upper-case ISO 4217 code, in place.
+    """Make ``revenue``/``value`` numbers and ``currency`` an upper-case ISO 4217 code, in place;
+    numeric strings in ``price`` and ``quantity``, of the event and of each of its
+    ``products``, become numbers too (vendors such as GA4 drop a string price silently).
 
     Returns the problems found, as ``(field, message)`` pairs.
     """
+    _numbers_from_numeric_strings(properties)
+    products = properties.get("products")
+    if isinstance(products, list):
+        for product in products:
+            if isinstance(product, dict):
+                _numbers_from_numeric_strings(product)
     problems: list[tuple[str, str]] = []
     for key in ("revenue", "value"):
         if key in properties and properties[key] is not None:
@@ -198,6 +206,17 @@ def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str,
     elif properties.get("revenue") is not None:
         properties["currency"] = DEFAULT_CURRENCY
     return problems
+
+
+def _numbers_from_numeric_strings(item: dict[str, Any]) -> None:
+    """``price`` and ``quantity`` given as numeric strings ("19.99", "2") as numbers, in place;
+    anything else is left for each destination to judge."""
+    for key in ("price", "quantity"):
+        value = item.get(key)
+        if isinstance(value, str):
+            number = as_number(value)
+            if number is not None:
+                item[key] = int(number) if value.strip().isdigit() else number
 
 
 def as_number(value: Any) -> float | int | None:

@@ -287,6 +287,18 @@ def test_no_currency_added_without_revenue():
     assert "currency" not in event.properties
 
 
+def test_numeric_string_prices_and_quantities_become_numbers_in_the_event_and_its_products():
+    event = parse({**VALID_MINIMAL["track"], "properties": {
+        "price": "4.50", "quantity": " 3 ",
+        "products": [{"price": "19.99", "quantity": "2"}, {"price": 5, "quantity": 1.5},
+                     {"price": "n/a", "quantity": ""}, "not a product"]}})
+    assert event.properties["price"] == 4.5 and event.properties["quantity"] == 3
+    assert isinstance(event.properties["quantity"], int)
+    assert event.properties["products"] == [
+        {"price": 19.99, "quantity": 2}, {"price": 5, "quantity": 1.5},
+        {"price": "n/a", "quantity": ""}, "not a product"]  # left for destinations to judge
+
+
 def test_fixture_order_completed_is_normalized():
     raw = json.loads((FIXTURES / "order_completed.json").read_text())
     event = parse(raw)
