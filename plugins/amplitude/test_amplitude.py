@@ -362,6 +362,19 @@ def test_properties_nested_deeper_than_40_levels_are_rejected():
         translate(amplitude(), track(properties=nested))
 
 
+@pytest.mark.parametrize("levels", [40, 41])
+def test_forty_levels_of_objects_and_arrays_pass_and_forty_one_do_not(levels):
+    value: Any = "leaf"
+    for level in range(levels - 1):  # the properties object is the first level
+        value = [1, value] if level % 2 else {"flat": 1, "n": value}
+    event = track(properties={"n": value})
+    if levels > 40:
+        with pytest.raises(EventRejected, match="deeper than 40"):
+            translate(amplitude(), event)
+    else:
+        assert translate(amplitude(), event)
+
+
 def test_an_event_too_big_for_one_request_is_rejected_before_sending():
     big = track(properties={"blob": "x" * 1_000_000})
     with pytest.raises(EventRejected, match="over its limit of 990000"):

@@ -214,13 +214,15 @@ def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def depth(value: Any) -> int:
-    """How many object/array levels a value nests."""
+def nests_deeper_than(value: Any, levels: int) -> bool:
+    """Whether a value nests more than ``levels`` object/array levels. Only containers are
+    looked into: most properties are flat, and this runs for every event."""
     if isinstance(value, dict):
-        return 1 + max((depth(item) for item in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(item) for item in value), default=0)
-    return 0
+        value = value.values()
+    elif not isinstance(value, list):
+        return False
+    return levels < 1 or any(nests_deeper_than(item, levels - 1) for item in value
+                             if isinstance(item, (dict, list)))
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class Builder:
             body["groups"] = dict(self.options.groups)
         body.update({key: value for key, value in fields.items() if value not in (None, {})})
         for name in ("event_properties", "user_properties", "group_properties"):
-            if name in body and depth(body[name]) > MAX_DEPTH:
+            if name in body and nests_deeper_than(body[name], MAX_DEPTH):
                 raise EventRejected(f"{name} nest deeper than {MAX_DEPTH} levels, the most "
                                     "Amplitude accepts")
         return body

@@ -13,6 +13,7 @@ characters, a post body of 130 KB, and backdating by at most 72 hours.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,9 +78,12 @@ def name_problem(name: str, *, max_length: int, reserved: frozenset[str] = froze
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def event_name(raw: str, *, lowercase: bool) -> str:
     """A track event's name as GA4 takes it: spaces become underscores (as Segment's GA4
-    destination does), optionally lower-cased; anything still invalid is rejected."""
+    destination does), optionally lower-cased; anything still invalid is rejected.
+    Remembered: a stream uses a small vocabulary of names over and over (a rejection is
+    not remembered, it raises)."""
     name = "_".join(raw.strip().split())
     if lowercase:
         name = name.lower()
@@ -89,8 +93,10 @@ def event_name(raw: str, *, lowercase: bool) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)
 def param_name(raw: str) -> str:
-    """A property name as a GA4 param name: spaces become underscores, the rest must pass."""
+    """A property name as a GA4 param name: spaces become underscores, the rest must pass.
+    Remembered, as ``event_name`` is."""
     name = "_".join(raw.strip().split())
     problem = name_problem(name, max_length=PARAM_NAME_MAX, reserved=RESERVED_PARAM_NAMES)
     if problem:

@@ -111,10 +111,14 @@ def truncated(value: Any) -> Any:
     and cutting here keeps batches small and the stored value predictable."""
     if isinstance(value, str):
         return value[:MAX_STRING]
+    # Scalars inline: a call for each of them would cost more than the rest.
     if isinstance(value, dict):
-        return {key: truncated(item) for key, item in value.items()}
+        return {key: item[:MAX_STRING] if isinstance(item, str) else
+                truncated(item) if isinstance(item, (dict, list)) else item
+                for key, item in value.items()}
     if isinstance(value, list):
-        return [truncated(item) for item in value]
+        return [item[:MAX_STRING] if isinstance(item, str) else
+                truncated(item) if isinstance(item, (dict, list)) else item for item in value]
     return value
 
 

@@ -10,11 +10,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from router import EventRejected, HttpResponse, Payload, SkipEvent, parse_event
 from router.registry import create_registry
 from router.testing import DestinationHarness, conformance_test
+from router_plugins.posthog.translate import UUID_NAMESPACE, event_uuid
 from router_plugins.posthog.destination import PostHog, PostHogSettings
 
 RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
@@ -95,6 +98,11 @@ def test_track_goes_to_batch_with_an_iso_timestamp_and_a_uuid_from_the_messageid
             "uuid": "59170621-49e4-5e78-8290-bf0c4ac77587",
         }]},
     }
+
+
+@given(st.text())
+def test_uuid_is_exactly_the_standard_libraries_uuid5_of_any_messageid(message_id):
+    assert event_uuid(message_id) == str(uuid.uuid5(UUID_NAMESPACE, message_id))
 
 
 def test_uuid_is_a_uuidv5_of_the_messageid_the_same_on_every_translation():

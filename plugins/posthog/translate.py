@@ -8,6 +8,7 @@ follows RudderStack's PostHog destination (RT posthog/data/PHPropertiesConfig.js
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ PersonProfiles = Literal["always", "identified_only"]
 
 # Fixed, so the uuid of a message is the same in every process and release.
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "event-router:posthog:uuid")
+_NAMESPACE_BYTES = UUID_NAMESPACE.bytes
 
 MAX_EVENT_BYTES = 900 * 1024
 """PostHog drops events over 1 MB (its Kafka message limit); posthog-python and RudderStack
@@ -76,8 +78,16 @@ def event_options(options: Mapping[str, Any]) -> EventOptions:
 
 def event_uuid(message_id: str) -> str:
     """PostHog's ``uuid``, which must be a valid UUID or the event is dropped: a UUIDv5 of
-    the messageId, so every retry and replay of a message carries the same one."""
-    return str(uuid.uuid5(UUID_NAMESPACE, message_id))
+    the messageId, so every retry and replay of a message carries the same one.
+
+    The same as ``str(uuid.uuid5(UUID_NAMESPACE, message_id))``, made from the SHA-1 here:
+    a third of the cost, as it skips building and checking a ``uuid.UUID`` (every event
+    pays it)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + message_id.encode()).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50  # version 5
+    digest[8] = digest[8] & 0x3F | 0x80  # RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def is_illegal_id(value: str) -> bool:
