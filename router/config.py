@@ -212,8 +212,13 @@ class SourceMap:
 class LoadedConfig:
     """A validated config and the map back to its source lines."""
 
-    def __init__(self, config: RouterConfig, source: SourceMap, base_dir: Path) -> None:
+    def __init__(self, config: RouterConfig, source: SourceMap, base_dir: Path,
+                 environment_values: frozenset[str] = frozenset()) -> None:
         self.config, self.source, self.base_dir = config, source, base_dir
+        self.environment_values = environment_values
+        """Every value the config took from an environment variable: secrets come only from
+        there, so each destination masks those found in its settings, whatever the field's
+        type (a webhook URL with a token in its path, say)."""
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -255,7 +260,8 @@ def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | 
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:
         raise _unique_name_error(exc, source) or source.validation_error(exc) from None
-    return LoadedConfig(config, source, base_dir or Path.cwd())
+    return LoadedConfig(config, source, base_dir or Path.cwd(),
+                        frozenset(converter.environment_values))
 
 
 def _unique_name_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:
@@ -281,6 +287,7 @@ class _Converter:
 
     def __init__(self, file: str, lines: dict[tuple[Any, ...], int], env: Mapping[str, str]) -> None:
         self.file, self.lines, self.env, self.nodes = file, lines, env, 0
+        self.environment_values: set[str] = set()
 
     def convert(self, node: yaml.Node, path: tuple[Any, ...]) -> Any:
         self.nodes += 1
@@ -350,6 +357,8 @@ class _Converter:
                                       file=self.file, line=node.start_mark.line + 1,
                                       field=".".join(map(str, path)))
                 value = default
+            else:
+                self.environment_values.add(value)
             if "\n" in value or "\r" in value:
                 raise ConfigError(f"environment variable {name} contains a line break",
                                   file=self.file, line=node.start_mark.line + 1,

@@ -158,6 +158,21 @@ def test_dry_run_json_on_a_fixture_prints_exact_requests_with_secrets_masked(wor
     assert_no_secret(completed)
 
 
+def test_a_secret_from_the_environment_in_a_plain_url_is_masked_too(workdir):
+    # A webhook URL is not a secret field, but one that carries a token in its path (as
+    # Zapier's and Slack's do) takes it from the environment: that is what gets masked.
+    (workdir / "router.yaml").write_text(
+        "destinations:\n"
+        "  - name: zap\n"
+        "    plugin: webhook\n"
+        "    settings: {url: 'https://hooks.example/catch/${HOOK_SECRET}/'}\n")
+    lines, completed = dry_run(workdir, FIXTURES / "order_completed.json")
+    assert completed.returncode == 0, completed.stderr
+    (request,) = lines[0]["requests"]
+    assert request["url"] == f"https://hooks.example/catch/{REDACTED}/"
+    assert_no_secret(completed)
+
+
 def test_dry_run_of_every_fixture_masks_secrets(workdir):
     from router.input import read_events
     events = [event for path in sorted(FIXTURES.glob("*.json"))

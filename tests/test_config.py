@@ -114,6 +114,10 @@ def test_env_variables_and_defaults_are_interpolated(tmp_path):
     settings = config.destinations[0].settings
     assert settings["url"] == "https://hooks.example/v1/events"  # empty value takes the default
     assert settings["headers"]["Authorization"] == "Bearer t0k"
+    # what came from the environment, to be masked wherever it shows; defaults did not
+    assert load_config(path, env={"PORT": "9000", "KEY_A": "ka", "HOST": "hooks.example",
+                                  "TOKEN": "t0k", "PATH_PART": ""}).environment_values == {
+        "9000", "ka", "hooks.example", "t0k"}
 
 
 def test_env_value_wins_over_default(tmp_path):
