@@ -4,7 +4,7 @@ mapping overrides, built once from the config and checked there, so problems fai
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from router.destination import DeliveryDefaults, Destination, Payload
 from router.errors import ConfigError
 from router.events import Event
 from router.filters import EventFilter
-from router.redaction import Masker, secret_values
+from router.redaction import Masker, secret_values, values_found_in
 from router.registry import DestinationType, Registry
 from router.templates import Template
 
@@ -116,21 +116,4 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         event_filter=EventFilter(entry.filter) if entry.filter else None,
         renames=dict(entry.mapping.event_names), property_templates=templates,
         masker=Masker([*secret_values(settings),
-                       *environment_values_in(entry.settings, loaded.environment_values)]))
-
-
-def environment_values_in(settings: Any, values: frozenset[str]) -> list[str]:
-    """The values taken from the environment that appear in a destination's raw settings."""
-    strings = list(_strings(settings))
-    return [value for value in values if any(value in string for string in strings)]
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
+                       *values_found_in(entry.settings, loaded.environment_values)]))

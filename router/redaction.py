@@ -43,6 +43,25 @@ def secret_values(value: Any) -> Iterator[str]:
             yield from secret_values(item)
 
 
+def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
+    """Those of ``values`` that occur in a string anywhere in plain ``data`` (a destination's
+    settings as the config gave them): what the config took from the environment and put
+    there, to be masked whatever the setting's type."""
+    strings = list(_strings(data))
+    return [value for value in values if any(value in string for string in strings)]
+
+
+def _strings(data: Any) -> Iterator[str]:
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, dict):
+        for item in data.values():
+            yield from _strings(item)
+    elif isinstance(data, list):
+        for item in data:
+            yield from _strings(item)
+
+
 def redacted_url(url: str) -> str:
     """A URL safe to show: its password (``redis://:secret@host``) replaced."""
     parts = urlsplit(url)

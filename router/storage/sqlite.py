@@ -124,13 +124,11 @@ class SqliteStorage(Storage):
         # The state of the lanes this process reads (touched by the writer thread only):
         self._read_up_to: dict[int, int] = {}
         """Per lane, the last job id its cursor has passed."""
-        self._held: set[int | str] = set()
-        """Jobs leased by this process and not yet settled: what a cursor moved back by
-        ``release`` must not hand out twice."""
         self._bundles: dict[int, _OpenBundle] = {}
         """The bundles read and not yet finished, by id."""
         self._bundle_of: dict[int | str, _OpenBundle] = {}
-        """For each held job that came from a bundle, its bundle."""
+        """The jobs of bundles leased by this process and not yet settled, each with its
+        bundle: what a cursor moved back by ``release`` must not hand out twice."""
 
     @classmethod
     def from_url(cls, url: str, *, base_dir: Path) -> SqliteStorage:
@@ -149,7 +147,7 @@ class SqliteStorage(Storage):
 
     async def open(self, *, recover: bool = True) -> None:
         self._recover = recover
-        self._read_up_to, self._held, self._bundles, self._bundle_of = {}, set(), {}, {}
+        self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
         self._indexed_up_to = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -426,11 +424,10 @@ class SqliteStorage(Storage):
                     if len(taken) == limit:
                         break
                     after = job_id = first_id + index
-                    if job_id in bundle.unsettled and job_id not in self._held:
+                    if job_id in bundle.unsettled and job_id not in self._bundle_of:
                         message_id, user_key, group, body = bundle.jobs[index]
                         taken.append(Job(job_id, destination, message_id, user_key, group,
                                          body, bundle.created_at))
-                        self._held.add(job_id)
                         self._bundle_of[job_id] = bundle
                 if len(taken) == limit:
                     break
@@ -457,29 +454,27 @@ class SqliteStorage(Storage):
         open they are noted in ``settled_runs``. Returns the ids that are not of a bundle
         (rows of ``jobs``)."""
         others: list[int | str] = []
-        of_bundles: list[tuple[int | str, _OpenBundle]] = []
-        finished: list[_OpenBundle] = []
+        settled: dict[_OpenBundle, list[int]] = {}
         for job_id in job_ids:
-            self._held.discard(job_id)
             bundle = self._bundle_of.pop(job_id, None)
             if bundle is None:
                 others.append(job_id)
-                continue
-            bundle.unsettled.discard(job_id)
-            of_bundles.append((job_id, bundle))
-            if not bundle.unsettled and self._bundles.pop(bundle.id, None) is not None:
-                finished.append(bundle)
+            else:
+                bundle.unsettled.discard(job_id)
+                settled.setdefault(bundle, []).append(int(job_id))
         # A finished bundle goes whole, with its notes; the others' settled jobs are noted,
         # a row per run of consecutive ids of one bundle.
-        settled: dict[_OpenBundle, list[int]] = {}
-        for job_id, bundle in of_bundles:
-            if bundle.unsettled:
-                settled.setdefault(bundle, []).append(int(job_id))
+        finished: list[_OpenBundle] = []
+        runs: list[int] = []
+        for bundle, ids in settled.items():
+            if not bundle.unsettled:
+                del self._bundles[bundle.id]
+                finished.append(bundle)
+            else:
                 bundle.has_settled_rows = True
-        if settled:
-            _insert_rows(connection, "INSERT INTO settled_runs (last, first)", 2,
-                         [bound for ids in settled.values() for first, last in _runs(sorted(ids))
-                          for bound in (last, first)])
+                runs += [bound for first, last in _runs(sorted(ids)) for bound in (last, first)]
+        if runs:
+            _insert_rows(connection, "INSERT INTO settled_runs (last, first)", 2, runs)
         for start in range(0, len(finished), 500):
             chunk = finished[start:start + 500]
             connection.execute(f"DELETE FROM bundles WHERE id IN ({', '.join('?' * len(chunk))})",
@@ -546,7 +541,6 @@ class SqliteStorage(Storage):
         def operation(connection: sqlite3.Connection) -> None:
             rows = []
             for job_id in job_ids:
-                self._held.discard(job_id)
                 if self._bundle_of.pop(job_id, None) is None:
                     rows.append((now, job_id))
                     continue
