@@ -125,3 +125,23 @@ def test_counters_never_hold_up_the_delivery_process_while_the_router_does_not_r
     sender.close(timeout=5)
     router_end.close()
     child_end.close()
+
+
+async def test_intake_goes_on_while_the_delivery_process_is_stopped(tmp_path):
+    """Wake-ups are hints (the delivery process also polls), so the router never waits to
+    send one: with the delivery process frozen (SIGSTOP) the socket between them fills, and
+    routing must go on regardless. Once it runs again, everything is delivered."""
+    async with FakeDestinationServer() as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url))
+        async with router:
+            child = delivery_pid(router)
+            os.kill(child, signal.SIGSTOP)
+            try:
+                async def route_one_at_a_time() -> None:
+                    for n in range(3000):  # a wake-up each: far more than the socket holds
+                        await router.route(track(n))
+                await asyncio.wait_for(route_one_at_a_time(), timeout=120)
+            finally:
+                os.kill(child, signal.SIGCONT)
+            assert await router.drain(timeout=60)
+        assert {r.json["messageId"] for r in server.requests} == {f"m-{n}" for n in range(3000)}

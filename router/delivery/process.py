@@ -4,11 +4,14 @@ One Python process runs on one core at a time, and a router that accepts and del
 full speed needs more than that. With this option the router's process keeps intake
 (parsing, dedup, translation, the durable write) and a child process does the delivery,
 reading the same storage, which both can open: SQLite in WAL mode takes one writer at a
-time and readers alongside, Redis is shared anyway. Nothing passes between them but a pipe:
+time and readers alongside, Redis is shared anyway. Nothing passes between them but two sockets:
 
-- parent to child: ``("wake", names)`` when new work was queued (else the child would find
-  it at its next poll), ``("stop", grace)`` at shutdown;
-- child to parent: ``("ready", None)`` once delivering, ``("failed", text)`` if it cannot
+- parent to child, on a datagram socket: the names of the destinations that new work was
+  queued for (else the child would find it at its next poll). These are hints, so the
+  parent never waits to send one: when the child is not reading (stopped, or stuck) and the
+  socket is full, the names wait for the next send and the child's poll finds the work;
+- parent to child, on a pipe: the config at start, ``("stop", grace)`` at shutdown;
+- child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", text)`` if it cannot
   start, and ``("metrics", snapshot)`` whenever its counters change, so ``/metrics`` stays
   whole in the parent.
 
@@ -33,6 +36,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from router.config import LoadedConfig
 from router.delivery.telemetry import DeliveryMetrics
 from router.runtime import tune_garbage_collector
@@ -42,6 +47,8 @@ START_TIMEOUT = 60.0
 METRICS_INTERVAL = 0.05
 """How often the child sends its counters when they changed."""
 RESTART_DELAY = 1.0
+WAKE_DATAGRAM_BYTES = 1 << 16
+"""The most a wake-up datagram may carry: the JSON list of destination names."""
 
 
 class DeliveryProcess:
@@ -53,8 +60,10 @@ class DeliveryProcess:
         self.metrics = metrics
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
+        self._wake_socket: socket.socket | None = None
         self._ready: asyncio.Future[None] | None = None
         self._to_wake: set[str] = set()
+        self._wake_scheduled = False
         self._stopping = False
         self._restart: asyncio.TimerHandle | None = None
 
@@ -65,15 +74,20 @@ class DeliveryProcess:
         await asyncio.wait_for(self._ready, START_TIMEOUT)
 
     def _spawn(self) -> None:
-        """A fresh interpreter (``python -m router.delivery.process FD``), not a fork or
-        multiprocessing's spawn: it inherits no threads or sockets and never re-imports the
-        embedding program's main module. Its config comes as the first message."""
+        """A fresh interpreter (``python -m router.delivery.process FD WAKE_FD``), not a
+        fork or multiprocessing's spawn: it inherits no threads or sockets and never
+        re-imports the embedding program's main module. Its config comes as the first
+        message."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
-        with theirs:
+        wake_ours, wake_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with theirs, wake_theirs:
+            fds = [theirs.fileno(), wake_theirs.fileno()]
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "router.delivery.process", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "router.delivery.process", *map(str, fds)],
+                pass_fds=fds, stdin=subprocess.DEVNULL)
+        wake_ours.setblocking(False)
+        self._wake_socket = wake_ours
         self._connection = Connection(ours.detach())
         self._connection.send(("config", (self.loaded, os.getcwd())))
         self._ready = loop.create_future()
@@ -81,13 +95,22 @@ class DeliveryProcess:
 
     def wake(self, destinations: Iterable[str]) -> None:
         """New work for these destinations; sent once per turn of the event loop."""
-        if not self._to_wake:
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_wake)
         self._to_wake.update(destinations)
 
     def _send_wake(self) -> None:
-        names, self._to_wake = sorted(self._to_wake), set()
-        self._send(("wake", names))
+        self._wake_scheduled = False
+        if self._wake_socket is None or not self._to_wake:
+            return
+        try:
+            self._wake_socket.send(orjson.dumps(sorted(self._to_wake)))
+        except BlockingIOError:
+            return  # the child is not reading: the names go with the next wake-up
+        except OSError:
+            pass  # the child is gone; _on_message sees the pipe close and starts another
+        self._to_wake = set()
 
     def _send(self, message: tuple[str, Any]) -> None:
         try:
@@ -118,6 +141,9 @@ class DeliveryProcess:
             loop.remove_reader(self._connection.fileno())
             self._connection.close()
             self._connection = None
+        if self._wake_socket is not None:
+            self._wake_socket.close()
+            self._wake_socket = None
         ready = self._ready
         starting = ready is not None and not ready.done()
         if starting:
@@ -153,7 +179,7 @@ class DeliveryProcess:
 
 # -- the child --------------------------------------------------------------------------------
 
-def main(fd: int) -> None:
+def main(fd: int, wake_fd: int) -> None:
     """The delivery process's entry point. Ctrl-C reaches the whole process group; the
     parent decides when to stop, so the child ignores SIGINT and takes SIGTERM as ``stop``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -161,11 +187,13 @@ def main(fd: int) -> None:
     connection = Connection(fd)
     kind, (loaded, cwd) = connection.recv()
     assert kind == "config"
-    asyncio.run(_deliver_until_stopped(loaded, connection, Path(cwd)))
+    wake_socket = socket.socket(fileno=wake_fd)
+    wake_socket.setblocking(False)
+    asyncio.run(_deliver_until_stopped(loaded, connection, wake_socket, Path(cwd)))
 
 
 async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
-                                 base_dir: Path) -> None:
+                                 wake_socket: socket.socket, base_dir: Path) -> None:
     from router.delivery.service import DeliveryService
     from router.destinations import build_destinations, egress_policy
     from router.registry import create_registry
@@ -192,16 +220,25 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         try:
             while connection.poll():
                 kind, payload = connection.recv()
-                if kind == "wake":
-                    service.wake(payload)
-                elif kind == "stop":
+                if kind == "stop":
                     grace[0] = payload
                     stop.set()
         except (EOFError, OSError):  # the parent is gone: finish up, as after a stop
             loop.remove_reader(connection.fileno())
             stop.set()
 
+    def on_wake() -> None:
+        try:
+            while datagram := wake_socket.recv(WAKE_DATAGRAM_BYTES):
+                service.wake(orjson.loads(datagram))
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(wake_socket.fileno())  # the parent is gone: the pipe says so too
+
     loop.add_reader(connection.fileno(), on_message)
+    loop.add_reader(wake_socket.fileno(), on_wake)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     connection.send(("ready", None))
     sender = MetricsSender(connection)  # from here on, the only one to send
@@ -224,8 +261,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
 class MetricsSender:
     """Sends the child's counters to the parent from a thread of its own. A send waits while
     the parent is not reading and the socket's buffer is full: from the event loop, that
-    would stall delivery, and were the parent waiting to send a wake-up at the time, each
-    would wait for the other. Snapshots are cumulative, so one that has not gone out yet is
+    would stall delivery. Snapshots are cumulative, so one that has not gone out yet is
     simply replaced by the next."""
 
     def __init__(self, connection: Connection) -> None:
@@ -271,4 +307,4 @@ class MetricsSender:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), int(sys.argv[2]))
