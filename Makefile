@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SINK_PORT ?= 9900
 
-.PHONY: serve test bench check clean
+.PHONY: serve test lint bench check clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,13 @@ serve: $(STAMP)
 	trap 'kill $$sink 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/router serve -c config/router.yaml
 
-## The whole test suite.
-test: $(STAMP)
+## The linter, then the whole test suite.
+test: lint
 	$(BIN)/python -m pytest -q
+
+## pyflakes, pycodestyle, bugbear and pyupgrade checks (configured in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 ## Benchmarks; figures are printed and recorded in docs/performance.md by hand.
 bench: $(STAMP)

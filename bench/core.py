@@ -15,7 +15,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import orjson
@@ -61,7 +61,7 @@ def make_router(plugins: Sequence[str]) -> Router:
 def full_path(router: Router, storage: MemoryStorage, window: float) -> Callable[[bytes], int]:
     """The whole path for one event; returns the bytes of request bodies produced."""
     destinations = router.destinations
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     now = time.time()
 
     def run(raw: bytes) -> int:
@@ -86,7 +86,7 @@ def full_path(router: Router, storage: MemoryStorage, window: float) -> Callable
 def direct_translators(router: Router) -> Callable[[bytes], int]:
     """The same work calling each adapter directly: what the plugin layer is compared to."""
     adapters = [destination.adapter for destination in router.destinations]
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
 
     def run(raw: bytes) -> int:
         event = parse_event(orjson.loads(raw), received_at=received, size=len(raw))
@@ -105,7 +105,7 @@ def direct_translators(router: Router) -> Callable[[bytes], int]:
 
 def prebuilt_bodies(router: Router, sample: Sequence[bytes]) -> dict[bytes, list[Any]]:
     """Each event's finished bodies for every destination, built beforehand."""
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     return {raw: [payload.body for result in router.plan(
                       parse_event(orjson.loads(raw), received_at=received)).results
                   for payload in result.payloads]
@@ -133,7 +133,7 @@ def python_floor(router: Router, sample: Sequence[bytes]) -> Callable[[bytes], i
     """What no Python translator can go below: parsing and validating the event, allocating
     each destination's finished body (a dict and list display of constants, compiled from
     the body itself: no lookups, no decisions) and serializing it."""
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     builders: dict[bytes, Callable[[], list[Any]]] = {
         raw: eval(f"lambda: {bodies!r}")  # noqa: S307 - our own benchmark's bodies
         for raw, bodies in prebuilt_bodies(router, sample).items()}
@@ -166,7 +166,7 @@ def interleaved(functions: dict[str, Callable[[bytes], int]], events: Sequence[b
 
 def stage_costs(router: Router, events: Sequence[bytes]) -> dict[str, float]:
     """Microseconds per event spent in each stage of the path."""
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     parsed = [orjson.loads(raw) for raw in events]
     normalized = [parse_event(item, received_at=received) for item in parsed]
     maps = [IntegrationsMap(event.integrations) for event in normalized]
@@ -177,7 +177,8 @@ def stage_costs(router: Router, events: Sequence[bytes]) -> dict[str, float]:
         "parse bytes": lambda: [orjson.loads(raw) for raw in events],
         "validate+normalize": lambda: [parse_event(item, received_at=received) for item in parsed],
         "dedup": lambda: asyncio.run(storage.accept(
-            [Acceptance("bench", e.messageId + str(time.perf_counter_ns()), ()) for e in normalized],
+            [Acceptance("bench", e.messageId + str(time.perf_counter_ns()), ())
+             for e in normalized],
             window=43200, now=time.time())),
         "integrations+filters": lambda: [[m.decide(d.name, default_on=d.default_on)
                                           for d in router.destinations] for m in maps],
@@ -249,7 +250,8 @@ def run(count: int = 20_000) -> dict[str, object]:
     scaling = {}
     for n in (1, 2, 5, 10):
         router = make_router([FIVE[i % len(FIVE)] for i in range(n)])
-        per_event = min(measure(full_path(router, MemoryStorage(), 43200), event_mix(5000, seed=200 + r))
+        per_event = min(measure(full_path(router, MemoryStorage(), 43200),
+                                event_mix(5000, seed=200 + r))
                         for r in range(3))
         scaling[n] = round(per_event * 1e6, 2)
     figures["microseconds_by_destination_count"] = scaling
@@ -265,7 +267,7 @@ def run(count: int = 20_000) -> dict[str, object]:
     figures["microseconds_by_dedup_window_size"] = window_costs
 
     translation = {}
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     for plugin in BENCH_DESTINATIONS:
         try:
             router = make_router([plugin])

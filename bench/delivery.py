@@ -65,7 +65,7 @@ import time
 import traceback
 import urllib.request
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -509,7 +509,7 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
         planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
                                           for i in range(destinations)],
                               deliver=False, storage=MemoryStorage())
-        received = datetime.now(timezone.utc)
+        received = datetime.now(UTC)
         items = []
         for raw in event_mix(count, seed=13):
             result = planner.plan(orjson.loads(raw), received_at=received)
@@ -592,7 +592,7 @@ async def phase_bare_client(urls: list[str], concurrency: int, warmup: float, wi
     import aiohttp
 
     from router.events import parse_event
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     bodies = [orjson.dumps(parse_event(orjson.loads(raw), received_at=received).to_dict())
               for raw in event_mix(5000, seed=15)]
     headers = {"Content-Type": "application/json"}

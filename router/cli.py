@@ -8,7 +8,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -89,7 +89,8 @@ def check_command(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK")
     print(f"  storage: {redacted_url(config.storage)}")
     print(f"  dedup window: {_seconds(config.dedup.window)}")
-    print(f"  sources: {', '.join(s.name for s in config.sources) or '(none: the HTTP API accepts no write key)'}")
+    sources = ", ".join(s.name for s in config.sources)
+    print(f"  sources: {sources or '(none: the HTTP API accepts no write key)'}")
     print(f"  destinations ({len(router.destinations)} enabled):")
     for destination in router.destinations:
         delivery = destination.delivery
@@ -131,7 +132,7 @@ def dry_run(router: Router, items: Sequence[Any], *, source: str = DEFAULT_SOURC
             ) -> list[RouteResult]:
     """Plan every event without storage; a messageId repeated in the input is a duplicate."""
     seen: set[tuple[str, str]] = set()
-    received = datetime.now(timezone.utc)
+    received = datetime.now(UTC)
     results = []
     for item in items:
         if isinstance(item, Unreadable):

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
                       field_validator, model_validator)
-from typing_extensions import Annotated
+from typing import Annotated
 
 from router.errors import ConfigError
 from router.events import CallType
@@ -285,7 +285,8 @@ def _describe(error: Mapping[str, Any]) -> str:
 class _Converter:
     """Turns composed YAML nodes into plain data, recording lines and expanding ``${VAR}``."""
 
-    def __init__(self, file: str, lines: dict[tuple[Any, ...], int], env: Mapping[str, str]) -> None:
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int], env: Mapping[str, str]
+                 ) -> None:
         self.file, self.lines, self.env, self.nodes = file, lines, env, 0
         self.environment_values: set[str] = set()
 

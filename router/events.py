@@ -13,7 +13,7 @@ import functools
 import math
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -105,8 +105,8 @@ def format_time(moment: datetime) -> str:
     """ISO-8601 in UTC with milliseconds, the way Segment writes timestamps. Cached: the
     events of a batch share their receive time, often their send time too, and formatting
     costs more than the look-up."""
-    if moment.tzinfo is not timezone.utc:
-        moment = _utc(moment).astimezone(timezone.utc)
+    if moment.tzinfo is not UTC:
+        moment = _utc(moment).astimezone(UTC)
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
@@ -127,7 +127,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     if size > max_bytes:
         raise InvalidEvent([("", f"event is {size} bytes, over the {max_bytes // 1024} KB limit")])
 
-    received = received_at or datetime.now(timezone.utc)
+    received = received_at or datetime.now(UTC)
     data = dict(raw)
     data.setdefault("messageId", None)
     if not data["messageId"]:
@@ -279,4 +279,4 @@ def _as_datetime(value: Any) -> datetime:
 
 
 def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

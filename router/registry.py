@@ -75,7 +75,8 @@ def create_registry(*, entry_points: bool = True,
                     continue
                 pm.register(module, name=f"{ep.name} ({package})")
             except Exception as exc:  # noqa: BLE001 - any failure of third-party code
-                registry.broken[ep.name] = f"{type(exc).__name__}: {exc} (package {package} {version})"
+                registry.broken[ep.name] = (f"{type(exc).__name__}: {exc} "
+                                            f"(package {package} {version})")
                 log.warning("destination plugin %r from %s %s failed to load: %s",
                             ep.name, package, version, exc)
                 continue

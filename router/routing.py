@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -179,7 +179,7 @@ class Router:
         or duplicate event never costs its neighbours. ``sizes``, the events' serialized
         sizes when the caller has measured them (the HTTP server does), saves measuring
         them again."""
-        received = received_at or datetime.now(timezone.utc)
+        received = received_at or datetime.now(UTC)
         events = list(events)
         measured: Iterable[int | None] = sizes if sizes is not None else [None] * len(events)
         results = [self.plan(event, received_at=received, size=size)
@@ -286,5 +286,6 @@ def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:
 
 def _mark_duplicate(result: RouteResult) -> None:
     reason = f"messageId {result.message_id!r} was already accepted within the dedup window"
-    result.results = [DestinationResult(r.destination, Status.DUPLICATE, reason)
-                      for r in result.results] or [DestinationResult(None, Status.DUPLICATE, reason)]
+    duplicates = [DestinationResult(r.destination, Status.DUPLICATE, reason)
+                  for r in result.results]
+    result.results = duplicates or [DestinationResult(None, Status.DUPLICATE, reason)]

@@ -40,7 +40,8 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module))
             found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) \
+        elif isinstance(node, ast.Call) and \
+                getattr(node.func, "attr", getattr(node.func, "id", "")) \
                 in ("import_module", "__import__") and node.args \
                 and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
             found.append((node.lineno, node.args[0].value))
@@ -75,7 +76,7 @@ def test_the_core_never_imports_a_built_in_destination():
     assert violations("router", FORBIDDEN_IN_CORE) == []
 
 
-# -- docs/plugins.md --------------------------------------------------------------------------------
+# -- docs/plugins.md -------------------------------------------------------------------------------
 
 def hook_specs() -> list[ast.FunctionDef]:
     tree = ast.parse((ROOT / "router" / "hookspecs.py").read_text())

@@ -34,7 +34,9 @@ destinations:
     settings:
       url: https://hooks.example/orders
       method: PUT
-      body: '{"order": {{ event.properties.order_id | default(none) | tojson }}, "total": {{ event.properties.revenue | default(0) }}}'
+      body: >-
+        {"order": {{ event.properties.order_id | default(none) | tojson }},
+        "total": {{ event.properties.revenue | default(0) }}}
   - name: Audit
     plugin: webhook
     default_on: false
@@ -99,8 +101,8 @@ def test_check_accepts_the_example_config(tmp_path):
 @pytest.mark.parametrize("broken, line, field", [
     (CONFIG.replace("url: https://hooks.example/in", "url: ftp://hooks.example/in"), 6,
      "destinations.0.settings.url"),
-    (CONFIG.replace("default_on: false", "default_on: sometimes"), 19, "destinations.2.default_on"),
-    (CONFIG.replace("plugin: webhook\n    default_on", "plugin: webhoook\n    default_on"), 18,
+    (CONFIG.replace("default_on: false", "default_on: sometimes"), 21, "destinations.2.default_on"),
+    (CONFIG.replace("plugin: webhook\n    default_on", "plugin: webhoook\n    default_on"), 20,
      "destinations.2.plugin"),
     (CONFIG.replace("| default(0) }}", "| default(0) %}"), 16,
      "destinations.1.settings.body"),

@@ -350,7 +350,8 @@ def test_python_yaml_tags_are_refused_without_running_anything(tmp_path, value):
 
 @pytest.mark.timeout(20)
 def test_billion_laughs_alias_bomb_is_refused(tmp_path):
-    lines = ["storage: memory://", 'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines = ["storage: memory://",
+             'a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for level in range(1, 10):
         lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
     lines.append("server: *a9")

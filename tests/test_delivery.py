@@ -146,7 +146,8 @@ async def test_retry_after_is_honoured(tmp_path):
 async def test_retry_after_as_http_date_is_honoured(tmp_path):
     from email.utils import formatdate
     async with FakeDestinationServer() as server:
-        server.script([Answer(503, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)}),
+        retry_after = formatdate(time.time() + 2, usegmt=True)
+        server.script([Answer(503, headers={"Retry-After": retry_after}),
                        200])
         router = router_for(tmp_path, [webhook("hook", server.url)])
         async with router:

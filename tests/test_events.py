@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import orjson
@@ -21,7 +21,7 @@ from router.currencies import ISO_4217_CODES
 from router.errors import InvalidEvent
 from router.events import MAX_EVENT_BYTES, parse_event
 
-RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 CANARY = "sk_live_CANARY_4f9a1c77"
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 
@@ -38,7 +38,7 @@ def problems_of(raw) -> InvalidEvent:
 
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # -- required fields per call type ------------------------------------------------------------
@@ -146,9 +146,9 @@ def test_received_at_is_set_by_the_router_not_the_client():
 
 
 def test_received_at_defaults_to_now():
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     event = parse_event(VALID_MINIMAL["track"])
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert before <= event.receivedAt <= after
 
 
@@ -192,7 +192,7 @@ def test_client_timestamp_is_the_original_timestamp_when_sent_at_is_present():
 
 
 def test_explicit_timestamp_without_sent_at_is_kept():
-    historical = datetime(2019, 6, 1, 8, 30, 0, 123000, tzinfo=timezone.utc)
+    historical = datetime(2019, 6, 1, 8, 30, 0, 123000, tzinfo=UTC)
     event = parse({**VALID_MINIMAL["track"], "timestamp": iso(historical)})
     assert event.timestamp == historical
     assert event.to_dict()["timestamp"] == "2019-06-01T08:30:00.123Z"
@@ -394,7 +394,7 @@ plain_dicts = st.dictionaries(st.text(max_size=10).filter(lambda k: k not in
                                                             ("revenue", "value", "currency")),
                               json_values, max_size=4)
 moments = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2035, 1, 1),
-                       timezones=st.just(timezone.utc))
+                       timezones=st.just(UTC))
 finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12)
 
 

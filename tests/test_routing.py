@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import textwrap
@@ -114,7 +115,7 @@ async def pending(router: Router) -> dict[str, int]:
     return {name: queue.pending for name, queue in stats.queues.items() if queue.pending}
 
 
-# -- per-destination decisions -----------------------------------------------------------------------
+# -- per-destination decisions ---------------------------------------------------------------------
 
 async def test_route_reports_every_enabled_destination():
     async with make_router(STANDARD) as router:
@@ -193,7 +194,7 @@ async def test_route_accepts_an_already_parsed_event():
     assert statuses(result)["Hook"] == "send"
 
 
-# -- invalid and duplicate -----------------------------------------------------------------------------
+# -- invalid and duplicate -------------------------------------------------------------------------
 
 async def test_invalid_event_is_reported_with_its_reason():
     async with make_router(STANDARD) as router:
@@ -242,7 +243,7 @@ async def test_dedup_window_from_the_config_is_used():
     async with make_router(STANDARD, dedup="dedup:\n  window: 1ms\n") as router:
         assert router.window == pytest.approx(0.001)
         await router.route(track(messageId="m-short"))
-        time.sleep(0.01)
+        await asyncio.sleep(0.01)
         again = await router.route(track(messageId="m-short"))
     assert not again.duplicate
 
@@ -426,7 +427,7 @@ async def test_mapping_on_the_webhook_changes_the_body_it_sends():
     assert body["event"] == "signup" and body["messageId"] == "w-1"
 
 
-# -- what is queued ----------------------------------------------------------------------------------
+# -- what is queued --------------------------------------------------------------------------------
 
 async def test_queued_jobs_are_in_storage_after_route():
     async with make_router(STANDARD) as router:

@@ -240,7 +240,8 @@ def test_escape_corpus_is_refused_without_using_much_memory(source):
 def test_output_over_the_cap_is_refused():
     render("x" * 100 + "{{ 'y' * 1000 }}")  # small output is fine
     with pytest.raises(EventRejected) as caught:
-        render("{% for i in range(" + str(MAX_OUTPUT_CHARS // 10 + 1) + ") %}0123456789{% endfor %}")
+        render("{% for i in range(" + str(MAX_OUTPUT_CHARS // 10 + 1)
+               + ") %}0123456789{% endfor %}")
     assert "over" in caught.value.reason
 
 

@@ -54,7 +54,8 @@ class Acme(Destination[AcmeSettings]):
         # Acme answers 207 with the indexes of the events it refused.
         if response.status != 207:
             return None
-        refused = {item["index"]: item["error"] for item in (response.json() or {}).get("errors", [])}
+        errors = (response.json() or {}).get("errors", [])
+        refused = {item["index"]: item["error"] for item in errors}
         return [PermanentError(f"Acme refused it: {refused[index]}") if index in refused else None
                 for index in range(len(payloads))]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from router.testing import DestinationHarness
 from router.testing import conformance_test, requests_from, shown
 from router_plugins.amplitude.destination import Amplitude, AmplitudeSettings
 
-RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
+RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=UTC)
 RECEIVED_MS = 1795183392000
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
 API_KEY = "amp-api-key-0001"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any
 
 from router import Event, EventRejected
@@ -32,7 +32,7 @@ MAX_DEPTH = 40  # "Object depth may not exceed 40 layers" (event and user proper
 # that threshold aren't tracked" - silently, so the router refuses such an event instead.
 MAX_GROUP_TYPES = 5
 MAX_GROUP_VALUES = 10
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 PRODUCT_PURCHASED = "Product Purchased"
 # Segment's campaign context → the UTM user properties Amplitude's SDKs record

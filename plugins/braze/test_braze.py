@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from router import (EventRejected, HttpResponse, Payload, PermanentError, Retrya
 from router.registry import create_registry
 from router_plugins.braze.destination import Braze, BrazeSettings
 
-RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
+RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=UTC)
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
 API_KEY = "braze-rest-key-0001"
 HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
@@ -313,4 +313,6 @@ def test_429_with_only_a_reset_time_waits_until_then():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(Braze, settings={"api_key": "braze-rest-key-0001", "instance": "US-01"}, examples=100)
+test_conformance = conformance_test(
+    Braze, settings={"api_key": "braze-rest-key-0001", "instance": "US-01"},
+    examples=100)

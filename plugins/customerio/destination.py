@@ -14,7 +14,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, HttpRequest,
+                    HttpResponse,
                     Outcome, Payload, PermanentError, RetryableError)
 
 from . import translate

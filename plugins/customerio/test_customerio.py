@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from router.registry import create_registry
 from router_plugins.customerio.destination import CustomerIO, CustomerIOSettings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
-RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 RECEIVED_UNIX = 1709294400
 API_KEY = "cio_track_key_SECRET_9f2c"
 SETTINGS = {"site_id": "site-123", "api_key": API_KEY}
@@ -212,7 +212,7 @@ def test_value_passes_through_for_anonymous_events():
 def test_the_dedup_id_depends_on_the_message_id_only():
     first = event(fixture("order_completed.json"))
     later = parse_event(fixture("order_completed.json"),
-                        received_at=datetime(2030, 1, 1, tzinfo=timezone.utc))
+                        received_at=datetime(2030, 1, 1, tzinfo=UTC))
     adapter = destination()
     ids = {adapter.translate(e, {})[0].body["id"] for e in (first, first, later)}
     assert ids == {"0X84J2REFKM3NPQD7W6WC8XQ5R"}
@@ -382,4 +382,6 @@ def test_429_and_5xx_are_retried_by_the_core():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(CustomerIO, settings={"site_id": "site-0001", "api_key": "cio-track-key-0001"}, examples=100)
+test_conformance = conformance_test(
+    CustomerIO, settings={"site_id": "site-0001", "api_key": "cio-track-key-0001"},
+    examples=100)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import orjson
@@ -74,7 +74,7 @@ def dedup_id(message_id: str) -> str:
 
 def unix_seconds(moment: datetime) -> int:
     """Customer.io takes timestamps as whole Unix seconds (AD ``utils.ts`` converts them)."""
-    return int(moment.astimezone(timezone.utc).timestamp())
+    return int(moment.astimezone(UTC).timestamp())
 
 
 # --- limits -----------------------------------------------------------------------------------
@@ -254,6 +254,6 @@ def _as_unix_seconds(value: Any) -> Any:
         except ValueError:
             return value
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return unix_seconds(moment)
     return value

@@ -4,7 +4,7 @@ that comes out, and every rule GA4 would otherwise enforce by silently dropping 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from router.registry import create_registry
 from router_plugins.ga4.destination import GA4Settings, GoogleAnalytics4
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
-RECEIVED = datetime(2026, 11, 20, 15, 0, 0, tzinfo=timezone.utc)
+RECEIVED = datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC)
 SECRET = "mp_SECRET_c4n4ry_77"
 COLLECT = ("https://www.google-analytics.com/mp/collect"
            f"?measurement_id=G-TEST123&api_secret={SECRET}")
@@ -494,4 +494,6 @@ def test_every_setting_is_documented():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(GoogleAnalytics4, settings={"measurement_id": "G-TEST12345", "api_secret": "ga4-secret-0001"}, examples=100)
+test_conformance = conformance_test(
+    GoogleAnalytics4, settings={"measurement_id": "G-TEST12345", "api_secret": "ga4-secret-0001"},
+    examples=100)

@@ -17,7 +17,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any, Literal
 
 from router import Event, EventRejected
@@ -55,7 +55,7 @@ RESERVED_USER_PROPERTY_NAMES = frozenset({"first_open_time", "first_visit_time",
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _APP_INSTANCE_ID = re.compile(r"[0-9a-fA-F]{32}\Z")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Oversized = Literal["truncate", "reject"]
 

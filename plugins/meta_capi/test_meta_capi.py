@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from router.registry import create_registry
 from router_plugins.meta_capi.destination import MetaConversions, MetaSettings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
-RECEIVED = datetime(2026, 11, 20, 15, 0, 0, tzinfo=timezone.utc)
+RECEIVED = datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC)
 TOKEN = "EAAB_SECRET_c4n4ry_token_99"
 EVENTS_URL = "https://graph.facebook.com/v24.0/1234567890/events"
 UA = "Mozilla/5.0 (X11; Linux x86_64)"
@@ -71,7 +71,7 @@ def test_order_completed_becomes_a_purchase_request():
     assert orjson.loads(request.body) == {
         "data": [{
             "event_name": "Purchase",
-            "event_time": int(datetime(2026, 11, 20, 14, 3, 11, tzinfo=timezone.utc).timestamp()),
+            "event_time": int(datetime(2026, 11, 20, 14, 3, 11, tzinfo=UTC).timestamp()),
             "event_id": "msg-order-50314b8e9bcf",
             "action_source": "system_generated",
             "user_data": {"external_id": [sha("user-1042")], "client_ip_address": "203.0.113.7"},
@@ -96,7 +96,7 @@ def test_website_event_carries_url_user_agent_and_ip():
     body = only_event(meta(), event("course_started"))
     assert body == {
         "event_name": "Course Started",
-        "event_time": int(datetime(2026, 11, 20, 15, 0, 0, tzinfo=timezone.utc).timestamp())
+        "event_time": int(datetime(2026, 11, 20, 15, 0, 0, tzinfo=UTC).timestamp())
         - 1,  # clock-skew corrected: 97 ms before receipt
         "event_id": "ajs-f8ca1e4de5024d9430b3928bd8ac6b96",
         "action_source": "website",
@@ -436,4 +436,6 @@ def test_every_setting_is_documented():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(MetaConversions, settings={"pixel_id": "1234567890", "access_token": "meta-token-0001"}, examples=100)
+test_conformance = conformance_test(
+    MetaConversions, settings={"pixel_id": "1234567890", "access_token": "meta-token-0001"},
+    examples=100)

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, EventRejected,
+                    HttpRequest,
                     HttpResponse, Outcome, Payload, SkipEvent)
 from router.semantics import ORDER_COMPLETED, semantic_action
 

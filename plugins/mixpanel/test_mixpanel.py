@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from router import (EventRejected, HttpResponse, PermanentError, SkipEvent, pars
 from router.registry import create_registry
 from router_plugins.mixpanel.destination import Mixpanel, MixpanelSettings
 
-RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
+RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=UTC)
 RECEIVED_MS = 1795183392000
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
 TOKEN = "proj-token-0001"
@@ -408,4 +408,7 @@ def test_engage_200_with_status_0_is_a_failure():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(Mixpanel, settings={"project_token": "mixpanel-token-0001", "api_secret": "mixpanel-secret-0001"}, examples=100)
+test_conformance = conformance_test(
+    Mixpanel,
+    settings={"project_token": "mixpanel-token-0001", "api_secret": "mixpanel-secret-0001"},
+    examples=100)

@@ -11,7 +11,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from typing import Any, Literal
 
 from router import Event, EventRejected
@@ -23,9 +23,9 @@ IdentityMerge = Literal["simplified", "original"]
 MAX_PROPERTIES = 255
 MAX_STRING = 255
 MAX_EVENT_NAME = 255
-EARLIEST = datetime(1971, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
 MAX_FUTURE = timedelta(hours=1)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Values /import rejects as distinct_id or $insert_id because they usually mean a bug
 # (Mixpanel "400 Bad Request" troubleshooting page; the list there says "including").

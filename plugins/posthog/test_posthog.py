@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from router.testing import DestinationHarness, conformance_test
 from router_plugins.posthog.translate import UUID_NAMESPACE, event_uuid
 from router_plugins.posthog.destination import PostHog, PostHogSettings
 
-RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
+RECEIVED = datetime(2026, 11, 20, 14, 3, 12, tzinfo=UTC)
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
 API_KEY = "phc_project-key-0001"
 JSON = {"Content-Type": "application/json"}

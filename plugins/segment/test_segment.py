@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from router.registry import create_registry
 from router_plugins.segment.destination import Segment, SegmentSettings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "events"
-RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+RECEIVED = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 WRITE_KEY = "wk_SECRET_5d1e77"
 
 
@@ -120,7 +120,7 @@ def test_the_next_hop_sees_the_corrected_time_not_the_first_clients_clock():
 
     # An hour later (a retry), the next router takes the timestamp as it is.
     next_hop = parse_event(body, received_at=RECEIVED + timedelta(hours=1))
-    assert next_hop.timestamp == datetime(2024, 3, 1, 11, 59, 59, tzinfo=timezone.utc)
+    assert next_hop.timestamp == datetime(2024, 3, 1, 11, 59, 59, tzinfo=UTC)
     assert next_hop.messageId == body["messageId"]
 
 
@@ -203,4 +203,6 @@ def test_delivery_limits_follow_the_tracking_api():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(Segment, settings={"write_key": "segment-write-key-0001"}, examples=100)
+test_conformance = conformance_test(
+    Segment, settings={"write_key": "segment-write-key-0001"},
+    examples=100)

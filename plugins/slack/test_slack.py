@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ def slack(**settings: Any) -> Slack:
 
 
 def event(raw: dict[str, Any]):
-    return parse_event(raw, received_at=datetime(2024, 3, 1, 12, tzinfo=timezone.utc))
+    return parse_event(raw, received_at=datetime(2024, 3, 1, 12, tzinfo=UTC))
 
 
 def fixture(name: str) -> dict[str, Any]:
@@ -226,4 +226,6 @@ def test_delivery_follows_slacks_webhook_limits():
 
 # The contract every destination keeps, whatever its vendor (router.testing).
 
-test_conformance = conformance_test(Slack, settings={"url": "https://hooks.slack.com/services/T0001/B0001/slack-secret-0001"}, examples=100)
+test_conformance = conformance_test(
+    Slack, settings={"url": "https://hooks.slack.com/services/T0001/B0001/slack-secret-0001"},
+    examples=100)

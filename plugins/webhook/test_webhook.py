@@ -12,7 +12,8 @@ from router_plugins.webhook.destination import Webhook
 
 URL = "https://hooks.example.com/in"
 ORDER = {"type": "track", "event": "Order Completed", "userId": "user-1042",
-         "messageId": "msg-1", "properties": {"order_id": "o-1", "revenue": "25", "currency": "eur"},
+         "messageId": "msg-1",
+         "properties": {"order_id": "o-1", "revenue": "25", "currency": "eur"},
          "integrations": {"webhook": {"plan": "pro"}}}
 
 
@@ -39,7 +40,8 @@ def test_a_template_renders_the_body_with_event_and_options():
 
 
 def test_a_body_that_is_not_json_is_sent_as_text():
-    harness = DestinationHarness(Webhook, {"url": URL, "body": "{{ event.event }} by {{ event.userId }}"})
+    harness = DestinationHarness(Webhook, {"url": URL,
+                                           "body": "{{ event.event }} by {{ event.userId }}"})
     (request,) = harness.requests(ORDER)
     assert request.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert request.body == b"Order Completed by user-1042"

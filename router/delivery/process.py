@@ -11,9 +11,9 @@ time and readers alongside, Redis is shared anyway. Nothing passes between them 
   parent never waits to send one: when the child is not reading (stopped, or stuck) and the
   socket is full, the names wait for the next send and the child's poll finds the work;
 - parent to child, on a pipe: the config at start, ``("stop", grace)`` at shutdown;
-- child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", text)`` if it cannot
-  start, and ``("metrics", snapshot)`` whenever its counters change, so ``/metrics`` stays
-  whole in the parent.
+- child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", text)``
+  if it cannot start, and ``("metrics", snapshot)`` whenever its counters change, so
+  ``/metrics`` stays whole in the parent.
 
 When the parent dies, even by ``kill -9``, the pipe closes and the child stops as after a
 ``stop``: nothing is lost, since every job stays in the storage until it is delivered. When
@@ -246,7 +246,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), METRICS_INTERVAL)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             sender.offer(metrics.snapshot())
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from email.utils import parsedate_to_datetime
 
 from router.destination import DeliveryDefaults, Outcome
@@ -51,7 +51,7 @@ def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
             except (TypeError, ValueError):
                 continue
             if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
+                moment = moment.replace(tzinfo=UTC)
             seconds = moment.timestamp() - now
         return min(max(seconds, 0.0), MAX_RETRY_AFTER)
     return None
@@ -95,4 +95,4 @@ def exhausted(attempts: int, created_at: float, delivery: DeliveryDefaults, *,
 
 
 def utc_now() -> float:
-    return datetime.now(timezone.utc).timestamp()
+    return datetime.now(UTC).timestamp()

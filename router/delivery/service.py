@@ -169,7 +169,7 @@ class DestinationWorker:
         if self.in_flight:
             try:
                 await asyncio.wait_for(self.all_sent.wait(), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         leftover += [job for batch in self.in_flight.values() for job in batch]
         for sender in self.senders:
@@ -201,7 +201,7 @@ class DestinationWorker:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.wakeup.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self.wakeup.clear()
 
@@ -352,7 +352,8 @@ class DestinationWorker:
         return self.destination.masker.mask(
             response.body[:MAX_RESPONSE_IN_DEAD_LETTER].decode("utf-8", errors="replace"))
 
-    async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]) -> None:
+    async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
+                      ) -> None:
         now = time.time()
         delivered: list[Job] = []
         for job, (outcome, failure) in zip(batch, outcomes):

@@ -7,7 +7,6 @@ checked on each request is the one that applies (see ``egress.py``).
 
 from __future__ import annotations
 
-import asyncio
 
 import aiohttp
 
@@ -60,7 +59,7 @@ class Transport:
                 return HttpResponse(answer.status, answer.headers, body)
         except EgressBlocked as exc:
             raise PermanentError(f"egress refused: {exc}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RetryableError(f"timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             reason = egress_reason(exc)

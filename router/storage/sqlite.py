@@ -96,7 +96,8 @@ CREATE INDEX dedup_index.keys_expiry ON keys (expires_at);
 """The lookup side of the dedup window: a database of this process's own in a temporary file
 (SQLite keeps 64 MB of it in memory), which nothing fsyncs or journals to disk. It is
 rebuilt from ``seen`` after a restart."""
-_JOB_COLUMNS = "id, destination, message_id, user_key, grp, body, created_at, attempts, first_attempt_at"
+_JOB_COLUMNS = ("id, destination, message_id, user_key, grp, body, created_at, attempts, "
+                "first_attempt_at")
 MAX_BUNDLE_JOBS = 1000
 """An accept writes a destination's jobs in bundles of at most this many."""
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
@@ -196,7 +197,8 @@ class SqliteStorage(Storage):
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute(f"PRAGMA synchronous={'FULL' if self.synchronous == 'FULL' else 'NORMAL'}")
+        synchronous = "FULL" if self.synchronous == "FULL" else "NORMAL"
+        connection.execute(f"PRAGMA synchronous={synchronous}")
         connection.execute("PRAGMA busy_timeout=10000")
         connection.executescript(SCHEMA)
         _move_the_old_tables(connection)

@@ -5,8 +5,8 @@
 - ``DestinationHarness``: one destination driven by hand; events in, exact requests out,
   answers judged as the router would.
 - ``check_destination``: the conformance suite every destination must pass.
-- ``make_event``, ``sample_events``, ``edge_events``: realistic and unusual raw events; ``router.testing.strategies``:
-  hypothesis strategies for any valid event.
+- ``make_event``, ``sample_events``, ``edge_events``: realistic and unusual raw events;
+  ``router.testing.strategies``: hypothesis strategies for any valid event.
 - ``conformance_test``: the suite as a pytest test, one line in a test module;
   ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures.
 

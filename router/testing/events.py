@@ -12,14 +12,14 @@ Every function returns fresh copies: a test may mutate what it gets.
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 import orjson
 
 from router.events import CALL_TYPES
 
-RECEIVED_AT = datetime(2026, 11, 20, 14, 3, 12, tzinfo=timezone.utc)
+RECEIVED_AT = datetime(2026, 11, 20, 14, 3, 12, tzinfo=UTC)
 """The receive time the kit parses events with, so that an event without a ``timestamp``
 translates to the same payloads on every run (``parse_event`` would use the clock)."""
 

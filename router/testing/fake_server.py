@@ -212,7 +212,7 @@ class FakeDestinationServer:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return list(self.requests)
 
@@ -234,7 +234,7 @@ class FakeDestinationServer:
             try:
                 await asyncio.wait_for(self._closing.wait(), answer.delay)
                 return _drop(request)  # stopping: a held answer is never sent
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if answer.reset:
             return _drop(request)

@@ -15,7 +15,7 @@ special cases are reached, not only its generic path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, UTC
 from typing import Any
 
 import orjson
@@ -148,13 +148,13 @@ def timestamps() -> st.SearchStrategy[str]:
     """ISO-8601 date-times in the forms clients write: ``Z``, offsets, with or without
     fractions of a second."""
     moments = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2035, 1, 1),
-                           timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=2)),
+                           timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)),
                                                       timezone(timedelta(hours=-5, minutes=-30))]))
     return st.one_of(
         moments.map(lambda moment: moment.isoformat()),
-        moments.map(lambda moment: moment.astimezone(timezone.utc)
+        moments.map(lambda moment: moment.astimezone(UTC)
                     .strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"),
-        moments.map(lambda moment: moment.astimezone(timezone.utc)
+        moments.map(lambda moment: moment.astimezone(UTC)
                     .strftime("%Y-%m-%dT%H:%M:%SZ")),
     )
 
