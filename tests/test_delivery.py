@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import orjson
 import pytest
 
+from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import FAST_RETRIES, router_for, track, webhook
@@ -310,3 +313,42 @@ async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path
     stats = await reopened.storage.stats(now=time.time())
     await reopened.storage.close()
     assert stats.queues["dead"].pending == 20
+
+
+async def test_a_destination_refusing_everything_does_not_flood_the_log(tmp_path, caplog):
+    """A revoked key fails every event: each is dead-lettered and counted, but the log gets
+    a few lines of that kind per window, not one per event."""
+    caplog.set_level(logging.WARNING, logger="router.delivery")
+    async with FakeDestinationServer(default=Answer(401, body={"error": "bad key"})) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, concurrency=8)])
+        async with router:
+            await router.route_many([track(n) for n in range(300)])
+            assert await router.drain(timeout=30)
+            assert router.delivery_metrics.dead_lettered.get("hook") == 300
+            assert len(await router.storage.dead_letters(DeadLetterFilter(), limit=1000)) == 300
+    lines = [orjson.loads(record.getMessage()) for record in caplog.records
+             if record.name == "router.delivery"]
+    assert 1 <= len(lines) <= LINES_PER_WINDOW
+    assert {(line["destination"], line["action"], line["status"]) for line in lines} == \
+        {("hook", "dead_letter", 401)}
+
+
+def test_failure_lines_of_one_kind_are_held_back_and_counted_per_window():
+    written: list[str] = []
+
+    class Logger:
+        def warning(self, text: str) -> None:
+            written.append(text)
+
+    now = [100.0]
+    failure_log = FailureLog(Logger(), window=10, lines_per_window=3, clock=lambda: now[0])
+
+    def line(status: int) -> dict:
+        return {"destination": "hook", "action": "retry", "status": status, "reason": "r"}
+
+    assert [failure_log.write(line(503)) for _ in range(5)] == [True] * 3 + [False] * 2
+    assert failure_log.write(line(429))  # another kind has its own share
+    now[0] += 10
+    assert failure_log.write(line(503))
+    assert [orjson.loads(text).get("similar_lines_held_back") for text in written] == \
+        [None, None, None, None, 2]

@@ -16,11 +16,11 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-import orjson
 
 from router.delivery import retry
 from router.delivery.batching import batches, from_spool
 from router.delivery.egress import EgressPolicy
+from router.delivery.failure_log import FailureLog
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import Transport
@@ -98,6 +98,7 @@ class DestinationWorker:
         self.transport = transport
         self.metrics = metrics
         self.rng = rng
+        self.failure_log = FailureLog(log)
         self.limiter = RateLimiter(self.delivery.rate_limit)
         self.ready: asyncio.Queue[list[Job]] = asyncio.Queue(self.delivery.concurrency)
         """Batches leased and cut, waiting for a sender: a round of them, so the senders have
@@ -384,9 +385,9 @@ class DestinationWorker:
                 self.metrics.latency.observe(now - created_at, self.name, count=count)
 
     def _log_failure(self, job: Job, failure: Failure, action: str) -> None:
-        log.warning(orjson.dumps({"destination": self.name, "action": action,
-                                  "message_id": job.message_id, "attempt": job.attempts,
-                                  "status": failure.status, "reason": failure.reason}).decode())
+        self.failure_log.write({"destination": self.name, "action": action,
+                                "message_id": job.message_id, "attempt": job.attempts,
+                                "status": failure.status, "reason": failure.reason})
 
 
 def _refused_whole(result: list[tuple[Outcome, Failure | None]]) -> str | None:
