@@ -3,7 +3,12 @@
 Following the jinja2 sandbox docs and its advisories: a fixed synthetic template name (never a
 user-chosen one: CVE-2024-56201), no custom filters that call what they are handed
 (CVE-2024-56326), plain dicts as context (never live objects), and caps on output size and on
-``*``/``**`` so a small template cannot render gigabytes.
+what each operation may build, so a small template cannot render gigabytes: every string or
+list an operator, ``~``, a filter or a method builds is refused past ``MAX_OUTPUT_CHARS``
+(a value can then at most double before it is refused, which bounds a loop that doubles a
+``namespace`` attribute), and the operations that multiply in one step (``*``, ``**``,
+format widths, ``replace``, ``indent``, ``wordwrap``, ``tojson``'s indent) are checked
+before they run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from router.errors import ConfigError, EventRejected
@@ -24,6 +30,7 @@ MAX_VALUE_SIZE = 100_000
 """The largest string or list one operation in a template may build (a repetition, a
 padding width, an indent): jinja2's sandbox caps ``range`` but not these."""
 MAX_POWER_BITS = 4096
+MAX_JSON_INDENT = 16
 TEMPLATE_NAME = "template"
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
 
@@ -34,6 +41,13 @@ def _size(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(len(item) if isinstance(item, (str, list, tuple)) else 1 for item in value)
     return 1
+
+
+def _refuse_large_result(value: Any) -> Any:
+    """``value``, unless it is a string or list longer than a template may build."""
+    if _size(value) > MAX_OUTPUT_CHARS:
+        raise SecurityError("value too large for a template")
+    return value
 
 
 def _refuse_large_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -54,10 +68,44 @@ def _refuse_wide_format(text: str) -> None:
         raise SecurityError("format width too large for a template")
 
 
+def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+                               ) -> None:
+    """The filters whose output one argument multiplies: ``indent`` (each line gets the
+    width), ``wordwrap`` (each break gets the wrap string) and ``tojson`` (each nesting
+    level gets the indent)."""
+    if name == "do_indent" and args and isinstance(args[0], str):
+        width = kwargs.get("width", args[1] if len(args) > 1 else 4)
+        per_line = len(width) if isinstance(width, str) else width
+        if isinstance(per_line, int) and (args[0].count("\n") + 1) * per_line > MAX_OUTPUT_CHARS:
+            raise SecurityError("indent too large for a template")
+    elif name == "do_wordwrap" and len(args) >= 2 and isinstance(args[1], str):
+        width = kwargs.get("width", args[2] if len(args) > 2 else 79)
+        wrap = kwargs.get("wrapstring", args[4] if len(args) > 4 else None) or "\n"
+        if isinstance(width, int) and isinstance(wrap, str) and \
+                (len(args[1]) // max(width, 1) + 1) * len(wrap) > MAX_OUTPUT_CHARS:
+            raise SecurityError("wordwrap too large for a template")
+    elif name == "do_tojson":
+        indent = kwargs.get("indent", args[2] if len(args) > 2 else None)
+        if isinstance(indent, int) and indent > MAX_JSON_INDENT:
+            raise SecurityError(f"tojson indent over {MAX_JSON_INDENT} in a template")
+
+
+class _CappedCodeGenerator(CodeGenerator):
+    """Compiles ``a ~ b`` to a capped join: jinja2 lets the sandbox intercept binary
+    operators but not ``~``, which compiles to a plain join."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.refuse_large_result(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
 class _CappedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, plus limits on what one operation may allocate."""
 
     intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _CappedCodeGenerator
+    refuse_large_result = staticmethod(_refuse_large_result)
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "**":
@@ -76,7 +124,7 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
         if operator_name == "%":
             if isinstance(left, str):
                 _refuse_wide_format(left)
-            return operator.mod(left, right)
+            return _refuse_large_result(operator.mod(left, right))
         if _size(left) + _size(right) > MAX_OUTPUT_CHARS:
             raise SecurityError("value too large for a template")
         return operator.add(left, right)
@@ -91,7 +139,7 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
                 _refuse_wide_format(text)
             elif name == "replace":
                 _refuse_large_replace(text, *args)
-        return super().call(__context, __obj, *args, **kwargs)
+        return _refuse_large_result(super().call(__context, __obj, *args, **kwargs))
 
 
 def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,7 +153,8 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
             _refuse_wide_format(args[0])
         elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
             _refuse_large_replace(str(args[1]), args[2], args[3])
-        return function(*args, **kwargs)
+        _refuse_multiplying_filter(name, args, kwargs)
+        return _refuse_large_result(function(*args, **kwargs))
 
     return guarded
 

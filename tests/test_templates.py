@@ -280,6 +280,15 @@ MEMORY_BOMBS = [
     "{{ '{0:{1}}'.format('x', 10**8)|length }}",
     "{{ ('a' * 10000)|replace('', 'x' * 10000)|length }}",
     "{{ (['a' * 10000] * 10000)|join|length }}",
+    # a namespace attribute doubled 40 times, by each way of joining strings
+    *["{% set ns = namespace(s='x' * 1000) %}{% for i in range(40) %}{% set ns.s = "
+      + join + " %}{% endfor %}{{ ns.s|length }}"
+      for join in ("ns.s ~ ns.s", "[ns.s, ns.s]|join", "''.join([ns.s, ns.s])",
+                   "'{}{}'.format(ns.s, ns.s)", "'%s%s' % (ns.s, ns.s)")],
+    # one step that multiplies: every line, every break, every nesting level
+    "{{ ('x\n' * 50000)|indent(99999)|length }}",
+    "{{ ('x' * 100000)|wordwrap(1, wrapstring='y' * 100000)|length }}",
+    "{{ (range(50000)|list)|tojson(indent=99999)|length }}",
 ]
 
 
@@ -288,6 +297,19 @@ def test_memory_bombs_are_refused_without_allocating_them(source):
     outcome, peak = render_measured(source)
     assert isinstance(outcome, EventRejected), outcome
     assert peak < MEMORY_LIMIT, f"peak {peak // 2**20} MB"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("{{ 'a' ~ 1 ~ 'b' }}", "a1b"),
+    ("{{ ['a', 'b']|join(', ') }}", "a, b"),
+    ("{{ 'a\nb'|indent(4) }}", "a\n    b"),
+    ("{{ 'one two'|wordwrap(3, wrapstring='|') }}", "one|two"),
+    ("{{ {'a': [1]}|tojson(indent=2) }}", '{\n  "a": [\n    1\n  ]\n}'),
+    ("{% set ns = namespace(s='x') %}{% for i in range(10) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}{{ ns.s|length }}", "1024"),
+])
+def test_ordinary_joins_and_layouts_still_render(source, expected):
+    assert render(source) == expected
 
 
 def test_huge_powers_are_refused():
