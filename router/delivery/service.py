@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-
 from router.delivery import retry
 from router.delivery.batching import batches, from_spool
 from router.delivery.egress import EgressPolicy
