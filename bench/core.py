@@ -73,9 +73,8 @@ def full_path(router: Router, storage: MemoryStorage, window: float) -> Callable
         storage.seen[key] = now + window
         integrations = IntegrationsMap(event.integrations)
         produced = 0
-        serialized: dict[int, tuple[object, bytes]] = {}
         for destination in destinations:
-            result = router._decide(destination, event, integrations, serialized)
+            result = router._decide(destination, event, integrations)
             produced += sum(map(len, result.bodies))  # serialized as they are spooled
         return produced
 
@@ -91,13 +90,12 @@ def direct_translators(router: Router) -> Callable[[bytes], int]:
     def run(raw: bytes) -> int:
         event = parse_event(orjson.loads(raw), received_at=received, size=len(raw))
         produced = 0
-        serialized: dict[int, tuple[object, bytes]] = {}
         for adapter in adapters:
             try:
                 payloads = adapter.translate(event, {})
             except Exception:  # noqa: BLE001 - skips and rejections count as no output
                 continue
-            produced += sum(len(serialize(payload.body, serialized)) for payload in payloads)
+            produced += sum(len(serialize(payload.body, event)) for payload in payloads)
         return produced
 
     return run
@@ -170,7 +168,7 @@ def stage_costs(router: Router, events: Sequence[bytes]) -> dict[str, float]:
     parsed = [orjson.loads(raw) for raw in events]
     normalized = [parse_event(item, received_at=received) for item in parsed]
     maps = [IntegrationsMap(event.integrations) for event in normalized]
-    results = [[router._decide(d, e, m, {}) for d in router.destinations]
+    results = [[router._decide(d, e, m) for d in router.destinations]
                for e, m in zip(normalized, maps)]
     storage = MemoryStorage()
     timings: dict[str, Callable[[], object]] = {
@@ -282,7 +280,7 @@ def run(count: int = 20_000) -> dict[str, object]:
                       for raw in events[:5000]]
             started = time.perf_counter()
             for event in parsed:
-                router._decide(destination, event, integrations, {})
+                router._decide(destination, event, integrations)
             best = min(best, time.perf_counter() - started)
         translation[plugin] = round(best / len(parsed) * 1e6, 2)
     figures["translate_and_serialize_microseconds_by_plugin"] = translation

@@ -212,16 +212,12 @@ class Router:
                 return RouteResult(message_id if isinstance(message_id, str) else None, None,
                                    [DestinationResult(None, Status.INVALID, str(exc))])
         integrations = IntegrationsMap(parsed.integrations)
-        serialized: dict[int, tuple[Any, bytes]] = {}
         return RouteResult(parsed.messageId, parsed,
-                           [self._decide(destination, parsed, integrations, serialized)
+                           [self._decide(destination, parsed, integrations)
                             for destination in self.destinations])
 
     def _decide(self, destination: ConfiguredDestination, event: Event,
-                integrations: IntegrationsMap, serialized: dict[int, tuple[Any, bytes]]
-                ) -> DestinationResult:
-        """``serialized`` holds this event's bodies serialized so far, by object: a body
-        that several destinations share (``Event.shared``) is serialized once."""
+                integrations: IntegrationsMap) -> DestinationResult:
         name = destination.name
         decision = integrations.decide(name, default_on=destination.default_on)
         if not decision.enabled:
@@ -232,7 +228,7 @@ class Router:
                 return DestinationResult(name, Status.SKIPPED, reason)
         try:
             payloads = destination.translate(event, decision.options)
-            bodies = [_serialize(payload.body, serialized) for payload in payloads]
+            bodies = [_serialize(payload.body, event) for payload in payloads]
             for body in bodies:
                 reason = oversized(body, destination.delivery, destination.plugin.name)
                 if reason is not None:
@@ -265,7 +261,10 @@ class Router:
         return [adapter.build_request([payload]) for payload in result.payloads]
 
 
-def _serialize(body: Any, serialized: dict[int, tuple[Any, bytes]]) -> bytes:
+def _serialize(body: Any, event: Event) -> bytes:
+    """``body`` as JSON. The event keeps its bodies serialized so far, by object, so that a
+    body several destinations share (``Event.shared``) is serialized once."""
+    serialized: dict[int, tuple[Any, bytes]] = event.shared("router:serialized", dict)
     known = serialized.get(id(body))
     if known is not None and known[0] is body:
         return known[1]

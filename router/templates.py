@@ -70,10 +70,15 @@ def _refuse_wide_format(text: str) -> None:
 
 def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
                                ) -> None:
-    """The filters whose output one argument multiplies: ``indent`` (each line gets the
-    width), ``wordwrap`` (each break gets the wrap string) and ``tojson`` (each nesting
-    level gets the indent)."""
-    if name == "do_indent" and args and isinstance(args[0], str):
+    """The filters whose output one argument multiplies, checked before they run:
+    ``format`` (a wide field), ``replace`` (each hit gets the new text), ``indent`` (each
+    line gets the width), ``wordwrap`` (each break gets the wrap string) and ``tojson``
+    (each nesting level gets the indent)."""
+    if name == "do_format" and args and isinstance(args[0], str):
+        _refuse_wide_format(args[0])
+    elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
+        _refuse_large_replace(str(args[1]), args[2], args[3])
+    elif name == "do_indent" and args and isinstance(args[0], str):
         width = kwargs.get("width", args[1] if len(args) > 1 else 4)
         per_line = len(width) if isinstance(width, str) else width
         if isinstance(per_line, int) and (args[0].count("\n") + 1) * per_line > MAX_OUTPUT_CHARS:
@@ -125,9 +130,7 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
             if isinstance(left, str):
                 _refuse_wide_format(left)
             return _refuse_large_result(operator.mod(left, right))
-        if _size(left) + _size(right) > MAX_OUTPUT_CHARS:
-            raise SecurityError("value too large for a template")
-        return operator.add(left, right)
+        return _refuse_large_result(operator.add(left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _refuse_large_arguments(args, kwargs)
@@ -143,17 +146,12 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
 
 
 def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
-    """A built-in filter that refuses huge widths and indents (``center(10**9)``,
-    ``indent(10**8)``, ``tojson(indent=10**8)``, ``format`` with a wide field)."""
+    """A built-in filter that refuses huge arguments (``center(10**9)``), what would
+    multiply in one step, and a result over the cap."""
     @functools.wraps(function)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _refuse_large_arguments(args, kwargs)
-        name = function.__name__
-        if name == "do_format" and args and isinstance(args[0], str):
-            _refuse_wide_format(args[0])
-        elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
-            _refuse_large_replace(str(args[1]), args[2], args[3])
-        _refuse_multiplying_filter(name, args, kwargs)
+        _refuse_multiplying_filter(function.__name__, args, kwargs)
         return _refuse_large_result(function(*args, **kwargs))
 
     return guarded
