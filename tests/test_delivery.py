@@ -317,7 +317,8 @@ async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path
 
 async def test_a_destination_refusing_everything_does_not_flood_the_log(tmp_path, caplog):
     """A revoked key fails every event: each is dead-lettered and counted, but the log gets
-    a few lines of that kind per window, not one per event."""
+    a few lines of that kind per window, not one per event, and they say how many they
+    stand for."""
     caplog.set_level(logging.WARNING, logger="router.delivery")
     async with FakeDestinationServer(default=Answer(401, body={"error": "bad key"})) as server:
         router = router_for(tmp_path, [webhook("hook", server.url, concurrency=8)])
@@ -328,9 +329,11 @@ async def test_a_destination_refusing_everything_does_not_flood_the_log(tmp_path
             assert len(await router.storage.dead_letters(DeadLetterFilter(), limit=1000)) == 300
     lines = [orjson.loads(record.getMessage()) for record in caplog.records
              if record.name == "router.delivery"]
-    assert 1 <= len(lines) <= LINES_PER_WINDOW
+    # a window's share, and at shutdown one line saying how many more there were
+    assert 1 <= len(lines) <= LINES_PER_WINDOW + 1
     assert {(line["destination"], line["action"], line["status"]) for line in lines} == \
         {("hook", "dead_letter", 401)}
+    assert sum(1 + line.get("similar_lines_held_back", 0) for line in lines) == 300
 
 
 def test_failure_lines_of_one_kind_are_held_back_and_counted_per_window():
@@ -352,3 +355,35 @@ def test_failure_lines_of_one_kind_are_held_back_and_counted_per_window():
     assert failure_log.write(line(503))
     assert [orjson.loads(text).get("similar_lines_held_back") for text in written] == \
         [None, None, None, None, 2]
+
+
+def test_a_flood_that_stops_still_reports_what_it_held_back():
+    """No later line of its kind comes to carry the count, so the worker's next round
+    after the window writes the last line held back with it (and shutdown writes it at once)."""
+    written: list[dict] = []
+
+    class Logger:
+        def warning(self, text: str) -> None:
+            written.append(orjson.loads(text))
+
+    now = [100.0]
+    failure_log = FailureLog(Logger(), window=10, lines_per_window=2, clock=lambda: now[0])
+    for n in range(5):
+        failure_log.write({"destination": "hook", "action": "dead_letter", "status": 401,
+                           "message_id": f"m{n}"})
+    failure_log.flush()  # the window is still open: nothing yet
+    assert [line["message_id"] for line in written] == ["m0", "m1"]
+    now[0] += 10
+    failure_log.flush()
+    assert written[2] == {"destination": "hook", "action": "dead_letter", "status": 401,
+                          "message_id": "m4", "similar_lines_held_back": 2}
+    failure_log.flush()
+    assert len(written) == 3  # reported once
+
+    failure_log.write({"destination": "hook", "action": "retry", "status": 503,
+                       "message_id": "r0"})
+    for n in range(1, 4):
+        failure_log.write({"destination": "hook", "action": "retry", "status": 503,
+                           "message_id": f"r{n}"})
+    failure_log.flush(all_windows=True)
+    assert written[-1]["message_id"] == "r3" and written[-1]["similar_lines_held_back"] == 1

@@ -5,8 +5,10 @@ it, and a line for each would be a flood of near-identical lines at intake rate,
 or the bill of the log pipeline. So, as Vector does for its internal logs, the lines of one
 destination, action and status are written at most ``LINES_PER_WINDOW`` times in ``WINDOW``
 seconds. The others are counted, and the next line written says how many were held back
-(``similar_lines_held_back``). The counters in ``/metrics`` still count every failure, and
-every dead letter keeps its own request, response and reason.
+(``similar_lines_held_back``). When a flood stops, no next line comes, so ``flush`` writes
+the last line held back with that count once its window has ended: the log never hides how
+many failures there were. The counters in ``/metrics`` still count every failure, and every
+dead letter keeps its own request, response and reason.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class _Window:
     started_at: float
     written: int = 0
     held_back: int = 0
+    last_held_back: dict[str, Any] | None = None
 
 
 class FailureLog:
@@ -52,10 +55,28 @@ class FailureLog:
             window = self._windows[key] = _Window(now, held_back=held_back)
         if window.written >= self.lines_per_window:
             window.held_back += 1
+            window.last_held_back = line
             return False
         window.written += 1
+        self._write(line, window)
+        return True
+
+    def flush(self, *, all_windows: bool = False) -> None:
+        """Write what windows that have ended (or, with ``all_windows``, every window: at
+        shutdown) held back and no later line has reported: their last line held back,
+        with the count. Cheap enough to call on every round of a worker."""
+        now = self.clock()
+        for key, window in list(self._windows.items()):
+            if not all_windows and now - window.started_at < self.window:
+                continue
+            if window.held_back and window.last_held_back is not None:
+                window.held_back -= 1  # the line written is one of them
+                self._write(window.last_held_back, window)
+            del self._windows[key]
+
+    def _write(self, line: dict[str, Any], window: _Window) -> None:
         if window.held_back:
             line = {**line, "similar_lines_held_back": window.held_back}
             window.held_back = 0
+            window.last_held_back = None
         self.logger.warning(orjson.dumps(line).decode())
-        return True

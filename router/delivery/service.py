@@ -130,6 +130,7 @@ class DestinationWorker:
         """Lease due jobs, cut them into batches and hand them to the senders, a round at a
         time; waits while every sender is busy and ``ready`` is full."""
         while not self.stopping:
+            self.failure_log.flush()
             try:
                 await self._complete_delivered()
                 jobs = await self._lease()
@@ -176,6 +177,7 @@ class DestinationWorker:
             sender.cancel()
         await asyncio.gather(*self.senders, return_exceptions=True)
         self.undispatched = []
+        self.failure_log.flush(all_windows=True)
         await self._complete_delivered()
         if leftover:
             await self.storage.release([job.id for job in leftover])
