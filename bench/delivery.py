@@ -30,6 +30,11 @@ Phases:
     The spool alone: ``SqliteStorage.accept`` of the 3 jobs of each event (chunks of 500),
     then ``lease`` (300 at a time) and ``complete`` of every job; µs of wall and CPU per
     event, and its share of the batching phase's CPU per event.
+``batching_floor``
+    A bare ``aiohttp.ClientSession`` sending the batching phase's requests (the same events,
+    batches and ``build_request``) to the same sinks: its CPU per event, added to the
+    in-process path and the spool's, is the least the batching phase could cost. What the
+    router spends beyond it is its own glue, set beside what the 2x target leaves for it.
 ``one_event_per_request``
     3 ``webhook`` destinations (one event a request, concurrency 8 each). The spool is filled
     first (72,000 jobs, no delivery, so that it outlasts the window), then a router drains
@@ -546,6 +551,51 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
                                    "cpu": round((accept[1] + drain[1]) * per, 1)}}
 
 
+async def phase_transport_floor(urls: list[str], count: int) -> dict[str, Any]:
+    """What the batching phase's requests cost a bare aiohttp client: the same events,
+    translated by the same 3 ``segment`` destinations, cut into the same batches of 100 and
+    built by the plugin's own ``build_request``, then POSTed from one ClientSession (8 in
+    flight) to the same sinks. No storage, no bookkeeping: the least any router pays to put
+    these bytes on the wire, to set beside the in-process path and the spool's cost."""
+    import aiohttp
+
+    from router.delivery.batching import from_spool
+    names = [f"d{i}" for i in range(len(urls))]
+    planner = make_router(tempfile.gettempdir(),
+                          [segment(name, f"{url}/t/{name}") for name, url in zip(names, urls)],
+                          deliver=False, storage=MemoryStorage())
+    received = datetime.now(UTC)
+    bodies: dict[str, list[bytes]] = {name: [] for name in names}
+    for raw in event_mix(count, seed=19):
+        for result in planner.plan(orjson.loads(raw), received_at=received, size=len(raw)).results:
+            if result.status is Status.SEND and result.destination:
+                bodies[result.destination] += result.bodies
+    requests = []
+    for destination in planner.destinations:
+        batch_size = destination.delivery.batch_size
+        queued = bodies[destination.name]
+        for start in range(0, len(queued), batch_size):
+            requests.append(destination.adapter.build_request(
+                [from_spool(body, "", opaque=destination.adapter.opaque_bodies)
+                 for body in queued[start:start + batch_size]]))
+    in_flight = asyncio.Semaphore(8)
+
+    async def send(session: aiohttp.ClientSession, request: Any) -> bool:
+        async with in_flight, session.request(request.method, request.url, data=request.body,
+                                              headers=request.headers) as answer:
+            await answer.read()
+            return answer.status == 200
+
+    async with aiohttp.ClientSession() as session:
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        sent = await asyncio.gather(*(send(session, request) for request in requests))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"events": count, "requests": len(requests), "all_accepted": all(sent),
+            "bytes_per_event": round(sum(len(r.body or b"") for r in requests) / count),
+            "events_per_second": round(count / wall),
+            "cpu_us_per_event": round(cpu / count * 1e6, 1)}
+
+
 async def phase_one_per_request(urls: list[str], count: int, warmup: float, window: float
                                 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as directory:
@@ -716,6 +766,23 @@ def machine_load() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+def batching_floor(batching: dict[str, Any], spool: dict[str, Any],
+                   transport: dict[str, Any]) -> dict[str, Any]:
+    """The least the batching phase could cost: the in-process path, the spool's own work
+    (accept, lease and complete, nothing else) and a bare client sending the same requests.
+    What the router spends beyond their sum is its own glue; the floor's ratio to the
+    in-process path says how much of the 2x target the unavoidable parts leave."""
+    inprocess = batching["inprocess_path_us_per_event"]
+    parts = {"inprocess_path": inprocess, "spool": spool["total_us_per_event"]["cpu"],
+             "transport": transport["cpu_us_per_event"]}
+    floor = sum(parts.values())
+    return {"transport_alone": transport,
+            "floor_us_per_event": {**parts, "sum": round(floor, 1)},
+            "floor_ratio_to_inprocess_path": round(floor / inprocess, 2),
+            "router_glue_us_per_event": round(batching["cpu_us_per_event"] - floor, 1),
+            "glue_the_2x_target_leaves_us_per_event": round(2 * inprocess - floor, 1)}
+
+
 def run(count: int = 20_000) -> dict[str, Any]:
     here = __name__
     figures: dict[str, Any] = {"load_at_start": machine_load()}
@@ -736,6 +803,8 @@ def run(count: int = 20_000) -> dict[str, Any]:
         spool = figures["spool"] = in_child(here, "phase_spool", count=20_000, destinations=3)
         figures["spool"]["share_of_batching_cpu_percent"] = round(
             100 * spool["total_us_per_event"]["cpu"] / batching["cpu_us_per_event"], 1)
+        transport = in_child(here, "phase_transport_floor", urls=urls, count=count)
+        figures["batching_floor"] = batching_floor(batching, spool, transport)
 
         log("delivery: one event a request, bare aiohttp client around the router")
         window = {"urls": urls, "warmup": 1.0, "window": 5.0}
