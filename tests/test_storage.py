@@ -575,6 +575,36 @@ async def test_sqlite_reopened_gives_back_every_unfinished_job(spool, tmp_path):
         await reopened.close()
 
 
+def page_size(path: Path) -> int:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("PRAGMA page_size").fetchone()[0]
+
+
+async def test_sqlite_a_new_spool_has_large_pages_and_an_older_file_keeps_its_own(tmp_path):
+    """Bundles are large blobs, so new files take 16 KB pages; a spool made before (4 KB,
+    SQLite's default) is opened as it is, and its work is all still there."""
+    new = SqliteStorage(tmp_path / "new.db")
+    await new.open()
+    await new.close()
+    assert page_size(tmp_path / "new.db") == 16384
+
+    older = tmp_path / "older.db"
+    with sqlite3.connect(older) as connection:
+        connection.execute("PRAGMA page_size = 4096")
+        connection.execute("CREATE TABLE made_before (x)")
+    storage = SqliteStorage(older)
+    await storage.open()
+    await accept(storage, *(item(f"m-{n}") for n in range(3)))
+    await storage.close()
+    reopened = SqliteStorage(older)
+    await reopened.open()
+    try:
+        assert [j.message_id for j in await lease(reopened)] == ["m-0", "m-1", "m-2"]
+    finally:
+        await reopened.close()
+    assert page_size(older) == 4096
+
+
 async def test_sqlite_never_reuses_a_job_id(spool):
     """The cursor is past every id it has leased: a new job must get a higher one even when
     every job before it is gone."""
