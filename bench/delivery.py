@@ -508,17 +508,22 @@ async def phase_latency(urls: list[str], rate: int, seconds: float) -> dict[str,
             "router_histogram_mean_ms": mean_ms}
 
 
+def planned(planner: Router, count: int, *, seed: int) -> list[Any]:
+    """``event_mix(count, seed)`` planned by ``planner``: what route() would queue, with no
+    storage, to feed the phases that measure one piece alone."""
+    received = datetime.now(UTC)
+    return [planner.plan(orjson.loads(raw), received_at=received, size=len(raw))
+            for raw in event_mix(count, seed=seed)]
+
+
 async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
     """The SQLite spool alone, for the jobs the batching phase queues."""
     with tempfile.TemporaryDirectory(prefix="bench-spool-") as directory:
         planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
                                           for i in range(destinations)],
                               deliver=False, storage=MemoryStorage())
-        received = datetime.now(UTC)
-        items = []
-        for raw in event_mix(count, seed=13):
-            result = planner.plan(orjson.loads(raw), received_at=received)
-            items.append(Acceptance("default", result.message_id or "", _jobs(result, frozenset())))
+        items = [Acceptance("default", result.message_id or "", _jobs(result, frozenset()))
+                 for result in planned(planner, count, seed=13)]
         jobs = sum(len(item.jobs) for item in items)
         storage = SqliteStorage(Path(directory) / "spool.db")
         await storage.open()
@@ -553,31 +558,24 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
 
 async def phase_transport_floor(urls: list[str], count: int) -> dict[str, Any]:
     """What the batching phase's requests cost a bare aiohttp client: the same events,
-    translated by the same 3 ``segment`` destinations, cut into the same batches of 100 and
-    built by the plugin's own ``build_request``, then POSTed from one ClientSession (8 in
-    flight) to the same sinks. No storage, no bookkeeping: the least any router pays to put
-    these bytes on the wire, to set beside the in-process path and the spool's cost."""
+    translated by the same 3 ``segment`` destinations, batched and built as the delivery
+    service does it (``router.testing``'s ``requests_from``), then POSTed from one
+    ClientSession (8 in flight) to the same sinks. No storage, no bookkeeping: the least any
+    router pays to put these bytes on the wire, to set beside the in-process path and the
+    spool's cost."""
     import aiohttp
 
-    from router.delivery.batching import from_spool
-    names = [f"d{i}" for i in range(len(urls))]
-    planner = make_router(tempfile.gettempdir(),
-                          [segment(name, f"{url}/t/{name}") for name, url in zip(names, urls)],
+    from router.testing.harness import requests_from
+    planner = make_router(tempfile.gettempdir(), [segment(f"d{i}", f"{url}/t/d{i}")
+                                                  for i, url in enumerate(urls)],
                           deliver=False, storage=MemoryStorage())
-    received = datetime.now(UTC)
-    bodies: dict[str, list[bytes]] = {name: [] for name in names}
-    for raw in event_mix(count, seed=19):
-        for result in planner.plan(orjson.loads(raw), received_at=received, size=len(raw)).results:
-            if result.status is Status.SEND and result.destination:
-                bodies[result.destination] += result.bodies
+    results = planned(planner, count, seed=19)
     requests = []
     for destination in planner.destinations:
-        batch_size = destination.delivery.batch_size
-        queued = bodies[destination.name]
-        for start in range(0, len(queued), batch_size):
-            requests.append(destination.adapter.build_request(
-                [from_spool(body, "", opaque=destination.adapter.opaque_bodies)
-                 for body in queued[start:start + batch_size]]))
+        payloads = [payload for result in results for outcome in result.results
+                    if outcome.destination == destination.name and outcome.status is Status.SEND
+                    for payload in outcome.payloads]
+        requests += requests_from(destination.adapter, payloads, destination.delivery)
     in_flight = asyncio.Semaphore(8)
 
     async def send(session: aiohttp.ClientSession, request: Any) -> bool:
