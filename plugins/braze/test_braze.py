@@ -114,6 +114,16 @@ def test_purchase_currency_defaults_to_usd_and_sku_stands_in_for_product_id():
             purchase["quantity"]) == ("SKU-1", "USD", 9.5, 3)
 
 
+def test_a_numeric_product_id_is_sent_as_text():
+    raw = track(event="Order Completed", properties={"products": [
+        {"product_id": 1234, "sku": "SKU-1", "price": 25, "quantity": 2},
+        {"product_id": None, "sku": 77, "price": 5}]})
+    purchases = [purchase for payload in translate(braze(), raw)
+                 for purchase in payload.body.get("purchases", [])]
+    assert [(p["product_id"], p["price"], p["quantity"]) for p in purchases] \
+        == [("1234", 25, 2), ("77", 5, 1)]
+
+
 def test_order_completed_without_products_stays_a_custom_event():
     (payload,) = translate(braze(), track(event="Order Completed",
                                           properties={"revenue": 10}))
@@ -122,6 +132,7 @@ def test_order_completed_without_products_stays_a_custom_event():
 
 @pytest.mark.parametrize(("product", "message"), [
     ({"price": 1}, "no product_id"),
+    ({"product_id": True, "price": 1}, "no product_id"),
     ({"product_id": "p1"}, "no numeric price"),
     ({"product_id": "p1", "price": 1, "quantity": 1.5}, "whole number"),
     ({"product_id": "p1", "price": 1, "quantity": 101}, "outside 1..100"),

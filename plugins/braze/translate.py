@@ -61,6 +61,18 @@ def custom_event(name: str, event: Event, properties: Mapping[str, Any],
     return body
 
 
+def _product_id(product: Mapping[str, Any]) -> str | None:
+    """``product_id``, else ``sku``, as text: shops number their products (Shopify's ids are
+    integers), and Braze takes the id as a string."""
+    for key in ("product_id", "sku"):
+        value = product.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def purchases(event: Event, reference: Mapping[str, Any], app_id: str | None
               ) -> list[dict[str, Any]]:
     """One purchase object per product, as Braze records purchases (Segment's and
@@ -72,8 +84,8 @@ def purchases(event: Event, reference: Mapping[str, Any], app_id: str | None
              if event.properties.get(key) is not None}
     found = []
     for index, product in enumerate(products(event), start=1):
-        product_id = product.get("product_id") or product.get("sku")
-        if not isinstance(product_id, str) or not product_id:
+        product_id = _product_id(product)
+        if product_id is None:
             raise EventRejected(f"product {index} has no product_id or sku; Braze needs one "
                                 "for each purchase")
         if len(product_id) > MAX_NAME:

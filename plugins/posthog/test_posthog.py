@@ -187,13 +187,14 @@ def test_identify_with_an_id_posthog_refuses_to_merge_is_rejected():
     assert "$anon_distinct_id" not in body["properties"]
 
 
-def test_alias_creates_an_alias_of_the_kept_user():
+def test_alias_is_sent_as_the_previous_id_naming_the_new_one():
+    # posthog-python's alias(previous_id, distinct_id): distinct_id = previous, alias = new
     body = event(posthog(), {"type": "alias", "userId": "user-1042",
                              "previousId": "anon-7f1c2e"})
     assert body["event"] == "$create_alias"
-    assert body["distinct_id"] == "user-1042"
+    assert body["distinct_id"] == "anon-7f1c2e"
     assert {k: body["properties"][k] for k in ("distinct_id", "alias")} == {
-        "distinct_id": "user-1042", "alias": "anon-7f1c2e"}
+        "distinct_id": "anon-7f1c2e", "alias": "user-1042"}
     with pytest.raises(EventRejected, match="previousId 'null'"):
         translate(posthog(), {"type": "alias", "userId": "user-1042", "previousId": "null"})
 

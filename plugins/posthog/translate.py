@@ -204,16 +204,19 @@ def identify_event(builder: Builder) -> dict[str, Any]:
 
 
 def alias_event(builder: Builder) -> dict[str, Any]:
-    """``$create_alias``: ``alias`` (previousId) becomes another id of ``distinct_id``
-    (userId), the person that is kept (posthog-python ``alias(previous_id, distinct_id)``)."""
+    """``$create_alias`` sent as posthog-python's ``alias(previous_id, distinct_id)`` sends
+    it: as the previous id (``distinct_id`` = previousId, also the event's own), naming the
+    new one (``alias`` = userId), so the two ids become one person."""
     event = builder.event
     assert event.userId is not None and event.previousId is not None  # parse_event checks
     for name, value in (("userId", event.userId), ("previousId", event.previousId)):
         if is_illegal_id(value):
             raise EventRejected(f"{name} {value!r} is an id PostHog refuses to merge on "
                                 "(it takes it for a bug)")
-    return builder.capture("$create_alias", {"distinct_id": event.userId,
-                                             "alias": event.previousId})
+    body = builder.capture("$create_alias", {"distinct_id": event.previousId,
+                                             "alias": event.userId})
+    body["distinct_id"] = event.previousId
+    return body
 
 
 def group_event(builder: Builder, group_type: str) -> dict[str, Any]:
