@@ -176,6 +176,24 @@ def test_revenue_per_product_moves_revenue_from_the_order_to_each_product():
     assert uno["revenue"] == 6  # price 3 × quantity 2
 
 
+def test_a_product_without_quantity_counts_its_price_once():
+    # Amplitude: "If $quantity isn't present, Amplitude uses 1."
+    _, product = events(amplitude(track_revenue_per_product=True), track(
+        event="Order Completed", properties={"revenue": 25, "products": [
+            {"product_id": "p1", "price": 25}]}))
+    assert {key: product[key] for key in ("revenue", "price", "productId")} == {
+        "revenue": 25, "price": 25, "productId": "p1"}
+    assert "quantity" not in product
+
+
+def test_a_fractional_quantity_sends_the_revenue_alone():
+    # Amplitude's quantity is an integer: 1.5 would be rounded to 2 and price × 2 counted
+    (event,) = events(amplitude(), track(event="Product Purchased", properties={
+        "revenue": 15, "price": 10, "quantity": 1.5, "product_id": "p1"}))
+    assert event["revenue"] == 15.0
+    assert not {"price", "quantity"} & event.keys()
+
+
 def test_only_order_completed_makes_product_purchased_events():
     (checkout,) = events(amplitude(), track(event="Checkout Started", properties={
         "products": [{"product_id": "p1", "price": 3, "quantity": 1}]}))

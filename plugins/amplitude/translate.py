@@ -191,21 +191,27 @@ def as_number(value: Any) -> float | int | None:
 
 def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
     """Amplitude's revenue fields, which live at the event root, from an event's properties
-    or one product: ``revenue`` (price × quantity when both are given, Amplitude's own rule),
-    ``price``, ``quantity`` (an integer), ``productId`` and ``revenueType`` ("Purchase" unless
-    given), as Segment's logPurchase builds them. Nothing when there is no revenue."""
+    or one product: ``revenue``, ``price``, ``quantity``, ``productId`` and ``revenueType``
+    ("Purchase" unless given), as Segment's logPurchase builds them. Nothing when there is
+    no revenue.
+
+    Amplitude counts price × quantity when it has a price, its quantity defaulting to 1, so
+    ``revenue`` is that product whenever the quantity is known or no revenue is given. Its
+    quantity is an integer: a fractional one would be rounded and the revenue recounted, so
+    then only ``revenue`` goes, already multiplied."""
     price = as_number(item.get("price"))
     quantity = as_number(item.get("quantity"))
     revenue = as_number(item.get("revenue"))
-    if price is not None and quantity is not None:
-        revenue = price * quantity
+    if price is not None and (quantity is not None or revenue is None):
+        revenue = price * (1 if quantity is None else quantity)
     if revenue is None:
         return {}
     fields: dict[str, Any] = {"revenue": revenue}
-    if price is not None:
-        fields["price"] = price
-    if quantity is not None:
-        fields["quantity"] = round(quantity)
+    if quantity is None or float(quantity).is_integer():
+        if price is not None:
+            fields["price"] = price
+        if quantity is not None:
+            fields["quantity"] = int(quantity)
     product_id = item.get("productId") or item.get("product_id") or item.get("sku")
     if isinstance(product_id, (str, int)) and not isinstance(product_id, bool):
         fields["productId"] = str(product_id)
