@@ -176,17 +176,19 @@ def corrected_timestamp(event: Event, *, explicit: bool) -> datetime:
 
 def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str, str]]:
     """Make ``revenue``/``value`` numbers and ``currency`` an upper-case ISO 4217 code, in place;
-    numeric strings in ``price`` and ``quantity``, of the event and of each of its
-    ``products``, become numbers too (vendors such as GA4 drop a string price silently).
+    numeric strings in the e-commerce spec's other amounts (``total``, ``subtotal``,
+    ``shipping``, ``tax``, ``discount``, ``price``, ``quantity``) and in each product's
+    ``price`` and ``quantity`` become numbers too (vendors such as GA4 drop a string price
+    silently, and several take an order's ``total`` as its value).
 
     Returns the problems found, as ``(field, message)`` pairs.
     """
-    _numbers_from_numeric_strings(properties)
+    _numbers_from_numeric_strings(properties, ORDER_AMOUNTS)
     products = properties.get("products")
     if isinstance(products, list):
         for product in products:
             if isinstance(product, dict):
-                _numbers_from_numeric_strings(product)
+                _numbers_from_numeric_strings(product, PRODUCT_AMOUNTS)
     problems: list[tuple[str, str]] = []
     for key in ("revenue", "value"):
         if key in properties and properties[key] is not None:
@@ -208,10 +210,14 @@ def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str,
     return problems
 
 
-def _numbers_from_numeric_strings(item: dict[str, Any]) -> None:
-    """``price`` and ``quantity`` given as numeric strings ("19.99", "2") as numbers, in place;
-    anything else is left for each destination to judge."""
-    for key in ("price", "quantity"):
+ORDER_AMOUNTS = ("total", "subtotal", "shipping", "tax", "discount", "price", "quantity")
+PRODUCT_AMOUNTS = ("price", "quantity")
+
+
+def _numbers_from_numeric_strings(item: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """The amounts ``keys`` names given as numeric strings ("19.99", "2") as numbers, in
+    place; anything else is left for each destination to judge."""
+    for key in keys:
         value = item.get(key)
         if isinstance(value, str):
             number = as_number(value)

@@ -299,6 +299,17 @@ def test_numeric_string_prices_and_quantities_become_numbers_in_the_event_and_it
         {"price": "n/a", "quantity": ""}, "not a product"]  # left for destinations to judge
 
 
+def test_numeric_string_order_amounts_become_numbers():
+    # GA4 and Meta take an order's total as its value; a string would not be counted
+    event = parse({**VALID_MINIMAL["track"], "properties": {
+        "total": "27.50", "subtotal": "22.50", "shipping": "3", "tax": "2.00",
+        "discount": "2.5", "coupon": "10", "order_id": "123"}})
+    assert {key: event.properties[key] for key in (
+        "total", "subtotal", "shipping", "tax", "discount")} == {
+        "total": 27.5, "subtotal": 22.5, "shipping": 3, "tax": 2.0, "discount": 2.5}
+    assert event.properties["coupon"] == "10" and event.properties["order_id"] == "123"
+
+
 def test_fixture_order_completed_is_normalized():
     raw = json.loads((FIXTURES / "order_completed.json").read_text())
     event = parse(raw)

@@ -132,6 +132,15 @@ def test_commerce_value_without_currency_is_rejected():
         ga4().translate(track("Checkout Started", {"value": 12}), {})
 
 
+def test_an_order_total_given_as_text_is_sent_as_a_number():
+    params = only_event(ga4(), track("Order Completed", {
+        "order_id": "o-1", "total": "27.50", "currency": "EUR"}))["params"]
+    assert params["value"] == 27.5 and params["currency"] == "EUR"
+    with pytest.raises(EventRejected, match="value .* is not a number: 'n/a'"):
+        ga4().translate(track("Order Completed", {"order_id": "o-1", "total": "n/a",
+                                                   "currency": "EUR"}), {})
+
+
 def test_custom_event_keeps_value_without_currency_and_maps_revenue_to_value():
     parsed = event("newsletter_signup", messageId="m-news")
     assert only_event(ga4(), parsed)["params"] == {"value": 4.5, "list": "weekly"}

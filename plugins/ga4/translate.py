@@ -196,6 +196,9 @@ def money(event: Event, native: Native) -> tuple[dict[str, Any], set[str]]:
     value = _first(props, *keys)
     currency = props.get("currency")
     if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EventRejected(f"GA4 {native.name}: its value (the first of "
+                                f"{', '.join(keys)}) is not a number: {value!r}")
         if currency is None:
             raise EventRejected(f"GA4 {native.name} has a value but no currency; add "
                                 f"properties.currency (ISO 4217)")

@@ -158,6 +158,9 @@ def test_value_comes_from_revenue_then_total_then_value():
     assert value({"revenue": 1, "total": 2, "value": 3}) == 1
     assert value({"total": 2, "value": 3, "currency": "EUR"}) == 2
     assert value({"value": 3}) == 3
+    assert value({"total": "27.50", "currency": "EUR"}) == 27.5  # a number, as Meta needs
+    with pytest.raises(EventRejected, match="not a number: 'n/a'"):
+        value({"total": "n/a"})
 
 
 def test_search_carries_the_query_as_search_string():

@@ -243,6 +243,9 @@ def custom_data(event: Event, name: str) -> dict[str, Any]:
         if value is None and isinstance(props.get("price"), (int, float)):
             value = props["price"] * _quantity(props)
     if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EventRejected(f"custom_data.value (the first of revenue, total, value) is "
+                                f"not a number: {value!r}")
         data["value"] = value
     if props.get("currency") is not None:
         data["currency"] = props["currency"]
