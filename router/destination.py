@@ -143,7 +143,11 @@ class Destination(Generic[SettingsT]):
 
     plugin_name: ClassVar[str]
     Settings: ClassVar[type[BaseModel]]
-    delivery: ClassVar[DeliveryDefaults] = DeliveryDefaults()
+    delivery: DeliveryDefaults = DeliveryDefaults()
+    """The API's documented limits, on the class. On a configured destination, the limits in
+    force: the router sets them with the operator's ``delivery:`` overrides applied, so a
+    translation that depends on one (an age window measured against ``max_age``) follows
+    the config."""
     opaque_bodies: bool = False
     """True when ``build_request`` and ``read_response`` only place payload bodies into a
     request and never look inside them. The core then hands each body over as the JSON it

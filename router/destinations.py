@@ -103,6 +103,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
     if "retry_on" in overrides:
         overrides["retry_on"] = frozenset(overrides["retry_on"])
     delivery = plugin.cls.delivery.model_copy(update=overrides)
+    adapter.delivery = delivery
 
     templates = {}
     for key, text in entry.mapping.properties.items():

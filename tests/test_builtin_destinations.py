@@ -3,6 +3,8 @@ delivered over real HTTP to a fake of the vendor's API, with nothing dead-letter
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from router.storage.base import DeadLetterFilter
@@ -49,3 +51,27 @@ async def test_sample_events_reach_the_vendor_api(tmp_path, plugin):
             assert request.json is not None or request.body
         assert any(any(s in (str(r.headers) + r.path + str(r.query) + r.text) for s in secrets)
                    or "Authorization" in r.headers for r in server.requests)
+
+
+@pytest.mark.parametrize(("plugin", "age_hours", "window"), [("ga4", 60, "72 h"),
+                                                             ("meta_capi", 150, "7 days")])
+def test_a_configured_max_age_narrows_the_vendors_age_window(tmp_path, plugin, age_hours,
+                                                              window):
+    """GA4 and Meta keep ``max_age`` free for retries inside their backdating windows: an
+    event that the default 4 h leaves room for is refused once the config says 24 h."""
+    happened = (RECEIVED_AT - timedelta(hours=age_hours)).isoformat()
+    event = {"type": "track", "event": "Signed Up", "userId": "u1", "timestamp": happened,
+             "context": {"ip": "1.2.3.4", "userAgent": "Mozilla/5.0",
+                        "page": {"url": "https://shop.example/"}},
+             "integrations": {plugin: {"client_id": "c.1"}}}
+
+    def status(max_age: str) -> tuple[str, str | None]:
+        destination = {"name": plugin, "plugin": plugin, "settings": SETTINGS[plugin],
+                       "delivery": {"max_age": max_age}}
+        router = router_for(tmp_path, [destination])
+        (result,) = router.plan(event, received_at=RECEIVED_AT).results
+        return result.status, result.reason
+
+    assert status("4h") == ("send", "")
+    refused, reason = status("24h")
+    assert refused == "invalid" and window in (reason or "") and "24 h" in (reason or "")

@@ -112,6 +112,7 @@ class DestinationHarness(Generic[DestinationT]):
         else:  # validated like the config's delivery section: a typo fails here
             self.delivery = DeliveryDefaults.model_validate(
                 {**destination_cls.delivery.model_dump(), **dict(delivery or {})})
+        self.destination.delivery = self.delivery  # as the router configures it
         self.received_at = received_at
 
     def event(self, event: RawOrEvent) -> Event:
