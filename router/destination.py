@@ -87,7 +87,10 @@ Outcome = DestinationError | None
 
 class DeliveryDefaults(BaseModel):
     """A destination's documented delivery limits, declared as data. Operators may override
-    each one in the ``delivery`` section of the destination's config."""
+    each one in the ``delivery`` section of the destination's config, except that
+    ``batch_size`` and ``batch_bytes`` may only be lowered: a plugin declares the most its
+    ``build_request`` and its API take (a webhook sends one payload a request; GA4 drops the
+    events of a request over 25 without a word)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -100,6 +100,12 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
                                "egress.allow_private_addresses to allow it)")
 
     overrides = entry.delivery.model_dump(exclude_none=True)
+    for key, unit in (("batch_size", "payloads"), ("batch_bytes", "bytes")):
+        limit = getattr(plugin.cls.delivery, key)
+        if overrides.get(key, 0) > limit:
+            raise source.error((*path, "delivery", key), (
+                f"expected at most {limit}: a {entry.plugin} request carries at most {limit} "
+                f"{unit} (the plugin's limit, from its API's); a lower value is allowed"))
     if "retry_on" in overrides:
         overrides["retry_on"] = frozenset(overrides["retry_on"])
     delivery = plugin.cls.delivery.model_copy(update=overrides)

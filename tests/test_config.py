@@ -461,6 +461,42 @@ def test_unknown_plugin_is_named_with_the_installed_ones(tmp_path):
     assert "installed" in str(error) and "webhook" in str(error)
 
 
+@pytest.mark.parametrize(("plugin", "settings", "key", "value", "limit"), [
+    ("webhook", '{url: "https://a.example"}', "batch_size", 10, 1),
+    ("ga4", '{measurement_id: G-1, api_secret: s}', "batch_size", 100, 25),
+    ("ga4", '{measurement_id: G-1, api_secret: s}', "batch_bytes", 1_000_000, 130_000),
+])
+def test_a_batch_larger_than_the_plugin_sends_is_refused(tmp_path, plugin, settings, key,
+                                                         value, limit):
+    # A webhook request carries one event (a batch of 10 would fail every send), and GA4
+    # drops what is past its 25 events a request without an error.
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: {plugin}
+            settings: {settings}
+            delivery:
+              {key}: {value}   #!
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, f"destinations.0.delivery.{key}")
+    assert f"expected at most {limit}" in error.message
+
+
+def test_a_smaller_batch_than_the_plugins_is_allowed(tmp_path):
+    path, _ = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: ga4
+            settings: {measurement_id: G-1, api_secret: s}
+            delivery: {batch_size: 5, batch_bytes: 65536}
+    """)
+    (destination,) = router_for(path).destinations
+    assert (destination.delivery.batch_size, destination.delivery.batch_bytes) == (5, 65536)
+
+
 def test_disabled_destination_is_not_built(tmp_path):
     path, _ = write(tmp_path, """
         storage: memory://
