@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime, UTC
@@ -18,7 +19,7 @@ from router.config import load_config, parse_duration
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import ConfigError
-from router.input import Unreadable, read_events
+from router.input import Unreadable, UnreadableDocument, read_events
 from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
@@ -37,6 +38,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader left (``router send ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PROBLEM
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number of at least 1")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="print the exact requests instead of sending; changes nothing")
     send.add_argument("--json", action="store_true", help="one JSON object a line")
     send.add_argument("--source", default=DEFAULT_SOURCE, help="source name for dedup")
-    send.add_argument("--wait", default="60s",
+    send.add_argument("--wait", type=_duration, default=60.0,
                       help="how long to wait for delivery before leaving the rest queued")
     send.set_defaults(run=send_command)
 
@@ -73,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("-c", "--config", required=True)
     dlq.add_argument("--destination")
     dlq.add_argument("--reason", help="only dead letters whose reason contains this text")
-    dlq.add_argument("--since", help="only those failed within this long, e.g. 2h")
-    dlq.add_argument("--limit", type=int, default=100)
+    dlq.add_argument("--since", type=_duration,
+                     help="only those failed within this long, e.g. 2h")
+    dlq.add_argument("--limit", type=_positive_int, default=100)
     dlq.add_argument("--json", action="store_true")
     dlq.set_defaults(run=dlq_command)
     return parser
@@ -110,11 +128,15 @@ def check_command(args: argparse.Namespace) -> int:
 def send_command(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else _read_input(args.input)
     router = Router(load_config(args.config), deliver=not args.dry_run)
-    items = list(read_events(data))
+    try:
+        items = list(read_events(data))
+    except UnreadableDocument as exc:  # nothing is sent from a file cut short
+        raise ConfigError(f"cannot read events: {exc}; nothing was sent",
+                          file="stdin" if args.input == "-" else args.input) from None
     if args.dry_run:
         results = dry_run(router, items, source=args.source)
     else:
-        results = asyncio.run(_send(router, items, args.source, parse_duration(args.wait)))
+        results = asyncio.run(_send(router, items, args.source, args.wait))
     printer = _print_json if args.json else _print_table
     for index, result in enumerate(results):
         printer(router, index, result, sys.stdout, requests=args.dry_run)

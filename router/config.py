@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
@@ -22,6 +22,10 @@ from typing import Annotated
 
 from router.errors import ConfigError
 from router.events import CallType
+from router.redaction import redacted_url
+
+if TYPE_CHECKING:
+    from router.storage.base import Storage
 
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_CONFIG_NODES = 100_000
@@ -219,6 +223,16 @@ class LoadedConfig:
         """Every value the config took from an environment variable: secrets come only from
         there, so each destination masks those found in its settings, whatever the field's
         type (a webhook URL with a token in its path, say)."""
+
+    async def open_storage(self, storage: Storage, *, recover: bool = True) -> None:
+        """Open the storage the config names; a failure (a directory that cannot be made, a
+        Redis that does not answer) is a ``ConfigError`` pointing at the ``storage:`` line."""
+        try:
+            await storage.open(recover=recover)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raised, say where
+            raise self.source.error(("storage",), (
+                f"cannot open the storage {redacted_url(self.config.storage)}: "
+                f"{type(exc).__name__}: {exc}")) from exc
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedConfig:

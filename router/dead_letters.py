@@ -7,23 +7,34 @@ It opens the storage without taking back leases, so it is safe beside a running
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from datetime import datetime, UTC
 from pathlib import Path
 
 import orjson
 
-from router.config import load_config, parse_duration
+from router.config import load_config
 from router.storage import open_storage
+from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter
 
 
 async def run_dlq_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config).config
+    loaded = load_config(args.config)
+    config = loaded.config
     storage = open_storage(config.storage, base_dir=Path.cwd())
-    since = time.time() - parse_duration(args.since) if args.since else None
+    if isinstance(storage, SqliteStorage) and not storage.path.exists():
+        # Opening would create an empty spool and report nothing: a wrong path or directory
+        raise loaded.source.error(("storage",), f"{storage.path} does not exist: no router "
+                                  "has used this storage yet (check the working directory)")
+    named = {destination.name.lower() for destination in config.destinations}
+    if args.destination and args.destination.lower() not in named:
+        print(f"note: the config has no destination named {args.destination!r}; dead "
+              "letters of a destination since removed are still listed", file=sys.stderr)
+    since = time.time() - args.since if args.since else None
     where = DeadLetterFilter(destination=args.destination, reason=args.reason, since=since)
-    await storage.open(recover=False)
+    await loaded.open_storage(storage, recover=False)
     try:
         if args.action == "list":
             letters = await storage.dead_letters(where, limit=args.limit)

@@ -1,5 +1,8 @@
 """Reading events from files and stdin for ``router send``: a JSON object, a JSON array, a
-``/v1/batch`` body, or JSON Lines. A line that does not parse is reported, not fatal."""
+``/v1/batch`` body, or JSON Lines. A line of JSON Lines that does not parse is reported, not
+fatal; a document (an array, or an object over several lines) that does not parse is
+refused whole, since reading its lines one by one would send whichever of them happen to
+parse on their own."""
 
 from __future__ import annotations
 
@@ -7,6 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
+
+
+class UnreadableDocument(ValueError):
+    """The input is one JSON document that does not parse; ``str()`` says where."""
 
 
 class Unreadable:
@@ -17,10 +24,14 @@ class Unreadable:
 
 
 def read_events(data: bytes) -> Iterator[Any]:
-    """Every event in ``data``, in order; an ``Unreadable`` where a JSON Lines line is bad."""
+    """Every event in ``data``, in order; an ``Unreadable`` where a JSON Lines line is bad.
+    ``UnreadableDocument`` when ``data`` is one document with a syntax error."""
     try:
         document = orjson.loads(data)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if not _is_json_lines(data):
+            raise UnreadableDocument(f"not JSON: {exc.msg} at line {exc.lineno}, column "
+                                     f"{exc.colno}") from None
         yield from _json_lines(data)
         return
     if isinstance(document, list):
@@ -49,6 +60,19 @@ def with_batch_defaults(body: dict[str, Any]) -> Iterator[Any]:
             yield merged
         else:
             yield event
+
+
+def _is_json_lines(data: bytes) -> bool:
+    """JSON Lines has an object on each line, so its first line parses by itself; an array,
+    or an object spread over several lines, does not."""
+    first = next((line for line in data.splitlines() if line.strip()), b"")
+    if first.lstrip().startswith(b"["):
+        return False
+    try:
+        orjson.loads(first)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_lines(data: bytes) -> Iterator[Any]:

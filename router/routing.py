@@ -99,6 +99,7 @@ class Router:
             raise ValueError("delivery.own_process: the delivery process opens the config's "
                              "storage, so a storage passed to Router would not be the one "
                              "it delivers from; pass none, or deliver=False")
+        self._storage_from_config = storage is None
         self.storage = storage or open_storage(self.config.storage, base_dir=Path.cwd())
         self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
         self.window = self.config.dedup.window
@@ -123,7 +124,10 @@ class Router:
         """Open the storage (taking back work a crashed process left) and start delivery:
         here, or in a process of its own with ``delivery.own_process``, which then opens
         the config's storage itself and loads plugins from their entry points."""
-        await self.storage.open()
+        if self._storage_from_config:
+            await self.loaded.open_storage(self.storage)
+        else:
+            await self.storage.open()
         self._open = True
         if not self._deliver:
             return

@@ -362,3 +362,32 @@ def test_example_config_dry_run_works_offline(tmp_path):
     assert_no_secret(completed)
     assert not (tmp_path / "var").exists()
 
+
+
+def test_a_json_file_with_a_syntax_error_sends_nothing(workdir):
+    # Read line by line, the lines that parse alone would be sent and the rest reported
+    (workdir / "broken.json").write_text(
+        '[\n  {"type": "track", "event": "A", "userId": "u1"}\n'
+        '  {"type": "track", "event": "B", "userId": "u2"}\n]\n')
+    completed = run("send", "-c", "router.yaml", "broken.json", "--dry-run", "--json",
+                    cwd=workdir)
+    assert completed.returncode == 1 and completed.stdout == ""
+    assert "broken.json: cannot read events: not JSON" in completed.stderr
+    assert "line 3" in completed.stderr and "nothing was sent" in completed.stderr
+
+
+def test_a_storage_that_cannot_be_opened_is_reported_at_its_config_line(workdir):
+    (workdir / "blocked").write_text("a file where the spool's directory should be")
+    (workdir / "bad.yaml").write_text(
+        "destinations: []\nstorage: sqlite:///blocked/router.db\n")
+    (workdir / "ev.json").write_text('{"type": "track", "event": "A", "userId": "u1"}')
+    completed = run("send", "-c", "bad.yaml", "ev.json", cwd=workdir)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "bad.yaml:2: storage: cannot open the storage sqlite:///blocked/router.db" \
+        in completed.stderr
+
+
+def test_a_bad_wait_is_a_usage_error(workdir):
+    completed = run("send", "-c", "router.yaml", "-", "--wait", "soon", cwd=workdir,
+                    stdin=b"{}")
+    assert completed.returncode == 2 and "expected a duration" in completed.stderr

@@ -58,3 +58,23 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
         purged = dlq("purge", "--reason", "HTTP 400", config=config)
         assert "purged 3" in purged.stdout
         assert dlq("list", config=config).stdout.strip().endswith("0 dead letter(s)")
+
+
+def test_a_spool_that_does_not_exist_is_an_error_not_an_empty_list(tmp_path):
+    # From the wrong directory, a relative sqlite path would make a new, empty spool
+    config = tmp_path / "router.yaml"
+    config.write_text("storage: sqlite:///var/router.db\n")
+    listed = dlq("list", config=config)
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr
+    assert "router.yaml:1: storage:" in listed.stderr and "does not exist" in listed.stderr
+    assert not (tmp_path / "var" / "router.db").exists()
+
+
+def test_bad_arguments_are_usage_errors(tmp_path):
+    config = tmp_path / "router.yaml"
+    config.write_text("storage: memory://\n")
+    for args, complaint in ((("list", "--since", "bogus"), "expected a duration"),
+                            (("list", "--limit", "-1"), "at least 1")):
+        completed = dlq(*args, config=config)
+        assert completed.returncode == 2 and complaint in completed.stderr
+        assert "Traceback" not in completed.stderr

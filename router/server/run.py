@@ -20,6 +20,7 @@ import sys
 from aiohttp import web
 
 from router.config import LoadedConfig, load_config
+from router.errors import ConfigError
 from router.routing import Router
 from router.runtime import tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER
@@ -50,8 +51,8 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
         try:
             await router.start()
         except Exception as exc:  # noqa: BLE001 - say what failed, without a traceback
-            print(f"error: cannot start the router: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            what = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            print(f"error: cannot start the router: {what}", file=sys.stderr)
             await router.close()
             return 1
         tune_garbage_collector()
