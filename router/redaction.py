@@ -9,9 +9,8 @@ Bearer header encodes its secret.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr
 
@@ -20,7 +19,8 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-ke
                                "x-auth-token", "cookie"})
 _MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary text ("1", "abc")
 _CREDENTIAL_QUERY = re.compile(
-    r"([?&][^=&#]*(?:token|key|secret|signature|sig|auth|password|passwd|pwd)[^=&#]*=)[^&#]*",
+    r"([?&](?:[^=&#]*(?:token|key|secret|signature|sig|auth|password|passwd|pwd|jwt)[^=&#]*"
+    r"|code)=)[^&#]*",  # code: Azure Functions' key parameter
     re.IGNORECASE)
 _MIN_TOKEN_LENGTH = 8  # a word of a secret long enough to be a credential on its own
 
@@ -63,13 +63,15 @@ def _strings(data: Any) -> Iterator[str]:
 
 
 def redacted_url(url: str) -> str:
-    """A URL safe to show: its password (``redis://:secret@host``) replaced."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A URL safe to show: its password (``redis://user:secret@host``) replaced. The user
+    information ends at the *last* ``@`` before the host, so a password with an unescaped
+    ``@`` or ``/`` (which cuts a parser's netloc short) is still hidden whole."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not separator or not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:{REDACTED}@{host}"
 
 
 class Masker:
@@ -91,6 +93,14 @@ class Masker:
         whose names say they are credentials (``?token=``, ``&api_key=``, ...)."""
         return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, self.mask(url))
 
-    def mask_headers(self, headers: dict[str, str]) -> dict[str, str]:
+    def with_credentials_of(self, headers: Mapping[str, str]) -> Masker:
+        """This masker, also hiding the credential header values of a request it sent, whole
+        and without their scheme. They are derived from the secrets (``Basic`` is base64 of
+        "key:"), so an API that echoes the request in its error would show them unmasked."""
+        found = [part for name, value in headers.items() if name.lower() in SENSITIVE_HEADERS
+                 for part in (value, *value.split()[1:])]
+        return Masker([*self.secrets, *found]) if found else self
+
+    def mask_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)
                 for name, value in headers.items()}

@@ -42,6 +42,23 @@ def test_urls_lose_credential_query_values_and_passwords():
     assert masker.mask_url("https://hooks.example/in?token=abc&page=2") == \
         f"https://hooks.example/in?token={REDACTED}&page=2"
     assert redacted_url("redis://:pw-0001@cache:6379/0") == f"redis://:{REDACTED}@cache:6379/0"
+    # unescaped @ and / in a password cut a parser's netloc short: still hidden whole
+    assert redacted_url("redis://user:p@ss/w0rd@127.0.0.1:1/0") == \
+        f"redis://user:{REDACTED}@127.0.0.1:1/0"
+    assert redacted_url("sqlite:///var/router.db") == "sqlite:///var/router.db"
+    assert redacted_url("redis://cache:6379/0") == "redis://cache:6379/0"
+    for name in ("code", "jwt", "access_jwt"):  # Azure Functions' key, JSON web tokens
+        assert masker.mask_url(f"https://f.example/api/x?{name}=k-1&zip_code=10115") == \
+            f"https://f.example/api/x?{name}={REDACTED}&zip_code=10115"
+
+
+def test_credential_headers_a_request_carried_are_masked_in_an_echo_of_it():
+    # Basic is base64 of "key:": derived from the secret, so not the secret's own text
+    masker = Masker(["seg-key-0001"]).with_credentials_of(
+        {"Authorization": "Basic c2VnLWtleS0wMDAxOg==", "Content-Type": "application/json"})
+    echoed = '{"error": "bad auth", "headers": {"Authorization": "Basic c2VnLWtleS0wMDAxOg=="}}'
+    assert "c2VnLWtleS0wMDAxOg" not in masker.mask(echoed)
+    assert "application/json" not in masker.secrets
 
 
 def test_dry_run_masks_a_token_in_a_webhook_url(tmp_path):
@@ -58,3 +75,24 @@ def test_dry_run_masks_a_token_in_a_webhook_url(tmp_path):
     assert "url-token-0001" not in completed.stdout + completed.stderr
     (line,) = [orjson.loads(text) for text in completed.stdout.splitlines()]
     assert line["requests"][0]["url"] == f"https://hooks.example/in?token={REDACTED}"
+
+
+async def test_a_dead_letter_keeps_no_basic_credentials_an_api_echoed(tmp_path):
+    from router.destination import basic_auth
+    from router.storage.base import DeadLetterFilter
+    from router.testing import Answer, FakeDestinationServer
+    from tests.delivery_helpers import FAST_RETRIES, router_for, track
+
+    header = basic_auth("seg-write-key-0001")
+    async with FakeDestinationServer() as server:
+        server.script([Answer(400, body={"error": "refused", "echo": {"Authorization": header}})])
+        router = router_for(tmp_path, [{
+            "name": "seg", "plugin": "segment", "delivery": FAST_RETRIES,
+            "settings": {"write_key": "seg-write-key-0001", "base_url": server.url}}])
+        async with router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+            (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+    assert server.requests[0].headers["Authorization"] == header  # what was echoed
+    assert "refused" in letter.response
+    assert header.split()[1] not in orjson.dumps([letter.request, letter.response]).decode()

@@ -292,7 +292,7 @@ class DestinationWorker:
         outcomes = self._judge(payloads, response)
         if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
                 all(isinstance(outcome, PermanentError) for outcome in outcomes):
-            return await self._split(batch, self._shown_body(response),
+            return await self._split(batch, self._shown_body(request, response),
                                      always=response.status == 413)
         failure = None
         if any(outcome is not None for outcome in outcomes):
@@ -347,11 +347,13 @@ class DestinationWorker:
         if response is None:
             return Failure(masker.mask(reason), None, shown_request, None)
         return Failure(masker.mask(reason), response.status, shown_request,
-                       self._shown_body(response))
+                       self._shown_body(request, response))
 
-    def _shown_body(self, response: HttpResponse) -> str:
-        """The start of a response body, secrets masked: what a dead letter keeps."""
-        return self.destination.masker.mask(
+    def _shown_body(self, request: HttpRequest, response: HttpResponse) -> str:
+        """The start of a response body, secrets masked, those of the request's credential
+        headers too (an API may echo them): what a dead letter keeps."""
+        masker = self.destination.masker.with_credentials_of(request.headers)
+        return masker.mask(
             response.body[:MAX_RESPONSE_IN_DEAD_LETTER].decode("utf-8", errors="replace"))
 
     async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError
+from router.redaction import redacted_url
 from router.routing import Router
 from router.runtime import tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER
@@ -106,7 +106,7 @@ def _announce(router: Router, runner: web.AppRunner) -> None:
         shown = f"[{host}]" if ":" in host else host
         print(f"router: listening on http://{shown}:{port}  (POST /v1/batch, /v1/track, ...; "
               "GET /health, /metrics)", flush=True)
-    print(f"  storage: {_without_password(config.storage)}")
+    print(f"  storage: {redacted_url(config.storage)}")
     sources = ", ".join(source.name for source in config.sources)
     print(f"  sources: {sources}" if sources else
           "  WARNING: no sources are configured: every request is refused with 401 "
@@ -128,7 +128,3 @@ def _log_access_to_stdout() -> None:
         ACCESS_LOGGER.addHandler(handler)
     ACCESS_LOGGER.setLevel(logging.INFO)
     ACCESS_LOGGER.propagate = False
-
-
-def _without_password(url: str) -> str:
-    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1****@", url)
