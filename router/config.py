@@ -177,6 +177,13 @@ class RouterConfig(_Section):
                     raise ValueError(f"{kind}.{index}.name: {item.name!r} is already used by "
                                      f"{kind}.{seen[key]} (names are case-insensitive)")
                 seen[key] = index
+        owners: dict[str, int] = {}
+        for index, source in enumerate(self.sources):
+            for number, write_key in enumerate(source.write_keys):
+                owner = owners.setdefault(write_key.get_secret_value(), index)
+                if owner != index:  # a request would be credited to the first source only
+                    raise ValueError(f"sources.{index}.write_keys.{number}: this write key is "
+                                     f"already sources.{owner}'s; each key names one source")
         if self.delivery.own_process and self.storage.startswith("memory://"):
             raise ValueError("delivery.own_process: the delivery process cannot see memory:// "
                              "storage; use sqlite:// or redis://")
@@ -273,17 +280,20 @@ def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | 
     try:
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:
-        raise _unique_name_error(exc, source) or source.validation_error(exc) from None
+        raise _model_error(exc, source) or source.validation_error(exc) from None
     return LoadedConfig(config, source, base_dir or Path.cwd(),
                         frozenset(converter.environment_values))
 
 
-def _unique_name_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:
+def _model_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:
+    """A whole-config check (``RouterConfig``'s validator) says which field it is about by
+    starting its message with the field's path (``sources.1.name: ...``): point there."""
     for error in exc.errors(include_input=False, include_url=False):
         message = error["msg"].removeprefix("Value error, ")
-        match = re.match(r"^(destinations|sources)\.(\d+)\.name: (.*)$", message)
+        match = re.match(r"^((?:destinations|sources)\.\d+(?:\.\w+)+): (.*)$", message)
         if match and not error["loc"]:
-            return source.error((match.group(1), int(match.group(2)), "name"), match.group(3))
+            path = [int(part) if part.isdigit() else part for part in match[1].split(".")]
+            return source.error(path, match[2])
     return None
 
 

@@ -96,7 +96,8 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
     for url in adapter.endpoints():
         refused = check_url(url, egress)
         if refused:
-            raise source.error((*path, "settings"), f"egress refused: {refused} (set "
+            raise source.error((*path, "settings", *_setting_of(entry.settings, url)),
+                               f"egress refused: {refused} (set "
                                "egress.allow_private_addresses to allow it)")
 
     overrides = entry.delivery.model_dump(exclude_none=True)
@@ -124,3 +125,12 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         renames=dict(entry.mapping.event_names), property_templates=templates,
         masker=Masker([*secret_values(settings),
                        *values_found_in(entry.settings, loaded.environment_values)]))
+
+
+def _setting_of(settings: Mapping[str, Any], url: str) -> tuple[str, ...]:
+    """The setting an endpoint URL came from (the webhook's ``url``, a ``base_url``), so an
+    error points at its line; none when no setting holds it."""
+    for key, value in settings.items():
+        if isinstance(value, str) and value and url.startswith(value.rstrip("/")):
+            return (key,)
+    return ()

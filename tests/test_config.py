@@ -256,6 +256,16 @@ ERROR_CASES = {
           - name: WEB   #!
             write_keys: [b]
     """, "sources.1.name"),
+    "a write key in two sources": ("""
+        storage: memory://
+        sources:
+          - name: web
+            write_keys: [key-a, key-b]
+          - name: ios
+            write_keys:
+              - key-c
+              - key-b   #!
+    """, "sources.1.write_keys.1"),
     "unknown call type in filter": ("""
         storage: memory://
         destinations:
@@ -495,6 +505,26 @@ def test_a_smaller_batch_than_the_plugins_is_allowed(tmp_path):
     """)
     (destination,) = router_for(path).destinations
     assert (destination.delivery.batch_size, destination.delivery.batch_bytes) == (5, 65536)
+
+
+@pytest.mark.parametrize(("plugin", "other", "key", "url", "why"), [
+    ("webhook", "method: POST", "url", "http://127.0.0.1:8080/in", "loopback"),
+    ("segment", "write_key: k-0001", "base_url", "https://10.0.0.5", "private"),
+])
+def test_a_private_endpoint_is_refused_at_the_setting_that_names_it(tmp_path, plugin, other,
+                                                                     key, url, why):
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: {plugin}
+            settings:
+              {other}
+              {key}: {url}   #!
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, f"destinations.0.settings.{key}")
+    assert "egress refused" in error.message and why in error.message
 
 
 def test_disabled_destination_is_not_built(tmp_path):
