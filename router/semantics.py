@@ -30,6 +30,12 @@ def semantic_action(event: Event) -> SemanticAction | None:
     return SEMANTIC_ACTIONS.get(event.event)
 
 
+# The mobile spec's device events (Customer.io Data Pipelines): a push token to register for
+# the person, or to forget. Not user-level operations, so not in SEMANTIC_ACTIONS: only
+# destinations that keep devices act on them.
+DEVICE_CREATED_OR_UPDATED = "Device Created or Updated"
+DEVICE_DELETED = "Device Deleted"
+
 # Segment's e-commerce spec v2 event names.
 PRODUCTS_SEARCHED = "Products Searched"
 PRODUCT_LIST_VIEWED = "Product List Viewed"

@@ -262,6 +262,34 @@ def test_semantic_event_without_a_user_id_is_skipped():
         items({"type": "track", "event": "Delete Person", "anonymousId": "a1"})
 
 
+def test_device_events_register_and_forget_a_push_token():
+    device = {"token": "apns-token-1", "type": "iOS"}
+    added = items({"type": "track", "event": "Device Created or Updated", "userId": "user-1",
+                   "timestamp": "2026-11-01T10:00:00Z", "properties": {"app_version": "2.1"},
+                   "context": {"device": device}})
+    assert added == [{"type": "person", "action": "add_device",
+                      "identifiers": {"id": "user-1"},
+                      "device": {"token": "apns-token-1", "platform": "ios",
+                                 "last_used": 1793527200, "attributes": {"app_version": "2.1"}}}]
+    deleted = items({"type": "track", "event": "Device Deleted", "userId": "user-1",
+                     "context": {"device": device}})
+    assert deleted == [{"type": "person", "action": "delete_device",
+                        "identifiers": {"id": "user-1"}, "device": {"token": "apns-token-1"}}]
+
+
+@pytest.mark.parametrize(("context", "error", "message"), [
+    ({}, EventRejected, "context.device.token"),
+    ({"device": {"token": "t-1", "type": "web"}}, EventRejected, "ios or android"),
+])
+def test_a_device_event_customerio_would_refuse_is_rejected(context, error, message):
+    with pytest.raises(error, match=message):
+        items({"type": "track", "event": "Device Created or Updated", "userId": "u1",
+               "context": context})
+    with pytest.raises(SkipEvent, match="identified people"):
+        items({"type": "track", "event": "Device Deleted", "anonymousId": "a1",
+               "context": {"device": {"token": "t-1"}}})
+
+
 # --- limits --------------------------------------------------------------------------------------
 
 def test_event_name_over_100_bytes_is_rejected_before_sending():

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from router import Event, EventRejected, SkipEvent
-from router.semantics import semantic_action
+from router.semantics import DEVICE_CREATED_OR_UPDATED, DEVICE_DELETED, semantic_action
 
 MAX_ITEM_BYTES = 32 * 1024
 """Each item of a v2 batch must be 32 KB or smaller (Track v2 API, ``/api/v2/batch``)."""
@@ -150,6 +150,8 @@ def track(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     action = semantic_action(event)
     if action is not None:
         return person_operation(event, action)
+    if event.event in (DEVICE_CREATED_OR_UPDATED, DEVICE_DELETED):
+        return device_operation(event)
     name = event.event or ""
     check_bytes(name, MAX_EVENT_NAME_BYTES, "event", "the event name")
     return _event_item(event, "event", name)
@@ -214,6 +216,35 @@ def person_operation(event: Event, action: str) -> dict[str, Any]:
                         "this event has no userId")
     return {"type": "person", "action": action,
             "identifiers": person_identifiers(event.userId)}
+
+
+def device_operation(event: Event) -> dict[str, Any]:
+    """Register the event's push token for the person, or forget it (v2 person
+    ``add_device``/``delete_device``), from ``context.device``: ``token``, and for a new
+    device its ``type``, which Customer.io takes as the platform, ``ios`` or ``android``."""
+    if not event.userId:
+        raise SkipEvent(f"{event.event}: Customer.io keeps devices of identified people only; "
+                        "this event has no userId")
+    device = event.context.get("device")
+    device = device if isinstance(device, dict) else {}
+    token = device.get("token")
+    if not isinstance(token, str) or not token:
+        raise EventRejected("context.device.token: Customer.io needs the device's push token")
+    identifiers = person_identifiers(event.userId)
+    if event.event == DEVICE_DELETED:
+        return {"type": "person", "action": "delete_device", "identifiers": identifiers,
+                "device": {"token": token}}
+    platform = str(device.get("type") or "").lower()
+    if platform not in ("ios", "android"):
+        raise EventRejected("context.device.type: Customer.io takes devices of platform ios "
+                            "or android")
+    added: dict[str, Any] = {"token": token, "platform": platform,
+                             "last_used": unix_seconds(event.timestamp)}
+    if event.properties:
+        check_attributes(event.properties, "properties")
+        added["attributes"] = dict(event.properties)
+    return {"type": "person", "action": "add_device", "identifiers": identifiers,
+            "device": added}
 
 
 def _event_item(event: Event, action: str, name: str) -> dict[str, Any]:
