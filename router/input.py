@@ -25,7 +25,10 @@ class Unreadable:
 
 def read_events(data: bytes) -> Iterator[Any]:
     """Every event in ``data``, in order; an ``Unreadable`` where a JSON Lines line is bad.
-    ``UnreadableDocument`` when ``data`` is one document with a syntax error."""
+    ``UnreadableDocument`` when ``data`` is one document with a syntax error. Empty input
+    holds no events (``router send /dev/null`` delivers what an earlier run left queued)."""
+    if not data.strip():
+        return
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:

@@ -374,6 +374,8 @@ def test_a_json_file_with_a_syntax_error_sends_nothing(workdir):
     assert completed.returncode == 1 and completed.stdout == ""
     assert "broken.json: cannot read events: not JSON" in completed.stderr
     assert "line 3" in completed.stderr and "nothing was sent" in completed.stderr
+    empty = run("send", "-c", "router.yaml", "-", "--dry-run", cwd=workdir, stdin=b"\n")
+    assert empty.returncode == 0 and "Traceback" not in empty.stderr  # no events, no error
 
 
 def test_a_storage_that_cannot_be_opened_is_reported_at_its_config_line(workdir):
