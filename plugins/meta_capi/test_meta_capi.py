@@ -229,6 +229,19 @@ def test_custom_event_names_are_kept_up_to_50_characters():
 
 # --- customer information --------------------------------------------------------------------
 
+@pytest.mark.parametrize(("address", "state"), [
+    ({"state": "California", "country": "US"}, "ca"),
+    ({"state": "new york"}, "ny"),  # no country: a US state's name is still known
+    ({"state": "District of Columbia", "country": "us"}, "dc"),
+    ({"state": "Bavaria", "country": "DE"}, "bavaria"),  # outside the US: the name, compact
+    ({"state": "Georgia", "country": "GE"}, "georgia"),  # the country, not the US state
+])
+def test_a_us_state_is_hashed_as_its_two_letter_code(address, state):
+    context = {**WEB_CONTEXT, "traits": {"address": address}}
+    user = only_event(meta(), track("X", userId="u1", context=context))["user_data"]
+    assert user["st"] == sha(state)
+
+
 def test_contact_traits_are_normalized_and_hashed():
     traits = {"email": "  Ada@Example.COM ", "phone": "+1 (555) 010-0200",
               "firstName": "Ada", "last_name": "Love-Lace",
@@ -285,6 +298,12 @@ def test_event_time_in_the_future_is_rejected():
     later = (RECEIVED + timedelta(minutes=5)).isoformat()
     with pytest.raises(EventRejected, match="refuses event_time in the future"):
         meta().translate(track("X", timestamp=later), {})
+
+
+def test_a_sender_clock_a_little_fast_is_read_as_the_moment_of_receipt():
+    ahead = (RECEIVED + timedelta(seconds=20)).isoformat()
+    body = only_event(meta(), track("X", timestamp=ahead))
+    assert body["event_time"] == int(RECEIVED.timestamp())
 
 
 def test_events_older_than_7_days_less_the_retry_margin_are_rejected():

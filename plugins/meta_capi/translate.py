@@ -17,6 +17,8 @@ from typing import Any
 from router import Event, EventRejected
 from router import semantics as spec
 
+CLOCK_SKEW = timedelta(minutes=1)
+"""How far a timestamp may be ahead of receipt: a sender's clock running fast."""
 MAX_EVENT_AGE = timedelta(days=7)  # Server Event Parameters, event_time
 CUSTOM_EVENT_NAME_MAX = 50  # Meta Pixel reference: custom event names up to 50 characters
 
@@ -71,15 +73,17 @@ def event_time(event: Event, *, margin: timedelta) -> int:
     Both are measured from ``receivedAt`` (translate must be deterministic); ``margin`` is
     kept free for retries, since one stale event fails its whole request.
     """
-    if event.timestamp > event.receivedAt:
-        raise EventRejected("the event's timestamp is after the router received it; Meta "
-                            "refuses event_time in the future")
+    if event.timestamp - event.receivedAt > CLOCK_SKEW:
+        raise EventRejected("the event's timestamp is over a minute after the router received "
+                            "it; Meta refuses event_time in the future")
     age = event.receivedAt - event.timestamp
     if age > MAX_EVENT_AGE - margin:
         raise EventRejected(f"the event happened {age / timedelta(days=1):.1f} days before it "
                             f"was received; Meta refuses event_time over 7 days old, and "
                             f"this leaves {margin / timedelta(hours=1):.0f} h for retries")
-    return int(event.timestamp.timestamp())
+    # A sender's clock a little fast (a server library sends no sentAt to correct it) is
+    # read as the moment of receipt, which is never in the future when Meta gets it.
+    return int(min(event.timestamp, event.receivedAt).timestamp())
 
 
 # --- required fields and options ----------------------------------------------------------
@@ -143,7 +147,7 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     _put_hashed(data, "fn", _first(traits, FIRST_NAME_KEYS), normalize_name)
     _put_hashed(data, "ln", _first(traits, LAST_NAME_KEYS), normalize_name)
     country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
-    normalizers = {"ct": normalize_name, "st": normalize_name,
+    normalizers = {"ct": normalize_name, "st": lambda state: normalize_state(state, country),
                    "zp": lambda zip_code: normalize_zip(zip_code, country),
                    "country": normalize_country}
     for key, names in ADDRESS_KEYS.items():
@@ -162,6 +166,25 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+US_STATE_CODES: dict[str, str] = {  # names as normalize_name leaves them
+    "alabama": "al", "alaska": "ak", "arizona": "az", "arkansas": "ar", "california": "ca",
+    "colorado": "co", "connecticut": "ct", "delaware": "de", "districtofcolumbia": "dc",
+    "florida": "fl", "georgia": "ga", "hawaii": "hi", "idaho": "id", "illinois": "il",
+    "indiana": "in", "iowa": "ia", "kansas": "ks", "kentucky": "ky", "louisiana": "la",
+    "maine": "me", "maryland": "md", "massachusetts": "ma", "michigan": "mi",
+    "minnesota": "mn", "mississippi": "ms", "missouri": "mo", "montana": "mt",
+    "nebraska": "ne", "nevada": "nv", "newhampshire": "nh", "newjersey": "nj",
+    "newmexico": "nm", "newyork": "ny", "northcarolina": "nc", "northdakota": "nd",
+    "ohio": "oh", "oklahoma": "ok", "oregon": "or", "pennsylvania": "pa", "rhodeisland": "ri",
+    "southcarolina": "sc", "southdakota": "sd", "tennessee": "tn", "texas": "tx",
+    "utah": "ut", "vermont": "vt", "virginia": "va", "washington": "wa", "westvirginia": "wv",
+    "wisconsin": "wi", "wyoming": "wy", "puertorico": "pr", "guam": "gu",
+    "usvirginislands": "vi", "americansamoa": "as", "northernmarianaislands": "mp",
+}
+"""Meta matches ``st`` on the two-letter code for US states (Customer Information
+Parameters: "use the 2-character ANSI abbreviation code in lowercase")."""
+
+
 def normalize_email(value: str) -> str:
     return value.strip().lower()
 
@@ -174,6 +197,15 @@ def normalize_phone(value: str) -> str:
 def normalize_name(value: str) -> str:
     """Lower case without spaces or punctuation (fn, ln, ct, st); UTF-8 letters are kept."""
     return "".join(char for char in value.lower() if char.isalnum())
+
+
+def normalize_state(value: str, country: Any) -> str:
+    """A US state's name as its two-letter code, which Meta matches on; any other state
+    lower case without spaces or punctuation, as Meta asks outside the US."""
+    name = normalize_name(value)
+    if not isinstance(country, str) or country.strip().lower() in ("us", "usa"):
+        return US_STATE_CODES.get(name, name)
+    return name
 
 
 def normalize_zip(value: str, country: Any) -> str:
