@@ -8,15 +8,18 @@ list an operator, ``~``, a filter or a method builds is refused past ``MAX_OUTPU
 (a value can then at most double before it is refused, which bounds a loop that doubles a
 ``namespace`` attribute), and the operations that multiply in one step (``*``, ``**``,
 format widths, ``replace``, ``indent``, ``wordwrap``, ``tojson``'s indent) are checked
-before they run.
+before they run. Time is capped too: every loop iteration and call spends one of a render's
+``MAX_STEPS``.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, nodes
@@ -31,16 +34,63 @@ MAX_VALUE_SIZE = 100_000
 padding width, an indent): jinja2's sandbox caps ``range`` but not these."""
 MAX_POWER_BITS = 4096
 MAX_JSON_INDENT = 16
+MAX_STEPS = 100_000
+"""Loop iterations and calls one render may take."""
 TEMPLATE_NAME = "template"
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
 
 
-def _size(value: Any) -> int:
+def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1) -> int:
+    """The characters of a string, or the items of a list, tuple or dict with what they hold,
+    at any depth (``[['x' * 99999]] * 99999`` is ten gigabytes, not 99,999 items). Counting
+    stops once ``budget`` is reached: only whether a value is too large matters."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, (list, tuple)):
-        return sum(len(item) if isinstance(item, (str, list, tuple)) else 1 for item in value)
-    return 1
+    if isinstance(value, dict):
+        items: Any = itertools.chain(value.keys(), value.values())
+    elif isinstance(value, (list, tuple)):
+        items = value
+    else:
+        return 1
+    total = 1
+    for item in items:
+        total += _size(item, budget - total)
+        if total >= budget:
+            break
+    return total
+
+
+class _StepBudget:
+    """What one render may spend: loop iterations and calls (macros, filters, methods).
+    Output and value caps bound memory, not time: two nested ``range(100000)`` loops build
+    nothing, yet would hold the event loop, and every destination with it, for hours."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_STEPS
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise SecurityError(f"over {MAX_STEPS} steps (loop iterations and calls): is a "
+                                "loop nested too deep?")
+
+
+_budget: ContextVar[_StepBudget | None] = ContextVar("template_step_budget", default=None)
+
+
+def _spend_step() -> None:
+    budget = _budget.get()
+    if budget is not None:
+        budget.spend()
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """A loop's items, each one a step of the render's budget."""
+    for item in iterable:
+        _spend_step()
+        yield item
 
 
 def _refuse_large_result(value: Any) -> Any:
@@ -106,11 +156,20 @@ class _CappedCodeGenerator(CodeGenerator):
 
 
 class _CappedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus limits on what one operation may allocate."""
+    """The immutable sandbox, plus limits on what one operation may allocate and on the
+    steps one render may take."""
 
     intercepted_binops = frozenset({"*", "**", "%", "+"})
     code_generator_class = _CappedCodeGenerator
     refuse_large_result = staticmethod(_refuse_large_result)
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        """The template's syntax tree, each ``for`` loop iterating through ``_counted`` so
+        that its iterations spend the render's step budget."""
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Call(nodes.Name(_COUNTED, "load"), [loop.iter], [], None, None)
+        return tree
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "**":
@@ -133,6 +192,7 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
         return _refuse_large_result(operator.add(left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _spend_step()
         _refuse_large_arguments(args, kwargs)
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         text = getattr(method, "__self__", None)
@@ -157,8 +217,10 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+_COUNTED = "__router_counted_loop"
 _environment = _CappedSandbox(undefined=StrictUndefined, autoescape=False)
 _environment.filters = {name: _guarded_filter(f) for name, f in _environment.filters.items()}
+_environment.globals[_COUNTED] = _counted
 
 
 class Template:
@@ -177,6 +239,7 @@ class Template:
                               field=where) from None
 
     def render(self, **context: Any) -> str:
+        budget = _budget.set(_StepBudget())
         try:
             parts: list[str] = []
             size = 0
@@ -194,3 +257,5 @@ class Template:
         except Exception as exc:  # noqa: BLE001 - any failure of a user template is its own
             raise EventRejected(f"{self.where}: template failed: {type(exc).__name__}: {exc}"
                                 ) from None
+        finally:
+            _budget.reset(budget)

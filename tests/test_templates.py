@@ -289,7 +289,32 @@ MEMORY_BOMBS = [
     "{{ ('x\n' * 50000)|indent(99999)|length }}",
     "{{ ('x' * 100000)|wordwrap(1, wrapstring='y' * 100000)|length }}",
     "{{ (range(50000)|list)|tojson(indent=99999)|length }}",
+    # repetition of what a container holds, not of the container's items
+    "{{ [['x' * 99999]] * 99999 }}",
+    "{{ ([{'a': 'x' * 99999}] * 2000)|join|length }}",
+    "{{ ([['x' * 99999]] * 99999)|tojson|length }}",
 ]
+
+TIME_BOMBS = [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% for i in range(100000) %}{% for c in 'x' * 99999 %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+    "{% for i in range(100000) %}{{ loop.cycle('a', 'b') }}{{ 'x'|lower }}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("source", TIME_BOMBS)
+def test_a_render_that_would_take_hours_is_refused_by_its_step_budget(source):
+    # Nothing is built, so no size cap applies; the event loop would stall for every
+    # destination while it ran.
+    with pytest.raises(EventRejected, match="over 100000 steps"):
+        render(source)
+
+
+def test_loops_still_know_their_length_and_last_item():
+    source = ("{% for p in products %}{{ loop.index }}/{{ loop.length }}"
+              "{% if not loop.last %},{% endif %}{% endfor %}")
+    assert render(source, products=[1, 2, 3]) == "1/3,2/3,3/3"
 
 
 @pytest.mark.parametrize("source", MEMORY_BOMBS)
