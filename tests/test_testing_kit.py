@@ -557,3 +557,51 @@ def test_raw_events_are_valid_events(raw):
 @given(events(types=["group", "alias"]))
 def test_events_are_parsed_and_limited_to_the_call_types_asked_for(event):
     assert isinstance(event, Event) and event.type in ("group", "alias")
+
+
+class ReadsOpaqueBodies(Recorder):
+    """Declares opaque bodies, then reads one: production hands it an orjson.Fragment."""
+
+    opaque_bodies = True
+
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        refused = set((response.json() or {}).get("refused", []))
+        return [PermanentError("refused") if p.body["id"] in refused else None
+                for p in payloads]
+
+
+def test_opaque_bodies_reach_read_response_as_in_production():
+    # The router fell back to the status (delivered) when such a read_response raised;
+    # the kit used to hand it parsed bodies, so its tests passed.
+    harness = DestinationHarness(ReadsOpaqueBodies, RECORDER_SETTINGS)
+    with pytest.raises(TypeError, match="Fragment"):
+        harness.outcomes(harness.payloads(make_event("track")), 200, {"refused": ["x"]})
+    assert "read_response raised TypeError" in failure(ReadsOpaqueBodies,
+                                                       rules=["read_response"])
+
+
+class SendsNothing(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return []
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        raise RuntimeError("never checked")
+
+
+def test_a_destination_that_sends_nothing_cannot_pass_by_checking_nothing():
+    assert "no sample event gave a payload" in failure(SendsNothing, rules=["sample_events"])
+
+
+class ReadsRetryAfterAsSeconds(Recorder):
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        if "Retry-After" in response.headers:
+            wait = float(response.headers["Retry-After"])
+            return [RetryableError("later", retry_after=wait)] * len(payloads)
+        return None
+
+
+def test_a_retry_after_given_as_an_http_date_is_among_the_answers():
+    message = failure(ReadsRetryAfterAsSeconds, rules=["read_response"])
+    assert "ValueError" in message and "Retry-After" in message

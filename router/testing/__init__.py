@@ -10,7 +10,8 @@
 - ``conformance_test``: the suite as a pytest test, one line in a test module;
   ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures.
 
-Needs the test extras (``pip install event-router[test]``): hypothesis, pytest, pytest-asyncio.
+Needs the testing extras (``pip install event-router[testing]``): hypothesis, pytest,
+pytest-asyncio.
 """
 
 from router.testing.conformance import (ConformanceFailure, ConformanceSuite, check_destination,

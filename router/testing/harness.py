@@ -182,7 +182,7 @@ class DestinationHarness(Generic[DestinationT]):
         data. A ``read_response`` that returns the wrong number of outcomes fails the test:
         the router would ignore it and fall back to the status."""
         response = HttpResponse(status, dict(headers or {}), _as_bytes(body))
-        payloads = [spooled(payload) for payload in payloads]
+        payloads = [self.spooled(payload) for payload in payloads]
         judged = self.destination.read_response(payloads, response)
         if judged is None:
             outcome = classify_status(status, self.delivery.retry_on, headers=response.headers)
@@ -192,6 +192,12 @@ class DestinationHarness(Generic[DestinationT]):
             raise AssertionError(f"{self.destination_cls.__name__}.read_response returned "
                                  f"{len(judged)} outcomes for {len(payloads)} payloads")
         return judged
+
+    def spooled(self, payload: Payload) -> Payload:
+        """The payload as ``build_request`` and ``read_response`` get it in production: after
+        the spool's JSON round trip, its body an ``orjson.Fragment`` when the destination
+        declares ``opaque_bodies``."""
+        return spooled(payload, opaque=self.destination.opaque_bodies)
 
     def secrets(self) -> list[str]:
         """Every ``SecretStr`` value in the validated settings, nested models, dicts and lists

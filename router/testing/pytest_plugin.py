@@ -11,7 +11,7 @@ and get:
 
       test_conformance = conformance_test(Acme, settings={"api_key": "acme-key-0001"})
 
-The async fixture needs pytest-asyncio (part of ``event-router[test]``).
+The async fixture needs pytest-asyncio (part of ``event-router[testing]``).
 
 PYTEST_DONT_REWRITE: nothing here asserts, and a test module that imports
 ``conformance_test`` from here imports it before pytest would rewrite it.
