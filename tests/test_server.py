@@ -917,3 +917,14 @@ async def test_serve_with_a_bad_config_says_where(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
     assert "router.yaml:2" in err.decode() and "port" in err.decode()
+
+
+async def test_metrics_count_what_routing_decided_for_each_destination(ingest: Ingest) -> None:
+    # An event the spec accepts may still be skipped or refused by one destination: the
+    # 200 does not say so, the metrics do.
+    for body in (track("d-1"), track("d-1"), track("d-2", integrations={"All": False})):
+        status, _, _ = await ingest.post("/v1/track", body)
+        assert status == 200
+    text = await ingest.metrics()
+    assert 'router_destination_events_total{destination="hook",outcome="send"} 1' in text
+    assert 'router_destination_events_total{destination="hook",outcome="skipped"} 1' in text

@@ -327,7 +327,12 @@ class DestinationWorker:
         except Exception:  # noqa: BLE001 - fall back to the status when the plugin breaks
             log.exception("destination %s: read_response failed", self.name)
             judged = None
-        if judged is not None and len(judged) == len(payloads):
+        if judged is not None and len(judged) != len(payloads):
+            log.error("destination %s: read_response returned %d outcomes for %d payloads; "
+                      "judging HTTP %d by its status instead", self.name, len(judged),
+                      len(payloads), response.status)
+            judged = None
+        if judged is not None:
             outcomes = list(judged)
         else:
             outcomes = [retry.classify_status(response.status, response.headers,

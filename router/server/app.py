@@ -239,6 +239,10 @@ def _count(metrics: IngestMetrics, source: str, raw: dict[str, Any], result: Rou
         assert result.event is not None
         outcome = "duplicate" if result.duplicate else "accepted"
         metrics.events.inc(source, result.event.type, outcome)
+        if not result.duplicate:  # an event valid for the spec may still be refused by one
+            for item in result.results:
+                if item.destination is not None:
+                    metrics.decisions.inc(item.destination, str(item.status))
 
 
 def _invalid_reason(result: RouteResult) -> str:

@@ -28,6 +28,12 @@ class IngestMetrics:
             "router_ingest_events_total",
             "Events received over HTTP, by source, call type and outcome "
             "(accepted, rejected, duplicate).", ["source", "type", "outcome"]))
+        self.decisions: Counter = add(Counter(  # type: ignore[assignment]
+            "router_destination_events_total",
+            "Accepted events by destination and what routing decided for it: send, skipped "
+            "(integrations map, filter, nothing to send) or invalid (the destination refused "
+            "to translate it; `router send --dry-run` shows why).",
+            ["destination", "outcome"]))
         self.requests: Counter = add(Counter(  # type: ignore[assignment]
             "router_http_requests_total", "HTTP requests answered, by endpoint and status.",
             ["endpoint", "status"]))
