@@ -14,7 +14,10 @@ from pathlib import Path
 
 import orjson
 
-from router.config import load_config
+from router.config import LoadedConfig, load_config
+from router.destinations import build_destinations, egress_policy
+from router.redaction import Masker
+from router.registry import create_registry
 from router.storage import open_storage
 from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter
@@ -38,8 +41,10 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             letters = await storage.dead_letters(where, limit=args.limit)
+            masker = _masker_of(loaded) if args.json else Masker()
             for letter in letters:
-                print(orjson.dumps(_as_json(letter)).decode() if args.json else _as_line(letter))
+                print(orjson.dumps(_as_json(letter, masker)).decode() if args.json
+                      else _as_line(letter))
             if not args.json:
                 print(f"{len(letters)} dead letter(s)")
         elif args.action == "replay":
@@ -51,12 +56,25 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_json(letter: DeadLetter) -> dict[str, object]:
+def _masker_of(loaded: LoadedConfig) -> Masker:
+    """Every configured destination's secrets: a payload may carry one (a webhook body
+    template that puts a token from the environment in the body), and a dead letter of a
+    destination since renamed should not show it either."""
+    destinations = build_destinations(loaded, create_registry(), egress_policy(loaded.config))
+    return sum((destination.masker for destination in destinations), Masker())
+
+
+def _as_json(letter: DeadLetter, masker: Masker) -> dict[str, object]:
+    shown = masker.mask(letter.body.decode("utf-8", errors="replace"))
+    try:
+        payload: object = orjson.loads(shown)
+    except orjson.JSONDecodeError:
+        payload = shown
     return {"id": letter.id, "destination": letter.destination, "message_id": letter.message_id,
             "attempts": letter.attempts, "failed_at": _time(letter.failed_at),
             "accepted_at": _time(letter.created_at), "reason": letter.reason,
             "status": letter.status, "request": letter.request, "response": letter.response,
-            "payload": orjson.loads(letter.body)}
+            "payload": payload}
 
 
 def _as_line(letter: DeadLetter) -> str:

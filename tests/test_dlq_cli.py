@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "dlq-secret-token-0001"
 
 
-def dlq(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+def dlq(*args: str, config: Path, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "router", "dlq", *args, "-c", str(config)],
                           capture_output=True, text=True, timeout=60, cwd=config.parent,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 async def test_list_replay_and_purge_dead_letters(tmp_path):
@@ -78,3 +79,25 @@ def test_bad_arguments_are_usage_errors(tmp_path):
         completed = dlq(*args, config=config)
         assert completed.returncode == 2 and complaint in completed.stderr
         assert "Traceback" not in completed.stderr
+
+
+async def test_a_secret_a_body_template_put_in_the_payload_is_masked(tmp_path):
+    secret = "body-secret-0001"
+    template = '{"key": "%s", "event": {{ event.event | tojson }}}'
+    async with FakeDestinationServer() as bad:
+        bad.script([Answer(400, body={"error": "no"})] * 3)
+        hook = webhook("bad", bad.url)
+        hook["settings"]["body"] = template % secret
+        async with router_for(tmp_path, [hook]) as router:
+            await router.route_many([track(1)])
+            assert await router.drain(timeout=10)
+    hook["settings"]["body"] = template % "${BODY_SECRET}"  # as the operator's config has it
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                                     "egress": {"allow_private_addresses": True},
+                                     "destinations": [hook]}))
+    listed = dlq("list", "--json", config=config, env={"BODY_SECRET": secret})
+    assert listed.returncode == 0, listed.stderr
+    (letter,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert secret not in listed.stdout
+    assert letter["payload"] == '{"key": "**REDACTED**", "event": "Tested"}'  # rendered text

@@ -155,12 +155,13 @@ def _compile(templates: Mapping[str, str], call_type: str) -> Template:
 
 def slack_escaped(value: Any) -> Any:
     """Strings with ``&``, ``<`` and ``>`` escaped, as Slack asks of text it must not read as
-    markup ("Formatting text for app surfaces": escaping text), at any depth; keys are kept
-    so templates can still look values up by name."""
+    markup ("Formatting text for app surfaces": escaping text), at any depth, keys included:
+    a template that prints ``properties.items()`` shows them. Ordinary names have none of the
+    three, so templates look values up by the same names."""
     if isinstance(value, str):
         return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     if isinstance(value, dict):
-        return {key: slack_escaped(item) for key, item in value.items()}
+        return {slack_escaped(key): slack_escaped(item) for key, item in value.items()}
     if isinstance(value, list):
         return [slack_escaped(item) for item in value]
     return value

@@ -110,6 +110,14 @@ def test_event_values_are_escaped_so_they_cannot_mention_channels_or_forge_links
         "*&lt;!channel&gt; &amp; &lt;https://evil.example|bank&gt;* by u1"
 
 
+def test_property_names_are_escaped_too():
+    template = "{% for k, v in event.properties.items() %}{{ k }}={{ v }} {% endfor %}"
+    assert text({"type": "track", "event": "E", "userId": "u1",
+                 "properties": {"<!here> <https://evil.example|x>": "v & <b>", "plan": "pro"}},
+                templates={"track": template}) == \
+        "&lt;!here&gt; &lt;https://evil.example|x&gt;=v &amp; &lt;b&gt; plan=pro"
+
+
 def test_the_templates_own_markup_is_kept():
     assert text({"type": "track", "event": "Signed Up", "userId": "u1"},
                 templates={"track": "<https://admin.example/users/{{ event.userId }}|"
