@@ -1,7 +1,8 @@
 """Finds destination plugins and keeps the destination types they register, by plugin name.
 
 Plugins come from the entry-point group ``router.destinations`` (the built-ins included, so
-they load exactly as a third-party package does). A plugin that fails to load is remembered,
+they load exactly as a third-party package does). A plugin that fails to load or to register
+(an import error, a bad ``plugin_name``, a name another package took first) is remembered,
 not fatal: a config that uses it fails at start with the plugin's error; one that does not
 merely gets a warning.
 """
@@ -52,7 +53,8 @@ class Registry:
         if plugin in self.broken:
             raise ConfigError(f"plugin {plugin!r} failed to load: {self.broken[plugin]}")
         known = ", ".join(sorted(self.types)) or "none"
-        raise ConfigError(f"unknown plugin {plugin!r}; installed: {known}")
+        failed = "".join(f"; {name} failed to load: {why}" for name, why in self.broken.items())
+        raise ConfigError(f"unknown plugin {plugin!r}; installed: {known}{failed}")
 
 
 def create_registry(*, entry_points: bool = True,
@@ -94,11 +96,11 @@ def create_registry(*, entry_points: bool = True,
 
         try:
             impl.function(register=register)
-        except ConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            registry.broken[impl.plugin_name] = f"{type(exc).__name__}: {exc}"
-            log.warning("destination plugin %s %s failed to register: %s", package, version, exc)
+        except Exception as exc:  # noqa: BLE001 - one broken package never stops the others
+            reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            registry.broken[impl.plugin_name] = reason
+            log.warning("destination plugin %s %s failed to register: %s", package, version,
+                        reason)
     return registry
 
 

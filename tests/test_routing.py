@@ -18,6 +18,7 @@ from pydantic import BaseModel, SecretStr
 from router import (Destination, EventRejected, HttpRequest, Payload, SkipEvent, hookimpl,
                     parse_event)
 from router.config import parse_config
+from router.errors import ConfigError
 from router.registry import create_registry
 from router.routing import Router, Status
 
@@ -457,3 +458,38 @@ async def test_plan_touches_no_storage():
     async with router:
         assert await pending(router) == {}
         assert statuses(await router.route(track(messageId="p-1")))["Hook"] == "send"
+
+
+class BadlyNamed(Probe):
+    plugin_name = "beacon-two"  # not an identifier
+
+
+class Impostor(Probe):
+    plugin_name = "webhook"  # taken by the built-in
+
+
+class BrokenPlugins:
+    @hookimpl
+    def router_register_destinations(self, register):
+        register(BadlyNamed)
+
+
+class ClashingPlugin:
+    @hookimpl
+    def router_register_destinations(self, register):
+        register(Impostor)
+
+
+def test_a_broken_plugin_package_breaks_only_the_configs_that_use_it():
+    registry = create_registry(extra_plugins=(BrokenPlugins(), ClashingPlugin(), ProbePlugin()))
+    assert registry.get("webhook").package == "event-router"  # the built-in kept its name
+    assert registry.get("probe").cls is Probe
+    text = "storage: memory://\ndestinations:\n  - {name: a, plugin: webhook, " \
+           "settings: {url: 'https://hooks.example/a'}}\n"
+    Router(parse_config(text, env={}), registry=registry, deliver=False)  # starts
+    with pytest.raises(ConfigError) as raised:
+        registry.get("beacon_two")
+    message = str(raised.value)
+    assert "unknown plugin 'beacon_two'" in message
+    assert "needs a plugin_name that is an identifier" in message
+    assert "'webhook'" in message and "already registered" in message
