@@ -11,15 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from router import (DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse, Outcome,
-                    Payload, PermanentError, SkipEvent, hookimpl)
+from router import (BaseUrl, DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse,
+                    Outcome, Payload, PermanentError, SkipEvent, hookimpl)
 
 
 class AcmeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_key: SecretStr = Field(description="Acme API key (Settings > API in Acme).")
-    base_url: str = Field("https://api.acme.example", description="Acme API host.")
+    base_url: BaseUrl = Field("https://api.acme.example",
+                              description="Acme API host (a test server or proxy may stand in).")
 
 
 class Acme(Destination[AcmeSettings]):
@@ -42,6 +43,11 @@ class Acme(Destination[AcmeSettings]):
                              "ts": int(event.timestamp.timestamp() * 1000),
                              "props": event.traits})]
         raise SkipEvent(f"Acme has no {event.type} calls")
+
+    def endpoints(self) -> Sequence[str]:
+        # A base URL from the settings: checked against the egress policy at config load,
+        # so `router check` refuses a private address the transport would refuse later.
+        return [self.settings.base_url]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
         token = self.settings.api_key.get_secret_value()
