@@ -44,6 +44,12 @@ class StorageFull(RouterError):
     """The storage refused new work (its disk budget is spent). Intake must answer "try later"."""
 
 
+class StorageUnavailable(RouterError):
+    """The storage cannot be reached now (Redis down, hung, loading or out of connections).
+    Intake answers "try later": what it could not confirm was not acknowledged, and a retry of
+    what did get in is a duplicate, so nothing is lost or doubled."""
+
+
 class DestinationError(RouterError):
     """Base of what a destination adapter raises. ``reason`` is shown to people as it is."""
 

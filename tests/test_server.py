@@ -928,3 +928,18 @@ async def test_metrics_count_what_routing_decided_for_each_destination(ingest: I
     text = await ingest.metrics()
     assert 'router_destination_events_total{destination="hook",outcome="send"} 1' in text
     assert 'router_destination_events_total{destination="hook",outcome="skipped"} 1' in text
+
+
+async def test_a_redis_out_of_reach_gets_503_with_retry_after(start_server: StartServer,
+                                                              tmp_path: Path) -> None:
+    from tests.redis_helpers import start_redis_server, stop
+    process, port = start_redis_server(tmp_path)
+    try:
+        ingest = await start_server(storage=f"redis://127.0.0.1:{port}/0", deliver=False)
+        assert (await ingest.post("/v1/track", track("r-1")))[0] == 200
+        stop(process)
+        status, answer, headers = await ingest.post("/v1/track", track("r-2"))
+        assert status == 503 and answer["code"] == "storage_unavailable"
+        assert int(headers["Retry-After"]) > 0
+    finally:
+        stop(process)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -28,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from router.errors import StorageFull
+from router.errors import StorageFull, StorageUnavailable
 from router.storage import open_storage
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob)
@@ -37,9 +35,9 @@ from router.storage.redis import RedisStorage
 from router.storage.sqlite import SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
+from tests.redis_helpers import start_redis_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_SERVER = Path("/usr/bin/redis-server")
 WINDOW = 12 * 3600.0
 T0 = 1_700_000_000.0
 LEASE_FOR = 30.0
@@ -47,62 +45,15 @@ LEASE_FOR = 30.0
 
 # -- a private redis-server for the session ---------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop our own server by its pid: SIGTERM, then SIGKILL if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``redis://127.0.0.1:<free port>/0`` of a redis-server started for this session (no
     RDB, no AOF, a temporary working directory), stopped at the end."""
-    if not REDIS_SERVER.exists():
-        pytest.skip(f"{REDIS_SERVER} is not installed")
-    directory = tmp_path_factory.mktemp("redis")
-    for _ in range(3):  # another process may grab the free port first: try another one
-        port = _free_port()
-        with open(directory / "redis.log", "ab") as log_file:
-            process = subprocess.Popen(
-                [str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(directory),
-                 "--daemonize", "no", "--loglevel", "warning"],
-                stdout=log_file, stderr=subprocess.STDOUT, cwd=directory)
-        deadline = time.monotonic() + 10
-        while process.poll() is None and time.monotonic() < deadline:
-            if _answers_ping(port):
-                break
-            time.sleep(0.05)
-        else:
-            _stop(process)
-            continue
-        break
-    else:
-        pytest.fail(f"redis-server did not start: {(directory / 'redis.log').read_text()}")
+    process, port = start_redis_server(tmp_path_factory.mktemp("redis"))
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        _stop(process)
+        stop(process)
 
 
 def unique_url(redis_url: str) -> str:
@@ -1236,3 +1187,24 @@ def test_the_sqlite_spool_keeps_every_job_until_its_fate_is_recorded(tmp_path):
         SqliteSpoolKeepsEveryJob,
         settings=settings(max_examples=200, stateful_step_count=40, deadline=None,
                           database=None, suppress_health_check=[HealthCheck.too_slow]))
+
+
+async def test_a_burst_of_calls_beyond_the_connection_pool_waits_instead_of_failing(
+        redis_store):
+    # Each call holds a connection for its script; past the pool they queue for one.
+    results = await asyncio.gather(*(accept(redis_store, item(f"burst-{n}"))
+                                     for n in range(400)))
+    assert results == [[True]] * 400
+
+
+async def test_redis_out_of_reach_is_storage_unavailable(tmp_path):
+    process, port = start_redis_server(tmp_path)
+    storage = RedisStorage.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        await storage.open()
+        stop(process)
+        with pytest.raises(StorageUnavailable, match="Redis cannot be reached"):
+            await accept(storage, item("m-1"))
+    finally:
+        await storage.close()
+        stop(process)

@@ -223,7 +223,14 @@ class DestinationWorker:
                     break
                 await self._complete_delivered()  # not held back by the wait
                 await self._sleep(remaining)
-                jobs += await self._lease_more(limit - len(jobs))
+                try:
+                    jobs += await self._lease_more(limit - len(jobs))
+                except Exception as exc:  # noqa: BLE001 - storage trouble: keep what we hold
+                    # Dropped here, the jobs already leased would wait out their lease
+                    # (minutes) under this live worker; sent now, they are not held back.
+                    log.warning("destination %s: cannot lease more work (%s); sending the "
+                                "%d job(s) already leased", self.name, exc, len(jobs))
+                    break
         return jobs
 
     def _lease_size(self) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from router.errors import StorageFull
+from router.errors import StorageFull, StorageUnavailable
 from router.events import CALL_TYPES
 from router.input import with_batch_defaults
 from router.routing import RouteResult, Router
@@ -227,6 +227,11 @@ async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list
     except StorageFull:
         raise Problem(503, "storage_full", "the router's storage is full; retry later",
                       headers={hdrs.RETRY_AFTER: str(STORAGE_FULL_RETRY_AFTER)}) from None
+    except StorageUnavailable as exc:
+        log.warning("intake refused: %s", exc)
+        raise Problem(503, "storage_unavailable", "the router's storage cannot be reached; "
+                      "retry later", headers={hdrs.RETRY_AFTER: str(STORAGE_FULL_RETRY_AFTER)}
+                      ) from None
     request.app[METRICS].commit_seconds.observe(time.perf_counter() - started)
     return results
 

@@ -31,14 +31,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from router.errors import RouterError, StorageFull
+from router.errors import RouterError, StorageFull, StorageUnavailable
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  QueueStats, Storage, StorageStats)
 
 try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
     from redis.asyncio.connection import parse_url as _parse_redis_url
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import OutOfMemoryError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - reported when a redis:// URL is used
     aioredis = None
 
@@ -58,6 +60,9 @@ DEDUP_BUCKET = 60
 """Width in seconds of the buckets that count dedup entries by expiry (``stats``)."""
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
+MAX_CONNECTIONS = 64
+"""Connections one process keeps to Redis. More concurrent calls wait for a free one (up to
+``COMMAND_TIMEOUT``) rather than fail: a burst of intake requests queues, it is not refused."""
 _WARNED: set[tuple[Any, ...]] = set()
 
 # -- Lua --------------------------------------------------------------------------------------
@@ -452,7 +457,10 @@ class RedisStorage(Storage):
     # -- life cycle -------------------------------------------------------------------------
 
     async def open(self, *, recover: bool = True) -> None:
-        client = aioredis.Redis.from_url(self._url, **self._client_defaults())
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT,
+            **self._client_defaults())
+        client = aioredis.Redis.from_pool(pool)
         try:
             await client.ping()
         except BaseException:
@@ -519,14 +527,18 @@ class RedisStorage(Storage):
 
     async def _run(self, script: str, args: Sequence[Any]) -> Any:
         """Run one of the scripts. Redis refusing writes (out of memory, or persistence
-        failing) is ``StorageFull``: intake answers "try later" instead of acknowledging
-        what it could not keep."""
+        failing) is ``StorageFull``, and Redis out of reach (down, hung past the timeout,
+        loading, no free connection) ``StorageUnavailable``: intake answers "try later"
+        instead of acknowledging what it could not keep."""
         if self._client is None:
             raise RuntimeError("storage is not open")
         try:
             return await self._scripts[script](args=[self.prefix, *args])
         except OutOfMemoryError as exc:
             raise StorageFull(f"Redis is out of memory (maxmemory reached): {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # BusyLoadingError is one
+            raise StorageUnavailable(f"Redis cannot be reached: {type(exc).__name__}: {exc}"
+                                     ) from exc
         except ResponseError as exc:
             if str(exc).startswith("MISCONF"):
                 raise StorageFull(f"Redis refuses writes, its persistence is failing: {exc}"
