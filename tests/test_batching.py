@@ -3,6 +3,7 @@ neighbours (a refused batch is split until the event at fault is found)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -136,3 +137,34 @@ async def test_an_opaque_destination_sends_the_spooled_bodies_as_they_were(tmp_p
         spooled = [result.status_of("seg").payloads[0].body for result in results]
         assert [event["messageId"] for event in received] == [f"m-{n}" for n in range(30)]
         assert received == [orjson.loads(orjson.dumps(body)) for body in spooled]
+
+
+async def test_a_storage_error_recording_one_failure_still_completes_the_delivered(tmp_path):
+    """The delivered events of a batch are recorded before its failures, so a storage call
+    that raises for a failed one cannot leave them to be sent again once their lease ends."""
+    from router.routing import Router
+    from router.storage.sqlite import SqliteStorage
+
+    class DeadLetterFailsOnce(SqliteStorage):
+        failed = False
+
+        async def dead_letter(self, jobs, *, now, failure):
+            if not self.failed:
+                self.failed = True
+                raise OSError("disk hiccup")
+            await super().dead_letter(jobs, now=now, failure=failure)
+
+    def handler(request):
+        return Answer(207, body={"errors": [{"index": 0, "error": "bad name"}]})
+
+    async with FakeDestinationServer(handler=handler) as server:
+        loaded = router_for(tmp_path, [acme(server.url)]).loaded
+        router = Router(loaded, storage=DeadLetterFailsOnce(tmp_path / "spool.db"))
+        async with router:
+            await router.route_many([track(n) for n in range(5)])
+            await server.wait_for(1)
+            for _ in range(100):  # the worker completes what it delivered on its next round
+                if router.delivery_metrics.delivered.get("acme") == 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert router.delivery_metrics.delivered.get("acme") == 4

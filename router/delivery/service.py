@@ -371,10 +371,17 @@ class DestinationWorker:
     async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
                       ) -> None:
         now = time.time()
-        delivered: list[Job] = []
+        # The delivered first: should a storage call for a failed job raise below, they are
+        # still completed, not sent again once their lease lapses.
+        delivered = [job for job, (outcome, _) in zip(batch, outcomes) if outcome is None]
+        if delivered:
+            if not self.delivered:
+                self.wakeup.set()  # an idle worker records them now, not at its next poll
+            self.delivered += delivered
+            for created_at, count in Counter(job.created_at for job in delivered).items():
+                self.metrics.latency.observe(now - created_at, self.name, count=count)
         for job, (outcome, failure) in zip(batch, outcomes):
             if outcome is None:
-                delivered.append(job)
                 continue
             failure = failure or Failure(outcome.reason)
             failure.reason = self.destination.masker.mask(outcome.reason)
@@ -392,12 +399,6 @@ class DestinationWorker:
             await self.storage.dead_letter([job], now=now, failure=failure)
             self.metrics.dead_lettered.inc(self.name)
             self._log_failure(job, failure, "dead_letter")
-        if delivered:
-            if not self.delivered:
-                self.wakeup.set()  # an idle worker records them now, not at its next poll
-            self.delivered += delivered
-            for created_at, count in Counter(job.created_at for job in delivered).items():
-                self.metrics.latency.observe(now - created_at, self.name, count=count)
 
     def _log_failure(self, job: Job, failure: Failure, action: str) -> None:
         self.failure_log.write({"destination": self.name, "action": action,
