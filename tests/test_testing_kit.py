@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from router import (DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse, Outcome,
-                    Payload, PermanentError, RetryableError, SkipEvent, parse_event)
+                    Payload, PermanentError, RetryableError, SkipEvent, basic_auth,
+                    parse_event)
 from router.events import CALL_TYPES
 from router.testing import (Answer, ConformanceFailure, ConformanceSuite, DestinationHarness,
                             FakeDestinationServer, check_destination, classify_status,
@@ -605,3 +606,16 @@ class ReadsRetryAfterAsSeconds(Recorder):
 def test_a_retry_after_given_as_an_http_date_is_among_the_answers():
     message = failure(ReadsRetryAfterAsSeconds, rules=["read_response"])
     assert "ValueError" in message and "Retry-After" in message
+
+
+class LeaksItsKeyEncoded(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        auth = basic_auth("acct-7", self.settings.api_key.get_secret_value())
+        return [Payload({**payload.body, "auth": auth}, payload.group)
+                for payload in super().translate(event, options)]
+
+
+def test_a_key_leaked_as_basic_auth_in_the_payload_fails():
+    # base64 of "acct-7:recorder-key-0001": not the key's own text, just as exposed
+    message = failure(LeaksItsKeyEncoded, rules=["sample_events"])
+    assert "secret from the settings is in payload 0's body" in message

@@ -39,11 +39,13 @@ that broke it.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import keyword
+import re
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -312,7 +314,8 @@ class ConformanceSuite:
                                       f"({exc}); bodies go to the spool as JSON", event) from exc
             for secret in secrets:
                 for place, content in (("body", text), ("group", payload.group)):
-                    if secret in content or _json_escaped(secret) in content:
+                    if secret in content or _json_escaped(secret) in content or \
+                            any(secret in decoded for decoded in _base64_decoded(content)):
                         raise self.fail(rule, f"a secret from the settings is in payload "
                                               f"{index}'s {place}; payloads are stored in the "
                                               "spool and dead letters, so credentials belong "
@@ -451,6 +454,22 @@ def _request_problem(request: Any) -> str | None:
 
 def _json_escaped(text: str) -> str:
     return orjson.dumps(text).decode()[1:-1]
+
+
+_BASE64_TOKEN = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
+
+
+def _base64_decoded(text: str) -> Iterator[str]:
+    """What each base64-looking run of ``text`` decodes to: a secret is as exposed inside
+    ``Basic <base64 of key:>`` as in plain text."""
+    for match in _BASE64_TOKEN.finditer(text):
+        token = match.group().rstrip("=")
+        padded = token + "=" * (-len(token) % 4)
+        for decode in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                yield decode(padded).decode("utf-8", errors="ignore")
+            except ValueError:
+                continue
 
 
 def _first_difference(first: Sequence[Payload], second: Sequence[Payload]) -> str:
