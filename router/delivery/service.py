@@ -10,6 +10,7 @@ the others; its backlog waits on disk, and only a bounded number of its jobs are
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -383,8 +384,9 @@ class DestinationWorker:
         for job, (outcome, failure) in zip(batch, outcomes):
             if outcome is None:
                 continue
-            failure = failure or Failure(outcome.reason)
-            failure.reason = self.destination.masker.mask(outcome.reason)
+            # Each job its own Failure: the batch's is shared, and reasons differ by job.
+            failure = dataclasses.replace(failure or Failure(""),
+                                          reason=self.destination.masker.mask(outcome.reason))
             if isinstance(outcome, RetryableError):
                 due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
                                             rng=self.rng)
