@@ -18,7 +18,7 @@ import orjson
 from router.config import load_config, parse_duration
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
-from router.errors import ConfigError
+from router.errors import ConfigError, SpoolInUse
 from router.input import Unreadable, UnreadableDocument, read_events
 from router.redaction import redacted_url
 from router.registry import create_registry
@@ -187,12 +187,22 @@ def _egress_checked(router: Router, item: DestinationResult) -> DestinationResul
 
 
 async def _send(router: Router, items: list[Any], source: str, wait: float) -> list[RouteResult]:
-    async with router:
+    try:
+        await router.start()
+    except SpoolInUse:  # `router serve` delivers from this spool: leave the events to it
+        print("note: a running router delivers from this storage; the events are queued for "
+              "it", file=sys.stderr)
+        router = Router(router.loaded, registry=router.registry, deliver=False)
+        await router.start()
+    try:
         events = [item for item in items if not isinstance(item, Unreadable)]
         routed = iter(await router.route_many(events, source=source))
         results = [_unreadable(item) if isinstance(item, Unreadable) else next(routed)
                    for item in items]
-        await router.drain(timeout=wait)
+        if router.delivers:
+            await router.drain(timeout=wait)
+    finally:
+        await router.close()
     return results
 
 

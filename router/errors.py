@@ -44,6 +44,12 @@ class StorageFull(RouterError):
     """The storage refused new work (its disk budget is spent). Intake must answer "try later"."""
 
 
+class SpoolInUse(RouterError):
+    """Another router is delivering from this SQLite spool. A SQLite file takes one delivering
+    router: two would each send the same jobs (a spool's read position lives in its process).
+    Several routers share work through ``redis://``."""
+
+
 class StorageUnavailable(RouterError):
     """The storage cannot be reached now (Redis down, hung, loading or out of connections).
     Intake answers "try later": what it could not confirm was not acknowledged, and a retry of

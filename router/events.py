@@ -183,12 +183,10 @@ def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str,
 
     Returns the problems found, as ``(field, message)`` pairs.
     """
-    _numbers_from_numeric_strings(properties, ORDER_AMOUNTS)
+    properties.update(_numbers_from_numeric_strings(properties, ORDER_AMOUNTS))
     products = properties.get("products")
     if isinstance(products, list):
-        for product in products:
-            if isinstance(product, dict):
-                _numbers_from_numeric_strings(product, PRODUCT_AMOUNTS)
+        properties["products"] = [_with_numbers(product) for product in products]
     problems: list[tuple[str, str]] = []
     for key in ("revenue", "value"):
         if key in properties and properties[key] is not None:
@@ -214,15 +212,27 @@ ORDER_AMOUNTS = ("total", "subtotal", "shipping", "tax", "discount", "price", "q
 PRODUCT_AMOUNTS = ("price", "quantity")
 
 
-def _numbers_from_numeric_strings(item: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """The amounts ``keys`` names given as numeric strings ("19.99", "2") as numbers, in
-    place; anything else is left for each destination to judge."""
+def _with_numbers(product: Any) -> Any:
+    """A product with its amounts as numbers: a copy when one changes, since the product is
+    the caller's own (``route()`` takes the caller's objects)."""
+    if not isinstance(product, dict):
+        return product
+    numbers = _numbers_from_numeric_strings(product, PRODUCT_AMOUNTS)
+    return {**product, **numbers} if numbers else product
+
+
+def _numbers_from_numeric_strings(item: Mapping[str, Any], keys: tuple[str, ...]
+                                  ) -> dict[str, int | float]:
+    """The amounts ``keys`` names that ``item`` gives as numeric strings ("19.99", "2"), as
+    numbers; anything else is left for each destination to judge."""
+    numbers: dict[str, int | float] = {}
     for key in keys:
         value = item.get(key)
         if isinstance(value, str):
             number = as_number(value)
             if number is not None:
-                item[key] = int(number) if value.strip().isdigit() else number
+                numbers[key] = int(number) if value.strip().isdigit() else number
+    return numbers
 
 
 def as_number(value: Any) -> float | int | None:

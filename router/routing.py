@@ -100,7 +100,10 @@ class Router:
                              "storage, so a storage passed to Router would not be the one "
                              "it delivers from; pass none, or deliver=False")
         self._storage_from_config = storage is None
-        self.storage = storage or open_storage(self.config.storage, base_dir=Path.cwd())
+        self._base_dir = Path.cwd()
+        """Where a relative ``sqlite:///`` path is found, fixed at construction: the delivery
+        process, started later, must open the very same file."""
+        self.storage = storage or open_storage(self.config.storage, base_dir=self._base_dir)
         self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
         self.window = self.config.dedup.window
         self._deliver = deliver
@@ -123,7 +126,10 @@ class Router:
     async def start(self) -> None:
         """Open the storage (taking back work a crashed process left) and start delivery:
         here, or in a process of its own with ``delivery.own_process``, which then opens
-        the config's storage itself and loads plugins from their entry points."""
+        the config's storage itself and loads plugins from their entry points. If delivery
+        cannot start, the storage is closed again and the error raised."""
+        if self._open:
+            raise RuntimeError("the router is already started")
         if self._storage_from_config:
             await self.loaded.open_storage(self.storage)
         else:
@@ -133,7 +139,8 @@ class Router:
             return
         if self.config.delivery.own_process:
             from router.delivery.process import DeliveryProcess
-            self._delivery = DeliveryProcess(self.loaded, self.delivery_metrics)
+            self._delivery = DeliveryProcess(self.loaded, self.delivery_metrics,
+                                             base_dir=self._base_dir)
         else:
             from router.delivery.service import DeliveryService
             self._delivery = DeliveryService(self.destinations, self.storage,
@@ -142,8 +149,16 @@ class Router:
         try:
             await self._delivery.start()
         except BaseException:
-            self._delivery = None
+            delivery, self._delivery = self._delivery, None
+            await delivery.stop(grace=0)
+            await self.storage.close()
+            self._open = False
             raise
+
+    @property
+    def delivers(self) -> bool:
+        """Whether this router delivers (here or in its delivery process), not only queues."""
+        return self._deliver
 
     async def drain(self, *, timeout: float) -> bool:
         """Wait until nothing is queued (delivered or dead-lettered), up to ``timeout``
@@ -183,6 +198,9 @@ class Router:
         or duplicate event never costs its neighbours. ``sizes``, the events' serialized
         sizes when the caller has measured them (the HTTP server does), saves measuring
         them again."""
+        if not self._open:
+            raise RuntimeError("the router is not started: use `async with router:` or "
+                               "`await router.start()` first (`plan()` needs neither)")
         received = received_at or datetime.now(UTC)
         events = list(events)
         measured: Iterable[int | None] = sizes if sizes is not None else [None] * len(events)

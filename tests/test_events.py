@@ -527,3 +527,12 @@ def test_revenue_string_of_any_float_is_that_number(number, key):
 def test_anything_but_an_iso_code_is_refused_as_currency(code):
     error = problems_of({**VALID_MINIMAL["track"], "properties": {"currency": code}})
     assert "properties.currency" in [name for name, _ in error.problems]
+
+
+def test_the_callers_event_is_left_as_it_was():
+    raw = {**VALID_MINIMAL["track"], "properties": {
+        "total": "27.50", "products": [{"price": "5", "quantity": "2"}, {"price": 3}]}}
+    before = json.loads(json.dumps(raw))
+    event = parse(raw)
+    assert event.properties["products"][0] == {"price": 5, "quantity": 2}
+    assert raw == before  # normalized in the event, not in the caller's objects

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -55,9 +54,11 @@ class DeliveryProcess:
     """The parent's handle on the delivery process: the same ``start``/``wake``/``stop`` as
     the in-process ``DeliveryService``."""
 
-    def __init__(self, loaded: LoadedConfig, metrics: DeliveryMetrics) -> None:
+    def __init__(self, loaded: LoadedConfig, metrics: DeliveryMetrics, *, base_dir: Path
+                 ) -> None:
         self.loaded = loaded
         self.metrics = metrics
+        self.base_dir = base_dir
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
         self._wake_socket: socket.socket | None = None
@@ -65,6 +66,9 @@ class DeliveryProcess:
         self._to_wake: set[str] = set()
         self._wake_scheduled = False
         self._stopping = False
+        self._started = False
+        """Once the first child delivers, a child that exits is replaced; before, its
+        failure is ``start``'s error and nothing is started again."""
         self._restart: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -72,6 +76,7 @@ class DeliveryProcess:
         self._spawn()
         assert self._ready is not None
         await asyncio.wait_for(self._ready, START_TIMEOUT)
+        self._started = True
 
     def _spawn(self) -> None:
         """A fresh interpreter (``python -m router.delivery.process FD WAKE_FD``), not a
@@ -89,7 +94,7 @@ class DeliveryProcess:
         wake_ours.setblocking(False)
         self._wake_socket = wake_ours
         self._connection = Connection(ours.detach())
-        self._connection.send(("config", (self.loaded, os.getcwd())))
+        self._connection.send(("config", (self.loaded, str(self.base_dir))))
         self._ready = loop.create_future()
         loop.add_reader(self._connection.fileno(), self._on_message)
 
@@ -148,7 +153,7 @@ class DeliveryProcess:
         starting = ready is not None and not ready.done()
         if starting:
             ready.set_exception(RuntimeError("delivery process exited during start"))
-        if self._stopping or (starting and self._restart is None):
+        if self._stopping or not self._started:
             return  # stopping, or the first start failed: start() raises it
         if ready is not None and ready.exception() is not None:  # a replacement's failure
             log.error("%s", ready.exception())
@@ -185,11 +190,11 @@ def main(fd: int, wake_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     connection = Connection(fd)
-    kind, (loaded, cwd) = connection.recv()
+    kind, (loaded, base_dir) = connection.recv()
     assert kind == "config"
     wake_socket = socket.socket(fileno=wake_fd)
     wake_socket.setblocking(False)
-    asyncio.run(_deliver_until_stopped(loaded, connection, wake_socket, Path(cwd)))
+    asyncio.run(_deliver_until_stopped(loaded, connection, wake_socket, Path(base_dir)))
 
 
 async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
@@ -213,7 +218,12 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     service = DeliveryService(destinations, storage, egress=egress, metrics=metrics)
-    await service.start()
+    try:
+        await service.start()  # claims the spool: another router may hold it
+    except Exception as exc:  # noqa: BLE001 - as above
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+        await storage.close()
+        return
     tune_garbage_collector()
 
     def on_message() -> None:

@@ -55,6 +55,7 @@ class DeliveryService:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        await self.storage.claim_delivery()
         await self.transport.start()
         self._tasks = [asyncio.create_task(worker.run(), name=f"lease:{name}")
                        for name, worker in self.workers.items()]

@@ -115,6 +115,12 @@ class Storage(ABC):
     @abstractmethod
     async def close(self) -> None: ...
 
+    async def claim_delivery(self) -> None:
+        """Called before a process starts delivering from this storage. A backend that
+        cannot share delivery between processes raises ``SpoolInUse`` when another holds it;
+        the claim ends with ``close`` (or the process). Shared backends need do nothing."""
+        return None
+
     @abstractmethod
     async def accept(self, items: Sequence[Acceptance], *, window: float, now: float
                      ) -> list[bool]:

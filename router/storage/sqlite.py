@@ -35,6 +35,8 @@ every job not yet completed is read again, so nothing is lost and duplicates car
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -46,7 +48,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from router.errors import StorageFull
+from router.errors import SpoolInUse, StorageFull
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob, QueueStats, Storage, StorageStats)
 
@@ -125,6 +127,7 @@ class SqliteStorage(Storage):
         self.max_bytes = max_bytes
         self._operations: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._delivery_lock: int | None = None
         self._recover = True
         self._accepted_since_purge = 0
         self._indexed_up_to = 0
@@ -169,6 +172,25 @@ class SqliteStorage(Storage):
             self._operations.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._delivery_lock is not None:
+            os.close(self._delivery_lock)  # releases the lock
+            self._delivery_lock = None
+
+    async def claim_delivery(self) -> None:
+        """An exclusive lock on ``<spool>.delivery-lock``, held until ``close``: the jobs a
+        process has read live in its memory, so a second process (or a second router in
+        this one) delivering from the file would send them again. The kernel drops the lock
+        with the process, so a crash never leaves the spool claimed."""
+        lock_path = self.path.with_name(self.path.name + ".delivery-lock")
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise SpoolInUse(f"another router is delivering from {self.path}; a SQLite spool "
+                             "takes one delivering router (use redis:// storage to share "
+                             "work between routers)") from None
+        self._delivery_lock = descriptor
 
     def _run(self, ready: asyncio.Future[None]) -> None:
         loop = ready.get_loop()
