@@ -387,3 +387,24 @@ def test_a_flood_that_stops_still_reports_what_it_held_back():
                            "message_id": f"r{n}"})
     failure_log.flush(all_windows=True)
     assert written[-1]["message_id"] == "r3" and written[-1]["similar_lines_held_back"] == 1
+
+
+async def test_a_few_events_the_api_always_fails_do_not_hold_back_the_rest(tmp_path):
+    """Twelve "poison" events answered 500 every time, queued ahead of 200 healthy ones, with
+    the default backoff: the destination rests briefly after the first failures, then the
+    healthy events go out. Their retries, sent first after every rest, used to extend it
+    for ever (0 of 200 delivered in a minute)."""
+    def handler(request):
+        return Answer(500) if request.json["userId"].startswith("poison") else Answer(200)
+
+    async with FakeDestinationServer(handler=handler) as server:
+        hook = {"name": "hook", "plugin": "webhook", "settings": {"url": server.url}}
+        router = router_for(tmp_path, [hook])
+        async with router:
+            await router.route_many([track(n, user=f"poison-{n}") for n in range(12)])
+            await router.route_many([track(100 + n) for n in range(200)])
+            deadline = time.monotonic() + 30
+            while router.delivery_metrics.delivered.get("hook") < 200:
+                assert time.monotonic() < deadline, \
+                    f"{router.delivery_metrics.delivered.get('hook')} of 200 delivered"
+                await asyncio.sleep(0.1)

@@ -38,8 +38,9 @@ def _delivery_children() -> list[int]:
     return children
 
 
-async def test_a_second_delivering_router_on_one_spool_is_refused(tmp_path):
+async def test_a_second_delivering_router_on_one_spool_is_refused(tmp_path, monkeypatch):
     # Each would send the jobs the other has read: every event twice.
+    monkeypatch.setattr("router.storage.sqlite.CLAIM_WAIT", 0.3)
     async with FakeDestinationServer() as server:
         first = router_for(tmp_path, [webhook("hook", server.url)])
         second = router_for(tmp_path, [webhook("hook", server.url)])

@@ -233,8 +233,9 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
                 if kind == "stop":
                     grace[0] = payload
                     stop.set()
-        except (EOFError, OSError):  # the parent is gone: finish up, as after a stop
-            loop.remove_reader(connection.fileno())
+        except (EOFError, OSError):  # the parent is gone (killed): stop at once, so that a
+            loop.remove_reader(connection.fileno())  # restarted router can take the spool;
+            grace[0] = 0.0  # requests in flight are sent again by it, never lost
             stop.set()
 
     def on_wake() -> None:

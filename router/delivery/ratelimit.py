@@ -24,6 +24,10 @@ class RateLimiter:
         """Hold every request of the destination for ``seconds`` (the server asked us to)."""
         self.paused_until = max(self.paused_until, self.clock() + seconds)
 
+    @property
+    def paused(self) -> bool:
+        return self.clock() < self.paused_until
+
     async def acquire(self) -> None:
         """Wait until one request may go."""
         if self.rate is None and not self._lock.locked() and self.clock() >= self.paused_until:

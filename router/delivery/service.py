@@ -252,14 +252,22 @@ class DestinationWorker:
             job.attempts += 1
             job.first_attempt_at = job.first_attempt_at or now
         outcomes = await self._attempt(batch)
-        self._note_health(outcomes)
+        self._note_health(batch, outcomes)
         await self._record(batch, outcomes)
 
-    def _note_health(self, outcomes: list[tuple[Outcome, Failure | None]]) -> None:
+    def _note_health(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
+                     ) -> None:
         """Back off the whole destination while it keeps failing (down, refusing
         connections, answering 5xx): without this, a dead destination would cycle through
-        its entire backlog, one doomed connection after another."""
+        its entire backlog, one doomed connection after another.
+
+        Only a first attempt counts: retries go out first once a pause ends, and a few
+        events the API always fails (a "poison" event answered 500) would otherwise extend
+        the pause for ever, holding back every healthy event behind them. And a round of
+        senders failing together counts once: a failure while paused adds nothing."""
         if outcomes and all(isinstance(outcome, RetryableError) for outcome, _ in outcomes):
+            if self.limiter.paused or all(job.attempts > 1 for job in batch):
+                return
             self.failures_in_a_row += 1
             self.limiter.pause(retry.destination_pause(self.failures_in_a_row, self.delivery,
                                                        self.rng))
