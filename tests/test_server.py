@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from router.config import parse_config
 from router.errors import StorageFull
@@ -943,3 +944,25 @@ async def test_a_redis_out_of_reach_gets_503_with_retry_after(start_server: Star
         assert int(headers["Retry-After"]) > 0
     finally:
         stop(process)
+
+
+async def test_requests_beyond_those_in_flight_wait_then_get_503(
+        start_server: StartServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With no slot free at all, every ingest request waits its turn in vain.
+    monkeypatch.setattr("router.server.app.REQUESTS_IN_FLIGHT", 0)
+    monkeypatch.setattr("router.server.app.ADMISSION_WAIT", 0.2)
+    ingest = await start_server(deliver=False)
+    status, answer, headers = await ingest.post("/v1/track", track("busy-1"))
+    assert status == 503 and answer["code"] == "overloaded"
+    assert int(headers["Retry-After"]) > 0
+    async with ingest.session.get(f"{ingest.url}/health") as response:
+        assert response.status == 200  # readiness is not an ingest request
+
+
+async def test_two_content_encoding_fields_are_a_stacked_encoding(ingest: Ingest) -> None:
+    body = gzip.compress(json.dumps(track("enc-1")).encode())
+    headers = [("Content-Encoding", "gzip"), ("Content-Encoding", "br"),
+               ("Content-Type", "application/json"), ("Authorization", basic(WEB_KEY))]
+    async with ingest.session.post(f"{ingest.url}/v1/track", data=body,
+                                   headers=CIMultiDict(headers)) as response:
+        assert response.status == 415

@@ -20,6 +20,7 @@ the runner must leave request bodies compressed so that ``body.py`` can count an
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,6 +49,16 @@ STORAGE_FULL_RETRY_AFTER = 30
 """Seconds a client is told to wait when the storage has no room (503)."""
 HEALTH_TIMEOUT = 5.0
 LINGERING_TIME = 2.0
+KEEPALIVE_TIMEOUT = 75.0
+"""Seconds an idle keep-alive connection is kept (nginx's default; aiohttp's is an hour, which
+lets clients that never send another request pile up open sockets)."""
+REQUESTS_IN_FLIGHT = 16
+"""Ingest requests read, parsed and routed at once. Each costs memory (a 500 KB batch is
+several MB as Python objects) and the work is one CPU's: more at once adds memory, not speed.
+The others wait, their bodies still unread in their sockets."""
+ADMISSION_WAIT = 10.0
+"""How long a request waits for its turn before the answer is 503 with ``Retry-After``."""
+OVERLOADED_RETRY_AFTER = 5
 
 SHORT_PATHS = {"track": "/v1/t", "identify": "/v1/i", "page": "/v1/p", "screen": "/v1/s",
                "group": "/v1/g", "alias": "/v1/a"}
@@ -78,6 +89,7 @@ ROUTER = web.AppKey("router", Router)
 WRITE_KEYS = web.AppKey("write_keys", WriteKeys)
 METRICS = web.AppKey("ingest_metrics", IngestMetrics)
 LIMITS = web.AppKey("limits", Limits)
+ADMISSION = web.AppKey("admission", asyncio.Semaphore)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -92,6 +104,7 @@ def create_app(router: Router) -> web.Application:
     app[WRITE_KEYS] = WriteKeys(config.sources)
     app[METRICS] = IngestMetrics(destinations=[d.name for d in router.destinations])
     app[LIMITS] = limits
+    app[ADMISSION] = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
     if app[WRITE_KEYS].empty:
         log.warning("no sources are configured: the HTTP API refuses every request with 401 "
                     "(add sources with write_keys to the config)")
@@ -116,16 +129,36 @@ def create_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> we
     holding connections, or a graceful shutdown, for long."""
     return web.AppRunner(app, auto_decompress=False, access_log_class=JsonAccessLogger,
                          access_log=ACCESS_LOGGER, shutdown_timeout=shutdown_timeout,
-                         lingering_time=LINGERING_TIME)
+                         lingering_time=LINGERING_TIME, keepalive_timeout=KEEPALIVE_TIMEOUT)
 
 
 def _add_ingest(app: web.Application, paths: Sequence[str], handler: Handler) -> None:
+    admitted = _admitted(handler)
     for path in paths:
-        app.router.add_post(path, handler, expect_handler=_expect_continue)
+        app.router.add_post(path, admitted, expect_handler=_expect_continue)
         app.router.add_route(hdrs.METH_OPTIONS, path, handle_preflight)
 
 
 # -- ingest -----------------------------------------------------------------------------------
+
+def _admitted(handler: Handler) -> Handler:
+    """``handler`` run once a slot of ``REQUESTS_IN_FLIGHT`` is free, so memory stays bounded
+    under a flood; a request that waits ``ADMISSION_WAIT`` in vain is told to come back."""
+    @functools.wraps(handler)
+    async def admitted(request: web.Request) -> web.StreamResponse:
+        slots = request.app[ADMISSION]
+        try:
+            await asyncio.wait_for(slots.acquire(), ADMISSION_WAIT)
+        except TimeoutError:
+            raise Problem(503, "overloaded", "the router is busy; retry later",
+                          headers={hdrs.RETRY_AFTER: str(OVERLOADED_RETRY_AFTER)}) from None
+        try:
+            return await handler(request)
+        finally:
+            slots.release()
+
+    return admitted
+
 
 def _call_handler(call_type: str) -> Handler:
     async def handle_call(request: web.Request) -> web.Response:

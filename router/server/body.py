@@ -122,7 +122,9 @@ class GzipDecoder:
 
 
 def _encoding(request: web.BaseRequest) -> str:
-    return request.headers.get("Content-Encoding", "").strip().lower()
+    """The body's encoding; two ``Content-Encoding`` fields count as a stacked one, as
+    ``gzip, br`` in one field does (HTTP joins them so)."""
+    return ", ".join(request.headers.getall("Content-Encoding", [])).strip().lower()
 
 
 def _kilobytes(size: int) -> str:

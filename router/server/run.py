@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from aiohttp import web
 
@@ -56,11 +57,15 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
             await router.close()
             return 1
         tune_garbage_collector()
+        stopping = _Stopping()
         try:
             status = await _run_api(router, host or config.server.host,
-                                    config.server.port if port is None else port, stop)
+                                    config.server.port if port is None else port, stop,
+                                    stopping)
         finally:
-            await router.close(grace=grace)  # finish or persist in-flight deliveries
+            # Finish or persist in-flight deliveries, within what the HTTP drain left of the
+            # grace: the whole stop takes at most the grace it announces.
+            await router.close(grace=stopping.left(grace))
     finally:
         for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
@@ -69,7 +74,20 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     return status
 
 
-async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event) -> int:
+class _Stopping:
+    """When the stop began, so that the HTTP drain and the delivery's share one grace."""
+
+    def __init__(self) -> None:
+        self.began: float | None = None
+
+    def left(self, grace: float) -> float:
+        if self.began is None:
+            return grace
+        return max(0.0, grace - (time.monotonic() - self.began))
+
+
+async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event,
+                   stopping: _Stopping) -> int:
     """Serve until ``stop`` is set; then stop accepting and let requests in progress
     finish (each answers only once its events are durable)."""
     grace = router.config.server.shutdown_grace
@@ -84,6 +102,7 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event) ->
             return 1
         _announce(router, runner)
         await stop.wait()
+        stopping.began = time.monotonic()
         print(f"router: stopping (in-flight work finishes within {grace:g} s or goes back to "
               "the queue; Ctrl-C again to stop at once)", flush=True)
         return 0

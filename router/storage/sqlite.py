@@ -631,6 +631,13 @@ class SqliteStorage(Storage):
         return await self._call(lambda connection: connection.execute(
             f"DELETE FROM dead_letters{clause}", params).rowcount)
 
+    async def ping(self) -> bool:
+        """A trivial read on the writer thread: readiness without the counts of ``stats``,
+        which grow with the dedup window and would hold up the group commits."""
+        await self._call(lambda connection: connection.execute("SELECT 1").fetchone(),
+                         writes=False)
+        return True
+
     async def stats(self, *, now: float) -> StorageStats:
         def operation(connection: sqlite3.Connection) -> StorageStats:
             stats = StorageStats()
