@@ -110,6 +110,9 @@ def format_time(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
+_OBJECTS_NULL_MEANS_EMPTY = ("properties", "traits", "context")
+
+
 def parse_event(raw: Any, *, received_at: datetime | None = None,
                 max_bytes: int = MAX_EVENT_BYTES, size: int | None = None) -> Event:
     """Validate and normalize one raw event, or raise ``InvalidEvent`` naming each bad field.
@@ -129,6 +132,9 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
 
     received = received_at or datetime.now(UTC)
     data = dict(raw)
+    for key in _OBJECTS_NULL_MEANS_EMPTY:  # some client libraries send null for "none"
+        if key in data and data[key] is None:
+            del data[key]
     data.setdefault("messageId", None)
     if not data["messageId"]:
         data["messageId"] = str(uuid.uuid4())

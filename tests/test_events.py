@@ -536,3 +536,12 @@ def test_the_callers_event_is_left_as_it_was():
     event = parse(raw)
     assert event.properties["products"][0] == {"price": 5, "quantity": 2}
     assert raw == before  # normalized in the event, not in the caller's objects
+
+
+@pytest.mark.parametrize("key", ["properties", "traits", "context"])
+def test_a_null_object_is_read_as_empty(key):
+    # Some client libraries send null for "none" (an unset map): nothing in it, not invalid.
+    event = parse({**VALID_MINIMAL["track"], key: None})
+    assert getattr(event, key) == {}
+    with pytest.raises(InvalidEvent, match=f"{key}: Input should be a valid dictionary"):
+        parse({**VALID_MINIMAL["track"], key: "none"})
