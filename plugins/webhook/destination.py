@@ -9,7 +9,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from router import HttpUrl, DeliveryDefaults, Destination, Event, HttpRequest, Payload
+from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest, HttpUrl,
+                    Payload)
 from router.templates import Template
 
 
@@ -43,7 +44,13 @@ class Webhook(Destination[WebhookSettings]):
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         if self._template is None:  # the same body for every webhook: serialized once
             return [Payload(event.shared("webhook:event", event.to_dict))]
-        return [Payload(self._template.render(event=event.to_dict(), options=dict(options)))]
+        body = self._template.render(event=event.to_dict(), options=dict(options))
+        if body.lstrip()[:1] in ("{", "[") and not _is_json(body):
+            # Meant as JSON, broken by this event's values (a quote in a name, say): sent as
+            # text it would reach the receiver as a body it cannot parse.
+            raise EventRejected("settings.body: the template's output starts like JSON but is "
+                                "not valid JSON for this event; put values in with `| tojson`")
+        return [Payload(body)]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
         (payload,) = payloads

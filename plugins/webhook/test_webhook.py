@@ -47,6 +47,16 @@ def test_a_body_that_is_not_json_is_sent_as_text():
     assert request.body == b"Order Completed by user-1042"
 
 
+def test_a_json_template_broken_by_an_events_values_is_refused_not_sent_as_text():
+    # Without | tojson, a quote in a value breaks the JSON the receiver expects.
+    harness = DestinationHarness(Webhook, {"url": URL,
+                                           "body": '{"name": "{{ event.event }}"}'})
+    (fine,) = harness.requests({**ORDER, "event": "Signed Up"})
+    assert harness.request_json(fine) == {"name": "Signed Up"}
+    with pytest.raises(EventRejected, match="not valid JSON for this event.*tojson"):
+        harness.payloads({**ORDER, "event": 'The "Big" Sale'})
+
+
 def test_a_template_that_fails_costs_only_that_event():
     harness = DestinationHarness(Webhook, {"url": URL, "body": "{{ event.properties.missing.x }}"})
     with pytest.raises(EventRejected, match="settings.body"):
