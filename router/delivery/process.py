@@ -209,18 +209,14 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     stop = asyncio.Event()
     grace = [config.server.shutdown_grace]
     metrics = DeliveryMetrics()
+    egress = egress_policy(config)
+    storage = open_storage(config.storage, base_dir=base_dir)
     try:
-        egress = egress_policy(config)
         destinations = build_destinations(loaded, create_registry(), egress)
-        storage = open_storage(config.storage, base_dir=base_dir)
         await storage.open()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails its start
-        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    service = DeliveryService(destinations, storage, egress=egress, metrics=metrics)
-    try:
+        service = DeliveryService(destinations, storage, egress=egress, metrics=metrics)
         await service.start()  # claims the spool: another router may hold it
-    except Exception as exc:  # noqa: BLE001 - as above
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails its start
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
         await storage.close()
         return

@@ -57,15 +57,16 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
             await router.close()
             return 1
         tune_garbage_collector()
-        stopping = _Stopping()
+        stop_began: float | None = None
         try:
-            status = await _run_api(router, host or config.server.host,
-                                    config.server.port if port is None else port, stop,
-                                    stopping)
+            status, stop_began = await _run_api(router, host or config.server.host,
+                                                config.server.port if port is None else port,
+                                                stop)
         finally:
             # Finish or persist in-flight deliveries, within what the HTTP drain left of the
             # grace: the whole stop takes at most the grace it announces.
-            await router.close(grace=stopping.left(grace))
+            drained = 0.0 if stop_began is None else time.monotonic() - stop_began
+            await router.close(grace=max(0.0, grace - drained))
     finally:
         for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
@@ -74,22 +75,11 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     return status
 
 
-class _Stopping:
-    """When the stop began, so that the HTTP drain and the delivery's share one grace."""
-
-    def __init__(self) -> None:
-        self.began: float | None = None
-
-    def left(self, grace: float) -> float:
-        if self.began is None:
-            return grace
-        return max(0.0, grace - (time.monotonic() - self.began))
-
-
-async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event,
-                   stopping: _Stopping) -> int:
+async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
+                   ) -> tuple[int, float | None]:
     """Serve until ``stop`` is set; then stop accepting and let requests in progress
-    finish (each answers only once its events are durable)."""
+    finish (each answers only once its events are durable). Returns the exit status and
+    when the stop began, so that delivery gets what the drain leaves of the grace."""
     grace = router.config.server.shutdown_grace
     runner = create_runner(create_app(router), shutdown_timeout=grace)
     await runner.setup()
@@ -99,13 +89,13 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event,
         except OSError as exc:
             print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}",
                   file=sys.stderr)
-            return 1
+            return 1, None
         _announce(router, runner)
         await stop.wait()
-        stopping.began = time.monotonic()
+        began = time.monotonic()
         print(f"router: stopping (in-flight work finishes within {grace:g} s or goes back to "
               "the queue; Ctrl-C again to stop at once)", flush=True)
-        return 0
+        return 0, began
     finally:
         await runner.cleanup()
 

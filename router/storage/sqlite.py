@@ -60,6 +60,9 @@ PURGE_AFTER_EVENTS = 1000
 for most group commits)."""
 LOCK_TIMEOUT = 10.0
 """Seconds to wait for the write lock that another process holds."""
+CLAIM_WAIT = 5.0
+"""How long ``claim_delivery`` waits for another holder to let go: the delivery process of
+a router killed with ``kill -9`` stops at once on its own, but not in no time."""
 PAGE_SIZE = 16384
 """Bytes a page, for new spool files. The spool is mostly bundles, blobs of hundreds of KB
 that are written once, read once and deleted: with SQLite's default of 4 KB, each is a
@@ -111,11 +114,6 @@ MAX_BUNDLE_JOBS = 1000
 """An accept writes a destination's jobs in bundles of at most this many."""
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response")
-
-
-CLAIM_WAIT = 5.0
-"""How long ``claim_delivery`` waits for another holder to let go: the delivery process of
-a router killed with ``kill -9`` stops at once on its own, but not in no time."""
 
 
 class _Operation(NamedTuple):
