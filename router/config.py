@@ -70,6 +70,7 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_request_bytes: int = Field(500 * 1024, ge=1024)
+    max_connections: int = Field(1024, ge=1)
     shutdown_grace: Duration = 30.0
 
 

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -853,6 +854,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+async def _serve(config: Path, port: int, **options: Any
+                 ) -> tuple[asyncio.subprocess.Process, str]:
+    """``router serve`` with ``config`` on ``port``, once it has printed its banner; returns
+    the process and the banner."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
+        cwd=config.parent, env=_child_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, **options)
+    assert process.stdout is not None and process.stderr is not None
+    banner: list[str] = []
+    while not any("destinations:" in line for line in banner):
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        if not line:
+            process.kill()
+            await process.wait()
+            raise AssertionError((await process.stderr.read()).decode())
+        banner.append(line.decode())
+    return process, "".join(banner)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> tuple[str, str]:
+    """SIGTERM, then what the process printed; killed if it does not stop in time."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return out.decode(), err.decode()
+
+
 @pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
 async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path: Path,
                                                    own_process: bool) -> None:
@@ -860,18 +893,8 @@ async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path:
     config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
                       + f"delivery:\n  own_process: {str(own_process).lower()}\n")
     port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
-        cwd=tmp_path, env=_child_env(),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    process, text = await _serve(config, port)
     try:
-        assert process.stdout is not None
-        banner = []
-        while not any("destinations:" in line for line in banner):
-            line = await asyncio.wait_for(process.stdout.readline(), 20)
-            assert line, (await process.stderr.read()).decode()  # type: ignore[union-attr]
-            banner.append(line.decode())
-        text = "".join(banner)
         assert f"listening on http://127.0.0.1:{port}" in text
         assert "hook (webhook)" in text and "sources: web, mobile" in text
         async with aiohttp.ClientSession() as session:
@@ -907,6 +930,65 @@ async def test_serve_on_a_busy_port_exits_1(recorder: Recorder, tmp_path: Path) 
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 1
     assert "cannot listen" in err.decode() and "Traceback" not in err.decode()
+
+
+async def _http_get(port: int, path: str) -> bytes:
+    """One request on a connection of its own; the raw answer, up to the server's close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_serve_turns_away_connections_over_max_connections(recorder: Recorder,
+                                                                 tmp_path: Path) -> None:
+    # Connections that send nothing still hold a socket each: past the cap, a new one is
+    # answered 503 at once, and the ones already open carry on.
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, server="  max_connections: 2\n"))
+    port = _free_port()
+    process, _ = await _serve(config, port)
+    try:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        answer = await _http_get(port, "/health")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"Retry-After: 5" in head
+        assert json.loads(body)["code"] == "too_many_connections"
+
+        reader, writer = idle[0]  # an admitted connection is served as usual
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        idle[1][1].close()
+        for _ in range(100):  # the server notices the two closes
+            metrics = await _http_get(port, "/metrics")
+            if metrics.startswith(b"HTTP/1.1 200"):
+                break
+            await asyncio.sleep(0.05)
+        assert b'router_http_refused_total{code="too_many_connections"}' in metrics
+    finally:
+        out, err = await _stop(process)
+    assert process.returncode == 0, err
+
+
+async def test_serve_fits_max_connections_to_the_open_files_limit(recorder: Recorder,
+                                                                  tmp_path: Path) -> None:
+    # A hard limit on open files below what max_connections needs: the router says so and
+    # serves as many as the limit leaves room for, instead of failing with EMFILE later.
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, server="  max_connections: 1000\n"))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100))
+
+    process, _ = await _serve(config, _free_port(), preexec_fn=low_limit)
+    out, err = await _stop(process)
+    assert process.returncode == 0, err
+    assert "may open at most 100 files" in err and "serving at most 36" in err
 
 
 async def test_serve_with_a_bad_config_says_where(tmp_path: Path) -> None:

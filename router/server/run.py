@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 
-from aiohttp import web
 
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError
@@ -25,7 +24,8 @@ from router.redaction import redacted_url
 from router.routing import Router
 from router.runtime import tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER
-from router.server.app import create_app, create_runner
+from router.server.app import METRICS, create_app, create_runner
+from router.server.listen import allow_descriptors_for, listen
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -80,18 +80,27 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
     """Serve until ``stop`` is set; then stop accepting and let requests in progress
     finish (each answers only once its events are durable). Returns the exit status and
     when the stop began, so that delivery gets what the drain leaves of the grace."""
-    grace = router.config.server.shutdown_grace
-    runner = create_runner(create_app(router), shutdown_timeout=grace)
+    server_config = router.config.server
+    grace = server_config.shutdown_grace
+    max_connections = allow_descriptors_for(server_config.max_connections)
+    app = create_app(router)
+    refusals = app[METRICS].refusals
+    runner = create_runner(app, shutdown_timeout=grace)
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, host, port).start()
+            listening = await listen(
+                runner, host, port, max_connections=max_connections,
+                turned_away=lambda: refusals.inc("too_many_connections"))
         except OSError as exc:
             print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}",
                   file=sys.stderr)
             return 1, None
-        _announce(router, runner)
-        await stop.wait()
+        try:
+            _announce(router, listening)
+            await stop.wait()
+        finally:
+            listening.close()
         began = time.monotonic()
         print(f"router: stopping (in-flight work finishes within {grace:g} s or goes back to "
               "the queue; Ctrl-C again to stop at once)", flush=True)
@@ -108,9 +117,9 @@ def _on_stop_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Non
         loop.remove_signal_handler(signum)
 
 
-def _announce(router: Router, runner: web.AppRunner) -> None:
+def _announce(router: Router, listening: asyncio.Server) -> None:
     config = router.config
-    for address in runner.addresses:
+    for address in (sock.getsockname() for sock in listening.sockets):
         host, port = address[0], address[1]
         shown = f"[{host}]" if ":" in host else host
         print(f"router: listening on http://{shown}:{port}  (POST /v1/batch, /v1/track, ...; "

@@ -1,0 +1,114 @@
+"""Listening for connections, at most ``server.max_connections`` open at once.
+
+Each open connection holds a file descriptor and a little memory for as long as its client
+keeps it, up to the keep-alive timeout. Without a cap, a client opening connections faster
+than they expire takes every descriptor the process may have, and then the router cannot
+open its own files or sockets either: intake fails for everyone, with ``EMFILE`` errors
+instead of an answer. With the cap, a connection over it gets ``503 too_many_connections``
+at once, with ``Retry-After`` (which client libraries honour), and the connections already
+open carry on.
+
+aiohttp's own ``TCPSite`` takes no protocol factory, so ``listen`` opens the socket itself
+with the public pieces: the runner's ``web.Server`` is the factory for admitted
+connections and counts them (``connections``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections.abc import Callable
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger("router.server")
+
+BACKLOG = 128
+"""Connections the kernel holds for us before we accept them (aiohttp's default)."""
+RETRY_AFTER = 5
+"""Seconds a client turned away is told to wait."""
+LINGER = 2.0
+"""Seconds a turned-away connection stays open after the answer, reading and discarding
+what the client still sends: closing with unread data makes the kernel reset the connection,
+and the client would see the reset instead of the 503."""
+DESCRIPTORS_KEPT = 64
+"""File descriptors left for the router's own use (storage files, the delivery process,
+logs) beyond its client connections."""
+
+_BODY = orjson.dumps({"success": False, "error": "too many open connections; retry later",
+                      "code": "too_many_connections",
+                      "message": "too many open connections; retry later"})
+TURN_AWAY = (b"HTTP/1.1 503 Service Unavailable\r\n"
+             b"Content-Type: application/json\r\n"
+             b"Access-Control-Allow-Origin: *\r\n"
+             b"Access-Control-Expose-Headers: Retry-After\r\n"
+             b"Retry-After: %d\r\n"
+             b"Connection: close\r\n"
+             b"Content-Length: %d\r\n\r\n" % (RETRY_AFTER, len(_BODY))) + _BODY
+
+
+class _TurnAway(asyncio.Protocol):
+    """One connection over the cap: the 503, then close once the client is done (or after
+    ``LINGER`` seconds)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(TURN_AWAY)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._closer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """What the client still sends is read and dropped."""
+
+    def eof_received(self) -> bool:
+        self._transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closer.cancel()
+
+
+async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections: int,
+                 turned_away: Callable[[], None] = lambda: None) -> asyncio.Server:
+    """Serve ``runner``'s app on ``host:port``, at most ``max_connections`` connections at
+    once; ``turned_away`` is called for each connection over it. Close the returned server
+    before ``runner.cleanup()`` (which then drains the connections still open)."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("listen() needs a runner that is set up")
+
+    def protocol() -> asyncio.BaseProtocol:
+        if len(server.connections) >= max_connections:
+            turned_away()
+            return _TurnAway()
+        return server()
+
+    return await asyncio.get_running_loop().create_server(
+        protocol, host, port, backlog=BACKLOG, reuse_address=True)
+
+
+def allow_descriptors_for(max_connections: int) -> int:
+    """Raise this process's limit on open files as far as it may go (the soft limit is
+    often 1,024, the hard one far higher), and return how many connections it leaves room
+    for: ``max_connections``, or fewer, with a warning, when the limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + DESCRIPTORS_KEPT
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return max_connections
+    room = max(1, soft - DESCRIPTORS_KEPT)
+    log.warning("this process may open at most %d files, room for %d connections with the "
+                "router's own files: serving at most %d at once, not server.max_connections "
+                "(%d); raise the limit (ulimit -n) to serve more", soft, room, room,
+                max_connections)
+    return room
