@@ -149,35 +149,59 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     object.__setattr__(event, "_shared", None)  # an unset slot would take pydantic's slow path
 
     problems = _call_type_problems(event)
+    client_time = None
     if client_timestamp is not None:
         try:
-            event.originalTimestamp = event.originalTimestamp or _as_datetime(client_timestamp)
+            client_time = _as_datetime(client_timestamp)
         except (ValidationError, ValueError):
             problems.append(("timestamp", "expected an ISO-8601 date-time"))
-    if event.originalTimestamp is None and event.sentAt is not None:
-        # No event time from the client: its clock at sending is the best estimate, and
-        # keeping it makes the normalized event parse again to the same timestamp.
-        event.originalTimestamp = event.sentAt
+    if event.originalTimestamp is None:
+        # The client's own event time, else its clock at sending: keeping it makes the
+        # normalized event parse again to the same timestamp.
+        event.originalTimestamp = client_time or event.sentAt
     if event.type in _PROPERTY_CALLS and event.properties:
         problems += normalize_reserved_properties(event.properties)
+    if not problems:
+        try:
+            event.timestamp = corrected_timestamp(event, client_time)
+            problems = _out_of_range(event)
+        except OverflowError:
+            problems = [("timestamp", "out of range once corrected for the client's clock "
+                                      "(sentAt and originalTimestamp are far apart)")]
     if problems:
         raise InvalidEvent(problems)
-    event.timestamp = corrected_timestamp(event, explicit=client_timestamp is not None)
     return event
 
 
-def corrected_timestamp(event: Event, *, explicit: bool) -> datetime:
+def corrected_timestamp(event: Event, client_time: datetime | None) -> datetime:
     """Segment's clock-skew correction: ``receivedAt - (sentAt - originalTimestamp)``.
 
-    Without ``sentAt`` a client-given timestamp is trusted as it is (server libraries and
-    historical imports); without any, the receive time is the event time.
+    Without ``sentAt`` there is nothing to correct with: a timestamp the client gave is
+    trusted as it is (server libraries and historical imports), else its
+    ``originalTimestamp``; without any, the receive time is the event time.
     """
     original = event.originalTimestamp
     if original is not None and event.sentAt is not None:
         return event.receivedAt - (_utc(event.sentAt) - _utc(original))
-    if explicit and original is not None:
+    if client_time is not None:
+        return client_time
+    if original is not None:
         return _utc(original)
     return event.receivedAt
+
+
+def _out_of_range(event: Event) -> list[tuple[str, str]]:
+    """Times a destination could not write in UTC (within hours of year 1 or 9999, where
+    the offset to UTC overflows): each is a problem, not a crash while translating."""
+    problems = []
+    for field in TIMESTAMP_FIELDS:
+        moment = getattr(event, field)
+        if moment is not None and moment.year in (1, 9999):
+            try:
+                _utc(moment).astimezone(UTC)
+            except OverflowError:
+                problems.append((field, "out of range: it cannot be written in UTC"))
+    return problems
 
 
 def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str, str]]:

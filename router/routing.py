@@ -230,9 +230,11 @@ class Router:
             try:
                 parsed = parse_event(event, received_at=received_at, size=size)
             except InvalidEvent as exc:
-                message_id = event.get("messageId") if isinstance(event, Mapping) else None
-                return RouteResult(message_id if isinstance(message_id, str) else None, None,
-                                   [DestinationResult(None, Status.INVALID, str(exc))])
+                return _invalid(event, str(exc))
+            except Exception:  # noqa: BLE001 - a bug in reading one event costs only that one
+                log.exception("reading an event failed (a bug: please report it)")
+                return _invalid(event, "the router could not read this event (an internal "
+                                       "error; the router's log has the details)")
         integrations = IntegrationsMap(parsed.integrations)
         return RouteResult(parsed.messageId, parsed,
                            [self._decide(destination, parsed, integrations)
@@ -303,6 +305,12 @@ def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:
                    r.destination in ordered)
             for r in result.results if r.status is Status.SEND and r.destination
             for payload, body in zip(r.payloads, r.bodies)]
+
+
+def _invalid(event: Any, reason: str) -> RouteResult:
+    message_id = event.get("messageId") if isinstance(event, Mapping) else None
+    return RouteResult(message_id if isinstance(message_id, str) else None, None,
+                       [DestinationResult(None, Status.INVALID, reason)])
 
 
 def _mark_duplicate(result: RouteResult) -> None:

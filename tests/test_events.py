@@ -233,6 +233,38 @@ def test_timestamps_without_offset_are_read_as_utc_everywhere():
     assert data["sentAt"] == "2024-03-01T11:00:10.000Z"
 
 
+def test_explicit_timestamp_wins_over_original_timestamp_without_sent_at():
+    event = parse({**VALID_MINIMAL["track"], "timestamp": "2020-01-01T00:00:00Z",
+                   "originalTimestamp": "2020-06-01T00:00:00Z"})
+    assert event.to_dict()["timestamp"] == "2020-01-01T00:00:00.000Z"
+
+
+def test_original_timestamp_without_sent_at_is_the_event_time():
+    event = parse({**VALID_MINIMAL["track"], "originalTimestamp": "2020-06-01T00:00:00Z"})
+    assert event.to_dict()["timestamp"] == "2020-06-01T00:00:00.000Z"
+
+
+def test_a_bad_timestamp_is_named_even_beside_an_original_timestamp():
+    error = problems_of({**VALID_MINIMAL["track"], "timestamp": "yesterday",
+                         "originalTimestamp": "2020-06-01T00:00:00Z"})
+    assert [name for name, _ in error.problems] == ["timestamp"]
+
+
+@pytest.mark.parametrize("times", [
+    # Go's zero time.Time from a client whose clock runs a little fast: the correction
+    # goes below year 1.
+    {"timestamp": "0001-01-01T00:00:00Z", "sentAt": iso(RECEIVED + timedelta(seconds=1))},
+    {"originalTimestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"},
+    # Valid as written, but not in UTC.
+    {"timestamp": "0001-01-01T00:00:00+01:00"},
+    {"timestamp": "9999-12-31T23:59:59-01:00"},
+], ids=["below-year-1", "far-apart", "year-1-offset", "year-9999-offset"])
+def test_times_out_of_range_make_the_event_invalid(times):
+    error = problems_of({**VALID_MINIMAL["track"], **times})
+    assert "timestamp" in [name for name, _ in error.problems]
+    assert "out of range" in str(error)
+
+
 def test_reparsing_normalized_output_keeps_the_timestamp():
     first = parse({**VALID_MINIMAL["track"], "sentAt": iso(RECEIVED - timedelta(hours=1))})
     again = parse(first.to_dict())

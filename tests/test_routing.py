@@ -9,6 +9,7 @@ import logging
 import textwrap
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +21,7 @@ from router import (Destination, EventRejected, HttpRequest, Payload, SkipEvent,
 from router.config import parse_config
 from router.errors import ConfigError
 from router.registry import create_registry
+from router import routing
 from router.routing import Router, Status
 
 LOUD_SECRET = "sk_live_CANARY_1e0f"
@@ -273,6 +275,37 @@ async def test_route_many_with_a_non_object_in_the_middle():
                                            track(messageId="x2")])
         assert (await pending(router))["Hook"] == 2
     assert [r.invalid for r in results] == [False, True, False]
+
+
+async def test_route_many_with_a_time_out_of_range_in_the_middle():
+    # Go's zero time.Time, corrected for a client clock a second fast, falls before year 1:
+    # that event is invalid, its neighbours go through (they were once lost with a 500).
+    zero_time = track(messageId="zero", timestamp="0001-01-01T00:00:00Z",
+                      sentAt=(datetime.now(UTC) + timedelta(seconds=1)).isoformat())
+    async with make_router(STANDARD) as router:
+        results = await router.route_many([track(messageId="y1"), zero_time,
+                                           track(messageId="y2")])
+        assert (await pending(router))["Hook"] == 2
+    assert [r.invalid for r in results] == [False, True, False]
+    assert "out of range" in results[1].results[0].reason
+
+
+async def test_a_bug_reading_one_event_costs_only_that_event(monkeypatch, caplog):
+    real_parse = routing.parse_event
+
+    def parse_with_a_bug(raw, **options):
+        if raw.get("messageId") == "buggy":
+            raise RuntimeError("a bug")
+        return real_parse(raw, **options)
+
+    monkeypatch.setattr(routing, "parse_event", parse_with_a_bug)
+    async with make_router(STANDARD) as router:
+        results = await router.route_many([track(messageId="z1"), track(messageId="buggy"),
+                                           track(messageId="z2")])
+        assert (await pending(router))["Hook"] == 2
+    assert [r.invalid for r in results] == [False, True, False]
+    assert "internal error" in results[1].results[0].reason
+    assert "reading an event failed" in caplog.text
 
 
 # -- misbehaving destinations ----------------------------------------------------------------------
