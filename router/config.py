@@ -174,6 +174,9 @@ class RouterConfig(_Section):
             seen: dict[str, int] = {}
             for index, item in enumerate(items):
                 key = item.name.lower()
+                if kind == "destinations" and key == "all":
+                    raise ValueError(f"{kind}.{index}.name: 'All' is the integrations map's "
+                                     "switch for every destination; choose another name")
                 if key in seen:
                     raise ValueError(f"{kind}.{index}.name: {item.name!r} is already used by "
                                      f"{kind}.{seen[key]} (names are case-insensitive)")

@@ -2,9 +2,10 @@
 
 RudderStack's algorithm with the contract's changes: ``"All": false`` turns every destination
 off unless it is named with a truthy value, ``"All": true`` (the default) turns them on unless
-named with ``false``; names match case-insensitively; an object value means enabled and is
-handed to the destination as per-event options; a destination that is off by default is
-reached only by events that name it.
+named with ``false`` (``null``, which some client libraries write for "not set", leaves them
+on); names match case-insensitively, ``All`` too; an object value means enabled and is handed
+to the destination as per-event options; a destination that is off by default is reached only
+by events that name it with a truthy value.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class IntegrationsMap:
         if not integrations:
             return
         for key, value in integrations.items():
-            if key == "All":
+            if key.lower() == "all":
                 self.all_on = value is not False
             else:
                 self.named[key.lower()] = value
@@ -47,7 +48,10 @@ class IntegrationsMap:
             value = self.named[key]
             if isinstance(value, dict):
                 return Decision(True, value)
-            if value:
+            # On by default, only false turns it off; off by default, only a truthy value
+            # turns it on.
+            named_on = value is not False if self.all_on and default_on else bool(value)
+            if named_on:
                 return Decision(True)
             return Decision(False, reason=f"integrations map turns {name} off")
         if not default_on:

@@ -248,6 +248,13 @@ ERROR_CASES = {
             plugin: webhook
             settings: {url: "https://b.example"}
     """, "destinations.1.name"),
+    "a destination named like the integrations map's All": ("""
+        storage: memory://
+        destinations:
+          - name: all   #!
+            plugin: webhook
+            settings: {url: "https://a.example"}
+    """, "destinations.0.name"),
     "duplicate source names": ("""
         storage: memory://
         sources:

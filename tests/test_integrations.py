@@ -42,6 +42,15 @@ TABLE = [
     ({"All": False, "Slack": ""}, "Slack", True, OFF, None),
     ({"All": False, "Slack": None}, "Slack", True, OFF, None),
     ({"All": False, "Slack": []}, "Slack", True, OFF, None),
+    # with "All": true only false turns a destination off: null is how some client
+    # libraries write "not set"
+    ({"Slack": None}, "Slack", True, ON, {}),
+    ({"All": True, "Slack": None}, "Slack", True, ON, {}),
+    ({"Slack": 0}, "Slack", True, ON, {}),
+    ({"Slack": ""}, "Slack", True, ON, {}),
+    # "All" is a key like the others: its case does not matter either
+    ({"all": False}, "Slack", True, OFF, None),
+    ({"ALL": False, "slack": True}, "Slack", True, ON, {}),
     # default_on: false needs a truthy key, even with "All": true
     (None, "Audit", False, OFF, None),
     ({}, "Audit", False, OFF, None),
@@ -53,6 +62,7 @@ TABLE = [
     ({"Audit": {"priority": "high"}}, "Audit", False, ON, {"priority": "high"}),
     ({"All": True, "Audit": False}, "Audit", False, OFF, None),
     ({"Audit": 0}, "Audit", False, OFF, None),
+    ({"Audit": None}, "Audit", False, OFF, None),
 ]
 
 
@@ -113,6 +123,15 @@ def test_a_destination_named_with_false_is_never_enabled(data, name, all_value, 
     if all_value is not None:
         integrations["All"] = all_value
     assert not decide(integrations, name, default_on=default_on).enabled
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), names, st.sampled_from([None, True]), any_value)
+def test_with_all_true_only_false_turns_a_destination_off(data, name, all_value, value):
+    integrations = {**data.draw(others(name)), data.draw(random_case(name)): value}
+    if all_value is not None:
+        integrations["All"] = all_value
+    assert decide(integrations, name).enabled is (value is not False)
 
 
 @settings(max_examples=200, deadline=None)
