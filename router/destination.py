@@ -90,7 +90,9 @@ class DeliveryDefaults(BaseModel):
     each one in the ``delivery`` section of the destination's config, except that
     ``batch_size`` and ``batch_bytes`` may only be lowered: a plugin declares the most its
     ``build_request`` and its API take (a webhook sends one payload a request; GA4 drops the
-    events of a request over 25 without a word)."""
+    events of a request over 25 without a word). ``max_age`` may be raised up to
+    ``max_age_limit``, for an API that refuses events past an age: the last retry of an event
+    must still reach it in time."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -98,6 +100,10 @@ class DeliveryDefaults(BaseModel):
     max_attempts: int = Field(10, ge=1, description="attempts before dead-lettering")
     max_age: float = Field(4 * 3600.0, gt=0,
                            description="seconds after which an undelivered event is dead-lettered")
+    max_age_limit: float | None = Field(
+        None, gt=0, description="the longest max_age a config may set, for an API that refuses "
+        "events past an age (GA4: 72 h; its limit is half that, so events up to 36 h old "
+        "still have time for every retry)")
     concurrency: int = Field(4, ge=1, description="requests in flight at once")
     rate_limit: float | None = Field(None, gt=0, description="requests per second, at most")
     batch_size: int = Field(1, ge=1, description="payloads per request, at most")

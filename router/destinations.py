@@ -107,6 +107,12 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
             raise source.error((*path, "delivery", key), (
                 f"expected at most {limit}: a {entry.plugin} request carries at most {limit} "
                 f"{unit} (the plugin's limit, from its API's); a lower value is allowed"))
+    age_limit = plugin.cls.delivery.max_age_limit
+    if age_limit is not None and overrides.get("max_age", 0) > age_limit:
+        raise source.error((*path, "delivery", "max_age"), (
+            f"expected at most {age_limit / 3600:g}h: {entry.plugin}'s API refuses events past "
+            "an age, and an event's last retry must still reach it in time (the plugin's "
+            "limit)"))
     if "retry_on" in overrides:
         overrides["retry_on"] = frozenset(overrides["retry_on"])
     delivery = plugin.cls.delivery.model_copy(update=overrides)

@@ -514,6 +514,37 @@ def test_a_smaller_batch_than_the_plugins_is_allowed(tmp_path):
     assert (destination.delivery.batch_size, destination.delivery.batch_bytes) == (5, 65536)
 
 
+@pytest.mark.parametrize(("plugin", "settings", "value", "limit"), [
+    ("ga4", "{measurement_id: G-1, api_secret: s}", "5d", "36h"),
+    ("meta_capi", "{pixel_id: '123', access_token: t}", "7d", "84h"),
+])
+def test_a_max_age_past_the_apis_window_is_refused(tmp_path, plugin, settings, value, limit):
+    # GA4 drops events backdated over 72 h, Meta refuses them over 7 days: with a max_age that
+    # long, no event would leave time for its retries, and every one was refused.
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: {plugin}
+            settings: {settings}
+            delivery:
+              max_age: {value}   #!
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, "destinations.0.delivery.max_age")
+    assert f"expected at most {limit}" in error.message
+    path, _ = write(tmp_path, f"""
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: {plugin}
+            settings: {settings}
+            delivery: {{max_age: {limit}}}
+    """)
+    (destination,) = router_for(path).destinations
+    assert destination.adapter.delivery.max_age == int(limit[:-1]) * 3600
+
+
 @pytest.mark.parametrize(("plugin", "other", "key", "url", "why"), [
     ("webhook", "method: POST", "url", "http://127.0.0.1:8080/in", "loopback"),
     ("segment", "write_key: k-0001", "base_url", "https://10.0.0.5", "private"),

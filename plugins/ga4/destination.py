@@ -112,7 +112,8 @@ class GoogleAnalytics4(Destination[GA4Settings]):
     Settings = GA4Settings
     # MP "Limitations": 25 events and 130 KB a request. No rate limit is published
     # (destinations.md §2.1). 429 and 5xx are retried, the default set.
-    delivery = DeliveryDefaults(batch_size=25, batch_bytes=MAX_BODY_BYTES, concurrency=8)
+    delivery = DeliveryDefaults(batch_size=25, batch_bytes=MAX_BODY_BYTES, concurrency=8,
+                                max_age_limit=t.BACKDATE_MAX.total_seconds() / 2)
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         self._skip_unsupported(event)

@@ -365,6 +365,17 @@ def test_events_older_than_72_hours_less_the_retry_margin_are_rejected():
         int((RECEIVED - timedelta(hours=67)).timestamp()) * 1_000_000
 
 
+def test_a_longer_max_age_leaves_less_of_the_72_hours_but_never_none():
+    # max_age may be raised to 36 h (the config refuses more): events up to 36 h old pass.
+    destination = ga4()
+    destination.delivery = destination.delivery.model_copy(update={"max_age": 36 * 3600})
+    day_old = (RECEIVED - timedelta(hours=30)).isoformat()
+    assert only_event(destination, track("X", timestamp=day_old))["timestamp_micros"]
+    too_old = (RECEIVED - timedelta(hours=37)).isoformat()
+    with pytest.raises(EventRejected, match="36 h for retries"):
+        destination.translate(track("X", timestamp=too_old), {})
+
+
 def test_oversized_request_is_rejected():
     # Only reachable with GA4 360's 500-character values: 200 items of 1 KB each.
     products = [{"product_id": f"p{i}", "name": "n" * 500, "category": "c" * 500}

@@ -75,7 +75,8 @@ class MetaConversions(Destination[MetaSettings]):
     Settings = MetaSettings
     # Meta docs: at most 1000 events in `data`; about 1 MB a request (RT README). No CAPI-
     # specific rate limit is published; throttling comes back as error codes (read_response).
-    delivery = DeliveryDefaults(batch_size=1000, batch_bytes=1_000_000, timeout=30)
+    delivery = DeliveryDefaults(batch_size=1000, batch_bytes=1_000_000, timeout=30,
+                                max_age_limit=t.MAX_EVENT_AGE.total_seconds() / 2)
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         self._skip_unsupported(event)
