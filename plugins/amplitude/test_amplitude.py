@@ -151,7 +151,9 @@ def test_order_completed_puts_revenue_at_the_root_and_adds_product_purchased_per
     assert order["revenue"] == 25.0  # "25.00" normalized to a number
     assert order["revenueType"] == "Purchase"
     assert "price" not in order and "quantity" not in order
-    # Amplitude has no currency field: it stays a property, like total, tax, products
+    # Amplitude's revenue fields include the currency ("Track revenue": "Set the price,
+    # quantity, currency, and revenue fields"); it stays a property too
+    assert order["currency"] == "EUR"
     assert order["event_properties"]["currency"] == "EUR"
     assert order["event_properties"]["revenue"] == 25.0
     assert len(order["event_properties"]["products"]) == 2
@@ -174,6 +176,15 @@ def test_revenue_per_product_moves_revenue_from_the_order_to_each_product():
         "revenue": 19, "price": 19, "quantity": 1, "productId": "507f1f77bcf86cd799439011",
         "revenueType": "Purchase"}
     assert uno["revenue"] == 6  # price 3 × quantity 2
+    assert monopoly["currency"] == uno["currency"] == "EUR"  # the order's
+
+
+def test_revenue_per_product_keeps_the_orders_revenue_when_no_product_has_a_price():
+    order, first, second = events(amplitude(track_revenue_per_product=True), track(
+        event="Order Completed", properties={"revenue": 25, "currency": "GBP", "products": [
+            {"product_id": "p1", "quantity": 1}, {"product_id": "p2", "name": "B"}]}))
+    assert (order["revenue"], order["currency"]) == (25, "GBP")
+    assert "revenue" not in first and "revenue" not in second
 
 
 def test_a_product_without_quantity_counts_its_price_once():

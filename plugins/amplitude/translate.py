@@ -191,9 +191,10 @@ def as_number(value: Any) -> float | int | None:
 
 def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
     """Amplitude's revenue fields, which live at the event root, from an event's properties
-    or one product: ``revenue``, ``price``, ``quantity``, ``productId`` and ``revenueType``
-    ("Purchase" unless given), as Segment's logPurchase builds them. Nothing when there is
-    no revenue.
+    or one product: ``revenue``, ``price``, ``quantity``, ``productId``, ``revenueType``
+    ("Purchase" unless given), as Segment's logPurchase builds them, and ``currency`` (the
+    core makes it an ISO 4217 code; Amplitude converts revenue in other currencies to the
+    project's). Nothing when there is no revenue.
 
     Amplitude counts price × quantity when it has a price, its quantity defaulting to 1, so
     ``revenue`` is that product whenever the quantity is known or no revenue is given. Its
@@ -217,6 +218,8 @@ def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
         fields["productId"] = str(product_id)
     revenue_type = item.get("revenueType") or item.get("revenue_type")
     fields["revenueType"] = revenue_type if isinstance(revenue_type, str) else "Purchase"
+    if isinstance(item.get("currency"), str):
+        fields["currency"] = item["currency"]
     return fields
 
 
@@ -270,16 +273,18 @@ def track_events(builder: Builder, name: str, *, product_purchased: bool,
     listed = event.properties.get("products")
     products = [item for item in listed if isinstance(item, dict)] \
         if product_purchased and name == ORDER_COMPLETED and isinstance(listed, list) else []
-    on_order = {} if products and revenue_per_product else _order_revenue(event.properties)
-    events = [builder.amplitude_event(name, event_properties=dict(event.properties),
-                                      user_properties=attribution(event), **on_order)]
     order = {key: event.properties[key] for key in ("order_id", "currency")
              if event.properties.get(key) is not None}
-    for index, product in enumerate(products):
+    on_products = [revenue_fields({**order, **product}) if revenue_per_product else {}
+                   for product in products]
+    # Per product only when some product carries a price: otherwise the order keeps it.
+    on_order = {} if any(on_products) else _order_revenue(event.properties)
+    events = [builder.amplitude_event(name, event_properties=dict(event.properties),
+                                      user_properties=attribution(event), **on_order)]
+    for index, (product, revenue) in enumerate(zip(products, on_products)):
         events.append(builder.amplitude_event(
             PRODUCT_PURCHASED, part=f"product-{index}",
-            event_properties={**order, **product},
-            **(revenue_fields(product) if revenue_per_product else {})))
+            event_properties={**order, **product}, **revenue))
     return events
 
 
