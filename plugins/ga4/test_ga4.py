@@ -376,6 +376,24 @@ def test_a_longer_max_age_leaves_less_of_the_72_hours_but_never_none():
         destination.translate(track("X", timestamp=too_old), {})
 
 
+def test_a_user_id_over_256_characters_is_rejected():
+    # GA4 answers 2xx and does not log it: the event would count as delivered and be lost.
+    with pytest.raises(EventRejected, match="300 characters.*over 256"):
+        ga4().translate(track("X", userId="u" * 300), {})
+    assert only_event(ga4(), track("X", userId="u" * 256))
+
+
+@pytest.mark.parametrize("field, value", [("price", "abc"), ("quantity", "two"),
+                                          ("price", True), ("position", "1st")])
+def test_an_item_number_that_is_not_a_number_is_rejected(field, value):
+    # Numeric strings became numbers in the core; what is left would be dropped by GA4.
+    order = track("Order Completed", {"order_id": "o1", "revenue": 20, "currency": "EUR",
+                                      "products": [{"product_id": 1, field: value}]})
+    ga4_field = "index" if field == "position" else field
+    with pytest.raises(EventRejected, match=f"items\\[\\]\\.{ga4_field} as a number"):
+        ga4().translate(order, {})
+
+
 def test_oversized_request_is_rejected():
     # Only reachable with GA4 360's 500-character values: 200 items of 1 KB each.
     products = [{"product_id": f"p{i}", "name": "n" * 500, "category": "c" * 500}

@@ -155,6 +155,11 @@ NATIVE_EVENTS: dict[str, Native] = {
 ITEM_FIELDS = {"item_name": "name", "price": "price", "quantity": "quantity",
                "item_category": "category", "item_brand": "brand", "item_variant": "variant",
                "index": "position", "coupon": "coupon"}
+NUMERIC_ITEM_FIELDS = frozenset({"price", "quantity", "index"})
+"""Numbers in GA4's items reference: a string there (other than a numeric one, which the
+router has made a number) is dropped by GA4 without a word."""
+USER_ID_MAX = 256
+"""GA4's "Event collection limits": a User-ID value over 256 characters is not logged."""
 # Fields of a product that are used up when the event itself is the product.
 PRODUCT_KEYS = frozenset({"product_id", "sku", "name", "price", "quantity", "category", "brand",
                           "variant", "position", "url", "image_url"})
@@ -170,8 +175,13 @@ def items(event: Event, limits: ValueLimits) -> list[dict[str, Any]]:
             item["item_id"] = limits.fit(f"items[{position}].item_id", str(item_id))
         for ga4_key, segment_key in ITEM_FIELDS.items():
             value = product.get(segment_key)
-            if value is not None:
-                item[ga4_key] = limits.scalar(f"items[{position}].{ga4_key}", value)
+            if value is None:
+                continue
+            if ga4_key in NUMERIC_ITEM_FIELDS and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise EventRejected(f"GA4 takes items[].{ga4_key} as a number; product "
+                                    f"{position} has a {type(value).__name__} {segment_key}")
+            item[ga4_key] = limits.scalar(f"items[{position}].{ga4_key}", value)
         if "item_id" not in item and "item_name" not in item:
             raise EventRejected(f"GA4 needs item_id or item_name on every item; product "
                                 f"{position} has neither product_id, sku nor name")
@@ -350,6 +360,9 @@ def request_fields(event: Event, options: Mapping[str, Any], limits: ValueLimits
     else:
         fields["app_instance_id"] = app_instance_id(event, options)
     if event.userId:
+        if len(event.userId) > USER_ID_MAX:
+            raise EventRejected(f"the userId is {len(event.userId)} characters; GA4 does not "
+                                f"log a user_id over {USER_ID_MAX}")
         fields["user_id"] = event.userId
     context_traits = event.context.get("traits")
     context_traits = context_traits if isinstance(context_traits, dict) else {}
