@@ -56,12 +56,16 @@ async def test_a_second_delivering_router_on_one_spool_is_refused(tmp_path, monk
     assert [request.json["messageId"] for request in server.requests] == ["m-1"]
 
 
-async def test_router_send_beside_a_delivering_router_queues_for_it(tmp_path):
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+async def test_router_send_beside_a_delivering_router_queues_for_it(tmp_path, own_process):
+    # The shipped config/router.yaml delivers from its own process: that child's refusal
+    # reaches `router send` as the same SpoolInUse.
     async with FakeDestinationServer() as server:
         hook = webhook("hook", server.url)
         config = tmp_path / "router.json"
         config.write_bytes(orjson.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
                                          "egress": {"allow_private_addresses": True},
+                                         "delivery": {"own_process": own_process},
                                          "destinations": [hook]}))
         (tmp_path / "ev.json").write_bytes(orjson.dumps(track(7)))
         async with router_for(tmp_path, [hook]) as serving:
@@ -83,7 +87,7 @@ async def test_a_delivery_process_that_cannot_start_leaves_nothing_running(tmp_p
                                            "settings": {"url": "https://hooks.example/x"}}]})
     router = Router(parse_config(text.decode(), env={}))
     async with router_for(tmp_path, []):  # holds the spool: the child's claim fails
-        with pytest.raises(RuntimeError, match="another router is delivering"):
+        with pytest.raises(SpoolInUse, match="another router is delivering"):
             await router.start()
         await asyncio.sleep(2.5)  # longer than the delay before a replacement child
         assert _delivery_children() == []

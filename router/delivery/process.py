@@ -39,6 +39,7 @@ import orjson
 
 from router.config import LoadedConfig
 from router.delivery.telemetry import DeliveryMetrics
+from router.errors import SpoolInUse
 from router.runtime import tune_garbage_collector
 
 log = logging.getLogger("router.delivery")
@@ -134,7 +135,7 @@ class DeliveryProcess:
                 elif kind == "ready" and self._ready and not self._ready.done():
                     self._ready.set_result(None)
                 elif kind == "failed" and self._ready and not self._ready.done():
-                    self._ready.set_exception(RuntimeError(f"delivery process: {payload}"))
+                    self._ready.set_exception(_start_error(payload))
         except (EOFError, OSError):
             self._child_gone()
 
@@ -315,3 +316,12 @@ class MetricsSender:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def _start_error(reported: str) -> Exception:
+    """The error a child reported as ``"Type: message"``. ``SpoolInUse`` stays itself, so
+    that a caller can tell "another router delivers from this file" from a failure."""
+    kind, _, message = reported.partition(": ")
+    if kind == SpoolInUse.__name__:
+        return SpoolInUse(message)
+    return RuntimeError(f"delivery process: {reported}")
