@@ -9,6 +9,7 @@ used; the file size and the number of nodes are capped against alias bombs.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -41,17 +42,25 @@ _RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
 def parse_duration(value: Any) -> float:
     """Seconds from ``"10s"``, ``"500ms"``, ``"4h"``, ``"2d"`` or a plain number of seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), "a duration such as 500ms, 10s, 5m, 12h or 7d")
     match = _DURATION.match(str(value))
     if not match:
         raise ValueError("expected a duration such as 500ms, 10s, 5m, 12h or 7d")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+def _finite(number: float, expected: str) -> float:
+    """YAML's ``.inf`` and ``.nan`` are floats: refused here, since no timer or rate can use
+    them (an infinite timeout broke every delivery attempt)."""
+    if not math.isfinite(number):
+        raise ValueError(f"expected {expected}, not {number}")
+    return number
+
+
 def parse_rate(value: Any) -> float:
     """Requests per second from ``"100/s"``, ``"600/m"``, ``"3600/h"`` or a plain number."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value), "a rate such as 100/s, 600/m or 3600/h")
     match = _RATE.match(str(value))
     if not match:
         raise ValueError("expected a rate such as 100/s, 600/m or 3600/h")

@@ -322,6 +322,37 @@ def test_error_says_what_was_expected(tmp_path):
     assert "sqlite:///" in str(config_error(path))
 
 
+@pytest.mark.parametrize("section, key, value", [
+    ("delivery", "timeout", ".inf"), ("delivery", "rate_limit", ".inf"),
+    ("dedup", "window", ".inf"), ("server", "shutdown_grace", ".nan"),
+])
+def test_an_infinite_duration_or_rate_is_refused(tmp_path, section, key, value):
+    # YAML's .inf is a float: an infinite timeout once passed the check and then broke every
+    # delivery attempt.
+    if section == "delivery":
+        text = f"""
+            storage: memory://
+            destinations:
+              - name: d
+                plugin: webhook
+                settings: {{url: "https://a.example"}}
+                delivery:
+                  {key}: {value}   #!
+        """
+        field = f"destinations.0.delivery.{key}"
+    else:
+        text = f"""
+            storage: memory://
+            {section}:
+              {key}: {value}   #!
+        """
+        field = f"{section}.{key}"
+    path, line = write(tmp_path, text)
+    error = config_error(path)
+    assert_points_at(error, path, line, field)
+    assert "expected a" in error.message
+
+
 def test_invalid_yaml_names_file_and_line(tmp_path):
     path, line = write(tmp_path, """
         storage: memory://
