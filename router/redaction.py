@@ -63,15 +63,16 @@ def _strings(data: Any) -> Iterator[str]:
 
 
 def redacted_url(url: str) -> str:
-    """A URL safe to show: its password (``redis://user:secret@host``) replaced. The user
-    information ends at the *last* ``@`` before the host, so a password with an unescaped
-    ``@`` or ``/`` (which cuts a parser's netloc short) is still hidden whole."""
+    """A URL safe to show: its password (``redis://user:secret@host``) replaced, and the
+    values of query parameters whose names say they are credentials (redis-py also takes
+    ``?password=``). The user information ends at the *last* ``@`` before the host, so a
+    password with an unescaped ``@`` or ``/`` (which cuts a parser's netloc short) is still
+    hidden whole."""
     scheme, separator, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
-    if not separator or not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:{REDACTED}@{host}"
+    if separator and at and ":" in userinfo:
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, url)
 
 
 class Masker:

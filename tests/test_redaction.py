@@ -47,6 +47,11 @@ def test_urls_lose_credential_query_values_and_passwords():
         f"redis://user:{REDACTED}@127.0.0.1:1/0"
     assert redacted_url("sqlite:///var/router.db") == "sqlite:///var/router.db"
     assert redacted_url("redis://cache:6379/0") == "redis://cache:6379/0"
+    # redis-py takes the password as a query parameter too
+    assert redacted_url("redis://cache:6379/0?password=pw-0002&db=1") == \
+        f"redis://cache:6379/0?password={REDACTED}&db=1"
+    assert redacted_url("redis://u:pw-0003@cache/0?socket_timeout=5") == \
+        f"redis://u:{REDACTED}@cache/0?socket_timeout=5"
     for name in ("code", "jwt", "access_jwt"):  # Azure Functions' key, JSON web tokens
         assert masker.mask_url(f"https://f.example/api/x?{name}=k-1&zip_code=10115") == \
             f"https://f.example/api/x?{name}={REDACTED}&zip_code=10115"
