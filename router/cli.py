@@ -20,7 +20,7 @@ from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import ConfigError, SpoolInUse
 from router.input import Unreadable, UnreadableDocument, read_events
-from router.redaction import redacted_url
+from router.redaction import Masker, redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
 
@@ -214,13 +214,22 @@ def _request_json(router: Router, destination: str, request: HttpRequest) -> dic
     masker = router.destination(destination).masker
     body: Any = None
     if request.body is not None:
-        text = masker.mask(request.body.decode("utf-8", errors="replace"))
-        try:
-            body = orjson.loads(text)
+        try:  # masked once decoded: a secret with a quote in it is escaped in the JSON text
+            body = _masked_strings(orjson.loads(request.body), masker)
         except orjson.JSONDecodeError:
-            body = text
+            body = masker.mask(request.body.decode("utf-8", errors="replace"))
     return {"method": request.method, "url": masker.mask_url(request.url),
             "headers": masker.mask_headers(request.headers), "body": body}
+
+
+def _masked_strings(value: Any, masker: Masker) -> Any:
+    if isinstance(value, str):
+        return masker.mask(value)
+    if isinstance(value, dict):
+        return {masker.mask(key): _masked_strings(item, masker) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked_strings(item, masker) for item in value]
+    return value
 
 
 def _print_json(router: Router, index: int, result: RouteResult, out: TextIO, *,

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, SecretStr
 
 REDACTED = "**REDACTED**"
@@ -46,9 +47,23 @@ def secret_values(value: Any) -> Iterator[str]:
 def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
     """Those of ``values`` that occur in a string anywhere in plain ``data`` (a destination's
     settings as the config gave them): what the config took from the environment and put
-    there, to be masked whatever the setting's type."""
+    there, to be masked whatever the setting's type (a token in a webhook URL's path).
+
+    Values that cannot be credentials are left out: masking ``true``, ``POST`` or ``EU``
+    everywhere would garble bodies and logs (a masked ``true`` is not JSON any more).
+    Settings declared secret are masked whatever their length."""
     strings = list(_strings(data))
-    return [value for value in values if any(value in string for string in strings)]
+    return [value for value in values if _may_be_a_credential(value)
+            and any(value in string for string in strings)]
+
+
+def _may_be_a_credential(value: str) -> bool:
+    if len(value) < _MIN_TOKEN_LENGTH:
+        return False
+    try:
+        return not isinstance(orjson.loads(value), (int, float, bool))
+    except orjson.JSONDecodeError:
+        return True
 
 
 def _strings(data: Any) -> Iterator[str]:

@@ -175,6 +175,36 @@ def test_a_secret_from_the_environment_in_a_plain_url_is_masked_too(workdir):
     assert_no_secret(completed)
 
 
+def test_dry_run_masks_secrets_not_ordinary_values_from_the_environment(workdir):
+    # `true` and `POST` from the environment are not credentials: masked everywhere, they
+    # garbled the bodies (a masked `true` is not JSON). A key with a quote in it is masked
+    # although the JSON text escapes it.
+    quoted_key = 'amp"key\\0001'
+    (workdir / "router.yaml").write_text(
+        "destinations:\n"
+        "  - name: hook\n"
+        "    plugin: webhook\n"
+        "    settings: {url: 'https://hooks.example/in', method: '${HOOK_METHOD}'}\n"
+        "  - name: amp\n"
+        "    plugin: amplitude\n"
+        "    settings: {api_key: '${AMP_KEY}', use_batch_endpoint: '${AMP_BATCH}'}\n")
+    event = {"type": "track", "event": "Parcel Sent", "userId": "user-0001",
+             "properties": {"via": "POST office", "flag": True}}
+    completed = run("send", "-c", "router.yaml", "-", "--dry-run", "--json", cwd=workdir,
+                     stdin=json.dumps(event).encode(),
+                     env={"HOOK_METHOD": "POST", "AMP_KEY": quoted_key, "AMP_BATCH": "true"})
+    assert completed.returncode == 0, completed.stderr
+    lines = {line["destination"]: line for line in map(json.loads, completed.stdout.splitlines())}
+    (hook,) = lines["hook"]["requests"]
+    assert hook["method"] == "POST"
+    assert hook["body"]["properties"] == {"via": "POST office", "flag": True}
+    (amp,) = lines["amp"]["requests"]
+    assert amp["url"].endswith("/batch")
+    assert amp["body"]["api_key"] == REDACTED
+    assert quoted_key not in completed.stdout
+    assert json.dumps(quoted_key)[1:-1] not in completed.stdout
+
+
 def test_dry_run_of_every_fixture_masks_secrets(workdir):
     from router.input import read_events
     events = [event for path in sorted(FIXTURES.glob("*.json"))
