@@ -144,11 +144,11 @@ class EgressConfig(_Section):
     @field_validator("allowed_networks")
     @classmethod
     def _networks(cls, networks: list[str]) -> list[str]:
-        for network in networks:
+        for index, network in enumerate(networks):
             try:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
-                raise ValueError(f"{network!r} is not a network such as 10.1.0.0/16") from None
+                raise ValueError(f"entry {index} is not a network such as 10.1.0.0/16") from None
         return networks
 
 

@@ -353,6 +353,31 @@ def test_an_infinite_duration_or_rate_is_refused(tmp_path, section, key, value):
     assert "expected a" in error.message
 
 
+@pytest.mark.parametrize("plugin, settings", [
+    ("amplitude", "{api_key: k, region: '${WRONG}'}"),
+    ("mixpanel", "{project_token: t, region: '${WRONG}'}"),
+    ("braze", "{api_key: k, instance: '${WRONG}'}"),
+])
+def test_an_error_never_echoes_the_value_it_refuses(tmp_path, plugin, settings):
+    # A secret put in the wrong variable must not reach the terminal through the error.
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: {plugin}
+            settings: {settings}   #!
+    """)
+    error = config_error(path, env={"WRONG": "supersecret-0001"}, build=True)
+    assert error.line == line
+    assert "supersecret" not in str(error)
+    path, line = write(tmp_path, """
+        storage: memory://
+        egress:
+          allowed_networks: ["${WRONG}"]   #!
+    """)
+    assert "supersecret" not in str(config_error(path, env={"WRONG": "supersecret-0001"}))
+
+
 def test_invalid_yaml_names_file_and_line(tmp_path):
     path, line = write(tmp_path, """
         storage: memory://

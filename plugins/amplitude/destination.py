@@ -76,7 +76,7 @@ class AmplitudeSettings(BaseModel):
         if isinstance(region, str) and region.strip().upper() in INGEST_HOSTS:
             return region.strip().upper()
         if isinstance(region, str):
-            raise ValueError(f"unknown region {region!r}; expected US or EU (the project's "
+            raise ValueError("unknown region; expected US or EU (the project's "
                              "data residency)")
         return region
 

@@ -66,7 +66,7 @@ class BrazeSettings(BaseModel):
     def _known_instance(cls, instance: str) -> str:
         name = instance.strip().upper()
         if name not in INSTANCES:
-            raise ValueError(f"unknown Braze instance {instance!r}; expected one of "
+            raise ValueError("unknown Braze instance; expected one of "
                              f"{', '.join(INSTANCES)}, or set rest_endpoint")
         return name
 

@@ -250,7 +250,7 @@ def test_instance_picks_the_rest_endpoint_and_rest_endpoint_overrides_it():
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({}, "api_key"),
-    ({"api_key": API_KEY, "instance": "US-99"}, "unknown Braze instance 'US-99'"),
+    ({"api_key": API_KEY, "instance": "US-99"}, "unknown Braze instance; expected one of"),
     ({"api_key": API_KEY, "rest_endpoint": "rest.iad-01.braze.com"}, "http"),
     ({"api_key": API_KEY, "unknown": 1}, "unknown"),
 ])

@@ -70,7 +70,7 @@ class MixpanelSettings(BaseModel):
         if isinstance(region, str) and region.strip().upper() in REGION_HOSTS:
             return region.strip().upper()
         if isinstance(region, str):
-            raise ValueError(f"unknown region {region!r}; expected one of US, EU, IN")
+            raise ValueError("unknown region; expected one of US, EU, IN")
         return region
 
     @model_validator(mode="after")
