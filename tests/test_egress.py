@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from router.delivery.egress import (
     EgressBlocked,
@@ -279,11 +280,31 @@ def test_allowed_networks_accept_strings_as_config_gives_them() -> None:
 def test_allow_private_addresses_opens_everything_but_metadata() -> None:
     for url in ("http://127.0.0.1:9900/", "http://localhost/", "http://[::1]/",
                 "http://10.0.0.1/", "http://192.168.1.1/", "http://100.64.0.1/",
-                "http://2130706433/", "http://169.254.1.1/"):
+                "http://169.254.1.1/"):
         assert check_url(url, PRIVATE_OK) is None, url
     for url in ("http://169.254.169.254/", "http://[fd00:ec2::254]/",
                 "http://[::ffff:169.254.169.254]/", "http://2852039166/"):
         assert "cloud metadata" in (check_url(url, PRIVATE_OK) or ""), url
+
+
+@pytest.mark.parametrize("url, policy, canonical", [
+    ("http://134744072/", EgressPolicy(), "8.8.8.8"),
+    ("http://8.8.2056/", EgressPolicy(), "8.8.8.8"),
+    ("http://8.8.8.8./", EgressPolicy(), "8.8.8.8"),
+    ("http://2130706433/", PRIVATE_OK, "127.0.0.1"),
+    ("http://127.1:9900/", PRIVATE_OK, "127.0.0.1"),
+])
+def test_an_allowed_address_spelled_unusually_is_refused_with_its_usual_form(url, policy,
+                                                                           canonical):
+    # aiohttp refuses some of these spellings when it connects: accepted at load, each
+    # request was retried for hours and then dead-lettered.
+    assert check_url(url, policy) == (f"the host {URL(url).host!r} spells an IPv4 address "
+                                      f"unusually; write it as {canonical}")
+
+
+def test_an_invalid_international_host_name_is_refused_not_raised() -> None:
+    assert (check_url("http://xn--localhost-/hook", EgressPolicy()) or "").startswith(
+        "not a valid host name")
 
 
 def test_metadata_opens_only_when_listed_on_its_own() -> None:

@@ -231,7 +231,10 @@ def check_url(url: str | URL, policy: EgressPolicy) -> str | None:
     scheme = url.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         return f"only http and https URLs are allowed, not {scheme or 'a relative URL'!r}"
-    host = url.host
+    try:
+        host = url.host  # decoded here: an invalid IDNA name ("xn--a-") fails only now
+    except ValueError as exc:  # UnicodeError included
+        return f"not a valid host name: {exc}"
     if not host:
         return "the URL has no host"
     port_reason = port_allowed(url.port, policy)
@@ -265,7 +268,13 @@ def _host_verdict(host: str, policy: EgressPolicy) -> str | None:
         return f"the host {host!r} contains percent-encoding"
     literal = ip_literal(name)
     if literal is not None:
-        return address_allowed(literal, policy)
+        refused = address_allowed(literal, policy)
+        if refused is None and literal.version == 4 and host != str(literal):
+            # 134744072, 8.8.2056, "8.8.8.8.": aiohttp refuses some of these spellings when
+            # it connects, and a request that can never be sent would be retried for hours.
+            return (f"the host {host!r} spells an IPv4 address unusually; write it as "
+                    f"{literal}")
+        return refused
     if name == "localhost" or name.endswith(".localhost"):
         # RFC 6761: these names are loopback whatever DNS says, so judge them as 127.0.0.1.
         if address_allowed(_LOOPBACK_V4, policy) is not None:
