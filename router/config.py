@@ -14,12 +14,11 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError,
-                      field_validator, model_validator)
-from typing import Annotated
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
+                      ValidationError, field_validator, model_validator)
 
 from router.errors import ConfigError
 from router.events import CallType
@@ -71,6 +70,22 @@ Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Rate = Annotated[float, BeforeValidator(parse_rate), Field(gt=0)]
 
 
+def _name(name: str) -> str:
+    """A source's or destination's name: it labels metrics and logs and is matched in the
+    integrations map, so spaces at its ends (``"hook "`` beside ``hook``) and control
+    characters (a newline breaks ``router check``'s table) are refused."""
+    if not name.strip():
+        raise ValueError("expected a name, not only spaces")
+    if name != name.strip():
+        raise ValueError("a name may not start or end with spaces")
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        raise ValueError("a name may not contain control characters (newlines, tabs, ...)")
+    return name
+
+
+Name = Annotated[str, Field(min_length=1), AfterValidator(_name)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
@@ -88,8 +103,8 @@ class DedupConfig(_Section):
 
 
 class SourceConfig(_Section):
-    name: str = Field(min_length=1)
-    write_keys: list[SecretStr] = Field(min_length=1)
+    name: Name
+    write_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(min_length=1)
 
 
 class DeliveryOverrides(_Section):
@@ -126,7 +141,7 @@ class MappingConfig(_Section):
 
 
 class DestinationConfig(_Section):
-    name: str = Field(min_length=1)
+    name: Name
     plugin: str = Field(min_length=1)
     settings: dict[str, Any] = Field(default_factory=dict)
     enabled: bool = True
@@ -266,8 +281,9 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError(f"the config is over {MAX_CONFIG_BYTES // 1024} KB", file=file)
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("the config is not UTF-8 text", file=file) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the config is not UTF-8 text", file=file,
+                          line=raw.count(b"\n", 0, exc.start) + 1) from None
     return parse_config(text, file=file, env=os.environ if env is None else env,
                         base_dir=Path(path).resolve().parent)
 
@@ -303,7 +319,7 @@ def _model_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:
     starting its message with the field's path (``sources.1.name: ...``): point there."""
     for error in exc.errors(include_input=False, include_url=False):
         message = error["msg"].removeprefix("Value error, ")
-        match = re.match(r"^((?:destinations|sources)\.\d+(?:\.\w+)+): (.*)$", message)
+        match = re.match(r"^(\w+(?:\.\w+)+): (.*)$", message)
         if match and not error["loc"]:
             path = [int(part) if part.isdigit() else part for part in match[1].split(".")]
             return source.error(path, match[2])
@@ -343,10 +359,12 @@ class _Converter:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`
                     merged += self.merge_sources(value_node, path)
                     continue
-                key = self.scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+                key = self.scalar(key_node, path) \
+                    if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, (str, int)):
                     raise ConfigError("mapping keys must be strings", file=self.file,
-                                      line=key_node.start_mark.line + 1)
+                                      line=key_node.start_mark.line + 1,
+                                      field=".".join(map(str, path)) or None)
                 if key in result:
                     raise ConfigError(f"duplicate key {key!r}", file=self.file,
                                       line=key_node.start_mark.line + 1,
@@ -359,7 +377,7 @@ class _Converter:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.convert(item, path + (index,)) for index, item in enumerate(node.value)]
-        value = self.scalar(node)
+        value = self.scalar(node, path)
         if isinstance(value, str) and "${" in value:
             value = self.interpolate(value, node, path)
         return value
@@ -373,7 +391,7 @@ class _Converter:
                               field=".".join(map(str, path)) or None)
         return converted
 
-    def scalar(self, node: yaml.Node) -> Any:
+    def scalar(self, node: yaml.Node, path: tuple[Any, ...]) -> Any:
         """A scalar typed by the safe loader (int, float, bool, null, str); any other tag,
         such as ``!!python/object``, is refused."""
         if node.tag == "tag:yaml.org,2002:str":
@@ -382,7 +400,8 @@ class _Converter:
             return yaml.SafeLoader("").construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
             raise ConfigError(f"unsupported YAML value: {exc.problem}", file=self.file,
-                              line=node.start_mark.line + 1) from None
+                              line=node.start_mark.line + 1,
+                              field=".".join(map(str, path)) or None) from None
 
     def interpolate(self, text: str, node: yaml.Node, path: tuple[Any, ...]) -> str:
         def replace(match: re.Match[str]) -> str:
@@ -403,5 +422,10 @@ class _Converter:
                                   field=".".join(map(str, path)))
             return value
 
+        leftover = _ENV_REFERENCE.sub("", text)
+        if "${" in leftover:  # "${H-x}", "${ H }": used literally, they would hide a typo
+            raise ConfigError("a ${...} that is not ${NAME} or ${NAME:-default} (NAME: "
+                              "letters, digits and _)", file=self.file,
+                              line=node.start_mark.line + 1, field=".".join(map(str, path)))
         return _ENV_REFERENCE.sub(replace, text)
 

@@ -255,6 +255,48 @@ ERROR_CASES = {
             plugin: webhook
             settings: {url: "https://a.example"}
     """, "destinations.0.name"),
+    "a ${...} that is not a variable reference": ("""
+        storage: memory://
+        destinations:
+          - name: a
+            plugin: webhook
+            settings:
+              url: "https://a.example/${HOOK-default}"   #!
+    """, "destinations.0.settings.url"),
+    "a destination name ending in a space": ("""
+        storage: memory://
+        destinations:
+          - name: "hook "   #!
+            plugin: webhook
+            settings: {url: "https://a.example"}
+    """, "destinations.0.name"),
+    "a source name with a line break": ("""
+        storage: memory://
+        sources:
+          - name: "web\\nsite"   #!
+            write_keys: [k]
+    """, "sources.0.name"),
+    "an empty write key": ("""
+        storage: memory://
+        sources:
+          - name: web
+            write_keys: ["", k]   #!
+    """, "sources.0.write_keys.0"),
+    "own_process with memory storage": ("""
+        storage: memory://
+        delivery:
+          own_process: true   #!
+    """, "delivery.own_process"),
+    "a value of an unknown type": ("""
+        storage: memory://
+        dedup:
+          window: !!binary aGk=   #!
+    """, "dedup.window"),
+    "a key that is not a string": ("""
+        storage: memory://
+        server:
+          [a, b]: 1   #!
+    """, "server"),
     "duplicate source names": ("""
         storage: memory://
         sources:
@@ -376,6 +418,13 @@ def test_an_error_never_echoes_the_value_it_refuses(tmp_path, plugin, settings):
           allowed_networks: ["${WRONG}"]   #!
     """)
     assert "supersecret" not in str(config_error(path, env={"WRONG": "supersecret-0001"}))
+
+
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_bytes(b"storage: memory://\nserver:\n  host: caf\xe9\n")
+    error = config_error(path)
+    assert (error.line, error.message) == (3, "the config is not UTF-8 text")
 
 
 def test_invalid_yaml_names_file_and_line(tmp_path):
