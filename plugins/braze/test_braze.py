@@ -174,6 +174,35 @@ def test_traits_map_to_braze_standard_attributes():
                           "address": {"city": "London", "country": "GB"}}
 
 
+def gender_sent(value: Any) -> dict[str, Any]:
+    """The ``gender`` key (if any) of the attributes object an identify with this gender makes,
+    next to a trait that must survive whatever the gender is."""
+    raw = {"type": "identify", "userId": "u1", "traits": {"gender": value, "plan": "pro"}}
+    ((attributes,),) = [p.body["attributes"] for p in translate(braze(), raw)]
+    assert attributes["plan"] == "pro"
+    return {key: attributes[key] for key in ("gender",) if key in attributes}
+
+
+@pytest.mark.parametrize(("value", "code"), [
+    ("male", "M"), ("Man", "M"), (" M ", "M"), ("FEMALE", "F"), ("woman", "F"), ("f", "F"),
+    ("other", "O"), ("Non-Binary", "O"), ("nonbinary", "O"), ("non_binary", "O"), ("o", "O"),
+    ("not applicable", "N"), ("N/A", "N"), ("n", "N"),
+    ("Prefer not to say", "P"), ("prefer_not_to_say", "P"), ("p", "P"),
+])
+def test_gender_synonyms_become_the_codes_braze_takes(value, code):
+    assert gender_sent(value) == {"gender": code}
+
+
+@pytest.mark.parametrize("value", ["unknown", "U", " u ", None])
+def test_unknown_gender_is_null_not_the_sdk_only_u(value):
+    assert gender_sent(value) == {"gender": None}
+
+
+@pytest.mark.parametrize("value", ["nonbinary-ish", "x", "", "  ", 1, True, ["F"], {"v": "F"}])
+def test_a_gender_braze_would_refuse_is_left_out_and_the_other_traits_still_go(value):
+    assert gender_sent(value) == {}
+
+
 def test_anonymous_identify_creates_an_alias_only_profile():
     raw = {"type": "identify", "anonymousId": "anon-7f1c2e", "traits": {"plan": "free"}}
     (payload,) = translate(braze(), raw)

@@ -24,9 +24,19 @@ STANDARD_ATTRIBUTES = {
     "email": "email", "firstName": "first_name", "first_name": "first_name",
     "lastName": "last_name", "last_name": "last_name", "phone": "phone",
 }
-_GENDERS = {"m": "M", "male": "M", "f": "F", "female": "F", "o": "O", "other": "O",
-            "n": "N", "not applicable": "N", "p": "P", "prefer not to say": "P",
-            "u": "U", "unknown": "U"}
+# A gender trait → the values Braze's ``gender`` takes in /users/track ("Standard attributes"):
+# M, F, O (other), N (not applicable), P (prefer not to say), or null (unknown). "U" is a
+# constant of the SDKs only, so unknown is sent as null. Keys are matched after
+# ``_gender_key``; a value not listed here is not sent as ``gender`` at all, since one
+# value Braze refuses makes it refuse the whole attributes object.
+_GENDERS: dict[str, str | None] = {
+    **dict.fromkeys(("m", "male", "man"), "M"),
+    **dict.fromkeys(("f", "female", "woman"), "F"),
+    **dict.fromkeys(("o", "other", "non binary", "nonbinary"), "O"),
+    **dict.fromkeys(("n", "n/a", "na", "not applicable"), "N"),
+    **dict.fromkeys(("p", "prefer not to say", "prefer not to answer"), "P"),
+    **dict.fromkeys(("u", "unknown"), None),
+}
 # Keys that name the user in a Braze object; a trait must not overwrite them.
 _IDENTIFIER_KEYS = frozenset({"external_id", "user_alias", "braze_id", "_update_existing_only"})
 
@@ -116,15 +126,20 @@ def _quantity(value: Any, index: int) -> int:
 
 def attributes(traits: Mapping[str, Any]) -> dict[str, Any]:
     """Traits as Braze attributes: its standard names where it has them (email, first_name,
-    gender M/F/O/N/P/U, dob YYYY-MM-DD, home_city, country), the rest as custom attributes."""
+    gender M/F/O/N/P or null, dob YYYY-MM-DD, home_city, country), the rest as custom
+    attributes. A gender Braze does not take is left out rather than sent."""
     found: dict[str, Any] = {}
     for key, value in traits.items():
         if key in _IDENTIFIER_KEYS:
             continue
         if key in STANDARD_ATTRIBUTES:
             found[STANDARD_ATTRIBUTES[key]] = value
-        elif key == "gender" and isinstance(value, str) and value.strip().lower() in _GENDERS:
-            found["gender"] = _GENDERS[value.strip().lower()]
+        elif key == "gender":
+            if value is None:
+                found["gender"] = None  # null: unknown, as given
+            elif (gender := _gender_key(value)) in _GENDERS:
+                found["gender"] = _GENDERS[gender]
+            # any other value is not one Braze's gender takes: not sent
         elif key == "birthday" and _iso_date(value):
             found["dob"] = _iso_date(value)
         elif key == "address" and isinstance(value, dict):
@@ -136,6 +151,14 @@ def attributes(traits: Mapping[str, Any]) -> dict[str, Any]:
         else:
             found[key] = value
     return found
+
+
+def _gender_key(value: Any) -> str | None:
+    """A gender as a ``_GENDERS`` key: case-insensitive, trimmed, ``-``/``_`` as spaces and
+    runs of spaces as one ("Non-Binary" → "non binary"); None when it is not text."""
+    if not isinstance(value, str):
+        return None
+    return " ".join(value.replace("-", " ").replace("_", " ").lower().split())
 
 
 def _iso_date(value: Any) -> str | None:

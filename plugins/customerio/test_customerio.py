@@ -277,6 +277,39 @@ def test_device_events_register_and_forget_a_push_token():
                         "identifiers": {"id": "user-1"}, "device": {"token": "apns-token-1"}}]
 
 
+def device_added(properties: dict[str, Any]) -> dict[str, Any]:
+    (item,) = items({"type": "track", "event": "Device Created or Updated", "userId": "u1",
+                     "properties": properties,
+                     "context": {"device": {"token": "t-1", "type": "android"}}})
+    return item["device"]
+
+
+def test_device_attributes_are_sent_as_the_strings_customerio_takes():
+    device = device_added({"push_enabled": True, "muted": False, "badge": 3, "ratio": 1.5,
+                           "app_version": "2.1", "device_locale": "en-GB", "cleared": None})
+    assert device["attributes"] == {"push_enabled": "true", "muted": "false", "badge": "3",
+                                    "ratio": "1.5", "app_version": "2.1",
+                                    "device_locale": "en-GB"}
+    assert all(isinstance(value, str) for value in device["attributes"].values())
+
+
+def test_a_device_with_only_null_properties_has_no_attributes():
+    assert "attributes" not in device_added({"push_enabled": None})
+
+
+@pytest.mark.parametrize(("value", "kind"), [({"os": "14"}, "an object"), (["a"], "an array")])
+def test_a_device_attribute_that_is_an_object_or_array_rejects_the_event(value, kind):
+    with pytest.raises(EventRejected, match=rf"^properties\.extra: Customer\.io takes device "
+                                             rf"attributes as strings only; this one is {kind}"):
+        device_added({"push_enabled": True, "extra": value})
+
+
+def test_device_attribute_values_are_held_to_the_attribute_limits_as_strings():
+    with pytest.raises(EventRejected, match=r"^properties\.note: the attribute value is 1001"):
+        device_added({"note": "x" * 1001})
+    assert device_added({"note": "x" * 1000})
+
+
 @pytest.mark.parametrize(("context", "error", "message"), [
     ({}, EventRejected, "context.device.token"),
     ({"device": {"token": "t-1", "type": "web"}}, EventRejected, "ios or android"),

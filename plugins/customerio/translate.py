@@ -10,6 +10,7 @@ later as one line of a 207 answer.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping
 from datetime import datetime, UTC
@@ -221,7 +222,8 @@ def person_operation(event: Event, action: str) -> dict[str, Any]:
 def device_operation(event: Event) -> dict[str, Any]:
     """Register the event's push token for the person, or forget it (v2 person
     ``add_device``/``delete_device``), from ``context.device``: ``token``, and for a new
-    device its ``type``, which Customer.io takes as the platform, ``ios`` or ``android``."""
+    device its ``type``, which Customer.io takes as the platform, ``ios`` or ``android``.
+    The properties become the device's string ``attributes`` (``device_attributes``)."""
     if not event.userId:
         raise SkipEvent(f"{event.event}: Customer.io keeps devices of identified people only; "
                         "this event has no userId")
@@ -240,11 +242,43 @@ def device_operation(event: Event) -> dict[str, Any]:
                             "or android")
     added: dict[str, Any] = {"token": token, "platform": platform,
                              "last_used": unix_seconds(event.timestamp)}
-    if event.properties:
-        check_attributes(event.properties, "properties")
-        added["attributes"] = dict(event.properties)
+    attributes = device_attributes(event.properties)
+    if attributes:
+        check_attributes(attributes, "properties")
+        added["attributes"] = attributes
     return {"type": "person", "action": "add_device", "identifiers": identifiers,
             "device": added}
+
+
+def device_attributes(properties: Mapping[str, Any]) -> dict[str, str]:
+    """The event's properties as device attributes, which Customer.io takes as strings
+    (Track API ``device_object_common.attributes``: every attribute, custom ones included, is
+    a string, and ``push_enabled`` is ``"true"`` or ``"false"``).
+
+    A boolean becomes ``"true"``/``"false"``, a number its JSON text (``3`` → ``"3"``, ``1.5`` →
+    ``"1.5"``), a string stays as it is; a null is left out. An object or array has no string
+    form Customer.io documents, so it makes the event invalid rather than being flattened or
+    dropped silently."""
+    found: dict[str, str] = {}
+    for name, value in properties.items():
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            continue
+        if isinstance(value, (dict, list, tuple)):
+            kind = "an object" if isinstance(value, dict) else "an array"
+            raise EventRejected(f"properties.{name}: Customer.io takes device attributes as "
+                                f"strings only; this one is {kind}")
+        found[name] = _device_text(value)
+    return found
+
+
+def _device_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return orjson.dumps(value).decode()  # JSON text: 1.5 → "1.5", 1e20 → "1e+20"
+    return str(value)  # an int (of any size), or whatever else a property holds
 
 
 def _event_item(event: Event, action: str, name: str) -> dict[str, Any]:
