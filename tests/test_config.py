@@ -587,11 +587,15 @@ def test_unknown_plugin_is_named_with_the_installed_ones(tmp_path):
     ("webhook", '{url: "https://a.example"}', "batch_size", 10, 1),
     ("ga4", '{measurement_id: G-1, api_secret: s}', "batch_size", 100, 25),
     ("ga4", '{measurement_id: G-1, api_secret: s}', "batch_bytes", 1_000_000, 130_000),
+    ("ga4", "{measurement_id: G-1, api_secret: s}", "max_age", "5d", "36h"),
+    ("meta_capi", "{pixel_id: '123', access_token: t}", "max_age", "7d", "84h"),
 ])
-def test_a_batch_larger_than_the_plugin_sends_is_refused(tmp_path, plugin, settings, key,
-                                                         value, limit):
+def test_a_delivery_setting_past_the_plugins_limit_is_refused(tmp_path, plugin, settings, key,
+                                                              value, limit):
     # A webhook request carries one event (a batch of 10 would fail every send), and GA4
-    # drops what is past its 25 events a request without an error.
+    # drops what is past its 25 events a request without an error. GA4 drops events
+    # backdated over 72 h, Meta refuses them over 7 days: with a max_age that long, no event
+    # would leave time for its retries, and every one was refused.
     path, line = write(tmp_path, f"""
         storage: memory://
         destinations:
@@ -606,48 +610,19 @@ def test_a_batch_larger_than_the_plugin_sends_is_refused(tmp_path, plugin, setti
     assert f"expected at most {limit}" in error.message
 
 
-def test_a_smaller_batch_than_the_plugins_is_allowed(tmp_path):
+def test_delivery_settings_within_the_plugins_limits_are_allowed(tmp_path):
     path, _ = write(tmp_path, """
         storage: memory://
         destinations:
           - name: d
             plugin: ga4
             settings: {measurement_id: G-1, api_secret: s}
-            delivery: {batch_size: 5, batch_bytes: 65536}
+            delivery: {batch_size: 5, batch_bytes: 65536, max_age: 36h}
     """)
     (destination,) = router_for(path).destinations
-    assert (destination.delivery.batch_size, destination.delivery.batch_bytes) == (5, 65536)
-
-
-@pytest.mark.parametrize(("plugin", "settings", "value", "limit"), [
-    ("ga4", "{measurement_id: G-1, api_secret: s}", "5d", "36h"),
-    ("meta_capi", "{pixel_id: '123', access_token: t}", "7d", "84h"),
-])
-def test_a_max_age_past_the_apis_window_is_refused(tmp_path, plugin, settings, value, limit):
-    # GA4 drops events backdated over 72 h, Meta refuses them over 7 days: with a max_age that
-    # long, no event would leave time for its retries, and every one was refused.
-    path, line = write(tmp_path, f"""
-        storage: memory://
-        destinations:
-          - name: d
-            plugin: {plugin}
-            settings: {settings}
-            delivery:
-              max_age: {value}   #!
-    """)
-    error = config_error(path, build=True)
-    assert_points_at(error, path, line, "destinations.0.delivery.max_age")
-    assert f"expected at most {limit}" in error.message
-    path, _ = write(tmp_path, f"""
-        storage: memory://
-        destinations:
-          - name: d
-            plugin: {plugin}
-            settings: {settings}
-            delivery: {{max_age: {limit}}}
-    """)
-    (destination,) = router_for(path).destinations
-    assert destination.adapter.delivery.max_age == int(limit[:-1]) * 3600
+    assert destination.adapter.delivery == destination.delivery
+    assert (destination.delivery.batch_size, destination.delivery.batch_bytes,
+            destination.delivery.max_age) == (5, 65536, 36 * 3600)
 
 
 @pytest.mark.parametrize(("plugin", "other", "key", "url", "why"), [
