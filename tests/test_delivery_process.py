@@ -8,11 +8,13 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import orjson
 import pytest
 
 from router.config import parse_config
@@ -22,6 +24,11 @@ from router.routing import Router
 from router.storage.memory import MemoryStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD = Answer(200, delay=60)
+"""An answer held back for a minute: a delivery in flight for far longer than any test."""
+LONG_GRACE = 60.0
 
 
 def own_process_router(tmp_path: Path, *destinations: dict) -> Router:
@@ -37,6 +44,24 @@ async def wait_until(predicate, timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs: exited (a zombie nobody has reaped yet) counts as not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def stops_within(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 async def test_a_delivery_process_delivers_and_its_counters_reach_the_router(tmp_path):
@@ -145,3 +170,91 @@ async def test_intake_goes_on_while_the_delivery_process_is_stopped(tmp_path):
                 os.kill(child, signal.SIGCONT)
             assert await router.drain(timeout=60)
         assert {r.json["messageId"] for r in server.requests} == {f"m-{n}" for n in range(3000)}
+
+
+async def test_a_close_cancelled_midway_stops_the_delivery_process_at_once(tmp_path):
+    """A second Ctrl-C during `router serve`'s graceful stop cancels what it waits for,
+    Router.close() included (as does a timeout around close()). The delivery process must
+    then stop at once as well, rather than go on for its whole grace behind a router that
+    has given up on it; the request it abandons goes back to the queue."""
+    async with FakeDestinationServer() as server:
+        server.script([HELD])
+        router = own_process_router(tmp_path, webhook("hook", server.url, timeout="120s"))
+        await router.start()
+        process = router._delivery._process
+        try:
+            await router.route(track(1))
+            await server.wait_for(1, timeout=20)  # in flight, and held
+            closing = asyncio.create_task(router.close(grace=LONG_GRACE))
+            await asyncio.sleep(0.5)  # the delivery process is in its graceful stop
+            closing.cancel()
+            await asyncio.wait([closing], timeout=30)
+            assert closing.cancelled()
+            assert await stops_within(process.pid, timeout=5), \
+                "the delivery process went on after its router's close was cancelled"
+            assert process.poll() == 0  # it stopped by itself, not killed
+        finally:
+            if process.poll() is None:
+                process.kill()
+            await router.close(grace=0)
+        async with own_process_router(tmp_path, webhook("hook", server.url)) as restarted:
+            assert await restarted.drain(timeout=20)
+        assert [r.json["messageId"] for r in server.requests] == ["m-1", "m-1"]
+        assert server.requests[-1].status == 200
+
+
+ROUTER_THAT_STOPS_ON_A_LINE = """
+import asyncio, sys
+from router.config import parse_config
+from router.routing import Router
+
+async def main():
+    router = Router(parse_config(sys.argv[1], file="test.json", env={}))
+    await router.start()
+    print(router._delivery._process.pid, flush=True)
+    await router.route({"type": "track", "event": "T", "userId": "u", "messageId": "m-1"})
+    await asyncio.to_thread(sys.stdin.readline)
+    print("stopping", flush=True)
+    await router.close(grace=float(sys.argv[2]))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_delivery_process_stops_at_once_when_its_router_dies_while_stopping(tmp_path):
+    """The router starts a graceful stop (a long grace, a delivery hanging) and is killed
+    with -9 in the middle of it. Its delivery process sees the pipe close and must stop at
+    once, not after the grace: a router restarted right away waits only 5 s for the spool."""
+    async with FakeDestinationServer() as server:
+        server.script([HELD])
+        config = {"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                  "egress": {"allow_private_addresses": True},
+                  "delivery": {"own_process": True},
+                  "destinations": [webhook("hook", server.url, timeout="120s")]}
+        parent = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ROUTER_THAT_STOPS_ON_A_LINE, orjson.dumps(config).decode(),
+            str(LONG_GRACE), cwd=ROOT, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        child = None
+        try:
+            child = int(await asyncio.wait_for(parent.stdout.readline(), 60))
+            await server.wait_for(1, timeout=20)  # in flight, and held
+            parent.stdin.write(b"stop\n")
+            assert await asyncio.wait_for(parent.stdout.readline(), 10) == b"stopping\n"
+            await asyncio.sleep(1)  # the delivery process is in its graceful stop
+            assert running(child)
+            # Not waited for before looking at the child: parent.wait() also waits for the
+            # parent's stdout to close, and the delivery process holds it open until it exits.
+            parent.kill()
+            assert await stops_within(child, timeout=5), \
+                "the delivery process outlived its router by the rest of the grace"
+        finally:
+            if parent.returncode is None:
+                parent.kill()
+            if child is not None and running(child):
+                os.kill(child, signal.SIGKILL)
+            await asyncio.wait_for(parent.wait(), 30)
+        async with own_process_router(tmp_path, webhook("hook", server.url)) as restarted:
+            assert await restarted.drain(timeout=20)
+        assert [r.json["messageId"] for r in server.requests] == ["m-1", "m-1"]
+        assert server.requests[-1].status == 200

@@ -10,14 +10,17 @@ time and readers alongside, Redis is shared anyway. Nothing passes between them 
   queued for (else the child would find it at its next poll). These are hints, so the
   parent never waits to send one: when the child is not reading (stopped, or stuck) and the
   socket is full, the names wait for the next send and the child's poll finds the work;
-- parent to child, on a pipe: the config at start, ``("stop", grace)`` at shutdown;
+- parent to child, on a pipe: the config at start, ``("stop", grace)`` at shutdown, and
+  ``("stop", 0)`` again if the shutdown is cut short (a second Ctrl-C): a ``stop`` that
+  comes while the child is stopping can only shorten what is left of the grace;
 - child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", text)``
   if it cannot start, and ``("metrics", snapshot)`` whenever its counters change, so
   ``/metrics`` stays whole in the parent.
 
-When the parent dies, even by ``kill -9``, the pipe closes and the child stops as after a
-``stop``: nothing is lost, since every job stays in the storage until it is delivered. When
-the child dies, the parent starts another one.
+When the parent dies, even by ``kill -9``, the pipe closes and the child stops at once, even
+in the middle of a graceful stop (requests in flight are abandoned): nothing is lost, since
+every job stays in the storage until it is delivered. When the child dies, the parent starts
+another one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import time
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -42,6 +45,9 @@ from router.delivery.telemetry import DeliveryMetrics
 from router.errors import SpoolInUse
 from router.runtime import tune_garbage_collector
 
+if TYPE_CHECKING:
+    from router.delivery.service import DeliveryService
+
 log = logging.getLogger("router.delivery")
 START_TIMEOUT = 60.0
 METRICS_INTERVAL = 0.05
@@ -49,6 +55,12 @@ METRICS_INTERVAL = 0.05
 RESTART_DELAY = 1.0
 WAKE_DATAGRAM_BYTES = 1 << 16
 """The most a wake-up datagram may carry: the JSON list of destination names."""
+EXIT_POLL_INTERVAL = 0.02
+"""How often the parent looks whether the child has exited while it waits for it."""
+STOP_AT_ONCE_WAIT = 2.0
+"""How long a parent whose stop was cut short waits for the child before killing it."""
+CUT_INTERVAL = 0.05
+"""How often the child, told to stop at once, ends the waits of its stop still under way."""
 
 
 class DeliveryProcess:
@@ -173,14 +185,32 @@ class DeliveryProcess:
             return
         self._send(("stop", grace))
         try:
-            await asyncio.to_thread(process.wait, grace + 10)
-        except subprocess.TimeoutExpired:
-            log.error("delivery process did not stop within %g s; killing it", grace + 10)
-            process.kill()
-            await asyncio.to_thread(process.wait, 5)
+            if not await _exited(process, grace + 10):
+                log.error("delivery process did not stop within %g s; killing it", grace + 10)
+                process.kill()
+                await _exited(process, 5)
+        except BaseException:
+            # Cancelled: a second Ctrl-C (asyncio.run cancels what is left), or a timeout
+            # around close(). The child stops now too rather than after its grace; the
+            # requests it abandons go back to the queue. (No thread waits for it either: at
+            # exit asyncio.run would join that thread, for as long as the grace.)
+            self._send(("stop", 0.0))
+            if not await _exited(process, STOP_AT_ONCE_WAIT):
+                process.kill()
+            raise
         if self._connection is not None:
             self._on_message()  # the last metrics, then the pipe's end
         self._process = None
+
+
+async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``process`` to exit (and reap it); True if it did."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(EXIT_POLL_INTERVAL)
+    return True
 
 
 # -- the child --------------------------------------------------------------------------------
@@ -209,6 +239,8 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     grace = [config.server.shutdown_grace]
+    at_once = asyncio.Event()
+    """Set when the stop must not wait any longer: the parent is gone, or said so."""
     metrics = DeliveryMetrics()
     egress = egress_policy(config)
     storage = open_storage(config.storage, base_dir=base_dir)
@@ -227,13 +259,16 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         try:
             while connection.poll():
                 kind, payload = connection.recv()
-                if kind == "stop":
+                if kind == "stop" and stop.is_set():  # already stopping: a stop now
+                    loop.call_later(payload, at_once.set)  # shortens what is left
+                elif kind == "stop":
                     grace[0] = payload
                     stop.set()
-        except (EOFError, OSError):  # the parent is gone (killed): stop at once, so that a
-            loop.remove_reader(connection.fileno())  # restarted router can take the spool;
-            grace[0] = 0.0  # requests in flight are sent again by it, never lost
-            stop.set()
+        except (EOFError, OSError):  # the parent is gone (killed): stop at once, even in
+            loop.remove_reader(connection.fileno())  # the middle of a graceful stop, so
+            grace[0] = 0.0  # that a restarted router can take the spool; requests in
+            stop.set()  # flight are sent again by it, never lost
+            at_once.set()
 
     def on_wake() -> None:
         try:
@@ -259,11 +294,27 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
             sender.offer(metrics.snapshot())
     finally:
         started = time.monotonic()
-        await service.stop(grace=grace[0])
+        await _stop_service(service, grace[0], at_once)
         await storage.close()
         sender.offer(metrics.snapshot())
-        await asyncio.to_thread(sender.close, timeout=grace[0] + 1)
+        await asyncio.to_thread(sender.close, timeout=1.0 if at_once.is_set() else grace[0] + 1)
         log.debug("delivery process stopped in %.2f s", time.monotonic() - started)
+
+
+async def _stop_service(service: DeliveryService, grace: float, at_once: asyncio.Event
+                        ) -> None:
+    """``service.stop(grace=grace)``, cut short once ``at_once`` is set: what is in flight
+    then is abandoned and goes back to the queue, as when the grace runs out."""
+    stopping = asyncio.create_task(service.stop(grace=grace))
+    cut = asyncio.create_task(at_once.wait())
+    try:
+        await asyncio.wait([stopping, cut], return_when=asyncio.FIRST_COMPLETED)
+        while not stopping.done():
+            service.cut_stop_short()
+            await asyncio.wait([stopping], timeout=CUT_INTERVAL)
+    finally:
+        cut.cancel()
+    await stopping
 
 
 class MetricsSender:

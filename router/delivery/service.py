@@ -88,6 +88,17 @@ class DeliveryService:
         await asyncio.gather(*(worker.finish(remaining) for worker in self.workers.values()))
         await self.transport.close()
 
+    def cut_stop_short(self) -> None:
+        """End the waits of a ``stop`` under way (for the workers still leasing, and for
+        requests in flight): ``stop`` then puts every job they hold back in the queue and
+        cancels the senders, whose requests are abandoned. For when waiting out the grace
+        would do harm (the router this process delivers for is gone). Call it again until
+        ``stop`` returns: a sender that just finished a request may take another batch."""
+        for task in self._tasks:
+            task.cancel()
+        for worker in self.workers.values():
+            worker.all_sent.set()
+
 
 class DestinationWorker:
     def __init__(self, destination: ConfiguredDestination, storage: Storage,
