@@ -25,6 +25,8 @@ from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+"""Files read as JSON Lines whatever their first line holds."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +131,7 @@ def send_command(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else _read_input(args.input)
     router = Router(load_config(args.config), deliver=not args.dry_run)
     try:
-        items = list(read_events(data))
+        items = list(read_events(data, json_lines=args.input.endswith(JSON_LINES_SUFFIXES)))
     except UnreadableDocument as exc:  # nothing is sent from a file cut short
         raise ConfigError(f"cannot read events: {exc}; nothing was sent",
                           file="stdin" if args.input == "-" else args.input) from None

@@ -23,11 +23,17 @@ class Unreadable:
         self.reason = reason
 
 
-def read_events(data: bytes) -> Iterator[Any]:
+def read_events(data: bytes, *, json_lines: bool = False) -> Iterator[Any]:
     """Every event in ``data``, in order; an ``Unreadable`` where a JSON Lines line is bad.
     ``UnreadableDocument`` when ``data`` is one document with a syntax error. Empty input
-    holds no events (``router send /dev/null`` delivers what an earlier run left queued)."""
+    holds no events (``router send /dev/null`` delivers what an earlier run left queued).
+
+    ``json_lines`` says the input is JSON Lines (a ``.jsonl`` or ``.ndjson`` file), even when
+    its first line is the bad one; otherwise the input tells."""
     if not data.strip():
+        return
+    if json_lines:
+        yield from _json_lines(data)
         return
     try:
         document = orjson.loads(data)

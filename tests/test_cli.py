@@ -279,6 +279,18 @@ def test_dry_run_reads_json_lines_from_stdin(workdir):
     assert {line["message_id"] for line in lines if line["event_index"] == 2} == {"l3"}
 
 
+def test_a_jsonl_file_whose_first_line_is_bad_is_still_read_line_by_line(workdir):
+    # From stdin, a bad first line looks like a document cut short, refused whole; a .jsonl
+    # file says what it is.
+    (workdir / "events.jsonl").write_bytes(
+        b'{"type": "track",\n'
+        b'{"type": "page", "anonymousId": "a1", "messageId": "j2"}\n')
+    lines, completed = dry_run(workdir, "events.jsonl")
+    bad = [line for line in lines if line["event_index"] == 0]
+    assert len(bad) == 1 and "line 1" in bad[0]["reason"]
+    assert {line["message_id"] for line in lines if line["event_index"] == 1} == {"j2"}
+
+
 def test_dry_run_refuses_an_event_over_32_kb(workdir):
     event = {"type": "track", "event": "Big", "userId": "u",
              "properties": {"blob": "x" * (33 * 1024)}}
