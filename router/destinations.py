@@ -97,8 +97,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         refused = check_url(url, egress)
         if refused:
             raise source.error((*path, "settings", *_setting_of(entry.settings, url)),
-                               f"egress refused: {refused} (set "
-                               "egress.allow_private_addresses to allow it)")
+                               f"egress refused: {refused}{_egress_hint(refused)}")
 
     overrides = entry.delivery.model_dump(exclude_none=True)
     for key, unit in (("batch_size", "payloads"), ("batch_bytes", "bytes")):
@@ -131,6 +130,17 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         renames=dict(entry.mapping.event_names), property_templates=templates,
         masker=Masker([*secret_values(settings),
                        *values_found_in(entry.settings, loaded.environment_values)]))
+
+
+def _egress_hint(reason: str) -> str:
+    """How the config could allow what the egress guard refused, when it can."""
+    if "cloud metadata" in reason:
+        return (" (only listing the metadata address's own network in egress.allowed_networks "
+                "allows it)")
+    if reason.endswith(("address", "host name")):
+        return (" (set egress.allow_private_addresses, or list its network in "
+                "egress.allowed_networks, to allow it)")
+    return ""
 
 
 def _setting_of(settings: Mapping[str, Any], url: str) -> tuple[str, ...]:

@@ -625,12 +625,17 @@ def test_delivery_settings_within_the_plugins_limits_are_allowed(tmp_path):
             destination.delivery.max_age) == (5, 65536, 36 * 3600)
 
 
-@pytest.mark.parametrize(("plugin", "other", "key", "url", "why"), [
-    ("webhook", "method: POST", "url", "http://127.0.0.1:8080/in", "loopback"),
-    ("segment", "write_key: k-0001", "base_url", "https://10.0.0.5", "private"),
+@pytest.mark.parametrize(("plugin", "other", "key", "url", "why", "hint"), [
+    ("webhook", "method: POST", "url", "http://127.0.0.1:8080/in", "loopback",
+     "set egress.allow_private_addresses"),
+    ("segment", "write_key: k-0001", "base_url", "https://10.0.0.5", "private",
+     "set egress.allow_private_addresses"),
+    ("webhook", "method: POST", "url", "http://169.254.169.254/in", "metadata",
+     "only listing the metadata address's own network"),
+    ("webhook", "method: POST", "url", "http://134744072/in", "write it as 8.8.8.8", None),
 ])
 def test_a_private_endpoint_is_refused_at_the_setting_that_names_it(tmp_path, plugin, other,
-                                                                     key, url, why):
+                                                                     key, url, why, hint):
     path, line = write(tmp_path, f"""
         storage: memory://
         destinations:
@@ -643,6 +648,10 @@ def test_a_private_endpoint_is_refused_at_the_setting_that_names_it(tmp_path, pl
     error = config_error(path, build=True)
     assert_points_at(error, path, line, f"destinations.0.settings.{key}")
     assert "egress refused" in error.message and why in error.message
+    if hint:
+        assert hint in error.message  # how the config could allow it, where it can
+    else:
+        assert "egress.allow" not in error.message
 
 
 def test_disabled_destination_is_not_built(tmp_path):
