@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime, UTC
 from pathlib import Path
@@ -23,8 +24,10 @@ from router.input import Unreadable, UnreadableDocument, read_events
 from router.redaction import Masker, redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
+from router.storage.base import DeadLetterFilter
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+DEAD_LETTERED = "dead-lettered"
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 """Files read as JSON Lines whatever their first line holds."""
 
@@ -142,7 +145,9 @@ def send_command(args: argparse.Namespace) -> int:
     printer = _print_json if args.json else _print_table
     for index, result in enumerate(results):
         printer(router, index, result, sys.stdout, requests=args.dry_run)
-    return EXIT_PROBLEM if any(r.invalid for r in results) else EXIT_OK
+    dead_lettered = any(item.reason.startswith(DEAD_LETTERED)
+                        for result in results for item in result.results)
+    return EXIT_PROBLEM if dead_lettered or any(r.invalid for r in results) else EXIT_OK
 
 
 def _read_input(path: str) -> bytes:
@@ -197,15 +202,38 @@ async def _send(router: Router, items: list[Any], source: str, wait: float) -> l
         router = Router(router.loaded, registry=router.registry, deliver=False)
         await router.start()
     try:
+        started = time.time()
         events = [item for item in items if not isinstance(item, Unreadable)]
         routed = iter(await router.route_many(events, source=source))
         results = [_unreadable(item) if isinstance(item, Unreadable) else next(routed)
                    for item in items]
         if router.delivers:
-            await router.drain(timeout=wait)
+            drained = await router.drain(timeout=wait)
+            await _note_outcomes(router, results, since=started, drained=drained, wait=wait)
     finally:
         await router.close()
     return results
+
+
+async def _note_outcomes(router: Router, results: list[RouteResult], *, since: float,
+                         drained: bool, wait: float) -> None:
+    """Say in each sent result what became of it within ``--wait``: delivered, dead-lettered
+    (with why), or still queued; the command's exit status follows."""
+    sent = [(result, item) for result in results for item in result.results
+            if item.status is Status.SEND and item.destination]
+    failed = {(letter.destination, letter.message_id): letter.reason for letter in
+              await router.storage.dead_letters(DeadLetterFilter(since=since),
+                                                limit=max(1, len(sent) * 2))}
+    for result, item in sent:
+        reason = failed.get((item.destination, result.message_id))
+        if reason is not None:
+            masker = router.destination(item.destination).masker
+            item.reason = f"{DEAD_LETTERED}: {masker.mask(reason)}"
+        elif drained:
+            item.reason = "delivered"
+        else:
+            item.reason = (f"still queued after --wait {wait:g}s; delivered by the next "
+                           "router to run on this storage")
 
 
 def _unreadable(item: Unreadable) -> RouteResult:

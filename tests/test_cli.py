@@ -435,3 +435,28 @@ def test_a_bad_wait_is_a_usage_error(workdir):
     completed = run("send", "-c", "router.yaml", "-", "--wait", "soon", cwd=workdir,
                     stdin=b"{}")
     assert completed.returncode == 2 and "expected a duration" in completed.stderr
+
+
+async def test_send_says_what_became_of_each_event_within_its_wait(tmp_path):
+    # Not only "queued": the table says delivered or dead-lettered (with why), and a dead
+    # letter makes the command fail, so a script sending events learns of it.
+    import asyncio
+
+    from router.testing import FakeDestinationServer
+
+    async with FakeDestinationServer() as server:
+        server.script([400], path="/bad")
+        (tmp_path / "router.json").write_text(json.dumps({
+            "storage": f"sqlite:///{tmp_path / 'router.db'}",
+            "egress": {"allow_private_addresses": True},
+            "destinations": [
+                {"name": "good", "plugin": "webhook", "settings": {"url": f"{server.url}/ok"}},
+                {"name": "bad", "plugin": "webhook", "settings": {"url": f"{server.url}/bad"}}]}))
+        (tmp_path / "ev.json").write_text(json.dumps(
+            {"type": "track", "event": "Signed Up", "userId": "u-1", "messageId": "m-1"}))
+        completed = await asyncio.to_thread(run, "send", "-c", "router.json", "ev.json",
+                                            "--wait", "20s", cwd=tmp_path)
+    assert completed.returncode == 1, completed.stderr
+    rows = {line.split()[0]: line for line in completed.stdout.splitlines()[1:] if line.strip()}
+    assert rows["good"].split()[1:] == ["send", "delivered"]
+    assert "dead-lettered: " in rows["bad"] and "400" in rows["bad"]
