@@ -19,6 +19,7 @@ from router.destinations import build_destinations, egress_policy
 from router.redaction import Masker
 from router.registry import create_registry
 from router.storage import open_storage
+from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter
 
@@ -31,6 +32,9 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
         # Opening would create an empty spool and report nothing: a wrong path or directory
         raise loaded.source.error(("storage",), f"{storage.path} does not exist: no router "
                                   "has used this storage yet (check the working directory)")
+    if isinstance(storage, MemoryStorage):  # a fresh, empty one: "0 dead letters" would lie
+        raise loaded.source.error(("storage",), "memory:// keeps nothing once its router "
+                                  "stops: there are no dead letters here for router dlq")
     named = {destination.name.lower() for destination in config.destinations}
     if args.destination and args.destination.lower() not in named:
         print(f"note: the config has no destination named {args.destination!r}; dead "

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from router.testing import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
@@ -61,13 +62,18 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
         assert dlq("list", config=config).stdout.strip().endswith("0 dead letter(s)")
 
 
-def test_a_spool_that_does_not_exist_is_an_error_not_an_empty_list(tmp_path):
+@pytest.mark.parametrize("storage, why", [
     # From the wrong directory, a relative sqlite path would make a new, empty spool
+    ("sqlite:///var/router.db", "does not exist"),
+    ("memory://", "keeps nothing"),
+])
+def test_a_storage_without_dead_letters_to_read_is_an_error_not_an_empty_list(tmp_path,
+                                                                              storage, why):
     config = tmp_path / "router.yaml"
-    config.write_text("storage: sqlite:///var/router.db\n")
+    config.write_text(f"storage: {storage}\n")
     listed = dlq("list", config=config)
     assert listed.returncode == 1 and "Traceback" not in listed.stderr
-    assert "router.yaml:1: storage:" in listed.stderr and "does not exist" in listed.stderr
+    assert "router.yaml:1: storage:" in listed.stderr and why in listed.stderr
     assert not (tmp_path / "var" / "router.db").exists()
 
 
