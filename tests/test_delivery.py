@@ -408,3 +408,18 @@ async def test_a_few_events_the_api_always_fails_do_not_hold_back_the_rest(tmp_p
                 assert time.monotonic() < deadline, \
                     f"{router.delivery_metrics.delivered.get('hook')} of 200 delivered"
                 await asyncio.sleep(0.1)
+
+
+async def test_request_time_counts_requests_that_time_out(tmp_path):
+    # The slowest requests are the ones that time out: left out, the histogram's p99 would
+    # look healthy exactly while the destination hangs.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200, delay=2.0)])
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="300ms")])
+        async with router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+            series = router.delivery_metrics.request_seconds.series[("hook",)]
+    assert router.delivery_metrics.requests.get("hook", "error") == 1
+    assert series[-1] == 2  # the request that timed out, then the one answered
+    assert series[-2] >= 0.3  # the time the first one took is in the sum

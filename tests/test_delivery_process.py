@@ -94,6 +94,24 @@ async def test_a_delivery_process_that_dies_is_replaced_and_nothing_is_lost(tmp_
         assert delivered == {f"m-{n}" for n in range(120)}  # re-sends allowed, losses not
 
 
+async def test_counters_carry_on_across_a_replaced_delivery_process(tmp_path):
+    # The router's /metrics outlives its children: a replacement, which counts from zero,
+    # once wiped what the one before it had counted.
+    async with FakeDestinationServer() as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url))
+        async with router:
+            await router.route_many([track(n) for n in range(10)])
+            await wait_until(lambda: router.delivery_metrics.delivered.get("hook") == 10)
+            first = delivery_pid(router)
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: router._delivery._process is not None
+                             and router._delivery._process.pid != first)
+            await router.route_many([track(n) for n in range(10, 13)])
+            await wait_until(lambda: router.delivery_metrics.delivered.get("hook") == 13)
+            assert router.delivery_metrics.requests.get("hook", "200") == 13
+            assert router.delivery_metrics.latency.series[("hook",)][-1] == 13
+
+
 async def test_closing_the_router_stops_its_delivery_process(tmp_path):
     async with FakeDestinationServer() as server:
         router = own_process_router(tmp_path, webhook("hook", server.url))

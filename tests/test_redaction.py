@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -101,3 +102,33 @@ async def test_a_dead_letter_keeps_no_basic_credentials_an_api_echoed(tmp_path):
     assert server.requests[0].headers["Authorization"] == header  # what was echoed
     assert "refused" in letter.response
     assert header.split()[1] not in orjson.dumps([letter.request, letter.response]).decode()
+
+
+async def test_a_failure_reason_quoting_the_request_credentials_is_masked(tmp_path, caplog):
+    # Mixpanel names why each record failed; an API quoting the request's Basic header back
+    # put it into the failure log line and the dead letter's reason.
+    from router.storage.base import DeadLetterFilter
+    from router.testing import Answer, FakeDestinationServer
+    from tests.delivery_helpers import FAST_RETRIES, router_for, track
+
+    def echo(request):
+        auth = request.headers.get("Authorization", "")
+        return Answer(400, body={
+            "code": 400, "status": "Bad Request", "num_records_imported": 0,
+            "failed_records": [{"index": 0, "insert_id": "m-1", "field": "properties.time",
+                                "message": f"bad auth {auth}"}]})
+
+    async with FakeDestinationServer(handler=echo) as server:
+        router = router_for(tmp_path, [{
+            "name": "mp", "plugin": "mixpanel", "delivery": FAST_RETRIES,
+            "settings": {"project_token": "token-0001", "api_secret": "mp-secret-0001",
+                         "base_url": server.url}}])
+        with caplog.at_level(logging.WARNING, logger="router.delivery"):
+            async with router:
+                await router.route(track(1))
+                assert await router.drain(timeout=10)
+                (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+    encoded = server.requests[0].headers["Authorization"].split()[1]
+    assert "bad auth" in letter.reason and "properties.time" in letter.reason
+    assert encoded not in letter.reason
+    assert "bad auth" in caplog.text and encoded not in caplog.text

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from router.config import LoadedConfig
-from router.delivery.telemetry import DeliveryMetrics
+from router.delivery.telemetry import DeliveryMetrics, Snapshot, added
 from router.errors import SpoolInUse
 from router.runtime import tune_garbage_collector
 
@@ -83,6 +83,10 @@ class DeliveryProcess:
         """Once the first child delivers, a child that exits is replaced; before, its
         failure is ``start``'s error and nothing is started again."""
         self._restart: asyncio.TimerHandle | None = None
+        self._counted: Snapshot = {}
+        """The running child's last metrics snapshot."""
+        self._carried: Snapshot = {}
+        """What the children that have exited counted, under the running one's counts."""
 
     async def start(self) -> None:
         """Start the child and wait until it delivers; ``RuntimeError`` if it cannot."""
@@ -143,7 +147,8 @@ class DeliveryProcess:
             while self._connection.poll():
                 kind, payload = self._connection.recv()
                 if kind == "metrics":
-                    self.metrics.restore(payload)
+                    self._counted = payload
+                    self.metrics.restore(payload, carried=self._carried)
                 elif kind == "ready" and self._ready and not self._ready.done():
                     self._ready.set_result(None)
                 elif kind == "failed" and self._ready and not self._ready.done():
@@ -162,6 +167,7 @@ class DeliveryProcess:
         if self._wake_socket is not None:
             self._wake_socket.close()
             self._wake_socket = None
+        self._carried, self._counted = added(self._carried, self._counted), {}
         ready = self._ready
         starting = ready is not None and not ready.done()
         if starting:

@@ -300,7 +300,7 @@ class DestinationWorker:
             request = adapter.build_request(payloads)
         except DestinationError as exc:
             outcome = exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)
-            return [(outcome, Failure(exc.reason))] * len(batch)
+            return [(outcome, Failure(self.destination.masker.mask(exc.reason)))] * len(batch)
         except Exception as exc:  # noqa: BLE001 - a broken plugin fails its own jobs only
             reason = (f"{self.destination.plugin.name} failed to build a request: "
                       f"{type(exc).__name__}")
@@ -312,6 +312,9 @@ class DestinationWorker:
         try:
             response = await self.transport.send(request, timeout=self.delivery.timeout)
         except DestinationError as exc:
+            # Timed out or unanswered: counted in the request time too, or its p99 would
+            # look healthy exactly while the destination hangs.
+            self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
             self.metrics.requests.inc(self.name, "error")
             return [(exc, self._failure(exc.reason, request, None))] * len(batch)
         self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
@@ -322,10 +325,15 @@ class DestinationWorker:
                 all(isinstance(outcome, PermanentError) for outcome in outcomes):
             return await self._split(batch, self._shown_body(request, response),
                                      always=response.status == 413)
-        failure = None
-        if any(outcome is not None for outcome in outcomes):
-            failure = self._failure(f"HTTP {response.status}", request, response)
-        return [(outcome, failure) for outcome in outcomes]
+        if all(outcome is None for outcome in outcomes):
+            return [(None, None)] * len(outcomes)
+        failure = self._failure(f"HTTP {response.status}", request, response)
+        # Each failed job's reason is its own (a plugin names why each event failed), masked
+        # with the request's credentials too: an API may quote them back in its error.
+        masker = self.destination.masker.with_credentials_of(request.headers)
+        return [(outcome, None if outcome is None else
+                 dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
+                for outcome in outcomes]
 
     async def _split(self, batch: list[Job], refused: str | None, *, always: bool
                      ) -> list[tuple[Outcome, Failure | None]]:
@@ -404,9 +412,9 @@ class DestinationWorker:
         for job, (outcome, failure) in zip(batch, outcomes):
             if outcome is None:
                 continue
-            # Each job its own Failure: the batch's is shared, and reasons differ by job.
-            failure = dataclasses.replace(failure or Failure(""),
-                                          reason=self.destination.masker.mask(outcome.reason))
+            # Each job its own Failure (a batch's may be shared): its reason changes below.
+            failure = dataclasses.replace(
+                failure or Failure(self.destination.masker.mask(outcome.reason)))
             if isinstance(outcome, RetryableError):
                 due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
                                             rng=self.rng)

@@ -7,6 +7,10 @@ from typing import Any
 from router.metrics import Counter, Histogram, Metric, Registry
 
 
+Snapshot = dict[str, dict[tuple[str, ...], Any]]
+"""Series by metric name: a counter's value, or a histogram's bucket counts, sum and count."""
+
+
 class DeliveryMetrics:
     def __init__(self, registry: Registry | None = None) -> None:
         self.registry = registry or Registry()
@@ -28,18 +32,37 @@ class DeliveryMetrics:
             "router_delivery_latency_seconds", "From acceptance to delivery.",
             ["destination"]))
 
-    def snapshot(self) -> dict[str, dict[tuple[str, ...], Any]]:
+    def snapshot(self) -> Snapshot:
         """Every series by metric name: what a delivery process sends to the process that
         serves ``/metrics``."""
         return {metric.name: dict(_series(metric)) for metric in self.registry.metrics}
 
-    def restore(self, snapshot: dict[str, dict[tuple[str, ...], Any]]) -> None:
-        """Take the values of a ``snapshot`` (the delivery process's, which owns them)."""
+    def restore(self, snapshot: Snapshot, *, carried: Snapshot | None = None) -> None:
+        """Take the values of a ``snapshot`` (the delivery process's, which owns them), added
+        to ``carried``: what this router's delivery processes that have exited counted, so
+        that a replacement, which starts from zero, does not reset the counts."""
+        combined = added(carried, snapshot) if carried else snapshot
         for metric in self.registry.metrics:
-            if metric.name in snapshot:
+            if metric.name in combined:
                 series = _series(metric)
                 series.clear()
-                series.update(snapshot[metric.name])
+                series.update(combined[metric.name])
+
+
+def added(first: Snapshot, second: Snapshot) -> Snapshot:
+    """The two snapshots' counts summed, series by series."""
+    total: Snapshot = {name: dict(series) for name, series in first.items()}
+    for name, series in second.items():
+        into = total.setdefault(name, {})
+        for labels, value in series.items():
+            before = into.get(labels)
+            if before is None:
+                into[labels] = list(value) if isinstance(value, list) else value
+            elif isinstance(value, list):
+                into[labels] = [a + b for a, b in zip(before, value, strict=True)]
+            else:
+                into[labels] = before + value
+    return total
 
 
 def _series(metric: Metric) -> dict[tuple[str, ...], Any]:
