@@ -1048,3 +1048,39 @@ async def test_two_content_encoding_fields_are_a_stacked_encoding(ingest: Ingest
     async with ingest.session.post(f"{ingest.url}/v1/track", data=body,
                                    headers=CIMultiDict(headers)) as response:
         assert response.status == 415
+
+
+async def test_scrapes_at_once_share_one_read_of_the_queues(recorder: Recorder) -> None:
+    # Each read counts the queues (on SQLite, on the writer's thread, ahead of intake):
+    # Prometheus replicas scraping together must not each start one.
+    from router.storage.memory import MemoryStorage
+
+    class CountedStorage(MemoryStorage):
+        reads = 0
+
+        async def stats(self, *, now: float):
+            CountedStorage.reads += 1
+            await asyncio.sleep(0.3)
+            return await super().stats(now=now)
+
+    loaded = parse_config(config_text(recorder.url), file="test.yaml", env={})
+    router = Router(loaded, deliver=False, storage=CountedStorage())
+    async with router:
+        runner = create_runner(create_app(router))
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+            async with aiohttp.ClientSession() as session:
+                async def scrape() -> int:
+                    async with session.get(url) as response:
+                        await response.read()
+                        return response.status
+
+                assert await asyncio.gather(*(scrape() for _ in range(5))) == [200] * 5
+                assert CountedStorage.reads == 1
+                assert await scrape() == 200  # a later scrape reads again
+                assert CountedStorage.reads == 2
+        finally:
+            await runner.cleanup()

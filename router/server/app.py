@@ -325,7 +325,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
     """Prometheus text: delivery metrics, intake counters, and queue gauges read now."""
     router, metrics = request.app[ROUTER], request.app[METRICS]
     try:
-        metrics.use_stats(await router.storage.stats(now=time.time()))
+        await metrics.read_stats(router.storage)
     except Exception:  # noqa: BLE001 - show the counters even when the storage is down
         log.warning("metrics: cannot read storage stats", exc_info=True)
     text = router.delivery_metrics.registry.render() + metrics.registry.render()

@@ -9,11 +9,12 @@ client cannot grow the series without limit.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 
 from router.metrics import Counter, Gauge, Histogram, Registry
-from router.storage.base import QueueStats, StorageStats
+from router.storage.base import QueueStats, Storage, StorageStats
 
 OUTCOMES = ("accepted", "rejected", "duplicate")
 
@@ -45,6 +46,7 @@ class IngestMetrics:
             "Time to make a request's accepted events durable (the wait before 200)."))
         self._stats = StorageStats()
         self._stats_at = 0.0
+        self._reading: asyncio.Future[StorageStats] | None = None
         add(Gauge("router_queue_depth", "Jobs waiting for delivery, by destination.",
                   ["destination"], self._depth))
         add(Gauge("router_queue_oldest_age_seconds",
@@ -52,6 +54,20 @@ class IngestMetrics:
                   ["destination"], self._oldest_age))
         add(Gauge("router_dead_letters", "Jobs in the dead-letter store, by destination.",
                   ["destination"], self._dead_letters))
+
+    async def read_stats(self, storage: Storage) -> None:
+        """Read the storage's figures for the gauges. Scrapes that come while a read is under
+        way wait for that one instead of starting their own: each read counts the queues,
+        and on SQLite it takes the writer's turn from intake while it runs."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(storage.stats(now=time.time()))
+            self._reading.add_done_callback(self._read_done)
+        self.use_stats(await asyncio.shield(self._reading))
+
+    def _read_done(self, reading: asyncio.Future[StorageStats]) -> None:
+        self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # retrieved: each scrape waiting on it has its own copy
 
     def use_stats(self, stats: StorageStats, *, now: float | None = None) -> None:
         """The storage figures the gauges show until the next scrape."""
