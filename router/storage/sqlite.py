@@ -643,6 +643,15 @@ class SqliteStorage(Storage):
 
     async def stats(self, *, now: float) -> StorageStats:
         def operation(connection: sqlite3.Connection) -> StorageStats:
+            # One read transaction, so that every count is of the same moment (the delivery
+            # process may settle a bundle in between); in WAL mode it holds up no writer.
+            connection.execute("BEGIN")
+            try:
+                return figures(connection)
+            finally:
+                connection.execute("COMMIT")
+
+        def figures(connection: sqlite3.Connection) -> StorageStats:
             stats = StorageStats()
             lanes = dict(connection.execute("SELECT number, destination FROM lanes"))
             # A bundle's jobs noted in `settled_runs` are done, or counted in `jobs` (retries).
