@@ -171,6 +171,9 @@ class DeliveryConfig(_Section):
     own_process: bool = Field(False, description=(
         "deliver from a second process beside the one that accepts events, so the two use "
         "two CPU cores (needs sqlite:// or redis:// storage)"))
+    dead_letter_retention: Duration | None = Field(14 * 86400.0, description=(
+        "how long a dead letter is kept for `router dlq` before it is deleted (null: kept "
+        "until purged by hand)"))
 
 
 class RouterConfig(_Section):

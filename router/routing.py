@@ -143,9 +143,10 @@ class Router:
                                              base_dir=self._base_dir)
         else:
             from router.delivery.service import DeliveryService
-            self._delivery = DeliveryService(self.destinations, self.storage,
-                                             egress=self.egress,
-                                             metrics=self.delivery_metrics)
+            self._delivery = DeliveryService(
+                self.destinations, self.storage, egress=self.egress,
+                metrics=self.delivery_metrics,
+                dead_letter_retention=self.config.delivery.dead_letter_retention)
         try:
             await self._delivery.start()
         except BaseException:

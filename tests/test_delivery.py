@@ -423,3 +423,27 @@ async def test_request_time_counts_requests_that_time_out(tmp_path):
     assert router.delivery_metrics.requests.get("hook", "error") == 1
     assert series[-1] == 2  # the request that timed out, then the one answered
     assert series[-2] >= 0.3  # the time the first one took is in the sum
+
+
+async def test_dead_letters_past_their_retention_are_deleted(tmp_path, monkeypatch):
+    # A destination that stays down dead-letters everything routed to it; kept for ever,
+    # those rows would spend the disk budget and stop intake for every destination.
+    monkeypatch.setattr("router.delivery.service.RETENTION_INTERVAL", 0.1)
+    async with FakeDestinationServer() as server:
+        server.default = 400
+        router = router_for(tmp_path, [webhook("hook", server.url)],
+                            delivery={"dead_letter_retention": "1s"})
+        async with router:
+            await router.route(track(1))
+            await eventually(router, lambda stats: stats.queues["hook"].dead_letters == 1)
+            await eventually(router, lambda stats: "hook" not in stats.queues)  # none left
+            assert [r.json["messageId"] for r in server.requests] == ["m-1"]
+
+
+def test_dead_letters_are_kept_two_weeks_unless_configured(tmp_path):
+    from router.config import parse_config
+
+    assert parse_config("storage: memory://\n", env={}).config.delivery \
+        .dead_letter_retention == 14 * 86400
+    kept = parse_config("storage: memory://\ndelivery: {dead_letter_retention: null}\n", env={})
+    assert kept.config.delivery.dead_letter_retention is None

@@ -253,7 +253,9 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     try:
         destinations = build_destinations(loaded, create_registry(), egress)
         await storage.open()
-        service = DeliveryService(destinations, storage, egress=egress, metrics=metrics)
+        service = DeliveryService(
+            destinations, storage, egress=egress, metrics=metrics,
+            dead_letter_retention=config.delivery.dead_letter_retention)
         await service.start()  # claims the spool: another router may hold it
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails its start
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))

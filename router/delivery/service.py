@@ -27,7 +27,7 @@ from router.delivery.transport import Transport
 from router.destination import HttpRequest, HttpResponse, Outcome, Payload
 from router.destinations import ConfiguredDestination
 from router.errors import DestinationError, PermanentError, RetryableError
-from router.storage.base import Failure, Job, Storage
+from router.storage.base import DeadLetterFilter, Failure, Job, Storage
 
 log = logging.getLogger("router.delivery")
 POLL_INTERVAL = 0.5
@@ -38,6 +38,8 @@ costs far more than a small request, so a fast destination leases many jobs a ca
 slow one holds few (so few are sent twice after a crash, and no lease outlives its worker)."""
 MAX_LEASE = 2000
 MAX_RESPONSE_IN_DEAD_LETTER = 2048
+RETENTION_INTERVAL = 600.0
+"""Seconds between two deletions of dead letters past their retention."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
 """Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
 
@@ -45,14 +47,17 @@ SPLIT_STATUSES = frozenset({400, 413, 422})
 class DeliveryService:
     def __init__(self, destinations: Sequence[ConfiguredDestination], storage: Storage, *,
                  egress: EgressPolicy, metrics: DeliveryMetrics | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 dead_letter_retention: float | None = None) -> None:
         self.storage = storage
         self.metrics = metrics or DeliveryMetrics()
         self.transport = Transport(egress)
         rng = rng or random.Random()
         self.workers = {d.name: DestinationWorker(d, storage, self.transport, self.metrics, rng)
                         for d in destinations}
+        self.dead_letter_retention = dead_letter_retention
         self._tasks: list[asyncio.Task[None]] = []
+        self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.storage.claim_delivery()
@@ -61,6 +66,25 @@ class DeliveryService:
                        for name, worker in self.workers.items()]
         for worker in self.workers.values():
             worker.start_senders()
+        if self.dead_letter_retention is not None:
+            self._housekeeping = asyncio.create_task(
+                self._forget_old_dead_letters(self.dead_letter_retention),
+                name="dead-letter retention")
+
+    async def _forget_old_dead_letters(self, retention: float) -> None:
+        """Delete dead letters older than ``retention`` now and then: a destination that stays
+        down dead-letters everything routed to it, and those rows count against the disk
+        budget, which, once spent, makes intake refuse events for every destination."""
+        while True:
+            try:
+                purged = await self.storage.purge(
+                    DeadLetterFilter(until=time.time() - retention))
+                if purged:
+                    log.info("deleted %d dead letter(s) older than %g s "
+                             "(delivery.dead_letter_retention)", purged, retention)
+            except Exception:  # noqa: BLE001 - retried at the next round, never fatal
+                log.warning("deleting old dead letters failed", exc_info=True)
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     def wake(self, destinations: Iterable[str]) -> None:
         """New work was queued for these destinations: look now rather than at the next poll."""
@@ -76,6 +100,9 @@ class DeliveryService:
         A worker waiting for a free sender (its destination slow, paused or down) is
         cancelled rather than waited for: its leased, unsent jobs go back to the queue."""
         deadline = time.monotonic() + grace
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            await asyncio.gather(self._housekeeping, return_exceptions=True)
         for worker in self.workers.values():
             worker.stopping = True
             worker.wakeup.set()
