@@ -447,3 +447,24 @@ def test_dead_letters_are_kept_two_weeks_unless_configured(tmp_path):
         .dead_letter_retention == 14 * 86400
     kept = parse_config("storage: memory://\ndelivery: {dead_letter_retention: null}\n", env={})
     assert kept.config.delivery.dead_letter_retention is None
+
+
+@pytest.mark.parametrize("answers, rests", [
+    ([200, 200, 500] * 10, False),  # a third of the requests fail, never three in a row
+    ([500] * 6 + [200] * 30, True),  # down for a while
+], ids=["now-and-then", "down"])
+async def test_a_destination_rests_only_when_it_keeps_failing(tmp_path, answers, rests):
+    # Resting after every failure, a destination that fails now and then fell further and
+    # further behind: a third of its requests failing cut its rate to a few a second.
+    async with FakeDestinationServer() as server:
+        server.script(answers)
+        router = router_for(tmp_path, [webhook("hook", server.url, concurrency=1)])
+        async with router:
+            limiter = router._delivery.workers["hook"].limiter
+            pauses: list[float] = []
+            real_pause = limiter.pause
+            limiter.pause = lambda seconds: (pauses.append(seconds), real_pause(seconds))[1]
+            await router.route_many([track(n) for n in range(20)])
+            assert await router.drain(timeout=30)
+    assert bool(pauses) is rests
+    assert {r.json["messageId"] for r in server.requests} == {f"m-{n}" for n in range(20)}

@@ -38,6 +38,8 @@ costs far more than a small request, so a fast destination leases many jobs a ca
 slow one holds few (so few are sent twice after a crash, and no lease outlives its worker)."""
 MAX_LEASE = 2000
 MAX_RESPONSE_IN_DEAD_LETTER = 2048
+FAILURES_BEFORE_PAUSE = 3
+"""Batches whose first attempts all failed, in a row, before the whole destination rests."""
 RETENTION_INTERVAL = 600.0
 """Seconds between two deletions of dead letters past their retention."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
@@ -302,13 +304,18 @@ class DestinationWorker:
         Only a first attempt counts: retries go out first once a pause ends, and a few
         events the API always fails (a "poison" event answered 500) would otherwise extend
         the pause for ever, holding back every healthy event behind them. And a round of
-        senders failing together counts once: a failure while paused adds nothing."""
+        senders failing together counts once: a failure while paused adds nothing.
+
+        The rest begins at the ``FAILURES_BEFORE_PAUSE``-th failure in a row: a destination
+        that is down fails every time, while one that fails now and then (a third of its
+        requests, say) would otherwise rest after each failure and fall ever further behind."""
         if outcomes and all(isinstance(outcome, RetryableError) for outcome, _ in outcomes):
             if self.limiter.paused or all(job.attempts > 1 for job in batch):
                 return
             self.failures_in_a_row += 1
-            self.limiter.pause(retry.destination_pause(self.failures_in_a_row, self.delivery,
-                                                       self.rng))
+            rests = self.failures_in_a_row - FAILURES_BEFORE_PAUSE + 1
+            if rests > 0:
+                self.limiter.pause(retry.destination_pause(rests, self.delivery, self.rng))
         elif any(outcome is None for outcome, _ in outcomes):
             self.failures_in_a_row = 0
 
