@@ -34,8 +34,11 @@ class DeliveryMetrics:
 
     def snapshot(self) -> Snapshot:
         """Every series by metric name: what a delivery process sends to the process that
-        serves ``/metrics``."""
-        return {metric.name: dict(_series(metric)) for metric in self.registry.metrics}
+        serves ``/metrics``. A copy down to each histogram's counts: the thread that sends it
+        reads it while the event loop goes on counting."""
+        return {metric.name: {labels: list(value) if isinstance(value, list) else value
+                              for labels, value in _series(metric).items()}
+                for metric in self.registry.metrics}
 
     def restore(self, snapshot: Snapshot, *, carried: Snapshot | None = None) -> None:
         """Take the values of a ``snapshot`` (the delivery process's, which owns them), added
