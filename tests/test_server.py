@@ -975,6 +975,28 @@ async def test_serve_turns_away_connections_over_max_connections(recorder: Recor
     assert process.returncode == 0, err
 
 
+async def test_serve_logs_a_clients_malformed_request_in_one_line(recorder: Recorder,
+                                                                  tmp_path: Path) -> None:
+    # aiohttp logs a request it cannot parse on a kept-alive connection as an ERROR with a
+    # traceback: any client could fill the log with them.
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url))
+    port = _free_port()
+    process, _ = await _serve(config, port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"ok"), 10)).startswith(b"HTTP/1.1 200")
+        writer.write(b"G@T /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b" 400 " in await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        out, err = await _stop(process)
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "Error handling request" in line]
+    assert "Invalid method" in line
+
+
 async def test_serve_fits_max_connections_to_the_open_files_limit(recorder: Recorder,
                                                                   tmp_path: Path) -> None:
     # A hard limit on open files below what max_connections needs: the router says so and
