@@ -8,7 +8,7 @@ from router.destination import (DEFAULT_RETRY_STATUSES, BaseUrl, DeliveryDefault
                                 basic_auth)
 from router.errors import (ConfigError, DestinationError, EventRejected, InvalidEvent,
                            PermanentError, RetryableError, RouterError, SkipEvent, SpoolInUse,
-                           StorageFull, StorageUnavailable)
+                           StorageFull, StorageMisconfigured, StorageUnavailable)
 from router.events import Event, parse_event
 from router.hookspecs import hookimpl
 
@@ -16,6 +16,6 @@ __all__ = [
     "DEFAULT_RETRY_STATUSES", "BaseUrl", "ConfigError", "DeliveryDefaults", "Destination",
     "DestinationError", "Event", "EventRejected", "HttpRequest", "HttpResponse", "HttpUrl",
     "InvalidEvent", "Outcome", "Payload", "PermanentError", "RetryableError", "RouterError",
-    "SkipEvent", "SpoolInUse", "StorageFull", "StorageUnavailable", "basic_auth", "hookimpl",
-    "parse_event",
+    "SkipEvent", "SpoolInUse", "StorageFull", "StorageMisconfigured", "StorageUnavailable",
+    "basic_auth", "hookimpl", "parse_event",
 ]

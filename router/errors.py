@@ -56,6 +56,11 @@ class StorageUnavailable(RouterError):
     what did get in is a duplicate, so nothing is lost or doubled."""
 
 
+class StorageMisconfigured(RouterError):
+    """The storage is set up in a way that loses or doubles accepted work (a Redis that
+    evicts keys): refused when it is opened, with what to change."""
+
+
 class DestinationError(RouterError):
     """Base of what a destination adapter raises. ``reason`` is shown to people as it is."""
 

@@ -10,6 +10,7 @@ clock) so they are deterministic; the few about Redis's own expiry wait real tim
 from __future__ import annotations
 
 import asyncio
+import logging
 import dataclasses
 import sqlite3
 import sys
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from router.errors import StorageFull, StorageUnavailable
+from router.errors import StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage import open_storage
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob)
@@ -830,6 +831,35 @@ async def test_redis_out_of_memory_is_storage_full(redis_store, raw):
     # nothing of the refused event was kept: accepting it again works
     assert await pending(redis_store, "a") == 0
     assert await accept(redis_store, item("m-1")) == [True]
+
+
+async def test_a_redis_that_evicts_is_refused_unless_allowed(url, raw, caplog):
+    # allkeys-lru dropped queued jobs under memory pressure; volatile-lru (a managed
+    # Redis's usual default) dropped every dedup entry first: events lost or sent twice.
+    await raw.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        with pytest.raises(StorageMisconfigured, match="maxmemory-policy is volatile-lru"):
+            await RedisStorage.from_url(url).open()
+        allowed = RedisStorage.from_url(url + "&eviction=allowed")
+        with caplog.at_level(logging.WARNING, logger="router.storage"):
+            await allowed.open()
+        await allowed.close()
+        assert "eviction is allowed" in caplog.text
+    finally:
+        await raw.config_set("maxmemory-policy", "noeviction")
+    with pytest.raises(ValueError, match="takes only `allowed`"):
+        RedisStorage.from_url(url + "&eviction=yes")
+
+
+async def test_a_read_only_replica_is_unavailable_not_a_crash(redis_store, raw):
+    # A URL that points at a replica after a failover: every write is refused with READONLY.
+    await raw.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
+    try:
+        with pytest.raises(StorageUnavailable, match="read-only replica"):
+            await accept(redis_store, item("m-ro"))
+    finally:
+        await raw.execute_command("REPLICAOF", "NO", "ONE")
+    assert await accept(redis_store, item("m-ro")) == [True]
 
 
 # -- a model check: Redis against the in-memory backend ---------------------------------------

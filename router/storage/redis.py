@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from router.errors import RouterError, StorageFull, StorageUnavailable
+from router.errors import RouterError, StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  QueueStats, Storage, StorageStats)
 
@@ -39,7 +39,7 @@ try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
     from redis.asyncio.connection import parse_url as _parse_redis_url
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import OutOfMemoryError, ResponseError
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - reported when a redis:// URL is used
     aioredis = None
@@ -417,12 +417,14 @@ class RedisStorage(Storage):
     like two router processes (the tests rely on that).
     """
 
-    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX,
+                 allow_eviction: bool = False) -> None:
         if aioredis is None:
             raise RouterError("redis:// storage needs the redis package: "
                               "pip install 'event-router[redis]'")
         self._url = url  # may hold a password: never logged, never in an error message
         self.prefix = prefix
+        self.allow_eviction = allow_eviction
         self.keys = _Keys(prefix)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._client: Any = None
@@ -435,10 +437,16 @@ class RedisStorage(Storage):
         redis-py (``socket_timeout``, ...). Does not connect: ``open`` does."""
         parts = urlsplit(url)
         prefix = DEFAULT_PREFIX
+        allow_eviction = False
         rest: list[tuple[str, str]] = []
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name == "prefix":
                 prefix = value
+            elif name == "eviction":
+                if value != "allowed":
+                    raise ValueError("the eviction option of a redis:// storage URL takes "
+                                     "only `allowed`")
+                allow_eviction = True
             else:
                 rest.append((name, value))
         if not prefix:
@@ -449,7 +457,7 @@ class RedisStorage(Storage):
                 _parse_redis_url(plain)
             except ValueError as exc:  # the message names the bad part, not the password
                 raise ValueError(f"invalid redis:// storage URL: {exc}") from None
-        return cls(plain, prefix=prefix)
+        return cls(plain, prefix=prefix, allow_eviction=allow_eviction)
 
     def __repr__(self) -> str:
         return f"RedisStorage(prefix={self.prefix!r}, token={self.token!r})"
@@ -469,7 +477,11 @@ class RedisStorage(Storage):
         self._client = client
         self._scripts = {name: client.register_script(source)
                          for name, source in _SCRIPTS.items()}
-        await self._warn_about_server()
+        try:
+            await self._check_server()
+        except BaseException:
+            await self.close()
+            raise
         if recover:
             await self._reclaim_lapsed(now=time.time())
 
@@ -484,28 +496,46 @@ class RedisStorage(Storage):
             defaults["socket_timeout"] = COMMAND_TIMEOUT
         return defaults
 
-    async def _warn_about_server(self) -> None:
-        """Say so at start when Redis is set up to lose accepted work: without AOF a restart
-        of Redis loses what came since the last snapshot; an eviction policy other than
-        noeviction silently drops jobs and dedup entries when memory runs short. Once per
-        server and process: ``router dlq`` and tests open often."""
-        where = self._client.connection_pool.connection_kwargs
-        server = (where.get("host"), where.get("port"), where.get("path"), where.get("db"))
-        if server in _WARNED:
-            return
-        _WARNED.add(server)
+    async def _check_server(self) -> None:
+        """Refuse a Redis that evicts keys when memory runs short (any maxmemory-policy but
+        noeviction): it drops queued jobs, or the dedup entries (they expire, so the
+        ``volatile-*`` policies, a managed Redis's usual default, take them first), without a
+        word, and an evicted id counter makes new jobs overwrite old ones. ``?eviction=allowed``
+        accepts that knowingly. Warn when Redis runs without AOF (a restart loses what came
+        since its last snapshot), or when INFO is forbidden and none of this can be checked.
+        Warnings come once per server and process: ``router dlq`` and tests open often."""
+        assert self._client is not None
         try:
             persistence = await self._client.info("persistence")
             memory = await self._client.info("memory")
-        except ResponseError:  # INFO may be forbidden by an ACL: nothing to say then
+        except ResponseError:  # INFO may be forbidden by an ACL
+            self._warn_once("redis storage: INFO is not allowed for this user, so the router "
+                            "cannot check that Redis keeps its data (appendonly yes) and never "
+                            "evicts it (maxmemory-policy noeviction); make sure it does")
             return
-        if not int(persistence.get("aof_enabled", 0)):
-            log.warning("redis storage: Redis runs without AOF (appendonly no); events "
-                        "acknowledged since its last snapshot are lost if Redis restarts")
         policy = memory.get("maxmemory_policy", "noeviction")
         if policy != "noeviction":
-            log.warning("redis storage: maxmemory-policy is %s; use noeviction, or Redis may "
-                        "evict queued jobs and dedup entries when memory runs short", policy)
+            if not self.allow_eviction:
+                raise StorageMisconfigured(
+                    f"Redis's maxmemory-policy is {policy}: when memory runs short it evicts "
+                    "queued jobs or dedup entries without a word (events lost or sent twice); "
+                    "set maxmemory-policy noeviction, or add ?eviction=allowed to the storage "
+                    "URL to accept that")
+            self._warn_once(f"redis storage: maxmemory-policy is {policy} and eviction is "
+                            "allowed: Redis may drop queued jobs and dedup entries when memory "
+                            "runs short")
+        if not int(persistence.get("aof_enabled", 0)):
+            self._warn_once("redis storage: Redis runs without AOF (appendonly no); events "
+                            "acknowledged since its last snapshot are lost if Redis restarts")
+
+    def _warn_once(self, message: str) -> None:
+        assert self._client is not None
+        where = self._client.connection_pool.connection_kwargs
+        key = (where.get("host"), where.get("port"), where.get("path"), where.get("db"),
+               message)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("%s", message)
 
     async def _reclaim_lapsed(self, *, now: float) -> int:
         destinations = await self._destinations()
@@ -543,6 +573,9 @@ class RedisStorage(Storage):
             if str(exc).startswith("MISCONF"):
                 raise StorageFull(f"Redis refuses writes, its persistence is failing: {exc}"
                                   ) from exc
+            if isinstance(exc, ReadOnlyError):  # a replica: after a failover, say
+                raise StorageUnavailable(f"Redis refuses writes, it is a read-only replica: "
+                                         f"{exc}") from exc
             raise
 
     # -- the interface ----------------------------------------------------------------------
