@@ -851,6 +851,13 @@ async def test_a_redis_that_evicts_is_refused_unless_allowed(url, raw, caplog):
         RedisStorage.from_url(url + "&eviction=yes")
 
 
+def test_tls_options_are_refused_when_the_url_is_read_not_when_it_is_opened(url):
+    # redis-py takes them for rediss:// only: ?ssl=true passed router check, then failed
+    # to open with a TypeError.
+    with pytest.raises(ValueError, match="TLS to Redis"):
+        RedisStorage.from_url(url + "&ssl_cert_reqs=required")
+
+
 async def test_a_read_only_replica_is_unavailable_not_a_crash(redis_store, raw):
     # A URL that points at a replica after a failover: every write is refused with READONLY.
     await raw.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there

@@ -442,6 +442,8 @@ class RedisStorage(Storage):
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name == "prefix":
                 prefix = value
+            elif name.startswith("ssl"):  # redis-py takes them for rediss:// only
+                raise ValueError("TLS to Redis (rediss://, ssl options) is not supported yet")
             elif name == "eviction":
                 if value != "allowed":
                     raise ValueError("the eviction option of a redis:// storage URL takes "
