@@ -542,7 +542,7 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
                     if not batch:
                         break
                     leased += len(batch)
-                    await storage.complete([job.id for job in batch])
+                    await storage.complete(batch)
             drain = (time.perf_counter() - wall0, time.process_time() - cpu0)
         finally:
             await storage.close()

@@ -298,7 +298,7 @@ async def test_each_destination_has_its_own_queue(store):
 async def test_complete_forgets_the_jobs(store):
     await accept(store, item("m-1"), item("m-2"))
     jobs = await lease(store)
-    await store.complete(ids(jobs))
+    await store.complete(jobs)
     assert await pending(store) == 0
     assert (await store.stats(now=T0)).queues == {}
     assert await lease(store, now=T0 + LEASE_FOR + 1) == []
@@ -309,7 +309,7 @@ async def test_a_retry_is_due_later_with_its_attempts(store):
     first, second = await lease(store)
     await store.retry([tried(first, T0)], not_before=[T0 + 60], now=T0,
                       failure=Failure("HTTP 503", 503))
-    await store.complete([second.id])
+    await store.complete([second])
     assert await pending(store) == 1
     assert await lease(store, now=T0 + 59) == []
     (again,) = await lease(store, now=T0 + 60)
@@ -343,7 +343,7 @@ async def test_dead_letter_keeps_why_and_replay_goes_to_its_own_destination_only
     await accept(store, item("m-1", destinations=("good", "bad")))
     (good,) = await lease(store, destination="good")
     (bad,) = await lease(store, destination="bad")
-    await store.complete([good.id])
+    await store.complete([good])
     failure = Failure("HTTP 400", 400, {"method": "POST", "url": "https://x.example/in",
                                         "headers": {}}, '{"error": "nope"}')
     await store.dead_letter([tried(bad, T0)], now=T0 + 5, failure=failure)
@@ -470,15 +470,15 @@ async def test_ordered_lease_holds_a_users_later_events_behind_a_retry(store):
     assert [j.message_id for j in heads] == ["a-1", "b-1", "c-1"]
     a1, b1, c1 = heads
     await store.retry([tried(a1, T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
-    await store.complete([b1.id, c1.id])
+    await store.complete([b1, c1])
     # b's next event goes on; a's waits for its first, which waits for its retry
     (b2,) = await lease(store, ordered=True, now=T0 + 1)
     assert b2.message_id == "b-2"
-    await store.complete([b2.id])
+    await store.complete([b2])
     assert await lease(store, ordered=True, now=T0 + 59) == []
     (again,) = await lease(store, ordered=True, now=T0 + 60)
     assert again.message_id == "a-1"
-    await store.complete([again.id])
+    await store.complete([again])
     assert [j.message_id for j in await lease(store, ordered=True, now=T0 + 61)] == ["a-2"]
 
 
@@ -487,7 +487,7 @@ async def test_ordered_lease_holds_a_user_behind_a_leased_event(store):
     (first,) = await lease(store, 1, ordered=True)
     assert await lease(store, ordered=True) == []
     assert [j.message_id for j in await lease(store, ordered=False)] == ["a-2"]
-    await store.complete([first.id])
+    await store.complete([first])
 
 
 async def test_ordered_lease_keeps_users_of_different_destinations_apart(store):
@@ -511,7 +511,7 @@ async def spool(tmp_path: Path):
 async def test_sqlite_reopened_gives_back_every_unfinished_job(spool, tmp_path):
     await accept(spool, *(item(f"m-{n}") for n in range(5)))
     jobs = await lease(spool, 5)
-    await spool.complete([jobs[0].id])
+    await spool.complete([jobs[0]])
     await spool.retry([tried(jobs[1], T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
     await spool.dead_letter([tried(jobs[2], T0)], now=T0, failure=Failure("HTTP 400", 400))
     await spool.close()  # m-3 and m-4 were leased, in flight: the process "died" with them
@@ -562,7 +562,7 @@ async def test_sqlite_never_reuses_a_job_id(spool):
     every job before it is gone."""
     await accept(spool, item("m-1"), item("m-2"))
     first = await lease(spool)
-    await spool.complete(ids(first))
+    await spool.complete(first)
     await accept(spool, item("m-3"))
     (later,) = await lease(spool)
     assert later.message_id == "m-3" and later.id > max(ids(first))
@@ -575,7 +575,7 @@ async def test_sqlite_release_lets_the_jobs_be_read_again_but_not_those_in_fligh
     # the cursor moves back to m-1; m-2, still in flight, is not handed out a second time
     again = await lease(spool)
     assert [j.message_id for j in again] == ["m-1", "m-3"]
-    await spool.complete([jobs[2].id])
+    await spool.complete([jobs[2]])
     assert await lease(spool) == []
 
 
@@ -593,7 +593,7 @@ async def test_sqlite_a_large_accept_is_spooled_in_several_bundles(spool, tmp_pa
     await accept(spool, *(item(f"m-{n}") for n in range(8)))
     assert spool_rows(tmp_path / "spool.db")["bundles"] == 3
     leased = await lease(spool, 5)
-    await spool.complete(ids(leased))
+    await spool.complete(leased)
     # the two jobs settled in the bundle still out are one run: one row
     assert spool_rows(tmp_path / "spool.db") == {"bundles": 2, "settled_runs": 1, "jobs": 0}
     assert [j.message_id for j in await lease(spool)] == ["m-5", "m-6", "m-7"]
@@ -608,12 +608,12 @@ def spool_rows(path: Path) -> dict[str, int]:
 async def test_sqlite_a_bundle_and_its_notes_go_once_every_job_of_it_is_settled(spool, tmp_path):
     await accept(spool, *(item(f"m-{n}") for n in range(4)))
     jobs = await lease(spool, 4)
-    await spool.complete([jobs[0].id])
+    await spool.complete([jobs[0]])
     await spool.retry([tried(jobs[1], T0)], not_before=[T0 + 60], now=T0, failure=Failure("x"))
     assert spool_rows(tmp_path / "spool.db") == {"bundles": 1, "settled_runs": 2, "jobs": 1}
     assert await pending(spool) == 3
     await spool.dead_letter([tried(jobs[2], T0)], now=T0, failure=Failure("HTTP 400", 400))
-    await spool.complete([jobs[3].id])
+    await spool.complete([jobs[3]])
     assert spool_rows(tmp_path / "spool.db") == {"bundles": 0, "settled_runs": 0, "jobs": 1}
     assert await pending(spool) == 1  # the retry
 
@@ -625,7 +625,7 @@ async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay
     await storage.open()
     await accept(storage, *(item(f"m-{n}") for n in range(6)))
     leased = await lease(storage, 6)
-    await storage.complete([leased[0].id, leased[1].id, leased[3].id])
+    await storage.complete([leased[0], leased[1], leased[3]])
     await storage.close()
     with sqlite3.connect(path) as connection:  # as the version before runs wrote it
         runs = connection.execute("SELECT first, last FROM settled_runs").fetchall()
@@ -663,7 +663,7 @@ async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_p
         leased = await lease(storage, now=T0 + 1)
         assert [j.message_id for j in leased] == ["old-1", "old-2", "new-1"]
         assert leased[0].body == b"{}" and leased[2].id > leased[1].id
-        await storage.complete(ids(leased))
+        await storage.complete(leased)
         assert await pending(storage) == 0
     finally:
         await storage.close()
@@ -672,7 +672,7 @@ async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_p
 async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(spool, tmp_path):
     await accept(spool, item("m-1"), item("m-2"))
     first, second = await lease(spool)
-    await spool.complete([first.id])
+    await spool.complete([first])
     await spool.dead_letter([second], now=T0, failure=Failure("HTTP 400", 400))
     cli = SqliteStorage(tmp_path / "spool.db")  # `router dlq replay` while the router runs
     await cli.open(recover=False)
@@ -710,7 +710,7 @@ async def test_two_instances_share_the_work_and_never_lease_the_same_job(redis_s
     async def work(name: str, storage: RedisStorage) -> None:
         while jobs := await lease(storage, 7):
             taken[name].extend(ids(jobs))
-            await storage.complete(ids(jobs))
+            await storage.complete(jobs)
             await asyncio.sleep(0)
 
     try:
@@ -747,11 +747,11 @@ async def test_the_leases_of_a_dead_instance_are_taken_over_once_they_lapse(redi
         assert await pending(redis_store) == 5
         # ... but a late success still counts: the job was delivered, so it is forgotten
         # (the survivor's own completion of it is then a no-op).
-        await dead.complete([held[0].id])
+        await dead.complete([held[0]])
         assert await pending(redis_store) == 4
         await survivor.retry([tried(taken[0], T0 + LEASE_FOR)], not_before=[T0],
                              now=T0 + LEASE_FOR, failure=Failure("x"))
-        await survivor.complete(ids(taken) + ids(rest))
+        await survivor.complete(taken + rest)
         assert await pending(redis_store) == 0
     finally:
         await dead.close()
@@ -858,6 +858,22 @@ def test_tls_options_are_refused_when_the_url_is_read_not_when_it_is_opened(url)
         RedisStorage.from_url(url + "&ssl_cert_reqs=required")
 
 
+async def test_completing_after_redis_lost_its_writes_spares_the_new_jobs(redis_store, raw):
+    # Redis restarted without AOF: its id counter starts again, and the ids a router holds
+    # for jobs it delivered before now name new jobs. Completing the old ones deleted the
+    # new, accepted events, without a word.
+    await accept(redis_store, item("old-1"), item("old-2"))
+    delivered = await lease(redis_store)
+    async for key in raw.scan_iter(f"{redis_store.prefix}:*"):  # the writes Redis lost
+        await raw.delete(key)
+    await accept(redis_store, item("new-1"), item("new-2"))
+    await redis_store.complete(delivered)
+    assert await pending(redis_store) == 2
+    again = await lease(redis_store)
+    assert ids(again) == ids(delivered)  # the same ids, handed out again
+    assert [job.message_id for job in again] == ["new-1", "new-2"]
+
+
 async def test_a_read_only_replica_is_unavailable_not_a_crash(redis_store, raw):
     # A URL that points at a replica after a failover: every write is refused with READONLY.
     await raw.execute_command("REPLICAOF", "127.0.0.1", "1")  # a primary that is not there
@@ -954,7 +970,8 @@ class RedisMatchesMemory(RuleBasedStateMachine):
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
         chosen = self.pick(data, several=True)
-        self.both("complete", chosen)
+        self.run(self.redis.complete([self.held[job_id][0] for job_id in chosen]))
+        self.run(self.memory.complete([self.held[job_id][1] for job_id in chosen]))
         for job_id in chosen:
             del self.held[job_id]
 
@@ -1156,7 +1173,7 @@ class SqliteSpoolKeepsEveryJob(RuleBasedStateMachine):
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
         chosen = self.pick(data)
-        self.run(self.store.complete(chosen))
+        self.run(self.store.complete([self.held[job_id] for job_id in chosen]))
         for job_id in chosen:
             job = self.held.pop(job_id)
             del self.pending[(job.destination, job.message_id)]

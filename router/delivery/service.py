@@ -233,7 +233,7 @@ class DestinationWorker:
             return
         delivered, self.delivered = self.delivered, []
         try:
-            await self.storage.complete([job.id for job in delivered])
+            await self.storage.complete(delivered)
         except BaseException:
             self.delivered[:0] = delivered
             raise

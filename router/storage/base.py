@@ -139,8 +139,10 @@ class Storage(ABC):
         one at a time, in order, while other users' events go on."""
 
     @abstractmethod
-    async def complete(self, job_ids: Sequence[int | str]) -> None:
-        """Delivered: forget the jobs."""
+    async def complete(self, jobs: Sequence[Job]) -> None:
+        """Delivered: forget the jobs. Jobs, not ids: a backend whose ids can be handed out
+        again (Redis, after it loses writes) forgets only the job that still carries the
+        delivered event's ``message_id``."""
 
     @abstractmethod
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,

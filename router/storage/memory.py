@@ -66,9 +66,9 @@ class MemoryStorage(Storage):
                     break
         return taken
 
-    async def complete(self, job_ids: Sequence[int | str]) -> None:
-        for job_id in job_ids:
-            self._forget(job_id)
+    async def complete(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self._forget(job.id)
 
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:

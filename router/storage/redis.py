@@ -248,13 +248,15 @@ return moved
 
 COMPLETE = _HELPERS + """
 -- complete: the jobs were delivered; forget them in whatever state they are. Deliberately
--- not restricted to the caller's lease: a success is final, and an id is never reused, so
--- a late completion by a process whose lease lapsed only saves a duplicate.
--- ARGV: prefix, ids... Returns how many were found.
+-- not restricted to the caller's lease: a success is final, so a late completion by a
+-- process whose lease lapsed only saves a duplicate. But only a job that still carries the
+-- delivered event's messageId: after Redis loses writes, its id counter may hand an id out
+-- again, and the new job must not go with the old one.
+-- ARGV: prefix, then id and messageId pairs. Returns how many were found.
 local done = 0
-for a = 2, #ARGV do
-  local f = redis.call('HMGET', job_key(ARGV[a]), 'destination', 'user_key')
-  if f[1] then
+for a = 2, #ARGV, 2 do
+  local f = redis.call('HMGET', job_key(ARGV[a]), 'destination', 'user_key', 'message_id')
+  if f[1] and f[3] == ARGV[a + 1] then
     forget(ARGV[a], f[1], f[2])
     done = done + 1
   end
@@ -605,9 +607,10 @@ class RedisStorage(Storage):
                     bytes(row[4]), float(row[5]), int(row[6]),
                     float(row[7]) if row[7] is not None else None) for row in rows]
 
-    async def complete(self, job_ids: Sequence[int | str]) -> None:
-        if job_ids:
-            await self._run("complete", [str(job_id) for job_id in job_ids])
+    async def complete(self, jobs: Sequence[Job]) -> None:
+        if jobs:
+            await self._run("complete", [value for job in jobs
+                                         for value in (str(job.id), job.message_id)])
 
     async def retry(self, jobs: Sequence[Job], *, not_before: Sequence[float], now: float,
                     failure: Failure) -> None:

@@ -531,7 +531,9 @@ class SqliteStorage(Storage):
                                        (bundle.first_id, bundle.id))
         return others
 
-    async def complete(self, job_ids: Sequence[int | str]) -> None:
+    async def complete(self, jobs: Sequence[Job]) -> None:
+        job_ids = [job.id for job in jobs]
+
         def operation(connection: sqlite3.Connection) -> None:
             others = self._settle(connection, job_ids)
             for start in range(0, len(others), 500):
