@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from router.config import load_config, parse_duration
+from router.config import LoadedConfig, load_config, parse_duration
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import ConfigError, SpoolInUse
@@ -24,7 +24,7 @@ from router.input import Unreadable, UnreadableDocument, read_events
 from router.redaction import Masker, redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
-from router.storage.base import DeadLetterFilter
+from router.storage.base import DeadLetterFilter, Storage
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 DEAD_LETTERED = "dead-lettered"
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config, load its plugins and templates")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument("--storage", action="store_true",
+                       help="also open the storage: a Redis that can be reached and keeps "
+                            "its data, a SQLite file that can be written")
     check.set_defaults(run=check_command)
 
     send = commands.add_parser("send", help="route events from a file or stdin")
@@ -125,7 +128,18 @@ def check_command(args: argparse.Namespace) -> int:
     disabled = [d.name for d in config.destinations if not d.enabled]
     if disabled:
         print(f"  disabled: {', '.join(disabled)}")
+    if args.storage:
+        asyncio.run(_open_and_close(loaded, router.storage))
+        print("  storage: opened (it can be reached and used as configured)")
     return EXIT_OK
+
+
+async def _open_and_close(loaded: LoadedConfig, storage: Storage) -> None:
+    """Open the storage as a router would, without taking back any leases; ``ConfigError``
+    at the ``storage`` line if it cannot be (down, a wrong password, a Redis that evicts
+    keys, a directory that cannot be written)."""
+    await loaded.open_storage(storage, recover=False)
+    await storage.close()
 
 
 # -- send -------------------------------------------------------------------------------------

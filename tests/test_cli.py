@@ -358,6 +358,38 @@ def test_check_does_not_print_the_storage_password(tmp_path):
     assert_no_secret(completed)
 
 
+def test_check_with_storage_opens_it_and_says_what_is_wrong_at_its_line(tmp_path):
+    # Offline by default; with --storage, what `router serve` would meet at start.
+    (tmp_path / "router.yaml").write_text("storage: sqlite:////proc/no-such/router.db\n")
+    assert run("check", "-c", "router.yaml", cwd=tmp_path).returncode == 0
+    completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "router.yaml:1: storage: cannot open the storage" in completed.stderr
+    (tmp_path / "router.yaml").write_text("storage: sqlite:///var/router.db\n")
+    completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert "storage: opened" in completed.stdout
+
+
+def test_check_with_storage_refuses_a_redis_that_evicts(tmp_path):
+    from tests.redis_helpers import start_redis_server, stop
+
+    import redis
+
+    (tmp_path / "redis").mkdir()
+    process, port = start_redis_server(tmp_path / "redis")
+    try:
+        with redis.Redis(port=port) as client:
+            client.config_set("maxmemory-policy", "allkeys-lru")
+        (tmp_path / "router.yaml").write_text(f"storage: redis://127.0.0.1:{port}/0\n")
+        completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
+    finally:
+        stop(process)
+    assert completed.returncode == 1
+    assert "router.yaml:1: storage:" in completed.stderr
+    assert "maxmemory-policy is allkeys-lru" in completed.stderr
+
+
 # -- plugins ---------------------------------------------------------------------------------------
 
 def test_plugins_lists_webhook_with_its_settings(tmp_path):
