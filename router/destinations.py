@@ -8,12 +8,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from router.config import DestinationConfig, LoadedConfig, RouterConfig
 from router.delivery.egress import EgressPolicy, check_url
 from router.destination import DeliveryDefaults, Destination, Payload
-from router.errors import ConfigError
+from router.errors import PLUGIN_FAILURES, ConfigError
 from router.events import Event
 from router.filters import EventFilter
 from router.redaction import Masker, secret_values, values_found_in
@@ -38,10 +38,18 @@ class ConfiguredDestination:
     masker: Masker = field(default_factory=Masker)
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
-        """The adapter's translation, after the operator's mapping overrides."""
+        """The adapter's translation, after the operator's mapping overrides. What it returns
+        is checked here, where a mistake costs only this event: a payload of the wrong type,
+        or a group that is not a string, would otherwise break the destination's batching
+        later, for every event queued behind it."""
         if self.renames or self.property_templates:
             event = self._apply_mapping(event)
-        return self.adapter.translate(event, options)
+        payloads = self.adapter.translate(event, options)
+        if not isinstance(payloads, (list, tuple)) or not all(
+                isinstance(payload, Payload) and isinstance(payload.group, str)
+                for payload in payloads):
+            raise TypeError("translate must return a list of Payload, each with a str group")
+        return payloads
 
     def _apply_mapping(self, event: Event) -> Event:
         update: dict[str, Any] = {}
@@ -82,18 +90,38 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         plugin = registry.get(entry.plugin)
     except ConfigError as exc:
         raise source.error((*path, "plugin"), exc.message) from None
+    from_environment = values_found_in(entry.settings, loaded.environment_values)
+
+    def broken(exc: BaseException, where: str, settings: BaseModel | None = None
+               ) -> ConfigError:
+        """A plugin that fails in its own code: its message masked (it may quote a secret),
+        with the plugin named, and no traceback."""
+        masker = Masker([*from_environment, *(secret_values(settings) if settings else ())])
+        return source.error((*path, "settings"), masker.mask(
+            f"{entry.plugin} ({plugin.package} {plugin.version}) failed {where}: "
+            f"{type(exc).__name__}: {exc}"))
+
     try:
         settings = plugin.cls.Settings.model_validate(entry.settings)
     except ValidationError as exc:
         raise source.validation_error(exc, (*path, "settings")) from None
+    except PLUGIN_FAILURES as exc:
+        raise broken(exc, "checking its settings") from None
     try:
         adapter = plugin.cls(settings)
     except ConfigError as exc:
         raise source.error((*path, *(exc.field or "settings").split(".")), exc.message) from None
     except (ValueError, TypeError) as exc:
-        raise source.error((*path, "settings"), f"{entry.plugin}: {exc}") from None
+        masker = Masker([*secret_values(settings), *from_environment])
+        raise source.error((*path, "settings"), masker.mask(f"{entry.plugin}: {exc}")) from None
+    except PLUGIN_FAILURES as exc:
+        raise broken(exc, "to start", settings) from None
+    try:
+        endpoints = [str(url) for url in adapter.endpoints()]
+    except PLUGIN_FAILURES as exc:
+        raise broken(exc, "to list its endpoints", settings) from None
 
-    for url in adapter.endpoints():
+    for url in endpoints:
         refused = check_url(url, egress)
         if refused:
             raise source.error((*path, "settings", *_setting_of(entry.settings, url)),
@@ -128,8 +156,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         default_on=entry.default_on,
         event_filter=EventFilter(entry.filter) if entry.filter else None,
         renames=dict(entry.mapping.event_names), property_templates=templates,
-        masker=Masker([*secret_values(settings),
-                       *values_found_in(entry.settings, loaded.environment_values)]))
+        masker=Masker([*secret_values(settings), *from_environment]))
 
 
 def _egress_hint(reason: str) -> str:

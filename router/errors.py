@@ -7,6 +7,8 @@ to dry-run output, dead letters, logs and metrics.
 
 from __future__ import annotations
 
+import asyncio
+
 
 class RouterError(Exception):
     """Base class of every error the router raises on purpose."""
@@ -92,3 +94,10 @@ class RetryableError(DestinationError):
 class PermanentError(DestinationError):
     """Sending failed and will fail again unchanged (400, 401, 404, ...). The event goes to
     the dead-letter store at once, with this reason."""
+
+
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit, GeneratorExit,
+                                                    asyncio.CancelledError)
+"""What a plugin's (synchronous) hook may raise that must cost only its own events: every
+exception but ``KeyboardInterrupt``. A ``SystemExit`` or ``CancelledError`` raised inside a
+plugin is the plugin's doing, not the process's or the task's."""

@@ -24,7 +24,7 @@ from router.destination import HttpRequest, Payload
 from router.delivery.batching import oversized
 from router.delivery.telemetry import DeliveryMetrics
 from router.destinations import ConfiguredDestination, build_destinations, egress_policy
-from router.errors import EventRejected, InvalidEvent, SkipEvent
+from router.errors import PLUGIN_FAILURES, EventRejected, InvalidEvent, SkipEvent
 from router.events import Event, parse_event
 from router.integrations import IntegrationsMap
 from router.registry import Registry, create_registry
@@ -262,7 +262,7 @@ class Router:
             return DestinationResult(name, Status.SKIPPED, exc.reason)
         except EventRejected as exc:
             return DestinationResult(name, Status.INVALID, exc.reason)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin costs only its own events
+        except PLUGIN_FAILURES as exc:  # a broken plugin costs only its own events
             # The message may quote settings: masked, and no traceback (it shows values too).
             log.error("destination %s failed to translate event %s: %s", name, event.messageId,
                       destination.masker.mask(f"{type(exc).__name__}: {exc}"))

@@ -13,9 +13,11 @@ import asyncio
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from router.delivery import retry
 from router.delivery.batching import batches, from_spool
@@ -26,7 +28,7 @@ from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import Transport
 from router.destination import HttpRequest, HttpResponse, Outcome, Payload
 from router.destinations import ConfiguredDestination
-from router.errors import DestinationError, PermanentError, RetryableError
+from router.errors import PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError
 from router.storage.base import DeadLetterFilter, Failure, Job, Storage
 
 log = logging.getLogger("router.delivery")
@@ -198,10 +200,21 @@ class DestinationWorker:
                 await self._deliver(batch)
             except Exception:  # noqa: BLE001 - a bug here must not stop the sender
                 log.exception("destination %s: delivery failed", self.name)
+                await self._retry_after_a_bug(batch)
             finally:
                 del self.in_flight[number]
                 if not self.in_flight:
                     self.all_sent.set()
+
+    async def _retry_after_a_bug(self, batch: list[Job]) -> None:
+        """Count an attempt that failed on a bug as a failed attempt, to be retried with
+        backoff and dead-lettered after ``max_attempts``: left alone, the jobs would stay
+        leased with nothing recorded (on SQLite, until the next start)."""
+        reason = "the router failed to deliver it (a bug: the router's log has the details)"
+        try:
+            await self._record(batch, [(RetryableError(reason), Failure(reason))] * len(batch))
+        except Exception:  # noqa: BLE001 - the storage too: the jobs wait for the next start
+            log.exception("destination %s: cannot record the failed delivery", self.name)
 
     async def finish(self, grace: float) -> None:
         """After ``run`` has ended: wait up to ``grace`` for requests in flight, record what
@@ -328,17 +341,19 @@ class DestinationWorker:
         If both halves are refused whole too, the fault is not in an event (a bad key, say)
         and splitting stops; otherwise the refused half is split again, down to the event."""
         adapter = self.destination.adapter
-        payloads = [from_spool(job.body, job.group, opaque=adapter.opaque_bodies)
-                    for job in batch]
         try:
-            request = adapter.build_request(payloads)
+            payloads = [from_spool(job.body, job.group, opaque=adapter.opaque_bodies)
+                        for job in batch]
+            request = _checked(adapter.build_request(payloads))
         except DestinationError as exc:
             outcome = exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)
             return [(outcome, Failure(self.destination.masker.mask(exc.reason)))] * len(batch)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin fails its own jobs only
+        except PLUGIN_FAILURES as exc:  # a broken plugin fails its own jobs only
+            if may_split and len(batch) > 1:  # perhaps one event's fault: find it
+                return await self._split(batch, None, always=True)
             reason = (f"{self.destination.plugin.name} failed to build a request: "
                       f"{type(exc).__name__}")
-            log.exception("destination %s: %s", self.name, reason)
+            self._log_plugin_failure(reason, exc)
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
         await self.limiter.acquire()
@@ -394,13 +409,11 @@ class DestinationWorker:
         now = time.time()
         try:
             judged = self.destination.adapter.read_response(payloads, response)
-        except Exception:  # noqa: BLE001 - fall back to the status when the plugin breaks
-            log.exception("destination %s: read_response failed", self.name)
-            judged = None
-        if judged is not None and len(judged) != len(payloads):
-            log.error("destination %s: read_response returned %d outcomes for %d payloads; "
-                      "judging HTTP %d by its status instead", self.name, len(judged),
-                      len(payloads), response.status)
+            if judged is not None:
+                judged = _checked_outcomes(judged, len(payloads))
+        except PLUGIN_FAILURES as exc:  # fall back to the status when the plugin breaks
+            self._log_plugin_failure(f"read_response failed; judging HTTP {response.status} "
+                                     "by its status instead", exc)
             judged = None
         if judged is not None:
             outcomes = list(judged)
@@ -413,6 +426,11 @@ class DestinationWorker:
             if waits and len(waits) == len(outcomes):
                 self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
         return outcomes
+
+    def _log_plugin_failure(self, what: str, exc: BaseException) -> None:
+        """One line, the plugin's message masked and no traceback: it may quote settings."""
+        log.error("destination %s: %s: %s", self.name, what,
+                  self.destination.masker.mask(f"{type(exc).__name__}: {exc}"))
 
     def _failure(self, reason: str, request: HttpRequest, response: HttpResponse | None
                  ) -> Failure:
@@ -484,3 +502,48 @@ def _group_of(job: Job) -> str:
 
 def _size_of(job: Job) -> int:
     return len(job.body)
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+"""An HTTP method or header name (RFC 9110's token)."""
+
+
+def _checked(request: Any) -> HttpRequest:
+    """``build_request``'s answer, if it is a request that can be sent as it is; else a
+    ``TypeError``/``ValueError`` that fails the batch with the plugin's name, instead of an
+    error deep in the transport that would leave the jobs leased and unrecorded."""
+    if not isinstance(request, HttpRequest):
+        raise TypeError(f"build_request returned {type(request).__name__}, not an HttpRequest")
+    if not isinstance(request.method, str) or not _TOKEN.match(request.method):
+        raise ValueError("build_request returned a request whose method is not an HTTP token")
+    if not isinstance(request.url, str):
+        raise TypeError("build_request returned a request whose URL is not a str")
+    for name, value in request.headers.items():
+        if not isinstance(name, str) or not isinstance(value, str) or not _TOKEN.match(name) \
+                or "\r" in value or "\n" in value:
+            raise ValueError("build_request returned a header that is not a str name and "
+                             "value without line breaks")
+    if request.body is not None and not isinstance(request.body, (bytes, str)):
+        raise TypeError("build_request returned a body that is not bytes")
+    return request
+
+
+def _checked_outcomes(judged: Any, count: int) -> list[Outcome]:
+    """``read_response``'s outcomes, one per payload, each None or a ``RetryableError`` or
+    ``PermanentError`` with a str reason (and a numeric ``retry_after``)."""
+    outcomes = list(judged)
+    if len(outcomes) != count:
+        raise ValueError(f"read_response returned {len(outcomes)} outcomes for {count} "
+                         "payloads")
+    for outcome in outcomes:
+        if outcome is None:
+            continue
+        if not isinstance(outcome, (RetryableError, PermanentError)) or \
+                not isinstance(outcome.reason, str):
+            raise TypeError("read_response returned an outcome that is not None, "
+                            "RetryableError or PermanentError with a str reason")
+        retry_after = getattr(outcome, "retry_after", None)
+        if retry_after is not None and (isinstance(retry_after, bool) or
+                                        not isinstance(retry_after, (int, float))):
+            raise TypeError("read_response returned a retry_after that is not a number")
+    return outcomes

@@ -69,8 +69,8 @@ class Transport:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
                 aiohttp.ClientOSError) as exc:
             raise RetryableError(f"connection lost: {type(exc).__name__}: {exc}") from None
-        except aiohttp.InvalidUrlClientError as exc:  # sending it again cannot help
-            raise PermanentError(f"invalid URL: {exc}") from None
+        except (aiohttp.InvalidUrlClientError, aiohttp.NonHttpUrlClientError) as exc:
+            raise PermanentError(f"invalid URL: {exc}") from None  # again would not help
         except aiohttp.ClientError as exc:
             raise RetryableError(f"request failed: {type(exc).__name__}: {exc}") from None
 
