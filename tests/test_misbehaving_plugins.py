@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,8 +17,8 @@ from router import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Pay
 from router.config import parse_config
 from router.errors import ConfigError
 from router.registry import create_registry
-from router.routing import Router, Status
-from router.storage.base import DeadLetterFilter
+from router.routing import RouteResult, Router, Status
+from router.storage.base import DeadLetter, DeadLetterFilter
 from router.testing import FakeDestinationServer
 from tests.delivery_helpers import FAST_RETRIES, track
 
@@ -96,62 +97,62 @@ def router_with(tmp_path, server_url: str, bug: str) -> Router:
     return Router(loaded, registry=create_registry(extra_plugins=(BuggyPlugin(),)))
 
 
-def sent_numbers(server: FakeDestinationServer, path: str) -> list[int]:
-    return sorted(n for request in server.requests_to(path) for n in request.json)
+@dataclass
+class Run:
+    results: list[RouteResult]
+    server: FakeDestinationServer
+    letters: list[DeadLetter]
+    delivered: float
+    """Jobs of the buggy destination delivered, as the metrics count them."""
+
+    def sent(self, path: str) -> list[int]:
+        return sorted(n for request in self.server.requests_to(path) for n in request.json)
+
+
+async def run(tmp_path, bug: str, count: int) -> Run:
+    """``count`` events through a router whose ``buggy`` destination has ``bug``, beside a
+    healthy webhook, until nothing is left to deliver."""
+    async with FakeDestinationServer() as server:
+        router = router_with(tmp_path, server.url, bug)
+        async with router:
+            results = await router.route_many([track(n) for n in range(count)])
+            assert await router.drain(timeout=20)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+            delivered = router.delivery_metrics.delivered.get("buggy")
+    assert len(server.requests_to("/good")) == count  # the healthy destination: everything
+    return Run(results, server, letters, delivered)
 
 
 @pytest.mark.parametrize("bug", ["group", "exit"])
 async def test_a_translation_bug_costs_that_event_for_that_destination(tmp_path, bug):
     # A group that is not a str once killed the destination's batching for every event
     # after it; a SystemExit from translate ended intake for everyone.
-    async with FakeDestinationServer() as server:
-        router = router_with(tmp_path, server.url, bug)
-        async with router:
-            results = await router.route_many([track(n, properties={"n": n})
-                                               for n in range(5)])
-            assert await router.drain(timeout=20)
-    assert results[2].status_of("buggy").status is Status.INVALID
-    assert "buggy failed" in results[2].status_of("buggy").reason
-    assert sent_numbers(server, "/buggy") == [0, 1, 3, 4]
-    assert len(server.requests_to("/good")) == 5
+    done = await run(tmp_path, bug, 5)
+    assert done.results[2].status_of("buggy").status is Status.INVALID
+    assert "buggy failed" in done.results[2].status_of("buggy").reason
+    assert done.sent("/buggy") == [0, 1, 3, 4]
 
 
 async def test_a_request_that_cannot_be_built_is_dead_lettered_not_left_leased(tmp_path):
     # build_request returned None: the batch once failed deep in the transport, stayed
     # leased with nothing recorded, and drain() never ended.
-    async with FakeDestinationServer() as server:
-        router = router_with(tmp_path, server.url, "none")
-        async with router:
-            await router.route_many([track(n, properties={"n": n}) for n in range(3)])
-            assert await router.drain(timeout=20)
-            letters = await router.storage.dead_letters(DeadLetterFilter(destination="buggy"))
-    assert len(letters) == 3
+    done = await run(tmp_path, "none", 3)
+    assert len(done.letters) == 3
     assert all("buggy failed to build a request: TypeError" in letter.reason
-               for letter in letters)
-    assert len(server.requests_to("/good")) == 3
+               for letter in done.letters)
 
 
 async def test_one_event_a_plugin_cannot_send_costs_only_that_event(tmp_path, caplog):
-    async with FakeDestinationServer() as server:
-        router = router_with(tmp_path, server.url, "one event")
-        with caplog.at_level(logging.ERROR, logger="router.delivery"):
-            async with router:
-                await router.route_many([track(n, properties={"n": n}) for n in range(6)])
-                assert await router.drain(timeout=20)
-                letters = await router.storage.dead_letters(DeadLetterFilter())
-    assert sent_numbers(server, "/buggy") == [0, 1, 3, 4, 5]  # the batch split around it
-    assert [letter.message_id for letter in letters] == ["m-2"]
+    with caplog.at_level(logging.ERROR, logger="router.delivery"):
+        done = await run(tmp_path, "one event", 6)
+    assert done.sent("/buggy") == [0, 1, 3, 4, 5]  # the batch split around it
+    assert [letter.message_id for letter in done.letters] == ["m-2"]
     assert "cannot send event 2" in caplog.text and TOKEN not in caplog.text
 
 
 async def test_outcomes_that_are_not_outcomes_are_judged_by_the_status(tmp_path):
-    async with FakeDestinationServer() as server:
-        router = router_with(tmp_path, server.url, "outcomes")
-        async with router:
-            await router.route_many([track(n, properties={"n": n}) for n in range(3)])
-            assert await router.drain(timeout=20)
-            assert not await router.storage.dead_letters(DeadLetterFilter())
-            assert router.delivery_metrics.delivered.get("buggy") == 3
+    done = await run(tmp_path, "outcomes", 3)
+    assert (done.letters, done.delivered) == ([], 3)
 
 
 @pytest.mark.parametrize("bug, where", [
