@@ -21,13 +21,12 @@ from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import ConfigError, SpoolInUse
 from router.input import Unreadable, UnreadableDocument, read_events
-from router.redaction import Masker, redacted_url
+from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
 from router.storage.base import DeadLetterFilter, Storage
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
-DEAD_LETTERED = "dead-lettered"
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 """Files read as JSON Lines whatever their first line holds."""
 
@@ -152,15 +151,14 @@ def send_command(args: argparse.Namespace) -> int:
     except UnreadableDocument as exc:  # nothing is sent from a file cut short
         raise ConfigError(f"cannot read events: {exc}; nothing was sent",
                           file="stdin" if args.input == "-" else args.input) from None
+    dead_lettered = 0
     if args.dry_run:
         results = dry_run(router, items, source=args.source)
     else:
-        results = asyncio.run(_send(router, items, args.source, args.wait))
+        results, dead_lettered = asyncio.run(_send(router, items, args.source, args.wait))
     printer = _print_json if args.json else _print_table
     for index, result in enumerate(results):
         printer(router, index, result, sys.stdout, requests=args.dry_run)
-    dead_lettered = any(item.reason.startswith(DEAD_LETTERED)
-                        for result in results for item in result.results)
     return EXIT_PROBLEM if dead_lettered or any(r.invalid for r in results) else EXIT_OK
 
 
@@ -207,7 +205,10 @@ def _egress_checked(router: Router, item: DestinationResult) -> DestinationResul
     return item
 
 
-async def _send(router: Router, items: list[Any], source: str, wait: float) -> list[RouteResult]:
+async def _send(router: Router, items: list[Any], source: str, wait: float
+                ) -> tuple[list[RouteResult], int]:
+    """The events routed, and how many of their deliveries were dead-lettered within
+    ``wait``."""
     try:
         await router.start()
     except SpoolInUse:  # `router serve` delivers from this spool: leave the events to it
@@ -215,6 +216,7 @@ async def _send(router: Router, items: list[Any], source: str, wait: float) -> l
               "it", file=sys.stderr)
         router = Router(router.loaded, registry=router.registry, deliver=False)
         await router.start()
+    dead_lettered = 0
     try:
         started = time.time()
         events = [item for item in items if not isinstance(item, Unreadable)]
@@ -223,31 +225,35 @@ async def _send(router: Router, items: list[Any], source: str, wait: float) -> l
                    for item in items]
         if router.delivers:
             drained = await router.drain(timeout=wait)
-            await _note_outcomes(router, results, since=started, drained=drained, wait=wait)
+            dead_lettered = await _note_outcomes(router, results, since=started,
+                                                 drained=drained, wait=wait)
     finally:
         await router.close()
-    return results
+    return results, dead_lettered
 
 
 async def _note_outcomes(router: Router, results: list[RouteResult], *, since: float,
-                         drained: bool, wait: float) -> None:
+                         drained: bool, wait: float) -> int:
     """Say in each sent result what became of it within ``--wait``: delivered, dead-lettered
-    (with why), or still queued; the command's exit status follows."""
+    (with why), or still queued. Returns how many were dead-lettered."""
     sent = [(result, item) for result in results for item in result.results
             if item.status is Status.SEND and item.destination]
     failed = {(letter.destination, letter.message_id): letter.reason for letter in
               await router.storage.dead_letters(DeadLetterFilter(since=since),
                                                 limit=max(1, len(sent) * 2))}
+    dead_lettered = 0
     for result, item in sent:
         reason = failed.get((item.destination, result.message_id))
         if reason is not None:
             masker = router.destination(item.destination).masker
-            item.reason = f"{DEAD_LETTERED}: {masker.mask(reason)}"
+            item.reason = f"dead-lettered: {masker.mask(reason)}"
+            dead_lettered += 1
         elif drained:
             item.reason = "delivered"
         else:
             item.reason = (f"still queued after --wait {wait:g}s; delivered by the next "
                            "router to run on this storage")
+    return dead_lettered
 
 
 def _unreadable(item: Unreadable) -> RouteResult:
@@ -256,24 +262,9 @@ def _unreadable(item: Unreadable) -> RouteResult:
 
 def _request_json(router: Router, destination: str, request: HttpRequest) -> dict[str, Any]:
     masker = router.destination(destination).masker
-    body: Any = None
-    if request.body is not None:
-        try:  # masked once decoded: a secret with a quote in it is escaped in the JSON text
-            body = _masked_strings(orjson.loads(request.body), masker)
-        except orjson.JSONDecodeError:
-            body = masker.mask(request.body.decode("utf-8", errors="replace"))
+    body = None if request.body is None else masker.mask_json(request.body)
     return {"method": request.method, "url": masker.mask_url(request.url),
             "headers": masker.mask_headers(request.headers), "body": body}
-
-
-def _masked_strings(value: Any, masker: Masker) -> Any:
-    if isinstance(value, str):
-        return masker.mask(value)
-    if isinstance(value, dict):
-        return {masker.mask(key): _masked_strings(item, masker) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_masked_strings(item, masker) for item in value]
-    return value
 
 
 def _print_json(router: Router, index: int, result: RouteResult, out: TextIO, *,

@@ -69,16 +69,11 @@ def _masker_of(loaded: LoadedConfig) -> Masker:
 
 
 def _as_json(letter: DeadLetter, masker: Masker) -> dict[str, object]:
-    shown = masker.mask(letter.body.decode("utf-8", errors="replace"))
-    try:
-        payload: object = orjson.loads(shown)
-    except orjson.JSONDecodeError:
-        payload = shown
     return {"id": letter.id, "destination": letter.destination, "message_id": letter.message_id,
             "attempts": letter.attempts, "failed_at": _time(letter.failed_at),
             "accepted_at": _time(letter.created_at), "reason": letter.reason,
             "status": letter.status, "request": letter.request, "response": letter.response,
-            "payload": payload}
+            "payload": masker.mask_json(letter.body)}
 
 
 def _as_line(letter: DeadLetter) -> str:

@@ -85,6 +85,66 @@ Outcome = DestinationError | None
 ``PermanentError`` saying why."""
 
 
+# -- what each method must return ------------------------------------------------------------
+# Checked by the core where it calls the method (a mistake then costs only the plugin's own
+# events) and by the conformance suite (which adds stricter rules of style). Each returns
+# what is wrong, worded to follow "<method> returned", or None.
+
+_TOKEN_CHARACTERS = frozenset("!#$%&'*+-.^_`|~0123456789"
+                              "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+"""What an HTTP method or header name may be made of (RFC 9110's ``token``)."""
+
+
+def payloads_problem(payloads: Any) -> str | None:
+    """``translate`` must return a list of ``Payload``, each with a ``str`` group: anything
+    else would break the batching of every event queued behind it."""
+    if not isinstance(payloads, (list, tuple)):
+        return f"{type(payloads).__name__}, not a list of Payload"
+    for index, payload in enumerate(payloads):
+        if not isinstance(payload, Payload) or not isinstance(payload.group, str):
+            return f"item {index} {payload!r:.200}, not a Payload with a str group"
+    return None
+
+
+def request_problem(request: Any) -> str | None:
+    """``build_request`` must return an ``HttpRequest`` that can be sent as it is."""
+    if not isinstance(request, HttpRequest):
+        return f"{type(request).__name__}, not an HttpRequest"
+    if not _is_token(request.method):
+        return f"a method {request.method!r:.40} that is not an HTTP token"
+    if not isinstance(request.url, str):
+        return f"a {type(request.url).__name__} URL, not a str"
+    if not isinstance(request.headers, Mapping) or not all(
+            _is_token(name) and isinstance(value, str) and "\r" not in value
+            and "\n" not in value for name, value in request.headers.items()):
+        return "headers that are not str names and values without line breaks"
+    if request.body is not None and not isinstance(request.body, (bytes, str)):
+        return f"a {type(request.body).__name__} body, not bytes"
+    return None
+
+
+def outcomes_problem(outcomes: list[Any], count: int) -> str | None:
+    """``read_response`` must return one outcome a payload: None, or a ``DestinationError``
+    with a ``str`` reason (and, when it has one, a numeric ``retry_after``)."""
+    if len(outcomes) != count:
+        return f"{len(outcomes)} outcomes for {count} payloads"
+    for outcome in outcomes:
+        if outcome is None:
+            continue
+        if not isinstance(outcome, DestinationError) or not isinstance(outcome.reason, str):
+            return (f"{outcome!r:.200}; expected None, RetryableError or PermanentError with "
+                    "a str reason")
+        retry_after = getattr(outcome, "retry_after", None)
+        if retry_after is not None and (isinstance(retry_after, bool) or
+                                        not isinstance(retry_after, (int, float))):
+            return f"a retry_after {retry_after!r:.40} that is not a number"
+    return None
+
+
+def _is_token(text: Any) -> bool:
+    return isinstance(text, str) and bool(text) and not set(text) - _TOKEN_CHARACTERS
+
+
 class DeliveryDefaults(BaseModel):
     """A destination's documented delivery limits, declared as data. Operators may override
     each one in the ``delivery`` section of the destination's config, except that

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from router.config import DestinationConfig, LoadedConfig, RouterConfig
 from router.delivery.egress import EgressPolicy, check_url
-from router.destination import DeliveryDefaults, Destination, Payload
+from router.destination import DeliveryDefaults, Destination, Payload, payloads_problem
 from router.errors import PLUGIN_FAILURES, ConfigError
 from router.events import Event
 from router.filters import EventFilter
@@ -45,10 +45,9 @@ class ConfiguredDestination:
         if self.renames or self.property_templates:
             event = self._apply_mapping(event)
         payloads = self.adapter.translate(event, options)
-        if not isinstance(payloads, (list, tuple)) or not all(
-                isinstance(payload, Payload) and isinstance(payload.group, str)
-                for payload in payloads):
-            raise TypeError("translate must return a list of Payload, each with a str group")
+        problem = payloads_problem(payloads)
+        if problem:
+            raise TypeError(f"translate returned {problem}")
         return payloads
 
     def _apply_mapping(self, event: Event) -> Event:
@@ -92,12 +91,16 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         raise source.error((*path, "plugin"), exc.message) from None
     from_environment = values_found_in(entry.settings, loaded.environment_values)
 
+    def masker_of(settings: BaseModel | None) -> Masker:
+        """The destination's secrets: its settings' secret fields (once they are read) and
+        what its settings took from the environment."""
+        return Masker([*(secret_values(settings) if settings else ()), *from_environment])
+
     def broken(exc: BaseException, where: str, settings: BaseModel | None = None
                ) -> ConfigError:
         """A plugin that fails in its own code: its message masked (it may quote a secret),
         with the plugin named, and no traceback."""
-        masker = Masker([*from_environment, *(secret_values(settings) if settings else ())])
-        return source.error((*path, "settings"), masker.mask(
+        return source.error((*path, "settings"), masker_of(settings).mask(
             f"{entry.plugin} ({plugin.package} {plugin.version}) failed {where}: "
             f"{type(exc).__name__}: {exc}"))
 
@@ -112,8 +115,8 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
     except ConfigError as exc:
         raise source.error((*path, *(exc.field or "settings").split(".")), exc.message) from None
     except (ValueError, TypeError) as exc:
-        masker = Masker([*secret_values(settings), *from_environment])
-        raise source.error((*path, "settings"), masker.mask(f"{entry.plugin}: {exc}")) from None
+        raise source.error((*path, "settings"),
+                           masker_of(settings).mask(f"{entry.plugin}: {exc}")) from None
     except PLUGIN_FAILURES as exc:
         raise broken(exc, "to start", settings) from None
     try:
@@ -128,18 +131,9 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
                                f"egress refused: {refused}{_egress_hint(refused)}")
 
     overrides = entry.delivery.model_dump(exclude_none=True)
-    for key, unit in (("batch_size", "payloads"), ("batch_bytes", "bytes")):
-        limit = getattr(plugin.cls.delivery, key)
-        if overrides.get(key, 0) > limit:
-            raise source.error((*path, "delivery", key), (
-                f"expected at most {limit}: a {entry.plugin} request carries at most {limit} "
-                f"{unit} (the plugin's limit, from its API's); a lower value is allowed"))
-    age_limit = plugin.cls.delivery.max_age_limit
-    if age_limit is not None and overrides.get("max_age", 0) > age_limit:
-        raise source.error((*path, "delivery", "max_age"), (
-            f"expected at most {age_limit / 3600:g}h: {entry.plugin}'s API refuses events past "
-            "an age, and an event's last retry must still reach it in time (the plugin's "
-            "limit)"))
+    for key, limit, shown, why in _ceilings(entry.plugin, plugin.cls.delivery):
+        if limit is not None and overrides.get(key, 0) > limit:
+            raise source.error((*path, "delivery", key), f"expected at most {shown}: {why}")
     if "retry_on" in overrides:
         overrides["retry_on"] = frozenset(overrides["retry_on"])
     delivery = plugin.cls.delivery.model_copy(update=overrides)
@@ -156,7 +150,25 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         default_on=entry.default_on,
         event_filter=EventFilter(entry.filter) if entry.filter else None,
         renames=dict(entry.mapping.event_names), property_templates=templates,
-        masker=Masker([*secret_values(settings), *from_environment]))
+        masker=masker_of(settings))
+
+
+def _ceilings(plugin: str, defaults: DeliveryDefaults
+              ) -> list[tuple[str, float | None, str, str]]:
+    """The delivery settings a config may not raise past the plugin's own: the setting, its
+    limit (None: no limit), the limit as shown, and why."""
+    def batch(limit: int, unit: str) -> str:
+        return (f"a {plugin} request carries at most {limit} {unit} (the plugin's limit, "
+                "from its API's); a lower value is allowed")
+
+    age = defaults.max_age_limit
+    return [("batch_size", defaults.batch_size, str(defaults.batch_size),
+             batch(defaults.batch_size, "payloads")),
+            ("batch_bytes", defaults.batch_bytes, str(defaults.batch_bytes),
+             batch(defaults.batch_bytes, "bytes")),
+            ("max_age", age, f"{(age or 0) / 3600:g}h",
+             f"{plugin}'s API refuses events past an age, and an event's last retry must still "
+             "reach it in time (the plugin's limit)")]
 
 
 def _egress_hint(reason: str) -> str:

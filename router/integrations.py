@@ -36,10 +36,11 @@ class IntegrationsMap:
         if not integrations:
             return
         for key, value in integrations.items():
-            if key.lower() == "all":
+            name = key.lower()
+            if name == "all":
                 self.all_on = value is not False
             else:
-                self.named[key.lower()] = value
+                self.named[name] = value
 
     def decide(self, name: str, *, default_on: bool = True) -> Decision:
         """The decision for the destination configured as ``name``."""

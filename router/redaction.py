@@ -87,6 +87,10 @@ def redacted_url(url: str) -> str:
     userinfo, at, host = rest.rpartition("@")
     if separator and at and ":" in userinfo:
         url = f"{scheme}://{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+    return _masked_credential_query(url)
+
+
+def _masked_credential_query(url: str) -> str:
     return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, url)
 
 
@@ -107,7 +111,25 @@ class Masker:
     def mask_url(self, url: str) -> str:
         """A URL safe to show: known secrets masked, and the values of query parameters
         whose names say they are credentials (``?token=``, ``&api_key=``, ...)."""
-        return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, self.mask(url))
+        return _masked_credential_query(self.mask(url))
+
+    def mask_json(self, data: bytes) -> Any:
+        """A JSON body as the value it encodes, every string in it masked (or, when it is not
+        JSON, its text masked). Masked once decoded: a secret with a quote in it is escaped
+        in the JSON text, where it would not be found."""
+        try:
+            return self._masked(orjson.loads(data))
+        except orjson.JSONDecodeError:
+            return self.mask(data.decode("utf-8", errors="replace"))
+
+    def _masked(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, dict):
+            return {self.mask(key): self._masked(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._masked(item) for item in value]
+        return value
 
     def with_credentials_of(self, headers: Mapping[str, str]) -> Masker:
         """This masker, also hiding the credential header values of a request it sent, whole

@@ -13,9 +13,9 @@ time and readers alongside, Redis is shared anyway. Nothing passes between them 
 - parent to child, on a pipe: the config at start, ``("stop", grace)`` at shutdown, and
   ``("stop", 0)`` again if the shutdown is cut short (a second Ctrl-C): a ``stop`` that
   comes while the child is stopping can only shorten what is left of the grace;
-- child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", text)``
-  if it cannot start, and ``("metrics", snapshot)`` whenever its counters change, so
-  ``/metrics`` stays whole in the parent.
+- child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", (type
+  name, message))`` if it cannot start, and ``("metrics", snapshot)`` whenever its
+  counters change, so ``/metrics`` stays whole in the parent.
 
 When the parent dies, even by ``kill -9``, the pipe closes and the child stops at once, even
 in the middle of a graceful stop (requests in flight are abandoned): nothing is lost, since
@@ -152,7 +152,7 @@ class DeliveryProcess:
                 elif kind == "ready" and self._ready and not self._ready.done():
                     self._ready.set_result(None)
                 elif kind == "failed" and self._ready and not self._ready.done():
-                    self._ready.set_exception(_start_error(payload))
+                    self._ready.set_exception(_start_error(*payload))
         except (EOFError, OSError):
             self._child_gone()
 
@@ -209,6 +209,15 @@ class DeliveryProcess:
         self._process = None
 
 
+def _start_error(kind: str, message: str) -> Exception:
+    """The error a child reported by its type's name and message. ``SpoolInUse`` stays
+    itself, so that a caller can tell "another router delivers from this file" from a
+    failure."""
+    if kind == SpoolInUse.__name__:
+        return SpoolInUse(message)
+    return RuntimeError(f"delivery process: {kind}: {message}")
+
+
 async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
     """Wait up to ``timeout`` for ``process`` to exit (and reap it); True if it did."""
     deadline = time.monotonic() + timeout
@@ -258,7 +267,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
             dead_letter_retention=config.delivery.dead_letter_retention)
         await service.start()  # claims the spool: another router may hold it
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails its start
-        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+        connection.send(("failed", (type(exc).__name__, str(exc))))
         await storage.close()
         return
     tune_garbage_collector()
@@ -375,12 +384,3 @@ class MetricsSender:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]))
-
-
-def _start_error(reported: str) -> Exception:
-    """The error a child reported as ``"Type: message"``. ``SpoolInUse`` stays itself, so
-    that a caller can tell "another router delivers from this file" from a failure."""
-    kind, _, message = reported.partition(": ")
-    if kind == SpoolInUse.__name__:
-        return SpoolInUse(message)
-    return RuntimeError(f"delivery process: {reported}")

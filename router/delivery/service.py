@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -26,7 +25,8 @@ from router.delivery.failure_log import FailureLog
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import Transport
-from router.destination import HttpRequest, HttpResponse, Outcome, Payload
+from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, outcomes_problem,
+                                request_problem)
 from router.destinations import ConfiguredDestination
 from router.errors import PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError
 from router.storage.base import DeadLetterFilter, Failure, Job, Storage
@@ -465,8 +465,8 @@ class DestinationWorker:
             if outcome is None:
                 continue
             # Each job its own Failure (a batch's may be shared): its reason changes below.
-            failure = dataclasses.replace(
-                failure or Failure(self.destination.masker.mask(outcome.reason)))
+            assert failure is not None, "_attempt gives every failed job its Failure"
+            failure = dataclasses.replace(failure)
             if isinstance(outcome, RetryableError):
                 due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
                                             rng=self.rng)
@@ -504,46 +504,19 @@ def _size_of(job: Job) -> int:
     return len(job.body)
 
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-"""An HTTP method or header name (RFC 9110's token)."""
-
-
 def _checked(request: Any) -> HttpRequest:
-    """``build_request``'s answer, if it is a request that can be sent as it is; else a
-    ``TypeError``/``ValueError`` that fails the batch with the plugin's name, instead of an
-    error deep in the transport that would leave the jobs leased and unrecorded."""
-    if not isinstance(request, HttpRequest):
-        raise TypeError(f"build_request returned {type(request).__name__}, not an HttpRequest")
-    if not isinstance(request.method, str) or not _TOKEN.match(request.method):
-        raise ValueError("build_request returned a request whose method is not an HTTP token")
-    if not isinstance(request.url, str):
-        raise TypeError("build_request returned a request whose URL is not a str")
-    for name, value in request.headers.items():
-        if not isinstance(name, str) or not isinstance(value, str) or not _TOKEN.match(name) \
-                or "\r" in value or "\n" in value:
-            raise ValueError("build_request returned a header that is not a str name and "
-                             "value without line breaks")
-    if request.body is not None and not isinstance(request.body, (bytes, str)):
-        raise TypeError("build_request returned a body that is not bytes")
+    """``build_request``'s answer, if it can be sent as it is; else a ``TypeError`` that fails
+    the batch with the plugin's name, instead of an error deep in the transport that would
+    leave the jobs leased and unrecorded."""
+    problem = request_problem(request)
+    if problem:
+        raise TypeError(f"build_request returned {problem}")
     return request
 
 
 def _checked_outcomes(judged: Any, count: int) -> list[Outcome]:
-    """``read_response``'s outcomes, one per payload, each None or a ``RetryableError`` or
-    ``PermanentError`` with a str reason (and a numeric ``retry_after``)."""
     outcomes = list(judged)
-    if len(outcomes) != count:
-        raise ValueError(f"read_response returned {len(outcomes)} outcomes for {count} "
-                         "payloads")
-    for outcome in outcomes:
-        if outcome is None:
-            continue
-        if not isinstance(outcome, (RetryableError, PermanentError)) or \
-                not isinstance(outcome.reason, str):
-            raise TypeError("read_response returned an outcome that is not None, "
-                            "RetryableError or PermanentError with a str reason")
-        retry_after = getattr(outcome, "retry_after", None)
-        if retry_after is not None and (isinstance(retry_after, bool) or
-                                        not isinstance(retry_after, (int, float))):
-            raise TypeError("read_response returned a retry_after that is not a number")
+    problem = outcomes_problem(outcomes, count)
+    if problem:
+        raise TypeError(f"read_response returned {problem}")
     return outcomes

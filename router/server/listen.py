@@ -23,12 +23,13 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
+from router.server.app import OVERLOADED_RETRY_AFTER
+from router.server.problems import problem_body
+
 log = logging.getLogger("router.server")
 
 BACKLOG = 128
 """Connections the kernel holds for us before we accept them (aiohttp's default)."""
-RETRY_AFTER = 5
-"""Seconds a client turned away is told to wait."""
 LINGER = 2.0
 """Seconds a turned-away connection stays open after the answer, reading and discarding
 what the client still sends: closing with unread data makes the kernel reset the connection,
@@ -37,16 +38,15 @@ DESCRIPTORS_KEPT = 64
 """File descriptors left for the router's own use (storage files, the delivery process,
 logs) beyond its client connections."""
 
-_BODY = orjson.dumps({"success": False, "error": "too many open connections; retry later",
-                      "code": "too_many_connections",
-                      "message": "too many open connections; retry later"})
+_BODY = orjson.dumps(problem_body("too_many_connections",
+                                  "too many open connections; retry later"))
 TURN_AWAY = (b"HTTP/1.1 503 Service Unavailable\r\n"
              b"Content-Type: application/json\r\n"
              b"Access-Control-Allow-Origin: *\r\n"
              b"Access-Control-Expose-Headers: Retry-After\r\n"
              b"Retry-After: %d\r\n"
              b"Connection: close\r\n"
-             b"Content-Length: %d\r\n\r\n" % (RETRY_AFTER, len(_BODY))) + _BODY
+             b"Content-Length: %d\r\n\r\n" % (OVERLOADED_RETRY_AFTER, len(_BODY))) + _BODY
 
 
 class _TurnAway(asyncio.Protocol):

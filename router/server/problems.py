@@ -28,14 +28,17 @@ class Problem(Exception):
         self.extra = dict(extra or {})
 
     def response(self) -> web.Response:
-        """``{"success": false, "error": ..., "code": ..., "message": ...}``.
+        return json_response({**problem_body(self.code, self.message), **self.extra},
+                             status=self.status, headers=self.headers)
 
-        ``error`` is our documented field; ``code`` and ``message`` are what
-        segment-analytics-python and analytics-node parse out of an error answer, so their
-        logs say why instead of "unknown error"."""
-        body = {"success": False, "error": self.message, "code": self.code,
-                "message": self.message, **self.extra}
-        return json_response(body, status=self.status, headers=self.headers)
+
+def problem_body(code: str, message: str) -> dict[str, Any]:
+    """``{"success": false, "error": ..., "code": ..., "message": ...}``: every refusal's.
+
+    ``error`` is our documented field; ``code`` and ``message`` are what
+    segment-analytics-python and analytics-node parse out of an error answer, so their logs
+    say why instead of "unknown error"."""
+    return {"success": False, "error": message, "code": code, "message": message}
 
 
 def json_response(body: Any, *, status: int = 200,

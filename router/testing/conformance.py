@@ -55,7 +55,8 @@ from hypothesis import settings as hypothesis_settings_cls
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from router.destination import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload
+from router.destination import (DeliveryDefaults, Destination, HttpRequest, HttpResponse,
+                                Payload, outcomes_problem, payloads_problem, request_problem)
 from router.errors import DestinationError, EventRejected, SkipEvent
 from router.events import Event
 from router.testing.events import describe_event, edge_events, event_json, sample_events
@@ -236,15 +237,10 @@ class ConformanceSuite:
                                                      "return outcomes instead") from exc
                 if judged is None:
                     continue
-                judged = list(judged)
-                if len(judged) != len(batch):
-                    raise self.fail("read_response", f"read_response returned {len(judged)} "
-                                                     f"outcomes on {where}")
-                wrong = [o for o in judged if o is not None and not isinstance(o, DestinationError)]
-                if wrong:
-                    raise self.fail("read_response", f"read_response returned {wrong[0]!r} on "
-                                                     f"{where}; expected None, RetryableError "
-                                                     "or PermanentError")
+                problem = outcomes_problem(list(judged), len(batch))
+                if problem:
+                    raise self.fail("read_response", f"read_response returned {problem} on "
+                                                     f"{where}")
 
     # -- per event --------------------------------------------------------------------------
 
@@ -303,10 +299,10 @@ class ConformanceSuite:
     def _check_payloads(self, rule: str, event: Event, payloads: list[Payload]) -> None:
         event_text = orjson.dumps(event.to_dict(), default=str).decode()
         secrets = [s for s in self.harness.secrets() if s not in event_text]
+        problem = payloads_problem(payloads)
+        if problem:
+            raise self.fail(rule, f"translate returned {problem}", event)
         for index, payload in enumerate(payloads):
-            if not isinstance(payload, Payload) or not isinstance(payload.group, str):
-                raise self.fail(rule, f"translate must return Payload(body, group: str) items; "
-                                      f"item {index} is {payload!r:.200}", event)
             try:
                 text = orjson.dumps(payload.body).decode()
             except TypeError as exc:
@@ -437,16 +433,15 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 def _request_problem(request: Any) -> str | None:
-    """What is wrong with what build_request returned, or None."""
-    if not isinstance(request, HttpRequest):
-        return f"{type(request).__name__}, not an HttpRequest"
-    if not isinstance(request.method, str) or not request.method.isupper():
+    """What is wrong with what build_request returned, or None: what the router checks
+    before sending it, and the suite's stricter rules beside."""
+    problem = request_problem(request)
+    if problem:
+        return problem
+    if not request.method.isupper():
         return f"a method {request.method!r}; expected an upper-case HTTP method"
-    if not isinstance(request.url, str) or not request.url.startswith(("http://", "https://")):
+    if not request.url.startswith(("http://", "https://")):
         return f"a URL {request.url!r:.120}; expected an http:// or https:// URL"
-    if not isinstance(request.headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in request.headers.items()):
-        return "headers that are not a dict of str to str"
     if request.body is not None and not isinstance(request.body, bytes):
         return f"a {type(request.body).__name__} body; expected bytes or None"
     return None
