@@ -15,7 +15,7 @@ from pydantic import BaseModel, SecretStr, field_validator
 
 from router import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload, hookimpl
 from router.config import parse_config
-from router.errors import ConfigError
+from router.errors import ConfigError, EventRejected
 from router.registry import create_registry
 from router.routing import RouteResult, Router, Status
 from router.storage.base import DeadLetter, DeadLetterFilter
@@ -74,6 +74,8 @@ class Buggy(Destination[BuggySettings]):
     def read_response(self, payloads: Sequence[Payload], response: HttpResponse) -> Any:
         if self.settings.bug == "outcomes":
             return ["fine"] * len(payloads)
+        if self.settings.bug == "rejected outcomes":  # an Outcome is any DestinationError
+            return [EventRejected("the vendor refused it")] * len(payloads)
         return None
 
 
@@ -153,6 +155,11 @@ async def test_one_event_a_plugin_cannot_send_costs_only_that_event(tmp_path, ca
 async def test_outcomes_that_are_not_outcomes_are_judged_by_the_status(tmp_path):
     done = await run(tmp_path, "outcomes", 3)
     assert (done.letters, done.delivered) == ([], 3)
+
+
+async def test_an_outcome_of_any_destination_error_is_permanent(tmp_path):
+    done = await run(tmp_path, "rejected outcomes", 2)
+    assert [letter.reason for letter in done.letters] == ["the vendor refused it"] * 2
 
 
 @pytest.mark.parametrize("bug, where", [
