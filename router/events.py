@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import math
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, UTC
@@ -265,17 +266,21 @@ def _numbers_from_numeric_strings(item: Mapping[str, Any], keys: tuple[str, ...]
     return numbers
 
 
+NUMERIC_STRING = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*", re.ASCII)
+"""A number as JSON and JavaScript's ``Number()`` write it, with a sign and spaces allowed.
+Python's ``float`` accepts more: ``1_000``, ``infinity`` and digits of other scripts
+(``"١٢"``), which a client meant as text, and which would be a different number, or none,
+to every other system that reads the same event."""
+
+
 def as_number(value: Any) -> float | int | None:
     """A finite number from a number or a numeric string; None when it is neither."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
+    if isinstance(value, str) and NUMERIC_STRING.fullmatch(value):
+        number = float(value)
         return number if math.isfinite(number) else None
     return None
 

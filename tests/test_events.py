@@ -276,6 +276,7 @@ def test_reparsing_normalized_output_keeps_the_timestamp():
 @pytest.mark.parametrize("key", ["revenue", "value"])
 @pytest.mark.parametrize("given, expected", [
     ("19.99", 19.99), (" 7 ", 7), ("-3.5", -3.5), ("1e3", 1000), (12, 12), (0.5, 0.5),
+    ("+2", 2), (".5", 0.5), ("5.", 5),
 ])
 def test_numeric_strings_become_numbers(key, given, expected):
     event = parse({**VALID_MINIMAL["track"], "properties": {key: given}})
@@ -285,7 +286,8 @@ def test_numeric_strings_become_numbers(key, given, expected):
 
 
 @pytest.mark.parametrize("key", ["revenue", "value"])
-@pytest.mark.parametrize("bad", ["abc", "", "19,99", "NaN", "Infinity", True, [1], {"a": 1}])
+@pytest.mark.parametrize("bad", ["abc", "", "19,99", "NaN", "Infinity", True, [1], {"a": 1},
+                                 "1_000", "\u0661\u0662", "0x10", "1e999", ".", "-"])
 def test_non_numeric_revenue_or_value_is_invalid_naming_the_property(key, bad):
     error = problems_of({**VALID_MINIMAL["track"], "properties": {key: bad}})
     assert f"properties.{key}" in [name for name, _ in error.problems]

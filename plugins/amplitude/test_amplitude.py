@@ -357,6 +357,7 @@ def test_session_id_and_groups_come_from_the_events_options():
 @pytest.mark.parametrize("options, message", [
     ({"session_id": "yesterday"}, "session_id"),
     ({"session_id": True}, "session_id"),
+    ({"session_id": "\u00b2"}, "session_id"),  # a digit to str.isdigit, not to int()
     ({"groups": ["acme"]}, "groups"),
     ({"groups": {f"type{n}": "x" for n in range(6)}}, "at most 5 types"),
     ({"groups": {"team": [f"t{n}" for n in range(11)]}}, "10 values"),

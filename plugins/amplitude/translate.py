@@ -72,7 +72,8 @@ def event_options(options: Mapping[str, Any]) -> EventOptions:
 def _session_id(value: Any) -> int:
     """Amplitude's session_id is the session's start in ms since the epoch; -1 means none.
     Numeric strings are accepted since web clients often send the id as text."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    digits = value.strip().removeprefix("-") if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit():  # not "²" or "١٢", which str.isdigit allows
         value = int(value.strip())
     if isinstance(value, float) and value.is_integer():
         value = int(value)

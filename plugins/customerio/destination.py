@@ -57,7 +57,7 @@ class CustomerIOSettings(BaseModel):
         if value is None:
             return None
         text = str(value)
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise ValueError("expected a whole number such as \"1\": the id of a Customer.io "
                              "object type (Data & Integrations > Objects)")
         return text

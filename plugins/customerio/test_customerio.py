@@ -161,6 +161,8 @@ def test_group_object_type_comes_from_options_then_traits_then_the_setting():
         {"object_type_id": "2", "object_id": "acme"}
     with pytest.raises(EventRejected, match="options.object_type_id"):
         items(raw, {"object_type_id": "accounts"})
+    with pytest.raises(EventRejected, match="options.object_type_id"):
+        items(raw, {"object_type_id": "\u0661"})  # an Arabic-Indic 1: a digit, not ASCII
 
 
 def test_group_is_skipped_when_no_object_type_is_configured():

@@ -294,7 +294,7 @@ def _object_type_id(event: Event, options: Mapping[str, Any], configured: str | 
                          ("traits.objectTypeId", event.traits.get("objectTypeId"))):
         if value is not None:
             text = str(value)
-            if not text.isdigit():
+            if not (text.isascii() and text.isdigit()):
                 raise EventRejected(f"{field}: Customer.io object type ids are whole numbers "
                                     "as strings, such as \"1\"")
             return text

@@ -196,5 +196,5 @@ def _event_index(field_path: str) -> int | None:
     """``events[3].params.x`` → 3."""
     if field_path.startswith("events[") and "]" in field_path:
         number = field_path[len("events["):field_path.index("]")]
-        return int(number) if number.isdigit() else None
+        return int(number) if number.isascii() and number.isdigit() else None
     return None

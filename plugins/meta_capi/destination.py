@@ -57,7 +57,7 @@ class MetaSettings(BaseModel):
     @field_validator("pixel_id")
     @classmethod
     def _digits(cls, pixel_id: str) -> str:
-        if not pixel_id.strip().isdigit():
+        if not (pixel_id.strip().isascii() and pixel_id.strip().isdigit()):
             raise ValueError("expected the numeric Pixel (dataset) ID from Events Manager")
         return pixel_id.strip()
 
@@ -161,7 +161,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     (minutes) in ``X-Business-Use-Case-Usage`` (Graph API "Rate Limiting")."""
     lowered = {name.lower(): value for name, value in headers.items()}
     retry_after = lowered.get("retry-after", "")
-    if retry_after.strip().isdigit():
+    if retry_after.strip().isascii() and retry_after.strip().isdigit():
         return float(retry_after)
     try:
         usage = orjson.loads(lowered.get("x-business-use-case-usage", "") or "null")

@@ -441,6 +441,7 @@ def test_other_errors_are_left_to_the_status():
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"access_token": "t", "pixel_id": "px-1"}, "numeric Pixel"),
+    ({"access_token": "t", "pixel_id": "\u0661\u0662"}, "numeric Pixel"),
     ({"access_token": "t", "pixel_id": "1", "api_version": "24"}, "version such as v24.0"),
     ({"access_token": "t", "pixel_id": "1", "action_source": "web"}, "website"),
     ({"access_token": "t", "pixel_id": "1", "base_url": "graph.facebook.com"}, "http://"),
