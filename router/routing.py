@@ -28,6 +28,7 @@ from router.errors import PLUGIN_FAILURES, EventRejected, InvalidEvent, SkipEven
 from router.events import Event, parse_event
 from router.integrations import IntegrationsMap
 from router.registry import Registry, create_registry
+from router.runtime import LoopWatchdog
 from router.storage import Storage, open_storage
 from router.storage.base import Acceptance, NewJob
 
@@ -109,6 +110,8 @@ class Router:
         self._deliver = deliver
         self._delivery: Any = None
         self.delivery_metrics = DeliveryMetrics()
+        self._watchdog = LoopWatchdog()
+        """Logs where the event loop is stuck when a plugin (or anything) blocks it."""
         self._open = False
 
     @classmethod
@@ -135,6 +138,7 @@ class Router:
         else:
             await self.storage.open()
         self._open = True
+        self._watchdog.start()
         if not self._deliver:
             return
         if self.config.delivery.own_process:
@@ -152,6 +156,7 @@ class Router:
         except BaseException:
             delivery, self._delivery = self._delivery, None
             await delivery.stop(grace=0)
+            self._watchdog.stop()
             await self.storage.close()
             self._open = False
             raise
@@ -181,6 +186,7 @@ class Router:
                                       if grace is None else grace)
             self._delivery = None
         if self._open:
+            self._watchdog.stop()
             await self.storage.close()
             self._open = False
 

@@ -1,5 +1,6 @@
 """Interpreter settings for the processes the router owns (``router serve`` and its delivery
-process), and for programs that embed the router and want the same throughput.
+process), and for programs that embed the router and want the same throughput; and the
+watchdog that says when the event loop stops turning.
 
 Every event allocates a few hundred objects that live for one batch. With CPython's default
 thresholds (700, 10, 10) the cyclic garbage collector runs every few events, and each batch
@@ -13,7 +14,14 @@ router's own objects are acyclic, so collecting cycles less often holds little m
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
 
 YOUNG_THRESHOLD = 10_000
 """Allocations between collections of the youngest generation (CPython's default: 700)."""
@@ -26,3 +34,73 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, max(middle, 20), max(old, 20))
+
+
+STALL_WARNING_SECONDS = 5.0
+"""How long the event loop may go without turning before the watchdog says so."""
+STACK_FRAMES_SHOWN = 6
+
+
+class LoopWatchdog:
+    """Says in the log when the event loop stops turning, and where it is stuck.
+
+    Everything the router does runs on one event loop: a plugin whose ``translate`` loops or
+    sleeps, or any other blocking call, holds up intake, every destination and ``/health``
+    alike, and nothing else would tell the operator why. A thread cannot stop such code, but
+    it can watch the loop's heartbeat and, once it is ``threshold`` seconds late, log the
+    innermost frames the loop's thread is running (file, line and function: no values, so
+    no secrets), then log again when the loop turns."""
+
+    def __init__(self, *, threshold: float | None = None,
+                 logger: logging.Logger | None = None) -> None:
+        self.threshold = STALL_WARNING_SECONDS if threshold is None else threshold
+        self.log = logger or logging.getLogger("router")
+        self._last_beat = time.monotonic()
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching the running loop (call from inside it)."""
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        self._stopped.clear()
+        self._beat(loop)
+        self._thread = threading.Thread(target=self._watch, args=(loop, loop_thread),
+                                        name="loop-watchdog", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._last_beat = time.monotonic()
+        self._heartbeat = loop.call_later(self.threshold / 4, self._beat, loop)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        stalled_since: float | None = None
+        while not self._stopped.wait(self.threshold / 4) and not loop.is_closed():
+            late = time.monotonic() - self._last_beat
+            if stalled_since is None and late >= self.threshold:
+                stalled_since = self._last_beat
+                self.log.warning(
+                    "the event loop has not turned for %.1f s: intake, delivery and /health "
+                    "wait until it does. It is running: %s", late, _innermost(loop_thread))
+            elif stalled_since is not None and self._last_beat > stalled_since:
+                self.log.warning("the event loop turned again after %.1f s",
+                                 self._last_beat - stalled_since)
+                stalled_since = None
+
+
+def _innermost(thread_id: int) -> str:
+    """The innermost frames ``thread_id`` is running, outermost first, as ``file:line in
+    function`` (the file's last three path parts)."""
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return "(no frames)"
+    frames = traceback.extract_stack(frame)[-STACK_FRAMES_SHOWN:]
+    return " > ".join(f"{'/'.join(Path(entry.filename).parts[-3:])}:{entry.lineno} in "
+                      f"{entry.name}" for entry in frames)

@@ -5,6 +5,7 @@ or dead-lettered), and no secret reaches a log."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, SecretStr, field_validator
 
+from router import runtime
 from router import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload, hookimpl
 from router.config import parse_config
 from router.errors import ConfigError, EventRejected
@@ -61,6 +63,8 @@ class Buggy(Destination[BuggySettings]):
             return [Payload({"n": n}, group={"not": "a str"})]  # type: ignore[arg-type]
         if self.settings.bug == "exit" and n == 2:
             raise SystemExit(3)
+        if self.settings.bug == "sleep" and n == 2:
+            time.sleep(1.0)  # blocks the event loop, as a plugin's slow regex or loop would
         return [Payload({"n": n})]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
@@ -160,6 +164,20 @@ async def test_outcomes_that_are_not_outcomes_are_judged_by_the_status(tmp_path)
 async def test_an_outcome_of_any_destination_error_is_permanent(tmp_path):
     done = await run(tmp_path, "rejected outcomes", 2)
     assert [letter.reason for letter in done.letters] == ["the vendor refused it"] * 2
+
+
+async def test_a_plugin_blocking_the_event_loop_is_named_in_the_log(tmp_path, caplog,
+                                                                    monkeypatch):
+    # Nothing can stop such a plugin, and it holds up every destination and /health; the
+    # watchdog at least says where the loop is stuck, and when it turns again.
+    monkeypatch.setattr(runtime, "STALL_WARNING_SECONDS", 0.2)
+    with caplog.at_level(logging.WARNING, logger="router"):
+        await run(tmp_path, "sleep", 3)
+    stalled, resumed = [record.getMessage() for record in caplog.records
+                        if "event loop" in record.getMessage()]
+    assert "has not turned for" in stalled
+    assert "tests/test_misbehaving_plugins.py" in stalled and "in translate" in stalled
+    assert "turned again after" in resumed
 
 
 @pytest.mark.parametrize("bug, where", [

@@ -43,7 +43,7 @@ import orjson
 from router.config import LoadedConfig
 from router.delivery.telemetry import DeliveryMetrics, Snapshot, added
 from router.errors import SpoolInUse
-from router.runtime import tune_garbage_collector
+from router.runtime import LoopWatchdog, tune_garbage_collector
 
 if TYPE_CHECKING:
     from router.delivery.service import DeliveryService
@@ -271,6 +271,8 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         await storage.close()
         return
     tune_garbage_collector()
+    watchdog = LoopWatchdog()
+    watchdog.start()
 
     def on_message() -> None:
         try:
@@ -312,6 +314,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     finally:
         started = time.monotonic()
         await _stop_service(service, grace[0], at_once)
+        watchdog.stop()
         await storage.close()
         sender.offer(metrics.snapshot())
         await asyncio.to_thread(sender.close, timeout=1.0 if at_once.is_set() else grace[0] + 1)
