@@ -60,7 +60,8 @@ class StorageUnavailable(RouterError):
 
 class StorageMisconfigured(RouterError):
     """The storage is set up in a way that loses or doubles accepted work (a Redis that
-    evicts keys): refused when it is opened, with what to change."""
+    evicts keys, a spool file of a later layout than this version reads): refused when it
+    is opened, with what to change."""
 
 
 class DestinationError(RouterError):

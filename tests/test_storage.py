@@ -33,7 +33,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
                                  NewJob)
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
-from router.storage.sqlite import SqliteStorage
+from router.storage.sqlite import LAYOUT, SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
 from tests.redis_helpers import start_redis_server, stop
@@ -667,6 +667,65 @@ async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_p
         assert await pending(storage) == 0
     finally:
         await storage.close()
+
+
+def old_spool_with_a_queue(path) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.executescript("""
+            CREATE TABLE lanes (destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
+                                last_seq INTEGER NOT NULL DEFAULT 0);
+            CREATE TABLE queue (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
+                                user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL,
+                                created_at REAL NOT NULL);
+            INSERT INTO lanes VALUES ('hook', 1, 1);
+            INSERT INTO queue VALUES ((1 << 40) + 1, 'old-1', 'u', '', X'7B7D', 1700000000.0);
+        """)
+
+
+def user_version(path) -> int:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("PRAGMA user_version").fetchone()[0]
+
+
+def tables(path) -> set[str]:
+    with sqlite3.connect(path) as connection:
+        return {name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+async def test_sqlite_only_a_router_converts_a_spool_of_an_earlier_version(tmp_path):
+    # `router dlq list` or `router check --storage` of the new version, run beside the old
+    # router before the restart, once dropped the tables that router was still writing.
+    path = tmp_path / "old.db"
+    old_spool_with_a_queue(path)
+    cli = SqliteStorage(path)
+    with pytest.raises(StorageMisconfigured, match="earlier version.*'queue'.*stop the router"):
+        await cli.open(recover=False)
+    assert "queue" in tables(path) and user_version(path) == 0
+    router = SqliteStorage(path)
+    await router.open()
+    try:
+        assert [job.message_id for job in await lease(router, now=T0)] == ["old-1"]
+    finally:
+        await router.close()
+    assert "queue" not in tables(path) and user_version(path) == LAYOUT
+
+
+async def test_sqlite_a_spool_of_a_later_layout_is_refused_untouched(tmp_path):
+    # A rollback once read a newer spool as far as it understood it: it sent again what
+    # the newer version had delivered, and missed what it had queued, without a word.
+    path = tmp_path / "newer.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE future (x)")
+        connection.execute(f"PRAGMA user_version={LAYOUT + 1}")
+    for recover in (True, False):
+        with pytest.raises(StorageMisconfigured, match=f"newer version.*layout {LAYOUT + 1}"):
+            await SqliteStorage(path).open(recover=recover)
+    assert tables(path) == {"future"}
+
+
+async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):
+    assert user_version(tmp_path / "spool.db") == LAYOUT
 
 
 async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(spool, tmp_path):

@@ -48,7 +48,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from router.errors import SpoolInUse, StorageFull
+from router.errors import SpoolInUse, StorageFull, StorageMisconfigured
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob, QueueStats, Storage, StorageStats)
 
@@ -72,6 +72,11 @@ for ordered destinations, whose jobs are rows); ``bench.delivery``'s ``spool`` p
 measures it."""
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint that empties it."""
+LAYOUT = 1
+"""The spool's layout, stamped in the file as ``PRAGMA user_version``. A file stamped with a
+higher number was written by a newer router, which a rollback to this one must not read as
+if it understood it (it would send again what the newer one delivered, or miss what it
+queued). 0 is a file made before stamping, whose tables tell its layout."""
 LANE_BITS = 40
 """Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 
@@ -244,8 +249,7 @@ class SqliteStorage(Storage):
         synchronous = "FULL" if self.synchronous == "FULL" else "NORMAL"
         connection.execute(f"PRAGMA synchronous={synchronous}")
         connection.execute("PRAGMA busy_timeout=10000")
-        connection.executescript(SCHEMA)
-        _move_the_old_tables(connection)
+        self._prepare_layout(connection)
         connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
         if self._recover:
@@ -253,6 +257,28 @@ class SqliteStorage(Storage):
             connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
         connection.execute("PRAGMA busy_timeout=0")  # _begin waits for the lock itself
         return connection
+
+    def _prepare_layout(self, connection: sqlite3.Connection) -> None:
+        """Create the tables of a new file; convert a file of an earlier layout, but only in
+        a router (``open(recover=True)``): ``router dlq`` or ``router check --storage`` run
+        beside a router of the earlier version would drop tables from under it. Refuse a
+        file of a later layout."""
+        (layout,) = connection.execute("PRAGMA user_version").fetchone()
+        if layout > LAYOUT:
+            raise StorageMisconfigured(
+                f"the spool {self.path} was written by a newer version of the router (spool "
+                f"layout {layout}; this version reads layout {LAYOUT} and earlier): run the "
+                "newer version, or give this one a new spool file")
+        earlier = _old_tables(connection)
+        if earlier and not self._recover:
+            raise StorageMisconfigured(
+                f"the spool {self.path} was written by an earlier version of the router and "
+                f"is not converted yet (it has the table {earlier[0]!r}): stop the router "
+                "that uses it and start the new one, which converts the file")
+        connection.executescript(SCHEMA)
+        _move_the_old_tables(connection)
+        if layout < LAYOUT:
+            connection.execute(f"PRAGMA user_version={LAYOUT}")
 
     def _run_reads(self, connection: sqlite3.Connection, reads: list[_Operation]) -> None:
         for operation, future, _ in reads:
@@ -870,6 +896,16 @@ def _move_the_old_tables(connection: sqlite3.Connection) -> None:
         "expires_at FROM dedup ORDER BY expires_at"))
     _move_old_table(connection, "settled", (
         "INSERT INTO settled_runs (last, first) SELECT id, id FROM settled"))
+
+
+OLD_TABLES = ("queue", "dedup", "settled")
+"""Tables of layouts before the first stamped one, converted by ``_move_the_old_tables``."""
+
+
+def _old_tables(connection: sqlite3.Connection) -> list[str]:
+    return [name for (name,) in connection.execute(
+        f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN "
+        f"({', '.join('?' * len(OLD_TABLES))}) ORDER BY name", OLD_TABLES)]
 
 
 def _move_old_table(connection: sqlite3.Connection, table: str, move: str) -> None:
