@@ -15,13 +15,13 @@ FAST_RETRIES = {"backoff_initial": "20ms", "backoff_max": "100ms", "timeout": "2
 
 
 def router_for(tmp_path: Path, destinations: list[dict[str, Any]], *,
-               storage: str | None = None, **top: Any) -> Router:
+               storage: str | None = None, deliver: bool = True, **top: Any) -> Router:
     """A router over a SQLite file in ``tmp_path`` (or ``storage``), loopback allowed."""
     config = {"storage": storage or f"sqlite:///{tmp_path / 'router.db'}",
               "egress": {"allow_private_addresses": True},
               "destinations": destinations, **top}
     loaded = parse_config(orjson.dumps(config).decode(), file="test.yaml", env={})
-    return Router(loaded, registry=create_registry())
+    return Router(loaded, registry=create_registry(), deliver=deliver)
 
 
 def webhook(name: str, url: str, **delivery: Any) -> dict[str, Any]:

@@ -52,9 +52,21 @@ def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
                 continue
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-            seconds = moment.timestamp() - now
+            seconds = moment.timestamp() - _server_time(lowered, now)
         return min(max(seconds, 0.0), MAX_RETRY_AFTER)
     return None
+
+
+def _server_time(headers: Mapping[str, str], now: float) -> float:
+    """The response's ``Date``, else ``now``: an HTTP-date ``Retry-After`` is a moment on
+    the server's clock, and ours may be an hour off (a 15-minute pause, or none at all)."""
+    try:
+        moment = parsedate_to_datetime(headers.get("date", ""))
+    except (TypeError, ValueError):
+        return now
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def backoff(attempt: int, delivery: DeliveryDefaults, rng: random.Random) -> float:
@@ -82,13 +94,12 @@ def next_attempt_at(attempt: int, error: RetryableError, delivery: DeliveryDefau
     return now + wait
 
 
-def exhausted(attempts: int, created_at: float, delivery: DeliveryDefaults, *,
-              now: float, next_at: float) -> str | None:
-    """Why to give up instead of retrying, or None: the attempts are used up, or the next
-    attempt would come after the event's maximum age."""
+def exhausted(attempts: int, age_at_next: float, delivery: DeliveryDefaults) -> str | None:
+    """Why to give up instead of retrying, or None: the attempts are used up, or the event
+    would be older than its maximum age at the next attempt."""
     if attempts >= delivery.max_attempts:
         return f"gave up after {attempts} attempts"
-    if next_at - created_at > delivery.max_age:
+    if age_at_next > delivery.max_age:
         hours = delivery.max_age / 3600
         return f"gave up: older than the maximum age ({hours:g} h) before the next attempt"
     return None

@@ -20,6 +20,7 @@ from typing import Any
 
 from router.delivery import retry
 from router.delivery.batching import batches, from_spool
+from router.delivery.clock import DeliveryClock
 from router.delivery.egress import EgressPolicy
 from router.delivery.failure_log import FailureLog
 from router.delivery.ratelimit import RateLimiter
@@ -51,13 +52,15 @@ SPLIT_STATUSES = frozenset({400, 413, 422})
 class DeliveryService:
     def __init__(self, destinations: Sequence[ConfiguredDestination], storage: Storage, *,
                  egress: EgressPolicy, metrics: DeliveryMetrics | None = None,
-                 rng: random.Random | None = None,
+                 rng: random.Random | None = None, clock: DeliveryClock | None = None,
                  dead_letter_retention: float | None = None) -> None:
         self.storage = storage
         self.metrics = metrics or DeliveryMetrics()
         self.transport = Transport(egress)
         rng = rng or random.Random()
-        self.workers = {d.name: DestinationWorker(d, storage, self.transport, self.metrics, rng)
+        clock = clock or DeliveryClock()
+        self.workers = {d.name: DestinationWorker(d, storage, self.transport, self.metrics, rng,
+                                                  clock)
                         for d in destinations}
         self.dead_letter_retention = dead_letter_retention
         self._tasks: list[asyncio.Task[None]] = []
@@ -133,7 +136,8 @@ class DeliveryService:
 
 class DestinationWorker:
     def __init__(self, destination: ConfiguredDestination, storage: Storage,
-                 transport: Transport, metrics: DeliveryMetrics, rng: random.Random) -> None:
+                 transport: Transport, metrics: DeliveryMetrics, rng: random.Random,
+                 clock: DeliveryClock) -> None:
         self.destination = destination
         self.name = destination.name
         self.delivery = destination.delivery
@@ -141,6 +145,7 @@ class DestinationWorker:
         self.transport = transport
         self.metrics = metrics
         self.rng = rng
+        self.clock = clock
         self.failure_log = FailureLog(log)
         self.limiter = RateLimiter(self.delivery.rate_limit)
         self.ready: asyncio.Queue[list[Job]] = asyncio.Queue(self.delivery.concurrency)
@@ -270,10 +275,13 @@ class DestinationWorker:
         limit = self._lease_size()
         jobs = await self._lease_more(limit)
         if jobs and delivery.batch_size > 1 and len(jobs) < delivery.batch_size:
+            # What is left of the oldest job's wait, counted from here on the monotonic
+            # clock: a wall-clock deadline stepped back an hour held the batch an hour.
             oldest = min(job.created_at for job in jobs)
-            deadline = oldest + delivery.batch_wait
+            left = min(delivery.batch_wait, oldest + delivery.batch_wait - self.clock.now())
+            deadline = time.monotonic() + left
             while len(jobs) < delivery.batch_size and not self.stopping:
-                remaining = deadline - time.time()
+                remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 await self._complete_delivered()  # not held back by the wait
@@ -296,11 +304,11 @@ class DestinationWorker:
     async def _lease_more(self, limit: int) -> list[Job]:
         # Every storage hides a job while it is leased (tests/test_storage.py checks it), so
         # what comes back is never a job this worker already holds.
-        return await self.storage.lease(self.name, limit, now=time.time(),
+        return await self.storage.lease(self.name, limit, now=self.clock.now(),
                                         lease_for=self.lease_for, ordered=self.delivery.ordered)
 
     async def _deliver(self, batch: list[Job]) -> None:
-        now = time.time()
+        now = self.clock.now()
         for job in batch:
             job.attempts += 1
             job.first_attempt_at = job.first_attempt_at or now
@@ -406,7 +414,7 @@ class DestinationWorker:
         """One outcome per payload: the plugin's judgement when it gives one, else the
         status's. A throttling answer pauses the whole destination (Vector #4724's lesson:
         backing off one request while sending others only prolongs the throttling)."""
-        now = time.time()
+        now = self.clock.now()
         try:
             judged = self.destination.adapter.read_response(payloads, response)
             if judged is not None:
@@ -451,7 +459,7 @@ class DestinationWorker:
 
     async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
                       ) -> None:
-        now = time.time()
+        now = self.clock.now()
         # The delivered first: should a storage call for a failed job raise below, they are
         # still completed, not sent again once their lease lapses.
         delivered = [job for job, (outcome, _) in zip(batch, outcomes) if outcome is None]
@@ -460,7 +468,8 @@ class DestinationWorker:
                 self.wakeup.set()  # an idle worker records them now, not at its next poll
             self.delivered += delivered
             for created_at, count in Counter(job.created_at for job in delivered).items():
-                self.metrics.latency.observe(now - created_at, self.name, count=count)
+                self.metrics.latency.observe(self.clock.age(created_at, now), self.name,
+                                             count=count)
         for job, (outcome, failure) in zip(batch, outcomes):
             if outcome is None:
                 continue
@@ -470,8 +479,8 @@ class DestinationWorker:
             if isinstance(outcome, RetryableError):
                 due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
                                             rng=self.rng)
-                gave_up = retry.exhausted(job.attempts, job.created_at, self.delivery,
-                                          now=now, next_at=due)
+                gave_up = retry.exhausted(job.attempts, self.clock.age(job.created_at, due),
+                                          self.delivery)
                 if gave_up is None:
                     await self.storage.retry([job], not_before=[due], now=now, failure=failure)
                     self.metrics.retried.inc(self.name)
