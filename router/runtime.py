@@ -1,6 +1,7 @@
 """Interpreter settings for the processes the router owns (``router serve`` and its delivery
-process), and for programs that embed the router and want the same throughput; and the
-watchdog that says when the event loop stops turning.
+process), and for programs that embed the router and want the same throughput; the limit on
+open files, which its connections count against; and the watchdog that says when the event
+loop stops turning.
 
 Every event allocates a few hundred objects that live for one batch. With CPython's default
 thresholds (700, 10, 10) the cyclic garbage collector runs every few events, and each batch
@@ -17,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
+
+log = logging.getLogger("router")
 
 YOUNG_THRESHOLD = 10_000
 """Allocations between collections of the youngest generation (CPython's default: 700)."""
@@ -34,6 +38,42 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, max(middle, 20), max(old, 20))
+
+
+DESCRIPTORS_KEPT = 64
+"""File descriptors left for the router's own use (storage files, the delivery process,
+logs) beyond its connections."""
+_reserved_descriptors = DESCRIPTORS_KEPT
+
+
+def reserve_descriptors(count: int, what: str) -> int:
+    """Make room for ``count`` more open files (connections: the clients', or those to the
+    destinations), raising this process's soft limit on open files as far as the hard one
+    allows (the soft limit is often 1,024, the hard one far higher). Returns how many fit:
+    ``count``, or fewer, with a warning naming ``what``. ``release_descriptors`` gives
+    them back."""
+    global _reserved_descriptors
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = _reserved_descriptors + count
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+    room = count
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        room = max(1, soft - _reserved_descriptors)
+        log.warning("this process may open at most %d files, room for %d %s, not %d; raise "
+                    "the limit (ulimit -n) for more", soft, room, what, count)
+    _reserved_descriptors += room
+    return room
+
+
+def release_descriptors(count: int) -> None:
+    global _reserved_descriptors
+    _reserved_descriptors = max(DESCRIPTORS_KEPT, _reserved_descriptors - count)
 
 
 STALL_WARNING_SECONDS = 5.0
@@ -54,7 +94,7 @@ class LoopWatchdog:
     def __init__(self, *, threshold: float | None = None,
                  logger: logging.Logger | None = None) -> None:
         self.threshold = STALL_WARNING_SECONDS if threshold is None else threshold
-        self.log = logger or logging.getLogger("router")
+        self.log = logger or log
         self._last_beat = time.monotonic()
         self._heartbeat: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()

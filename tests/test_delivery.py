@@ -199,6 +199,20 @@ async def test_max_age_gives_up_even_with_attempts_left(tmp_path):
         assert letter.attempts < 100
 
 
+async def test_many_hanging_destinations_leave_the_others_their_connections(tmp_path):
+    # 40 hung destinations × 8 requests in flight once held all 256 connections of the
+    # shared pool: the healthy destination's requests waited for one and timed out.
+    async with FakeDestinationServer() as healthy, FakeDestinationServer() as hanging:
+        hanging.script([Answer(200, delay=60)] * 1000)
+        hung = [webhook(f"hung-{n}", hanging.url, timeout="60s") for n in range(40)]
+        router = router_for(tmp_path, [*hung, webhook("healthy", healthy.url, timeout="2s")])
+        async with router:
+            await router.route_many([track(n) for n in range(8)])
+            await hanging.wait_for(320, timeout=20)  # every hung sender holds a connection
+            await healthy.wait_for(8, timeout=20)
+            await router.close(grace=0.2)
+
+
 async def test_a_broken_destination_never_holds_back_the_others(tmp_path):
     async with FakeDestinationServer() as healthy, FakeDestinationServer() as hanging:
         hanging.script([Answer(200, delay=30)] * 1000)

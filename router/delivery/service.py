@@ -56,7 +56,8 @@ class DeliveryService:
                  dead_letter_retention: float | None = None) -> None:
         self.storage = storage
         self.metrics = metrics or DeliveryMetrics()
-        self.transport = Transport(egress)
+        self.transport = Transport(egress, connections=sum(
+            destination.delivery.concurrency for destination in destinations))
         rng = rng or random.Random()
         clock = clock or DeliveryClock()
         self.workers = {d.name: DestinationWorker(d, storage, self.transport, self.metrics, rng,

@@ -13,20 +13,31 @@ import aiohttp
 from router.delivery.egress import EgressBlocked, EgressPolicy, egress_reason, session_kwargs
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
+from router.runtime import release_descriptors, reserve_descriptors
 
 MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
 
 
 class Transport:
+    """One session, and one pool of keep-alive connections, for every destination.
+
+    The pool holds as many connections as the destinations may have requests in flight in
+    all (the sum of their ``concurrency``), so no request ever waits for a connection: with
+    a smaller pool, thirty hung destinations held every connection, and the healthy ones'
+    requests waited for one and timed out (the timeout counts that wait)."""
+
     def __init__(self, policy: EgressPolicy, *, connections: int = 256) -> None:
         self.policy = policy
         self.connections = connections
+        self._reserved = 0
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
-        kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self.connections,
+        self._reserved = reserve_descriptors(
+            self.connections, "connections to destinations (the sum of their concurrency)")
+        kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self._reserved,
                                 limit_per_host=0, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(**kwargs, auto_decompress=True,
                                               skip_auto_headers=("User-Agent",),
@@ -42,6 +53,7 @@ class Transport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            release_descriptors(self._reserved)
 
     async def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
         """Send one request. Returns the response whatever its status; raises

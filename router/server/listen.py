@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 from collections.abc import Callable
 
 import orjson
 from aiohttp import web
 
+from router.runtime import reserve_descriptors
 from router.server.app import OVERLOADED_RETRY_AFTER
 from router.server.problems import problem_body
 
@@ -34,9 +34,6 @@ LINGER = 2.0
 """Seconds a turned-away connection stays open after the answer, reading and discarding
 what the client still sends: closing with unread data makes the kernel reset the connection,
 and the client would see the reset instead of the 503."""
-DESCRIPTORS_KEPT = 64
-"""File descriptors left for the router's own use (storage files, the delivery process,
-logs) beyond its client connections."""
 
 _BODY = orjson.dumps(problem_body("too_many_connections",
                                   "too many open connections; retry later"))
@@ -92,23 +89,6 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
 
 
 def allow_descriptors_for(max_connections: int) -> int:
-    """Raise this process's limit on open files as far as it may go (the soft limit is
-    often 1,024, the hard one far higher), and return how many connections it leaves room
-    for: ``max_connections``, or fewer, with a warning, when the limit is too low."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + DESCRIPTORS_KEPT
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return max_connections
-    room = max(1, soft - DESCRIPTORS_KEPT)
-    log.warning("this process may open at most %d files, room for %d connections with the "
-                "router's own files: serving at most %d at once, not server.max_connections "
-                "(%d); raise the limit (ulimit -n) to serve more", soft, room, room,
-                max_connections)
-    return room
+    """How many client connections this process has room for: ``max_connections``, or
+    fewer, with a warning, when the limit on open files is too low."""
+    return reserve_descriptors(max_connections, "client connections (server.max_connections)")
