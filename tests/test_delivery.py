@@ -307,9 +307,12 @@ async def test_intake_refuses_clearly_when_the_spool_budget_is_spent(tmp_path):
     assert stats.queues["hook"].pending == accepted  # what was accepted is still there
 
 
-async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path):
+@pytest.mark.parametrize("grace", [1, 60])
+async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path, grace):
     """A destination that is down pauses its worker for up to backoff_max; shutdown must
-    not wait for that, and nothing it held is lost."""
+    not wait for that, and nothing it held is lost. Nor may it wait out its grace for a
+    sender holding a batch until the pause ends: no request is under way (every SIGTERM
+    once took the whole grace, 30 s by default, while any destination rested)."""
     server = FakeDestinationServer()
     await server.start()
     dead_url = server.url
@@ -320,7 +323,7 @@ async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path
     await router.route_many([track(n) for n in range(20)])
     await asyncio.sleep(0.5)  # first attempts fail; the destination now rests for 15-30 s
     started = time.monotonic()
-    await router.close(grace=1)
+    await router.close(grace=grace)
     assert time.monotonic() - started < 10
     reopened = router_for(tmp_path, [webhook("dead", dead_url)])
     await reopened.storage.open()

@@ -45,6 +45,8 @@ FAILURES_BEFORE_PAUSE = 3
 """Batches whose first attempts all failed, in a row, before the whole destination rests."""
 RETENTION_INTERVAL = 600.0
 """Seconds between two deletions of dead letters past their retention."""
+STOP_POLL = 0.05
+"""Seconds between two looks, while stopping, at whether requests are still under way."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
 """Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
 
@@ -160,6 +162,8 @@ class DestinationWorker:
         """The batch each busy sender is sending, by sender number."""
         self.all_sent = asyncio.Event()
         self.all_sent.set()
+        self.pacing = 0
+        """Senders waiting for the rate limiter: holding a batch, not yet sending it."""
         self.delivered: list[Job] = []
         """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
         self.delivered_per_second = 0.0
@@ -228,9 +232,14 @@ class DestinationWorker:
         leftover = [job for batch in self.undispatched for job in batch]
         while not self.ready.empty():
             leftover += self.ready.get_nowait()
-        if self.in_flight:
+        # Wait for the requests under way, not for senders held by the rate limiter: a
+        # destination resting after failures, or throttled, would otherwise hold every
+        # stop for its whole grace (past Kubernetes' 30 s, at the default).
+        deadline = time.monotonic() + grace
+        while len(self.in_flight) > self.pacing and time.monotonic() < deadline:
             try:
-                await asyncio.wait_for(self.all_sent.wait(), grace)
+                await asyncio.wait_for(self.all_sent.wait(),
+                                       min(STOP_POLL, deadline - time.monotonic()))
             except TimeoutError:
                 pass
         leftover += [job for batch in self.in_flight.values() for job in batch]
@@ -365,7 +374,11 @@ class DestinationWorker:
             self._log_plugin_failure(reason, exc)
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
-        await self.limiter.acquire()
+        self.pacing += 1
+        try:
+            await self.limiter.acquire()
+        finally:
+            self.pacing -= 1
         started = time.monotonic()
         try:
             response = await self.transport.send(request, timeout=self.delivery.timeout)
