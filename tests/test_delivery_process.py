@@ -276,3 +276,15 @@ async def test_a_delivery_process_stops_at_once_when_its_router_dies_while_stopp
             assert await restarted.drain(timeout=20)
         assert [r.json["messageId"] for r in server.requests] == ["m-1", "m-1"]
         assert server.requests[-1].status == 200
+
+
+async def test_a_wake_up_too_long_for_one_datagram_wakes_every_destination(tmp_path, capfd):
+    # Hundreds of destinations with long names once made a wake-up longer than the child
+    # reads: it failed to parse, with a traceback on each, and delivery waited for its poll.
+    async with FakeDestinationServer() as server:
+        name = "d" * (70 * 1024)
+        router = own_process_router(tmp_path, webhook(name, server.url))
+        async with router:
+            await router.route(track(1))
+            await server.wait_for(1, timeout=20)
+    assert "JSONDecodeError" not in capfd.readouterr().err

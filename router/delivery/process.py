@@ -54,7 +54,9 @@ METRICS_INTERVAL = 0.05
 """How often the child sends its counters when they changed."""
 RESTART_DELAY = 1.0
 WAKE_DATAGRAM_BYTES = 1 << 16
-"""The most a wake-up datagram may carry: the JSON list of destination names."""
+"""The most a wake-up datagram may carry: the JSON list of destination names, or ``null``
+for all of them when the names would not fit (hundreds of destinations with long names)."""
+WAKE_ALL = b"null"
 EXIT_POLL_INTERVAL = 0.02
 """How often the parent looks whether the child has exited while it waits for it."""
 STOP_AT_ONCE_WAIT = 2.0
@@ -126,8 +128,9 @@ class DeliveryProcess:
         self._wake_scheduled = False
         if self._wake_socket is None or not self._to_wake:
             return
+        names = orjson.dumps(sorted(self._to_wake))
         try:
-            self._wake_socket.send(orjson.dumps(sorted(self._to_wake)))
+            self._wake_socket.send(names if len(names) <= WAKE_DATAGRAM_BYTES else WAKE_ALL)
         except BlockingIOError:
             return  # the child is not reading: the names go with the next wake-up
         except OSError:
@@ -292,7 +295,11 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     def on_wake() -> None:
         try:
             while datagram := wake_socket.recv(WAKE_DATAGRAM_BYTES):
-                service.wake(orjson.loads(datagram))
+                try:
+                    names = orjson.loads(datagram)
+                except orjson.JSONDecodeError:
+                    names = None  # cannot happen from our parent; waking all is harmless
+                service.wake(service.workers if names is None else names)
         except BlockingIOError:
             return
         except OSError:
