@@ -236,7 +236,8 @@ class DestinationWorker:
         # destination resting after failures, or throttled, would otherwise hold every
         # stop for its whole grace (past Kubernetes' 30 s, at the default).
         deadline = time.monotonic() + grace
-        while len(self.in_flight) > self.pacing and time.monotonic() < deadline:
+        while (not self.all_sent.is_set() and len(self.in_flight) > self.pacing
+               and time.monotonic() < deadline):
             try:
                 await asyncio.wait_for(self.all_sent.wait(),
                                        min(STOP_POLL, deadline - time.monotonic()))
