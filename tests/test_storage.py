@@ -728,6 +728,49 @@ async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):
     assert user_version(tmp_path / "spool.db") == LAYOUT
 
 
+async def fill_the_disk(storage: SqliteStorage, full: bool) -> None:
+    """A disk with no room left, to SQLite itself: it answers SQLITE_FULL when the file
+    would grow (``max_page_count``), as on a real full disk."""
+    def operation(connection: sqlite3.Connection) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count={pages if full else 1 << 30}")
+    await storage._call(operation, writes=False)
+
+
+async def test_sqlite_a_retry_the_full_disk_refused_is_not_lost(tmp_path):
+    # The failed retry once left the job settled in memory and in no table: the next retry
+    # wrote nothing, and the job was gone once the rest of its bundle was delivered.
+    path = tmp_path / "spool.db"
+    storage = SqliteStorage(path)
+    await storage.open()
+    await accept(storage, *(Acceptance("web", f"m-{n}", [dataclasses.replace(
+        job(f"m-{n}", "hook", "u"), body=b"x" * 100_000)]) for n in range(10)))
+    first, *others = await lease(storage, now=T0)
+    await fill_the_disk(storage, True)
+    with pytest.raises(StorageFull):
+        await storage.retry([first], not_before=[T0], now=T0, failure=Failure("HTTP 500"))
+    await fill_the_disk(storage, False)
+    await storage.complete(others)
+    await storage.retry([first], not_before=[T0], now=T0, failure=Failure("HTTP 500"))
+    await storage.close()
+    reopened = SqliteStorage(path)
+    await reopened.open()
+    try:
+        assert [job.message_id for job in await lease(reopened, now=T0 + 1)] == ["m-0"]
+    finally:
+        await reopened.close()
+
+
+async def test_sqlite_intake_stops_while_the_disk_has_less_free_than_delivery_needs(tmp_path):
+    storage = SqliteStorage(tmp_path / "spool.db", min_free_bytes=1 << 62)
+    await storage.open()
+    try:
+        with pytest.raises(StorageFull, match="MB free, under the .* kept for delivery"):
+            await accept(storage, item("m-1"))
+    finally:
+        await storage.close()
+
+
 async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(spool, tmp_path):
     await accept(spool, item("m-1"), item("m-2"))
     first, second = await lease(spool)

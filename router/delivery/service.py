@@ -29,7 +29,8 @@ from router.delivery.transport import Transport
 from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, outcomes_problem,
                                 request_problem)
 from router.destinations import ConfiguredDestination
-from router.errors import PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError
+from router.errors import (PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError,
+                           StorageFull, StorageUnavailable)
 from router.storage.base import DeadLetterFilter, Failure, Job, Storage
 
 log = logging.getLogger("router.delivery")
@@ -208,6 +209,8 @@ class DestinationWorker:
             self.all_sent.clear()
             try:
                 await self._deliver(batch)
+            except (StorageFull, StorageUnavailable) as exc:
+                await self._release_unrecorded(batch, exc)
             except Exception:  # noqa: BLE001 - a bug here must not stop the sender
                 log.exception("destination %s: delivery failed", self.name)
                 await self._retry_after_a_bug(batch)
@@ -215,6 +218,20 @@ class DestinationWorker:
                 del self.in_flight[number]
                 if not self.in_flight:
                     self.all_sent.set()
+
+    async def _release_unrecorded(self, batch: list[Job], exc: Exception) -> None:
+        """The storage could not record what became of the batch (a full disk): its jobs
+        not delivered go back to the queue, to be sent again, rather than stay leased until
+        the next start. The delivered ones are completed with the next round."""
+        delivered = {id(job) for job in self.delivered}
+        unrecorded = [job.id for job in batch if id(job) not in delivered]
+        log.warning("destination %s: cannot record the outcome of %d job(s), sent again "
+                    "later: %s", self.name, len(unrecorded), exc)
+        try:
+            await self.storage.release(unrecorded)
+        except Exception:  # noqa: BLE001 - they wait for the next start, never lost
+            log.warning("destination %s: cannot put %d job(s) back in the queue either; "
+                        "they are sent again after a restart", self.name, len(unrecorded))
 
     async def _retry_after_a_bug(self, batch: list[Job]) -> None:
         """Count an attempt that failed on a bug as a failed attempt, to be retried with

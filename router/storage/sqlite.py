@@ -48,7 +48,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from router.errors import SpoolInUse, StorageFull, StorageMisconfigured
+from router.errors import SpoolInUse, StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob, QueueStats, Storage, StorageStats)
 
@@ -77,6 +77,8 @@ LAYOUT = 1
 higher number was written by a newer router, which a rollback to this one must not read as
 if it understood it (it would send again what the newer one delivered, or miss what it
 queued). 0 is a file made before stamping, whose tables tell its layout."""
+MIN_FREE_BYTES = 64 * 1024 * 1024
+"""Free space on the spool's disk below which intake is refused, kept for delivery."""
 LANE_BITS = 40
 """Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 
@@ -131,10 +133,11 @@ class _Operation(NamedTuple):
 
 class SqliteStorage(Storage):
     def __init__(self, path: Path, *, synchronous: str = "NORMAL",
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
         self._operations: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._delivery_lock: int | None = None
@@ -150,6 +153,9 @@ class SqliteStorage(Storage):
         self._bundle_of: dict[int | str, _OpenBundle] = {}
         """The jobs of bundles leased by this process and not yet settled, each with its
         bundle: what a cursor moved back by ``release`` must not hand out twice."""
+        self._undo: list[Callable[[], None]] | None = None
+        """How to undo what the running operation changed in the state above, should its
+        SQL be rolled back (see ``_on_rollback``)."""
 
     @classmethod
     def from_url(cls, url: str, *, base_dir: Path) -> SqliteStorage:
@@ -162,7 +168,8 @@ class SqliteStorage(Storage):
         if not path.is_absolute():
             path = base_dir / path
         max_bytes = int(options["max_bytes"]) if "max_bytes" in options else None
-        return cls(path, synchronous=options.get("synchronous", "normal"), max_bytes=max_bytes)
+        return cls(path, synchronous=options.get("synchronous", "normal"), max_bytes=max_bytes,
+                   min_free_bytes=int(options.get("min_free_bytes", MIN_FREE_BYTES)))
 
     # -- the writer thread ------------------------------------------------------------------
 
@@ -249,6 +256,9 @@ class SqliteStorage(Storage):
         synchronous = "FULL" if self.synchronous == "FULL" else "NORMAL"
         connection.execute(f"PRAGMA synchronous={synchronous}")
         connection.execute("PRAGMA busy_timeout=10000")
+        # Some builds of SQLite overwrite deleted content with zeros, through the WAL: then
+        # deleting delivered bundles on a full disk needs as much space as it frees.
+        connection.execute("PRAGMA secure_delete=OFF")
         self._prepare_layout(connection)
         connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
@@ -282,47 +292,70 @@ class SqliteStorage(Storage):
 
     def _run_reads(self, connection: sqlite3.Connection, reads: list[_Operation]) -> None:
         for operation, future, _ in reads:
+            self._undo = []
             try:
                 result, error = operation(connection), None
             except sqlite3.Error as exc:
+                _undo(self._undo)
                 result, error = None, _storage_error(exc)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
+                _undo(self._undo)
                 result, error = None, exc
+            finally:
+                self._undo = None
             future.get_loop().call_soon_threadsafe(_settle, future, result, error)
 
     def _commit(self, connection: sqlite3.Connection, batch: list[_Operation]) -> None:
         """Run ``batch`` in one transaction, each operation undone alone if it fails (in a
         savepoint, unless it is alone: every statement hands the GIL over and back, and a
-        wait for it there holds the write lock that another process may be waiting for)."""
+        wait for it there holds the write lock that another process may be waiting for).
+
+        What an operation changed in this process's memory is undone with its SQL. A full
+        disk makes SQLite roll back the whole transaction by itself: then every operation
+        of the batch fails, and its changes are undone."""
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        committed_undo: list[Callable[[], None]] = []
         alone = len(batch) == 1
-        undo = "ROLLBACK" if alone else "ROLLBACK TO operation"
         try:
             _begin(connection)
             for operation, future, _ in batch:
                 if not alone:
                     connection.execute("SAVEPOINT operation")
+                self._undo = []
                 try:
                     result = operation(connection)
-                except sqlite3.Error as exc:
-                    connection.execute(undo)
-                    outcomes.append((future, None, _storage_error(exc)))
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    connection.execute(undo)
-                    outcomes.append((future, None, exc))
+                    _undo(self._undo)
+                    error = _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                    if not connection.in_transaction:
+                        raise _TransactionLost(error) from exc
+                    connection.execute("ROLLBACK" if alone else "ROLLBACK TO operation")
+                    outcomes.append((future, None, error))
                 else:
+                    committed_undo += self._undo
                     outcomes.append((future, result, None))
                 if not alone:
                     connection.execute("RELEASE operation")
             if connection.in_transaction:
                 connection.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, _TransactionLost) as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            error = _storage_error(exc)
+            _undo(committed_undo)
+            error = exc.error if isinstance(exc, _TransactionLost) else _storage_error(exc)
             outcomes = [(future, None, error) for _, future, _ in batch]
+        finally:
+            self._undo = None
         for future, result, error in outcomes:
             future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+    def _on_rollback(self, undo: Callable[[], None]) -> None:
+        """Note how to undo a change the running operation made to this process's memory
+        (a bundle settled, a cursor moved), run if its SQL is rolled back: left in place, a
+        job whose retry could not be written on a full disk was in no table and in no
+        memory, and was lost once its bundle's other jobs were delivered."""
+        if self._undo is not None:
+            self._undo.append(undo)
 
     async def _call(self, operation: Callable[[sqlite3.Connection], T], *,
                     writes: bool = True) -> T:
@@ -342,6 +375,8 @@ class SqliteStorage(Storage):
         lanes = _lanes_of(items, now)
 
         def operation(connection: sqlite3.Connection) -> list[bool]:
+            indexed_up_to = self._indexed_up_to  # the dedup index is rolled back too
+            self._on_rollback(lambda: setattr(self, "_indexed_up_to", indexed_up_to))
             self._check_budget(connection)
             self._accepted_since_purge += len(items)
             if self._accepted_since_purge >= PURGE_AFTER_EVENTS:
@@ -372,6 +407,16 @@ class SqliteStorage(Storage):
         return await self._call(operation)
 
     def _check_budget(self, connection: sqlite3.Connection) -> None:
+        """Refuse new work (``StorageFull``) when the spool has reached ``max_bytes``, or
+        when its disk has less than ``min_free_bytes`` left: delivery needs room to write
+        what becomes of the work already accepted (the WAL, retries, dead letters), and on
+        a disk filled to the last byte it could record nothing, and stopped."""
+        disk = os.statvfs(self.path.parent)
+        free = disk.f_bavail * disk.f_frsize
+        if free < self.min_free_bytes:
+            raise StorageFull(f"the spool's disk has {free // 2**20} MB free, under the "
+                              f"{self.min_free_bytes // 2**20} MB kept for delivery "
+                              "(?min_free_bytes=)")
         if self.max_bytes is None:
             return
         pages = connection.execute("PRAGMA page_count").fetchone()[0]
@@ -464,7 +509,15 @@ class SqliteStorage(Storage):
             return leased
 
         leased = await self._call(read_bundles_only, writes=False)
-        return leased if leased is not None else await self._call(operation)
+        if leased is not None:
+            return leased
+        try:
+            return await self._call(operation)
+        except StorageFull:  # the due rows cannot be marked; the bundles need no write, and
+            # delivering them is what frees the disk (it deadlocked here once)
+            return await self._call(
+                lambda connection: self._read_bundles(connection, destination, limit),
+                writes=False)
 
     def _read_bundles(self, connection: sqlite3.Connection, destination: str, limit: int
                       ) -> list[Job]:
@@ -476,6 +529,16 @@ class SqliteStorage(Storage):
         end = (lane + 1) << LANE_BITS
         after = self._read_up_to.get(lane, lane << LANE_BITS)
         taken: list[Job] = []
+        opened: list[int] = []
+
+        def undo(cursor: int = after) -> None:
+            self._read_up_to[lane] = cursor
+            for job in taken:
+                self._bundle_of.pop(job.id, None)
+            for bundle_id in opened:  # read in a transaction that did not happen
+                self._bundles.pop(bundle_id, None)
+
+        self._on_rollback(undo)
         while len(taken) < limit:
             # A bundle is keyed by its last job id, so the bundles that hold the next
             # `wanted` ids end past `after` and start at or before `after + wanted`; one
@@ -491,6 +554,8 @@ class SqliteStorage(Storage):
                 if not rows:
                     break
             for bundle_id, first_id in rows:
+                if bundle_id not in self._bundles:
+                    opened.append(bundle_id)
                 bundle = self._open_bundle(connection, bundle_id, first_id)
                 for index in range(max(after + 1 - first_id, 0), len(bundle.jobs)):
                     if len(taken) == limit:
@@ -538,6 +603,7 @@ class SqliteStorage(Storage):
         # a row per run of consecutive ids of one bundle.
         finished: list[_OpenBundle] = []
         runs: list[int] = []
+        had_settled_rows = [(bundle, bundle.has_settled_rows) for bundle in settled]
         for bundle, ids in settled.items():
             if not bundle.unsettled:
                 del self._bundles[bundle.id]
@@ -545,6 +611,18 @@ class SqliteStorage(Storage):
             else:
                 bundle.has_settled_rows = True
                 runs += [bound for first, last in _runs(sorted(ids)) for bound in (last, first)]
+
+        def undo() -> None:
+            for bundle, ids in settled.items():
+                bundle.unsettled.update(ids)
+                self._bundle_of.update(dict.fromkeys(ids, bundle))
+            for bundle, had in had_settled_rows:
+                bundle.has_settled_rows = had
+            for bundle in finished:
+                self._bundles[bundle.id] = bundle
+
+        if settled:
+            self._on_rollback(undo)
         if runs:
             _insert_rows(connection, "INSERT INTO settled_runs (last, first)", 2, runs)
         for start in range(0, len(finished), 500):
@@ -614,6 +692,11 @@ class SqliteStorage(Storage):
 
         def operation(connection: sqlite3.Connection) -> None:
             rows = []
+            held = {job_id: self._bundle_of[job_id] for job_id in job_ids
+                    if job_id in self._bundle_of}
+            cursors = dict(self._read_up_to)
+            self._on_rollback(lambda: (self._bundle_of.update(held),
+                                       self._read_up_to.update(cursors)))
             for job_id in job_ids:
                 if self._bundle_of.pop(job_id, None) is None:
                     rows.append((now, job_id))
@@ -959,9 +1042,28 @@ def _begin(connection: sqlite3.Connection) -> None:
         delay = min(delay * 2, 0.001)
 
 
+class _TransactionLost(Exception):
+    """SQLite rolled back the whole transaction by itself (it does on a full disk)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _undo(changes: list[Callable[[], None]]) -> None:
+    for undo in reversed(changes):
+        undo()
+
+
 def _storage_error(exc: sqlite3.Error) -> Exception:
-    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
+    """A full disk is ``StorageFull``, a disk that fails or is read-only
+    ``StorageUnavailable`` (intake answers 503, "try later"); anything else as it is."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary == sqlite3.SQLITE_FULL or (primary is None and "full" in str(exc).lower()):
         return StorageFull(f"the spool's disk is full: {exc}")
+    if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+        return StorageUnavailable(f"the spool's disk cannot be written: {exc}")
     return exc
 
 
