@@ -19,7 +19,7 @@ import orjson
 from router.config import LoadedConfig, load_config, parse_duration
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
-from router.errors import ConfigError, SpoolInUse
+from router.errors import ConfigError, SpoolInUse, StorageFull, StorageUnavailable
 from router.input import Unreadable, UnreadableDocument, read_events
 from router.redaction import redacted_url
 from router.registry import create_registry
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or EXIT_OK)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except (StorageFull, StorageUnavailable) as exc:  # a full disk, Redis gone: no traceback
+        print(f"error: the storage cannot be used now: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130

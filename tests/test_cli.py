@@ -492,3 +492,16 @@ async def test_send_says_what_became_of_each_event_within_its_wait(tmp_path):
     rows = {line.split()[0]: line for line in completed.stdout.splitlines()[1:] if line.strip()}
     assert rows["good"].split()[1:] == ["send", "delivered"]
     assert "dead-lettered: " in rows["bad"] and "400" in rows["bad"]
+
+
+def test_send_on_a_disk_without_room_says_so_without_a_traceback(tmp_path):
+    (tmp_path / "router.yaml").write_text(
+        'storage: "sqlite:///spool.db?min_free_bytes=1000000000000000000"\n'
+        "destinations:\n  - name: hook\n    plugin: webhook\n"
+        '    settings: {url: "https://hook.example/in"}\n')
+    (tmp_path / "event.json").write_text('{"type": "track", "event": "E", "userId": "u1"}')
+    completed = run("send", "-c", "router.yaml", "event.json", "--wait", "1", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "error: the storage cannot be used now" in completed.stderr
+    assert "kept for delivery" in completed.stderr
