@@ -643,8 +643,8 @@ async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay
         await storage.close()
 
 
-async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_path):
-    path = tmp_path / "old.db"
+def old_spool_with_a_queue(path: Path, count: int) -> None:
+    """A spool as versions before bundles wrote it: a ``queue`` row a job (old-1, ...)."""
     with sqlite3.connect(path) as connection:
         connection.executescript("""
             CREATE TABLE lanes (destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
@@ -652,10 +652,16 @@ async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_p
             CREATE TABLE queue (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
                                 user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL,
                                 created_at REAL NOT NULL);
-            INSERT INTO lanes VALUES ('hook', 1, 2);
-            INSERT INTO queue VALUES ((1 << 40) + 1, 'old-1', 'u', '', X'7B7D', 1700000000.0),
-                                     ((1 << 40) + 2, 'old-2', 'u', '', X'7B7D', 1700000000.0);
         """)
+        connection.execute("INSERT INTO lanes VALUES ('hook', 1, ?)", (count,))
+        connection.executemany(
+            "INSERT INTO queue VALUES ((1 << 40) + ?, ?, 'u', '', X'7B7D', 1700000000.0)",
+            [(n, f"old-{n}") for n in range(1, count + 1)])
+
+
+async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_path):
+    path = tmp_path / "old.db"
+    old_spool_with_a_queue(path, 2)
     storage = SqliteStorage(path)
     await storage.open()
     try:
@@ -667,19 +673,6 @@ async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_p
         assert await pending(storage) == 0
     finally:
         await storage.close()
-
-
-def old_spool_with_a_queue(path) -> None:
-    with sqlite3.connect(path) as connection:
-        connection.executescript("""
-            CREATE TABLE lanes (destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
-                                last_seq INTEGER NOT NULL DEFAULT 0);
-            CREATE TABLE queue (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
-                                user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL,
-                                created_at REAL NOT NULL);
-            INSERT INTO lanes VALUES ('hook', 1, 1);
-            INSERT INTO queue VALUES ((1 << 40) + 1, 'old-1', 'u', '', X'7B7D', 1700000000.0);
-        """)
 
 
 def user_version(path) -> int:
@@ -697,7 +690,7 @@ async def test_sqlite_only_a_router_converts_a_spool_of_an_earlier_version(tmp_p
     # `router dlq list` or `router check --storage` of the new version, run beside the old
     # router before the restart, once dropped the tables that router was still writing.
     path = tmp_path / "old.db"
-    old_spool_with_a_queue(path)
+    old_spool_with_a_queue(path, 1)
     cli = SqliteStorage(path)
     with pytest.raises(StorageMisconfigured, match="earlier version.*'queue'.*stop the router"):
         await cli.open(recover=False)

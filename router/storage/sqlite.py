@@ -295,12 +295,10 @@ class SqliteStorage(Storage):
             self._undo = []
             try:
                 result, error = operation(connection), None
-            except sqlite3.Error as exc:
-                _undo(self._undo)
-                result, error = None, _storage_error(exc)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 _undo(self._undo)
-                result, error = None, exc
+                result = None
+                error = _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
             finally:
                 self._undo = None
             future.get_loop().call_soon_threadsafe(_settle, future, result, error)
@@ -314,7 +312,7 @@ class SqliteStorage(Storage):
         disk makes SQLite roll back the whole transaction by itself: then every operation
         of the batch fails, and its changes are undone."""
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        committed_undo: list[Callable[[], None]] = []
+        undo_so_far: list[Callable[[], None]] = []
         alone = len(batch) == 1
         try:
             _begin(connection)
@@ -332,7 +330,7 @@ class SqliteStorage(Storage):
                     connection.execute("ROLLBACK" if alone else "ROLLBACK TO operation")
                     outcomes.append((future, None, error))
                 else:
-                    committed_undo += self._undo
+                    undo_so_far += self._undo
                     outcomes.append((future, result, None))
                 if not alone:
                     connection.execute("RELEASE operation")
@@ -341,7 +339,7 @@ class SqliteStorage(Storage):
         except (sqlite3.Error, _TransactionLost) as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            _undo(committed_undo)
+            _undo(undo_so_far)
             error = exc.error if isinstance(exc, _TransactionLost) else _storage_error(exc)
             outcomes = [(future, None, error) for _, future, _ in batch]
         finally:
