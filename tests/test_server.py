@@ -788,6 +788,20 @@ async def test_health(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
         assert (await response.json())["status"] == "unavailable"
 
 
+async def test_health_is_unavailable_while_the_spools_disk_has_no_room(
+        start_server: StartServer, tmp_path: Path) -> None:
+    # Intake answered 503 storage_full for every event while /health said "ok", so a load
+    # balancer kept sending this router everything.
+    ingest = await start_server(
+        storage=f"sqlite:///{tmp_path / 'spool.db'}?min_free_bytes=1000000000000000000")
+    async with ingest.session.get(ingest.url + "/health") as response:
+        assert response.status == 503
+        body = await response.json()
+    assert body["status"] == "unavailable" and "kept for delivery" in body["reason"]
+    status, _, _ = await ingest.post("/v1/track", track("m-1"))
+    assert status == 503
+
+
 async def test_metrics_show_intake_delivery_and_queues(start_server: StartServer) -> None:
     ingest = await start_server(deliver=False)  # work stays queued: the gauges show it
     await ingest.post("/v1/track", track("m-1"))

@@ -308,17 +308,21 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
 # -- operators --------------------------------------------------------------------------------
 
 async def handle_health(request: web.Request) -> web.Response:
-    """200 when the storage answers (the router can accept work), else 503."""
+    """200 when the storage answers and has room (the router can accept work), else 503
+    with the reason: a full disk refuses every event, so a load balancer should know."""
+    reason = "the storage does not answer"
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT):
             healthy = await request.app[ROUTER].storage.ping()
+    except (StorageFull, StorageUnavailable) as exc:
+        healthy, reason = False, str(exc)
+        log.warning("health check: %s", reason)
     except Exception:  # noqa: BLE001 - any failure is "not ready", never a 500
         log.warning("health check: the storage does not answer", exc_info=True)
         healthy = False
     if healthy:
         return json_response({"status": "ok"})
-    return json_response({"status": "unavailable", "reason": "the storage does not answer"},
-                         status=503)
+    return json_response({"status": "unavailable", "reason": reason}, status=503)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

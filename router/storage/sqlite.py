@@ -744,10 +744,10 @@ class SqliteStorage(Storage):
             f"DELETE FROM dead_letters{clause}", params).rowcount)
 
     async def ping(self) -> bool:
-        """A trivial read on the writer thread: readiness without the counts of ``stats``,
-        which grow with the dedup window and would hold up the group commits."""
-        await self._call(lambda connection: connection.execute("SELECT 1").fetchone(),
-                         writes=False)
+        """Whether intake would be refused for want of room (``StorageFull``, saying why),
+        read on the writer thread: readiness without the counts of ``stats``, which grow
+        with the dedup window and would hold up the group commits."""
+        await self._call(self._check_budget, writes=False)
         return True
 
     async def stats(self, *, now: float) -> StorageStats:
