@@ -68,11 +68,28 @@ def build_destinations(loaded: LoadedConfig, registry: Registry, egress: EgressP
     """Every enabled destination of the config; ``ConfigError`` with file and line on any
     problem (unknown plugin, bad settings, a template that does not compile, a URL the
     egress policy refuses)."""
-    built = []
+    built, errors = [], []
     for index, entry in enumerate(loaded.config.destinations):
         if entry.enabled:
-            built.append(_build(loaded, registry, egress, index, entry))
+            try:
+                built.append(_build(loaded, registry, egress, index, entry))
+            except ConfigError as exc:  # say what is wrong with the others too: with
+                errors.append(exc)  # hundreds of destinations, one a run is slow to fix
+    if errors:
+        first, *rest = errors
+        if not rest:
+            raise first
+        more = "; ".join(f"line {error.line}: {error.field}: {error.message}"
+                         for error in rest[:MORE_ERRORS_SHOWN])
+        if len(rest) > MORE_ERRORS_SHOWN:
+            more += f"; and {len(rest) - MORE_ERRORS_SHOWN} more"
+        raise ConfigError(f"{first.message} (also: {more})", file=first.file, line=first.line,
+                          field=first.field)
     return built
+
+
+MORE_ERRORS_SHOWN = 5
+"""Destinations' problems listed after the first in one config error."""
 
 
 def egress_policy(config: RouterConfig) -> EgressPolicy:

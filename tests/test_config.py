@@ -583,6 +583,25 @@ def test_unknown_plugin_is_named_with_the_installed_ones(tmp_path):
     assert "installed" in str(error) and "webhook" in str(error)
 
 
+def test_every_broken_destination_is_named_not_only_the_first(tmp_path):
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: one
+            plugin: webhook
+            settings: {url: "not a url"}   #!
+          - name: fine
+            plugin: webhook
+            settings: {url: "https://a.example"}
+          - name: two
+            plugin: salesforcee
+            settings: {}
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, "destinations.0.settings.url")
+    assert "also: line 10: destinations.2.plugin: unknown plugin 'salesforcee'" in str(error)
+
+
 @pytest.mark.parametrize(("plugin", "settings", "key", "value", "limit"), [
     ("webhook", '{url: "https://a.example"}', "batch_size", 10, 1),
     ("ga4", '{measurement_id: G-1, api_secret: s}', "batch_size", 100, 25),
