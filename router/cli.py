@@ -221,14 +221,17 @@ async def _send(router: Router, items: list[Any], source: str, wait: float
         await router.start()
     dead_lettered = 0
     try:
-        started = time.time()
+        started, started_monotonic = time.time(), time.monotonic()
         events = [item for item in items if not isinstance(item, Unreadable)]
         routed = iter(await router.route_many(events, source=source))
         results = [_unreadable(item) if isinstance(item, Unreadable) else next(routed)
                    for item in items]
         if router.delivers:
             drained = await router.drain(timeout=wait)
-            dead_lettered = await _note_outcomes(router, results, since=started,
+            # When the send began, in the wall time of either side of a clock step during
+            # the wait: the earlier of the two, so no dead letter of this send is missed.
+            began = min(started, time.time() - (time.monotonic() - started_monotonic)) - 1
+            dead_lettered = await _note_outcomes(router, results, since=began,
                                                  drained=drained, wait=wait)
     finally:
         await router.close()
