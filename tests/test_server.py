@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import sys
@@ -828,6 +829,20 @@ async def test_metrics_show_intake_delivery_and_queues(start_server: StartServer
                if line.startswith('router_queue_oldest_age_seconds{destination="hook"}'))
     assert 0 <= float(age.split()[-1]) < 60
     assert WEB_KEY not in text
+
+
+async def test_metrics_show_the_spools_size_and_its_disks_free_space(
+        start_server: StartServer, tmp_path: Path) -> None:
+    # Intake stops when the disk runs short (min_free_bytes): an alert needs the figure.
+    ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}")
+    values = {line.split()[0]: float(line.split()[1])
+              for line in (await ingest.metrics()).splitlines()
+              if line.startswith("router_storage_")}
+    free = shutil.disk_usage(tmp_path).free
+    assert abs(values["router_storage_disk_free_bytes"] - free) < 0.01 * free
+    # the database's pages, those still in its WAL included
+    assert values["router_storage_bytes"] >= (tmp_path / "spool.db").stat().st_size > 0
+    assert values["router_storage_bytes"] % 16384 == 0
 
 
 # == access log ==================================================================================

@@ -54,6 +54,11 @@ class IngestMetrics:
                   ["destination"], self._oldest_age))
         add(Gauge("router_dead_letters", "Jobs in the dead-letter store, by destination.",
                   ["destination"], self._dead_letters))
+        add(Gauge("router_storage_bytes", "Bytes the spool's database holds (SQLite).", [],
+                  lambda: _unlabelled(self._stats.bytes_used)))
+        add(Gauge("router_storage_disk_free_bytes",
+                  "Free space on the spool's disk (SQLite): intake stops below its "
+                  "min_free_bytes.", [], lambda: _unlabelled(self._stats.disk_free_bytes)))
 
     async def read_stats(self, storage: Storage) -> None:
         """Read the storage's figures for the gauges. Scrapes that come while a read is under
@@ -90,3 +95,8 @@ class IngestMetrics:
 
     def _dead_letters(self) -> dict[tuple[str, ...], float]:
         return {(name,): queue.dead_letters for name, queue in self._queues().items()}
+
+
+def _unlabelled(value: int | None) -> dict[tuple[str, ...], float]:
+    """A gauge without labels, or no series at all where the storage has no such figure."""
+    return {} if value is None else {(): float(value)}

@@ -100,6 +100,8 @@ class StorageStats:
     queues: dict[str, QueueStats] = field(default_factory=dict)
     dedup_entries: int = 0
     bytes_used: int | None = None
+    disk_free_bytes: int | None = None
+    """Free space on the disk the storage writes to, where it has one (SQLite)."""
 
 
 class Storage(ABC):

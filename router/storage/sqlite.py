@@ -409,8 +409,7 @@ class SqliteStorage(Storage):
         when its disk has less than ``min_free_bytes`` left: delivery needs room to write
         what becomes of the work already accepted (the WAL, retries, dead letters), and on
         a disk filled to the last byte it could record nothing, and stopped."""
-        disk = os.statvfs(self.path.parent)
-        free = disk.f_bavail * disk.f_frsize
+        free = _disk_free_bytes(self.path)
         if free < self.min_free_bytes:
             raise StorageFull(f"the spool's disk has {free // 2**20} MB free, under the "
                               f"{self.min_free_bytes // 2**20} MB kept for delivery "
@@ -791,9 +790,15 @@ class SqliteStorage(Storage):
                 "SELECT COALESCE(MAX(id) - MIN(id) + 1, 0) FROM seen").fetchone()[0]
             pages = connection.execute("PRAGMA page_count").fetchone()[0]
             stats.bytes_used = pages * connection.execute("PRAGMA page_size").fetchone()[0]
+            stats.disk_free_bytes = _disk_free_bytes(self.path)
             return stats
 
         return await self._call(operation, writes=False)
+
+
+def _disk_free_bytes(path: Path) -> int:
+    disk = os.statvfs(path.parent)
+    return disk.f_bavail * disk.f_frsize
 
 
 def _by_id(job: Job) -> int | str:
