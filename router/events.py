@@ -261,8 +261,10 @@ def _numbers_from_numeric_strings(item: Mapping[str, Any], keys: tuple[str, ...]
         value = item.get(key)
         if isinstance(value, str):
             number = as_number(value)
-            if number is not None:
-                numbers[key] = int(number) if value.strip().isdigit() else number
+            if number is not None:  # whole numbers as ints while a double holds them exactly:
+                # past that, an int would outgrow JSON's 64 bits (orjson refuses it)
+                whole = value.strip().isdigit() and number < 2**53
+                numbers[key] = int(number) if whole else number
     return numbers
 
 

@@ -344,6 +344,17 @@ def test_numeric_string_order_amounts_become_numbers():
     assert event.properties["coupon"] == "10" and event.properties["order_id"] == "123"
 
 
+def test_a_whole_number_string_too_large_for_a_double_stays_a_float():
+    # As an int it outgrew 64 bits, which no destination's body can carry: every plugin
+    # failed on the event (counted as a bug) after it had been accepted.
+    event = parse({**VALID_MINIMAL["track"], "properties": {
+        "quantity": "18446744073709551616", "total": "12345"}})
+    assert event.properties["quantity"] == 1.8446744073709552e19
+    assert isinstance(event.properties["quantity"], float)
+    orjson.dumps(event.to_dict())  # what every destination's body needs
+    assert event.properties["total"] == 12345 and isinstance(event.properties["total"], int)
+
+
 def test_fixture_order_completed_is_normalized():
     raw = json.loads((FIXTURES / "order_completed.json").read_text())
     event = parse(raw)

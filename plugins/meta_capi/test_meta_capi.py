@@ -152,6 +152,15 @@ def test_single_product_event_is_worth_price_times_quantity():
     }
 
 
+def test_a_quantity_no_json_body_can_hold_counts_as_one():
+    # An embedding program may pass float("inf"): int() of it raised OverflowError inside
+    # the plugin, which the router counts as a bug.
+    for quantity in (float("inf"), float("nan")):
+        props = {"product_id": "p1", "price": 3.5, "quantity": quantity}
+        contents = only_event(meta(), track("Product Added", props))["custom_data"]["contents"]
+        assert contents == [{"id": "p1", "quantity": 1, "item_price": 3.5}]
+
+
 def test_value_comes_from_revenue_then_total_then_value():
     def value(props):
         return only_event(meta(), track("Checkout Started", props))["custom_data"]["value"]

@@ -322,8 +322,11 @@ def _check_purchase(data: Mapping[str, Any]) -> None:
 
 
 def _quantity(product: Mapping[str, Any]) -> int:
+    """A product's whole quantity, 1 when it has none that makes sense (an embedding
+    program can pass ``inf``, which no JSON body can)."""
     quantity = product.get("quantity")
-    if isinstance(quantity, (int, float)) and not isinstance(quantity, bool) and quantity > 0:
+    if isinstance(quantity, (int, float)) and not isinstance(quantity, bool) \
+            and 0 < quantity < 2**31:
         return int(quantity)
     return 1
 
