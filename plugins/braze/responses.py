@@ -26,7 +26,10 @@ def refused_items(payloads: Sequence[Payload], errors: list[Any]) -> list[Outcom
     for error in errors:
         if not isinstance(error, dict):
             continue
-        refused = position.get((str(error.get("input_array")), error.get("index", -1)))
+        index = error.get("index")
+        if type(index) is not int:  # a list would not hash; a bool is not a position
+            continue
+        refused = position.get((str(error.get("input_array")), index))
         if refused is not None:
             outcomes[refused] = PermanentError(f"Braze refused it: {error.get('type', 'invalid')}")
     return outcomes

@@ -318,6 +318,7 @@ def test_201_fails_only_the_objects_braze_lists():
             "purchases_processed": 1, "errors": [
                 {"type": "'name' is required", "input_array": "events", "index": 1},
                 {"type": "'price' is invalid", "input_array": "purchases", "index": 0},
+                {"type": "odd", "input_array": "events", "index": [0]},  # once TypeError
                 "an error that names no object"]}
     outcomes = destination.read_response(payloads, HttpResponse(201, {}, orjson.dumps(body)))
     assert [None if outcome is None else outcome.reason for outcome in outcomes] == [

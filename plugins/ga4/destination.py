@@ -192,9 +192,9 @@ def _group(body: Mapping[str, Any]) -> str:
     return f"request:{digest[:24]}"
 
 
-def _event_index(field_path: str) -> int | None:
-    """``events[3].params.x`` → 3."""
-    if field_path.startswith("events[") and "]" in field_path:
+def _event_index(field_path: Any) -> int | None:
+    """``events[3].params.x`` → 3; None for anything else (GA4 may send null)."""
+    if isinstance(field_path, str) and field_path.startswith("events[") and "]" in field_path:
         number = field_path[len("events["):field_path.index("]")]
         return int(number) if number.isascii() and number.isdigit() else None
     return None

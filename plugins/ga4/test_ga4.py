@@ -504,6 +504,10 @@ def test_debug_validation_messages_fail_the_named_event():
     assert "NAME_INVALID at events[1].params.x: bad param" in outcomes[1].reason
     clean = HttpResponse(200, {}, b'{"validationMessages": []}')
     assert ga4(debug=True).read_response(payloads, clean) is None
+    # a message without a path (null once raised AttributeError in the plugin) fails all
+    unplaced = HttpResponse(200, {}, b'{"validationMessages": [{"fieldPath": null}]}')
+    assert all(isinstance(outcome, PermanentError)
+               for outcome in ga4(debug=True).read_response(payloads, unplaced))
 
 
 # --- settings --------------------------------------------------------------------------------

@@ -124,6 +124,8 @@ class MetaConversions(Destination[MetaSettings]):
         if not isinstance(error, dict):
             return None
         code, subcode = error.get("code"), error.get("error_subcode")
+        if not isinstance(code, int) or isinstance(code, bool):
+            code = None  # not one of Meta's codes (a list would not even hash)
         message = str(error.get("error_user_msg") or error.get("message") or "")
         token = self.settings.access_token.get_secret_value()
         if token:

@@ -444,6 +444,8 @@ def test_retry_after_header_wins():
 def test_other_errors_are_left_to_the_status():
     answer = error(403, {"message": "Permissions error", "code": 200})
     assert meta().read_response(PAYLOADS, answer) is None
+    odd = error(400, {"message": "m", "code": [1]})  # unhashable: once TypeError
+    assert meta().read_response(PAYLOADS, odd) is None
 
 
 # --- settings --------------------------------------------------------------------------------
