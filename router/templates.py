@@ -8,8 +8,9 @@ list an operator, ``~``, a filter or a method builds is refused past ``MAX_OUTPU
 (a value can then at most double before it is refused, which bounds a loop that doubles a
 ``namespace`` attribute), and the operations that multiply in one step (``*``, ``**``,
 format widths, ``replace``, ``indent``, ``wordwrap``, ``tojson``'s indent) are checked
-before they run. Time is capped too: every loop iteration and call spends one of a render's
-``MAX_STEPS``.
+before they run. Time is capped too: every loop iteration, call and filter spends one of a
+render's ``MAX_STEPS``, and a render may take ``MAX_RENDER_SECONDS`` at most (a filter such as
+``sort`` on a 100,000-item list takes tens of milliseconds in one step).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import itertools
 import operator
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -35,7 +37,9 @@ padding width, an indent): jinja2's sandbox caps ``range`` but not these."""
 MAX_POWER_BITS = 4096
 MAX_JSON_INDENT = 16
 MAX_STEPS = 100_000
-"""Loop iterations and calls one render may take."""
+"""Loop iterations, calls and filters one render may take."""
+MAX_RENDER_SECONDS = 1.0
+"""How long one render may hold the event loop (and with it intake and every destination)."""
 TEMPLATE_NAME = "template"
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
 
@@ -65,16 +69,20 @@ class _StepBudget:
     Output and value caps bound memory, not time: two nested ``range(100000)`` loops build
     nothing, yet would hold the event loop, and every destination with it, for hours."""
 
-    __slots__ = ("left",)
+    __slots__ = ("deadline", "left")
 
     def __init__(self) -> None:
         self.left = MAX_STEPS
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
 
     def spend(self) -> None:
         self.left -= 1
         if self.left < 0:
-            raise SecurityError(f"over {MAX_STEPS} steps (loop iterations and calls): is a "
-                                "loop nested too deep?")
+            raise SecurityError(f"over {MAX_STEPS} steps (loop iterations, calls and "
+                                "filters): is a loop nested too deep?")
+        if time.monotonic() > self.deadline:
+            raise SecurityError(f"over {MAX_RENDER_SECONDS:g} s: the template does too much "
+                                "work for one event")
 
 
 _budget: ContextVar[_StepBudget | None] = ContextVar("template_step_budget", default=None)
@@ -113,6 +121,14 @@ def _refuse_large_replace(text: Any, old: Any = None, new: Any = None, *_: Any) 
             raise SecurityError("replacement too large for a template")
 
 
+def _refuse_large_join(separator: Any, items: Any) -> None:
+    """``separator.join(items)`` holds the separator once an item: checked before it runs
+    (``range(20000)|join('x' * 20000)`` built 400 MB before the size cap could refuse it)."""
+    if isinstance(separator, str) and hasattr(items, "__len__") and \
+            len(items) * len(separator) > MAX_OUTPUT_CHARS:
+        raise SecurityError("join too large for a template")
+
+
 def _refuse_wide_format(text: str) -> None:
     if _WIDE_FORMAT.search(text):
         raise SecurityError("format width too large for a template")
@@ -139,6 +155,8 @@ def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[st
         if isinstance(width, int) and isinstance(wrap, str) and \
                 (len(args[1]) // max(width, 1) + 1) * len(wrap) > MAX_OUTPUT_CHARS:
             raise SecurityError("wordwrap too large for a template")
+    elif name == "do_join" and len(args) >= 2:  # (eval_ctx, items, separator="")
+        _refuse_large_join(kwargs.get("d", args[2] if len(args) > 2 else ""), args[1])
     elif name == "do_tojson":
         indent = kwargs.get("indent", args[2] if len(args) > 2 else None)
         if isinstance(indent, int) and indent > MAX_JSON_INDENT:
@@ -202,6 +220,8 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
                 _refuse_wide_format(text)
             elif name == "replace":
                 _refuse_large_replace(text, *args)
+            elif name == "join" and args:
+                _refuse_large_join(text, args[0])
         return _refuse_large_result(super().call(__context, __obj, *args, **kwargs))
 
 
@@ -210,6 +230,7 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     multiply in one step, and a result over the cap."""
     @functools.wraps(function)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        _spend_step()
         _refuse_large_arguments(args, kwargs)
         _refuse_multiplying_filter(function.__name__, args, kwargs)
         return _refuse_large_result(function(*args, **kwargs))
@@ -236,6 +257,9 @@ class Template:
             line = getattr(exc, "lineno", None)
             at = f" (template line {line})" if line else ""
             raise ConfigError(f"template does not compile{at}: {exc.message or exc}",
+                              field=where) from None
+        except (RecursionError, MemoryError, SyntaxError):  # jinja2's parser, or Python's
+            raise ConfigError("template does not compile: it nests too deeply",
                               field=where) from None
 
     def render(self, **context: Any) -> str:

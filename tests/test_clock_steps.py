@@ -121,3 +121,11 @@ async def test_a_partial_batch_waits_batch_wait_at_most_when_this_clock_is_behin
             finally:
                 await service.stop(grace=1)
         assert len(server.requests) == 1
+
+
+def test_a_retry_after_that_is_not_a_finite_number_is_ignored():
+    # "nan" slipped past every comparison, so the server's wait was silently dropped.
+    for value in ("nan", "inf", "-inf"):
+        assert retry.retry_after({"Retry-After": value}, now=0.0) is None
+    assert retry.retry_after({"X-RateLimit-Retry-After": "nan", "Retry-After": "7"},
+                             now=0.0) == 7.0

@@ -292,6 +292,9 @@ MEMORY_BOMBS = [
     # repetition of what a container holds, not of the container's items
     "{{ [['x' * 99999]] * 99999 }}",
     "{{ ([{'a': 'x' * 99999}] * 2000)|join|length }}",
+    # one separator an item, by the filter and by the method
+    "{{ range(20000)|join('x' * 20000)|length }}",
+    "{{ ('x' * 20000).join(range(20000)|map('string')|list)|length }}",
     "{{ ([['x' * 99999]] * 99999)|tojson|length }}",
 ]
 
@@ -309,6 +312,25 @@ def test_a_render_that_would_take_hours_is_refused_by_its_step_budget(source):
     # destination while it ran.
     with pytest.raises(EventRejected, match="over 100000 steps"):
         render(source)
+
+
+def test_a_render_of_few_but_costly_steps_is_refused_by_its_time_budget():
+    # A thousand sorts of 100,000 items: tens of milliseconds a step, a minute or more in
+    # all, within the step budget (found by fuzzing).
+    with pytest.raises(EventRejected, match="over 1 s"):
+        render("{% set big = range(99999)|list %}"
+               "{% for i in range(1000) %}{{ big|sort|length }}{% endfor %}")
+
+
+@pytest.mark.parametrize("source", [
+    "{{ " + "(" * 200 + "1" + ")" * 200 + " }}",
+    "{{ " + "[" * 200 + "]" * 200 + " }}",
+])
+def test_a_template_that_nests_too_deeply_to_compile_is_a_config_error(source):
+    # jinja2's parser ran out of stack: a RecursionError and a 3,000-line traceback from
+    # `router check`, instead of the file, line and field.
+    with pytest.raises(ConfigError, match="nests too deeply"):
+        Template(source, where="settings.body")
 
 
 def test_loops_still_know_their_length_and_last_item():

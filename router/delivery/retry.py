@@ -5,6 +5,7 @@ Pure functions with the clock and the random source passed in, so they are teste
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from datetime import datetime, UTC
@@ -45,6 +46,8 @@ def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
         value = value.strip()
         try:
             seconds = float(value)
+            if not math.isfinite(seconds):  # "nan" would slip past every comparison
+                continue
         except ValueError:
             try:
                 moment = parsedate_to_datetime(value)
