@@ -91,10 +91,8 @@ class LoopWatchdog:
     innermost frames the loop's thread is running (file, line and function: no values, so
     no secrets), then log again when the loop turns."""
 
-    def __init__(self, *, threshold: float | None = None,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(self, *, threshold: float | None = None) -> None:
         self.threshold = STALL_WARNING_SECONDS if threshold is None else threshold
-        self.log = logger or log
         self._last_beat = time.monotonic()
         self._heartbeat: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
@@ -126,11 +124,11 @@ class LoopWatchdog:
             late = time.monotonic() - self._last_beat
             if stalled_since is None and late >= self.threshold:
                 stalled_since = self._last_beat
-                self.log.warning(
+                log.warning(
                     "the event loop has not turned for %.1f s: intake, delivery and /health "
                     "wait until it does. It is running: %s", late, _innermost(loop_thread))
             elif stalled_since is not None and self._last_beat > stalled_since:
-                self.log.warning("the event loop turned again after %.1f s",
+                log.warning("the event loop turned again after %.1f s",
                                  self._last_beat - stalled_since)
                 stalled_since = None
 
