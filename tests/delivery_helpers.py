@@ -32,3 +32,12 @@ def webhook(name: str, url: str, **delivery: Any) -> dict[str, Any]:
 def track(n: int, user: str = "u1", **extra: Any) -> dict[str, Any]:
     return {"type": "track", "event": "Tested", "userId": user, "messageId": f"m-{n}",
             "properties": {"n": n}, **extra}
+
+
+async def fill_the_disk(storage: Any, full: bool) -> None:
+    """A ``SqliteStorage`` whose disk has no room left, to SQLite itself: it answers
+    SQLITE_FULL when the file would grow (``max_page_count``), as on a real full disk."""
+    def operation(connection: Any) -> None:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count={pages if full else 1 << 30}")
+    await storage._call(operation, writes=False)  # the one private call: the writer's connection

@@ -12,7 +12,7 @@ import pytest
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
-from tests.delivery_helpers import FAST_RETRIES, router_for, track, webhook
+from tests.delivery_helpers import FAST_RETRIES, fill_the_disk, router_for, track, webhook
 
 
 async def eventually(router, condition, timeout: float = 10.0):
@@ -211,6 +211,26 @@ async def test_many_hanging_destinations_leave_the_others_their_connections(tmp_
             await hanging.wait_for(320, timeout=20)  # every hung sender holds a connection
             await healthy.wait_for(8, timeout=20)
             await router.close(grace=0.2)
+
+
+async def test_a_retry_the_full_disk_cannot_record_is_sent_again_not_lost(tmp_path, caplog):
+    # The spool could not write the retry: the job was once left in no table (lost once
+    # its bundle's other jobs were delivered), then left leased until a restart.
+    async with FakeDestinationServer() as server:
+        # the others are answered later: their bundle is not finished (and freed) first
+        server.script([Answer(500, delay=0.5)] + [Answer(200, delay=2)] * 4)
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="10s")])
+        async with router:
+            await router.route_many([track(n, context={"blob": "x" * 20_000})
+                                     for n in range(5)])
+            await fill_the_disk(router.storage, True)  # before the 500 is answered
+            await server.wait_for(6, timeout=10)  # the 5, and the one answered 500 again
+            await fill_the_disk(router.storage, False)
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert letters == []
+    assert sorted(set(await delivered_ids(server))) == [f"m-{n}" for n in range(5)]
+    assert "cannot record the outcome of 1 job(s), sent again later" in caplog.text
 
 
 async def test_a_broken_destination_never_holds_back_the_others(tmp_path):

@@ -35,7 +35,7 @@ from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
 from router.storage.sqlite import LAYOUT, SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
-from tests.delivery_helpers import router_for, track, webhook
+from tests.delivery_helpers import fill_the_disk, router_for, track, webhook
 from tests.redis_helpers import start_redis_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -719,15 +719,6 @@ async def test_sqlite_a_spool_of_a_later_layout_is_refused_untouched(tmp_path):
 
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):
     assert user_version(tmp_path / "spool.db") == LAYOUT
-
-
-async def fill_the_disk(storage: SqliteStorage, full: bool) -> None:
-    """A disk with no room left, to SQLite itself: it answers SQLITE_FULL when the file
-    would grow (``max_page_count``), as on a real full disk."""
-    def operation(connection: sqlite3.Connection) -> None:
-        pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        connection.execute(f"PRAGMA max_page_count={pages if full else 1 << 30}")
-    await storage._call(operation, writes=False)
 
 
 async def test_sqlite_a_retry_the_full_disk_refused_is_not_lost(tmp_path):
