@@ -352,6 +352,26 @@ async def test_close_keeps_its_grace_period_while_a_destination_is_down(tmp_path
     assert stats.queues["dead"].pending == 20
 
 
+async def test_a_stop_waits_for_the_rest_of_a_batch_being_split(tmp_path):
+    # Its second half waited for the rate limit; the stop once returned at once and put the
+    # whole batch back, so the half already delivered was sent again.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(413), Answer(200), Answer(200)])
+        segment = {"name": "seg", "plugin": "segment",
+                   "settings": {"write_key": "k-1", "base_url": server.url},
+                   "delivery": {"batch_wait": "50ms", "rate_limit": "2/s", "concurrency": 1}}
+        router = router_for(tmp_path, [segment])
+        await router.start()
+        await router.route_many([track(n) for n in range(4)])
+        await server.wait_for(2, timeout=10)  # refused whole, then its first half delivered
+        await router.close(grace=10)
+        reopened = router_for(tmp_path, [segment], deliver=False)
+        async with reopened:
+            stats = await reopened.storage.stats(now=time.time())
+    assert [request.status for request in server.requests] == [413, 200, 200]
+    assert "seg" not in stats.queues  # nothing left to send again
+
+
 async def test_a_destination_refusing_everything_does_not_flood_the_log(tmp_path, caplog):
     """A revoked key fails every event: each is dead-lettered and counted, but the log gets
     a few lines of that kind per window, not one per event, and they say how many they

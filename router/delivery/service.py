@@ -368,9 +368,9 @@ class DestinationWorker:
         elif any(outcome is None for outcome, _ in outcomes):
             self.failures_in_a_row = 0
 
-    async def _attempt(self, batch: list[Job], *, may_split: bool = True
+    async def _attempt(self, batch: list[Job], *, may_split: bool = True, part: bool = False
                        ) -> list[tuple[Outcome, Failure | None]]:
-        """Send a batch; one outcome per job.
+        """Send a batch (or, with ``part``, a part of one being split); one outcome per job.
 
         One bad event must not cost its neighbours: a batch refused whole (413, or a 400/422
         the plugin could not pin on particular events) is split in two and each half sent.
@@ -392,11 +392,7 @@ class DestinationWorker:
             self._log_plugin_failure(reason, exc)
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
-        self.pacing += 1
-        try:
-            await self.limiter.acquire()
-        finally:
-            self.pacing -= 1
+        await self._wait_for_the_limiter(counted=not part)
         started = time.monotonic()
         try:
             response = await self.transport.send(request, timeout=self.delivery.timeout)
@@ -424,6 +420,18 @@ class DestinationWorker:
                  dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
                 for outcome in outcomes]
 
+    async def _wait_for_the_limiter(self, *, counted: bool) -> None:
+        """Wait until the destination's rate limit and rest let a request go. A stop does not
+        wait for the senders ``counted`` here (``pacing``); a part of a batch being split is
+        not counted, since the outcome of the part already sent would be lost with it."""
+        if counted:
+            self.pacing += 1
+        try:
+            await self.limiter.acquire()
+        finally:
+            if counted:
+                self.pacing -= 1
+
     async def _split(self, batch: list[Job], refused: str | None, *, always: bool
                      ) -> list[tuple[Outcome, Failure | None]]:
         """Send each half of a refused batch. When both halves are refused whole with the
@@ -431,7 +439,7 @@ class DestinationWorker:
         key, say), so splitting stops rather than send a request per event."""
         middle = len(batch) // 2
         halves = [batch[:middle], batch[middle:]]
-        results = [await self._attempt(half, may_split=always) for half in halves]
+        results = [await self._attempt(half, may_split=always, part=True) for half in halves]
         if always:
             return results[0] + results[1]
         whole = [_refused_whole(result) for result in results]
