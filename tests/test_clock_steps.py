@@ -53,6 +53,30 @@ def test_steps_forward_do_not_age_events_accepted_before_them():
     assert clock.age(now - 3, now) == 3.0  # accepted after it: as the wall clock says
 
 
+def test_after_a_step_back_events_are_aged_by_the_wall_clock_for_good():
+    # The clock stays ahead of the wall clock by the step (the wall clock runs at the same
+    # rate and never catches up); an event the wall clock stamps after the step is as old
+    # as the wall clock says, a minute or a month later.
+    wall, monotonic = [1000.0 + 5 * HOUR], [0.0]
+    clock = DeliveryClock(lambda: wall[0], lambda: monotonic[0])
+    wall[0], monotonic[0] = 1001.0, 1.0  # stepped back five hours
+    assert clock.now() == 1001.0 + 5 * HOUR
+    for later in (10.0, 30 * 24 * HOUR):
+        wall[0], monotonic[0] = 1001.0 + later, 1.0 + later
+        assert clock.age(1001.0, clock.now()) == later
+
+
+def test_a_step_forward_while_behind_does_not_age_events_either():
+    wall, monotonic = [1000.0 + 5 * HOUR], [0.0]
+    clock = DeliveryClock(lambda: wall[0], lambda: monotonic[0])
+    wall[0], monotonic[0] = 1000.0, 0.0
+    clock.now()  # five hours back
+    wall[0], monotonic[0] = 1010.0 + HOUR, 10.0  # then one forward: still four behind
+    assert clock.age(1005.0, clock.now()) == 5.0
+    wall[0], monotonic[0] = 1020.0 + 10 * HOUR, 20.0  # and nine more: ahead of it again
+    assert clock.age(1005.0, clock.now()) == 15.0
+
+
 def test_an_http_date_retry_after_is_read_against_the_servers_date():
     server_now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     headers = {"Retry-After": format_datetime(server_now + timedelta(seconds=30), usegmt=True),
@@ -100,6 +124,28 @@ async def test_a_clock_stepped_forward_does_not_make_a_retry_too_old(tmp_path):
         server.script([Answer(503, headers={"Retry-After": "1"})] * 2 + [Answer(200)])
         letters = await deliver_across_a_step(tmp_path, server, 24 * HOUR, max_age="4h")
         assert letters == [] and len(server.requests) == 3
+
+
+async def test_an_event_accepted_after_a_step_back_keeps_its_whole_max_age(tmp_path):
+    # The clock ran five hours fast, then NTP put it right: delivery's clock stayed five
+    # hours ahead, and a new event's first retry made it "older than the maximum age (4 h)".
+    async with FakeDestinationServer() as server:
+        server.script([Answer(503, headers={"Retry-After": "1"}), Answer(200)])
+        router = router_for(tmp_path, [webhook("hook", server.url, max_age="4h")],
+                            deliver=False)
+        clock = ShiftedClock(5 * HOUR)
+        async with router:
+            service = DeliveryService(router.destinations, router.storage,
+                                      egress=router.egress, clock=DeliveryClock(clock.wall))
+            clock.offset = 0.0
+            await service.start()
+            try:
+                await router.route(track(1))
+                assert await router.drain(timeout=10)
+            finally:
+                await service.stop(grace=1)
+            assert await router.storage.dead_letters(DeadLetterFilter()) == []
+        assert len(server.requests) == 2
 
 
 async def test_a_partial_batch_waits_batch_wait_at_most_when_this_clock_is_behind(tmp_path):

@@ -7,10 +7,13 @@ were costly: a clock stepped back an hour held every retry, every job of an ``or
 destination and every partial batch for an hour; stepped forward a day, it made every
 event waiting for a retry "older than max_age" seconds after it was accepted.
 
-``DeliveryClock`` follows the wall clock, except that it never goes back: from a step back
-until the wall clock catches up, it runs on the monotonic clock from where it was. And it
-remembers the steps forward, so an event accepted before one is not aged by it. Both hold
-within a process; after a restart the wall clock is trusted again.
+``DeliveryClock`` schedules by a time that never goes back: after a step back it runs on the
+monotonic clock from where it was (so the due times written before the step come due on
+time, and those written after it keep their waits), ahead of the wall clock by the step.
+Ages are measured against the wall clock, which stamps every accepted event, with the steps
+forward since an event was accepted left out, so neither kind of step ages an event. Both
+hold within a process; after a restart the wall clock is trusted again (retries scheduled
+while the clock was behind then wait the step longer).
 """
 
 from __future__ import annotations
@@ -33,32 +36,34 @@ class DeliveryClock:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._wall, self._monotonic = wall, monotonic
         self._anchor_wall, self._anchor_monotonic = wall(), monotonic()
-        self._behind = False
-        """Whether the wall clock is behind this clock since it stepped back."""
+        self._behind_by = 0.0
+        """How far the wall clock is behind this clock since it stepped back."""
         self._forward_steps: deque[tuple[float, float]] = deque(maxlen=STEPS_REMEMBERED)
-        """(this clock's time just before the step, its size) for each step forward."""
+        """(the wall time just before the step, its size) for each step forward."""
 
     def now(self) -> float:
-        """Wall time, never earlier than the last reading (but for under ``STEP_TOLERANCE``)."""
+        """Wall time, except that it never goes back (but for under ``STEP_TOLERANCE``)."""
         wall, monotonic = self._wall(), self._monotonic()
         expected = self._anchor_wall + (monotonic - self._anchor_monotonic)
-        if wall < expected - STEP_TOLERANCE:
-            if not self._behind:
-                self._behind = True
-                log.warning("the system clock stepped back by %.0f s; delivery keeps its "
-                            "schedule on the monotonic clock until it catches up",
-                            expected - wall)
-            return expected
-        if wall > expected + STEP_TOLERANCE:
-            self._forward_steps.append((expected, wall - expected))
+        wall_before = expected - self._behind_by  # where the wall clock should be
+        if wall > wall_before + STEP_TOLERANCE:
+            self._forward_steps.append((wall_before, wall - wall_before))
             log.warning("the system clock stepped forward by %.0f s; events accepted before "
-                        "are not aged by the step", wall - expected)
-        self._behind = False
+                        "are not aged by the step", wall - wall_before)
+        elif wall < wall_before - STEP_TOLERANCE:
+            log.warning("the system clock stepped back by %.0f s; delivery keeps its "
+                        "schedule on the monotonic clock", wall_before - wall)
+        if wall < expected - STEP_TOLERANCE:  # behind this clock, since a step back
+            self._behind_by = expected - wall
+            return expected
+        self._behind_by = 0.0
         self._anchor_wall, self._anchor_monotonic = wall, monotonic
         return wall
 
     def age(self, created_at: float, at: float) -> float:
-        """How old an event accepted at ``created_at`` is at ``at`` (both this clock's or
-        the wall clock's times), leaving out the steps forward taken since it was accepted."""
+        """How old an event accepted at ``created_at`` (wall time) is at ``at`` (this clock's
+        time): by the wall clock, leaving out the steps forward taken since it was accepted.
+        (An event accepted before a step back looks younger by the step: its ``max_age``
+        is stretched, never cut.)"""
         stepped = sum(size for before, size in self._forward_steps if created_at < before)
-        return max(0.0, at - created_at - stepped)
+        return max(0.0, at - self._behind_by - created_at - stepped)

@@ -306,8 +306,8 @@ class DestinationWorker:
             # What is left of the oldest job's wait, counted from here on the monotonic
             # clock: a wall-clock deadline stepped back an hour held the batch an hour.
             oldest = min(job.created_at for job in jobs)
-            left = min(delivery.batch_wait, oldest + delivery.batch_wait - self.clock.now())
-            deadline = time.monotonic() + left
+            waited = self.clock.age(oldest, self.clock.now())
+            deadline = time.monotonic() + min(delivery.batch_wait, delivery.batch_wait - waited)
             while len(jobs) < delivery.batch_size and not self.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
