@@ -175,3 +175,11 @@ def test_a_retry_after_that_is_not_a_finite_number_is_ignored():
         assert retry.retry_after({"Retry-After": value}, now=0.0) is None
     assert retry.retry_after({"X-RateLimit-Retry-After": "nan", "Retry-After": "7"},
                              now=0.0) == 7.0
+
+
+def test_a_date_or_retry_after_with_an_absurd_zone_is_ignored_not_raised():
+    # Found by review: OverflowError from the date's zone, inside the delivery of a batch.
+    absurd = "Wed, 21 Oct 2015 07:28:00 +99999999999999999999"
+    assert retry.retry_after({"Retry-After": absurd}, now=0.0) is None
+    assert retry.retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:30 GMT", "Date": absurd},
+                             now=1445412480.0) == 30.0

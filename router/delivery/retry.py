@@ -51,7 +51,7 @@ def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
         except ValueError:
             try:
                 moment = parsedate_to_datetime(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # a zone of +99999999999 overflows
                 continue
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
@@ -65,7 +65,7 @@ def _server_time(headers: Mapping[str, str], now: float) -> float:
     the server's clock, and ours may be an hour off (a 15-minute pause, or none at all)."""
     try:
         moment = parsedate_to_datetime(headers.get("date", ""))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a zone of +99999999999 overflows
         return now
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
