@@ -295,10 +295,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     def on_wake() -> None:
         try:
             while datagram := wake_socket.recv(WAKE_DATAGRAM_BYTES):
-                try:
-                    names = orjson.loads(datagram)
-                except orjson.JSONDecodeError:
-                    names = None  # cannot happen from our parent; waking all is harmless
+                names = orjson.loads(datagram)  # the parent sends what fits (WAKE_ALL else)
                 service.wake(service.workers if names is None else names)
         except BlockingIOError:
             return

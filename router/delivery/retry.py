@@ -37,39 +37,38 @@ def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset
 
 def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
     """Seconds to wait from ``Retry-After`` (delta-seconds or an HTTP-date) or a vendor's
-    equivalent header; None when there is none or it cannot be read."""
+    equivalent header; None when there is none or it cannot be read. An HTTP-date is a
+    moment on the server's clock, so it is measured from the response's ``Date`` when there
+    is one: ours may be an hour off (a 15-minute pause, or none at all)."""
     lowered = {name.lower(): value for name, value in headers.items()}
     for name in _RETRY_AFTER_HEADERS:
         value = lowered.get(name)
         if value is None:
             continue
-        value = value.strip()
         try:
             seconds = float(value)
-            if not math.isfinite(seconds):  # "nan" would slip past every comparison
-                continue
         except ValueError:
-            try:
-                moment = parsedate_to_datetime(value)
-            except (TypeError, ValueError, OverflowError):  # a zone of +99999999999 overflows
+            moment = _http_date(value)
+            if moment is None:
                 continue
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            seconds = moment.timestamp() - _server_time(lowered, now)
+            server_now = _http_date(lowered.get("date", ""))
+            seconds = moment - (now if server_now is None else server_now)
+        if not math.isfinite(seconds):  # "nan" would slip past every comparison
+            continue
         return min(max(seconds, 0.0), MAX_RETRY_AFTER)
     return None
 
 
-def _server_time(headers: Mapping[str, str], now: float) -> float:
-    """The response's ``Date``, else ``now``: an HTTP-date ``Retry-After`` is a moment on
-    the server's clock, and ours may be an hour off (a 15-minute pause, or none at all)."""
+def _http_date(text: str) -> float | None:
+    """An HTTP-date as a timestamp (UTC when it names no zone); None when it is not one, or
+    when its zone overflows (``+99999999999``)."""
     try:
-        moment = parsedate_to_datetime(headers.get("date", ""))
-    except (TypeError, ValueError, OverflowError):  # a zone of +99999999999 overflows
-        return now
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        moment = parsedate_to_datetime(text.strip())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def backoff(attempt: int, delivery: DeliveryDefaults, rng: random.Random) -> float:

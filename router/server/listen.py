@@ -22,7 +22,6 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
-from router.runtime import reserve_descriptors
 from router.server.app import OVERLOADED_RETRY_AFTER
 from router.server.problems import problem_body
 
@@ -86,9 +85,3 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
 
     return await asyncio.get_running_loop().create_server(
         protocol, host, port, backlog=BACKLOG, reuse_address=True)
-
-
-def allow_descriptors_for(max_connections: int) -> int:
-    """How many client connections this process has room for: ``max_connections``, or
-    fewer, with a warning, when the limit on open files is too low."""
-    return reserve_descriptors(max_connections, "client connections (server.max_connections)")

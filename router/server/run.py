@@ -23,10 +23,10 @@ from router.config import LoadedConfig, load_config
 from router.errors import ConfigError
 from router.redaction import redacted_url
 from router.routing import Router
-from router.runtime import tune_garbage_collector
+from router.runtime import reserve_descriptors, tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER
 from router.server.app import METRICS, create_app, create_runner
-from router.server.listen import allow_descriptors_for, listen
+from router.server.listen import listen
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -84,7 +84,8 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
     when the stop began, so that delivery gets what the drain leaves of the grace."""
     server_config = router.config.server
     grace = server_config.shutdown_grace
-    max_connections = allow_descriptors_for(server_config.max_connections)
+    max_connections = reserve_descriptors(server_config.max_connections,
+                                          "client connections (server.max_connections)")
     app = create_app(router)
     refusals = app[METRICS].refusals
     runner = create_runner(app, shutdown_timeout=grace)

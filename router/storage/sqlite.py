@@ -286,7 +286,7 @@ class SqliteStorage(Storage):
                 f"is not converted yet (it has the table {earlier[0]!r}): stop the router "
                 "that uses it and start the new one, which converts the file")
         connection.executescript(SCHEMA)
-        _move_the_old_tables(connection)
+        _move_the_old_tables(connection, earlier)
         if layout < LAYOUT:
             connection.execute(f"PRAGMA user_version={LAYOUT}")
 
@@ -968,42 +968,35 @@ def _take_ids(connection: sqlite3.Connection, destination: str, count: int) -> i
     return (number << LANE_BITS) + last - count + 1
 
 
-def _move_the_old_tables(connection: sqlite3.Connection) -> None:
-    """Convert a spool written by an earlier version: a ``queue`` table of one row a job
-    (before bundles) moves to ``jobs``, due at once and keeping its ids; an indexed
-    ``dedup`` table (before ``seen``) moves to ``seen``, in the order its entries expire; a
-    ``settled`` table of one row a job (before runs) moves to ``settled_runs``."""
-    _move_old_table(connection, "queue", (
-        "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, created_at, due_at)"
-        " SELECT queue.id, lanes.destination, message_id, user_key, grp, body, created_at, "
-        f"created_at FROM queue JOIN lanes ON lanes.number = queue.id >> {LANE_BITS}"))
-    _move_old_table(connection, "dedup", (
-        "INSERT INTO seen (source, message_id, expires_at) SELECT source, message_id, "
-        "expires_at FROM dedup ORDER BY expires_at"))
-    _move_old_table(connection, "settled", (
-        "INSERT INTO settled_runs (last, first) SELECT id, id FROM settled"))
-
-
-OLD_TABLES = ("queue", "dedup", "settled")
-"""Tables of layouts before the first stamped one, converted by ``_move_the_old_tables``."""
+OLD_TABLE_MOVES = {
+    "queue": ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, created_at, "
+              "due_at) SELECT queue.id, lanes.destination, message_id, user_key, grp, body, "
+              "created_at, created_at FROM queue JOIN lanes ON lanes.number = queue.id >> "
+              f"{LANE_BITS}"),
+    "dedup": ("INSERT INTO seen (source, message_id, expires_at) SELECT source, message_id, "
+              "expires_at FROM dedup ORDER BY expires_at"),
+    "settled": "INSERT INTO settled_runs (last, first) SELECT id, id FROM settled",
+}
+"""The tables of layouts before the first stamped one, and how each moves into this layout:
+a ``queue`` table of one row a job (before bundles) to ``jobs``, due at once and keeping
+its ids; an indexed ``dedup`` table (before ``seen``) to ``seen``, in the order its entries
+expire; a ``settled`` table of one row a job (before runs) to ``settled_runs``."""
 
 
 def _old_tables(connection: sqlite3.Connection) -> list[str]:
     return [name for (name,) in connection.execute(
         f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN "
-        f"({', '.join('?' * len(OLD_TABLES))}) ORDER BY name", OLD_TABLES)]
+        f"({', '.join('?' * len(OLD_TABLE_MOVES))}) ORDER BY name", tuple(OLD_TABLE_MOVES))]
 
 
-def _move_old_table(connection: sqlite3.Connection, table: str, move: str) -> None:
-    """If ``table`` exists, run ``move`` (an ``INSERT ... SELECT`` from it) and drop it, in
-    one transaction."""
-    if not connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                              (table,)).fetchone():
-        return
-    connection.execute("BEGIN IMMEDIATE")
-    connection.execute(move)
-    connection.execute(f"DROP TABLE {table}")
-    connection.execute("COMMIT")
+def _move_the_old_tables(connection: sqlite3.Connection, tables: Iterable[str]) -> None:
+    """Convert a spool written by an earlier version: each of its old ``tables`` moves into
+    this layout and is dropped, a transaction each."""
+    for table in tables:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute(OLD_TABLE_MOVES[table])
+        connection.execute(f"DROP TABLE {table}")
+        connection.execute("COMMIT")
 
 
 def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:
