@@ -14,6 +14,7 @@ and what keeps every destination's delivery behaviour the same.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, NamedTuple, TypeVar
@@ -142,7 +143,13 @@ def outcomes_problem(outcomes: list[Any], count: int) -> str | None:
 
 
 def _is_token(text: Any) -> bool:
-    return isinstance(text, str) and bool(text) and not set(text) - _TOKEN_CHARACTERS
+    return isinstance(text, str) and _is_token_text(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_token_text(text: str) -> bool:
+    """Cached: every request of a destination names the same few headers."""
+    return bool(text) and not set(text) - _TOKEN_CHARACTERS
 
 
 class DeliveryDefaults(BaseModel):

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -507,9 +506,15 @@ class DestinationWorker:
             if not self.delivered:
                 self.wakeup.set()  # an idle worker records them now, not at its next poll
             self.delivered += delivered
-            for created_at, count in Counter(job.created_at for job in delivered).items():
+            # The jobs of one accept share its time, so a batch has few distinct ones.
+            accepted_at: dict[float, int] = {}
+            for job in delivered:
+                accepted_at[job.created_at] = accepted_at.get(job.created_at, 0) + 1
+            for created_at, count in accepted_at.items():
                 self.metrics.latency.observe(self.clock.age(created_at, now), self.name,
                                              count=count)
+            if len(delivered) == len(batch):
+                return
         for job, (outcome, failure) in zip(batch, outcomes):
             if outcome is None:
                 continue
