@@ -305,13 +305,19 @@ def _serialize(body: Any, event: Event) -> bytes:
 
 
 def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:
+    """The jobs to queue for an event: one a payload of each destination that sends it.
+    A plain loop, each event's fields read once: this runs for every event routed."""
     event = result.event
     assert event is not None
-    user_key = event.user_key
-    return [NewJob(r.destination, event.messageId, user_key, payload.group, body,
-                   r.destination in ordered)
-            for r in result.results if r.status is Status.SEND and r.destination
-            for payload, body in zip(r.payloads, r.bodies)]
+    message_id, user_key = event.messageId, event.user_key
+    jobs = []
+    for r in result.results:
+        if r.status is Status.SEND and r.destination:
+            in_order = r.destination in ordered
+            for payload, body in zip(r.payloads, r.bodies):
+                jobs.append(NewJob(r.destination, message_id, user_key, payload.group, body,
+                                   in_order))
+    return jobs
 
 
 def _invalid(event: Any, reason: str) -> RouteResult:
