@@ -473,3 +473,31 @@ def test_every_setting_is_documented():
 test_conformance = conformance_test(
     MetaConversions, settings={"pixel_id": "1234567890", "access_token": "meta-token-0001"},
     examples=100)
+
+
+@pytest.mark.parametrize(("birthday", "expected"), [
+    ("1990-05-17", "19900517"),
+    ("1990-05-17T00:00:00.000Z", "19900517"),  # analytics.js sends a Date as ISO-8601
+    ("19900517", "19900517"),
+    (19900517, "19900517"),
+    ("05/17/1990", None),  # day and month cannot be told apart in such spellings
+    ("1990-02-30", None),  # no such day
+    ("1850-01-01", None),  # Meta takes years from 1900
+])
+def test_birthday_is_hashed_as_yyyymmdd(birthday, expected):
+    context = {**WEB_CONTEXT, "traits": {"birthday": birthday}}
+    user = only_event(meta(), track("X", context=context))["user_data"]
+    assert user.get("db") == (sha(expected) if expected else None)
+
+
+@pytest.mark.parametrize(("gender", "expected"), [
+    ("Female", "f"), (" male ", "m"), ("F", "f"), ("m", "m"), ("nonbinary", None)])
+def test_gender_is_hashed_as_f_or_m(gender, expected):
+    context = {**WEB_CONTEXT, "traits": {"gender": gender}}
+    user = only_event(meta(), track("X", context=context))["user_data"]
+    assert user.get("ge") == (sha(expected) if expected else None)
+
+
+def test_birthday_and_gender_properties_never_reach_custom_data():
+    body = only_event(meta(), track("X", {"birthday": "1990-05-17", "gender": "f", "plan": "pro"}))
+    assert body["custom_data"] == {"plan": "pro"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from router import Event, EventRejected
@@ -40,13 +40,17 @@ EMAIL_KEYS = ("email",)
 PHONE_KEYS = ("phone",)
 FIRST_NAME_KEYS = ("firstName", "first_name")
 LAST_NAME_KEYS = ("lastName", "last_name")
+BIRTHDAY_KEYS = ("birthday",)
+GENDER_KEYS = ("gender",)
 ADDRESS_KEYS = {"ct": ("city",), "st": ("state",), "zp": ("postalCode", "postal_code", "zip"),
                 "country": ("country",)}
 PII_KEYS = frozenset({*EMAIL_KEYS, *PHONE_KEYS, *FIRST_NAME_KEYS, *LAST_NAME_KEYS, "name",
-                      "address", *(key for keys in ADDRESS_KEYS.values() for key in keys),
-                      "fbc", "fbp"})
+                      *BIRTHDAY_KEYS, *GENDER_KEYS, "address",
+                      *(key for keys in ADDRESS_KEYS.values() for key in keys), "fbc", "fbp"})
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
+_ISO_DATE = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})(?:\Z|[T ])")
+GENDERS = {"f": "f", "female": "f", "m": "m", "male": "m"}
 _US_ZIP = re.compile(r"(\d{5})-?\d{4}\Z")
 
 
@@ -146,6 +150,8 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     _put_hashed(data, "ph", _first(traits, PHONE_KEYS), normalize_phone)
     _put_hashed(data, "fn", _first(traits, FIRST_NAME_KEYS), normalize_name)
     _put_hashed(data, "ln", _first(traits, LAST_NAME_KEYS), normalize_name)
+    _put_hashed(data, "db", _first(traits, BIRTHDAY_KEYS), normalize_birthday)
+    _put_hashed(data, "ge", _first(traits, GENDER_KEYS), normalize_gender)
     country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
     normalizers = {"ct": normalize_name, "st": lambda state: normalize_state(state, country),
                    "zp": lambda zip_code: normalize_zip(zip_code, country),
@@ -197,6 +203,26 @@ def normalize_phone(value: str) -> str:
 def normalize_name(value: str) -> str:
     """Lower case without spaces or punctuation (fn, ln, ct, st); UTF-8 letters are kept."""
     return "".join(char for char in value.lower() if char.isalnum())
+
+
+def normalize_birthday(value: str) -> str | None:
+    """YYYYMMDD, from the date an ISO-8601 ``birthday`` starts with (Segment's libraries
+    send a date, or a date and time); None for any other spelling, whose order of day and
+    month cannot be told, or a date that does not exist or lies before 1900."""
+    found = _ISO_DATE.match(value.strip())
+    if not found:
+        return None
+    year, month, day = (int(part) for part in found.groups())
+    try:
+        date(year, month, day)
+    except ValueError:
+        return None
+    return f"{year:04d}{month:02d}{day:02d}" if year >= 1900 else None
+
+
+def normalize_gender(value: str) -> str | None:
+    """``f`` or ``m``, the two values Meta matches on; anything else is left out."""
+    return GENDERS.get(value.strip().lower())
 
 
 def normalize_state(value: str, country: Any) -> str:
