@@ -290,11 +290,27 @@ def test_already_hashed_values_are_not_hashed_again():
     assert only_event(meta(), track("X", context=context))["user_data"]["em"] == hashed
 
 
-def test_phone_leading_zeros_dropped_and_country_names_left_out():
-    context = {**WEB_CONTEXT, "traits": {"phone": "0044 20 7946 0958", "country": "Germany"}}
+def test_phone_leading_zeros_dropped():
+    context = {**WEB_CONTEXT, "traits": {"phone": "0044 20 7946 0958"}}
+    assert only_event(meta(), track("X", context=context))["user_data"]["ph"] == \
+        sha("442079460958")
+
+
+@pytest.mark.parametrize(("country", "expected"), [
+    ("DE", "de"), ("Germany", "de"), ("DEU", "de"), ("United States", "us"),
+    ("United States of America", "us"), ("usa", "us"), ("South Korea", "kr"), ("UK", "gb"),
+    ("Narnia", None)])
+def test_country_codes_and_names_become_two_letter_codes(country, expected):
+    context = {**WEB_CONTEXT, "traits": {"country": country}}
     user = only_event(meta(), track("X", context=context))["user_data"]
-    assert user["ph"] == sha("442079460958")
-    assert "country" not in user
+    assert user.get("country") == (sha(expected) if expected else None)
+
+
+def test_a_us_address_given_by_country_name_gets_the_state_code_and_zip5():
+    address = {"state": "Texas", "postalCode": "73301-0001", "country": "United States"}
+    user = only_event(meta(), track("X", context={**WEB_CONTEXT, "traits": {
+        "address": address}}))["user_data"]
+    assert (user["st"], user["zp"], user["country"]) == (sha("tx"), sha("73301"), sha("us"))
 
 
 def test_anonymous_event_is_matched_by_its_hashed_anonymous_id():

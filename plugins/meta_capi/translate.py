@@ -17,6 +17,8 @@ from typing import Any
 from router import Event, EventRejected
 from router import semantics as spec
 
+from .countries import ALPHA_2_BY_NAME
+
 CLOCK_SKEW = timedelta(minutes=1)
 """How far a timestamp may be ahead of receipt: a sender's clock running fast."""
 MAX_EVENT_AGE = timedelta(days=7)  # Server Event Parameters, event_time
@@ -229,24 +231,32 @@ def normalize_state(value: str, country: Any) -> str:
     """A US state's name as its two-letter code, which Meta matches on; any other state
     lower case without spaces or punctuation, as Meta asks outside the US."""
     name = normalize_name(value)
-    if not isinstance(country, str) or country.strip().lower() in ("us", "usa"):
-        return US_STATE_CODES.get(name, name)
-    return name
+    return US_STATE_CODES.get(name, name) if _in_the_us(country) else name
 
 
 def normalize_zip(value: str, country: Any) -> str:
     """Lower case without spaces or dashes; only the first 5 digits of a US ZIP+4."""
     compact = value.strip().lower().replace(" ", "")
     us = _US_ZIP.match(compact)
-    if us and (not isinstance(country, str) or country.strip().lower() in ("us", "usa")):
+    if us and _in_the_us(country):
         return us.group(1)
     return compact.replace("-", "")
 
 
 def normalize_country(value: str) -> str | None:
-    """ISO 3166-1 alpha-2 in lower case; anything else (a country's name) is left out."""
+    """ISO 3166-1 alpha-2 in lower case, which Meta matches on: a two-letter code as it is,
+    an alpha-3 code (``USA``) or an English name (``Germany``, ``United States``) looked up;
+    anything else is left out."""
     code = value.strip().lower()
+    known = ALPHA_2_BY_NAME.get(normalize_name(code))  # also "uk", which is "gb" to ISO
+    if known is not None:
+        return known
     return code if len(code) == 2 and code.isalpha() else None
+
+
+def _in_the_us(country: Any) -> bool:
+    """Whether an address is in the US: its country says so, or it names none."""
+    return not isinstance(country, str) or normalize_country(country) == "us"
 
 
 def sha256(value: str) -> str:
