@@ -13,6 +13,7 @@ import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import NamedTuple
 
 import pluggy
 from pydantic import BaseModel
@@ -67,7 +68,7 @@ def create_registry(*, entry_points: bool = True,
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
-    origins: dict[object, tuple[str, str]] = {}
+    origins: dict[object, _Origin] = {}
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             package, version = _distribution(ep)
@@ -75,33 +76,76 @@ def create_registry(*, entry_points: bool = True,
                 module = ep.load()
                 if pm.is_registered(module):
                     continue
-                pm.register(module, name=f"{ep.name} ({package})")
+                _register_checked(pm, module, name=f"{ep.name} ({package})")
             except Exception as exc:  # noqa: BLE001 - any failure of third-party code
-                registry.broken[ep.name] = (f"{type(exc).__name__}: {exc} "
-                                            f"(package {package} {version})")
+                reason = _one_line(f"{type(exc).__name__}: {exc}")
+                registry.broken[ep.name] = f"{reason} (package {package} {version})"
                 log.warning("destination plugin %r from %s %s failed to load: %s",
-                            ep.name, package, version, exc)
+                            ep.name, package, version, reason)
                 continue
-            origins[module] = (package, version)
+            origins[module] = _Origin(ep.name, package, version)
     for plugin in extra_plugins:
-        pm.register(plugin)
-        origins[plugin] = (getattr(plugin, "__name__", type(plugin).__name__), "local")
-    pm.check_pending()
+        _register_checked(pm, plugin)
+        name = getattr(plugin, "__name__", type(plugin).__name__)
+        origins[plugin] = _Origin(name, name, "local")
 
-    for impl in pm.hook.router_register_destinations.get_hookimpls():
-        package, version = origins.get(impl.plugin, (impl.plugin_name, "unknown"))
+    registering = {impl.plugin: impl for impl in
+                   pm.hook.router_register_destinations.get_hookimpls()}
+    for plugin, origin in origins.items():
+        impl = registering.get(plugin)
+        if impl is None:  # no @hookimpl, or a misspelt hook name: nothing would say why
+            registry.broken[origin.name] = ("it implements no router_register_destinations "
+                                            "hook (is the function decorated with @hookimpl?)")
+            log.warning("destination plugin %r from %s %s registers nothing: %s", origin.name,
+                        origin.package, origin.version, registry.broken[origin.name])
+            continue
+        before = len(registry.types)
 
-        def register(cls: type[Destination], _origin: tuple[str, str] = (package, version)) -> None:
-            _add_type(registry, cls, *_origin)
+        def register(cls: type[Destination], _origin: _Origin = origin) -> None:
+            _add_type(registry, cls, _origin.package, _origin.version)
 
         try:
-            impl.function(register=register)
+            returned = impl.function(register=register)
         except Exception as exc:  # noqa: BLE001 - one broken package never stops the others
             reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            registry.broken[impl.plugin_name] = reason
-            log.warning("destination plugin %s %s failed to register: %s", package, version,
-                        reason)
+            registry.broken[origin.name] = _one_line(reason)
+            log.warning("destination plugin %s %s failed to register: %s", origin.package,
+                        origin.version, registry.broken[origin.name])
+            continue
+        if len(registry.types) == before and returned is not None:
+            registry.broken[origin.name] = (
+                f"its router_register_destinations returned {type(returned).__name__} "
+                "instead of calling register(cls) for each destination class")
+            log.warning("destination plugin %s %s registers nothing: %s", origin.package,
+                        origin.version, registry.broken[origin.name])
     return registry
+
+
+class _Origin(NamedTuple):
+    """Where a plugin came from: its entry point's name (which a config's ``plugin:`` is
+    matched against when it is broken), and its package."""
+
+    name: str
+    package: str
+    version: str
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, *, name: str | None = None
+                      ) -> None:
+    """Register ``plugin``, refusing it (unregistered again) when it implements a hook the
+    router does not know: a misspelt hook name in one package would otherwise stop every
+    registry from being built, for every config."""
+    pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        pm.unregister(plugin)
+        raise
+
+
+def _one_line(text: str) -> str:
+    """A message as one log line (pluggy's span several)."""
+    return " ".join(text.split())
 
 
 def _add_type(registry: Registry, cls: type[Destination], package: str, version: str) -> None:
