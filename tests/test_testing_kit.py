@@ -365,6 +365,11 @@ class UnserializableBody(Recorder):
         return [Payload({"ids": {event.messageId}})]  # a set: orjson refuses it
 
 
+class ReturnsAGenerator(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        return (payload for payload in super().translate(event, options))
+
+
 class UndocumentedSettings(BaseModel):
     api_key: SecretStr = Field(description="API key.")
     region: str = "US"
@@ -437,6 +442,13 @@ def test_a_destination_leaking_its_api_key_into_the_payload_fails():
 
 def test_a_destination_modifying_the_shared_event_fails():
     assert "translate modified the event" in failure(MutatesTheEvent)
+
+
+def test_a_generator_from_translate_fails_as_the_router_refuses_it():
+    assert "translate returned generator, not a list of Payload" in failure(ReturnsAGenerator)
+    harness = DestinationHarness(ReturnsAGenerator, RECORDER_SETTINGS)
+    with pytest.raises(TypeError, match="translate returned generator"):
+        harness.payloads({"type": "track", "event": "X", "userId": "u1"})
 
 
 def test_an_unserializable_payload_fails():

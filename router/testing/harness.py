@@ -30,7 +30,7 @@ from router.delivery import retry
 from router.delivery.batching import batches as split_into_batches
 from router.delivery.batching import from_spool, oversized
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
-                                HttpRequest, HttpResponse, Outcome, Payload)
+                                HttpRequest, HttpResponse, Outcome, Payload, payloads_problem)
 from router.errors import DestinationError, EventRejected
 from router.events import Event, parse_event
 from router.integrations import decide
@@ -134,17 +134,21 @@ class DestinationHarness(Generic[DestinationT]):
         what the destination sends when the event reaches it. ``SkipEvent`` and
         ``EventRejected`` propagate, so tests can ``pytest.raises`` them; a payload over
         ``delivery.max_payload_bytes`` (else ``batch_bytes``) is rejected as the router
-        rejects it."""
+        rejects it, and anything but a list or tuple of ``Payload`` (a generator, say) is a
+        ``TypeError``, as the router counts it a plugin failure."""
         parsed = self.event(event)
         if options is None:
             options = self.options_for(parsed)
-        payloads = list(self.destination.translate(parsed, options))
+        payloads = self.destination.translate(parsed, options)
+        problem = payloads_problem(payloads)  # as the router checks it, before anything else
+        if problem:
+            raise TypeError(f"translate returned {problem}")
         for payload in payloads:  # the core's size rule, as at routing
             reason = oversized(orjson.dumps(payload.body), self.delivery,
                                self.destination_cls.plugin_name)
             if reason is not None:
                 raise EventRejected(reason)
-        return payloads
+        return list(payloads)
 
     def requests(self, event: RawOrEvent, options: Mapping[str, Any] | None = None
                  ) -> list[HttpRequest]:
