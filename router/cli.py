@@ -18,13 +18,16 @@ import orjson
 
 from router.config import LoadedConfig, load_config, parse_duration
 from router.delivery.egress import check_url
-from router.destination import HttpRequest
-from router.errors import ConfigError, SpoolInUse, StorageFull, StorageUnavailable
+from router.destination import HttpRequest, request_problem
+from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
+                           StorageUnavailable)
 from router.input import Unreadable, UnreadableDocument, read_events
 from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
 from router.storage.base import DeadLetterFilter, Storage
+
+log = logging.getLogger("router")
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
@@ -196,11 +199,31 @@ def dry_run(router: Router, items: Sequence[Any], *, source: str = DEFAULT_SOURC
 
 
 def _egress_checked(router: Router, item: DestinationResult) -> DestinationResult:
-    """The same egress rule the transport applies at connect time, applied to the URLs a
-    dry run shows, so a preview never promises a request that would be refused."""
-    if item.status is not Status.SEND:
+    """The requests a dry run shows, checked as delivery would check them: built by the
+    plugin (a plugin that fails costs only its own destination, as in delivery, where the
+    event would be dead-lettered), then the same egress rule the transport applies at
+    connect time, so a preview never promises a request that would be refused."""
+    if item.status is not Status.SEND or item.destination is None:
         return item
-    for request in router.requests_for(item):
+    destination = router.destination(item.destination)
+    try:
+        requests = router.requests_for(item)
+        problems = [request_problem(request) for request in requests]
+    except DestinationError as exc:
+        return DestinationResult(item.destination, Status.INVALID,
+                                 destination.masker.mask(exc.reason))
+    except PLUGIN_FAILURES as exc:  # the message may quote settings: masked, no traceback
+        log.error("destination %s: %s failed to build a request: %s", item.destination,
+                  destination.plugin.name,
+                  destination.masker.mask(f"{type(exc).__name__}: {exc}"))
+        return DestinationResult(item.destination, Status.INVALID,
+                                 f"{destination.plugin.name} failed to build a request: "
+                                 f"{type(exc).__name__}")
+    for request, problem in zip(requests, problems):
+        if problem:
+            return DestinationResult(item.destination, Status.INVALID,
+                                     f"{destination.plugin.name} failed to build a request: "
+                                     f"build_request returned {problem}")
         refused = check_url(request.url, router.egress)
         if refused:
             return DestinationResult(item.destination, Status.INVALID,

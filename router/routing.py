@@ -21,7 +21,7 @@ import orjson
 
 from router.config import LoadedConfig, load_config
 from router.destination import HttpRequest, Payload
-from router.delivery.batching import oversized
+from router.delivery.batching import from_spool, oversized
 from router.delivery.telemetry import DeliveryMetrics
 from router.destinations import ConfiguredDestination, build_destinations, egress_policy
 from router.errors import PLUGIN_FAILURES, EventRejected, InvalidEvent, SkipEvent
@@ -285,11 +285,16 @@ class Router:
         raise KeyError(name)
 
     def requests_for(self, result: DestinationResult) -> list[HttpRequest]:
-        """The requests a ``send`` result makes, one per payload (as a batch of one)."""
+        """The requests a ``send`` result makes, one per payload (as a batch of one), built
+        as delivery builds them: from each payload as it comes back from the spool (JSON
+        read back, or an ``orjson.Fragment`` for ``opaque_bodies``), so a preview never
+        shows a request that delivery could not build."""
         if result.destination is None:
             return []
         adapter = self.destination(result.destination).adapter
-        return [adapter.build_request([payload]) for payload in result.payloads]
+        return [adapter.build_request([from_spool(body, payload.group,
+                                                  opaque=adapter.opaque_bodies)])
+                for payload, body in zip(result.payloads, result.bodies)]
 
 
 def _serialize(body: Any, event: Event) -> bytes:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugin_helpers import install_plugin
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "events"
 SECRET = "sk_live_CANARY_9d3e55aa"
@@ -505,3 +507,63 @@ def test_send_on_a_disk_without_room_says_so_without_a_traceback(tmp_path):
     assert "Traceback" not in completed.stderr
     assert "error: the storage cannot be used now" in completed.stderr
     assert "kept for delivery" in completed.stderr
+
+
+# -- a plugin that fails while a dry run builds its requests -----------------------------------
+
+FAILING_PLUGINS = {
+    # build_request raises for identify events only, quoting its setting-like value
+    "zboom": """
+        class Boom(Probe):
+            plugin_name = "zboom"
+
+            def build_request(self, payloads):
+                if payloads[0].body["type"] == "identify":
+                    raise KeyError("name")
+                return super().build_request(payloads)
+
+        @hookimpl
+        def router_register_destinations(register):
+            register(Boom)
+    """,
+    # reads its body as a dict, which delivery never gives an opaque_bodies plugin
+    "zopaque": """
+        class Opaque(Probe):
+            plugin_name = "zopaque"
+            opaque_bodies = True
+
+            def build_request(self, payloads):
+                return HttpRequest.json("POST", "https://example.com/" + payloads[0].body["id"],
+                                        [p.body for p in payloads])
+
+        @hookimpl
+        def router_register_destinations(register):
+            register(Opaque)
+    """,
+}
+
+
+def test_dry_run_reports_a_plugin_failing_to_build_a_request_and_shows_the_rest(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    for name, source in FAILING_PLUGINS.items():
+        install_plugin(site, name, source)
+    (tmp_path / "router.yaml").write_text(
+        "storage: memory://\ndestinations:\n"
+        "  - {name: hook, plugin: webhook, settings: {url: 'https://hooks.example/in'}}\n"
+        "  - {name: boom, plugin: zboom}\n  - {name: opaque, plugin: zopaque}\n")
+    events = b'[{"type": "identify", "userId": "u1", "messageId": "m-1"},' \
+             b' {"type": "track", "event": "X", "userId": "u1", "messageId": "m-2"}]'
+    completed = run("send", "-c", "router.yaml", "-", "--dry-run", "--json", cwd=tmp_path,
+                    stdin=events, env={"PYTHONPATH": str(site)})
+    assert "Traceback" not in completed.stderr, completed.stderr
+    lines = {(line["event_index"], line["destination"]): line for line in
+             map(json.loads, completed.stdout.splitlines())}
+    assert lines[(0, "boom")]["status"] == "invalid"
+    assert lines[(0, "boom")]["reason"] == "zboom failed to build a request: KeyError"
+    assert lines[(1, "boom")]["status"] == "send"  # only the event it fails on
+    assert lines[(0, "hook")]["status"] == lines[(1, "hook")]["status"] == "send"
+    # built from the body as delivery reads it back from the spool: a Fragment, no dict
+    assert lines[(1, "opaque")]["reason"] == "zopaque failed to build a request: TypeError"
+    assert "destination boom: zboom failed to build a request: KeyError: 'name'" in \
+        completed.stderr  # the message for the operator, in the log, on one line

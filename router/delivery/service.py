@@ -386,9 +386,9 @@ class DestinationWorker:
         except PLUGIN_FAILURES as exc:  # a broken plugin fails its own jobs only
             if may_split and len(batch) > 1:  # perhaps one event's fault: find it
                 return await self._split(batch, None, always=True)
-            reason = (f"{self.destination.plugin.name} failed to build a request: "
-                      f"{type(exc).__name__}")
-            self._log_plugin_failure(reason, exc)
+            failed = f"{self.destination.plugin.name} failed to build a request"
+            self._log_plugin_failure(failed, exc)
+            reason = f"{failed}: {type(exc).__name__}"
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
         await self._wait_for_the_limiter(counted=not part)
