@@ -110,7 +110,9 @@ class Router:
         self._deliver = deliver
         self._delivery: Any = None
         self.delivery_metrics = DeliveryMetrics()
-        self._watchdog = LoopWatchdog()
+        self._watchdog = LoopWatchdog(
+            holds_up="intake and /health" if deliver and self.config.delivery.own_process
+            else "intake, delivery and /health")
         """Logs where the event loop is stuck when a plugin (or anything) blocks it."""
         self._open = False
 

@@ -93,8 +93,12 @@ class LoopWatchdog:
     innermost frames the loop's thread is running (file, line and function: no values, so
     no secrets), then log again when the loop turns."""
 
-    def __init__(self, *, threshold: float | None = None) -> None:
+    def __init__(self, *, threshold: float | None = None,
+                 holds_up: str = "intake, delivery and /health") -> None:
         self.threshold = STALL_WARNING_SECONDS if threshold is None else threshold
+        self.holds_up = holds_up
+        """What waits for this loop, as the warning says it: the router's loop holds up
+        intake and /health, and delivery too unless a process of its own delivers."""
         self._last_beat = time.monotonic()
         self._heartbeat: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
@@ -126,9 +130,9 @@ class LoopWatchdog:
             late = time.monotonic() - self._last_beat
             if stalled_since is None and late >= self.threshold:
                 stalled_since = self._last_beat
-                log.warning(
-                    "the event loop has not turned for %.1f s: intake, delivery and /health "
-                    "wait until it does. It is running: %s", late, _innermost(loop_thread))
+                log.warning("the event loop has not turned for %.1f s: %s wait until it "
+                            "does. It is running: %s", late, self.holds_up,
+                            _innermost(loop_thread))
             elif stalled_since is not None and self._last_beat > stalled_since:
                 log.warning("the event loop turned again after %.1f s",
                                  self._last_beat - stalled_since)

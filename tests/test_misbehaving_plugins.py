@@ -176,6 +176,7 @@ async def test_a_plugin_blocking_the_event_loop_is_named_in_the_log(tmp_path, ca
     stalled, resumed = [record.getMessage() for record in caplog.records
                         if "event loop" in record.getMessage()]
     assert "has not turned for" in stalled
+    assert "intake, delivery and /health wait until it does" in stalled  # one process here
     assert "tests/test_misbehaving_plugins.py" in stalled and "in translate" in stalled
     assert "turned again after" in resumed
 

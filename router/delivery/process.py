@@ -274,7 +274,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         await storage.close()
         return
     tune_garbage_collector()
-    watchdog = LoopWatchdog()
+    watchdog = LoopWatchdog(holds_up="deliveries (in the delivery process)")
     watchdog.start()
 
     def on_message() -> None:
