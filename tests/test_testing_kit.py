@@ -460,9 +460,10 @@ def test_undocumented_settings_fail():
     assert "[settings]" in message and "missing on region" in message
 
 
-def test_short_secrets_are_refused_as_test_input():
+@pytest.mark.parametrize("rules", [["settings"], ["sample_events"], None])
+def test_short_secrets_are_refused_as_test_input(rules):
     with pytest.raises(AssertionError, match="distinctive secret values"):
-        check_destination(Recorder, {"api_key": "abc"}, rules=["settings"])
+        check_destination(Recorder, {"api_key": "abc"}, rules=rules)
 
 
 def test_a_batch_over_batch_bytes_fails():

@@ -116,10 +116,20 @@ class ConformanceSuite:
     # -- running ----------------------------------------------------------------------------
 
     def run(self, rules: Iterable[str] | None = None) -> None:
-        """Check the given rules (all by default), in order; the first broken one raises."""
-        for rule in rules or self.RULES:
+        """Check the given rules (all by default), in order; the first broken one raises.
+        Whatever the rules, the secrets given must be distinctive: every rule that looks
+        for a leak relies on it."""
+        rules = list(rules or self.RULES)
+        for rule in rules:
             if rule not in self.RULES:
                 raise ValueError(f"unknown rule {rule!r}; expected one of {self.RULES}")
+        for secret in self.harness.secrets():
+            if len(secret) < MIN_SECRET_LENGTH:
+                raise self.fail("settings", f"give the suite distinctive secret values of "
+                                            f"{MIN_SECRET_LENGTH}+ characters (such as "
+                                            f"'acme-key-0001'): a {len(secret)}-character "
+                                            "secret could match ordinary text")
+        for rule in rules:
             getattr(self, f"check_{rule}")()
 
     @property
@@ -158,12 +168,6 @@ class ConformanceSuite:
             raise self.fail("settings", "every settings field needs a description (it is the "
                                         "settings' documentation): missing on "
                                         + ", ".join(undocumented))
-        for secret in self.harness.secrets():
-            if len(secret) < MIN_SECRET_LENGTH:
-                raise self.fail("settings", f"give the suite distinctive secret values of "
-                                            f"{MIN_SECRET_LENGTH}+ characters (such as "
-                                            f"'acme-key-0001'): a {len(secret)}-character "
-                                            "secret could match ordinary text")
 
     def check_sample_events(self) -> None:
         """The kit's sample and edge events and the suite's extra ones, one by one."""
