@@ -175,6 +175,10 @@ class DeliveryDefaults(BaseModel):
     rate_limit: float | None = Field(None, gt=0, description="requests per second, at most")
     batch_size: int = Field(1, ge=1, description="payloads per request, at most")
     batch_bytes: int = Field(1_000_000, ge=1024, description="request body bytes, at most")
+    payload_overhead: int = Field(
+        0, ge=0, description="bytes build_request adds to a request for each payload beyond "
+        "its body and a separator (Mixpanel's /engage puts the project token in each "
+        "update): the core counts them against batch_bytes")
     max_payload_bytes: int | None = Field(
         None, ge=1, description="one payload's serialized body, at most: a larger one is "
         "rejected when the event is routed (default: batch_bytes, since it could never be "

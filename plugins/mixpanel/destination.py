@@ -26,7 +26,11 @@ REGION_HOSTS = {"US": "https://api.mixpanel.com", "EU": "https://api-eu.mixpanel
                 "IN": "https://api-in.mixpanel.com"}
 
 IMPORT, ENGAGE, GROUPS = "import", "engage", "groups"
-_TOKEN = re.compile(r"[A-Za-z0-9]{1,128}")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ENGAGE_TOKEN_BYTES = len(b'"$token":"",') + 128
+"""What build_request adds to each /engage and /groups update: the project token (at most
+128 letters, digits, dashes or underscores, none escaped in JSON: both the setting and the
+per-event override are checked)."""
 
 
 class MixpanelSettings(BaseModel):
@@ -64,6 +68,14 @@ class MixpanelSettings(BaseModel):
         False, description="Also send one \"Product Purchased\" event per product of an "
                            "Order Completed.")
 
+    @field_validator("project_token")
+    @classmethod
+    def _token_shape(cls, token: SecretStr) -> SecretStr:
+        if not _TOKEN.fullmatch(token.get_secret_value()):
+            raise ValueError("expected a Mixpanel project token: up to 128 letters and "
+                             "digits (32, under Project Settings > Access Keys)")
+        return token
+
     @field_validator("region", mode="before")
     @classmethod
     def _region_upper(cls, region: Any) -> Any:
@@ -93,7 +105,7 @@ class Mixpanel(Destination[MixpanelSettings]):
     # uncompressed (Mixpanel "Import Events", "User Profile Limits", "Group Profile Limits").
     # Throughput is ~2 GB/min per project, so no request rate is set; 429s are honoured.
     delivery = DeliveryDefaults(batch_size=2000, batch_bytes=10 * 1000 * 1000, timeout=30,
-                                concurrency=8)
+                                concurrency=8, payload_overhead=ENGAGE_TOKEN_BYTES)
 
     @property
     def _base_url(self) -> str:
@@ -189,6 +201,6 @@ def _project_suffix(options: Mapping[str, Any]) -> str:
         return ""
     if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise EventRejected("integrations option project_token_override: expected a Mixpanel "
-                            "project token (letters and digits)")
+                            "project token (up to 128 letters and digits)")
     return f":{token}"
 

@@ -16,16 +16,18 @@ Item = TypeVar("Item")
 def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
             group: Callable[[Item], str], size: Callable[[Item], int]) -> list[list[Item]]:
     """``items`` split into batches: one group per batch (in order of first appearance), at
-    most ``delivery.batch_size`` items and about ``delivery.batch_bytes`` of bodies each."""
+    most ``delivery.batch_size`` items and about ``delivery.batch_bytes`` of bodies each,
+    with what ``build_request`` adds for each (``delivery.payload_overhead``)."""
     by_group: dict[str, list[Item]] = {}
     for item in items:
         by_group.setdefault(group(item), []).append(item)
+    overhead = delivery.payload_overhead
     result: list[list[Item]] = []
     for group_items in by_group.values():
         batch: list[Item] = []
         total = 0
         for item in group_items:
-            item_size = size(item)
+            item_size = size(item) + overhead
             if batch and (len(batch) >= delivery.batch_size
                           or total + item_size > delivery.batch_bytes):
                 result.append(batch)
@@ -40,7 +42,7 @@ def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
 def oversized(body: bytes, delivery: DeliveryDefaults, plugin: str) -> str | None:
     """Why a payload is too large to ever be sent, or None. The core measures each body as
     it serializes it for the spool, so plugins need not serialize it again to check."""
-    limit = delivery.max_payload_bytes or delivery.batch_bytes
+    limit = delivery.max_payload_bytes or delivery.batch_bytes - delivery.payload_overhead
     if len(body) <= limit:
         return None
     return f"the {plugin} payload is {len(body)} bytes, over its limit of {limit}"
