@@ -490,7 +490,7 @@ def test_declared_payload_overhead_passes_and_the_core_counts_it():
     check_destination(DeclaresWhatItWraps, RECORDER_SETTINGS, rules=["batching"])
     harness = DestinationHarness(DeclaresWhatItWraps, RECORDER_SETTINGS)
     events = [{"type": "track", "event": "X", "userId": f"u{n}",
-               "properties": {"text": "t" * 4000}} for n in range(50)]
+               "properties": {"text": "t" * 5000}} for n in range(50)]
     # Each request stays under the vendor's 262,144 bytes, the core having counted the
     # kilobyte each payload gains in build_request.
     requests = harness.requests_for_events(events)
