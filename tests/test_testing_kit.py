@@ -663,3 +663,16 @@ def test_a_key_leaked_as_basic_auth_in_the_payload_fails():
     # base64 of "acct-7:recorder-key-0001": not the key's own text, just as exposed
     message = failure(LeaksItsKeyEncoded, rules=["sample_events"])
     assert "secret from the settings is in payload 0's body" in message
+
+
+class TrueMeansDelivered(Recorder):
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        return [True for _ in payloads]  # the router ignores such outcomes
+
+
+def test_harness_outcomes_refuse_what_the_router_would_ignore():
+    harness = DestinationHarness(TrueMeansDelivered, RECORDER_SETTINGS)
+    payloads = harness.payloads({"type": "track", "event": "X", "userId": "u1"})
+    with pytest.raises(AssertionError, match="read_response returned True; expected None"):
+        harness.outcomes(payloads, 200)

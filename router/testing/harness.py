@@ -30,7 +30,8 @@ from router.delivery import retry
 from router.delivery.batching import batches as split_into_batches
 from router.delivery.batching import from_spool, oversized
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
-                                HttpRequest, HttpResponse, Outcome, Payload, payloads_problem)
+                                HttpRequest, HttpResponse, Outcome, Payload, outcomes_problem,
+                                payloads_problem)
 from router.errors import DestinationError, EventRejected
 from router.events import Event, parse_event
 from router.integrations import decide
@@ -183,8 +184,9 @@ class DestinationHarness(Generic[DestinationT]):
                  headers: Mapping[str, str] | None = None) -> list[Outcome]:
         """Judge an answer per payload as the delivery service does: ``read_response``
         first, the status rules when it returns None. ``body`` is bytes, text or JSON-able
-        data. A ``read_response`` that returns the wrong number of outcomes fails the test:
-        the router would ignore it and fall back to the status."""
+        data. A ``read_response`` that returns what the router would ignore (the wrong
+        number of outcomes, or one that is not None or a ``DestinationError`` with a ``str``
+        reason) fails the test: the router would fall back to the status."""
         response = HttpResponse(status, dict(headers or {}), _as_bytes(body))
         payloads = [self.spooled(payload) for payload in payloads]
         judged = self.destination.read_response(payloads, response)
@@ -192,9 +194,10 @@ class DestinationHarness(Generic[DestinationT]):
             outcome = classify_status(status, self.delivery.retry_on, headers=response.headers)
             return [outcome] * len(payloads)
         judged = list(judged)
-        if len(judged) != len(payloads):
+        problem = outcomes_problem(judged, len(payloads))
+        if problem:
             raise AssertionError(f"{self.destination_cls.__name__}.read_response returned "
-                                 f"{len(judged)} outcomes for {len(payloads)} payloads")
+                                 f"{problem}")
         return judged
 
     def spooled(self, payload: Payload) -> Payload:
