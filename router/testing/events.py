@@ -216,7 +216,9 @@ _EDGES: list[dict[str, Any]] = [
      "messageId": "msg-edge-odd-products",
      "properties": {"order_id": "o-edge", "value": "1e3", "currency": " jpy ",
                     "products": [{"product_id": "p1", "price": "12.50", "quantity": "2"},
-                                 {"sku": "no-price"}, {}, "not-an-object", None]}},
+                                 {"sku": "no-price"}, {"sku": "null-price", "price": None,
+                                                       "quantity": None},
+                                 {}, "not-an-object", None]}},
     # A long unicode name and a client timestamp with an offset.
     {"type": "track", "event": "Évènement " + "très long " * 30, "anonymousId": "anon-edge-2",
      "messageId": "msg-edge-long-name", "timestamp": "2026-11-20T16:03:11+02:00",
@@ -232,8 +234,9 @@ def sample_events() -> list[dict[str, Any]]:
 def edge_events() -> list[dict[str, Any]]:
     """Valid but unusual raw events where destinations tend to trip (fresh copies): no
     context or properties at all, a null revenue, a numeric user id, products without prices
-    or that are not objects, a padded lower-case currency, a very long unicode name. The
-    conformance suite tries them with the samples, so these cases never depend on luck."""
+    (or with a null price and quantity) or that are not objects, a padded lower-case
+    currency, a very long unicode name. The conformance suite tries them with the samples, so
+    these cases never depend on luck."""
     return copy.deepcopy(_EDGES)
 
 
