@@ -676,3 +676,17 @@ def test_harness_outcomes_refuse_what_the_router_would_ignore():
     payloads = harness.payloads({"type": "track", "event": "X", "userId": "u1"})
     with pytest.raises(AssertionError, match="read_response returned True; expected None"):
         harness.outcomes(payloads, 200)
+
+
+class SendsTheFirstOnly(Recorder):
+    delivery = DeliveryDefaults(batch_size=10)
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        return super().build_request(payloads[:1])
+
+
+def test_a_request_that_leaves_payloads_out_fails():
+    message = failure(SendsTheFirstOnly, rules=["batching"], dedup_id=lambda body: body["id"])
+    assert "build_request left payload 1 of a batch of 10" in message
+    check_destination(Recorder, RECORDER_SETTINGS, rules=["batching"],
+                      dedup_id=lambda body: body["id"])

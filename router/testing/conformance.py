@@ -60,7 +60,7 @@ from router.destination import (DeliveryDefaults, Destination, HttpRequest, Http
 from router.errors import DestinationError, EventRejected, SkipEvent
 from router.events import Event
 from router.testing.events import describe_event, edge_events, event_json, sample_events
-from router.testing.harness import DestinationHarness, batches, spooled
+from router.testing.harness import DestinationHarness, batches, decoded_body, spooled
 from router.testing.strategies import json_values, raw_events, texts
 
 ENVELOPE_SLACK = 64
@@ -222,7 +222,9 @@ class ConformanceSuite:
             if len(batch) < 2:
                 continue
             half = batch[:len(batch) // 2]
-            small, large = self._envelope(half, full), self._envelope(batch, full)
+            (small, _), (large, request) = self._envelope(half, full), self._envelope(batch, full)
+            if self.dedup_id is not None:
+                self._check_all_sent(request, full[:len(batch)], group)
             added = len(batch) - len(half)
             if large - small > ENVELOPE_SLACK + added * delivery.payload_overhead:
                 raise self.fail("batching", f"build_request adds about "
@@ -236,13 +238,29 @@ class ConformanceSuite:
                                             "over the vendor's limit. Declare them there, or "
                                             "put them in the payload's body")
 
-    def _envelope(self, batch: list[Payload], originals: list[Payload]) -> int:
+    def _envelope(self, batch: list[Payload], originals: list[Payload]
+                  ) -> tuple[int, HttpRequest]:
         """The bytes a batch's request body carries beyond its payloads' bodies and their
-        separators, as the core counts them."""
+        separators, as the core counts them; and the request."""
         request = self._build("batching", batch, event=None, typed_errors_allowed=False)
         assert request is not None
         bodies = sum(len(orjson.dumps(payload.body)) + 1 for payload in originals[:len(batch)])
-        return len(request.body or b"") - bodies + 1
+        return len(request.body or b"") - bodies + 1, request
+
+    def _check_all_sent(self, request: HttpRequest, payloads: list[Payload], group: str
+                        ) -> None:
+        """Every payload of a batch is in its request: the router counts each one delivered
+        when the vendor accepts the request, so one left out is lost without a word."""
+        assert self.dedup_id is not None
+        sent = decoded_body(request)
+        for index, payload in enumerate(payloads):
+            dedup_id = str(self.dedup_id(spooled(payload).body)).encode()
+            if dedup_id not in sent:
+                raise self.fail("batching", f"build_request left payload {index} of a batch of "
+                                            f"{len(payloads)} (group {group!r}) out of its "
+                                            f"request: its dedup id {dedup_id.decode()!r} is "
+                                            "not in the body, yet the router counts every "
+                                            "payload of an accepted request delivered")
 
     def check_read_response(self) -> None:
         """Ordinary answers are judged without raising, one outcome per payload."""

@@ -178,7 +178,7 @@ class DestinationHarness(Generic[DestinationT]):
         None when the request has no body. ``ValueError`` when the body is not JSON."""
         if request.body is None:
             return None
-        return orjson.loads(_decoded_body(request))
+        return orjson.loads(decoded_body(request))
 
     def outcomes(self, payloads: Sequence[Payload], status: int, body: Any = b"",
                  headers: Mapping[str, str] | None = None) -> list[Outcome]:
@@ -218,7 +218,8 @@ class DestinationHarness(Generic[DestinationT]):
                                   delivery=self.delivery, received_at=self.received_at)
 
 
-def _decoded_body(request: HttpRequest) -> bytes:
+def decoded_body(request: HttpRequest) -> bytes:
+    """A request body with its gzip or deflate ``Content-Encoding`` undone."""
     body = request.body or b""
     encoding = next((value for name, value in request.headers.items()
                      if name.lower() == "content-encoding"), "").lower().strip()
