@@ -106,7 +106,7 @@ class ConformanceSuite:
     """
 
     destination_cls: type[Destination[Any]]
-    settings: Mapping[str, Any]
+    settings: Mapping[str, Any] = field(repr=False)  # secrets: never in a report
     examples: int = 200
     dedup_id: DedupId | None = None
     events: Sequence[Mapping[str, Any]] = ()
