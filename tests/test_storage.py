@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -1163,6 +1164,29 @@ async def test_two_routers_share_the_queue_and_the_dedup_window(tmp_path, url):
         assert by_first + by_second == 50
         assert by_first > 0 and by_second > 0  # both processes took part
         assert stats.queues == {}
+
+
+async def test_a_destination_slowing_down_never_lets_a_live_lease_lapse(tmp_path, url):
+    """A worker that leased a large round while its destination was fast, which then answers
+    slowly, completes what it delivers as it goes and gives back, once half its lease has
+    passed, what it has not handed to a sender: another router on the same Redis then sends
+    those, and no event is sent twice. (Before, the first router held the whole round, its
+    deliveries uncompleted, past the lease; the second took the lapsed jobs and sent them
+    again.) The lease is cut to 2 s here; it is 300 s at least in production."""
+    async with FakeDestinationServer(default=Answer(200, delay=0.2)) as server:
+        destinations = [webhook("hook", server.url, concurrency=1)]
+        first = router_for(tmp_path, destinations, storage=url)
+        second = router_for(tmp_path, destinations, storage=url)
+        async with first:
+            worker = first._delivery.workers["hook"]
+            worker.lease_for = 2.0
+            worker.delivered_per_second = 1e6  # as if it had been fast: the next lease is large
+            await first.route_many([track(n) for n in range(30)])
+            async with second:
+                assert await first.drain(timeout=30)
+        sent = Counter(request.json["messageId"] for request in server.requests)
+        assert sent == Counter(f"m-{n}" for n in range(30))  # each exactly once
+        assert second.delivery_metrics.delivered.get("hook") > 0  # it got what was given back
 
 
 async def test_a_delivery_process_works_over_redis(tmp_path, url):

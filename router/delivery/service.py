@@ -45,6 +45,8 @@ FAILURES_BEFORE_PAUSE = 3
 """Batches whose first attempts all failed, in a row, before the whole destination rests."""
 RETENTION_INTERVAL = 600.0
 """Seconds between two deletions of dead letters past their retention."""
+COMPLETE_EVERY = 1.0
+"""Seconds between two completions of delivered jobs while a round is handed out."""
 STOP_POLL = 0.05
 """Seconds between two looks, while stopping, at whether requests are still under way."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
@@ -196,9 +198,38 @@ class DestinationWorker:
                 await self._sleep(POLL_INTERVAL)
                 continue
             self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
-            while self.undispatched and not self.stopping:
-                await self.ready.put(self.undispatched[0])
+            await self._dispatch(leased_at=time.monotonic())
+
+    async def _dispatch(self, *, leased_at: float) -> None:
+        """Hand the round's batches to the senders as they free up. Meanwhile, what they
+        delivered is completed every ``COMPLETE_EVERY`` seconds, and once half the lease
+        has passed, the batches not yet handed over go back to the queue: a destination that
+        slowed down after a large lease would otherwise hold them past the lease (Redis then
+        hands them to another router, which sends them again) and hold its deliveries
+        uncompleted as long."""
+        while self.undispatched and not self.stopping:
+            if time.monotonic() - leased_at > self.lease_for / 2:
+                ids = [job.id for batch in self.undispatched for job in batch]
+                try:
+                    await self.storage.release(ids)
+                except Exception as exc:  # noqa: BLE001 - they come back when the lease ends
+                    log.warning("destination %s: cannot put %d job(s) back in the queue "
+                                "(%s); they are sent once their lease ends", self.name,
+                                len(ids), exc)
+                self.undispatched = []
+                return
+            try:
+                await asyncio.wait_for(self.ready.put(self.undispatched[0]), COMPLETE_EVERY)
+            except TimeoutError:
+                pass
+            else:
                 self.undispatched.pop(0)
+            if time.monotonic() - self.last_completed_at >= COMPLETE_EVERY:
+                try:
+                    await self._complete_delivered()
+                except Exception as exc:  # noqa: BLE001 - kept, and completed next time
+                    log.warning("destination %s: cannot record deliveries yet: %s",
+                                self.name, exc)
 
     async def _send_forever(self, number: int) -> None:
         """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
