@@ -224,13 +224,16 @@ async def test_a_retry_the_full_disk_cannot_record_is_sent_again_not_lost(tmp_pa
             await router.route_many([track(n, context={"blob": "x" * 20_000})
                                      for n in range(5)])
             await fill_the_disk(router.storage, True)  # before the 500 is answered
-            await server.wait_for(6, timeout=10)  # the 5, and the one answered 500 again
+            await server.wait_for(6, timeout=15)  # the 5, and the one answered 500 again
             await fill_the_disk(router.storage, False)
             assert await router.drain(timeout=10)
             letters = await router.storage.dead_letters(DeadLetterFilter())
     assert letters == []
     assert sorted(set(await delivered_ids(server))) == [f"m-{n}" for n in range(5)]
-    assert "cannot record the outcome of 1 job(s), sent again later" in caplog.text
+    assert "cannot record the outcome of 1 job(s), sent again in 5 s" in caplog.text
+    # not at once: each send would fail to be recorded again while the disk stays full
+    first, again = [r.time for r in server.requests if r.json["messageId"] == "m-0"]
+    assert again - first >= 5
 
 
 async def test_a_broken_destination_never_holds_back_the_others(tmp_path):

@@ -907,6 +907,27 @@ async def test_a_process_killed_with_sigkill_has_its_work_taken_over(redis_store
 
 # -- a full Redis -----------------------------------------------------------------------------
 
+async def test_a_full_redis_still_records_retries_and_dead_letters(redis_store, raw):
+    # Delivery must be able to record what became of the jobs it holds, or it sends them
+    # again at once, for as long as Redis stays full (intake is refused meanwhile).
+    await accept(redis_store, item("m-0"), item("m-1"))
+    first, second = await lease(redis_store)
+    first.attempts = second.attempts = 1
+    await raw.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StorageFull):
+            await accept(redis_store, item("m-2"))
+        await redis_store.retry([first], not_before=[T0 + 60], now=T0,
+                                failure=Failure("HTTP 503"))
+        await redis_store.dead_letter([second], now=T0, failure=Failure("HTTP 400"))
+    finally:
+        await raw.config_set("maxmemory", "0")
+    assert [letter.message_id for letter in await redis_store.dead_letters(
+        DeadLetterFilter())] == ["m-1"]
+    (retried,) = await lease(redis_store, now=T0 + 61)
+    assert (retried.message_id, retried.attempts) == ("m-0", 1)
+
+
 async def test_redis_out_of_memory_is_storage_full(redis_store, raw):
     await accept(redis_store, item("m-0"))
     await raw.config_set("maxmemory", "1")

@@ -45,6 +45,9 @@ FAILURES_BEFORE_PAUSE = 3
 """Batches whose first attempts all failed, in a row, before the whole destination rests."""
 RETENTION_INTERVAL = 600.0
 """Seconds between two deletions of dead letters past their retention."""
+UNRECORDED_PAUSE = 5.0
+"""Seconds a destination rests after the storage could not record what became of a batch
+(a full disk, an unreachable Redis): its jobs go back to the queue."""
 COMPLETE_EVERY = 1.0
 """Seconds between two completions of delivered jobs while a round is handed out."""
 STOP_POLL = 0.05
@@ -251,12 +254,16 @@ class DestinationWorker:
 
     async def _release_unrecorded(self, batch: list[Job], exc: Exception) -> None:
         """The storage could not record what became of the batch (a full disk): its jobs
-        not delivered go back to the queue, to be sent again, rather than stay leased until
-        the next start. The delivered ones are completed with the next round."""
+        not delivered go back to the queue, to be sent again once the destination has
+        rested, rather than stay leased until the next start. The delivered ones are
+        completed with the next round."""
         delivered = {id(job) for job in self.delivered}
         unrecorded = [job.id for job in batch if id(job) not in delivered]
         log.warning("destination %s: cannot record the outcome of %d job(s), sent again "
-                    "later: %s", self.name, len(unrecorded), exc)
+                    "in %g s: %s", self.name, len(unrecorded), UNRECORDED_PAUSE, exc)
+        # Not at once: while the storage stays full, each send would fail to be recorded
+        # again, and the destination would get the same events over and over.
+        self.limiter.pause(UNRECORDED_PAUSE)
         try:
             await self.storage.release(unrecorded)
         except Exception:  # noqa: BLE001 - they wait for the next start, never lost

@@ -264,6 +264,12 @@ end
 return done
 """
 
+# RETRY and DEAD_LETTER begin with a ZREM of the lease: over `maxmemory`, Redis refuses a
+# script's first write when it may grow memory (HSET, INCR), and lets the rest of a script
+# through once it has written. Begun with ZREM, which frees memory and is never refused,
+# delivery records its retries and dead letters on a full Redis, as it records deliveries.
+# Refused, every failed job went back to the queue and was sent again at once, without
+# backoff or an attempt counted, for as long as Redis stayed full.
 RETRY = _HELPERS + """
 -- retry: leased jobs wait until their due time, with their new attempt counts; only jobs
 -- still leased by ``token``. ARGV: prefix, token, then per job: id, due, attempts,
@@ -273,6 +279,7 @@ for a = 3, #ARGV, 5 do
   local id = ARGV[a]
   local d = held_by(id, token)
   if d then
+    redis.call('ZREM', leased_key(d), id)  -- first: see the note above RETRY
     redis.call('HSET', job_key(id), 'attempts', ARGV[a + 2], 'last_error', ARGV[a + 4])
     if ARGV[a + 3] == '' then
       redis.call('HDEL', job_key(id), 'first_attempt_at', 'owner')
@@ -280,7 +287,6 @@ for a = 3, #ARGV, 5 do
       redis.call('HSET', job_key(id), 'first_attempt_at', ARGV[a + 3])
       redis.call('HDEL', job_key(id), 'owner')
     end
-    redis.call('ZREM', leased_key(d), id)
     redis.call('ZADD', waiting_key(d), ARGV[a + 1], id)
     done = done + 1
   end
@@ -302,6 +308,7 @@ for a = 5 + n, #ARGV, 2 do
   local id = ARGV[a]
   local d = held_by(id, token)
   if d then
+    redis.call('ZREM', leased_key(d), id)  -- first: see the note above RETRY
     local f = redis.call('HMGET', job_key(id), 'message_id', 'user_key', 'group', 'body',
                          'created_at')
     local letter = redis.call('INCR', IDS)
