@@ -930,12 +930,17 @@ async def test_a_full_redis_still_records_retries_and_dead_letters(redis_store, 
 
 async def test_redis_out_of_memory_is_storage_full(redis_store, raw):
     await accept(redis_store, item("m-0"))
+    assert await redis_store.ping()
     await raw.config_set("maxmemory", "1")
     try:
         with pytest.raises(StorageFull, match="out of memory"):
             await accept(redis_store, item("m-1", destinations=("a", "b")))
+        # /health says so too: it answered "ok" while intake refused every event
+        with pytest.raises(StorageFull, match="maxmemory reached"):
+            await redis_store.ping()
     finally:
         await raw.config_set("maxmemory", "0")
+    assert await redis_store.ping()
     # nothing of the refused event was kept: accepting it again works
     assert await pending(redis_store, "a") == 0
     assert await accept(redis_store, item("m-1")) == [True]
@@ -1208,6 +1213,30 @@ async def test_a_destination_slowing_down_never_lets_a_live_lease_lapse(tmp_path
         sent = Counter(request.json["messageId"] for request in server.requests)
         assert sent == Counter(f"m-{n}" for n in range(30))  # each exactly once
         assert second.delivery_metrics.delivered.get("hook") > 0  # it got what was given back
+
+
+async def test_redis_going_away_is_one_line_in_the_log_not_a_traceback_a_destination(
+        tmp_path, caplog):
+    # Each destination logged a 75-line traceback every 2 s for as long as Redis was down.
+    (tmp_path / "redis").mkdir()
+    process, port = start_redis_server(tmp_path / "redis")
+    try:
+        router = router_for(tmp_path, [webhook("a", "http://127.0.0.1:9/"),
+                                       webhook("b", "http://127.0.0.1:9/")],
+                            storage=f"redis://127.0.0.1:{port}/0")
+        async with router:
+            stop(process)
+            with caplog.at_level(logging.WARNING, logger="router.delivery"):
+                await asyncio.sleep(4.5)  # two more leases each, 2 s apart
+            with pytest.raises(StorageUnavailable):
+                await router.storage.ping()  # what /health reports, with its reason
+    finally:
+        stop(process)
+    lines = [record for record in caplog.records if "cannot lease work" in record.getMessage()]
+    assert sorted(record.getMessage().split(":")[0] for record in lines) == \
+        ["destination a", "destination b"]
+    assert all(record.exc_info is None for record in lines)
+    assert "until the storage answers: Redis cannot be reached" in lines[0].getMessage()
 
 
 async def test_a_delivery_process_works_over_redis(tmp_path, url):

@@ -163,6 +163,8 @@ class DestinationWorker:
         self.wakeup = asyncio.Event()
         self.stopping = False
         self.failures_in_a_row = 0
+        self.storage_trouble = False
+        """Whether the last lease failed for want of storage (logged once, not each time)."""
         self.in_flight: dict[int, list[Job]] = {}
         """The batch each busy sender is sending, by sender number."""
         self.all_sent = asyncio.Event()
@@ -193,10 +195,22 @@ class DestinationWorker:
             try:
                 await self._complete_delivered()
                 jobs = await self._lease()
+            except (StorageFull, StorageUnavailable) as exc:
+                # Said once, not every two seconds for as long as the storage is down.
+                if not self.storage_trouble:
+                    log.warning("destination %s: cannot lease work, trying again every %g s "
+                                "until the storage answers: %s", self.name, POLL_INTERVAL * 4,
+                                exc)
+                self.storage_trouble = True
+                await self._sleep(POLL_INTERVAL * 4)
+                continue
             except Exception:  # noqa: BLE001 - storage trouble: wait and try again
                 log.exception("destination %s: cannot lease work", self.name)
                 await self._sleep(POLL_INTERVAL * 4)
                 continue
+            if self.storage_trouble:
+                log.warning("destination %s: leasing work again", self.name)
+                self.storage_trouble = False
             if not jobs:
                 await self._sleep(POLL_INTERVAL)
                 continue

@@ -19,13 +19,14 @@ time, which Redis Cluster forbids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -573,21 +574,8 @@ class RedisStorage(Storage):
         instead of acknowledging what it could not keep."""
         if self._client is None:
             raise RuntimeError("storage is not open")
-        try:
+        with _translated_errors():
             return await self._scripts[script](args=[self.prefix, *args])
-        except OutOfMemoryError as exc:
-            raise StorageFull(f"Redis is out of memory (maxmemory reached): {exc}") from exc
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # BusyLoadingError is one
-            raise StorageUnavailable(f"Redis cannot be reached: {type(exc).__name__}: {exc}"
-                                     ) from exc
-        except ResponseError as exc:
-            if str(exc).startswith("MISCONF"):
-                raise StorageFull(f"Redis refuses writes, its persistence is failing: {exc}"
-                                  ) from exc
-            if isinstance(exc, ReadOnlyError):  # a replica: after a failover, say
-                raise StorageUnavailable(f"Redis refuses writes, it is a read-only replica: "
-                                         f"{exc}") from exc
-            raise
 
     # -- the interface ----------------------------------------------------------------------
 
@@ -696,7 +684,20 @@ class RedisStorage(Storage):
         return stats
 
     async def ping(self) -> bool:
-        return bool(await self._require_client().ping())
+        """Redis answers and has room for new work: over ``maxmemory`` it refuses every
+        accept, so ``/health`` says so (``StorageFull``) rather than "ok". Where the user
+        may not run ``INFO``, answering a ``PING`` is all that is asked."""
+        client = self._require_client()
+        with _translated_errors():
+            try:
+                memory = await client.info("memory")
+            except ResponseError:  # NOPERM: a user without INFO
+                return bool(await client.ping())
+        limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
+        if limit and used >= limit:
+            raise StorageFull(f"Redis is out of memory (maxmemory reached: {used} of {limit} "
+                              "bytes used): intake is refused until delivery frees room")
+        return True
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -791,3 +792,25 @@ def _is_id(value: object) -> bool:
 def _num(value: float) -> str:
     """A number as Lua and Redis read it back exactly (``repr`` of a float round-trips)."""
     return repr(float(value))
+
+
+@contextlib.contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Redis refusing writes (out of memory, or persistence failing) as ``StorageFull``, and
+    Redis out of reach (down, hung past the timeout, loading, no free connection) as
+    ``StorageUnavailable``."""
+    try:
+        yield
+    except OutOfMemoryError as exc:
+        raise StorageFull(f"Redis is out of memory (maxmemory reached): {exc}") from exc
+    except (RedisConnectionError, RedisTimeoutError) as exc:  # BusyLoadingError is one
+        raise StorageUnavailable(f"Redis cannot be reached: {type(exc).__name__}: {exc}"
+                                 ) from exc
+    except ResponseError as exc:
+        if str(exc).startswith("MISCONF"):
+            raise StorageFull(f"Redis refuses writes, its persistence is failing: {exc}"
+                              ) from exc
+        if isinstance(exc, ReadOnlyError):  # a replica: after a failover, say
+            raise StorageUnavailable(f"Redis refuses writes, it is a read-only replica: "
+                                     f"{exc}") from exc
+        raise
