@@ -176,6 +176,8 @@ class DestinationWorker:
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
         self.undispatched: list[list[Job]] = []
+        self.round_leased_at = time.monotonic()
+        """When the round being handed out was leased (``_upkeep`` gives it back in time)."""
         # Long enough that a lease never lapses under a live worker; after a crash, the
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
         self.lease_for = max(300.0, self.delivery.timeout * 4)
@@ -190,6 +192,14 @@ class DestinationWorker:
     async def run(self) -> None:
         """Lease due jobs, cut them into batches and hand them to the senders, a round at a
         time; waits while every sender is busy and ``ready`` is full."""
+        upkeep = asyncio.create_task(self._upkeep(), name=f"upkeep:{self.name}")
+        try:
+            await self._lease_and_hand_out()
+        finally:
+            upkeep.cancel()
+            await asyncio.gather(upkeep, return_exceptions=True)
+
+    async def _lease_and_hand_out(self) -> None:
         while not self.stopping:
             self.failure_log.flush()
             try:
@@ -215,38 +225,37 @@ class DestinationWorker:
                 await self._sleep(POLL_INTERVAL)
                 continue
             self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
-            await self._dispatch(leased_at=time.monotonic())
-
-    async def _dispatch(self, *, leased_at: float) -> None:
-        """Hand the round's batches to the senders as they free up. Meanwhile, what they
-        delivered is completed every ``COMPLETE_EVERY`` seconds, and once half the lease
-        has passed, the batches not yet handed over go back to the queue: a destination that
-        slowed down after a large lease would otherwise hold them past the lease (Redis then
-        hands them to another router, which sends them again) and hold its deliveries
-        uncompleted as long."""
-        while self.undispatched and not self.stopping:
-            if time.monotonic() - leased_at > self.lease_for / 2:
-                ids = [job.id for batch in self.undispatched for job in batch]
-                try:
-                    await self.storage.release(ids)
-                except Exception as exc:  # noqa: BLE001 - they come back when the lease ends
-                    log.warning("destination %s: cannot put %d job(s) back in the queue "
-                                "(%s); they are sent once their lease ends", self.name,
-                                len(ids), exc)
-                self.undispatched = []
-                return
-            try:
-                await asyncio.wait_for(self.ready.put(self.undispatched[0]), COMPLETE_EVERY)
-            except TimeoutError:
-                pass
-            else:
+            self.round_leased_at = time.monotonic()
+            while self.undispatched and not self.stopping:
+                await self.ready.put(self.undispatched[0])
                 self.undispatched.pop(0)
+
+    async def _upkeep(self) -> None:
+        """Beside ``run``, every ``COMPLETE_EVERY`` seconds: complete what the senders
+        delivered, and once half the lease of the round being handed out has passed, give
+        back to the queue the batches no sender has taken yet (all but the one ``run`` is
+        handing over). A destination that slowed down after a large lease, taken while it
+        was fast, would otherwise hold them, and its deliveries uncompleted, past the lease:
+        Redis then hands them to another router, which sends them again. A task of its own,
+        not a timeout on each hand-over, which would cost every request its price."""
+        while True:
+            await asyncio.sleep(COMPLETE_EVERY)
             if time.monotonic() - self.last_completed_at >= COMPLETE_EVERY:
                 try:
                     await self._complete_delivered()
                 except Exception as exc:  # noqa: BLE001 - kept, and completed next time
                     log.warning("destination %s: cannot record deliveries yet: %s",
                                 self.name, exc)
+            if len(self.undispatched) > 1 and \
+                    time.monotonic() - self.round_leased_at > self.lease_for / 2:
+                given_back = [job.id for batch in self.undispatched[1:] for job in batch]
+                del self.undispatched[1:]
+                try:  # shielded: a stop must not leave them neither queued nor held
+                    await asyncio.shield(self.storage.release(given_back))
+                except Exception as exc:  # noqa: BLE001 - they come back when the lease ends
+                    log.warning("destination %s: cannot put %d job(s) back in the queue "
+                                "(%s); they are sent once their lease ends", self.name,
+                                len(given_back), exc)
 
     async def _send_forever(self, number: int) -> None:
         """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
