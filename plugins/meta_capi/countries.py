@@ -1,13 +1,14 @@
 """Countries as Meta matches them: ISO 3166-1 alpha-2 codes, by alpha-3 code and by name.
 
-Data only, generated from Debian's ``iso-codes`` (``iso_3166-1.json``: each country's
-alpha-3 code, name, official name and common name, normalized as ``normalize_name`` leaves
-them), plus ``uk``, the common name of GB. Segment's Meta destination also looks up names."""
+Data only. ``ISO_NAMES`` is generated from Debian's ``iso-codes`` (``iso_3166-1.json``: each
+country's alpha-3 code, name, official name and common name, as ``country_key`` leaves
+them); ``COMMON_NAMES`` adds English names in everyday use that ISO spells otherwise.
+Segment's Meta destination also looks countries up by name."""
 
-ALPHA_2_BY_NAME: dict[str, str] = {
+ISO_NAMES: dict[str, str] = {
     "abw": "aw", "afg": "af", "afghanistan": "af", "ago": "ao", "aia": "ai", "ala": "ax",
-    "alb": "al", "albania": "al", "algeria": "dz", "americansamoa": "as", "and": "ad",
-    "andorra": "ad", "angola": "ao", "anguilla": "ai", "antarctica": "aq",
+    "alandislands": "ax", "alb": "al", "albania": "al", "algeria": "dz", "americansamoa": "as",
+    "and": "ad", "andorra": "ad", "angola": "ao", "anguilla": "ai", "antarctica": "aq",
     "antiguaandbarbuda": "ag", "arabrepublicofegypt": "eg", "are": "ae", "arg": "ar",
     "argentina": "ar", "argentinerepublic": "ar", "arm": "am", "armenia": "am", "aruba": "aw",
     "asm": "as", "ata": "aq", "atf": "tf", "atg": "ag", "aus": "au", "australia": "au",
@@ -29,9 +30,9 @@ ALPHA_2_BY_NAME: dict[str, str] = {
     "colombia": "co", "com": "km", "commonwealthofdominica": "dm",
     "commonwealthofthebahamas": "bs", "commonwealthofthenorthernmarianaislands": "mp",
     "comoros": "km", "congo": "cg", "congothedemocraticrepublicofthe": "cd", "cookislands": "ck",
-    "costarica": "cr", "cpv": "cv", "cri": "cr", "croatia": "hr", "cub": "cu", "cuba": "cu",
-    "curaçao": "cw", "cuw": "cw", "cxr": "cx", "cym": "ky", "cyp": "cy", "cyprus": "cy",
-    "cze": "cz", "czechia": "cz", "czechrepublic": "cz", "côtedivoire": "ci",
+    "costarica": "cr", "cotedivoire": "ci", "cpv": "cv", "cri": "cr", "croatia": "hr",
+    "cub": "cu", "cuba": "cu", "curacao": "cw", "cuw": "cw", "cxr": "cx", "cym": "ky",
+    "cyp": "cy", "cyprus": "cy", "cze": "cz", "czechia": "cz", "czechrepublic": "cz",
     "democraticpeoplesrepublicofkorea": "kp", "democraticrepublicofsaotomeandprincipe": "st",
     "democraticrepublicoftimorleste": "tl", "democraticsocialistrepublicofsrilanka": "lk",
     "denmark": "dk", "deu": "de", "dji": "dj", "djibouti": "dj", "dma": "dm", "dnk": "dk",
@@ -106,8 +107,8 @@ ALPHA_2_BY_NAME: dict[str, str] = {
     "republicofbenin": "bj", "republicofbosniaandherzegovina": "ba", "republicofbotswana": "bw",
     "republicofbulgaria": "bg", "republicofburundi": "bi", "republicofcaboverde": "cv",
     "republicofcameroon": "cm", "republicofchad": "td", "republicofchile": "cl",
-    "republicofcolombia": "co", "republicofcostarica": "cr", "republicofcroatia": "hr",
-    "republicofcuba": "cu", "republicofcyprus": "cy", "republicofcôtedivoire": "ci",
+    "republicofcolombia": "co", "republicofcostarica": "cr", "republicofcotedivoire": "ci",
+    "republicofcroatia": "hr", "republicofcuba": "cu", "republicofcyprus": "cy",
     "republicofdjibouti": "dj", "republicofecuador": "ec", "republicofelsalvador": "sv",
     "republicofequatorialguinea": "gq", "republicofestonia": "ee", "republicoffiji": "fj",
     "republicoffinland": "fi", "republicofghana": "gh", "republicofguatemala": "gt",
@@ -128,11 +129,11 @@ ALPHA_2_BY_NAME: dict[str, str] = {
     "republicofsuriname": "sr", "republicoftajikistan": "tj", "republicofthecongo": "cg",
     "republicofthegambia": "gm", "republicofthemarshallislands": "mh", "republicoftheniger": "ne",
     "republicofthephilippines": "ph", "republicofthesudan": "sd",
-    "republicoftrinidadandtobago": "tt", "republicoftunisia": "tn", "republicoftürkiye": "tr",
+    "republicoftrinidadandtobago": "tt", "republicoftunisia": "tn", "republicofturkiye": "tr",
     "republicofuganda": "ug", "republicofuzbekistan": "uz", "republicofvanuatu": "vu",
     "republicofyemen": "ye", "republicofzambia": "zm", "republicofzimbabwe": "zw", "reu": "re",
-    "romania": "ro", "rou": "ro", "rus": "ru", "russianfederation": "ru", "rwa": "rw",
-    "rwanda": "rw", "rwandeserepublic": "rw", "réunion": "re", "saintbarthélemy": "bl",
+    "reunion": "re", "romania": "ro", "rou": "ro", "rus": "ru", "russianfederation": "ru",
+    "rwa": "rw", "rwanda": "rw", "rwandeserepublic": "rw", "saintbarthelemy": "bl",
     "sainthelenaascensionandtristandacunha": "sh", "saintkittsandnevis": "kn", "saintlucia": "lc",
     "saintmartinfrenchpart": "mf", "saintpierreandmiquelon": "pm",
     "saintvincentandthegrenadines": "vc", "samoa": "ws", "sanmarino": "sm",
@@ -154,8 +155,8 @@ ALPHA_2_BY_NAME: dict[str, str] = {
     "timorleste": "tl", "tjk": "tj", "tkl": "tk", "tkm": "tm", "tls": "tl", "togo": "tg",
     "togoleserepublic": "tg", "tokelau": "tk", "ton": "to", "tonga": "to",
     "trinidadandtobago": "tt", "tto": "tt", "tun": "tn", "tunisia": "tn", "tur": "tr",
-    "turkmenistan": "tm", "turksandcaicosislands": "tc", "tuv": "tv", "tuvalu": "tv", "twn": "tw",
-    "tza": "tz", "türkiye": "tr", "uga": "ug", "uganda": "ug", "uk": "gb", "ukr": "ua",
+    "turkiye": "tr", "turkmenistan": "tm", "turksandcaicosislands": "tc", "tuv": "tv",
+    "tuvalu": "tv", "twn": "tw", "tza": "tz", "uga": "ug", "uganda": "ug", "ukr": "ua",
     "ukraine": "ua", "umi": "um", "unionofthecomoros": "km", "unitedarabemirates": "ae",
     "unitedkingdom": "gb", "unitedkingdomofgreatbritainandnorthernireland": "gb",
     "unitedmexicanstates": "mx", "unitedrepublicoftanzania": "tz", "unitedstates": "us",
@@ -166,5 +167,12 @@ ALPHA_2_BY_NAME: dict[str, str] = {
     "virginislandsoftheunitedstates": "vi", "virginislandsus": "vi", "vnm": "vn", "vut": "vu",
     "wallisandfutuna": "wf", "westernsahara": "eh", "wlf": "wf", "wsm": "ws", "yem": "ye",
     "yemen": "ye", "zaf": "za", "zambia": "zm", "zimbabwe": "zw", "zmb": "zm", "zwe": "zw",
-    "ålandislands": "ax",
 }
+
+COMMON_NAMES: dict[str, str] = {
+    "brunei": "bn", "burma": "mm", "capeverde": "cv", "easttimor": "tl", "greatbritain": "gb",
+    "holland": "nl", "ivorycoast": "ci", "macedonia": "mk", "micronesia": "fm", "palestine": "ps",
+    "russia": "ru", "swaziland": "sz", "turkey": "tr", "uk": "gb", "vatican": "va",
+}
+
+ALPHA_2_BY_NAME: dict[str, str] = {**ISO_NAMES, **COMMON_NAMES}

@@ -299,6 +299,7 @@ def test_phone_leading_zeros_dropped():
 @pytest.mark.parametrize(("country", "expected"), [
     ("DE", "de"), ("Germany", "de"), ("DEU", "de"), ("United States", "us"),
     ("United States of America", "us"), ("usa", "us"), ("South Korea", "kr"), ("UK", "gb"),
+    ("Cote d'Ivoire", "ci"), ("Côte d'Ivoire", "ci"), ("Turkey", "tr"), ("Russia", "ru"),
     ("Narnia", None)])
 def test_country_codes_and_names_become_two_letter_codes(country, expected):
     context = {**WEB_CONTEXT, "traits": {"country": country}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Mapping
 from datetime import date, timedelta
 from typing import Any
@@ -248,10 +249,17 @@ def normalize_country(value: str) -> str | None:
     an alpha-3 code (``USA``) or an English name (``Germany``, ``United States``) looked up;
     anything else is left out."""
     code = value.strip().lower()
-    known = ALPHA_2_BY_NAME.get(normalize_name(code))  # also "uk", which is "gb" to ISO
+    known = ALPHA_2_BY_NAME.get(country_key(code))  # also "uk", which is "gb" to ISO
     if known is not None:
         return known
     return code if len(code) == 2 and code.isalpha() else None
+
+
+def country_key(name: str) -> str:
+    """A country's name as the table is keyed: lower case, letters and digits only, accents
+    dropped ("Côte d'Ivoire" and "Cote d'Ivoire" are one key)."""
+    letters = unicodedata.normalize("NFKD", normalize_name(name))
+    return "".join(char for char in letters if not unicodedata.combining(char))
 
 
 def _in_the_us(country: Any) -> bool:
