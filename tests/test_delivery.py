@@ -9,6 +9,7 @@ import time
 import orjson
 import pytest
 
+from router.errors import StorageUnavailable
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
@@ -528,3 +529,29 @@ async def test_a_destination_rests_only_when_it_keeps_failing(tmp_path, answers,
             assert await router.drain(timeout=30)
     assert bool(pauses) is rests
     assert {r.json["messageId"] for r in server.requests} == {f"m-{n}" for n in range(20)}
+
+
+async def test_a_round_given_back_in_vain_is_still_sent(tmp_path, monkeypatch):
+    # Half a lease into a slow round, the batches no sender took go back to the queue; when
+    # the storage cannot take them back, this worker sends them itself. (They were dropped
+    # from the round and, on SQLite, whose leases never lapse, waited for a restart.)
+    async with FakeDestinationServer(default=Answer(200, delay=0.1)) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, concurrency=1)])
+        async with router:
+            worker = router._delivery.workers["hook"]
+            worker.lease_for = 2.0
+            worker.delivered_per_second = 1e6  # as if it had been fast: the lease is large
+            release = router.storage.release
+            failures = []
+
+            async def release_failing_once(job_ids):
+                if not failures:
+                    failures.append(len(job_ids))
+                    raise StorageUnavailable("the disk is away")
+                await release(job_ids)
+
+            monkeypatch.setattr(router.storage, "release", release_failing_once)
+            await router.route_many([track(n) for n in range(30)])
+            assert await router.drain(timeout=20)
+    assert failures and failures[0] > 0  # the round was given back, in vain
+    assert sorted(await delivered_ids(server)) == sorted(f"m-{n}" for n in range(30))

@@ -208,9 +208,9 @@ class DestinationWorker:
             except (StorageFull, StorageUnavailable) as exc:
                 # Said once, not every two seconds for as long as the storage is down.
                 if not self.storage_trouble:
-                    log.warning("destination %s: cannot lease work, trying again every %g s "
-                                "until the storage answers: %s", self.name, POLL_INTERVAL * 4,
-                                exc)
+                    log.warning("destination %s: cannot lease work or record deliveries, "
+                                "trying again every %g s until the storage answers: %s",
+                                self.name, POLL_INTERVAL * 4, exc)
                 self.storage_trouble = True
                 await self._sleep(POLL_INTERVAL * 4)
                 continue
@@ -221,10 +221,11 @@ class DestinationWorker:
             if self.storage_trouble:
                 log.warning("destination %s: leasing work again", self.name)
                 self.storage_trouble = False
-            if not jobs:
+            if not jobs and not self.undispatched:
                 await self._sleep(POLL_INTERVAL)
                 continue
-            self.undispatched = batches(jobs, self.delivery, group=_group_of, size=_size_of)
+            # Added to what ``_upkeep`` could not give back, if anything.
+            self.undispatched += batches(jobs, self.delivery, group=_group_of, size=_size_of)
             self.round_leased_at = time.monotonic()
             while self.undispatched and not self.stopping:
                 await self.ready.put(self.undispatched[0])
@@ -238,24 +239,31 @@ class DestinationWorker:
         was fast, would otherwise hold them, and its deliveries uncompleted, past the lease:
         Redis then hands them to another router, which sends them again. A task of its own,
         not a timeout on each hand-over, which would cost every request its price."""
+        failing = False
         while True:
             await asyncio.sleep(COMPLETE_EVERY)
             if time.monotonic() - self.last_completed_at >= COMPLETE_EVERY:
                 try:
                     await self._complete_delivered()
                 except Exception as exc:  # noqa: BLE001 - kept, and completed next time
-                    log.warning("destination %s: cannot record deliveries yet: %s",
-                                self.name, exc)
+                    if not failing:  # once, not every second of an outage
+                        log.warning("destination %s: cannot record deliveries yet, trying "
+                                    "again every %g s: %s", self.name, COMPLETE_EVERY, exc)
+                    failing = True
+                else:
+                    failing = False
             if len(self.undispatched) > 1 and \
                     time.monotonic() - self.round_leased_at > self.lease_for / 2:
-                given_back = [job.id for batch in self.undispatched[1:] for job in batch]
+                given_back = self.undispatched[1:]
                 del self.undispatched[1:]
+                ids = [job.id for batch in given_back for job in batch]
                 try:  # shielded: a stop must not leave them neither queued nor held
-                    await asyncio.shield(self.storage.release(given_back))
-                except Exception as exc:  # noqa: BLE001 - they come back when the lease ends
-                    log.warning("destination %s: cannot put %d job(s) back in the queue "
-                                "(%s); they are sent once their lease ends", self.name,
-                                len(given_back), exc)
+                    await asyncio.shield(self.storage.release(ids))
+                except Exception as exc:  # noqa: BLE001 - kept, and sent by this worker
+                    log.warning("destination %s: cannot put %d job(s) back in the queue, "
+                                "sending them here: %s", self.name, len(ids), exc)
+                    self.undispatched += given_back
+                    self.round_leased_at = time.monotonic()
 
     async def _send_forever(self, number: int) -> None:
         """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
