@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, Generic, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from router.errors import DestinationError
 from router.events import Event
@@ -190,6 +190,13 @@ class DeliveryDefaults(BaseModel):
     retry_on: frozenset[int] = Field(DEFAULT_RETRY_STATUSES,
                                      description="HTTP statuses retried; others are permanent")
     ordered: bool = Field(False, description="hold a user's later events while one retries")
+
+    @model_validator(mode="after")
+    def _room_for_a_payload(self) -> DeliveryDefaults:
+        if self.payload_overhead >= self.batch_bytes:
+            raise ValueError(f"payload_overhead ({self.payload_overhead}) must be less than "
+                             f"batch_bytes ({self.batch_bytes}): no payload would fit a request")
+        return self
 
 
 def _http_url(url: str) -> str:

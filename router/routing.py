@@ -111,8 +111,8 @@ class Router:
         self._delivery: Any = None
         self.delivery_metrics = DeliveryMetrics()
         self._watchdog = LoopWatchdog(
-            holds_up="intake and /health" if deliver and self.config.delivery.own_process
-            else "intake, delivery and /health")
+            holds_up="intake, delivery and /health"
+            if deliver and not self.config.delivery.own_process else "intake and /health")
         """Logs where the event loop is stuck when a plugin (or anything) blocks it."""
         self._open = False
 

@@ -7,7 +7,9 @@ import asyncio
 import time
 
 import orjson
+import pytest
 
+from router.destination import DeliveryDefaults
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import FAST_RETRIES, router_for, track
@@ -168,3 +170,8 @@ async def test_a_storage_error_recording_one_failure_still_completes_the_deliver
                     break
                 await asyncio.sleep(0.05)
             assert router.delivery_metrics.delivered.get("acme") == 4
+
+
+def test_payload_overhead_must_leave_room_for_a_payload():
+    with pytest.raises(ValueError, match="payload_overhead .2000. must be less than batch_bytes"):
+        DeliveryDefaults(batch_bytes=1024, payload_overhead=2000)

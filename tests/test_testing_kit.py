@@ -690,3 +690,31 @@ def test_a_request_that_leaves_payloads_out_fails():
     assert "build_request left payload 1 of a batch of 10" in message
     check_destination(Recorder, RECORDER_SETTINGS, rules=["batching"],
                       dedup_id=lambda body: body["id"])
+
+
+class DeliveryAsADict(Recorder):
+    delivery = {"batch_size": 10}  # type: ignore[assignment]
+
+
+def test_a_broken_declaration_is_a_settings_failure_whatever_the_rules():
+    # The check of the secrets builds a harness, which needs the declarations: it raised
+    # an AttributeError from inside the kit instead.
+    for rules in (None, ["sample_events"]):
+        assert "[settings]" in failure(DeliveryAsADict, rules=rules)
+        assert "delivery must be a DeliveryDefaults" in failure(DeliveryAsADict, rules=rules)
+
+
+class GzipsAWrapper(WrapsEachPayload):
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        request = super().build_request(payloads)
+        return HttpRequest("POST", request.url, {**request.headers, "Content-Encoding": "gzip"},
+                           gzip.compress(request.body or b""))
+
+
+def test_bytes_added_to_each_payload_are_seen_through_gzip():
+    assert "adds about 1019 bytes per payload" in failure(GzipsAWrapper, rules=["batching"])
+
+
+def test_a_dedup_id_made_of_several_values_is_found_in_the_request():
+    check_destination(Recorder, RECORDER_SETTINGS, rules=["batching"],
+                      dedup_id=lambda body: (body["user"], body["id"]))

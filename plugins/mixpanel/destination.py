@@ -72,8 +72,8 @@ class MixpanelSettings(BaseModel):
     @classmethod
     def _token_shape(cls, token: SecretStr) -> SecretStr:
         if not _TOKEN.fullmatch(token.get_secret_value()):
-            raise ValueError("expected a Mixpanel project token: up to 128 letters and "
-                             "digits (32, under Project Settings > Access Keys)")
+            raise ValueError("expected a Mixpanel project token: up to 128 letters, digits, "
+                             "- or _ (32 hex digits, under Project Settings > Access Keys)")
         return token
 
     @field_validator("region", mode="before")
@@ -201,6 +201,6 @@ def _project_suffix(options: Mapping[str, Any]) -> str:
         return ""
     if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise EventRejected("integrations option project_token_override: expected a Mixpanel "
-                            "project token (up to 128 letters and digits)")
+                            "project token (up to 128 letters, digits, - or _)")
     return f":{token}"
 
