@@ -693,8 +693,11 @@ class RedisStorage(Storage):
                 memory = await client.info("memory")
             except ResponseError:  # NOPERM: a user without INFO
                 return bool(await client.ping())
-        limit, used = int(memory.get("maxmemory") or 0), int(memory.get("used_memory") or 0)
-        if limit and used >= limit:
+        # As Redis counts it when it refuses writes: replication and AOF buffers left out.
+        used = int(memory.get("used_memory") or 0) - int(
+            memory.get("mem_not_counted_for_evict") or 0)
+        limit = int(memory.get("maxmemory") or 0)
+        if limit and used > limit:
             raise StorageFull(f"Redis is out of memory (maxmemory reached: {used} of {limit} "
                               "bytes used): intake is refused until delivery frees room")
         return True
