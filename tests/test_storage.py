@@ -871,6 +871,19 @@ async def test_open_without_recover_takes_back_nothing(redis_store, url, raw):
         await tool.close()
 
 
+async def test_a_renewed_lease_lapses_only_at_its_new_end(redis_store, url):
+    await accept(redis_store, item("m-0"), item("m-1"))
+    held = await lease(redis_store, now=T0, lease_for=30)
+    other = await another(url, recover=False)  # recovery takes back by today's clock
+    try:
+        await redis_store.renew([job.id for job in held], now=T0 + 20, lease_for=30)
+        await other.renew([job.id for job in held], now=T0 + 1000, lease_for=30)  # not its own
+        assert await lease(other, now=T0 + 40) == []  # the first lease would have lapsed
+        assert ids(await lease(other, now=T0 + 51)) == ids(held)
+    finally:
+        await other.close()
+
+
 CHILD = """
 import asyncio, sys, time
 from router.storage.redis import RedisStorage
@@ -1213,6 +1226,28 @@ async def test_a_destination_slowing_down_never_lets_a_live_lease_lapse(tmp_path
         sent = Counter(request.json["messageId"] for request in server.requests)
         assert sent == Counter(f"m-{n}" for n in range(50))  # each exactly once
         assert second.delivery_metrics.delivered.get("hook") > 0  # it got what was given back
+
+
+async def test_a_throttled_worker_keeps_the_leases_of_what_it_holds(tmp_path, url):
+    """A destination answers 429 with a Retry-After longer than the lease: the worker holds
+    batches behind the pause (in its senders' hands and queue) and renews their leases, so
+    the other router on the same Redis never takes them and sends them a second time. The
+    lease is cut to 4 s here (renewed every second); it is 300 s at least in production."""
+    async with FakeDestinationServer() as server:
+        server.script([Answer(429, headers={"Retry-After": "6"})])
+        destinations = [webhook("hook", server.url, concurrency=1)]
+        first = router_for(tmp_path, destinations, storage=url)
+        second = router_for(tmp_path, destinations, storage=url)
+        async with first:
+            worker = first._delivery.workers["hook"]
+            worker.lease_for = 4.0
+            worker.delivered_per_second = 1e6  # the next lease is large
+            await first.route_many([track(n) for n in range(20)])
+            async with second:
+                assert await first.drain(timeout=30)
+        delivered = Counter(request.json["messageId"] for request in server.requests
+                            if request.status == 200)
+        assert delivered == Counter(f"m-{n}" for n in range(20))  # each exactly once
 
 
 async def test_redis_going_away_is_one_line_in_the_log_not_a_traceback_a_destination(

@@ -178,6 +178,10 @@ class DestinationWorker:
         self.undispatched: list[list[Job]] = []
         self.round_leased_at = time.monotonic()
         """When the round being handed out was leased (``_upkeep`` gives it back in time)."""
+        self.handed_out: dict[int, list[Job]] = {}
+        """Batches handed to the senders whose fate is not recorded yet, by ``id``: with the
+        round not yet handed out and the delivered jobs not yet completed, every job this
+        worker holds (``_upkeep`` renews their leases)."""
         # Long enough that a lease never lapses under a live worker; after a crash, the
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
         self.lease_for = max(300.0, self.delivery.timeout * 4)
@@ -228,7 +232,9 @@ class DestinationWorker:
             self.undispatched += batches(jobs, self.delivery, group=_group_of, size=_size_of)
             self.round_leased_at = time.monotonic()
             while self.undispatched and not self.stopping:
-                await self.ready.put(self.undispatched[0])
+                batch = self.undispatched[0]
+                await self.ready.put(batch)
+                self.handed_out[id(batch)] = batch
                 self.undispatched.pop(0)
 
     async def _upkeep(self) -> None:
@@ -240,8 +246,12 @@ class DestinationWorker:
         Redis then hands them to another router, which sends them again. A task of its own,
         not a timeout on each hand-over, which would cost every request its price."""
         failing = False
+        renewed_at = time.monotonic()
         while True:
             await asyncio.sleep(COMPLETE_EVERY)
+            if time.monotonic() - renewed_at >= self.lease_for / 4:
+                renewed_at = time.monotonic()
+                await self._renew_leases()
             if time.monotonic() - self.last_completed_at >= COMPLETE_EVERY:
                 try:
                     await self._complete_delivered()
@@ -265,6 +275,19 @@ class DestinationWorker:
                     self.undispatched += given_back
                     self.round_leased_at = time.monotonic()
 
+    async def _renew_leases(self) -> None:
+        """Extend the leases of every job this worker holds: a destination that keeps its
+        senders waiting (a long ``Retry-After``, a rest after failures) would otherwise hold
+        them past the lease, and another router would send them again."""
+        held = [job.id for batches_held in (self.undispatched, self.handed_out.values())
+                for batch in batches_held for job in batch]
+        held += [job.id for job in self.delivered]
+        try:
+            await self.storage.renew(held, now=self.clock.now(), lease_for=self.lease_for)
+        except Exception as exc:  # noqa: BLE001 - tried again at the next renewal
+            log.warning("destination %s: cannot renew the leases of %d job(s): %s",
+                        self.name, len(held), exc)
+
     async def _send_forever(self, number: int) -> None:
         """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
         while True:
@@ -280,6 +303,7 @@ class DestinationWorker:
                 await self._retry_after_a_bug(batch)
             finally:
                 del self.in_flight[number]
+                self.handed_out.pop(id(batch), None)
                 if not self.in_flight:
                     self.all_sent.set()
 

@@ -160,6 +160,14 @@ class Storage(ABC):
         """Give leased jobs back untouched (shutdown): due at once, attempts unchanged."""
 
     @abstractmethod
+    async def renew(self, job_ids: Sequence[int | str], *, now: float, lease_for: float
+                    ) -> None:
+        """Extend to ``now + lease_for`` the leases of jobs this process still holds, so a
+        worker whose destination keeps it waiting (a long ``Retry-After``, a rest after
+        failures) never loses them to another process. A backend whose leases never lapse
+        under a live process (SQLite) has nothing to do."""
+
+    @abstractmethod
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
         ...
 

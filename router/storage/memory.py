@@ -93,6 +93,12 @@ class MemoryStorage(Storage):
         for job_id in job_ids:
             self.leased_until.pop(job_id, None)
 
+    async def renew(self, job_ids: Sequence[int | str], *, now: float, lease_for: float
+                    ) -> None:
+        for job_id in job_ids:
+            if job_id in self.leased_until:
+                self.leased_until[job_id] = now + lease_for
+
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
         return [letter for letter in self.letters.values() if _matches(letter, where)][:limit]
 

@@ -379,9 +379,25 @@ end
 return done
 """
 
+RENEW = _HELPERS + """
+-- renew: extend the leases of jobs still leased by ``token`` to ``lease_until`` (a worker
+-- kept waiting by its destination). ARGV: prefix, token, lease_until, ids...
+-- Returns how many were extended.
+local token, lease_until, done = ARGV[2], ARGV[3], 0
+for a = 4, #ARGV do
+  local id = ARGV[a]
+  local d = held_by(id, token)
+  if d then
+    redis.call('ZADD', leased_key(d), 'XX', lease_until, id)
+    done = done + 1
+  end
+end
+return done
+"""
+
 _SCRIPTS = {"accept": ACCEPT, "lease": LEASE, "reclaim": RECLAIM, "complete": COMPLETE,
             "retry": RETRY, "dead_letter": DEAD_LETTER, "release": RELEASE,
-            "replay": REPLAY, "purge": PURGE}
+            "renew": RENEW, "replay": REPLAY, "purge": PURGE}
 
 
 class _Keys:
@@ -635,6 +651,12 @@ class RedisStorage(Storage):
     async def release(self, job_ids: Sequence[int | str]) -> None:
         if job_ids:
             await self._run("release", [self.token, *(str(job_id) for job_id in job_ids)])
+
+    async def renew(self, job_ids: Sequence[int | str], *, now: float, lease_for: float
+                    ) -> None:
+        if job_ids:
+            await self._run("renew", [self.token, _num(now + lease_for),
+                                      *(str(job_id) for job_id in job_ids)])
 
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
         found: list[DeadLetter] = []

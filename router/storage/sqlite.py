@@ -682,6 +682,11 @@ class SqliteStorage(Storage):
 
         await self._call(operation)
 
+    async def renew(self, job_ids: Sequence[int | str], *, now: float, lease_for: float
+                    ) -> None:
+        """Nothing to do: a lease here lasts until its job is settled or released, or the
+        process ends (one process delivers from a spool)."""
+
     async def release(self, job_ids: Sequence[int | str]) -> None:
         """Jobs of ``jobs`` are due again at once; for jobs of bundles, the lane's cursor
         moves back so they are read again (jobs still held are skipped)."""
