@@ -9,7 +9,7 @@ import time
 import orjson
 import pytest
 
-from router.errors import StorageUnavailable
+from router.errors import StorageFull, StorageUnavailable
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
@@ -555,3 +555,32 @@ async def test_a_round_given_back_in_vain_is_still_sent(tmp_path, monkeypatch):
             assert await router.drain(timeout=20)
     assert failures and failures[0] > 0  # the round was given back, in vain
     assert sorted(await delivered_ids(server)) == sorted(f"m-{n}" for n in range(30))
+
+
+async def test_a_batch_recorded_in_part_gives_back_only_what_was_not_recorded(tmp_path, caplog,
+                                                                           monkeypatch):
+    # The disk fills between two retries of one batch: the first retry is written (it keeps
+    # its backoff), the other two go back to the queue. The whole batch went back before,
+    # the written retry due at once again, and delivered jobs could go back with it.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(500)])
+        router = router_for(tmp_path, [{
+            "name": "seg", "plugin": "segment",
+            "settings": {"write_key": "seg-key-0001", "base_url": server.url},
+            "delivery": {**FAST_RETRIES, "batch_wait": "200ms"}}])
+        async with router:
+            retry, calls = router.storage.retry, []
+
+            async def retry_full_on_the_second_call(jobs, **kwargs):
+                calls.append([job.message_id for job in jobs])
+                if len(calls) == 2:
+                    raise StorageFull("the disk is full")
+                await retry(jobs, **kwargs)
+
+            monkeypatch.setattr(router.storage, "retry", retry_full_on_the_second_call)
+            await router.route_many([track(n) for n in range(3)])
+            assert await router.drain(timeout=20)
+    assert "cannot record the outcome of 2 job(s)" in caplog.text
+    delivered = [item["messageId"] for request in server.requests if request.status == 200
+                 for item in request.json["batch"]]
+    assert sorted(delivered) == ["m-0", "m-1", "m-2"]  # each once, none lost

@@ -296,8 +296,6 @@ class DestinationWorker:
             self.all_sent.clear()
             try:
                 await self._deliver(batch)
-            except (StorageFull, StorageUnavailable) as exc:
-                await self._release_unrecorded(batch, exc)
             except Exception:  # noqa: BLE001 - a bug here must not stop the sender
                 log.exception("destination %s: delivery failed", self.name)
                 await self._retry_after_a_bug(batch)
@@ -307,23 +305,20 @@ class DestinationWorker:
                 if not self.in_flight:
                     self.all_sent.set()
 
-    async def _release_unrecorded(self, batch: list[Job], exc: Exception) -> None:
-        """The storage could not record what became of the batch (a full disk): its jobs
-        not delivered go back to the queue, to be sent again once the destination has
-        rested, rather than stay leased until the next start. The delivered ones are
-        completed with the next round."""
-        delivered = {id(job) for job in self.delivered}
-        unrecorded = [job.id for job in batch if id(job) not in delivered]
+    async def _release_unrecorded(self, jobs: list[Job], exc: Exception) -> None:
+        """The storage could not record what became of these jobs (a full disk): they go back
+        to the queue, to be sent again once the destination has rested, rather than stay
+        leased until the next start."""
         log.warning("destination %s: cannot record the outcome of %d job(s), sent again "
-                    "in %g s: %s", self.name, len(unrecorded), UNRECORDED_PAUSE, exc)
+                    "in %g s: %s", self.name, len(jobs), UNRECORDED_PAUSE, exc)
         # Not at once: while the storage stays full, each send would fail to be recorded
         # again, and the destination would get the same events over and over.
         self.limiter.pause(UNRECORDED_PAUSE)
         try:
-            await self.storage.release(unrecorded)
+            await self.storage.release([job.id for job in jobs])
         except Exception:  # noqa: BLE001 - they wait for the next start, never lost
             log.warning("destination %s: cannot put %d job(s) back in the queue either; "
-                        "they are sent again after a restart", self.name, len(unrecorded))
+                        "they are sent again after a restart", self.name, len(jobs))
 
     async def _retry_after_a_bug(self, batch: list[Job]) -> None:
         """Count an attempt that failed on a bug as a failed attempt, to be retried with
@@ -608,26 +603,36 @@ class DestinationWorker:
                                              count=count)
             if len(delivered) == len(batch):
                 return
-        for job, (outcome, failure) in zip(batch, outcomes):
-            if outcome is None:
-                continue
-            # Each job its own Failure (a batch's may be shared): its reason changes below.
-            assert failure is not None, "_attempt gives every failed job its Failure"
-            failure = dataclasses.replace(failure)
-            if isinstance(outcome, RetryableError):
-                due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
-                                            rng=self.rng)
-                gave_up = retry.exhausted(job.attempts, self.clock.age(job.created_at, due),
-                                          self.delivery)
-                if gave_up is None:
-                    await self.storage.retry([job], not_before=[due], now=now, failure=failure)
-                    self.metrics.retried.inc(self.name)
-                    self._log_failure(job, failure, "retry")
-                    continue
-                failure.reason = f"{gave_up}; last: {failure.reason}"
-            await self.storage.dead_letter([job], now=now, failure=failure)
-            self.metrics.dead_lettered.inc(self.name)
-            self._log_failure(job, failure, "dead_letter")
+        failed = [(job, outcome, failure) for job, (outcome, failure) in zip(batch, outcomes)
+                  if outcome is not None]
+        for index, (job, outcome, failure) in enumerate(failed):
+            try:
+                await self._record_failure(job, outcome, failure, now=now)
+            except (StorageFull, StorageUnavailable) as exc:
+                # Exactly the jobs not recorded yet go back: not those delivered (to be
+                # completed), nor those whose retry is written (they keep their backoff).
+                await self._release_unrecorded([job for job, _, _ in failed[index:]], exc)
+                return
+
+    async def _record_failure(self, job: Job, outcome: DestinationError,
+                              failure: Failure | None, *, now: float) -> None:
+        # Each job its own Failure (a batch's may be shared): its reason changes below.
+        assert failure is not None, "_attempt gives every failed job its Failure"
+        failure = dataclasses.replace(failure)
+        if isinstance(outcome, RetryableError):
+            due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
+                                        rng=self.rng)
+            gave_up = retry.exhausted(job.attempts, self.clock.age(job.created_at, due),
+                                      self.delivery)
+            if gave_up is None:
+                await self.storage.retry([job], not_before=[due], now=now, failure=failure)
+                self.metrics.retried.inc(self.name)
+                self._log_failure(job, failure, "retry")
+                return
+            failure.reason = f"{gave_up}; last: {failure.reason}"
+        await self.storage.dead_letter([job], now=now, failure=failure)
+        self.metrics.dead_lettered.inc(self.name)
+        self._log_failure(job, failure, "dead_letter")
 
     def _log_failure(self, job: Job, failure: Failure, action: str) -> None:
         self.failure_log.write({"destination": self.name, "action": action,
