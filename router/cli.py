@@ -18,7 +18,7 @@ import orjson
 
 from router.config import LoadedConfig, load_config, parse_duration
 from router.delivery.egress import check_url
-from router.destination import HttpRequest, request_problem
+from router.destination import HttpRequest
 from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
                            StorageUnavailable)
 from router.input import Unreadable, UnreadableDocument, read_events
@@ -208,7 +208,6 @@ def _egress_checked(router: Router, item: DestinationResult) -> DestinationResul
     destination = router.destination(item.destination)
     try:
         requests = router.requests_for(item)
-        problems = [request_problem(request) for request in requests]
     except DestinationError as exc:
         return DestinationResult(item.destination, Status.INVALID,
                                  destination.masker.mask(exc.reason))
@@ -219,11 +218,7 @@ def _egress_checked(router: Router, item: DestinationResult) -> DestinationResul
         return DestinationResult(item.destination, Status.INVALID,
                                  f"{destination.plugin.name} failed to build a request: "
                                  f"{type(exc).__name__}")
-    for request, problem in zip(requests, problems):
-        if problem:
-            return DestinationResult(item.destination, Status.INVALID,
-                                     f"{destination.plugin.name} failed to build a request: "
-                                     f"build_request returned {problem}")
+    for request in requests:
         refused = check_url(request.url, router.egress)
         if refused:
             return DestinationResult(item.destination, Status.INVALID,

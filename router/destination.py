@@ -107,6 +107,25 @@ def payloads_problem(payloads: Any) -> str | None:
     return None
 
 
+def checked_payloads(payloads: Any) -> Sequence[Payload]:
+    """``translate``'s answer, if the core can queue it; else a ``TypeError`` that counts as
+    the plugin's failure for this event only."""
+    problem = payloads_problem(payloads)
+    if problem:
+        raise TypeError(f"translate returned {problem}")
+    return payloads
+
+
+def checked_request(request: Any) -> HttpRequest:
+    """``build_request``'s answer, if it can be sent as it is; else a ``TypeError`` that fails
+    the batch with the plugin's name, instead of an error deep in the transport that would
+    leave the jobs leased and unrecorded."""
+    problem = request_problem(request)
+    if problem:
+        raise TypeError(f"build_request returned {problem}")
+    return request
+
+
 def request_problem(request: Any) -> str | None:
     """``build_request`` must return an ``HttpRequest`` that can be sent as it is."""
     if not isinstance(request, HttpRequest):

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from router.config import DestinationConfig, LoadedConfig, RouterConfig
 from router.delivery.egress import EgressPolicy, check_url
-from router.destination import DeliveryDefaults, Destination, Payload, payloads_problem
+from router.destination import DeliveryDefaults, Destination, Payload, checked_payloads
 from router.errors import PLUGIN_FAILURES, ConfigError
 from router.events import Event
 from router.filters import EventFilter
@@ -44,11 +44,7 @@ class ConfiguredDestination:
         later, for every event queued behind it."""
         if self.renames or self.property_templates:
             event = self._apply_mapping(event)
-        payloads = self.adapter.translate(event, options)
-        problem = payloads_problem(payloads)
-        if problem:
-            raise TypeError(f"translate returned {problem}")
-        return payloads
+        return checked_payloads(self.adapter.translate(event, options))
 
     def _apply_mapping(self, event: Event) -> Event:
         update: dict[str, Any] = {}

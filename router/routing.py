@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from router.config import LoadedConfig, load_config
-from router.destination import HttpRequest, Payload
+from router.destination import HttpRequest, Payload, checked_request
 from router.delivery.batching import from_spool, oversized
 from router.delivery.telemetry import DeliveryMetrics
 from router.destinations import ConfiguredDestination, build_destinations, egress_policy
@@ -289,13 +289,13 @@ class Router:
     def requests_for(self, result: DestinationResult) -> list[HttpRequest]:
         """The requests a ``send`` result makes, one per payload (as a batch of one), built
         as delivery builds them: from each payload as it comes back from the spool (JSON
-        read back, or an ``orjson.Fragment`` for ``opaque_bodies``), so a preview never
-        shows a request that delivery could not build."""
+        read back, or an ``orjson.Fragment`` for ``opaque_bodies``), and checked as delivery
+        checks them, so a preview never shows a request that delivery could not build."""
         if result.destination is None:
             return []
         adapter = self.destination(result.destination).adapter
-        return [adapter.build_request([from_spool(body, payload.group,
-                                                  opaque=adapter.opaque_bodies)])
+        return [checked_request(adapter.build_request([from_spool(
+                    body, payload.group, opaque=adapter.opaque_bodies)]))
                 for payload, body in zip(result.payloads, result.bodies)]
 
 

@@ -41,3 +41,13 @@ async def fill_the_disk(storage: Any, full: bool) -> None:
         pages = connection.execute("PRAGMA page_count").fetchone()[0]
         connection.execute(f"PRAGMA max_page_count={pages if full else 1 << 30}")
     await storage._call(operation, writes=False)  # the one private call: the writer's connection
+
+
+def lease_large_and_short(router: Router, destination: str, *, lease_for: float) -> None:
+    """Make the next lease of ``router``'s worker for ``destination`` large, as if its
+    destination had been fast, and ``lease_for`` seconds long (300 s at least in
+    production): what the tests of a worker's lease upkeep need. Their one reach into a
+    running worker."""
+    worker = router._delivery.workers[destination]
+    worker.lease_for = lease_for
+    worker.delivered_per_second = 1e6

@@ -13,7 +13,8 @@ from router.errors import StorageFull, StorageUnavailable
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
-from tests.delivery_helpers import FAST_RETRIES, fill_the_disk, router_for, track, webhook
+from tests.delivery_helpers import (FAST_RETRIES, fill_the_disk, lease_large_and_short,
+                                    router_for, track, webhook)
 
 
 async def eventually(router, condition, timeout: float = 10.0):
@@ -538,9 +539,7 @@ async def test_a_round_given_back_in_vain_is_still_sent(tmp_path, monkeypatch):
     async with FakeDestinationServer(default=Answer(200, delay=0.1)) as server:
         router = router_for(tmp_path, [webhook("hook", server.url, concurrency=1)])
         async with router:
-            worker = router._delivery.workers["hook"]
-            worker.lease_for = 2.0
-            worker.delivered_per_second = 1e6  # as if it had been fast: the lease is large
+            lease_large_and_short(router, "hook", lease_for=2.0)
             release = router.storage.release
             failures = []
 

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
+from router.routing import Router
 from router.errors import StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage import open_storage
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
@@ -36,7 +37,8 @@ from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
 from router.storage.sqlite import LAYOUT, SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
-from tests.delivery_helpers import fill_the_disk, router_for, track, webhook
+from tests.delivery_helpers import (fill_the_disk, lease_large_and_short, router_for, track,
+                                    webhook)
 from tests.redis_helpers import start_redis_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1205,6 +1207,22 @@ async def test_two_routers_share_the_queue_and_the_dedup_window(tmp_path, url):
         assert stats.queues == {}
 
 
+async def two_routers_after_a_large_lease(tmp_path: Path, url: str, server: Any, *,
+                                          lease_for: float, count: int) -> Router:
+    """``count`` events routed by a first router whose worker leases them all at once for
+    ``lease_for`` seconds, then delivered by it and a second router on the same Redis that
+    starts right after; returns the second router."""
+    destinations = [webhook("hook", server.url, concurrency=1)]
+    first = router_for(tmp_path, destinations, storage=url)
+    second = router_for(tmp_path, destinations, storage=url)
+    async with first:
+        lease_large_and_short(first, "hook", lease_for=lease_for)
+        await first.route_many([track(n) for n in range(count)])
+        async with second:
+            assert await first.drain(timeout=30)
+    return second
+
+
 async def test_a_destination_slowing_down_never_lets_a_live_lease_lapse(tmp_path, url):
     """A worker that leased a large round while its destination was fast, which then answers
     slowly, completes what it delivers as it goes and gives back, once half its lease has
@@ -1213,16 +1231,8 @@ async def test_a_destination_slowing_down_never_lets_a_live_lease_lapse(tmp_path
     deliveries uncompleted, past the lease; the second took the lapsed jobs and sent them
     again.) The lease is cut to 8 s here; it is 300 s at least in production."""
     async with FakeDestinationServer(default=Answer(200, delay=0.2)) as server:
-        destinations = [webhook("hook", server.url, concurrency=1)]
-        first = router_for(tmp_path, destinations, storage=url)
-        second = router_for(tmp_path, destinations, storage=url)
-        async with first:
-            worker = first._delivery.workers["hook"]
-            worker.lease_for = 8.0
-            worker.delivered_per_second = 1e6  # as if it had been fast: the next lease is large
-            await first.route_many([track(n) for n in range(50)])
-            async with second:
-                assert await first.drain(timeout=30)
+        second = await two_routers_after_a_large_lease(tmp_path, url, server, lease_for=8.0,
+                                                       count=50)
         sent = Counter(request.json["messageId"] for request in server.requests)
         assert sent == Counter(f"m-{n}" for n in range(50))  # each exactly once
         assert second.delivery_metrics.delivered.get("hook") > 0  # it got what was given back
@@ -1235,16 +1245,7 @@ async def test_a_throttled_worker_keeps_the_leases_of_what_it_holds(tmp_path, ur
     lease is cut to 4 s here (renewed every second); it is 300 s at least in production."""
     async with FakeDestinationServer() as server:
         server.script([Answer(429, headers={"Retry-After": "6"})])
-        destinations = [webhook("hook", server.url, concurrency=1)]
-        first = router_for(tmp_path, destinations, storage=url)
-        second = router_for(tmp_path, destinations, storage=url)
-        async with first:
-            worker = first._delivery.workers["hook"]
-            worker.lease_for = 4.0
-            worker.delivered_per_second = 1e6  # the next lease is large
-            await first.route_many([track(n) for n in range(20)])
-            async with second:
-                assert await first.drain(timeout=30)
+        await two_routers_after_a_large_lease(tmp_path, url, server, lease_for=4.0, count=20)
         delivered = Counter(request.json["messageId"] for request in server.requests
                             if request.status == 200)
         assert delivered == Counter(f"m-{n}" for n in range(20))  # each exactly once

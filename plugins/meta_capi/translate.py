@@ -156,9 +156,11 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     _put_hashed(data, "db", _first(traits, BIRTHDAY_KEYS), normalize_birthday)
     _put_hashed(data, "ge", _first(traits, GENDER_KEYS), normalize_gender)
     country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
-    normalizers = {"ct": normalize_name, "st": lambda state: normalize_state(state, country),
-                   "zp": lambda zip_code: normalize_zip(zip_code, country),
-                   "country": normalize_country}
+    code = normalize_country(country) if isinstance(country, str) else None
+    in_us = not isinstance(country, str) or code == "us"  # an address naming no country too
+    normalizers = {"ct": normalize_name, "st": lambda state: normalize_state(state, in_us=in_us),
+                   "zp": lambda zip_code: normalize_zip(zip_code, in_us=in_us),
+                   "country": lambda _: code}
     for key, names in ADDRESS_KEYS.items():
         _put_hashed(data, key, _first(address, names) or _first(traits, names), normalizers[key])
     ids = [sha256(str(value)) for value in (event.userId, event.anonymousId) if value]
@@ -228,18 +230,18 @@ def normalize_gender(value: str) -> str | None:
     return GENDERS.get(value.strip().lower())
 
 
-def normalize_state(value: str, country: Any) -> str:
+def normalize_state(value: str, *, in_us: bool) -> str:
     """A US state's name as its two-letter code, which Meta matches on; any other state
     lower case without spaces or punctuation, as Meta asks outside the US."""
     name = normalize_name(value)
-    return US_STATE_CODES.get(name, name) if _in_the_us(country) else name
+    return US_STATE_CODES.get(name, name) if in_us else name
 
 
-def normalize_zip(value: str, country: Any) -> str:
+def normalize_zip(value: str, *, in_us: bool) -> str:
     """Lower case without spaces or dashes; only the first 5 digits of a US ZIP+4."""
     compact = value.strip().lower().replace(" ", "")
     us = _US_ZIP.match(compact)
-    if us and _in_the_us(country):
+    if us and in_us:
         return us.group(1)
     return compact.replace("-", "")
 
@@ -260,11 +262,6 @@ def country_key(name: str) -> str:
     dropped ("Côte d'Ivoire" and "Cote d'Ivoire" are one key)."""
     letters = unicodedata.normalize("NFKD", normalize_name(name))
     return "".join(char for char in letters if not unicodedata.combining(char))
-
-
-def _in_the_us(country: Any) -> bool:
-    """Whether an address is in the US: its country says so, or it names none."""
-    return not isinstance(country, str) or normalize_country(country) == "us"
 
 
 def sha256(value: str) -> str:

@@ -25,8 +25,8 @@ from router.delivery.failure_log import FailureLog
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import Transport
-from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, outcomes_problem,
-                                request_problem)
+from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, checked_request,
+                                outcomes_problem)
 from router.destinations import ConfiguredDestination
 from router.errors import (PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError,
                            StorageFull, StorageUnavailable)
@@ -467,7 +467,7 @@ class DestinationWorker:
         try:
             payloads = [from_spool(job.body, job.group, opaque=adapter.opaque_bodies)
                         for job in batch]
-            request = _checked(adapter.build_request(payloads))
+            request = checked_request(adapter.build_request(payloads))
         except DestinationError as exc:
             outcome = exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)
             return [(outcome, Failure(self.destination.masker.mask(exc.reason)))] * len(batch)
@@ -654,16 +654,6 @@ def _group_of(job: Job) -> str:
 
 def _size_of(job: Job) -> int:
     return len(job.body)
-
-
-def _checked(request: Any) -> HttpRequest:
-    """``build_request``'s answer, if it can be sent as it is; else a ``TypeError`` that fails
-    the batch with the plugin's name, instead of an error deep in the transport that would
-    leave the jobs leased and unrecorded."""
-    problem = request_problem(request)
-    if problem:
-        raise TypeError(f"build_request returned {problem}")
-    return request
 
 
 def _checked_outcomes(judged: Any, count: int) -> list[Outcome]:

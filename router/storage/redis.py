@@ -584,10 +584,8 @@ class RedisStorage(Storage):
             await client.aclose()
 
     async def _run(self, script: str, args: Sequence[Any]) -> Any:
-        """Run one of the scripts. Redis refusing writes (out of memory, or persistence
-        failing) is ``StorageFull``, and Redis out of reach (down, hung past the timeout,
-        loading, no free connection) ``StorageUnavailable``: intake answers "try later"
-        instead of acknowledging what it could not keep."""
+        """Run one of the scripts, its errors translated (``_translated_errors``): intake
+        answers "try later" instead of acknowledging what it could not keep."""
         if self._client is None:
             raise RuntimeError("storage is not open")
         with _translated_errors():

@@ -30,8 +30,8 @@ from router.delivery import retry
 from router.delivery.batching import batches as split_into_batches
 from router.delivery.batching import from_spool, oversized
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
-                                HttpRequest, HttpResponse, Outcome, Payload, outcomes_problem,
-                                payloads_problem)
+                                HttpRequest, HttpResponse, Outcome, Payload, checked_payloads,
+                                outcomes_problem)
 from router.errors import DestinationError, EventRejected
 from router.events import Event, parse_event
 from router.integrations import decide
@@ -140,10 +140,7 @@ class DestinationHarness(Generic[DestinationT]):
         parsed = self.event(event)
         if options is None:
             options = self.options_for(parsed)
-        payloads = self.destination.translate(parsed, options)
-        problem = payloads_problem(payloads)  # as the router checks it, before anything else
-        if problem:
-            raise TypeError(f"translate returned {problem}")
+        payloads = checked_payloads(self.destination.translate(parsed, options))
         for payload in payloads:  # the core's size rule, as at routing
             reason = oversized(orjson.dumps(payload.body), self.delivery,
                                self.destination_cls.plugin_name)
