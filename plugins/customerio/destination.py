@@ -42,6 +42,10 @@ class CustomerIOSettings(BaseModel):
         "1", description="Customer.io object type that group calls create and relate people "
                          "to (a whole number as a string). Null skips group calls unless the "
                          "event names a type.")
+    convert_timestamps: bool = Field(
+        True, description="Send ISO-8601 date strings in traits and properties (nested "
+                          "objects included) as Unix seconds, the form Customer.io compares "
+                          "dates in, as Segment's Customer.io destination does.")
 
     @field_validator("region", mode="before")
     @classmethod
@@ -84,6 +88,8 @@ class CustomerIO(Destination[CustomerIOSettings]):
             item = translate.group(event, options, self.settings.object_type_id)
         else:
             item = _BUILDERS[event.type](event, options)
+        if self.settings.convert_timestamps and "attributes" in item:
+            item["attributes"] = translate.unix_timestamps(item["attributes"])
         translate.check_item_size(item)
         return [Payload(item)]
 

@@ -111,6 +111,50 @@ def test_identify_turns_created_at_into_unix_seconds():
     assert item["attributes"] == {"plan": "pro", "created_at": 1704067200}
 
 
+DATES = {
+    "trial_ends": "2024-01-01T00:00:00Z",         # 1704067200
+    "renewed": "2024-01-01T01:00:00.123456+01:00",  # the same moment, an hour ahead
+    "birthday": "2024-01-01",                     # a date alone is midnight UTC
+    "local": "2024-01-01T00:00",                  # no offset: UTC, as the router reads times
+    "compact_offset": "2024-01-01T02:00:00+0200",
+}
+
+
+def test_iso_dates_in_properties_become_unix_seconds_in_nested_objects_too():
+    (item,) = items({"type": "track", "userId": "u1", "event": "Plan Renewed",
+                     "properties": {**DATES, "plan": {"name": "pro", "since": "2024-01-01"},
+                                    "history": ["2024-01-01"]}})
+    assert item["attributes"] == {
+        **dict.fromkeys(DATES, 1704067200),
+        "plan": {"name": "pro", "since": 1704067200},
+        "history": ["2024-01-01"],  # arrays are left as they are, as Segment's destination does
+    }
+
+
+@pytest.mark.parametrize("text", ["2024", "2024-01", "10/03/2024", "2024-02-30",
+                                  "2024-01-01T10", "2024-01-01 10:00:00", "1704067200",
+                                  "2024-01-01T00:00:00.1234567Z", "order 2024-01-01"])
+def test_text_that_is_not_an_iso_date_stays_text(text):
+    (item,) = items({"type": "track", "userId": "u1", "event": "Noted",
+                     "properties": {"note": text}})
+    assert item["attributes"] == {"note": text}
+
+
+def test_traits_of_identify_and_group_are_converted_but_never_the_anonymous_id():
+    (person,) = items({"type": "identify", "userId": "u1", "anonymousId": "2024-01-01",
+                       "traits": {"trial_ends": "2024-01-01T00:00:00Z"}})
+    assert person["attributes"] == {"trial_ends": 1704067200, "anonymous_id": "2024-01-01"}
+    (company,) = items({"type": "group", "userId": "u1", "groupId": "acme",
+                        "traits": {"founded": "2024-01-01"}})
+    assert company["attributes"] == {"founded": 1704067200}
+
+
+def test_timestamp_conversion_can_be_turned_off():
+    (item,) = items({"type": "track", "userId": "u1", "event": "Plan Renewed",
+                     "properties": DATES}, convert_timestamps=False)
+    assert item["attributes"] == DATES
+
+
 def test_an_email_shaped_or_cio_user_id_names_the_person_by_that_identifier():
     assert items({"type": "identify", "userId": "ada@example.com"})[0]["identifiers"] == \
         {"email": "ada@example.com"}

@@ -34,6 +34,11 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _ULID = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$", re.IGNORECASE)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CREATED_AT_TRAITS = ("createdAt", "created_at")
+# The ISO-8601 shapes Segment's Customer.io destination converts (AD ``utils.ts`` isIsoDate, after
+# segmentio/isostring): a date, optionally a time to the minute, seconds, up to 6 decimals and an
+# offset. Anything looser ("2024", "10/03/2024", "2024-01-02T10") stays text.
+_ISO_DATE = re.compile(
+    r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2})?(\.\d{1,6})?(Z|[+-]\d{2}:?\d{2})?)?")
 
 
 # --- identity ---------------------------------------------------------------------------------
@@ -76,6 +81,32 @@ def dedup_id(message_id: str) -> str:
 def unix_seconds(moment: datetime) -> int:
     """Customer.io takes timestamps as whole Unix seconds (AD ``utils.ts`` converts them)."""
     return int(moment.astimezone(UTC).timestamp())
+
+
+def unix_timestamps(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``attributes`` with every ISO-8601 date string as whole Unix seconds, in nested objects
+    too (not in arrays), as Segment's Customer.io destination sends them ("Convert
+    timestamps", on by default): Customer.io's segments and Liquid compare dates as numbers,
+    and a date sent as text is only ever text to them. ``anonymous_id`` is an identifier, never
+    a date, so it is kept as it is."""
+    converted: dict[str, Any] = {}
+    for name, value in attributes.items():
+        if isinstance(value, str):
+            value = _iso_as_unix_seconds(value) if name != "anonymous_id" else value
+        elif isinstance(value, dict):
+            value = unix_timestamps(value)
+        converted[name] = value
+    return converted
+
+
+def _iso_as_unix_seconds(text: str) -> str | int:
+    if not (len(text) >= 10 and text[4] == "-" and _ISO_DATE.fullmatch(text)):
+        return text
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:  # shaped like a date, but not one: "2024-02-30"
+        return text
+    return unix_seconds(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
 
 
 # --- limits -----------------------------------------------------------------------------------
@@ -139,7 +170,9 @@ def person_attributes(traits: Mapping[str, Any]) -> dict[str, Any]:
                   if name not in _CREATED_AT_TRAITS}
     for name in _CREATED_AT_TRAITS:
         if traits.get(name) is not None:
-            attributes["created_at"] = _as_unix_seconds(traits[name])
+            created = traits[name]
+            attributes["created_at"] = (_iso_as_unix_seconds(created)
+                                        if isinstance(created, str) else created)
             break
     return attributes
 
@@ -309,16 +342,3 @@ def _first_text(*values: Any) -> str | None:
         if isinstance(value, str) and value.strip():
             return value
     return None
-
-
-def _as_unix_seconds(value: Any) -> Any:
-    """An ISO-8601 date as Unix seconds; numbers and anything unreadable are kept as given."""
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            return value
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return unix_seconds(moment)
-    return value
