@@ -187,6 +187,23 @@ def test_identify_with_an_id_posthog_refuses_to_merge_is_rejected():
     assert "$anon_distinct_id" not in body["properties"]
 
 
+@pytest.mark.parametrize("person_profiles", ["always", "identified_only"])
+def test_an_anonymous_identify_sets_the_traits_without_marking_the_person_identified(
+        person_profiles):
+    # $identify would mark the anonymous person identified, and PostHog never merges an
+    # identified person into another, so the visitor's later login could not take them in
+    body = event(posthog(person_profiles=person_profiles),
+                 {"type": "identify", "anonymousId": "anon-7f1c2e", "traits": {"plan": "pro"}})
+    assert body["event"] == "$set"
+    assert body["distinct_id"] == "anon-7f1c2e"
+    assert body["properties"] == {"$set": {"plan": "pro"}, "$geoip_disable": True}
+
+
+def test_an_anonymous_identify_without_traits_is_skipped():
+    with pytest.raises(SkipEvent, match="only an anonymousId and no traits"):
+        translate(posthog(), {"type": "identify", "anonymousId": "anon-7f1c2e"})
+
+
 def test_alias_is_sent_as_the_previous_id_naming_the_new_one():
     # posthog-python's alias(previous_id, distinct_id): distinct_id = previous, alias = new
     body = event(posthog(), {"type": "alias", "userId": "user-1042",

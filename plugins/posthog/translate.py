@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
-from router import Event, EventRejected
+from router import Event, EventRejected, SkipEvent
 from router.events import format_time
 
 PersonProfiles = Literal["always", "identified_only"]
@@ -141,9 +141,12 @@ class Builder:
     options: EventOptions
     person_profiles: PersonProfiles
 
-    def capture(self, name: str, properties: Mapping[str, Any]) -> dict[str, Any]:
+    def capture(self, name: str, properties: Mapping[str, Any], *,
+                sets_person: bool = False) -> dict[str, Any]:
         """One capture event. The event's properties win over the context's; PostHog's own
-        keys (``$groups``, ``$process_person_profile``) win over both."""
+        keys (``$groups``, ``$process_person_profile``) win over both. ``sets_person`` keeps
+        an anonymous event's person processing on, whatever ``person_profiles`` says: its
+        whole point is the person's properties."""
         event = self.event
         if event.timestamp - event.receivedAt > MAX_FUTURE:
             raise EventRejected("timestamp is more than 23 hours after the router received "
@@ -158,7 +161,7 @@ class Builder:
             merged["$geoip_disable"] = True
         if self.options.groups:
             merged["$groups"] = dict(self.options.groups)
-        if not event.userId and self.person_profiles == "identified_only":
+        if not event.userId and self.person_profiles == "identified_only" and not sets_person:
             merged["$process_person_profile"] = False
         return {"event": name, "distinct_id": distinct_id(event), "properties": merged,
                 "timestamp": format_time(event.timestamp), "uuid": event_uuid(event.messageId)}
@@ -191,8 +194,19 @@ def screen_event(builder: Builder) -> dict[str, Any]:
 def identify_event(builder: Builder) -> dict[str, Any]:
     """``$identify`` of userId with the traits in ``$set``. With an anonymousId too,
     ``$anon_distinct_id`` makes PostHog merge the anonymous person into the user, as
-    posthog-js does when a visitor logs in."""
+    posthog-js does when a visitor logs in.
+
+    An identify with only an anonymousId is a ``$set`` of its traits instead, PostHog's way
+    to set a person's properties. ``$identify`` would mark the anonymous person identified,
+    and PostHog never merges an identified person into another: the visitor's later login,
+    an identify carrying this anonymousId, would then leave their anonymous activity apart."""
     event = builder.event
+    if not event.userId:
+        if not event.traits:
+            raise SkipEvent("an identify with only an anonymousId and no traits tells PostHog "
+                            "nothing (the anonymous person is merged when the user is "
+                            "identified)")
+        return builder.capture("$set", {"$set": dict(event.traits)}, sets_person=True)
     properties: dict[str, Any] = {"$set": dict(event.traits)}
     if event.userId and event.anonymousId and event.anonymousId != event.userId:
         for name, value in (("userId", event.userId), ("anonymousId", event.anonymousId)):
