@@ -379,6 +379,23 @@ class Undocumented(Recorder):
     Settings = UndocumentedSettings
 
 
+class NestedAuth(BaseModel):
+    access_token: str | None = Field(None, description="OAuth token.")
+
+
+class PlainCredentialSettings(BaseModel):
+    api_key: SecretStr = Field(description="API key.")
+    signing_secret: str = Field("whsec-0001", description="Signs the requests.")
+    auth: NestedAuth = Field(default_factory=NestedAuth, description="OAuth.")
+    group_key: str = Field("company", description="The group's key name: no secret.")
+    page_token: str = Field("first", description="Where paging starts.",
+                            json_schema_extra={"secret": False})
+
+
+class PlainCredentials(Recorder):
+    Settings = PlainCredentialSettings
+
+
 class WrapsEachPayload(Recorder):
     delivery = DeliveryDefaults(batch_size=50, batch_bytes=262_144 - len(b'{"records":[]}'))
 
@@ -472,6 +489,13 @@ def test_an_unserializable_payload_fails():
 def test_undocumented_settings_fail():
     message = failure(Undocumented)
     assert "[settings]" in message and "missing on region" in message
+
+
+def test_a_credential_typed_str_fails_as_the_router_would_never_mask_it():
+    message = failure(PlainCredentials, rules=["settings"])
+    assert "[settings]" in message
+    assert "typed str: signing_secret, auth.access_token. Type it SecretStr" in message
+    assert "group_key" not in message and "page_token" not in message
 
 
 @pytest.mark.parametrize("rules", [["settings"], ["sample_events"], None])

@@ -164,6 +164,14 @@ class ConformanceSuite:
             raise self.fail("settings", "every settings field needs a description (it is the "
                                         "settings' documentation): missing on "
                                         + ", ".join(undocumented))
+        plain = _plain_credentials(self.destination_cls.Settings)
+        if plain:
+            raise self.fail("settings", "a field named like a credential is typed str: "
+                                        + ", ".join(plain) + ". Type it SecretStr, so the "
+                                        "router masks it in logs, dry runs and dead letters "
+                                        "and this suite checks it never reaches a payload; "
+                                        "if it is no secret, give it json_schema_extra="
+                                        "{\"secret\": False}")
 
     def _check_declarations(self) -> None:
         cls = self.destination_cls
@@ -469,6 +477,44 @@ def _undocumented_fields(model: type[BaseModel], prefix: str = "",
         for nested in _models_in(info.annotation):
             missing += _undocumented_fields(nested, f"{prefix}{name}.", seen)
     return missing
+
+
+_CREDENTIAL_WORDS = frozenset({"secret", "password", "passwd", "token", "apikey", "credential",
+                               "credentials", "auth", "authorization", "bearer"})
+_CREDENTIAL_KEYS = frozenset({"api", "access", "private", "write", "secret", "signing",
+                              "license"})  # ``api_key`` and the like, not ``group_key``
+
+
+def _plain_credentials(model: type[BaseModel], prefix: str = "",
+                       seen: set[type] | None = None) -> list[str]:
+    """Dotted names of fields that look like credentials (``api_key``, ``access_token``,
+    ``password``...) but accept a plain ``str``, nested models included: a plain string is
+    neither masked by the router nor checked by the suite."""
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return []
+    seen.add(model)
+    found = []
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra
+        declared_public = isinstance(extra, dict) and extra.get("secret") is False
+        if _named_like_a_credential(name) and _admits_str(info.annotation) \
+                and not declared_public:
+            found.append(prefix + name)
+        for nested in _models_in(info.annotation):
+            found += _plain_credentials(nested, f"{prefix}{name}.", seen)
+    return found
+
+
+def _named_like_a_credential(name: str) -> bool:
+    words = name.lower().split("_")
+    return bool(_CREDENTIAL_WORDS.intersection(words)) or any(
+        word == "key" and index > 0 and words[index - 1] in _CREDENTIAL_KEYS
+        for index, word in enumerate(words))
+
+
+def _admits_str(annotation: Any) -> bool:
+    return annotation is str or any(_admits_str(arg) for arg in typing.get_args(annotation))
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
