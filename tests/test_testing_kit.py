@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -533,6 +536,22 @@ def test_read_response_that_breaks_on_ordinary_answers_fails():
 def test_dedup_ids_that_do_not_follow_messageid_fail():
     message = failure(SameDedupIdForAll, rules=["sample_events"], dedup_id=lambda b: b["id"])
     assert "differing only in messageId share a vendor dedup id" in message
+
+
+def test_a_conformance_failure_in_pytest_shows_the_reason_not_the_suites_insides(tmp_path):
+    (tmp_path / "test_leaks.py").write_text(
+        "from test_testing_kit import LeaksItsKey, RECORDER_SETTINGS\n"
+        "from router.testing import conformance_test\n"
+        "test_conformance = conformance_test(LeaksItsKey, settings=RECORDER_SETTINGS,\n"
+        "                                    examples=20, rules=['sample_events'])\n")
+    tests = str(Path(__file__).parent)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "test_leaks.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": tests, "PATH": ""})
+    assert run.returncode == 1
+    assert "[sample_events] LeaksItsKey" in run.stdout
+    assert "a secret from the settings is in payload 0's body" in run.stdout
+    assert "_check_payloads" not in run.stdout  # no frame from inside the suite
 
 
 def test_conformance_test_makes_one_test_per_rule():

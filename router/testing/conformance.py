@@ -597,7 +597,12 @@ def conformance_test(destination_cls: type[Destination[Any]], settings: Mapping[
 
     @pytest.mark.parametrize("rule", chosen)
     def test_conformance(rule: str) -> None:
-        suite.run([rule])
+        try:
+            suite.run([rule])
+        except ConformanceFailure as failure:
+            # The failure says what broke and on which event; the suite's own frames would
+            # only bury it in a long traceback.
+            raise failure.with_traceback(None) from None
 
     test_conformance.__doc__ = f"{destination_cls.__name__} follows the destination contract."
     return test_conformance
