@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -732,6 +734,22 @@ def test_a_request_that_leaves_payloads_out_fails():
     message = failure(SendsTheFirstOnly, rules=["batching"], dedup_id=lambda body: body["id"])
     assert "build_request left payload 1 of a batch of 10" in message
     check_destination(Recorder, RECORDER_SETTINGS, rules=["batching"],
+                      dedup_id=lambda body: body["id"])
+
+
+class SendsAForm(Recorder):
+    """Mixpanel's classic shape: ``data=<base64 of the JSON batch>``, form-encoded."""
+    delivery = DeliveryDefaults(batch_size=10, payload_overhead=100)  # base64 adds a third
+
+    def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
+        batch = base64.b64encode(orjson.dumps([payload.body for payload in payloads]))
+        return HttpRequest("POST", "https://api.recorder.example/track",
+                           {"Content-Type": "application/x-www-form-urlencoded"},
+                           b"data=" + urllib.parse.quote_plus(batch).encode())
+
+
+def test_payloads_sent_inside_a_base64_form_body_are_found():
+    check_destination(SendsAForm, RECORDER_SETTINGS, rules=["batching"],
                       dedup_id=lambda body: body["id"])
 
 
