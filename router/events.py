@@ -139,6 +139,9 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     data.setdefault("messageId", None)
     if not data["messageId"]:
         data["messageId"] = str(uuid.uuid4())
+    # An event that already has a receivedAt was normalized upstream (a router, Segment): its
+    # timestamp is corrected already, and correcting it again would move it.
+    normalized_upstream = data.get("receivedAt") is not None
     data["receivedAt"] = received
     data.pop("writeKey", None)  # a credential, never part of the event
     client_timestamp = data.get("timestamp")
@@ -164,7 +167,8 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         problems += normalize_reserved_properties(event.properties)
     if not problems:
         try:
-            event.timestamp = corrected_timestamp(event, client_time)
+            event.timestamp = (client_time if normalized_upstream and client_time is not None
+                               else corrected_timestamp(event, client_time))
             problems = _out_of_range(event)
         except OverflowError:
             problems = [("timestamp", "out of range once corrected for the client's clock "
@@ -175,20 +179,21 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
 
 
 def corrected_timestamp(event: Event, client_time: datetime | None) -> datetime:
-    """Segment's clock-skew correction: ``receivedAt - (sentAt - originalTimestamp)``.
+    """Segment's clock-skew correction, ``receivedAt - (sentAt - <the client's event time>)``.
 
-    Without ``sentAt`` there is nothing to correct with: a timestamp the client gave is
-    trusted as it is (server libraries and historical imports), else its
-    ``originalTimestamp``; without any, the receive time is the event time.
+    The client's event time is its own ``timestamp`` when it sent one, else its
+    ``originalTimestamp``. A ``timestamp`` set on purpose wins even beside an
+    ``originalTimestamp``: server libraries set it for historical imports, and RudderStack's
+    Node library sends the caller's ``timestamp`` beside an ``originalTimestamp`` of its own
+    clock at the call. Without ``sentAt`` there is nothing to correct with: that time is
+    trusted as it is; without any, the receive time is the event time.
     """
-    original = event.originalTimestamp
-    if original is not None and event.sentAt is not None:
-        return event.receivedAt - (_utc(event.sentAt) - _utc(original))
-    if client_time is not None:
-        return client_time
-    if original is not None:
-        return _utc(original)
-    return event.receivedAt
+    client_event_time = client_time if client_time is not None else event.originalTimestamp
+    if client_event_time is None:
+        return event.receivedAt
+    if event.sentAt is not None:
+        return event.receivedAt - (_utc(event.sentAt) - _utc(client_event_time))
+    return _utc(client_event_time)
 
 
 def _out_of_range(event: Event) -> list[tuple[str, str]]:

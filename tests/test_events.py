@@ -239,6 +239,18 @@ def test_explicit_timestamp_wins_over_original_timestamp_without_sent_at():
     assert event.to_dict()["timestamp"] == "2020-01-01T00:00:00.000Z"
 
 
+def test_explicit_timestamp_wins_over_original_timestamp_with_sent_at_too():
+    # RudderStack's Node library sends the caller's historical `timestamp` beside an
+    # `originalTimestamp` of its own clock at the call: the caller's time is corrected, not lost.
+    client_clock = RECEIVED + timedelta(minutes=5)  # 5 min fast
+    historical = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC)
+    event = parse({**VALID_MINIMAL["track"], "timestamp": iso(historical),
+                   "originalTimestamp": iso(client_clock - timedelta(seconds=2)),
+                   "sentAt": iso(client_clock)})
+    assert event.timestamp == historical - timedelta(minutes=5)
+    assert event.originalTimestamp == client_clock - timedelta(seconds=2)
+
+
 def test_original_timestamp_without_sent_at_is_the_event_time():
     event = parse({**VALID_MINIMAL["track"], "originalTimestamp": "2020-06-01T00:00:00Z"})
     assert event.to_dict()["timestamp"] == "2020-06-01T00:00:00.000Z"
@@ -269,6 +281,17 @@ def test_reparsing_normalized_output_keeps_the_timestamp():
     first = parse({**VALID_MINIMAL["track"], "sentAt": iso(RECEIVED - timedelta(hours=1))})
     again = parse(first.to_dict())
     assert again.timestamp == first.timestamp
+
+
+def test_an_event_normalized_upstream_keeps_its_timestamp_when_received_later():
+    # A router's webhook output (or a Segment export) arriving an hour later at another
+    # router: its timestamp is corrected already, so it is not corrected again.
+    # The client's clock runs 2 min behind; the event happened a minute before it was sent.
+    first = parse({**VALID_MINIMAL["track"], "timestamp": iso(RECEIVED - timedelta(minutes=3)),
+                   "originalTimestamp": iso(RECEIVED - timedelta(minutes=3)),
+                   "sentAt": iso(RECEIVED - timedelta(minutes=2))})
+    later = parse_event(first.to_dict(), received_at=RECEIVED + timedelta(hours=1))
+    assert later.timestamp == first.timestamp == RECEIVED - timedelta(seconds=60)
 
 
 # -- reserved properties ------------------------------------------------------------------------
