@@ -165,6 +165,12 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         event.originalTimestamp = client_time or event.sentAt
     if event.type in _PROPERTY_CALLS and event.properties:
         problems += normalize_reserved_properties(event.properties)
+    elif event.type == "identify" and not event.traits:
+        # RudderStack's libraries (Python among them) send identify traits only in
+        # context.traits, where RudderStack reads them: every destination needs them in traits.
+        context_traits = event.context.get("traits")
+        if isinstance(context_traits, dict) and context_traits:
+            event.traits = dict(context_traits)
     if not problems:
         try:
             event.timestamp = (client_time if normalized_upstream and client_time is not None

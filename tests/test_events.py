@@ -120,6 +120,20 @@ def test_unknown_fields_are_kept_at_every_level():
     assert data["context"] == {"app": {"name": "shop"}, "weird": "kept"}
 
 
+def test_identify_traits_sent_only_in_the_context_are_the_traits():
+    # RudderStack's libraries put identify traits in context.traits alone
+    sent = {"type": "identify", "userId": "u1",
+            "context": {"traits": {"email": "ada@example.com", "plan": "pro"}}}
+    event = parse(sent)
+    assert event.traits == {"email": "ada@example.com", "plan": "pro"}
+    assert event.context["traits"] == {"email": "ada@example.com", "plan": "pro"}
+    event.traits["plan"] = "free"  # a copy: the context keeps what was sent
+    assert event.context["traits"]["plan"] == "pro"
+    # traits given at the top level are the traits; other calls keep theirs as they are
+    assert parse({**sent, "traits": {"plan": "team"}}).traits == {"plan": "team"}
+    assert parse({**sent, "type": "group", "groupId": "g1"}).traits == {}
+
+
 def test_message_id_is_generated_when_missing_and_unique():
     first = parse(VALID_MINIMAL["track"])
     second = parse(VALID_MINIMAL["track"])
