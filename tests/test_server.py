@@ -310,6 +310,13 @@ async def test_accepted_authorization_headers(ingest: Ingest, authorization: str
     assert (status, answer) == (200, {"success": True})
 
 
+async def test_write_key_as_a_bearer_token(ingest: Ingest) -> None:
+    # Customer.io's Data Pipelines libraries send their regional keys (pk_us_...) this way
+    status, answer, _ = await ingest.post("/v1/track", track(), key=None,
+                                          headers={"Authorization": "Bearer " + MOBILE_KEY})
+    assert (status, answer) == (200, {"success": True})
+
+
 async def test_write_key_in_the_body(ingest: Ingest) -> None:
     status, answer, _ = await ingest.post("/v1/track", {**track(), "writeKey": MOBILE_KEY},
                                           key=None)
@@ -324,7 +331,9 @@ async def test_write_key_in_the_body(ingest: Ingest) -> None:
     (basic(":" + WEB_KEY, None), None),                       # key in the password field
     ("Basic !!!not-base64!!!", None),                         # bad base64
     ("Basic " + base64.b64encode(b"\xff\xfe\xfd:").decode(), None),  # not UTF-8
-    ("Bearer " + WEB_KEY, None),                              # another scheme
+    ("Token " + WEB_KEY, None),                               # another scheme
+    ("Bearer wrong-key", None),                               # unknown key as a bearer
+    ("Bearer  ", None),                                       # an empty bearer
     ("Basic", None),                                          # no credentials
     (None, "wrong-key"),                                      # wrong key in the body
     (None, 12345),                                            # not a string

@@ -2,8 +2,9 @@
 
 Segment's rules: HTTP Basic with the write key as the user name and an empty password
 (``key:``; ``key`` without the colon is accepted too), or ``writeKey`` in the JSON body, which
-is what analytics.js in the browser sends. A wrong, missing or malformed key is one and the
-same 401.
+is what analytics.js in the browser sends. ``Authorization: Bearer <write key>`` is accepted
+too: Customer.io's Data Pipelines libraries send their regional keys (``pk_us_...``) that way.
+A wrong, missing or malformed key is one and the same 401.
 
 Timing: presented keys are hashed with SHA-256 and the digest is compared with
 ``hmac.compare_digest`` against the digest of *every* configured key, without stopping at a
@@ -56,7 +57,8 @@ class WriteKeys:
 
 
 def key_from_header(authorization: str | None) -> str | None:
-    """The write key in an ``Authorization: Basic ...`` header, None when there is no header.
+    """The write key in an ``Authorization: Basic ...`` or ``Bearer ...`` header, None when
+    there is no header.
 
     Raises the common 401 for anything malformed: another scheme, bad base64, bytes that are
     not UTF-8, an empty user name. The password part is ignored, as Segment does.
@@ -64,9 +66,11 @@ def key_from_header(authorization: str | None) -> str | None:
     if authorization is None:
         return None
     scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "basic" or not token.strip():
-        raise unauthorized()
     token = token.strip()
+    if not token or scheme.lower() not in ("basic", "bearer"):
+        raise unauthorized()
+    if scheme.lower() == "bearer":
+        return token
     try:
         raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
         decoded = raw.decode("utf-8")
