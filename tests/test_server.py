@@ -652,6 +652,28 @@ async def test_byte_order_mark_is_tolerated(ingest: Ingest) -> None:
 
 # == batches =====================================================================================
 
+def event_of_bytes(message_id: str, size: int) -> dict[str, Any]:
+    """A track event that serializes (compactly, as client libraries send it) to ``size``."""
+    event = track(message_id, properties={"pad": ""})
+    event["properties"]["pad"] = "x" * (size - len(json.dumps(event, separators=(",", ":"))))
+    return event
+
+
+async def test_an_event_at_the_size_limit_in_a_batch_counts_as_sent_not_with_the_batch_fields(
+        ingest: Ingest, recorder: Recorder) -> None:
+    # Client libraries measure each event as they queue it and put sentAt (and often context)
+    # on the batch: merged into the event, they take one at the limit over it.
+    at_limit, over = event_of_bytes("at-limit", 32 * 1024), event_of_bytes("over", 32 * 1024 + 1)
+    status, answer, _ = await ingest.post("/v1/batch", {
+        "batch": [at_limit, over], "sentAt": "2026-12-05T10:00:00.000Z",
+        "context": {"library": {"name": "analytics-python", "version": "2.4.0"}}})
+    assert status == 200
+    assert [(item["index"], "32 KB" in item["reason"]) for item in answer["rejected"]] == \
+        [(1, True)]
+    await recorder.wait_for(1)
+    assert recorder.message_ids == ["at-limit"]
+
+
 async def test_batch_lists_each_bad_event_and_accepts_the_rest(
         ingest: Ingest, recorder: Recorder) -> None:
     events: list[Any] = [

@@ -199,10 +199,10 @@ async def handle_batch(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     rejected: list[dict[str, Any]] = []
     valid: list[tuple[int, dict[str, Any], int]] = []
-    for index, event in enumerate(with_batch_defaults(document)):
+    for index, (sent, event) in enumerate(zip(batch, with_batch_defaults(document))):
         if isinstance(event, dict):
             event.pop("writeKey", None)  # analytics.js repeats the key in every event
-        checked = check_event(event)
+        checked = check_event(event, sent=sent)
         if isinstance(checked, Rejection):
             rejected.append({"index": index, "reason": checked.reason})
             metrics.events.inc(source, _type_label(event), "rejected")

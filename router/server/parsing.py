@@ -97,9 +97,15 @@ class Rejection:
     too_large: bool = False
 
 
-def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES) -> Rejection | int:
+def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES, sent: Any = None
+                ) -> Rejection | int:
     """Why ``event`` may not be routed, or, when it may, its serialized size (which the
-    router then takes as measured instead of serializing the event again)."""
+    router then takes as measured instead of serializing the event again).
+
+    ``sent`` is the event as the client sent it in a batch, before the batch's ``sentAt``
+    and ``context`` were merged in: the size limit holds for that, as Segment applies it and
+    as client libraries measure their events (every one of them puts ``sentAt`` on the
+    batch, so an event at the limit would go over it only here)."""
     if not isinstance(event, dict):
         return Rejection("an event must be a JSON object")
     try:
@@ -113,6 +119,8 @@ def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES) -> Rejection | 
         if reason is not None:
             return Rejection(reason)
     size = len(data)
+    if size > max_bytes and sent is not None and sent is not event:
+        size = len(orjson.dumps(sent))  # measured again only for the rare event over the limit
     if size > max_bytes:
         return Rejection(f"the event is {size} bytes, over the {max_bytes // 1024} KB limit",
                          too_large=True)
