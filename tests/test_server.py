@@ -116,6 +116,7 @@ class Ingest:
     port: int
     router: Router
     session: aiohttp.ClientSession
+    runner: web.AppRunner
 
     async def post(self, path: str, body: Any = None, *, data: Any = None,
                    key: str | None = WEB_KEY, headers: dict[str, str] | None = None
@@ -159,7 +160,8 @@ async def start_server(recorder: Recorder) -> AsyncIterator[StartServer]:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        ingest = Ingest(f"http://127.0.0.1:{port}", port, router, aiohttp.ClientSession())
+        ingest = Ingest(f"http://127.0.0.1:{port}", port, router, aiohttp.ClientSession(),
+                        runner)
         cleanups.append(lambda: ingest.session.close())  # the session a test may replace
         return ingest
 
@@ -651,6 +653,33 @@ async def test_byte_order_mark_is_tolerated(ingest: Ingest) -> None:
 
 
 # == batches =====================================================================================
+
+def rejections(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records
+            if r.name == "router.server" and '"event_rejected"' in r.getMessage()]
+
+
+async def test_each_rejected_event_is_logged_with_its_reason_a_few_a_second(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+    # Client libraries read neither a batch's rejected list nor a 400's reason
+    bad = [{"type": "track", "event": "No Ids", "messageId": f"bad-{i}"} for i in range(24)]
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        status, _, _ = await ingest.post("/v1/batch", {"batch": [track("ok"), *bad]})
+        assert status == 200
+        status, _, _ = await ingest.post("/v1/track", {"event": "X"}, key=MOBILE_KEY)
+        assert status == 400
+        written = rejections(caplog)
+        assert len(written) == 10 + 1  # ten a window for the web source, one for mobile
+        assert written[0] == {"action": "event_rejected", "source": "web", "path": "/v1/batch",
+                              "index": 1, "type": "track", "messageId": "bad-0",
+                              "reason": written[0]["reason"]}
+        assert "userId" in written[0]["reason"]
+        assert written[-1]["source"] == "mobile" and written[-1]["index"] is None
+        assert "No Ids" not in caplog.text  # the event is named, its content never logged
+        await ingest.runner.cleanup()  # stopping says how many lines it held back
+    (last,) = rejections(caplog)[11:]
+    assert (last["messageId"], last["similar_lines_held_back"]) == ("bad-23", 13)
+
 
 def event_of_bytes(message_id: str, size: int) -> dict[str, Any]:
     """A track event that serializes (compactly, as client libraries send it) to ``size``."""

@@ -34,20 +34,25 @@ class _Window:
 
 
 class FailureLog:
+    """``kind`` names the fields of a line that make its kind, each kind with its own share
+    of lines: a failed delivery's destination, action and status by default; the HTTP API
+    groups rejected events by source."""
+
     def __init__(self, logger: logging.Logger, *, window: float = WINDOW,
                  lines_per_window: int = LINES_PER_WINDOW,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 kind: tuple[str, ...] = ("destination", "action", "status")) -> None:
         self.logger = logger
         self.window = window
         self.lines_per_window = lines_per_window
         self.clock = clock
+        self.kind = kind
         self._windows: dict[tuple[Any, ...], _Window] = {}
 
     def write(self, line: dict[str, Any]) -> bool:
-        """Log ``line`` (a JSON object with ``destination``, ``action`` and ``status``) as a
-        warning, unless its kind has had its share of this window; returns whether it was
-        written."""
-        key = (line["destination"], line["action"], line["status"])
+        """Log ``line`` (a JSON object with the ``kind`` fields) as a warning, unless its kind
+        has had its share of this window; returns whether it was written."""
+        key = tuple(line[field] for field in self.kind)
         now = self.clock()
         window = self._windows.get(key)
         if window is None or now - window.started_at >= self.window:

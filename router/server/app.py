@@ -23,13 +23,14 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
+from router.delivery.failure_log import WINDOW, FailureLog
 from router.errors import StorageFull, StorageUnavailable
 from router.events import CALL_TYPES
 from router.input import with_batch_defaults
@@ -90,6 +91,9 @@ WRITE_KEYS = web.AppKey("write_keys", WriteKeys)
 METRICS = web.AppKey("ingest_metrics", IngestMetrics)
 LIMITS = web.AppKey("limits", Limits)
 ADMISSION = web.AppKey("admission", asyncio.Semaphore)
+REJECTIONS = web.AppKey("rejections", FailureLog)
+MESSAGE_ID_SHOWN = 200
+"""A client's messageId is logged up to this many characters (they are usually 36)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,6 +109,10 @@ def create_app(router: Router) -> web.Application:
     app[METRICS] = IngestMetrics(destinations=[d.name for d in router.destinations])
     app[LIMITS] = limits
     app[ADMISSION] = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
+    # Client libraries read neither a batch's list of rejected events nor, mostly, a 400's
+    # reason: this log is where an operator sees why events went missing.
+    app[REJECTIONS] = FailureLog(log, kind=("source",))
+    app.cleanup_ctx.append(_flushing_rejections)
     if app[WRITE_KEYS].empty:
         log.warning("no sources are configured: the HTTP API refuses every request with 401 "
                     "(add sources with write_keys to the config)")
@@ -171,13 +179,16 @@ def _call_handler(call_type: str) -> Handler:
         checked = check_event(event)
         if isinstance(checked, Rejection):
             metrics.events.inc(source, call_type, "rejected")
+            _log_rejected(request, source, event, None, checked.reason)
             if checked.too_large:
                 raise Problem(413, "event_too_large", checked.reason)
             raise Problem(400, "invalid_event", checked.reason)
         (result,) = await _route(request, [event], [checked], source)
         _count(metrics, source, event, result)
         if result.invalid:
-            raise Problem(400, "invalid_event", _invalid_reason(result))
+            reason = _invalid_reason(result)
+            _log_rejected(request, source, event, None, reason)
+            raise Problem(400, "invalid_event", reason)
         return json_response({"success": True})
 
     handle_call.__name__ = handle_call.__qualname__ = f"handle_{call_type}"
@@ -206,6 +217,7 @@ async def handle_batch(request: web.Request) -> web.Response:
         if isinstance(checked, Rejection):
             rejected.append({"index": index, "reason": checked.reason})
             metrics.events.inc(source, _type_label(event), "rejected")
+            _log_rejected(request, source, event, index, checked.reason)
         else:
             valid.append((index, event, checked))
     if valid:
@@ -215,6 +227,7 @@ async def handle_batch(request: web.Request) -> web.Response:
             _count(metrics, source, event, result)
             if result.invalid:
                 rejected.append({"index": index, "reason": _invalid_reason(result)})
+                _log_rejected(request, source, event, index, rejected[-1]["reason"])
     rejected.sort(key=lambda item: item["index"])
     if len(rejected) == len(batch):
         raise Problem(400, "no_valid_event", "no event in the batch is valid",
@@ -281,6 +294,35 @@ def _count(metrics: IngestMetrics, source: str, raw: dict[str, Any], result: Rou
             for item in result.results:
                 if item.destination is not None:
                     metrics.decisions.inc(item.destination, str(item.status))
+
+
+def _log_rejected(request: web.Request, source: str, event: Any, index: int | None,
+                  reason: str) -> None:
+    """One warning line for an event refused at intake (at most a few a second per source;
+    the ``rejected`` count in ``/metrics`` counts them all). It names the event, never its
+    content."""
+    message_id = event.get("messageId") if isinstance(event, dict) else None
+    request.app[REJECTIONS].write({
+        "action": "event_rejected", "source": source, "path": request.path, "index": index,
+        "type": _type_label(event),
+        "messageId": message_id[:MESSAGE_ID_SHOWN] if isinstance(message_id, str) else None,
+        "reason": reason})
+
+
+async def _flushing_rejections(app: web.Application) -> AsyncIterator[None]:
+    """Writes, once a flood of rejections stops, how many lines it held back."""
+    rejections = app[REJECTIONS]
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(WINDOW)
+            rejections.flush()
+
+    task = asyncio.create_task(flush_forever(), name="flush-rejections")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    rejections.flush(all_windows=True)
 
 
 def _invalid_reason(result: RouteResult) -> str:
