@@ -18,7 +18,7 @@ from router.events import Event
 from router.filters import EventFilter
 from router.redaction import Masker, secret_values, values_found_in
 from router.registry import DestinationType, Registry
-from router.templates import Template
+from router.templates import Template, template_event
 
 log = logging.getLogger("router.destinations")
 
@@ -51,7 +51,7 @@ class ConfiguredDestination:
         if event.event is not None and event.event in self.renames:
             update["event"] = self.renames[event.event]
         if self.property_templates:
-            context = event.to_dict()
+            context = template_event(event)
             properties = dict(event.properties)
             for key, template in self.property_templates.items():
                 properties[key] = template.render(event=context)

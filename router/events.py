@@ -139,9 +139,10 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     data.setdefault("messageId", None)
     if not data["messageId"]:
         data["messageId"] = str(uuid.uuid4())
-    # An event that already has a receivedAt was normalized upstream (a router, Segment): its
-    # timestamp is corrected already, and correcting it again would move it.
-    normalized_upstream = data.get("receivedAt") is not None
+    # An event that carries a receivedAt comes as a pipeline stored it (a Segment export, the
+    # spec's sample payloads): its timestamp was derived there, and its client's own time is
+    # its originalTimestamp.
+    from_a_pipeline = data.get("receivedAt") is not None
     data["receivedAt"] = received
     data.pop("writeKey", None)  # a credential, never part of the event
     client_timestamp = data.get("timestamp")
@@ -173,8 +174,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
             event.traits = dict(context_traits)
     if not problems:
         try:
-            event.timestamp = (client_time if normalized_upstream and client_time is not None
-                               else corrected_timestamp(event, client_time))
+            event.timestamp = corrected_timestamp(event, None if from_a_pipeline else client_time)
             problems = _out_of_range(event)
         except OverflowError:
             problems = [("timestamp", "out of range once corrected for the client's clock "
@@ -187,8 +187,8 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
 def corrected_timestamp(event: Event, client_time: datetime | None) -> datetime:
     """Segment's clock-skew correction, ``receivedAt - (sentAt - <the client's event time>)``.
 
-    The client's event time is its own ``timestamp`` when it sent one, else its
-    ``originalTimestamp``. A ``timestamp`` set on purpose wins even beside an
+    The client's event time is ``client_time``, its own ``timestamp``, when it sent one, else
+    its ``originalTimestamp``. A ``timestamp`` set on purpose wins even beside an
     ``originalTimestamp``: server libraries set it for historical imports, and RudderStack's
     Node library sends the caller's ``timestamp`` beside an ``originalTimestamp`` of its own
     clock at the call. Without ``sentAt`` there is nothing to correct with: that time is

@@ -29,6 +29,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from router.errors import ConfigError, EventRejected
+from router.events import Event
 
 MAX_OUTPUT_CHARS = 256 * 1024
 MAX_VALUE_SIZE = 100_000
@@ -42,6 +43,24 @@ MAX_RENDER_SECONDS = 1.0
 """How long one render may hold the event loop (and with it intake and every destination)."""
 TEMPLATE_NAME = "template"
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
+
+
+SPEC_FIELDS: dict[str, Any] = {
+    "type": None, "event": None, "userId": None, "anonymousId": None, "name": None,
+    "groupId": None, "previousId": None, "messageId": None, "timestamp": None,
+    "properties": {}, "traits": {}, "context": {}, "integrations": {},
+}
+"""What a template sees for a field of the spec the event does not have."""
+
+
+def template_event(event: Event) -> dict[str, Any]:
+    """The event as every template sees it (webhook bodies, Slack texts, property mappings):
+    its JSON form with each field of the spec present, null (or an empty object) when the
+    event has none. One template then serves every call type: ``event.event`` is null on an
+    identify, and ``event.userId or event.anonymousId`` works for anonymous events, where
+    the strict undefined would fail the render for that event. A misspelt name
+    (``event.evnt``) still fails."""
+    return {**SPEC_FIELDS, **event.to_dict()}
 
 
 def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1) -> int:

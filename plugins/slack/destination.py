@@ -20,7 +20,7 @@ from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpReq
                     HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
 from router.events import CallType
 from router.semantics import semantic_action
-from router.templates import Template
+from router.templates import Template, template_event
 
 TemplateKey = Literal["default", "track", "identify", "page", "screen", "group", "alias"]
 
@@ -40,15 +40,6 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     "alias": "{{ event.previousId }} is now known as {{ event.userId }}",
 }
 """What each call type says when the config gives no template for it."""
-
-# Every top-level field of the spec is in a template's ``event``, null when the event has
-# none: the sandbox is strict about undefined names, and ``event.userId or …`` should just work.
-_SPEC_FIELDS: dict[str, Any] = {
-    "type": None, "event": None, "userId": None, "anonymousId": None, "name": None,
-    "groupId": None, "previousId": None, "messageId": None, "timestamp": None,
-    "properties": {}, "traits": {}, "context": {}, "integrations": None,
-}
-
 
 class SlackSettings(BaseModel):
     # The webhook URL is the credential: keep it out of validation errors.
@@ -105,7 +96,7 @@ class Slack(Destination[SlackSettings]):
                             "(setting `types`)")
         if event.type == "track":
             self._check_event_name(event)
-        text = template.render(event=slack_escaped({**_SPEC_FIELDS, **event.to_dict()}),
+        text = template.render(event=slack_escaped(template_event(event)),
                                options=slack_escaped(dict(options))).strip()
         if not text:
             raise SkipEvent(f"{template.where} rendered no text for this event")

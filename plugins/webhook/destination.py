@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest, HttpUrl,
                     Payload)
-from router.templates import Template
+from router.templates import Template, template_event
 
 
 class WebhookSettings(BaseModel):
@@ -44,7 +44,7 @@ class Webhook(Destination[WebhookSettings]):
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         if self._template is None:  # the same body for every webhook: serialized once
             return [Payload(event.shared("webhook:event", event.to_dict))]
-        body = self._template.render(event=event.to_dict(), options=dict(options))
+        body = self._template.render(event=template_event(event), options=dict(options))
         if body.lstrip()[:1] in ("{", "[") and not _is_json(body):
             # Meant as JSON, broken by this event's values (a quote in a name, say): sent as
             # text it would reach the receiver as a body it cannot parse.
