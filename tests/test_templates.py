@@ -131,6 +131,33 @@ def test_templates_can_default_a_property_of_an_event_without_properties(raw, so
     assert render(source, event=parse_event(raw).to_dict()) == "free"
 
 
+def test_one_template_serves_every_call_type_and_anonymous_events(tmp_path):
+    # Every field of the spec is there, null when the event has none (as in Slack's texts):
+    # the configuration guide's own example names event.event and event.userId.
+    router = router_with(tmp_path, """
+        - name: Any
+          plugin: webhook
+          settings:
+            url: https://hooks.example/any
+            body: '{"name": {{ event.event | tojson }}, "user": {{ (event.userId or event.anonymousId) | tojson }}}'
+          mapping:
+            properties:
+              plan: "{{ event.traits.plan | default('free') | upper }}"
+    """)
+    sent = {}
+    for raw in ({"type": "identify", "userId": "u-1", "traits": {"plan": "pro"}},
+                {"type": "page", "anonymousId": "a-1", "name": "Home"},
+                {"type": "alias", "userId": "u-1", "previousId": "a-1"},
+                {"type": "track", "event": "Signed Up", "anonymousId": "a-2"}):
+        (outcome,) = router.plan(raw).results
+        assert outcome.status == "send", outcome.reason
+        (request,) = router.requests_for(outcome)
+        sent[raw["type"]] = json.loads(request.body)
+    assert sent == {"identify": {"name": None, "user": "u-1"}, "page": {"name": None, "user": "a-1"},
+                    "alias": {"name": None, "user": "u-1"},
+                    "track": {"name": "Signed Up", "user": "a-2"}}
+
+
 def test_undefined_names_are_errors_not_empty_strings():
     with pytest.raises(EventRejected) as caught:
         render("{{ event.properties.missing_field }}")
