@@ -193,6 +193,10 @@ class RouterConfig(_Section):
         if not re.match(r"^(sqlite:///.+|memory://.*|redis://.+)$", url):
             raise ValueError("expected sqlite:///relative/path.db, sqlite:////absolute/path.db, "
                              "memory:// or redis://host:port/db")
+        # The storage's own options are checked here, where the config's file and line are
+        # known (opening it later would fail with a traceback).
+        from router.storage import open_storage
+        open_storage(url, base_dir=Path("."))
         return url
 
     @model_validator(mode="after")

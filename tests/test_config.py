@@ -77,6 +77,26 @@ def test_example_config_loads_with_its_defaults():
     assert config.destinations[-1].filter.events == ["Order *"]
 
 
+@pytest.mark.parametrize("url, says", [
+    ("redis://127.0.0.1:6390/0?ssl=true", "TLS to Redis"),
+    ("redis://127.0.0.1:6390/0?eviction=yes", "takes only `allowed`"),
+    ("redis://127.0.0.1:6390/0?socket_timeout=soon", "invalid redis:// storage URL"),
+    ("sqlite:///var/r.db?max_bytes=lots", "whole number of bytes"),
+    ("sqlite:///var/r.db?min_free_bytes=-1", "whole number of bytes"),
+    ("sqlite:///var/r.db?synchronous=sometimes", "`normal` (the default) or `full`"),
+    ("sqlite:///var/r.db?max_byte=10", "unknown sqlite:// storage option 'max_byte'"),
+])
+def test_a_storage_option_that_is_wrong_fails_at_load_with_file_and_line(tmp_path, url, says):
+    path, line = write(tmp_path, f"""
+        destinations: []
+        storage: "{url}"   #!
+    """)
+    error = config_error(path)
+    assert_points_at(error, path, line, "storage")
+    assert says in str(error)
+    assert not (tmp_path / "var").exists()
+
+
 def test_example_config_builds_its_destinations(monkeypatch, tmp_path):
     for name in ("WEBHOOK_URL", "WEBHOOK_TOKEN", "ROUTER_WRITE_KEY"):
         monkeypatch.delenv(name, raising=False)

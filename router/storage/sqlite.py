@@ -164,12 +164,22 @@ class SqliteStorage(Storage):
         rest = url.removeprefix("sqlite:///")
         path_part, _, query = rest.partition("?")
         options = {key: values[-1] for key, values in parse_qs(query).items()}
+        unknown = sorted(set(options) - {"synchronous", "max_bytes", "min_free_bytes"})
+        if unknown:
+            raise ValueError(f"unknown sqlite:// storage option {unknown[0]!r}; the options "
+                             "are synchronous, max_bytes and min_free_bytes")
+        synchronous = options.get("synchronous", "normal")
+        if synchronous.lower() not in ("normal", "full"):
+            raise ValueError("the synchronous option of a sqlite:// storage URL is `normal` "
+                             "(the default) or `full`")
         path = Path(path_part)
         if not path.is_absolute():
             path = base_dir / path
-        max_bytes = int(options["max_bytes"]) if "max_bytes" in options else None
-        return cls(path, synchronous=options.get("synchronous", "normal"), max_bytes=max_bytes,
-                   min_free_bytes=int(options.get("min_free_bytes", MIN_FREE_BYTES)))
+        max_bytes = _byte_count(options, "max_bytes") if "max_bytes" in options else None
+        min_free_bytes = (_byte_count(options, "min_free_bytes") if "min_free_bytes" in options
+                          else MIN_FREE_BYTES)
+        return cls(path, synchronous=synchronous, max_bytes=max_bytes,
+                   min_free_bytes=min_free_bytes)
 
     # -- the writer thread ------------------------------------------------------------------
 
@@ -799,6 +809,14 @@ class SqliteStorage(Storage):
             return stats
 
         return await self._call(operation, writes=False)
+
+
+def _byte_count(options: dict[str, str], name: str) -> int:
+    text = options[name]
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"the {name} option of a sqlite:// storage URL is a whole number of "
+                         f"bytes, such as 10000000000; got {text!r}")
+    return int(text)
 
 
 def _disk_free_bytes(path: Path) -> int:
