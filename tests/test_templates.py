@@ -139,7 +139,9 @@ def test_one_template_serves_every_call_type_and_anonymous_events(tmp_path):
           plugin: webhook
           settings:
             url: https://hooks.example/any
-            body: '{"name": {{ event.event | tojson }}, "user": {{ (event.userId or event.anonymousId) | tojson }}}'
+            body: |
+              {"name": {{ event.event | tojson }},
+               "user": {{ (event.userId or event.anonymousId) | tojson }}}
           mapping:
             properties:
               plan: "{{ event.traits.plan | default('free') | upper }}"
@@ -153,7 +155,8 @@ def test_one_template_serves_every_call_type_and_anonymous_events(tmp_path):
         assert outcome.status == "send", outcome.reason
         (request,) = router.requests_for(outcome)
         sent[raw["type"]] = json.loads(request.body)
-    assert sent == {"identify": {"name": None, "user": "u-1"}, "page": {"name": None, "user": "a-1"},
+    assert sent == {"identify": {"name": None, "user": "u-1"},
+                    "page": {"name": None, "user": "a-1"},
                     "alias": {"name": None, "user": "u-1"},
                     "track": {"name": "Signed Up", "user": "a-2"}}
 
