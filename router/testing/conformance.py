@@ -55,6 +55,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings_cls
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from router.destination import (DeliveryDefaults, Destination, HttpRequest, HttpResponse,
                                 Payload, outcomes_problem, payloads_problem, request_problem)
@@ -464,20 +465,23 @@ def check_destination(destination_cls: type[Destination[Any]], settings: Mapping
 
 # -- pure helpers ---------------------------------------------------------------------------
 
-def _undocumented_fields(model: type[BaseModel], prefix: str = "",
-                         seen: set[type] | None = None) -> list[str]:
-    """Dotted names of fields without a description, nested models included."""
+def _all_fields(model: type[BaseModel], prefix: str = "", seen: set[type] | None = None
+                ) -> Iterator[tuple[str, FieldInfo]]:
+    """Every field of ``model`` by its dotted name, nested models included (each once)."""
     seen = seen if seen is not None else set()
     if model in seen:
-        return []
+        return
     seen.add(model)
-    missing = []
     for name, info in model.model_fields.items():
-        if not (info.description and info.description.strip()):
-            missing.append(prefix + name)
+        yield prefix + name, info
         for nested in _models_in(info.annotation):
-            missing += _undocumented_fields(nested, f"{prefix}{name}.", seen)
-    return missing
+            yield from _all_fields(nested, f"{prefix}{name}.", seen)
+
+
+def _undocumented_fields(model: type[BaseModel]) -> list[str]:
+    """Dotted names of fields without a description."""
+    return [name for name, info in _all_fields(model)
+            if not (info.description and info.description.strip())]
 
 
 _CREDENTIAL_WORDS = frozenset({"secret", "password", "passwd", "token", "apikey", "credential",
@@ -486,25 +490,16 @@ _CREDENTIAL_KEYS = frozenset({"api", "access", "private", "write", "secret", "si
                               "license"})  # ``api_key`` and the like, not ``group_key``
 
 
-def _plain_credentials(model: type[BaseModel], prefix: str = "",
-                       seen: set[type] | None = None) -> list[str]:
+def _plain_credentials(model: type[BaseModel]) -> list[str]:
     """Dotted names of fields that look like credentials (``api_key``, ``access_token``,
-    ``password``...) but accept a plain ``str``, nested models included: a plain string is
-    neither masked by the router nor checked by the suite."""
-    seen = seen if seen is not None else set()
-    if model in seen:
-        return []
-    seen.add(model)
-    found = []
-    for name, info in model.model_fields.items():
-        extra = info.json_schema_extra
-        declared_public = isinstance(extra, dict) and extra.get("secret") is False
-        if _named_like_a_credential(name) and _admits_str(info.annotation) \
-                and not declared_public:
-            found.append(prefix + name)
-        for nested in _models_in(info.annotation):
-            found += _plain_credentials(nested, f"{prefix}{name}.", seen)
-    return found
+    ``password``...) but accept a plain ``str``: a plain string is neither masked by the
+    router nor checked by the suite. ``json_schema_extra={"secret": False}`` says a field so
+    named is no secret."""
+    return [name for name, info in _all_fields(model)
+            if _named_like_a_credential(name.rpartition(".")[2])
+            and _admits_str(info.annotation)
+            and not (isinstance(info.json_schema_extra, dict)
+                     and info.json_schema_extra.get("secret") is False)]
 
 
 def _named_like_a_credential(name: str) -> bool:
