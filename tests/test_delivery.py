@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 
 import orjson
 import pytest
 
+from router.delivery import service as service_module
 from router.errors import StorageFull, StorageUnavailable
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
+from router.storage import sqlite as sqlite_module
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import (FAST_RETRIES, fill_the_disk, lease_large_and_short,
@@ -84,6 +87,34 @@ async def test_a_batch_waiting_for_company_does_not_hold_back_what_was_delivered
                 assert time.monotonic() < deadline, "delivered jobs waited for the batch"
                 await asyncio.sleep(0.01)
             assert len(server.requests) == 1
+
+
+async def test_a_completion_failing_while_a_batch_waits_for_company_keeps_the_batch(
+        tmp_path, monkeypatch):
+    # The wait completed what was delivered meanwhile itself; when that failed, the partial
+    # batch already leased was dropped, and on SQLite it waited for the next start.
+    async with FakeDestinationServer() as server:
+        segment = {"name": "hook", "plugin": "segment",
+                   "settings": {"write_key": "k-1", "base_url": server.url},
+                   "delivery": {**FAST_RETRIES, "batch_wait": "1s"}}
+        server.script([Answer(200, delay=0.5)])
+        router = router_for(tmp_path, [segment])
+        async with router:
+            complete, failing_until = router.storage.complete, time.monotonic() + 2.5
+
+            async def complete_failing_for_a_while(jobs):
+                if time.monotonic() < failing_until:
+                    raise StorageUnavailable("the disk is away")
+                await complete(jobs)
+
+            monkeypatch.setattr(router.storage, "complete", complete_failing_for_a_while)
+            await router.route_many([track(n) for n in range(100)])  # a full batch: sent
+            await server.wait_for(1)
+            await router.route(track(100))  # a partial batch, waiting while 100 are delivered
+            assert await router.drain(timeout=10)
+    delivered = {item["messageId"] for request in server.requests if request.status == 200
+                 for item in request.json["batch"]}
+    assert delivered == {f"m-{n}" for n in range(101)}
 
 
 async def test_server_errors_are_retried_until_delivered(tmp_path):
@@ -236,6 +267,50 @@ async def test_a_retry_the_full_disk_cannot_record_is_sent_again_not_lost(tmp_pa
     # not at once: each send would fail to be recorded again while the disk stays full
     first, again = [r.time for r in server.requests if r.json["messageId"] == "m-0"]
     assert again - first >= 5
+
+
+async def test_jobs_a_locked_spool_cannot_record_nor_take_back_are_sent_again(
+        tmp_path, monkeypatch, caplog):
+    # Another process holds the spool's write lock (a router dlq stopped mid-commit, say)
+    # past the lock timeout: neither the retry nor the job's return to the queue can be
+    # written. The job stayed leased with nothing recorded until the next start.
+    monkeypatch.setattr(sqlite_module, "LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.5)
+    async with FakeDestinationServer() as server:
+        server.script([Answer(500, delay=0.5)])
+        router = router_for(tmp_path, [webhook("hook", server.url)])
+        async with router:
+            await router.route_many([track(0)])
+            await server.wait_for(1)
+            other_process = sqlite3.connect(tmp_path / "router.db", isolation_level=None)
+            other_process.execute("BEGIN IMMEDIATE")  # before the 500 is answered
+            await asyncio.sleep(1.5)  # the retry and the release each give up after 0.3 s
+            other_process.execute("ROLLBACK")
+            other_process.close()
+            assert await router.drain(timeout=10)
+    assert "cannot put 1 job(s) back in the queue either; this worker sends them again" \
+        in caplog.text
+    assert await delivered_ids(server) == ["m-0"]
+
+
+async def test_a_retry_after_counts_from_its_own_answer_when_a_batch_is_split(tmp_path):
+    # A batch split after a 400: one half is answered 429 Retry-After 2, the other waits that
+    # pause out before it is sent. The retry was scheduled 2 s after the second answer.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(400), Answer(429, headers={"Retry-After": "2"}), Answer(200),
+                       Answer(200)])
+        router = router_for(tmp_path, [{
+            "name": "seg", "plugin": "segment",
+            "settings": {"write_key": "seg-key-0001", "base_url": server.url},
+            "delivery": {**FAST_RETRIES, "batch_wait": "300ms"}}])
+        async with router:
+            await router.route_many([track(n) for n in range(4)])
+            assert await router.drain(timeout=20)
+    answers = [(request.status, request.time) for request in server.requests]
+    assert [status for status, _ in answers] == [400, 429, 200, 200]
+    (_, throttled), (_, other_half), (_, retried) = answers[1:]
+    assert other_half - throttled >= 1.9  # the destination paused, as Retry-After asks
+    assert retried - throttled < 3.5  # 2 s after the 429, not 2 s after the other half
 
 
 async def test_a_broken_destination_never_holds_back_the_others(tmp_path):

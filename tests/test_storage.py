@@ -35,6 +35,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
                                  NewJob)
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
+from router.storage import sqlite as sqlite_module
 from router.storage.sqlite import LAYOUT, SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import (fill_the_disk, lease_large_and_short, router_for, track,
@@ -756,6 +757,22 @@ async def test_sqlite_intake_stops_while_the_disk_has_less_free_than_delivery_ne
             await accept(storage, item("m-1"))
     finally:
         await storage.close()
+
+
+async def test_sqlite_a_spool_another_process_keeps_locked_is_unavailable_not_an_error(
+        spool, tmp_path, monkeypatch):
+    # Intake answered 500 with a traceback, and delivery did not put the jobs back: the
+    # raw "database is locked" was not one of the storage's errors.
+    monkeypatch.setattr(sqlite_module, "LOCK_TIMEOUT", 0.2)
+    other_process = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StorageUnavailable, match="held the spool locked for over 0.2 s"):
+            await accept(spool, item("m-1"))
+    finally:
+        other_process.execute("ROLLBACK")
+        other_process.close()
+    assert await accept(spool, item("m-1")) == [True]
 
 
 async def test_sqlite_a_replay_from_another_process_reaches_the_running_router(spool, tmp_path):

@@ -306,9 +306,9 @@ class DestinationWorker:
                     self.all_sent.set()
 
     async def _release_unrecorded(self, jobs: list[Job], exc: Exception) -> None:
-        """The storage could not record what became of these jobs (a full disk): they go back
-        to the queue, to be sent again once the destination has rested, rather than stay
-        leased until the next start."""
+        """The storage could not record what became of these jobs (a full disk, a locked
+        spool): they go back to the queue, to be sent again once the destination has
+        rested, rather than stay leased until the next start."""
         log.warning("destination %s: cannot record the outcome of %d job(s), sent again "
                     "in %g s: %s", self.name, len(jobs), UNRECORDED_PAUSE, exc)
         # Not at once: while the storage stays full, each send would fail to be recorded
@@ -316,9 +316,17 @@ class DestinationWorker:
         self.limiter.pause(UNRECORDED_PAUSE)
         try:
             await self.storage.release([job.id for job in jobs])
-        except Exception:  # noqa: BLE001 - they wait for the next start, never lost
-            log.warning("destination %s: cannot put %d job(s) back in the queue either; "
-                        "they are sent again after a restart", self.name, len(jobs))
+        except Exception:  # noqa: BLE001 - this worker sends them again itself
+            self._send_again(jobs)
+
+    def _send_again(self, jobs: list[Job]) -> None:
+        """Jobs whose outcome could not be recorded, nor the jobs put back in the queue:
+        they are still leased to this worker (a SQLite lease lasts until the next start,
+        a Redis one is renewed), so it sends them again itself, after the rest above."""
+        log.warning("destination %s: cannot put %d job(s) back in the queue either; this "
+                    "worker sends them again", self.name, len(jobs))
+        self.undispatched.append(jobs)
+        self.wakeup.set()
 
     async def _retry_after_a_bug(self, batch: list[Job]) -> None:
         """Count an attempt that failed on a bug as a failed attempt, to be retried with
@@ -327,8 +335,10 @@ class DestinationWorker:
         reason = "the router failed to deliver it (a bug: the router's log has the details)"
         try:
             await self._record(batch, [(RetryableError(reason), Failure(reason))] * len(batch))
-        except Exception:  # noqa: BLE001 - the storage too: the jobs wait for the next start
+        except Exception:  # noqa: BLE001 - the storage too
             log.exception("destination %s: cannot record the failed delivery", self.name)
+            self.limiter.pause(UNRECORDED_PAUSE)
+            self._send_again(batch)
 
     async def finish(self, grace: float) -> None:
         """After ``run`` has ended: wait up to ``grace`` for requests in flight, record what
@@ -395,11 +405,12 @@ class DestinationWorker:
             oldest = min(job.created_at for job in jobs)
             waited = self.clock.age(oldest, self.clock.now())
             deadline = time.monotonic() + min(delivery.batch_wait, delivery.batch_wait - waited)
+            # What was delivered meanwhile is completed by ``_upkeep``, every second: here,
+            # a completion that failed would drop the jobs already leased.
             while len(jobs) < delivery.batch_size and not self.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                await self._complete_delivered()  # not held back by the wait
                 await self._sleep(remaining)
                 try:
                     jobs += await self._lease_more(limit - len(jobs))
@@ -526,16 +537,22 @@ class DestinationWorker:
         key, say), so splitting stops rather than send a request per event."""
         middle = len(batch) // 2
         halves = [batch[:middle], batch[middle:]]
-        results = [await self._attempt(half, may_split=always, part=True) for half in halves]
-        if always:
-            return results[0] + results[1]
-        whole = [_refused_whole(result) for result in results]
-        if all(answer is not None and answer == refused for answer in whole):
-            return results[0] + results[1]
-        for index, half in enumerate(halves):
-            if whole[index] is not None and len(half) > 1:
-                results[index] = await self._split(half, None, always=False)
-        return results[0] + results[1]
+        results, answered_at = [], []
+        for half in halves:
+            results.append(await self._attempt(half, may_split=always, part=True))
+            answered_at.append(time.monotonic())
+        if not always:
+            whole = [_refused_whole(result) for result in results]
+            if not all(answer is not None and answer == refused for answer in whole):
+                for index, half in enumerate(halves):
+                    if whole[index] is not None and len(half) > 1:
+                        results[index] = await self._split(half, None, always=False)
+                        answered_at[index] = time.monotonic()
+        # The retries are recorded once every half is done: a Retry-After counts from its
+        # own answer, not from then (the other half may have waited out that very pause).
+        done = time.monotonic()
+        return [item for result, at in zip(results, answered_at)
+                for item in _aged(result, done - at)]
 
     def _judge(self, payloads: list[Payload], response: HttpResponse) -> list[Outcome]:
         """One outcome per payload: the plugin's judgement when it gives one, else the
@@ -646,6 +663,18 @@ def _refused_whole(result: list[tuple[Outcome, Failure | None]]) -> str | None:
         return None
     failure = result[0][1]
     return (failure.response or "") if failure else ""
+
+
+def _aged(result: list[tuple[Outcome, Failure | None]], elapsed: float
+          ) -> list[tuple[Outcome, Failure | None]]:
+    """``result`` as if recorded ``elapsed`` seconds after its answer: what is left of each
+    ``Retry-After``."""
+    if elapsed <= 0:
+        return result
+    return [(RetryableError(outcome.reason, retry_after=max(0.0, outcome.retry_after - elapsed)),
+             failure)
+            if isinstance(outcome, RetryableError) and outcome.retry_after else (outcome, failure)
+            for outcome, failure in result]
 
 
 def _group_of(job: Job) -> str:

@@ -1075,14 +1075,20 @@ def _undo(changes: list[Callable[[], None]]) -> None:
 
 
 def _storage_error(exc: sqlite3.Error) -> Exception:
-    """A full disk is ``StorageFull``, a disk that fails or is read-only
-    ``StorageUnavailable`` (intake answers 503, "try later"); anything else as it is."""
+    """A full disk is ``StorageFull``; a disk that fails or is read-only, or a spool another
+    process has held locked for ``LOCK_TIMEOUT`` (a stopped ``router dlq``, a process
+    paused mid-commit), ``StorageUnavailable`` (intake answers 503, "try later", and
+    delivery puts the jobs back); anything else as it is."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     if primary == sqlite3.SQLITE_FULL or (primary is None and "full" in str(exc).lower()):
         return StorageFull(f"the spool's disk is full: {exc}")
     if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
         return StorageUnavailable(f"the spool's disk cannot be written: {exc}")
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
+            primary is None and "locked" in str(exc).lower()):
+        return StorageUnavailable(f"another process has held the spool locked for over "
+                                  f"{LOCK_TIMEOUT:g} s: {exc}")
     return exc
 
 
