@@ -34,6 +34,7 @@ MAX_EVENT_BYTES = 32 * 1024
 DEFAULT_CURRENCY = "USD"
 TIMESTAMP_FIELDS = ("timestamp", "originalTimestamp", "sentAt", "receivedAt")
 _PROPERTY_CALLS = frozenset({"track", "page", "screen"})
+_TRAIT_CALLS = frozenset({"identify", "group"})
 
 
 class Event(BaseModel):
@@ -98,6 +99,11 @@ class Event(BaseModel):
             data[key] = format_time(value) if isinstance(value, datetime) else value
         if self.__pydantic_extra__:
             data.update(self.__pydantic_extra__)
+        # The model gives every event both maps; the spec gives each call type one of them.
+        if not self.properties and self.type not in _PROPERTY_CALLS:
+            del data["properties"]
+        if not self.traits and self.type not in _TRAIT_CALLS:
+            del data["traits"]
         return data
 
 
