@@ -270,6 +270,33 @@ def test_string_values_are_truncated_to_255_characters():
     assert payload.body["properties"]["tags"] == ["z" * 255]
 
 
+DATE_TIMES = {
+    "offset": ("2026-01-02T04:04:05.250+01:00", "2026-01-02T03:04:05"),
+    "utc": ("2026-02-01T00:00:00Z", "2026-02-01T00:00:00"),
+    "to_the_minute": ("2026-02-01T10:30Z", "2026-02-01T10:30:00"),
+    "fractions": ("2026-02-01T10:30:00.123456789", "2026-02-01T10:30:00"),
+    "already_mixpanels": ("2022-10-30T13:30:25", "2022-10-30T13:30:25"),
+    "a_date": ("2022-10-29", "2022-10-29"),
+    "not_a_date": ("2024-02-30T10:00:00Z", "2024-02-30T10:00:00Z"),
+    "text": ("2024-01-01T10:00:00Z is when", "2024-01-01T10:00:00Z is when"),
+}
+
+
+def test_date_times_go_in_mixpanels_date_form_in_utc_at_any_depth():
+    # Mixpanel reads a Date as YYYY-MM-DDTHH:MM:SS in UTC: an offset is never converted
+    sent = {name: given for name, (given, _) in DATE_TIMES.items()}
+    wanted = {name: expected for name, (_, expected) in DATE_TIMES.items()}
+    (payload,) = translate(mixpanel(), track(properties={**sent, "nested": {"at": sent},
+                                                         "list": list(sent.values())}))
+    properties = payload.body["properties"]
+    assert {name: properties[name] for name in sent} == wanted
+    assert properties["nested"] == {"at": wanted}
+    assert properties["list"] == list(wanted.values())
+    (profile,) = translate(mixpanel(), {"type": "identify", "userId": "u-1",
+                                        "traits": {"trial_ends": "2026-02-01T00:00:00Z"}})
+    assert profile.body["$set"]["trial_ends"] == "2026-02-01T00:00:00"
+
+
 def test_events_more_than_an_hour_in_the_future_are_rejected():
     with pytest.raises(EventRejected, match="1 h in the future"):
         translate(mixpanel(), track(timestamp="2026-11-20T15:03:13.000Z"))

@@ -106,20 +106,47 @@ def event_time(event: Event) -> int:
     return (event.timestamp - EPOCH) // timedelta(milliseconds=1)
 
 
-def truncated(value: Any) -> Any:
-    """Strings cut to 255 characters at any depth: Mixpanel keeps no more of a property value,
-    and cutting here keeps batches small and the stored value predictable."""
+def mixpanel_values(value: Any) -> Any:
+    """Property values as Mixpanel reads them, at any depth: strings cut to 255 characters
+    (Mixpanel keeps no more, and cutting here keeps batches small and the stored value
+    predictable), and ISO-8601 date-times in Mixpanel's own date form,
+    ``YYYY-MM-DDTHH:MM:SS`` in UTC ("Supported Properties Data Type"): a time with an
+    offset (``+01:00``) or fractional seconds is not read as a date, or not in UTC."""
     if isinstance(value, str):
-        return value[:MAX_STRING]
-    # Scalars inline: a call for each of them would cost more than the rest.
+        return _text(value)
+    # Scalars inline: a call for each of them would cost more than the rest; only a string
+    # shaped like a date-time (a "T" after the date) takes a call.
     if isinstance(value, dict):
-        return {key: item[:MAX_STRING] if isinstance(item, str) else
-                truncated(item) if isinstance(item, (dict, list)) else item
+        return {key: (item[:MAX_STRING] if len(item) < 17 or item[10] != "T" else _text(item))
+                if isinstance(item, str) else
+                mixpanel_values(item) if isinstance(item, (dict, list)) else item
                 for key, item in value.items()}
     if isinstance(value, list):
-        return [item[:MAX_STRING] if isinstance(item, str) else
-                truncated(item) if isinstance(item, (dict, list)) else item for item in value]
+        return [(item[:MAX_STRING] if len(item) < 17 or item[10] != "T" else _text(item))
+                if isinstance(item, str) else
+                mixpanel_values(item) if isinstance(item, (dict, list)) else item
+                for item in value]
     return value
+
+
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?")
+_MIXPANEL_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
+
+
+def _text(text: str) -> str:
+    if len(text) < 17 or text[10] != "T" or _MIXPANEL_DATE_TIME.fullmatch(text) \
+            or not _DATE_TIME.fullmatch(text):
+        return text[:MAX_STRING]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:  # shaped like a date-time, but not one: "2024-02-30T10:00:00Z"
+        return text
+    if moment.tzinfo is not None:
+        try:
+            moment = moment.astimezone(UTC)
+        except OverflowError:  # within hours of year 1 or 9999
+            return text
+    return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def context_section(event: Event, name: str) -> Mapping[str, Any]:
@@ -161,7 +188,7 @@ def import_event(name: str, event: Event, properties: Mapping[str, Any], merge: 
                             f"{MAX_EVENT_NAME}")
     who = identity(event, merge)
     merged = {**context_properties(event), **properties}
-    merged = truncated(merged)
+    merged = mixpanel_values(merged)
     merged.update(who.properties)
     merged.update({"distinct_id": who.distinct_id, "time": event_time(event),
                    "$insert_id": insert_id(event.messageId, part)})
@@ -227,7 +254,8 @@ def alias_event(event: Event) -> dict[str, Any]:
 
 def profile_properties(traits: Mapping[str, Any]) -> dict[str, Any]:
     """Traits with Mixpanel's reserved names where it has them ($email, $name, ...)."""
-    return truncated({PROFILE_TRAITS.get(key, key): value for key, value in traits.items()})
+    return mixpanel_values({PROFILE_TRAITS.get(key, key): value
+                           for key, value in traits.items()})
 
 
 def profile_update(event: Event, merge: IdentityMerge, operation: str, value: Any
@@ -250,4 +278,4 @@ def profile_delete(event: Event, merge: IdentityMerge) -> dict[str, Any]:
 def group_update(event: Event, group_key: str) -> dict[str, Any]:
     """/groups ``$set`` of the group's traits (Mixpanel "Group Set Property")."""
     return {"$group_key": group_key, "$group_id": event.groupId,
-            "$set": truncated(dict(event.traits))}
+            "$set": mixpanel_values(dict(event.traits))}
