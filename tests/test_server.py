@@ -703,6 +703,15 @@ async def test_an_event_at_the_size_limit_in_a_batch_counts_as_sent_not_with_the
     assert recorder.message_ids == ["at-limit"]
 
 
+async def test_a_large_batch_context_does_not_take_each_event_past_the_limit(
+        ingest: Ingest) -> None:
+    # Merged into each small event, a 40 KB batch context would be spooled 40 KB a time.
+    status, answer, _ = await ingest.post("/v1/batch", {
+        "batch": [track(f"small-{n}") for n in range(3)], "context": {"blob": "x" * 40_000}})
+    assert status == 400 and answer["code"] == "no_valid_event"
+    assert all("32 KB" in item["reason"] for item in answer["rejected"])
+
+
 async def test_batch_lists_each_bad_event_and_accepts_the_rest(
         ingest: Ingest, recorder: Recorder) -> None:
     events: list[Any] = [

@@ -97,6 +97,12 @@ class Rejection:
     too_large: bool = False
 
 
+BATCH_FIELDS_ALLOWANCE = 1024
+"""How far a batch's own ``sentAt``, ``context`` and ``integrations``, merged into an event at
+the size limit, may take it over: a ``sentAt`` is about 40 bytes, a library's context a few
+hundred."""
+
+
 def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES, sent: Any = None
                 ) -> Rejection | int:
     """Why ``event`` may not be routed, or, when it may, its serialized size (which the
@@ -105,7 +111,9 @@ def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES, sent: Any = Non
     ``sent`` is the event as the client sent it in a batch, before the batch's ``sentAt``
     and ``context`` were merged in: the size limit holds for that, as Segment applies it and
     as client libraries measure their events (every one of them puts ``sentAt`` on the
-    batch, so an event at the limit would go over it only here)."""
+    batch, so an event at the limit would go over it only here). What the merge adds may
+    take it over the limit by ``BATCH_FIELDS_ALLOWANCE`` at most: a large batch ``context``
+    would otherwise be stored again with every event of the batch."""
     if not isinstance(event, dict):
         return Rejection("an event must be a JSON object")
     try:
@@ -119,7 +127,8 @@ def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES, sent: Any = Non
         if reason is not None:
             return Rejection(reason)
     size = len(data)
-    if size > max_bytes and sent is not None and sent is not event:
+    if max_bytes < size <= max_bytes + BATCH_FIELDS_ALLOWANCE and sent is not None \
+            and sent is not event:
         size = len(orjson.dumps(sent))  # measured again only for the rare event over the limit
     if size > max_bytes:
         return Rejection(f"the event is {size} bytes, over the {max_bytes // 1024} KB limit",
