@@ -288,9 +288,37 @@ async def test_jobs_a_locked_spool_cannot_record_nor_take_back_are_sent_again(
             other_process.execute("ROLLBACK")
             other_process.close()
             assert await router.drain(timeout=10)
-    assert "cannot put 1 job(s) back in the queue either; this worker sends them again" \
+    assert "cannot put 1 job(s) back in the queue either; this worker sends 1 of them again" \
         in caplog.text
     assert await delivered_ids(server) == ["m-0"]
+
+
+async def test_jobs_sent_again_by_the_worker_are_neither_the_delivered_nor_past_their_attempts(
+        tmp_path, monkeypatch, caplog):
+    # A storage broken for good (a corrupt file) records no failure and takes nothing back:
+    # the worker sent the whole batch again every rest, delivered events included, for ever.
+    monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.1)
+    rejects_the_first = Answer(200, body={"success": True, "rejected": [
+        {"index": 0, "reason": "bad"}]})
+    async with FakeDestinationServer(default=rejects_the_first) as server:
+        router = router_for(tmp_path, [{
+            "name": "seg", "plugin": "segment",
+            "settings": {"write_key": "seg-key-0001", "base_url": server.url},
+            "delivery": {**FAST_RETRIES, "max_attempts": 3, "batch_wait": "200ms"}}])
+        async with router:
+            async def corrupt(*args, **kwargs):
+                raise sqlite3.DatabaseError("database disk image is malformed")
+
+            for method in ("retry", "dead_letter", "release"):
+                monkeypatch.setattr(router.storage, method, corrupt)
+            await router.route_many([track(n) for n in range(4)])
+            await server.wait_for(3)
+            await asyncio.sleep(1.0)  # ten rests: time enough to send again and again
+            sent = [item["messageId"] for request in server.requests
+                    for item in request.json["batch"]]
+            await router.close(grace=0.2)
+    assert sorted(sent) == ["m-0", "m-0", "m-0", "m-1", "m-2", "m-3"]
+    assert "1 out of attempts wait for the next start" in caplog.text
 
 
 async def test_a_retry_after_counts_from_its_own_answer_when_a_batch_is_split(tmp_path):

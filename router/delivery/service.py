@@ -322,11 +322,22 @@ class DestinationWorker:
     def _send_again(self, jobs: list[Job]) -> None:
         """Jobs whose outcome could not be recorded, nor the jobs put back in the queue:
         they are still leased to this worker (a SQLite lease lasts until the next start,
-        a Redis one is renewed), so it sends them again itself, after the rest above."""
+        a Redis one is renewed), so it sends them again itself, after the rest above.
+
+        Not those delivered (they wait in ``delivered`` to be completed), and not past
+        ``max_attempts``: with the storage broken for good, nothing could be dead-lettered,
+        and the destination would get them again every rest for ever; they wait for the
+        next start instead, as every leased job then goes back to the queue."""
+        delivered = {id(job) for job in self.delivered}
+        again = [job for job in jobs if id(job) not in delivered
+                 and job.attempts < self.delivery.max_attempts]
+        held = len(jobs) - len(again) - sum(id(job) in delivered for job in jobs)
         log.warning("destination %s: cannot put %d job(s) back in the queue either; this "
-                    "worker sends them again", self.name, len(jobs))
-        self.undispatched.append(jobs)
-        self.wakeup.set()
+                    "worker sends %d of them again%s", self.name, len(jobs), len(again),
+                    f", and {held} out of attempts wait for the next start" if held else "")
+        if again:
+            self.undispatched.append(again)
+            self.wakeup.set()
 
     async def _retry_after_a_bug(self, batch: list[Job]) -> None:
         """Count an attempt that failed on a bug as a failed attempt, to be retried with
