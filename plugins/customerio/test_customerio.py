@@ -132,9 +132,10 @@ def test_iso_dates_in_properties_become_unix_seconds_in_nested_objects_too():
 
 
 @pytest.mark.parametrize("text", ["2024", "2024-01", "10/03/2024", "2024-02-30",
+                                  "0001-01-01T00:00:00+01:00", "9999-12-31T23:30:00-01:00",
                                   "2024-01-01T10", "2024-01-01 10:00:00", "1704067200",
                                   "2024-01-01T00:00:00.1234567Z", "order 2024-01-01"])
-def test_text_that_is_not_an_iso_date_stays_text(text):
+def test_text_that_is_no_iso_date_unix_seconds_can_hold_stays_text(text):
     (item,) = items({"type": "track", "userId": "u1", "event": "Noted",
                      "properties": {"note": text}})
     assert item["attributes"] == {"note": text}

@@ -104,9 +104,11 @@ def _iso_as_unix_seconds(text: str) -> str | int:
         return text
     try:
         moment = datetime.fromisoformat(text)
+        return unix_seconds(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
     except ValueError:  # shaped like a date, but not one: "2024-02-30"
         return text
-    return unix_seconds(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    except OverflowError:  # within hours of year 1 or 9999 (.NET's DateTime.MinValue)
+        return text
 
 
 # --- limits -----------------------------------------------------------------------------------

@@ -117,12 +117,12 @@ def mixpanel_values(value: Any) -> Any:
     # Scalars inline: a call for each of them would cost more than the rest; only a string
     # shaped like a date-time (a "T" after the date) takes a call.
     if isinstance(value, dict):
-        return {key: (item[:MAX_STRING] if len(item) < 17 or item[10] != "T" else _text(item))
+        return {key: (item[:MAX_STRING] if len(item) < 16 or item[10] != "T" else _text(item))
                 if isinstance(item, str) else
                 mixpanel_values(item) if isinstance(item, (dict, list)) else item
                 for key, item in value.items()}
     if isinstance(value, list):
-        return [(item[:MAX_STRING] if len(item) < 17 or item[10] != "T" else _text(item))
+        return [(item[:MAX_STRING] if len(item) < 16 or item[10] != "T" else _text(item))
                 if isinstance(item, str) else
                 mixpanel_values(item) if isinstance(item, (dict, list)) else item
                 for item in value]
@@ -134,19 +134,20 @@ _MIXPANEL_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
 
 
 def _text(text: str) -> str:
-    if len(text) < 17 or text[10] != "T" or _MIXPANEL_DATE_TIME.fullmatch(text) \
+    if len(text) < 16 or text[10] != "T" or _MIXPANEL_DATE_TIME.fullmatch(text) \
             or not _DATE_TIME.fullmatch(text):
         return text[:MAX_STRING]
     try:
         moment = datetime.fromisoformat(text)
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC)
     except ValueError:  # shaped like a date-time, but not one: "2024-02-30T10:00:00Z"
         return text
-    if moment.tzinfo is not None:
-        try:
-            moment = moment.astimezone(UTC)
-        except OverflowError:  # within hours of year 1 or 9999
-            return text
-    return moment.strftime("%Y-%m-%dT%H:%M:%S")
+    except OverflowError:  # within hours of year 1 or 9999
+        return text
+    # Not strftime: its %Y does not pad years before 1000 ("1-01-01" for Go's zero time).
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+            f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
 
 
 def context_section(event: Event, name: str) -> Mapping[str, Any]:
