@@ -392,6 +392,9 @@ class PlainCredentialSettings(BaseModel):
     api_key: SecretStr = Field(description="API key.")
     signing_secret: str = Field("whsec-0001", description="Signs the requests.")
     auth: NestedAuth = Field(default_factory=NestedAuth, description="OAuth.")
+    refreshToken: str = Field("r", description="camelCase, as some APIs name it.")  # noqa: N815
+    credentials: dict[str, SecretStr] = Field(default_factory=dict, description="By name.")
+    tokens: list[str] = Field(default_factory=list, description="Plain, one by one.")
     group_key: str = Field("company", description="The group's key name: no secret.")
     page_token: str = Field("first", description="Where paging starts.",
                             json_schema_extra={"secret": False})
@@ -480,6 +483,17 @@ def test_a_destination_modifying_the_shared_event_fails():
     assert "translate modified the event" in failure(MutatesTheEvent)
 
 
+class FillsTheEmptyMap(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        (event.traits if event.type == "track" else event.properties)["added"] = 1
+        return super().translate(event, options)
+
+
+def test_a_destination_filling_the_map_its_call_type_lacks_fails():
+    # an empty map a call type does not have is not in to_dict: the change went unseen
+    assert "translate modified the event" in failure(FillsTheEmptyMap, rules=["sample_events"])
+
+
 def test_a_generator_from_translate_fails_as_the_router_refuses_it():
     assert "translate returned generator, not a list of Payload" in failure(ReturnsAGenerator)
     harness = DestinationHarness(ReturnsAGenerator, RECORDER_SETTINGS)
@@ -499,7 +513,8 @@ def test_undocumented_settings_fail():
 def test_a_credential_typed_str_fails_as_the_router_would_never_mask_it():
     message = failure(PlainCredentials, rules=["settings"])
     assert "[settings]" in message
-    assert "typed str: signing_secret, auth.access_token. Type it SecretStr" in message
+    assert "typed str: signing_secret, auth.access_token, refreshToken, tokens. Type it " \
+           "SecretStr" in message
     assert "group_key" not in message and "page_token" not in message
 
 
