@@ -146,8 +146,8 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     if not data["messageId"]:
         data["messageId"] = str(uuid.uuid4())
     # An event that carries a receivedAt comes as a pipeline stored it (a Segment export, the
-    # spec's sample payloads): its timestamp was derived there, and its client's own time is
-    # its originalTimestamp.
+    # spec's sample payloads): its timestamp was derived there, and the time to correct with
+    # its sentAt is its originalTimestamp (without a sentAt, the derived timestamp stands).
     from_a_pipeline = data.get("receivedAt") is not None
     data["receivedAt"] = received
     data.pop("writeKey", None)  # a credential, never part of the event
@@ -180,7 +180,9 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
             event.traits = dict(context_traits)
     if not problems:
         try:
-            event.timestamp = corrected_timestamp(event, None if from_a_pipeline else client_time)
+            client_event_time = (None if from_a_pipeline and event.sentAt is not None
+                                 else client_time)
+            event.timestamp = corrected_timestamp(event, client_event_time)
             problems = _out_of_range(event)
         except OverflowError:
             problems = [("timestamp", "out of range once corrected for the client's clock "

@@ -305,6 +305,11 @@ def test_an_event_as_a_pipeline_stored_it_is_corrected_from_its_original_timesta
                    "originalTimestamp": "2015-12-12T19:11:01.152Z",
                    "sentAt": "2015-12-12T19:11:01.169Z"})
     assert event.timestamp == RECEIVED - timedelta(milliseconds=17)
+    # without a sentAt there is nothing to correct with: the pipeline's timestamp stands
+    unsent = parse({**VALID_MINIMAL["track"], "receivedAt": "2015-12-12T19:11:01.266Z",
+                    "timestamp": "2015-12-12T19:11:01.249Z",
+                    "originalTimestamp": "2015-12-12T19:11:01.152Z"})
+    assert unsent.to_dict()["timestamp"] == "2015-12-12T19:11:01.249Z"
 
 
 # -- reserved properties ------------------------------------------------------------------------
