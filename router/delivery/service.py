@@ -335,8 +335,9 @@ class DestinationWorker:
         again = [job for job in jobs if id(job) not in delivered
                  and job.attempts < self.delivery.max_attempts]
         held = len(jobs) - len(again) - sum(id(job) in delivered for job in jobs)
-        log.warning("destination %s: cannot put %d job(s) back in the queue either; this "
-                    "worker sends %d of them again%s", self.name, len(jobs), len(again),
+        log.warning("destination %s: the storage took back none of %d job(s) it could not "
+                    "record; this worker sends %d of them again%s", self.name, len(jobs),
+                    len(again),
                     f", and {held} out of attempts wait for the next start" if held else "")
         if again:
             self.undispatched.append(again)
@@ -649,7 +650,7 @@ class DestinationWorker:
         for index, (job, outcome, failure) in enumerate(failed):
             try:
                 await self._record_failure(job, outcome, failure, now=now)
-            except (StorageFull, StorageUnavailable) as exc:
+            except Exception as exc:  # noqa: BLE001 - full, locked, broken (a corrupt file)
                 # Exactly the jobs not recorded yet go back: not those delivered (to be
                 # completed), nor those whose retry is written (they keep their backoff).
                 await self._release_unrecorded([job for job, _, _ in failed[index:]], exc)
