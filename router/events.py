@@ -319,9 +319,9 @@ def _call_type_problems(event: Event) -> list[tuple[str, str]]:
             problems.append(("previousId", "required for an alias call"))
         if not event.userId:
             problems.append(("userId", "required for an alias call (the new id)"))
-    if event.integrations and "All" in event.integrations \
-            and not isinstance(event.integrations["All"], bool):
-        problems.append(("integrations.All", "expected true or false"))
+    for key, value in (event.integrations or {}).items():
+        if key.lower() == "all" and not isinstance(value, bool):  # read case-insensitively
+            problems.append((f"integrations.{key}", "expected true or false"))
     return problems
 
 

@@ -462,10 +462,11 @@ def test_errors_never_echo_input_values(bad):
     assert all(CANARY not in field and CANARY not in message for field, message in error.problems)
 
 
-@pytest.mark.parametrize("all_value", ["false", 0, 1, None, {"x": 1}])
-def test_integrations_all_must_be_a_boolean(all_value):
-    error = problems_of({**VALID_MINIMAL["track"], "integrations": {"All": all_value}})
-    assert "integrations.All" in [name for name, _ in error.problems]
+@pytest.mark.parametrize("key", ["All", "all", "ALL"])  # read case-insensitively, so checked so
+@pytest.mark.parametrize("all_value", ["false", "no", 0, 1, None, {"x": 1}])
+def test_integrations_all_must_be_a_boolean(key, all_value):
+    error = problems_of({**VALID_MINIMAL["track"], "integrations": {key: all_value}})
+    assert f"integrations.{key}" in [name for name, _ in error.problems]
 
 
 @pytest.mark.parametrize("integrations", [None, {}, {"All": True}, {"All": False, "x": True},
