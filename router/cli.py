@@ -29,7 +29,7 @@ from router.storage.base import DeadLetterFilter, Storage
 
 log = logging.getLogger("router")
 
-EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PROBLEM = 0, 1
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 """Files read as JSON Lines whatever their first line holds."""
 

@@ -177,7 +177,7 @@ class DeliveryConfig(_Section):
 
 
 class RouterConfig(_Section):
-    """The whole file. ``source`` is where it came from, for error messages."""
+    """The whole file."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     storage: str = "sqlite:///var/router.db"
@@ -195,8 +195,8 @@ class RouterConfig(_Section):
                              "memory:// or redis://host:port/db")
         # The storage's own options are checked here, where the config's file and line are
         # known (opening it later would fail with a traceback).
-        from router.storage import open_storage
-        open_storage(url, base_dir=Path("."))
+        from router.storage import storage_for_url
+        storage_for_url(url, base_dir=Path("."))
         return url
 
     @model_validator(mode="after")
@@ -256,11 +256,11 @@ class SourceMap:
 
 
 class LoadedConfig:
-    """A validated config and the map back to its source lines."""
+    """A validated config and ``source``, the map back to its lines, for error messages."""
 
-    def __init__(self, config: RouterConfig, source: SourceMap, base_dir: Path,
+    def __init__(self, config: RouterConfig, source: SourceMap,
                  environment_values: frozenset[str] = frozenset()) -> None:
-        self.config, self.source, self.base_dir = config, source, base_dir
+        self.config, self.source = config, source
         self.environment_values = environment_values
         """Every value the config took from an environment variable: secrets come only from
         there, so each destination masks those found in its settings, whatever the field's
@@ -291,12 +291,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         raise ConfigError("the config is not UTF-8 text", file=file,
                           line=raw.count(b"\n", 0, exc.start) + 1) from None
-    return parse_config(text, file=file, env=os.environ if env is None else env,
-                        base_dir=Path(path).resolve().parent)
+    return parse_config(text, file=file, env=os.environ if env is None else env)
 
 
-def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | None = None,
-                 base_dir: Path | None = None) -> LoadedConfig:
+def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | None = None
+                 ) -> LoadedConfig:
     """Like ``load_config`` for YAML text already in hand (tests, embedding)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -317,8 +316,7 @@ def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | 
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:
         raise _model_error(exc, source) or source.validation_error(exc) from None
-    return LoadedConfig(config, source, base_dir or Path.cwd(),
-                        frozenset(converter.environment_values))
+    return LoadedConfig(config, source, frozenset(converter.environment_values))
 
 
 def _model_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:

@@ -18,7 +18,7 @@ from router.config import LoadedConfig, load_config
 from router.destinations import build_destinations, egress_policy
 from router.redaction import Masker
 from router.registry import create_registry
-from router.storage import open_storage
+from router.storage import storage_for_url
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter
@@ -27,7 +27,7 @@ from router.storage.base import DeadLetter, DeadLetterFilter
 async def run_dlq_command(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     config = loaded.config
-    storage = open_storage(config.storage, base_dir=Path.cwd())
+    storage = storage_for_url(config.storage, base_dir=Path.cwd())
     if isinstance(storage, SqliteStorage) and not storage.path.exists():
         # Opening would create an empty spool and report nothing: a wrong path or directory
         raise loaded.source.error(("storage",), f"{storage.path} does not exist: no router "

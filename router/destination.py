@@ -126,6 +126,16 @@ def checked_request(request: Any) -> HttpRequest:
     return request
 
 
+def checked_outcomes(judged: Any, count: int) -> list[Outcome]:
+    """``read_response``'s answer for ``count`` payloads, if the core can record it; else a
+    ``TypeError``, after which the answer is judged by its status."""
+    outcomes = list(judged)
+    problem = outcomes_problem(outcomes, count)
+    if problem:
+        raise TypeError(f"read_response returned {problem}")
+    return outcomes
+
+
 def request_problem(request: Any) -> str | None:
     """``build_request`` must return an ``HttpRequest`` that can be sent as it is."""
     if not isinstance(request, HttpRequest):

@@ -43,7 +43,8 @@ class InvalidEvent(RouterError):
 
 
 class StorageFull(RouterError):
-    """The storage refused new work (its disk budget is spent). Intake must answer "try later"."""
+    """The storage refused new work: its disk budget is spent, its disk is full, or Redis is
+    out of memory or cannot persist. Intake must answer "try later"."""
 
 
 class SpoolInUse(RouterError):
@@ -53,7 +54,9 @@ class SpoolInUse(RouterError):
 
 
 class StorageUnavailable(RouterError):
-    """The storage cannot be reached now (Redis down, hung, loading or out of connections).
+    """The storage cannot be reached or written now: Redis down, hung, loading or out of
+    connections; a SQLite disk that fails or is read-only, or a spool locked by another
+    process for too long.
     Intake answers "try later": what it could not confirm was not acknowledged, and a retry of
     what did get in is a duplicate, so nothing is lost or doubled."""
 

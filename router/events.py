@@ -1,9 +1,11 @@
 """The Segment / Customer.io event spec as a pydantic model, and its normalization.
 
-``parse_event`` is the one door every event comes through (HTTP, ``router send``,
-``Router.route``), so the rules of the contract live here and nowhere else: required fields per
-call type, unknown fields kept, ``messageId`` generated, timestamps corrected for client clock
-skew, reserved properties normalized, the 32 KB size limit.
+``parse_event`` is the door every raw event comes through (HTTP, ``router send``,
+``Router.route``), so the rules of the contract live here: required fields per call type,
+unknown fields kept, ``messageId`` generated, timestamps corrected for client clock skew,
+reserved properties normalized, the 32 KB size limit. The HTTP API adds checks of its own
+before it (``router.server.parsing``: NUL characters, nesting depth, integers beyond 64 bits),
+and an ``Event`` built by an embedding program is routed as it is.
 """
 
 from __future__ import annotations
@@ -124,8 +126,8 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
                 max_bytes: int = MAX_EVENT_BYTES, size: int | None = None) -> Event:
     """Validate and normalize one raw event, or raise ``InvalidEvent`` naming each bad field.
 
-    ``size`` is the event's serialized size when the caller already knows it (the HTTP server
-    measures raw bytes); otherwise the event is serialized once to measure it.
+    ``size`` is the size the limit applies to when the caller has measured it (the HTTP server
+    does, on the event as the client sent it); otherwise the event is serialized to measure it.
     """
     if not isinstance(raw, dict) and not isinstance(raw, Mapping):
         raise InvalidEvent([("", "an event must be a JSON object")])
@@ -168,7 +170,7 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
             problems.append(("timestamp", "expected an ISO-8601 date-time"))
     if event.originalTimestamp is None:
         # The client's own event time, else its clock at sending: keeping it makes the
-        # normalized event parse again to the same timestamp.
+        # normalized event parse again to the same timestamp at the same receive time.
         event.originalTimestamp = client_time or event.sentAt
     if event.type in _PROPERTY_CALLS and event.properties:
         problems += normalize_reserved_properties(event.properties)
@@ -195,7 +197,8 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
 def corrected_timestamp(event: Event, client_time: datetime | None) -> datetime:
     """Segment's clock-skew correction, ``receivedAt - (sentAt - <the client's event time>)``.
 
-    The client's event time is ``client_time``, its own ``timestamp``, when it sent one, else
+    The client's event time is ``client_time`` when the caller gives one (the client's own
+    ``timestamp``; ``parse_event`` leaves it out for an event as a pipeline stored it), else
     its ``originalTimestamp``. A ``timestamp`` set on purpose wins even beside an
     ``originalTimestamp``: server libraries set it for historical imports, and RudderStack's
     Node library sends the caller's ``timestamp`` beside an ``originalTimestamp`` of its own

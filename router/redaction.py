@@ -1,6 +1,6 @@
 """Masking secrets wherever something is shown: dry-run, logs, dead letters, errors.
 
-Secrets are known by type (every ``SecretStr`` in a destination's settings, every write key),
+Secrets are known by type (every ``SecretStr`` in a destination's settings),
 so masking replaces their values wherever they occur, including inside URLs (GA4 and Meta take
 keys in the query string) and bodies; credential headers are masked whole, since a Basic or
 Bearer header encodes its secret.
@@ -51,7 +51,7 @@ def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
 
     Values that cannot be credentials are left out: masking ``true``, ``POST`` or ``EU``
     everywhere would garble bodies and logs (a masked ``true`` is not JSON any more).
-    Settings declared secret are masked whatever their length."""
+    Settings declared secret are masked from 4 characters on (see ``Masker``)."""
     strings = list(_strings(data))
     return [value for value in values if _may_be_a_credential(value)
             and any(value in string for string in strings)]

@@ -29,7 +29,7 @@ from router.events import Event, parse_event
 from router.integrations import IntegrationsMap
 from router.registry import Registry, create_registry
 from router.runtime import LoopWatchdog
-from router.storage import Storage, open_storage
+from router.storage import Storage, storage_for_url
 from router.storage.base import Acceptance, NewJob
 
 log = logging.getLogger("router")
@@ -104,7 +104,7 @@ class Router:
         self._base_dir = Path.cwd()
         """Where a relative ``sqlite:///`` path is found, fixed at construction: the delivery
         process, started later, must open the very same file."""
-        self.storage = storage or open_storage(self.config.storage, base_dir=self._base_dir)
+        self.storage = storage or storage_for_url(self.config.storage, base_dir=self._base_dir)
         self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
         self.window = self.config.dedup.window
         self._deliver = deliver
@@ -204,8 +204,8 @@ class Router:
                          source: str = DEFAULT_SOURCE, received_at: datetime | None = None,
                          sizes: Sequence[int] | None = None) -> list[RouteResult]:
         """Route several events with one durable write. Each is judged on its own: an invalid
-        or duplicate event never costs its neighbours. ``sizes``, the events' serialized
-        sizes when the caller has measured them (the HTTP server does), saves measuring
+        or duplicate event never costs its neighbours. ``sizes``, the sizes the 32 KB limit
+        applies to when the caller has measured them (the HTTP server does), saves measuring
         them again."""
         if not self._open:
             raise RuntimeError("the router is not started: use `async with router:` or "

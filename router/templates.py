@@ -45,9 +45,10 @@ TEMPLATE_NAME = "template"
 _WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
 
 
-SPEC_FIELDS: dict[str, Any] = {
+SPEC_FIELD_DEFAULTS: dict[str, Any] = {
     "type": None, "event": None, "userId": None, "anonymousId": None, "name": None,
     "groupId": None, "previousId": None, "messageId": None, "timestamp": None,
+    "originalTimestamp": None, "sentAt": None, "receivedAt": None, "version": None,
     "properties": {}, "traits": {}, "context": {}, "integrations": {},
 }
 """What a template sees for a field of the spec the event does not have."""
@@ -60,7 +61,7 @@ def template_event(event: Event) -> dict[str, Any]:
     identify, and ``event.userId or event.anonymousId`` works for anonymous events, where
     the strict undefined would fail the render for that event. A misspelt name
     (``event.evnt``) still fails."""
-    return {**SPEC_FIELDS, **event.to_dict()}
+    return {**SPEC_FIELD_DEFAULTS, **event.to_dict()}  # read-only in the sandbox
 
 
 def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1) -> int:

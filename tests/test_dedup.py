@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from router.storage import open_storage
+from router.storage import storage_for_url
 from router.storage.base import Acceptance, NewJob
 from router.storage.sqlite import PURGE_AFTER_EVENTS, SqliteStorage
 
@@ -36,7 +36,7 @@ def sqlite_url(path: Path) -> str:
 @pytest.fixture(params=["memory", "sqlite"])
 async def storage(request, tmp_path):
     url = "memory://" if request.param == "memory" else sqlite_url(tmp_path / "router.db")
-    store = open_storage(url)
+    store = storage_for_url(url)
     await store.open()
     yield store
     await store.close()
@@ -109,13 +109,13 @@ async def test_concurrent_accepts_of_one_message_id_admit_exactly_one(storage):
 
 async def test_sqlite_window_survives_closing_and_reopening(tmp_path):
     url = sqlite_url(tmp_path / "state" / "router.db")
-    first = open_storage(url)
+    first = storage_for_url(url)
     await first.open()
     assert await accept(first, item("m-1"), item("m-2", source="ios")) == [True, True]
     await first.close()
     assert (tmp_path / "state" / "router.db").exists()
 
-    reopened = open_storage(url)
+    reopened = storage_for_url(url)
     await reopened.open()
     try:
         assert await accept(reopened, item("m-1"), now=T0 + 3600) == [False]
@@ -170,7 +170,7 @@ async def test_sqlite_window_of_an_older_spool_is_kept(tmp_path):
 
 
 async def test_sqlite_relative_url_is_relative_to_the_base_dir(tmp_path):
-    store = open_storage("sqlite:///var/router.db", base_dir=tmp_path)
+    store = storage_for_url("sqlite:///var/router.db", base_dir=tmp_path)
     await store.open()
     try:
         await accept(store, item("m-1"))
@@ -221,7 +221,7 @@ async def test_sqlite_purge_keeps_entries_still_in_their_window(tmp_path):
 
 
 async def test_memory_expired_entries_are_purged_so_it_stays_bounded():
-    store = open_storage("memory://")
+    store = storage_for_url("memory://")
     await store.open()
     tiny = 1.0
     for batch in range(11):  # past the size at which the memory backend starts purging

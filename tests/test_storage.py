@@ -30,7 +30,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
 
 from router.routing import Router
 from router.errors import StorageFull, StorageMisconfigured, StorageUnavailable
-from router.storage import open_storage
+from router.storage import storage_for_url
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob)
 from router.storage.memory import MemoryStorage
@@ -163,8 +163,8 @@ def test_from_url_takes_the_prefix_and_keeps_the_rest():
         RedisStorage.from_url("redis://localhost:6379/0?prefix=")
 
 
-def test_open_storage_picks_the_redis_backend_without_connecting():
-    storage = open_storage("redis://127.0.0.1:1/0?prefix=x")  # nothing listens on port 1
+def test_storage_for_url_picks_the_redis_backend_without_connecting():
+    storage = storage_for_url("redis://127.0.0.1:1/0?prefix=x")  # nothing listens on port 1
     assert isinstance(storage, RedisStorage)
 
 

@@ -251,7 +251,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     from router.delivery.service import DeliveryService
     from router.destinations import build_destinations, egress_policy
     from router.registry import create_registry
-    from router.storage import open_storage
+    from router.storage import storage_for_url
 
     config = loaded.config
     loop = asyncio.get_running_loop()
@@ -261,7 +261,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     """Set when the stop must not wait any longer: the parent is gone, or said so."""
     metrics = DeliveryMetrics()
     egress = egress_policy(config)
-    storage = open_storage(config.storage, base_dir=base_dir)
+    storage = storage_for_url(config.storage, base_dir=base_dir)
     try:
         destinations = build_destinations(loaded, create_registry(), egress)
         await storage.open()

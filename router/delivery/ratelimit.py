@@ -1,5 +1,6 @@
-"""Per-destination pacing: a token bucket for the configured rate, and a pause that a
-throttled API (429/503 with ``Retry-After``) imposes on the whole destination."""
+"""Per-destination pacing: a token bucket for the configured rate, and a pause of the whole
+destination (a throttled API's ``Retry-After``, a rest after failures or when outcomes
+cannot be recorded)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class RateLimiter:
         self._lock = asyncio.Lock()
 
     def pause(self, seconds: float) -> None:
-        """Hold every request of the destination for ``seconds`` (the server asked us to)."""
+        """Hold every request of the destination for ``seconds``."""
         self.paused_until = max(self.paused_until, self.clock() + seconds)
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping
-from datetime import datetime, UTC
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from router.destination import DeliveryDefaults, Outcome
@@ -105,7 +105,3 @@ def exhausted(attempts: int, age_at_next: float, delivery: DeliveryDefaults) -> 
         hours = delivery.max_age / 3600
         return f"gave up: older than the maximum age ({hours:g} h) before the next attempt"
     return None
-
-
-def utc_now() -> float:
-    return datetime.now(UTC).timestamp()

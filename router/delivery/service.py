@@ -15,7 +15,6 @@ import logging
 import random
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from router.delivery import retry
 from router.delivery.batching import batches, from_spool
@@ -25,8 +24,8 @@ from router.delivery.failure_log import FailureLog
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import Transport
-from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, checked_request,
-                                outcomes_problem)
+from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, checked_outcomes,
+                                checked_request)
 from router.destinations import ConfiguredDestination
 from router.errors import (PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError,
                            StorageFull, StorageUnavailable)
@@ -383,10 +382,11 @@ class DestinationWorker:
             await self.storage.release([job.id for job in leftover])
 
     async def _complete_delivered(self) -> None:
-        """Tell the storage which jobs were delivered, all at once. Each worker round does
-        this once rather than once a request: a storage call costs more than a small
-        request. Until then a delivered job stays queued, so a crash in between sends it
-        again (at least once, with the same ``messageId``), never loses it."""
+        """Tell the storage which jobs were delivered, all at once: each worker round and
+        the upkeep every second do this, rather than once a request, since a storage call
+        costs more than a small request. Until then a delivered job stays queued, so a crash
+        in between sends it again (at least once, with the same ``messageId``), never loses
+        it."""
         if not self.delivered:
             return
         delivered, self.delivered = self.delivered, []
@@ -587,7 +587,7 @@ class DestinationWorker:
         try:
             judged = self.destination.adapter.read_response(payloads, response)
             if judged is not None:
-                judged = _checked_outcomes(judged, len(payloads))
+                judged = checked_outcomes(judged, len(payloads))
         except PLUGIN_FAILURES as exc:  # fall back to the status when the plugin breaks
             self._log_plugin_failure(f"read_response failed; judging HTTP {response.status} "
                                      "by its status instead", exc)
@@ -711,11 +711,3 @@ def _group_of(job: Job) -> str:
 
 def _size_of(job: Job) -> int:
     return len(job.body)
-
-
-def _checked_outcomes(judged: Any, count: int) -> list[Outcome]:
-    outcomes = list(judged)
-    problem = outcomes_problem(outcomes, count)
-    if problem:
-        raise TypeError(f"read_response returned {problem}")
-    return outcomes

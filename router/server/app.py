@@ -46,7 +46,7 @@ log = logging.getLogger("router.server")
 
 MAX_BATCH_EVENTS = 2500
 """Segment's and Customer.io's limit on events per batch request."""
-STORAGE_FULL_RETRY_AFTER = 30
+STORAGE_RETRY_AFTER = 30
 """Seconds a client is told to wait when the storage has no room (503)."""
 HEALTH_TIMEOUT = 5.0
 LINGERING_TIME = 2.0
@@ -272,11 +272,11 @@ async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list
         results = await request.app[ROUTER].route_many(events, source=source, sizes=sizes)
     except StorageFull:
         raise Problem(503, "storage_full", "the router's storage is full; retry later",
-                      headers={hdrs.RETRY_AFTER: str(STORAGE_FULL_RETRY_AFTER)}) from None
+                      headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}) from None
     except StorageUnavailable as exc:
         log.warning("intake refused: %s", exc)
         raise Problem(503, "storage_unavailable", "the router's storage cannot be reached; "
-                      "retry later", headers={hdrs.RETRY_AFTER: str(STORAGE_FULL_RETRY_AFTER)}
+                      "retry later", headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}
                       ) from None
     request.app[METRICS].commit_seconds.observe(time.perf_counter() - started)
     return results

@@ -11,7 +11,7 @@ What can only be judged per event is checked by ``check_event``, so that in a ba
 offending event is rejected: nesting deeper than ``MAX_DEPTH``, ``\\u0000`` in a string (many
 destinations store text where NUL is not allowed), lone surrogates and integers beyond 64
 bits (they cannot be encoded again, and the storage keeps every payload as JSON), and the
-32 KB limit per event, measured on the event as it will be stored.
+32 KB limit per event, measured on the event as the client sent it (see ``check_event``).
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ hundred."""
 
 def check_event(event: Any, *, max_bytes: int = MAX_EVENT_BYTES, sent: Any = None
                 ) -> Rejection | int:
-    """Why ``event`` may not be routed, or, when it may, its serialized size (which the
-    router then takes as measured instead of serializing the event again).
+    """Why ``event`` may not be routed, or, when it may, the size the 32 KB limit applies to
+    (which the router then takes as measured instead of serializing the event again).
 
     ``sent`` is the event as the client sent it in a batch, before the batch's ``sentAt``
     and ``context`` were merged in: the size limit holds for that, as Segment applies it and

@@ -1,4 +1,5 @@
-"""``router serve``: the ingest API and delivery in one process, until SIGINT or SIGTERM.
+"""``router serve``: the ingest API and delivery (in this process, or with ``own_process`` in
+a second one), until SIGINT or SIGTERM.
 
 Shutdown order is what keeps the promise that nothing accepted is lost: first stop accepting
 (close the listening socket, let requests in progress finish — each of them answers 200 only

@@ -16,8 +16,6 @@ from collections.abc import Iterable
 from router.metrics import Counter, Gauge, Histogram, Registry
 from router.storage.base import QueueStats, Storage, StorageStats
 
-OUTCOMES = ("accepted", "rejected", "duplicate")
-
 
 class IngestMetrics:
     def __init__(self, destinations: Iterable[str] = (), registry: Registry | None = None

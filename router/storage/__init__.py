@@ -1,6 +1,6 @@
 """Where durable state lives: the dedup window, the spool of deliveries, the dead letters.
 
-``open_storage(url)`` picks the backend from the config's ``storage`` URL.
+``storage_for_url(url)`` picks the backend from the config's ``storage`` URL.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from router.storage.base import DeadLetter, Job, NewJob, Storage
 
 
-def open_storage(url: str, *, base_dir: Path | None = None) -> Storage:
+def storage_for_url(url: str, *, base_dir: Path | None = None) -> Storage:
     """The storage for a config URL (not yet opened: ``await storage.open()``)."""
     if url.startswith("memory://"):
         from router.storage.memory import MemoryStorage
@@ -24,4 +24,4 @@ def open_storage(url: str, *, base_dir: Path | None = None) -> Storage:
     raise ValueError(f"unsupported storage URL: {url}")
 
 
-__all__ = ["DeadLetter", "Job", "NewJob", "Storage", "open_storage"]
+__all__ = ["DeadLetter", "Job", "NewJob", "Storage", "storage_for_url"]

@@ -157,7 +157,8 @@ class Storage(ABC):
 
     @abstractmethod
     async def release(self, job_ids: Sequence[int | str]) -> None:
-        """Give leased jobs back untouched (shutdown): due at once, attempts unchanged."""
+        """Give leased jobs back untouched (a shutdown, a slow round given back, outcomes
+        that could not be recorded): due at once, attempts unchanged."""
 
     @abstractmethod
     async def renew(self, job_ids: Sequence[int | str], *, now: float, lease_for: float

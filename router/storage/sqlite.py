@@ -27,7 +27,7 @@ only what is unfinished; those rows go with their bundle. A process keeps each b
 reads unpacked until the bundle is finished, so the leases that take it a batch at a time
 read and parse it once.
 
-Leases live in the process (one process serves a SQLite file): after a crash or restart,
+Leases live in the process (one process delivers from a SQLite file): after a crash or restart,
 every job not yet completed is read again, so nothing is lost and duplicates carry the same
 ``messageId``.
 """
@@ -160,7 +160,8 @@ class SqliteStorage(Storage):
     @classmethod
     def from_url(cls, url: str, *, base_dir: Path) -> SqliteStorage:
         """``sqlite:///var/router.db`` is relative to ``base_dir``; ``sqlite:////abs.db`` is
-        absolute. Options: ``?synchronous=full`` and ``?max_bytes=10000000000``."""
+        absolute. Options: ``?synchronous=full``, ``?max_bytes=10000000000`` and
+        ``?min_free_bytes=``; any other is a ``ValueError``."""
         rest = url.removeprefix("sqlite:///")
         path_part, _, query = rest.partition("?")
         options = {key: values[-1] for key, values in parse_qs(query).items()}
@@ -229,9 +230,9 @@ class SqliteStorage(Storage):
         try:
             connection = self._connect()
         except Exception as exc:  # noqa: BLE001 - reported to the opener
-            loop.call_soon_threadsafe(_settle, ready, None, exc)
+            loop.call_soon_threadsafe(_resolve, ready, None, exc)
             return
-        loop.call_soon_threadsafe(_settle, ready, None, None)
+        loop.call_soon_threadsafe(_resolve, ready, None, None)
         with connection:
             while (first := self._operations.get()) is not None:
                 batch = [first]
@@ -265,7 +266,7 @@ class SqliteStorage(Storage):
         connection.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         synchronous = "FULL" if self.synchronous == "FULL" else "NORMAL"
         connection.execute(f"PRAGMA synchronous={synchronous}")
-        connection.execute("PRAGMA busy_timeout=10000")
+        connection.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT * 1000)}")
         # Some builds of SQLite overwrite deleted content with zeros, through the WAL: then
         # deleting delivered bundles on a full disk needs as much space as it frees.
         connection.execute("PRAGMA secure_delete=OFF")
@@ -311,7 +312,7 @@ class SqliteStorage(Storage):
                 error = _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
             finally:
                 self._undo = None
-            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+            future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
 
     def _commit(self, connection: sqlite3.Connection, batch: list[_Operation]) -> None:
         """Run ``batch`` in one transaction, each operation undone alone if it fails (in a
@@ -355,7 +356,7 @@ class SqliteStorage(Storage):
         finally:
             self._undo = None
         for future, result, error in outcomes:
-            future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+            future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
 
     def _on_rollback(self, undo: Callable[[], None]) -> None:
         """Note how to undo a change the running operation made to this process's memory
@@ -1092,7 +1093,7 @@ def _storage_error(exc: sqlite3.Error) -> Exception:
     return exc
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if future.done():
         return
     if error is not None:
