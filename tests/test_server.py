@@ -843,6 +843,25 @@ async def test_cors_preflight_and_headers_on_answers(ingest: Ingest) -> None:
         assert answer_headers["Access-Control-Allow-Origin"] == "*"
 
 
+async def test_a_preflight_allows_the_headers_a_browser_library_asks_for(ingest: Ingest) -> None:
+    # analytics.js adds X-Retry-Count to every retry: Chrome asked for it and, refused,
+    # never sent a retry, so an event whose first send failed was lost for good.
+    asked = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization,content-type,x-retry-count"}
+    async with ingest.session.options(ingest.url + "/v1/t", headers=asked) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Headers"] == \
+            "authorization,content-type,x-retry-count"
+    # what is not a list of header names is not echoed: the fixed list, which has it too
+    malformed = {**asked, "Access-Control-Request-Headers": "x-a; (b)"}
+    async with ingest.session.options(ingest.url + "/v1/t", headers=malformed) as response:
+        allowed = response.headers["Access-Control-Allow-Headers"]
+        assert "(b)" not in allowed and "x-retry-count" in allowed.lower()
+    status, _, _ = await ingest.post("/v1/track", track(), headers={
+        "Origin": "https://shop.example", "X-Retry-Count": "1"})
+    assert status == 200
+
+
 # == health and metrics ==========================================================================
 
 async def test_health(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:

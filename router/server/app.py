@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -76,9 +77,11 @@ ENDPOINTS: dict[str, str] = {
 CORS_PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding, "
+                                    "X-Retry-Count",
     "Access-Control-Max-Age": "86400",
 }
+_HEADER_NAMES = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,8 @@ METRICS = web.AppKey("ingest_metrics", IngestMetrics)
 LIMITS = web.AppKey("limits", Limits)
 ADMISSION = web.AppKey("admission", asyncio.Semaphore)
 REJECTIONS = web.AppKey("rejections", FailureLog)
+MAX_ASKED_HEADERS_CHARS = 1024
+"""A preflight's list of header names is echoed up to this length (else the fixed list)."""
 MESSAGE_ID_SHOWN = 200
 """A client's messageId is logged up to this many characters (they are usually 36)."""
 
@@ -382,8 +387,16 @@ async def handle_metrics(request: web.Request) -> web.Response:
 # -- every response ---------------------------------------------------------------------------
 
 async def handle_preflight(request: web.Request) -> web.Response:
-    """CORS preflight: browsers may POST from any origin with these headers."""
-    return web.Response(status=204, headers=CORS_PREFLIGHT_HEADERS)
+    """CORS preflight: browsers may POST from any origin, with whatever headers the page's
+    library asks for. analytics.js adds ``X-Retry-Count`` to each retry, and lets a site add
+    headers of its own: a fixed list refused every retry from a browser. Allowing them opens
+    nothing: the answer names no credentials mode, so a browser sends no cookies, and every
+    request still needs its write key."""
+    headers = CORS_PREFLIGHT_HEADERS
+    asked = request.headers.get("Access-Control-Request-Headers", "").strip()
+    if asked and len(asked) <= MAX_ASKED_HEADERS_CHARS and _HEADER_NAMES.fullmatch(asked):
+        headers = {**headers, "Access-Control-Allow-Headers": asked}
+    return web.Response(status=204, headers=headers)
 
 
 @web.middleware
