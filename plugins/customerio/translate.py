@@ -105,9 +105,9 @@ def _iso_as_unix_seconds(text: str) -> str | int:
     try:
         moment = datetime.fromisoformat(text)
         return unix_seconds(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
-    except ValueError:  # shaped like a date, but not one: "2024-02-30"
-        return text
-    except OverflowError:  # within hours of year 1 or 9999 (.NET's DateTime.MinValue)
+    # Shaped like a date but not one ("2024-02-30"), or within hours of year 1 or 9999 (.NET's
+    # DateTime.MinValue), which Unix seconds cannot hold: kept as the text it is.
+    except (ValueError, OverflowError):
         return text
 
 

@@ -141,9 +141,9 @@ def _text(text: str) -> str:
         moment = datetime.fromisoformat(text)
         if moment.tzinfo is not None:
             moment = moment.astimezone(UTC)
-    except ValueError:  # shaped like a date-time, but not one: "2024-02-30T10:00:00Z"
-        return text
-    except OverflowError:  # within hours of year 1 or 9999
+    # Shaped like a date-time but not one ("2024-02-30T10:00:00Z"), or within hours of year 1
+    # or 9999, where UTC cannot be written: kept as the text it is.
+    except (ValueError, OverflowError):
         return text
     # Not strftime: its %Y does not pad years before 1000 ("1-01-01" for Go's zero time).
     return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
