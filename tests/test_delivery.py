@@ -168,18 +168,6 @@ async def test_operator_can_retry_a_status_the_default_treats_as_permanent(tmp_p
         assert [r.status for r in server.requests] == [404, 404, 200]
 
 
-async def test_a_retry_goes_out_when_due_not_at_the_next_poll(tmp_path, monkeypatch):
-    monkeypatch.setattr(service_module, "POLL_INTERVAL", 2.0)  # so a wait for it shows
-    async with FakeDestinationServer() as server:
-        server.script([Answer(500)])
-        router = router_for(tmp_path, [webhook("hook", server.url)])  # backoff ≤ 100 ms
-        async with router:
-            await router.route(track(0))
-            await server.wait_for(2, timeout=10)
-    failed, retried = (request.time for request in server.requests)
-    assert retried - failed < 1.0
-
-
 async def test_retry_after_is_honoured(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([Answer(429, headers={"Retry-After": "1"}), 200])

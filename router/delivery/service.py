@@ -172,9 +172,6 @@ class DestinationWorker:
         """Senders waiting for the rate limiter: holding a batch, not yet sending it."""
         self.delivered: list[Job] = []
         """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
-        self.next_retry_at: float | None = None
-        """The earliest retry this worker scheduled and has not looked for yet: an idle
-        worker wakes for it rather than at its next poll, up to half a second late."""
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
         self.undispatched: list[list[Job]] = []
@@ -228,7 +225,7 @@ class DestinationWorker:
                 log.warning("destination %s: leasing work again", self.name)
                 self.storage_trouble = False
             if not jobs and not self.undispatched:
-                await self._sleep(self._idle_wait())
+                await self._sleep(POLL_INTERVAL)
                 continue
             # Added to what ``_upkeep`` could not give back, if anything.
             self.undispatched += batches(jobs, self.delivery, group=_group_of, size=_size_of)
@@ -399,16 +396,6 @@ class DestinationWorker:
         now = time.monotonic()
         self.delivered_per_second = len(delivered) / max(now - self.last_completed_at, 1e-3)
         self.last_completed_at = now
-
-    def _idle_wait(self) -> float:
-        """How long an idle worker waits before it looks for work again: until the next
-        retry it scheduled is due, at most ``POLL_INTERVAL``. Used once: should that lease
-        not find it (another router took it), the worker goes back to polling."""
-        if self.next_retry_at is None:
-            return POLL_INTERVAL
-        wait = self.next_retry_at - self.clock.now()
-        self.next_retry_at = None
-        return min(POLL_INTERVAL, max(0.0, wait))
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -668,9 +655,6 @@ class DestinationWorker:
                                       self.delivery)
             if gave_up is None:
                 await self.storage.retry([job], not_before=[due], now=now, failure=failure)
-                if self.next_retry_at is None or due < self.next_retry_at:
-                    self.next_retry_at = due
-                    self.wakeup.set()  # an idle worker waits for it, not for its next poll
                 self.metrics.retried.inc(self.name)
                 self._log_failure(job, failure, "retry")
                 return
