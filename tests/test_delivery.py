@@ -335,11 +335,12 @@ async def test_a_retry_after_counts_from_its_own_answer_when_a_batch_is_split(tm
         async with router:
             await router.route_many([track(n) for n in range(4)])
             assert await router.drain(timeout=20)
-    answers = [(request.status, request.time) for request in server.requests]
-    assert [status for status, _ in answers] == [400, 429, 200, 200]
-    (_, throttled), (_, other_half), (_, retried) = answers[1:]
-    assert other_half - throttled >= 1.9  # the destination paused, as Retry-After asks
-    assert retried - throttled < 3.5  # 2 s after the 429, not 2 s after the other half
+    refused, throttled, other_half, *retries = server.requests
+    assert (refused.status, throttled.status, other_half.status) == (400, 429, 200)
+    retried = min(request.time for request in retries)  # one request, or one per event
+    assert all(request.status == 200 for request in retries)
+    assert other_half.time - throttled.time >= 1.9  # the destination paused, as asked
+    assert retried - throttled.time < 3.5  # 2 s after the 429, not 2 s after the other half
 
 
 async def test_a_broken_destination_never_holds_back_the_others(tmp_path):
