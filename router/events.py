@@ -323,7 +323,8 @@ def _call_type_problems(event: Event) -> list[tuple[str, str]]:
         if not event.userId:
             problems.append(("userId", "required for an alias call (the new id)"))
     for key, value in (event.integrations or {}).items():
-        if key.lower() == "all" and not isinstance(value, bool):  # read case-insensitively
+        # Read case-insensitively; checked so, lowering only what may be it (hot path).
+        if len(key) == 3 and key.lower() == "all" and not isinstance(value, bool):
             problems.append((f"integrations.{key}", "expected true or false"))
     return problems
 

@@ -39,6 +39,14 @@ def router_with(tmp_path: Path, destinations: str):
     return Router(load_config(path, env={}), deliver=False)
 
 
+def request_for(router, raw):
+    """The one request a router with one destination makes for ``raw``."""
+    (outcome,) = router.plan(raw).results
+    assert outcome.status == "send", outcome.reason
+    (request,) = router.requests_for(outcome)
+    return request
+
+
 def render(source: str, **context) -> str:
     context.setdefault("event", parse_event(EVENT).to_dict())
     context.setdefault("options", {})
@@ -71,17 +79,12 @@ def test_webhook_body_template_renders_event_and_options(tmp_path):
                            ~ " " ~ event.properties.currency) | tojson }},
                "channel": {{ options.channel | default("#general") | tojson }}}
     """)
-    result = router.plan({**EVENT, "integrations": {"sales": {"channel": "#orders"}}})
-    (outcome,) = result.results
-    assert outcome.status == "send"
-    (request,) = router.requests_for(outcome)
+    request = request_for(router, {**EVENT, "integrations": {"sales": {"channel": "#orders"}}})
     assert request.method == "POST" and request.url == "https://hooks.example/sales"
     assert request.headers["Content-Type"] == "application/json"
     assert json.loads(request.body) == {"text": "Order o-9: 25.5 EUR", "channel": "#orders"}
 
-    (plain,) = router.plan(EVENT).results
-    (request,) = router.requests_for(plain)
-    assert json.loads(request.body)["channel"] == "#general"
+    assert json.loads(request_for(router, EVENT).body)["channel"] == "#general"
 
 
 def test_webhook_body_that_is_not_json_is_sent_as_text(tmp_path):
@@ -93,8 +96,7 @@ def test_webhook_body_that_is_not_json_is_sent_as_text(tmp_path):
             method: PUT
             body: "{{ event.event }} by {{ event.userId }}"
     """)
-    (outcome,) = router.plan(EVENT).results
-    (request,) = router.requests_for(outcome)
+    request = request_for(router, EVENT)
     assert request.method == "PUT"
     assert request.body == b"Order Completed by u-1"
     assert request.headers["Content-Type"].startswith("text/plain")
@@ -106,9 +108,7 @@ def test_without_a_body_template_the_normalized_event_is_sent(tmp_path):
           plugin: webhook
           settings: {url: "https://hooks.example/raw"}
     """)
-    (outcome,) = router.plan(EVENT).results
-    (request,) = router.requests_for(outcome)
-    body = json.loads(request.body)
+    body = json.loads(request_for(router, EVENT).body)
     assert body["messageId"] == "m-1"
     assert body["properties"] == {"order_id": "o-9", "revenue": 25.5, "currency": "EUR"}
     assert body["receivedAt"].endswith("Z")
@@ -151,10 +151,7 @@ def test_one_template_serves_every_call_type_and_anonymous_events(tmp_path):
                 {"type": "page", "anonymousId": "a-1", "name": "Home"},
                 {"type": "alias", "userId": "u-1", "previousId": "a-1"},
                 {"type": "track", "event": "Signed Up", "anonymousId": "a-2"}):
-        (outcome,) = router.plan(raw).results
-        assert outcome.status == "send", outcome.reason
-        (request,) = router.requests_for(outcome)
-        sent[raw["type"]] = json.loads(request.body)
+        sent[raw["type"]] = json.loads(request_for(router, raw).body)
     assert sent == {"identify": {"name": None, "user": "u-1"},
                     "page": {"name": None, "user": "a-1"},
                     "alias": {"name": None, "user": "u-1"},

@@ -328,9 +328,9 @@ class DestinationWorker:
         and the destination would get them again every rest for ever; they wait for the
         next start instead, as every leased job then goes back to the queue."""
         delivered = {id(job) for job in self.delivered}
-        again = [job for job in jobs if id(job) not in delivered
-                 and job.attempts < self.delivery.max_attempts]
-        held = len(jobs) - len(again) - sum(id(job) in delivered for job in jobs)
+        pending = [job for job in jobs if id(job) not in delivered]
+        again = [job for job in pending if job.attempts < self.delivery.max_attempts]
+        held = len(pending) - len(again)
         log.warning("destination %s: the storage took back none of %d job(s) it could not "
                     "record; this worker sends %d of them again%s", self.name, len(jobs),
                     len(again),

@@ -180,20 +180,18 @@ def _call_handler(call_type: str) -> Handler:
         event = document
         event.pop("writeKey", None)
         event["type"] = call_type
-        metrics = request.app[METRICS]
         checked = check_event(event)
         if isinstance(checked, Rejection):
-            metrics.events.inc(source, call_type, "rejected")
-            _log_rejected(request, source, event, None, checked.reason)
+            _rejected(request, source, event, None, checked.reason)
             if checked.too_large:
                 raise Problem(413, "event_too_large", checked.reason)
             raise Problem(400, "invalid_event", checked.reason)
         (result,) = await _route(request, [event], [checked], source)
-        _count(metrics, source, event, result)
         if result.invalid:
             reason = _invalid_reason(result)
-            _log_rejected(request, source, event, None, reason)
+            _rejected(request, source, event, None, reason)
             raise Problem(400, "invalid_event", reason)
+        _count(request.app[METRICS], source, result)
         return json_response({"success": True})
 
     handle_call.__name__ = handle_call.__qualname__ = f"handle_{call_type}"
@@ -212,7 +210,6 @@ async def handle_batch(request: web.Request) -> web.Response:
     if len(batch) > MAX_BATCH_EVENTS:
         raise Problem(400, "batch_too_large", f"the batch has {len(batch)} events; "
                       f"the limit is {MAX_BATCH_EVENTS}")
-    metrics = request.app[METRICS]
     rejected: list[dict[str, Any]] = []
     valid: list[tuple[int, dict[str, Any], int]] = []
     for index, (sent, event) in enumerate(zip(batch, with_batch_defaults(document))):
@@ -221,18 +218,18 @@ async def handle_batch(request: web.Request) -> web.Response:
         checked = check_event(event, sent=sent)
         if isinstance(checked, Rejection):
             rejected.append({"index": index, "reason": checked.reason})
-            metrics.events.inc(source, _type_label(event), "rejected")
-            _log_rejected(request, source, event, index, checked.reason)
+            _rejected(request, source, event, index, checked.reason)
         else:
             valid.append((index, event, checked))
     if valid:
         results = await _route(request, [event for _, event, _ in valid],
                                [size for _, _, size in valid], source)
         for (index, event, _), result in zip(valid, results):
-            _count(metrics, source, event, result)
             if result.invalid:
                 rejected.append({"index": index, "reason": _invalid_reason(result)})
-                _log_rejected(request, source, event, index, rejected[-1]["reason"])
+                _rejected(request, source, event, index, rejected[-1]["reason"])
+            else:
+                _count(request.app[METRICS], source, result)
     rejected.sort(key=lambda item: item["index"])
     if len(rejected) == len(batch):
         raise Problem(400, "no_valid_event", "no event in the batch is valid",
@@ -287,25 +284,22 @@ async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list
     return results
 
 
-def _count(metrics: IngestMetrics, source: str, raw: dict[str, Any], result: RouteResult
-           ) -> None:
-    if result.invalid:
-        metrics.events.inc(source, _type_label(raw), "rejected")
-    else:
-        assert result.event is not None
-        outcome = "duplicate" if result.duplicate else "accepted"
-        metrics.events.inc(source, result.event.type, outcome)
-        if not result.duplicate:  # an event valid for the spec may still be refused by one
-            for item in result.results:
-                if item.destination is not None:
-                    metrics.decisions.inc(item.destination, str(item.status))
+def _count(metrics: IngestMetrics, source: str, result: RouteResult) -> None:
+    """An event taken in: accepted or a duplicate, and what routing decided for it."""
+    assert result.event is not None
+    outcome = "duplicate" if result.duplicate else "accepted"
+    metrics.events.inc(source, result.event.type, outcome)
+    if not result.duplicate:  # an event valid for the spec may still be refused by one
+        for item in result.results:
+            if item.destination is not None:
+                metrics.decisions.inc(item.destination, str(item.status))
 
 
-def _log_rejected(request: web.Request, source: str, event: Any, index: int | None,
-                  reason: str) -> None:
-    """One warning line for an event refused at intake (at most a few a second per source;
-    the ``rejected`` count in ``/metrics`` counts them all). It names the event, never its
-    content."""
+def _rejected(request: web.Request, source: str, event: Any, index: int | None,
+              reason: str) -> None:
+    """An event refused at intake: counted in ``/metrics``, and one warning line (at most a
+    few a second per source) that names the event, never its content."""
+    request.app[METRICS].events.inc(source, _type_label(event), "rejected")
     message_id = event.get("messageId") if isinstance(event, dict) else None
     request.app[REJECTIONS].write({
         "action": "event_rejected", "source": source, "path": request.path, "index": index,
