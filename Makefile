@@ -25,9 +25,11 @@ serve: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-## pyflakes, pycodestyle, bugbear and pyupgrade checks (configured in pyproject.toml).
+## pyflakes, pycodestyle, bugbear and pyupgrade checks, then the type checker (both
+## configured in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 ## Benchmarks; figures are printed and recorded in docs/performance.md by hand.
 bench: $(STAMP)

@@ -10,4 +10,4 @@ core = find_packages(include=["router", "router.*"])
 builtin = ["router_plugins" + name[len("plugins"):]
            for name in find_packages(include=["plugins", "plugins.*"])]
 setup(packages=core + builtin, package_dir={"router_plugins": "plugins"},
-      package_data={"router_plugins": ["*/*.md"]})
+      package_data={"router": ["py.typed"], "router_plugins": ["*/*.md"]})

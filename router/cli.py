@@ -260,16 +260,17 @@ async def _note_outcomes(router: Router, results: list[RouteResult], *, since: f
                          drained: bool, wait: float) -> int:
     """Say in each sent result what became of it within ``--wait``: delivered, dead-lettered
     (with why), or still queued. Returns how many were dead-lettered."""
-    sent = [(result, item) for result in results for item in result.results
+    sent = [(result, item, item.destination) for result in results for item in result.results
             if item.status is Status.SEND and item.destination]
-    failed = {(letter.destination, letter.message_id): letter.reason for letter in
+    failed: dict[tuple[str, str | None], str] = {
+        (letter.destination, letter.message_id): letter.reason for letter in
               await router.storage.dead_letters(DeadLetterFilter(since=since),
                                                 limit=max(1, len(sent) * 2))}
     dead_lettered = 0
-    for result, item in sent:
-        reason = failed.get((item.destination, result.message_id))
+    for result, item, destination in sent:
+        reason = failed.get((destination, result.message_id))
         if reason is not None:
-            masker = router.destination(item.destination).masker
+            masker = router.destination(destination).masker
             item.reason = f"dead-lettered: {masker.mask(reason)}"
             dead_lettered += 1
         elif drained:
@@ -330,7 +331,7 @@ def _print_table(router: Router, index: int, result: RouteResult, out: TextIO, *
 
 def plugins_command(args: argparse.Namespace) -> int:
     registry = create_registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(registry.types):
         kind = registry.types[name]
         fields = [{"name": field_name, "required": info.is_required(),

@@ -201,7 +201,9 @@ class RouterConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> RouterConfig:
-        for kind, items in (("destinations", self.destinations), ("sources", self.sources)):
+        sections: dict[str, Sequence[SourceConfig | DestinationConfig]] = {
+            "destinations": self.destinations, "sources": self.sources}
+        for kind, items in sections.items():
             seen: dict[str, int] = {}
             for index, item in enumerate(items):
                 key = item.name.lower()

@@ -7,9 +7,14 @@ values by label tuple; ``render`` writes the exposition format that ``GET /metri
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+
+Sample = tuple[str, tuple[str, ...], tuple[str, ...], float]
+"""A series' name suffix, label names, label values and number."""
 
 
 class Metric:
@@ -18,7 +23,7 @@ class Metric:
     def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
         self.name, self.help, self.labels = name, help_text, tuple(labels)
 
-    def samples(self) -> Iterable[tuple[str, tuple[str, ...], tuple[str, ...], float]]:
+    def samples(self) -> Iterable[Sample]:
         raise NotImplementedError
 
     def render(self) -> str:
@@ -43,7 +48,7 @@ class Counter(Metric):
     def get(self, *label_values: str) -> float:
         return self.values.get(label_values, 0)
 
-    def samples(self):  # type: ignore[override]
+    def samples(self) -> Iterator[Sample]:
         for values, number in sorted(self.values.items()):
             yield "", self.labels, values, number
 
@@ -58,7 +63,7 @@ class Gauge(Metric):
         super().__init__(name, help_text, labels)
         self.read = read
 
-    def samples(self):  # type: ignore[override]
+    def samples(self) -> Iterator[Sample]:
         for values, number in sorted(self.read().items()):
             yield "", self.labels, values, number
 
@@ -84,7 +89,7 @@ class Histogram(Metric):
         series[-2] += value * count
         series[-1] += count
 
-    def samples(self):  # type: ignore[override]
+    def samples(self) -> Iterator[Sample]:
         names = (*self.labels, "le")
         for values, series in sorted(self.series.items()):
             cumulative = 0.0
@@ -96,11 +101,14 @@ class Histogram(Metric):
             yield "_count", self.labels, values, series[-1]
 
 
+M = TypeVar("M", bound=Metric)
+
+
 class Registry:
     def __init__(self) -> None:
         self.metrics: list[Metric] = []
 
-    def add(self, metric: Metric) -> Metric:
+    def add(self, metric: M) -> M:
         self.metrics.append(metric)
         return metric
 

@@ -154,7 +154,9 @@ def context_fields(event: Event) -> dict[str, Any]:
         found["language"] = context["locale"]
     if isinstance(context.get("ip"), str):
         found["ip"] = context["ip"]  # Amplitude geolocates from it
-    device = context.get("device") if isinstance(context.get("device"), Mapping) else {}
+    device = context.get("device")
+    if not isinstance(device, Mapping):
+        device = {}
     advertising_id = device.get("advertisingId")
     os_info = context.get("os")
     os_name = str(os_info.get("name", "")).lower() if isinstance(os_info, dict) else ""

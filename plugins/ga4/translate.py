@@ -236,7 +236,9 @@ def shape(event: Event, limits: ValueLimits, *, lowercase: bool) -> tuple[str, d
     """The GA4 event name and its params (before the checks of ``params``)."""
     props = event.properties
     if event.type == "page":
-        page = event.context.get("page") if isinstance(event.context.get("page"), dict) else {}
+        page = event.context.get("page")
+        if not isinstance(page, dict):
+            page = {}
         pairs = {key: value for key, value in props.items() if key not in PAGE_KEYS}
         pairs["page_location"] = _first(props, "url") or page.get("url")
         pairs["page_referrer"] = _first(props, "referrer") or page.get("referrer")

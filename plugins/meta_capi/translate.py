@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, timedelta
 from typing import Any
 
@@ -147,7 +147,9 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     """Customer information: contact fields normalized and SHA-256 hashed, the ids hashed,
     IP, user agent, fbc and fbp as they are (Customer Information Parameters)."""
     traits = _traits(event)
-    address = traits.get("address") if isinstance(traits.get("address"), Mapping) else {}
+    address = traits.get("address")
+    if not isinstance(address, Mapping):
+        address = {}
     data: dict[str, Any] = {}
     _put_hashed(data, "em", _first(traits, EMAIL_KEYS), normalize_email)
     _put_hashed(data, "ph", _first(traits, PHONE_KEYS), normalize_phone)
@@ -268,7 +270,8 @@ def sha256(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
-def _put_hashed(data: dict[str, Any], key: str, value: Any, normalize) -> None:  # noqa: ANN001
+def _put_hashed(data: dict[str, Any], key: str, value: Any,
+                normalize: Callable[[Any], str | None]) -> None:
     """Normalize then hash ``value`` into ``data[key]``; a value that is already a SHA-256
     hex digest is passed as it is (Meta's SDKs do the same)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -372,7 +375,7 @@ def _quantity(product: Mapping[str, Any]) -> int:
     return 1
 
 
-def _first(data: Mapping[str, Any], keys) -> Any:  # noqa: ANN001
+def _first(data: Mapping[str, Any], keys: Iterable[str]) -> Any:
     for key in keys:
         if data.get(key) is not None:
             return data[key]

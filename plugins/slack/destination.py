@@ -48,7 +48,7 @@ class SlackSettings(BaseModel):
     url: SecretStr = Field(description="Incoming webhook URL (https://hooks.slack.com/services/"
                                        "…). It is the secret: anyone with it can post.")
     types: list[CallType] = Field(
-        default_factory=lambda: ["track", "identify"],
+        default_factory=lambda: list[CallType](("track", "identify")),
         description="Call types that post a message; others are skipped.")
     events: list[str] | None = Field(
         None, description="Track event names or glob patterns (`Order *`) that post. Unset: "
@@ -136,8 +136,9 @@ class Slack(Destination[SlackSettings]):
             raise SkipEvent(f"{name!r} matches none of the `events` setting")
 
 
-def _compile(templates: Mapping[str, str], call_type: str) -> Template:
+def _compile(templates: Mapping[TemplateKey, str], call_type: CallType) -> Template:
     """The call type's own template, else ``default``, else the built-in text."""
+    key: TemplateKey
     for key in (call_type, "default"):
         if key in templates:
             return Template(templates[key], where=f"settings.templates.{key}")

@@ -172,8 +172,7 @@ class DeliveryProcess:
             self._wake_socket = None
         self._carried, self._counted = added(self._carried, self._counted), {}
         ready = self._ready
-        starting = ready is not None and not ready.done()
-        if starting:
+        if ready is not None and not ready.done():
             ready.set_exception(RuntimeError("delivery process exited during start"))
         if self._stopping or not self._started:
             return  # stopping, or the first start failed: start() raises it

@@ -9,15 +9,15 @@ import time
 
 
 class RateLimiter:
-    """A token bucket: ``rate`` requests a second on average, bursts up to ``burst``."""
+    """A token bucket: ``rate`` requests a second on average, bursts up to one second's worth
+    (at least one request)."""
 
-    def __init__(self, rate: float | None, *, burst: float | None = None,
-                 clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
+    def __init__(self, rate: float | None) -> None:
         self.rate = rate
-        self.capacity = burst if burst is not None else max(1.0, rate or 1.0)
+        self.capacity = max(1.0, rate or 1.0)
         self.tokens = self.capacity
-        self.clock = clock
-        self.updated = clock()
+        self.clock = time.monotonic
+        self.updated = self.clock()
         self.paused_until = 0.0
         self._lock = asyncio.Lock()
 

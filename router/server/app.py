@@ -343,7 +343,8 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
         _source_from_header(request)
     except Problem as problem:
         return _refuse(request, problem)
-    return await _default_expect_handler(request)
+    await _default_expect_handler(request)  # writes "100 Continue"
+    return None
 
 
 # -- operators --------------------------------------------------------------------------------
@@ -403,7 +404,8 @@ async def _answer_problems(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {hdrs.ALLOW: exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+        headers: dict[str, str] | None = (
+            {hdrs.ALLOW: exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None)
         return _refuse(request, Problem(exc.status, _slug(exc.reason), exc.reason,
                                         headers=headers))
     except Exception:

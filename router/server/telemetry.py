@@ -23,23 +23,23 @@ class IngestMetrics:
         self.registry = registry or Registry()
         self.destinations = tuple(destinations)
         add = self.registry.add
-        self.events: Counter = add(Counter(  # type: ignore[assignment]
+        self.events = add(Counter(
             "router_ingest_events_total",
             "Events received over HTTP, by source, call type and outcome "
             "(accepted, rejected, duplicate).", ["source", "type", "outcome"]))
-        self.decisions: Counter = add(Counter(  # type: ignore[assignment]
+        self.decisions = add(Counter(
             "router_destination_events_total",
             "Accepted events by destination and what routing decided for it: send, skipped "
             "(integrations map, filter, nothing to send) or invalid (the destination refused "
             "to translate it; `router send --dry-run` shows why).",
             ["destination", "outcome"]))
-        self.requests: Counter = add(Counter(  # type: ignore[assignment]
+        self.requests = add(Counter(
             "router_http_requests_total", "HTTP requests answered, by endpoint and status.",
             ["endpoint", "status"]))
-        self.refusals: Counter = add(Counter(  # type: ignore[assignment]
+        self.refusals = add(Counter(
             "router_http_refused_total", "Requests refused as a whole, by reason code "
             "(unauthorized, request_too_large, invalid_json, ...).", ["code"]))
-        self.commit_seconds: Histogram = add(Histogram(  # type: ignore[assignment]
+        self.commit_seconds = add(Histogram(
             "router_ingest_commit_seconds",
             "Time to make a request's accepted events durable (the wait before 200)."))
         self._stats = StorageStats()

@@ -13,10 +13,10 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 class MemoryStorage(Storage):
     def __init__(self) -> None:
         self.seen: dict[tuple[str, str], float] = {}
-        self.jobs: dict[int, Job] = {}
-        self.due: dict[int, float] = {}
-        self.leased_until: dict[int, float] = {}
-        self.letters: dict[int, DeadLetter] = {}
+        self.jobs: dict[int | str, Job] = {}
+        self.due: dict[int | str, float] = {}
+        self.leased_until: dict[int | str, float] = {}
+        self.letters: dict[int | str, DeadLetter] = {}
         self._ids = itertools.count(1)
         self._accept_calls = 0
 

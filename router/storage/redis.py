@@ -43,7 +43,7 @@ try:  # an optional dependency: ``pip install event-router[redis]``
     from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - reported when a redis:// URL is used
-    aioredis = None
+    aioredis = None  # type: ignore[assignment]
 
 log = logging.getLogger("router.storage.redis")
 

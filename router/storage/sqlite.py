@@ -153,7 +153,7 @@ class SqliteStorage(Storage):
         self._bundle_of: dict[int | str, _OpenBundle] = {}
         """The jobs of bundles leased by this process and not yet settled, each with its
         bundle: what a cursor moved back by ``release`` must not hand out twice."""
-        self._undo: list[Callable[[], None]] | None = None
+        self._undo: list[Callable[[], object]] | None = None
         """How to undo what the running operation changed in the state above, should its
         SQL be rolled back (see ``_on_rollback``)."""
 
@@ -323,7 +323,7 @@ class SqliteStorage(Storage):
         disk makes SQLite roll back the whole transaction by itself: then every operation
         of the batch fails, and its changes are undone."""
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        undo_so_far: list[Callable[[], None]] = []
+        undo_so_far: list[Callable[[], object]] = []
         alone = len(batch) == 1
         try:
             _begin(connection)
@@ -335,7 +335,8 @@ class SqliteStorage(Storage):
                     result = operation(connection)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     _undo(self._undo)
-                    error = _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                    error: BaseException = (_storage_error(exc) if isinstance(exc, sqlite3.Error)
+                                            else exc)
                     if not connection.in_transaction:
                         raise _TransactionLost(error) from exc
                     connection.execute("ROLLBACK" if alone else "ROLLBACK TO operation")
@@ -355,10 +356,10 @@ class SqliteStorage(Storage):
             outcomes = [(future, None, error) for _, future, _ in batch]
         finally:
             self._undo = None
-        for future, result, error in outcomes:
-            future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+        for future, result, failure in outcomes:
+            future.get_loop().call_soon_threadsafe(_resolve, future, result, failure)
 
-    def _on_rollback(self, undo: Callable[[], None]) -> None:
+    def _on_rollback(self, undo: Callable[[], object]) -> None:
         """Note how to undo a change the running operation made to this process's memory
         (a bundle settled, a cursor moved), run if its SQL is rolled back: left in place, a
         job whose retry could not be written on a full disk was in no table and in no
@@ -714,9 +715,10 @@ class SqliteStorage(Storage):
                 if self._bundle_of.pop(job_id, None) is None:
                     rows.append((now, job_id))
                     continue
-                lane = int(job_id) >> LANE_BITS
-                if self._read_up_to.get(lane, job_id) >= job_id:
-                    self._read_up_to[lane] = int(job_id) - 1
+                number = int(job_id)
+                lane = number >> LANE_BITS
+                if self._read_up_to.get(lane, number) >= number:
+                    self._read_up_to[lane] = number - 1
             connection.executemany("UPDATE jobs SET leased = 0, due_at = ? WHERE id = ?", rows)
 
         await self._call(operation)
@@ -727,8 +729,7 @@ class SqliteStorage(Storage):
         def operation(connection: sqlite3.Connection) -> list[DeadLetter]:
             rows = connection.execute(f"SELECT {_LETTER_COLUMNS} FROM dead_letters{clause} "
                                       "ORDER BY id LIMIT ?", (*params, limit)).fetchall()
-            return [DeadLetter(*row[:11], orjson.loads(row[11]) if row[11] else None, row[12])
-                    for row in rows]
+            return [_dead_letter(row) for row in rows]
 
         return await self._call(operation)
 
@@ -1062,6 +1063,15 @@ def _begin(connection: sqlite3.Connection) -> None:
         delay = min(delay * 2, 0.001)
 
 
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    """A dead letter from a row of ``_LETTER_COLUMNS``; its request is stored as JSON."""
+    (letter_id, destination, message_id, user_key, group, body, attempts, created_at,
+     failed_at, reason, status, request, response) = row
+    return DeadLetter(letter_id, destination, message_id, user_key, group, body, attempts,
+                      created_at, failed_at, reason, status,
+                      orjson.loads(request) if request else None, response)
+
+
 class _TransactionLost(Exception):
     """SQLite rolled back the whole transaction by itself (it does on a full disk)."""
 
@@ -1070,7 +1080,7 @@ class _TransactionLost(Exception):
         self.error = error
 
 
-def _undo(changes: list[Callable[[], None]]) -> None:
+def _undo(changes: list[Callable[[], object]]) -> None:
     for undo in reversed(changes):
         undo()
 
