@@ -90,6 +90,15 @@ def redacted_url(url: str) -> str:
     return _masked_credential_query(url)
 
 
+_URL = re.compile(r"""\b([a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^@/\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
+
+
+def urls_cut_to_host(text: str) -> str:
+    """``text`` with each URL in it cut to its scheme and host: for messages that quote a
+    URL (aiohttp's errors, a redirect's ``Location``), whose path or query may hold a key."""
+    return _URL.sub(lambda match: f"{match.group(1)}://{match.group(2)}/…", text)
+
+
 def _masked_credential_query(url: str) -> str:
     return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, url)
 

@@ -13,10 +13,15 @@ from email.utils import parsedate_to_datetime
 
 from router.destination import DeliveryDefaults, Outcome
 from router.errors import PermanentError, RetryableError
+from router.redaction import urls_cut_to_host
 
 MAX_RETRY_AFTER = 15 * 60.0
 """A ``Retry-After`` beyond this is capped: an API asking for a day is not trusted to mean it,
 and the event's own ``max_age`` decides when to give up."""
+
+MAX_LOCATION_SHOWN = 200
+"""Characters of a redirect's ``Location`` read for its reason, which shows only its scheme
+and host: enough to see where the destination moved."""
 
 # Vendor rate-limit headers that say when to come back, in seconds (Braze, others).
 _RETRY_AFTER_HEADERS = ("retry-after", "x-ratelimit-retry-after", "x-rate-limit-retry-after")
@@ -31,8 +36,17 @@ def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset
     if status in retry_on:
         return RetryableError(f"HTTP {status}", retry_after=retry_after(headers, now=now))
     if 300 <= status < 400:
-        return PermanentError(f"HTTP {status}: redirects are not followed")
+        return PermanentError(f"HTTP {status}{_redirected_to(headers.get('location'))}: "
+                              "redirects are not followed")
     return PermanentError(f"HTTP {status}")
+
+
+def _redirected_to(location: str | None) -> str:
+    if not location:
+        return ""
+    if "://" not in location:
+        return " (to a path on the same host)"
+    return f" (to {urls_cut_to_host(location[:MAX_LOCATION_SHOWN])})"
 
 
 def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:

@@ -7,12 +7,12 @@ checked on each request is the one that applies (see ``egress.py``).
 
 from __future__ import annotations
 
-
 import aiohttp
 
 from router.delivery.egress import EgressBlocked, EgressPolicy, egress_reason, session_kwargs
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
+from router.redaction import urls_cut_to_host
 from router.runtime import release_descriptors, reserve_descriptors
 
 MAX_RESPONSE_BYTES = 256 * 1024
@@ -58,17 +58,21 @@ class Transport:
     async def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
         """Send one request. Returns the response whatever its status; raises
         ``RetryableError`` for network failures and timeouts, ``PermanentError`` for a
-        request the egress policy refuses."""
-        assert self._session is not None, "transport not started"
+        request the egress policy refuses. Reasons never quote the URL: aiohttp's messages
+        do, query string (and any key in it) included."""
         try:
-            # The guarded connector checks the URL against the egress policy on every
-            # request, pooled connection or not (egress.py), so it is not checked here too.
-            async with self._session.request(
-                    request.method, request.url, headers=request.headers, data=request.body,
-                    allow_redirects=False, timeout=self._timeout(timeout)) as answer:
-                body = await answer.content.read(MAX_RESPONSE_BYTES)
-                # aiohttp's case-insensitive view, not a copy: vendors' header names vary
-                return HttpResponse(answer.status, answer.headers, body)
+            try:
+                return await self._exchange(request, timeout)
+            except aiohttp.ClientConnectorError:
+                raise
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # Closed before any answer: most often a pooled keep-alive connection the
+                # server closed as the request went out (its idle timeout raced ours), so
+                # the request never reached it. Sent once more at once, as aiohttp does for
+                # idempotent methods; every request the router sends is idempotent
+                # downstream (each event carries its vendor's dedup id), and the attempt it
+                # would otherwise spend is the event's.
+                return await self._exchange(request, timeout)
         except EgressBlocked as exc:
             raise PermanentError(f"egress refused: {exc}") from None
         except TimeoutError:
@@ -77,12 +81,55 @@ class Transport:
             reason = egress_reason(exc)
             if reason:
                 raise PermanentError(f"egress refused: {reason}") from None
-            raise RetryableError(f"cannot connect: {exc.os_error or exc}") from None
+            # A TLS handshake reset has an os_error with no text at all.
+            detail = str(exc.os_error or "") or str(exc)
+            raise RetryableError(f"cannot connect: {urls_cut_to_host(detail)}") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
                 aiohttp.ClientOSError) as exc:
-            raise RetryableError(f"connection lost: {type(exc).__name__}: {exc}") from None
+            raise RetryableError(f"connection lost: {_described(exc)}") from None
         except (aiohttp.InvalidUrlClientError, aiohttp.NonHttpUrlClientError) as exc:
-            raise PermanentError(f"invalid URL: {exc}") from None  # again would not help
+            raise PermanentError(f"invalid URL: {_described(exc)}") from None  # again won't help
+        except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP/1.1 as written
+            # Its status is aiohttp's own (400), not one the server sent.
+            raise RetryableError(f"invalid response: {_described(exc, text=exc.message)}"
+                                 ) from None
         except aiohttp.ClientError as exc:
-            raise RetryableError(f"request failed: {type(exc).__name__}: {exc}") from None
+            raise RetryableError(f"request failed: {_described(exc)}") from None
 
+    async def _exchange(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        assert self._session is not None, "transport not started"
+        # The guarded connector checks the URL against the egress policy on every request,
+        # pooled connection or not (egress.py), so it is not checked here too.
+        async with self._session.request(
+                request.method, request.url, headers=request.headers, data=request.body,
+                allow_redirects=False, timeout=self._timeout(timeout)) as answer:
+            try:
+                body = await _read_body(answer.content)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # Answered already: not to be sent again at once, as a failure before the
+                # answer is.
+                raise aiohttp.ClientPayloadError(
+                    f"the answer was cut short: {type(exc).__name__}") from exc
+            # aiohttp's case-insensitive view, not a copy: vendors' header names vary
+            return HttpResponse(answer.status, answer.headers, body)
+
+
+async def _read_body(content: aiohttp.StreamReader) -> bytes:
+    """The body, up to ``MAX_RESPONSE_BYTES``. One ``read(n)`` returns only what has arrived
+    so far: a vendor's list of refused items sent in two packets was read as its first, not
+    JSON, so its refusals went unseen and the events counted as delivered."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_RESPONSE_BYTES:
+        chunk = await content.read(MAX_RESPONSE_BYTES - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _described(error: BaseException, *, text: str | None = None) -> str:
+    """``error`` as ``Type: text`` for a reason (its own text unless given one)."""
+    text = urls_cut_to_host(str(error) if text is None else text)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

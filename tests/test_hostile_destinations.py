@@ -1,0 +1,293 @@
+"""Destinations that misbehave below the status code: answers in pieces, keep-alive
+connections closed under the client, answers that are not HTTP, TLS that never settles.
+Each server is a raw asyncio socket server on 127.0.0.1 that writes exactly the bytes a test
+needs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from router.delivery.egress import EgressPolicy
+from router.delivery.retry import classify_status
+from router.delivery.transport import Transport
+from router.destination import HttpRequest
+from router.errors import RetryableError
+from router.storage.base import DeadLetterFilter
+from tests.delivery_helpers import FAST_RETRIES, router_for, track, webhook
+
+TLS_FIXTURES = Path(__file__).parent / "fixtures" / "tls"
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A loopback server running ``handler`` for each connection; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def __aenter__(self) -> RawServer:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        body = await reader.readexactly(length)
+        self.requests.append(body)
+        return body
+
+
+def answer(status: int, body: bytes = b"{}", *, reason: bytes = b"OK") -> bytes:
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (status, reason, len(body)) + body)
+
+
+async def send(request: HttpRequest, *, timeout: float = 5.0):
+    transport = Transport(EgressPolicy(allow_private_addresses=True), connections=8)
+    await transport.start()
+    try:
+        return await transport.send(request, timeout=timeout)
+    finally:
+        await transport.close()
+
+
+async def test_an_answer_that_arrives_in_pieces_is_read_whole() -> None:
+    body = orjson.dumps({"errors": [{"index": n, "type": "'name' is required"}
+                                    for n in range(50)]})
+
+    async def in_two_packets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        whole = answer(201, body, reason=b"Created")
+        writer.write(whole[:100])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the first packet has long been read by then
+        writer.write(whole[100:])
+        await writer.drain()
+
+    async with RawServer(in_two_packets) as server:
+        response = await send(HttpRequest("POST", server.url(), {}, b"{}"))
+    assert response.status == 201
+    assert response.body == body
+
+
+async def test_item_refusals_in_a_late_packet_are_dead_lettered(tmp_path) -> None:
+    """Braze answers 201 with the events it refused; read as its first packet only, that
+    answer was not JSON and all 20 events counted as delivered."""
+    refused = [{"type": "'name' is required", "input_array": "events", "index": n}
+               for n in range(5)]
+    body = orjson.dumps({"message": "success", "errors": refused})
+
+    async def braze(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            whole = answer(201, body, reason=b"Created")
+            writer.write(whole[:120])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(whole[120:])
+            await writer.drain()
+
+    async with RawServer(braze) as server:
+        destination = {"name": "braze", "plugin": "braze",
+                       "settings": {"api_key": "k" * 36, "rest_endpoint": server.url("")},
+                       "delivery": {**FAST_RETRIES, "batch_wait": "200ms"}}
+        router = router_for(tmp_path, [destination])
+        async with router:
+            await router.route_many([track(n, user=f"u{n}") for n in range(20)])
+            assert await router.drain(timeout=20)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=100)
+            delivered = router.delivery_metrics.delivered.get("braze")
+    assert len(server.requests) == 1
+    assert sorted(letter.message_id for letter in letters) == [f"m-{n}" for n in range(5)]
+    assert all("'name' is required" in letter.reason for letter in letters)
+    assert delivered == 15
+
+
+async def test_a_keep_alive_connection_closed_under_the_client_costs_no_attempt(
+        tmp_path) -> None:
+    """The server closes each connection it has answered on once the next request comes,
+    without answering it: its idle timeout racing the client's reuse. With one attempt
+    allowed, every event was dead-lettered but the first, never having reached the server."""
+    async def one_answer_a_connection(reader: asyncio.StreamReader,
+                                      writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(200))
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: closed
+
+    async with RawServer(one_answer_a_connection) as server:
+        hook = webhook("hook", server.url(), max_attempts=1, concurrency=1)
+        router = router_for(tmp_path, [hook])
+        async with router:
+            for n in range(10):  # one at a time, so each reuses the last connection
+                await router.route(track(n))
+                assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=100)
+    assert letters == []
+    assert sorted(orjson.loads(body)["messageId"] for body in server.requests) == \
+        sorted(f"m-{n}" for n in range(10))
+    assert server.connections >= 10
+
+
+async def test_a_server_that_resets_every_request_gets_it_twice_an_attempt() -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with RawServer(reset) as server:
+        with pytest.raises(RetryableError, match="connection lost"):
+            await send(HttpRequest("POST", server.url(), {}, b"{}"))
+    assert len(server.requests) == 2
+
+
+async def test_reasons_never_quote_a_webhook_url_and_its_key(tmp_path, caplog) -> None:
+    """aiohttp's errors quote the whole URL: a key in a webhook's query string went into
+    every log line, dead letter and ``router dlq list``."""
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HELLO THERE\r\n\r\n")
+        await writer.drain()
+
+    caplog.set_level(logging.WARNING)
+    async with RawServer(not_http) as server:
+        url = server.url("/hook?token=qtokLITERALabc12345&x=1")
+        router = router_for(tmp_path, [webhook("hook", url, max_attempts=2)])
+        async with router:
+            await router.route_many([track(n) for n in range(3)])
+            assert await router.drain(timeout=20)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=100)
+    assert len(letters) == 3
+    for letter in letters:
+        assert letter.reason.startswith("gave up after 2 attempts; last: invalid response: ")
+        assert "Bad status line" in letter.reason
+        assert "400" not in letter.reason  # aiohttp's own code, not the server's
+    shown = caplog.text + "".join(letter.reason for letter in letters)
+    assert "qtokLITERAL" not in shown
+
+
+def tls_server_context(*, tls_1_0_only: bool = False) -> ssl.SSLContext:
+    """A server context with the fixture's self-signed certificate for 127.0.0.1."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if tls_1_0_only:
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1
+        context.set_ciphers("ALL:@SECLEVEL=0")
+    context.load_cert_chain(TLS_FIXTURES / "localhost.crt", TLS_FIXTURES / "localhost.key")
+    return context
+
+
+async def tls_server(context: ssl.SSLContext) -> asyncio.Server:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(100)
+        except (OSError, ssl.SSLError):
+            pass
+        writer.close()
+
+    return await asyncio.start_server(swallow, "127.0.0.1", 0, ssl=context)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1 is deprecated:DeprecationWarning")
+async def test_a_tls_handshake_refused_says_why() -> None:
+    """A server that speaks only TLS 1.0 ends the handshake with an error that has no text:
+    the reason read ``cannot connect: `` and nothing more."""
+    try:
+        context = tls_server_context(tls_1_0_only=True)
+    except ssl.SSLError:
+        pytest.skip("this OpenSSL cannot serve TLS 1.0 at all")
+    server = await tls_server(context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(RetryableError) as raised:
+            await send(HttpRequest("POST", f"https://127.0.0.1:{port}/hook?token=qtokLITERAL",
+                                   {}, b"{}"))
+    finally:
+        server.close()
+    reason = raised.value.reason
+    assert reason.startswith("cannot connect: ")
+    assert reason.removeprefix("cannot connect: ").strip(), reason
+    assert "qtokLITERAL" not in reason
+
+
+async def test_certificates_are_verified() -> None:
+    server = await tls_server(tls_server_context())
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(RetryableError, match="certificate verify failed"):
+            await send(HttpRequest("POST", f"https://127.0.0.1:{port}/hook", {}, b"{}"))
+    finally:
+        server.close()
+
+
+async def test_a_private_ca_is_trusted_through_ssl_cert_file() -> None:
+    """The documented way to trust a private CA: ``SSL_CERT_FILE`` names the bundle that
+    OpenSSL reads instead of the system's, for the whole process."""
+    async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(200))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_ok, "127.0.0.1", 0, ssl=tls_server_context())
+    port = server.sockets[0].getsockname()[1]
+    script = ("import asyncio, sys; from tests.test_hostile_destinations import send; "
+              "from router.destination import HttpRequest; "
+              f"print(asyncio.run(send(HttpRequest('POST', 'https://127.0.0.1:{port}/', {{}}, "
+              "b'{}'))).status)")
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+            env={**os.environ, "SSL_CERT_FILE": str(TLS_FIXTURES / "localhost.crt")})
+        out, err = await asyncio.wait_for(child.communicate(), 60)
+    finally:
+        server.close()
+    assert out.decode().strip() == "200", err.decode()[-2000:]
+
+
+async def test_a_redirect_names_where_without_its_path_or_query() -> None:
+    async def moved(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example.com/"
+                     b"hooks/T000/B000/secretpath?token=abc\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(moved) as server:
+        response = await send(HttpRequest("POST", server.url(), {}, b"{}"))
+    outcome = classify_status(response.status, response.headers, frozenset(), now=0.0)
+    assert outcome is not None
+    assert outcome.reason == ("HTTP 301 (to https://new.example.com/…): redirects are not "
+                              "followed")
