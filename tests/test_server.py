@@ -1034,6 +1034,27 @@ async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path:
     assert recorder.message_ids == ["serve-1"]
 
 
+async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
+                                                          tmp_path: Path) -> None:
+    """A closing terminal sends SIGHUP to the whole group: the router stopped at once (exit
+    129, no drain, no word) and left its delivery process behind."""
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
+                      + "delivery:\n  own_process: true\n")
+    process, _ = await _serve(config, _free_port(), start_new_session=True)
+    try:
+        os.killpg(process.pid, signal.SIGHUP)
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert "router: SIGHUP received" in out.decode()
+    assert "router: stopped" in out.decode()
+    assert "delivery process exited" not in err.decode()
+
+
 async def test_serve_on_a_busy_port_exits_1(recorder: Recorder, tmp_path: Path) -> None:
     config = tmp_path / "router.yaml"
     config.write_text(config_text(recorder.url))

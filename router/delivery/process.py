@@ -234,8 +234,10 @@ async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
 
 def main(fd: int, wake_fd: int) -> None:
     """The delivery process's entry point. Ctrl-C reaches the whole process group; the
-    parent decides when to stop, so the child ignores SIGINT and takes SIGTERM as ``stop``."""
+    parent decides when to stop, so the child ignores SIGINT and SIGHUP (a closing terminal
+    sends both to the group) and takes SIGTERM as ``stop``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     connection = Connection(fd)
     kind, (loaded, base_dir) = connection.recv()

@@ -1,5 +1,5 @@
 """``router serve``: the ingest API and delivery (in this process, or with ``own_process`` in
-a second one), until SIGINT or SIGTERM.
+a second one), until SIGINT, SIGTERM or SIGHUP.
 
 Shutdown order is what keeps the promise that nothing accepted is lost: first stop accepting
 (close the listening socket, let requests in progress finish — each of them answers 200 only
@@ -29,7 +29,9 @@ from router.server.accesslog import ACCESS_LOGGER
 from router.server.app import METRICS, create_app, create_runner
 from router.server.listen import listen
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: a closing terminal sends it, and an operator expecting a reload gets a clean
+# stop (a supervisor's restart then reads the config again), not an abrupt one.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def serve(config_path: str | os.PathLike[str], host: str | None = None,
@@ -50,7 +52,7 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in _STOP_SIGNALS:
-        loop.add_signal_handler(signum, _on_stop_signal, loop, stop)
+        loop.add_signal_handler(signum, _on_stop_signal, loop, stop, signum)
     try:
         try:
             await router.start()
@@ -113,9 +115,11 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
         await runner.cleanup()
 
 
-def _on_stop_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+def _on_stop_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, signum: int
+                    ) -> None:
     """First signal: drain gracefully. Our handlers are then removed, so a second one has
-    its default effect (Ctrl-C raises KeyboardInterrupt, SIGTERM terminates)."""
+    its default effect (Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP terminate)."""
+    print(f"router: {signal.Signals(signum).name} received", flush=True)
     stop.set()
     for signum in _STOP_SIGNALS:
         loop.remove_signal_handler(signum)
