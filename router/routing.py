@@ -109,7 +109,7 @@ class Router:
         self.window = self.config.dedup.window
         self._deliver = deliver
         self._delivery: Any = None
-        self.delivery_metrics = DeliveryMetrics()
+        self.delivery_metrics = DeliveryMetrics(d.name for d in self.destinations)
         self._watchdog = LoopWatchdog(
             holds_up="intake, delivery and /health"
             if deliver and not self.config.delivery.own_process else "intake and /health")

@@ -260,11 +260,11 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     grace = [config.server.shutdown_grace]
     at_once = asyncio.Event()
     """Set when the stop must not wait any longer: the parent is gone, or said so."""
-    metrics = DeliveryMetrics()
     egress = egress_policy(config)
     storage = storage_for_url(config.storage, base_dir=base_dir)
     try:
         destinations = build_destinations(loaded, create_registry(), egress)
+        metrics = DeliveryMetrics(d.name for d in destinations)
         await storage.open()
         service = DeliveryService(
             destinations, storage, egress=egress, metrics=metrics,

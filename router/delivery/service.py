@@ -61,7 +61,7 @@ class DeliveryService:
                  rng: random.Random | None = None, clock: DeliveryClock | None = None,
                  dead_letter_retention: float | None = None) -> None:
         self.storage = storage
-        self.metrics = metrics or DeliveryMetrics()
+        self.metrics = metrics or DeliveryMetrics(d.name for d in destinations)
         self.transport = Transport(egress, connections=sum(
             destination.delivery.concurrency for destination in destinations))
         rng = rng or random.Random()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from router.metrics import Counter, Histogram, Metric, Registry
@@ -12,7 +13,8 @@ Snapshot = dict[str, dict[tuple[str, ...], Any]]
 
 
 class DeliveryMetrics:
-    def __init__(self, registry: Registry | None = None) -> None:
+    def __init__(self, destinations: Iterable[str] = (), registry: Registry | None = None
+                 ) -> None:
         self.registry = registry or Registry()
         add = self.registry.add
         self.delivered = add(Counter(
@@ -31,6 +33,12 @@ class DeliveryMetrics:
         self.latency = add(Histogram(
             "router_delivery_latency_seconds", "From acceptance to delivery.",
             ["destination"]))
+        # Each destination's outcome counters exist from the start, at 0: a ratio such as
+        # dead-lettered / (delivered + dead-lettered) is empty in Prometheus, not 0 or 1,
+        # while one of its series has never been counted.
+        for name in destinations:
+            for counter in (self.delivered, self.retried, self.dead_lettered):
+                counter.values[(name,)] = 0
 
     def snapshot(self) -> Snapshot:
         """Every series by metric name: what a delivery process sends to the process that
