@@ -90,12 +90,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
+def _networks(networks: list[str]) -> list[str]:
+    for index, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"entry {index} is not a network such as 10.1.0.0/16") from None
+    return networks
+
+
+Networks = Annotated[list[str], AfterValidator(_networks)]
+"""CIDRs (``10.1.0.0/16``, ``fd00::/8``, or one address), checked at load."""
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_request_bytes: int = Field(500 * 1024, ge=1024)
     max_connections: int = Field(1024, ge=1)
     shutdown_grace: Duration = 30.0
+    trusted_proxies: Networks = Field(
+        default_factory=list, description="addresses of reverse proxies whose "
+        "X-Forwarded-For names the client in the access log")
 
 
 class DedupConfig(_Section):
@@ -153,18 +169,8 @@ class DestinationConfig(_Section):
 
 class EgressConfig(_Section):
     allow_private_addresses: bool = False
-    allowed_networks: list[str] = Field(default_factory=list,
-                                        description="CIDRs allowed even when private")
-
-    @field_validator("allowed_networks")
-    @classmethod
-    def _networks(cls, networks: list[str]) -> list[str]:
-        for index, network in enumerate(networks):
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"entry {index} is not a network such as 10.1.0.0/16") from None
-        return networks
+    allowed_networks: Networks = Field(default_factory=list,
+                                       description="CIDRs allowed even when private")
 
 
 class DeliveryConfig(_Section):

@@ -801,3 +801,17 @@ def test_secrets_never_appear_in_config_errors(tmp_path, text):
     assert SECRET not in str(error)
     assert SECRET not in repr(error)
     assert SECRET not in (error.message or "")
+
+
+@pytest.mark.parametrize("section, key", [("server", "trusted_proxies"),
+                                          ("egress", "allowed_networks")])
+def test_a_network_list_names_the_entry_that_is_not_a_network(tmp_path, section, key):
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        {section}:
+          {key}: ["10.0.0.0/8", "proxy.internal"]   #!
+    """)
+    error = config_error(path)
+    assert_points_at(error, path, line, f"{section}.{key}")
+    assert "entry 1 is not a network such as 10.1.0.0/16" in error.message
+    assert "proxy.internal" not in str(error)

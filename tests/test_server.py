@@ -14,6 +14,7 @@ import contextlib
 import gzip
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -41,7 +42,9 @@ from router.server import body as body_module
 from router.server import auth as auth_module
 from router.server.app import create_app, create_runner
 from router.server.auth import WriteKeys
+from router.server.accesslog import client_address
 from router.server.body import GzipDecoder
+from router.server.listen import TURN_AWAY
 from router.server.problems import Problem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
@@ -961,6 +964,42 @@ async def test_access_log_is_json_without_secrets_or_bodies(
         assert secret not in everything
 
 
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(("peer", "forwarded_for", "client"), [
+    ("203.0.113.5", "198.51.100.1", "203.0.113.5"),  # not a proxy: its header is its own
+    ("10.0.0.9", None, "10.0.0.9"),
+    ("10.0.0.9", "198.51.100.1", "198.51.100.1"),
+    ("10.0.0.9", "198.51.100.1, 10.0.0.5", "198.51.100.1"),  # two proxies
+    # the client wrote an address of its choice; the proxy appended the real one
+    ("10.0.0.9", "6.6.6.6, 198.51.100.1", "198.51.100.1"),
+    ("10.0.0.9", "not an address, 198.51.100.1", "198.51.100.1"),
+    ("10.0.0.9", "198.51.100.1, garbage", "10.0.0.9"),  # the chain breaks at a proxy
+    ("10.0.0.9", "10.0.0.1, 10.0.0.2", "10.0.0.1"),  # proxies only: the first of them
+    ("fd00::1", "2001:db8::7", "2001:db8::7"),
+    ("::ffff:10.0.0.9", " 198.51.100.1 ", "198.51.100.1"),  # a dual-stack listener
+])
+def test_the_client_is_read_from_x_forwarded_for_past_trusted_proxies(
+        peer: str, forwarded_for: str | None, client: str) -> None:
+    assert client_address(peer, forwarded_for, TRUSTED) == client
+
+
+def test_x_forwarded_for_is_ignored_without_trusted_proxies() -> None:
+    assert client_address("10.0.0.9", "198.51.100.1", ()) == "10.0.0.9"
+
+
+async def test_access_log_names_the_client_behind_a_trusted_proxy(
+        start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.access")
+    behind = await start_server(server='  trusted_proxies: ["127.0.0.1"]\n')
+    direct = await start_server()
+    for ingest in (behind, direct):
+        await ingest.post("/v1/track", track(), headers={"X-Forwarded-For": "203.0.113.9"})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.access"]
+    assert [line["remote"] for line in lines] == ["203.0.113.9", "127.0.0.1"]
+
+
 # == router serve ================================================================================
 
 def _child_env() -> dict[str, str]:
@@ -1112,9 +1151,15 @@ async def test_serve_turns_away_connections_over_max_connections(recorder: Recor
                 break
             await asyncio.sleep(0.05)
         assert b'router_http_refused_total{code="too_many_connections"}' in metrics
+        # counted with the other answers, for an error ratio over all of them
+        assert b'router_http_requests_total{endpoint="unread",status="503"} 1' in metrics
     finally:
         out, err = await _stop(process)
     assert process.returncode == 0, err
+    access = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {"method": None, "path": None, "status": 503, "bytes": len(TURN_AWAY),
+            "duration_ms": 0.0, "remote": "127.0.0.1", "source": None,
+            "refusal": "too_many_connections"} in access
 
 
 async def test_serve_logs_a_clients_malformed_request_in_one_line(recorder: Recorder,

@@ -8,7 +8,9 @@ the body: both can carry secrets and personal data.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+from collections.abc import Sequence
 
 import orjson
 from aiohttp import web
@@ -21,7 +23,15 @@ SOURCE = web.RequestKey("source", str)
 REFUSAL = web.RequestKey("refusal", str)
 """Set when the request is refused as a whole: the ``Problem`` code (e.g. ``unauthorized``)."""
 
+CLIENT = web.RequestKey("client", str)
+"""Set for every answer when ``server.trusted_proxies`` is configured: the client's address
+as ``client_address`` finds it."""
+
 MAX_LOGGED_PATH = 200
+MAX_FORWARDED_HOPS = 20
+"""``X-Forwarded-For`` entries read, from the right: more proxies than that is not a chain."""
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class JsonAccessLogger(AbstractAccessLogger):
@@ -32,7 +42,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "duration_ms": round(time * 1000, 2),
-            "remote": request.remote,
+            "remote": request.get(CLIENT, request.remote),
             "source": request.get(SOURCE),
         }
         refusal = request.get(REFUSAL)
@@ -43,6 +53,51 @@ class JsonAccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+def client_address(peer: str | None, forwarded_for: str | None,
+                   trusted: Sequence[Network]) -> str | None:
+    """Who sent the request: the peer, unless the peer is a trusted proxy. Each proxy appends
+    to ``X-Forwarded-For`` the address it got the request from, and anything to their left
+    came from the client, who can write what it likes there. So the entries are read from the
+    right, past the trusted proxies, and the first other address is the client's; a chain
+    made only of trusted proxies started at its leftmost. An entry that is not an address
+    ends the reading: the last proxy that could be believed is named instead."""
+    if not trusted or not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    client = peer
+    for hop in reversed(forwarded_for.split(",")[-MAX_FORWARDED_HOPS:]):
+        address = _address(hop.strip())
+        if address is None:
+            break
+        client = str(address)
+        if not any(address in network for network in trusted):
+            break
+    return client
+
+
+def _is_trusted(text: str | None, trusted: Sequence[Network]) -> bool:
+    address = _address(text) if text else None
+    return address is not None and any(address in network for network in trusted)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    # An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def log_turned_away(remote: str | None, status: int, size: int, refusal: str) -> None:
+    """The line for a connection refused before any request was read from it (over
+    ``server.max_connections``): no method, path or source, since none was read."""
+    if ACCESS_LOGGER.isEnabledFor(logging.INFO):
+        line = {"method": None, "path": None, "status": status, "bytes": size,
+                "duration_ms": 0.0, "remote": remote, "source": None, "refusal": refusal}
+        ACCESS_LOGGER.info("%s", orjson.dumps(line).decode())
 
 
 def _printable(text: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import re
 import time
@@ -36,7 +37,8 @@ from router.errors import StorageFull, StorageUnavailable
 from router.events import CALL_TYPES
 from router.input import with_batch_defaults
 from router.routing import RouteResult, Router
-from router.server.accesslog import ACCESS_LOGGER, REFUSAL, SOURCE, JsonAccessLogger
+from router.server.accesslog import (ACCESS_LOGGER, CLIENT, REFUSAL, SOURCE, JsonAccessLogger,
+                                     Network, client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, read_body
 from router.server.parsing import Rejection, check_event, parse_json
@@ -95,6 +97,7 @@ METRICS = web.AppKey("ingest_metrics", IngestMetrics)
 LIMITS = web.AppKey("limits", Limits)
 ADMISSION = web.AppKey("admission", asyncio.Semaphore)
 REJECTIONS = web.AppKey("rejections", FailureLog)
+TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
 MESSAGE_ID_SHOWN = 200
@@ -113,6 +116,8 @@ def create_app(router: Router) -> web.Application:
     app[WRITE_KEYS] = WriteKeys(config.sources)
     app[METRICS] = IngestMetrics(destinations=[d.name for d in router.destinations])
     app[LIMITS] = limits
+    app[TRUSTED_PROXIES] = tuple(ipaddress.ip_network(network, strict=False)
+                                 for network in config.server.trusted_proxies)
     app[ADMISSION] = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
     # Client libraries read neither a batch's list of rejected events nor, mostly, a 400's
     # reason: this log is where an operator sees why events went missing.
@@ -424,6 +429,12 @@ async def _finish_response(request: web.Request, response: web.StreamResponse) -
     """CORS on every ingest answer (errors included, so a browser can read them), and the
     request counted by endpoint and status."""
     endpoint = ENDPOINTS.get(request.path, "other")
+    trusted = request.app[TRUSTED_PROXIES]
+    if trusted:
+        client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                                trusted)
+        if client is not None:
+            request[CLIENT] = client
     if request.path.startswith("/v1/"):
         response.headers.setdefault("Access-Control-Allow-Origin", "*")
         response.headers.setdefault("Access-Control-Expose-Headers", "Retry-After")

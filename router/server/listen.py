@@ -34,8 +34,11 @@ LINGER = 2.0
 what the client still sends: closing with unread data makes the kernel reset the connection,
 and the client would see the reset instead of the 503."""
 
-_BODY = orjson.dumps(problem_body("too_many_connections",
-                                  "too many open connections; retry later"))
+TOO_MANY_CONNECTIONS = "too_many_connections"
+UNREAD_ENDPOINT = "unread"
+"""The endpoint label a turned-away connection counts under: its request was never read."""
+_BODY = orjson.dumps(problem_body(TOO_MANY_CONNECTIONS, "too many open connections; retry later"))
+TURN_AWAY_STATUS = 503
 TURN_AWAY = (b"HTTP/1.1 503 Service Unavailable\r\n"
              b"Content-Type: application/json\r\n"
              b"Access-Control-Allow-Origin: *\r\n"
@@ -47,10 +50,15 @@ TURN_AWAY = (b"HTTP/1.1 503 Service Unavailable\r\n"
 
 class _TurnAway(asyncio.Protocol):
     """One connection over the cap: the 503, then close once the client is done (or after
-    ``LINGER`` seconds)."""
+    ``LINGER`` seconds). ``turned_away`` is told the client's address."""
+
+    def __init__(self, turned_away: Callable[[str | None], None]) -> None:
+        self._turned_away = turned_away
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        self._turned_away(peer[0] if isinstance(peer, tuple) else None)
         transport.write(TURN_AWAY)
         if transport.can_write_eof():
             transport.write_eof()
@@ -69,18 +77,19 @@ class _TurnAway(asyncio.Protocol):
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections: int,
-                 turned_away: Callable[[], None] = lambda: None) -> asyncio.Server:
+                 turned_away: Callable[[str | None], None] = lambda remote: None
+                 ) -> asyncio.Server:
     """Serve ``runner``'s app on ``host:port``, at most ``max_connections`` connections at
-    once; ``turned_away`` is called for each connection over it. Close the returned server
-    before ``runner.cleanup()`` (which then drains the connections still open)."""
+    once; ``turned_away`` is called with the client's address for each connection over it.
+    Close the returned server before ``runner.cleanup()`` (which then drains the connections
+    still open)."""
     server = runner.server
     if server is None:
         raise RuntimeError("listen() needs a runner that is set up")
 
     def protocol() -> asyncio.BaseProtocol:
         if len(server.connections) >= max_connections:
-            turned_away()
-            return _TurnAway()
+            return _TurnAway(turned_away)
         return server()
 
     return await asyncio.get_running_loop().create_server(

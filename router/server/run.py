@@ -25,9 +25,10 @@ from router.errors import ConfigError
 from router.redaction import redacted_url
 from router.routing import Router
 from router.runtime import reserve_descriptors, tune_garbage_collector
-from router.server.accesslog import ACCESS_LOGGER
+from router.server.accesslog import ACCESS_LOGGER, log_turned_away
 from router.server.app import METRICS, create_app, create_runner
-from router.server.listen import listen
+from router.server.listen import (TOO_MANY_CONNECTIONS, TURN_AWAY, TURN_AWAY_STATUS,
+                                  UNREAD_ENDPOINT, listen)
 
 # SIGHUP too: a closing terminal sends it, and an operator expecting a reload gets a clean
 # stop (a supervisor's restart then reads the config again), not an abrupt one.
@@ -90,14 +91,20 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
     max_connections = reserve_descriptors(server_config.max_connections,
                                           "client connections (server.max_connections)")
     app = create_app(router)
-    refusals = app[METRICS].refusals
+    metrics = app[METRICS]
+
+    def turned_away(remote: str | None) -> None:
+        metrics.refusals.inc(TOO_MANY_CONNECTIONS)
+        metrics.requests.inc(UNREAD_ENDPOINT, str(TURN_AWAY_STATUS))
+        log_turned_away(remote, TURN_AWAY_STATUS, len(TURN_AWAY), TOO_MANY_CONNECTIONS)
+
     runner = create_runner(app, shutdown_timeout=grace)
     await runner.setup()
     try:
         try:
             listening = await listen(
                 runner, host, port, max_connections=max_connections,
-                turned_away=lambda: refusals.inc("too_many_connections"))
+                turned_away=turned_away)
         except OSError as exc:
             print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}",
                   file=sys.stderr)
