@@ -22,6 +22,7 @@ from router.destination import HttpRequest
 from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
                            StorageUnavailable)
 from router.input import Unreadable, UnreadableDocument, read_events
+from router import logs
 from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
@@ -37,7 +38,11 @@ JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
     try:
         return int(args.run(args) or EXIT_OK)
     except ConfigError as exc:

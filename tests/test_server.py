@@ -1014,13 +1014,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def _serve(config: Path, port: int, **options: Any
-                 ) -> tuple[asyncio.subprocess.Process, str]:
-    """``router serve`` with ``config`` on ``port``, once it has printed its banner; returns
-    the process and the banner."""
+async def _serve(config: Path, port: int, *, env: dict[str, str] | None = None,
+                 **options: Any) -> tuple[asyncio.subprocess.Process, str]:
+    """``router serve`` with ``config`` on ``port`` (``env`` added to the environment), once
+    it has printed its banner; returns the process and the banner."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
-        cwd=config.parent, env=_child_env(),
+        cwd=config.parent, env={**_child_env(), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, **options)
     assert process.stdout is not None and process.stderr is not None
     banner: list[str] = []
@@ -1096,6 +1096,40 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
     assert "router: SIGHUP received" in out.decode()
     assert "router: stopped" in out.decode()
     assert "delivery process exited" not in err.decode()
+
+
+async def test_serve_writes_only_json_lines_with_router_log_format_json(
+        tmp_path: Path) -> None:
+    """The start banner and the stop were plain text on stdout beside the JSON access lines,
+    and warnings on stderr were ``WARNING router.delivery: {...}``: no log pipeline could
+    read both streams as JSON."""
+    config = tmp_path / "router.yaml"
+    down = f"http://127.0.0.1:{_free_port()}/hook"  # nothing listens: every attempt fails
+    config.write_text(config_text(down, storage=f"sqlite:///{tmp_path}/router.db")
+                      + "delivery:\n  own_process: true\n")
+    port = _free_port()
+    process, banner = await _serve(config, port, env={"ROUTER_LOG_FORMAT": "json",
+                                                      "ROUTER_LOG_LEVEL": "info"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/v1/track", json=track("j-1"),
+                                    headers={"Authorization": basic(WEB_KEY)}) as response:
+                assert response.status == 200
+        await asyncio.sleep(1.5)  # the delivery process fails its first attempts
+        out, err = await _stop(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err
+    stdout = [json.loads(line) for line in (banner + out).splitlines()]
+    stderr = [json.loads(line) for line in err.splitlines()]
+    assert any(line.get("message", "").startswith("router: listening on") for line in stdout)
+    assert any(line.get("path") == "/v1/track" and line["status"] == 200 for line in stdout)
+    assert stdout[-1]["message"] == "router: stopped"
+    failures = [line for line in stderr if line.get("action") == "retry"]
+    assert failures and failures[0]["level"] == "WARNING"
+    assert failures[0]["logger"] == "router.delivery" and failures[0]["message_id"] == "j-1"
 
 
 async def test_serve_on_a_busy_port_exits_1(recorder: Recorder, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from router import logs
 from router.config import LoadedConfig
 from router.delivery.telemetry import DeliveryMetrics, Snapshot, added
 from router.errors import SpoolInUse
@@ -238,7 +239,7 @@ def main(fd: int, wake_fd: int) -> None:
     sends both to the group) and takes SIGTERM as ``stop``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure()  # the parent checked the environment it passed on
     connection = Connection(fd)
     kind, (loaded, base_dir) = connection.recv()
     assert kind == "config"

@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError
+from router.logs import announce
 from router.redaction import redacted_url
 from router.routing import Router
 from router.runtime import reserve_descriptors, tune_garbage_collector
@@ -77,7 +78,7 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
         for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
     if status == 0:
-        print("router: stopped", flush=True)
+        announce("router: stopped")
     return status
 
 
@@ -115,8 +116,8 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
         finally:
             listening.close()
         began = time.monotonic()
-        print(f"router: stopping (in-flight work finishes within {grace:g} s or goes back to "
-              "the queue; Ctrl-C again to stop at once)", flush=True)
+        announce(f"router: stopping (in-flight work finishes within {grace:g} s or goes back "
+                 "to the queue; Ctrl-C again to stop at once)")
         return 0, began
     finally:
         await runner.cleanup()
@@ -126,7 +127,7 @@ def _on_stop_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, signum
                     ) -> None:
     """First signal: drain gracefully. Our handlers are then removed, so a second one has
     its default effect (Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP terminate)."""
-    print(f"router: {signal.Signals(signum).name} received", flush=True)
+    announce(f"router: {signal.Signals(signum).name} received")
     stop.set()
     for signum in _STOP_SIGNALS:
         loop.remove_signal_handler(signum)
@@ -137,20 +138,19 @@ def _announce(router: Router, listening: asyncio.Server) -> None:
     for address in (sock.getsockname() for sock in listening.sockets):
         host, port = address[0], address[1]
         shown = f"[{host}]" if ":" in host else host
-        print(f"router: listening on http://{shown}:{port}  (POST /v1/batch, /v1/track, ...; "
-              "GET /health, /metrics)", flush=True)
-    print(f"  storage: {redacted_url(config.storage)}")
+        announce(f"router: listening on http://{shown}:{port}  (POST /v1/batch, /v1/track, "
+                 "...; GET /health, /metrics)")
+    announce(f"  storage: {redacted_url(config.storage)}")
     sources = ", ".join(source.name for source in config.sources)
-    print(f"  sources: {sources}" if sources else
-          "  WARNING: no sources are configured: every request is refused with 401 "
-          "(add sources with write_keys)")
+    announce(f"  sources: {sources}" if sources else
+             "  WARNING: no sources are configured: every request is refused with 401 "
+             "(add sources with write_keys)")
     if router.destinations:
-        print("  destinations: " + ", ".join(
+        announce("  destinations: " + ", ".join(
             f"{destination.name} ({destination.plugin.name})"
             for destination in router.destinations))
     else:
-        print("  destinations: none enabled (events are accepted and deduplicated only)")
-    sys.stdout.flush()
+        announce("  destinations: none enabled (events are accepted and deduplicated only)")
 
 
 def _log_access_to_stdout() -> None:

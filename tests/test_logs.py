@@ -1,0 +1,59 @@
+"""ROUTER_LOG_LEVEL and ROUTER_LOG_FORMAT: which lines are written, and in what form."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+
+from router import logs
+from router.cli import main
+
+
+def record(message: str, level: int = logging.WARNING, exc_info: object = None
+           ) -> logging.LogRecord:
+    return logging.LogRecord("router.delivery", level, __file__, 1, message, None,
+                             exc_info)  # type: ignore[arg-type]
+
+
+def test_a_json_line_merges_a_message_that_is_a_json_object() -> None:
+    failure = '{"destination":"hook","action":"retry","status":503,"level":"spoofed"}'
+    line = json.loads(logs.JsonFormatter().format(record(failure)))
+    assert line["level"] == "WARNING" and line["logger"] == "router.delivery"
+    assert (line["destination"], line["action"], line["status"]) == ("hook", "retry", 503)
+    assert line["time"].endswith("Z") and "message" not in line
+
+
+def test_a_json_line_keeps_a_plain_message_and_its_traceback() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        line = json.loads(logs.JsonFormatter().format(record("it broke", logging.ERROR,
+                                                             sys.exc_info())))
+    assert line["message"] == "it broke"
+    assert "RuntimeError: boom" in line["traceback"]
+
+
+@pytest.mark.parametrize("variable, value", [("ROUTER_LOG_LEVEL", "LOUD"),
+                                             ("ROUTER_LOG_FORMAT", "xml")])
+def test_a_wrong_value_is_refused_with_the_variable_named(monkeypatch, capsys, variable, value):
+    monkeypatch.setenv(variable, value)
+    assert main(["plugins"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {variable} must be one of ")
+    assert repr(value) in error
+
+
+def test_the_level_and_format_apply_to_the_root_logger(monkeypatch) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(logs, "_json_lines", False)
+    logs.configure({"ROUTER_LOG_LEVEL": "info", "ROUTER_LOG_FORMAT": "JSON"})
+    assert root.level == logging.INFO
+    (handler,) = root.handlers
+    assert isinstance(handler.formatter, logs.JsonFormatter)
+    logs.configure({})  # configured already: left as it is
+    assert root.handlers == [handler] and root.level == logging.INFO
