@@ -122,6 +122,8 @@ def check_command(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     router = Router(loaded, deliver=False)
     config = loaded.config
+    if args.storage:  # before "OK": a storage that cannot be used is a failed check
+        asyncio.run(_open_and_close(loaded, router.storage))
     print(f"{args.config}: OK")
     print(f"  storage: {redacted_url(config.storage)}")
     print(f"  dedup window: {_seconds(config.dedup.window)}")
@@ -139,17 +141,21 @@ def check_command(args: argparse.Namespace) -> int:
     if disabled:
         print(f"  disabled: {', '.join(disabled)}")
     if args.storage:
-        asyncio.run(_open_and_close(loaded, router.storage))
-        print("  storage: opened (it can be reached and used as configured)")
+        print("  storage: opened, with room for intake (it can be reached and used as "
+              "configured)")
     return EXIT_OK
 
 
 async def _open_and_close(loaded: LoadedConfig, storage: Storage) -> None:
     """Open the storage as a router would, without taking back any leases; ``ConfigError``
     at the ``storage`` line if it cannot be (down, a wrong password, a Redis that evicts
-    keys, a directory that cannot be written)."""
+    keys, a directory that cannot be written), ``StorageFull`` when intake would be refused
+    for want of room (a disk smaller than ``min_free_bytes``, say)."""
     await loaded.open_storage(storage, recover=False)
-    await storage.close()
+    try:
+        await storage.ping()
+    finally:
+        await storage.close()
 
 
 # -- send -------------------------------------------------------------------------------------

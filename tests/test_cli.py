@@ -367,10 +367,23 @@ def test_check_with_storage_opens_it_and_says_what_is_wrong_at_its_line(tmp_path
     completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert "router.yaml:1: storage: cannot open the storage" in completed.stderr
+    assert "OK" not in completed.stdout  # said once the storage check has passed
     (tmp_path / "router.yaml").write_text("storage: sqlite:///var/router.db\n")
     completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "storage: opened" in completed.stdout
+
+
+def test_check_with_storage_fails_when_intake_would_be_refused_for_want_of_room(tmp_path):
+    # A spool on a disk smaller than min_free_bytes passed the check, and the router then
+    # refused every event from its first.
+    (tmp_path / "router.yaml").write_text(
+        "storage: sqlite:///var/router.db?min_free_bytes=1000000000000000000\n")
+    completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
+    assert completed.returncode == 1, completed.stdout
+    assert "OK" not in completed.stdout
+    assert "error: the storage cannot be used now: the spool's disk has" in completed.stderr
+    assert "kept for delivery (?min_free_bytes=)" in completed.stderr
 
 
 def test_check_with_storage_refuses_a_redis_that_evicts(tmp_path):

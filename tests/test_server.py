@@ -1132,6 +1132,18 @@ async def test_serve_writes_only_json_lines_with_router_log_format_json(
     assert failures[0]["logger"] == "router.delivery" and failures[0]["message_id"] == "j-1"
 
 
+async def test_serve_says_at_start_that_a_storage_without_room_refuses_intake(
+        recorder: Recorder, tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(
+        recorder.url, storage=f"sqlite:///{tmp_path}/router.db?min_free_bytes=10000000000000000"))
+    process, _ = await _serve(config, _free_port())
+    out, err = await _stop(process)
+    assert process.returncode == 0, err
+    assert "intake refuses every event until the storage has room" in err
+    assert "kept for delivery" in err
+
+
 async def test_serve_on_a_busy_port_exits_1(recorder: Recorder, tmp_path: Path) -> None:
     config = tmp_path / "router.yaml"
     config.write_text(config_text(recorder.url))

@@ -1475,3 +1475,11 @@ async def test_redis_out_of_reach_is_storage_unavailable(tmp_path):
     finally:
         await storage.close()
         stop(process)
+
+
+@pytest.mark.parametrize("size, shown", [(0, "0 bytes"), (1, "1 byte"), (1023, "1023 bytes"),
+                                         (1024, "1 KB"), (2**20 - 1, "1023 KB"),
+                                         (64 * 2**20, "64 MB")])
+def test_room_is_shown_in_a_unit_that_does_not_round_it_to_nothing(size, shown):
+    # "the spool's disk has 0 MB free, under the 0 MB kept" for min_free_bytes=1
+    assert sqlite_module._amount(size) == shown

@@ -21,7 +21,7 @@ import time
 from aiohttp.http_exceptions import HttpProcessingError
 
 from router.config import LoadedConfig, load_config
-from router.errors import ConfigError
+from router.errors import ConfigError, StorageFull, StorageUnavailable
 from router.logs import announce
 from router.redaction import redacted_url
 from router.routing import Router
@@ -30,6 +30,8 @@ from router.server.accesslog import ACCESS_LOGGER, log_turned_away
 from router.server.app import METRICS, create_app, create_runner
 from router.server.listen import (TOO_MANY_CONNECTIONS, TURN_AWAY, TURN_AWAY_STATUS,
                                   UNREAD_ENDPOINT, listen)
+
+log = logging.getLogger("router.server")
 
 # SIGHUP too: a closing terminal sends it, and an operator expecting a reload gets a clean
 # stop (a supervisor's restart then reads the config again), not an abrupt one.
@@ -64,6 +66,7 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
             await router.close()
             return 1
         tune_garbage_collector()
+        await _say_if_intake_is_refused(router)
         stop_began: float | None = None
         try:
             status, stop_began = await _run_api(router, host or config.server.host,
@@ -80,6 +83,17 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     if status == 0:
         announce("router: stopped")
     return status
+
+
+async def _say_if_intake_is_refused(router: Router) -> None:
+    """A storage without room refuses every event from the first: said at start, not only
+    by ``/health`` once something asks (a spool on a disk smaller than ``min_free_bytes``
+    started without a word and refused everything)."""
+    try:
+        await router.storage.ping()
+    except (StorageFull, StorageUnavailable) as exc:
+        log.warning("intake refuses every event until the storage has room or answers "
+                    "(GET /health says when): %s", exc)
 
 
 async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event

@@ -423,8 +423,8 @@ class SqliteStorage(Storage):
         a disk filled to the last byte it could record nothing, and stopped."""
         free = _disk_free_bytes(self.path)
         if free < self.min_free_bytes:
-            raise StorageFull(f"the spool's disk has {free // 2**20} MB free, under the "
-                              f"{self.min_free_bytes // 2**20} MB kept for delivery "
+            raise StorageFull(f"the spool's disk has {_amount(free)} free, under the "
+                              f"{_amount(self.min_free_bytes)} kept for delivery "
                               "(?min_free_bytes=)")
         if self.max_bytes is None:
             return
@@ -1061,6 +1061,14 @@ def _begin(connection: sqlite3.Connection) -> None:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.001)
+
+
+def _amount(size: int) -> str:
+    """``size`` bytes for a person: in MB from 1 MB, in KB from 1 KB, else in bytes."""
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if size >= scale:
+            return f"{size // scale} {unit}"
+    return "1 byte" if size == 1 else f"{size} bytes"
 
 
 def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
