@@ -103,8 +103,27 @@ Networks = Annotated[list[str], AfterValidator(_networks)]
 """CIDRs (``10.1.0.0/16``, ``fd00::/8``, or one address), checked at load."""
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _listen_host(host: str) -> str:
+    """An IP address or a host name, checked at load: ``999.1.1.1`` passed ``router check``
+    and failed only when ``router serve`` tried to listen."""
+    if re.fullmatch(r"[0-9.]+", host) or ":" in host:
+        try:
+            ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ValueError("expected an IP address such as 0.0.0.0 or ::, or a host "
+                             "name") from None
+        return host.removeprefix("[").removesuffix("]")
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError("expected an IP address such as 0.0.0.0 or ::, or a host name")
+    return host
+
+
 class ServerConfig(_Section):
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(_listen_host)] = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_request_bytes: int = Field(500 * 1024, ge=1024)
     max_connections: int = Field(1024, ge=1)

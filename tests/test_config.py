@@ -815,3 +815,24 @@ def test_a_network_list_names_the_entry_that_is_not_a_network(tmp_path, section,
     assert_points_at(error, path, line, f"{section}.{key}")
     assert "entry 1 is not a network such as 10.1.0.0/16" in error.message
     assert "proxy.internal" not in str(error)
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "::g", "my host", "-bad.example"])
+def test_a_listen_address_that_is_neither_an_address_nor_a_name_fails_at_load(tmp_path, host):
+    # 999.1.1.1 passed `router check`, and `router serve` then failed with no file or line.
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        server:
+          host: "{host}"   #!
+    """)
+    error = config_error(path)
+    assert_points_at(error, path, line, "server.host")
+    assert "expected an IP address such as 0.0.0.0 or ::, or a host name" in error.message
+
+
+@pytest.mark.parametrize("host, read", [("0.0.0.0", "0.0.0.0"), ("::", "::"),
+                                        ("[::1]", "::1"), ("localhost", "localhost"),
+                                        ("router.internal", "router.internal")])
+def test_listen_addresses_and_names_are_taken(host, read):
+    text = f'storage: memory://\nserver:\n  host: "{host}"\n'
+    assert parse_config(text, file="t.yaml", env={}).config.server.host == read
