@@ -99,4 +99,3 @@ def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], def
         raise ValueError(f"{name} must be one of {', '.join(choices)} (case does not "
                          f"matter), not {value[:40]!r}")
     return normal(value)
-

@@ -63,7 +63,8 @@ def client_address(peer: str | None, forwarded_for: str | None,
     right, past the trusted proxies, and the first other address is the client's; a chain
     made only of trusted proxies started at its leftmost. An entry that is not an address
     ends the reading: the last proxy that could be believed is named instead."""
-    if not trusted or not forwarded_for or not _is_trusted(peer, trusted):
+    peer_address = _address(peer) if peer else None
+    if not forwarded_for or peer_address is None or not _trusted(peer_address, trusted):
         return peer
     client = peer
     for hop in reversed(forwarded_for.split(",")[-MAX_FORWARDED_HOPS:]):
@@ -71,14 +72,14 @@ def client_address(peer: str | None, forwarded_for: str | None,
         if address is None:
             break
         client = str(address)
-        if not any(address in network for network in trusted):
+        if not _trusted(address, trusted):
             break
     return client
 
 
-def _is_trusted(text: str | None, trusted: Sequence[Network]) -> bool:
-    address = _address(text) if text else None
-    return address is not None and any(address in network for network in trusted)
+def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             trusted: Sequence[Network]) -> bool:
+    return any(address in network for network in trusted)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -426,8 +426,9 @@ def _refuse(request: web.Request, problem: Problem) -> web.Response:
 
 
 async def _finish_response(request: web.Request, response: web.StreamResponse) -> None:
-    """CORS on every ingest answer (errors included, so a browser can read them), and the
-    request counted by endpoint and status."""
+    """CORS on every ingest answer (errors included, so a browser can read them), the
+    request counted by endpoint and status, and behind a trusted proxy the client's address
+    for the access log."""
     endpoint = ENDPOINTS.get(request.path, "other")
     trusted = request.app[TRUSTED_PROXIES]
     if trusted:
