@@ -45,3 +45,23 @@ def test_the_sink_prints_each_request_with_credentials_masked():
     assert "POST /ga4/mp/collect?measurement_id=G-1&api_secret=**REDACTED**" in output
     assert '"name": "purchase"' in output
     assert "s3cret-0001" not in output and "t0ken-0001" not in output
+
+
+def test_the_sink_runs_without_the_testing_extras():
+    # `python -m router.testing.sink`, which config/router.yaml points at, failed on a plain
+    # install: router.testing imported the conformance suite, and with it hypothesis.
+    script = ("import runpy, sys; sys.modules['hypothesis'] = None; "
+              "sys.argv = ['sink', '--help']; "
+              "runpy.run_module('router.testing.sink', run_name='__main__')")
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 0, completed.stderr
+    assert "--port" in completed.stdout
+
+
+def test_the_conformance_suite_is_still_there_when_asked_for():
+    from router import testing
+    from router.testing import conformance
+
+    assert testing.check_destination is conformance.check_destination
+    assert testing.conformance_test is conformance.conformance_test

@@ -11,11 +11,13 @@
   ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures.
 
 Needs the testing extras (``pip install event-router[testing]``): hypothesis, pytest,
-pytest-asyncio.
+pytest-asyncio. The conformance suite, which needs hypothesis, is imported when first asked
+for, so that ``python -m router.testing.sink`` (the sink ``config/router.yaml`` shows the
+fan-out with) runs on a plain install.
 """
 
-from router.testing.conformance import (ConformanceFailure, ConformanceSuite, check_destination,
-                                        conformance_test)
+from typing import TYPE_CHECKING, Any
+
 from router.testing.events import (RECEIVED_AT, describe_event, edge_events, make_event,
                                    sample_events)
 from router.testing.fake_server import Answer, FakeDestinationServer, RecordedRequest
@@ -29,3 +31,17 @@ __all__ = [
     "sample_events",
     "requests_from", "shown", "spooled",
 ]
+
+_CONFORMANCE = frozenset({"ConformanceFailure", "ConformanceSuite", "check_destination",
+                          "conformance_test"})
+
+if TYPE_CHECKING:
+    from router.testing.conformance import (ConformanceFailure, ConformanceSuite,
+                                            check_destination, conformance_test)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CONFORMANCE:
+        from router.testing import conformance
+        return getattr(conformance, name)
+    raise AttributeError(f"module 'router.testing' has no attribute {name!r}")
