@@ -108,8 +108,11 @@ _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-
 
 
 def _listen_host(host: str) -> str:
-    """An IP address or a host name, checked at load: ``999.1.1.1`` passed ``router check``
-    and failed only when ``router serve`` tried to listen."""
+    """An IP address or a host name (or ``""``: every interface), checked at load:
+    ``999.1.1.1`` passed ``router check`` and failed only when ``router serve`` tried to
+    listen."""
+    if not host:
+        return host
     if re.fullmatch(r"[0-9.]+", host) or ":" in host:
         try:
             ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))

@@ -71,7 +71,21 @@ class JsonFormatter(logging.Formatter):
             line.update((key, value) for key, value in fields.items() if key not in line)
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+        try:
+            return orjson.dumps(line, default=str).decode()
+        except TypeError:  # a lone surrogate (OS data decoded with surrogateescape, say)
+            return orjson.dumps(_encodable(line), default=str).decode()
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with every string's lone surrogates escaped (``\\udcff``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(key): _encodable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    return value
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

@@ -90,13 +90,17 @@ def redacted_url(url: str) -> str:
     return _masked_credential_query(url)
 
 
-_URL = re.compile(r"""\b([a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^@/\s'"]*@)?([^/?#\s'"]*)[^\s'"]*""")
+_URL = re.compile(r"""\b([a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^/\s'"]*@)?([^/?#@\s'"]*).*""",
+                  re.DOTALL)
 
 
 def urls_cut_to_host(text: str) -> str:
-    """``text`` with each URL in it cut to its scheme and host: for messages that quote a
-    URL (aiohttp's errors, a redirect's ``Location``), whose path or query may hold a key."""
-    return _URL.sub(lambda match: f"{match.group(1)}://{match.group(2)}/…", text)
+    """``text`` cut at its first URL, which is kept as its scheme and host: for messages
+    that quote a URL (aiohttp's errors, a redirect's ``Location``), whose user information,
+    path or query may hold a key. Everything after the URL goes too, since where an
+    unencoded URL ends (a space, a quote in its query) cannot be told for sure; aiohttp's
+    messages end with the URL."""
+    return _URL.sub(lambda match: f"{match.group(1)}://{match.group(2)}/…", text, count=1)
 
 
 def _masked_credential_query(url: str) -> str:

@@ -830,7 +830,7 @@ def test_a_listen_address_that_is_neither_an_address_nor_a_name_fails_at_load(tm
     assert "expected an IP address such as 0.0.0.0 or ::, or a host name" in error.message
 
 
-@pytest.mark.parametrize("host, read", [("0.0.0.0", "0.0.0.0"), ("::", "::"),
+@pytest.mark.parametrize("host, read", [("", ""), ("0.0.0.0", "0.0.0.0"), ("::", "::"),
                                         ("[::1]", "::1"), ("localhost", "localhost"),
                                         ("router.internal", "router.internal")])
 def test_listen_addresses_and_names_are_taken(host, read):

@@ -161,7 +161,11 @@ async def test_a_keep_alive_connection_closed_under_the_client_costs_no_attempt(
     assert server.connections >= 10
 
 
-async def test_a_server_that_resets_every_request_gets_it_twice_an_attempt() -> None:
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_a_request_reset_on_a_new_connection_is_not_sent_again(method: str) -> None:
+    """Only a pooled connection closed under the request is the keep-alive race: a server
+    that reads a request on a new connection and then resets may well have processed it.
+    (aiohttp itself sends a PUT once more; the transport adds nothing to that.)"""
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         sock = writer.get_extra_info("socket")
@@ -170,8 +174,8 @@ async def test_a_server_that_resets_every_request_gets_it_twice_an_attempt() -> 
 
     async with RawServer(reset) as server:
         with pytest.raises(RetryableError, match="connection lost"):
-            await send(HttpRequest("POST", server.url(), {}, b"{}"))
-    assert len(server.requests) == 2
+            await send(HttpRequest(method, server.url(), {}, b"{}"))
+    assert len(server.requests) == (1 if method == "POST" else 2)
 
 
 async def test_reasons_never_quote_a_webhook_url_and_its_key(tmp_path, caplog) -> None:

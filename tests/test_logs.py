@@ -57,3 +57,16 @@ def test_the_level_and_format_apply_to_the_root_logger(monkeypatch) -> None:
     assert isinstance(handler.formatter, logs.JsonFormatter)
     logs.configure({})  # configured already: left as it is
     assert root.handlers == [handler] and root.level == logging.INFO
+
+
+def test_a_message_with_a_lone_surrogate_is_still_one_json_line() -> None:
+    # orjson refuses such a string: the line was lost, and a "--- Logging error ---"
+    # traceback went to stderr instead.
+    try:
+        raise ValueError("ошибка \udcff")
+    except ValueError:
+        text = logs.JsonFormatter().format(record("file \udcff.db", logging.ERROR,
+                                                  sys.exc_info()))
+    line = json.loads(text)
+    assert line["message"] == "file \\udcff.db"
+    assert "ValueError: ошибка \\udcff" in line["traceback"]

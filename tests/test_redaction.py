@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 from pydantic import BaseModel, SecretStr
 
-from router.redaction import REDACTED, Masker, redacted_url, secret_values
+from router.delivery.retry import classify_status
+from router.redaction import REDACTED, Masker, redacted_url, secret_values, urls_cut_to_host
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +134,32 @@ async def test_a_failure_reason_quoting_the_request_credentials_is_masked(tmp_pa
     assert "bad auth" in letter.reason and "properties.time" in letter.reason
     assert encoded not in letter.reason
     assert "bad auth" in caplog.text and encoded not in caplog.text
+
+
+@pytest.mark.parametrize("text, cut", [
+    ("Can not write request body for http://127.0.0.1:4/hook?token=abc&x=1",
+     "Can not write request body for http://127.0.0.1:4/…"),
+    ("message='Bad status', url='https://user:pa@ss@h.example:8443/p?t=1'",
+     "message='Bad status', url='https://h.example:8443/…"),
+    ("https://h.example/a b?key=SECRET", "https://h.example/…"),  # unencoded space
+    ("https://h.example/p?key=SEC'RET and more", "https://h.example/…"),
+    ("(https://h.example/p?k=SECRET), then", "(https://h.example/…"),
+    ("http://[::1]:8080/x?k=SECRET", "http://[::1]:8080/…"),
+    ("no address here", "no address here"),
+])
+def test_a_quoted_url_keeps_its_scheme_and_host_and_nothing_after(text, cut):
+    assert urls_cut_to_host(text) == cut
+    assert "SECRET" not in urls_cut_to_host(text) and "pa@ss" not in urls_cut_to_host(text)
+
+
+@pytest.mark.parametrize("location, shown", [
+    ("https://new.example.com/hooks/T0/B0/secret?token=abc", " (to https://new.example.com/…)"),
+    ("//other.example/p?token=abc", " (to //other.example/…)"),
+    ("/moved?token=abc", " (to a location on the same host)"),
+    (None, ""),
+])
+def test_a_redirect_reason_names_only_where_it_points(location, shown):
+    headers = {"location": location} if location is not None else {}
+    outcome = classify_status(301, headers, frozenset(), now=0.0)
+    assert outcome is not None
+    assert outcome.reason == f"HTTP 301{shown}: redirects are not followed"

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,10 @@ class Ingest:
     runner: web.AppRunner
 
     async def post(self, path: str, body: Any = None, *, data: Any = None,
-                   key: str | None = WEB_KEY, headers: dict[str, str] | None = None
+                   key: str | None = WEB_KEY, headers: Mapping[str, str] | None = None
                    ) -> tuple[int, Any, Any]:
         """POST ``body`` as JSON (or ``data`` as it is); returns status, JSON answer, headers."""
-        sent = dict(headers or {})
+        sent = CIMultiDict(headers or {})
         if key is not None:
             sent.setdefault("Authorization", basic(key))
         payload = json.dumps(body).encode() if data is None else data
@@ -1000,6 +1000,18 @@ async def test_access_log_names_the_client_behind_a_trusted_proxy(
     assert [line["remote"] for line in lines] == ["203.0.113.9", "127.0.0.1"]
 
 
+async def test_x_forwarded_for_on_several_lines_is_read_whole(
+        start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    # HAProxy keeps the client's line and adds its own: reading the first line alone named
+    # the address the client wrote.
+    caplog.set_level(logging.INFO, logger="router.access")
+    behind = await start_server(server='  trusted_proxies: ["127.0.0.1"]\n')
+    await behind.post("/v1/track", track(), headers=CIMultiDict(
+        [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.9")]))
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "router.access"]
+    assert line["remote"] == "203.0.113.9"
+
+
 # == router serve ================================================================================
 
 def _child_env() -> dict[str, str]:
@@ -1086,6 +1098,11 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
                       + "delivery:\n  own_process: true\n")
     process, _ = await _serve(config, _free_port(), start_new_session=True)
     try:
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
+            (child,) = map(int, children.read().split())
+        # Its own group, so that a SIGHUP to the router's during start-up (before the child
+        # could ignore it) does not kill it and fail the start.
+        assert os.getpgid(child) == child != os.getpgid(process.pid)
         os.killpg(process.pid, signal.SIGHUP)
         out, err = await asyncio.wait_for(process.communicate(), 30)
     finally:

@@ -35,7 +35,9 @@ import functools
 import ipaddress
 import re
 import socket
+import weakref
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -412,18 +414,26 @@ class GuardedResolver(AbstractResolver):
             await self._inner.close()
 
 
+connection_reused: ContextVar[bool] = ContextVar("connection_reused", default=False)
+"""Set by ``GuardedConnector.connect`` for the request being connected, in its task: whether
+its connection came from the keep-alive pool (the transport sends again a request whose
+reused connection the server had closed)."""
+
+
 class GuardedConnector(aiohttp.TCPConnector):
     """A ``TCPConnector`` that checks every request it opens a connection for.
 
     aiohttp skips the resolver for IP-literal hosts, and each redirect hop comes through
     here, so this is the one place every connection passes. Proxies are refused: a proxy
-    resolves the name itself, out of the guard's sight.
+    resolves the name itself, out of the guard's sight. Being that place, it also notes
+    whether each connection is a pooled one (``connection_reused``).
     """
 
     def __init__(self, policy: EgressPolicy, *, resolver: GuardedResolver,
                  **connector_kwargs: Any) -> None:
         super().__init__(resolver=resolver, **connector_kwargs)
         self.policy = policy
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any],
                       timeout: aiohttp.ClientTimeout) -> Connection:
@@ -433,7 +443,11 @@ class GuardedConnector(aiohttp.TCPConnector):
         reason = check_url(req.url, self.policy)
         if reason:
             raise EgressBlocked(reason)
-        return await super().connect(req, traces, timeout)
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        connection_reused.set(protocol in self._used)
+        self._used.add(protocol)
+        return connection
 
 
 def make_connector(policy: EgressPolicy, *, resolver: AbstractResolver | None = None,

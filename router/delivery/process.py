@@ -108,9 +108,12 @@ class DeliveryProcess:
         wake_ours, wake_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         with theirs, wake_theirs:
             fds = [theirs.fileno(), wake_theirs.fileno()]
+            # A process group of its own: Ctrl-C and a closing terminal signal the router's
+            # group, and reached the child too, even before it could ignore them (a SIGHUP
+            # during start-up killed it and failed the start). The router stops it.
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "router.delivery.process", *map(str, fds)],
-                pass_fds=fds, stdin=subprocess.DEVNULL)
+                pass_fds=fds, stdin=subprocess.DEVNULL, process_group=0)
         wake_ours.setblocking(False)
         self._wake_socket = wake_ours
         self._connection = Connection(ours.detach())
@@ -234,9 +237,9 @@ async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
 # -- the child --------------------------------------------------------------------------------
 
 def main(fd: int, wake_fd: int) -> None:
-    """The delivery process's entry point. Ctrl-C reaches the whole process group; the
-    parent decides when to stop, so the child ignores SIGINT and SIGHUP (a closing terminal
-    sends both to the group) and takes SIGTERM as ``stop``."""
+    """The delivery process's entry point. It runs in a process group of its own, and
+    ignores SIGINT and SIGHUP besides (sent to it alone, by mistake): the parent decides when
+    to stop, and says so with SIGTERM, taken as ``stop``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.configure()  # the parent checked the environment it passed on

@@ -44,9 +44,12 @@ def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset
 def _redirected_to(location: str | None) -> str:
     if not location:
         return ""
+    location = location[:MAX_LOCATION_SHOWN].strip()
+    if location.startswith("//"):  # another host, the same scheme
+        return f" (to {urls_cut_to_host('http:' + location).removeprefix('http:')})"
     if "://" not in location:
-        return " (to a path on the same host)"
-    return f" (to {urls_cut_to_host(location[:MAX_LOCATION_SHOWN])})"
+        return " (to a location on the same host)"
+    return f" (to {urls_cut_to_host(location)})"
 
 
 def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:

@@ -7,13 +7,20 @@ checked on each request is the one that applies (see ``egress.py``).
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
-from router.delivery.egress import EgressBlocked, EgressPolicy, egress_reason, session_kwargs
+from router.delivery.egress import (EgressBlocked, EgressPolicy, connection_reused, egress_reason,
+                                    session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 from router.redaction import urls_cut_to_host
 from router.runtime import release_descriptors, reserve_descriptors
+
+AIOHTTP_RESENDS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""The methods aiohttp itself sends once more when their connection closes before an answer
+(``aiohttp.client.IDEMPOTENT_METHODS``): the transport does not add a second resend."""
 
 MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
@@ -60,19 +67,25 @@ class Transport:
         ``RetryableError`` for network failures and timeouts, ``PermanentError`` for a
         request the egress policy refuses. Reasons never quote the URL: aiohttp's messages
         do, query string (and any key in it) included."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
             try:
-                return await self._exchange(request, timeout)
+                return await self._exchange(request, self._timeout(timeout))
             except aiohttp.ClientConnectorError:
                 raise
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                # Closed before any answer: most often a pooled keep-alive connection the
-                # server closed as the request went out (its idle timeout raced ours), so
-                # the request never reached it. Sent once more at once, as aiohttp does for
-                # idempotent methods; every request the router sends is idempotent
-                # downstream (each event carries its vendor's dedup id), and the attempt it
-                # would otherwise spend is the event's.
-                return await self._exchange(request, timeout)
+                # Closed before any answer, on a connection from the keep-alive pool: the
+                # server closed it as the request went out (its idle timeout raced ours),
+                # and most likely never read the request. Sent once more on a new
+                # connection, within what is left of the timeout, as browsers do, rather
+                # than spending one of the event's attempts. aiohttp already does this
+                # itself for the methods it deems idempotent.
+                left = deadline - loop.time()
+                if (not connection_reused.get() or request.method in AIOHTTP_RESENDS
+                        or left <= 0):
+                    raise
+                return await self._exchange(request, aiohttp.ClientTimeout(total=left))
         except EgressBlocked as exc:
             raise PermanentError(f"egress refused: {exc}") from None
         except TimeoutError:
@@ -96,18 +109,20 @@ class Transport:
         except aiohttp.ClientError as exc:
             raise RetryableError(f"request failed: {_described(exc)}") from None
 
-    async def _exchange(self, request: HttpRequest, timeout: float) -> HttpResponse:
+    async def _exchange(self, request: HttpRequest, timeout: aiohttp.ClientTimeout
+                        ) -> HttpResponse:
         assert self._session is not None, "transport not started"
+        connection_reused.set(False)
         # The guarded connector checks the URL against the egress policy on every request,
         # pooled connection or not (egress.py), so it is not checked here too.
         async with self._session.request(
                 request.method, request.url, headers=request.headers, data=request.body,
-                allow_redirects=False, timeout=self._timeout(timeout)) as answer:
+                allow_redirects=False, timeout=timeout) as answer:
             try:
                 body = await _read_body(answer.content)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # Answered already: not to be sent again at once, as a failure before the
-                # answer is.
+                # answer may be.
                 raise aiohttp.ClientPayloadError(
                     f"the answer was cut short: {type(exc).__name__}") from exc
             # aiohttp's case-insensitive view, not a copy: vendors' header names vary

@@ -432,8 +432,10 @@ async def _finish_response(request: web.Request, response: web.StreamResponse) -
     endpoint = ENDPOINTS.get(request.path, "other")
     trusted = request.app[TRUSTED_PROXIES]
     if trusted:
-        client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
-                                trusted)
+        # Every line of the header, in order: HAProxy adds a line of its own after the
+        # client's rather than appending to it.
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
+        client = client_address(request.remote, forwarded, trusted)
         if client is not None:
             request[CLIENT] = client
     if request.path.startswith("/v1/"):
