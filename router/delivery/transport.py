@@ -133,8 +133,11 @@ async def _read_body(content: aiohttp.StreamReader) -> bytes:
     """The body, up to ``MAX_RESPONSE_BYTES``. One ``read(n)`` returns only what has arrived
     so far: a vendor's list of refused items sent in two packets was read as its first, not
     JSON, so its refusals went unseen and the events counted as delivered."""
-    chunks: list[bytes] = []
-    size = 0
+    first = await content.read(MAX_RESPONSE_BYTES)
+    if content.at_eof() or len(first) >= MAX_RESPONSE_BYTES:
+        return first  # the whole answer came at once, as most do
+    chunks = [first]
+    size = len(first)
     while size < MAX_RESPONSE_BYTES:
         chunk = await content.read(MAX_RESPONSE_BYTES - size)
         if not chunk:
