@@ -16,13 +16,13 @@ from typing import Any, TextIO
 
 import orjson
 
+from router import logs
 from router.config import LoadedConfig, load_config, parse_duration
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
                            StorageUnavailable)
 from router.input import Unreadable, UnreadableDocument, read_events
-from router import logs
 from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status

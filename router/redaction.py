@@ -94,7 +94,7 @@ _URL = re.compile(r"""\b([a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^/\s'"]*@)?([^/?#@\s'"]*
                   re.DOTALL)
 
 
-def urls_cut_to_host(text: str) -> str:
+def cut_at_first_url(text: str) -> str:
     """``text`` cut at its first URL, which is kept as its scheme and host: for messages
     that quote a URL (aiohttp's errors, a redirect's ``Location``), whose user information,
     path or query may hold a key. Everything after the URL goes too, since where an

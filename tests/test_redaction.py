@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 from router.delivery.retry import classify_status
-from router.redaction import REDACTED, Masker, redacted_url, secret_values, urls_cut_to_host
+from router.redaction import REDACTED, Masker, redacted_url, secret_values, cut_at_first_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,8 +148,8 @@ async def test_a_failure_reason_quoting_the_request_credentials_is_masked(tmp_pa
     ("no address here", "no address here"),
 ])
 def test_a_quoted_url_keeps_its_scheme_and_host_and_nothing_after(text, cut):
-    assert urls_cut_to_host(text) == cut
-    assert "SECRET" not in urls_cut_to_host(text) and "pa@ss" not in urls_cut_to_host(text)
+    assert cut_at_first_url(text) == cut
+    assert "SECRET" not in cut_at_first_url(text) and "pa@ss" not in cut_at_first_url(text)
 
 
 @pytest.mark.parametrize("location, shown", [

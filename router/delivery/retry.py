@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 
 from router.destination import DeliveryDefaults, Outcome
 from router.errors import PermanentError, RetryableError
-from router.redaction import urls_cut_to_host
+from router.redaction import cut_at_first_url
 
 MAX_RETRY_AFTER = 15 * 60.0
 """A ``Retry-After`` beyond this is capped: an API asking for a day is not trusted to mean it,
@@ -46,10 +46,10 @@ def _redirected_to(location: str | None) -> str:
         return ""
     location = location[:MAX_LOCATION_SHOWN].strip()
     if location.startswith("//"):  # another host, the same scheme
-        return f" (to {urls_cut_to_host('http:' + location).removeprefix('http:')})"
+        return f" (to {cut_at_first_url('http:' + location).removeprefix('http:')})"
     if "://" not in location:
         return " (to a location on the same host)"
-    return f" (to {urls_cut_to_host(location)})"
+    return f" (to {cut_at_first_url(location)})"
 
 
 def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:

@@ -15,7 +15,7 @@ from router.delivery.egress import (EgressBlocked, EgressPolicy, connection_reus
                                     session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
-from router.redaction import urls_cut_to_host
+from router.redaction import cut_at_first_url
 from router.runtime import release_descriptors, reserve_descriptors
 
 AIOHTTP_RESENDS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -96,7 +96,7 @@ class Transport:
                 raise PermanentError(f"egress refused: {reason}") from None
             # A TLS handshake reset has an os_error with no text at all.
             detail = str(exc.os_error or "") or str(exc)
-            raise RetryableError(f"cannot connect: {urls_cut_to_host(detail)}") from None
+            raise RetryableError(f"cannot connect: {cut_at_first_url(detail)}") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
                 aiohttp.ClientOSError) as exc:
             raise RetryableError(f"connection lost: {_described(exc)}") from None
@@ -149,5 +149,5 @@ async def _read_body(content: aiohttp.StreamReader) -> bytes:
 
 def _described(error: BaseException, *, text: str | None = None) -> str:
     """``error`` as ``Type: text`` for a reason (its own text unless given one)."""
-    text = urls_cut_to_host(str(error) if text is None else text)
+    text = cut_at_first_url(str(error) if text is None else text)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
