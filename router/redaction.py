@@ -90,8 +90,8 @@ def redacted_url(url: str) -> str:
     return _masked_credential_query(url)
 
 
-_URL = re.compile(r"""\b([a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^/\s'"]*@)?([^/?#@\s'"]*).*""",
-                  re.DOTALL)
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)", re.DOTALL)
+_AUTHORITY = re.compile(r"""[^/?#\\\s'"]*""")
 
 
 def cut_at_first_url(text: str) -> str:
@@ -99,8 +99,19 @@ def cut_at_first_url(text: str) -> str:
     that quote a URL (aiohttp's errors, a redirect's ``Location``), whose user information,
     path or query may hold a key. Everything after the URL goes too, since where an
     unencoded URL ends (a space, a quote in its query) cannot be told for sure; aiohttp's
-    messages end with the URL."""
-    return _URL.sub(lambda match: f"{match.group(1)}://{match.group(2)}/…", text, count=1)
+    messages end with the URL. When an ``@`` follows the host's place (a password with an
+    unencoded ``/``, an address in the query), where the host is cannot be told either, and
+    only the scheme is kept."""
+    return _URL.sub(_scheme_and_host, text, count=1)
+
+
+def _scheme_and_host(match: re.Match[str]) -> str:
+    scheme, rest = match.group(1), match.group(2)
+    authority = _AUTHORITY.match(rest)
+    assert authority is not None  # the pattern matches the empty string too
+    if "@" in rest[authority.end():]:
+        return f"{scheme}://…"
+    return f"{scheme}://{authority.group(0).rpartition('@')[2]}/…"
 
 
 def _masked_credential_query(url: str) -> str:

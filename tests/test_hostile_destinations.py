@@ -161,6 +161,57 @@ async def test_a_keep_alive_connection_closed_under_the_client_costs_no_attempt(
     assert server.connections >= 10
 
 
+async def test_the_resend_goes_on_a_new_connection_past_every_stale_pooled_one() -> None:
+    """Three pooled connections the server has given up on: the resend took the next stale
+    one from the pool and failed the same way."""
+    async def one_answer_a_connection(reader: asyncio.StreamReader,
+                                      writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(0.05)  # so that the first three need three connections
+        writer.write(answer(200))
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request on this connection: closed
+
+    transport = Transport(EgressPolicy(allow_private_addresses=True), connections=8)
+    await transport.start()
+    try:
+        async with RawServer(one_answer_a_connection) as server:
+            first = [transport.send(HttpRequest("POST", server.url(), {}, b"{}"), timeout=5)
+                     for _ in range(3)]
+            assert [r.status for r in await asyncio.gather(*first)] == [200, 200, 200]
+            assert server.connections == 3
+            response = await transport.send(HttpRequest("POST", server.url(), {}, b"{}"),
+                                            timeout=5)
+    finally:
+        await transport.close()
+    assert response.status == 200
+    assert server.connections == 4  # the other two stale ones were closed unused
+
+
+async def test_a_pooled_connection_closed_after_holding_the_request_is_not_resent() -> None:
+    """A server that held the request half a second or more before closing may well have
+    read and acted on it: that is a failed attempt, not the keep-alive race."""
+    async def hold_then_close(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(200))
+        await writer.drain()
+        await server.read_request(reader)
+        await asyncio.sleep(0.8)
+
+    transport = Transport(EgressPolicy(allow_private_addresses=True), connections=8)
+    await transport.start()
+    try:
+        async with RawServer(hold_then_close) as server:
+            request = HttpRequest("POST", server.url(), {}, b"{}")
+            assert (await transport.send(request, timeout=5)).status == 200
+            with pytest.raises(RetryableError, match="connection lost"):
+                await transport.send(request, timeout=5)
+    finally:
+        await transport.close()
+    assert len(server.requests) == 2
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT"])
 async def test_a_request_reset_on_a_new_connection_is_not_sent_again(method: str) -> None:
     """Only a pooled connection closed under the request is the keep-alive race: a server

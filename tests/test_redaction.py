@@ -145,6 +145,10 @@ async def test_a_failure_reason_quoting_the_request_credentials_is_masked(tmp_pa
     ("https://h.example/p?key=SEC'RET and more", "https://h.example/…"),
     ("(https://h.example/p?k=SECRET), then", "(https://h.example/…"),
     ("http://[::1]:8080/x?k=SECRET", "http://[::1]:8080/…"),
+    # where the host is cannot be told: only the scheme stays
+    ("https://user:pa/SECRET@h.example/x", "https://…"),
+    ("https://h.example/p?email=SECRET@b.example", "https://…"),
+    ("https://h.example\\SECRET?k=1", "https://h.example/…"),
     ("no address here", "no address here"),
 ])
 def test_a_quoted_url_keeps_its_scheme_and_host_and_nothing_after(text, cut):

@@ -419,6 +419,12 @@ connection_reused: ContextVar[bool] = ContextVar("connection_reused", default=Fa
 its connection came from the keep-alive pool (the transport sends again a request whose
 reused connection the server had closed)."""
 
+pooled_connections_refused: ContextVar[bool] = ContextVar("pooled_connections_refused",
+                                                          default=False)
+"""Set by the caller for a request that must go on a new connection: the pooled ones it
+would be given are closed instead (after one of them closed under a request, the others
+to that server are as suspect)."""
+
 
 class GuardedConnector(aiohttp.TCPConnector):
     """A ``TCPConnector`` that checks every request it opens a connection for.
@@ -444,6 +450,10 @@ class GuardedConnector(aiohttp.TCPConnector):
         if reason:
             raise EgressBlocked(reason)
         connection = await super().connect(req, traces, timeout)
+        if pooled_connections_refused.get():
+            while connection.protocol in self._used:
+                connection.close()  # not put back in the pool: the next one, or a new one
+                connection = await super().connect(req, traces, timeout)
         protocol = connection.protocol
         connection_reused.set(protocol in self._used)
         self._used.add(protocol)

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from router.delivery.service import DeliveryService
 
 log = logging.getLogger("router.delivery")
+
+_PARENTS_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP})
+"""Signals a terminal sends the whole process group, which the router alone acts on."""
 START_TIMEOUT = 60.0
 METRICS_INTERVAL = 0.05
 """How often the child sends its counters when they changed."""
@@ -108,12 +111,18 @@ class DeliveryProcess:
         wake_ours, wake_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         with theirs, wake_theirs:
             fds = [theirs.fileno(), wake_theirs.fileno()]
-            # A process group of its own: Ctrl-C and a closing terminal signal the router's
-            # group, and reached the child too, even before it could ignore them (a SIGHUP
-            # during start-up killed it and failed the start). The router stops it.
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "router.delivery.process", *map(str, fds)],
-                pass_fds=fds, stdin=subprocess.DEVNULL, process_group=0)
+            # Ctrl-C and a closing terminal signal the router's whole group, the child too,
+            # and reached it before it could ignore them (a SIGHUP during start-up killed it
+            # and failed the start). Started with both blocked, it ignores them before it
+            # unblocks them. (A group of its own instead stopped it at its first log line
+            # on a terminal set to `tostop`, as a background job.)
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
+            try:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "router.delivery.process", *map(str, fds)],
+                    pass_fds=fds, stdin=subprocess.DEVNULL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         wake_ours.setblocking(False)
         self._wake_socket = wake_ours
         self._connection = Connection(ours.detach())
@@ -237,11 +246,12 @@ async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
 # -- the child --------------------------------------------------------------------------------
 
 def main(fd: int, wake_fd: int) -> None:
-    """The delivery process's entry point. It runs in a process group of its own, and
-    ignores SIGINT and SIGHUP besides (sent to it alone, by mistake): the parent decides when
-    to stop, and says so with SIGTERM, taken as ``stop``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """The delivery process's entry point. Ctrl-C and a closing terminal signal the whole
+    group; the parent decides when to stop, so the child ignores SIGINT and SIGHUP (it starts
+    with them blocked, so none is lost or fatal before this) and takes SIGTERM as ``stop``."""
+    for signum in _PARENTS_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENTS_SIGNALS)
     logs.configure()  # the parent checked the environment it passed on
     connection = Connection(fd)
     kind, (loaded, base_dir) = connection.recv()

@@ -12,7 +12,7 @@ import asyncio
 import aiohttp
 
 from router.delivery.egress import (EgressBlocked, EgressPolicy, connection_reused, egress_reason,
-                                    session_kwargs)
+                                    pooled_connections_refused, session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 from router.redaction import cut_at_first_url
@@ -21,6 +21,11 @@ from router.runtime import release_descriptors, reserve_descriptors
 AIOHTTP_RESENDS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """The methods aiohttp itself sends once more when their connection closes before an answer
 (``aiohttp.client.IDEMPOTENT_METHODS``): the transport does not add a second resend."""
+
+RESEND_WITHIN = 0.5
+"""Seconds from sending within which a pooled connection's close counts as the keep-alive
+race (it comes within a round trip): a server that held the request longer may well have
+read it, and gets no second copy."""
 
 MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
@@ -68,24 +73,29 @@ class Transport:
         request the egress policy refuses. Reasons never quote the URL: aiohttp's messages
         do, query string (and any key in it) included."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        started = loop.time()
         try:
             try:
                 return await self._exchange(request, self._timeout(timeout))
             except aiohttp.ClientConnectorError:
                 raise
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                # Closed before any answer, on a connection from the keep-alive pool: the
-                # server closed it as the request went out (its idle timeout raced ours),
-                # and most likely never read the request. Sent once more on a new
-                # connection, within what is left of the timeout, as browsers do, rather
-                # than spending one of the event's attempts. aiohttp already does this
-                # itself for the methods it deems idempotent.
-                left = deadline - loop.time()
+                # Closed at once, before any answer, on a connection from the keep-alive
+                # pool: the server closed it as the request went out (its idle timeout
+                # raced ours) and most likely never read the request. Sent once more on a
+                # new connection, within what is left of the timeout, as browsers do,
+                # rather than spending one of the event's attempts. aiohttp already does
+                # this itself for the methods it deems idempotent.
+                elapsed = loop.time() - started
                 if (not connection_reused.get() or request.method in AIOHTTP_RESENDS
-                        or left <= 0):
+                        or elapsed > RESEND_WITHIN or elapsed >= timeout):
                     raise
-                return await self._exchange(request, aiohttp.ClientTimeout(total=left))
+                refused = pooled_connections_refused.set(True)
+                try:
+                    return await self._exchange(
+                        request, aiohttp.ClientTimeout(total=timeout - elapsed))
+                finally:
+                    pooled_connections_refused.reset(refused)
         except EgressBlocked as exc:
             raise PermanentError(f"egress refused: {exc}") from None
         except TimeoutError:
