@@ -120,6 +120,7 @@ async def test_a_backup_taken_while_the_router_runs_delivers_every_queued_event(
     shell's ``.backup``, Python's ``Connection.backup``). A plain copy of the ``.db`` file
     leaves behind what is still in the WAL: events already answered 200."""
     import sqlite3
+    from contextlib import closing
 
     from tests.delivery_helpers import router_for, track, webhook
 
@@ -134,7 +135,8 @@ async def test_a_backup_taken_while_the_router_runs_delivers_every_queued_event(
                          storage=f"sqlite:///{spool}")
     async with running:
         await running.route_many([track(n) for n in range(300)])
-        with sqlite3.connect(spool) as source, sqlite3.connect(backup) as target:
+        with closing(sqlite3.connect(spool)) as source, \
+                closing(sqlite3.connect(backup)) as target:
             source.backup(target)
         # What a plain copy of the .db alone holds: the accepted events are in the WAL.
         assert Path(f"{spool}-wal").stat().st_size > 0

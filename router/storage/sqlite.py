@@ -233,6 +233,14 @@ class SqliteStorage(Storage):
             loop.call_soon_threadsafe(_resolve, ready, None, exc)
             return
         loop.call_soon_threadsafe(_resolve, ready, None, None)
+        try:
+            self._serve_operations(connection)
+        finally:
+            connection.close()
+
+    def _serve_operations(self, connection: sqlite3.Connection) -> None:
+        """The writer thread's loop: gather what is queued, reads first, then one commit for
+        the writes, until ``close`` queues the stop (None)."""
         with connection:
             while (first := self._operations.get()) is not None:
                 batch = [first]
@@ -254,10 +262,19 @@ class SqliteStorage(Storage):
                     self._commit(connection, writes)
                 if stop:
                     break
-        connection.close()
 
     def _connect(self) -> sqlite3.Connection:
+        """The writer's connection, set up; closed again when the setup fails (a spool of a
+        later layout, a lock held elsewhere), not left for the garbage collector."""
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._set_up(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _set_up(self, connection: sqlite3.Connection) -> None:
         # Only a new file takes it; a file made before keeps its own page size.
         connection.execute(f"PRAGMA page_size={PAGE_SIZE}")
         connection.execute("PRAGMA journal_mode=WAL")
@@ -277,7 +294,6 @@ class SqliteStorage(Storage):
             # Jobs leased by a process that died go back to the queue: sent again, never lost.
             connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
         connection.execute("PRAGMA busy_timeout=0")  # _begin waits for the lock itself
-        return connection
 
     def _prepare_layout(self, connection: sqlite3.Connection) -> None:
         """Create the tables of a new file; convert a file of an earlier layout, but only in
