@@ -5,6 +5,7 @@ on a real file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -164,8 +165,9 @@ async def test_sqlite_window_of_an_older_spool_is_kept(tmp_path):
             False, True, True]
     finally:
         await store.close()
-    tables = {name for (name,) in sqlite3.connect(path).execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        tables = {name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "dedup" not in tables
 
 
@@ -199,7 +201,8 @@ async def test_sqlite_expired_entries_are_purged_so_the_table_stays_bounded(tmp_
         assert after == 1000
     finally:
         await store.close()
-    rows = sqlite3.connect(path).execute("SELECT COUNT(*) FROM seen").fetchone()[0]
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        rows = connection.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
     assert rows == 1000
 
 

@@ -535,7 +535,7 @@ async def test_sqlite_reopened_gives_back_every_unfinished_job(spool, tmp_path):
 
 
 def page_size(path: Path) -> int:
-    with sqlite3.connect(path) as connection:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         return connection.execute("PRAGMA page_size").fetchone()[0]
 
 
@@ -548,7 +548,7 @@ async def test_sqlite_a_new_spool_has_large_pages_and_an_older_file_keeps_its_ow
     assert page_size(tmp_path / "new.db") == 16384
 
     older = tmp_path / "older.db"
-    with sqlite3.connect(older) as connection:
+    with contextlib.closing(sqlite3.connect(older)) as connection, connection:
         connection.execute("PRAGMA page_size = 4096")
         connection.execute("CREATE TABLE made_before (x)")
     storage = SqliteStorage(older)
@@ -607,7 +607,7 @@ async def test_sqlite_a_large_accept_is_spooled_in_several_bundles(spool, tmp_pa
 
 
 def spool_rows(path: Path) -> dict[str, int]:
-    with sqlite3.connect(path) as connection:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
                 for table in ("bundles", "settled_runs", "jobs")}
 
@@ -634,7 +634,8 @@ async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay
     leased = await lease(storage, 6)
     await storage.complete([leased[0], leased[1], leased[3]])
     await storage.close()
-    with sqlite3.connect(path) as connection:  # as the version before runs wrote it
+    # as the version before runs wrote it
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         runs = connection.execute("SELECT first, last FROM settled_runs").fetchall()
         connection.execute("CREATE TABLE settled (id INTEGER PRIMARY KEY)")
         connection.executemany("INSERT INTO settled VALUES (?)",
@@ -652,7 +653,7 @@ async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay
 
 def old_spool_with_a_queue(path: Path, count: int) -> None:
     """A spool as versions before bundles wrote it: a ``queue`` row a job (old-1, ...)."""
-    with sqlite3.connect(path) as connection:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         connection.executescript("""
             CREATE TABLE lanes (destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
                                 last_seq INTEGER NOT NULL DEFAULT 0);
@@ -683,12 +684,12 @@ async def test_sqlite_jobs_of_a_spool_written_before_bundles_are_delivered(tmp_p
 
 
 def user_version(path) -> int:
-    with sqlite3.connect(path) as connection:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         return connection.execute("PRAGMA user_version").fetchone()[0]
 
 
 def tables(path) -> set[str]:
-    with sqlite3.connect(path) as connection:
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         return {name for (name,) in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
 
