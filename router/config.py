@@ -90,17 +90,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
-def _networks(networks: list[str]) -> list[str]:
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(networks: Any) -> Any:
+    """Each entry parsed here, once: the egress policy and the proxy check use the networks
+    as they are. Anything but a list is left to the list type's own error."""
+    if not isinstance(networks, list):
+        return networks
+    parsed = []
     for index, network in enumerate(networks):
         try:
-            ipaddress.ip_network(network, strict=False)
+            if not isinstance(network, str):
+                raise ValueError
+            parsed.append(ipaddress.ip_network(network, strict=False))
         except ValueError:
             raise ValueError(f"entry {index} is not a network such as 10.1.0.0/16") from None
-    return networks
+    return parsed
 
 
-Networks = Annotated[list[str], AfterValidator(_networks)]
-"""CIDRs (``10.1.0.0/16``, ``fd00::/8``, or one address), checked at load."""
+Networks = Annotated[list[IPNetwork], BeforeValidator(_networks)]
+"""CIDRs (``10.1.0.0/16``, ``fd00::/8``, or one address), parsed at load."""
 
 
 _HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -114,12 +124,13 @@ def _listen_host(host: str) -> str:
     if not host:
         return host
     if re.fullmatch(r"[0-9.]+", host) or ":" in host:
+        address = host.removeprefix("[").removesuffix("]")
         try:
-            ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+            ipaddress.ip_address(address)
         except ValueError:
             raise ValueError("expected an IP address such as 0.0.0.0 or ::, or a host "
                              "name") from None
-        return host.removeprefix("[").removesuffix("]")
+        return address
     if not _HOST_NAME.fullmatch(host):
         raise ValueError("expected an IP address such as 0.0.0.0 or ::, or a host name")
     return host

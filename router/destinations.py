@@ -3,7 +3,6 @@ mapping overrides, built once from the config and checked there, so problems fai
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,8 +91,7 @@ MORE_ERRORS_SHOWN = 5
 def egress_policy(config: RouterConfig) -> EgressPolicy:
     """The config's ``egress`` section as the policy the transport enforces."""
     return EgressPolicy(allow_private_addresses=config.egress.allow_private_addresses,
-                        allowed_networks=tuple(ipaddress.ip_network(network, strict=False)
-                                               for network in config.egress.allowed_networks))
+                        allowed_networks=tuple(config.egress.allowed_networks))
 
 
 def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index: int,

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+from datetime import UTC, datetime
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
+
+from router.events import format_time
 
 LEVEL_VARIABLE = "ROUTER_LOG_LEVEL"
 FORMAT_VARIABLE = "ROUTER_LOG_FORMAT"
@@ -54,7 +56,7 @@ def configure(environ: Mapping[str, str] = os.environ) -> None:
 def announce(text: str) -> None:
     """A line on stdout for the person or the log pipeline watching ``router serve``."""
     if _json_lines:
-        text = orjson.dumps({"time": _timestamp(time.time()), "level": "INFO",
+        text = orjson.dumps({"time": format_time(datetime.now(UTC)), "level": "INFO",
                              "logger": "router", "message": text}).decode()
     print(text, flush=True)
 
@@ -62,8 +64,8 @@ def announce(text: str) -> None:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        line: dict[str, Any] = {"time": _timestamp(record.created), "level": record.levelname,
-                                "logger": record.name}
+        line: dict[str, Any] = {"time": format_time(datetime.fromtimestamp(record.created, UTC)),
+                                "level": record.levelname, "logger": record.name}
         fields = _json_object(message)
         if fields is None:
             line["message"] = message
@@ -96,12 +98,6 @@ def _json_object(text: str) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def _timestamp(seconds: float) -> str:
-    """UTC, to the millisecond: ``2026-12-06T02:14:05.123Z``."""
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    return f"{whole}.{int(seconds % 1 * 1000):03d}Z"
 
 
 def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str,

@@ -48,10 +48,10 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import TraceRequestRedirectParams, TraceRequestStartParams
 from yarl import URL
 
+from router.config import IPNetwork
 from router.errors import RouterError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 

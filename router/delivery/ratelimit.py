@@ -16,26 +16,25 @@ class RateLimiter:
         self.rate = rate
         self.capacity = max(1.0, rate or 1.0)
         self.tokens = self.capacity
-        self.clock = time.monotonic
-        self.updated = self.clock()
+        self.updated = time.monotonic()
         self.paused_until = 0.0
         self._lock = asyncio.Lock()
 
     def pause(self, seconds: float) -> None:
         """Hold every request of the destination for ``seconds``."""
-        self.paused_until = max(self.paused_until, self.clock() + seconds)
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
     @property
     def paused(self) -> bool:
-        return self.clock() < self.paused_until
+        return time.monotonic() < self.paused_until
 
     async def acquire(self) -> None:
         """Wait until one request may go."""
-        if self.rate is None and not self._lock.locked() and self.clock() >= self.paused_until:
+        if self.rate is None and not self._lock.locked() and time.monotonic() >= self.paused_until:
             return  # unlimited and not paused: the common case costs no lock
         async with self._lock:  # first come, first served
             while True:
-                now = self.clock()
+                now = time.monotonic()
                 if now < self.paused_until:
                     await asyncio.sleep(self.paused_until - now)
                     continue

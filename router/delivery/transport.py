@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+# The methods aiohttp itself sends once more when their connection closes before an answer:
+# the transport adds no second resend to those.
+from aiohttp.client import IDEMPOTENT_METHODS as AIOHTTP_RESENDS
 
 from router.delivery.egress import (EgressBlocked, EgressPolicy, connection_reused, egress_reason,
                                     pooled_connections_refused, session_kwargs)
@@ -17,10 +20,6 @@ from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 from router.redaction import cut_at_first_url
 from router.runtime import release_descriptors, reserve_descriptors
-
-AIOHTTP_RESENDS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-"""The methods aiohttp itself sends once more when their connection closes before an answer
-(``aiohttp.client.IDEMPOTENT_METHODS``): the transport does not add a second resend."""
 
 RESEND_WITHIN = 0.5
 """Seconds from sending within which a pooled connection's close counts as the keep-alive

@@ -16,6 +16,8 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from router.config import IPNetwork
+
 ACCESS_LOGGER = logging.getLogger("router.access")
 
 SOURCE = web.RequestKey("source", str)
@@ -30,8 +32,6 @@ as ``client_address`` finds it."""
 MAX_LOGGED_PATH = 200
 MAX_FORWARDED_HOPS = 20
 """``X-Forwarded-For`` entries read, from the right: more proxies than that is not a chain."""
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class JsonAccessLogger(AbstractAccessLogger):
@@ -56,7 +56,7 @@ class JsonAccessLogger(AbstractAccessLogger):
 
 
 def client_address(peer: str | None, forwarded_for: str | None,
-                   trusted: Sequence[Network]) -> str | None:
+                   trusted: Sequence[IPNetwork]) -> str | None:
     """Who sent the request: the peer, unless the peer is a trusted proxy. Each proxy appends
     to ``X-Forwarded-For`` the address it got the request from, and anything to their left
     came from the client, who can write what it likes there. So the entries are read from the
@@ -78,7 +78,7 @@ def client_address(peer: str | None, forwarded_for: str | None,
 
 
 def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-             trusted: Sequence[Network]) -> bool:
+             trusted: Sequence[IPNetwork]) -> bool:
     return any(address in network for network in trusted)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import re
 import time
@@ -32,13 +31,14 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
+from router.config import IPNetwork
 from router.delivery.failure_log import WINDOW, FailureLog
 from router.errors import StorageFull, StorageUnavailable
 from router.events import CALL_TYPES
 from router.input import with_batch_defaults
 from router.routing import RouteResult, Router
 from router.server.accesslog import (ACCESS_LOGGER, CLIENT, REFUSAL, SOURCE, JsonAccessLogger,
-                                     Network, client_address)
+                                     client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, read_body
 from router.server.parsing import Rejection, check_event, parse_json
@@ -97,7 +97,7 @@ METRICS = web.AppKey("ingest_metrics", IngestMetrics)
 LIMITS = web.AppKey("limits", Limits)
 ADMISSION = web.AppKey("admission", asyncio.Semaphore)
 REJECTIONS = web.AppKey("rejections", FailureLog)
-TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
+TRUSTED_PROXIES: web.AppKey[tuple[IPNetwork, ...]] = web.AppKey("trusted_proxies")
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
 MESSAGE_ID_SHOWN = 200
@@ -116,8 +116,7 @@ def create_app(router: Router) -> web.Application:
     app[WRITE_KEYS] = WriteKeys(config.sources)
     app[METRICS] = IngestMetrics(destinations=[d.name for d in router.destinations])
     app[LIMITS] = limits
-    app[TRUSTED_PROXIES] = tuple(ipaddress.ip_network(network, strict=False)
-                                 for network in config.server.trusted_proxies)
+    app[TRUSTED_PROXIES] = tuple(config.server.trusted_proxies)
     app[ADMISSION] = asyncio.Semaphore(REQUESTS_IN_FLIGHT)
     # Client libraries read neither a batch's list of rejected events nor, mostly, a 400's
     # reason: this log is where an operator sees why events went missing.
