@@ -23,6 +23,7 @@ from router.destination import HttpRequest
 from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
                            StorageUnavailable)
 from router.input import Unreadable, UnreadableDocument, read_events
+from router.process_stats import build_info
 from router.redaction import redacted_url
 from router.registry import create_registry
 from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
@@ -73,6 +74,9 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="router", description=__doc__)
+    build = build_info()
+    parser.add_argument("--version", action="version",
+                        version=f"router {build['version']} (Python {build['python']})")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate a config, load its plugins and templates")

@@ -54,14 +54,16 @@ class Counter(Metric):
 
 
 class Gauge(Metric):
-    """A value read when scraped, from a callback returning ``{label values: number}``."""
-
-    kind = "gauge"
+    """A value read when scraped, from a callback returning ``{label values: number}``.
+    With ``kind="counter"``, a total kept elsewhere (a process's CPU seconds) read the same
+    way."""
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str],
-                 read: Callable[[], dict[tuple[str, ...], float]]) -> None:
+                 read: Callable[[], dict[tuple[str, ...], float]], *, kind: str = "gauge"
+                 ) -> None:
         super().__init__(name, help_text, labels)
         self.read = read
+        self.kind = kind
 
     def samples(self) -> Iterator[Sample]:
         for values, number in sorted(self.read().items()):

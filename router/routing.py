@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, UTC
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import orjson
 
@@ -31,6 +31,9 @@ from router.registry import Registry, create_registry
 from router.runtime import LoopWatchdog
 from router.storage import Storage, storage_for_url
 from router.storage.base import Acceptance, NewJob
+
+if TYPE_CHECKING:
+    from router.delivery.process import DeliveryProcess
 
 log = logging.getLogger("router")
 DEFAULT_SOURCE = "default"
@@ -162,6 +165,13 @@ class Router:
             await self.storage.close()
             self._open = False
             raise
+
+    @property
+    def delivery_process(self) -> DeliveryProcess | None:
+        """The handle on the delivery process while delivery runs in one
+        (``delivery.own_process``): what ``/metrics`` reads its health and costs from."""
+        from router.delivery.process import DeliveryProcess
+        return self._delivery if isinstance(self._delivery, DeliveryProcess) else None
 
     @property
     def delivers(self) -> bool:

@@ -4,8 +4,10 @@ in a subprocess, from a working directory of its own."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -436,6 +438,13 @@ def test_help_lists_the_commands(tmp_path):
     assert completed.returncode == 0
     for command in ("check", "send", "plugins", "serve", "dlq"):
         assert command in completed.stdout
+
+
+def test_version_names_the_installed_release_and_python(tmp_path):
+    completed = run("--version", cwd=tmp_path)
+    assert completed.returncode == 0
+    assert completed.stdout == (f"router {importlib.metadata.version('event-router')} "
+                                f"(Python {platform.python_version()})\n")
 
 
 def test_example_config_dry_run_works_offline(tmp_path):

@@ -14,10 +14,12 @@ import contextlib
 import gzip
 import hashlib
 import hmac
+import importlib.metadata
 import ipaddress
 import json
 import logging
 import os
+import platform
 import resource
 import shutil
 import signal
@@ -102,12 +104,12 @@ async def recorder() -> AsyncIterator[Recorder]:
 # -- the router and its HTTP API ----------------------------------------------------------------
 
 def config_text(hook_url: str, *, storage: str = "memory://", sources: str | None = None,
-                server: str = "") -> str:
+                server: str = "", delivery: str = "") -> str:
     if sources is None:
         sources = (f'sources:\n  - name: web\n    write_keys: ["{WEB_KEY}", "{WEB_KEY_2}"]\n'
                    f'  - name: mobile\n    write_keys: ["{MOBILE_KEY}"]\n')
     return (f"server:\n  host: 127.0.0.1\n  port: 0\n  shutdown_grace: 5s\n{server}"
-            f"storage: {storage}\n{sources}"
+            f"storage: {storage}\n{sources}{delivery}"
             "egress:\n  allow_private_addresses: true\n"
             "destinations:\n  - name: hook\n    plugin: webhook\n"
             f'    settings: {{url: "{hook_url}"}}\n')
@@ -938,6 +940,66 @@ async def test_metrics_show_the_spools_size_and_its_disks_free_space(
     # the database's pages, those still in its WAL included
     assert values["router_storage_bytes"] >= (tmp_path / "spool.db").stat().st_size > 0
     assert values["router_storage_bytes"] % 16384 == 0
+
+
+def samples(text: str, prefix: str) -> dict[str, float]:
+    """The series of a /metrics text whose names start with ``prefix``, by name and labels."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+async def test_metrics_show_the_build_and_what_the_serving_process_costs(
+        ingest: Ingest, tmp_path: Path) -> None:
+    # The names every Prometheus client library uses, so stock dashboards and alerts work.
+    text = await ingest.metrics()
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    build = samples(text, "router_build_info")
+    assert build == {f'router_build_info{{version="{importlib.metadata.version("event-router")}"'
+                     f',python="{platform.python_version()}"}}': 1.0}
+    before = samples(text, "process_")
+    assert time.time() - 24 * 3600 < before["process_start_time_seconds"] <= time.time()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # updated lazily
+    assert 10 * 2**20 < before["process_resident_memory_bytes"] <= peak + 8 * 2**20
+    assert before["process_virtual_memory_bytes"] >= before["process_resident_memory_bytes"]
+    assert before["process_max_fds"] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    opened = [open(tmp_path / f"f{n}", "w") for n in range(20)]  # noqa: SIM115
+    try:
+        after = samples(await ingest.metrics(), "process_")
+    finally:
+        for file in opened:
+            file.close()
+    assert after["process_open_fds"] - before["process_open_fds"] >= 20
+    assert after["process_cpu_seconds_total"] >= before["process_cpu_seconds_total"] > 0
+
+
+async def test_metrics_show_whether_the_delivery_process_runs_and_what_it_costs(
+        start_server: StartServer, tmp_path: Path) -> None:
+    # A delivery process that dies is replaced; an alert on restarts, and its memory beside
+    # the serving process's, are how an operator learns of it.
+    ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}",
+                                delivery="delivery:\n  own_process: true\n")
+    child = samples(await ingest.metrics(), "router_delivery_process_")
+    assert child["router_delivery_process_up"] == 1
+    assert child["router_delivery_process_restarts_total"] == 0
+    assert child["router_delivery_process_resident_memory_bytes"] > 10 * 2**20
+    assert child["router_delivery_process_cpu_seconds_total"] > 0
+    process = ingest.router.delivery_process
+    assert process is not None and process.running_pid is not None
+    os.kill(process.running_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while True:
+        child = samples(await ingest.metrics(), "router_delivery_process_")
+        if child["router_delivery_process_restarts_total"] == 1 \
+                and child["router_delivery_process_up"] == 1:
+            break
+        assert time.monotonic() < deadline, child
+        await asyncio.sleep(0.05)
+    assert child["router_delivery_process_resident_memory_bytes"] > 10 * 2**20
+
+
+async def test_metrics_have_no_delivery_process_series_when_delivery_runs_in_process(
+        ingest: Ingest) -> None:
+    assert samples(await ingest.metrics(), "router_delivery_process_") == {}
 
 
 # == access log ==================================================================================

@@ -93,6 +93,8 @@ class DeliveryProcess:
         """The running child's last metrics snapshot."""
         self._carried: Snapshot = {}
         """What the children that have exited counted, under the running one's counts."""
+        self.restarts = 0
+        """Children started to replace one that exited, since ``start``."""
 
     async def start(self) -> None:
         """Start the child and wait until it delivers; ``RuntimeError`` if it cannot."""
@@ -100,6 +102,14 @@ class DeliveryProcess:
         assert self._ready is not None
         await asyncio.wait_for(self._ready, START_TIMEOUT)
         self._started = True
+
+    @property
+    def running_pid(self) -> int | None:
+        """The process id of the child while it delivers: started, ready, not exited."""
+        process, ready = self._process, self._ready
+        if process is None or process.poll() is not None or ready is None or not ready.done():
+            return None
+        return None if ready.cancelled() or ready.exception() is not None else process.pid
 
     def _spawn(self) -> None:
         """A fresh interpreter (``python -m router.delivery.process FD WAKE_FD``), not a
@@ -193,7 +203,11 @@ class DeliveryProcess:
             log.error("%s", ready.exception())
         log.error("delivery process exited (code %s); starting another in %g s",
                   self._process.poll() if self._process else None, RESTART_DELAY)
-        self._restart = loop.call_later(RESTART_DELAY, self._spawn)
+        self._restart = loop.call_later(RESTART_DELAY, self._respawn)
+
+    def _respawn(self) -> None:
+        self.restarts += 1
+        self._spawn()
 
     async def stop(self, *, grace: float) -> None:
         """Ask the child to finish (in-flight requests within ``grace``, the rest back to

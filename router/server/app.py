@@ -43,7 +43,7 @@ from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, read_body
 from router.server.parsing import Rejection, check_event, parse_json
 from router.server.problems import Problem, json_response, unauthorized
-from router.server.telemetry import IngestMetrics
+from router.server.telemetry import IngestMetrics, add_process_metrics
 
 log = logging.getLogger("router.server")
 
@@ -115,6 +115,7 @@ def create_app(router: Router) -> web.Application:
     app[ROUTER] = router
     app[WRITE_KEYS] = WriteKeys(config.sources)
     app[METRICS] = IngestMetrics(destinations=[d.name for d in router.destinations])
+    add_process_metrics(app[METRICS].registry, lambda: router.delivery_process)
     app[LIMITS] = limits
     app[TRUSTED_PROXIES] = tuple(config.server.trusted_proxies)
     app[ADMISSION] = asyncio.Semaphore(REQUESTS_IN_FLIGHT)

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from router.metrics import Counter, Gauge, Histogram, Registry
+from router.process_stats import ProcessStats, build_info, read_process
 from router.storage.base import QueueStats, Storage, StorageStats
+
+if TYPE_CHECKING:
+    from router.delivery.process import DeliveryProcess
 
 
 class IngestMetrics:
@@ -93,6 +98,70 @@ class IngestMetrics:
 
     def _dead_letters(self) -> dict[tuple[str, ...], float]:
         return {(name,): queue.dead_letters for name, queue in self._queues().items()}
+
+
+def add_process_metrics(registry: Registry,
+                        delivery_process: Callable[[], DeliveryProcess | None]) -> None:
+    """The build, and what the serving process and its delivery process cost, read when
+    scraped. The serving process's figures carry the names every Prometheus client library
+    gives them (``process_*``), so stock dashboards and alerts work; the delivery process's
+    are the router's own, with whether it runs and how often it was replaced."""
+    add = registry.add
+    info = build_info()
+    add(Gauge("router_build_info", "Always 1: the router's version and Python's.",
+              list(info), lambda: {tuple(info.values()): 1.0}))
+
+    def own(figure: Callable[[ProcessStats], float | None]
+            ) -> Callable[[], dict[tuple[str, ...], float]]:
+        return lambda: _figure(read_process(), figure)
+
+    add(Gauge("process_cpu_seconds_total", "User and system CPU time of the serving process.",
+              [], own(lambda stats: stats.cpu_seconds), kind="counter"))
+    add(Gauge("process_resident_memory_bytes", "Resident memory of the serving process.",
+              [], own(lambda stats: stats.resident_bytes)))
+    add(Gauge("process_virtual_memory_bytes", "Virtual memory of the serving process.",
+              [], own(lambda stats: stats.virtual_bytes)))
+    add(Gauge("process_start_time_seconds", "When the serving process started (Unix time).",
+              [], own(lambda stats: stats.start_time)))
+    add(Gauge("process_open_fds", "Open file descriptors of the serving process.",
+              [], own(lambda stats: stats.open_fds)))
+    add(Gauge("process_max_fds", "The serving process's limit on open file descriptors.",
+              [], own(lambda stats: stats.max_fds)))
+
+    def child(figure: Callable[[ProcessStats], float | None]
+              ) -> Callable[[], dict[tuple[str, ...], float]]:
+        def read() -> dict[tuple[str, ...], float]:
+            process = delivery_process()
+            pid = process.running_pid if process is not None else None
+            return {} if pid is None else _figure(read_process(pid), figure)
+        return read
+
+    def up() -> dict[tuple[str, ...], float]:
+        process = delivery_process()
+        return {} if process is None else {(): float(process.running_pid is not None)}
+
+    def restarts() -> dict[tuple[str, ...], float]:
+        process = delivery_process()
+        return {} if process is None else {(): float(process.restarts)}
+
+    add(Gauge("router_delivery_process_up",
+              "1 while the delivery process runs and delivers, 0 while it is being replaced.",
+              [], up))
+    add(Gauge("router_delivery_process_restarts_total",
+              "Delivery processes started to replace one that exited.", [], restarts,
+              kind="counter"))
+    add(Gauge("router_delivery_process_cpu_seconds_total",
+              "User and system CPU time of the running delivery process.",
+              [], child(lambda stats: stats.cpu_seconds), kind="counter"))
+    add(Gauge("router_delivery_process_resident_memory_bytes",
+              "Resident memory of the running delivery process.",
+              [], child(lambda stats: stats.resident_bytes)))
+
+
+def _figure(stats: ProcessStats | None, figure: Callable[[ProcessStats], float | None]
+            ) -> dict[tuple[str, ...], float]:
+    value = figure(stats) if stats is not None else None
+    return {} if value is None else {(): float(value)}
 
 
 def _unlabelled(value: int | None) -> dict[tuple[str, ...], float]:
