@@ -384,7 +384,8 @@ def test_check_with_storage_fails_when_intake_would_be_refused_for_want_of_room(
     completed = run("check", "-c", "router.yaml", "--storage", cwd=tmp_path)
     assert completed.returncode == 1, completed.stdout
     assert "OK" not in completed.stdout
-    assert "error: the storage cannot be used now: the spool's disk has" in completed.stderr
+    assert completed.stderr.startswith("error: router.yaml:1: storage: the storage "
+                                       "cannot be used now: the spool's disk has")
     assert "kept for delivery (?min_free_bytes=)" in completed.stderr
 
 

@@ -35,7 +35,7 @@ from router.routing import Router
 from router.errors import StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage import storage_for_url
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
-                                 NewJob)
+                                 NewJob, amount_of_bytes)
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
 from router.storage import sqlite as sqlite_module
@@ -982,7 +982,8 @@ async def test_redis_out_of_memory_is_storage_full(redis_store, raw):
         with pytest.raises(StorageFull, match="out of memory"):
             await accept(redis_store, item("m-1", destinations=("a", "b")))
         # /health says so too: it answered "ok" while intake refused every event
-        with pytest.raises(StorageFull, match="maxmemory reached"):
+        with pytest.raises(StorageFull, match=r"out of memory \(\d+ [MK]B used of its "
+                                              r"maxmemory 1 byte\)"):
             await redis_store.ping()
     finally:
         await raw.config_set("maxmemory", "0")
@@ -1496,4 +1497,4 @@ async def test_redis_out_of_reach_is_storage_unavailable(tmp_path):
                                          (64 * 2**20, "64 MB")])
 def test_room_is_shown_in_a_unit_that_does_not_round_it_to_nothing(size, shown):
     # "the spool's disk has 0 MB free, under the 0 MB kept" for min_free_bytes=1
-    assert sqlite_module._amount(size) == shown
+    assert amount_of_bytes(size) == shown

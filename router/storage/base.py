@@ -187,3 +187,11 @@ class Storage(ABC):
         """True when the storage answers (readiness)."""
         await self.stats(now=0)
         return True
+
+
+def amount_of_bytes(size: int) -> str:
+    """``size`` bytes for a person: in MB from 1 MB, in KB from 1 KB, else in bytes."""
+    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
+        if size >= scale:
+            return f"{size // scale} {unit}"
+    return "1 byte" if size == 1 else f"{size} bytes"

@@ -34,7 +34,7 @@ import orjson
 
 from router.errors import RouterError, StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
-                                 QueueStats, Storage, StorageStats)
+                                 QueueStats, Storage, StorageStats, amount_of_bytes)
 
 try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
@@ -718,8 +718,9 @@ class RedisStorage(Storage):
             memory.get("mem_not_counted_for_evict") or 0)
         limit = int(memory.get("maxmemory") or 0)
         if limit and used > limit:
-            raise StorageFull(f"Redis is out of memory (maxmemory reached: {used} of {limit} "
-                              "bytes used): intake is refused until delivery frees room")
+            raise StorageFull(f"Redis is out of memory ({amount_of_bytes(used)} used of its "
+                              f"maxmemory {amount_of_bytes(limit)}): intake is refused until "
+                              "delivery frees room")
         return True
 
     # -- helpers ----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import orjson
 
 from router.errors import SpoolInUse, StorageFull, StorageMisconfigured, StorageUnavailable
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
-                                 NewJob, QueueStats, Storage, StorageStats)
+                                 NewJob, QueueStats, Storage, StorageStats, amount_of_bytes)
 
 T = TypeVar("T")
 MAX_OPERATIONS_PER_COMMIT = 1000
@@ -439,8 +439,8 @@ class SqliteStorage(Storage):
         a disk filled to the last byte it could record nothing, and stopped."""
         free = _disk_free_bytes(self.path)
         if free < self.min_free_bytes:
-            raise StorageFull(f"the spool's disk has {_amount(free)} free, under the "
-                              f"{_amount(self.min_free_bytes)} kept for delivery "
+            raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free, under the "
+                              f"{amount_of_bytes(self.min_free_bytes)} kept for delivery "
                               "(?min_free_bytes=)")
         if self.max_bytes is None:
             return
@@ -1077,14 +1077,6 @@ def _begin(connection: sqlite3.Connection) -> None:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.001)
-
-
-def _amount(size: int) -> str:
-    """``size`` bytes for a person: in MB from 1 MB, in KB from 1 KB, else in bytes."""
-    for unit, scale in (("MB", 2**20), ("KB", 2**10)):
-        if size >= scale:
-            return f"{size // scale} {unit}"
-    return "1 byte" if size == 1 else f"{size} bytes"
 
 
 def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
