@@ -7,10 +7,15 @@ what each operation may build, so a small template cannot render gigabytes: ever
 list an operator, ``~``, a filter or a method builds is refused past ``MAX_OUTPUT_CHARS``
 (a value can then at most double before it is refused, which bounds a loop that doubles a
 ``namespace`` attribute), and the operations that multiply in one step (``*``, ``**``,
-format widths, ``replace``, ``indent``, ``wordwrap``, ``tojson``'s indent) are checked
-before they run. Time is capped too: every loop iteration, call and filter spends one of a
-render's ``MAX_STEPS``, and a render may take ``MAX_RENDER_SECONDS`` at most (a filter such as
-``sort`` on a 100,000-item list takes tens of milliseconds in one step).
+format widths, ``join``'s separator, ``replace``, ``indent``, ``wordwrap``, ``tojson``'s
+indent) are checked before they run. A lazy sequence (what ``map`` or ``select`` return) is
+gathered under the same cap before a filter or method takes it, so nothing can build
+gigabytes out of sight of the checks. The string methods whose output an argument multiplies
+with no way to check it first (``translate``, ``expandtabs``) and jinja2's ``lipsum``, which
+builds millions of words in one uninterruptible call, are not available. Time is capped too:
+every loop iteration, call and filter spends one of a render's ``MAX_STEPS``, and a render
+may take ``MAX_RENDER_SECONDS`` at most (a filter such as ``sort`` on a 100,000-item list
+takes tens of milliseconds in one step).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import functools
 import itertools
 import operator
 import re
+import string
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -42,7 +48,12 @@ MAX_STEPS = 100_000
 MAX_RENDER_SECONDS = 1.0
 """How long one render may hold the event loop (and with it intake and every destination)."""
 TEMPLATE_NAME = "template"
-_WIDE_FORMAT = re.compile(r"%[-+ #0]*(\*|\d{6,})|\{[^{}]*:[^{}]*\d{6,}[^{}]*\}|\d{6,}")
+_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")
+"""A ``%`` conversion's width and precision (``%-8.2f``, ``%(name)5s``, ``%*d``)."""
+_NUMBER = re.compile(r"\d+")
+_REFUSED_STRING_METHODS = frozenset({"translate", "maketrans", "expandtabs"})
+"""Methods whose output one argument multiplies (each character's replacement, each tab's
+width) with no cheap way to tell the size first."""
 
 
 SPEC_FIELD_DEFAULTS: dict[str, Any] = {
@@ -149,9 +160,47 @@ def _refuse_large_join(separator: Any, items: Any) -> None:
         raise SecurityError("join too large for a template")
 
 
-def _refuse_wide_format(text: str) -> None:
-    if _WIDE_FORMAT.search(text):
-        raise SecurityError("format width too large for a template")
+def _refuse_wide_percent_format(text: str) -> None:
+    """``text % values`` pads each field to its width and precision: refused before it runs
+    when together they come to more than a template may build (2,000 fields of width 99,999
+    are 200 MB, each of them allowed alone)."""
+    total = len(text)
+    for width, precision in _PERCENT_FIELD.findall(text):
+        if "*" in (width, precision):
+            raise SecurityError("a format width taken from the values (*) is not allowed in "
+                                "a template")
+        total += int(width or 0) + int(precision or 0)
+    if total > MAX_OUTPUT_CHARS:
+        raise SecurityError("format widths too large for a template")
+
+
+def _refuse_wide_brace_format(text: str) -> None:
+    """The same for ``text.format(...)``: each field's width and precision, and a width
+    taken from the arguments (``{0:{1}}``) counted at the largest an argument may be."""
+    total = 0
+    for literal, field, spec, _ in string.Formatter().parse(text):
+        total += len(literal)
+        if field is not None:
+            total += sum(map(int, _NUMBER.findall(spec or "")))
+            total += MAX_VALUE_SIZE * (spec or "").count("{")
+    if total > MAX_OUTPUT_CHARS:
+        raise SecurityError("format widths too large for a template")
+
+
+def _gathered(value: Any) -> Any:
+    """``value``, or, for a lazy sequence (a generator, ``map``'s result), its items in a
+    list, gathered only while they stay under the cap: ``join`` or ``list`` of a generator of
+    100,000-character strings would build gigabytes before any check saw the result."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset, range)) or \
+            not isinstance(value, Iterator):
+        return value
+    items, size = [], 0
+    for item in value:
+        size += _size(item)
+        if size > MAX_OUTPUT_CHARS:
+            raise SecurityError("sequence too large for a template")
+        items.append(item)
+    return items
 
 
 def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -161,7 +210,7 @@ def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[st
     line gets the width), ``wordwrap`` (each break gets the wrap string) and ``tojson``
     (each nesting level gets the indent)."""
     if name == "do_format" and args and isinstance(args[0], str):
-        _refuse_wide_format(args[0])
+        _refuse_wide_percent_format(args[0])
     elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
         _refuse_large_replace(str(args[1]), args[2], args[3])
     elif name == "do_indent" and args and isinstance(args[0], str):
@@ -222,22 +271,32 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
                 if isinstance(sized, (str, list, tuple)) and isinstance(count, int) \
                         and _size(sized) * count > MAX_VALUE_SIZE:
                     raise SecurityError("repetition too large for a template")
+            if isinstance(left, int) and isinstance(right, int) and \
+                    abs(left).bit_length() + abs(right).bit_length() > MAX_POWER_BITS:
+                raise SecurityError("product too large for a template")
             return operator.mul(left, right)
         if operator_name == "%":
             if isinstance(left, str):
-                _refuse_wide_format(left)
+                _refuse_wide_percent_format(left)
             return _refuse_large_result(operator.mod(left, right))
         return _refuse_large_result(operator.add(left, right))
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if isinstance(obj, str) and attr in _REFUSED_STRING_METHODS:
+            return False
+        return bool(super().is_safe_attribute(obj, attr, value))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _spend_step()
         _refuse_large_arguments(args, kwargs)
+        if __obj is not _counted:  # a loop takes its items one at a time, each a step
+            args = tuple(map(_gathered, args))
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         text = getattr(method, "__self__", None)
         if isinstance(text, str):
             name = getattr(method, "__name__", "")
             if name in ("format", "format_map"):
-                _refuse_wide_format(text)
+                _refuse_wide_brace_format(text)
             elif name == "replace":
                 _refuse_large_replace(text, *args)
             elif name == "join" and args:
@@ -252,6 +311,7 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _spend_step()
         _refuse_large_arguments(args, kwargs)
+        args = tuple(map(_gathered, args))
         _refuse_multiplying_filter(function.__name__, args, kwargs)
         return _refuse_large_result(function(*args, **kwargs))
 
@@ -261,6 +321,7 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
 _COUNTED = "__router_counted_loop"
 _environment = _CappedSandbox(undefined=StrictUndefined, autoescape=False)
 _environment.filters = {name: _guarded_filter(f) for name, f in _environment.filters.items()}
+del _environment.globals["lipsum"]
 _environment.globals[_COUNTED] = _counted
 
 

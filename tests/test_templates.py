@@ -324,6 +324,20 @@ MEMORY_BOMBS = [
     "{{ range(20000)|join('x' * 20000)|length }}",
     "{{ ('x' * 20000).join(range(20000)|map('string')|list)|length }}",
     "{{ ([['x' * 99999]] * 99999)|tojson|length }}",
+    # widths under the cap each, over it together (security review): 200 MB apiece unguarded
+    "{{ ('{0:99999}' * 2000).format('a')|length }}",
+    "{{ ('%99999s' * 2000) % (('a',) * 2000)|length }}",
+    "{{ ('%99999s' * 2000)|format(*(('a',) * 2000))|length }}",
+    "{{ ('{0:.9999f}' * 20000).format(1.5)|length }}",
+    # a separator an item of a list no one counted: a generator
+    "{{ ('y' * 9999).join(range(20000)|map('string'))|length }}",
+    "{{ range(20000)|map('string')|join('y' * 9999)|length }}",
+    # a lazy map of big strings, gathered by the next filter
+    "{{ range(2000)|map('center', 99999)|list|length }}",
+    "{{ range(2000)|map('center', 99999)|map('upper')|first }}",
+    # methods whose output one argument multiplies
+    "{{ ('a' * 20000).translate(''.maketrans({'a': 'b' * 10000}))|length }}",
+    "{{ ('\t' * 20000).expandtabs(10000)|length }}",
 ]
 
 TIME_BOMBS = [
@@ -392,6 +406,37 @@ def test_ordinary_joins_and_layouts_still_render(source, expected):
 def test_huge_powers_are_refused():
     with pytest.raises(EventRejected):
         render("{{ (10**64**64**64) % 7 }}")
+
+
+def test_huge_products_are_refused():
+    # Squaring a number forty times doubles its digits each time: a second of the event
+    # loop and 100 MB before the time budget stopped it (security review).
+    with pytest.raises(EventRejected, match="product too large"):
+        render("{% set ns = namespace(n=3) %}{% for i in range(40) %}"
+               "{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n % 7 }}")
+    assert render("{{ 19.99 * 3 }} {{ 2**62 * 2**62 }}") == f"{19.99 * 3} {2**124}"
+
+
+def test_lorem_ipsum_is_not_a_template_global():
+    # jinja2's lipsum(n, html, min, max) builds up to n * max words in one call, which no
+    # step or time budget can interrupt: 20 s of a stalled event loop from one event.
+    with pytest.raises(EventRejected, match="lipsum"):
+        render("{{ lipsum(200, False, 99999, 100000) }}")
+    assert render("{{ range(3)|list }} {{ dict(a=1) }} {{ namespace(a=1).a }} "
+                  "{{ cycler('x', 'y').next() }} {{ joiner(',')() }}") == \
+        "[0, 1, 2] {'a': 1} 1 x "
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("{{ '{0:>6}|{1:.2f}'.format('ab', 2.5) }}", "    ab|2.50"),
+    ("{{ '%-4s|%05.1f' % ('ab', 2.5) }}", "ab  |002.5"),
+    ("{{ '%(a)s' % {'a': 1} }}", "1"),
+    ("{{ ', '.join(['a', 'b']|map('upper')) }}", "A, B"),
+    ("{{ ['a', 'b']|map('upper')|join('-') }}", "A-B"),
+    ("{{ 'a\tb'.expandtabs is undefined }}", "True"),
+])
+def test_formats_joins_of_generators_and_refused_methods_behave(source, expected):
+    assert render(source) == expected
 
 
 @pytest.mark.parametrize("source", ["{{ '{0}'.format() }}", "{{ '{name}'.format() }}",
