@@ -3,14 +3,20 @@
 Secrets are known by type (every ``SecretStr`` in a destination's settings),
 so masking replaces their values wherever they occur, including inside URLs (GA4 and Meta take
 keys in the query string) and bodies; credential headers are masked whole, since a Basic or
-Bearer header encodes its secret.
+Bearer header encodes its secret. A secret is masked in each form it takes on the way out
+and back: as JSON escapes it, as a URL encodes it, and, for a secret URL (a Slack webhook,
+a webhook URL from the environment), each part of it that is a credential alone (its
+password and the Basic header built from it, a token in its path or query), since an API
+that answers an error by echoing the request shows the parts, never the whole URL.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import orjson
 from pydantic import BaseModel, SecretStr
@@ -55,6 +61,24 @@ def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
     strings = list(_strings(data))
     return [value for value in values if _may_be_a_credential(value)
             and any(value in string for string in strings)]
+
+
+def credentials_of_urls_in(data: Any, secrets: Iterable[str]) -> list[str]:
+    """The credential parts (``url_credentials``) of each URL in plain ``data`` that holds a
+    password or one of ``secrets``: ``http://svc:${PASSWORD}@host/`` makes the HTTP client
+    send a ``Basic`` header built from the user and the password, which an API that echoes
+    the request shows, though neither the whole URL nor the password appears in it."""
+    secrets = [secret for secret in secrets if secret]
+    return [part for text in _strings(data) if "://" in text
+            and (_has_password(text) or any(secret in text for secret in secrets))
+            for part in url_credentials(text)]
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return urlsplit(url.strip()).password is not None
+    except ValueError:
+        return False
 
 
 def _may_be_a_credential(value: str) -> bool:
@@ -118,16 +142,60 @@ def _masked_credential_query(url: str) -> str:
     return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, url)
 
 
+def url_credentials(text: str) -> list[str]:
+    """The parts of a URL that are credentials on their own: the password of its user
+    information and the ``Basic`` value an HTTP client builds from it, and the path segments
+    and query values that look like tokens (``/services/T0/B0/<token>``, ``?key=<token>``).
+    Nothing for text that is not an http(s) URL."""
+    try:
+        parts = urlsplit(text.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            return []
+        found = []
+        if parts.password:
+            user, password = unquote(parts.username or ""), unquote(parts.password)
+            found += [parts.password, password,
+                      base64.b64encode(f"{user}:{password}".encode()).decode()]
+        found += [segment for segment in parts.path.split("/") if _looks_like_a_token(segment)]
+        found += [value for _, value in parse_qsl(parts.query) if _looks_like_a_token(value)]
+        return found
+    except ValueError:  # a port that is not a number, brackets that do not close
+        return []
+
+
+def _looks_like_a_token(text: str) -> bool:
+    """Long enough, and not a word: a digit in it, or 16 characters and more (``services``
+    and ``webhooks`` stay readable)."""
+    return len(text) >= _MIN_TOKEN_LENGTH and (
+        len(text) >= 16 or any(character.isdigit() for character in text))
+
+
+def _forms(secret: str) -> Iterator[str]:
+    """``secret`` as it may appear in text: as it is, inside a JSON string, percent-encoded
+    in a URL's path or query, and, for a URL, each of its credential parts."""
+    yield secret
+    yield orjson.dumps(secret).decode()[1:-1]
+    yield quote(secret, safe="")
+    yield quote(secret, safe="/:@!$&'()*+,;=~")  # a path, as yarl (aiohttp) encodes it
+    yield quote_plus(secret)
+    for part in url_credentials(secret):
+        yield from (part, quote(part, safe=""), orjson.dumps(part).decode()[1:-1])
+
+
 class Masker:
-    """Replaces known secret values in text with ``**REDACTED**``."""
+    """Replaces known secret values, in every form they take (``_forms``), in text with
+    ``**REDACTED**``."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH},
+        self.given = tuple(secrets)
+        """The secrets as they were given, before their other forms are added."""
+        self.secrets = sorted({form for secret in self.given if secret
+                               for form in _forms(secret) if len(form) >= _MIN_SECRET_LENGTH},
                               key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
 
     def __add__(self, other: Masker) -> Masker:
-        return Masker([*self.secrets, *other.secrets])
+        return Masker([*self.given, *other.given])
 
     def mask(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
@@ -161,7 +229,7 @@ class Masker:
         "key:"), so an API that echoes the request in its error would show them unmasked."""
         found = [part for name, value in headers.items() if name.lower() in SENSITIVE_HEADERS
                  for part in (value, *value.split()[1:])]
-        return Masker([*self.secrets, *found]) if found else self
+        return Masker([*self.given, *found]) if found else self
 
     def mask_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)

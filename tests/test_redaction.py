@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
 import orjson
 import pytest
@@ -67,6 +69,32 @@ def test_credential_headers_a_request_carried_are_masked_in_an_echo_of_it():
     echoed = '{"error": "bad auth", "headers": {"Authorization": "Basic c2VnLWtleS0wMDAxOg=="}}'
     assert "c2VnLWtleS0wMDAxOg" not in masker.mask(echoed)
     assert "application/json" not in masker.secrets
+
+
+def test_a_secret_is_masked_as_json_escapes_it_and_as_a_url_encodes_it():
+    # An API that echoes the request answers with the secret escaped in its JSON, or as it
+    # was percent-encoded on the wire (security review).
+    masker = Masker(['sig"Secret-0001', "pct token+0001"])
+    echoed = ('{"X-Signing-Secret": "sig\\"Secret-0001", '
+              '"line": "POST /catch/pct%20token+0001/ HTTP/1.1", "q": "t=pct+token%2B0001"}')
+    assert masker.mask(echoed) == (f'{{"X-Signing-Secret": "{REDACTED}", '
+                                   f'"line": "POST /catch/{REDACTED}/ HTTP/1.1", '
+                                   f'"q": "t={REDACTED}"}}')
+
+
+def test_a_secret_url_is_masked_by_its_credential_parts_too():
+    # A Slack webhook URL is a secret whole; the echo of a request shows its path, not it.
+    masker = Masker(["https://svc:pass-0001@hooks.example/services/T0001/B0001/"
+                     "XXXXsecrettoken0001?key=query-token-0001&page=2"])
+    basic = base64.b64encode(b"svc:pass-0001").decode()
+    echoed = (f"POST /services/T0001/B0001/XXXXsecrettoken0001?key=query-token-0001&page=2 "
+              f"Authorization: Basic {basic} password pass-0001")
+    assert masker.mask(echoed) == (f"POST /services/T0001/B0001/{REDACTED}?key={REDACTED}"
+                                   f"&page=2 Authorization: Basic {REDACTED} password "
+                                   f"{REDACTED}")
+    # words of a path are not credentials: they stay readable wherever else they appear
+    assert Masker(["https://hooks.example/services/webhooks/T0-token-0001"]).mask(
+        "services and webhooks") == "services and webhooks"
 
 
 def test_dry_run_masks_a_token_in_a_webhook_url(tmp_path):
@@ -134,6 +162,60 @@ async def test_a_failure_reason_quoting_the_request_credentials_is_masked(tmp_pa
     assert "bad auth" in letter.reason and "properties.time" in letter.reason
     assert encoded not in letter.reason
     assert "bad auth" in caplog.text and encoded not in caplog.text
+
+
+def echo_request(request):
+    """An API that answers 400 quoting the request line and headers back."""
+    from router.testing import Answer
+    headers = {str(name): value for name, value in request.headers.items()}
+    return Answer(400, body={"error": "bad request", "line": f"POST {path_and_query(request)}",
+                             "headers": headers})
+
+
+def path_and_query(request) -> str:
+    return request.path + (f"?{urlencode(list(request.query.items()))}" if request.query else "")
+
+
+async def test_dead_letters_and_logs_keep_no_part_of_a_secret_url_an_api_echoed(
+        tmp_path, caplog):
+    # Slack's whole URL is its secret, and a webhook's may come whole from the environment
+    # or hold a password: the echo showed the path's token, the query's key and the Basic
+    # header aiohttp built from the password, none of which is the secret's whole text.
+    from router.config import parse_config
+    from router.routing import Router
+    from router.storage.base import DeadLetterFilter
+    from router.testing import FakeDestinationServer
+    from tests.delivery_helpers import track
+
+    async with FakeDestinationServer(handler=echo_request) as server:
+        port = server.url.rsplit(":", 1)[1]
+        env = {"SLACK_URL": f"{server.url}/services/T0001/B0001/SLACKSECRET0001",
+               "HOOK_URL": f"{server.url}/hooks/PATHTOKEN0001?api_key=QUERYKEY0001",
+               "HOOK_PASSWORD": "BASICPASS0001"}
+        config = parse_config(
+            "storage: memory://\negress: {allow_private_addresses: true}\ndestinations:\n"
+            "  - {name: slack, plugin: slack, settings: {url: '${SLACK_URL}'},"
+            " delivery: {max_attempts: 1}}\n"
+            "  - {name: hook, plugin: webhook, settings: {url: '${HOOK_URL}'},"
+            " delivery: {max_attempts: 1}}\n"
+            "  - {name: basic, plugin: webhook, settings: {url: 'http://svc:${HOOK_PASSWORD}"
+            f"@127.0.0.1:{port}/b'}}, delivery: {{max_attempts: 1}}}}\n", env=env)
+        with caplog.at_level(logging.DEBUG):
+            async with Router(config) as router:
+                await router.route(track(1))
+                assert await router.drain(timeout=10)
+                letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert sorted(letter.destination for letter in letters) == ["basic", "hook", "slack"]
+    echoed = [path_and_query(request) for request in server.requests] + [
+        request.headers["Authorization"].split()[1] for request in server.requests
+        if "Authorization" in request.headers]
+    assert len(echoed) == 4  # three paths, and the Basic header built from the password
+    shown = caplog.text + orjson.dumps([(letter.reason, letter.request, letter.response)
+                                        for letter in letters]).decode()
+    assert "bad request" in shown
+    for text in ("SLACKSECRET0001", "PATHTOKEN0001", "QUERYKEY0001", "BASICPASS0001",
+                 echoed[-1]):
+        assert text not in shown, text
 
 
 @pytest.mark.parametrize("text, cut", [
