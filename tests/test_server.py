@@ -42,7 +42,7 @@ from router.errors import StorageFull
 from router.routing import Router
 from router.server import body as body_module
 from router.server import auth as auth_module
-from router.server.app import create_app, create_runner
+from router.server.app import REQUESTS_IN_FLIGHT, create_app, create_runner
 from router.server.auth import WriteKeys
 from router.server.accesslog import client_address
 from router.server.body import GzipDecoder
@@ -1381,6 +1381,33 @@ async def test_requests_beyond_those_in_flight_wait_then_get_503(
     assert int(headers["Retry-After"]) > 0
     async with ingest.session.get(f"{ingest.url}/health") as response:
         assert response.status == 200  # readiness is not an ingest request
+
+
+async def test_clients_that_never_send_their_bodies_hold_no_turn_of_anyone_else(
+        start_server: StartServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sixteen connections sending headers without a key and then no body held every turn,
+    # and every other client got 503 overloaded, for as long as they kept it up (hostile
+    # clients audit): the key may be in the body, so the body is read before a turn.
+    monkeypatch.setattr("router.server.app.ADMISSION_WAIT", 0.5)
+    ingest = await start_server(deliver=False)
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    held = []
+    try:
+        for _ in range(REQUESTS_IN_FLIGHT + 4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", ingest.port)
+            writer.write(head)
+            await writer.drain()
+            held.append(writer)
+        await asyncio.sleep(0.2)
+        status, answer, _ = await ingest.post("/v1/track", track("while-held"))
+        assert (status, answer) == (200, {"success": True})
+        status, _, _ = await ingest.post("/v1/batch", {"writeKey": WEB_KEY,
+                                                      "batch": [track("key-in-body")]}, key=None)
+        assert status == 200
+    finally:
+        for writer in held:
+            writer.close()
 
 
 async def test_two_content_encoding_fields_are_a_stacked_encoding(ingest: Ingest) -> None:

@@ -20,7 +20,7 @@ the runner must leave request bodies compressed so that ``body.py`` can count an
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import re
 import time
@@ -57,9 +57,10 @@ KEEPALIVE_TIMEOUT = 75.0
 """Seconds an idle keep-alive connection is kept (nginx's default; aiohttp's is an hour, which
 lets clients that never send another request pile up open sockets)."""
 REQUESTS_IN_FLIGHT = 16
-"""Ingest requests read, parsed and routed at once. Each costs memory (a 500 KB batch is
-several MB as Python objects) and the work is one CPU's: more at once adds memory, not speed.
-The others wait, their bodies still unread in their sockets."""
+"""Ingest requests parsed and routed at once. Each costs memory (a 500 KB batch is several MB
+as Python objects) and the work is one CPU's: more at once adds memory, not speed. Bodies are
+read before a request takes its turn: a client that sends its body slowly (or never) holds a
+connection, not one of these, so sixteen of them cannot stop intake for everyone."""
 ADMISSION_WAIT = 10.0
 """How long a request waits for its turn before the answer is 503 with ``Retry-After``."""
 OVERLOADED_RETRY_AFTER = 5
@@ -151,62 +152,70 @@ def create_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> we
 
 
 def _add_ingest(app: web.Application, paths: Sequence[str], handler: Handler) -> None:
-    admitted = _admitted(handler)
     for path in paths:
-        app.router.add_post(path, admitted, expect_handler=_expect_continue)
+        app.router.add_post(path, handler, expect_handler=_expect_continue)
         app.router.add_route(hdrs.METH_OPTIONS, path, handle_preflight)
 
 
 # -- ingest -----------------------------------------------------------------------------------
 
-def _admitted(handler: Handler) -> Handler:
-    """``handler`` run once a slot of ``REQUESTS_IN_FLIGHT`` is free, so memory stays bounded
+@contextlib.asynccontextmanager
+async def _turn(request: web.Request) -> AsyncIterator[None]:
+    """One of ``REQUESTS_IN_FLIGHT`` slots for parsing and routing, so memory stays bounded
     under a flood; a request that waits ``ADMISSION_WAIT`` in vain is told to come back."""
-    @functools.wraps(handler)
-    async def admitted(request: web.Request) -> web.StreamResponse:
-        slots = request.app[ADMISSION]
-        try:
-            await asyncio.wait_for(slots.acquire(), ADMISSION_WAIT)
-        except TimeoutError:
-            raise Problem(503, "overloaded", "the router is busy; retry later",
-                          headers={hdrs.RETRY_AFTER: str(OVERLOADED_RETRY_AFTER)}) from None
-        try:
-            return await handler(request)
-        finally:
-            slots.release()
-
-    return admitted
+    slots = request.app[ADMISSION]
+    try:
+        await asyncio.wait_for(slots.acquire(), ADMISSION_WAIT)
+    except TimeoutError:
+        raise Problem(503, "overloaded", "the router is busy; retry later",
+                      headers={hdrs.RETRY_AFTER: str(OVERLOADED_RETRY_AFTER)}) from None
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def _call_handler(call_type: str) -> Handler:
     async def handle_call(request: web.Request) -> web.Response:
-        """One event; its ``type`` is the path's, whatever the body says."""
-        source, document = await _authenticated_body(request)
-        event = document
-        event.pop("writeKey", None)
-        event["type"] = call_type
-        checked = check_event(event)
-        if isinstance(checked, Rejection):
-            _rejected(request, source, event, None, checked.reason)
-            if checked.too_large:
-                raise Problem(413, "event_too_large", checked.reason)
-            raise Problem(400, "invalid_event", checked.reason)
-        (result,) = await _route(request, [event], [checked], source)
-        if result.invalid:
-            reason = _invalid_reason(result)
-            _rejected(request, source, event, None, reason)
-            raise Problem(400, "invalid_event", reason)
-        _count(request.app[METRICS], source, result)
-        return json_response({"success": True})
+        body = await _body(request)
+        async with _turn(request):
+            return await _handle_call(request, body, call_type)
 
     handle_call.__name__ = handle_call.__qualname__ = f"handle_{call_type}"
     return handle_call
 
 
+async def _handle_call(request: web.Request, body: bytes, call_type: str) -> web.Response:
+    """One event; its ``type`` is the path's, whatever the body says."""
+    source, document = _authenticated(request, body)
+    event = document
+    event.pop("writeKey", None)
+    event["type"] = call_type
+    checked = check_event(event)
+    if isinstance(checked, Rejection):
+        _rejected(request, source, event, None, checked.reason)
+        if checked.too_large:
+            raise Problem(413, "event_too_large", checked.reason)
+        raise Problem(400, "invalid_event", checked.reason)
+    (result,) = await _route(request, [event], [checked], source)
+    if result.invalid:
+        reason = _invalid_reason(result)
+        _rejected(request, source, event, None, reason)
+        raise Problem(400, "invalid_event", reason)
+    _count(request.app[METRICS], source, result)
+    return json_response({"success": True})
+
+
 async def handle_batch(request: web.Request) -> web.Response:
+    body = await _body(request)
+    async with _turn(request):
+        return await _handle_batch(request, body)
+
+
+async def _handle_batch(request: web.Request, body: bytes) -> web.Response:
     """Many events, each judged alone: 200 with the rejected ones listed when at least one
     was accepted, 400 with the list when none was."""
-    source, document = await _authenticated_body(request)
+    source, document = _authenticated(request, body)
     batch = document.get("batch")
     if not isinstance(batch, list):
         raise Problem(400, "invalid_batch", 'expected {"batch": [...]}: a list of events')
@@ -243,20 +252,23 @@ async def handle_batch(request: web.Request) -> web.Response:
                          else {"success": True})
 
 
-async def _authenticated_body(request: web.Request) -> tuple[str, dict[str, Any]]:
-    """The source the request speaks for and its JSON object body.
-
-    A key in the header is checked before the body is read, so a wrong key costs nothing;
-    without a header the key can only come from the body, read under the same limits."""
-    keys, limit = request.app[WRITE_KEYS], request.app[LIMITS].max_request_bytes
+async def _body(request: web.Request) -> bytes:
+    """The request's body, read once a key in the header, if there is one, has been checked:
+    a wrong key costs nothing. Without a header the key can only come from the body."""
     source = _source_from_header(request)
     if source is not None:
         request[SOURCE] = source  # the access log names it even if the body is refused
-    document = parse_json(await read_body(request, limit=limit))
+    return await read_body(request, limit=request.app[LIMITS].max_request_bytes)
+
+
+def _authenticated(request: web.Request, body: bytes) -> tuple[str, dict[str, Any]]:
+    """The source the request speaks for and its JSON object body."""
+    document = parse_json(body)
     if not isinstance(document, dict):
         raise Problem(400, "invalid_body", "the body must be a JSON object")
+    source = request.get(SOURCE)
     if source is None:
-        source = keys.source_for(key_from_body(document))
+        source = request.app[WRITE_KEYS].source_for(key_from_body(document))
         request[SOURCE] = source
     return source, document
 
