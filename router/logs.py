@@ -73,10 +73,17 @@ class JsonFormatter(logging.Formatter):
             line.update((key, value) for key, value in fields.items() if key not in line)
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        try:
-            return orjson.dumps(line, default=str).decode()
-        except TypeError:  # a lone surrogate (OS data decoded with surrogateescape, say)
-            return orjson.dumps(_encodable(line), default=str).decode()
+        return json_line(line)
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON, whatever strings it holds: a lone surrogate (from a
+    client's JSON escape, or OS data decoded with ``surrogateescape``) is escaped
+    (``\\ud800``) rather than failing the line, and with it whatever was logging it."""
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except TypeError:
+        return orjson.dumps(_encodable(value), default=str).decode()
 
 
 def _encodable(value: Any) -> Any:

@@ -686,6 +686,29 @@ async def test_each_rejected_event_is_logged_with_its_reason_a_few_a_second(
     assert (last["messageId"], last["similar_lines_held_back"]) == ("bad-23", 13)
 
 
+async def test_a_lone_surrogate_in_a_messageid_costs_only_its_own_event(
+        ingest: Ingest, recorder: Recorder, caplog: pytest.LogCaptureFixture) -> None:
+    # The log line naming the rejected event could not be encoded: 500 for the whole batch,
+    # its valid events lost, and at shutdown a traceback and exit status 1 (hostile clients
+    # audit).
+    good = [json.dumps(track(f"good-{n}")) for n in range(3)]
+    bad = '{"type": "track", "event": "A", "userId": "u", "messageId": "\\ud800"}'
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        status, answer, _ = await ingest.post(
+            "/v1/batch", data=f'{{"batch": [{good[0]}, {bad}, {good[1]}, {good[2]}]}}'.encode())
+        assert status == 200, answer
+        assert [item["index"] for item in answer["rejected"]] == [1]
+        await recorder.wait_for(3)
+        assert sorted(recorder.message_ids) == ["good-0", "good-1", "good-2"]
+        for _ in range(12):  # past the window's ten lines: the rest are held back
+            status, answer, _ = await ingest.post("/v1/track", data=bad.encode())
+            assert status == 400 and answer["code"] == "invalid_event"
+        await ingest.runner.cleanup()  # writes the last line held back
+    written = rejections(caplog)
+    assert [line["messageId"] for line in written] == ["\\ud800"] * 11
+    assert written[-1]["similar_lines_held_back"] == 2
+
+
 def event_of_bytes(message_id: str, size: int) -> dict[str, Any]:
     """A track event that serializes (compactly, as client libraries send it) to ``size``."""
     event = track(message_id, properties={"pad": ""})

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+from router.logs import json_line
 
 WINDOW = 10.0
 LINES_PER_WINDOW = 10
@@ -84,4 +84,4 @@ class FailureLog:
             line = {**line, "similar_lines_held_back": window.held_back}
             window.held_back = 0
             window.last_held_back = None
-        self.logger.warning(orjson.dumps(line).decode())
+        self.logger.warning(json_line(line))
