@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import os
 import signal
 import sys
@@ -177,6 +178,9 @@ def _log_access_to_stdout() -> None:
     ACCESS_LOGGER.propagate = False
 
 
+_QUOTED_BYTES = re.compile(r"bytearray\(|b?['\"]")
+
+
 def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
     """aiohttp logs a request it cannot parse on a kept-alive connection (a bad method, a
     broken header) as an ERROR with a traceback: ten lines that any client can produce at
@@ -184,6 +188,9 @@ def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
     if isinstance(error, HttpProcessingError):
         why = str(error.message).strip().splitlines()[0] if error.message else ""
+        # Cut where it starts quoting what the client sent: a line over the limit is quoted
+        # (``bytearray(b'/v1/track?writeKey=...'``), and so is a too-long Authorization.
+        why = _QUOTED_BYTES.split(why, maxsplit=1)[0].rstrip(" :")
         record.msg, record.args = "%s: %s", (record.getMessage(), why or type(error).__name__)
         record.exc_info, record.exc_text = None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
