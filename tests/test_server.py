@@ -709,6 +709,25 @@ async def test_a_lone_surrogate_in_a_messageid_costs_only_its_own_event(
     assert written[-1]["similar_lines_held_back"] == 2
 
 
+async def test_a_batch_context_copied_into_every_event_is_bounded_in_all(
+        start_server: StartServer) -> None:
+    # Each event is within its 32 KB with the context merged in, yet a 200 KB request of
+    # 2,500 tiny events and a 31 KB context was stored as 78 MB (hostile clients audit).
+    ingest = await start_server(deliver=False)
+    tiny = [{"type": "track", "event": "A", "userId": "u", "messageId": f"t-{n}"}
+            for n in range(2500)]
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": tiny,
+                                                        "context": {"pad": "x" * 31_000}})
+    assert status == 400 and answer["code"] == "batch_fields_too_large", answer
+    assert "2500 events" in answer["message"]
+    stats = await ingest.router.storage.stats(now=time.time())
+    assert sum(queue.pending for queue in stats.queues.values()) == 0
+    # a library's context, a kilobyte, on as many events is fine
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": tiny,
+                                                        "context": {"pad": "x" * 1000}})
+    assert (status, answer) == (200, {"success": True})
+
+
 def event_of_bytes(message_id: str, size: int) -> dict[str, Any]:
     """A track event that serializes (compactly, as client libraries send it) to ``size``."""
     event = track(message_id, properties={"pad": ""})
