@@ -86,11 +86,25 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
     server = runner.server
     if server is None:
         raise RuntimeError("listen() needs a runner that is set up")
+    loop = asyncio.get_running_loop()
+    admitting = 0
+    """Connections admitted whose ``connection_made`` may not have run yet: asyncio makes
+    each protocol of a burst of accepts before any of them is told its connection is made
+    (and so counted in ``server.connections``); counting only those let a burst of 200
+    through a cap of 64."""
+
+    def admitted() -> None:
+        nonlocal admitting
+        admitting -= 1
 
     def protocol() -> asyncio.BaseProtocol:
-        if len(server.connections) >= max_connections:
+        nonlocal admitting
+        if len(server.connections) + admitting >= max_connections:
             return _TurnAway(turned_away)
+        admitting += 1
+        # Scheduled twice, so as to run after the connection_made the transport schedules
+        # next: a connection is counted twice for a moment, never not at all.
+        loop.call_soon(loop.call_soon, admitted)
         return server()
 
-    return await asyncio.get_running_loop().create_server(
-        protocol, host, port, backlog=BACKLOG, reuse_address=True)
+    return await loop.create_server(protocol, host, port, backlog=BACKLOG, reuse_address=True)
