@@ -6,7 +6,7 @@
 import asyncio
 import sys
 
-from router.routing import Router
+from router import Router
 
 
 async def main(config: str) -> None:

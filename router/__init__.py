@@ -1,7 +1,12 @@
 """An asyncio fan-out router for Segment-spec analytics events.
 
 The public API: everything a library user or a plugin author needs is importable from here.
+The router itself (``Router``, ``RouteResult``, ``DestinationResult``, ``Status``) and the
+config loaders are imported when first asked for, so a plugin that needs only ``Event`` and
+``Destination`` does not load the router's storage and server.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from router.destination import (DEFAULT_RETRY_STATUSES, BaseUrl, DeliveryDefaults, Destination,
                                 HttpRequest, HttpResponse, HttpUrl, Outcome, Payload,
@@ -12,10 +17,27 @@ from router.errors import (ConfigError, DestinationError, EventRejected, Invalid
 from router.events import Event, parse_event
 from router.hookspecs import hookimpl
 
+if TYPE_CHECKING:
+    from router.config import LoadedConfig, load_config, parse_config
+    from router.routing import DestinationResult, RouteResult, Router, Status
+
+_LAZY = {"Router": "router.routing", "RouteResult": "router.routing",
+         "DestinationResult": "router.routing", "Status": "router.routing",
+         "LoadedConfig": "router.config", "load_config": "router.config",
+         "parse_config": "router.config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'router' has no attribute {name!r}")
+
 __all__ = [
     "DEFAULT_RETRY_STATUSES", "BaseUrl", "ConfigError", "DeliveryDefaults", "Destination",
-    "DestinationError", "Event", "EventRejected", "HttpRequest", "HttpResponse", "HttpUrl",
-    "InvalidEvent", "Outcome", "Payload", "PermanentError", "RetryableError", "RouterError",
-    "SkipEvent", "SpoolInUse", "StorageFull", "StorageMisconfigured", "StorageUnavailable",
-    "basic_auth", "hookimpl", "parse_event",
+    "DestinationError", "DestinationResult", "Event", "EventRejected", "HttpRequest",
+    "HttpResponse", "HttpUrl", "InvalidEvent", "LoadedConfig", "Outcome", "Payload",
+    "PermanentError", "RetryableError", "RouteResult", "Router", "RouterError", "SkipEvent",
+    "SpoolInUse", "Status", "StorageFull", "StorageMisconfigured", "StorageUnavailable",
+    "basic_auth", "hookimpl", "load_config", "parse_config", "parse_event",
 ]

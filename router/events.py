@@ -129,8 +129,10 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
     ``size`` is the size the limit applies to when the caller has measured it (the HTTP server
     does, on the event as the client sent it); otherwise the event is serialized to measure it.
     """
-    if not isinstance(raw, dict) and not isinstance(raw, Mapping):
-        raise InvalidEvent([("", "an event must be a JSON object")])
+    if not isinstance(raw, dict):
+        if not isinstance(raw, Mapping):
+            raise InvalidEvent([("", "an event must be a JSON object")])
+        raw = dict(raw)  # a MappingProxyType, say: what it holds must still be plain JSON
     if size is None:
         try:
             size = len(orjson.dumps(raw))

@@ -118,11 +118,13 @@ class Router:
             if deliver and not self.config.delivery.own_process else "intake and /health")
         """Logs where the event loop is stuck when a plugin (or anything) blocks it."""
         self._open = False
+        self._closing: asyncio.Future[None] | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path, **kwargs: Any) -> Router:
+    def from_file(cls, path: str | Path, *, registry: Registry | None = None,
+                  deliver: bool = True, storage: Storage | None = None) -> Router:
         """A router for a YAML config file (``ConfigError`` naming file and line if bad)."""
-        return cls(load_config(path), **kwargs)
+        return cls(load_config(path), registry=registry, deliver=deliver, storage=storage)
 
     async def __aenter__(self) -> Router:
         await self.start()
@@ -136,6 +138,8 @@ class Router:
         here, or in a process of its own with ``delivery.own_process``, which then opens
         the config's storage itself and loads plugins from their entry points. If delivery
         cannot start, the storage is closed again and the error raised."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
         if self._open:
             raise RuntimeError("the router is already started")
         if self._storage_from_config:
@@ -192,15 +196,41 @@ class Router:
 
     async def close(self, *, grace: float | None = None) -> None:
         """Stop delivery (in-flight requests finish within ``grace`` seconds or go back to
-        the queue) and close the storage. Nothing accepted is lost."""
-        if self._delivery is not None:
-            await self._delivery.stop(grace=self.config.server.shutdown_grace
-                                      if grace is None else grace)
-            self._delivery = None
-        if self._open:
-            self._watchdog.stop()
-            await self.storage.close()
-            self._open = False
+        the queue) and close the storage. Nothing accepted is lost. ``route()`` raises from
+        the moment this is called, and a second ``close`` waits for the first. A ``close``
+        that is cancelled (a second Ctrl-C, a timeout around it) is cut short, not left
+        half done: delivery stops at once, the requests in flight going back to the queue,
+        and the storage is still closed."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(
+                self.config.server.shutdown_grace if grace is None else grace))
+            self._closing.add_done_callback(self._closed)
+        closing = self._closing
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                closing.cancel()
+                raise
+            # Not this caller's cancellation: the close it waited for was cut short by
+            # another caller, and has finished all the same.
+
+    async def _close(self, grace: float) -> None:
+        was_open, self._open = self._open, False
+        try:
+            if self._delivery is not None:
+                delivery, self._delivery = self._delivery, None
+                await delivery.stop(grace=grace)
+        finally:
+            if was_open:
+                self._watchdog.stop()
+                await self.storage.close()
+
+    def _closed(self, closing: asyncio.Future[None]) -> None:
+        self._closing = None
+        if not closing.cancelled():
+            closing.exception()  # retrieved: the callers awaiting it have it
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -245,6 +275,9 @@ class Router:
         """Decide and translate one event for every destination, touching no storage."""
         if isinstance(event, Event):
             parsed = event
+            # What the last plan of this object built from it (its JSON form, its bodies)
+            # must not stand for it if the caller has changed it since.
+            object.__setattr__(parsed, "_shared", None)
         else:
             try:
                 parsed = parse_event(event, received_at=received_at, size=size)

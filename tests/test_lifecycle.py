@@ -4,9 +4,11 @@ leave nothing running, and a router is started once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import orjson
@@ -15,7 +17,7 @@ import pytest
 from router import SpoolInUse
 from router.config import parse_config
 from router.routing import Router
-from router.testing import FakeDestinationServer
+from router.testing import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +112,80 @@ async def test_routing_before_start_or_after_close_says_so(tmp_path):
         assert (await router.route(track(1))).results == []  # no destinations: accepted
     with pytest.raises(RuntimeError, match="not started"):
         await router.route(track(2))
+
+
+# -- closing while others route, twice at once, cancelled; a start cancelled (embedding audit)
+
+def _writer_threads() -> int:
+    return sum(thread.name == "sqlite-writer" for thread in threading.enumerate())
+
+
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+async def test_routing_while_the_router_closes_raises_rather_than_hangs(tmp_path, own_process):
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [webhook("hook", server.url)],
+                            delivery={"own_process": own_process})
+        await router.start()
+
+        async def keep_routing(task: int) -> int:
+            routed = 0
+            try:
+                for n in range(1000):
+                    await router.route(track(task * 1000 + n))
+                    routed += 1
+            except RuntimeError:
+                return routed
+            return routed
+
+        routing = [asyncio.create_task(keep_routing(task)) for task in range(20)]
+        await asyncio.sleep(0.2)
+        await router.close(grace=1)
+        routed = await asyncio.wait_for(asyncio.gather(*routing), timeout=10)
+        # every event route() acknowledged is kept, and delivered by the next router
+        async with router_for(tmp_path, [webhook("hook", server.url)]) as restarted:
+            assert await restarted.drain(timeout=30)
+    delivered = {request.json["messageId"] for request in server.requests}
+    assert len(delivered) >= sum(routed) > 0
+
+
+async def test_two_closes_at_once_leave_a_router_that_starts_and_routes_again(tmp_path):
+    # A signal handler and an application's cleanup both closing: the second left a stop in
+    # the writer's queue, and the restarted router's writer read it and quit at once.
+    router = router_for(tmp_path, [])
+    for _ in range(2):
+        await router.start()
+        await asyncio.gather(router.close(), router.close())
+        assert _writer_threads() == 0
+    async with router:
+        await asyncio.wait_for(router.route(track(1)), timeout=10)
+
+
+async def test_a_start_cancelled_while_the_spool_opens_can_be_tried_again(tmp_path):
+    # The writer of the cancelled start went on, and the next start ran a second one on the
+    # same queue: one of them crashed, and every route() after hung.
+    router = router_for(tmp_path, [])
+    for delay in (0, 0.001, 0.002, 0.005):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(router.start(), timeout=delay)
+            await router.close()
+    async with router:
+        assert _writer_threads() == 1
+        await asyncio.wait_for(asyncio.gather(*(router.route(track(n)) for n in range(50))),
+                               timeout=10)
+    assert _writer_threads() == 0
+
+
+async def test_a_cancelled_close_still_closes(tmp_path):
+    async with FakeDestinationServer(default=Answer(200, delay=60)) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="120s")])
+        await router.start()
+        await router.route(track(1))
+        await server.wait_for(1, timeout=20)  # in flight, and held
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(router.close(grace=60), timeout=0.5)
+        with pytest.raises(RuntimeError, match="not started"):
+            await router.route(track(2))
+        await router.close()  # waits for the close under way, cut short
+        assert _writer_threads() == 0
+        async with router_for(tmp_path, [webhook("hook", server.url)]) as restarted:
+            assert await restarted.storage.stats(now=0) is not None  # the spool is free

@@ -526,3 +526,40 @@ def test_a_broken_plugin_package_breaks_only_the_configs_that_use_it():
     assert "unknown plugin 'beacon_two'" in message
     assert "needs a plugin_name that is an identifier" in message
     assert "'webhook'" in message and "already registered" in message
+
+
+# -- what an embedding service hands in (embedding audit) ------------------------------------
+
+async def test_an_event_changed_after_routing_is_routed_as_it_is_now():
+    # The event kept what the last route built from it (its JSON form, its serialized body):
+    # changed and routed again, it sent the old body, and the new messageId was lost.
+    from router import parse_event
+    router = make_router("""
+        - name: Hook
+          plugin: webhook
+          settings: {url: "https://hooks.example/all"}
+    """)
+    event = parse_event({"type": "track", "event": "First", "userId": "u-1",
+                         "messageId": "ev-1"})
+    async with router:
+        first = await router.route(event)
+        event.messageId, event.event = "ev-2", "Second"
+        second = await router.route(event)
+    bodies = [json.loads(result.results[0].bodies[0]) for result in (first, second)]
+    assert [(body["messageId"], body["event"]) for body in bodies] == [
+        ("ev-1", "First"), ("ev-2", "Second")]
+
+
+async def test_any_mapping_is_an_event_not_only_a_dict():
+    from types import MappingProxyType
+    router = make_router(STANDARD)
+    result = router.plan(MappingProxyType({"type": "track", "event": "Order Done",
+                                           "userId": "u-1", "messageId": "mp-1"}))
+    assert result.event is not None and result.status_of("Hook").status == Status.SEND
+
+
+def test_the_router_and_its_config_are_importable_from_the_package():
+    import router as package
+    assert package.Router is Router and package.Status is Status
+    assert package.parse_config is parse_config
+    assert {"Router", "RouteResult", "parse_config", "load_config"} <= set(package.__all__)

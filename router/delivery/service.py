@@ -114,20 +114,27 @@ class DeliveryService:
         A worker waiting for a free sender (its destination slow, paused or down) is
         cancelled rather than waited for: its leased, unsent jobs go back to the queue."""
         deadline = time.monotonic() + grace
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            await asyncio.gather(self._housekeeping, return_exceptions=True)
-        for worker in self.workers.values():
-            worker.stopping = True
-            worker.wakeup.set()
-        if self._tasks:
-            _, waiting = await asyncio.wait(self._tasks, timeout=min(grace, 1.0))
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        remaining = max(0.0, deadline - time.monotonic())
-        await asyncio.gather(*(worker.finish(remaining) for worker in self.workers.values()))
-        await self.transport.close()
+        try:
+            if self._housekeeping is not None:
+                self._housekeeping.cancel()
+                await asyncio.gather(self._housekeeping, return_exceptions=True)
+            for worker in self.workers.values():
+                worker.stopping = True
+                worker.wakeup.set()
+            if self._tasks:
+                _, waiting = await asyncio.wait(self._tasks, timeout=min(grace, 1.0))
+                for task in waiting:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.gather(*(worker.finish(remaining) for worker in self.workers.values()))
+        except BaseException:
+            # Cancelled (``asyncio.run`` ending on a second Ctrl-C): nothing more is waited
+            # for. The senders stop now; the jobs they held come back when their leases end.
+            self.cut_stop_short()
+            raise
+        finally:
+            await self.transport.close()
 
     def cut_stop_short(self) -> None:
         """End the waits of a ``stop`` under way (for the workers still leasing, and for

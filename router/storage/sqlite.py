@@ -140,6 +140,10 @@ class SqliteStorage(Storage):
         self.min_free_bytes = min_free_bytes
         self._operations: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._leaving: threading.Thread | None = None
+        """The writer of an ``open`` that failed or was cancelled, told to stop, perhaps not
+        gone yet: the next ``open`` waits for it, so two writers never share this state."""
+        self._closing: asyncio.Future[None] | None = None
         self._delivery_lock: int | None = None
         self._recover = True
         self._accepted_since_purge = 0
@@ -185,24 +189,50 @@ class SqliteStorage(Storage):
     # -- the writer thread ------------------------------------------------------------------
 
     async def open(self, *, recover: bool = True) -> None:
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+        if self._leaving is not None:
+            await asyncio.to_thread(self._leaving.join)
+            self._leaving = None
+        if self._thread is not None:
+            raise RuntimeError("the storage is already open")
         self._recover = recover
         self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
         self._indexed_up_to = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="sqlite-writer",
-                                        daemon=True)
+        # A queue of its own: a stop left in an earlier writer's queue must not end this one.
+        operations: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
+        self._operations = operations
+        self._thread = threading.Thread(target=self._run, args=(ready, operations),
+                                        name="sqlite-writer", daemon=True)
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except BaseException:  # it failed, or the open was cancelled: the writer stops too
+            operations.put(None)
+            self._leaving, self._thread = self._thread, None
+            raise
 
     async def close(self) -> None:
-        if self._thread is not None:
-            self._operations.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        if self._delivery_lock is not None:
-            os.close(self._delivery_lock)  # releases the lock
-            self._delivery_lock = None
+        """Stop the writer once what is queued is done, and give up the delivery lock. Calls
+        made from here on raise; a second ``close`` waits for the first; a ``close`` that
+        is cancelled finishes all the same."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._operations.put(None)
+                await asyncio.to_thread(thread.join)
+            if self._delivery_lock is not None:
+                os.close(self._delivery_lock)  # releases the lock
+                self._delivery_lock = None
+        finally:
+            self._closing = None
 
     async def claim_delivery(self) -> None:
         """An exclusive lock on ``<spool>.delivery-lock``, held until ``close``: the jobs a
@@ -225,7 +255,8 @@ class SqliteStorage(Storage):
                 await asyncio.sleep(0.1)
         self._delivery_lock = descriptor
 
-    def _run(self, ready: asyncio.Future[None]) -> None:
+    def _run(self, ready: asyncio.Future[None],
+             operations: queue.SimpleQueue[_Operation | None]) -> None:
         loop = ready.get_loop()
         try:
             connection = self._connect()
@@ -234,20 +265,21 @@ class SqliteStorage(Storage):
             return
         loop.call_soon_threadsafe(_resolve, ready, None, None)
         try:
-            self._serve_operations(connection)
+            self._serve_operations(connection, operations)
         finally:
             connection.close()
 
-    def _serve_operations(self, connection: sqlite3.Connection) -> None:
+    def _serve_operations(self, connection: sqlite3.Connection,
+                          operations: queue.SimpleQueue[_Operation | None]) -> None:
         """The writer thread's loop: gather what is queued, reads first, then one commit for
         the writes, until ``close`` queues the stop (None)."""
         with connection:
-            while (first := self._operations.get()) is not None:
+            while (first := operations.get()) is not None:
                 batch = [first]
                 stop = False
                 while len(batch) < MAX_OPERATIONS_PER_COMMIT:
                     try:
-                        item = self._operations.get_nowait()
+                        item = operations.get_nowait()
                     except queue.Empty:
                         break
                     if item is None:
