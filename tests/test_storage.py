@@ -564,6 +564,32 @@ async def test_sqlite_a_new_spool_has_large_pages_and_an_older_file_keeps_its_ow
     assert page_size(older) == 4096
 
 
+async def test_sqlite_a_new_spool_is_readable_by_its_owner_only(tmp_path):
+    # It holds the events (personal data among them) and the dead letters' requests and
+    # answers: under the usual umask of 022 every file was readable by any local user
+    # (security review). A spool made before keeps the permissions it has.
+    previous = os.umask(0o022)
+    try:
+        storage = SqliteStorage(tmp_path / "var" / "spool.db")
+        await storage.open()
+        await storage.claim_delivery()
+        await accept(storage, item("m-0"))
+        files = sorted((tmp_path / "var").iterdir())
+        modes = {path.name: path.stat().st_mode & 0o777 for path in files}
+        await storage.close()
+        older = tmp_path / "older.db"
+        older.touch(mode=0o640)
+        kept = SqliteStorage(older)
+        await kept.open()
+        await kept.close()
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
+    assert modes == {"spool.db": 0o600, "spool.db-shm": 0o600, "spool.db-wal": 0o600,
+                     "spool.db.delivery-lock": 0o600}
+    assert older.stat().st_mode & 0o777 == 0o640
+
+
 async def test_sqlite_never_reuses_a_job_id(spool):
     """The cursor is past every id it has leased: a new job must get a higher one even when
     every job before it is gone."""

@@ -199,7 +199,7 @@ class SqliteStorage(Storage):
         self._recover = recover
         self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
         self._indexed_up_to = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A queue of its own: a stop left in an earlier writer's queue must not end this one.
         operations: queue.SimpleQueue[_Operation | None] = queue.SimpleQueue()
@@ -240,7 +240,7 @@ class SqliteStorage(Storage):
         this one) delivering from the file would send them again. The kernel drops the lock
         with the process, so a crash never leaves the spool claimed."""
         lock_path = self.path.with_name(self.path.name + ".delivery-lock")
-        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + CLAIM_WAIT
         while True:
             try:
@@ -297,7 +297,12 @@ class SqliteStorage(Storage):
 
     def _connect(self) -> sqlite3.Connection:
         """The writer's connection, set up; closed again when the setup fails (a spool of a
-        later layout, a lock held elsewhere), not left for the garbage collector."""
+        later layout, a lock held elsewhere), not left for the garbage collector.
+
+        A new spool is readable by its owner only: it holds the events, personal data among
+        them, and the dead letters' requests and answers. SQLite gives its ``-wal`` and
+        ``-shm`` files the database file's permissions; a spool made before keeps its own."""
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._set_up(connection)
