@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from router.errors import ConfigError
 from router.events import CallType
-from router.redaction import redacted_url
+from router.redaction import Masker, credential_like, redacted_url
 
 if TYPE_CHECKING:
     from router.storage.base import Storage
@@ -269,8 +269,12 @@ class RouterConfig(_Section):
 class SourceMap:
     """Where each value of a config came from: file and line by dotted path."""
 
-    def __init__(self, file: str, lines: dict[tuple[Any, ...], int]) -> None:
+    def __init__(self, file: str, lines: dict[tuple[Any, ...], int],
+                 masker: Masker | None = None) -> None:
         self.file, self.lines = file, lines
+        self.masker = masker or Masker()
+        """The values the config took from the environment: never quoted in an error, even
+        one about a field that holds a secret by mistake (``plugin: ${API_KEY}``)."""
 
     def error(self, path: Sequence[Any], message: str) -> ConfigError:
         """A ConfigError for the value at ``path``, at its own line or its nearest parent's."""
@@ -279,7 +283,7 @@ class SourceMap:
             line = self.lines.get(path[:depth])
             if line is not None:
                 break
-        return ConfigError(message, file=self.file, line=line,
+        return ConfigError(self.masker.mask(message), file=self.file, line=line,
                            field=".".join(str(part) for part in path) or None)
 
     def validation_error(self, exc: ValidationError, prefix: Sequence[Any] = ()) -> ConfigError:
@@ -338,21 +342,23 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | None = None
                  ) -> LoadedConfig:
     """Like ``load_config`` for YAML text already in hand (tests, embedding)."""
+    lines: dict[tuple[Any, ...], int] = {}
+    converter = _Converter(file, lines, os.environ if env is None else env)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = converter.convert(node, ()) if node is not None else {}
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         raise ConfigError(f"not valid YAML: {exc.problem or exc}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", file=file) from None
-    lines: dict[tuple[Any, ...], int] = {}
-    converter = _Converter(file, lines, os.environ if env is None else env)
-    data = converter.convert(node, ()) if node is not None else {}
+    except RecursionError:  # thousands of nested brackets: PyYAML's parser recurses
+        raise ConfigError("the config nests too deeply to read", file=file) from None
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping of sections (server, storage, destinations, ...)",
                           file=file, line=1)
-    source = SourceMap(file, lines)
+    source = SourceMap(file, lines, Masker(credential_like(converter.environment_values)))
     try:
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:

@@ -59,8 +59,8 @@ def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
     everywhere would garble bodies and logs (a masked ``true`` is not JSON any more).
     Settings declared secret are masked from 4 characters on (see ``Masker``)."""
     strings = list(_strings(data))
-    return [value for value in values if _may_be_a_credential(value)
-            and any(value in string for string in strings)]
+    return [value for value in credential_like(values)
+            if any(value in string for string in strings)]
 
 
 def credentials_of_urls_in(data: Any, secrets: Iterable[str]) -> list[str]:
@@ -79,6 +79,11 @@ def _has_password(url: str) -> bool:
         return urlsplit(url.strip()).password is not None
     except ValueError:
         return False
+
+
+def credential_like(values: Iterable[str]) -> list[str]:
+    """Those of ``values`` that may be credentials (see ``values_found_in``)."""
+    return [value for value in values if _may_be_a_credential(value)]
 
 
 def _may_be_a_credential(value: str) -> bool:

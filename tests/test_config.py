@@ -780,6 +780,16 @@ SECRET_CASES = {
     "secret in a storage url": """
         storage: rediss://:${SECRET}@cache.example:6379/0
     """,
+    # a secret in a field that names something (security review): the name was quoted
+    "secret as a plugin name": """
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: "${SECRET}"
+    """,
+    "secret as a storage option": """
+        storage: "sqlite:///x.db?${SECRET}=1"
+    """,
     "secret with a line break": """
         storage: memory://
         destinations:
@@ -801,6 +811,16 @@ def test_secrets_never_appear_in_config_errors(tmp_path, text):
     assert SECRET not in str(error)
     assert SECRET not in repr(error)
     assert SECRET not in (error.message or "")
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000])
+def test_a_config_nested_too_deeply_to_read_says_so(tmp_path, text):
+    # PyYAML's parser recurses: a RecursionError and a traceback thousands of lines long
+    # (security review).
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    error = config_error(path)
+    assert "nests too deeply" in error.message and error.file == str(path)
 
 
 @pytest.mark.parametrize("section, key", [("server", "trusted_proxies"),
