@@ -709,6 +709,33 @@ async def test_a_lone_surrogate_in_a_messageid_costs_only_its_own_event(
     assert written[-1]["similar_lines_held_back"] == 2
 
 
+async def test_a_value_that_is_not_json_costs_only_the_event_holding_it(
+        ingest: Ingest, recorder: Recorder) -> None:
+    # Python's json.dumps writes float('nan') as NaN: segment-analytics-python sent a batch
+    # with one such event, got 400 for the whole of it, and dropped it (hostile clients
+    # audit). The bad values stay refused, one event at a time.
+    good = [json.dumps(track(f"good-{n}")) for n in range(3)]
+    bad = ['{"type": "track", "event": "A", "userId": "u", "messageId": "nan",'
+           ' "properties": {"revenue": NaN}}',
+           '{"type": "track", "event": "A", "userId": "u", "messageId": "big",'
+           ' "properties": {"v": 1e400}}',
+           '{"type": "track", "event": "A", "event": "B", "userId": "u", "messageId": "dup"}']
+    body = f'{{"batch": [{good[0]}, {bad[0]}, {good[1]}, {bad[1]}, {bad[2]}, {good[2]}]}}'
+    status, answer, _ = await ingest.post("/v1/batch", data=body.encode())
+    assert status == 200, answer
+    assert [(item["index"], item["reason"]) for item in answer["rejected"]] == [
+        (1, "NaN is not valid JSON (numbers must be finite)"),
+        (3, "a number in the body is too large for a double"),
+        (4, "an object has the key 'event' more than once")]
+    await recorder.wait_for(3)
+    assert sorted(recorder.message_ids) == ["good-0", "good-1", "good-2"]
+    # in the batch's own fields, or in a single event, it is the whole body's
+    for data in (f'{{"batch": [{good[0]}], "context": {{"v": NaN}}}}', bad[0]):
+        path = "/v1/batch" if data.startswith('{"batch"') else "/v1/track"
+        status, answer, _ = await ingest.post(path, data=data.encode())
+        assert (status, answer["code"]) == (400, "invalid_json")
+
+
 async def test_a_batch_context_copied_into_every_event_is_bounded_in_all(
         start_server: StartServer) -> None:
     # Each event is within its 32 KB with the context merged in, yet a 200 KB request of

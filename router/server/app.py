@@ -42,7 +42,8 @@ from router.server.accesslog import (ACCESS_LOGGER, CLIENT, REFUSAL, SOURCE, Jso
                                      client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, read_body
-from router.server.parsing import Rejection, check_event, parse_json
+from router.server.parsing import (Rejection, check_event, parse_batch_json, parse_json,
+                                   refused_in)
 from router.server.problems import Problem, json_response, unauthorized
 from router.server.telemetry import IngestMetrics, add_process_metrics
 
@@ -219,7 +220,8 @@ async def handle_batch(request: web.Request) -> web.Response:
 async def _handle_batch(request: web.Request, body: bytes) -> web.Response:
     """Many events, each judged alone: 200 with the rejected ones listed when at least one
     was accepted, 400 with the list when none was."""
-    source, document = _authenticated(request, body)
+    parsed, refusals = parse_batch_json(body)
+    source, document = _authenticated(request, body, parsed)
     batch = document.get("batch")
     if not isinstance(batch, list):
         raise Problem(400, "invalid_batch", 'expected {"batch": [...]}: a list of events')
@@ -232,6 +234,12 @@ async def _handle_batch(request: web.Request, body: bytes) -> web.Response:
     rejected: list[dict[str, Any]] = []
     valid: list[tuple[int, dict[str, Any], int]] = []
     for index, (sent, event) in enumerate(zip(batch, with_batch_defaults(document))):
+        refused = refused_in(sent) if refusals else None
+        if refused is not None:  # a NaN, a key twice: this event's, not the batch's
+            rejected.append({"index": index, "reason": refused.message})
+            _rejected(request, source, sent if isinstance(sent, dict) else None, index,
+                      refused.message)
+            continue
         if isinstance(event, dict):
             event.pop("writeKey", None)  # analytics.js repeats the key in every event
         checked = check_event(event, sent=sent)
@@ -286,9 +294,11 @@ async def _body(request: web.Request) -> bytes:
     return await read_body(request, limit=request.app[LIMITS].max_request_bytes)
 
 
-def _authenticated(request: web.Request, body: bytes) -> tuple[str, dict[str, Any]]:
-    """The source the request speaks for and its JSON object body."""
-    document = parse_json(body)
+def _authenticated(request: web.Request, body: bytes, document: Any = None
+                   ) -> tuple[str, dict[str, Any]]:
+    """The source the request speaks for and its JSON object body (``document``, when the
+    caller has parsed it already)."""
+    document = parse_json(body) if document is None else document
     if not isinstance(document, dict):
         raise Problem(400, "invalid_body", "the body must be a JSON object")
     source = request.get(SOURCE)

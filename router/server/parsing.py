@@ -31,25 +31,89 @@ MAX_DEPTH = 64
 """How deeply an event's objects and arrays may nest. Real events use a handful of levels."""
 
 
-class _Refused(ValueError):
+class Refused:
+    """What stands in a parsed batch for a value that is not valid JSON for an event (a
+    ``NaN``, a number that overflows, an object with a key twice), so that only the event
+    holding it is rejected: Python's ``json.dumps`` writes ``float('nan')`` as ``NaN``, and
+    segment-analytics-python, which does not retry a 400, dropped the whole batch."""
+
+    __slots__ = ("code", "message")
+
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
         self.code, self.message = code, message
 
 
 def parse_json(data: bytes) -> Any:
     """The JSON document in ``data``; ``Problem`` 400 naming what is wrong with it."""
+    document, refused = _parse(data)
+    if refused:
+        raise Problem(400, refused[0].code, refused[0].message)
+    return document
+
+
+def parse_batch_json(data: bytes) -> tuple[Any, bool]:
+    """Like ``parse_json`` for a batch body, except that a value refused inside one of its
+    events is left in place as a ``Refused`` (find it with ``refused_in``), for that event
+    alone to be rejected; the flag says whether there is any. One elsewhere (in the batch's
+    own ``context``, say) still refuses the whole body."""
+    document, refused = _parse(data)
+    if refused:
+        outside = dict(document) if isinstance(document, dict) else document
+        if isinstance(outside, dict) and isinstance(outside.get("batch"), list):
+            outside["batch"] = []
+        problem = refused_in(outside)
+        if problem is not None:
+            raise Problem(400, problem.code, problem.message)
+    return document, bool(refused)
+
+
+def refused_in(value: Any) -> Refused | None:
+    """The first ``Refused`` inside ``value``, at any depth, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Refused):
+            return item
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _parse(data: bytes) -> tuple[Any, list[Refused]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Problem(400, "invalid_utf8",
                       f"the body is not valid UTF-8 (at byte {exc.start})") from None
     text = text.removeprefix("\ufeff")  # a byte-order mark is harmless; json.loads refuses it
+    refused: list[Refused] = []
+
+    def refuse(code: str, message: str) -> Refused:
+        refused.append(Refused(code, message))
+        return refused[-1]
+
+    def constant(name: str) -> Any:
+        return refuse("invalid_json", f"{name} is not valid JSON (numbers must be finite)")
+
+    def finite_float(text: str) -> Any:
+        number = float(text)
+        if not math.isfinite(number):
+            return refuse("invalid_json", "a number in the body is too large for a double")
+        return number
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> Any:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            duplicate = _first_repeated(key for key, _ in pairs)
+            return refuse("duplicate_key", f"an object has the key {_short(duplicate)!r} "
+                          "more than once")
+        return result
+
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                          object_pairs_hook=_unique_keys)
-    except _Refused as exc:
-        raise Problem(400, exc.code, exc.message) from None
+        return json.loads(text, parse_constant=constant, parse_float=finite_float,
+                          object_pairs_hook=unique_keys), refused
     except RecursionError:
         raise Problem(400, "too_deep",
                       f"the JSON is nested too deeply (the limit is {MAX_DEPTH} levels)") from None
@@ -58,26 +122,6 @@ def parse_json(data: bytes) -> Any:
                       f"(line {exc.lineno}, column {exc.colno})") from None
     except ValueError:  # an integer of thousands of digits (int_max_str_digits)
         raise Problem(400, "invalid_json", "a number in the body is too large") from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _Refused("invalid_json", f"{name} is not valid JSON (numbers must be finite)")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise _Refused("invalid_json", "a number in the body is too large for a double")
-    return number
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        duplicate = _first_repeated(key for key, _ in pairs)
-        raise _Refused("duplicate_key", f"an object has the key {_short(duplicate)!r} more "
-                       "than once")
-    return result
 
 
 def _first_repeated(keys: Iterable[str]) -> str:
