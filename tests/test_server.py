@@ -541,6 +541,28 @@ async def test_expect_continue_is_refused_before_the_body(ingest: Ingest, header
     assert got == status and json.loads(answer)["success"] is False
 
 
+async def test_an_expectation_other_than_continue_is_refused_in_json(ingest: Ingest) -> None:
+    # aiohttp's own 417 is plain text: every answer of the API is JSON (hostile clients audit)
+    head = (b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Authorization: " + basic(WEB_KEY).encode() + b"\r\nExpect: foo\r\n\r\n")
+    got, answer = await raw_request(ingest.port, head)
+    assert got == 417 and json.loads(answer)["code"] == "expectation_failed"
+
+
+@pytest.mark.parametrize("first, second", [(WEB_KEY, "wrong"), ("wrong", WEB_KEY),
+                                           (WEB_KEY, WEB_KEY)])
+async def test_two_authorization_headers_are_refused(ingest: Ingest, first: str,
+                                                     second: str) -> None:
+    # The first one won: a proxy in front that reads the last would judge another key.
+    body = json.dumps(track("two-keys")).encode()
+    head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + basic(first).encode() + b"\r\n"
+            b"Authorization: " + basic(second).encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got, answer = await raw_request(ingest.port, head)
+    assert got == 401 and json.loads(answer)["code"] == "unauthorized"
+
+
 async def test_expect_continue_within_the_limit_is_invited(ingest: Ingest) -> None:
     body = json.dumps(track("expect-1")).encode()
     head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"

@@ -314,6 +314,8 @@ def _source_from_header(request: web.Request) -> str | None:
     keys = request.app[WRITE_KEYS]
     if keys.empty:
         raise unauthorized()
+    if len(request.headers.getall(hdrs.AUTHORIZATION, ())) > 1:
+        raise unauthorized()  # which one counts? a proxy in front may read the other one
     header_key = key_from_header(request.headers.get(hdrs.AUTHORIZATION))
     return keys.source_for(header_key) if header_key is not None else None
 
@@ -390,6 +392,9 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue`` (curl sends it for bodies over 1 MB): refuse what the headers
     already condemn (size, encoding, write key) before the client sends the body, else
     invite it."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return _refuse(request, Problem(417, "expectation_failed",
+                                        "the only Expect this API knows is 100-continue"))
     try:
         check_headers(request, request.app[LIMITS].max_request_bytes)
         _source_from_header(request)
