@@ -119,6 +119,10 @@ class Router:
         """Logs where the event loop is stuck when a plugin (or anything) blocks it."""
         self._open = False
         self._closing: asyncio.Future[None] | None = None
+        self._routing = 0
+        """``route_many`` calls under way: ``close`` lets them finish before the storage goes
+        (a Redis client closed under them failed events it had accepted)."""
+        self._routing_done = asyncio.Event()
 
     @classmethod
     def from_file(cls, path: str | Path, *, registry: Registry | None = None,
@@ -202,8 +206,9 @@ class Router:
         half done: delivery stops at once, the requests in flight going back to the queue,
         and the storage is still closed."""
         if self._closing is None:
+            was_open, self._open = self._open, False  # from now on, route() raises
             self._closing = asyncio.ensure_future(self._close(
-                self.config.server.shutdown_grace if grace is None else grace))
+                was_open, self.config.server.shutdown_grace if grace is None else grace))
             self._closing.add_done_callback(self._closed)
         closing = self._closing
         try:
@@ -216,8 +221,7 @@ class Router:
             # Not this caller's cancellation: the close it waited for was cut short by
             # another caller, and has finished all the same.
 
-    async def _close(self, grace: float) -> None:
-        was_open, self._open = self._open, False
+    async def _close(self, was_open: bool, grace: float) -> None:
         try:
             if self._delivery is not None:
                 delivery, self._delivery = self._delivery, None
@@ -225,6 +229,9 @@ class Router:
         finally:
             if was_open:
                 self._watchdog.stop()
+                while self._routing:  # their events are in the storage's hands: answers due
+                    self._routing_done.clear()
+                    await self._routing_done.wait()
                 await self.storage.close()
 
     def _closed(self, closing: asyncio.Future[None]) -> None:
@@ -259,8 +266,14 @@ class Router:
         if valid:
             acceptances = [Acceptance(source, result.message_id or "",
                                       _jobs(result, self._ordered)) for result in valid]
-            accepted = await self.storage.accept(acceptances, window=self.window,
-                                                 now=time.time())
+            self._routing += 1
+            try:
+                accepted = await self.storage.accept(acceptances, window=self.window,
+                                                     now=time.time())
+            finally:
+                self._routing -= 1
+                if not self._routing:
+                    self._routing_done.set()
             for result, is_new in zip(valid, accepted):
                 if not is_new:
                     _mark_duplicate(result)

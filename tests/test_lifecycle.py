@@ -189,3 +189,80 @@ async def test_a_cancelled_close_still_closes(tmp_path):
         assert _writer_threads() == 0
         async with router_for(tmp_path, [webhook("hook", server.url)]) as restarted:
             assert await restarted.storage.stats(now=0) is not None  # the spool is free
+
+
+# -- the same on Redis, and a cancellation a library swallows (lifecycle audit) ----------------
+
+@pytest.fixture
+def redis_url(tmp_path):
+    from tests.redis_helpers import start_redis_server, stop
+    process, port = start_redis_server(tmp_path)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop(process)
+
+
+@pytest.mark.parametrize("storage", ["memory", "sqlite"])
+async def test_route_raises_as_soon_as_close_is_called(tmp_path, storage):
+    # close() scheduled its work, and a route() in the same turn was still accepted.
+    router = router_for(tmp_path, [], deliver=False,
+                        storage="memory://" if storage == "memory" else None)
+    await router.start()
+    closing = asyncio.ensure_future(router.close())
+    await asyncio.sleep(0)  # close() has been called, its work not begun
+    with pytest.raises(RuntimeError, match="not started"):
+        await router.route(track(1))
+    await closing
+
+
+async def test_routes_waiting_for_redis_get_their_answer_when_the_router_closes(
+        tmp_path, redis_url):
+    # The Redis client was closed under the scripts in flight: StorageUnavailable for events
+    # that had mostly been accepted.
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [webhook("hook", server.url)], storage=redis_url)
+        await router.start()
+        routing = [asyncio.ensure_future(router.route(track(n))) for n in range(200)]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(router.close(grace=0), timeout=30)
+        outcomes = await asyncio.gather(*routing, return_exceptions=True)
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    assert all(isinstance(failure, RuntimeError) for failure in failures), failures[:3]
+
+
+async def test_a_cancelled_close_gives_back_what_delivery_held_at_once_on_redis(
+        tmp_path, redis_url):
+    # The jobs in flight stayed leased for their whole lease (five minutes and more), and the
+    # senders went on running after the router had closed.
+    async with FakeDestinationServer(default=Answer(200, delay=60)) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="120s")],
+                            storage=redis_url)
+        await router.start()
+        await router.route_many([track(n) for n in range(5)])
+        await server.wait_for(1, timeout=20)  # in flight, and held
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(router.close(grace=60), timeout=0.5)
+        await router.close()
+        assert not [task for task in asyncio.all_tasks() if task.get_name().startswith(
+            ("send:", "lease:", "upkeep:"))]
+        server.default = Answer(200)
+        async with router_for(tmp_path, [webhook("hook", server.url)],
+                              storage=redis_url) as restarted:
+            assert await restarted.drain(timeout=20)
+
+
+async def test_a_task_that_swallows_its_cancellation_is_still_ended():
+    # redis-py's connection pool handed a connection to a task cancelled while it waited:
+    # the dead-letter retention loop went on to sleep ten minutes, and close() with it.
+    from router.delivery.service import ended
+
+    async def swallows_one_cancellation() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(swallows_one_cancellation())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(ended([task]), timeout=10)
+    assert task.cancelled()

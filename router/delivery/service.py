@@ -52,6 +52,11 @@ COMPLETE_EVERY = 1.0
 STOP_POLL = 0.05
 """Seconds between two looks, while stopping, at whether requests are still under way."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
+CANCEL_AGAIN_AFTER = 1.0
+"""How long a cancelled task has to end (its own clean-up included) before it is cancelled
+again, in case the first cancellation was lost."""
+CUT_SHORT_WAIT = 5.0
+"""How long a stop that is cancelled still takes to give back what its workers hold."""
 """Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
 
 
@@ -107,6 +112,20 @@ class DeliveryService:
             if worker is not None:
                 worker.wakeup.set()
 
+    async def _cut_short(self) -> None:
+        """What a cancelled ``stop`` still does, in a few seconds at most: stop leasing and
+        sending, record what was delivered, and give every job held back to the queue at
+        once (on Redis they would otherwise wait out their leases, five minutes or more)."""
+        self.cut_stop_short()
+        try:
+            async with asyncio.timeout(CUT_SHORT_WAIT):
+                await ended(self._tasks)
+                await asyncio.gather(*(worker.finish(0.0) for worker in self.workers.values()),
+                                     return_exceptions=True)
+        except TimeoutError:
+            log.warning("delivery stopped at once; the jobs it held go back to the queue when "
+                        "their leases end")
+
     async def stop(self, *, grace: float) -> None:
         """Stop leasing, let in-flight requests finish for up to ``grace`` seconds in all,
         then hand what is still unfinished back to the queue untouched.
@@ -116,22 +135,19 @@ class DeliveryService:
         deadline = time.monotonic() + grace
         try:
             if self._housekeeping is not None:
-                self._housekeeping.cancel()
-                await asyncio.gather(self._housekeeping, return_exceptions=True)
+                await ended([self._housekeeping])
             for worker in self.workers.values():
                 worker.stopping = True
                 worker.wakeup.set()
             if self._tasks:
                 _, waiting = await asyncio.wait(self._tasks, timeout=min(grace, 1.0))
-                for task in waiting:
-                    task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await ended(list(waiting))
             remaining = max(0.0, deadline - time.monotonic())
             await asyncio.gather(*(worker.finish(remaining) for worker in self.workers.values()))
         except BaseException:
-            # Cancelled (``asyncio.run`` ending on a second Ctrl-C): nothing more is waited
-            # for. The senders stop now; the jobs they held come back when their leases end.
-            self.cut_stop_short()
+            # Cancelled (a second Ctrl-C, a timeout around close()): cut short, not left half
+            # done, whatever cancels it next.
+            await asyncio.shield(self._cut_short())
             raise
         finally:
             await self.transport.close()
@@ -206,8 +222,7 @@ class DestinationWorker:
         try:
             await self._lease_and_hand_out()
         finally:
-            upkeep.cancel()
-            await asyncio.gather(upkeep, return_exceptions=True)
+            await ended([upkeep])
 
     async def _lease_and_hand_out(self) -> None:
         while not self.stopping:
@@ -376,9 +391,7 @@ class DestinationWorker:
             except TimeoutError:
                 pass
         leftover += [job for batch in self.in_flight.values() for job in batch]
-        for sender in self.senders:
-            sender.cancel()
-        await asyncio.gather(*self.senders, return_exceptions=True)
+        await ended(self.senders)
         self.undispatched = []
         self.failure_log.flush(all_windows=True)
         await self._complete_delivered()
@@ -702,3 +715,14 @@ def _group_of(job: Job) -> str:
 
 def _size_of(job: Job) -> int:
     return len(job.body)
+
+
+async def ended(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended, cancelling again while one has not:
+    a library may swallow a cancellation (redis-py's connection pool was seen handing back a
+    connection to a task cancelled while it waited), and a loop that went on would then hold
+    the stop for good."""
+    while pending := [task for task in tasks if not task.done()]:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_AGAIN_AFTER)
