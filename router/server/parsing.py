@@ -115,8 +115,8 @@ def _parse(data: bytes) -> tuple[Any, list[Refused]]:
         return json.loads(text, parse_constant=constant, parse_float=finite_float,
                           object_pairs_hook=unique_keys), refused
     except RecursionError:
-        raise Problem(400, "too_deep",
-                      f"the JSON is nested too deeply (the limit is {MAX_DEPTH} levels)") from None
+        raise Problem(400, "too_deep", "the JSON nests too deeply to read (an event may nest "
+                      f"{MAX_DEPTH} levels at most)") from None
     except json.JSONDecodeError as exc:
         raise Problem(400, "invalid_json", f"malformed JSON: {exc.msg} "
                       f"(line {exc.lineno}, column {exc.colno})") from None
