@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -41,7 +42,7 @@ from router.routing import RouteResult, Router
 from router.server.accesslog import (ACCESS_LOGGER, CLIENT, REFUSAL, SOURCE, JsonAccessLogger,
                                      client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
-from router.server.body import check_headers, read_body
+from router.server.body import check_headers, inflate, read_body
 from router.server.parsing import (Rejection, check_event, parse_batch_json, parse_json,
                                    refused_in)
 from router.server.problems import Problem, json_response, unauthorized
@@ -192,7 +193,7 @@ def _call_handler(call_type: str) -> Handler:
 
 async def _handle_call(request: web.Request, body: bytes, call_type: str) -> web.Response:
     """One event; its ``type`` is the path's, whatever the body says."""
-    source, document = _authenticated(request, body)
+    source, document = _authenticated(request, parse_json(_inflated(request, body)))
     event = document
     event.pop("writeKey", None)
     event["type"] = call_type
@@ -220,8 +221,8 @@ async def handle_batch(request: web.Request) -> web.Response:
 async def _handle_batch(request: web.Request, body: bytes) -> web.Response:
     """Many events, each judged alone: 200 with the rejected ones listed when at least one
     was accepted, 400 with the list when none was."""
-    parsed, refusals = parse_batch_json(body)
-    source, document = _authenticated(request, body, parsed)
+    parsed, refusals = parse_batch_json(_inflated(request, body))
+    source, document = _authenticated(request, parsed)
     batch = document.get("batch")
     if not isinstance(batch, list):
         raise Problem(400, "invalid_batch", 'expected {"batch": [...]}: a list of events')
@@ -275,7 +276,10 @@ def _check_shared_fields(document: dict[str, Any], events: int, max_request_byte
     shared = {key: document[key] for key in ("context", "integrations") if key in document}
     if not shared:
         return
-    size = len(orjson.dumps(shared))
+    try:
+        size = len(orjson.dumps(shared))
+    except TypeError:  # a lone surrogate, a huge integer: the events holding it say so
+        size = len(json.dumps(shared))
     limit = SHARED_FIELDS_COPIES * max_request_bytes
     if size * events > limit:
         raise Problem(400, "batch_fields_too_large", (
@@ -294,11 +298,13 @@ async def _body(request: web.Request) -> bytes:
     return await read_body(request, limit=request.app[LIMITS].max_request_bytes)
 
 
-def _authenticated(request: web.Request, body: bytes, document: Any = None
-                   ) -> tuple[str, dict[str, Any]]:
-    """The source the request speaks for and its JSON object body (``document``, when the
-    caller has parsed it already)."""
-    document = parse_json(body) if document is None else document
+def _inflated(request: web.Request, body: bytes) -> bytes:
+    return inflate(request, body, limit=request.app[LIMITS].max_request_bytes)
+
+
+def _authenticated(request: web.Request, document: Any) -> tuple[str, dict[str, Any]]:
+    """The source the request speaks for, and its body, a JSON ``document`` that must be an
+    object."""
     if not isinstance(document, dict):
         raise Problem(400, "invalid_body", "the body must be a JSON object")
     source = request.get(SOURCE)
