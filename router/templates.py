@@ -8,11 +8,13 @@ list an operator, ``~``, a filter or a method builds is refused past ``MAX_OUTPU
 (a value can then at most double before it is refused, which bounds a loop that doubles a
 ``namespace`` attribute), and the operations that multiply in one step (``*``, ``**``,
 format widths, ``join``'s separator, ``replace``, ``indent``, ``wordwrap``, ``tojson``'s
-indent) are checked before they run. A lazy sequence (what ``map`` or ``select`` return) is
-gathered under the same cap before a filter or method takes it, so nothing can build
+indent) are checked before they run; a format field's width is checked as it finally is,
+after the arguments that make it. A lazy sequence (what ``map`` or ``select`` return) is
+counted against the same cap as a filter or method takes its items, so nothing can build
 gigabytes out of sight of the checks. The string methods whose output an argument multiplies
-with no way to check it first (``translate``, ``expandtabs``) and jinja2's ``lipsum``, which
-builds millions of words in one uninterruptible call, are not available. Time is capped too:
+with no way to check it first (``translate``, ``expandtabs``), ``encode`` (bytes escape the
+checks, which measure text) and jinja2's ``lipsum``, which builds millions of words in one
+uninterruptible call, are not available. Time is capped too:
 every loop iteration, call and filter spends one of a render's ``MAX_STEPS``, and a render
 may take ``MAX_RENDER_SECONDS`` at most (a filter such as ``sort`` on a 100,000-item list
 takes tens of milliseconds in one step).
@@ -24,15 +26,16 @@ import functools
 import itertools
 import operator
 import re
-import string
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError, nodes
 from jinja2.compiler import CodeGenerator, Frame
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
+from markupsafe import EscapeFormatter, Markup
 
 from router.errors import ConfigError, EventRejected
 from router.events import Event
@@ -48,12 +51,12 @@ MAX_STEPS = 100_000
 MAX_RENDER_SECONDS = 1.0
 """How long one render may hold the event loop (and with it intake and every destination)."""
 TEMPLATE_NAME = "template"
-_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")
-"""A ``%`` conversion's width and precision (``%-8.2f``, ``%(name)5s``, ``%*d``)."""
 _NUMBER = re.compile(r"\d+")
-_REFUSED_STRING_METHODS = frozenset({"translate", "maketrans", "expandtabs"})
+_PERCENT_WIDTH = re.compile(r"[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")
+_REFUSED_STRING_METHODS = frozenset({"translate", "maketrans", "expandtabs", "encode"})
 """Methods whose output one argument multiplies (each character's replacement, each tab's
-width) with no cheap way to tell the size first."""
+width) with no cheap way to tell the size first, and ``encode``: bytes escape every size
+check, which measure text."""
 
 
 SPEC_FIELD_DEFAULTS: dict[str, Any] = {
@@ -163,44 +166,74 @@ def _refuse_large_join(separator: Any, items: Any) -> None:
 def _refuse_wide_percent_format(text: str) -> None:
     """``text % values`` pads each field to its width and precision: refused before it runs
     when together they come to more than a template may build (2,000 fields of width 99,999
-    are 200 MB, each of them allowed alone)."""
-    total = len(text)
-    for width, precision in _PERCENT_FIELD.findall(text):
+    are 200 MB, each of them allowed alone). Read as Python reads it: ``%%`` is a percent
+    sign, and a mapping key may hold parentheses of its own (``%(a(b))9s``)."""
+    total, at = len(text), 0
+    while (at := text.find("%", at) + 1) > 0:
+        if text.startswith("%", at):
+            at += 1
+            continue
+        if text.startswith("(", at):
+            depth = 1
+            while depth and (at := at + 1) < len(text):
+                depth += {"(": 1, ")": -1}.get(text[at], 0)
+            at += 1
+        match = _PERCENT_WIDTH.match(text, at)
+        assert match is not None  # every part of the pattern may be empty
+        width, precision = match.groups()
         if "*" in (width, precision):
             raise SecurityError("a format width taken from the values (*) is not allowed in "
                                 "a template")
         total += int(width or 0) + int(precision or 0)
+        at = match.end()
     if total > MAX_OUTPUT_CHARS:
         raise SecurityError("format widths too large for a template")
 
 
-def _refuse_wide_brace_format(text: str) -> None:
-    """The same for ``text.format(...)``: each field's width and precision, and a width
-    taken from the arguments (``{0:{1}}``) counted at the largest an argument may be."""
-    total = 0
-    for literal, field, spec, _ in string.Formatter().parse(text):
-        total += len(literal)
-        if field is not None:
-            total += sum(map(int, _NUMBER.findall(spec or "")))
-            total += MAX_VALUE_SIZE * (spec or "").count("{")
-    if total > MAX_OUTPUT_CHARS:
-        raise SecurityError("format widths too large for a template")
+class _CappedFormatter(SandboxedFormatter):
+    """``str.format`` in the sandbox, each field's width and precision checked as they
+    finally are (``{0:{1}{1}}`` makes its width from the arguments): at most
+    ``MAX_VALUE_SIZE`` a field and ``MAX_OUTPUT_CHARS`` in all, before the field is built."""
+
+    def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
+        self._total = len(format_string)
+        return super().vformat(format_string, args, kwargs)
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        widest = max(map(int, _NUMBER.findall(format_spec)), default=0)
+        self._total += sum(map(int, _NUMBER.findall(format_spec)))
+        if widest > MAX_VALUE_SIZE or self._total > MAX_OUTPUT_CHARS:
+            raise SecurityError("format widths too large for a template")
+        return super().format_field(value, format_spec)
+
+
+class _CappedEscapeFormatter(_CappedFormatter, EscapeFormatter):
+    pass
+
+
+def _budgeted(value: Any) -> Any:
+    """``value``, or, for a lazy sequence (a generator, ``map``'s result), the same items
+    counted as they are taken, refused once together they pass the cap: ``list`` of a
+    generator of 100,000-character strings would build gigabytes before any check saw the
+    result, while ``first`` takes one item and is done."""
+    if not isinstance(value, Iterator):
+        return value
+
+    def counted(items: Iterator[Any]) -> Iterator[Any]:
+        size = 0
+        for item in items:
+            size += _size(item)
+            if size > MAX_OUTPUT_CHARS:
+                raise SecurityError("sequence too large for a template")
+            yield item
+
+    return counted(value)
 
 
 def _gathered(value: Any) -> Any:
-    """``value``, or, for a lazy sequence (a generator, ``map``'s result), its items in a
-    list, gathered only while they stay under the cap: ``join`` or ``list`` of a generator of
-    100,000-character strings would build gigabytes before any check saw the result."""
-    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset, range)) or \
-            not isinstance(value, Iterator):
-        return value
-    items, size = [], 0
-    for item in value:
-        size += _size(item)
-        if size > MAX_OUTPUT_CHARS:
-            raise SecurityError("sequence too large for a template")
-        items.append(item)
-    return items
+    """A lazy sequence's items in a list (taken under the cap): what ``join`` needs to count
+    them, since it adds its separator once an item."""
+    return list(_budgeted(value)) if isinstance(value, Iterator) else value
 
 
 def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -281,6 +314,27 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
             return _refuse_large_result(operator.mod(left, right))
         return _refuse_large_result(operator.add(left, right))
 
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """jinja2's own wrapping of ``str.format`` and ``format_map``, with a formatter that
+        checks each field's final width (``_CappedFormatter``)."""
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or \
+                value.__name__ not in ("format", "format_map") or \
+                not isinstance(value.__self__, str):
+            return None
+        text: str = value.__self__
+        formatter = (_CappedEscapeFormatter(self, escape=text.escape)
+                     if isinstance(text, Markup) else _CappedFormatter(self))
+        takes_a_mapping = value.__name__ == "format_map"
+
+        def formatted(*args: Any, **kwargs: Any) -> str:
+            if takes_a_mapping:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument")
+                return type(text)(formatter.vformat(text, (), args[0]))
+            return type(text)(formatter.vformat(text, args, kwargs))
+
+        return functools.update_wrapper(formatted, value)
+
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         if isinstance(obj, str) and attr in _REFUSED_STRING_METHODS:
             return False
@@ -290,16 +344,15 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
         _spend_step()
         _refuse_large_arguments(args, kwargs)
         if __obj is not _counted:  # a loop takes its items one at a time, each a step
-            args = tuple(map(_gathered, args))
+            args = tuple(map(_budgeted, args))
         method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         text = getattr(method, "__self__", None)
         if isinstance(text, str):
             name = getattr(method, "__name__", "")
-            if name in ("format", "format_map"):
-                _refuse_wide_brace_format(text)
-            elif name == "replace":
+            if name == "replace":
                 _refuse_large_replace(text, *args)
             elif name == "join" and args:
+                args = (_gathered(args[0]), *args[1:])
                 _refuse_large_join(text, args[0])
         return _refuse_large_result(super().call(__context, __obj, *args, **kwargs))
 
@@ -311,7 +364,8 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _spend_step()
         _refuse_large_arguments(args, kwargs)
-        args = tuple(map(_gathered, args))
+        gather = _gathered if function.__name__ == "do_join" else _budgeted
+        args = tuple(map(gather, args))
         _refuse_multiplying_filter(function.__name__, args, kwargs)
         return _refuse_large_result(function(*args, **kwargs))
 

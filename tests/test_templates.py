@@ -334,10 +334,17 @@ MEMORY_BOMBS = [
     "{{ range(20000)|map('string')|join('y' * 9999)|length }}",
     # a lazy map of big strings, gathered by the next filter
     "{{ range(2000)|map('center', 99999)|list|length }}",
-    "{{ range(2000)|map('center', 99999)|map('upper')|first }}",
+    "{{ range(2000)|map('center', 99999)|map('upper')|list|length }}",
     # methods whose output one argument multiplies
     "{{ ('a' * 20000).translate(''.maketrans({'a': 'b' * 10000}))|length }}",
     "{{ ('\t' * 20000).expandtabs(10000)|length }}",
+    # widths made from the arguments, or hidden behind a key with parentheses (review)
+    "{{ '{0:{1}{1}}'.format('x', 999)|length }}",
+    "{{ '{0:9999{1}}'.format('x', 999)|length }}",
+    "{{ '{0:{1}}'.format('x', '999999999')|length }}",
+    "{{ ('%(a(b))999999999s' % {'a(b)': 'x'})|length }}",
+    # bytes, which no size check measures
+    "{{ ('x'.encode() * 500000000)|length }}",
 ]
 
 TIME_BOMBS = [
@@ -434,6 +441,11 @@ def test_lorem_ipsum_is_not_a_template_global():
     ("{{ ', '.join(['a', 'b']|map('upper')) }}", "A, B"),
     ("{{ ['a', 'b']|map('upper')|join('-') }}", "A-B"),
     ("{{ 'a\tb'.expandtabs is undefined }}", "True"),
+    ("{{ 'up %d%% of 1000000' % 5 }}", "up 5% of 1000000"),
+    ("{{ '%(a)s-%(b)05d' % {'a': 1, 'b': 2} }}", "1-00002"),
+    ("{{ '{:>{w}}|{:>{w}}|{:>{w}}'.format('a', 'b', 'c', w=3) }}", "  a|  b|  c"),
+    ("{{ '{:,.2f}|{{}}|{:.1%}'.format(1234.5, 0.5) }}", "1,234.50|{}|50.0%"),
+    ("{{ range(100000)|map('string')|first }}", "0"),  # one item taken, not all
 ])
 def test_formats_joins_of_generators_and_refused_methods_behave(source, expected):
     assert render(source) == expected
