@@ -143,7 +143,7 @@ class Router:
         the config's storage itself and loads plugins from their entry points. If delivery
         cannot start, the storage is closed again and the error raised."""
         if self._closing is not None:
-            await asyncio.shield(self._closing)
+            await _finished(self._closing)
         if self._open:
             raise RuntimeError("the router is already started")
         if self._storage_from_config:
@@ -212,14 +212,10 @@ class Router:
             self._closing.add_done_callback(self._closed)
         closing = self._closing
         try:
-            await asyncio.shield(closing)
+            await _finished(closing)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                closing.cancel()
-                raise
-            # Not this caller's cancellation: the close it waited for was cut short by
-            # another caller, and has finished all the same.
+            closing.cancel()
+            raise
 
     async def _close(self, was_open: bool, grace: float) -> None:
         try:
@@ -353,6 +349,17 @@ class Router:
         return [checked_request(adapter.build_request([from_spool(
                     body, payload.group, opaque=adapter.opaque_bodies)]))
                 for payload, body in zip(result.payloads, result.bodies)]
+
+
+async def _finished(closing: asyncio.Future[None]) -> None:
+    """Wait for a close under way, whoever started it. A close that another caller cut
+    short has finished all the same; only this task's own cancellation is raised."""
+    try:
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 def _serialize(body: Any, event: Event) -> bytes:

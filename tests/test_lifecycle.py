@@ -266,3 +266,18 @@ async def test_a_task_that_swallows_its_cancellation_is_still_ended():
     await asyncio.sleep(0)
     await asyncio.wait_for(ended([task]), timeout=10)
     assert task.cancelled()
+
+
+async def test_a_start_right_after_a_cancelled_close_waits_for_it_and_starts(tmp_path):
+    # It waited for the close cut short and raised that close's CancelledError as its own
+    # (review).
+    async with FakeDestinationServer(default=Answer(200, delay=60)) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="120s")])
+        await router.start()
+        await router.route(track(1))
+        await server.wait_for(1, timeout=20)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(router.close(grace=60), timeout=0.5)
+        await asyncio.wait_for(router.start(), timeout=30)
+        await router.close(grace=0)
+
