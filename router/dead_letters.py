@@ -65,7 +65,8 @@ def _masker_of(loaded: LoadedConfig) -> Masker:
     template that puts a token from the environment in the body), and a dead letter of a
     destination since renamed should not show it either."""
     destinations = build_destinations(loaded, create_registry(), egress_policy(loaded.config))
-    return sum((destination.masker for destination in destinations), Masker())
+    # One masker of them all, not a sum: each sum builds (and compiles) another.
+    return Masker([secret for destination in destinations for secret in destination.masker.given])
 
 
 def _as_json(letter: DeadLetter, masker: Masker) -> dict[str, object]:

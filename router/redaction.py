@@ -13,6 +13,7 @@ that answers an error by echoing the request shows the parts, never the whole UR
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -64,14 +65,16 @@ def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
 
 
 def credentials_of_urls_in(data: Any, secrets: Iterable[str]) -> list[str]:
-    """The credential parts (``url_credentials``) of each URL in plain ``data`` that holds a
+    """The password parts (``url_credentials``) of each URL in plain ``data`` that holds a
     password or one of ``secrets``: ``http://svc:${PASSWORD}@host/`` makes the HTTP client
     send a ``Basic`` header built from the user and the password, which an API that echoes
-    the request shows, though neither the whole URL nor the password appears in it."""
+    the request shows, though neither the whole URL nor the password appears in it. Its
+    path and query are left alone: only a URL that is a secret whole has its tokens
+    masked (a literal path beside an environment host is config, not a secret)."""
     secrets = [secret for secret in secrets if secret]
     return [part for text in _strings(data) if "://" in text
             and (_has_password(text) or any(secret in text for secret in secrets))
-            for part in url_credentials(text)]
+            for part in url_credentials(text, tokens=False)]
 
 
 def _has_password(url: str) -> bool:
@@ -147,10 +150,11 @@ def _masked_credential_query(url: str) -> str:
     return _CREDENTIAL_QUERY.sub(lambda m: m.group(1) + REDACTED, url)
 
 
-def url_credentials(text: str) -> list[str]:
+def url_credentials(text: str, *, tokens: bool = True) -> list[str]:
     """The parts of a URL that are credentials on their own: the password of its user
-    information and the ``Basic`` value an HTTP client builds from it, and the path segments
-    and query values that look like tokens (``/services/T0/B0/<token>``, ``?key=<token>``).
+    information (8 characters or more: ``admin`` would mask the word everywhere) and the
+    ``Basic`` value an HTTP client builds from it, and with ``tokens`` the path segments and
+    query values that look like tokens (``/services/T0/B0/<token>``, ``?key=<token>``).
     Nothing for text that is not an http(s) URL."""
     try:
         parts = urlsplit(text.strip())
@@ -159,20 +163,25 @@ def url_credentials(text: str) -> list[str]:
         found = []
         if parts.password:
             user, password = unquote(parts.username or ""), unquote(parts.password)
-            found += [parts.password, password,
-                      base64.b64encode(f"{user}:{password}".encode()).decode()]
-        found += [segment for segment in parts.path.split("/") if _looks_like_a_token(segment)]
-        found += [value for _, value in parse_qsl(parts.query) if _looks_like_a_token(value)]
+            found.append(base64.b64encode(f"{user}:{password}".encode()).decode())
+            if len(password) >= _MIN_TOKEN_LENGTH:
+                found += [parts.password, password]
+        if tokens:
+            found += [segment for segment in parts.path.split("/")
+                      if _looks_like_a_token(segment)]
+            found += [value for _, value in parse_qsl(parts.query)
+                      if _looks_like_a_token(value)]
         return found
     except ValueError:  # a port that is not a number, brackets that do not close
         return []
 
 
 def _looks_like_a_token(text: str) -> bool:
-    """Long enough, and not a word: a digit in it, or 16 characters and more (``services``
-    and ``webhooks`` stay readable)."""
-    return len(text) >= _MIN_TOKEN_LENGTH and (
-        len(text) >= 16 or any(character.isdigit() for character in text))
+    """Not a word, a date or a version: 16 characters and more, or 8 and more with letters
+    and digits both (``services``, ``webhooks`` and ``2024-06-01`` stay readable)."""
+    return len(text) >= 16 or (
+        len(text) >= _MIN_TOKEN_LENGTH and any(character.isdigit() for character in text)
+        and any(character.isalpha() for character in text))
 
 
 def _forms(secret: str) -> Iterator[str]:
@@ -180,6 +189,12 @@ def _forms(secret: str) -> Iterator[str]:
     in a URL's path or query, and, for a URL, each of its credential parts."""
     yield secret
     yield orjson.dumps(secret).decode()[1:-1]
+    # as other JSON writers escape it: Python's json (non-ASCII as \\u00e9), PHP's (\\/),
+    # Go's (<, > and & as \\u003c, \\u003e, \\u0026)
+    yield json.dumps(secret)[1:-1]
+    yield json.dumps(secret)[1:-1].replace("/", "\\/")
+    yield (orjson.dumps(secret).decode()[1:-1].replace("<", "\\u003c")
+           .replace(">", "\\u003e").replace("&", "\\u0026"))
     yield quote(secret, safe="")
     yield quote(secret, safe="/:@!$&'()*+,;=~")  # a path, as yarl (aiohttp) encodes it
     yield quote_plus(secret)
@@ -198,9 +213,6 @@ class Masker:
                                for form in _forms(secret) if len(form) >= _MIN_SECRET_LENGTH},
                               key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
-
-    def __add__(self, other: Masker) -> Masker:
-        return Masker([*self.given, *other.given])
 
     def mask(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text

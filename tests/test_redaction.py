@@ -82,6 +82,27 @@ def test_a_secret_is_masked_as_json_escapes_it_and_as_a_url_encodes_it():
                                    f'"q": "t={REDACTED}"}}')
 
 
+def test_a_secret_is_masked_as_other_json_writers_escape_it():
+    # Python's json writes é as \u00e9, PHP writes / as \/, Go writes & as \u0026 (review)
+    masker = Masker(["clé/secret&0001"])
+    for echoed in ('"cl\\u00e9/secret&0001"', '"cl\\u00e9\\/secret&0001"',
+                   '"clé/secret\\u00260001"'):
+        assert masker.mask(echoed) == f'"{REDACTED}"', echoed
+
+
+def test_ordinary_text_beside_a_secret_url_stays_readable():
+    # Dates, versions, words and short passwords of a URL are not credentials: masked, every
+    # timestamp of a dead letter read "**REDACTED**T12:00:00Z" (review).
+    from router.redaction import credentials_of_urls_in
+    whole = Masker(["https://api.example/v1/2024-06-01/events?page=10&api-version=2024-06-01"])
+    assert whole.mask("2024-06-01T12:00:00Z page 10 v1 events") == \
+        "2024-06-01T12:00:00Z page 10 v1 events"
+    settings = {"url": "https://admin:admin@hooks.example/hooks/customer-events/page2024",
+                "other": "https://HOST-FROM-ENV.example/hooks/orders-2024x/"}
+    parts = credentials_of_urls_in(settings, ["HOST-FROM-ENV.example"])
+    assert parts == [base64.b64encode(b"admin:admin").decode()]
+
+
 def test_a_secret_url_is_masked_by_its_credential_parts_too():
     # A Slack webhook URL is a secret whole; the echo of a request shows its path, not it.
     masker = Masker(["https://svc:pass-0001@hooks.example/services/T0001/B0001/"
