@@ -365,6 +365,27 @@ def test_a_render_that_would_take_hours_is_refused_by_its_step_budget(source, mo
         render(source)
 
 
+@pytest.mark.parametrize("source", [
+    "{{ (range(90000)|batch(1)|list)|sum(start=[])|length }}",
+    "{{ ('x' * 100000 ~ 'x' * 100000 ~ 'x' * 60000)|wordwrap(1)|length }}",
+])
+def test_one_step_that_would_take_seconds_is_refused_before_it_runs(source):
+    # Adding up lists, and textwrap cutting a long word, grow with the square: 10 s and 4 s
+    # in one step, where the time budget is checked only between steps (review).
+    with pytest.raises(EventRejected, match="square|too slow"):
+        render(source)
+
+
+def test_tests_spend_steps_too(monkeypatch):
+    # select('in', big) over 33,000 needles spent no step: 24 s of the event loop (review).
+    monkeypatch.setattr(templates_module, "MAX_RENDER_SECONDS", 600.0)
+    with pytest.raises(EventRejected, match="over 100000 steps"):
+        render("{% set needles = ('ab ' * 33000).split() %}"
+               "{{ needles|select('in', 'ab')|list|length }}{{ needles|select('in', 'ab')|list"
+               "|length }}{{ needles|select('in', 'ab')|list|length }}"
+               "{{ needles|select('in', 'ab')|list|length }}")
+
+
 def test_a_render_of_few_but_costly_steps_is_refused_by_its_time_budget():
     # A thousand sorts of 100,000 items: tens of milliseconds a step, a minute or more in
     # all, within the step budget (found by fuzzing).
