@@ -30,6 +30,7 @@ _CREDENTIAL_QUERY = re.compile(
     r"([?&](?:[^=&#]*(?:token|key|secret|signature|sig|auth|password|passwd|pwd|jwt)[^=&#]*"
     r"|code)=)[^&#]*",  # code: Azure Functions' key parameter
     re.IGNORECASE)
+_LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
 _MIN_TOKEN_LENGTH = 8  # a word of a secret long enough to be a credential on its own
 
 
@@ -191,11 +192,13 @@ def _forms(secret: str) -> Iterator[str]:
     yield orjson.dumps(secret).decode()[1:-1]
     # as other JSON writers escape it: Python's json (non-ASCII as \\u00e9), PHP's (\\/),
     # Go's (<, > and & as \\u003c, \\u003e, \\u0026)
+    as_json = orjson.dumps(secret).decode()[1:-1]
     yield json.dumps(secret)[1:-1]
     yield json.dumps(secret)[1:-1].replace("/", "\\/")
-    yield (orjson.dumps(secret).decode()[1:-1].replace("<", "\\u003c")
-           .replace(">", "\\u003e").replace("&", "\\u0026"))
+    yield as_json.replace("/", "\\/")
+    yield as_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     yield quote(secret, safe="")
+    yield _LOWER_HEX.sub(lambda match: match.group(0).lower(), quote(secret, safe=""))
     yield quote(secret, safe="/:@!$&'()*+,;=~")  # a path, as yarl (aiohttp) encodes it
     yield quote_plus(secret)
     for part in url_credentials(secret):

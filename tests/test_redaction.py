@@ -86,7 +86,8 @@ def test_a_secret_is_masked_as_other_json_writers_escape_it():
     # Python's json writes é as \u00e9, PHP writes / as \/, Go writes & as \u0026 (review)
     masker = Masker(["clé/secret&0001"])
     for echoed in ('"cl\\u00e9/secret&0001"', '"cl\\u00e9\\/secret&0001"',
-                   '"clé/secret\\u00260001"'):
+                   '"clé\\/secret&0001"', '"clé/secret\\u00260001"',
+                   '"cl%c3%a9%2fsecret%260001"'):
         assert masker.mask(echoed) == f'"{REDACTED}"', echoed
 
 
