@@ -1568,6 +1568,25 @@ async def test_a_compressed_body_waits_for_its_turn_as_it_was_sent(
     assert (status, answer["code"]) == (503, "overloaded")
 
 
+async def test_a_transfer_coding_other_than_chunked_is_refused(ingest: Ingest) -> None:
+    # aiohttp read the chunks and ignored the gzip coding before them: the gzip bytes were
+    # taken as the body (hostile clients audit). RFC 9112: 501 for a coding not known.
+    body = gzip.compress(json.dumps(track("te-1")).encode())
+    head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + basic(WEB_KEY).encode() + b"\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+            + f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n")
+    status, answer = await raw_request(ingest.port, head)
+    assert status == 501 and json.loads(answer)["code"] == "unsupported_transfer_encoding"
+    chunked = json.dumps(track("te-2")).encode()
+    head = (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + basic(WEB_KEY).encode() + b"\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + f"{len(chunked):x}".encode() + b"\r\n" + chunked + b"\r\n0\r\n\r\n")
+    status, answer = await raw_request(ingest.port, head)
+    assert status == 200, answer
+
+
 async def test_two_content_encoding_fields_are_a_stacked_encoding(ingest: Ingest) -> None:
     body = gzip.compress(json.dumps(track("enc-1")).encode())
     headers = [("Content-Encoding", "gzip"), ("Content-Encoding", "br"),

@@ -35,9 +35,17 @@ def too_large(limit: int) -> Problem:
 
 
 def check_headers(request: web.BaseRequest, limit: int) -> None:
-    """What the headers alone can refuse: an encoding other than gzip (415) and a declared
-    ``Content-Length`` over the limit (413). Also used to answer ``Expect: 100-continue``
-    without inviting a body that would be refused."""
+    """What the headers alone can refuse: a transfer coding other than chunked (501), an
+    encoding other than gzip (415) and a declared ``Content-Length`` over the limit (413).
+    Also used to answer ``Expect: 100-continue`` without inviting a body that would be
+    refused."""
+    codings = ",".join(request.headers.getall("Transfer-Encoding", [])).lower().split(",")
+    if any(coding.strip() not in ("", "chunked") for coding in codings):
+        # aiohttp reads the chunks and ignores the rest (`gzip, chunked` came in as if
+        # plain): RFC 9112 answers a transfer coding the server does not know with 501.
+        raise Problem(501, "unsupported_transfer_encoding",
+                      "unsupported Transfer-Encoding: send chunked or a Content-Length "
+                      "(compress with Content-Encoding: gzip)")
     encoding = _encoding(request)
     if encoding not in _IDENTITY and encoding not in _GZIP:
         raise Problem(415, "unsupported_encoding",
