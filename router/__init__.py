@@ -6,6 +6,7 @@ config loaders are imported when first asked for, so a plugin that needs only ``
 ``Destination`` does not load the router's storage and server.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from router.destination import (DEFAULT_RETRY_STATUSES, BaseUrl, DeliveryDefaults, Destination,
@@ -29,7 +30,6 @@ _LAZY = {"Router": "router.routing", "RouteResult": "router.routing",
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'router' has no attribute {name!r}")
 

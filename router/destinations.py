@@ -16,7 +16,7 @@ from router.destination import DeliveryDefaults, Destination, Payload, checked_p
 from router.errors import PLUGIN_FAILURES, ConfigError
 from router.events import Event
 from router.filters import EventFilter
-from router.redaction import Masker, credentials_of_urls_in, secret_values, values_found_in
+from router.redaction import Masker, passwords_of_urls_in, secret_values, values_found_in
 from router.registry import DestinationType, Registry
 from router.templates import Template, template_event
 
@@ -103,7 +103,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
     except ConfigError as exc:
         raise source.error((*path, "plugin"), exc.message) from None
     from_environment = values_found_in(entry.settings, loaded.environment_values)
-    from_environment += credentials_of_urls_in(entry.settings, from_environment)
+    from_environment += passwords_of_urls_in(entry.settings)
 
     def masker_of(settings: BaseModel | None) -> Masker:
         """The destination's secrets: its settings' secret fields (once they are read) and

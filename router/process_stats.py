@@ -31,10 +31,10 @@ class ProcessStats:
     """The soft limit on open files (``ulimit -n``); None when unlimited or unknown."""
 
 
-def read_process(pid: int | None = None) -> ProcessStats | None:
-    """The figures of process ``pid`` (this one when None), or None where they cannot be
+def read_process(pid: int | str = "self") -> ProcessStats | None:
+    """The figures of process ``pid`` (this one by default), or None where they cannot be
     read."""
-    base = f"/proc/{pid if pid is not None else 'self'}"
+    base = f"/proc/{pid}"
     try:
         with open(f"{base}/stat", "rb") as file:
             stat = file.read()

@@ -65,24 +65,15 @@ def values_found_in(data: Any, values: Iterable[str]) -> list[str]:
             if any(value in string for string in strings)]
 
 
-def credentials_of_urls_in(data: Any, secrets: Iterable[str]) -> list[str]:
+def passwords_of_urls_in(data: Any) -> list[str]:
     """The password parts (``url_credentials``) of each URL in plain ``data`` that holds a
-    password or one of ``secrets``: ``http://svc:${PASSWORD}@host/`` makes the HTTP client
-    send a ``Basic`` header built from the user and the password, which an API that echoes
-    the request shows, though neither the whole URL nor the password appears in it. Its
-    path and query are left alone: only a URL that is a secret whole has its tokens
-    masked (a literal path beside an environment host is config, not a secret)."""
-    secrets = [secret for secret in secrets if secret]
+    password: ``http://svc:${PASSWORD}@host/`` makes the HTTP client send a ``Basic``
+    header built from the user and the password, which an API that echoes the request
+    shows, though neither the whole URL nor the password appears in it. Its path and query
+    are left alone: only a URL that is a secret whole has its tokens masked (a literal path
+    beside an environment host is config, not a secret)."""
     return [part for text in _strings(data) if "://" in text
-            and (_has_password(text) or any(secret in text for secret in secrets))
             for part in url_credentials(text, tokens=False)]
-
-
-def _has_password(url: str) -> bool:
-    try:
-        return urlsplit(url.strip()).password is not None
-    except ValueError:
-        return False
 
 
 def credential_like(values: Iterable[str]) -> list[str]:
@@ -188,17 +179,19 @@ def _looks_like_a_token(text: str) -> bool:
 def _forms(secret: str) -> Iterator[str]:
     """``secret`` as it may appear in text: as it is, inside a JSON string, percent-encoded
     in a URL's path or query, and, for a URL, each of its credential parts."""
+    # inside a JSON string as orjson writes it, and as other JSON writers escape it:
+    # Python's json (non-ASCII as \\u00e9), PHP's (/ as \\/), Go's (<, > and & as \\u003c,
+    # \\u003e, \\u0026)
+    as_json, as_ascii_json = orjson.dumps(secret).decode()[1:-1], json.dumps(secret)[1:-1]
+    encoded = quote(secret, safe="")
     yield secret
-    yield orjson.dumps(secret).decode()[1:-1]
-    # as other JSON writers escape it: Python's json (non-ASCII as \\u00e9), PHP's (\\/),
-    # Go's (<, > and & as \\u003c, \\u003e, \\u0026)
-    as_json = orjson.dumps(secret).decode()[1:-1]
-    yield json.dumps(secret)[1:-1]
-    yield json.dumps(secret)[1:-1].replace("/", "\\/")
+    yield as_json
+    yield as_ascii_json
+    yield as_ascii_json.replace("/", "\\/")
     yield as_json.replace("/", "\\/")
     yield as_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    yield quote(secret, safe="")
-    yield _LOWER_HEX.sub(lambda match: match.group(0).lower(), quote(secret, safe=""))
+    yield encoded
+    yield _LOWER_HEX.sub(lambda match: match.group(0).lower(), encoded)
     yield quote(secret, safe="/:@!$&'()*+,;=~")  # a path, as yarl (aiohttp) encodes it
     yield quote_plus(secret)
     for part in url_credentials(secret):
@@ -216,6 +209,7 @@ class Masker:
                                for form in _forms(secret) if len(form) >= _MIN_SECRET_LENGTH},
                               key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
+        self._with_credentials: tuple[tuple[str, ...], Masker] | None = None
 
     def mask(self, text: str) -> str:
         return self._pattern.sub(REDACTED, text) if self._pattern else text
@@ -247,9 +241,15 @@ class Masker:
         """This masker, also hiding the credential header values of a request it sent, whole
         and without their scheme. They are derived from the secrets (``Basic`` is base64 of
         "key:"), so an API that echoes the request in its error would show them unmasked."""
-        found = [part for name, value in headers.items() if name.lower() in SENSITIVE_HEADERS
-                 for part in (value, *value.split()[1:])]
-        return Masker([*self.given, *found]) if found else self
+        found = tuple(part for name, value in headers.items()
+                      if name.lower() in SENSITIVE_HEADERS for part in (value, *value.split()[1:]))
+        if not found:
+            return self
+        # Built once for a destination's (usually unchanging) credentials, not once a
+        # failed request: a destination refusing everything fails every request.
+        if self._with_credentials is None or self._with_credentials[0] != found:
+            self._with_credentials = (found, Masker([*self.given, *found]))
+        return self._with_credentials[1]
 
     def mask_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)

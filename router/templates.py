@@ -14,10 +14,11 @@ counted against the same cap as a filter or method takes its items, so nothing c
 gigabytes out of sight of the checks. The string methods whose output an argument multiplies
 with no way to check it first (``translate``, ``expandtabs``), ``encode`` (bytes escape the
 checks, which measure text) and jinja2's ``lipsum``, which builds millions of words in one
-uninterruptible call, are not available. Time is capped too:
-every loop iteration, call and filter spends one of a render's ``MAX_STEPS``, and a render
-may take ``MAX_RENDER_SECONDS`` at most (a filter such as ``sort`` on a 100,000-item list
-takes tens of milliseconds in one step).
+uninterruptible call, are not available. Time is capped too: every loop iteration, call,
+filter and test spends one of a render's ``MAX_STEPS``, and a render may take
+``MAX_RENDER_SECONDS`` at most (a filter such as ``sort`` on a 100,000-item list takes tens
+of milliseconds in one step; the few whose one step grows with the square of their input
+are refused before they run).
 """
 
 from __future__ import annotations
@@ -202,9 +203,9 @@ class _CappedFormatter(SandboxedFormatter):
         return super().vformat(format_string, args, kwargs)
 
     def format_field(self, value: Any, format_spec: str) -> Any:
-        widest = max(map(int, _NUMBER.findall(format_spec)), default=0)
-        self._total += sum(map(int, _NUMBER.findall(format_spec)))
-        if widest > MAX_VALUE_SIZE or self._total > MAX_OUTPUT_CHARS:
+        numbers = [int(number) for number in _NUMBER.findall(format_spec)]
+        self._total += sum(numbers)
+        if max(numbers, default=0) > MAX_VALUE_SIZE or self._total > MAX_OUTPUT_CHARS:
             raise SecurityError("format widths too large for a template")
         return super().format_field(value, format_spec)
 

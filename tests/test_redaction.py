@@ -94,13 +94,13 @@ def test_a_secret_is_masked_as_other_json_writers_escape_it():
 def test_ordinary_text_beside_a_secret_url_stays_readable():
     # Dates, versions, words and short passwords of a URL are not credentials: masked, every
     # timestamp of a dead letter read "**REDACTED**T12:00:00Z" (review).
-    from router.redaction import credentials_of_urls_in
+    from router.redaction import passwords_of_urls_in
     whole = Masker(["https://api.example/v1/2024-06-01/events?page=10&api-version=2024-06-01"])
     assert whole.mask("2024-06-01T12:00:00Z page 10 v1 events") == \
         "2024-06-01T12:00:00Z page 10 v1 events"
     settings = {"url": "https://admin:admin@hooks.example/hooks/customer-events/page2024",
                 "other": "https://HOST-FROM-ENV.example/hooks/orders-2024x/"}
-    parts = credentials_of_urls_in(settings, ["HOST-FROM-ENV.example"])
+    parts = passwords_of_urls_in(settings)
     assert parts == [base64.b64encode(b"admin:admin").decode()]
 
 

@@ -1028,9 +1028,7 @@ async def test_metrics_show_the_spools_size_and_its_disks_free_space(
         start_server: StartServer, tmp_path: Path) -> None:
     # Intake stops when the disk runs short (min_free_bytes): an alert needs the figure.
     ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}")
-    values = {line.split()[0]: float(line.split()[1])
-              for line in (await ingest.metrics()).splitlines()
-              if line.startswith("router_storage_")}
+    values = samples(await ingest.metrics(), "router_storage_")
     free = shutil.disk_usage(tmp_path).free
     assert abs(values["router_storage_disk_free_bytes"] - free) < 0.01 * free
     # the database's pages, those still in its WAL included

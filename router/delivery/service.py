@@ -52,12 +52,12 @@ COMPLETE_EVERY = 1.0
 STOP_POLL = 0.05
 """Seconds between two looks, while stopping, at whether requests are still under way."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
+"""Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
 CANCEL_AGAIN_AFTER = 1.0
 """How long a cancelled task has to end (its own clean-up included) before it is cancelled
 again, in case the first cancellation was lost."""
 CUT_SHORT_WAIT = 5.0
 """How long a stop that is cancelled still takes to give back what its workers hold."""
-"""Answers that refuse a batch whole; splitting finds the event at fault (413: the size)."""
 
 
 class DeliveryService:

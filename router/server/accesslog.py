@@ -12,11 +12,11 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 
-import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from router.config import IPNetwork
+from router.logs import json_line
 
 ACCESS_LOGGER = logging.getLogger("router.access")
 
@@ -38,7 +38,7 @@ class JsonAccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         line = {
             "method": request.method,
-            "path": _printable(request.path[:MAX_LOGGED_PATH]),
+            "path": request.path[:MAX_LOGGED_PATH],
             "status": response.status,
             "bytes": response.body_length,
             "duration_ms": round(time * 1000, 2),
@@ -48,7 +48,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         refusal = request.get(REFUSAL)
         if refusal is not None:
             line["refusal"] = refusal
-        self.logger.info("%s", orjson.dumps(line).decode())
+        self.logger.info("%s", json_line(line))  # a path may decode to a lone surrogate
 
     @property
     def enabled(self) -> bool:
@@ -98,10 +98,4 @@ def log_turned_away(remote: str | None, status: int, size: int, refusal: str) ->
     if ACCESS_LOGGER.isEnabledFor(logging.INFO):
         line = {"method": None, "path": None, "status": status, "bytes": size,
                 "duration_ms": 0.0, "remote": remote, "source": None, "refusal": refusal}
-        ACCESS_LOGGER.info("%s", orjson.dumps(line).decode())
-
-
-def _printable(text: str) -> str:
-    """``text`` with lone surrogates (a percent-encoded path can decode to them) escaped, so
-    the line can always be encoded."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        ACCESS_LOGGER.info("%s", json_line(line))

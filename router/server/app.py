@@ -20,7 +20,7 @@ the runner must leave request bodies compressed so that ``body.py`` can count an
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import json
 import logging
 import re
@@ -157,7 +157,8 @@ def create_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> we
                          lingering_time=LINGERING_TIME, keepalive_timeout=KEEPALIVE_TIMEOUT)
 
 
-def _add_ingest(app: web.Application, paths: Sequence[str], handler: Handler) -> None:
+def _add_ingest(app: web.Application, paths: Sequence[str], handle: BodyHandler) -> None:
+    handler = _read_then_turn(handle)
     for path in paths:
         app.router.add_post(path, handler, expect_handler=_expect_continue)
         app.router.add_route(hdrs.METH_OPTIONS, path, handle_preflight)
@@ -165,63 +166,64 @@ def _add_ingest(app: web.Application, paths: Sequence[str], handler: Handler) ->
 
 # -- ingest -----------------------------------------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def _turn(request: web.Request) -> AsyncIterator[None]:
-    """One of ``REQUESTS_IN_FLIGHT`` slots for parsing and routing, so memory stays bounded
-    under a flood; a request that waits ``ADMISSION_WAIT`` in vain is told to come back."""
-    slots = request.app[ADMISSION]
-    try:
-        await asyncio.wait_for(slots.acquire(), ADMISSION_WAIT)
-    except TimeoutError:
-        raise Problem(503, "overloaded", "the router is busy; retry later",
-                      headers={hdrs.RETRY_AFTER: str(OVERLOADED_RETRY_AFTER)}) from None
-    try:
-        yield
-    finally:
-        slots.release()
+BodyHandler = Callable[[web.Request, bytes], Awaitable[web.Response]]
+"""An ingest handler: the request and its body, inflated, read in its turn."""
 
 
-def _call_handler(call_type: str) -> Handler:
-    async def handle_call(request: web.Request) -> web.Response:
+def _read_then_turn(handle: BodyHandler) -> Handler:
+    """``handle`` run with the request's body, read before the request waits for one of
+    ``REQUESTS_IN_FLIGHT`` turns (the write key may be in the body: a client sending its body
+    slowly holds its own connection, not a turn) and inflated only in its turn (a small gzip
+    body waiting would hold sixty times its size). The turns bound the memory of parsing
+    and routing under a flood; a request that waits ``ADMISSION_WAIT`` in vain is told to
+    come back."""
+    @functools.wraps(handle)
+    async def handler(request: web.Request) -> web.StreamResponse:
         body = await _body(request)
-        async with _turn(request):
-            return await _handle_call(request, body, call_type)
+        slots = request.app[ADMISSION]
+        try:
+            await asyncio.wait_for(slots.acquire(), ADMISSION_WAIT)
+        except TimeoutError:
+            raise Problem(503, "overloaded", "the router is busy; retry later",
+                          headers={hdrs.RETRY_AFTER: str(OVERLOADED_RETRY_AFTER)}) from None
+        try:
+            limit = request.app[LIMITS].max_request_bytes
+            return await handle(request, inflate(request, body, limit=limit))
+        finally:
+            slots.release()
+
+    return handler
+
+
+def _call_handler(call_type: str) -> BodyHandler:
+    async def handle_call(request: web.Request, body: bytes) -> web.Response:
+        """One event; its ``type`` is the path's, whatever the body says."""
+        source, document = _authenticated(request, parse_json(body))
+        event = document
+        event.pop("writeKey", None)
+        event["type"] = call_type
+        checked = check_event(event)
+        if isinstance(checked, Rejection):
+            _rejected(request, source, event, None, checked.reason)
+            if checked.too_large:
+                raise Problem(413, "event_too_large", checked.reason)
+            raise Problem(400, "invalid_event", checked.reason)
+        (result,) = await _route(request, [event], [checked], source)
+        if result.invalid:
+            reason = _invalid_reason(result)
+            _rejected(request, source, event, None, reason)
+            raise Problem(400, "invalid_event", reason)
+        _count(request.app[METRICS], source, result)
+        return json_response({"success": True})
 
     handle_call.__name__ = handle_call.__qualname__ = f"handle_{call_type}"
     return handle_call
 
 
-async def _handle_call(request: web.Request, body: bytes, call_type: str) -> web.Response:
-    """One event; its ``type`` is the path's, whatever the body says."""
-    source, document = _authenticated(request, parse_json(_inflated(request, body)))
-    event = document
-    event.pop("writeKey", None)
-    event["type"] = call_type
-    checked = check_event(event)
-    if isinstance(checked, Rejection):
-        _rejected(request, source, event, None, checked.reason)
-        if checked.too_large:
-            raise Problem(413, "event_too_large", checked.reason)
-        raise Problem(400, "invalid_event", checked.reason)
-    (result,) = await _route(request, [event], [checked], source)
-    if result.invalid:
-        reason = _invalid_reason(result)
-        _rejected(request, source, event, None, reason)
-        raise Problem(400, "invalid_event", reason)
-    _count(request.app[METRICS], source, result)
-    return json_response({"success": True})
-
-
-async def handle_batch(request: web.Request) -> web.Response:
-    body = await _body(request)
-    async with _turn(request):
-        return await _handle_batch(request, body)
-
-
-async def _handle_batch(request: web.Request, body: bytes) -> web.Response:
+async def handle_batch(request: web.Request, body: bytes) -> web.Response:
     """Many events, each judged alone: 200 with the rejected ones listed when at least one
     was accepted, 400 with the list when none was."""
-    parsed, refusals = parse_batch_json(_inflated(request, body))
+    parsed, refusals = parse_batch_json(body)
     source, document = _authenticated(request, parsed)
     batch = document.get("batch")
     if not isinstance(batch, list):
@@ -238,8 +240,7 @@ async def _handle_batch(request: web.Request, body: bytes) -> web.Response:
         refused = refused_in(sent) if refusals else None
         if refused is not None:  # a NaN, a key twice: this event's, not the batch's
             rejected.append({"index": index, "reason": refused.message})
-            _rejected(request, source, sent if isinstance(sent, dict) else None, index,
-                      refused.message)
+            _rejected(request, source, sent, index, refused.message)
             continue
         if isinstance(event, dict):
             event.pop("writeKey", None)  # analytics.js repeats the key in every event
@@ -296,10 +297,6 @@ async def _body(request: web.Request) -> bytes:
     if source is not None:
         request[SOURCE] = source  # the access log names it even if the body is refused
     return await read_body(request, limit=request.app[LIMITS].max_request_bytes)
-
-
-def _inflated(request: web.Request, body: bytes) -> bytes:
-    return inflate(request, body, limit=request.app[LIMITS].max_request_bytes)
 
 
 def _authenticated(request: web.Request, document: Any) -> tuple[str, dict[str, Any]]:

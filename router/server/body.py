@@ -29,6 +29,10 @@ _IDENTITY = frozenset({"", "identity"})
 _GZIP = frozenset({"gzip", "x-gzip"})
 
 
+def empty_body() -> Problem:
+    return Problem(400, "empty_body", "the request body is empty; expected a JSON object")
+
+
 def too_large(limit: int) -> Problem:
     return Problem(413, "request_too_large",
                    f"the request body is over the {_kilobytes(limit)} limit")
@@ -89,7 +93,7 @@ async def read_body(request: web.BaseRequest, *, limit: int,
         raise Problem(400, "client_disconnected",
                       "the client closed the connection before the body ended") from None
     if not parts:
-        raise Problem(400, "empty_body", "the request body is empty; expected a JSON object")
+        raise empty_body()
     return b"".join(parts)
 
 
@@ -102,7 +106,7 @@ def inflate(request: web.BaseRequest, body: bytes, *, limit: int) -> bytes:
     inflated = decoder.feed(body)
     decoder.finish()
     if not inflated:
-        raise Problem(400, "empty_body", "the request body is empty; expected a JSON object")
+        raise empty_body()
     return inflated
 
 

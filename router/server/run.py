@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import os
+import re
 import signal
 import sys
 import time

@@ -110,60 +110,73 @@ def add_process_metrics(registry: Registry,
     info = build_info()
     add(Gauge("router_build_info", "Always 1: the router's version and Python's.",
               list(info), lambda: {tuple(info.values()): 1.0}))
+    readings = _ProcessReadings()
 
-    def own(figure: Callable[[ProcessStats], float | None]
-            ) -> Callable[[], dict[tuple[str, ...], float]]:
-        return lambda: _figure(read_process(), figure)
+    def delivery_pid() -> int | None:
+        process = delivery_process()
+        return process.running_pid if process is not None else None
 
-    add(Gauge("process_cpu_seconds_total", "User and system CPU time of the serving process.",
-              [], own(lambda stats: stats.cpu_seconds), kind="counter"))
-    add(Gauge("process_resident_memory_bytes", "Resident memory of the serving process.",
-              [], own(lambda stats: stats.resident_bytes)))
-    add(Gauge("process_virtual_memory_bytes", "Virtual memory of the serving process.",
-              [], own(lambda stats: stats.virtual_bytes)))
-    add(Gauge("process_start_time_seconds", "When the serving process started (Unix time).",
-              [], own(lambda stats: stats.start_time)))
-    add(Gauge("process_open_fds", "Open file descriptors of the serving process.",
-              [], own(lambda stats: stats.open_fds)))
-    add(Gauge("process_max_fds", "The serving process's limit on open file descriptors.",
-              [], own(lambda stats: stats.max_fds)))
-
-    def child(figure: Callable[[ProcessStats], float | None]
-              ) -> Callable[[], dict[tuple[str, ...], float]]:
+    def figure(of: Callable[[ProcessStats], float | None],
+               pid: Callable[[], int | str | None] = lambda: "self"
+               ) -> Callable[[], dict[tuple[str, ...], float]]:
+        """A figure of the process ``pid()`` names (none while there is no such process)."""
         def read() -> dict[tuple[str, ...], float]:
-            process = delivery_process()
-            pid = process.running_pid if process is not None else None
-            return {} if pid is None else _figure(read_process(pid), figure)
+            stats = readings.of(pid())
+            return _unlabelled(of(stats) if stats is not None else None)
         return read
 
-    def up() -> dict[tuple[str, ...], float]:
-        process = delivery_process()
-        return {} if process is None else {(): float(process.running_pid is not None)}
+    def of_delivery(read: Callable[[DeliveryProcess], float]
+                    ) -> Callable[[], dict[tuple[str, ...], float]]:
+        """No series while delivery runs in the serving process."""
+        def value() -> dict[tuple[str, ...], float]:
+            process = delivery_process()
+            return _unlabelled(read(process) if process is not None else None)
+        return value
 
-    def restarts() -> dict[tuple[str, ...], float]:
-        process = delivery_process()
-        return {} if process is None else {(): float(process.restarts)}
-
+    add(Gauge("process_cpu_seconds_total", "User and system CPU time of the serving process.",
+              [], figure(lambda stats: stats.cpu_seconds), kind="counter"))
+    add(Gauge("process_resident_memory_bytes", "Resident memory of the serving process.",
+              [], figure(lambda stats: stats.resident_bytes)))
+    add(Gauge("process_virtual_memory_bytes", "Virtual memory of the serving process.",
+              [], figure(lambda stats: stats.virtual_bytes)))
+    add(Gauge("process_start_time_seconds", "When the serving process started (Unix time).",
+              [], figure(lambda stats: stats.start_time)))
+    add(Gauge("process_open_fds", "Open file descriptors of the serving process.",
+              [], figure(lambda stats: stats.open_fds)))
+    add(Gauge("process_max_fds", "The serving process's limit on open file descriptors.",
+              [], figure(lambda stats: stats.max_fds)))
     add(Gauge("router_delivery_process_up",
               "1 while the delivery process runs and delivers, 0 while it is being replaced.",
-              [], up))
+              [], of_delivery(lambda process: float(process.running_pid is not None))))
     add(Gauge("router_delivery_process_restarts_total",
-              "Delivery processes started to replace one that exited.", [], restarts,
-              kind="counter"))
+              "Delivery processes started to replace one that exited.", [],
+              of_delivery(lambda process: process.restarts), kind="counter"))
     add(Gauge("router_delivery_process_cpu_seconds_total",
               "User and system CPU time of the running delivery process.",
-              [], child(lambda stats: stats.cpu_seconds), kind="counter"))
+              [], figure(lambda stats: stats.cpu_seconds, delivery_pid), kind="counter"))
     add(Gauge("router_delivery_process_resident_memory_bytes",
               "Resident memory of the running delivery process.",
-              [], child(lambda stats: stats.resident_bytes)))
+              [], figure(lambda stats: stats.resident_bytes, delivery_pid)))
 
 
-def _figure(stats: ProcessStats | None, figure: Callable[[ProcessStats], float | None]
-            ) -> dict[tuple[str, ...], float]:
-    value = figure(stats) if stats is not None else None
-    return {} if value is None else {(): float(value)}
+class _ProcessReadings:
+    """One reading of ``/proc`` a process and scrape, shared by the figures rendered from
+    it (six for the serving process), rather than one each. The figures of a scrape are
+    rendered in one turn of the event loop; the readings are dropped at the next."""
+
+    def __init__(self) -> None:
+        self._taken: dict[int | str, ProcessStats | None] = {}
+
+    def of(self, pid: int | str | None) -> ProcessStats | None:
+        if pid is None:
+            return None
+        if not self._taken:
+            asyncio.get_running_loop().call_soon(self._taken.clear)
+        if pid not in self._taken:
+            self._taken[pid] = read_process(pid)
+        return self._taken[pid]
 
 
-def _unlabelled(value: int | None) -> dict[tuple[str, ...], float]:
+def _unlabelled(value: float | None) -> dict[tuple[str, ...], float]:
     """A gauge without labels, or no series at all where the storage has no such figure."""
     return {} if value is None else {(): float(value)}
