@@ -145,6 +145,8 @@ class ServerConfig(_Section):
     trusted_proxies: Networks = Field(
         default_factory=list, description="addresses of reverse proxies whose "
         "X-Forwarded-For names the client in the access log")
+    log_probes: bool = Field(False, description="write access-log lines for GET /health and "
+                             "/metrics answered 200, not only for those that failed")
 
 
 class DedupConfig(_Section):

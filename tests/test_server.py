@@ -1120,6 +1120,42 @@ async def test_access_log_is_json_without_secrets_or_bodies(
         assert secret not in everything
 
 
+
+async def _access_lines(ingest: Ingest, caplog: pytest.LogCaptureFixture,
+                        paths: list[str]) -> list[tuple[str, int]]:
+    """GETs ``paths`` on a new connection; the access log's (path, status) of each line."""
+    await ingest.session.close()
+    ingest.session = aiohttp.ClientSession()  # aiohttp reads the log level per connection
+    for path in paths:
+        async with ingest.session.get(ingest.url + path) as response:
+            await response.read()
+    return [(line["path"], line["status"]) for line in
+            (json.loads(r.getMessage()) for r in caplog.records if r.name == "router.access")]
+
+
+async def test_probes_answered_200_stay_out_of_the_access_log(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A load balancer's check and a scraper every few seconds buried the lines about events.
+    caplog.set_level(logging.INFO, logger="router.access")
+    assert await _access_lines(ingest, caplog, ["/health", "/metrics", "/nowhere"]) == [
+        ("/nowhere", 404)]
+
+    async def down() -> bool:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ingest.router.storage, "ping", down)
+    caplog.clear()
+    assert await _access_lines(ingest, caplog, ["/health"]) == [("/health", 503)]
+
+
+async def test_log_probes_puts_every_probe_in_the_access_log(
+        start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="router.access")
+    ingest = await start_server(server="  log_probes: true\n")
+    assert await _access_lines(ingest, caplog, ["/health", "/metrics"]) == [
+        ("/health", 200), ("/metrics", 200)]
+
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 
 

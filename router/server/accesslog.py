@@ -25,6 +25,11 @@ SOURCE = web.RequestKey("source", str)
 REFUSAL = web.RequestKey("refusal", str)
 """Set when the request is refused as a whole: the ``Problem`` code (e.g. ``unauthorized``)."""
 
+PROBE = web.RequestKey("probe", bool)
+"""Set by ``/health`` and ``/metrics`` unless ``server.log_probes``: a load balancer and a
+scraper ask every few seconds, and their lines would bury the ones about events. A probe
+that did not get a 200 is logged all the same."""
+
 CLIENT = web.RequestKey("client", str)
 """Set for every answer when ``server.trusted_proxies`` is configured: the client's address
 as ``client_address`` finds it."""
@@ -36,6 +41,8 @@ MAX_FORWARDED_HOPS = 20
 
 class JsonAccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if response.status == 200 and request.get(PROBE):
+            return
         line = {
             "method": request.method,
             "path": request.path[:MAX_LOGGED_PATH],

@@ -39,8 +39,8 @@ from router.errors import StorageFull, StorageUnavailable
 from router.events import CALL_TYPES
 from router.input import with_batch_defaults
 from router.routing import RouteResult, Router
-from router.server.accesslog import (ACCESS_LOGGER, CLIENT, REFUSAL, SOURCE, JsonAccessLogger,
-                                     client_address)
+from router.server.accesslog import (ACCESS_LOGGER, CLIENT, PROBE, REFUSAL, SOURCE,
+                                     JsonAccessLogger, client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, inflate, read_body
 from router.server.parsing import (Rejection, check_event, parse_batch_json, parse_json,
@@ -137,8 +137,9 @@ def create_app(router: Router) -> web.Application:
     for call_type in CALL_TYPES:
         _add_ingest(app, (f"/v1/{call_type}", SHORT_PATHS[call_type]), _call_handler(call_type))
     _add_ingest(app, BATCH_PATHS, handle_batch)
-    app.router.add_get("/health", handle_health)
-    app.router.add_get("/metrics", handle_metrics)
+    logged = config.server.log_probes
+    app.router.add_get("/health", _probe(handle_health, logged=logged))
+    app.router.add_get("/metrics", _probe(handle_metrics, logged=logged))
     app.on_response_prepare.append(_finish_response)
     return app
 
@@ -408,6 +409,18 @@ async def _expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 # -- operators --------------------------------------------------------------------------------
+
+def _probe(handle: Handler, *, logged: bool) -> Handler:
+    """An operators' endpoint, marked for the access log to skip its 200s unless
+    ``server.log_probes`` (see ``accesslog.PROBE``)."""
+    if logged:
+        return handle
+
+    async def handle_quietly(request: web.Request) -> web.StreamResponse:
+        request[PROBE] = True
+        return await handle(request)
+    return handle_quietly
+
 
 async def handle_health(request: web.Request) -> web.Response:
     """200 when the storage answers and has room (the router can accept work), else 503
