@@ -200,7 +200,8 @@ def _forms(secret: str) -> Iterator[str]:
 
 class Masker:
     """Replaces known secret values, in every form they take (``_forms``), in text with
-    ``**REDACTED**``."""
+    ``**REDACTED**``. Forms long enough to be credentials on their own are found in any
+    case: an API that echoes a key in its error may have lower-cased it first."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.given = tuple(secrets)
@@ -208,7 +209,8 @@ class Masker:
         self.secrets = sorted({form for secret in self.given if secret
                                for form in _forms(secret) if len(form) >= _MIN_SECRET_LENGTH},
                               key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
+        self._pattern = re.compile("|".join(map(_pattern_of, self.secrets))) \
+            if self.secrets else None
         self._with_credentials: tuple[tuple[str, ...], Masker] | None = None
 
     def mask(self, text: str) -> str:
@@ -254,3 +256,10 @@ class Masker:
     def mask_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)
                 for name, value in headers.items()}
+
+
+def _pattern_of(form: str) -> str:
+    """A form of a secret as a regular expression: in any case from ``_MIN_TOKEN_LENGTH``
+    characters on (shorter, ``Key1`` would mask ``key1`` in ordinary text)."""
+    escaped = re.escape(form)
+    return f"(?i:{escaped})" if len(form) >= _MIN_TOKEN_LENGTH else escaped

@@ -91,6 +91,15 @@ def test_a_secret_is_masked_as_other_json_writers_escape_it():
         assert masker.mask(echoed) == f'"{REDACTED}"', echoed
 
 
+def test_a_secret_is_masked_whatever_its_case_once_it_is_long_enough():
+    # An API that lower-cases what it echoes ("invalid key: sk_live_ab12...") showed the key.
+    masker = Masker(["sk_LIVE_Ab12Cd34", "Key1"])
+    assert masker.mask("invalid key sk_live_ab12cd34, SK_LIVE_AB12CD34") == \
+        f"invalid key {REDACTED}, {REDACTED}"
+    # Short secrets stay case-sensitive: "key1" is an ordinary word as often as not.
+    assert masker.mask("Key1 key1") == f"{REDACTED} key1"
+
+
 def test_ordinary_text_beside_a_secret_url_stays_readable():
     # Dates, versions, words and short passwords of a URL are not credentials: masked, every
     # timestamp of a dead letter read "**REDACTED**T12:00:00Z" (review).
