@@ -104,7 +104,7 @@ async def recorder() -> AsyncIterator[Recorder]:
 # -- the router and its HTTP API ----------------------------------------------------------------
 
 def config_text(hook_url: str, *, storage: str = "memory://", sources: str | None = None,
-                server: str = "", delivery: str = "") -> str:
+                server: str = "", delivery: str = "", destinations: str = "") -> str:
     if sources is None:
         sources = (f'sources:\n  - name: web\n    write_keys: ["{WEB_KEY}", "{WEB_KEY_2}"]\n'
                    f'  - name: mobile\n    write_keys: ["{MOBILE_KEY}"]\n')
@@ -112,7 +112,7 @@ def config_text(hook_url: str, *, storage: str = "memory://", sources: str | Non
             f"storage: {storage}\n{sources}{delivery}"
             "egress:\n  allow_private_addresses: true\n"
             "destinations:\n  - name: hook\n    plugin: webhook\n"
-            f'    settings: {{url: "{hook_url}"}}\n')
+            f'    settings: {{url: "{hook_url}"}}\n{destinations}')
 
 
 @dataclass
@@ -706,6 +706,31 @@ async def test_each_rejected_event_is_logged_with_its_reason_a_few_a_second(
         await ingest.runner.cleanup()  # stopping says how many lines it held back
     (last,) = rejections(caplog)[11:]
     assert (last["messageId"], last["similar_lines_held_back"]) == ("bad-23", 13)
+
+
+async def test_an_event_a_destination_finds_invalid_is_logged_a_few_a_second(
+        start_server: StartServer, recorder: Recorder,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The client got 200 and the other destinations the event; the operator saw nothing of
+    # why it never reached this one but a counter (newcomer audit: Meta and the README's
+    # own curl event).
+    ingest = await start_server(destinations=(
+        "  - name: picky\n    plugin: webhook\n"
+        f'    settings: {{url: "{recorder.url}", body: "{{{{ event.properties.coupon }}}}"}}\n'))
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        status, _, _ = await ingest.post("/v1/batch", {"batch": [
+            track(f"no-coupon-{n}") for n in range(12)]})
+        assert status == 200
+        await recorder.wait_for(12)  # the hook got every one
+        await ingest.runner.cleanup()
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if '"event_invalid_for_destination"' in r.getMessage()]
+    assert len(lines) == 11  # ten in the window, then the last one held back, counted
+    assert lines[0] == {"action": "event_invalid_for_destination", "destination": "picky",
+                        "source": "web", "type": "track", "messageId": "no-coupon-0",
+                        "reason": lines[0]["reason"]}
+    assert "coupon" in lines[0]["reason"]
+    assert lines[-1]["messageId"] == "no-coupon-11" and lines[-1]["similar_lines_held_back"] == 1
 
 
 async def test_a_lone_surrogate_in_a_messageid_costs_only_its_own_event(

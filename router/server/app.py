@@ -38,7 +38,7 @@ from router.delivery.failure_log import WINDOW, FailureLog
 from router.errors import StorageFull, StorageUnavailable
 from router.events import CALL_TYPES
 from router.input import with_batch_defaults
-from router.routing import RouteResult, Router
+from router.routing import RouteResult, Router, Status
 from router.server.accesslog import (ACCESS_LOGGER, CLIENT, PROBE, REFUSAL, SOURCE,
                                      JsonAccessLogger, client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
@@ -104,6 +104,7 @@ METRICS = web.AppKey("ingest_metrics", IngestMetrics)
 LIMITS = web.AppKey("limits", Limits)
 ADMISSION = web.AppKey("admission", asyncio.Semaphore)
 REJECTIONS = web.AppKey("rejections", FailureLog)
+INVALID_FOR_DESTINATION = web.AppKey("invalid_for_destination", FailureLog)
 TRUSTED_PROXIES: web.AppKey[tuple[IPNetwork, ...]] = web.AppKey("trusted_proxies")
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
@@ -129,6 +130,7 @@ def create_app(router: Router) -> web.Application:
     # Client libraries read neither a batch's list of rejected events nor, mostly, a 400's
     # reason: this log is where an operator sees why events went missing.
     app[REJECTIONS] = FailureLog(log, kind=("source",))
+    app[INVALID_FOR_DESTINATION] = FailureLog(log, kind=("destination",))
     app.cleanup_ctx.append(_flushing_rejections)
     if app[WRITE_KEYS].empty:
         log.warning("no sources are configured: the HTTP API refuses every request with 401 "
@@ -214,7 +216,7 @@ def _call_handler(call_type: str) -> BodyHandler:
             reason = _invalid_reason(result)
             _rejected(request, source, event, None, reason)
             raise Problem(400, "invalid_event", reason)
-        _count(request.app[METRICS], source, result)
+        _count(request, source, result)
         return json_response({"success": True})
 
     handle_call.__name__ = handle_call.__qualname__ = f"handle_{call_type}"
@@ -259,7 +261,7 @@ async def handle_batch(request: web.Request, body: bytes) -> web.Response:
                 rejected.append({"index": index, "reason": _invalid_reason(result)})
                 _rejected(request, source, event, index, rejected[-1]["reason"])
             else:
-                _count(request.app[METRICS], source, result)
+                _count(request, source, result)
     rejected.sort(key=lambda item: item["index"])
     if len(rejected) == len(batch):
         raise Problem(400, "no_valid_event", "no event in the batch is valid",
@@ -342,15 +344,26 @@ async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list
     return results
 
 
-def _count(metrics: IngestMetrics, source: str, result: RouteResult) -> None:
-    """An event taken in: accepted or a duplicate, and what routing decided for it."""
-    assert result.event is not None
+def _count(request: web.Request, source: str, result: RouteResult) -> None:
+    """An event taken in: accepted or a duplicate, and what routing decided for it. A
+    destination that finds an accepted event invalid (GA4 and an event older than 72 h) also
+    gets a warning line, at most a few a second per destination: the client was answered
+    200 and will not say why the event never arrived there."""
+    event, metrics = result.event, request.app[METRICS]
+    assert event is not None
     outcome = "duplicate" if result.duplicate else "accepted"
-    metrics.events.inc(source, result.event.type, outcome)
-    if not result.duplicate:  # an event valid for the spec may still be refused by one
-        for item in result.results:
-            if item.destination is not None:
-                metrics.decisions.inc(item.destination, str(item.status))
+    metrics.events.inc(source, event.type, outcome)
+    if result.duplicate:
+        return
+    for item in result.results:
+        if item.destination is None:
+            continue
+        metrics.decisions.inc(item.destination, str(item.status))
+        if item.status is Status.INVALID:
+            request.app[INVALID_FOR_DESTINATION].write({
+                "action": "event_invalid_for_destination", "destination": item.destination,
+                "source": source, "type": event.type,
+                "messageId": event.messageId[:MESSAGE_ID_SHOWN], "reason": item.reason})
 
 
 def _rejected(request: web.Request, source: str, event: Any, index: int | None,
@@ -368,18 +381,20 @@ def _rejected(request: web.Request, source: str, event: Any, index: int | None,
 
 async def _flushing_rejections(app: web.Application) -> AsyncIterator[None]:
     """Writes, once a flood of rejections stops, how many lines it held back."""
-    rejections = app[REJECTIONS]
+    logs = (app[REJECTIONS], app[INVALID_FOR_DESTINATION])
 
     async def flush_forever() -> None:
         while True:
             await asyncio.sleep(WINDOW)
-            rejections.flush()
+            for failure_log in logs:
+                failure_log.flush()
 
     task = asyncio.create_task(flush_forever(), name="flush-rejections")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    rejections.flush(all_windows=True)
+    for failure_log in logs:
+        failure_log.flush(all_windows=True)
 
 
 def _invalid_reason(result: RouteResult) -> str:
