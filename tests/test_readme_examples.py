@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,16 +21,50 @@ def test_the_embedding_example_is_the_file_that_runs():
     assert block == (ROOT / "examples" / "embed.py").read_text().split('"""\n\n', 1)[1]
 
 
-def test_the_embedding_example_routes_an_event(tmp_path):
-    shutil.copytree(ROOT / "config", tmp_path / "config")
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "embed.py")], cwd=tmp_path, timeout=120,
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_the_embedding_example_routes_an_event_and_waits_for_its_delivery(tmp_path):
+    # As a user runs it beside `make serve`'s sink: the default config, its sink's port
+    # moved to a free one.
+    port = _free_port()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "router.yaml").write_text(
+        (ROOT / "config" / "router.yaml").read_text().replace("127.0.0.1:9900",
+                                                              f"127.0.0.1:{port}"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sink = subprocess.Popen([sys.executable, "-m", "router.testing.sink", "--port", str(port)],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_port(port)
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "embed.py")], cwd=tmp_path, timeout=120,
+            capture_output=True, text=True, env=env)
+    finally:
+        sink.kill()
+        received, _ = sink.communicate(timeout=10)
     assert completed.returncode == 0, completed.stderr
     lines = dict(line.split(" ", 1) for line in completed.stdout.splitlines())
     assert lines["webhook"].startswith("send")
     assert lines["Slack"].startswith("skipped")  # off by default, not named by the event
-    assert (tmp_path / "var" / "router.db").exists()  # accepted durably before returning
+    assert all(not outcome.startswith("invalid") for outcome in lines.values())
+    assert lines["delivered:"] == "True"
+    assert "POST /webhook" in received and "POST /ga4/" in received
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _yaml_blocks():
