@@ -218,7 +218,7 @@ def test_classify_status_is_the_core_default():
     assert classify_status(200) is None and classify_status(299) is None
     assert isinstance(classify_status(429), RetryableError)
     assert isinstance(classify_status(500), RetryableError)
-    assert isinstance(classify_status(501), PermanentError)  # "not implemented" stays so
+    assert isinstance(classify_status(520), RetryableError)  # Cloudflare: the origin is down
     assert isinstance(classify_status(400), PermanentError)
     assert isinstance(classify_status(404, retry_on={404}), RetryableError)
     assert classify_status(429, headers={"Retry-After": "3"}).retry_after == 3
