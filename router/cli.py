@@ -315,11 +315,12 @@ def _print_json(router: Router, index: int, result: RouteResult, out: TextIO, *,
     for item in result.results:
         line: dict[str, Any] = {"event_index": index, "message_id": result.message_id,
                                 "destination": item.destination, "status": str(item.status),
-                                "reason": item.reason}
-        if requests:
+                                "reason": item.reason, "requests": []}
+        # Every line has the contract's fields. Outside a dry run the list stays empty:
+        # delivery puts events together in requests of its own.
+        if requests and item.status is Status.SEND and item.destination:
             line["requests"] = [_request_json(router, item.destination, request)
-                                for request in router.requests_for(item)] \
-                if item.status is Status.SEND and item.destination else []
+                                for request in router.requests_for(item)]
         out.write(orjson.dumps(line).decode() + "\n")
 
 

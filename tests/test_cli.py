@@ -513,10 +513,21 @@ async def test_send_says_what_became_of_each_event_within_its_wait(tmp_path):
             {"type": "track", "event": "Signed Up", "userId": "u-1", "messageId": "m-1"}))
         completed = await asyncio.to_thread(run, "send", "-c", "router.json", "ev.json",
                                             "--wait", "20s", cwd=tmp_path)
+        # --json: the contract's fields on every line, whose requests only a dry run lists
+        # (contract audit: the key was missing)
+        as_json = await asyncio.to_thread(run, "send", "-c", "router.json", "-", "--json",
+                                          "--wait", "20s", cwd=tmp_path,
+                                          stdin=b'{"type": "track", "event": "A", "userId": '
+                                                b'"u-1", "messageId": "m-2"}')
     assert completed.returncode == 1, completed.stderr
     rows = {line.split()[0]: line for line in completed.stdout.splitlines()[1:] if line.strip()}
     assert rows["good"].split()[1:] == ["send", "delivered"]
     assert "dead-lettered: " in rows["bad"] and "400" in rows["bad"]
+    lines = {line["destination"]: line for line in map(json.loads, as_json.stdout.splitlines())}
+    assert all(set(line) == LINE_KEYS | {"requests"} for line in lines.values())
+    assert (lines["good"]["status"], lines["good"]["reason"]) == ("send", "delivered")
+    assert lines["good"]["requests"] == []
+
 
 
 def test_send_on_a_disk_without_room_says_so_without_a_traceback(tmp_path):
