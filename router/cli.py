@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -195,25 +196,38 @@ def _read_input(path: str) -> bytes:
 
 def dry_run(router: Router, items: Sequence[Any], *, source: str = DEFAULT_SOURCE
             ) -> list[RouteResult]:
-    """Plan every event without storage; a messageId repeated in the input is a duplicate."""
-    seen: set[tuple[str, str]] = set()
+    """Plan every event without writing to the storage. A duplicate is a messageId repeated
+    in the input, or one the storage took from ``source`` within the dedup window."""
     received = datetime.now(UTC)
-    results = []
-    for item in items:
-        if isinstance(item, Unreadable):
-            results.append(_unreadable(item))
-            continue
-        result = router.plan(item, received_at=received)
-        if result.event is not None:
-            key = (source, result.event.messageId)
-            if key in seen:
-                reason = f"messageId {result.message_id!r} appeared earlier in the input"
-                result.results = [DestinationResult(r.destination, Status.DUPLICATE, reason)
-                                  for r in result.results]
-            seen.add(key)
-            result.results = [_egress_checked(router, item) for item in result.results]
-        results.append(result)
+    results = [_unreadable(item) if isinstance(item, Unreadable)
+               else router.plan(item, received_at=received) for item in items]
+    planned = [result for result in results if result.event is not None]
+    stored = _seen_before(router, source, [result.event.messageId for result in planned
+                                           if result.event is not None])
+    in_input: set[str] = set()
+    for result in planned:
+        message_id = result.message_id or ""
+        reason = (f"messageId {message_id!r} appeared earlier in the input"
+                  if message_id in in_input else
+                  f"messageId {message_id!r} was already accepted within the dedup window"
+                  if message_id in stored else None)
+        in_input.add(message_id)
+        if reason is not None:
+            result.results = [DestinationResult(r.destination, Status.DUPLICATE, reason)
+                              for r in result.results]
+        result.results = [_egress_checked(router, item) for item in result.results]
     return results
+
+
+def _seen_before(router: Router, source: str, message_ids: list[str]) -> set[str]:
+    """What the storage remembers of ``message_ids``; nothing, with a warning, when it cannot
+    be read (a Redis out of reach): the preview is still worth having."""
+    try:
+        return asyncio.run(router.storage.seen_before(source, message_ids, now=time.time()))
+    except (StorageUnavailable, OSError, sqlite3.Error) as exc:
+        log.warning("cannot read the dedup window from the storage, so duplicates of events "
+                    "sent earlier are not shown: %s", exc)
+        return set()
 
 
 def _egress_checked(router: Router, item: DestinationResult) -> DestinationResult:

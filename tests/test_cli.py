@@ -3,6 +3,7 @@ in a subprocess, from a working directory of its own."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.metadata
 import json
@@ -10,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -325,6 +327,42 @@ def test_dry_run_does_not_create_the_storage(workdir):
     assert not (workdir / "state").exists()
 
 
+@pytest.mark.parametrize("router_running", [False, True])
+async def test_dry_run_names_a_duplicate_of_what_the_storage_already_took(
+        workdir, router_running):
+    # It said "send" for an event that the real send then dropped as a duplicate (contract
+    # audit). Read beside a router that has the spool open (its WAL), or from a spool at rest,
+    # which then stays byte for byte as it was.
+    from router.storage.base import Acceptance, NewJob
+    from router.storage.sqlite import SqliteStorage
+
+    store = SqliteStorage(workdir / "state" / "router.db")
+    await store.open()
+    try:
+        await store.accept([Acceptance("default", "taken", [NewJob("webhook", "taken", "u", "",
+                                                                   b"{}")])],
+                           window=3600, now=time.time())
+        if not router_running:
+            await store.close()
+        before = tree_digest(workdir / "state")
+        events = b"\n".join(b'{"type": "track", "event": "A", "userId": "u", "messageId": "%s"}'
+                            % message_id for message_id in (b"taken", b"fresh"))
+        lines, _ = await asyncio.to_thread(dry_run, workdir, "-", stdin=events)
+        lines_elsewhere, _ = await asyncio.to_thread(dry_run, workdir, "-", "--source", "ios",
+                                                     stdin=events)
+    finally:
+        await store.close()
+    by_id = {(line["message_id"], line["destination"]): line for line in lines}
+    assert by_id["taken", "webhook"]["status"] == "duplicate"
+    assert "already accepted within the dedup window" in by_id["taken", "webhook"]["reason"]
+    assert by_id["taken", "webhook"]["requests"] == []
+    assert by_id["fresh", "webhook"]["status"] == "send"
+    assert {line["status"] for line in lines_elsewhere} >= {"send"}  # dedup is per source
+    assert all(line["status"] != "duplicate" for line in lines_elsewhere)
+    if not router_running:
+        assert tree_digest(workdir / "state") == before
+
+
 async def test_dry_run_leaves_an_existing_storage_unchanged(workdir):
     from router.storage.base import Acceptance, NewJob
     from router.storage.sqlite import SqliteStorage
@@ -497,8 +535,6 @@ def test_a_bad_wait_is_a_usage_error(workdir):
 async def test_send_says_what_became_of_each_event_within_its_wait(tmp_path):
     # Not only "queued": the table says delivered or dead-lettered (with why), and a dead
     # letter makes the command fail, so a script sending events learns of it.
-    import asyncio
-
     from router.testing import FakeDestinationServer
 
     async with FakeDestinationServer() as server:

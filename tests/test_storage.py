@@ -205,6 +205,35 @@ async def test_dedup_is_per_source(store):
     assert await accept(store, item("b:c", source="a"), item("c", source="a:b")) == [True, True]
 
 
+async def test_seen_before_reads_the_dedup_window_and_takes_nothing(store, tmp_path):
+    # For a dry run: it names the duplicates a real send would drop, yet changes nothing
+    # (contract audit: a dry run said "send" for an event the storage had already taken).
+    await accept(store, item("m-1", source="web"), item("m-2", source="web"))
+    assert await store.seen_before("web", ["m-1", "m-3", "m-2"], now=T0 + 1) == {"m-1", "m-2"}
+    assert await store.seen_before("ios", ["m-1"], now=T0 + 1) == set()
+    assert await accept(store, item("m-3", source="web"), now=T0 + 2) == [True]
+    # from another process's storage object, never opened (the dry run's)
+    other = (SqliteStorage(tmp_path / "spool.db") if isinstance(store, SqliteStorage)
+             else RedisStorage.from_url(store._url + f"?prefix={store.prefix}"))
+    assert await other.seen_before("web", ["m-3", "m-4"], now=T0 + 3) == {"m-3"}
+
+
+async def test_seen_before_leaves_out_what_the_window_has_let_go(tmp_path):
+    memory = MemoryStorage()
+    spool = SqliteStorage(tmp_path / "spool.db")
+    await spool.open()
+    try:
+        for storage in (memory, spool):
+            await accept(storage, item("m-1"), window=600.0, now=T0)
+            assert await storage.seen_before("web", ["m-1"], now=T0 + 599) == {"m-1"}
+            assert await storage.seen_before("web", ["m-1"], now=T0 + 601) == set()
+    finally:
+        await spool.close()
+    assert await SqliteStorage(tmp_path / "absent.db").seen_before(
+        "default", ["m-1"], now=T0) == set()
+    assert not (tmp_path / "absent.db").exists()
+
+
 async def test_message_ids_are_compared_exactly(store):
     assert await accept(store, item("abc"), item("ABC"), item("abc ")) == [True, True, True]
 

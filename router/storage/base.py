@@ -131,6 +131,13 @@ class Storage(ABC):
         (nothing is queued for it). Raises ``StorageFull`` when the disk budget is spent."""
 
     @abstractmethod
+    async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
+                          ) -> set[str]:
+        """Those of ``message_ids`` that ``accept`` took from ``source`` within their window,
+        read without opening the storage or changing anything in it: a dry run's preview
+        names the duplicates a real send would drop, yet leaves the storage as it was."""
+
+    @abstractmethod
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
                     ordered: bool = False) -> list[Job]:
         """Take up to ``limit`` due jobs of one destination, oldest first, hiding them from

@@ -27,6 +27,11 @@ class MemoryStorage(Storage):
     async def close(self) -> None:
         pass
 
+    async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
+                          ) -> set[str]:
+        return {message_id for message_id in message_ids
+                if self.seen.get((source, message_id), now) > now}
+
     async def accept(self, items: Sequence[Acceptance], *, window: float, now: float) -> list[bool]:
         accepted = []
         for item in items:

@@ -607,6 +607,24 @@ class RedisStorage(Storage):
                 args += [job.destination, job.message_id, job.user_key, job.group, job.body]
         return [bool(flag) for flag in await self._run("accept", args)]
 
+    async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
+                          ) -> set[str]:
+        """Each id's key holds its expiry, and Redis drops it then (its own clock; ``now``
+        is for the backends that keep expired entries). A client of its own, opened and
+        closed here: the storage need not be open."""
+        if not message_ids:
+            return set()
+        client = aioredis.Redis.from_url(self._url, **self._client_defaults())
+        try:
+            with _translated_errors():
+                async with client.pipeline(transaction=False) as pipeline:
+                    for message_id in message_ids:
+                        pipeline.exists(self.keys.seen(source, message_id))
+                    found = await pipeline.execute()
+        finally:
+            await client.aclose()
+        return {message_id for message_id, exists in zip(message_ids, found) if exists}
+
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
                     ordered: bool = False) -> list[Job]:
         rows = await self._run("lease", [destination, _num(now), _num(now + lease_for), limit,

@@ -35,6 +35,7 @@ every job not yet completed is read again, so nothing is lost and duplicates car
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import queue
@@ -811,6 +812,29 @@ class SqliteStorage(Storage):
         clause, params = _where(where)
         return await self._call(lambda connection: connection.execute(
             f"DELETE FROM dead_letters{clause}", params).rowcount)
+
+    async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
+                          ) -> set[str]:
+        """Read from ``seen`` (the dedup index lives in the writer's memory) on a read-only
+        connection of its own, so it works beside a router that has the spool open. A spool
+        that no router has open, with no WAL file, is read as immutable: a read-only
+        connection to it would leave new ``-wal`` and ``-shm`` files behind."""
+        if not self.path.exists() or not message_ids:
+            return set()
+        return await asyncio.to_thread(self._read_seen, source, list(message_ids), now)
+
+    def _read_seen(self, source: str, message_ids: list[str], now: float) -> set[str]:
+        in_use = self.path.with_name(self.path.name + "-wal").exists()
+        mode = "mode=ro" if in_use else "immutable=1"
+        uri = f"{self.path.absolute().as_uri()}?{mode}"
+        found: set[str] = set()
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT)) as db:
+            for start in range(0, len(message_ids), 500):
+                chunk = message_ids[start:start + 500]
+                found.update(message_id for (message_id,) in db.execute(
+                    "SELECT message_id FROM seen WHERE source = ? AND expires_at > ? AND "
+                    f"message_id IN ({', '.join(['?'] * len(chunk))})", (source, now, *chunk)))
+        return found
 
     async def ping(self) -> bool:
         """Whether intake would be refused for want of room (``StorageFull``, saying why),
