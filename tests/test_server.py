@@ -607,6 +607,17 @@ async def test_single_event_over_32_kb_is_413(ingest: Ingest, recorder: Recorder
     assert (await ingest.stats()).dedup_entries == 0
 
 
+async def test_a_batch_of_events_all_over_32_kb_is_413_with_each_listed(ingest: Ingest) -> None:
+    # "Beyond them 413", as for a single call: it got 400 no_valid_event (contract audit).
+    huge = track(properties={"pad": "x" * (33 * 1024)})
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": [huge, huge]})
+    assert status == 413 and answer["code"] == "event_too_large"
+    assert [item["index"] for item in answer["rejected"]] == [0, 1]
+    status, answer, _ = await ingest.post("/v1/batch", {"batch": [huge, {"event": "No Ids"}]})
+    assert status == 400 and answer["code"] == "no_valid_event"  # not every one too large
+    assert (await ingest.stats()).dedup_entries == 0
+
+
 # == hostile input ==============================================================================
 
 DEEP = {"userId": "u", "event": "Deep", "properties": {}}

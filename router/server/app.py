@@ -238,6 +238,7 @@ async def handle_batch(request: web.Request, body: bytes) -> web.Response:
                       f"the limit is {MAX_BATCH_EVENTS}")
     _check_shared_fields(document, len(batch), request.app[LIMITS].max_request_bytes)
     rejected: list[dict[str, Any]] = []
+    too_large = 0
     valid: list[tuple[int, dict[str, Any], int]] = []
     for index, (sent, event) in enumerate(zip(batch, with_batch_defaults(document))):
         refused = refused_in(sent) if refusals else None
@@ -250,6 +251,7 @@ async def handle_batch(request: web.Request, body: bytes) -> web.Response:
         checked = check_event(event, sent=sent)
         if isinstance(checked, Rejection):
             rejected.append({"index": index, "reason": checked.reason})
+            too_large += checked.too_large
             _rejected(request, source, event, index, checked.reason)
         else:
             valid.append((index, event, checked))
@@ -263,6 +265,9 @@ async def handle_batch(request: web.Request, body: bytes) -> web.Response:
             else:
                 _count(request, source, result)
     rejected.sort(key=lambda item: item["index"])
+    if too_large == len(batch):  # as a single call over the limit is answered
+        raise Problem(413, "event_too_large", "every event in the batch is over the 32 KB "
+                      "limit", extra={"rejected": rejected})
     if len(rejected) == len(batch):
         raise Problem(400, "no_valid_event", "no event in the batch is valid",
                       extra={"rejected": rejected})
