@@ -845,7 +845,7 @@ async def test_a_large_batch_context_does_not_take_each_event_past_the_limit(
     # Merged into each small event, a 40 KB batch context would be spooled 40 KB a time.
     status, answer, _ = await ingest.post("/v1/batch", {
         "batch": [track(f"small-{n}") for n in range(3)], "context": {"blob": "x" * 40_000}})
-    assert status == 400 and answer["code"] == "no_valid_event"
+    assert status == 413 and answer["code"] == "event_too_large"
     assert all("32 KB" in item["reason"] for item in answer["rejected"])
 
 
