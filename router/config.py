@@ -380,13 +380,34 @@ def _model_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:
     return None
 
 
+_EXPECTED = {
+    "extra_forbidden": "unknown field (check its spelling against the docs)",
+    "missing": "required field is missing",
+    "list_type": "expected a list", "dict_type": "expected a mapping of keys to values",
+    "string_type": "expected a string", "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false", "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number", "int_from_float": "expected a whole number",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+}
+"""pydantic's commonest messages in the words of the other config errors ("Input should be
+a valid list"; "Value should have at least 1 item after validation" for an empty key)."""
+_BOUNDS = {"greater_than": ("gt", "a number over {}"), "greater_than_equal": ("ge", "{} or more"),
+           "less_than": ("lt", "a number under {}"), "less_than_equal": ("le", "{} or less")}
+
+
 def _describe(error: Mapping[str, Any]) -> str:
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        return "unknown field (check its spelling against the docs)"
-    if error["type"] == "missing":
-        return "required field is missing"
-    return message
+    kind, context = error["type"], error.get("ctx") or {}
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if kind in _BOUNDS:
+        name, wording = _BOUNDS[kind]
+        return "expected " + wording.format(context[name])
+    if kind in ("too_short", "string_too_short"):
+        least = context.get("min_length", 1)
+        if context.get("field_type") == "List":
+            return f"expected at least {least} item{'s' if least > 1 else ''}"
+        return "must not be empty" if least == 1 else f"expected at least {least} characters"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 class _Converter:

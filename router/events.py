@@ -339,6 +339,8 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         message = error["msg"]
         if error["type"] == "literal_error" and field == "type":
             message = "expected one of " + ", ".join(CALL_TYPES)
+        elif error["type"].startswith(("datetime_", "date_")):  # sentAt, as timestamp says it
+            message = "expected an ISO-8601 date-time"
         problems.append((field, message))
     return problems
 

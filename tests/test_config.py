@@ -384,6 +384,27 @@ def test_error_says_what_was_expected(tmp_path):
     assert "sqlite:///" in str(config_error(path))
 
 
+@pytest.mark.parametrize("text, says", [
+    # pydantic's own words were "Value should have at least 1 item after validation, not 0"
+    # for an empty key, "Input should be a valid list" (contract audit)
+    ('sources: [{name: web, write_keys: [""]}]', "sources.0.write_keys.0: must not be empty"),
+    ("sources: [{name: web, write_keys: key}]", "sources.0.write_keys: expected a list"),
+    ("sources: [{name: web, write_keys: []}]", "write_keys: expected at least 1 item"),
+    ("server: {port: 99999}", "server.port: expected 65535 or less"),
+    ("server: {port: http}", "server.port: expected a whole number"),
+    ("server: {max_connections: 0}", "server.max_connections: expected 1 or more"),
+    ("egress: {allow_private_addresses: maybe}", "expected true or false"),
+    ("destinations: [{name: d, plugin: webhook, settings: {url: https://a.example, "
+     "headers: [1]}}]", "settings.headers: expected a mapping of keys to values"),
+    ("destinations: [{name: d, plugin: webhook, settings: {url: https://a.example}, "
+     "delivery: {backoff_initial: 0}}]", "delivery.backoff_initial: expected a number over 0"),
+])
+def test_type_and_bound_errors_say_what_was_expected(tmp_path, text, says):
+    path, _ = write(tmp_path, text + "\n")
+    error = config_error(path, build=True)
+    assert says in str(error) and "Input should" not in str(error)
+
+
 @pytest.mark.parametrize("section, key, value", [
     ("delivery", "timeout", ".inf"), ("delivery", "rate_limit", ".inf"),
     ("dedup", "window", ".inf"), ("server", "shutdown_grace", ".nan"),
