@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
 from markupsafe import EscapeFormatter, Markup
@@ -272,6 +272,10 @@ def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[st
     elif name == "do_join" and len(args) >= 2:  # (eval_ctx, items, separator="")
         _refuse_large_join(kwargs.get("d", args[2] if len(args) > 2 else ""), args[1])
     elif name == "do_tojson":
+        if len(args) > 1 and isinstance(args[1], Undefined):
+            # else json.dumps's "Object of type StrictUndefined is not JSON serializable",
+            # which does not say which name was missing
+            args[1]._fail_with_undefined_error()
         indent = kwargs.get("indent", args[2] if len(args) > 2 else None)
         if isinstance(indent, int) and indent > MAX_JSON_INDENT:
             raise SecurityError(f"tojson indent over {MAX_JSON_INDENT} in a template")

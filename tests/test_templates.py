@@ -165,6 +165,16 @@ def test_undefined_names_are_errors_not_empty_strings():
     assert "settings.body" in caught.value.reason
 
 
+@pytest.mark.parametrize("body", ["{{ event.properties.plan | tojson }}",
+                                  "{{ event.properties.plan | upper }}"])
+def test_a_missing_name_is_named_however_the_template_uses_it(body):
+    # Under tojson the reason was "Object of type StrictUndefined is not JSON serializable"
+    # (newcomer audit: the docs' own style, and a misspelt name).
+    with pytest.raises(EventRejected) as caught:
+        render(body)
+    assert "has no attribute 'plan'" in caught.value.reason
+
+
 def test_template_errors_cost_one_destination_only(tmp_path):
     router = router_with(tmp_path, """
         - name: strict
