@@ -194,7 +194,8 @@ class DeliveryDefaults(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     timeout: float = Field(10.0, gt=0, description="seconds to wait for one request")
-    max_attempts: int = Field(10, ge=1, description="attempts before dead-lettering")
+    max_attempts: int = Field(150, ge=1, description="attempts before dead-lettering (by "
+                              "default more than max_age leaves room for, so that age decides)")
     max_age: float = Field(4 * 3600.0, gt=0,
                            description="seconds after which an undelivered event is dead-lettered")
     max_age_limit: float | None = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 import time
 
@@ -232,6 +233,24 @@ async def test_refused_connections_are_retried_then_dead_lettered(tmp_path):
         (letter,) = await router.storage.dead_letters(DeadLetterFilter())
     assert letter.attempts == 3
     assert "gave up after 3 attempts" in letter.reason and "connect" in letter.reason
+
+
+def test_by_default_an_event_is_retried_for_max_age_not_for_a_few_minutes():
+    # With 10 attempts, full-jitter backoff from 1 s gave up after about four minutes of an
+    # outage, though max_age (4 h, as Segment retries) promised hours (reliability audit).
+    from router.delivery.retry import exhausted, next_attempt_at
+    from router.destination import DeliveryDefaults
+    from router.errors import RetryableError
+
+    defaults, rng = DeliveryDefaults(), random.Random(7)
+    for _ in range(200):  # events that fail every attempt
+        age, attempt = 0.0, 1
+        while (reason := exhausted(attempt, next_at := next_attempt_at(
+                attempt, RetryableError("down"), defaults, now=age, rng=rng),
+                defaults)) is None:
+            age, attempt = next_at, attempt + 1
+        assert "older than the maximum age" in reason
+        assert age > 3.5 * 3600
 
 
 async def test_max_age_gives_up_even_with_attempts_left(tmp_path):
