@@ -328,7 +328,8 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """Read, interpolate and validate a config file; ``ConfigError`` on any problem."""
     file = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as config:  # no further than the limit: /dev/zero has no end
+            raw = config.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read the config: {exc.strerror}", file=file) from None
     if len(raw) > MAX_CONFIG_BYTES:

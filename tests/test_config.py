@@ -461,6 +461,18 @@ def test_an_error_never_echoes_the_value_it_refuses(tmp_path, plugin, settings):
     assert "supersecret" not in str(config_error(path, env={"WRONG": "supersecret-0001"}))
 
 
+@pytest.mark.parametrize("source", ["big", "/dev/zero"])
+def test_a_config_over_1_mb_is_refused_without_reading_it_all(tmp_path, source):
+    # /dev/zero was read whole: 1.35 GB, then a MemoryError traceback (reliability audit).
+    path = Path(source)
+    if source == "big":
+        path = tmp_path / "router.yaml"
+        path.write_text("# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="over 1024 KB") as caught:
+        load_config(path, env={})
+    assert caught.value.file == str(path)
+
+
 def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
     path = tmp_path / "router.yaml"
     path.write_bytes(b"storage: memory://\nserver:\n  host: caf\xe9\n")
