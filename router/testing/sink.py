@@ -8,7 +8,9 @@ listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -16,10 +18,25 @@ from aiohttp import web
 from router.redaction import REDACTED, SENSITIVE_HEADERS, Masker
 
 
+_CREDENTIAL_NAME = re.compile(r"(?:^|[_$-])(?:key|token|secret|password)$", re.IGNORECASE)
+"""Body fields whose names say they hold a credential (Amplitude's ``api_key``, Mixpanel's
+``$token``): the sink does not know the secrets, and a real key pointed at it by mistake
+would be printed."""
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {name: REDACTED if isinstance(item, str) and _CREDENTIAL_NAME.search(name)
+                else _masked(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
+
+
 async def receive(request: web.Request) -> web.Response:
     body = await request.read()
     try:
-        shown = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode()
+        shown = orjson.dumps(_masked(orjson.loads(body)), option=orjson.OPT_INDENT_2).decode()
     except orjson.JSONDecodeError:
         shown = body.decode("utf-8", errors="replace")
     headers = ", ".join(f"{name}: {REDACTED if name.lower() in SENSITIVE_HEADERS else value}"
