@@ -353,7 +353,9 @@ def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | 
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise ConfigError(f"not valid YAML: {exc.problem or exc}", file=file, line=line) from None
+        problem = str(exc.problem or exc)
+        raise ConfigError(f"not valid YAML: {problem}{_yaml_hint(problem)}", file=file,
+                          line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", file=file) from None
     except RecursionError:  # thousands of nested brackets: PyYAML's parser recurses
@@ -367,6 +369,22 @@ def parse_config(text: str, *, file: str = "<config>", env: Mapping[str, str] | 
     except ValidationError as exc:
         raise _model_error(exc, source) or source.validation_error(exc) from None
     return LoadedConfig(config, source, frozenset(converter.environment_values))
+
+
+_YAML_HINTS = (
+    ("'\\t'", "indent with spaces: YAML takes no tabs"),
+    ("mapping values are not allowed", "most often a line indented deeper than the key above "
+     "it takes, or a value with ': ' in it, which needs quotes"),
+    ("expected <block end>", "most often a line indented less or more than the keys beside it"),
+    ("could not find expected ':'", "most often a key without its ':', or a line indented as "
+     "if it were one"),
+)
+"""What PyYAML's commonest complaints most often mean in a config file, said after them."""
+
+
+def _yaml_hint(problem: str) -> str:
+    hint = next((hint for found, hint in _YAML_HINTS if found in problem), None)
+    return f" ({hint})" if hint else ""
 
 
 def _model_error(exc: ValidationError, source: SourceMap) -> ConfigError | None:

@@ -493,6 +493,18 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     assert str(error).startswith(f"{path}:{error.line}: ")
 
 
+@pytest.mark.parametrize("text, line, hint", [
+    ("server:\n\thost: 0.0.0.0\n", 2, "indent with spaces"),
+    ("server:\n  host: a: b\n", 2, "which needs quotes"),
+    ("server:\n  host: a\n port: 1\n", 3, "indented less or more"),
+])
+def test_common_yaml_mistakes_get_a_hint_in_plain_words(tmp_path, text, line, hint):
+    # PyYAML says "mapping values are not allowed here" (newcomer audit)
+    (tmp_path / "router.yaml").write_text(text)
+    error = config_error(tmp_path / "router.yaml")
+    assert error.line == line and hint in str(error)
+
+
 def test_parse_config_reports_the_given_file_name():
     with pytest.raises(ConfigError) as caught:
         parse_config("storage: nope\n", file="inline.yaml", env={})
