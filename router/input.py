@@ -91,4 +91,5 @@ def _json_lines(data: bytes) -> Iterator[Any]:
         try:
             yield orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield Unreadable(f"line {number} is not JSON: {exc}")
+            # orjson counts lines and columns within the line it was given
+            yield Unreadable(f"line {number}, column {exc.colno}: not JSON: {exc.msg}")

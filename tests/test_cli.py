@@ -281,7 +281,9 @@ def test_dry_run_reads_json_lines_from_stdin(workdir):
     assert [line["message_id"] for line in lines if line["event_index"] == 0] == ["l1"] * 3
     bad = [line for line in lines if line["event_index"] == 1]
     assert len(bad) == 1 and bad[0]["destination"] is None and bad[0]["status"] == "invalid"
-    assert "line 2" in bad[0]["reason"]
+    # the file's line, once: orjson's own "line 1 column 1" was about the line alone
+    assert bad[0]["reason"].startswith("line 2, column 1: not JSON: ")
+    assert "line 1" not in bad[0]["reason"]
     assert {line["message_id"] for line in lines if line["event_index"] == 2} == {"l3"}
 
 
