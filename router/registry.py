@@ -9,8 +9,10 @@ merely gets a warning.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
+import re
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import NamedTuple
@@ -121,6 +123,10 @@ def create_registry(*, entry_points: bool = True,
     return registry
 
 
+_HOOK_NAMES = [name for name in vars(hookspecs) if name.startswith("router_")]
+"""The hooks a plugin may implement, for the name a misspelt one was likely meant to be."""
+
+
 class _Origin(NamedTuple):
     """Where a plugin came from: its entry point's name (which a config's ``plugin:`` is
     matched against when it is broken), and its package."""
@@ -138,8 +144,13 @@ def _register_checked(pm: pluggy.PluginManager, plugin: object, *, name: str | N
     pm.register(plugin, name=name)
     try:
         pm.check_pending()
-    except pluggy.PluginValidationError:
+    except pluggy.PluginValidationError as exc:
         pm.unregister(plugin)
+        misspelt = re.search(r"unknown hook '(\w+)'", str(exc))
+        close = difflib.get_close_matches(misspelt[1], _HOOK_NAMES) if misspelt else []
+        if close:
+            raise pluggy.PluginValidationError(
+                exc.plugin, f"{exc}; did you mean {close[0]}?") from None
         raise
 
 

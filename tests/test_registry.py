@@ -44,6 +44,7 @@ def test_a_misspelt_hook_breaks_only_its_own_package(site: Path):
     reason = broken_reason(registry, "zmisspelt")
     assert "plugin 'zmisspelt' failed to load" in reason
     assert "unknown hook 'router_register_destination'" in reason
+    assert "did you mean router_register_destinations?" in reason  # newcomer audit
     assert "\n" not in reason
 
 
