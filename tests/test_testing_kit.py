@@ -455,6 +455,10 @@ def test_a_destination_raising_keyerror_on_some_events_fails_and_names_the_event
     assert "[sample_events]" in message
     assert "track 'Order Completed'" in message and "msg-order-50314b8e9bcf" in message
     assert "translate raised KeyError" in message
+    # where in the plugin: pytest hides the suite's frames, and the plugin's with them
+    # (newcomer audit)
+    line = CrashesOnOrders.translate.__code__.co_firstlineno + 2
+    assert f"(at tests/test_testing_kit.py:{line} in translate)" in message
 
 
 def test_hypothesis_finds_events_that_break_a_destination_the_samples_do_not():

@@ -44,10 +44,12 @@ import copy
 import itertools
 import keyword
 import re
+import traceback
 import typing
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
@@ -85,6 +87,17 @@ READ_RESPONSE_ANSWERS: tuple[tuple[int, bytes, dict[str, str]], ...] = (
 
 DedupId = Callable[[Any], Any]
 """From one payload body to the vendor's dedup id in it (``lambda body: body["insert_id"]``)."""
+
+
+def _raised(exc: BaseException) -> str:
+    """``KeyError: 'ip' (at acme/translate.py:33 in translate)``: the place in the plugin that
+    raised, since pytest hides the suite's frames and with them the plugin's below."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return f"{type(exc).__name__}: {exc}"
+    last = frames[-1]
+    where = "/".join(Path(last.filename).parts[-2:])
+    return f"{type(exc).__name__}: {exc} (at {where}:{last.lineno} in {last.name})"
 
 
 class ConformanceFailure(AssertionError):
@@ -291,7 +304,7 @@ class ConformanceSuite:
                     judged = destination.read_response(batch, response)
                 except Exception as exc:
                     raise self.fail("read_response", f"read_response raised "
-                                                     f"{type(exc).__name__}: {exc} on {where}; "
+                                                     f"{_raised(exc)} on {where}; "
                                                      "return outcomes instead") from exc
                 if judged is None:
                     continue
@@ -347,7 +360,7 @@ class ConformanceSuite:
                                 event) from exc
             return None
         except Exception as exc:
-            raise self.fail(rule, f"translate raised {type(exc).__name__}: {exc}; only "
+            raise self.fail(rule, f"translate raised {_raised(exc)}; only "
                                   "SkipEvent or EventRejected may escape translate (the router "
                                   "reports anything else as a plugin failure)", event) from exc
         if event.model_dump() != before:
@@ -390,7 +403,7 @@ class ConformanceSuite:
                                   f"{batch[0].group!r}: {type(exc).__name__}: {exc.reason}",
                             event) from exc
         except Exception as exc:
-            raise self.fail(rule, f"build_request raised {type(exc).__name__}: {exc} on "
+            raise self.fail(rule, f"build_request raised {_raised(exc)} on "
                                   f"{len(batch)} payload(s) of group {batch[0].group!r}; only "
                                   "DestinationError may escape it", event) from exc
         problem = _request_problem(request)
