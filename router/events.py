@@ -245,7 +245,7 @@ def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str,
     problems: list[tuple[str, str]] = []
     for key in ("revenue", "value"):
         if key in properties and properties[key] is not None:
-            number = as_number(properties[key])
+            number = _amount(properties[key])
             if number is None:
                 problems.append((f"properties.{key}", "expected a number or a numeric string"))
             else:
@@ -284,12 +284,21 @@ def _numbers_from_numeric_strings(item: Mapping[str, Any], keys: tuple[str, ...]
     for key in keys:
         value = item.get(key)
         if isinstance(value, str):
-            number = as_number(value)
-            if number is not None:  # whole numbers as ints while a double holds them exactly:
-                # past that, an int would outgrow JSON's 64 bits (orjson refuses it)
-                whole = value.strip().isdigit() and number < 2**53
-                numbers[key] = int(number) if whole else number
+            number = _amount(value)
+            if number is not None:
+                numbers[key] = number
     return numbers
+
+
+def _amount(value: Any) -> float | int | None:
+    """``as_number``, with a numeric string of digits alone as an int (``"30"`` is 30, as
+    ``30`` is, not 30.0) while a double holds it exactly: past that, an int would outgrow
+    JSON's 64 bits (orjson refuses it)."""
+    number = as_number(value)
+    if number is not None and isinstance(value, str) and value.strip().isdigit() \
+            and number < 2**53:
+        return int(number)
+    return number
 
 
 NUMERIC_STRING = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*", re.ASCII)

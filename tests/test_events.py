@@ -341,6 +341,17 @@ def test_reserved_properties_are_normalized_on_page_and_screen(call_type):
     assert event.properties == {"revenue": 5.0, "currency": "GBP"}
 
 
+def test_a_whole_numeric_string_becomes_a_whole_number_in_every_amount():
+    # "30" became 30.0 for revenue and value, but 30 for price and quantity: the bodies read
+    # 30.0 beside 30 (contract audit)
+    event = parse({**VALID_MINIMAL["track"], "properties": {
+        "revenue": "30", "value": " 7 ", "price": "30", "tax": "2.50"}})
+    assert orjson.loads(orjson.dumps(event.properties)) == event.properties
+    assert orjson.dumps({key: event.properties[key] for key in ("revenue", "value", "price",
+                                                                "tax")}) == \
+        b'{"revenue":30,"value":7,"price":30,"tax":2.5}'
+
+
 def test_currency_is_upper_cased():
     event = parse({**VALID_MINIMAL["track"], "properties": {"revenue": 1, "currency": " eur "}})
     assert event.properties["currency"] == "EUR"
