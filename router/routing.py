@@ -150,6 +150,11 @@ class Router:
             await self.loaded.open_storage(self.storage)
         else:
             await self.storage.open()
+        try:
+            await self.storage.prepare_intake()
+        except BaseException:
+            await self.storage.close()
+            raise
         self._open = True
         self._watchdog.start()
         if not self._deliver:

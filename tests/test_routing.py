@@ -242,6 +242,20 @@ async def test_duplicate_after_restart_with_sqlite(tmp_path):
         assert (await pending(router))["Hook"] == 1
 
 
+async def test_a_restarted_router_has_its_dedup_index_built_before_it_takes_an_event(tmp_path):
+    # The first accept after a restart rebuilt it, holding that request and every one behind
+    # it: 2 s for 900,000 ids, while /health already said ok (soak audit). start() builds it,
+    # and `router serve` listens only after start().
+    url = f"sqlite:///{tmp_path / 'router.db'}"
+    async with make_router(STANDARD, storage=url) as router:
+        await router.route_many([track(messageId=f"m-{n}") for n in range(50)])
+    async with make_router(STANDARD, storage=url) as router:
+        indexed = await router.storage._call(lambda connection: connection.execute(
+            "SELECT count(*) FROM dedup_index.keys").fetchone()[0], writes=False)
+        assert indexed == 50
+        assert (await router.route(track(messageId="m-7"))).duplicate
+
+
 async def test_dedup_window_from_the_config_is_used():
     async with make_router(STANDARD, dedup="dedup:\n  window: 1ms\n") as router:
         assert router.window == pytest.approx(0.001)

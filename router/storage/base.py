@@ -130,6 +130,13 @@ class Storage(ABC):
         jobs, atomically per event. Returns False for an event already seen within its window
         (nothing is queued for it). Raises ``StorageFull`` when the disk budget is spent."""
 
+    async def prepare_intake(self) -> None:
+        """Called once the storage is open by a router that will accept events (not by the
+        delivery process or ``router dlq``): a backend whose ``accept`` needs state of the
+        process's own builds it here, before intake starts, rather than in the first
+        ``accept``, where every request behind that one would wait for it."""
+        return None
+
     @abstractmethod
     async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
                           ) -> set[str]:

@@ -470,6 +470,11 @@ class SqliteStorage(Storage):
 
         return await self._call(operation)
 
+    async def prepare_intake(self) -> None:
+        """Build the dedup index from ``seen`` now: 2 s of CPU for 900,000 ids in the window,
+        which the first request after a restart used to wait for (soak audit)."""
+        await self._call(lambda connection: self._index_seen(connection, time.time()))
+
     def _check_budget(self, connection: sqlite3.Connection) -> None:
         """Refuse new work (``StorageFull``) when the spool has reached ``max_bytes``, or
         when its disk has less than ``min_free_bytes`` left: delivery needs room to write
@@ -500,8 +505,9 @@ class SqliteStorage(Storage):
                            "dedup_index.keys WHERE expires_at <= ? LIMIT ?)", (now, limit))
 
     def _index_seen(self, connection: sqlite3.Connection, now: float) -> None:
-        """Bring the dedup index up to date with ``seen``: all of it at the first accept after
-        opening, and afterwards whatever another process may have accepted into the file.
+        """Bring the dedup index up to date with ``seen``: all of it at ``prepare_intake`` (or
+        the first accept) after opening, and afterwards whatever another process may have
+        accepted into the file.
         The keys go in sorted, which SQLite appends instead of placing each one."""
         last = connection.execute("SELECT COALESCE(MAX(id), 0) FROM seen").fetchone()[0]
         if last == self._indexed_up_to:
