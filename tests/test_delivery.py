@@ -182,6 +182,24 @@ async def test_retry_after_is_honoured(tmp_path):
         assert second.time - first.time >= 0.95
 
 
+async def test_a_retry_after_of_a_day_waits_15_minutes_and_only_for_its_destination(tmp_path):
+    # (reliability audit: the cap and the others' pace had no test)
+    async with FakeDestinationServer() as throttled, FakeDestinationServer() as healthy:
+        throttled.script([Answer(429, headers={"Retry-After": "86400"})])
+        router = router_for(tmp_path, [webhook("throttled", throttled.url, concurrency=1),
+                                       webhook("healthy", healthy.url)])
+        async with router:
+            sent_at = time.time()
+            await router.route_many([track(n) for n in range(20)])
+            await healthy.wait_for(20, timeout=10)  # not held by the other's pause
+            await throttled.wait_for(1, timeout=10)
+            await asyncio.sleep(0.3)  # the answer recorded
+            due = await router.storage._call(lambda connection: connection.execute(
+                "SELECT MIN(due_at), MAX(due_at) FROM jobs").fetchone(), writes=False)
+        assert len(throttled.requests) == 1  # the whole destination paused
+        assert due[0] is not None and sent_at + 800 < due[0] <= due[1] < sent_at + 1000
+
+
 async def test_retry_after_as_http_date_is_honoured(tmp_path):
     from email.utils import formatdate
     async with FakeDestinationServer() as server:
@@ -399,11 +417,15 @@ async def test_per_user_order_holds_behind_a_retry_without_blocking_other_users(
     """RudderStack's event-order test in small: each event has a scripted answer sequence;
     the destination must see every user's delivered events in the order they were sent."""
     users, per_user = 12, 8
-    sequences = {0: [500, 500, 200], 1: [200], 2: [500, 200], 3: [429, 200]}
+    # [400] and [500, 400]: a permanent failure dead-letters its event and lets the user's
+    # next ones go, as RudderStack's "aborted" does (reliability audit: untested)
+    sequences = {0: [500, 500, 200], 1: [200], 2: [500, 200], 3: [429, 200], 4: [400],
+                 5: [500, 400]}
     answers: dict[str, list[int]] = {}
     for u in range(users):
         for k in range(per_user):
-            answers[f"m-{u}-{k}"] = list(sequences[(u + k) % 4])
+            answers[f"m-{u}-{k}"] = list(sequences[(u + k) % len(sequences)])
+    failing = {message_id for message_id, answer in answers.items() if answer[-1] == 400}
 
     def handler(request):
         return Answer(answers[request.json["messageId"]].pop(0))
@@ -417,10 +439,15 @@ async def test_per_user_order_holds_behind_a_retry_without_blocking_other_users(
         async with router:
             await router.route_many(events)
             assert await router.drain(timeout=30)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=1000)
+        assert {letter.message_id for letter in letters} == failing
+        delivered = [r.json["messageId"] for r in server.requests if r.status == 200]
+        assert len(delivered) == len(set(delivered))  # none twice
         for u in range(users):
             seen = [r.json["properties"]["k"] for r in server.requests
                     if r.json["userId"] == f"user-{u}" and r.status == 200]
-            assert seen == list(range(per_user)), f"user-{u} out of order: {seen}"
+            expected = [k for k in range(per_user) if f"m-{u}-{k}" not in failing]
+            assert seen == expected, f"user-{u} out of order: {seen}"
 
 
 async def test_graceful_close_puts_unfinished_work_back(tmp_path):
