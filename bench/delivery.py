@@ -57,6 +57,7 @@ its own pid (the sinks also exit by themselves after a few minutes).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import multiprocessing
@@ -81,7 +82,7 @@ from router.config import parse_config
 from router.registry import create_registry
 from router.routing import Router, Status, _jobs
 from router.runtime import tune_garbage_collector
-from router.storage.base import Acceptance
+from router.storage.base import Acceptance, NewJob
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 
@@ -556,6 +557,43 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
                                    "cpu": round((accept[1] + drain[1]) * per, 1)}}
 
 
+async def phase_dedup_window(remembered: int, count: int) -> dict[str, Any]:
+    """The SQLite spool's accept with ``remembered`` ids already in the dedup window: CPU an
+    event, one event a call (an intake of single calls, each its own commit) and a hundred
+    a call, with one job each; and the index's rebuild at start."""
+    with tempfile.TemporaryDirectory(prefix="bench-dedup-") as directory:
+        path = Path(directory) / "spool.db"
+        storage = SqliteStorage(path)
+        await storage.open()
+        now = time.time()
+        for start in range(0, remembered, 500):
+            await storage.accept([Acceptance("default", f"old-{n}", [])
+                                  for n in range(start, min(start + 500, remembered))],
+                                 window=43200, now=now)
+        await storage.close()
+        storage = SqliteStorage(path)
+        await storage.open()
+        try:
+            wall0 = time.perf_counter()
+            await storage.prepare_intake()
+            rebuild = time.perf_counter() - wall0
+            figures: dict[str, Any] = {"remembered_ids": remembered,
+                                       "index_rebuild_seconds": round(rebuild, 2)}
+            fresh = (f"new-{n}" for n in itertools.count())
+            for per_call in (1, 100):
+                calls = max(1, count // per_call)
+                cpu0 = time.process_time()
+                for _ in range(calls):
+                    await storage.accept([Acceptance("default", next(fresh), [
+                        NewJob("d0", "m", "u", "", b"{}")]) for _ in range(per_call)],
+                        window=43200, now=time.time())
+                figures[f"accept_cpu_us_per_event_{per_call}_a_call"] = round(
+                    (time.process_time() - cpu0) / (calls * per_call) * 1e6, 1)
+        finally:
+            await storage.close()
+    return figures
+
+
 async def phase_transport_floor(urls: list[str], count: int) -> dict[str, Any]:
     """What the batching phase's requests cost a bare aiohttp client: the same events,
     translated by the same 3 ``segment`` destinations, batched and built as the delivery
@@ -799,6 +837,9 @@ def run(count: int = 20_000) -> dict[str, Any]:
                                                      rate=rate, seconds=5.0)
         figures["batching_cpu_split"] = in_child(here, "phase_split", urls=urls, count=count)
         spool = figures["spool"] = in_child(here, "phase_spool", count=20_000, destinations=3)
+        figures["dedup_window"] = [in_child(here, "phase_dedup_window", remembered=remembered,
+                                            count=5_000)
+                                   for remembered in (0, 1_000_000)]
         figures["spool"]["share_of_batching_cpu_percent"] = round(
             100 * spool["total_us_per_event"]["cpu"] / batching["cpu_us_per_event"], 1)
         transport = in_child(here, "phase_transport_floor", urls=urls, count=count)

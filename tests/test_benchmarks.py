@@ -30,6 +30,9 @@ def test_the_delivery_phases_deliver_everything(sink_urls):
     assert batching["all_delivered"] and batching["jobs_left_in_spool"] == 0
     spool = in_child("bench.delivery", "phase_spool", count=300, destinations=3)
     assert spool["jobs_leased_and_completed"] == 900
+    window = in_child("bench.delivery", "phase_dedup_window", remembered=1000, count=200)
+    assert window["accept_cpu_us_per_event_1_a_call"] > 0
+    assert window["accept_cpu_us_per_event_100_a_call"] > 0
     one = in_child("bench.delivery", "phase_one_per_request", urls=sink_urls, count=300,
                    warmup=0.1, window=0.5)
     assert one["requests"] > 0 and set(one["statuses"]) <= {"w0 200", "w1 200", "w2 200"}

@@ -111,13 +111,17 @@ CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination
 DEDUP_INDEX_SCHEMA = """
 ATTACH '' AS dedup_index;
 PRAGMA dedup_index.journal_mode = MEMORY;
-PRAGMA dedup_index.cache_size = -65536;
+PRAGMA dedup_index.cache_size = -4096;
 CREATE TABLE dedup_index.keys (key INTEGER PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE INDEX dedup_index.keys_expiry ON keys (expires_at);
 """
-"""The lookup side of the dedup window: a database of this process's own in a temporary file
-(SQLite keeps 64 MB of it in memory), which nothing fsyncs or journals to disk. It is
-rebuilt from ``seen`` after a restart."""
+"""The lookup side of the dedup window: a database of this process's own in a temporary file,
+which nothing fsyncs or journals to disk; the OS's page cache holds what SQLite's does not.
+It is rebuilt from ``seen`` after a restart. SQLite's own cache for it is kept small (4 MB):
+each commit of a temporary database costs in proportion to the pages its cache holds, and
+with 64 MB, a million ids in the window made every commit cost 2 ms (an accept of one event
+2,056 µs of CPU against 264 with an empty window; a hundred a call, 66.9 µs an event
+against 6.5). With 4 MB: 300 µs and 14.5 µs (``bench.delivery``'s ``dedup_window``)."""
 _JOB_COLUMNS = ("id, destination, message_id, user_key, grp, body, created_at, attempts, "
                 "first_attempt_at")
 MAX_BUNDLE_JOBS = 1000
