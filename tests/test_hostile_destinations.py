@@ -102,6 +102,39 @@ async def test_an_answer_that_arrives_in_pieces_is_read_whole() -> None:
     assert response.body == body
 
 
+@pytest.mark.parametrize("status", [200, 500])
+@pytest.mark.parametrize("spoilt", ["not gzip", "cut short"])
+async def test_an_answer_whose_body_cannot_be_read_is_judged_by_its_status(
+        tmp_path, status, spoilt) -> None:
+    """A 200 whose body did not decompress, or whose connection closed mid-body, was retried
+    as a lost connection: the events went downstream twice (left alone in session 13)."""
+    head = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n" % status
+    spoilt_answer = (head + b"Content-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!"
+                     if spoilt == "not gzip" else
+                     head + b"Content-Length: 100\r\n\r\n{\"ok\": tr")
+
+    async def spoils_the_first(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(spoilt_answer if len(server.requests) == 1 else answer(200))
+        await writer.drain()
+        if spoilt == "cut short" or len(server.requests) == 1:
+            return  # closes the connection
+        while True:
+            await server.read_request(reader)
+            writer.write(answer(200))
+            await writer.drain()
+
+    async with RawServer(spoils_the_first) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url())])
+        async with router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert letters == []
+    assert len(server.requests) == (1 if status == 200 else 2)  # a 500 is retried
+
+
 async def test_item_refusals_in_a_late_packet_are_dead_lettered(tmp_path) -> None:
     """Braze answers 201 with the events it refused; read as its first packet only, that
     answer was not JSON and all 20 events counted as delivered."""

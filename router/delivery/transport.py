@@ -129,11 +129,13 @@ class Transport:
                 allow_redirects=False, timeout=timeout) as answer:
             try:
                 body = await _read_body(answer.content)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # Answered already: not to be sent again at once, as a failure before the
-                # answer may be.
-                raise aiohttp.ClientPayloadError(
-                    f"the answer was cut short: {type(exc).__name__}") from exc
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError):
+                # The status came, so the server has judged the request, and the answer is
+                # judged by it as one without a body is: a 200 whose body was cut short or
+                # does not decompress was sent again, a second copy downstream (Braze keeps
+                # no dedup id). What the body would have said of single events is lost.
+                body = b""
             # aiohttp's case-insensitive view, not a copy: vendors' header names vary
             return HttpResponse(answer.status, answer.headers, body)
 
