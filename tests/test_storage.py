@@ -218,6 +218,36 @@ async def test_seen_before_reads_the_dedup_window_and_takes_nothing(store, tmp_p
     assert await other.seen_before("web", ["m-3", "m-4"], now=T0 + 3) == {"m-3"}
 
 
+async def test_seen_before_reads_again_when_a_router_opens_the_spool_meanwhile(tmp_path):
+    # An immutable read of a file a router had started writing said "database disk image
+    # is malformed", or could see a torn state (review by experiment).
+    spool = SqliteStorage(tmp_path / "spool.db")
+    await spool.open()
+    await accept(spool, item("m-1"), now=time.time())
+    await spool.close()
+    reader = SqliteStorage(tmp_path / "spool.db")
+    writer = SqliteStorage(tmp_path / "spool.db")
+    select = reader._select_seen
+    modes: list[str] = []
+
+    def a_router_starts_during_the_read(mode: str, *args: Any) -> set[str]:
+        modes.append(mode)
+        if mode == "immutable=1":
+            asyncio.run_coroutine_threadsafe(writer.open(), loop).result()
+            asyncio.run_coroutine_threadsafe(
+                accept(writer, item("m-2"), now=time.time()), loop).result()
+        return select(mode, *args)
+
+    loop = asyncio.get_running_loop()
+    reader._select_seen = a_router_starts_during_the_read  # type: ignore[method-assign]
+    try:
+        assert await reader.seen_before("web", ["m-1", "m-2"], now=time.time()) == {
+            "m-1", "m-2"}
+    finally:
+        await writer.close()
+    assert modes == ["immutable=1", "mode=ro"]
+
+
 async def test_seen_before_leaves_out_what_the_window_has_let_go(tmp_path):
     memory = MemoryStorage()
     spool = SqliteStorage(tmp_path / "spool.db")

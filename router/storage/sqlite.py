@@ -476,8 +476,11 @@ class SqliteStorage(Storage):
 
     async def prepare_intake(self) -> None:
         """Build the dedup index from ``seen`` now: 2 s of CPU for 900,000 ids in the window,
-        which the first request after a restart used to wait for (soak audit)."""
-        await self._call(lambda connection: self._index_seen(connection, time.time()))
+        which the first request after a restart used to wait for (soak audit). As a read,
+        outside any transaction on the spool: it writes only to the process's own index,
+        and must not hold the spool's write lock (a router beside this one would stall)."""
+        await self._call(lambda connection: self._index_seen(connection, time.time()),
+                         writes=False)
 
     def _check_budget(self, connection: sqlite3.Connection) -> None:
         """Refuse new work (``StorageFull``) when the spool has reached ``max_bytes``, or
@@ -834,8 +837,24 @@ class SqliteStorage(Storage):
         return await asyncio.to_thread(self._read_seen, source, list(message_ids), now)
 
     def _read_seen(self, source: str, message_ids: list[str], now: float) -> set[str]:
-        in_use = self.path.with_name(self.path.name + "-wal").exists()
-        mode = "mode=ro" if in_use else "immutable=1"
+        """Read as immutable while no router has the spool open (no WAL file), and again on
+        an ordinary read-only connection if one opened it meanwhile: an immutable read of a
+        file being written may fail ("malformed") or see a torn state."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not wal.exists():
+            before = self.path.stat()
+            try:
+                found = self._select_seen("immutable=1", source, message_ids, now)
+            except sqlite3.DatabaseError:
+                found = None
+            after = self.path.stat()
+            if found is not None and not wal.exists() and \
+                    (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns):
+                return found
+        return self._select_seen("mode=ro", source, message_ids, now)
+
+    def _select_seen(self, mode: str, source: str, message_ids: list[str], now: float
+                     ) -> set[str]:
         uri = f"{self.path.absolute().as_uri()}?{mode}"
         found: set[str] = set()
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT)) as db:
