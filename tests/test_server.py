@@ -740,8 +740,25 @@ async def test_an_event_a_destination_finds_invalid_is_logged_a_few_a_second(
     assert lines[0] == {"action": "event_invalid_for_destination", "destination": "picky",
                         "source": "web", "type": "track", "messageId": "no-coupon-0",
                         "reason": lines[0]["reason"]}
-    assert "coupon" in lines[0]["reason"]
+    assert "coupon" in lines[0]["reason"] and len(lines[0]["reason"]) <= 300
     assert lines[-1]["messageId"] == "no-coupon-11" and lines[-1]["similar_lines_held_back"] == 1
+
+
+async def test_an_invalid_for_destination_line_is_cut_at_300_characters(
+        start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    # A reason may quote what it refused, which a client makes as long as it likes: a
+    # 30 KB event name made a 30 KB warning line (review by experiment).
+    ingest = await start_server(destinations=(
+        "  - name: picky\n    plugin: webhook\n"
+        '    settings: {url: "https://hooks.example/in", '
+        'body: "{{ event.properties[event.event] }}"}\n'))
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        status, _, _ = await ingest.post("/v1/track", track("long", event="x" * 20_000))
+        assert status == 200
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records
+               if '"event_invalid_for_destination"' in r.getMessage()]
+    assert line["reason"].startswith("settings.body: template failed")
+    assert len(line["reason"]) == 300
 
 
 async def test_a_lone_surrogate_in_a_messageid_costs_only_its_own_event(

@@ -110,6 +110,9 @@ MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
 MESSAGE_ID_SHOWN = 200
 """A client's messageId is logged up to this many characters (they are usually 36)."""
+REASON_SHOWN = 300
+"""A destination's reason for refusing an event is logged up to this many characters: it may
+quote what it refused (GA4 an event name), which a client can make 30 KB long."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -368,7 +371,8 @@ def _count(request: web.Request, source: str, result: RouteResult) -> None:
             request.app[INVALID_FOR_DESTINATION].write({
                 "action": "event_invalid_for_destination", "destination": item.destination,
                 "source": source, "type": event.type,
-                "messageId": event.messageId[:MESSAGE_ID_SHOWN], "reason": item.reason})
+                "messageId": event.messageId[:MESSAGE_ID_SHOWN],
+                "reason": item.reason[:REASON_SHOWN]})
 
 
 def _rejected(request: web.Request, source: str, event: Any, index: int | None,
