@@ -198,6 +198,21 @@ def _forms(secret: str) -> Iterator[str]:
         yield from (part, quote(part, safe=""), orjson.dumps(part).decode()[1:-1])
 
 
+def _masked_in_any_case(pattern: re.Pattern[str], text: str) -> str:
+    """``text`` with what ``pattern`` (of lower-case forms) finds in its lower-cased copy
+    masked. Where lower-casing changes the length (``İ``), the places would not line up, and
+    the pattern ignoring case does the work instead."""
+    lowered = text.lower()
+    if len(lowered) != len(text):
+        return re.compile(pattern.pattern, re.IGNORECASE).sub(REDACTED, text)
+    pieces: list[str] = []
+    end = 0
+    for found in pattern.finditer(lowered):
+        pieces += (text[end:found.start()], REDACTED)
+        end = found.end()
+    return "".join(pieces) + text[end:] if pieces else text
+
+
 class Masker:
     """Replaces known secret values, in every form they take (``_forms``), in text with
     ``**REDACTED**``. Forms long enough to be credentials on their own are found in any
@@ -209,12 +224,19 @@ class Masker:
         self.secrets = sorted({form for secret in self.given if secret
                                for form in _forms(secret) if len(form) >= _MIN_SECRET_LENGTH},
                               key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(_pattern_of, self.secrets))) \
-            if self.secrets else None
+        # The long forms are looked for in the lower-cased text (a pattern that ignores case
+        # made masking 7 times slower); the short ones as they are, after them.
+        long = sorted({form.lower() for form in self.secrets if len(form) >= _MIN_TOKEN_LENGTH},
+                      key=len, reverse=True)
+        short = [form for form in self.secrets if len(form) < _MIN_TOKEN_LENGTH]
+        self._long = re.compile("|".join(map(re.escape, long))) if long else None
+        self._short = re.compile("|".join(map(re.escape, short))) if short else None
         self._with_credentials: tuple[tuple[str, ...], Masker] | None = None
 
     def mask(self, text: str) -> str:
-        return self._pattern.sub(REDACTED, text) if self._pattern else text
+        if self._long is not None:
+            text = _masked_in_any_case(self._long, text)
+        return self._short.sub(REDACTED, text) if self._short is not None else text
 
     def mask_url(self, url: str) -> str:
         """A URL safe to show: known secrets masked, and the values of query parameters
@@ -257,9 +279,3 @@ class Masker:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)
                 for name, value in headers.items()}
 
-
-def _pattern_of(form: str) -> str:
-    """A form of a secret as a regular expression: in any case from ``_MIN_TOKEN_LENGTH``
-    characters on (shorter, ``Key1`` would mask ``key1`` in ordinary text)."""
-    escaped = re.escape(form)
-    return f"(?i:{escaped})" if len(form) >= _MIN_TOKEN_LENGTH else escaped

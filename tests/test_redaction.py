@@ -98,6 +98,9 @@ def test_a_secret_is_masked_whatever_its_case_once_it_is_long_enough():
         f"invalid key {REDACTED}, {REDACTED}"
     # Short secrets stay case-sensitive: "key1" is an ordinary word as often as not.
     assert masker.mask("Key1 key1") == f"{REDACTED} key1"
+    # where lower-casing changes the length (İ is two characters lower-cased), still masked,
+    # and the text around it kept as it was
+    assert masker.mask("İİ SK_live_AB12cd34 İ") == f"İİ {REDACTED} İ"
 
 
 def test_ordinary_text_beside_a_secret_url_stays_readable():
