@@ -421,6 +421,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind in _BOUNDS:
         name, wording = _BOUNDS[kind]
         return "expected " + wording.format(context[name])
+    if kind == "literal_error":  # a webhook's method: "Input should be 'POST', 'PUT' or ..."
+        return f"expected {context['expected']}"
     if kind in ("too_short", "string_too_short"):
         least = context.get("min_length", 1)
         if context.get("field_type") == "List":

@@ -291,12 +291,13 @@ def _numbers_from_numeric_strings(item: Mapping[str, Any], keys: tuple[str, ...]
 
 
 def _amount(value: Any) -> float | int | None:
-    """``as_number``, with a numeric string of digits alone as an int (``"30"`` is 30, as
-    ``30`` is, not 30.0) while a double holds it exactly: past that, an int would outgrow
-    JSON's 64 bits (orjson refuses it)."""
+    """``as_number``, with a numeric string of digits alone, signed or not, as an int
+    (``"30"`` is 30, as ``30`` is, not 30.0; ``"-30"`` is -30) while a double holds it
+    exactly: past that, an int would outgrow JSON's 64 bits (orjson refuses it)."""
     number = as_number(value)
-    if number is not None and isinstance(value, str) and value.strip().isdigit() \
-            and number < 2**53:
+    if number is not None and isinstance(value, str) \
+            and value.strip().removeprefix("-").removeprefix("+").isdigit() \
+            and abs(number) < 2**53:
         return int(number)
     return number
 

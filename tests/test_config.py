@@ -398,6 +398,8 @@ def test_error_says_what_was_expected(tmp_path):
      "headers: [1]}}]", "settings.headers: expected a mapping of keys to values"),
     ("destinations: [{name: d, plugin: webhook, settings: {url: https://a.example}, "
      "delivery: {backoff_initial: 0}}]", "delivery.backoff_initial: expected a number over 0"),
+    ("destinations: [{name: d, plugin: webhook, settings: {url: https://a.example, "
+     "method: GET}}]", "settings.method: expected 'POST', 'PUT' or 'PATCH'"),
 ])
 def test_type_and_bound_errors_say_what_was_expected(tmp_path, text, says):
     path, _ = write(tmp_path, text + "\n")

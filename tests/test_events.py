@@ -345,11 +345,11 @@ def test_a_whole_numeric_string_becomes_a_whole_number_in_every_amount():
     # "30" became 30.0 for revenue and value, but 30 for price and quantity: the bodies read
     # 30.0 beside 30 (contract audit)
     event = parse({**VALID_MINIMAL["track"], "properties": {
-        "revenue": "30", "value": " 7 ", "price": "30", "tax": "2.50"}})
+        "revenue": "-30", "value": " +7 ", "price": "30", "tax": "2.50"}})
     assert orjson.loads(orjson.dumps(event.properties)) == event.properties
     assert orjson.dumps({key: event.properties[key] for key in ("revenue", "value", "price",
                                                                 "tax")}) == \
-        b'{"revenue":30,"value":7,"price":30,"tax":2.5}'
+        b'{"revenue":-30,"value":7,"price":30,"tax":2.5}'
 
 
 def test_currency_is_upper_cased():

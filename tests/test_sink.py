@@ -28,8 +28,9 @@ def test_the_sink_prints_each_request_with_credentials_masked():
         assert "sink: printing" in sink.stdout.readline()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/ga4/mp/collect?measurement_id=G-1&api_secret=s3cret-0001",
-            data=b'{"api_key": "k3y-0001", "events": [{"name": "purchase", '
-                 b'"properties": {"$token": "t0k-0001", "keywords": "shoes"}}]}', method="POST",
+            data=b'{"api_key": "k3y-0001", "writeKey": "wk-0001", "events": [{"name": '
+                 b'"purchase", "properties": {"$token": "t0k-0001", "keywords": "shoes", '
+                 b'"monkey": "george"}}]}', method="POST",
             headers={"Authorization": "Bearer t0ken-0001", "Content-Type": "application/json"})
         for _ in range(50):  # the server may need a moment after printing its banner
             try:
@@ -48,7 +49,8 @@ def test_the_sink_prints_each_request_with_credentials_masked():
     assert "s3cret-0001" not in output and "t0ken-0001" not in output
     # credentials in the body, by their field names (newcomer audit: Amplitude's api_key)
     assert "k3y-0001" not in output and "t0k-0001" not in output
-    assert '"keywords": "shoes"' in output
+    assert "wk-0001" not in output  # camelCase too
+    assert '"keywords": "shoes"' in output and '"monkey": "george"' in output
 
 
 def test_the_sink_runs_without_the_testing_extras():

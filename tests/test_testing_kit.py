@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import json
 import subprocess
 import sys
 import time
@@ -337,6 +338,13 @@ class CrashesOnOrders(Recorder):
         return super().translate(event, options)
 
 
+class ParsesAPropertyAsJson(Recorder):
+    def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
+        if event.event == "Order Completed":
+            return [Payload({"order": json.loads("not json")})]
+        return super().translate(event, options)
+
+
 class RandomInsertId(Recorder):
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         return [Payload({**payload.body, "insert_id": str(uuid.uuid4())}, payload.group)
@@ -458,6 +466,14 @@ def test_a_destination_raising_keyerror_on_some_events_fails_and_names_the_event
     # where in the plugin: pytest hides the suite's frames, and the plugin's with them
     # (newcomer audit)
     line = CrashesOnOrders.translate.__code__.co_firstlineno + 2
+    assert f"(at tests/test_testing_kit.py:{line} in translate)" in message
+
+
+def test_the_place_named_is_the_plugins_own_not_the_standard_librarys():
+    # json.loads raised inside the standard library, and that is where the report pointed
+    # (review by experiment)
+    message = failure(ParsesAPropertyAsJson)
+    line = ParsesAPropertyAsJson.translate.__code__.co_firstlineno + 2
     assert f"(at tests/test_testing_kit.py:{line} in translate)" in message
 
 

@@ -44,6 +44,7 @@ import copy
 import itertools
 import keyword
 import re
+import sysconfig
 import traceback
 import typing
 import urllib.parse
@@ -89,10 +90,14 @@ DedupId = Callable[[Any], Any]
 """From one payload body to the vendor's dedup id in it (``lambda body: body["insert_id"]``)."""
 
 
+_STANDARD_LIBRARY = sysconfig.get_paths()["stdlib"]
+
+
 def _raised(exc: BaseException) -> str:
     """``KeyError: 'ip' (at acme/translate.py:33 in translate)``: the place in the plugin that
     raised, since pytest hides the suite's frames and with them the plugin's below."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if not frame.filename.startswith(_STANDARD_LIBRARY)]  # json.loads's, say
     if not frames:
         return f"{type(exc).__name__}: {exc}"
     last = frames[-1]

@@ -18,7 +18,9 @@ from aiohttp import web
 from router.redaction import REDACTED, SENSITIVE_HEADERS, Masker
 
 
-_CREDENTIAL_NAME = re.compile(r"(?:^|[_$-])(?:key|token|secret|password)$", re.IGNORECASE)
+_CREDENTIAL_NAME = re.compile(
+    r"(?:^|[_$-])(?i:key|token|secret|password|passwd|pwd)$"  # api_key, $token, pwd
+    r"|[a-z0-9](?:Key|Token|Secret|Password|KEY|TOKEN|SECRET|PASSWORD)$")  # writeKey
 """Body fields whose names say they hold a credential (Amplitude's ``api_key``, Mixpanel's
 ``$token``): the sink does not know the secrets, and a real key pointed at it by mistake
 would be printed."""
