@@ -27,7 +27,8 @@ from router.input import Unreadable, UnreadableDocument, read_events
 from router.process_stats import build_info
 from router.redaction import redacted_url
 from router.registry import create_registry
-from router.routing import DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status
+from router.routing import (DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status,
+                            duplicate_reason)
 from router.storage.base import DeadLetterFilter, Storage
 
 log = logging.getLogger("router")
@@ -202,15 +203,13 @@ def dry_run(router: Router, items: Sequence[Any], *, source: str = DEFAULT_SOURC
     results = [_unreadable(item) if isinstance(item, Unreadable)
                else router.plan(item, received_at=received) for item in items]
     planned = [result for result in results if result.event is not None]
-    stored = _seen_before(router, source, [result.event.messageId for result in planned
-                                           if result.event is not None])
+    stored = _seen_before(router, source, [result.message_id or "" for result in planned])
     in_input: set[str] = set()
     for result in planned:
         message_id = result.message_id or ""
         reason = (f"messageId {message_id!r} appeared earlier in the input"
                   if message_id in in_input else
-                  f"messageId {message_id!r} was already accepted within the dedup window"
-                  if message_id in stored else None)
+                  duplicate_reason(message_id) if message_id in stored else None)
         in_input.add(message_id)
         if reason is not None:
             result.results = [DestinationResult(r.destination, Status.DUPLICATE, reason)

@@ -278,4 +278,3 @@ class Masker:
     def mask_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {name: REDACTED if name.lower() in SENSITIVE_HEADERS else self.mask(value)
                 for name, value in headers.items()}
-

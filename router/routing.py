@@ -402,8 +402,13 @@ def _invalid(event: Any, reason: str) -> RouteResult:
                        [DestinationResult(None, Status.INVALID, reason)])
 
 
+def duplicate_reason(message_id: str | None) -> str:
+    """Why an event is a duplicate of one the storage took (a dry run says it too)."""
+    return f"messageId {message_id!r} was already accepted within the dedup window"
+
+
 def _mark_duplicate(result: RouteResult) -> None:
-    reason = f"messageId {result.message_id!r} was already accepted within the dedup window"
+    reason = duplicate_reason(result.message_id)
     duplicates = [DestinationResult(r.destination, Status.DUPLICATE, reason)
                   for r in result.results]
     result.results = duplicates or [DestinationResult(None, Status.DUPLICATE, reason)]

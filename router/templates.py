@@ -239,12 +239,14 @@ def _gathered(value: Any) -> Any:
     return list(_budgeted(value)) if isinstance(value, Iterator) else value
 
 
-def _refuse_multiplying_filter(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+def _check_filter_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
                                ) -> None:
-    """The filters whose output one argument multiplies, checked before they run:
-    ``format`` (a wide field), ``replace`` (each hit gets the new text), ``indent`` (each
-    line gets the width), ``wordwrap`` (each break gets the wrap string) and ``tojson``
-    (each nesting level gets the indent)."""
+    """What a filter is given, checked before it runs. The filters whose output one argument
+    multiplies: ``format`` (a wide field), ``replace`` (each hit gets the new text),
+    ``indent`` (each line gets the width), ``wordwrap`` (each break gets the wrap string)
+    and ``tojson`` (each nesting level gets the indent); the ones whose time grows with the
+    square of their input (``sum`` of lists, ``wordwrap`` of a long word); and an undefined
+    name under ``tojson``, reported by its name."""
     if name == "do_format" and args and isinstance(args[0], str):
         _refuse_wide_percent_format(args[0])
     elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
@@ -393,7 +395,7 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
         _refuse_large_arguments(args, kwargs)
         gather = _gathered if function.__name__ == "do_join" else _budgeted
         args = tuple(map(gather, args))
-        _refuse_multiplying_filter(function.__name__, args, kwargs)
+        _check_filter_arguments(function.__name__, args, kwargs)
         return _refuse_large_result(function(*args, **kwargs))
 
     return guarded
