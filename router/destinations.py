@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from router.config import DestinationConfig, LoadedConfig, RouterConfig
+from router.delivery.batching import payload_limit
 from router.delivery.egress import EgressPolicy, check_url
 from router.destination import DeliveryDefaults, Destination, Payload, checked_payloads
 from router.errors import PLUGIN_FAILURES, ConfigError
@@ -36,13 +37,21 @@ class ConfiguredDestination:
     renames: Mapping[str, str] = field(default_factory=dict)
     property_templates: Mapping[str, Template] = field(default_factory=dict)
     masker: Masker = field(default_factory=Masker)
+    payload_limit: int = field(init=False)
+    """The most bytes a payload's body may have (``delivery``'s, worked out once)."""
+    transforms: bool = field(init=False)
+    """Whether the operator's mapping changes events before translation."""
+
+    def __post_init__(self) -> None:
+        self.payload_limit = payload_limit(self.delivery)
+        self.transforms = bool(self.renames or self.property_templates)
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         """The adapter's translation, after the operator's mapping overrides. What it returns
         is checked here, where a mistake costs only this event: a payload of the wrong type,
         or a group that is not a string, would otherwise break the destination's batching
         later, for every event queued behind it."""
-        if self.renames or self.property_templates:
+        if self.transforms:
             event = self._apply_mapping(event)
         return checked_payloads(self.adapter.translate(event, options))
 

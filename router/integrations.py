@@ -25,6 +25,11 @@ class Decision(NamedTuple):
     reason: str = ""
 
 
+# The decision for most destinations of most events, made once: a NamedTuple with defaults
+# costs a Python-level call to build, and this runs for every destination of every event.
+_ENABLED = Decision(True)
+
+
 class IntegrationsMap:
     """An event's ``integrations`` object, read once so each destination's lookup is cheap."""
 
@@ -53,7 +58,7 @@ class IntegrationsMap:
             # turns it on.
             named_on = value is not False if self.all_on and default_on else bool(value)
             if named_on:
-                return Decision(True)
+                return _ENABLED
             return Decision(False, reason=f"integrations map turns {name} off")
         if not default_on:
             return Decision(False, reason=f"{name} is off by default and the event does not "
@@ -61,7 +66,7 @@ class IntegrationsMap:
         if not self.all_on:
             return Decision(False, reason=f'integrations map has "All": false and does not '
                                           f"name {name}")
-        return Decision(True)
+        return _ENABLED
 
 
 def decide(integrations: Mapping[str, Any] | None, name: str, *, default_on: bool = True

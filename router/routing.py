@@ -320,10 +320,10 @@ class Router:
         try:
             payloads = destination.translate(event, decision.options)
             bodies = [_serialize(payload.body, event) for payload in payloads]
+            limit = destination.payload_limit
             for body in bodies:
-                reason = oversized(body, destination.delivery, destination.plugin.name)
-                if reason is not None:
-                    raise EventRejected(reason)
+                if len(body) > limit:
+                    raise EventRejected(oversized(len(body), limit, destination.plugin.name))
         except SkipEvent as exc:
             return DestinationResult(name, Status.SKIPPED, exc.reason)
         except EventRejected as exc:

@@ -39,13 +39,16 @@ def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
     return result
 
 
-def oversized(body: bytes, delivery: DeliveryDefaults, plugin: str) -> str | None:
-    """Why a payload is too large to ever be sent, or None. The core measures each body as
-    it serializes it for the spool, so plugins need not serialize it again to check."""
-    limit = delivery.max_payload_bytes or delivery.batch_bytes - delivery.payload_overhead
-    if len(body) <= limit:
-        return None
-    return f"the {plugin} payload is {len(body)} bytes, over its limit of {limit}"
+def payload_limit(delivery: DeliveryDefaults) -> int:
+    """The most bytes one payload's body may have: a larger one could never be sent."""
+    return delivery.max_payload_bytes or delivery.batch_bytes - delivery.payload_overhead
+
+
+def oversized(size: int, limit: int, plugin: str) -> str:
+    """Why a payload of ``size`` bytes, over ``limit`` (from ``payload_limit``), is refused.
+    The core measures each body as it serializes it for the spool, so plugins need not
+    serialize it again to check."""
+    return f"the {plugin} payload is {size} bytes, over its limit of {limit}"
 
 
 def from_spool(body: bytes, group: str, *, opaque: bool = False) -> Payload:

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from router.delivery import retry
 from router.delivery.batching import batches as split_into_batches
-from router.delivery.batching import from_spool, oversized
+from router.delivery.batching import from_spool, oversized, payload_limit
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
                                 HttpRequest, HttpResponse, Outcome, Payload, checked_payloads,
                                 outcomes_problem)
@@ -141,11 +141,11 @@ class DestinationHarness(Generic[DestinationT]):
         if options is None:
             options = self.options_for(parsed)
         payloads = checked_payloads(self.destination.translate(parsed, options))
+        limit = payload_limit(self.delivery)
         for payload in payloads:  # the core's size rule, as at routing
-            reason = oversized(orjson.dumps(payload.body), self.delivery,
-                               self.destination_cls.plugin_name)
-            if reason is not None:
-                raise EventRejected(reason)
+            size = len(orjson.dumps(payload.body))
+            if size > limit:
+                raise EventRejected(oversized(size, limit, self.destination_cls.plugin_name))
         return list(payloads)
 
     def requests(self, event: RawOrEvent, options: Mapping[str, Any] | None = None
