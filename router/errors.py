@@ -55,8 +55,8 @@ class SpoolInUse(RouterError):
 
 class StorageUnavailable(RouterError):
     """The storage cannot be reached or written now: Redis down, hung, loading or out of
-    connections; a SQLite disk that fails or is read-only, or a spool locked by another
-    process for too long.
+    connections; a SQLite disk that fails or is read-only, a spool locked by another
+    process for too long, or a spool file damaged on disk.
     Intake answers "try later": what it could not confirm was not acknowledged, and a retry of
     what did get in is a duplicate, so nothing is lost or doubled."""
 

@@ -37,11 +37,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -54,6 +56,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
                                  NewJob, QueueStats, Storage, StorageStats, amount_of_bytes)
 
 T = TypeVar("T")
+log = logging.getLogger("router.storage")
 MAX_OPERATIONS_PER_COMMIT = 1000
 DEDUP_PURGE_MINIMUM = 100
 PURGE_AFTER_EVENTS = 1000
@@ -73,7 +76,7 @@ for ordered destinations, whose jobs are rows); ``bench.delivery``'s ``spool`` p
 measures it."""
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint that empties it."""
-LAYOUT = 1
+LAYOUT = 2
 """The spool's layout, stamped in the file as ``PRAGMA user_version``. A file stamped with a
 higher number was written by a newer router, which a rollback to this one must not read as
 if it understood it (it would send again what the newer one delivered, or miss what it
@@ -126,6 +129,13 @@ _JOB_COLUMNS = ("id, destination, message_id, user_key, grp, body, created_at, a
                 "first_attempt_at")
 MAX_BUNDLE_JOBS = 1000
 """An accept writes a destination's jobs in bundles of at most this many."""
+CHECKED_BUNDLE = b"\xff\xffB2"
+"""How a bundle with CRCs begins (layout 2): a layout 1 bundle begins with its header's
+length, which SQLite's limit on a blob keeps far below this."""
+DAMAGED_BODY = ("damaged in the spool: its bytes on disk no longer match their checksum "
+                "(disk or file corruption); not sent, the body kept as read")
+UNREADABLE_HEADER = ("damaged in the spool: the list of events of its bundle is unreadable "
+                     "(disk or file corruption); its messageId and body are lost")
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response")
 
@@ -162,6 +172,9 @@ class SqliteStorage(Storage):
         self._bundle_of: dict[int | str, _OpenBundle] = {}
         """The jobs of bundles leased by this process and not yet settled, each with its
         bundle: what a cursor moved back by ``release`` must not hand out twice."""
+        self._damaged: list[tuple[Job, str]] = []
+        """Jobs of bundles that a lease found damaged, with why, for ``lease`` to
+        dead-letter."""
         self._undo: list[Callable[[], object]] | None = None
         """How to undo what the running operation changed in the state above, should its
         SQL be rolled back (see ``_on_rollback``)."""
@@ -203,6 +216,7 @@ class SqliteStorage(Storage):
             raise RuntimeError("the storage is already open")
         self._recover = recover
         self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
+        self._damaged = []
         self._indexed_up_to = 0
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -260,13 +274,17 @@ class SqliteStorage(Storage):
                 await asyncio.sleep(0.1)
         self._delivery_lock = descriptor
 
+    def _error(self, exc: Exception) -> Exception:
+        """``exc`` as the router's own error when it is SQLite's (``_storage_error``)."""
+        return _storage_error(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
+
     def _run(self, ready: asyncio.Future[None],
              operations: queue.SimpleQueue[_Operation | None]) -> None:
         loop = ready.get_loop()
         try:
             connection = self._connect()
         except Exception as exc:  # noqa: BLE001 - reported to the opener
-            loop.call_soon_threadsafe(_resolve, ready, None, exc)
+            loop.call_soon_threadsafe(_resolve, ready, None, self._error(exc))
             return
         loop.call_soon_threadsafe(_resolve, ready, None, None)
         try:
@@ -348,6 +366,7 @@ class SqliteStorage(Storage):
                 f"the spool {self.path} was written by a newer version of the router (spool "
                 f"layout {layout}; this version reads layout {LAYOUT} and earlier): run the "
                 "newer version, or give this one a new spool file")
+        fresh = connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is None
         earlier = _old_tables(connection)
         if earlier and not self._recover:
             raise StorageMisconfigured(
@@ -356,7 +375,7 @@ class SqliteStorage(Storage):
                 "that uses it and start the new one, which converts the file")
         connection.executescript(SCHEMA)
         _move_the_old_tables(connection, earlier)
-        if layout < LAYOUT:
+        if layout < LAYOUT and (self._recover or fresh):
             connection.execute(f"PRAGMA user_version={LAYOUT}")
 
     def _run_reads(self, connection: sqlite3.Connection, reads: list[_Operation]) -> None:
@@ -367,7 +386,7 @@ class SqliteStorage(Storage):
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 _undo(self._undo)
                 result = None
-                error = _storage_error(exc) if isinstance(exc, sqlite3.Error) else exc
+                error = self._error(exc)
             finally:
                 self._undo = None
             future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
@@ -393,8 +412,7 @@ class SqliteStorage(Storage):
                     result = operation(connection)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     _undo(self._undo)
-                    error: BaseException = (_storage_error(exc) if isinstance(exc, sqlite3.Error)
-                                            else exc)
+                    error: BaseException = self._error(exc)
                     if not connection.in_transaction:
                         raise _TransactionLost(error) from exc
                     connection.execute("ROLLBACK" if alone else "ROLLBACK TO operation")
@@ -410,7 +428,7 @@ class SqliteStorage(Storage):
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             _undo(undo_so_far)
-            error = exc.error if isinstance(exc, _TransactionLost) else _storage_error(exc)
+            error = exc.error if isinstance(exc, _TransactionLost) else self._error(exc)
             outcomes = [(future, None, error) for _, future, _ in batch]
         finally:
             self._undo = None
@@ -560,6 +578,32 @@ class SqliteStorage(Storage):
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
                     ordered: bool = False) -> list[Job]:
+        leased = await self._lease(destination, limit, now=now, ordered=ordered)
+        if self._damaged:
+            await self._dead_letter_damaged(now)
+        return leased
+
+    async def _dead_letter_damaged(self, now: float) -> None:
+        """Move the damaged jobs that a lease found to the dead letters, where an operator
+        sees what was lost, instead of sending bytes the disk changed (another messageId,
+        another amount) or failing every lease of the destination on an unreadable bundle."""
+        found, self._damaged = self._damaged, []
+        by_reason: dict[tuple[str, str], list[Job]] = {}
+        for job, reason in found:
+            by_reason.setdefault((job.destination, reason), []).append(job)
+        for (destination, reason), jobs in by_reason.items():
+            log.error("spool %s: %d job(s) of destination %s moved to the dead letters, %s",
+                      self.path, len(jobs), destination, reason)
+            try:
+                await self.dead_letter(jobs, now=now, failure=Failure(reason))
+            except Exception as exc:  # noqa: BLE001 - read again, and found again, later
+                log.warning("spool %s: cannot move them yet (%s); they stay queued",
+                            self.path, exc)
+                with contextlib.suppress(Exception):  # else held until the next start
+                    await self.release([job.id for job in jobs])
+
+    async def _lease(self, destination: str, limit: int, *, now: float, ordered: bool
+                     ) -> list[Job]:
         head_of_user = (" AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.destination"
                         " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
                         " < jobs.id)") if ordered else ""
@@ -605,17 +649,19 @@ class SqliteStorage(Storage):
         end = (lane + 1) << LANE_BITS
         after = self._read_up_to.get(lane, lane << LANE_BITS)
         taken: list[Job] = []
+        damaged: list[tuple[Job, str]] = []
         opened: list[int] = []
 
         def undo(cursor: int = after) -> None:
             self._read_up_to[lane] = cursor
-            for job in taken:
+            for job in taken + [job for job, _ in damaged]:
                 self._bundle_of.pop(job.id, None)
             for bundle_id in opened:  # read in a transaction that did not happen
                 self._bundles.pop(bundle_id, None)
+            self._damaged = [found for found in self._damaged if found not in damaged]
 
         self._on_rollback(undo)
-        while len(taken) < limit:
+        while len(taken) + len(damaged) < limit:
             # A bundle is keyed by its last job id, so the bundles that hold the next
             # `wanted` ids end past `after` and start at or before `after + wanted`; one
             # holds at most MAX_BUNDLE_JOBS ids, which bounds the scan.
@@ -634,17 +680,22 @@ class SqliteStorage(Storage):
                     opened.append(bundle_id)
                 bundle = self._open_bundle(connection, bundle_id, first_id)
                 for index in range(max(after + 1 - first_id, 0), len(bundle.jobs)):
-                    if len(taken) == limit:
+                    if len(taken) + len(damaged) == limit:
                         break
                     after = job_id = first_id + index
                     if job_id in bundle.unsettled and job_id not in self._bundle_of:
                         message_id, user_key, group, body = bundle.jobs[index]
-                        taken.append(Job(job_id, destination, message_id, user_key, group,
-                                         body, bundle.created_at))
+                        job = Job(job_id, destination, message_id, user_key, group, body,
+                                  bundle.created_at)
                         self._bundle_of[job_id] = bundle
-                if len(taken) == limit:
+                        if bundle.damaged and index in bundle.damaged:
+                            damaged.append((job, bundle.damaged[index]))
+                        else:
+                            taken.append(job)
+                if len(taken) + len(damaged) == limit:
                     break
         self._read_up_to[lane] = after
+        self._damaged += damaged
         return taken
 
     def _open_bundle(self, connection: sqlite3.Connection, bundle_id: int, first_id: int
@@ -658,7 +709,7 @@ class SqliteStorage(Storage):
                            (first_id, bundle_id))
                        for job_id in range(first, last + 1)}
             bundle = self._bundles[bundle_id] = _OpenBundle(bundle_id, first_id, created_at,
-                                                            _unpack(packed), settled)
+                                                            packed, settled)
         return bundle
 
     def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
@@ -994,22 +1045,48 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
 
 
 def _pack(jobs: Sequence[NewJob]) -> bytes:
-    """A bundle's jobs as one blob: the length of a JSON header, the header (messageId, user
-    key, group and body length of each job), then the bodies back to back, so that reading
-    a bundle never parses a body."""
-    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body))
-                           for job in jobs])
-    return b"".join((len(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
+    """A bundle's jobs as one blob: ``CHECKED_BUNDLE``, the length and CRC-32 of a JSON
+    header, the header (messageId, user key, group, body length and body CRC-32 of each job),
+    then the bodies back to back, so that reading a bundle never parses a body. The CRCs
+    find bytes that the disk or a copy changed, which SQLite's own checks do not look at:
+    a damaged job is dead-lettered, not delivered with another messageId or value."""
+    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body),
+                            zlib.crc32(job.body)) for job in jobs])
+    return b"".join((CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
+                     zlib.crc32(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
 
 
-def _unpack(packed: bytes) -> list[tuple[str, str, str, bytes]]:
-    """The jobs of a bundle, in id order: messageId, user key, group and body."""
-    offset = 4 + int.from_bytes(packed[:4], "big")
-    jobs = []
-    for message_id, user_key, group, length in orjson.loads(packed[4:offset]):
-        jobs.append((message_id, user_key, group, packed[offset:offset + length]))
+_PackedJob = tuple[str, str, str, bytes]
+"""A job as a bundle holds it: messageId, user key, group and body."""
+
+
+def _unpack(packed: bytes, count: int) -> tuple[list[_PackedJob], dict[int, str]]:
+    """The ``count`` jobs of a bundle, in id order, and why each damaged one cannot be sent,
+    by its index. A bundle written before the CRCs (layout 1, whose first four bytes are a
+    header length under SQLite's 1 GB limit) is read unchecked."""
+    checked = packed.startswith(CHECKED_BUNDLE)
+    try:
+        if checked:
+            offset = 12 + int.from_bytes(packed[4:8], "big")
+            header = packed[12:offset]
+            if zlib.crc32(header) != int.from_bytes(packed[8:12], "big"):
+                raise ValueError("the header's checksum does not match")
+        else:
+            offset = 4 + int.from_bytes(packed[:4], "big")
+            header = packed[4:offset]
+        entries = orjson.loads(header)
+    except ValueError:
+        return [("", "", "", b"")] * count, dict.fromkeys(range(count), UNREADABLE_HEADER)
+    jobs: list[_PackedJob] = []
+    damaged: dict[int, str] = {}
+    for entry in entries:
+        message_id, user_key, group, length = entry[:4]
+        body = packed[offset:offset + length]
         offset += length
-    return jobs
+        if checked and zlib.crc32(body) != entry[4]:
+            damaged[len(jobs)] = DAMAGED_BODY
+        jobs.append((message_id, user_key, group, body))
+    return jobs, damaged
 
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
@@ -1024,16 +1101,18 @@ def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
 
 
 class _OpenBundle:
-    """A bundle this process has read: its jobs, unpacked, and which are not settled yet."""
+    """A bundle this process has read: its jobs, unpacked, which are damaged (why, by index)
+    and which are not settled yet."""
 
-    __slots__ = ("created_at", "first_id", "has_settled_rows", "id", "jobs", "unsettled")
+    __slots__ = ("created_at", "damaged", "first_id", "has_settled_rows", "id", "jobs",
+                 "unsettled")
 
-    def __init__(self, bundle_id: int, first_id: int, created_at: float,
-                 jobs: list[tuple[str, str, str, bytes]], settled: set[int]) -> None:
+    def __init__(self, bundle_id: int, first_id: int, created_at: float, packed: bytes,
+                 settled: set[int]) -> None:
         self.id = bundle_id
         self.first_id = first_id
         self.created_at = created_at
-        self.jobs = jobs
+        self.jobs, self.damaged = _unpack(packed, bundle_id - first_id + 1)
         self.unsettled = set(range(first_id, bundle_id + 1)) - settled
         self.has_settled_rows = bool(settled)
 
@@ -1190,13 +1269,18 @@ def _undo(changes: list[Callable[[], object]]) -> None:
         undo()
 
 
-def _storage_error(exc: sqlite3.Error) -> Exception:
-    """A full disk is ``StorageFull``; a disk that fails or is read-only, or a spool another
+def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
+    """A full disk is ``StorageFull``; a disk that fails or is read-only, a spool another
     process has held locked for ``LOCK_TIMEOUT`` (a stopped ``router dlq``, a process
-    paused mid-commit), ``StorageUnavailable`` (intake answers 503, "try later", and
-    delivery puts the jobs back); anything else as it is."""
+    paused mid-commit), or a damaged spool file, ``StorageUnavailable`` (intake answers 503,
+    "try later", and delivery puts the jobs back); anything else as it is."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StorageUnavailable(
+            f"the spool {path} is damaged ({exc}): stop the router and recover what SQLite "
+            f"can still read into a new file, as docs/storage.md says under 'A damaged "
+            f"spool' (sqlite3 {path} .recover | sqlite3 NEW.db)")
     if primary == sqlite3.SQLITE_FULL or (primary is None and "full" in str(exc).lower()):
         return StorageFull(f"the spool's disk is full: {exc}")
     if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
