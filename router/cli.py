@@ -1,5 +1,5 @@
 """The ``router`` command: check a config, send events (or dry-run them), list plugins, serve
-the HTTP API, and manage dead letters."""
+the HTTP API, manage dead letters, and salvage a damaged spool."""
 
 from __future__ import annotations
 
@@ -119,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("--limit", type=_positive_int, default=100)
     dlq.add_argument("--json", action="store_true")
     dlq.set_defaults(run=dlq_command)
+
+    salvage = commands.add_parser(
+        "salvage", help="put back what can be read of a damaged SQLite spool, keeping a copy "
+                        "of the damaged file (run with every router stopped)")
+    salvage.add_argument("-c", "--config", required=True)
+    salvage.set_defaults(run=salvage_command)
     return parser
 
 
@@ -395,6 +401,46 @@ def serve_command(args: argparse.Namespace) -> int:
 def dlq_command(args: argparse.Namespace) -> int:
     from router.dead_letters import run_dlq_command
     return asyncio.run(run_dlq_command(args))
+
+
+# -- salvage ----------------------------------------------------------------------------------
+
+def salvage_command(args: argparse.Namespace) -> int:
+    from router.storage import storage_for_url
+    from router.storage.salvage import LOST_LANE, salvage
+    from router.storage.sqlite import SqliteStorage, lock_delivery
+
+    loaded = load_config(args.config)
+    storage = storage_for_url(loaded.config.storage, base_dir=Path.cwd())
+    if not isinstance(storage, SqliteStorage):
+        raise loaded.source.error(("storage",), "router salvage repairs a SQLite spool "
+                                  "(sqlite:///...); this storage is not one")
+    if not storage.path.exists():
+        raise loaded.source.error(("storage",), f"{storage.path} does not exist")
+    lock = lock_delivery(storage.path)
+    if lock is None:
+        raise SpoolInUse(f"a router is delivering from {storage.path}: stop it first")
+    try:
+        report = salvage(storage.path, datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+    except sqlite3.Error as exc:  # a file SQLite cannot take at all: said, not a traceback
+        print(f"error: cannot salvage {storage.path}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    finally:
+        os.close(lock)
+    if report.damage is None:
+        print(f"{storage.path}: intact, nothing to salvage")
+        return EXIT_OK
+    print(f"{storage.path}: damaged ({report.damage})")
+    print(f"  the damaged file is kept as {', '.join(map(str, report.kept_as))}")
+    for table, result in report.tables.items():
+        lost = (f"; {result.unreadable_stretches} stretch(es) could not be read, and any "
+                "rows there are lost" if result.unreadable_stretches else "")
+        print(f"  {table}: {result.copied} row(s) put back{lost}")
+    for number, jobs in report.lost_lanes.items():
+        print(f"  {jobs} job(s) of a destination whose name was lost are dead letters of "
+              f"{LOST_LANE.format(number=number)!r}")
+    print(f"{storage.path}: salvaged; start the router again")
+    return EXIT_OK
 
 
 def _seconds(value: float) -> str:
