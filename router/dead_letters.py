@@ -72,6 +72,8 @@ def _masker_of(loaded: LoadedConfig) -> Masker:
 def _as_json(letter: DeadLetter, masker: Masker) -> dict[str, object]:
     return {"id": letter.id, "destination": letter.destination, "message_id": letter.message_id,
             "attempts": letter.attempts, "failed_at": _time(letter.failed_at),
+            "first_attempt_at": (None if letter.first_attempt_at is None
+                                 else _time(letter.first_attempt_at)),
             "accepted_at": _time(letter.created_at), "reason": letter.reason,
             "status": letter.status, "request": letter.request, "response": letter.response,
             "payload": masker.mask_json(letter.body)}

@@ -419,6 +419,7 @@ async def test_dead_letter_keeps_why_and_replay_goes_to_its_own_destination_only
     assert (letter.destination, letter.message_id, letter.user_key, letter.body) == \
         ("bad", "m-1", "user-1", b'{"id": "m-1"}')
     assert (letter.attempts, letter.created_at, letter.failed_at) == (1, T0, T0 + 5)
+    assert letter.first_attempt_at == T0  # reliability.md R6: first and last attempt
     assert (letter.reason, letter.status, letter.request, letter.response) == \
         ("HTTP 400", 400, failure.request, '{"error": "nope"}')
     stats = await store.stats(now=T0)
@@ -439,6 +440,18 @@ async def test_a_failure_without_a_response_is_kept_as_such(store):
     await store.dead_letter([leased], now=T0, failure=Failure("connection refused"))
     (letter,) = await store.dead_letters(DeadLetterFilter())
     assert (letter.status, letter.request, letter.response) == (None, None, None)
+    assert letter.first_attempt_at is None  # never sent
+
+
+async def test_a_dead_letter_keeps_the_first_attempt_of_a_job_retried_before(store):
+    await accept(store, item("m-1"))
+    (first,) = await lease(store)
+    await store.retry([tried(first, T0 + 1)], not_before=[T0 + 2], now=T0 + 1,
+                      failure=Failure("HTTP 503", 503))
+    (again,) = await lease(store, now=T0 + 3)
+    await store.dead_letter([tried(again, T0 + 3)], now=T0 + 3, failure=Failure("HTTP 400"))
+    (letter,) = await store.dead_letters(DeadLetterFilter())
+    assert (letter.attempts, letter.first_attempt_at, letter.failed_at) == (2, T0 + 1, T0 + 3)
 
 
 async def dead_letters_at(store, specs: list[tuple[str, str, float]]) -> list[int | str]:
@@ -818,6 +831,32 @@ async def test_sqlite_a_spool_of_a_later_layout_is_refused_untouched(tmp_path):
     finally:
         gc.enable()
     assert tables(path) == {"future"}
+
+
+async def test_sqlite_a_spool_of_layout_1_gains_the_dead_letters_first_attempt(tmp_path):
+    # Layout 2 added dead_letters.first_attempt_at: a router adds it to a layout 1 file;
+    # `router dlq` of the new version, which may run beside the old router, does not.
+    path = tmp_path / "spool.db"
+    storage = SqliteStorage(path)
+    await storage.open()
+    await accept(storage, item("m-1"))
+    (leased,) = await lease(storage)
+    await storage.dead_letter([tried(leased, T0)], now=T0, failure=Failure("HTTP 400"))
+    await storage.close()
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("ALTER TABLE dead_letters DROP COLUMN first_attempt_at")
+        connection.execute("PRAGMA user_version = 1")
+    with pytest.raises(StorageMisconfigured, match="not converted yet .*'dead_letters' has no "
+                                                   "column 'first_attempt_at'"):
+        await SqliteStorage(path).open(recover=False)
+    router = SqliteStorage(path)
+    await router.open()
+    try:
+        (letter,) = await router.dead_letters(DeadLetterFilter())
+        assert (letter.message_id, letter.first_attempt_at) == ("m-1", None)
+    finally:
+        await router.close()
+    assert user_version(path) == LAYOUT
 
 
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):

@@ -77,6 +77,8 @@ class DeadLetter:
     status: int | None = None
     request: dict[str, Any] | None = None
     response: str | None = None
+    first_attempt_at: float | None = None
+    """When the job was first sent, None when it never was (lost in the spool, say)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,7 @@ class MemoryStorage(Storage):
                 self.letters[letter_id] = DeadLetter(
                     letter_id, job.destination, job.message_id, job.user_key, job.group, job.body,
                     job.attempts, job.created_at, now, failure.reason, failure.status,
-                    failure.request, failure.response)
+                    failure.request, failure.response, job.first_attempt_at)
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
         for job_id in job_ids:

@@ -299,13 +299,14 @@ DEAD_LETTER = _HELPERS + """
 -- dead_letter: move jobs still leased by ``token`` to the dead-letter store (a hash per
 -- letter, indexed per destination and overall, by letter id).
 -- ARGV: prefix, token, failed_at, n, then n/2 (field, value) pairs of the failure (reason,
--- and status / request / response when known), then per job: id, attempts.
+-- and status / request / response when known), then per job: id, attempts, first_attempt_at
+-- ('' when it was never sent).
 -- Returns how many letters were written.
 local token, failed_at, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local failure = {}
 for a = 5, 4 + n do failure[#failure + 1] = ARGV[a] end
 local done = 0
-for a = 5 + n, #ARGV, 2 do
+for a = 5 + n, #ARGV, 3 do
   local id = ARGV[a]
   local d = held_by(id, token)
   if d then
@@ -316,6 +317,9 @@ for a = 5 + n, #ARGV, 2 do
     redis.call('HSET', letter_key(letter), 'destination', d, 'message_id', f[1],
                'user_key', f[2], 'group', f[3], 'body', f[4], 'created_at', f[5],
                'attempts', ARGV[a + 1], 'failed_at', failed_at, unpack(failure))
+    if ARGV[a + 2] ~= '' then
+      redis.call('HSET', letter_key(letter), 'first_attempt_at', ARGV[a + 2])
+    end
     redis.call('ZADD', letters_key(d), letter, letter)
     redis.call('ZADD', LETTERS_ALL, letter, letter)
     forget(id, d, f[2])
@@ -661,7 +665,8 @@ class RedisStorage(Storage):
             fields += ["response", failure.response]
         args: list[Any] = [self.token, _num(now), len(fields), *fields]
         for job in jobs:
-            args += [str(job.id), job.attempts]
+            args += [str(job.id), job.attempts,
+                     "" if job.first_attempt_at is None else _num(job.first_attempt_at)]
         await self._run("dead_letter", args)
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
@@ -807,12 +812,14 @@ def _letter(letter_id: int, record: dict[bytes, bytes]) -> DeadLetter:
     status = record.get(b"status")
     request = record.get(b"request")
     response = record.get(b"response")
+    first_attempt_at = record.get(b"first_attempt_at")
     return DeadLetter(letter_id, text("destination"), text("message_id"), text("user_key"),
                       text("group"), bytes(record[b"body"]), int(record[b"attempts"]),
                       float(record[b"created_at"]), float(record[b"failed_at"]), text("reason"),
                       int(status) if status is not None else None,
                       orjson.loads(request) if request is not None else None,
-                      response.decode() if response is not None else None)
+                      response.decode() if response is not None else None,
+                      float(first_attempt_at) if first_attempt_at is not None else None)
 
 
 def _matches(letter: DeadLetter, where: DeadLetterFilter) -> bool:

@@ -111,7 +111,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL,
     created_at REAL NOT NULL, failed_at REAL NOT NULL, reason TEXT NOT NULL, status INTEGER,
-    request TEXT, response TEXT);
+    request TEXT, response TEXT, first_attempt_at REAL);
 CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, failed_at);
 """
 DEDUP_INDEX_SCHEMA = """
@@ -140,7 +140,9 @@ DAMAGED_BODY = ("damaged in the spool: its bytes on disk no longer match their c
 UNREADABLE_HEADER = ("damaged in the spool: the list of events of its bundle is unreadable "
                      "(disk or file corruption); its messageId and body are lost")
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
-                   "failed_at, reason, status, request, response")
+                   "failed_at, reason, status, request, response, first_attempt_at")
+ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"),)
+"""Columns that layout 2 added to tables of layout 1, which a router adds to such a file."""
 
 
 class _Operation(NamedTuple):
@@ -382,6 +384,16 @@ class SqliteStorage(Storage):
                 "that uses it and start the new one, which converts the file")
         connection.executescript(SCHEMA)
         _move_the_old_tables(connection, earlier)
+        missing = [(table, column, kind) for table, column, kind in ADDED_COLUMNS
+                   if column not in _columns_of(connection, table)]
+        if missing and not self._recover:
+            raise StorageMisconfigured(
+                f"the spool {self.path} was written by an earlier version of the router and "
+                f"is not converted yet (its table {missing[0][0]!r} has no column "
+                f"{missing[0][1]!r}): stop the router that uses it and start the new one, "
+                "which converts the file")
+        for table, column, kind in missing:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if layout < LAYOUT and (self._recover or fresh):
             connection.execute(f"PRAGMA user_version={LAYOUT}")
 
@@ -812,10 +824,10 @@ class SqliteStorage(Storage):
                         "DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
                     connection.execute(
                         f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
-                        "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job.destination, job.message_id, job.user_key, job.group, job.body,
                          job.attempts, job.created_at, now, failure.reason, failure.status,
-                         request, failure.response))
+                         request, failure.response, job.first_attempt_at))
 
         await self._call(operation)
 
@@ -1225,6 +1237,10 @@ its ids; an indexed ``dedup`` table (before ``seen``) to ``seen``, in the order 
 expire; a ``settled`` table of one row a job (before runs) to ``settled_runs``."""
 
 
+def _columns_of(connection: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+
+
 def _old_tables(connection: sqlite3.Connection) -> list[str]:
     return [name for (name,) in connection.execute(
         f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN "
@@ -1283,10 +1299,10 @@ def _begin(connection: sqlite3.Connection) -> None:
 def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
     """A dead letter from a row of ``_LETTER_COLUMNS``; its request is stored as JSON."""
     (letter_id, destination, message_id, user_key, group, body, attempts, created_at,
-     failed_at, reason, status, request, response) = row
+     failed_at, reason, status, request, response, first_attempt_at) = row
     return DeadLetter(letter_id, destination, message_id, user_key, group, body, attempts,
                       created_at, failed_at, reason, status,
-                      orjson.loads(request) if request else None, response)
+                      orjson.loads(request) if request else None, response, first_attempt_at)
 
 
 class _TransactionLost(Exception):
