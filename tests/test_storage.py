@@ -16,6 +16,7 @@ import logging
 import os
 import dataclasses
 import sqlite3
+import zlib
 import sys
 import time
 import uuid
@@ -857,6 +858,30 @@ async def test_sqlite_a_spool_of_layout_1_gains_the_dead_letters_first_attempt(t
     finally:
         await router.close()
     assert user_version(path) == LAYOUT
+
+
+async def test_sqlite_every_row_of_jobs_carries_its_bodys_checksum(tmp_path):
+    # Rows come to `jobs` three ways: an ordered destination's accept, a retry out of a
+    # bundle, a replay; each must carry its CRC, or damage to it would go unseen.
+    path = tmp_path / "spool.db"
+    storage = SqliteStorage(path)
+    await storage.open()
+    try:
+        await accept(storage, item("bundled"), item("ordered", destinations=("keeps-order",),
+                                                    ordered=True),
+                     item("replayed", destinations=("other",)))
+        (bundled,) = await lease(storage)
+        await storage.retry([tried(bundled, T0)], not_before=[T0 + 60], now=T0,
+                            failure=Failure("HTTP 503"))
+        (replayed,) = await lease(storage, destination="other")
+        await storage.dead_letter([tried(replayed, T0)], now=T0, failure=Failure("HTTP 400"))
+        assert await storage.replay(DeadLetterFilter(), now=T0) == 1
+    finally:
+        await storage.close()
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        rows = connection.execute("SELECT message_id, body, body_crc FROM jobs").fetchall()
+    assert sorted(message_id for message_id, _, _ in rows) == ["bundled", "ordered", "replayed"]
+    assert all(crc == zlib.crc32(body) for _, body, crc in rows)
 
 
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):

@@ -104,7 +104,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
     due_at REAL NOT NULL, leased INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0, first_attempt_at REAL, last_error TEXT);
+    attempts INTEGER NOT NULL DEFAULT 0, first_attempt_at REAL, last_error TEXT,
+    body_crc INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, due_at, id);
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (destination, user_key, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -141,7 +142,7 @@ UNREADABLE_HEADER = ("damaged in the spool: the list of events of its bundle is 
                      "(disk or file corruption); its messageId and body are lost")
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response, first_attempt_at")
-ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"),)
+ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"), ("jobs", "body_crc", "INTEGER"))
 """Columns that layout 2 added to tables of layout 1, which a router adds to such a file."""
 
 
@@ -641,8 +642,16 @@ class SqliteStorage(Storage):
             rows = connection.execute(
                 f"UPDATE jobs SET leased = 1 WHERE id IN (SELECT id FROM jobs WHERE destination"
                 f" = ? AND due_at <= ? AND leased = 0{head_of_user} ORDER BY due_at, id LIMIT ?)"
-                f" RETURNING {_JOB_COLUMNS}", (destination, now, limit)).fetchall()
-            leased = sorted((Job(*row) for row in rows), key=_by_id)
+                f" RETURNING {_JOB_COLUMNS}, body_crc", (destination, now, limit)).fetchall()
+            leased, damaged = [], []
+            for *columns, crc in rows:  # no CRC: a row written before layout 2
+                job = Job(*columns)
+                if crc is None or zlib.crc32(job.body) == crc:
+                    leased.append(job)
+                else:
+                    damaged.append((job, DAMAGED_BODY))
+            self._note_damaged(damaged)
+            leased.sort(key=_by_id)
             if len(leased) < limit:
                 leased += self._read_bundles(connection, destination, limit - len(leased))
             return leased
@@ -677,7 +686,6 @@ class SqliteStorage(Storage):
                 self._bundle_of.pop(job.id, None)
             for bundle_id in opened:  # read in a transaction that did not happen
                 self._bundles.pop(bundle_id, None)
-            self._damaged = [found for found in self._damaged if found not in damaged]
 
         self._on_rollback(undo)
         while len(taken) + len(damaged) < limit:
@@ -714,8 +722,16 @@ class SqliteStorage(Storage):
                 if len(taken) + len(damaged) == limit:
                     break
         self._read_up_to[lane] = after
-        self._damaged += damaged
+        self._note_damaged(damaged)
         return taken
+
+    def _note_damaged(self, damaged: list[tuple[Job, str]]) -> None:
+        """Keep damaged jobs that a lease found, with why, for ``lease`` to dead-letter;
+        forgotten again if the lease's transaction is rolled back."""
+        if damaged:
+            self._damaged += damaged
+            self._on_rollback(lambda: setattr(self, "_damaged", [
+                found for found in self._damaged if found not in damaged]))
 
     def _open_bundle(self, connection: sqlite3.Connection, bundle_id: int, first_id: int
                      ) -> _OpenBundle:
@@ -801,11 +817,11 @@ class SqliteStorage(Storage):
                 if job.id not in in_jobs_table:  # it leaves its bundle for `jobs`
                     connection.execute(
                         "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
-                        "created_at, due_at, attempts, first_attempt_at, last_error) VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "created_at, due_at, attempts, first_attempt_at, last_error, body_crc) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (job.id, job.destination, job.message_id, job.user_key, job.group,
                          job.body, job.created_at, due, job.attempts, job.first_attempt_at,
-                         failure.reason))
+                         failure.reason, zlib.crc32(job.body)))
                 else:
                     connection.execute(
                         "UPDATE jobs SET leased = 0, due_at = ?, attempts = ?, "
@@ -884,8 +900,9 @@ class SqliteStorage(Storage):
                 first = _take_ids(connection, destination, len(rows))
                 connection.executemany(
                     "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
-                    "created_at, due_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(first + n, *row, now, now) for n, row in enumerate(rows)])
+                    "created_at, due_at, body_crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(first + n, *row, now, now, zlib.crc32(row[-1]))
+                     for n, row in enumerate(rows)])
             connection.execute(f"DELETE FROM dead_letters{clause}", params)
             return len(letters)
 
@@ -1019,10 +1036,11 @@ class _Lane:
         """The index of the event each job belongs to."""
         self.now = now
         if ordered:
-            self.insert, self.width = _ORDERED_INSERT, 8
+            self.insert, self.width = _ORDERED_INSERT, 9
             self._values: list[Any] = [
                 value for job in jobs for value in (0, destination, job.message_id,
-                                                    job.user_key, job.group, job.body, now, now)]
+                                                    job.user_key, job.group, job.body, now, now,
+                                                    zlib.crc32(job.body))]
         else:
             self.insert, self.width = _BUNDLE_INSERT, 4
             self._values = [value for start in range(0, len(jobs), MAX_BUNDLE_JOBS)
@@ -1037,7 +1055,7 @@ class _Lane:
     def values(self, first: int) -> list[Any]:
         """The values to insert, flat, with job ids from ``first`` on."""
         if self.ordered:
-            self._values[0::8] = range(first, first + len(self.jobs))
+            self._values[0::9] = range(first, first + len(self.jobs))
         else:
             for row, start in enumerate(range(first, first + len(self.jobs), MAX_BUNDLE_JOBS)):
                 last = min(start + MAX_BUNDLE_JOBS, first + len(self.jobs)) - 1
@@ -1047,7 +1065,7 @@ class _Lane:
 
 _BUNDLE_INSERT = "INSERT INTO bundles (id, first_id, created_at, jobs)"
 _ORDERED_INSERT = ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
-                   "created_at, due_at)")
+                   "created_at, due_at, body_crc)")
 
 
 def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
