@@ -173,6 +173,7 @@ class DeliveryOverrides(_Section):
     backoff_max: Duration | None = None
     retry_on: list[Annotated[int, Field(ge=100, le=599)]] | None = None
     ordered: bool | None = None
+    order_hold_attempts: int | None = Field(None, ge=1)
 
 
 class FilterConfig(_Section):

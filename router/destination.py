@@ -221,6 +221,10 @@ class DeliveryDefaults(BaseModel):
     retry_on: frozenset[int] = Field(DEFAULT_RETRY_STATUSES,
                                      description="HTTP statuses retried; others are permanent")
     ordered: bool = Field(False, description="hold a user's later events while one retries")
+    order_hold_attempts: int | None = Field(
+        None, ge=1, description="with ordered: failed attempts after which an event stops "
+        "holding its user's later events (it goes on retrying beside them); none: it holds "
+        "them until it is delivered or given up")
 
     @model_validator(mode="after")
     def _room_for_a_payload(self) -> DeliveryDefaults:

@@ -450,6 +450,38 @@ async def test_per_user_order_holds_behind_a_retry_without_blocking_other_users(
             assert seen == expected, f"user-{u} out of order: {seen}"
 
 
+@pytest.mark.parametrize("hold_attempts", [None, 2])
+async def test_an_event_that_keeps_failing_stops_holding_its_user_after_order_hold_attempts(
+        tmp_path, hold_attempts):
+    """reliability.md R9's breaker: past the threshold, ordering is relaxed for that user
+    only. Without it, the user's later events wait until the failing one gives up."""
+    def handler(request):
+        return Answer(500 if request.json["messageId"] == "poison" else 200)
+
+    async with FakeDestinationServer(handler=handler) as server:
+        delivery = {"ordered": True, "max_attempts": 5, "concurrency": 4}
+        if hold_attempts:
+            delivery["order_hold_attempts"] = hold_attempts
+        router = router_for(tmp_path, [webhook("ordered", server.url, **delivery)])
+        events = [{**track(0, user="stuck"), "messageId": "poison"},
+                  *({**track(0, user="stuck"), "messageId": f"later-{k}",
+                     "properties": {"k": k}} for k in range(4)),
+                  *(track(k, user="other") for k in range(3))]
+        async with router:
+            await router.route_many(events)
+            assert await router.drain(timeout=30)
+            (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+    assert (letter.message_id, letter.attempts) == ("poison", 5)
+    poison_times = [r.time for r in server.requests if r.json["messageId"] == "poison"]
+    later = [r for r in server.requests if r.json["messageId"].startswith("later-")]
+    assert [r.json["properties"]["k"] for r in later] == [0, 1, 2, 3]  # still in order
+    if hold_attempts:  # they went on while the poison event was still being retried
+        assert later[-1].time < poison_times[-1]
+        assert all(time < later[0].time for time in poison_times[:hold_attempts])
+    else:
+        assert later[0].time > poison_times[-1]
+
+
 async def test_graceful_close_puts_unfinished_work_back(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([Answer(200, delay=5)] * 10)

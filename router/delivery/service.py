@@ -463,7 +463,8 @@ class DestinationWorker:
         # Every storage hides a job while it is leased (tests/test_storage.py checks it), so
         # what comes back is never a job this worker already holds.
         return await self.storage.lease(self.name, limit, now=self.clock.now(),
-                                        lease_for=self.lease_for, ordered=self.delivery.ordered)
+                                        lease_for=self.lease_for, ordered=self.delivery.ordered,
+                                        hold_attempts=self.delivery.order_hold_attempts)
 
     async def _deliver(self, batch: list[Job]) -> None:
         now = self.clock.now()

@@ -148,13 +148,16 @@ class Storage(ABC):
 
     @abstractmethod
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
-                    ordered: bool = False) -> list[Job]:
+                    ordered: bool = False, hold_attempts: int | None = None) -> list[Job]:
         """Take up to ``limit`` due jobs of one destination, oldest first, hiding them from
         other workers for ``lease_for`` seconds.
 
         With ``ordered``, a job is taken only when no earlier job of the same user is left
         for this destination (queued, leased or waiting for a retry): a user's events go out
-        one at a time, in order, while other users' events go on."""
+        one at a time, in order, while other users' events go on. With ``hold_attempts``, an
+        earlier job that has failed that many attempts no longer counts: one event that
+        always fails does not hold its user's later events for hours (RudderStack's
+        ordering breaker, for that user only)."""
 
     @abstractmethod
     async def complete(self, jobs: Sequence[Job]) -> None:

@@ -53,7 +53,7 @@ class MemoryStorage(Storage):
         return accepted
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
-                    ordered: bool = False) -> list[Job]:
+                    ordered: bool = False, hold_attempts: int | None = None) -> list[Job]:
         taken: list[Job] = []
         blocked_users: set[str] = set()
         for job_id, job in self.jobs.items():  # dicts keep insertion order: oldest first
@@ -63,7 +63,8 @@ class MemoryStorage(Storage):
             if ordered:
                 if job.user_key in blocked_users:
                     continue
-                blocked_users.add(job.user_key)
+                if hold_attempts is None or job.attempts < hold_attempts:
+                    blocked_users.add(job.user_key)
             if available:
                 self.leased_until[job_id] = now + lease_for
                 taken.append(job)

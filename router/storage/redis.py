@@ -187,13 +187,32 @@ return results
 LEASE = _HELPERS + """
 -- lease: take back lapsed leases, promote retries come due, then take up to ``limit`` ready
 -- jobs, lowest id (oldest) first, leasing them to ``token`` until ``lease_until``.
--- With ``ordered``, a job is taken only when it is the lowest id of its (destination, user)
--- among every state (ready, leased, waiting): the user's head.
--- ARGV: prefix, destination, now, lease_until, limit, ordered (0/1), token, cap, scan_max, page
+-- With ``ordered``, a job is taken only when no lower id of its (destination, user) holds
+-- the user's line, in any state (ready, leased, waiting): every earlier job holds it, or
+-- with ``hold`` (0: none) those that have failed fewer than ``hold`` attempts.
+-- ARGV: prefix, destination, now, lease_until, limit, ordered (0/1), token, cap, scan_max,
+-- page, hold
 -- Returns per job: id, message_id, user_key, group, body, created_at, attempts, first_attempt_at
 local d, now, lease_until = ARGV[2], ARGV[3], ARGV[4]
 local limit, ordered, token = tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
 local cap, scan_max, page = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local hold = tonumber(ARGV[11])
+
+-- The id of the user's first job that holds the line, or false: the user's head, or with
+-- ``hold`` the first that has failed fewer attempts than that.
+local function first_holding(user)
+  local start = 0
+  while true do
+    local ids = redis.call('ZRANGE', user_key(d, user), start, start + 9)
+    if #ids == 0 then return false end
+    for _, id in ipairs(ids) do
+      if hold == 0 or tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') < hold then
+        return tonumber(id)
+      end
+    end
+    start = start + 10
+  end
+end
 take_back_lapsed(d, now, cap)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', waiting_key(d), '-inf', now, 'LIMIT', 0, cap)) do
   redis.call('ZREM', waiting_key(d), id)
@@ -203,16 +222,16 @@ if limit < 1 then return {} end
 
 local chosen = {}
 if ordered then
-  local blocked = {}  -- users whose first ready job was seen: no later one can be their head
+  local holder = {}  -- per user: the first job that holds the line, false for none
   local offset = 0
   while #chosen < limit and offset < scan_max do
     local ids = redis.call('ZRANGE', ready_key(d), offset, offset + page - 1)
     if #ids == 0 then break end
     for _, id in ipairs(ids) do
       local user = redis.call('HGET', job_key(id), 'user_key')
-      if user and not blocked[user] then
-        blocked[user] = true
-        if redis.call('ZRANGE', user_key(d, user), 0, 0)[1] == id then
+      if user then
+        if holder[user] == nil then holder[user] = first_holding(user) end
+        if not holder[user] or tonumber(id) <= holder[user] then
           chosen[#chosen + 1] = id
           if #chosen >= limit then break end
         end
@@ -630,10 +649,10 @@ class RedisStorage(Storage):
         return {message_id for message_id, exists in zip(message_ids, found) if exists}
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
-                    ordered: bool = False) -> list[Job]:
+                    ordered: bool = False, hold_attempts: int | None = None) -> list[Job]:
         rows = await self._run("lease", [destination, _num(now), _num(now + lease_for), limit,
                                          1 if ordered else 0, self.token, MOVE_CAP,
-                                         ORDERED_SCAN_MAX, ORDERED_PAGE])
+                                         ORDERED_SCAN_MAX, ORDERED_PAGE, hold_attempts or 0])
         return [Job(int(row[0]), destination, row[1].decode(), row[2].decode(), row[3].decode(),
                     bytes(row[4]), float(row[5]), int(row[6]),
                     float(row[7]) if row[7] is not None else None) for row in rows]

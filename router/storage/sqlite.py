@@ -597,8 +597,9 @@ class SqliteStorage(Storage):
         return taken
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
-                    ordered: bool = False) -> list[Job]:
-        leased = await self._lease(destination, limit, now=now, ordered=ordered)
+                    ordered: bool = False, hold_attempts: int | None = None) -> list[Job]:
+        leased = await self._lease(destination, limit, now=now, ordered=ordered,
+                                   hold_attempts=hold_attempts)
         if self._damaged:
             await self._dead_letter_damaged(now)
         return leased
@@ -622,11 +623,12 @@ class SqliteStorage(Storage):
                 with contextlib.suppress(Exception):  # else held until the next start
                     await self.release([job.id for job in jobs])
 
-    async def _lease(self, destination: str, limit: int, *, now: float, ordered: bool
-                     ) -> list[Job]:
+    async def _lease(self, destination: str, limit: int, *, now: float, ordered: bool,
+                     hold_attempts: int | None) -> list[Job]:
+        holding = "" if hold_attempts is None else f" AND earlier.attempts < {int(hold_attempts)}"
         head_of_user = (" AND NOT EXISTS (SELECT 1 FROM jobs AS earlier WHERE earlier.destination"
                         " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
-                        " < jobs.id)") if ordered else ""
+                        f" < jobs.id{holding})") if ordered else ""
 
         # A lease needs no expiry here: it lasts until the job is completed, retried,
         # dead-lettered or released, or the process restarts (then every job is read again).
