@@ -13,11 +13,14 @@ import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from pydantic import BaseModel
 from yarl import URL
 
 from router.delivery.egress import (
@@ -33,9 +36,14 @@ from router.delivery.egress import (
     parse_ipv4_loose,
     session_kwargs,
 )
+from router.config import parse_config
 from router.delivery.transport import Transport
-from router.destination import HttpRequest
+from router.destination import Destination, HttpRequest, Payload
 from router.errors import PermanentError, RouterError
+from router.hookspecs import hookimpl
+from router.registry import create_registry
+from router.routing import Router
+from router.storage.base import DeadLetterFilter
 
 DEFAULT = EgressPolicy()
 PRIVATE_OK = EgressPolicy(allow_private_addresses=True)
@@ -539,3 +547,42 @@ async def test_transport_refuses_resolved_names_permanently(server: Server) -> N
     finally:
         await sender.close()
     assert server.hits == []
+
+
+class _InternalHost(Destination):
+    """A plugin whose fixed host (not listed in ``endpoints``, as vendor APIs need not) is
+    an internal address: only the guard at connect time stands in its way."""
+
+    plugin_name = "internal_host"
+
+    class Settings(BaseModel):
+        pass
+
+    def translate(self, event: Any, options: Any) -> list[Payload]:
+        return [Payload({"id": event.messageId})]
+
+    def build_request(self, payloads: Any) -> HttpRequest:
+        return HttpRequest.json("POST", "http://127.0.0.1:9/in", [p.body for p in payloads])
+
+
+class _InternalHostPlugin:
+    @hookimpl
+    def router_register_destinations(self, register: Any) -> None:
+        register(_InternalHost)
+
+
+async def test_a_request_the_egress_policy_refuses_is_counted_apart(tmp_path) -> None:
+    # Dead-lettered, and counted as refused, not as the "error" of a destination that did
+    # not answer: an alert can tell an attempt to reach an internal service from an outage.
+    config = {"storage": f"sqlite:///{tmp_path / 'router.db'}",
+              "destinations": [{"name": "internal", "plugin": "internal_host"}]}
+    router = Router(parse_config(orjson.dumps(config).decode(), file="test.yaml", env={}),
+                    registry=create_registry(extra_plugins=(_InternalHostPlugin(),)))
+    async with router:
+        await router.route({"type": "track", "event": "Tested", "userId": "u1"})
+        assert await router.drain(timeout=10)
+        (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+        metrics = router.delivery_metrics.registry.render()
+    assert letter.reason.startswith("egress refused: 127.0.0.1 is a loopback")
+    assert 'router_requests_total{destination="internal",status="egress_refused"} 1' in metrics
+    assert 'status="error"' not in metrics

@@ -23,7 +23,7 @@ from router.delivery.egress import EgressPolicy
 from router.delivery.failure_log import FailureLog
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
-from router.delivery.transport import Transport
+from router.delivery.transport import EgressRefused, Transport
 from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, checked_outcomes,
                                 checked_request)
 from router.destinations import ConfiguredDestination
@@ -531,7 +531,8 @@ class DestinationWorker:
             # Timed out or unanswered: counted in the request time too, or its p99 would
             # look healthy exactly while the destination hangs.
             self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
-            self.metrics.requests.inc(self.name, "error")
+            self.metrics.requests.inc(
+                self.name, "egress_refused" if isinstance(exc, EgressRefused) else "error")
             return [(exc, self._failure(exc.reason, request, None))] * len(batch)
         self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
         self.metrics.requests.inc(self.name, str(response.status))

@@ -30,6 +30,12 @@ MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
 
 
+
+class EgressRefused(PermanentError):
+    """The egress policy refused the request's address before anything was sent: counted
+    apart (``router_requests_total{status="egress_refused"}``), since it is more often an
+    attempt to reach an internal service than a destination's fault."""
+
 class Transport:
     """One session, and one pool of keep-alive connections, for every destination.
 
@@ -96,13 +102,13 @@ class Transport:
                 finally:
                     pooled_connections_refused.reset(refused)
         except EgressBlocked as exc:
-            raise PermanentError(f"egress refused: {exc}") from None
+            raise EgressRefused(f"egress refused: {exc}") from None
         except TimeoutError:
             raise RetryableError(f"timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             reason = egress_reason(exc)
             if reason:
-                raise PermanentError(f"egress refused: {reason}") from None
+                raise EgressRefused(f"egress refused: {reason}") from None
             # A TLS handshake reset has an os_error with no text at all.
             detail = str(exc.os_error or "") or str(exc)
             raise RetryableError(f"cannot connect: {cut_at_first_url(detail)}") from None
