@@ -50,8 +50,8 @@ class IntegrationsMap:
     def decide(self, name: str, *, default_on: bool = True) -> Decision:
         """The decision for the destination configured as ``name``."""
         key = name.lower()
-        if key in self.named:
-            value = self.named[key]
+        value = self.named.get(key)
+        if value is not None:  # null is how some client libraries write "not set"
             if isinstance(value, dict):
                 return Decision(True, value)
             # On by default, only false turns it off; off by default, only a truthy value

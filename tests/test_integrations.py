@@ -93,6 +93,14 @@ def test_reason_for_default_off_says_so():
     assert "default" in decide(None, "Audit", default_on=False).reason
 
 
+def test_null_is_not_set_in_the_reason_too():
+    # `"Audit": null` left Audit off, rightly, but said the map turned it off
+    assert decide({"Audit": None}, "Audit", default_on=False).reason == \
+        decide({}, "Audit", default_on=False).reason
+    assert decide({"All": False, "Slack": None}, "Slack").reason == \
+        decide({"All": False}, "Slack").reason
+
+
 # -- properties -----------------------------------------------------------------------------------
 
 NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.éüÅ"
