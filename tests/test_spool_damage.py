@@ -1,8 +1,10 @@
-"""A damaged spool file (reliability.md R12): bytes changed on disk, a WAL cut mid-frame.
+"""A damaged spool file (reliability.md R12): bytes changed on disk, a WAL cut mid-frame, a
+page SQLite cannot read.
 
-The router starts, delivers every intact event, and moves what the damage reached to the
-dead letters with a reason that says so, instead of sending changed bytes (another
-messageId, another amount) or failing every lease of the destination for ever."""
+The router delivers every intact event and moves what the damage reached to the dead
+letters with a reason that says so, instead of sending changed bytes (another messageId,
+another amount) or failing every lease of the destination for ever; a file whose pages are
+damaged is refused at start, and ``router salvage`` puts back what can be read."""
 
 from __future__ import annotations
 
@@ -63,6 +65,13 @@ def delivered_intact(received: list[dict]) -> list[int]:
     numbers = [event["properties"]["n"] for event in received]
     assert all(event["messageId"] == f"m-{event['properties']['n']}" for event in received)
     return sorted(numbers)
+
+
+def salvage(spool: Path) -> int:
+    """``router salvage`` with a config naming ``spool``; its exit status."""
+    config = spool.with_name("router.json")
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}", "destinations": []}))
+    return main(["salvage", "-c", str(config)])
 
 
 def change_byte(path: Path, near: bytes, offset: int, new: bytes) -> None:
@@ -184,9 +193,7 @@ async def test_a_spool_with_a_damaged_page_is_refused_at_start_then_salvaged(tmp
         await router_for(tmp_path, [webhook("hook", "http://127.0.0.1:9/")],
                          storage=f"sqlite:///{spool}").start()
 
-    config = tmp_path / "router.json"
-    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}", "destinations": []}))
-    assert main(["salvage", "-c", str(config)]) == 0
+    assert salvage(spool) == 0
     said = capsys.readouterr().out
     assert "bundles: " in said and "stretch(es) could not be read" in said
     (kept,) = tmp_path.glob("router.db.damaged-*[0-9]Z")
@@ -200,7 +207,7 @@ async def test_a_spool_with_a_damaged_page_is_refused_at_start_then_salvaged(tmp
     numbers = delivered_intact(received)
     assert len(numbers) == put_back and 150 not in numbers and letters == []
     assert numbers[0] == 0 and numbers[-1] == EVENTS - 1  # read on past the damage
-    assert main(["salvage", "-c", str(config)]) == 0
+    assert salvage(spool) == 0
     assert "intact, nothing to salvage" in capsys.readouterr().out
 
 
@@ -211,9 +218,7 @@ async def test_a_lane_whose_destination_was_lost_keeps_its_number(tmp_path, caps
     spool = tmp_path / "router.db"
     await queue_events(spool)
     damage_the_lanes_table(spool)
-    config = tmp_path / "router.json"
-    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}", "destinations": []}))
-    assert main(["salvage", "-c", str(config)]) == 0
+    assert salvage(spool) == 0
     assert (f"{EVENTS} job(s) of a destination whose name was lost are dead letters of "
             "'(unreadable lane 1)'") in capsys.readouterr().out
     received, letters = await deliver_all(spool)  # "hook" gets a lane of its own, empty
@@ -228,9 +233,7 @@ async def test_a_lost_lane_row_is_named_again_by_the_jobs_that_name_it(tmp_path,
     spool = tmp_path / "router.db"
     await queue_events(spool, ordered=True)
     damage_the_lanes_table(spool)
-    config = tmp_path / "router.json"
-    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}", "destinations": []}))
-    assert main(["salvage", "-c", str(config)]) == 0
+    assert salvage(spool) == 0
     assert "lanes: 0 row(s) put back; 1 stretch(es)" in capsys.readouterr().out
     received, letters = await deliver_all(spool, ordered=True)
     assert delivered_intact(received) == list(range(EVENTS)) and letters == []

@@ -30,11 +30,11 @@ MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
 
 
-
 class EgressRefused(PermanentError):
     """The egress policy refused the request's address before anything was sent: counted
     apart (``router_requests_total{status="egress_refused"}``), since it is more often an
     attempt to reach an internal service than a destination's fault."""
+
 
 class Transport:
     """One session, and one pool of keep-alive connections, for every destination.

@@ -179,8 +179,8 @@ class SqliteStorage(Storage):
         """The jobs of bundles leased by this process and not yet settled, each with its
         bundle: what a cursor moved back by ``release`` must not hand out twice."""
         self._damaged: list[tuple[Job, str]] = []
-        """Jobs of bundles that a lease found damaged, with why, for ``lease`` to
-        dead-letter."""
+        """Jobs that a lease found damaged (a CRC that does not match), with why, for
+        ``lease`` to dead-letter."""
         self._undo: list[Callable[[], object]] | None = None
         """How to undo what the running operation changed in the state above, should its
         SQL be rolled back (see ``_on_rollback``)."""
