@@ -244,9 +244,8 @@ def _check_filter_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, 
     """What a filter is given, checked before it runs. The filters whose output one argument
     multiplies: ``format`` (a wide field), ``replace`` (each hit gets the new text),
     ``indent`` (each line gets the width), ``wordwrap`` (each break gets the wrap string)
-    and ``tojson`` (each nesting level gets the indent); the ones whose time grows with the
-    square of their input (``sum`` of lists, ``wordwrap`` of a long word); and an undefined
-    name under ``tojson``, reported by its name."""
+    and ``tojson`` (each nesting level gets the indent); and the ones whose time grows with
+    the square of their input (``sum`` of lists, ``wordwrap`` of a long word)."""
     if name == "do_format" and args and isinstance(args[0], str):
         _refuse_wide_percent_format(args[0])
     elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
@@ -274,10 +273,6 @@ def _check_filter_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, 
     elif name == "do_join" and len(args) >= 2:  # (eval_ctx, items, separator="")
         _refuse_large_join(kwargs.get("d", args[2] if len(args) > 2 else ""), args[1])
     elif name == "do_tojson":
-        if len(args) > 1 and isinstance(args[1], Undefined):
-            # else json.dumps's "Object of type StrictUndefined is not JSON serializable",
-            # which does not say which name was missing
-            args[1]._fail_with_undefined_error()
         indent = kwargs.get("indent", args[2] if len(args) > 2 else None)
         if isinstance(indent, int) and indent > MAX_JSON_INDENT:
             raise SecurityError(f"tojson indent over {MAX_JSON_INDENT} in a template")
@@ -401,8 +396,18 @@ def _guarded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _name_the_undefined(value: Any) -> Any:
+    """What ``tojson`` does with a value JSON has no form for: an undefined name, wherever
+    it is in the value (``[event.properties.plan]``), is reported by its name, where json
+    said "Object of type StrictUndefined is not JSON serializable"."""
+    if isinstance(value, Undefined):
+        value._fail_with_undefined_error()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 _COUNTED = "__router_counted_loop"
 _environment = _CappedSandbox(undefined=StrictUndefined, autoescape=False)
+_environment.policies["json.dumps_kwargs"] = {"sort_keys": True, "default": _name_the_undefined}
 _environment.filters = {name: _guarded_filter(f) for name, f in _environment.filters.items()}
 _environment.tests = {name: _stepped(test) for name, test in _environment.tests.items()}
 del _environment.globals["lipsum"]

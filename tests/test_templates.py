@@ -166,6 +166,8 @@ def test_undefined_names_are_errors_not_empty_strings():
 
 
 @pytest.mark.parametrize("body", ["{{ event.properties.plan | tojson }}",
+                                  "{{ [event.properties.plan] | tojson }}",
+                                  "{{ {'a': {'b': event.properties.plan}} | tojson }}",
                                   "{{ event.properties.plan | upper }}"])
 def test_a_missing_name_is_named_however_the_template_uses_it(body):
     # Under tojson the reason was "Object of type StrictUndefined is not JSON serializable"
