@@ -419,7 +419,9 @@ def salvage_command(args: argparse.Namespace) -> int:
         raise loaded.source.error(("storage",), f"{storage.path} does not exist")
     lock = lock_delivery(storage.path)
     if lock is None:
-        raise SpoolInUse(f"a router is delivering from {storage.path}: stop it first")
+        print(f"error: a router is delivering from {storage.path}: stop it first",
+              file=sys.stderr)
+        return EXIT_PROBLEM
     try:
         report = salvage(storage.path, datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
     except sqlite3.Error as exc:  # a file SQLite cannot take at all: said, not a traceback

@@ -20,7 +20,7 @@ import pytest
 from router.cli import main
 from router.errors import ConfigError
 from router.storage.base import DeadLetterFilter
-from router.storage.sqlite import LAYOUT, PAGE_SIZE
+from router.storage.sqlite import LAYOUT, PAGE_SIZE, SqliteStorage
 from router.testing.fake_server import FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
 
@@ -83,14 +83,14 @@ def change_byte(path: Path, near: bytes, offset: int, new: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
-def damage_the_lanes_table(spool: Path) -> None:
-    """Break the count of cells of the ``lanes`` table's one page."""
+def damage_the_lanes_table(spool: Path, table: str = "lanes") -> None:
+    """Break the count of cells of the root page of ``table`` (``lanes`` has one page)."""
     with contextlib.closing(sqlite3.connect(spool)) as connection:
-        (root,) = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'lanes'"
-                                     ).fetchone()
+        (root,) = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
+                                     (table,)).fetchone()
     data = bytearray(spool.read_bytes())
     page = (root - 1) * PAGE_SIZE
-    assert data[page] == 0x0D  # a leaf page of a table: the whole table
+    assert data[page] in (0x0D, 0x05)  # a page of a table, leaf or interior
     data[page + 3] ^= 0x7F
     spool.write_bytes(bytes(data))
 
@@ -132,6 +132,14 @@ async def test_a_bundle_whose_list_of_events_is_unreadable_costs_only_its_own_ev
     assert {letter.message_id for letter in letters} == {""}  # lost with the list
     assert all("list of events of its bundle is unreadable" in letter.reason
                for letter in letters)
+    # Their bodies are lost with the list: a replay once sent them as empty requests.
+    storage = SqliteStorage(spool)
+    await storage.open(recover=False)
+    try:
+        assert await storage.replay(DeadLetterFilter(), now=0) == 0
+        assert len(await storage.dead_letters(DeadLetterFilter(), limit=1000)) == BATCH
+    finally:
+        await storage.close()
 
 
 async def test_bundles_written_before_the_checksums_are_still_delivered(tmp_path):
@@ -237,3 +245,50 @@ async def test_a_lost_lane_row_is_named_again_by_the_jobs_that_name_it(tmp_path,
     assert "lanes: 0 row(s) put back; 1 stretch(es)" in capsys.readouterr().out
     received, letters = await deliver_all(spool, ordered=True)
     assert delivered_intact(received) == list(range(EVENTS)) and letters == []
+
+
+async def test_salvage_of_a_layout_1_spool_keeps_the_columns_it_has(tmp_path, capsys):
+    # Asked for the columns layout 2 added, the damaged file answered "no such column",
+    # which the salvage took for damage: every row of jobs and dead_letters was dropped.
+    spool = tmp_path / "router.db"
+    await queue_events(spool, ordered=True)
+    with contextlib.closing(sqlite3.connect(spool)) as connection, connection:
+        connection.execute("ALTER TABLE jobs DROP COLUMN body_crc")
+        connection.execute("ALTER TABLE dead_letters DROP COLUMN first_attempt_at")
+        connection.execute("PRAGMA user_version = 1")
+    damage_the_lanes_table(spool, "seen")
+    assert salvage(spool) == 0
+    assert f"jobs: {EVENTS} row(s) put back\n" in capsys.readouterr().out
+    received, letters = await deliver_all(spool, ordered=True)
+    assert delivered_intact(received) == list(range(EVENTS)) and letters == []
+
+
+async def test_damage_that_only_an_index_shows_is_refused_and_salvaged(tmp_path, capsys):
+    # A changed destination name in a row of jobs passes quick_check but not the index
+    # that holds the old name: the router started, then failed every completion.
+    spool = tmp_path / "router.db"
+    await queue_events(spool, ordered=True)
+    data = bytearray(spool.read_bytes())
+    leaf = next(start for start in range(PAGE_SIZE, len(data), PAGE_SIZE)  # of jobs' rows
+                if data[start] == 0x0D and b'{"n":' in data[start:start + PAGE_SIZE])
+    row = data.index(b"hook", leaf)
+    data[row + 3:row + 4] = b"m"
+    spool.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="is damaged"):
+        await router_for(tmp_path, [webhook("hook", "http://127.0.0.1:9/", ordered=True)],
+                         storage=f"sqlite:///{spool}").start()
+    assert salvage(spool) == 0
+    assert f"jobs: {EVENTS} row(s) put back" in capsys.readouterr().out
+    storage = SqliteStorage(spool)
+    await storage.open()  # as a router opens it: the check passes now
+    await storage.close()
+
+
+async def test_salvage_refuses_while_a_router_delivers(tmp_path, capsys):
+    spool = tmp_path / "router.db"
+    await queue_events(spool)
+    router = router_for(tmp_path, [webhook("hook", "http://127.0.0.1:9/")],
+                        storage=f"sqlite:///{spool}")
+    async with router:
+        assert salvage(spool) == 1
+    assert "a router is delivering from" in capsys.readouterr().err

@@ -48,7 +48,7 @@ class TableSalvage:
 @dataclass
 class SalvageReport:
     damage: str | None
-    """What SQLite's ``quick_check`` found; None for an intact spool, left untouched."""
+    """What SQLite's ``integrity_check`` found; None for an intact spool, left untouched."""
     kept_as: list[Path] = field(default_factory=list)
     """The copies of the damaged files, kept beside the spool."""
     tables: dict[str, TableSalvage] = field(default_factory=dict)
@@ -76,6 +76,10 @@ def salvage(path: Path, stamp: str) -> SalvageReport:
             target.execute("BEGIN")
             for table in TABLES:
                 report.tables[table] = _copy_table(source, target, table)
+            if not any(result.copied for result in report.tables.values()):
+                raise sqlite3.DatabaseError(
+                    "no row of it can be read (its first page, which lists the tables, may "
+                    "be the damaged one); it is left as it is")
             report.lost_lanes = _keep_lane_numbers(target, time.time())
             target.execute("COMMIT")
             source.execute("ROLLBACK")
@@ -127,7 +131,13 @@ def _create(target: sqlite3.Connection, page_size: int) -> None:
 
 def _copy_table(source: sqlite3.Connection, target: sqlite3.Connection, table: str
                 ) -> TableSalvage:
-    columns = [row[1] for row in target.execute(f"PRAGMA table_info({table})")]
+    # The columns both files have: a spool of layout 1 lacks those that layout 2 added,
+    # and asking for them fails like damage would.
+    present: set[str] = set()
+    with contextlib.suppress(sqlite3.DatabaseError):
+        present = {row[1] for row in source.execute(f"PRAGMA table_info({table})")}
+    columns = [row[1] for row in target.execute(f"PRAGMA table_info({table})")
+               if not present or row[1] in present]
     insert = (f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) "
               f"VALUES ({', '.join('?' * len(columns))})")
     result = TableSalvage()

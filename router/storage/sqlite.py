@@ -357,8 +357,8 @@ class SqliteStorage(Storage):
         connection.execute("PRAGMA busy_timeout=0")  # _begin waits for the lock itself
 
     def _refuse_damage(self, connection: sqlite3.Connection) -> None:
-        """A router checks the file's structure when it starts (``PRAGMA quick_check``, 0.3 s
-        a GB), so that damage is said at once, with what to do, not met by an intake or a
+        """A router checks the file's structure when it starts (``PRAGMA integrity_check``,
+        0.34 s a GB), so that damage is said at once, with what to do, not met by an intake or a
         lease hours later, and then again every few seconds."""
         damage = damage_in(connection)
         if damage is not None:
@@ -890,6 +890,9 @@ class SqliteStorage(Storage):
 
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
         clause, params = _where(where)
+        # A letter whose body the spool's damage took (its bundle's list was unreadable) has
+        # nothing to send: replayed, it went out as an empty request. It stays, to be purged.
+        clause += (" AND " if clause else " WHERE ") + "length(body) > 0"
 
         def operation(connection: sqlite3.Connection) -> int:
             letters = connection.execute(
@@ -1157,10 +1160,12 @@ class _OpenBundle:
 
 
 def damage_in(connection: sqlite3.Connection) -> str | None:
-    """What is wrong with the file's structure, or None: ``PRAGMA quick_check``, which
-    reads every page once (0.3 s a GB from the page cache) but not what blobs hold."""
+    """What is wrong with the file's structure, or None: ``PRAGMA integrity_check``, which
+    reads every page once (0.34 s a GB from the page cache) and compares each index with its
+    table (``quick_check`` does not: a changed destination name in a row of ``jobs`` passed
+    it, and then failed every completion), but does not look at what blobs hold."""
     try:
-        findings = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+        findings = [row[0] for row in connection.execute("PRAGMA integrity_check(3)")]
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_CORRUPT:
             raise  # not a database at all, say: not for a salvage
