@@ -193,12 +193,15 @@ class Router:
         return self._deliver
 
     async def drain(self, *, timeout: float) -> bool:
-        """Wait until nothing is queued (delivered or dead-lettered), up to ``timeout``
-        seconds; True when the queue emptied. Work still queued stays in the storage."""
+        """Wait until nothing is queued for this router's destinations (delivered or
+        dead-lettered), up to ``timeout`` seconds; True when their queues emptied. Work still
+        queued stays in the storage. Jobs of a destination the config no longer has are
+        left out: nothing here would ever deliver them, and every drain waited them out."""
         deadline = time.monotonic() + timeout
+        names = {destination.name for destination in self.destinations}
         while True:
             stats = await self.storage.stats(now=time.time())
-            if not any(queue.pending for queue in stats.queues.values()):
+            if not any(queue.pending for name, queue in stats.queues.items() if name in names):
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -768,3 +768,22 @@ async def test_a_batch_recorded_in_part_gives_back_only_what_was_not_recorded(tm
     delivered = [item["messageId"] for request in server.requests if request.status == 200
                  for item in request.json["batch"]]
     assert sorted(delivered) == ["m-0", "m-1", "m-2"]  # each once, none lost
+
+
+async def test_drain_does_not_wait_for_a_destination_the_config_no_longer_has(tmp_path):
+    # Its backlog stays in the spool, where nothing here would deliver it: every drain (and
+    # every `router send --wait`) waited out its whole timeout.
+    down = FakeDestinationServer()
+    await down.start()
+    gone_url = down.url
+    await down.stop()
+    async with router_for(tmp_path, [webhook("gone", gone_url, backoff_initial="10s")],
+                          deliver=False) as before:
+        await before.route_many([track(n) for n in range(3)])
+    async with FakeDestinationServer() as server:
+        async with router_for(tmp_path, [webhook("kept", server.url)]) as router:
+            await router.route(track(10))
+            assert await router.drain(timeout=20)  # it said False after 20 s
+            stats = await router.storage.stats(now=time.time())
+        assert len(server.requests) == 1
+    assert stats.queues["gone"].pending == 3  # kept, for a router that has it again
