@@ -83,7 +83,7 @@ def change_byte(path: Path, near: bytes, offset: int, new: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
-def damage_the_lanes_table(spool: Path, table: str = "lanes") -> None:
+def damage_the_root_page(spool: Path, table: str = "lanes") -> None:
     """Break the count of cells of the root page of ``table`` (``lanes`` has one page)."""
     with contextlib.closing(sqlite3.connect(spool)) as connection:
         (root,) = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = ?",
@@ -225,7 +225,7 @@ async def test_a_lane_whose_destination_was_lost_keeps_its_number(tmp_path, caps
     # get a lane would take that number, and deliver another destination's events.
     spool = tmp_path / "router.db"
     await queue_events(spool)
-    damage_the_lanes_table(spool)
+    damage_the_root_page(spool)
     assert salvage(spool) == 0
     assert (f"{EVENTS} job(s) of a destination whose name was lost are dead letters of "
             "'(unreadable lane 1)'") in capsys.readouterr().out
@@ -240,7 +240,7 @@ async def test_a_lost_lane_row_is_named_again_by_the_jobs_that_name_it(tmp_path,
     # An ordered destination's jobs are rows of `jobs`, each with its destination.
     spool = tmp_path / "router.db"
     await queue_events(spool, ordered=True)
-    damage_the_lanes_table(spool)
+    damage_the_root_page(spool)
     assert salvage(spool) == 0
     assert "lanes: 0 row(s) put back; 1 stretch(es)" in capsys.readouterr().out
     received, letters = await deliver_all(spool, ordered=True)
@@ -256,7 +256,7 @@ async def test_salvage_of_a_layout_1_spool_keeps_the_columns_it_has(tmp_path, ca
         connection.execute("ALTER TABLE jobs DROP COLUMN body_crc")
         connection.execute("ALTER TABLE dead_letters DROP COLUMN first_attempt_at")
         connection.execute("PRAGMA user_version = 1")
-    damage_the_lanes_table(spool, "seen")
+    damage_the_root_page(spool, "seen")
     assert salvage(spool) == 0
     assert f"jobs: {EVENTS} row(s) put back\n" in capsys.readouterr().out
     received, letters = await deliver_all(spool, ordered=True)

@@ -1121,13 +1121,13 @@ def unpack_bundle(packed: bytes, count: int) -> tuple[list[_PackedJob], dict[int
         return [("", "", "", b"")] * count, dict.fromkeys(range(count), UNREADABLE_HEADER)
     jobs: list[_PackedJob] = []
     damaged: dict[int, str] = {}
-    for entry in entries:
-        message_id, user_key, group, length = entry[:4]
+    for entry in entries:  # read by index: a slice of each entry would be a list a job
+        length = entry[3]
         body = packed[offset:offset + length]
         offset += length
         if checked and zlib.crc32(body) != entry[4]:
             damaged[len(jobs)] = DAMAGED_BODY
-        jobs.append((message_id, user_key, group, body))
+        jobs.append((entry[0], entry[1], entry[2], body))
     return jobs, damaged
 
 
