@@ -159,7 +159,11 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
             raise source.error((*path, "delivery", key), f"expected at most {shown}: {why}")
     if "retry_on" in overrides:
         overrides["retry_on"] = frozenset(overrides["retry_on"])
-    delivery = plugin.cls.delivery.model_copy(update=overrides)
+    try:  # validated again as a whole: some settings must agree with others
+        delivery = type(plugin.cls.delivery).model_validate(
+            {**plugin.cls.delivery.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise source.validation_error(exc, (*path, "delivery")) from None
     adapter.delivery = delivery
 
     templates = {}

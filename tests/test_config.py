@@ -696,6 +696,21 @@ def test_a_delivery_setting_past_the_plugins_limit_is_refused(tmp_path, plugin, 
     assert f"expected at most {limit}" in error.message
 
 
+def test_a_breaker_for_per_user_order_without_per_user_order_is_refused(tmp_path):
+    # Valid alone, it did nothing without ordered: true, and the operator was not told.
+    path, line = write(tmp_path, """
+        storage: memory://
+        destinations:
+          - name: d
+            plugin: webhook
+            settings: {url: "https://a.example"}
+            delivery: {order_hold_attempts: 5}   #!
+    """)
+    error = config_error(path, build=True)
+    assert_points_at(error, path, line, "destinations.0.delivery")
+    assert "order_hold_attempts is set without ordered: true" in error.message
+
+
 def test_delivery_settings_within_the_plugins_limits_are_allowed(tmp_path):
     path, _ = write(tmp_path, """
         storage: memory://
