@@ -82,7 +82,7 @@ from router.config import parse_config
 from router.registry import create_registry
 from router.routing import Router, Status, _jobs
 from router.runtime import tune_garbage_collector
-from router.storage.base import Acceptance, NewJob
+from router.storage.base import Acceptance, Failure, NewJob
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 
@@ -594,6 +594,46 @@ async def phase_dedup_window(remembered: int, count: int) -> dict[str, Any]:
     return figures
 
 
+async def phase_ordering_breaker(stepped_out: int, behind: int, hold_attempts: int = 5
+                                 ) -> dict[str, Any]:
+    """A lease of an ``ordered`` destination on the SQLite spool where one user has
+    ``stepped_out`` events that failed past ``order_hold_attempts`` and ``behind`` events
+    after them: milliseconds a lease, with the breaker and without it."""
+    with tempfile.TemporaryDirectory(prefix="bench-breaker-") as directory:
+        storage = SqliteStorage(Path(directory) / "spool.db")
+        await storage.open()
+        now = time.time()
+
+        async def queue(first: int, count: int) -> None:
+            for start in range(first, first + count, 500):
+                await storage.accept([Acceptance("default", f"m{n}", [
+                    NewJob("d0", f"m{n}", "user", "", b"{}", ordered=True)])
+                    for n in range(start, min(start + 500, first + count))],
+                    window=43200, now=now)
+        try:
+            await queue(0, stepped_out)
+            failed = await storage.lease("d0", stepped_out, now=now, lease_for=300)
+            for job in failed:
+                job.attempts = hold_attempts
+            await storage.retry(failed, not_before=[now + 3600.0] * len(failed), now=now,
+                                failure=Failure("500"))
+            await queue(stepped_out, behind)
+            figures: dict[str, Any] = {"stepped_out": stepped_out, "behind": behind}
+            for name, hold in (("with_breaker", hold_attempts), ("without_breaker", None)):
+                times = []
+                for _ in range(5):
+                    wall0 = time.perf_counter()
+                    leased = await storage.lease("d0", 100, now=time.time(), lease_for=300,
+                                                 ordered=True, hold_attempts=hold)
+                    times.append(time.perf_counter() - wall0)
+                    await storage.release([job.id for job in leased])
+                figures[f"lease_ms_{name}"] = round(min(times) * 1000, 1)
+                figures[f"jobs_leased_{name}"] = len(leased)
+        finally:
+            await storage.close()
+    return figures
+
+
 async def phase_transport_floor(urls: list[str], count: int) -> dict[str, Any]:
     """What the batching phase's requests cost a bare aiohttp client: the same events,
     translated by the same 3 ``segment`` destinations, batched and built as the delivery
@@ -840,6 +880,8 @@ def run(count: int = 20_000) -> dict[str, Any]:
         figures["dedup_window"] = [in_child(here, "phase_dedup_window", remembered=remembered,
                                             count=5_000)
                                    for remembered in (0, 1_000_000)]
+        figures["ordering_breaker"] = in_child(here, "phase_ordering_breaker",
+                                               stepped_out=1_000, behind=10_000)
         figures["spool"]["share_of_batching_cpu_percent"] = round(
             100 * spool["total_us_per_event"]["cpu"] / batching["cpu_us_per_event"], 1)
         transport = in_child(here, "phase_transport_floor", urls=urls, count=count)

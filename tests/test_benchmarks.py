@@ -33,6 +33,9 @@ def test_the_delivery_phases_deliver_everything(sink_urls):
     window = in_child("bench.delivery", "phase_dedup_window", remembered=1000, count=200)
     assert window["accept_cpu_us_per_event_1_a_call"] > 0
     assert window["accept_cpu_us_per_event_100_a_call"] > 0
+    breaker = in_child("bench.delivery", "phase_ordering_breaker", stepped_out=20, behind=30)
+    # The user's first event that has not stepped out leads; the rest wait behind it.
+    assert (breaker["jobs_leased_with_breaker"], breaker["jobs_leased_without_breaker"]) == (1, 0)
     one = in_child("bench.delivery", "phase_one_per_request", urls=sink_urls, count=300,
                    warmup=0.1, window=0.5)
     assert one["requests"] > 0 and set(one["statuses"]) <= {"w0 200", "w1 200", "w2 200"}
