@@ -161,10 +161,13 @@ def check_command(args: argparse.Namespace) -> int:
 async def _open_and_close(loaded: LoadedConfig, storage: Storage) -> None:
     """Open the storage as a router would, without taking back any leases; ``ConfigError``
     at the ``storage`` line if it cannot be (down, a wrong password, a Redis that evicts
-    keys, a directory that cannot be written) or if intake would be refused for want of
-    room (a disk smaller than ``min_free_bytes``, say)."""
+    keys, a directory that cannot be written, a damaged spool) or if intake would be refused
+    for want of room (a disk smaller than ``min_free_bytes``, say)."""
     await loaded.open_storage(storage, recover=False)
     try:
+        damage = await storage.damage()
+        if damage is not None:
+            raise StorageUnavailable(damage)
         await storage.ping()
     except (StorageFull, StorageUnavailable) as exc:
         raise loaded.source.error(("storage",), f"the storage cannot be used now: {exc}"

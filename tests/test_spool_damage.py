@@ -8,6 +8,7 @@ damaged is refused at start, and ``router salvage`` puts back what can be read."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -217,6 +218,24 @@ async def test_a_spool_with_a_damaged_page_is_refused_at_start_then_salvaged(tmp
     assert numbers[0] == 0 and numbers[-1] == EVENTS - 1  # read on past the damage
     assert salvage(spool) == 0
     assert "intact, nothing to salvage" in capsys.readouterr().out
+
+
+async def test_router_check_storage_finds_the_damage_a_router_would_refuse(tmp_path, capsys):
+    # It opened the file without the check a starting router makes, and said "OK" of a
+    # spool that router would refuse.
+    spool = tmp_path / "router.db"
+    await queue_events(spool)
+    config = spool.with_name("router.json")
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}", "destinations": []}))
+    check = ["check", "--storage", "-c", str(config)]
+    assert await asyncio.to_thread(main, check) == 0
+    capsys.readouterr()
+
+    damage_the_root_page(spool, "bundles")
+    assert await asyncio.to_thread(main, check) != 0
+    said = capsys.readouterr().err
+    assert "router.json" in said and "storage" in said
+    assert "router.db is damaged" in said and "router salvage -c CONFIG" in said
 
 
 async def test_a_lane_whose_destination_was_lost_keeps_its_number(tmp_path, capsys):

@@ -139,6 +139,12 @@ class Storage(ABC):
         ``accept``, where every request behind that one would wait for it."""
         return None
 
+    async def damage(self) -> str | None:
+        """What is wrong with the stored data's structure, and what to do, or None: read
+        only, for ``router check --storage`` beside a running router. A backend with no such
+        check of its own (Redis keeps its own consistency) finds nothing."""
+        return None
+
     @abstractmethod
     async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
                           ) -> set[str]:

@@ -369,10 +369,17 @@ class SqliteStorage(Storage):
         """A router checks the file's structure when it starts (``PRAGMA integrity_check``,
         0.34 s a GB), so that damage is said at once, with what to do, not met by an intake or a
         lease hours later, and then again every few seconds."""
-        damage = damage_in(connection)
+        damage = self._damage(connection)
         if damage is not None:
-            raise StorageUnavailable(f"the spool {self.path} is damaged ({damage}): "
-                                     f"{SALVAGE_ADVICE}")
+            raise StorageUnavailable(damage)
+
+    def _damage(self, connection: sqlite3.Connection) -> str | None:
+        damage = damage_in(connection)
+        return None if damage is None else (
+            f"the spool {self.path} is damaged ({damage}): {SALVAGE_ADVICE}")
+
+    async def damage(self) -> str | None:
+        return await self._call(self._damage, writes=False)
 
     def _prepare_layout(self, connection: sqlite3.Connection) -> None:
         """Create the tables of a new file; convert a file of an earlier layout, but only in
