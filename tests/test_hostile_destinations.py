@@ -379,3 +379,22 @@ async def test_a_redirect_names_where_without_its_path_or_query() -> None:
     assert outcome is not None
     assert outcome.reason == ("HTTP 301 (to https://new.example.com/…): redirects are not "
                               "followed")
+
+
+async def test_a_cookie_one_destination_sets_never_reaches_another(tmp_path) -> None:
+    """Two tenants' webhooks on one host: aiohttp's default cookie jar kept the cookie the
+    first one's endpoint set and sent it with the second's requests (and with every later
+    request of the first, as a browser would, which no API asks of a server-to-server
+    client)."""
+    from router.testing.fake_server import Answer, FakeDestinationServer
+    async with FakeDestinationServer() as server:
+        server.default = Answer(200, headers={"Set-Cookie": "session=tenant-1; Path=/"})
+        base = server.url.replace("127.0.0.1", "localhost")  # aiohttp keeps no IP's cookies
+        router = router_for(tmp_path, [webhook("tenant_1", f"{base}/t1"),
+                                       webhook("tenant_2", f"{base}/t2")])
+        async with router:
+            for n in range(3):
+                await router.route(track(n))
+                await server.wait_for(2 * (n + 1))
+    assert len(server.requests) == 6
+    assert [request.headers.get("Cookie") for request in server.requests] == [None] * 6

@@ -56,7 +56,10 @@ class Transport:
             self.connections, "connections to destinations (the sum of their concurrency)")
         kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self._reserved,
                                 limit_per_host=0, ttl_dns_cache=60)
-        self._session = aiohttp.ClientSession(**kwargs, auto_decompress=True,
+        # No cookie jar: a cookie one destination's server sets would be sent to every
+        # destination on that host (another tenant's webhook, say) and stay for good.
+        self._session = aiohttp.ClientSession(**kwargs, cookie_jar=aiohttp.DummyCookieJar(),
+                                              auto_decompress=True,
                                               skip_auto_headers=("User-Agent",),
                                               headers={"User-Agent": "event-router"})
 
