@@ -188,10 +188,14 @@ async def test_a_keep_alive_connection_closed_under_the_client_costs_no_attempt(
                 await router.route(track(n))
                 assert await router.drain(timeout=10)
             letters = await router.storage.dead_letters(DeadLetterFilter(), limit=100)
+            metrics = router.delivery_metrics
     assert letters == []
     assert sorted(orjson.loads(body)["messageId"] for body in server.requests) == \
         sorted(f"m-{n}" for n in range(10))
     assert server.connections >= 10
+    # Each event after the first went out twice: counted apart, not as attempts.
+    assert metrics.resent.get("hook") == 9
+    assert metrics.requests.get("hook", "200") == 10
 
 
 async def test_the_resend_goes_on_a_new_connection_past_every_stale_pooled_one() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -177,6 +178,9 @@ class DestinationWorker:
         self.rng = rng
         self.clock = clock
         self.failure_log = FailureLog(log)
+        self.count_resend = functools.partial(metrics.resent.inc, self.name)
+        """What the transport calls when it sends a request once more (made once, not for
+        every request)."""
         self.limiter = RateLimiter(self.delivery.rate_limit)
         self.ready: asyncio.Queue[list[Job]] = asyncio.Queue(self.delivery.concurrency)
         """Batches leased and cut, waiting for a sender: a round of them, so the senders have
@@ -526,7 +530,8 @@ class DestinationWorker:
         await self._wait_for_the_limiter(counted=not part)
         started = time.monotonic()
         try:
-            response = await self.transport.send(request, timeout=self.delivery.timeout)
+            response = await self.transport.send(request, timeout=self.delivery.timeout,
+                                                 on_resend=self.count_resend)
         except DestinationError as exc:
             # Timed out or unanswered: counted in the request time too, or its p99 would
             # look healthy exactly while the destination hangs.

@@ -27,6 +27,10 @@ class DeliveryMetrics:
         self.requests = add(Counter(
             "router_requests_total", "HTTP requests sent, by destination and status "
             "(error: no response).", ["destination", "status"]))
+        self.resent = add(Counter(
+            "router_requests_resent_total", "Requests sent once more on a new connection, "
+            "their pooled one closed under them before any answer (not attempts).",
+            ["destination"]))
         self.request_seconds = add(Histogram(
             "router_request_seconds", "Time for one request to a destination.",
             ["destination"]))

@@ -8,6 +8,7 @@ checked on each request is the one that applies (see ``egress.py``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 # The methods aiohttp itself sends once more when their connection closes before an answer:
@@ -75,11 +76,13 @@ class Transport:
             self._session = None
             release_descriptors(self._reserved)
 
-    async def send(self, request: HttpRequest, *, timeout: float) -> HttpResponse:
+    async def send(self, request: HttpRequest, *, timeout: float,
+                   on_resend: Callable[[], object] | None = None) -> HttpResponse:
         """Send one request. Returns the response whatever its status; raises
         ``RetryableError`` for network failures and timeouts, ``PermanentError`` for a
         request the egress policy refuses. Reasons never quote the URL: aiohttp's messages
-        do, query string (and any key in it) included."""
+        do, query string (and any key in it) included. ``on_resend`` is called when the
+        request goes out a second time after the keep-alive race below."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -98,6 +101,8 @@ class Transport:
                 if (not connection_reused.get() or request.method in AIOHTTP_RESENDS
                         or elapsed > RESEND_WITHIN or elapsed >= timeout):
                     raise
+                if on_resend is not None:
+                    on_resend()
                 refused = pooled_connections_refused.set(True)
                 try:
                     return await self._exchange(
