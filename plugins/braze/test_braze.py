@@ -143,6 +143,31 @@ def test_purchases_braze_would_refuse_are_rejected(product, message):
         translate(braze(), track(event="Order Completed", properties={"products": [product]}))
 
 
+@pytest.mark.parametrize(("properties", "message"), [
+    ({"time": 93}, "named 'time', which Braze reserves"),
+    ({"event_name": "intro"}, "named 'event_name', which Braze reserves"),
+    ({"$source": "ios"}, "not starting with \\$"),
+    ({"": 1}, "1 to 255 characters"),
+    ({"p" * 256: 1}, "1 to 255 characters"),
+    ({f"p{n}": n for n in range(257)}, "257 properties; Braze keeps only the first 256"),
+])
+def test_event_properties_braze_would_refuse_or_drop_are_rejected(properties, message):
+    # Braze refuses the whole event for these names ("Invalid 'properties' field"), and
+    # keeps the first 256 properties of an event without a word.
+    with pytest.raises(EventRejected, match=message):
+        translate(braze(), track(properties=properties))
+
+
+def test_purchase_properties_braze_reserves_are_rejected():
+    product = {"product_id": "p1", "price": 1, "time": 93}
+    with pytest.raises(EventRejected, match="product 1 has a property named 'time'"):
+        translate(braze(), track(event="Order Completed", properties={"products": [product]}))
+    # A custom event may carry what a purchase may not: its price is an ordinary property.
+    (payload,) = translate(braze(), track(properties={"price": 3, "quantity": 2}))
+    assert payload.body["events"][0]["properties"] == {"price": 3, "quantity": 2}
+    assert len(translate(braze(), track(properties={f"p{n}": n for n in range(256)}))) == 1
+
+
 def test_event_name_over_255_characters_is_rejected():
     with pytest.raises(EventRejected, match="at most 255"):
         translate(braze(), track(event="x" * 256))

@@ -18,6 +18,11 @@ from router.semantics import products
 
 MAX_NAME = 255  # custom event names and product ids (Braze "Event object", "Purchase object")
 MAX_QUANTITY = 100  # the Braze SDKs refuse a purchase quantity outside 1..100
+MAX_PROPERTIES = 256  # Braze keeps the first 256 properties of an event or purchase, silently
+# Property names Braze refuses with "Invalid 'properties' field" ("Custom event properties",
+# "Reserved keys"): those of a custom event, and those of a purchase.
+EVENT_RESERVED = frozenset({"time", "event_name"})
+PURCHASE_RESERVED = EVENT_RESERVED | {"product_id", "quantity", "price", "currency"}
 
 # Segment trait → Braze standard attribute (Braze "User attributes object").
 STANDARD_ATTRIBUTES = {
@@ -67,8 +72,29 @@ def custom_event(name: str, event: Event, properties: Mapping[str, Any],
     body = {**reference, **({"app_id": app_id} if app_id else {}), "name": name,
             "time": format_time(event.timestamp)}
     if properties:
-        body["properties"] = dict(properties)
+        body["properties"] = checked_properties(properties, EVENT_RESERVED, "the event")
     return body
+
+
+def checked_properties(properties: Mapping[str, Any], reserved: frozenset[str], owner: str
+                       ) -> dict[str, Any]:
+    """``properties`` as Braze takes them, else ``EventRejected`` with why: Braze refuses
+    the whole object for a reserved name, an empty one, one over 255 characters or one that
+    starts with ``$``, and keeps only the first 256 properties without a word."""
+    if len(properties) > MAX_PROPERTIES:
+        raise EventRejected(f"{owner} has {len(properties)} properties; Braze keeps only the "
+                            f"first {MAX_PROPERTIES} and drops the rest without an error")
+    for name in properties:
+        if name in reserved:
+            raise EventRejected(
+                f"{owner} has a property named {name!r}, which Braze reserves (it refuses the "
+                "object with \"Invalid 'properties' field\"); rename it where the event is "
+                "made")
+        if not name or len(name) > MAX_NAME or name.startswith("$"):
+            raise EventRejected(f"{owner} has a property named {name[:40]!r}; Braze takes "
+                                f"property names of 1 to {MAX_NAME} characters, not starting "
+                                "with $")
+    return dict(properties)
 
 
 def _product_id(product: Mapping[str, Any]) -> str | None:
@@ -110,7 +136,8 @@ def purchases(event: Event, reference: Mapping[str, Any], app_id: str | None
         found.append({**reference, **({"app_id": app_id} if app_id else {}),
                       "product_id": product_id, "currency": currency, "price": price,
                       "quantity": quantity, "time": format_time(event.timestamp),
-                      "properties": {**order, **details}})
+                      "properties": checked_properties({**order, **details},
+                                                       PURCHASE_RESERVED, f"product {index}")})
     return found
 
 
