@@ -187,6 +187,17 @@ def test_revenue_per_product_keeps_the_orders_revenue_when_no_product_has_a_pric
     assert "revenue" not in first and "revenue" not in second
 
 
+def test_revenue_per_product_keeps_the_orders_revenue_when_a_product_has_no_price():
+    # A gift card without a price: the priced product alone was counted (10 of 30 EUR).
+    order, priced, unpriced = events(amplitude(track_revenue_per_product=True), track(
+        event="Order Completed", properties={"revenue": 30, "currency": "EUR", "products": [
+            {"product_id": "p1", "price": 10, "quantity": 1},
+            {"product_id": "p2", "name": "gift card"}]}))
+    assert (order["revenue"], order["currency"]) == (30, "EUR")
+    assert "revenue" not in priced and "revenue" not in unpriced
+    assert priced["event_properties"]["price"] == 10  # still there, as a property
+
+
 def test_a_product_without_quantity_counts_its_price_once():
     # Amplitude: "If $quantity isn't present, Amplitude uses 1."
     _, product = events(amplitude(track_revenue_per_product=True), track(

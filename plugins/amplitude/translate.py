@@ -280,7 +280,10 @@ def track_events(builder: Builder, name: str, *, product_purchased: bool,
              if event.properties.get(key) is not None}
     on_products = [revenue_fields({**order, **product}) if revenue_per_product else {}
                    for product in products]
-    # Per product only when some product carries a price: otherwise the order keeps it.
+    if not all(on_products):
+        # Per product only when every product carries a price: with one lacking it, the
+        # others would count part of the order and the rest would be lost. The order keeps it.
+        on_products = [{} for _ in products]
     on_order = {} if any(on_products) else _order_revenue(event.properties)
     events = [builder.amplitude_event(name, event_properties=dict(event.properties),
                                       user_properties=attribution(event), **on_order)]
