@@ -126,7 +126,8 @@ class Mixpanel(Destination[MixpanelSettings]):
         grouped: list[dict[str, Any]] = []
         if event.type == "track":
             assert event.event is not None  # required for track by parse_event
-            imported.append(translate.import_event(event.event, event, event.properties, merge))
+            imported.append(translate.import_event(translate.track_name(event.event), event,
+                                                   event.properties, merge))
             if event.event == ORDER_COMPLETED and self.settings.product_purchased_events:
                 imported += translate.product_purchased(event, merge)
         elif event.type in ("page", "screen"):

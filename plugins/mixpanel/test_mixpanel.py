@@ -263,6 +263,16 @@ def test_event_name_over_255_characters_is_rejected():
         translate(mixpanel(), track(event="x" * 256))
 
 
+@pytest.mark.parametrize(("name", "prefix"), [("$merge", "$"), ("$identify", "$"),
+                                              ("$create_alias", "$"), ("mp_page_view", "mp_")])
+def test_a_track_name_mixpanel_reserves_is_rejected(name, prefix):
+    # Sent as it was, a customer's $merge became an identity merge without its fields.
+    with pytest.raises(EventRejected, match=f"starts with '{re.escape(prefix)}', which "
+                                            "Mixpanel reserves.*mapping.event_names"):
+        translate(mixpanel(), track(event=name))
+    assert translate(mixpanel(), track(event="Merged $ accounts"))  # only as a prefix
+
+
 def test_string_values_are_truncated_to_255_characters():
     (payload,) = translate(mixpanel(), track(properties={"note": "y" * 300,
                                                          "tags": ["z" * 300]}))

@@ -181,6 +181,19 @@ def context_properties(event: Event) -> dict[str, Any]:
     return found
 
 
+def track_name(name: str) -> str:
+    """A track event's name, unless Mixpanel reserves it: ``$`` and ``mp_`` begin its own
+    events, and three of them change identities (``$identify``, ``$create_alias``,
+    ``$merge``), which a customer's event of that name, without their fields, would
+    attempt."""
+    for prefix in ("$", "mp_"):
+        if name.startswith(prefix):
+            raise EventRejected(f"event name {name[:40]!r} starts with {prefix!r}, which "
+                                "Mixpanel reserves for its own events; rename it with the "
+                                "destination's mapping.event_names")
+    return name
+
+
 def import_event(name: str, event: Event, properties: Mapping[str, Any], merge: IdentityMerge,
                  *, part: str = "") -> dict[str, Any]:
     """One /import event. Identity, time and ``$insert_id`` win over same-named properties."""

@@ -100,7 +100,7 @@ class PostHog(Destination[PostHogSettings]):
         builder = translate.Builder(event, opts, self.settings.person_profiles)
         if event.type == "track":
             assert event.event is not None  # required for track by parse_event
-            body = builder.capture(event.event, event.properties)
+            body = builder.capture(translate.track_name(event.event), event.properties)
         elif event.type == "page":
             body = translate.page_event(builder)
         elif event.type == "screen":

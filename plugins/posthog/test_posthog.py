@@ -60,6 +60,14 @@ def track(**fields: Any) -> dict[str, Any]:
             "timestamp": "2026-11-20T14:03:12.000Z", **fields}
 
 
+@pytest.mark.parametrize("name", ["$create_alias", "$identify", "$groupidentify", "$pageview"])
+def test_a_track_name_posthog_reserves_is_rejected(name):
+    # Sent as it was, a customer's $create_alias asked PostHog to merge without an alias.
+    with pytest.raises(EventRejected, match="starts with '\\$', which PostHog reserves"):
+        translate(posthog(), track(event=name))
+    assert event(posthog(), track(event="Paid in $"))["event"] == "Paid in $"
+
+
 def test_discovered_through_its_entry_point():
     assert create_registry().get("posthog").package == "event-router"
 

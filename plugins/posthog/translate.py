@@ -167,6 +167,17 @@ class Builder:
                 "timestamp": format_time(event.timestamp), "uuid": event_uuid(event.messageId)}
 
 
+def track_name(name: str) -> str:
+    """A track event's name, unless it begins with ``$``, PostHog's prefix for its own events:
+    ``$identify``, ``$create_alias`` and ``$groupidentify`` merge persons and groups, which
+    a customer's event of that name, without their fields, would attempt."""
+    if name.startswith("$"):
+        raise EventRejected(f"event name {name[:40]!r} starts with '$', which PostHog "
+                            "reserves for its own events; rename it with the destination's "
+                            "mapping.event_names")
+    return name
+
+
 def page_event(builder: Builder) -> dict[str, Any]:
     """``$pageview`` with ``$current_url``, ``$pathname`` and ``$referrer`` from the page's
     ``url``, ``path`` and ``referrer`` (else from ``context.page``); the page's own properties
