@@ -296,6 +296,23 @@ def test_phone_leading_zeros_dropped():
         sha("442079460958")
 
 
+@pytest.mark.parametrize(("phone", "country", "digits"), [
+    ("(650) 555-1212", "US", "16505551212"),  # national: the user's country's code
+    ("07911 123456", "United Kingdom", "447911123456"),  # and without its trunk 0
+    ("+44 07911 123456", None, "447911123456"),  # the trunk 0 written after the code
+    ("+1 650 555 1212", "DE", "16505551212"),  # a number's own code wins
+    ("16505551212", "US", "16505551212"),  # digits that start with the code keep it
+    ("06 1234 5678", "IT", "390612345678"),  # Italy keeps its leading 0
+    ("6505551212", None, "6505551212"),  # no country to tell: digits, as given
+])
+def test_phone_is_hashed_with_its_country_code(phone, country, digits):
+    # Meta matches a phone only with its country code; "(650) 555-1212" of a US user was
+    # hashed as 6505551212, which matches no one.
+    address = {"country": country} if country else {}
+    context = {**WEB_CONTEXT, "traits": {"phone": phone, "address": address}}
+    assert only_event(meta(), track("X", context=context))["user_data"]["ph"] == sha(digits)
+
+
 @pytest.mark.parametrize(("country", "expected"), [
     ("DE", "de"), ("Germany", "de"), ("DEU", "de"), ("United States", "us"),
     ("United States of America", "us"), ("usa", "us"), ("South Korea", "kr"), ("UK", "gb"),

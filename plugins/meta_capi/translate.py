@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import date, timedelta
 from typing import Any
 
+import phonenumbers
+
 from router import Event, EventRejected
 from router import semantics as spec
 
@@ -152,13 +154,13 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
         address = {}
     data: dict[str, Any] = {}
     _put_hashed(data, "em", _first(traits, EMAIL_KEYS), normalize_email)
-    _put_hashed(data, "ph", _first(traits, PHONE_KEYS), normalize_phone)
+    country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
+    code = normalize_country(country) if isinstance(country, str) else None
+    _put_hashed(data, "ph", _first(traits, PHONE_KEYS), lambda phone: normalize_phone(phone, code))
     _put_hashed(data, "fn", _first(traits, FIRST_NAME_KEYS), normalize_name)
     _put_hashed(data, "ln", _first(traits, LAST_NAME_KEYS), normalize_name)
     _put_hashed(data, "db", _first(traits, BIRTHDAY_KEYS), normalize_birthday)
     _put_hashed(data, "ge", _first(traits, GENDER_KEYS), normalize_gender)
-    country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
-    code = normalize_country(country) if isinstance(country, str) else None
     in_us = not isinstance(country, str) or code == "us"  # an address naming no country too
     normalizers = {"ct": normalize_name, "st": lambda state: normalize_state(state, in_us=in_us),
                    "zp": lambda zip_code: normalize_zip(zip_code, in_us=in_us),
@@ -202,8 +204,19 @@ def normalize_email(value: str) -> str:
     return value.strip().lower()
 
 
-def normalize_phone(value: str) -> str:
-    """Digits only, without leading zeros; the country code must already be in it."""
+def normalize_phone(value: str, country: str | None = None) -> str:
+    """Digits with the country code, which Meta needs to match a phone (Customer Information
+    Parameters). A number written with ``+`` (or digits that start with the code of
+    ``country``) keeps its own code; a national one takes the code of ``country``, the
+    user's, when the event names it, without its trunk prefix (``07911 123456`` in GB is
+    ``447911123456``). libphonenumber's metadata knows each country's code and prefixes.
+    Anything it cannot read: digits only, without leading zeros, as before."""
+    try:
+        number = phonenumbers.parse(value, country.upper() if country else None)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is not None and phonenumbers.is_possible_number(number):
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
     return re.sub(r"\D", "", value).lstrip("0")
 
 
