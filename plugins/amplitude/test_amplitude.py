@@ -365,6 +365,16 @@ def test_session_id_and_groups_come_from_the_events_options():
     assert event["session_id"] == 1795183000000
 
 
+@pytest.mark.parametrize(("given", "sent"), [
+    (1795183000, 1795183000000),  # seconds, which Amplitude would read as January 1970
+    ("1795183000", 1795183000000),
+    (-1, -1), (0, 0), (42, 42),  # no session, and ids that are not times, as they are
+])
+def test_a_session_start_in_seconds_is_sent_in_milliseconds(given, sent):
+    (event,) = events(amplitude(), track(), {"session_id": given})
+    assert event["session_id"] == sent
+
+
 @pytest.mark.parametrize("options, message", [
     ({"session_id": "yesterday"}, "session_id"),
     ({"session_id": True}, "session_id"),

@@ -69,6 +69,11 @@ def event_options(options: Mapping[str, Any]) -> EventOptions:
     return EventOptions(session_id, dict(groups), group_type)
 
 
+SECONDS_SINCE_2001 = 10**9
+"""A session_id from here up to a hundred times as much is a start time in seconds (2001 to
+5138), not milliseconds (which would be 1970 to 1973)."""
+
+
 def _session_id(value: Any) -> int:
     """Amplitude's session_id is the session's start in ms since the epoch; -1 means none.
     Numeric strings are accepted since web clients often send the id as text."""
@@ -80,6 +85,8 @@ def _session_id(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < -1:
         raise EventRejected("integrations option session_id: expected the session's start "
                             "time in milliseconds since the epoch (or -1 for no session)")
+    if SECONDS_SINCE_2001 <= value < SECONDS_SINCE_2001 * 100:
+        return value * 1000  # a start time in seconds, which Amplitude would read as 1970
     return value
 
 
