@@ -307,7 +307,7 @@ async def test_redis_forgets_a_dedup_entry_when_its_window_ends(redis_store, raw
 
 
 async def test_the_window_is_shared_by_every_instance(redis_store, url):
-    other = await another(url)
+    other = await another(url, recover=False)  # its clock is T0's, not today's
     try:
         assert await accept(redis_store, item("m-1")) == [True]
         assert await accept(other, item("m-1"), now=T0 + 1) == [False]
@@ -503,7 +503,7 @@ async def test_purge_removes_only_what_the_filter_selects(store):
 
 async def test_concurrent_replays_queue_each_letter_once(redis_store, url):
     await dead_letters_at(redis_store, [("hook", "HTTP 500", T0 + n) for n in range(20)])
-    other = await another(url)
+    other = await another(url, recover=False)  # its clock is T0's, not today's
     try:
         counts = await asyncio.gather(redis_store.replay(DeadLetterFilter(), now=T0 + 100),
                                       other.replay(DeadLetterFilter(), now=T0 + 100))
@@ -993,7 +993,7 @@ async def test_sqlite_jobs_queued_unordered_still_go_out_when_a_destination_beco
 
 async def test_two_instances_share_the_work_and_never_lease_the_same_job(redis_store, url):
     await accept(redis_store, *(item(f"m-{n}", user=f"u-{n % 7}") for n in range(300)))
-    other = await another(url)
+    other = await another(url, recover=False)  # its clock is T0's, not today's
     taken: dict[str, list[int | str]] = {"one": [], "two": []}
 
     async def work(name: str, storage: RedisStorage) -> None:
@@ -1141,6 +1141,64 @@ async def test_a_full_redis_still_records_retries_and_dead_letters(redis_store, 
         DeadLetterFilter())] == ["m-1"]
     (retried,) = await lease(redis_store, now=T0 + 61)
     assert (retried.message_id, retried.attempts) == ("m-0", 1)
+
+
+async def test_a_full_redis_still_renews_leases(redis_store, raw, url):
+    # A destination that stays down fills Redis; the renewals of its live worker were
+    # refused, its leases lapsed, and another router took its jobs and sent them twice.
+    await accept(redis_store, item("m-0"))
+    (held,) = await lease(redis_store, now=T0, lease_for=30)
+    await raw.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StorageFull):
+            await accept(redis_store, item("m-1"))
+        await redis_store.renew([held.id], now=T0 + 20, lease_for=300)
+    finally:
+        await raw.config_set("maxmemory", "0")
+    other = await another(url, recover=False)  # its clock is T0's, not today's
+    try:
+        assert await lease(other, now=T0 + 60) == []  # still held: its lease was renewed
+        assert ids(await lease(other, now=T0 + 321)) == [held.id]  # then it lapses
+    finally:
+        await other.close()
+
+
+async def test_a_redis_user_without_scripts_is_refused_at_open(url, raw):
+    # The router's every call is a script: such a user passed router check, /health and
+    # start, and then every event was answered 500 ("a bug").
+    user = f"noeval-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
+                          commands=["+@all", "-evalsha", "-eval"])
+    try:
+        limited = url.replace("redis://", f"redis://{user}:pw-12345678@", 1)
+        with pytest.raises(StorageMisconfigured, match="refuses this user the router's "
+                                                       "scripts.*needs \\+evalsha"):
+            await RedisStorage.from_url(limited).open()
+        # Taken away from a running router: intake is "try later" with why, not a 500.
+        storage = RedisStorage.from_url(limited)
+        await raw.acl_setuser(user, enabled=True, commands=["+evalsha", "+eval"])
+        await storage.open()
+        try:
+            await raw.acl_setuser(user, enabled=True, commands=["-evalsha", "-eval"])
+            with pytest.raises(StorageUnavailable, match="refuses this user a command"):
+                await accept(storage, item("m-0"))
+        finally:
+            await storage.close()
+    finally:
+        await raw.acl_deluser(user)
+
+
+async def test_health_says_a_redis_that_became_a_replica_refuses_intake(redis_store, raw):
+    # After a failover the URL may name the old primary, now a replica: intake got 503
+    # while /health said "ok", and a load balancer kept sending it every event.
+    assert await redis_store.ping()
+    await raw.replicaof("127.0.0.1", "1")  # nothing listens there: it stays a replica
+    try:
+        with pytest.raises(StorageUnavailable, match="Redis is a replica"):
+            await redis_store.ping()
+    finally:
+        await raw.replicaof("NO", "ONE")
+    assert await redis_store.ping()
 
 
 async def test_redis_out_of_memory_is_storage_full(redis_store, raw):

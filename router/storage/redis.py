@@ -40,7 +40,8 @@ try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
     from redis.asyncio.connection import parse_url as _parse_redis_url
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+    from redis.exceptions import (NoPermissionError, OutOfMemoryError, ReadOnlyError,
+                                  ResponseError)
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - reported when a redis:// URL is used
     aioredis = None  # type: ignore[assignment]
@@ -62,6 +63,8 @@ DEDUP_BUCKET = 60
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 MAX_CONNECTIONS = 64
+NEEDED_ACL = ("; the router runs Lua scripts, so its Redis user needs +evalsha, +eval and "
+              "+script|load, and the commands the scripts call (+@read +@write) on its keys")
 """Connections one process keeps to Redis. More concurrent calls wait for a free one (up to
 ``COMMAND_TIMEOUT``) rather than fail: a burst of intake requests queues, it is not refused."""
 _WARNED: set[tuple[Any, ...]] = set()
@@ -402,6 +405,10 @@ end
 return done
 """
 
+# RENEW takes each lease out and puts it back, rather than moving its score with ZADD XX:
+# a ZREM first is never refused, so a renewal goes through on a full Redis too. A Redis
+# filled by a destination that stays down refused every renewal, and the leases of a live
+# worker lapsed and were taken over: its jobs were sent twice.
 RENEW = _HELPERS + """
 -- renew: extend the leases of jobs still leased by ``token`` to ``lease_until`` (a worker
 -- kept waiting by its destination). ARGV: prefix, token, lease_until, ids...
@@ -411,7 +418,8 @@ for a = 4, #ARGV do
   local id = ARGV[a]
   local d = held_by(id, token)
   if d then
-    redis.call('ZADD', leased_key(d), 'XX', lease_until, id)
+    redis.call('ZREM', leased_key(d), id)
+    redis.call('ZADD', leased_key(d), lease_until, id)
     done = done + 1
   end
 end
@@ -530,6 +538,7 @@ class RedisStorage(Storage):
                          for name, source in _SCRIPTS.items()}
         try:
             await self._check_server()
+            await self._check_scripts_allowed()
         except BaseException:
             await self.close()
             raise
@@ -578,6 +587,16 @@ class RedisStorage(Storage):
         if not int(persistence.get("aof_enabled", 0)):
             self._warn_once("redis storage: Redis runs without AOF (appendonly no); events "
                             "acknowledged since its last snapshot are lost if Redis restarts")
+
+    async def _check_scripts_allowed(self) -> None:
+        """Run a script that changes nothing (a renewal of no job). A user whose ACL forbids
+        scripts passed every check at start, ``/health`` included, and then every event was
+        answered 500."""
+        try:
+            await self._scripts["renew"](args=[self.prefix, self.token, "0"])
+        except NoPermissionError as exc:
+            raise StorageMisconfigured(f"Redis refuses this user the router's scripts: "
+                                       f"{exc}{NEEDED_ACL}") from None
 
     def _warn_once(self, message: str) -> None:
         assert self._client is not None
@@ -746,15 +765,21 @@ class RedisStorage(Storage):
         return stats
 
     async def ping(self) -> bool:
-        """Redis answers and has room for new work: over ``maxmemory`` it refuses every
-        accept, so ``/health`` says so (``StorageFull``) rather than "ok". Where the user
-        may not run ``INFO``, answering a ``PING`` is all that is asked."""
+        """Redis answers and takes new work: over ``maxmemory`` it refuses every accept
+        (``StorageFull``), and a replica refuses every write (``StorageUnavailable``), so
+        ``/health`` says so rather than "ok" (a load balancer kept sending every event to a
+        router whose Redis had become a replica in a failover). Where the user may not run
+        ``INFO``, answering a ``PING`` is all that is asked."""
         client = self._require_client()
         with _translated_errors():
             try:
-                memory = await client.info("memory")
+                memory = await client.info("memory", "replication")
             except ResponseError:  # NOPERM: a user without INFO
                 return bool(await client.ping())
+        if memory.get("role") == "slave":
+            raise StorageUnavailable("Redis is a replica, which refuses writes (after a "
+                                     "failover, the storage URL may name the old primary): "
+                                     "intake is refused until it is a primary again")
         # As Redis counts it when it refuses writes: replication and AOF buffers left out.
         used = int(memory.get("used_memory") or 0) - int(
             memory.get("mem_not_counted_for_evict") or 0)
@@ -881,4 +906,7 @@ def _translated_errors() -> Iterator[None]:
         if isinstance(exc, ReadOnlyError):  # a replica: after a failover, say
             raise StorageUnavailable(f"Redis refuses writes, it is a read-only replica: "
                                      f"{exc}") from exc
+        if isinstance(exc, NoPermissionError):  # an ACL changed under a running router
+            raise StorageUnavailable(f"Redis refuses this user a command: {exc}{NEEDED_ACL}"
+                                     ) from exc
         raise
