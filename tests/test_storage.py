@@ -1188,6 +1188,18 @@ async def test_a_redis_user_without_scripts_is_refused_at_open(url, raw):
         await raw.acl_deluser(user)
 
 
+async def test_a_redis_that_asks_for_a_password_the_url_lacks_says_so(url, raw):
+    # redis-py's own message was "HELLO must be called with the client already
+    # authenticated, otherwise the HELLO AUTH <user> <pass> option can be used...".
+    await raw.config_set("requirepass", "pw-12345678")
+    try:
+        with pytest.raises(StorageMisconfigured, match="Redis asks for a password and the "
+                                                       "storage URL gives none"):
+            await RedisStorage.from_url(url).open()
+    finally:
+        await raw.config_set("requirepass", "")
+
+
 async def test_health_says_a_redis_that_became_a_replica_refuses_intake(redis_store, raw):
     # After a failover the URL may name the old primary, now a replica: intake got 503
     # while /health said "ok", and a load balancer kept sending it every event.

@@ -40,8 +40,8 @@ try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
     from redis.asyncio.connection import parse_url as _parse_redis_url
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import (NoPermissionError, OutOfMemoryError, ReadOnlyError,
-                                  ResponseError)
+    from redis.exceptions import (AuthenticationError, NoPermissionError, OutOfMemoryError,
+                                  ReadOnlyError, ResponseError)
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - reported when a redis:// URL is used
     aioredis = None  # type: ignore[assignment]
@@ -530,6 +530,14 @@ class RedisStorage(Storage):
         client = aioredis.Redis.from_pool(pool)
         try:
             await client.ping()
+        except AuthenticationError:
+            await client.aclose()
+            if urlsplit(self._url).password is None:  # redis-py says "HELLO must be called..."
+                raise StorageMisconfigured(
+                    "Redis asks for a password and the storage URL gives none: write it as "
+                    "redis://:PASSWORD@host (or USER:PASSWORD), from an environment variable"
+                    ) from None
+            raise
         except BaseException:
             await client.aclose()
             raise
