@@ -42,6 +42,7 @@ from router.errors import StorageFull
 from router.routing import Router
 from router.server import body as body_module
 from router.server import auth as auth_module
+from router.server import app as app_module
 from router.server.app import REQUESTS_IN_FLIGHT, create_app, create_runner
 from router.server.auth import WriteKeys
 from router.server.accesslog import client_address
@@ -1029,6 +1030,25 @@ async def test_health(ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
     async with ingest.session.get(ingest.url + "/health") as response:
         assert response.status == 503
         assert (await response.json())["status"] == "unavailable"
+
+
+async def test_health_of_a_hung_storage_says_so_in_one_line(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    # A paused Redis: every probe logged a whole traceback of the timeout.
+    async def hung() -> bool:
+        await asyncio.sleep(3600)
+        return True
+
+    monkeypatch.setattr(ingest.router.storage, "ping", hung)
+    monkeypatch.setattr(app_module, "HEALTH_TIMEOUT", 0.2)
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        async with ingest.session.get(ingest.url + "/health") as response:
+            assert response.status == 503
+            body = await response.json()
+    assert body["reason"] == "the storage did not answer within 0.2 s"
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("health check")]
+    assert record.exc_info is None
 
 
 async def test_health_is_unavailable_while_the_spools_disk_has_no_room(

@@ -456,6 +456,9 @@ async def handle_health(request: web.Request) -> web.Response:
     except (StorageFull, StorageUnavailable) as exc:
         healthy, reason = False, str(exc)
         log.warning("health check: %s", reason)
+    except TimeoutError:  # a hung storage: one line, not a traceback every probe
+        healthy, reason = False, f"the storage did not answer within {HEALTH_TIMEOUT:g} s"
+        log.warning("health check: %s", reason)
     except Exception:  # noqa: BLE001 - any failure is "not ready", never a 500
         log.warning("health check: the storage does not answer", exc_info=True)
         healthy = False
