@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import random
 import dataclasses
 import sqlite3
 import zlib
@@ -580,6 +581,33 @@ async def test_ordered_lease_lets_a_user_past_an_event_that_failed_hold_attempts
     # a-1, due again, goes beside a-3: ordering is relaxed for what failed, not lost
     assert sorted(j.message_id for j in await lease(store, ordered=True, hold_attempts=2,
                                                      now=T0 + 100)) == ["a-1", "a-3"]
+
+
+@pytest.mark.parametrize("hold_attempts", [1, 2, 5, 150])
+async def test_a_lease_with_the_breaker_takes_each_users_jobs_no_earlier_job_holds(
+        store, hold_attempts):
+    # Random backlogs of retried jobs: a job goes when it is due and no earlier job of its
+    # user, waiting or due, has failed fewer than hold_attempts attempts. SQLite answers
+    # this through a partial index of its own per hold_attempts.
+    rng = random.Random(hold_attempts)
+    users = [f"u{n}" for n in range(6)]
+    await accept(store, *(item(f"m-{n}", user=rng.choice(users), ordered=True)
+                          for n in range(120)))
+    queued = await lease(store, 200)
+    state = {}  # job id -> (user, attempts, due)
+    for job_ in queued:
+        job_.attempts = rng.choice([0, 1, hold_attempts - 1, hold_attempts, hold_attempts + 3])
+        due = rng.choice([T0, T0 + 1_000])
+        state[job_.id] = (job_.user_key, job_.attempts, due)
+        await store.retry([job_], not_before=[due], now=T0, failure=Failure("x"))
+
+    def holds(earlier_id: Any, user: str) -> bool:
+        return state[earlier_id][0] == user and state[earlier_id][1] < hold_attempts
+
+    expected = sorted(job_id for job_id, (user, _, due) in state.items() if due <= T0 + 1
+                      and not any(holds(other, user) for other in state if other < job_id))
+    leased = await lease(store, 200, ordered=True, hold_attempts=hold_attempts, now=T0 + 1)
+    assert sorted(ids(leased)) == expected and expected
 
 
 async def test_ordered_lease_holds_a_user_behind_a_leased_event(store):
