@@ -780,11 +780,12 @@ class RedisStorage(Storage):
         ``INFO``, answering a ``PING`` is all that is asked."""
         client = self._require_client()
         with _translated_errors():
-            try:
-                memory = await client.info("memory", "replication")
+            try:  # one section a call: Redis 6 takes no more (7 does)
+                memory = await client.info("memory")
+                role = (await client.info("replication")).get("role")
             except ResponseError:  # NOPERM: a user without INFO
                 return bool(await client.ping())
-        if memory.get("role") == "slave":
+        if role == "slave":
             raise StorageUnavailable("Redis is a replica, which refuses writes (after a "
                                      "failover, the storage URL may name the old primary): "
                                      "intake is refused until it is a primary again")
