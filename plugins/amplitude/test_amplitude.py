@@ -198,6 +198,16 @@ def test_revenue_per_product_keeps_the_orders_revenue_when_a_product_has_no_pric
     assert priced["event_properties"]["price"] == 10  # still there, as a property
 
 
+def test_revenue_per_product_counts_the_priced_products_of_an_order_without_revenue():
+    # With no revenue on the order there is nothing to keep there: what the products carry
+    # is all the revenue known.
+    order, priced, unpriced = events(amplitude(track_revenue_per_product=True), track(
+        event="Order Completed", properties={"total": 30, "currency": "EUR", "products": [
+            {"product_id": "p1", "price": 10}, {"product_id": "p2"}]}))
+    assert "revenue" not in order and "revenue" not in unpriced
+    assert (priced["revenue"], priced["currency"]) == (10, "EUR")
+
+
 def test_a_product_without_quantity_counts_its_price_once():
     # Amplitude: "If $quantity isn't present, Amplitude uses 1."
     _, product = events(amplitude(track_revenue_per_product=True), track(

@@ -287,11 +287,13 @@ def track_events(builder: Builder, name: str, *, product_purchased: bool,
              if event.properties.get(key) is not None}
     on_products = [revenue_fields({**order, **product}) if revenue_per_product else {}
                    for product in products]
-    if not all(on_products):
-        # Per product only when every product carries a price: with one lacking it, the
-        # others would count part of the order and the rest would be lost. The order keeps it.
+    on_order = _order_revenue(event.properties)
+    if on_order and not all(on_products):
+        # A product without a price: the others would count part of the order and lose the
+        # rest, so the order, which has its revenue, keeps it.
         on_products = [{} for _ in products]
-    on_order = {} if any(on_products) else _order_revenue(event.properties)
+    if any(on_products):
+        on_order = {}
     events = [builder.amplitude_event(name, event_properties=dict(event.properties),
                                       user_properties=attribution(event), **on_order)]
     for index, (product, revenue) in enumerate(zip(products, on_products)):
