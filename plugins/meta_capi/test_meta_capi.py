@@ -302,6 +302,9 @@ def test_phone_leading_zeros_dropped():
     ("+44 07911 123456", None, "447911123456"),  # the trunk 0 written after the code
     ("+1 650 555 1212", "DE", "16505551212"),  # a number's own code wins
     ("16505551212", "US", "16505551212"),  # digits that start with the code keep it
+    ("4915123456789", "DE", "4915123456789"),  # and it is not added twice
+    ("46812345678", "SE", "46812345678"),
+    ("3912345678", "IT", "393912345678"),  # an Italian mobile that starts with 39
     ("06 1234 5678", "IT", "390612345678"),  # Italy keeps its leading 0
     ("6505551212", None, "6505551212"),  # no country to tell: digits, as given
 ])

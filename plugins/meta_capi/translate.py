@@ -205,24 +205,44 @@ def normalize_email(value: str) -> str:
     return value.strip().lower()
 
 
-@functools.lru_cache(maxsize=4096)
+MAX_PHONE_TEXT = 64
+"""Longer text is no phone number: it is reduced to its digits, not read or cached."""
+
+
 def normalize_phone(value: str, country: str | None = None) -> str:
     """Digits with the country code, which Meta needs to match a phone (Customer Information
-    Parameters). A number written with ``+`` (or digits that start with the code of
-    ``country``) keeps its own code; a national one takes the code of ``country``, the
-    user's, when the event names it, without its trunk prefix (``07911 123456`` in GB is
-    ``447911123456``). libphonenumber's metadata knows each country's code and prefixes.
-    Anything it cannot read: digits only, without leading zeros, as before.
+    Parameters). A number written with ``+``, or whose digits start with the code of
+    ``country`` and make a valid number so, keeps its own code (``4915123456789`` in DE);
+    a national one takes the code of ``country``, the user's, when the event names it,
+    without its trunk prefix (``07911 123456`` in GB is ``447911123456``). libphonenumber's
+    metadata knows each country's code, prefixes and number lengths. Anything it cannot read:
+    digits only, without leading zeros."""
+    if len(value) > MAX_PHONE_TEXT:
+        return re.sub(r"\D", "", value).lstrip("0")
+    return _phone_digits(value, country.upper() if country else None)
 
-    Cached: reading a number costs libphonenumber 14-17 µs, as much as the rest of the
+
+@functools.lru_cache(maxsize=1024)
+def _phone_digits(value: str, region: str | None) -> str:
+    """Cached: reading a number costs libphonenumber 14-17 µs, as much as the rest of the
     event's translation, and a user's events carry the same phone."""
+    digits = re.sub(r"\D", "", value)
+    readings = [_parsed(value, region)]
+    if region and not value.lstrip().startswith("+") and digits.startswith(
+            str(phonenumbers.country_code_for_region(region))):
+        readings.insert(0, _parsed("+" + digits, None))  # the code written without its +
+    for check in (phonenumbers.is_valid_number, phonenumbers.is_possible_number):
+        for number in readings:
+            if number is not None and check(number):
+                return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
+    return digits.lstrip("0")
+
+
+def _parsed(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
     try:
-        number = phonenumbers.parse(value, country.upper() if country else None)
+        return phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
-        number = None
-    if number is not None and phonenumbers.is_possible_number(number):
-        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
-    return re.sub(r"\D", "", value).lstrip("0")
+        return None
 
 
 def normalize_name(value: str) -> str:
