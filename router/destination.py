@@ -227,13 +227,10 @@ class DeliveryDefaults(BaseModel):
         "them until it is delivered or given up")
 
     @model_validator(mode="after")
-    def _settings_agree(self) -> DeliveryDefaults:
+    def _room_for_a_payload(self) -> DeliveryDefaults:
         if self.payload_overhead >= self.batch_bytes:
             raise ValueError(f"payload_overhead ({self.payload_overhead}) must be less than "
                              f"batch_bytes ({self.batch_bytes}): no payload would fit a request")
-        if self.order_hold_attempts is not None and not self.ordered:
-            raise ValueError("order_hold_attempts is set without ordered: true; it only "
-                             "limits how long an event holds its user's later ones in order")
         return self
 
 

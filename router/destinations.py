@@ -164,6 +164,12 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
             {**plugin.cls.delivery.model_dump(), **overrides})
     except ValidationError as exc:
         raise source.validation_error(exc, (*path, "delivery")) from None
+    if "order_hold_attempts" in overrides and not delivery.ordered:
+        # A plugin may declare a breaker for operators who turn ordering on; an operator's
+        # own breaker without ordering would do nothing, unnoticed.
+        raise source.error((*path, "delivery", "order_hold_attempts"),
+                           "set without ordered: true; it only limits how long an event "
+                           "holds its user's later ones in order")
     adapter.delivery = delivery
 
     templates = {}

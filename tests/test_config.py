@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from router.config import load_config, parse_config
+from router.destination import DeliveryDefaults
 from router.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -707,8 +708,10 @@ def test_a_breaker_for_per_user_order_without_per_user_order_is_refused(tmp_path
             delivery: {order_hold_attempts: 5}   #!
     """)
     error = config_error(path, build=True)
-    assert_points_at(error, path, line, "destinations.0.delivery")
-    assert "order_hold_attempts is set without ordered: true" in error.message
+    assert_points_at(error, path, line, "destinations.0.delivery.order_hold_attempts")
+    assert "set without ordered: true" in error.message
+    # A plugin may declare one for operators who turn ordering on.
+    assert DeliveryDefaults(order_hold_attempts=5).order_hold_attempts == 5
 
 
 def test_delivery_settings_within_the_plugins_limits_are_allowed(tmp_path):

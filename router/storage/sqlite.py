@@ -1202,8 +1202,8 @@ def damage_in(connection: sqlite3.Connection) -> str | None:
         if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_CORRUPT:
             raise  # not a database at all, say: not for a salvage
         return str(exc)
-    problems = [finding for finding in findings if finding != "ok"]
-    return "; ".join(problems) or None
+    problems = [" ".join(finding.split()) for finding in findings if finding != "ok"]
+    return "; ".join(problems) or None  # one line: SQLite's findings span several
 
 
 def lock_delivery(path: Path) -> int | None:
