@@ -308,7 +308,7 @@ async def test_redis_forgets_a_dedup_entry_when_its_window_ends(redis_store, raw
 
 
 async def test_the_window_is_shared_by_every_instance(redis_store, url):
-    other = await another(url, recover=False)  # its clock is T0's, not today's
+    other = await another(url)
     try:
         assert await accept(redis_store, item("m-1")) == [True]
         assert await accept(other, item("m-1"), now=T0 + 1) == [False]
@@ -504,7 +504,7 @@ async def test_purge_removes_only_what_the_filter_selects(store):
 
 async def test_concurrent_replays_queue_each_letter_once(redis_store, url):
     await dead_letters_at(redis_store, [("hook", "HTTP 500", T0 + n) for n in range(20)])
-    other = await another(url, recover=False)  # its clock is T0's, not today's
+    other = await another(url)
     try:
         counts = await asyncio.gather(redis_store.replay(DeadLetterFilter(), now=T0 + 100),
                                       other.replay(DeadLetterFilter(), now=T0 + 100))
@@ -1021,7 +1021,7 @@ async def test_sqlite_jobs_queued_unordered_still_go_out_when_a_destination_beco
 
 async def test_two_instances_share_the_work_and_never_lease_the_same_job(redis_store, url):
     await accept(redis_store, *(item(f"m-{n}", user=f"u-{n % 7}") for n in range(300)))
-    other = await another(url, recover=False)  # its clock is T0's, not today's
+    other = await another(url)
     taken: dict[str, list[int | str]] = {"one": [], "two": []}
 
     async def work(name: str, storage: RedisStorage) -> None:
