@@ -11,7 +11,9 @@ import time
 import orjson
 import pytest
 
+from router.delivery import retry
 from router.delivery import service as service_module
+from router.destination import DeliveryDefaults
 from router.errors import StorageFull, StorageUnavailable
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.storage import sqlite as sqlite_module
@@ -715,6 +717,18 @@ async def test_a_destination_rests_only_when_it_keeps_failing(tmp_path, answers,
             assert await router.drain(timeout=30)
     assert bool(pauses) is rests
     assert {r.json["messageId"] for r in server.requests} == {f"m-{n}" for n in range(20)}
+
+
+def test_a_destination_that_stays_down_is_tried_again_at_least_every_30_s():
+    # It rested up to backoff_max (5 min by default): back up, it sat idle for minutes,
+    # and with its backlog filling the storage, intake refused every event meanwhile.
+    rng = random.Random(1)
+    defaults = DeliveryDefaults()
+    rests = [retry.destination_pause(n, defaults, rng) for n in range(1, 40)]
+    assert max(rests) <= 30 and rests[-1] >= 15
+    assert rests[0] <= defaults.backoff_initial  # the first rest is still short
+    short = DeliveryDefaults(backoff_max=4)  # a lower backoff_max still caps it
+    assert max(retry.destination_pause(n, short, rng) for n in range(1, 40)) <= 4
 
 
 async def test_a_round_given_back_in_vain_is_still_sent(tmp_path, monkeypatch):

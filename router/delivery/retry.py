@@ -19,6 +19,13 @@ MAX_RETRY_AFTER = 15 * 60.0
 """A ``Retry-After`` beyond this is capped: an API asking for a day is not trusted to mean it,
 and the event's own ``max_age`` decides when to give up."""
 
+MAX_DESTINATION_REST = 30.0
+"""The longest a destination that keeps failing rests before it is tried again, whatever its
+``backoff_max`` (which still bounds each event's own wait). A probe every 30 s costs a down
+API a few requests; resting up to ``backoff_max`` (5 min by default) left a destination
+that had come back idle for minutes, and with its backlog filling the storage, intake
+refused every event meanwhile (100 s in a soak with a full Redis)."""
+
 MAX_LOCATION_SHOWN = 200
 """Characters of a redirect's ``Location`` read for its reason, which shows only its scheme
 and host: enough to see where the destination moved."""
@@ -99,8 +106,10 @@ def destination_pause(failures_in_a_row: int, delivery: DeliveryDefaults,
                       rng: random.Random) -> float:
     """How long a destination rests after failing ``failures_in_a_row`` batches: exponential
     with "equal jitter" (at least half the step), so a dead destination is probed ever
-    more rarely, up to ``backoff_max``, and at once again after its first success."""
-    step = min(delivery.backoff_max, delivery.backoff_initial * 2 ** min(failures_in_a_row - 1, 30))
+    more rarely, up to ``backoff_max`` or ``MAX_DESTINATION_REST``, whichever is shorter,
+    and at once again after its first success."""
+    step = min(delivery.backoff_max, MAX_DESTINATION_REST,
+               delivery.backoff_initial * 2 ** min(failures_in_a_row - 1, 30))
     return step / 2 + rng.uniform(0, step / 2)
 
 
