@@ -1048,7 +1048,29 @@ async def test_health_of_a_hung_storage_says_so_in_one_line(
             body = await response.json()
     assert body["reason"] == "the storage did not answer within 0.2 s"
     (record,) = [r for r in caplog.records if r.getMessage().startswith("health check")]
-    assert record.exc_info is None
+    assert not record.exc_info  # no traceback
+
+
+async def test_health_says_why_it_is_unavailable_once_not_at_every_probe(
+        ingest: Ingest, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    # A full Redis: a load balancer probing every second wrote a warning every second.
+    real_ping = ingest.router.storage.ping
+
+    async def full() -> bool:
+        raise StorageFull("Redis is out of memory")
+
+    monkeypatch.setattr(ingest.router.storage, "ping", full)
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        for _ in range(5):
+            async with ingest.session.get(ingest.url + "/health") as response:
+                assert response.status == 503
+                assert (await response.json())["reason"] == "Redis is out of memory"
+        monkeypatch.setattr(ingest.router.storage, "ping", real_ping)
+        async with ingest.session.get(ingest.url + "/health") as response:
+            assert response.status == 200
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("health")]
+    assert said == ["health check: Redis is out of memory", "health check: ok again"]
 
 
 async def test_health_is_unavailable_while_the_spools_disk_has_no_room(

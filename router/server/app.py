@@ -106,6 +106,33 @@ ADMISSION = web.AppKey("admission", asyncio.Semaphore)
 REJECTIONS = web.AppKey("rejections", FailureLog)
 INVALID_FOR_DESTINATION = web.AppKey("invalid_for_destination", FailureLog)
 TRUSTED_PROXIES: web.AppKey[tuple[IPNetwork, ...]] = web.AppKey("trusted_proxies")
+
+
+class HealthLog:
+    """Says when ``/health`` turns unavailable and why, again once a minute while it stays
+    so or when the reason changes, and when it is ok again: a load balancer probing every
+    second wrote a line a second for as long as a Redis stayed full."""
+
+    REPEAT_AFTER = 60.0
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.said_at = 0.0
+
+    def unavailable(self, reason: str, *, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if reason != self.reason or now - self.said_at >= self.REPEAT_AFTER:
+            log.warning("health check: %s", reason, exc_info=exc_info)
+            self.said_at = now
+        self.reason = reason
+
+    def ok(self) -> None:
+        if self.reason is not None:
+            log.warning("health check: ok again")
+            self.reason = None
+
+
+HEALTH_LOG = web.AppKey("health_log", HealthLog)
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
 MESSAGE_ID_SHOWN = 200
@@ -134,6 +161,7 @@ def create_app(router: Router) -> web.Application:
     # reason: this log is where an operator sees why events went missing.
     app[REJECTIONS] = FailureLog(log, kind=("source",))
     app[INVALID_FOR_DESTINATION] = FailureLog(log, kind=("destination",))
+    app[HEALTH_LOG] = HealthLog()
     app.cleanup_ctx.append(_flushing_rejections)
     if app[WRITE_KEYS].empty:
         log.warning("no sources are configured: the HTTP API refuses every request with 401 "
@@ -449,20 +477,22 @@ def _probe(handle: Handler, *, logged: bool) -> Handler:
 async def handle_health(request: web.Request) -> web.Response:
     """200 when the storage answers and has room (the router can accept work), else 503
     with the reason: a full disk refuses every event, so a load balancer should know."""
+    said = request.app[HEALTH_LOG]
     reason = "the storage does not answer"
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT):
             healthy = await request.app[ROUTER].storage.ping()
     except (StorageFull, StorageUnavailable) as exc:
         healthy, reason = False, str(exc)
-        log.warning("health check: %s", reason)
+        said.unavailable(reason)
     except TimeoutError:  # a hung storage: one line, not a traceback every probe
         healthy, reason = False, f"the storage did not answer within {HEALTH_TIMEOUT:g} s"
-        log.warning("health check: %s", reason)
+        said.unavailable(reason)
     except Exception:  # noqa: BLE001 - any failure is "not ready", never a 500
-        log.warning("health check: the storage does not answer", exc_info=True)
+        said.unavailable(reason, exc_info=True)
         healthy = False
     if healthy:
+        said.ok()
         return json_response({"status": "ok"})
     return json_response({"status": "unavailable", "reason": reason}, status=503)
 
