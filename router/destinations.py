@@ -157,9 +157,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
     for key, limit, shown, why in _ceilings(entry.plugin, plugin.cls.delivery):
         if limit is not None and overrides.get(key, 0) > limit:
             raise source.error((*path, "delivery", key), f"expected at most {shown}: {why}")
-    if "retry_on" in overrides:
-        overrides["retry_on"] = frozenset(overrides["retry_on"])
-    try:  # validated again as a whole: some settings must agree with others
+    try:  # validated again as a whole (retry_on's list becomes a frozenset there too)
         delivery = type(plugin.cls.delivery).model_validate(
             {**plugin.cls.delivery.model_dump(), **overrides})
     except ValidationError as exc:

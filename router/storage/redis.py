@@ -63,10 +63,11 @@ DEDUP_BUCKET = 60
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
 MAX_CONNECTIONS = 64
-NEEDED_ACL = ("; the router runs Lua scripts, so its Redis user needs +evalsha, +eval and "
-              "+script|load, and the commands the scripts call (+@read +@write) on its keys")
 """Connections one process keeps to Redis. More concurrent calls wait for a free one (up to
 ``COMMAND_TIMEOUT``) rather than fail: a burst of intake requests queues, it is not refused."""
+NEEDED_ACL = ("; the router runs Lua scripts, so its Redis user needs +evalsha, +eval and "
+              "+script|load, and the commands the scripts call (+@read +@write) on its keys")
+"""Appended to a NOPERM error, at open or at run time."""
 _WARNED: set[tuple[Any, ...]] = set()
 
 # -- Lua --------------------------------------------------------------------------------------

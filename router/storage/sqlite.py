@@ -130,20 +130,6 @@ with 64 MB, a million ids in the window made every commit cost 2 ms (an accept o
 2,056 µs of CPU against 264 with an empty window; a hundred a call, 66.9 µs an event
 against 6.5). With 4 MB: 300 µs and 14.5 µs (``bench.delivery``'s ``dedup_window``)."""
 
-
-def holding_index(hold_attempts: int) -> tuple[str, str]:
-    """The name and the statement of the index of the jobs that hold their user's line
-    under ``order_hold_attempts: N`` (fewer than N failed attempts): a partial index, so the
-    head-of-user check of a lease with the breaker is one seek. Through ``jobs_user`` it
-    walked past every earlier job that had stepped out (1.0 s a lease with 1,000 stepped out
-    and 10,000 behind, against 5 ms). Made by the first such lease, one per value of N ever
-    used, and not otherwise: it costs every row of ``jobs`` it holds about 6 µs to write,
-    and building it over a large backlog holds the spool's write lock (about 0.8 s a
-    million rows)."""
-    name = f"jobs_holding_{hold_attempts}"
-    return name, (f"CREATE INDEX IF NOT EXISTS {name} ON jobs (destination, user_key, id) "
-                  f"WHERE attempts < {hold_attempts}")
-
 _JOB_COLUMNS = ("id, destination, message_id, user_key, grp, body, created_at, attempts, "
                 "first_attempt_at")
 MAX_BUNDLE_JOBS = 1000
@@ -193,9 +179,8 @@ class SqliteStorage(Storage):
         self._bundle_of: dict[int | str, _OpenBundle] = {}
         """The jobs of bundles leased by this process and not yet settled, each with its
         bundle: what a cursor moved back by ``release`` must not hand out twice."""
-        self._holding_indexed: set[int] = set()
-        """The values of ``order_hold_attempts`` whose ``holding_index`` this process has made
-        sure of."""
+        self._holding_indexed: set[str] = set()
+        """The ``holding_index`` names this process has made sure of."""
         self._damaged: list[tuple[Job, str]] = []
         """Jobs that a lease found damaged (a CRC that does not match), with why, for
         ``lease`` to dead-letter."""
@@ -364,8 +349,8 @@ class SqliteStorage(Storage):
         # Some builds of SQLite overwrite deleted content with zeros, through the WAL: then
         # deleting delivered bundles on a full disk needs as much space as it frees.
         connection.execute("PRAGMA secure_delete=OFF")
-        if self._recover:
-            self._refuse_damage(connection)
+        if self._recover and (damage := self._damage(connection)) is not None:
+            raise StorageUnavailable(damage)
         self._prepare_layout(connection)
         connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
@@ -374,15 +359,11 @@ class SqliteStorage(Storage):
             connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
         connection.execute("PRAGMA busy_timeout=0")  # _begin waits for the lock itself
 
-    def _refuse_damage(self, connection: sqlite3.Connection) -> None:
-        """A router checks the file's structure when it starts (``PRAGMA integrity_check``,
-        0.34 s a GB), so that damage is said at once, with what to do, not met by an intake or a
-        lease hours later, and then again every few seconds."""
-        damage = self._damage(connection)
-        if damage is not None:
-            raise StorageUnavailable(damage)
-
     def _damage(self, connection: sqlite3.Connection) -> str | None:
+        """The file's damage and what to do, or None. A router checks when it starts
+        (``PRAGMA integrity_check``, 0.34 s a GB), so that damage is said at once, not met
+        by an intake or a lease hours later, and then again every few seconds; ``router
+        check --storage`` asks the same (``damage``)."""
         damage = damage_in(connection)
         return None if damage is None else (
             f"the spool {self.path} is damaged ({damage}): {SALVAGE_ADVICE}")
@@ -652,12 +633,12 @@ class SqliteStorage(Storage):
                      hold_attempts: int | None) -> list[Job]:
         earlier, holding = "jobs AS earlier", ""
         if ordered and hold_attempts is not None:
-            index, create = holding_index(int(hold_attempts))
-            if hold_attempts not in self._holding_indexed:
+            index, create, holds = holding_index(int(hold_attempts))
+            if index not in self._holding_indexed:
                 await self._call(lambda connection: connection.execute(create))
-                self._holding_indexed.add(hold_attempts)
+                self._holding_indexed.add(index)
             earlier = f"jobs AS earlier INDEXED BY {index}"
-            holding = f" AND earlier.attempts < {int(hold_attempts)}"
+            holding = f" AND earlier.{holds}"
         head_of_user = (f" AND NOT EXISTS (SELECT 1 FROM {earlier} WHERE earlier.destination"
                         " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
                         f" < jobs.id{holding})") if ordered else ""
@@ -1189,6 +1170,20 @@ class _OpenBundle:
         self.jobs, self.damaged = unpack_bundle(packed, bundle_id - first_id + 1)
         self.unsettled = set(range(first_id, bundle_id + 1)) - settled
         self.has_settled_rows = bool(settled)
+
+
+def holding_index(hold_attempts: int) -> tuple[str, str, str]:
+    """The name and the statement of the index of the jobs that hold their user's line
+    under ``order_hold_attempts: N`` (fewer than N failed attempts), and the condition that
+    selects them: a partial index, so the head-of-user check of a lease with the breaker is
+    one seek. Through ``jobs_user`` it walked past every earlier job that had stepped out
+    (1.0 s a lease with 1,000 stepped out and 10,000 behind, against 5 ms). Made by the
+    first such lease, one per value of N ever used, and not otherwise: it costs every row of
+    ``jobs`` it holds about 6 µs to write, and building it over a large backlog holds the
+    spool's write lock (about 0.8 s a million rows)."""
+    name, holds = f"jobs_holding_{hold_attempts}", f"attempts < {hold_attempts}"
+    create = f"CREATE INDEX IF NOT EXISTS {name} ON jobs (destination, user_key, id) WHERE {holds}"
+    return name, create, holds
 
 
 def damage_in(connection: sqlite3.Connection) -> str | None:
