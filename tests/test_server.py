@@ -268,6 +268,22 @@ async def test_analytics_next_style_batch_on_v1_b(ingest: Ingest, recorder: Reco
     assert WEB_KEY not in json.dumps(delivered)
 
 
+async def test_ruby_and_java_libraries_batch_on_v1_import(ingest: Ingest, recorder: Recorder
+                                                          ) -> None:
+    """analytics-ruby and analytics-java post their batches to /v1/import, not /v1/batch:
+    answered 404, they dropped every event."""
+    body = {"sentAt": "2026-01-01T00:00:10.000Z", "batch": [
+        {"type": "identify", "userId": "u-9", "messageId": "i-1", "traits": {"plan": "pro"},
+         "timestamp": "2026-01-01T00:00:00.000Z",
+         "context": {"library": {"name": "analytics-ruby", "version": "2.4.0"}}},
+        {"type": "track", "userId": "u-9", "event": "Signed Up", "messageId": "i-2"},
+    ]}
+    status, answer, _ = await ingest.post("/v1/import", body)
+    assert (status, answer) == (200, {"success": True})
+    await recorder.wait_for(2)
+    assert sorted(recorder.message_ids) == ["i-1", "i-2"]
+
+
 async def test_fixture_batch_rejects_the_invalid_event_alone(
         ingest: Ingest, recorder: Recorder) -> None:
     body = json.loads((FIXTURES / "batch.json").read_text())

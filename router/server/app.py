@@ -74,7 +74,9 @@ OVERLOADED_RETRY_AFTER = 5
 SHORT_PATHS = {"track": "/v1/t", "identify": "/v1/i", "page": "/v1/p", "screen": "/v1/s",
                "group": "/v1/g", "alias": "/v1/a"}
 """analytics-next posts each call to ``{apiHost}/{first letter of the type}``."""
-BATCH_PATHS = ("/v1/batch", "/v1/b")
+BATCH_PATHS = ("/v1/batch", "/v1/b", "/v1/import")
+"""``/v1/b`` is analytics-next's; ``/v1/import``, an older name Segment still answers, is
+where analytics-ruby and analytics-java post their batches."""
 ENDPOINTS: dict[str, str] = {
     **{f"/v1/{call}": call for call in CALL_TYPES},
     **{path: call for call, path in SHORT_PATHS.items()},
