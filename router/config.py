@@ -379,6 +379,7 @@ _YAML_HINTS = (
     ("expected <block end>", "most often a line indented less or more than the keys beside it"),
     ("could not find expected ':'", "most often a key without its ':', or a line indented as "
      "if it were one"),
+    ("but got '{'", "inside { } or [ ], a ${VAR} needs quotes: \"${VAR}\""),
 )
 """What PyYAML's commonest complaints most often mean in a config file, said after them."""
 

@@ -500,6 +500,8 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     ("server:\n\thost: 0.0.0.0\n", 2, "indent with spaces"),
     ("server:\n  host: a: b\n", 2, "which needs quotes"),
     ("server:\n  host: a\n port: 1\n", 3, "indented less or more"),
+    ("server: {host: 127.0.0.1, port: ${PORT}}\n", 1, 'needs quotes: "${VAR}"'),
+    ("sources:\n  - {name: web, write_keys: [${KEY}]}\n", 2, 'needs quotes: "${VAR}"'),
 ])
 def test_common_yaml_mistakes_get_a_hint_in_plain_words(tmp_path, text, line, hint):
     # PyYAML says "mapping values are not allowed here" (newcomer audit)
