@@ -277,6 +277,13 @@ class Destination(Generic[SettingsT]):
     out as it is: build the request with ``HttpRequest.json`` or ``orjson.dumps``. Set it on
     the class, or in ``__init__`` when it depends on the settings."""
 
+    reads_amounts: bool = True
+    """True when ``translate`` relies on ``revenue`` and ``value`` being numbers and
+    ``currency`` an ISO 4217 code, as the core makes them. An event whose amounts are not
+    (``"$25.00"``, see ``Event.amount_problems``) is then invalid for this destination,
+    with the reason, and never reaches ``translate``. A destination that passes properties
+    on as they came (a webhook, a forwarder) sets it False and gets such events too."""
+
     def __init__(self, settings: SettingsT) -> None:
         self.settings = settings
 

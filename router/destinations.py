@@ -41,10 +41,13 @@ class ConfiguredDestination:
     """The most bytes a payload's body may have (``delivery``'s, worked out once)."""
     transforms: bool = field(init=False)
     """Whether the operator's mapping changes events before translation."""
+    reads_amounts: bool = field(init=False)
+    """The adapter's ``reads_amounts``, read once."""
 
     def __post_init__(self) -> None:
         self.payload_limit = payload_limit(self.delivery)
         self.transforms = bool(self.renames or self.property_templates)
+        self.reads_amounts = bool(self.adapter.reads_amounts)
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         """The adapter's translation, after the operator's mapping overrides. What it returns

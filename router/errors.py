@@ -8,6 +8,7 @@ to dry-run output, dead letters, logs and metrics.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 
 class RouterError(Exception):
@@ -38,8 +39,12 @@ class InvalidEvent(RouterError):
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
-        super().__init__("; ".join(f"{field}: {message}" if field else message
-                                   for field, message in problems))
+        super().__init__(problems_text(problems))
+
+
+def problems_text(problems: Iterable[tuple[str, str]]) -> str:
+    """``(field, message)`` pairs as one reason: ``field: message; ...``."""
+    return "; ".join(f"{field}: {message}" if field else message for field, message in problems)
 
 
 class StorageFull(RouterError):

@@ -63,7 +63,17 @@ class Event(BaseModel):
     originalTimestamp: datetime | None = None
     sentAt: datetime | None = None
     version: int | str | None = None
-    __slots__ = ("_shared",)  # shared()'s cache: a slot is cheap, and copies start empty
+    __slots__ = ("_shared", "_amount_problems")
+    """``shared()``'s cache and ``amount_problems``: slots are cheap, and copies start empty."""
+
+    @property
+    def amount_problems(self) -> tuple[tuple[str, str], ...]:
+        """What is wrong with the event's ``revenue``, ``value`` or ``currency``, as
+        ``(field, message)`` pairs: a value that is not a number (``"$25.00"``) or not an
+        ISO 4217 code, left in ``properties`` as the client sent it. Such an event is not
+        refused: destinations that pass properties on as they came (``reads_amounts`` off)
+        still get it, and the others find it invalid, each with these reasons."""
+        return getattr(self, "_amount_problems", ())
 
     @property
     def user_key(self) -> str:
@@ -161,7 +171,9 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         event = Event.model_validate(data)
     except ValidationError as exc:
         raise InvalidEvent(_problems(exc)) from None
-    object.__setattr__(event, "_shared", None)  # an unset slot would take pydantic's slow path
+    # Unset slots would take pydantic's slow path.
+    object.__setattr__(event, "_shared", None)
+    object.__setattr__(event, "_amount_problems", ())
 
     problems = _call_type_problems(event)
     client_time = None
@@ -175,7 +187,9 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         # normalized event parse again to the same timestamp at the same receive time.
         event.originalTimestamp = client_time or event.sentAt
     if event.type in _PROPERTY_CALLS and event.properties:
-        problems += normalize_reserved_properties(event.properties)
+        amount_problems = normalize_reserved_properties(event.properties)
+        if amount_problems:
+            object.__setattr__(event, "_amount_problems", tuple(amount_problems))
     elif event.type == "identify" and not event.traits:
         # RudderStack's libraries (Python among them) send identify traits only in
         # context.traits, where RudderStack reads them: every destination needs them in traits.
@@ -230,7 +244,8 @@ def _out_of_range(event: Event) -> list[tuple[str, str]]:
 
 
 def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str, str]]:
-    """Make ``revenue``/``value`` numbers and ``currency`` an upper-case ISO 4217 code, in place;
+    """Make ``revenue``/``value`` numbers and ``currency`` an upper-case ISO 4217 code, in place
+    (a value that is neither is left as it is);
     numeric strings in the e-commerce spec's other amounts (``total``, ``subtotal``,
     ``shipping``, ``tax``, ``discount``, ``price``, ``quantity``) and in each product's
     ``price`` and ``quantity`` become numbers too (vendors such as GA4 drop a string price
@@ -258,7 +273,7 @@ def normalize_reserved_properties(properties: dict[str, Any]) -> list[tuple[str,
                              "expected an ISO 4217 currency code such as USD or EUR"))
         else:
             properties["currency"] = code
-    elif properties.get("revenue") is not None:
+    elif type(properties.get("revenue")) in (int, float):  # not a value left as it came
         properties["currency"] = DEFAULT_CURRENCY
     return problems
 

@@ -359,6 +359,47 @@ async def test_plugin_crash_in_translate_is_invalid_for_that_destination_only():
     assert queued == {"Hook": 3, "Crashy": 1}
 
 
+async def test_amounts_that_are_no_numbers_cost_only_the_destinations_that_read_them():
+    # Refused whole, an event with revenue "$25.00" reached no destination, a webhook that
+    # forwards it as it came included; Segment's API takes it (client libraries audit).
+    async with make_router("""
+        - name: Hook
+          plugin: webhook
+          settings: {url: "https://hooks.example/all"}
+        - name: Templated
+          plugin: webhook
+          settings:
+            url: "https://hooks.example/t"
+            body: '{"cents": {{ event.properties.revenue * 100 }}}'
+        - name: Forward
+          plugin: segment
+          settings: {write_key: abcdefgh12345678}
+        - name: Amp
+          plugin: amplitude
+          settings: {api_key: abcdefgh12345678}
+        - name: Probe
+          plugin: probe
+    """) as router:
+        odd = await router.route(track("Order Completed", messageId="m-1", userId="user-1",
+                                       properties={"revenue": "$25.00", "currency": "dollars",
+                                                   "order_id": "o-1"}))
+        fine = await router.route(track("Order Completed", messageId="m-2", userId="user-1",
+                                        properties={"revenue": "25.00"}))
+        queued = await pending(router)
+    assert statuses(odd) == {"Hook": "send", "Forward": "send", "Templated": "invalid",
+                             "Amp": "invalid", "Probe": "invalid"}
+    reason = odd.status_of("Amp").reason
+    assert reason == ("properties.revenue: expected a number or a numeric string; "
+                      "properties.currency: expected an ISO 4217 currency code such as USD "
+                      "or EUR")
+    assert "$25.00" not in reason
+    (hook,) = odd.status_of("Hook").payloads
+    assert hook.body["properties"] == {"revenue": "$25.00", "currency": "dollars",
+                                       "order_id": "o-1"}  # as it came
+    assert set(statuses(fine).values()) == {"send"}
+    assert queued == {"Hook": 2, "Forward": 2, "Templated": 1, "Amp": 1, "Probe": 1}
+
+
 async def test_a_crashing_plugin_does_not_log_its_settings_secrets(caplog):
     async with make_router(f"""
         - name: Crashy

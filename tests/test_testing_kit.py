@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
-from router import (DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse, Outcome,
-                    Payload, PermanentError, RetryableError, SkipEvent, basic_auth,
-                    parse_event)
+from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+                    HttpResponse, Outcome, Payload, PermanentError, RetryableError, SkipEvent,
+                    basic_auth, parse_event)
 from router.events import CALL_TYPES
 from router.testing import (Answer, ConformanceFailure, ConformanceSuite, DestinationHarness,
                             FakeDestinationServer, check_destination, classify_status,
@@ -179,6 +179,17 @@ def test_harness_payloads_are_the_normalized_event():
     assert payload.body["properties"]["currency"] == "EUR"  # was "eur"
     assert payload.body["messageId"] == "msg-order-50314b8e9bcf"
     assert payload.body["receivedAt"] == "2026-11-20T14:03:12.000Z"  # the kit's fixed clock
+
+
+def test_harness_rejects_amounts_that_are_no_numbers_as_the_router_does():
+    """A destination that reads amounts is never handed "$25.00"; one that passes events on
+    as they came (the webhook without a template) gets it as sent."""
+    odd = make_event("track", event="Order Completed", properties={"revenue": "$25.00"})
+    (payload,) = DestinationHarness(Webhook, HOOK_SETTINGS).payloads(odd)
+    assert payload.body["properties"] == {"revenue": "$25.00"}
+    templated = DestinationHarness(Webhook, {**HOOK_SETTINGS, "body": "{{ event.event }}"})
+    with pytest.raises(EventRejected, match="properties.revenue: expected a number"):
+        templated.payloads(odd)
 
 
 def test_harness_requests_show_the_exact_request():

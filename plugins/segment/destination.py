@@ -41,6 +41,7 @@ class SegmentSettings(BaseModel):
 class Segment(Destination[SegmentSettings]):
     plugin_name = "segment"
     opaque_bodies = True  # build_request only lists the bodies
+    reads_amounts = False  # events are forwarded as they came, as Segment's own API takes them
     Settings = SegmentSettings
     delivery = DeliveryDefaults(
         # /v1/batch takes at most 500 KB a request and 32 KB an event, else 400 (Segment

@@ -38,6 +38,9 @@ class Webhook(Destination[WebhookSettings]):
         self._template = Template(settings.body, where="settings.body") if settings.body else None
         # The event as JSON is sent as it was spooled; a template's text is not JSON.
         self.opaque_bodies = self._template is None
+        # Without a template the event goes as it came, amounts the core could not read too
+        # ("$25.00"); a template may compute with them, so it gets numbers or nothing.
+        self.reads_amounts = self._template is not None
         self._headers = {name: value.get_secret_value()
                          for name, value in settings.headers.items()}
 

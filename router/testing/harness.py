@@ -32,7 +32,7 @@ from router.delivery.batching import from_spool, oversized, payload_limit
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
                                 HttpRequest, HttpResponse, Outcome, Payload, checked_payloads,
                                 outcomes_problem)
-from router.errors import DestinationError, EventRejected
+from router.errors import DestinationError, EventRejected, problems_text
 from router.events import Event, parse_event
 from router.integrations import decide
 from router.redaction import secret_values
@@ -140,6 +140,8 @@ class DestinationHarness(Generic[DestinationT]):
         parsed = self.event(event)
         if options is None:
             options = self.options_for(parsed)
+        if self.destination.reads_amounts and parsed.amount_problems:  # as the router does
+            raise EventRejected(problems_text(parsed.amount_problems))
         payloads = checked_payloads(self.destination.translate(parsed, options))
         limit = payload_limit(self.delivery)
         for payload in payloads:  # the core's size rule, as at routing
