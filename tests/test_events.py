@@ -593,12 +593,15 @@ def test_any_valid_event_parses(raw):
         if key not in RESERVED_KEYS and key not in ("category", "channel"):
             assert data[key] == value
     if event.type in ("track", "page", "screen"):
+        unread = {field for field, _ in event.amount_problems}
         for key in ("revenue", "value"):
             if event.properties.get(key) is not None:
-                assert isinstance(event.properties[key], (int, float))
+                assert (f"properties.{key}" in unread) != \
+                    isinstance(event.properties[key], (int, float))
         if event.properties.get("currency") is not None:
-            assert event.properties["currency"] in ISO_4217_CODES
-        if event.properties.get("revenue") is not None:
+            assert ("properties.currency" in unread) != \
+                (event.properties["currency"] in ISO_4217_CODES)
+        if isinstance(event.properties.get("revenue"), int | float):
             assert "currency" in event.properties
 
 

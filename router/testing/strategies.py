@@ -5,11 +5,12 @@
 core's own property tests reuse them, so "valid event" means one thing across the project.
 
 What is drawn, beyond the happy path: ids and names in any script, numeric ids, nested
-properties and traits, ``revenue``/``value`` as numbers or numeric strings, currency codes in
-any case and with spaces, ``products[]`` with missing or oddly typed fields, integrations maps
-with per-destination option objects, optional timestamps with or without ``sentAt``, unknown
-top-level fields, and the spec's e-commerce and semantic event names, so that a destination's
-special cases are reached, not only its generic path.
+properties and traits, ``revenue``/``value`` as numbers or numeric strings (now and then as
+text that is no number), currency codes in any case and with spaces (now and then no code),
+``products[]`` with missing or oddly typed fields, integrations maps with per-destination
+option objects, optional timestamps with or without ``sentAt``, unknown top-level fields, and
+the spec's e-commerce and semantic event names, so that a destination's special cases are
+reached, not only its generic path.
 """
 
 from __future__ import annotations
@@ -98,10 +99,12 @@ def numbers() -> st.SearchStrategy[float | int]:
 
 
 def amounts() -> st.SearchStrategy[float | int | str]:
-    """``revenue``/``value`` as clients send them: numbers, or numeric strings that
-    ``parse_event`` turns into numbers ("19.99", " 5 ", "1e3")."""
+    """``revenue``/``value`` as clients send them: numbers, numeric strings that
+    ``parse_event`` turns into numbers ("19.99", " 5 ", "1e3"), and now and then text that
+    is no number ("$25.00"), which only destinations with ``reads_amounts`` off receive."""
     return st.one_of(numbers(), numbers().map(repr), numbers().map(lambda n: f" {n} "),
-                     st.sampled_from(["19.99", "0", "0.00", "1e3", "-5.5", "25.00"]))
+                     st.sampled_from(["19.99", "0", "0.00", "1e3", "-5.5", "25.00"]),
+                     st.sampled_from(["$25.00", "1,234.50", "free", ""]))
 
 
 def currency_codes() -> st.SearchStrategy[str]:
@@ -114,6 +117,7 @@ def currency_codes() -> st.SearchStrategy[str]:
         st.tuples(codes, st.lists(st.booleans(), min_size=3, max_size=3)).map(
             lambda pair: "".join(c.lower() if low else c for c, low in zip(pair[0], pair[1]))),
         codes.map(lambda code: f" {code} "),
+        st.sampled_from(["", "dollars", "€"]),  # no code: as amounts above
     )
 
 
