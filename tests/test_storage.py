@@ -970,6 +970,38 @@ async def test_sqlite_intake_stops_while_the_disk_has_less_free_than_delivery_ne
         await storage.close()
 
 
+async def test_sqlite_intake_counts_the_wal_a_long_read_holds_against_the_free_space(tmp_path):
+    # A read held checkpoints off, the WAL grew to 194 MB beside 64 MB free, and the
+    # checkpoint after it took the disk's last byte: delivery could record nothing again
+    # (disk audit).
+    storage = SqliteStorage(tmp_path / "spool.db", min_free_bytes=0)
+    await storage.open()
+    reader = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    try:
+        await accept(storage, item("m-0"))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM seen").fetchone()  # a snapshot, held
+        body = os.urandom(200_000)  # does not compress: each accept adds 200 KB to the WAL
+        for n in range(1, 60):
+            await storage.accept([Acceptance("web", f"m-{n}", [NewJob(
+                "hook", f"m-{n}", "user-1", "", body)])], window=WINDOW, now=T0)
+        wal = (tmp_path / "spool.db-wal").stat().st_size
+        assert wal > 10_000_000
+        # Room on the disk beyond the reserve, but not for the WAL's pages as well.
+        storage.min_free_bytes = sqlite_module._disk_free_bytes(tmp_path / "spool.db") - wal // 2
+        with pytest.raises(StorageFull, match=r"less the \d+ MB its write-ahead log may add"):
+            await accept(storage, item("m-refused"))
+        reader.execute("COMMIT")
+        assert reader.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+        # The WAL's pages are home: the file keeps its size, but what it holds is spent.
+        assert (tmp_path / "spool.db-wal").stat().st_size >= wal
+        storage.min_free_bytes = sqlite_module._disk_free_bytes(tmp_path / "spool.db") - wal // 2
+        assert await accept(storage, item("m-after")) == [True]
+    finally:
+        reader.close()
+        await storage.close()
+
+
 async def test_sqlite_a_spool_another_process_keeps_locked_is_unavailable_not_an_error(
         spool, tmp_path, monkeypatch):
     # Intake answered 500 with a traceback, and delivery did not put the jobs back: the

@@ -41,6 +41,7 @@ import logging
 import os
 import queue
 import sqlite3
+import struct
 import threading
 import time
 import zlib
@@ -157,6 +158,7 @@ class SqliteStorage(Storage):
     def __init__(self, path: Path, *, synchronous: str = "NORMAL",
                  max_bytes: int | None = None, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.path = path
+        self._wal_path = path.with_name(path.name + "-wal")
         self.synchronous = synchronous.upper()
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -530,12 +532,24 @@ class SqliteStorage(Storage):
         """Refuse new work (``StorageFull``) when the spool has reached ``max_bytes``, or
         when its disk has less than ``min_free_bytes`` left: delivery needs room to write
         what becomes of the work already accepted (the WAL, retries, dead letters), and on
-        a disk filled to the last byte it could record nothing, and stopped."""
+        a disk filled to the last byte it could record nothing, and stopped.
+
+        The WAL counts against the free space: a checkpoint copies its pages into the
+        database file, which grows by up to as much while the WAL keeps its size. A long
+        read (a backup, a ``sqlite3`` shell) holds checkpoints off while intake goes on;
+        with only the free space checked, the WAL grew to 194 MB beside 64 MB free, the
+        checkpoint after the read took the last byte, and delivery, whose deletes need room
+        in the WAL, could record nothing again until more disk was given (disk audit)."""
         free = _disk_free_bytes(self.path)
-        if free < self.min_free_bytes:
-            raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free, under the "
-                              f"{amount_of_bytes(self.min_free_bytes)} kept for delivery "
-                              "(?min_free_bytes=)")
+        # The WAL file's size bounds what it holds; only near the line is that read closely.
+        if free - _file_size(self._wal_path) < self.min_free_bytes:
+            pending = _checkpoint_debt(self._wal_path)
+            if free - pending < self.min_free_bytes:
+                more = (f", less the {amount_of_bytes(pending)} its write-ahead log may add "
+                        "to the spool at its next checkpoint" if pending >= 2**20 else "")
+                raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free{more}, "
+                                  f"under the {amount_of_bytes(self.min_free_bytes)} kept for "
+                                  "delivery (?min_free_bytes=)")
         if self.max_bytes is None:
             return
         pages = connection.execute("PRAGMA page_count").fetchone()[0]
@@ -1034,6 +1048,37 @@ def _byte_count(options: dict[str, str], name: str) -> int:
 def _disk_free_bytes(path: Path) -> int:
     disk = os.statvfs(path.parent)
     return disk.f_bavail * disk.f_frsize
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+WAL_INDEX_VERSION = 3007000
+
+
+def _checkpoint_debt(wal: Path) -> int:
+    """At most how many bytes the WAL's frames not yet checkpointed can add to the database
+    file: the frames in the WAL (``mxFrame``) less those already copied home
+    (``nBackfill``), times the page size, read from the WAL index's header in the ``-shm``
+    file (sqlite.org/walformat.html). After a checkpoint the WAL file keeps its size (up to
+    64 MB) while what it holds is spent, so its size alone would refuse intake for good on
+    a disk with less than that beyond the reserve. The file's size when the index cannot
+    be read."""
+    try:
+        with open(wal.with_name(wal.name.removesuffix("-wal") + "-shm"), "rb") as index:
+            header = index.read(100)
+    except OSError:
+        header = b""
+    if len(header) < 100 or struct.unpack_from("=I", header, 0)[0] != WAL_INDEX_VERSION:
+        return _file_size(wal)
+    (page_size,) = struct.unpack_from("=H", header, 14)
+    (frames,) = struct.unpack_from("=I", header, 16)
+    (copied_home,) = struct.unpack_from("=I", header, 96)
+    return max(0, frames - copied_home) * (65536 if page_size == 1 else page_size)
 
 
 def _by_id(job: Job) -> int | str:
