@@ -17,6 +17,7 @@ import os
 import random
 import dataclasses
 import sqlite3
+import subprocess
 import zlib
 import sys
 import time
@@ -685,6 +686,29 @@ async def test_sqlite_a_new_spool_has_large_pages_and_an_older_file_keeps_its_ow
     assert page_size(older) == 4096
 
 
+async def test_sqlite_keeps_its_dedup_index_beside_the_spool_and_removes_it(tmp_path):
+    # In SQLite's temporary directory it took room that neither max_bytes nor min_free_bytes
+    # saw: when that disk filled, every event was refused while /health said ok, and the
+    # refusal named the spool's disk (disk audit).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left_by_a_dead_process = tmp_path / f"spool.db.dedup-{dead}-0badc0de"
+    left_by_a_dead_process.write_bytes(b"x" * 1000)
+    of_a_live_process = tmp_path / f"spool.db.dedup-{os.getppid()}-0badc0de"
+    of_a_live_process.write_bytes(b"x")
+    storage = SqliteStorage(tmp_path / "spool.db")
+    await storage.open()
+    try:
+        await accept(storage, *(item(f"m-{n}") for n in range(2000)))
+        (index,) = tmp_path.glob(f"spool.db.dedup-{os.getpid()}-*")
+        assert index.stat().st_size > 2000 * 16  # the ids are there, not in /var/tmp
+        assert await accept(storage, item("m-7")) == [False]
+    finally:
+        await storage.close()
+    assert not index.exists() and not left_by_a_dead_process.exists()
+    assert of_a_live_process.exists()
+
+
 async def test_sqlite_a_new_spool_is_readable_by_its_owner_only(tmp_path):
     # It holds the events (personal data among them) and the dead letters' requests and
     # answers: under the usual umask of 022 every file was readable by any local user
@@ -706,8 +730,11 @@ async def test_sqlite_a_new_spool_is_readable_by_its_owner_only(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
-    assert modes == {"spool.db": 0o600, "spool.db-shm": 0o600, "spool.db-wal": 0o600,
-                     "spool.db.delivery-lock": 0o600}
+    index = f"spool.db.dedup-{os.getpid()}-"
+    assert {name.split(index)[0] + (index if index in name else ""): mode
+            for name, mode in modes.items()} == {
+        "spool.db": 0o600, "spool.db-shm": 0o600, "spool.db-wal": 0o600,
+        "spool.db.delivery-lock": 0o600, index: 0o600}
     assert older.stat().st_mode & 0o777 == 0o640
 
 

@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import glob
 import logging
 import os
 import queue
+import secrets
 import sqlite3
 import struct
 import threading
@@ -87,6 +89,7 @@ MIN_FREE_BYTES = 64 * 1024 * 1024
 SALVAGE_ADVICE = ("stop every router process that uses it, then run `router salvage -c "
                   "CONFIG`, which keeps a copy of the damaged file and puts back every row "
                   "that can still be read (docs/storage.md, 'A damaged spool')")
+DEDUP_INDEX_SUFFIX = ".dedup-"
 LANE_BITS = 40
 """Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 
@@ -117,15 +120,21 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, failed_at);
 """
 DEDUP_INDEX_SCHEMA = """
-ATTACH '' AS dedup_index;
 PRAGMA dedup_index.journal_mode = MEMORY;
+PRAGMA dedup_index.synchronous = OFF;
+PRAGMA dedup_index.locking_mode = EXCLUSIVE;
 PRAGMA dedup_index.cache_size = -4096;
 CREATE TABLE dedup_index.keys (key INTEGER PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE INDEX dedup_index.keys_expiry ON keys (expires_at);
 """
-"""The lookup side of the dedup window: a database of this process's own in a temporary file,
-which nothing fsyncs or journals to disk; the OS's page cache holds what SQLite's does not.
-It is rebuilt from ``seen`` after a restart. SQLite's own cache for it is kept small (4 MB):
+"""The lookup side of the dedup window: a database of this process's own, in a file beside
+the spool (``router.db.dedup-PID-TOKEN``) that nothing fsyncs or journals; the OS's page
+cache holds what SQLite's does not. It is made anew at each open, rebuilt from ``seen``, and
+removed at close; one left by a process that is gone is removed at the next open. In
+SQLite's temporary directory (``/var/tmp``), as it was, it took room outside the spool's
+disk that neither ``max_bytes`` nor ``min_free_bytes`` saw (about 51 bytes an id), and when
+that disk filled, intake refused every event while ``/health`` said ok and the refusal named
+the spool's disk (disk audit). SQLite's own cache for it is kept small (4 MB):
 each commit of a temporary database costs in proportion to the pages its cache holds, and
 with 64 MB, a million ids in the window made every commit cost 2 ms (an accept of one event
 2,056 µs of CPU against 264 with an empty window; a hundred a call, 66.9 µs an event
@@ -159,6 +168,8 @@ class SqliteStorage(Storage):
                  max_bytes: int | None = None, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.path = path
         self._wal_path = path.with_name(path.name + "-wal")
+        self._dedup_index: Path | None = None
+        """This process's dedup index file while the spool is open."""
         self.synchronous = synchronous.upper()
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -295,6 +306,7 @@ class SqliteStorage(Storage):
             self._serve_operations(connection, operations)
         finally:
             connection.close()
+            self._remove_dedup_index()
 
     def _serve_operations(self, connection: sqlite3.Connection,
                           operations: queue.SimpleQueue[_Operation | None]) -> None:
@@ -335,8 +347,26 @@ class SqliteStorage(Storage):
             self._set_up(connection)
         except BaseException:
             connection.close()
+            self._remove_dedup_index()
             raise
         return connection
+
+    def _attach_dedup_index(self, connection: sqlite3.Connection) -> None:
+        """A new, empty ``dedup_index`` file (see ``DEDUP_INDEX_SCHEMA``), private as the
+        spool is, after removing those of processes that are gone."""
+        for stale in self.path.parent.glob(f"{glob.escape(self.path.name)}{DEDUP_INDEX_SUFFIX}*"):
+            if not _process_alive(stale.name.removeprefix(self.path.name + DEDUP_INDEX_SUFFIX)):
+                stale.unlink(missing_ok=True)
+        index = self.path.with_name(
+            f"{self.path.name}{DEDUP_INDEX_SUFFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        os.close(os.open(index, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        self._dedup_index = index
+        connection.execute("ATTACH ? AS dedup_index", (str(index),))
+
+    def _remove_dedup_index(self) -> None:
+        if self._dedup_index is not None:
+            self._dedup_index.unlink(missing_ok=True)
+            self._dedup_index = None
 
     def _set_up(self, connection: sqlite3.Connection) -> None:
         # Only a new file takes it; a file made before keeps its own page size.
@@ -354,6 +384,7 @@ class SqliteStorage(Storage):
         if self._recover and (damage := self._damage(connection)) is not None:
             raise StorageUnavailable(damage)
         self._prepare_layout(connection)
+        self._attach_dedup_index(connection)
         connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
         if self._recover:
@@ -1048,6 +1079,17 @@ def _byte_count(options: dict[str, str], name: str) -> int:
 def _disk_free_bytes(path: Path) -> int:
     disk = os.statvfs(path.parent)
     return disk.f_bavail * disk.f_frsize
+
+
+def _process_alive(pid_and_token: str) -> bool:
+    """Whether the process a dedup index file is named for (``PID-TOKEN``) still runs."""
+    try:
+        os.kill(int(pid_and_token.partition("-")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):  # not ours to judge: left alone
+        return True
+    return True
 
 
 def _file_size(path: Path) -> int:
