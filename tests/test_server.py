@@ -1112,6 +1112,26 @@ async def test_health_is_unavailable_while_the_spools_disk_has_no_room(
     assert status == 503
 
 
+async def test_intake_refused_for_want_of_room_says_why_once(
+        start_server: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Refusals for a full disk were logged nowhere: only /health, when probed, said why.
+    ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}")
+    storage = ingest.router.storage
+    kept = storage.min_free_bytes
+    storage.min_free_bytes = 1 << 62
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        for n in range(5):
+            status, answer, _ = await ingest.post("/v1/track", track(f"m-{n}"))
+            assert (status, answer["code"]) == (503, "storage_full")
+        storage.min_free_bytes = kept
+        status, _, _ = await ingest.post("/v1/track", track("m-9"))
+    assert status == 200
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("intake")]
+    assert len(said) == 2 and said[1] == "intake accepts events again"
+    assert said[0].startswith("intake refused: the spool's disk has ") and \
+        "kept for delivery" in said[0]
+
+
 async def test_metrics_show_intake_delivery_and_queues(start_server: StartServer) -> None:
     ingest = await start_server(deliver=False)  # work stays queued: the gauges show it
     await ingest.post("/v1/track", track("m-1"))

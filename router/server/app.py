@@ -110,31 +110,35 @@ INVALID_FOR_DESTINATION = web.AppKey("invalid_for_destination", FailureLog)
 TRUSTED_PROXIES: web.AppKey[tuple[IPNetwork, ...]] = web.AppKey("trusted_proxies")
 
 
-class HealthLog:
-    """Says when ``/health`` turns unavailable and why, again once a minute while it stays
-    so or when the reason changes, and when it is ok again: a load balancer probing every
-    second wrote a line a second for as long as a Redis stayed full."""
+class StateLog:
+    """Says when something turns unavailable and why, again once a minute while it stays so
+    or when the reason changes, and when it is ok again: a load balancer probing ``/health``
+    every second wrote a line a second for as long as a Redis stayed full, and intake refused
+    for a full disk said nothing at all (disk audit)."""
 
     REPEAT_AFTER = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, unavailable: str, ok: str) -> None:
+        self.unavailable_line = unavailable
+        self.ok_line = ok
         self.reason: str | None = None
         self.said_at = 0.0
 
     def unavailable(self, reason: str, *, exc_info: bool = False) -> None:
         now = time.monotonic()
         if reason != self.reason or now - self.said_at >= self.REPEAT_AFTER:
-            log.warning("health check: %s", reason, exc_info=exc_info)
+            log.warning(self.unavailable_line, reason, exc_info=exc_info)
             self.said_at = now
         self.reason = reason
 
     def ok(self) -> None:
         if self.reason is not None:
-            log.warning("health check: ok again")
+            log.warning(self.ok_line)
             self.reason = None
 
 
-HEALTH_LOG = web.AppKey("health_log", HealthLog)
+HEALTH_LOG = web.AppKey("health_log", StateLog)
+INTAKE_LOG = web.AppKey("intake_log", StateLog)
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
 MESSAGE_ID_SHOWN = 200
@@ -163,7 +167,8 @@ def create_app(router: Router) -> web.Application:
     # reason: this log is where an operator sees why events went missing.
     app[REJECTIONS] = FailureLog(log, kind=("source",))
     app[INVALID_FOR_DESTINATION] = FailureLog(log, kind=("destination",))
-    app[HEALTH_LOG] = HealthLog()
+    app[HEALTH_LOG] = StateLog("health check: %s", "health check: ok again")
+    app[INTAKE_LOG] = StateLog("intake refused: %s", "intake accepts events again")
     app.cleanup_ctx.append(_flushing_rejections)
     if app[WRITE_KEYS].empty:
         log.warning("no sources are configured: the HTTP API refuses every request with 401 "
@@ -368,16 +373,19 @@ async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list
                  source: str) -> list[RouteResult]:
     """``route_many``: returns once every accepted event is durable in the storage."""
     started = time.perf_counter()
+    said = request.app[INTAKE_LOG]
     try:
         results = await request.app[ROUTER].route_many(events, source=source, sizes=sizes)
-    except StorageFull:
+    except StorageFull as exc:
+        said.unavailable(str(exc))
         raise Problem(503, "storage_full", "the router's storage is full; retry later",
                       headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}) from None
     except StorageUnavailable as exc:
-        log.warning("intake refused: %s", exc)
+        said.unavailable(str(exc))
         raise Problem(503, "storage_unavailable", "the router's storage cannot be reached; "
                       "retry later", headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}
                       ) from None
+    said.ok()
     request.app[METRICS].commit_seconds.observe(time.perf_counter() - started)
     return results
 
