@@ -1118,9 +1118,9 @@ async def test_intake_refused_for_want_of_room_says_why_once(
     ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}")
     storage = ingest.router.storage
     kept = storage.min_free_bytes
-    storage.min_free_bytes = 1 << 62
     with caplog.at_level(logging.WARNING, logger="router.server"):
-        for n in range(5):
+        for n in range(5):  # the free space it quotes changes: not a new reason
+            storage.min_free_bytes = (1 << 62) + n * (1 << 40)
             status, answer, _ = await ingest.post("/v1/track", track(f"m-{n}"))
             assert (status, answer["code"]) == (503, "storage_full")
         storage.min_free_bytes = kept

@@ -125,11 +125,14 @@ class StateLog:
         self.said_at = 0.0
 
     def unavailable(self, reason: str, *, exc_info: bool = False) -> None:
+        """``reason`` is said again at once only if it changed in more than its figures:
+        the free space a full disk's reason gives changes with nearly every write."""
         now = time.monotonic()
-        if reason != self.reason or now - self.said_at >= self.REPEAT_AFTER:
+        kind = _DIGITS.sub("#", reason)
+        if kind != self.reason or now - self.said_at >= self.REPEAT_AFTER:
             log.warning(self.unavailable_line, reason, exc_info=exc_info)
             self.said_at = now
-        self.reason = reason
+        self.reason = kind
 
     def ok(self) -> None:
         if self.reason is not None:
@@ -137,6 +140,7 @@ class StateLog:
             self.reason = None
 
 
+_DIGITS = re.compile(r"\d+")
 HEALTH_LOG = web.AppKey("health_log", StateLog)
 INTAKE_LOG = web.AppKey("intake_log", StateLog)
 MAX_ASKED_HEADERS_CHARS = 1024
