@@ -574,7 +574,7 @@ class SqliteStorage(Storage):
         free = _disk_free_bytes(self.path)
         # The WAL file's size bounds what it holds; only near the line is that read closely.
         if free - _file_size(self._wal_path) < self.min_free_bytes:
-            pending = _checkpoint_debt(self._wal_path)
+            pending = _checkpoint_debt(self.path)
             if free - pending < self.min_free_bytes:
                 more = (f", less the {amount_of_bytes(pending)} its write-ahead log may add "
                         "to the spool at its next checkpoint" if pending >= 2**20 else "")
@@ -1102,7 +1102,7 @@ def _file_size(path: Path) -> int:
 WAL_INDEX_VERSION = 3007000
 
 
-def _checkpoint_debt(wal: Path) -> int:
+def _checkpoint_debt(spool: Path) -> int:
     """At most how many bytes the WAL's frames not yet checkpointed can add to the database
     file: the frames in the WAL (``mxFrame``) less those already copied home
     (``nBackfill``), times the page size, read from the WAL index's header in the ``-shm``
@@ -1111,12 +1111,12 @@ def _checkpoint_debt(wal: Path) -> int:
     a disk with less than that beyond the reserve. The file's size when the index cannot
     be read."""
     try:
-        with open(wal.with_name(wal.name.removesuffix("-wal") + "-shm"), "rb") as index:
+        with open(spool.with_name(spool.name + "-shm"), "rb") as index:
             header = index.read(100)
     except OSError:
         header = b""
     if len(header) < 100 or struct.unpack_from("=I", header, 0)[0] != WAL_INDEX_VERSION:
-        return _file_size(wal)
+        return _file_size(spool.with_name(spool.name + "-wal"))
     (page_size,) = struct.unpack_from("=H", header, 14)
     (frames,) = struct.unpack_from("=I", header, 16)
     (copied_home,) = struct.unpack_from("=I", header, 96)
