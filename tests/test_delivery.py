@@ -16,6 +16,7 @@ from router.delivery import service as service_module
 from router.destination import DeliveryDefaults
 from router.errors import StorageFull, StorageUnavailable
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
+from router.delivery.telemetry import DeliveryMetrics
 from router.storage import sqlite as sqlite_module
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
@@ -71,6 +72,19 @@ async def test_the_latency_histogram_counts_every_delivered_event(tmp_path):
     # the first event waited 0.5 s for its answer, and the 5 behind it most of that too:
     # each is counted with its own age, not once per request
     assert values['router_delivery_latency_seconds_sum{destination="hook"}'] > 1.0
+
+
+def test_the_latency_histogram_tells_an_outages_delays_apart():
+    # With nothing between 60 s and 300 s nor above 1,800 s, a 150 s outage read as a p99
+    # of 296 s and a longer one as 1,743 s (observability audit).
+    metrics = DeliveryMetrics()
+    for age in (90, 150, 2 * 3600):
+        metrics.latency.observe(age, "hook")
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.rpartition(" ")[2])
+               for line in metrics.registry.render().splitlines()
+               if line.startswith("router_delivery_latency_seconds_bucket")}
+    assert (buckets["60"], buckets["120"], buckets["300"]) == (0, 1, 2)
+    assert (buckets["3600"], buckets["7200"], buckets["+Inf"]) == (2, 3, 3)
 
 
 async def test_a_batch_waiting_for_company_does_not_hold_back_what_was_delivered(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from router.metrics import Counter, Histogram, Metric, Registry
+from router.metrics import DELIVERY_LATENCY_BUCKETS, Counter, Histogram, Metric, Registry
 
 
 Snapshot = dict[str, dict[tuple[str, ...], Any]]
@@ -36,7 +36,7 @@ class DeliveryMetrics:
             ["destination"]))
         self.latency = add(Histogram(
             "router_delivery_latency_seconds", "From acceptance to delivery.",
-            ["destination"]))
+            ["destination"], buckets=DELIVERY_LATENCY_BUCKETS))
         # Each destination's outcome counters exist from the start, at 0: a ratio such as
         # dead-lettered / (delivered + dead-lettered) is empty in Prometheus, not 0 or 1,
         # while one of its series has never been counted.
