@@ -620,6 +620,27 @@ def test_failure_lines_of_one_kind_are_held_back_and_counted_per_window():
         [None, None, None, None, 2]
 
 
+def test_a_failure_line_fits_in_one_pipe_write():
+    # The delivery process and the router share stderr: a 20 KB line (a client's 20 KB
+    # messageId) was cut in two by the other's line, and was no JSON (observability audit).
+    written: list[str] = []
+
+    class Logger:
+        def warning(self, text: str) -> None:
+            written.append(text)
+
+    failure_log = FailureLog(Logger())
+    failure_log.write({"destination": "hook", "action": "retry", "status": 400,
+                       "message_id": "m" * 20_000, "reason": "é\u0001" * 5_000})
+    failure_log.write({"destination": "hook", "action": "retry", "status": 500,
+                       "message_id": "m-1", "reason": "status 500: busy"})
+    long, short = written
+    assert len(long.encode()) <= 3584
+    line = orjson.loads(long)
+    assert line["message_id"] == "m" * 200 and line["reason"].startswith("é\u0001é")
+    assert orjson.loads(short)["reason"] == "status 500: busy"  # short lines as they were
+
+
 def test_a_flood_that_stops_still_reports_what_it_held_back():
     """No later line of its kind comes to carry the count, so the worker's next round
     after the window writes the last line held back with it (and shutdown writes it at once)."""

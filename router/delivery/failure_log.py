@@ -23,6 +23,13 @@ from router.logs import json_line
 
 WINDOW = 10.0
 LINES_PER_WINDOW = 10
+MAX_LINE_BYTES = 3584
+"""A line is cut to this size (its ``reason`` shortened) so that, with the fields the JSON log
+format adds, it stays under the 4 KB that a pipe writes whole: the delivery process and the
+router write to one stderr, and a 20 KB line of one (a client's 20 KB messageId) was cut in
+two by a line of the other, and was no JSON for the log pipeline (observability audit)."""
+MESSAGE_ID_SHOWN = 200
+"""A client's messageId is logged up to this many characters (they are usually 36)."""
 
 
 @dataclass(slots=True)
@@ -84,4 +91,19 @@ class FailureLog:
             line = {**line, "similar_lines_held_back": window.held_back}
             window.held_back = 0
             window.last_held_back = None
-        self.logger.warning(json_line(line))
+        self.logger.warning(_within_one_write(line))
+
+
+def _within_one_write(line: dict[str, Any]) -> str:
+    """``line`` as JSON of at most ``MAX_LINE_BYTES``: message ids cut to
+    ``MESSAGE_ID_SHOWN``, then the reason halved until it fits (the dead letter keeps it)."""
+    for key in ("messageId", "message_id"):
+        value = line.get(key)
+        if isinstance(value, str) and len(value) > MESSAGE_ID_SHOWN:
+            line = {**line, key: value[:MESSAGE_ID_SHOWN]}
+    text = json_line(line)
+    while len(text.encode()) > MAX_LINE_BYTES and isinstance(line.get("reason"), str) \
+            and len(line["reason"]) > 1:
+        line = {**line, "reason": line["reason"][:len(line["reason"]) // 2] + "…"}
+        text = json_line(line)
+    return text

@@ -145,8 +145,6 @@ HEALTH_LOG = web.AppKey("health_log", StateLog)
 INTAKE_LOG = web.AppKey("intake_log", StateLog)
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
-MESSAGE_ID_SHOWN = 200
-"""A client's messageId is logged up to this many characters (they are usually 36)."""
 REASON_SHOWN = 300
 """A destination's reason for refusing an event is logged up to this many characters: it may
 quote what it refused (GA4 an event name), which a client can make 30 KB long."""
@@ -413,7 +411,7 @@ def _count(request: web.Request, source: str, result: RouteResult) -> None:
             request.app[INVALID_FOR_DESTINATION].write({
                 "action": "event_invalid_for_destination", "destination": item.destination,
                 "source": source, "type": event.type,
-                "messageId": event.messageId[:MESSAGE_ID_SHOWN],
+                "messageId": event.messageId,
                 "reason": item.reason[:REASON_SHOWN]})
 
 
@@ -426,7 +424,7 @@ def _rejected(request: web.Request, source: str, event: Any, index: int | None,
     request.app[REJECTIONS].write({
         "action": "event_rejected", "source": source, "path": request.path, "index": index,
         "type": _type_label(event),
-        "messageId": message_id[:MESSAGE_ID_SHOWN] if isinstance(message_id, str) else None,
+        "messageId": message_id if isinstance(message_id, str) else None,
         "reason": reason})
 
 
