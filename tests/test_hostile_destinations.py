@@ -22,7 +22,7 @@ from router.delivery.egress import EgressPolicy
 from router.delivery.retry import classify_status
 from router.delivery.transport import Transport
 from router.destination import HttpRequest
-from router.errors import RetryableError
+from router.errors import PermanentError, RetryableError
 from router.storage.base import DeadLetterFilter
 from tests.delivery_helpers import FAST_RETRIES, router_for, track, webhook
 
@@ -81,6 +81,23 @@ async def send(request: HttpRequest, *, timeout: float = 5.0):
         return await transport.send(request, timeout=timeout)
     finally:
         await transport.close()
+
+
+@pytest.mark.parametrize("url_credentials, headers", [
+    ("svc:pw@", {"Authorization": "Bearer t-1"}),  # aiohttp takes one or the other
+    ("", {"X-Token": "a\r\nX-Injected: 1"}),  # a line break in a header
+])
+async def test_a_request_aiohttp_will_not_build_is_a_permanent_failure(
+        url_credentials, headers) -> None:
+    # It went to the "bug" path: retried for hours, a traceback at every attempt.
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("nothing should be sent")
+
+    async with RawServer(never) as server:
+        url = server.url().replace("http://", f"http://{url_credentials}")
+        with pytest.raises(PermanentError, match="invalid request: ValueError"):
+            await send(HttpRequest("POST", url, headers, b"{}"))
+    assert server.requests == []
 
 
 async def test_an_answer_that_arrives_in_pieces_is_read_whole() -> None:

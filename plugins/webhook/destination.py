@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest, HttpUrl,
                     Payload)
@@ -26,6 +28,16 @@ class WebhookSettings(BaseModel):
     body: str | None = Field(
         None, description="Optional jinja2 template of the body (sandboxed), with `event` and "
                           "`options` in scope. Without it the body is the event as JSON.")
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> WebhookSettings:
+        """aiohttp refuses to send a request with both: the check passed, then every
+        delivery failed as a bug, with a traceback each (observability audit)."""
+        if (urlsplit(self.url).username is not None
+                and any(name.lower() == "authorization" for name in self.headers)):
+            raise ValueError("a URL with user:password@ sends its own Authorization header: "
+                             "give either that or headers.Authorization, not both")
+        return self
 
 
 class Webhook(Destination[WebhookSettings]):

@@ -80,5 +80,13 @@ def test_only_http_urls_with_a_host_are_accepted(url):
         Webhook.Settings.model_validate({"url": url})
 
 
+def test_credentials_in_the_url_and_an_authorization_header_are_refused_together():
+    with pytest.raises(ValidationError, match="not both"):
+        Webhook.Settings.model_validate({"url": "https://svc:pw@hooks.example.com/in",
+                                         "headers": {"authorization": "Bearer t"}})
+    Webhook.Settings.model_validate({"url": "https://svc:pw@hooks.example.com/in",
+                                     "headers": {"X-Api-Key": "k"}})
+
+
 test_conformance = conformance_test(
     Webhook, settings={"url": URL, "headers": {"X-Api-Key": "hook-secret-0001"}}, examples=100)

@@ -131,6 +131,11 @@ class Transport:
                                  ) from None
         except aiohttp.ClientError as exc:
             raise RetryableError(f"request failed: {_described(exc)}") from None
+        except ValueError as exc:
+            # A request aiohttp will not build: credentials in the URL beside an
+            # Authorization header, a line break in a header. Sending it again won't help;
+            # as a bug it was retried with a traceback each time (observability audit).
+            raise PermanentError(f"invalid request: {_described(exc)}") from None
 
     async def _exchange(self, request: HttpRequest, timeout: aiohttp.ClientTimeout
                         ) -> HttpResponse:
