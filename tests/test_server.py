@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -695,6 +696,27 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
      "invalid_event"),
     ("UTF-16 body", '{"event": "A", "userId": "u"}'.encode("utf-16"), 400, "invalid_utf8"),
 ]
+
+
+async def test_requests_the_http_parser_refuses_are_counted_and_said_in_a_few_lines(
+        ingest: Ingest, caplog: pytest.LogCaptureFixture) -> None:
+    # Each was an ERROR with a traceback (a log any client could flood), and none was
+    # counted: /metrics and the access log disagreed (observability audit).
+    malformed = [b"GET /v1/track HTTP/7.7\r\nHost: x\r\n\r\n",
+                 b"POST /v1/track HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+                 b"\x16\x03\x01 not http at all\r\n\r\n"] * 10
+    with caplog.at_level(logging.DEBUG):
+        statuses = [(await raw_request(ingest.port, data))[0] for data in malformed]
+    assert set(statuses) <= {400, 431}
+    text = await ingest.metrics()
+    unread = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                 if line.startswith('router_http_requests_total{endpoint="unread"'))
+    assert unread == 30
+    assert 'router_http_refused_total{code="malformed_request"} 30' in text
+    said = [r for r in caplog.records if r.name in ("aiohttp.server", "router.server")]
+    assert not any(r.exc_info for r in said)  # no tracebacks
+    lines = [orjson.loads(r.getMessage()) for r in said]
+    assert 1 <= len(lines) <= 10 and {line["action"] for line in lines} == {"malformed_request"}
 
 
 @pytest.mark.parametrize("data, status, code",

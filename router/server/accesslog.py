@@ -11,12 +11,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from router.config import IPNetwork
+from router.delivery.failure_log import FailureLog
 from router.logs import json_line
+from router.metrics import Counter
 
 ACCESS_LOGGER = logging.getLogger("router.access")
 
@@ -37,6 +41,33 @@ as ``client_address`` finds it."""
 MAX_LOGGED_PATH = 200
 MAX_FORWARDED_HOPS = 20
 """``X-Forwarded-For`` entries read, from the right: more proxies than that is not a chain."""
+
+
+class MalformedRequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's own log, given to its request handlers: a request its parser refuses (a
+    request line that is no HTTP, a header over 8 KB, a method it does not know) is counted
+    in ``/metrics`` (``router_http_requests_total{endpoint="unread"}`` and
+    ``router_http_refused_total{code="malformed_request"}``) and said in one line, at most
+    a few a second; anything else aiohttp logs goes on as it was, tracebacks of bugs included.
+    Each such request was an ERROR with a traceback, so any client could flood the log, and
+    none was counted, so the metrics and the access log disagreed (observability audit)."""
+
+    def __init__(self, requests: Counter, refusals: Counter) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self.requests, self.refusals = requests, refusals
+        self.lines = FailureLog(logging.getLogger("router.server"), kind=("action",))
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info")
+        if isinstance(error, HttpProcessingError):
+            status = error.code or 400
+            self.requests.inc("unread", str(status))
+            self.refusals.inc("malformed_request")
+            self.lines.write({"action": "malformed_request", "status": status,
+                              "remote": args[0] if args else None,
+                              "reason": f"{type(error).__name__}: {error.message}"})
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 class JsonAccessLogger(AbstractAccessLogger):

@@ -40,7 +40,7 @@ from router.events import CALL_TYPES
 from router.input import with_batch_defaults
 from router.routing import RouteResult, Router, Status
 from router.server.accesslog import (ACCESS_LOGGER, CLIENT, PROBE, REFUSAL, SOURCE,
-                                     JsonAccessLogger, client_address)
+                                     JsonAccessLogger, MalformedRequestLog, client_address)
 from router.server.auth import WriteKeys, key_from_body, key_from_header
 from router.server.body import check_headers, inflate, read_body
 from router.server.parsing import (Rejection, check_event, parse_batch_json, parse_json,
@@ -195,9 +195,11 @@ def create_runner(app: web.Application, *, shutdown_timeout: float = 60.0) -> we
     and in this version for the whole time even once the client is done (aio-libs/aiohttp
     #1800). 2 s is plenty for a client to finish sending, and keeps refused uploads from
     holding connections, or a graceful shutdown, for long."""
+    metrics = app[METRICS]
     return web.AppRunner(app, auto_decompress=False, access_log_class=JsonAccessLogger,
                          access_log=ACCESS_LOGGER, shutdown_timeout=shutdown_timeout,
-                         lingering_time=LINGERING_TIME, keepalive_timeout=KEEPALIVE_TIMEOUT)
+                         lingering_time=LINGERING_TIME, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                         logger=MalformedRequestLog(metrics.requests, metrics.refusals))
 
 
 def _add_ingest(app: web.Application, paths: Sequence[str], handle: BodyHandler) -> None:
