@@ -43,7 +43,6 @@ import os
 import queue
 import secrets
 import sqlite3
-import struct
 import threading
 import time
 import zlib
@@ -168,6 +167,9 @@ class SqliteStorage(Storage):
                  max_bytes: int | None = None, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.path = path
         self._wal_path = path.with_name(path.name + "-wal")
+        self._wal_debt = 0
+        """What the WAL may add to the database file, measured before each write
+        transaction (``_measure_wal_debt``) for the budget checks within it."""
         self._dedup_index: Path | None = None
         """This process's dedup index file while the spool is open."""
         self.synchronous = synchronous.upper()
@@ -461,6 +463,7 @@ class SqliteStorage(Storage):
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         undo_so_far: list[Callable[[], object]] = []
         alone = len(batch) == 1
+        self._wal_debt = self._measure_wal_debt(connection)  # outside the transaction
         try:
             _begin(connection)
             for operation, future, _ in batch:
@@ -565,22 +568,21 @@ class SqliteStorage(Storage):
         what becomes of the work already accepted (the WAL, retries, dead letters), and on
         a disk filled to the last byte it could record nothing, and stopped.
 
-        The WAL counts against the free space: a checkpoint copies its pages into the
-        database file, which grows by up to as much while the WAL keeps its size. A long
+        The WAL's pages not yet checkpointed count against the free space (measured before
+        the transaction, ``_measure_wal_debt``): a checkpoint copies them into the database
+        file, which grows by up to as much while the WAL keeps its size. A long
         read (a backup, a ``sqlite3`` shell) holds checkpoints off while intake goes on;
         with only the free space checked, the WAL grew to 194 MB beside 64 MB free, the
         checkpoint after the read took the last byte, and delivery, whose deletes need room
         in the WAL, could record nothing again until more disk was given (disk audit)."""
         free = _disk_free_bytes(self.path)
-        # The WAL file's size bounds what it holds; only near the line is that read closely.
-        if free - _file_size(self._wal_path) < self.min_free_bytes:
-            pending = _checkpoint_debt(self.path)
-            if free - pending < self.min_free_bytes:
-                more = (f", less the {amount_of_bytes(pending)} its write-ahead log may add "
-                        "to the spool at its next checkpoint" if pending >= 2**20 else "")
-                raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free{more}, "
-                                  f"under the {amount_of_bytes(self.min_free_bytes)} kept for "
-                                  "delivery (?min_free_bytes=)")
+        debt = self._wal_debt
+        if free - debt < self.min_free_bytes:
+            more = (f", less the {amount_of_bytes(debt)} its write-ahead log may add to the "
+                    "spool at its next checkpoint" if debt >= 2**20 else "")
+            raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free{more}, "
+                              f"under the {amount_of_bytes(self.min_free_bytes)} kept for "
+                              "delivery (?min_free_bytes=)")
         if self.max_bytes is None:
             return
         pages = connection.execute("PRAGMA page_count").fetchone()[0]
@@ -588,6 +590,26 @@ class SqliteStorage(Storage):
         size = connection.execute("PRAGMA page_size").fetchone()[0]
         if (pages - free) * size >= self.max_bytes:
             raise StorageFull(f"the spool has reached its budget of {self.max_bytes} bytes")
+
+    def _measure_wal_debt(self, connection: sqlite3.Connection) -> int:
+        """At most how many bytes the WAL's pages not yet checkpointed can add to the
+        database file (see ``_check_budget``), outside any transaction. The WAL file's size
+        bounds it, and is enough while the disk has room beyond it; near the line, a passive
+        checkpoint copies home what no reader holds and says how many frames are left. A
+        WAL keeps its size (up to 64 MB) once spent, so its size alone refused intake for
+        good on a disk with less than that beyond the reserve; and with intake refused and
+        delivery drained, nothing committed, so no automatic checkpoint came (review)."""
+        wal = _file_size(self._wal_path)
+        if _disk_free_bytes(self.path) - wal >= self.min_free_bytes:
+            return wal
+        try:
+            _, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:  # another checkpoint at work: the size is a safe bound
+            return wal
+        if frames < 0:  # not in WAL mode
+            return 0
+        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+        return min(wal, max(0, frames - copied) * page_size)
 
     def _purge_dedup(self, connection: sqlite3.Connection, now: float, *, at_least: int) -> None:
         """Forget expired message ids, twice as many as were just remembered, so both sides
@@ -1018,8 +1040,12 @@ class SqliteStorage(Storage):
         """Whether intake would be refused for want of room (``StorageFull``, saying why),
         read on the writer thread: readiness without the counts of ``stats``, which grow
         with the dedup window and would hold up the group commits."""
-        await self._call(self._check_budget, writes=False)
+        await self._call(self._check_room, writes=False)
         return True
+
+    def _check_room(self, connection: sqlite3.Connection) -> None:
+        self._wal_debt = self._measure_wal_debt(connection)
+        self._check_budget(connection)
 
     async def stats(self, *, now: float) -> StorageStats:
         def operation(connection: sqlite3.Connection) -> StorageStats:
@@ -1097,30 +1123,6 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-WAL_INDEX_VERSION = 3007000
-
-
-def _checkpoint_debt(spool: Path) -> int:
-    """At most how many bytes the WAL's frames not yet checkpointed can add to the database
-    file: the frames in the WAL (``mxFrame``) less those already copied home
-    (``nBackfill``), times the page size, read from the WAL index's header in the ``-shm``
-    file (sqlite.org/walformat.html). After a checkpoint the WAL file keeps its size (up to
-    64 MB) while what it holds is spent, so its size alone would refuse intake for good on
-    a disk with less than that beyond the reserve. The file's size when the index cannot
-    be read."""
-    try:
-        with open(spool.with_name(spool.name + "-shm"), "rb") as index:
-            header = index.read(100)
-    except OSError:
-        header = b""
-    if len(header) < 100 or struct.unpack_from("=I", header, 0)[0] != WAL_INDEX_VERSION:
-        return _file_size(spool.with_name(spool.name + "-wal"))
-    (page_size,) = struct.unpack_from("=H", header, 14)
-    (frames,) = struct.unpack_from("=I", header, 16)
-    (copied_home,) = struct.unpack_from("=I", header, 96)
-    return max(0, frames - copied_home) * (65536 if page_size == 1 else page_size)
 
 
 def _by_id(job: Job) -> int | str:
