@@ -219,6 +219,11 @@ _EDGES: list[dict[str, Any]] = [
                                  {"sku": "no-price"}, {"sku": "null-price", "price": None,
                                                        "quantity": None},
                                  {}, "not-an-object", None]}},
+    # Amounts the router cannot read, kept as sent: only destinations with reads_amounts
+    # off are handed this event.
+    {"type": "track", "event": "Order Completed", "userId": "u-edge-1",
+     "messageId": "msg-edge-unread-amounts",
+     "properties": {"order_id": "o-edge-2", "revenue": "$25.00"}},  # and no currency added
     # A long unicode name and a client timestamp with an offset.
     {"type": "track", "event": "Évènement " + "très long " * 30, "anonymousId": "anon-edge-2",
      "messageId": "msg-edge-long-name", "timestamp": "2026-11-20T16:03:11+02:00",
@@ -232,11 +237,12 @@ def sample_events() -> list[dict[str, Any]]:
 
 
 def edge_events() -> list[dict[str, Any]]:
-    """Valid but unusual raw events where destinations tend to trip (fresh copies): no
-    context or properties at all, a null revenue, a numeric user id, products without prices
-    (or with a null price and quantity) or that are not objects, a padded lower-case
-    currency, a very long unicode name. The conformance suite tries them with the samples, so
-    these cases never depend on luck."""
+    """Valid but unusual raw events where destinations tend to trip (fresh copies): no context or
+    properties at all, a null revenue, a numeric user id, products without prices (or with
+    a null price and quantity) or that are not objects, a padded lower-case currency,
+    amounts that are no number ("$25.00", which only destinations with ``reads_amounts``
+    off receive), a very long unicode name. The conformance suite tries them with the
+    samples, so these cases never depend on luck."""
     return copy.deepcopy(_EDGES)
 
 
