@@ -128,8 +128,8 @@ CREATE INDEX dedup_index.keys_expiry ON keys (expires_at);
 """
 """The lookup side of the dedup window: a database of this process's own, in a file beside
 the spool (``router.db.dedup-PID-TOKEN``) that nothing fsyncs or journals; the OS's page
-cache holds what SQLite's does not. It is made anew at each open, rebuilt from ``seen``, and
-removed at close; one left by a process that is gone is removed at the next open. In
+cache holds what SQLite's does not. It is made anew at each open, rebuilt from ``seen``,
+locked while open and removed at close; one no process holds is removed at the next open. In
 SQLite's temporary directory (``/var/tmp``), as it was, it took room outside the spool's
 disk that neither ``max_bytes`` nor ``min_free_bytes`` saw (about 51 bytes an id), and when
 that disk filled, intake refused every event while ``/health`` said ok and the refusal named
@@ -170,8 +170,9 @@ class SqliteStorage(Storage):
         self._wal_debt = 0
         """What the WAL may add to the database file, measured before each write
         transaction (``_measure_wal_debt``) for the budget checks within it."""
-        self._dedup_index: Path | None = None
-        """This process's dedup index file while the spool is open."""
+        self._dedup_index: tuple[Path, int] | None = None
+        """This process's dedup index file, and the descriptor that holds its lock, while
+        the spool is open."""
         self.synchronous = synchronous.upper()
         self.max_bytes = max_bytes
         self.min_free_bytes = min_free_bytes
@@ -355,19 +356,25 @@ class SqliteStorage(Storage):
 
     def _attach_dedup_index(self, connection: sqlite3.Connection) -> None:
         """A new, empty ``dedup_index`` file (see ``DEDUP_INDEX_SCHEMA``), private as the
-        spool is, after removing those of processes that are gone."""
-        for stale in self.path.parent.glob(f"{glob.escape(self.path.name)}{DEDUP_INDEX_SUFFIX}*"):
-            if not _process_alive(stale.name.removeprefix(self.path.name + DEDUP_INDEX_SUFFIX)):
-                stale.unlink(missing_ok=True)
+        spool is and locked (``flock``) while open, after removing those no process holds.
+        By lock, not by process id: a router that is process 1 in its container is process
+        1 again after a restart, and the files of its earlier lives piled up (review)."""
+        for other in self.path.parent.glob(f"{glob.escape(self.path.name)}{DEDUP_INDEX_SUFFIX}*"):
+            _remove_if_unheld(other)
         index = self.path.with_name(
             f"{self.path.name}{DEDUP_INDEX_SUFFIX}{os.getpid()}-{secrets.token_hex(4)}")
-        os.close(os.open(index, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-        self._dedup_index = index
+        held = os.open(index, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        self._dedup_index = (index, held)
         connection.execute("ATTACH ? AS dedup_index", (str(index),))
 
     def _remove_dedup_index(self) -> None:
+        """After the connection is closed: closing a descriptor of a file drops every lock
+        the process's SQLite holds on it."""
         if self._dedup_index is not None:
-            self._dedup_index.unlink(missing_ok=True)
+            index, held = self._dedup_index
+            index.unlink(missing_ok=True)
+            os.close(held)
             self._dedup_index = None
 
     def _set_up(self, connection: sqlite3.Connection) -> None:
@@ -1107,15 +1114,20 @@ def _disk_free_bytes(path: Path) -> int:
     return disk.f_bavail * disk.f_frsize
 
 
-def _process_alive(pid_and_token: str) -> bool:
-    """Whether the process a dedup index file is named for (``PID-TOKEN``) still runs."""
+def _remove_if_unheld(index: Path) -> None:
+    """Remove a dedup index file that no open storage holds (its process is gone)."""
     try:
-        os.kill(int(pid_and_token.partition("-")[0]), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, PermissionError):  # not ours to judge: left alone
-        return True
-    return True
+        descriptor = os.open(index, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: in use
+        return
+    else:
+        index.unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)
 
 
 def _file_size(path: Path) -> int:
