@@ -114,30 +114,36 @@ class StateLog:
     """Says when something turns unavailable and why, again once a minute while it stays so
     or when the reason changes, and when it is ok again: a load balancer probing ``/health``
     every second wrote a line a second for as long as a Redis stayed full, and intake refused
-    for a full disk said nothing at all (disk audit)."""
+    for a full disk said nothing at all (disk audit). Each kind of line is said at most once
+    a minute, so a state that flaps (intake at its disk budget, refused and accepting by
+    turns) is not a pair of lines a request (review)."""
 
     REPEAT_AFTER = 60.0
 
     def __init__(self, unavailable: str, ok: str) -> None:
         self.unavailable_line = unavailable
         self.ok_line = ok
-        self.reason: str | None = None
-        self.said_at = 0.0
+        self.down = False
+        self.said_reason: str | None = None
+        self.said_at = self.ok_said_at = -self.REPEAT_AFTER
 
     def unavailable(self, reason: str, *, exc_info: bool = False) -> None:
         """``reason`` is said again at once only if it changed in more than its figures:
         the free space a full disk's reason gives changes with nearly every write."""
         now = time.monotonic()
         kind = _DIGITS.sub("#", reason)
-        if kind != self.reason or now - self.said_at >= self.REPEAT_AFTER:
+        if kind != self.said_reason or now - self.said_at >= self.REPEAT_AFTER:
             log.warning(self.unavailable_line, reason, exc_info=exc_info)
-            self.said_at = now
-        self.reason = kind
+            self.said_reason, self.said_at = kind, now
+        self.down = True
 
     def ok(self) -> None:
-        if self.reason is not None:
-            log.warning(self.ok_line)
-            self.reason = None
+        if self.down:
+            self.down = False
+            now = time.monotonic()
+            if now - self.ok_said_at >= self.REPEAT_AFTER:
+                log.warning(self.ok_line)
+                self.ok_said_at = now
 
 
 _DIGITS = re.compile(r"\d+")
