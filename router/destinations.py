@@ -68,7 +68,12 @@ class ConfiguredDestination:
             for key, template in self.property_templates.items():
                 properties[key] = template.render(event=context)
             update["properties"] = properties
-        return event.model_copy(update=update) if update else event
+        if not update:
+            return event
+        mapped = event.model_copy(update=update)
+        # A copy starts without it: a destination with reads_amounts off must still see it.
+        object.__setattr__(mapped, "_amount_problems", event.amount_problems)
+        return mapped
 
 
 def build_destinations(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy

@@ -400,6 +400,22 @@ async def test_amounts_that_are_no_numbers_cost_only_the_destinations_that_read_
     assert queued == {"Hook": 2, "Forward": 2, "Templated": 1, "Amp": 1, "Probe": 1}
 
 
+def test_an_operators_mapping_keeps_what_is_wrong_with_the_amounts():
+    # The mapped copy started without it, so a destination with reads_amounts off could not
+    # see why the amounts were left as sent (review).
+    router = make_router("""
+        - name: Forward
+          plugin: segment
+          settings: {write_key: abcdefgh12345678}
+          mapping:
+            event_names: {Order Completed: purchase}
+    """)
+    (forward,) = router.destinations
+    event = parse_event(track("Order Completed", properties={"revenue": "$25.00"}))
+    mapped = forward._apply_mapping(event)
+    assert mapped.event == "purchase" and mapped.amount_problems == event.amount_problems != ()
+
+
 async def test_a_crashing_plugin_does_not_log_its_settings_secrets(caplog):
     async with make_router(f"""
         - name: Crashy
