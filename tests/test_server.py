@@ -1615,8 +1615,8 @@ async def test_serve_logs_a_clients_malformed_request_in_one_line(recorder: Reco
         out, err = await _stop(process)
     assert "Traceback" not in err
     assert WEB_KEY not in out + err
-    lines = [line for line in err.splitlines() if "Error handling request" in line]
-    assert "Invalid method" in lines[0]
+    lines = [line for line in err.splitlines() if "malformed_request" in line]
+    assert len(lines) == 3 and "Invalid method" in lines[0]
     assert all("more than 8190 bytes" in line for line in lines[1:]), lines
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,10 +65,21 @@ class MalformedRequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             self.requests.inc("unread", str(status))
             self.refusals.inc("malformed_request")
             self.lines.write({"action": "malformed_request", "status": status,
-                              "remote": args[0] if args else None,
-                              "reason": f"{type(error).__name__}: {error.message}"})
+                              "remote": args[0] if args else None, "reason": _why(error)})
             return
         super().log(level, msg, *args, **kwargs)
+
+
+_QUOTED_BYTES = re.compile(r"bytearray\(|b?['\"]")
+
+
+def _why(error: HttpProcessingError) -> str:
+    """aiohttp's reason, cut where it starts quoting what the client sent: a line over the
+    limit is quoted (``bytearray(b'/v1/track?writeKey=...'``), and so is a too-long
+    Authorization header (hostile clients audit)."""
+    why = str(error.message).strip().splitlines()[0] if error.message else ""
+    why = _QUOTED_BYTES.split(why, maxsplit=1)[0].rstrip(" :")
+    return f"{type(error).__name__}: {why}" if why else type(error).__name__
 
 
 class JsonAccessLogger(AbstractAccessLogger):

@@ -14,12 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import sys
 import time
 
-from aiohttp.http_exceptions import HttpProcessingError
 
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError, StorageFull, StorageUnavailable
@@ -46,7 +44,6 @@ def serve(config_path: str | os.PathLike[str], host: str | None = None,
     ``ConfigError`` propagates: the command line prints it (file, line, field)."""
     loaded = load_config(config_path)
     _log_access_to_stdout()
-    logging.getLogger("aiohttp.server").addFilter(_client_errors_in_one_line)
     return asyncio.run(_serve(loaded, host=host, port=port))
 
 
@@ -178,20 +175,3 @@ def _log_access_to_stdout() -> None:
     ACCESS_LOGGER.propagate = False
 
 
-_QUOTED_BYTES = re.compile(r"bytearray\(|b?['\"]")
-
-
-def _client_errors_in_one_line(record: logging.LogRecord) -> bool:
-    """aiohttp logs a request it cannot parse on a kept-alive connection (a bad method, a
-    broken header) as an ERROR with a traceback: ten lines that any client can produce at
-    will. It is the client's mistake, answered 400 and in the access log: one line says it."""
-    error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, HttpProcessingError):
-        why = str(error.message).strip().splitlines()[0] if error.message else ""
-        # Cut where it starts quoting what the client sent: a line over the limit is quoted
-        # (``bytearray(b'/v1/track?writeKey=...'``), and so is a too-long Authorization.
-        why = _QUOTED_BYTES.split(why, maxsplit=1)[0].rstrip(" :")
-        record.msg, record.args = "%s: %s", (record.getMessage(), why or type(error).__name__)
-        record.exc_info, record.exc_text = None, None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-    return True
