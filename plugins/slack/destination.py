@@ -80,6 +80,8 @@ class SlackSettings(BaseModel):
 class Slack(Destination[SlackSettings]):
     plugin_name = "slack"
     Settings = SlackSettings
+    # A message for people: "Order Completed for $25.00" is worth sending as it came.
+    reads_amounts = False
     # Incoming webhooks take one message per request and about one message a second per
     # webhook, short bursts tolerated (Slack "Rate limits"); 429 carries Retry-After.
     delivery = DeliveryDefaults(batch_size=1, rate_limit=1.0, concurrency=1)

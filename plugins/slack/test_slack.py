@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from router.testing import conformance_test
+from router.testing import DestinationHarness, conformance_test
 from router import (ConfigError, EventRejected, HttpResponse, Payload, PermanentError,
                     SkipEvent, parse_event)
 from router.registry import create_registry
@@ -89,6 +89,15 @@ def test_per_type_templates_and_a_default():
     assert text(fixture("order_completed.json"), **adapter_settings) == \
         ":moneybag: Order Completed for 25.0 EUR"
     assert text(fixture("identify_merge.json"), **adapter_settings) == "identify from user-1042"
+
+
+def test_an_amount_the_router_cannot_read_is_shown_as_it_came():
+    # A message for people: a sale alert is worth sending with "$25.00" (review).
+    harness = DestinationHarness(Slack, {"url": WEBHOOK, "templates": {
+        "track": "{{ event.event }}: {{ event.properties.revenue }}"}})
+    (payload,) = harness.payloads({"type": "track", "event": "Order Completed",
+                                   "userId": "u-1", "properties": {"revenue": "$25.00"}})
+    assert payload.body["text"] == "Order Completed: $25.00"
 
 
 def test_templates_see_the_per_event_options():
