@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 
-
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError, StorageFull, StorageUnavailable
 from router.logs import announce
