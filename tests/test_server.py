@@ -1230,7 +1230,7 @@ async def test_metrics_show_the_build_and_what_the_serving_process_costs(
 
 
 async def test_metrics_show_whether_the_delivery_process_runs_and_what_it_costs(
-        start_server: StartServer, tmp_path: Path) -> None:
+        start_server: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A delivery process that dies is replaced; an alert on restarts, and its memory beside
     # the serving process's, are how an operator learns of it.
     ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}",
@@ -1252,6 +1252,7 @@ async def test_metrics_show_whether_the_delivery_process_runs_and_what_it_costs(
         assert time.monotonic() < deadline, child
         await asyncio.sleep(0.05)
     assert child["router_delivery_process_resident_memory_bytes"] > 10 * 2**20
+    assert "delivery process exited (code -9); starting another" in caplog.text
 
 
 async def test_metrics_have_no_delivery_process_series_when_delivery_runs_in_process(

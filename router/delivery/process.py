@@ -201,11 +201,13 @@ class DeliveryProcess:
             return  # stopping, or the first start failed: start() raises it
         if ready is not None and ready.exception() is not None:  # a replacement's failure
             log.error("%s", ready.exception())
-        log.error("delivery process exited (code %s); starting another in %g s",
-                  self._process.poll() if self._process else None, RESTART_DELAY)
         self._restart = loop.call_later(RESTART_DELAY, self._respawn)
 
     def _respawn(self) -> None:
+        # Said here, not when the pipe closed: the child is reaped by then, and its exit
+        # code known (it read "code None" after a kill -9: observability audit).
+        log.error("delivery process exited (code %s); starting another",
+                  self._process.poll() if self._process else None)
         self.restarts += 1
         self._spawn()
 
