@@ -999,39 +999,71 @@ async def test_sqlite_intake_stops_while_the_disk_has_less_free_than_delivery_ne
         await storage.close()
 
 
-async def test_sqlite_intake_counts_the_wal_a_long_read_holds_against_the_free_space(tmp_path):
+def checkpoint_growth(path) -> int:
+    """What the next checkpoint adds to the spool file: the pages beyond its end."""
+    with contextlib.closing(sqlite3.connect(path)) as reader:
+        (pages,) = reader.execute("PRAGMA page_count").fetchone()
+        (size,) = reader.execute("PRAGMA page_size").fetchone()
+    return pages * size - path.stat().st_size
+
+
+async def test_sqlite_intake_counts_what_a_long_read_keeps_from_the_spool_file(tmp_path):
     # A read held checkpoints off, the WAL grew to 194 MB beside 64 MB free, and the
     # checkpoint after it took the disk's last byte: delivery could record nothing again
     # (disk audit).
-    storage = SqliteStorage(tmp_path / "spool.db", min_free_bytes=0)
+    path = tmp_path / "spool.db"
+    storage = SqliteStorage(path, min_free_bytes=0)
     await storage.open()
-    reader = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    reader = sqlite3.connect(path, isolation_level=None)
     try:
         await accept(storage, item("m-0"))
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM seen").fetchone()  # a snapshot, held
-        body = os.urandom(200_000)  # does not compress: each accept adds 200 KB to the WAL
+        body = os.urandom(200_000)  # does not compress: each accept adds 200 KB of pages
         for n in range(1, 60):
             await storage.accept([Acceptance("web", f"m-{n}", [NewJob(
                 "hook", f"m-{n}", "user-1", "", body)])], window=WINDOW, now=T0)
-        wal = (tmp_path / "spool.db-wal").stat().st_size
-        assert wal > 10_000_000
-        # Room on the disk beyond the reserve, but not for the WAL's pages as well.
-        storage.min_free_bytes = sqlite_module._disk_free_bytes(tmp_path / "spool.db") - wal // 2
-        with pytest.raises(StorageFull, match=r"less the \d+ MB its write-ahead log may add"):
+        growth = checkpoint_growth(path)
+        assert growth > 10_000_000
+        # Room on the disk beyond the reserve, but not for the pages still in the WAL.
+        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) - growth // 2
+        with pytest.raises(StorageFull, match=r"less the \d+ MB its next checkpoint adds"):
             await accept(storage, item("m-refused"))
         reader.execute("COMMIT")
-        # The read is over, and nothing else commits: the router copies the WAL's pages
-        # home itself, then finds room. (With intake refused and delivery drained, nothing
-        # committed, no automatic checkpoint came, and intake stayed refused: review.)
-        # The WAL file keeps its size, and its pages are mostly new ones: the database file
-        # grows by most of it, within the tenth left here beyond the WAL's size.
-        free = sqlite_module._disk_free_bytes(tmp_path / "spool.db")
-        storage.min_free_bytes = free - wal + wal // 10
+        reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        assert checkpoint_growth(path) == 0  # home: what the file took is the disk's now
+        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) - 2**20
         assert await accept(storage, item("m-after")) == [True]
-        assert (tmp_path / "spool.db-wal").stat().st_size >= wal
     finally:
         reader.close()
+        await storage.close()
+
+
+async def test_sqlite_intake_counts_the_room_delivery_freed_inside_the_spool(tmp_path):
+    # Once a backlog had drained, its pages were free inside the file, which keeps its
+    # size: the disk's free space did not change, and intake stayed refused with an empty
+    # queue until a restart (soak).
+    path = tmp_path / "spool.db"
+    storage = SqliteStorage(path, min_free_bytes=0)
+    await storage.open()
+    try:
+        body = os.urandom(200_000)
+        for n in range(60):
+            await storage.accept([Acceptance("web", f"m-{n}", [NewJob(
+                "hook", f"m-{n}", "user-1", "", body)])], window=WINDOW, now=T0)
+        while jobs := await lease(storage, 100):
+            await storage.complete(jobs)
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            (free_pages,) = other.execute("PRAGMA freelist_count").fetchone()
+        assert free_pages * 16384 > 10_000_000
+        # Less free on the disk than the reserve, more once the spool's own room counts.
+        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) + 5_000_000
+        assert await accept(storage, item("m-after")) == [True]
+        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) + 50_000_000
+        with pytest.raises(StorageFull, match=r"MB free and \d+ MB inside the spool"):
+            await accept(storage, item("m-refused"))
+    finally:
         await storage.close()
 
 

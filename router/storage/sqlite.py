@@ -166,10 +166,8 @@ class SqliteStorage(Storage):
     def __init__(self, path: Path, *, synchronous: str = "NORMAL",
                  max_bytes: int | None = None, min_free_bytes: int = MIN_FREE_BYTES) -> None:
         self.path = path
-        self._wal_path = path.with_name(path.name + "-wal")
-        self._wal_debt = 0
-        """What the WAL may add to the database file, measured before each write
-        transaction (``_measure_wal_debt``) for the budget checks within it."""
+        self._page_size = PAGE_SIZE
+        """The file's own page size, read once it is open."""
         self._dedup_index: tuple[Path, int] | None = None
         """This process's dedup index file, and the descriptor that holds its lock, while
         the spool is open."""
@@ -393,6 +391,7 @@ class SqliteStorage(Storage):
         if self._recover and (damage := self._damage(connection)) is not None:
             raise StorageUnavailable(damage)
         self._prepare_layout(connection)
+        (self._page_size,) = connection.execute("PRAGMA page_size").fetchone()
         self._attach_dedup_index(connection)
         connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
@@ -470,7 +469,6 @@ class SqliteStorage(Storage):
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         undo_so_far: list[Callable[[], object]] = []
         alone = len(batch) == 1
-        self._wal_debt = self._measure_wal_debt(connection)  # outside the transaction
         try:
             _begin(connection)
             for operation, future, _ in batch:
@@ -571,52 +569,33 @@ class SqliteStorage(Storage):
 
     def _check_budget(self, connection: sqlite3.Connection) -> None:
         """Refuse new work (``StorageFull``) when the spool has reached ``max_bytes``, or
-        when its disk has less than ``min_free_bytes`` left: delivery needs room to write
-        what becomes of the work already accepted (the WAL, retries, dead letters), and on
-        a disk filled to the last byte it could record nothing, and stopped.
+        when it has less than ``min_free_bytes`` of room: delivery needs room to write what
+        becomes of the work already accepted (the WAL, retries, dead letters), and on a disk
+        filled to the last byte it could record nothing, and stopped.
 
-        The WAL's pages not yet checkpointed count against the free space (measured before
-        the transaction, ``_measure_wal_debt``): a checkpoint copies them into the database
-        file, which grows by up to as much while the WAL keeps its size. A long
-        read (a backup, a ``sqlite3`` shell) holds checkpoints off while intake goes on;
-        with only the free space checked, the WAL grew to 194 MB beside 64 MB free, the
-        checkpoint after the read took the last byte, and delivery, whose deletes need room
-        in the WAL, could record nothing again until more disk was given (disk audit)."""
+        The room is the disk's free space, plus the pages free inside the spool (what
+        delivery has freed: the file keeps its size, and new work takes them first), less
+        what the next checkpoint will add to the file: the pages the WAL holds beyond the
+        file's end, which a long read (a backup, a ``sqlite3`` shell) keeps from being copied
+        home while intake goes on. With the free space alone, the WAL grew to 194 MB beside
+        64 MB free, the checkpoint after the read took the last byte, and delivery could
+        record nothing again (disk audit); and once a backlog had drained, its room stayed
+        inside the file, and intake stayed refused with an empty queue (soak)."""
+        (pages,) = connection.execute("PRAGMA page_count").fetchone()
+        (free_pages,) = connection.execute("PRAGMA freelist_count").fetchone()
+        size = self._page_size
         free = _disk_free_bytes(self.path)
-        debt = self._wal_debt
-        if free - debt < self.min_free_bytes:
-            more = (f", less the {amount_of_bytes(debt)} its write-ahead log may add to the "
-                    "spool at its next checkpoint" if debt >= 2**20 else "")
-            raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free{more}, "
-                              f"under the {amount_of_bytes(self.min_free_bytes)} kept for "
-                              "delivery (?min_free_bytes=)")
-        if self.max_bytes is None:
-            return
-        pages = connection.execute("PRAGMA page_count").fetchone()[0]
-        free = connection.execute("PRAGMA freelist_count").fetchone()[0]
-        size = connection.execute("PRAGMA page_size").fetchone()[0]
-        if (pages - free) * size >= self.max_bytes:
+        growth = max(0, pages * size - _file_size(self.path))
+        if free + free_pages * size - growth < self.min_free_bytes:
+            inside = (f" and {amount_of_bytes(free_pages * size)} inside the spool"
+                      if free_pages else "")
+            added = (f", less the {amount_of_bytes(growth)} its next checkpoint adds to the "
+                     "spool" if growth >= 2**20 else "")
+            raise StorageFull(f"the spool's disk has {amount_of_bytes(free)} free{inside}"
+                              f"{added}, under the {amount_of_bytes(self.min_free_bytes)} kept "
+                              "for delivery (?min_free_bytes=)")
+        if self.max_bytes is not None and (pages - free_pages) * size >= self.max_bytes:
             raise StorageFull(f"the spool has reached its budget of {self.max_bytes} bytes")
-
-    def _measure_wal_debt(self, connection: sqlite3.Connection) -> int:
-        """At most how many bytes the WAL's pages not yet checkpointed can add to the
-        database file (see ``_check_budget``), outside any transaction. The WAL file's size
-        bounds it, and is enough while the disk has room beyond it; near the line, a passive
-        checkpoint copies home what no reader holds and says how many frames are left. A
-        WAL keeps its size (up to 64 MB) once spent, so its size alone refused intake for
-        good on a disk with less than that beyond the reserve; and with intake refused and
-        delivery drained, nothing committed, so no automatic checkpoint came (review)."""
-        wal = _file_size(self._wal_path)
-        if _disk_free_bytes(self.path) - wal >= self.min_free_bytes:
-            return wal
-        try:
-            _, frames, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error:  # another checkpoint at work: the size is a safe bound
-            return wal
-        if frames < 0:  # not in WAL mode
-            return 0
-        (page_size,) = connection.execute("PRAGMA page_size").fetchone()
-        return min(wal, max(0, frames - copied) * page_size)
 
     def _purge_dedup(self, connection: sqlite3.Connection, now: float, *, at_least: int) -> None:
         """Forget expired message ids, twice as many as were just remembered, so both sides
@@ -1047,12 +1026,8 @@ class SqliteStorage(Storage):
         """Whether intake would be refused for want of room (``StorageFull``, saying why),
         read on the writer thread: readiness without the counts of ``stats``, which grow
         with the dedup window and would hold up the group commits."""
-        await self._call(self._check_room, writes=False)
+        await self._call(self._check_budget, writes=False)
         return True
-
-    def _check_room(self, connection: sqlite3.Connection) -> None:
-        self._wal_debt = self._measure_wal_debt(connection)
-        self._check_budget(connection)
 
     async def stats(self, *, now: float) -> StorageStats:
         def operation(connection: sqlite3.Connection) -> StorageStats:
