@@ -1134,6 +1134,24 @@ async def test_health_is_unavailable_while_the_spools_disk_has_no_room(
     assert status == 503
 
 
+def test_the_state_log_never_ends_on_a_refusal_while_all_is_well(monkeypatch, caplog):
+    # Its "accepts again" line was said at most once a minute, so a recovery soon after
+    # one went unsaid and the log ended on "refused" while intake accepted (soak).
+    now = [1000.0]
+    monkeypatch.setattr(app_module.time, "monotonic", lambda: now[0])
+    said = app_module.StateLog("refused: %s", "ok again")
+    with caplog.at_level(logging.WARNING, logger="router.server"):
+        for step in range(4):  # flapping: one pair
+            said.unavailable(f"disk has {step} MB")
+            said.ok()
+            now[0] += 5
+        said.unavailable("spool over its budget")  # another reason: said, and its end
+        now[0] += 1
+        said.ok()
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused: disk has 0 MB", "ok again", "refused: spool over its budget", "ok again"]
+
+
 async def test_intake_refused_for_want_of_room_says_why_once(
         start_server: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Refusals for a full disk were logged nowhere: only /health, when probed, said why.

@@ -114,9 +114,9 @@ class StateLog:
     """Says when something turns unavailable and why, again once a minute while it stays so
     or when the reason changes, and when it is ok again: a load balancer probing ``/health``
     every second wrote a line a second for as long as a Redis stayed full, and intake refused
-    for a full disk said nothing at all (disk audit). Each kind of line is said at most once
-    a minute, so a state that flaps (intake at its disk budget, refused and accepting by
-    turns) is not a pair of lines a request (review)."""
+    for a full disk said nothing at all (disk audit). An unavailable line is said at most
+    once a minute unless its reason changes, so a state that flaps (intake at its disk
+    budget, refused and accepting by turns) is not a pair of lines a request (review)."""
 
     REPEAT_AFTER = 60.0
 
@@ -138,12 +138,13 @@ class StateLog:
         self.down = True
 
     def ok(self) -> None:
+        """Said once after each unavailable line, so the log never ends on one while all is
+        well (soak), and a flapping state says a pair of lines a minute at most."""
         if self.down:
             self.down = False
-            now = time.monotonic()
-            if now - self.ok_said_at >= self.REPEAT_AFTER:
+            if self.said_at > self.ok_said_at:
                 log.warning(self.ok_line)
-                self.ok_said_at = now
+                self.ok_said_at = time.monotonic()
 
 
 _DIGITS = re.compile(r"\d+")
