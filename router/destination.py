@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from router.errors import DestinationError
+from router.errors import DestinationError, EventRejected, problems_text
 from router.events import Event
 
 DEFAULT_RETRY_STATUSES: frozenset[int] = frozenset({408, 423, 425, 429, *range(500, 600)})
@@ -115,6 +115,15 @@ def checked_payloads(payloads: Any) -> Sequence[Payload]:
     if problem:
         raise TypeError(f"translate returned {problem}")
     return payloads
+
+
+def refuse_unread_amounts(destination: Destination[Any], event: Event) -> None:
+    """``EventRejected`` with the reasons when ``event`` has amounts the router could not read
+    (``Event.amount_problems``) and ``destination`` relies on them (``reads_amounts``): such
+    an event never reaches its ``translate``. The router, the harness and the conformance
+    suite all ask here, so a plugin's tests meet the rule as production does."""
+    if event.amount_problems and destination.reads_amounts:
+        raise EventRejected(problems_text(event.amount_problems))
 
 
 def checked_request(request: Any) -> HttpRequest:

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ValidationError
 from router.config import DestinationConfig, LoadedConfig, RouterConfig
 from router.delivery.batching import payload_limit
 from router.delivery.egress import EgressPolicy, check_url
-from router.destination import DeliveryDefaults, Destination, Payload, checked_payloads
+from router.destination import (DeliveryDefaults, Destination, Payload, checked_payloads,
+                                refuse_unread_amounts)
 from router.errors import PLUGIN_FAILURES, ConfigError
 from router.events import Event
 from router.filters import EventFilter
@@ -41,19 +42,19 @@ class ConfiguredDestination:
     """The most bytes a payload's body may have (``delivery``'s, worked out once)."""
     transforms: bool = field(init=False)
     """Whether the operator's mapping changes events before translation."""
-    reads_amounts: bool = field(init=False)
-    """The adapter's ``reads_amounts``, read once."""
 
     def __post_init__(self) -> None:
         self.payload_limit = payload_limit(self.delivery)
         self.transforms = bool(self.renames or self.property_templates)
-        self.reads_amounts = bool(self.adapter.reads_amounts)
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         """The adapter's translation, after the operator's mapping overrides. What it returns
         is checked here, where a mistake costs only this event: a payload of the wrong type,
         or a group that is not a string, would otherwise break the destination's batching
-        later, for every event queued behind it."""
+        later, for every event queued behind it. Amounts the adapter relies on and the router
+        could not read make the event invalid here, before the mapping, which cannot repair
+        them (``refuse_unread_amounts``)."""
+        refuse_unread_amounts(self.adapter, event)
         if self.transforms:
             event = self._apply_mapping(event)
         return checked_payloads(self.adapter.translate(event, options))

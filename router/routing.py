@@ -24,8 +24,7 @@ from router.destination import HttpRequest, Payload, checked_request
 from router.delivery.batching import from_spool, oversized
 from router.delivery.telemetry import DeliveryMetrics
 from router.destinations import ConfiguredDestination, build_destinations, egress_policy
-from router.errors import (PLUGIN_FAILURES, EventRejected, InvalidEvent, SkipEvent,
-                           problems_text)
+from router.errors import PLUGIN_FAILURES, EventRejected, InvalidEvent, SkipEvent
 from router.events import Event, parse_event
 from router.integrations import IntegrationsMap
 from router.registry import Registry, create_registry
@@ -321,8 +320,6 @@ class Router:
             reason = destination.event_filter.reason(event)
             if reason is not None:
                 return DestinationResult(name, Status.SKIPPED, reason)
-        if destination.reads_amounts and event.amount_problems:
-            return DestinationResult(name, Status.INVALID, problems_text(event.amount_problems))
         try:
             payloads = destination.translate(event, decision.options)
             bodies = [_serialize(payload.body, event) for payload in payloads]

@@ -31,8 +31,8 @@ from router.delivery.batching import batches as split_into_batches
 from router.delivery.batching import from_spool, oversized, payload_limit
 from router.destination import (DEFAULT_RETRY_STATUSES, DeliveryDefaults, Destination,
                                 HttpRequest, HttpResponse, Outcome, Payload, checked_payloads,
-                                outcomes_problem)
-from router.errors import DestinationError, EventRejected, problems_text
+                                outcomes_problem, refuse_unread_amounts)
+from router.errors import DestinationError, EventRejected
 from router.events import Event, parse_event
 from router.integrations import decide
 from router.redaction import secret_values
@@ -140,8 +140,7 @@ class DestinationHarness(Generic[DestinationT]):
         parsed = self.event(event)
         if options is None:
             options = self.options_for(parsed)
-        if self.destination.reads_amounts and parsed.amount_problems:  # as the router does
-            raise EventRejected(problems_text(parsed.amount_problems))
+        refuse_unread_amounts(self.destination, parsed)
         payloads = checked_payloads(self.destination.translate(parsed, options))
         limit = payload_limit(self.delivery)
         for payload in payloads:  # the core's size rule, as at routing
