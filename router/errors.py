@@ -93,11 +93,25 @@ class EventRejected(DestinationError):
 
 class RetryableError(DestinationError):
     """Sending failed in a way that may pass later (timeout, 429, 5xx, a transient error in
-    a 200 body). The core retries with backoff, no sooner than ``retry_after`` seconds."""
+    a 200 body). The core retries with backoff, no sooner than ``retry_after`` seconds.
 
-    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+    ``pause_destination`` says the wait is the whole destination's (its account or key is
+    throttled), not only this event's: when every event of an answer says so with a
+    ``retry_after``, the core holds every request of the destination that long, as it does
+    for a 429 or 503 with ``Retry-After``. Sending other events meanwhile would only prolong
+    the throttling. Leave it off where the API throttles users or devices one by one
+    (Amplitude): the others' events should not wait for them."""
+
+    # Class defaults too: a plugin's subclass written before ``pause_destination`` existed
+    # may set only its own attributes.
+    retry_after: float | None = None
+    pause_destination: bool = False
+
+    def __init__(self, reason: str, *, retry_after: float | None = None,
+                 pause_destination: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.pause_destination = pause_destination
 
 
 class PermanentError(DestinationError):

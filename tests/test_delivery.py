@@ -216,6 +216,49 @@ async def test_a_retry_after_of_a_day_waits_15_minutes_and_only_for_its_destinat
         assert due[0] is not None and sent_at + 800 < due[0] <= due[1] < sent_at + 1000
 
 
+async def test_a_throttle_read_in_the_body_pauses_the_whole_destination(tmp_path):
+    # Meta throttles with a 400 and an error code, the wait in a usage header (a day, here):
+    # each job waiting alone would leave the others hammering a throttled account.
+    usage = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
+    throttle = Answer(400, body={"error": {"message": "Application request limit reached",
+                                           "code": 4}},
+                      headers={"X-Business-Use-Case-Usage": orjson.dumps(usage).decode()})
+    async with FakeDestinationServer() as meta, FakeDestinationServer() as healthy:
+        meta.script([throttle])
+        router = router_for(tmp_path, [
+            {"name": "meta", "plugin": "meta_capi",
+             "settings": {"pixel_id": "1234567890", "access_token": "meta-token-0001",
+                          "action_source": "system_generated", "base_url": meta.url},
+             "delivery": {**FAST_RETRIES, "concurrency": 1, "batch_size": 1}},
+            webhook("healthy", healthy.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(20)])
+            await healthy.wait_for(20, timeout=10)  # not held by the other's pause
+            await meta.wait_for(1, timeout=10)
+            await asyncio.sleep(0.5)  # time enough for the next batches, were it not paused
+        assert len(meta.requests) == 1
+
+
+async def test_a_throttle_of_one_user_holds_back_only_that_users_events(tmp_path):
+    # Amplitude throttles users and devices one by one (30 s for the throttled one): another
+    # user's event goes at once, even when every event of the throttled request was his.
+    throttle = Answer(429, body={"code": 429, "error": "Too many requests for some users",
+                                 "eps_threshold": 30, "throttled_users": {"busy-user": 31}})
+    async with FakeDestinationServer() as amplitude:
+        amplitude.script([throttle, 200])
+        router = router_for(tmp_path, [
+            {"name": "amplitude", "plugin": "amplitude",
+             "settings": {"api_key": "amp-key-0001", "base_url": amplitude.url},
+             "delivery": {**FAST_RETRIES, "concurrency": 1, "batch_size": 1}}])
+        async with router:
+            await router.route(track(1, user="busy-user"))
+            await amplitude.wait_for(1, timeout=10)
+            await router.route(track(2, user="calm-user"))
+            await amplitude.wait_for(2, timeout=10)  # not 30 s behind the throttled user
+        first, second = (request.json["events"][0]["user_id"] for request in amplitude.requests)
+        assert (first, second) == ("busy-user", "calm-user")
+
+
 async def test_retry_after_as_http_date_is_honoured(tmp_path):
     from email.utils import formatdate
     async with FakeDestinationServer() as server:

@@ -549,6 +549,7 @@ def test_429_pauses_only_the_throttled_users_and_devices_for_30_seconds():
         "throttled_devices": {"device-2": 31}, "throttled_events": [1, 2]}))
     assert all(isinstance(o, RetryableError) for o in outcomes)
     assert [o.retry_after for o in outcomes] == [None, 30, 30, None]
+    assert not any(o.pause_destination for o in outcomes)  # the others' events go on
     assert "other users or devices" not in outcomes[1].reason
 
 

@@ -26,7 +26,8 @@ ActionSource = Literal["website", "app", "email", "phone_call", "chat", "physica
 ACTION_SOURCES = ActionSource.__args__  # type: ignore[attr-defined]
 
 # Graph API error codes (Graph API "Handling Errors"; destinations.md §2.3): 1 and 2 are
-# temporary outages, 4/17/32/613/80004 throttling of the app, user, page or ad account.
+# temporary outages, 4/17/32/613/80004 throttling of the app, user, page or ad account: the
+# whole destination waits out a throttle.
 TRANSIENT_CODES = frozenset({1, 2, 4, 17, 32, 613, 80004})
 THROTTLING_CODES = frozenset({4, 17, 32, 613, 80004})
 # 190: the access token is invalid or expired; 100: a parameter is invalid.
@@ -134,7 +135,8 @@ class MetaConversions(Destination[MetaSettings]):
             f": {message[:_MAX_REASON]}"
         outcome: Outcome
         if error.get("is_transient") is True or code in TRANSIENT_CODES:
-            outcome = RetryableError(reason, retry_after=_retry_after(response.headers))
+            outcome = RetryableError(reason, retry_after=_retry_after(response.headers),
+                                     pause_destination=code in THROTTLING_CODES)
         elif code in PERMANENT_CODES:
             outcome = PermanentError(reason)
         else:

@@ -458,19 +458,21 @@ def test_invalid_parameter_is_permanent():
 def test_transient_errors_are_retried():
     answer = error(500, {"message": "An unexpected error has occurred", "code": 2,
                          "is_transient": True})
-    assert all(isinstance(o, RetryableError) for o in meta().read_response(PAYLOADS, answer))
+    outcomes = meta().read_response(PAYLOADS, answer)
+    assert all(isinstance(o, RetryableError) and not o.pause_destination for o in outcomes)
     answer = error(400, {"message": "odd", "code": 12345, "is_transient": True})
     assert isinstance(meta().read_response(PAYLOADS, answer)[0], RetryableError)
 
 
 @pytest.mark.parametrize("code", [4, 17, 32, 613, 80004])
-def test_throttling_codes_are_retried_after_the_usage_header(code):
+def test_throttling_codes_pause_the_destination_for_the_usage_headers_wait(code):
     usage = {"1234567890": [{"type": "ads_management", "call_count": 100,
                              "estimated_time_to_regain_access": 10}]}
     answer = error(400, {"message": "Application request limit reached", "code": code},
                    {"X-Business-Use-Case-Usage": orjson.dumps(usage).decode()})
     outcome = meta().read_response(PAYLOADS, answer)[0]
     assert isinstance(outcome, RetryableError) and outcome.retry_after == 600
+    assert outcome.pause_destination
 
 
 def test_retry_after_header_wins():

@@ -595,8 +595,10 @@ class DestinationWorker:
 
     def _judge(self, payloads: list[Payload], response: HttpResponse) -> list[Outcome]:
         """One outcome per payload: the plugin's judgement when it gives one, else the
-        status's. A throttling answer pauses the whole destination (Vector #4724's lesson:
-        backing off one request while sending others only prolongs the throttling)."""
+        status's. A throttle of the whole destination pauses it (Vector #4724's lesson:
+        backing off one request while sending others only prolongs the throttling): a 429
+        or 503 with ``Retry-After``, or what the plugin read as one (Meta answers 400 with an
+        error code, and the wait in a usage header)."""
         now = self.clock.now()
         try:
             judged = self.destination.adapter.read_response(payloads, response)
@@ -611,11 +613,10 @@ class DestinationWorker:
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
                                               self.delivery.retry_on, now=now)] * len(payloads)
-        if response.status in (429, 503):
-            waits = [o.retry_after for o in outcomes
-                     if isinstance(o, RetryableError) and o.retry_after]
-            if waits and len(waits) == len(outcomes):
-                self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
+        waits = [o.retry_after for o in outcomes
+                 if isinstance(o, RetryableError) and o.retry_after and o.pause_destination]
+        if waits and len(waits) == len(outcomes):
+            self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
         return outcomes
 
     def _log_plugin_failure(self, what: str, exc: BaseException) -> None:
