@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.storage.sqlite import (LANE_BITS, LAYOUT, PAGE_SIZE, SCHEMA, damage_in,
-                                   unpack_bundle)
+from router.storage.bundle_format import unpack_bundle
+from router.storage.sqlite import LANE_BITS, LAYOUT, PAGE_SIZE, SCHEMA, damage_in
 
 TABLES = ("lanes", "seen", "bundles", "settled_runs", "jobs", "dead_letters")
 """The spool's tables, each copied row by row."""

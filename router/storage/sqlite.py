@@ -10,12 +10,12 @@ losing a committed event; ``?synchronous=full`` also survives power loss, at a h
 The spool has two tables, because most jobs never fail:
 
 - ``bundles``, where new jobs are appended: each accept writes one row per destination
-  holding all of that destination's jobs from it, packed. Each destination has a *lane* of
-  job ids (its lane number in the high bits, a sequence in the low ones); a bundle takes a
-  run of them and is keyed by its last, so a destination's bundles are one id range in
-  arrival order. A worker reads its lane past an in-memory cursor, so leasing writes
-  nothing, and a bundle whose jobs are all delivered is one delete: the spool costs a row
-  per ``accept`` and destination, not per event.
+  holding all of that destination's jobs from it, packed (``router.storage.bundle_format``).
+  Each destination has a *lane* of job ids (its lane number in the high bits, a sequence in
+  the low ones); a bundle takes a run of them and is keyed by its last, so a destination's
+  bundles are one id range in arrival order. A worker reads its lane past an in-memory
+  cursor, so leasing writes nothing, and a bundle whose jobs are all delivered is one
+  delete: the spool costs a row per ``accept`` and destination, not per event.
 - ``jobs``, indexed by due time and by user: jobs waiting for a retry, replayed dead letters,
   and every job of a destination that keeps per-user order (the per-user check needs the
   index). A job keeps its id when it moves here.
@@ -54,6 +54,7 @@ from urllib.parse import parse_qs
 import orjson
 
 from router.errors import SpoolInUse, StorageFull, StorageMisconfigured, StorageUnavailable
+from router.storage.bundle_format import DAMAGED_BODY, pack_bundle, unpack_bundle
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob, QueueStats, Storage, StorageStats, amount_of_bytes)
 
@@ -143,13 +144,6 @@ _JOB_COLUMNS = ("id, destination, message_id, user_key, grp, body, created_at, a
                 "first_attempt_at")
 MAX_BUNDLE_JOBS = 1000
 """An accept writes a destination's jobs in bundles of at most this many."""
-CHECKED_BUNDLE = b"\xff\xffB2"
-"""How a bundle with CRCs begins (layout 2): a layout 1 bundle begins with its header's
-length, which SQLite's limit on a blob keeps far below this."""
-DAMAGED_BODY = ("damaged in the spool: its bytes on disk no longer match their checksum "
-                "(disk or file corruption); not sent, the body kept as read")
-UNREADABLE_HEADER = ("damaged in the spool: the list of events of its bundle is unreadable "
-                     "(disk or file corruption); its messageId and body are lost")
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response, first_attempt_at")
 ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"), ("jobs", "body_crc", "INTEGER"))
@@ -1143,8 +1137,9 @@ class _Lane:
                                                     zlib.crc32(job.body))]
         else:
             self.insert, self.width = _BUNDLE_INSERT, 4
-            self._values = [value for start in range(0, len(jobs), MAX_BUNDLE_JOBS)
-                            for value in (0, 0, now, _pack(jobs[start:start + MAX_BUNDLE_JOBS]))]
+            self._values = [
+                value for start in range(0, len(jobs), MAX_BUNDLE_JOBS)
+                for value in (0, 0, now, pack_bundle(jobs[start:start + MAX_BUNDLE_JOBS]))]
 
     def of(self, accepted: list[bool]) -> _Lane:
         """The same without the jobs of duplicate events."""
@@ -1179,51 +1174,6 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
             lane[1].append(index)
     return [_Lane(destination, ordered, lane_jobs, owners, now)
             for (destination, ordered), (lane_jobs, owners) in jobs.items()]
-
-
-def _pack(jobs: Sequence[NewJob]) -> bytes:
-    """A bundle's jobs as one blob: ``CHECKED_BUNDLE``, the length and CRC-32 of a JSON
-    header, the header (messageId, user key, group, body length and body CRC-32 of each job),
-    then the bodies back to back, so that reading a bundle never parses a body. The CRCs
-    find bytes that the disk or a copy changed, which SQLite's own checks do not look at:
-    a damaged job is dead-lettered, not delivered with another messageId or value."""
-    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body),
-                            zlib.crc32(job.body)) for job in jobs])
-    return b"".join((CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
-                     zlib.crc32(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
-
-
-_PackedJob = tuple[str, str, str, bytes]
-"""A job as a bundle holds it: messageId, user key, group and body."""
-
-
-def unpack_bundle(packed: bytes, count: int) -> tuple[list[_PackedJob], dict[int, str]]:
-    """The ``count`` jobs of a bundle, in id order, and why each damaged one cannot be sent,
-    by its index. A bundle written before the CRCs (layout 1, whose first four bytes are a
-    header length under SQLite's 1 GB limit) is read unchecked."""
-    checked = packed.startswith(CHECKED_BUNDLE)
-    try:
-        if checked:
-            offset = 12 + int.from_bytes(packed[4:8], "big")
-            header = packed[12:offset]
-            if zlib.crc32(header) != int.from_bytes(packed[8:12], "big"):
-                raise ValueError("the header's checksum does not match")
-        else:
-            offset = 4 + int.from_bytes(packed[:4], "big")
-            header = packed[4:offset]
-        entries = orjson.loads(header)
-    except ValueError:
-        return [("", "", "", b"")] * count, dict.fromkeys(range(count), UNREADABLE_HEADER)
-    jobs: list[_PackedJob] = []
-    damaged: dict[int, str] = {}
-    for entry in entries:  # read by index: a slice of each entry would be a list a job
-        length = entry[3]
-        body = packed[offset:offset + length]
-        offset += length
-        if checked and zlib.crc32(body) != entry[4]:
-            damaged[len(jobs)] = DAMAGED_BODY
-        jobs.append((entry[0], entry[1], entry[2], body))
-    return jobs, damaged
 
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
