@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import random
+import resource
 import dataclasses
 import sqlite3
 import zlib
@@ -799,6 +800,104 @@ async def test_sqlite_a_bundle_and_its_notes_go_once_every_job_of_it_is_settled(
     await spool.complete([jobs[3]])
     assert spool_rows(tmp_path / "spool.db") == {"bundles": 0, "settled_runs": 0, "jobs": 1}
     assert await pending(spool) == 1  # the retry
+
+
+# -- a commit that fails in the dedup index only ---------------------------------------------
+
+@contextlib.asynccontextmanager
+async def commit_failing_in_the_index(storage: SqliteStorage):
+    """The next COMMIT of ``storage``'s writer fails in its dedup index only, as on a disk
+    filled from outside: no file of the process may then grow past half the index file's
+    size. The spool's WAL, emptied first, stays far below that, and SQLite commits it
+    before the index (WAL mode commits attached databases one after another)."""
+    index = storage._dedup_index[0]
+    limit = index.stat().st_size // 2
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    armed = True
+
+    def trace(statement: str) -> None:
+        nonlocal armed
+        if statement == "COMMIT" and armed:
+            armed = False
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        else:
+            resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+
+    def arm(connection: sqlite3.Connection) -> None:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        connection.set_trace_callback(trace)
+
+    await storage._call(arm, writes=False)  # the test's one reach into the writer
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+        await storage._call(lambda connection: connection.set_trace_callback(None),
+                            writes=False)
+        assert not armed, "no COMMIT ran"
+
+
+async def in_one_group_commit(storage: SqliteStorage, *calls):
+    """Run ``calls`` (coroutines of ``storage``) in one group commit: queued while the writer
+    is held up by a read."""
+    held = asyncio.ensure_future(storage._call(lambda _: time.sleep(0.3), writes=False))
+    await asyncio.sleep(0.05)
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    await held
+    return results
+
+
+async def test_sqlite_a_group_commit_that_fails_in_the_dedup_index_only_stands(tmp_path):
+    # Spool audit: the spool's part was committed, yet every operation was reported failed
+    # and its bookkeeping undone: accepted events answered 503, and a completion that then
+    # failed for good on its own settled_runs row, holding back the rest of its bundle.
+    storage = SqliteStorage(tmp_path / "spool.db", min_free_bytes=0)
+    await storage.open()
+    try:
+        for start in range(0, 40_000, 1000):  # a dedup index of some size
+            await accept(storage, *(Acceptance("web", f"old-{n}", [])
+                                    for n in range(start, start + 1000)))
+        await accept(storage, *(item(f"m-{n}") for n in range(10)))
+        delivered = await lease(storage, 5)
+        async with commit_failing_in_the_index(storage):
+            accepted, completed = await in_one_group_commit(
+                storage, accept(storage, *(item(f"new-{n}") for n in range(500))),
+                storage.complete(delivered))
+        assert accepted == [True] * 500 and completed is None
+        assert await accept(storage, item("new-0"), item("new-499")) == [False, False]
+        rest = await lease(storage, 1000)
+        assert [j.message_id for j in rest] == [f"m-{n}" for n in range(5, 10)] + [
+            f"new-{n}" for n in range(500)]
+        await storage.complete(rest)
+        assert await pending(storage) == 0
+    finally:
+        await storage.close()
+
+
+async def test_sqlite_a_batch_that_writes_the_dedup_index_alone_has_a_witness(tmp_path):
+    # Only duplicates accepted, while the index takes another process's new ids (`router
+    # send` beside `router serve`): no row of its own says whether the spool's part of a
+    # failed commit stands, so the batch writes one.
+    path = tmp_path / "spool.db"
+    storage, other = SqliteStorage(path, min_free_bytes=0), SqliteStorage(path)
+    await storage.open()
+    await other.open(recover=False)
+    try:
+        for start in range(0, 40_000, 1000):
+            await accept(storage, *(Acceptance("web", f"old-{n}", [])
+                                    for n in range(start, start + 1000)))
+        await accept(storage, *(item(f"m-{n}") for n in range(10)))
+        delivered = await lease(storage, 5)
+        await accept(other, *(Acceptance("web", f"sent-{n}", []) for n in range(2000)))
+        async with commit_failing_in_the_index(storage):
+            duplicate, completed = await in_one_group_commit(
+                storage, accept(storage, item("m-0")), storage.complete(delivered))
+        assert duplicate == [False] and completed is None
+        assert await accept(storage, item("sent-7")) == [False]  # the index caught up
+        assert [j.message_id for j in await lease(storage)] == [f"m-{n}" for n in range(5, 10)]
+    finally:
+        await other.close()
+        await storage.close()
 
 
 async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay_settled(

@@ -180,6 +180,12 @@ class SqliteStorage(Storage):
         self._accepted_since_purge = 0
         self._indexed_up_to = 0
         """The last row of ``seen`` in this connection's ``dedup_index``."""
+        self._witness: tuple[int, str, str, float] | None = None
+        """A row of ``seen`` that the running group commit wrote, if it wrote to the dedup
+        index: what tells, after a COMMIT that failed, whether the spool's part of it was
+        committed all the same (``_spool_committed``)."""
+        self._index_written = False
+        """Whether the running group commit wrote to the dedup index."""
         # The state of the lanes this process reads (touched by the writer thread only):
         self._read_up_to: dict[int, int] = {}
         """Per lane, the last job id its cursor has passed."""
@@ -464,6 +470,8 @@ class SqliteStorage(Storage):
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         undo_so_far: list[Callable[[], object]] = []
         alone = len(batch) == 1
+        indexed_up_to = self._indexed_up_to
+        self._witness, self._index_written = None, False
         try:
             _begin(connection)
             for operation, future, _ in batch:
@@ -485,7 +493,7 @@ class SqliteStorage(Storage):
                 if not alone:
                     connection.execute("RELEASE operation")
             if connection.in_transaction:
-                connection.execute("COMMIT")
+                self._commit_witnessed(connection, indexed_up_to)
         except (sqlite3.Error, _TransactionLost) as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
@@ -496,6 +504,48 @@ class SqliteStorage(Storage):
             self._undo = None
         for future, result, failure in outcomes:
             future.get_loop().call_soon_threadsafe(_resolve, future, result, failure)
+
+    def _commit_witnessed(self, connection: sqlite3.Connection, indexed_up_to: int) -> None:
+        """COMMIT, and when it fails in the dedup index only, let the batch's outcomes stand.
+
+        In WAL mode SQLite commits the spool, then the attached index, and not atomically
+        across them: when the index's part fails (a disk filled from outside, an I/O
+        error), the spool's changes are durable all the same. Reported as failed, and their
+        bookkeeping in memory undone, they were worse than a failure (spool audit): an
+        accepted event answered 503, a leased job no worker held (an ordered destination
+        stalled until restart), a completion that failed again for good on its own
+        ``settled_runs`` row, a retry sent twice and a dead letter written twice. So a batch
+        that writes to the index also has a row of ``seen`` to look for afterwards: its
+        accepts' last one, or else a witness row of its own (expired at once, so nothing
+        reads it as a message id). The index was rolled back whole, so it is brought up to
+        date from ``seen`` again at the next accept."""
+        if self._index_written and self._witness is None:
+            token = secrets.token_hex(8)
+            (row_id,) = connection.execute(
+                "INSERT INTO seen (source, message_id, expires_at) VALUES ('', ?, 0) "
+                "RETURNING id", (token,)).fetchone()
+            self._witness = (row_id, "", token, 0.0)
+        try:
+            connection.execute("COMMIT")
+        except sqlite3.Error:
+            if not self._spool_committed(connection):
+                raise
+            log.warning("the dedup index %s could not be written; the spool's commit "
+                        "stands, and the index is brought up to date from it",
+                        self._dedup_index[0] if self._dedup_index else "")
+            self._indexed_up_to = min(self._indexed_up_to, indexed_up_to)
+
+    def _spool_committed(self, connection: sqlite3.Connection) -> bool:
+        """After a COMMIT that failed: whether the batch's witness row is in the spool. Its
+        id alone could be another process's row by now; with its values, it is not."""
+        if self._witness is None or connection.in_transaction:
+            return False
+        try:
+            return connection.execute(
+                "SELECT 1 FROM seen WHERE id = ? AND source = ? AND message_id = ? AND "
+                "expires_at = ?", self._witness).fetchone() is not None
+        except sqlite3.Error:
+            return False
 
     def _on_rollback(self, undo: Callable[[], object]) -> None:
         """Note how to undo a change the running operation made to this process's memory
@@ -605,8 +655,10 @@ class SqliteStorage(Storage):
         limit = max(at_least, DEDUP_PURGE_MINIMUM)
         connection.execute("DELETE FROM seen WHERE id IN (SELECT id FROM seen ORDER BY id "
                            "LIMIT ?) AND expires_at <= ?", (limit, now))
-        connection.execute("DELETE FROM dedup_index.keys WHERE key IN (SELECT key FROM "
-                           "dedup_index.keys WHERE expires_at <= ? LIMIT ?)", (now, limit))
+        if connection.execute("DELETE FROM dedup_index.keys WHERE key IN (SELECT key FROM "
+                              "dedup_index.keys WHERE expires_at <= ? LIMIT ?)",
+                              (now, limit)).rowcount:
+            self._index_written = True
 
     def _index_seen(self, connection: sqlite3.Connection, now: float) -> None:
         """Bring the dedup index up to date with ``seen``: all of it at ``prepare_intake`` (or
@@ -616,12 +668,13 @@ class SqliteStorage(Storage):
         last = connection.execute("SELECT COALESCE(MAX(id), 0) FROM seen").fetchone()[0]
         if last == self._indexed_up_to:
             return
-        connection.execute(
-            "INSERT INTO dedup_index.keys (key, expires_at) SELECT dedup_key(source, "
-            "message_id) AS key, MAX(expires_at) FROM seen WHERE id > ? AND id <= ? AND "
-            "expires_at > ? GROUP BY key ORDER BY key ON CONFLICT (key) DO UPDATE SET "
-            "expires_at = max(expires_at, excluded.expires_at)",
-            (self._indexed_up_to, last, now))
+        if connection.execute(
+                "INSERT INTO dedup_index.keys (key, expires_at) SELECT dedup_key(source, "
+                "message_id) AS key, MAX(expires_at) FROM seen WHERE id > ? AND id <= ? AND "
+                "expires_at > ? GROUP BY key ORDER BY key ON CONFLICT (key) DO UPDATE SET "
+                "expires_at = max(expires_at, excluded.expires_at)",
+                (self._indexed_up_to, last, now)).rowcount:
+            self._index_written = True
         self._indexed_up_to = last
 
     def _remember(self, connection: sqlite3.Connection, items: Sequence[Acceptance], *,
@@ -648,11 +701,14 @@ class SqliteStorage(Storage):
                 f"SELECT column1, ? FROM (VALUES {', '.join(['(?)'] * len(keys))}) "
                 "WHERE true ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
                 "WHERE keys.expires_at <= ? RETURNING key", (expires_at, *keys, now)))
+        pairs = list(taken)
         last = _insert_rows(connection, "INSERT INTO seen (source, message_id, expires_at)", 3,
-                            [value for source, message_id in taken
+                            [value for source, message_id in pairs
                              for value in (source, message_id, expires_at)])
         if last is not None:  # the index has these rows already
             self._indexed_up_to = last
+            witness, self._witness = self._witness, (last, *pairs[-1], expires_at)
+            self._on_rollback(lambda: setattr(self, "_witness", witness))
         return taken
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
