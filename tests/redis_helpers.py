@@ -3,6 +3,7 @@ its pid. The machine's shared Redis on 6379 is never touched."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REDIS_SERVER = Path("/usr/bin/redis-server")
+REDIS_SERVER = Path(os.environ.get("ROUTER_TEST_REDIS_SERVER", "/usr/bin/redis-server"))
+"""The server the tests start: set ``ROUTER_TEST_REDIS_SERVER`` (an absolute path) to run
+them against another version, or against Valkey (docs/storage.md)."""
 
 
 def _free_port() -> int:

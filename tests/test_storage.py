@@ -41,6 +41,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
                                  NewJob, amount_of_bytes)
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
+from router.storage import redis as redis_module
 from router.storage import sqlite as sqlite_module
 from router.storage.sqlite import LAYOUT, SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
@@ -1413,6 +1414,48 @@ async def test_a_redis_user_without_scripts_is_refused_at_open(url, raw):
         await raw.acl_deluser(user)
 
 
+async def test_a_redis_user_refused_a_command_inside_the_scripts_gets_503_with_why(url, raw):
+    # Redis answers such a refusal in words of its own ("The user executing the script
+    # can't run this command"), not NOPERM: intake answered 500, a bug.
+    user = f"nohset-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
+                          commands=["+@all", "-hset"])
+    storage = RedisStorage.from_url(url.replace("redis://", f"redis://{user}:pw-12345678@", 1))
+    try:
+        await storage.open()
+        with pytest.raises(StorageUnavailable, match="refuses this user a command.*needs"):
+            await accept(storage, item("m-0"))
+    finally:
+        await storage.close()
+        await raw.acl_deluser(user)
+
+
+@pytest.mark.parametrize(("reply", "refusal"), [
+    # Redis 6.0 and 6.2 wrap what a command inside a script raised (recorded replies)
+    ("Error running script (call to f_d21d823c05f839619c4ae7f43aa45cd66a0e12f4): "
+     "@user_script:80: @user_script: 80: -OOM command not allowed when used memory > "
+     "'maxmemory'.", StorageFull),
+    ("Error running script (call to f_d21d823c05f839619c4ae7f43aa45cd66a0e12f4): "
+     "@user_script:80: @user_script: 80: -MISCONF Redis is configured to save RDB snapshots, "
+     "but it is currently not able to persist on disk.", StorageFull),
+    ("Error running script (call to f_d21d823c05f839619c4ae7f43aa45cd66a0e12f4): "
+     "@user_script:80: @user_script: 80: -READONLY You can't write against a read only "
+     "replica.", StorageUnavailable),
+    ("Error running script (call to f_d21d823c05f839619c4ae7f43aa45cd66a0e12f4): "
+     "@user_script:76: @user_script: 76: The user executing the script can't access at "
+     "least one of the keys mentioned in the command arguments", StorageUnavailable),
+    # Valkey 8.1
+    ("ACL failure in script: User nohset has no permissions to run the 'hset' command "
+     "script: d21d823c05f839619c4ae7f43aa45cd66a0e12f4, on @user_script:20.",
+     StorageUnavailable),
+])
+def test_refusals_inside_scripts_are_read_as_redis_6_and_valkey_word_them(reply, refusal):
+    from redis.exceptions import ResponseError
+    with pytest.raises(refusal):
+        with redis_module._translated_errors():
+            raise ResponseError(reply)
+
+
 async def test_a_redis_that_asks_for_a_password_the_url_lacks_says_so(url, raw):
     # redis-py's own message was "HELLO must be called with the client already
     # authenticated, otherwise the HELLO AUTH <user> <pass> option can be used...".
@@ -1763,7 +1806,9 @@ async def test_redis_going_away_is_one_line_in_the_log_not_a_traceback_a_destina
             with caplog.at_level(logging.WARNING, logger="router.delivery"):
                 await asyncio.sleep(4.5)  # two more leases each, 2 s apart
             with pytest.raises(StorageUnavailable):
-                await router.storage.ping()  # what /health reports, with its reason
+                # at once, not after the pool's 30 s (redis-py 5.0.1 deadlocked there)
+                async with asyncio.timeout(5):
+                    await router.storage.ping()  # what /health reports, with its reason
     finally:
         stop(process)
     lines = [record for record in caplog.records if "cannot lease work" in record.getMessage()]

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import time
 import uuid
@@ -66,7 +67,8 @@ MAX_CONNECTIONS = 64
 """Connections one process keeps to Redis. More concurrent calls wait for a free one (up to
 ``COMMAND_TIMEOUT``) rather than fail: a burst of intake requests queues, it is not refused."""
 NEEDED_ACL = ("; the router runs Lua scripts, so its Redis user needs +evalsha, +eval and "
-              "+script|load, and the commands the scripts call (+@read +@write) on its keys")
+              "+script|load, and the commands the scripts call (+@read +@write) on its keys, "
+              "and +ping and +info for its checks")
 """Appended to a NOPERM error, at open or at run time."""
 _WARNED: set[tuple[Any, ...]] = set()
 
@@ -904,19 +906,48 @@ def _translated_errors() -> Iterator[None]:
     ``StorageUnavailable``."""
     try:
         yield
-    except OutOfMemoryError as exc:
-        raise StorageFull(f"Redis is out of memory (maxmemory reached): {exc}") from exc
     except (RedisConnectionError, RedisTimeoutError) as exc:  # BusyLoadingError is one
         raise StorageUnavailable(f"Redis cannot be reached: {type(exc).__name__}: {exc}"
                                  ) from exc
     except ResponseError as exc:
-        if str(exc).startswith("MISCONF"):
+        refusal = _refusal(exc)
+        if refusal == "OOM":
+            raise StorageFull(f"Redis is out of memory (maxmemory reached): {exc}") from exc
+        if refusal == "MISCONF":
             raise StorageFull(f"Redis refuses writes, its persistence is failing: {exc}"
                               ) from exc
-        if isinstance(exc, ReadOnlyError):  # a replica: after a failover, say
+        if refusal == "READONLY":  # a replica: after a failover, say
             raise StorageUnavailable(f"Redis refuses writes, it is a read-only replica: "
                                      f"{exc}") from exc
-        if isinstance(exc, NoPermissionError):  # an ACL changed under a running router
+        if refusal == "NOPERM":  # an ACL changed under a running router
             raise StorageUnavailable(f"Redis refuses this user a command: {exc}{NEEDED_ACL}"
                                      ) from exc
         raise
+
+
+_WRAPPED_IN_SCRIPT = re.compile(r"Error running script \(call to [^)]*\):.*?: -([A-Z]+) ")
+_REFUSED_IN_SCRIPT = ("The user executing the script can't", "ACL failure in script")
+
+
+def _refusal(exc: ResponseError) -> str | None:
+    """Which of Redis's refusals ``exc`` is (``OOM``, ``MISCONF``, ``READONLY``, ``NOPERM``),
+    also when a script's reply hides its code: Redis before 7.0 wraps an error raised inside
+    a script under ``ERR`` (``Error running script (call to f_...): @user_script:80:
+    @user_script: 80: -OOM command not allowed ...``), and every version, Valkey too, words
+    an ACL refusal inside a script in its own way. Read as a plain ``ResponseError``, each was
+    answered 500, a bug, instead of 503 with why (Redis 6.0 and 6.2, audit)."""
+    if isinstance(exc, OutOfMemoryError):
+        return "OOM"
+    if isinstance(exc, ReadOnlyError):
+        return "READONLY"
+    if isinstance(exc, NoPermissionError):
+        return "NOPERM"
+    message = str(exc)
+    if message.startswith("MISCONF"):
+        return "MISCONF"
+    wrapped = _WRAPPED_IN_SCRIPT.match(message)
+    if wrapped:
+        return wrapped.group(1)
+    if any(words in message for words in _REFUSED_IN_SCRIPT):
+        return "NOPERM"
+    return None
