@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=serve_command)
 
-    dlq = commands.add_parser("dlq", help="list, replay or purge dead letters")
-    dlq.add_argument("action", choices=("list", "replay", "purge"))
+    dlq = commands.add_parser("dlq", help="list, replay or purge dead letters, or bury the "
+                                          "queue of a destination the config no longer has")
+    dlq.add_argument("action", choices=("list", "replay", "purge", "bury"))
     dlq.add_argument("-c", "--config", required=True)
     dlq.add_argument("--destination")
     dlq.add_argument("--reason", help="only dead letters whose reason contains this text")

@@ -1,7 +1,10 @@
-"""``router dlq list|replay|purge``: dead letters from the command line.
+"""``router dlq list|replay|purge|bury``: dead letters from the command line.
 
 It opens the storage without taking back leases, so it is safe beside a running
 ``router serve`` on the same file; a replay queues jobs that the server's workers pick up.
+``bury`` moves the jobs queued for a destination the config no longer has (removed or
+renamed: nothing would ever send them) to the dead letters, where the other actions reach
+them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from router.registry import create_registry
 from router.storage import storage_for_url
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
-from router.storage.base import DeadLetter, DeadLetterFilter
+from router.storage.base import DeadLetter, DeadLetterFilter, Failure, Storage
 
 
 async def run_dlq_command(args: argparse.Namespace) -> int:
@@ -39,11 +42,19 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     if args.destination and args.destination.lower() not in named:
         print(f"note: the config has no destination named {args.destination!r}; dead "
               "letters of a destination since removed are still listed", file=sys.stderr)
+    if args.action == "bury":
+        _check_buriable(loaded, args.destination)
     since = time.time() - args.since if args.since else None
     where = DeadLetterFilter(destination=args.destination, reason=args.reason, since=since)
     await loaded.open_storage(storage, recover=False)
     try:
-        if args.action == "list":
+        if args.action == "bury":
+            name, buried, waiting = await _bury(storage, args.destination)
+            print(f"buried {buried} job(s) of {name!r} in the dead letters")
+            if waiting:
+                print(f"{waiting} more wait for a retry that is not due yet (or are leased "
+                      "by a router that still has the destination): run it again later")
+        elif args.action == "list":
             letters = await storage.dead_letters(where, limit=args.limit)
             masker = _masker_of(loaded) if args.json else Masker()
             for letter in letters:
@@ -58,6 +69,42 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     finally:
         await storage.close()
     return 0
+
+
+def _check_buriable(loaded: LoadedConfig, destination: str | None) -> None:
+    """``bury`` takes a destination that the config does not deliver to: an enabled one's
+    jobs are its workers' to send (and they may be holding some right now)."""
+    if not destination:
+        raise loaded.source.error(("destinations",), "router dlq bury needs --destination: "
+                                  "the destination whose queued jobs to bury")
+    for index, configured in enumerate(loaded.config.destinations):
+        if configured.name.lower() == destination.lower() and configured.enabled:
+            raise loaded.source.error(
+                ("destinations", index, "name"), f"{configured.name!r} is a destination "
+                "of this config, whose workers send its jobs: bury only the queue of one "
+                "removed, renamed or disabled")
+
+
+BURY_PAGE = 500
+
+
+async def _bury(storage: Storage, destination: str) -> tuple[str, int, int]:
+    """Move the jobs queued for ``destination`` (its name as the storage has it, matched
+    without regard to case) to the dead letters, leased a page at a time as a worker leases
+    them; its name, how many, and how many are left: jobs waiting for a retry not due yet,
+    which are not taken early (with Redis, leasing ahead of time would also take over the
+    jobs another router still sends)."""
+    stats = await storage.stats(now=time.time())
+    name = next((queued for queued in stats.queues if queued.lower() == destination.lower()),
+                destination)
+    failure = Failure(f"buried: the config has no destination {name!r} to send it to "
+                      "(router dlq bury)")
+    buried = 0
+    while jobs := await storage.lease(name, BURY_PAGE, now=time.time(), lease_for=60):
+        await storage.dead_letter(jobs, now=time.time(), failure=failure)
+        buried += len(jobs)
+    left = (await storage.stats(now=time.time())).queues.get(name)
+    return name, buried, left.pending if left else 0
 
 
 def _masker_of(loaded: LoadedConfig) -> Masker:

@@ -1,4 +1,4 @@
-"""``router dlq list|replay|purge`` on the SQLite spool a router left behind."""
+"""``router dlq list|replay|purge|bury`` on the SQLite spool a router left behind."""
 
 from __future__ import annotations
 
@@ -109,3 +109,38 @@ async def test_a_secret_a_body_template_put_in_the_payload_is_masked(tmp_path):
     (letter,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
     assert secret not in listed.stdout
     assert letter["payload"] == '{"key": "**REDACTED**", "event": "Tested"}'  # rendered text
+
+
+async def test_the_queue_of_a_destination_since_removed_is_said_at_start_and_can_be_buried(
+        tmp_path, caplog):
+    from router.server.run import _say_what_waits_for_no_destination
+    old, kept = webhook("old-hook", "http://127.0.0.1:9/"), webhook("kept", "http://127.0.0.1:9/")
+    async with router_for(tmp_path, [old, kept], deliver=False) as router:
+        await router.route_many([track(1), track(2), track(3)])
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({  # "old-hook" renamed, or removed
+        "storage": f"sqlite:///{tmp_path / 'router.db'}",
+        "egress": {"allow_private_addresses": True}, "destinations": [kept]}))
+
+    async with router_for(tmp_path, [kept], deliver=False) as router:
+        await _say_what_waits_for_no_destination(router)
+    warnings = [r.getMessage() for r in caplog.records if "wait in the storage" in r.getMessage()]
+    assert warnings == ["3 job(s) wait in the storage for destination 'old-hook', which the "
+                        "config does not have (removed, renamed or disabled): they are sent "
+                        "once it is back under that name, or `router dlq bury -c CONFIG "
+                        "--destination old-hook` moves them to the dead letters"]
+
+    refused = dlq("bury", "--destination", "KEPT", config=config)
+    assert refused.returncode == 1 and "whose workers send its jobs" in refused.stderr
+    buried = dlq("bury", "--destination", "Old-Hook", config=config)
+    assert buried.returncode == 0, buried.stderr
+    assert buried.stdout == "buried 3 job(s) of 'old-hook' in the dead letters\n"
+    listed = dlq("list", "--json", "--destination", "old-hook", config=config)
+    letters = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(letter["message_id"] for letter in letters) == ["m-1", "m-2", "m-3"]
+    assert all("buried" in letter["reason"] for letter in letters)
+    caplog.clear()
+    async with router_for(tmp_path, [kept], deliver=False) as router:
+        await _say_what_waits_for_no_destination(router)
+        assert (await router.storage.stats(now=0)).queues["kept"].pending == 3  # untouched
+    assert not [r for r in caplog.records if "wait in the storage" in r.getMessage()]

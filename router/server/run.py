@@ -64,6 +64,7 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
             return 1
         tune_garbage_collector()
         await _say_if_intake_is_refused(router)
+        await _say_what_waits_for_no_destination(router)
         stop_began: float | None = None
         try:
             status, stop_began = await _run_api(router, host or config.server.host,
@@ -91,6 +92,23 @@ async def _say_if_intake_is_refused(router: Router) -> None:
     except (StorageFull, StorageUnavailable) as exc:
         log.warning("intake refuses every event until the storage has room or answers "
                     "(GET /health says when): %s", exc)
+
+
+async def _say_what_waits_for_no_destination(router: Router) -> None:
+    """Jobs of a destination the config no longer has (removed, renamed, disabled) wait in
+    the storage for good, taking its room and showing in ``/metrics``' queue depth; nothing
+    said why. Said at start, with what to do."""
+    try:
+        stats = await router.storage.stats(now=time.time())
+    except (StorageFull, StorageUnavailable):
+        return  # said above
+    configured = {destination.name for destination in router.destinations}
+    for name, queue in sorted(stats.queues.items()):
+        if name not in configured and queue.pending:
+            log.warning("%d job(s) wait in the storage for destination %r, which the config "
+                        "does not have (removed, renamed or disabled): they are sent once it "
+                        "is back under that name, or `router dlq bury -c CONFIG --destination "
+                        "%s` moves them to the dead letters", queue.pending, name, name)
 
 
 async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
