@@ -42,14 +42,17 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     if args.destination and args.destination.lower() not in named:
         print(f"note: the config has no destination named {args.destination!r}; dead "
               "letters of a destination since removed are still listed", file=sys.stderr)
-    if args.action == "bury":
-        _check_buriable(loaded, args.destination)
+    if args.action == "bury" and not args.destination:
+        raise loaded.source.error(("destinations",), "router dlq bury needs --destination: "
+                                  "the destination whose queued jobs to bury")
     since = time.time() - args.since if args.since else None
     where = DeadLetterFilter(destination=args.destination, reason=args.reason, since=since)
     await loaded.open_storage(storage, recover=False)
     try:
         if args.action == "bury":
-            name, buried, waiting = await _bury(storage, args.destination)
+            name = await _queue_named(storage, args.destination)
+            _check_buriable(loaded, {args.destination, name})
+            buried, waiting = await _bury(storage, name)
             print(f"buried {buried} job(s) of {name!r} in the dead letters")
             if waiting:
                 print(f"{waiting} more wait for a retry that is not due yet (or are leased "
@@ -71,14 +74,22 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_buriable(loaded: LoadedConfig, destination: str | None) -> None:
-    """``bury`` takes a destination that the config does not deliver to: an enabled one's
-    jobs are its workers' to send (and they may be holding some right now)."""
-    if not destination:
-        raise loaded.source.error(("destinations",), "router dlq bury needs --destination: "
-                                  "the destination whose queued jobs to bury")
+async def _queue_named(storage: Storage, destination: str) -> str:
+    """The name the storage keeps ``destination``'s queue under: the very name, else one
+    that differs only in case (the config's names are, the storage's are not)."""
+    queued = (await storage.stats(now=time.time())).queues
+    if destination in queued:
+        return destination
+    return next((name for name in queued if name.lower() == destination.lower()), destination)
+
+
+def _check_buriable(loaded: LoadedConfig, names: set[str]) -> None:
+    """``bury`` takes a queue that the config does not deliver: an enabled destination's
+    jobs are its workers' to send (and they may be holding some right now). Its queue is
+    the one under its very name: one renamed only in case ("Amp" to "amp") left the old
+    name's jobs to no worker. ``names``: the name asked for and the queue's."""
     for index, configured in enumerate(loaded.config.destinations):
-        if configured.name.lower() == destination.lower() and configured.enabled:
+        if configured.name in names and configured.enabled:
             raise loaded.source.error(
                 ("destinations", index, "name"), f"{configured.name!r} is a destination "
                 "of this config, whose workers send its jobs: bury only the queue of one "
@@ -88,15 +99,11 @@ def _check_buriable(loaded: LoadedConfig, destination: str | None) -> None:
 BURY_PAGE = 500
 
 
-async def _bury(storage: Storage, destination: str) -> tuple[str, int, int]:
-    """Move the jobs queued for ``destination`` (its name as the storage has it, matched
-    without regard to case) to the dead letters, leased a page at a time as a worker leases
-    them; its name, how many, and how many are left: jobs waiting for a retry not due yet,
-    which are not taken early (with Redis, leasing ahead of time would also take over the
-    jobs another router still sends)."""
-    stats = await storage.stats(now=time.time())
-    name = next((queued for queued in stats.queues if queued.lower() == destination.lower()),
-                destination)
+async def _bury(storage: Storage, name: str) -> tuple[int, int]:
+    """Move the jobs queued under ``name`` to the dead letters, leased a page at a time as a
+    worker leases them; how many, and how many are left: jobs waiting for a retry not due
+    yet, which are not taken early (with Redis, leasing ahead of time would also take over
+    the jobs another router still sends)."""
     failure = Failure(f"buried: the config has no destination {name!r} to send it to "
                       "(router dlq bury)")
     buried = 0
@@ -104,7 +111,7 @@ async def _bury(storage: Storage, destination: str) -> tuple[str, int, int]:
         await storage.dead_letter(jobs, now=time.time(), failure=failure)
         buried += len(jobs)
     left = (await storage.stats(now=time.time())).queues.get(name)
-    return name, buried, left.pending if left else 0
+    return buried, left.pending if left else 0
 
 
 def _masker_of(loaded: LoadedConfig) -> Masker:

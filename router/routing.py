@@ -21,7 +21,7 @@ import orjson
 
 from router.config import LoadedConfig, load_config
 from router.destination import HttpRequest, Payload, checked_request
-from router.delivery.batching import from_spool, oversized
+from router.delivery.batching import from_spool, oversized, queued_group
 from router.delivery.telemetry import DeliveryMetrics
 from router.destinations import ConfiguredDestination, build_destinations, egress_policy
 from router.errors import PLUGIN_FAILURES, EventRejected, InvalidEvent, SkipEvent
@@ -109,6 +109,7 @@ class Router:
         process, started later, must open the very same file."""
         self.storage = storage or storage_for_url(self.config.storage, base_dir=self._base_dir)
         self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
+        self._plugins = {d.name: d.plugin.name for d in self.destinations}
         self.window = self.config.dedup.window
         self._deliver = deliver
         self._delivery: Any = None
@@ -270,7 +271,8 @@ class Router:
         valid = [result for result in results if result.event is not None]
         if valid:
             acceptances = [Acceptance(source, result.message_id or "",
-                                      _jobs(result, self._ordered)) for result in valid]
+                                      _jobs(result, self._ordered, self._plugins))
+                           for result in valid]
             self._routing += 1
             try:
                 accepted = await self.storage.accept(acceptances, window=self.window,
@@ -383,7 +385,8 @@ def _serialize(body: Any, event: Event) -> bytes:
     return data
 
 
-def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:
+def _jobs(result: RouteResult, ordered: frozenset[str], plugins: Mapping[str, str]
+          ) -> list[NewJob]:
     """The jobs to queue for an event: one a payload of each destination that sends it.
     A plain loop, each event's fields read once: this runs for every event routed."""
     event = result.event
@@ -393,9 +396,10 @@ def _jobs(result: RouteResult, ordered: frozenset[str]) -> list[NewJob]:
     for r in result.results:
         if r.status is Status.SEND and r.destination:
             in_order = r.destination in ordered
+            plugin = plugins[r.destination]
             for payload, body in zip(r.payloads, r.bodies):
-                jobs.append(NewJob(r.destination, message_id, user_key, payload.group, body,
-                                   in_order))
+                jobs.append(NewJob(r.destination, message_id, user_key,
+                                   queued_group(plugin, payload.group), body, in_order))
     return jobs
 
 

@@ -259,6 +259,33 @@ async def test_a_throttle_of_one_user_holds_back_only_that_users_events(tmp_path
         assert (first, second) == ("busy-user", "calm-user")
 
 
+async def test_jobs_another_plugin_built_under_the_same_name_are_dead_lettered_unsent(tmp_path):
+    # Config audit: a destination's plugin swapped while its backlog waited (amplitude to
+    # mixpanel) posted Amplitude's events to Mixpanel, each counted as delivered.
+    async with FakeDestinationServer() as api:
+        def analytics(plugin: str, **settings: str) -> dict:
+            return {"name": "analytics", "plugin": plugin, "delivery": FAST_RETRIES,
+                    "settings": {**settings, "base_url": api.url}}
+        amplitude = analytics("amplitude", api_key="amp-key-0001")
+        mixpanel = analytics("mixpanel", project_token="mp-token-0001",
+                             api_secret="mp-secret-0001")
+        async with router_for(tmp_path, [amplitude], deliver=False) as router:
+            await router.route_many([track(n, user="user-00001") for n in range(3)])
+        async with router_for(tmp_path, [mixpanel]) as router:
+            await router.route(track(9, user="user-00001"))
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=10)
+            sent = [event for request in api.requests for event in request.json]
+            assert [event["properties"]["$insert_id"] for event in sent] == ["m-9"]
+            assert sorted(letter.message_id for letter in letters) == ["m-0", "m-1", "m-2"]
+            assert all(letter.reason.startswith("built by the amplitude plugin")
+                       for letter in letters)
+            # A replay is the operator's word: sent as it is.
+            assert await router.storage.replay(DeadLetterFilter(), now=time.time()) == 3
+            assert await router.drain(timeout=10)
+        assert len(api.requests) == 2
+
+
 async def test_retry_after_as_http_date_is_honoured(tmp_path):
     from email.utils import formatdate
     async with FakeDestinationServer() as server:

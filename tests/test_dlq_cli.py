@@ -144,3 +144,23 @@ async def test_the_queue_of_a_destination_since_removed_is_said_at_start_and_can
         await _say_what_waits_for_no_destination(router)
         assert (await router.storage.stats(now=0)).queues["kept"].pending == 3  # untouched
     assert not [r for r in caplog.records if "wait in the storage" in r.getMessage()]
+
+
+async def test_a_queue_renamed_only_in_case_is_said_and_can_be_buried(tmp_path, caplog):
+    # Queues keep the very name, the config's names compare without case: "Amp" renamed
+    # "amp" left Amp's jobs to no worker, and bury refused them as the config's own.
+    from router.server.run import _say_what_waits_for_no_destination
+    async with router_for(tmp_path, [webhook("Amp", "http://127.0.0.1:9/")],
+                          deliver=False) as router:
+        await router.route_many([track(1), track(2)])
+    renamed = webhook("amp", "http://127.0.0.1:9/")
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                                     "destinations": [renamed]}))
+    async with router_for(tmp_path, [renamed], deliver=False) as router:
+        await _say_what_waits_for_no_destination(router)
+    assert any("2 job(s) wait in the storage for destination 'Amp', which the config now "
+               "names 'amp'" in record.getMessage() for record in caplog.records)
+    assert "whose workers send" in dlq("bury", "--destination", "amp", config=config).stderr
+    buried = dlq("bury", "--destination", "Amp", config=config)
+    assert buried.stdout == "buried 2 job(s) of 'Amp' in the dead letters\n", buried.stderr

@@ -51,6 +51,25 @@ def oversized(size: int, limit: int, plugin: str) -> str:
     return f"the {plugin} payload is {size} bytes, over its limit of {limit}"
 
 
+BUILT_BY_END = "\x1f"
+"""Ends the name of the plugin that built a queued job's payload, at the start of its group."""
+
+
+def queued_group(plugin: str, group: str) -> str:
+    """A job's ``group`` as it is queued: the name of the plugin that built its payload, then
+    the plugin's own group. A destination's plugin may change while its jobs are queued
+    (the config edited, or two destinations' names swapped, between two runs), and another
+    plugin would put a payload it did not build in a request its API does not take."""
+    return f"{plugin}{BUILT_BY_END}{group}"
+
+
+def built_by(group: str) -> tuple[str | None, str]:
+    """The plugin that built a queued job's payload, and the plugin's own group. None for a
+    job queued before the plugin was noted, or replayed from the dead letters as it is."""
+    plugin, end, own = group.partition(BUILT_BY_END)
+    return (plugin, own) if end else (None, group)
+
+
 def from_spool(body: bytes, group: str, *, opaque: bool = False) -> Payload:
     """A payload as ``build_request`` receives it: its body went to the spool as JSON and came
     back (tuples are lists, datetimes strings). For a destination with ``opaque_bodies`` the

@@ -10,6 +10,7 @@ the others; its backlog waits on disk, and only a bounded number of its jobs are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -18,7 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from router.delivery import retry
-from router.delivery.batching import batches, from_spool
+from router.delivery.batching import batches, built_by, from_spool
 from router.delivery.clock import DeliveryClock
 from router.delivery.egress import EgressPolicy
 from router.delivery.failure_log import FailureLog
@@ -253,6 +254,8 @@ class DestinationWorker:
             if not jobs and not self.undispatched:
                 await self._sleep(POLL_INTERVAL)
                 continue
+            if jobs:
+                jobs = await self._set_aside_built_by_others(jobs)
             # Added to what ``_upkeep`` could not give back, if anything.
             self.undispatched += batches(jobs, self.delivery, group=_group_of, size=_size_of)
             self.round_leased_at = time.monotonic()
@@ -261,6 +264,42 @@ class DestinationWorker:
                 await self.ready.put(batch)
                 self.handed_out[id(batch)] = batch
                 self.undispatched.pop(0)
+
+    async def _set_aside_built_by_others(self, jobs: list[Job]) -> list[Job]:
+        """Jobs whose payloads another plugin built (the config changed while they were
+        queued: a destination's plugin swapped, two destinations' names swapped) are never
+        sent: the plugin would put them in a request its API does not take (config audit:
+        Amplitude's events posted to Mixpanel, a webhook's bodies, with a token its template
+        had put in, to Segment's batch API). They go to the dead letters, noted as built by
+        no plugin, so that ``router dlq replay`` sends them as they are, if the operator
+        means to."""
+        mine = self.destination.plugin.name
+        kept: list[Job] = []
+        by_plugin: dict[str, list[Job]] = {}
+        for job in jobs:
+            plugin, own_group = built_by(job.group)
+            if plugin is None or plugin == mine:
+                kept.append(job)
+            else:
+                by_plugin.setdefault(plugin, []).append(dataclasses.replace(job, group=own_group))
+        for plugin, built in by_plugin.items():
+            reason = (f"built by the {plugin} plugin, which this destination no longer uses "
+                      f"(it is {mine} now); not sent: `router dlq replay` sends it as it is")
+            try:
+                await self.storage.dead_letter(built, now=self.clock.now(),
+                                               failure=Failure(reason))
+            except Exception as exc:  # noqa: BLE001 - full, locked: leased again later
+                log.warning("destination %s: cannot move %d job(s) built by the %s plugin to "
+                            "the dead letters, trying again later: %s", self.name, len(built),
+                            plugin, exc)
+                with contextlib.suppress(Exception):  # else they wait for the next start
+                    await self.storage.release([job.id for job in built])
+                continue
+            self.metrics.dead_lettered.inc(self.name, amount=len(built))
+            log.warning("destination %s: %d queued job(s) were built by the %s plugin, not "
+                        "by %s: moved to the dead letters unsent", self.name, len(built),
+                        plugin, mine)
+        return kept
 
     async def _upkeep(self) -> None:
         """Beside ``run``, every ``COMPLETE_EVERY`` seconds: complete what the senders
@@ -513,7 +552,8 @@ class DestinationWorker:
         and splitting stops; otherwise the refused half is split again, down to the event."""
         adapter = self.destination.adapter
         try:
-            payloads = [from_spool(job.body, job.group, opaque=adapter.opaque_bodies)
+            payloads = [from_spool(job.body, built_by(job.group)[1],
+                                   opaque=adapter.opaque_bodies)
                         for job in batch]
             request = checked_request(adapter.build_request(payloads))
         except DestinationError as exc:

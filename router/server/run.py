@@ -102,13 +102,19 @@ async def _say_what_waits_for_no_destination(router: Router) -> None:
         stats = await router.storage.stats(now=time.time())
     except (StorageFull, StorageUnavailable):
         return  # said above
-    configured = {destination.name for destination in router.destinations}
+    configured = {destination.name.lower(): destination.name
+                  for destination in router.destinations}
     for name, queue in sorted(stats.queues.items()):
-        if name not in configured and queue.pending:
-            log.warning("%d job(s) wait in the storage for destination %r, which the config "
-                        "does not have (removed, renamed or disabled): they are sent once it "
-                        "is back under that name, or `router dlq bury -c CONFIG --destination "
-                        "%s` moves them to the dead letters", queue.pending, name, name)
+        if name in configured.values() or not queue.pending:
+            continue
+        differs_in_case = configured.get(name.lower())
+        has = (f"which the config now names {differs_in_case!r} (queues keep the very name)"
+               if differs_in_case else "which the config does not have (removed, renamed or "
+               "disabled)")
+        log.warning("%d job(s) wait in the storage for destination %r, %s: they are sent "
+                    "once it is back under that name, or `router dlq bury -c CONFIG "
+                    "--destination %s` moves them to the dead letters", queue.pending, name,
+                    has, name)
 
 
 async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
