@@ -240,6 +240,7 @@ def run(count: int = 20_000) -> dict[str, object]:
         measured = interleaved(paired, batch, rounds=1)
         best_webhooks = {name: min(best_webhooks.get(name, float("inf")), measured[name])
                          for name in paired}
+        del paired, measured
     figures["five_webhooks_events_per_second"] = round(1 / best_webhooks["full"])
     figures["five_webhooks_percent_of_reference"] = round(
         100 * best_webhooks["reference"] / best_webhooks["full"], 1)

@@ -39,7 +39,7 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
         raise loaded.source.error(("storage",), "memory:// keeps nothing once its router "
                                   "stops: there are no dead letters here for router dlq")
     named = {destination.name.lower() for destination in config.destinations}
-    if args.destination and args.destination.lower() not in named:
+    if args.action != "bury" and args.destination and args.destination.lower() not in named:
         print(f"note: the config has no destination named {args.destination!r}; dead "
               "letters of a destination since removed are still listed", file=sys.stderr)
     if args.action == "bury" and not args.destination:
@@ -55,8 +55,10 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
             buried, waiting = await _bury(storage, name)
             print(f"buried {buried} job(s) of {name!r} in the dead letters")
             if waiting:
-                print(f"{waiting} more wait for a retry that is not due yet (or are leased "
-                      "by a router that still has the destination): run it again later")
+                print(f"{waiting} more wait for a retry that is not due yet, or are leased "
+                      "(by a router that still has the destination, or by a `router dlq "
+                      "bury` stopped midway: on Redis for a minute, in a SQLite spool until "
+                      "`router serve` starts again): run it again later")
         elif args.action == "list":
             letters = await storage.dead_letters(where, limit=args.limit)
             masker = _masker_of(loaded) if args.json else Masker()

@@ -95,20 +95,21 @@ class RetryableError(DestinationError):
     """Sending failed in a way that may pass later (timeout, 429, 5xx, a transient error in
     a 200 body). The core retries with backoff, no sooner than ``retry_after`` seconds.
 
-    ``pause_destination`` says the wait is the whole destination's (its account or key is
-    throttled), not only this event's: when every event of an answer says so with a
-    ``retry_after``, the core holds every request of the destination that long, as it does
-    for a 429 or 503 with ``Retry-After``. Sending other events meanwhile would only prolong
-    the throttling. Leave it off where the API throttles users or devices one by one
-    (Amplitude): the others' events should not wait for them."""
+    ``pause_destination`` says whether the wait is the whole destination's (its account or
+    key is throttled) or only this event's. When every event of an answer has a
+    ``retry_after`` and pauses, the core holds every request of the destination that long:
+    sending other events meanwhile would only prolong the throttling. None (the default)
+    leaves it to the status, as for the core's own judgement: a 429 or 503 pauses. True for
+    a throttle an API says in other ways (Meta's error codes in a 400); False where it
+    throttles users or devices one by one (Amplitude): the others' events need not wait."""
 
     # Class defaults too: a plugin's subclass written before ``pause_destination`` existed
     # may set only its own attributes.
     retry_after: float | None = None
-    pause_destination: bool = False
+    pause_destination: bool | None = None
 
     def __init__(self, reason: str, *, retry_after: float | None = None,
-                 pause_destination: bool = False) -> None:
+                 pause_destination: bool | None = None) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.pause_destination = pause_destination

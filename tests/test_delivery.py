@@ -216,13 +216,20 @@ async def test_a_retry_after_of_a_day_waits_15_minutes_and_only_for_its_destinat
         assert due[0] is not None and sent_at + 800 < due[0] <= due[1] < sent_at + 1000
 
 
-async def test_a_throttle_read_in_the_body_pauses_the_whole_destination(tmp_path):
+USAGE = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
+
+
+@pytest.mark.parametrize("throttle", [
     # Meta throttles with a 400 and an error code, the wait in a usage header (a day, here):
     # each job waiting alone would leave the others hammering a throttled account.
-    usage = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
-    throttle = Answer(400, body={"error": {"message": "Application request limit reached",
-                                           "code": 4}},
-                      headers={"X-Business-Use-Case-Usage": orjson.dumps(usage).decode()})
+    Answer(400, body={"error": {"message": "Application request limit reached", "code": 4}},
+           headers={"X-Business-Use-Case-Usage": orjson.dumps(USAGE).decode()}),
+    # A 503 with Retry-After that the plugin judges (a transient code) pauses by its status,
+    # as when the core judges it (review: it briefly did not).
+    Answer(503, body={"error": {"message": "Service temporarily unavailable", "code": 2}},
+           headers={"Retry-After": "600"}),
+])
+async def test_a_throttle_the_plugin_reads_pauses_the_whole_destination(tmp_path, throttle):
     async with FakeDestinationServer() as meta, FakeDestinationServer() as healthy:
         meta.script([throttle])
         router = router_for(tmp_path, [

@@ -127,7 +127,7 @@ async def test_the_queue_of_a_destination_since_removed_is_said_at_start_and_can
     warnings = [r.getMessage() for r in caplog.records if "wait in the storage" in r.getMessage()]
     assert warnings == ["3 job(s) wait in the storage for destination 'old-hook', which the "
                         "config does not have (removed, renamed or disabled): they are sent "
-                        "once it is back under that name, or `router dlq bury -c CONFIG "
+                        "once it is back (enabled, under that name), or `router dlq bury -c CONFIG "
                         "--destination old-hook` moves them to the dead letters"]
 
     refused = dlq("bury", "--destination", "KEPT", config=config)

@@ -69,7 +69,8 @@ def _bad_request(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Out
                                            "too many events) and drops its events"))
         elif index in throttled:
             outcomes.append(RetryableError("Amplitude throttled the event's user or device",
-                                           retry_after=THROTTLE_PAUSE))
+                                           retry_after=THROTTLE_PAUSE,
+                                           pause_destination=False))
         else:
             outcomes.append(RetryableError(_RESENT))
     return outcomes
@@ -96,7 +97,8 @@ def _throttled(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Outco
         else:
             outcomes.append(RetryableError("Amplitude throttled the event's user or device "
                                            "(over its events per second)",
-                                           retry_after=THROTTLE_PAUSE))
+                                           retry_after=THROTTLE_PAUSE,
+                                           pause_destination=False))
     return outcomes
 
 
@@ -104,21 +106,17 @@ def deletion_outcomes(payloads: Sequence[Payload], response: HttpResponse,
                       retry_on: frozenset[int]) -> list[Outcome] | None:
     """A deletion request carries at most 100 users; the rest of a bigger batch was not sent
     and waits for a later request (see ``Amplitude.build_request``), whatever the answer to
-    the first 100 was. ``retry_on`` judges a failed answer for the ones sent; a 429 or 503
-    with ``Retry-After`` pauses the destination, as the core's own judgement would."""
+    the first 100 was. ``retry_on`` judges a failed answer for the ones sent."""
     if len(payloads) <= MAX_DELETION_USERS:
         return None
-    throttled = response.status in (429, 503)
     sent: Outcome = None
     if not 200 <= response.status < 300:
         reason = f"HTTP {response.status} from the User Privacy API"
-        sent = RetryableError(reason, retry_after=_retry_after(response),
-                              pause_destination=throttled) \
+        sent = RetryableError(reason, retry_after=_retry_after(response)) \
             if response.status in retry_on else PermanentError(reason)
     return [sent] * MAX_DELETION_USERS + [
         RetryableError("not sent yet: Amplitude deletes at most 100 users per request",
-                       retry_after=1.0, pause_destination=throttled)
-    ] * (len(payloads) - MAX_DELETION_USERS)
+                       retry_after=1.0)] * (len(payloads) - MAX_DELETION_USERS)
 
 
 def _retry_after(response: HttpResponse) -> float | None:

@@ -38,9 +38,8 @@ def refused_items(payloads: Sequence[Payload], errors: list[Any]) -> list[Outcom
 def rate_limited(payloads: Sequence[Payload], response: HttpResponse
                  ) -> list[Outcome] | None:
     """Braze's 429 says when to come back in ``X-RateLimit-Retry-After`` (seconds), which the
-    core reads itself; when only ``X-RateLimit-Reset`` (an epoch time) is there, the wait is
-    measured from the response's ``Date``. Either way the whole destination pauses: Braze
-    limits the API key, not a user."""
+    core reads itself (and pauses the whole destination); when only ``X-RateLimit-Reset`` (an
+    epoch time) is there, the wait is measured from the response's ``Date``."""
     headers = {name.lower(): value for name, value in response.headers.items()}
     if "x-ratelimit-retry-after" in headers or "retry-after" in headers:
         return None
@@ -50,5 +49,4 @@ def rate_limited(payloads: Sequence[Payload], response: HttpResponse
     except (KeyError, TypeError, ValueError):
         return None
     wait = max(reset - now, 0.0)
-    return [RetryableError("HTTP 429: Braze rate limit", retry_after=wait, pause_destination=True)
-            for _ in payloads]
+    return [RetryableError("HTTP 429: Braze rate limit", retry_after=wait) for _ in payloads]

@@ -368,14 +368,13 @@ def test_429_with_retry_after_header_is_left_to_the_core_which_reads_it():
     assert destination.read_response(payloads, response) is None
 
 
-def test_429_with_only_a_reset_time_pauses_the_destination_until_then():
+def test_429_with_only_a_reset_time_waits_until_then():
     destination = braze()
     payloads = translate(destination, track())
     response = HttpResponse(429, {"X-RateLimit-Reset": "1795183400",
                                   "Date": "Fri, 20 Nov 2026 14:03:12 GMT"}, b"")
     (outcome,) = destination.read_response(payloads, response)
     assert isinstance(outcome, RetryableError) and outcome.retry_after == 8.0
-    assert outcome.pause_destination  # Braze limits the API key, not a user
 
 
 # The contract every destination keeps, whatever its vendor (router.testing).

@@ -136,7 +136,7 @@ class MetaConversions(Destination[MetaSettings]):
         outcome: Outcome
         if error.get("is_transient") is True or code in TRANSIENT_CODES:
             outcome = RetryableError(reason, retry_after=_retry_after(response.headers),
-                                     pause_destination=code in THROTTLING_CODES)
+                                     pause_destination=code in THROTTLING_CODES or None)
         elif code in PERMANENT_CODES:
             outcome = PermanentError(reason)
         else:

@@ -41,8 +41,7 @@ def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset
     if 200 <= status < 300:
         return None
     if status in retry_on:
-        return RetryableError(f"HTTP {status}", retry_after=retry_after(headers, now=now),
-                              pause_destination=status in (429, 503))
+        return RetryableError(f"HTTP {status}", retry_after=retry_after(headers, now=now))
     if 300 <= status < 400:
         return PermanentError(f"HTTP {status}{_redirected_to(headers.get('location'))}: "
                               "redirects are not followed")

@@ -653,8 +653,10 @@ class DestinationWorker:
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
                                               self.delivery.retry_on, now=now)] * len(payloads)
+        throttled = response.status in (429, 503)
         waits = [o.retry_after for o in outcomes
-                 if isinstance(o, RetryableError) and o.retry_after and o.pause_destination]
+                 if isinstance(o, RetryableError) and o.retry_after and (
+                     throttled if o.pause_destination is None else o.pause_destination)]
         if waits and len(waits) == len(outcomes):
             self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
         return outcomes

@@ -100,8 +100,10 @@ async def _say_what_waits_for_no_destination(router: Router) -> None:
     said why. Said at start, with what to do."""
     try:
         stats = await router.storage.stats(now=time.time())
-    except (StorageFull, StorageUnavailable):
-        return  # said above
+    except Exception as exc:  # noqa: BLE001 - a hint: it must not keep the server from starting
+        log.warning("cannot tell whether jobs wait for a destination the config does not "
+                    "have: %s: %s", type(exc).__name__, exc)
+        return
     configured = {destination.name.lower(): destination.name
                   for destination in router.destinations}
     for name, queue in sorted(stats.queues.items()):
@@ -112,7 +114,7 @@ async def _say_what_waits_for_no_destination(router: Router) -> None:
                if differs_in_case else "which the config does not have (removed, renamed or "
                "disabled)")
         log.warning("%d job(s) wait in the storage for destination %r, %s: they are sent "
-                    "once it is back under that name, or `router dlq bury -c CONFIG "
+                    "once it is back (enabled, under that name), or `router dlq bury -c CONFIG "
                     "--destination %s` moves them to the dead letters", queue.pending, name,
                     has, name)
 
