@@ -4,6 +4,7 @@ mapping overrides, built once from the config and checked there, so problems fai
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,9 @@ def build_destinations(loaded: LoadedConfig, registry: Registry, egress: EgressP
     return built
 
 
+_QUOTED = re.compile(r"'[^'\n]*'")
+"""What jinja2 quotes in a syntax error: a token of the template's text."""
+
 MORE_ERRORS_SHOWN = 5
 """Destinations' problems listed after the first in one config error."""
 
@@ -144,8 +148,11 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         raise broken(exc, "checking its settings") from None
     try:
         adapter = plugin.cls(settings)
-    except ConfigError as exc:
-        raise source.error((*path, *(exc.field or "settings").split(".")), exc.message) from None
+    except ConfigError as exc:  # a template's syntax error quotes the template's text
+        message = masker_of(settings).mask(exc.message)
+        if from_environment:  # ... and a piece of a secret the text took from the environment
+            message = _QUOTED.sub("'...'", message)
+        raise source.error((*path, *(exc.field or "settings").split(".")), message) from None
     except (ValueError, TypeError) as exc:
         raise source.error((*path, "settings"),
                            masker_of(settings).mask(f"{entry.plugin}: {exc}")) from None

@@ -331,8 +331,8 @@ class Router:
                     raise EventRejected(oversized(len(body), limit, destination.plugin.name))
         except SkipEvent as exc:
             return DestinationResult(name, Status.SKIPPED, exc.reason)
-        except EventRejected as exc:
-            return DestinationResult(name, Status.INVALID, exc.reason)
+        except EventRejected as exc:  # a template's error may quote what it holds: a secret
+            return DestinationResult(name, Status.INVALID, destination.masker.mask(exc.reason))
         except PLUGIN_FAILURES as exc:  # a broken plugin costs only its own events
             # The message may quote settings: masked, and no traceback (it shows values too).
             log.error("destination %s failed to translate event %s: %s", name, event.messageId,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import operator
 import re
 import time
@@ -36,6 +37,7 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
+from jinja2.utils import Namespace
 from markupsafe import EscapeFormatter, Markup
 
 from router.errors import ConfigError, EventRejected
@@ -49,6 +51,9 @@ MAX_POWER_BITS = 4096
 MAX_JSON_INDENT = 16
 MAX_WRAP_WORK = 2 * 10**9
 """Characters ``wordwrap`` may copy, about: the square of the text's length over the width."""
+MAX_PPRINT_WORK = 1_000_000
+"""Items ``pprint`` may write out, counted once for each level they are nested in: it writes a
+nested value out again at every level (40 levels of 100,000 items took 2 s in one step)."""
 MAX_STEPS = 100_000
 """Loop iterations, calls and filters one render may take."""
 MAX_RENDER_SECONDS = 1.0
@@ -87,6 +92,8 @@ def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1) -> int:
     stops once ``budget`` is reached: only whether a value is too large matters."""
     if isinstance(value, str):
         return len(value)
+    if isinstance(value, Namespace):  # its repr shows what it holds
+        value = object.__getattribute__(value, "_Namespace__attrs")
     if isinstance(value, dict):
         items: Any = itertools.chain(value.keys(), value.values())
     elif isinstance(value, (list, tuple)):
@@ -166,21 +173,28 @@ def _refuse_large_join(separator: Any, items: Any) -> None:
         raise SecurityError("join too large for a template")
 
 
-def _refuse_wide_percent_format(text: str) -> None:
+def _refuse_wide_percent_format(text: str, values: Any = None) -> None:
     """``text % values`` pads each field to its width and precision: refused before it runs
     when together they come to more than a template may build (2,000 fields of width 99,999
     are 200 MB, each of them allowed alone). Read as Python reads it: ``%%`` is a percent
     sign, and a mapping key may hold parentheses of its own (``%(a(b))9s``)."""
     total, at = len(text), 0
+    shown: dict[str, int] = {}  # a mapping's value, as long as it is shown: once a key
     while (at := text.find("%", at) + 1) > 0:
         if text.startswith("%", at):
             at += 1
             continue
         if text.startswith("(", at):
-            depth = 1
+            depth, key_at = 1, at + 1
             while depth and (at := at + 1) < len(text):
                 depth += {"(": 1, ")": -1}.get(text[at], 0)
+            key = text[key_at:at]
             at += 1
+            # ``'%(a)s' * 20000 % {'a': 'x' * 99999}`` shows one value 20,000 times
+            if isinstance(values, dict) and key in values:
+                if key not in shown:
+                    shown[key] = len(repr(values[key]))
+                total += shown[key]
         match = _PERCENT_WIDTH.match(text, at)
         assert match is not None  # every part of the pattern may be empty
         width, precision = match.groups()
@@ -204,10 +218,16 @@ class _CappedFormatter(SandboxedFormatter):
 
     def format_field(self, value: Any, format_spec: str) -> Any:
         numbers = [int(number) for number in _NUMBER.findall(format_spec)]
-        self._total += sum(numbers)
-        if max(numbers, default=0) > MAX_VALUE_SIZE or self._total > MAX_OUTPUT_CHARS:
+        if max(numbers, default=0) > MAX_VALUE_SIZE or \
+                self._total + sum(numbers) > MAX_OUTPUT_CHARS:
             raise SecurityError("format widths too large for a template")
-        return super().format_field(value, format_spec)
+        field = super().format_field(value, format_spec)
+        # what the field came to: ``('{0}' * 30000).format('x' * 99999)`` shows one value
+        # 30,000 times, each field small, together 3 GB by the time the result is checked
+        self._total += len(field)
+        if self._total > MAX_OUTPUT_CHARS:
+            raise SecurityError("format result too large for a template")
+        return field
 
 
 class _CappedEscapeFormatter(_CappedFormatter, EscapeFormatter):
@@ -247,9 +267,13 @@ def _check_filter_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, 
     and ``tojson`` (each nesting level gets the indent); and the ones whose time grows with
     the square of their input (``sum`` of lists, ``wordwrap`` of a long word)."""
     if name == "do_format" and args and isinstance(args[0], str):
-        _refuse_wide_percent_format(args[0])
-    elif name == "do_replace" and len(args) >= 4:  # (eval_ctx, text, old, new)
-        _refuse_large_replace(str(args[1]), args[2], args[3])
+        _refuse_wide_percent_format(args[0], kwargs)
+    elif name == "do_pprint" and args and _nesting_work(args[0]) > MAX_PPRINT_WORK:
+        raise SecurityError("pprint of so large and deeply nested a value is too slow for a "
+                            "template")
+    elif name == "do_replace" and len(args) >= 2:  # (eval_ctx, text, old, new)
+        _refuse_large_replace(str(args[1]), kwargs.get("old", args[2] if len(args) > 2 else None),
+                              kwargs.get("new", args[3] if len(args) > 3 else None))
     elif name == "do_indent" and args and isinstance(args[0], str):
         width = kwargs.get("width", args[1] if len(args) > 1 else 4)
         per_line = len(width) if isinstance(width, str) else width
@@ -278,6 +302,48 @@ def _check_filter_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, 
             raise SecurityError(f"tojson indent over {MAX_JSON_INDENT} in a template")
 
 
+def _capped_concat(chunks: Any) -> str:
+    """What a macro, a ``{% set %}`` or ``{% filter %}`` block, a ``caller()`` or a recursive
+    loop renders, joined once it is known to be under the cap: the output of a template is
+    counted as it is generated, but these are joined in one call (``{% for i in range(99000)
+    %}{{ s }}{% endfor %}`` in a macro was 10 GB)."""
+    chunks = list(chunks)
+    if sum(map(len, chunks)) > MAX_OUTPUT_CHARS:
+        raise SecurityError("block output too large for a template")
+    return "".join(chunks)
+
+
+def _nesting_work(value: Any, budget: int = MAX_PPRINT_WORK + 1) -> int:
+    """Each item inside ``value`` counted once for each level it is nested in (what
+    ``pprint`` writes out), stopping at ``budget``. Iterative: depth cannot exhaust the stack."""
+    total, stack = 0, [(value, 1)]
+    while stack and total < budget:
+        item, depth = stack.pop()
+        total += depth
+        if isinstance(item, Namespace):
+            item = object.__getattribute__(item, "_Namespace__attrs")
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in itertools.chain(item, item.values()))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, depth + 1) for child in item)
+    return total
+
+
+def _capped_json_dumps(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for ``tojson``; with an indent, written a piece at a time and refused
+    past the cap: each nesting level adds the indent to every line inside it, so 300 levels
+    of a 100,000-item list at indent 16 is 500 MB, in one step."""
+    if kwargs.get("indent") is None:
+        return json.dumps(value, **kwargs)
+    parts, size = [], 0
+    for part in json.JSONEncoder(**kwargs).iterencode(value):
+        size += len(part)
+        if size > MAX_OUTPUT_CHARS:
+            raise SecurityError("tojson output too large for a template")
+        parts.append(part)
+    return "".join(parts)
+
+
 class _CappedCodeGenerator(CodeGenerator):
     """Compiles ``a ~ b`` to a capped join: jinja2 lets the sandbox intercept binary
     operators but not ``~``, which compiles to a plain join."""
@@ -285,6 +351,26 @@ class _CappedCodeGenerator(CodeGenerator):
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.refuse_large_result(")
         super().visit_Concat(node, frame)
+        self.write(")")
+
+    # A list, tuple or dict written out in the template holds its items by reference:
+    # ``{% set ns.a = [ns.a, ns.a] %}`` 40 times is a list of 2**40 items in 40 steps, which
+    # ``str``, ``==``, ``tojson`` or ``pprint`` then walk in one uninterruptible call.
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self.write("environment.refuse_large_result(")
+        super().visit_List(node, frame)
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self.write("environment.refuse_large_result(")
+        super().visit_Dict(node, frame)
+        self.write(")")
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx != "load":  # an assignment's targets
+            return super().visit_Tuple(node, frame)
+        self.write("environment.refuse_large_result(")
+        super().visit_Tuple(node, frame)
         self.write(")")
 
 
@@ -295,13 +381,17 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
     code_generator_class = _CappedCodeGenerator
     refuse_large_result = staticmethod(_refuse_large_result)
+    concat = staticmethod(_capped_concat)
+    counted_loop = staticmethod(_counted)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         """The template's syntax tree, each ``for`` loop iterating through ``_counted`` so
         that its iterations spend the render's step budget."""
         tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Call(nodes.Name(_COUNTED, "load"), [loop.iter], [], None, None)
+            # an attribute of the environment, not a name a template could ``{% set %}``
+            loop.iter = nodes.Call(nodes.EnvironmentAttribute("counted_loop"), [loop.iter], [],
+                                   None, None)
         return tree
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
@@ -323,7 +413,7 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
             return operator.mul(left, right)
         if operator_name == "%":
             if isinstance(left, str):
-                _refuse_wide_percent_format(left)
+                _refuse_wide_percent_format(left, right)
             return _refuse_large_result(operator.mod(left, right))
         return _refuse_large_result(operator.add(left, right))
 
@@ -405,13 +495,12 @@ def _name_the_undefined(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-_COUNTED = "__router_counted_loop"
 _environment = _CappedSandbox(undefined=StrictUndefined, autoescape=False)
 _environment.policies["json.dumps_kwargs"] = {"sort_keys": True, "default": _name_the_undefined}
+_environment.policies["json.dumps_function"] = _capped_json_dumps
 _environment.filters = {name: _guarded_filter(f) for name, f in _environment.filters.items()}
 _environment.tests = {name: _stepped(test) for name, test in _environment.tests.items()}
 del _environment.globals["lipsum"]
-_environment.globals[_COUNTED] = _counted
 
 
 class Template:

@@ -357,6 +357,30 @@ MEMORY_BOMBS = [
     "{{ ('%(a(b))999999999s' % {'a(b)': 'x'})|length }}",
     # bytes, which no size check measures
     "{{ ('x'.encode() * 500000000)|length }}",
+    # output joined in one call: a macro, a set block, a filter block, caller(), a recursive
+    # loop (10 GB each, the output cap seeing only what reaches the top level; audit)
+    *[before + "{% for i in range(99000) %}{{ s }}{% endfor %}" + after for before, after in (
+        ("{% set s = 'x' * 99999 %}{% macro m() %}", "{% endmacro %}{{ m()|length }}"),
+        ("{% set s = 'x' * 99999 %}{% set t %}", "{% endset %}{{ t|length }}"),
+        ("{% set s = 'x' * 99999 %}{% filter length %}", "{% endfilter %}"),
+        ("{% set s = 'x' * 99999 %}{% macro m() %}{{ caller()|length }}{% endmacro %}"
+         "{% call m() %}", "{% endcall %}"))],
+    "{% set s = 'x' * 99999 %}{% for r in [range(99000)] recursive %}{% if loop.depth == 1 %}"
+    "{{ loop(r)|length }}{% else %}{{ s }}{% endif %}{% endfor %}",
+    # a keyword argument skipped the check of the positional one
+    "{{ ('a' * 99999)|replace('', new='x' * 99999)|length }}",
+    "{{ ('a' * 99999)|replace(old='', new='x' * 99999)|length }}",
+    # one value shown by many small fields
+    "{{ ('{0}' * 33333).format('x' * 99999)|length }}",
+    "{{ ('{a}' * 33333).format_map({'a': 'x' * 99999})|length }}",
+    "{{ (('%(a)s' * 20000) % {'a': 'x' * 99999})|length }}",
+    "{{ ('%(a)s' * 20000)|format(a='x' * 99999)|length }}",
+    # a list, tuple, dict or namespace written out holds its items by reference: doubled 27
+    # times it is 2**27 items, printed in one call
+    *["{% set ns = namespace(a='x') %}{% for i in range(27) %}{% set ns.a = " + twice
+      + " %}{% endfor %}{{ ns.a }}"
+      for twice in ("[ns.a, ns.a]", "(ns.a, ns.a)", "{'x': ns.a, 'y': ns.a}",
+                    "namespace(x=ns.a, y=ns.a)")],
 ]
 
 TIME_BOMBS = [
@@ -396,6 +420,52 @@ def test_tests_spend_steps_too(monkeypatch):
                "{{ needles|select('in', 'ab')|list|length }}{{ needles|select('in', 'ab')|list"
                "|length }}{{ needles|select('in', 'ab')|list|length }}"
                "{{ needles|select('in', 'ab')|list|length }}")
+
+
+@pytest.mark.parametrize("source", [
+    # two lists of 2**40 items in 80 steps, compared (or hashed) in one uninterruptible call
+    "{% set ns = namespace(a=1, b=1) %}{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}"
+    "{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}",
+    "{% set ns = namespace(a=1) %}{% for i in range(40) %}{% set ns.a = (ns.a, ns.a) %}"
+    "{% endfor %}{{ ns.a in {} }}",
+    # pprint writes a nested value out again at every level; tojson indents every line
+    # inside a level once more
+    "{{ options.deep|pprint|length }}",
+    "{{ options.deep|tojson(indent=16)|length }}",
+])
+def test_one_step_that_would_take_minutes_is_refused(source):
+    deep = list(range(99999))
+    for _ in range(60):
+        deep = [deep]
+    with pytest.raises(EventRejected, match="too large|too slow"):
+        render(source, options={"deep": deep})
+
+
+def test_a_template_cannot_replace_what_counts_its_loops(monkeypatch):
+    monkeypatch.setattr(templates_module, "MAX_RENDER_SECONDS", 600.0)
+    with pytest.raises(EventRejected, match="over 100000 steps"):
+        render("{% set __router_counted_loop = dict %}{% set d = dict.fromkeys(range(99999)) %}"
+               "{% for a in d %}{% for b in d %}{% endfor %}{% endfor %}")
+
+
+def test_a_template_error_never_shows_a_secret_from_the_environment(tmp_path):
+    from router.routing import Router
+    path = tmp_path / "router.yaml"
+    path.write_text(textwrap.dedent("""\
+        storage: memory://
+        destinations:
+          - name: hook
+            plugin: webhook
+            settings:
+              url: https://hooks.example/a
+              body: '{"auth": {{ ${API_KEY}|tojson }}}'
+        """))
+    router = Router(load_config(path, env={"API_KEY": "sk_live_ABCDEFGH12345678"}), deliver=False)
+    reason = router.plan(EVENT).status_of("hook").reason
+    assert "sk_live" not in reason and "REDACTED" in reason
+    with pytest.raises(ConfigError) as caught:  # lexed as 9, then a name: a piece is quoted
+        Router(load_config(path, env={"API_KEY": "9f8e7d6c5b4a3210ffee"}), deliver=False)
+    assert "f8e7d6c5b4a3210ffee" not in str(caught.value)
 
 
 def test_a_render_of_few_but_costly_steps_is_refused_by_its_time_budget():
