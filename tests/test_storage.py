@@ -1430,6 +1430,22 @@ async def test_a_redis_user_refused_a_command_inside_the_scripts_gets_503_with_w
         await raw.acl_deluser(user)
 
 
+async def test_a_redis_user_refused_what_stats_read_gets_storage_unavailable(url, raw):
+    # Untranslated, the error reached router serve's start (which hung) and /metrics.
+    user = f"nozcard-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
+                          commands=["+@all", "-zcard"])
+    storage = RedisStorage.from_url(url.replace("redis://", f"redis://{user}:pw-12345678@", 1))
+    try:
+        await storage.open()
+        await accept(storage, item("m-0"))
+        with pytest.raises(StorageUnavailable, match="refuses this user a command"):
+            await storage.stats(now=T0)
+    finally:
+        await storage.close()
+        await raw.acl_deluser(user)
+
+
 @pytest.mark.parametrize(("reply", "refusal"), [
     # Redis 6.0 and 6.2 wrap what a command inside a script raised (recorded replies)
     ("Error running script (call to f_d21d823c05f839619c4ae7f43aa45cd66a0e12f4): "

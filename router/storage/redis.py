@@ -756,14 +756,15 @@ class RedisStorage(Storage):
 
     async def stats(self, *, now: float) -> StorageStats:
         client = self._require_client()
-        destinations = await self._destinations()
-        async with client.pipeline(transaction=False) as pipe:
-            for destination in destinations:
-                pipe.zcard(self.keys.jobs(destination))
-                pipe.zrange(self.keys.jobs(destination), 0, 0, withscores=True)
-                pipe.zcard(self.keys.letters(destination))
-            pipe.hgetall(self.keys.seen_count)
-            replies = await pipe.execute()
+        with _translated_errors():  # as every other call: /metrics and serve's start read it
+            destinations = await self._destinations()
+            async with client.pipeline(transaction=False) as pipe:
+                for destination in destinations:
+                    pipe.zcard(self.keys.jobs(destination))
+                    pipe.zrange(self.keys.jobs(destination), 0, 0, withscores=True)
+                    pipe.zcard(self.keys.letters(destination))
+                pipe.hgetall(self.keys.seen_count)
+                replies = await pipe.execute()
         stats = StorageStats()
         for index, destination in enumerate(destinations):
             pending, oldest, letters = replies[3 * index:3 * index + 3]
