@@ -523,10 +523,9 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
         planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
                                           for i in range(destinations)],
                               deliver=False, storage=MemoryStorage())
-        plugins = {destination.name: destination.plugin.name
-                   for destination in planner.destinations}
-        items = [Acceptance("default", result.message_id or "",
-                            _jobs(result, frozenset(), plugins))
+        queued_as = {destination.name: (destination.plugin.name, False)
+                     for destination in planner.destinations}
+        items = [Acceptance("default", result.message_id or "", _jobs(result, queued_as))
                  for result in planned(planner, count, seed=13)]
         jobs = sum(len(item.jobs) for item in items)
         storage = SqliteStorage(Path(directory) / "spool.db")

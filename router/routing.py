@@ -108,8 +108,10 @@ class Router:
         """Where a relative ``sqlite:///`` path is found, fixed at construction: the delivery
         process, started later, must open the very same file."""
         self.storage = storage or storage_for_url(self.config.storage, base_dir=self._base_dir)
-        self._ordered = frozenset(d.name for d in self.destinations if d.delivery.ordered)
-        self._plugins = {d.name: d.plugin.name for d in self.destinations}
+        self._queued_as = {d.name: (d.plugin.name, d.delivery.ordered)
+                           for d in self.destinations}
+        """Each destination's plugin and whether it keeps per-user order: what its jobs are
+        queued with (``_jobs``)."""
         self.window = self.config.dedup.window
         self._deliver = deliver
         self._delivery: Any = None
@@ -271,7 +273,7 @@ class Router:
         valid = [result for result in results if result.event is not None]
         if valid:
             acceptances = [Acceptance(source, result.message_id or "",
-                                      _jobs(result, self._ordered, self._plugins))
+                                      _jobs(result, self._queued_as))
                            for result in valid]
             self._routing += 1
             try:
@@ -385,8 +387,7 @@ def _serialize(body: Any, event: Event) -> bytes:
     return data
 
 
-def _jobs(result: RouteResult, ordered: frozenset[str], plugins: Mapping[str, str]
-          ) -> list[NewJob]:
+def _jobs(result: RouteResult, queued_as: Mapping[str, tuple[str, bool]]) -> list[NewJob]:
     """The jobs to queue for an event: one a payload of each destination that sends it.
     A plain loop, each event's fields read once: this runs for every event routed."""
     event = result.event
@@ -395,8 +396,7 @@ def _jobs(result: RouteResult, ordered: frozenset[str], plugins: Mapping[str, st
     jobs = []
     for r in result.results:
         if r.status is Status.SEND and r.destination:
-            in_order = r.destination in ordered
-            plugin = plugins[r.destination]
+            plugin, in_order = queued_as[r.destination]
             for payload, body in zip(r.payloads, r.bodies):
                 jobs.append(NewJob(r.destination, message_id, user_key,
                                    queued_group(plugin, payload.group), body, in_order))

@@ -30,7 +30,7 @@ import operator
 import re
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -86,19 +86,26 @@ def template_event(event: Event) -> dict[str, Any]:
     return {**SPEC_FIELD_DEFAULTS, **event.to_dict()}  # read-only in the sandbox
 
 
+def _contents(value: Any) -> Iterable[Any] | None:
+    """What a list, tuple, dict (keys and values) or ``namespace`` holds, whose repr shows it
+    all; None for anything else."""
+    if isinstance(value, Namespace):
+        value = object.__getattribute__(value, "_Namespace__attrs")
+    if isinstance(value, dict):
+        return itertools.chain(value.keys(), value.values())
+    if isinstance(value, (list, tuple)):
+        return value
+    return None
+
+
 def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1) -> int:
     """The characters of a string, or the items of a list, tuple or dict with what they hold,
     at any depth (``[['x' * 99999]] * 99999`` is ten gigabytes, not 99,999 items). Counting
     stops once ``budget`` is reached: only whether a value is too large matters."""
     if isinstance(value, str):
         return len(value)
-    if isinstance(value, Namespace):  # its repr shows what it holds
-        value = object.__getattribute__(value, "_Namespace__attrs")
-    if isinstance(value, dict):
-        items: Any = itertools.chain(value.keys(), value.values())
-    elif isinstance(value, (list, tuple)):
-        items = value
-    else:
+    items = _contents(value)
+    if items is None:
         return 1
     total = 1
     for item in items:
@@ -302,15 +309,19 @@ def _check_filter_arguments(name: str, args: tuple[Any, ...], kwargs: dict[str, 
             raise SecurityError(f"tojson indent over {MAX_JSON_INDENT} in a template")
 
 
-def _capped_concat(chunks: Any) -> str:
-    """What a macro, a ``{% set %}`` or ``{% filter %}`` block, a ``caller()`` or a recursive
-    loop renders, joined once it is known to be under the cap: the output of a template is
-    counted as it is generated, but these are joined in one call (``{% for i in range(99000)
-    %}{{ s }}{% endfor %}`` in a macro was 10 GB)."""
-    chunks = list(chunks)
-    if sum(map(len, chunks)) > MAX_OUTPUT_CHARS:
-        raise SecurityError("block output too large for a template")
-    return "".join(chunks)
+def _capped_join(chunks: Iterable[str], what: str = "block output") -> str:
+    """``chunks`` joined, refused as soon as they pass the cap. jinja2 joins in one call what
+    a macro, a ``{% set %}`` or ``{% filter %}`` block, a ``caller()`` or a recursive loop
+    renders (its ``concat``), which the output cap, counting the top level as it is
+    generated, never saw (``{% for i in range(99000) %}{{ s }}{% endfor %}`` in a macro was
+    10 GB); and ``tojson`` with an indent writes its pieces this way too."""
+    joined, size = [], 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_OUTPUT_CHARS:
+            raise SecurityError(f"{what} too large for a template")
+        joined.append(chunk)
+    return "".join(joined)
 
 
 def _nesting_work(value: Any, budget: int = MAX_PPRINT_WORK + 1) -> int:
@@ -320,12 +331,9 @@ def _nesting_work(value: Any, budget: int = MAX_PPRINT_WORK + 1) -> int:
     while stack and total < budget:
         item, depth = stack.pop()
         total += depth
-        if isinstance(item, Namespace):
-            item = object.__getattribute__(item, "_Namespace__attrs")
-        if isinstance(item, dict):
-            stack.extend((child, depth + 1) for child in itertools.chain(item, item.values()))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((child, depth + 1) for child in item)
+        children = _contents(item)
+        if children is not None:
+            stack.extend((child, depth + 1) for child in children)
     return total
 
 
@@ -335,43 +343,35 @@ def _capped_json_dumps(value: Any, **kwargs: Any) -> str:
     of a 100,000-item list at indent 16 is 500 MB, in one step."""
     if kwargs.get("indent") is None:
         return json.dumps(value, **kwargs)
-    parts, size = [], 0
-    for part in json.JSONEncoder(**kwargs).iterencode(value):
-        size += len(part)
-        if size > MAX_OUTPUT_CHARS:
-            raise SecurityError("tojson output too large for a template")
-        parts.append(part)
-    return "".join(parts)
+    return _capped_join(json.JSONEncoder(**kwargs).iterencode(value), "tojson output")
 
 
 class _CappedCodeGenerator(CodeGenerator):
     """Compiles ``a ~ b`` to a capped join: jinja2 lets the sandbox intercept binary
     operators but not ``~``, which compiles to a plain join."""
 
-    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+    def _capped(self, visit: Callable[[Any, Frame], None], node: nodes.Node,
+                 frame: Frame) -> None:
         self.write("environment.refuse_large_result(")
-        super().visit_Concat(node, frame)
+        visit(node, frame)
         self.write(")")
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self._capped(super().visit_Concat, node, frame)
 
     # A list, tuple or dict written out in the template holds its items by reference:
     # ``{% set ns.a = [ns.a, ns.a] %}`` 40 times is a list of 2**40 items in 40 steps, which
     # ``str``, ``==``, ``tojson`` or ``pprint`` then walk in one uninterruptible call.
     def visit_List(self, node: nodes.List, frame: Frame) -> None:
-        self.write("environment.refuse_large_result(")
-        super().visit_List(node, frame)
-        self.write(")")
+        self._capped(super().visit_List, node, frame)
 
     def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
-        self.write("environment.refuse_large_result(")
-        super().visit_Dict(node, frame)
-        self.write(")")
+        self._capped(super().visit_Dict, node, frame)
 
     def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
         if node.ctx != "load":  # an assignment's targets
             return super().visit_Tuple(node, frame)
-        self.write("environment.refuse_large_result(")
-        super().visit_Tuple(node, frame)
-        self.write(")")
+        self._capped(super().visit_Tuple, node, frame)
 
 
 class _CappedSandbox(ImmutableSandboxedEnvironment):
@@ -381,7 +381,7 @@ class _CappedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
     code_generator_class = _CappedCodeGenerator
     refuse_large_result = staticmethod(_refuse_large_result)
-    concat = staticmethod(_capped_concat)
+    concat = staticmethod(_capped_join)
     counted_loop = staticmethod(_counted)
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:

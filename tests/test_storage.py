@@ -1389,14 +1389,35 @@ async def test_a_full_redis_still_renews_leases(redis_store, raw, url):
         await other.close()
 
 
+@contextlib.asynccontextmanager
+async def redis_user_refused(raw, url: str, *commands: str):
+    """A Redis user allowed everything but ``commands`` (``"-hset"``, ...): its name and its
+    URL. Deleted afterwards."""
+    user = f"limited-{uuid.uuid4().hex[:8]}"
+    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
+                          commands=["+@all", *commands])
+    try:
+        yield user, url.replace("redis://", f"redis://{user}:pw-12345678@", 1)
+    finally:
+        await raw.acl_deluser(user)
+
+
+@contextlib.asynccontextmanager
+async def storage_of_a_user_refused(raw, url: str, *commands: str):
+    """A storage opened as a Redis user allowed everything but ``commands``."""
+    async with redis_user_refused(raw, url, *commands) as (_, limited):
+        storage = RedisStorage.from_url(limited)
+        await storage.open()
+        try:
+            yield storage
+        finally:
+            await storage.close()
+
+
 async def test_a_redis_user_without_scripts_is_refused_at_open(url, raw):
     # The router's every call is a script: such a user passed router check, /health and
     # start, and then every event was answered 500 ("a bug").
-    user = f"noeval-{uuid.uuid4().hex[:8]}"
-    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
-                          commands=["+@all", "-evalsha", "-eval"])
-    try:
-        limited = url.replace("redis://", f"redis://{user}:pw-12345678@", 1)
+    async with redis_user_refused(raw, url, "-evalsha", "-eval") as (user, limited):
         with pytest.raises(StorageMisconfigured, match="refuses this user the router's "
                                                        "scripts.*needs \\+evalsha"):
             await RedisStorage.from_url(limited).open()
@@ -1410,40 +1431,22 @@ async def test_a_redis_user_without_scripts_is_refused_at_open(url, raw):
                 await accept(storage, item("m-0"))
         finally:
             await storage.close()
-    finally:
-        await raw.acl_deluser(user)
 
 
 async def test_a_redis_user_refused_a_command_inside_the_scripts_gets_503_with_why(url, raw):
     # Redis answers such a refusal in words of its own ("The user executing the script
     # can't run this command"), not NOPERM: intake answered 500, a bug.
-    user = f"nohset-{uuid.uuid4().hex[:8]}"
-    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
-                          commands=["+@all", "-hset"])
-    storage = RedisStorage.from_url(url.replace("redis://", f"redis://{user}:pw-12345678@", 1))
-    try:
-        await storage.open()
+    async with storage_of_a_user_refused(raw, url, "-hset") as storage:
         with pytest.raises(StorageUnavailable, match="refuses this user a command.*needs"):
             await accept(storage, item("m-0"))
-    finally:
-        await storage.close()
-        await raw.acl_deluser(user)
 
 
 async def test_a_redis_user_refused_what_stats_read_gets_storage_unavailable(url, raw):
     # Untranslated, the error reached router serve's start (which hung) and /metrics.
-    user = f"nozcard-{uuid.uuid4().hex[:8]}"
-    await raw.acl_setuser(user, enabled=True, passwords=["+pw-12345678"], keys=["*"],
-                          commands=["+@all", "-zcard"])
-    storage = RedisStorage.from_url(url.replace("redis://", f"redis://{user}:pw-12345678@", 1))
-    try:
-        await storage.open()
+    async with storage_of_a_user_refused(raw, url, "-zcard") as storage:
         await accept(storage, item("m-0"))
         with pytest.raises(StorageUnavailable, match="refuses this user a command"):
             await storage.stats(now=T0)
-    finally:
-        await storage.close()
-        await raw.acl_deluser(user)
 
 
 @pytest.mark.parametrize(("reply", "refusal"), [

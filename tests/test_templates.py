@@ -32,12 +32,12 @@ def _quiet_plugin_warnings():
     logging.getLogger("router.plugins").setLevel(logging.NOTSET)
 
 
-def router_with(tmp_path: Path, destinations: str):
+def router_with(tmp_path: Path, destinations: str, env: dict[str, str] | None = None):
     from router.routing import Router
     path = tmp_path / "router.yaml"
     path.write_text("storage: memory://\ndestinations:\n" + textwrap.indent(
         textwrap.dedent(destinations).strip("\n"), "  ") + "\n")
-    return Router(load_config(path, env={}), deliver=False)
+    return Router(load_config(path, env=env or {}), deliver=False)
 
 
 def request_for(router, raw):
@@ -449,22 +449,18 @@ def test_a_template_cannot_replace_what_counts_its_loops(monkeypatch):
 
 
 def test_a_template_error_never_shows_a_secret_from_the_environment(tmp_path):
-    from router.routing import Router
-    path = tmp_path / "router.yaml"
-    path.write_text(textwrap.dedent("""\
-        storage: memory://
-        destinations:
-          - name: hook
-            plugin: webhook
-            settings:
-              url: https://hooks.example/a
-              body: '{"auth": {{ ${API_KEY}|tojson }}}'
-        """))
-    router = Router(load_config(path, env={"API_KEY": "sk_live_ABCDEFGH12345678"}), deliver=False)
+    hook = """
+        - name: hook
+          plugin: webhook
+          settings:
+            url: https://hooks.example/a
+            body: '{"auth": {{ ${API_KEY}|tojson }}}'
+        """
+    router = router_with(tmp_path, hook, env={"API_KEY": "sk_live_ABCDEFGH12345678"})
     reason = router.plan(EVENT).status_of("hook").reason
     assert "sk_live" not in reason and "REDACTED" in reason
     with pytest.raises(ConfigError) as caught:  # lexed as 9, then a name: a piece is quoted
-        Router(load_config(path, env={"API_KEY": "9f8e7d6c5b4a3210ffee"}), deliver=False)
+        router_with(tmp_path, hook, env={"API_KEY": "9f8e7d6c5b4a3210ffee"})
     assert "f8e7d6c5b4a3210ffee" not in str(caught.value)
 
 
