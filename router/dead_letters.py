@@ -60,13 +60,17 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
                       "bury` stopped midway: on Redis for a minute, in a SQLite spool until "
                       "`router serve` starts again): run it again later")
         elif args.action == "list":
-            letters = await storage.dead_letters(where, limit=args.limit)
+            # One more than shown tells whether older letters were left out.
+            letters = await storage.dead_letters(where, limit=args.limit + 1)
+            older = len(letters) > args.limit
+            letters = letters[1:] if older else letters
             masker = _masker_of(loaded) if args.json else Masker()
             for letter in letters:
                 print(orjson.dumps(_as_json(letter, masker)).decode() if args.json
                       else _as_line(letter))
             if not args.json:
-                print(f"{len(letters)} dead letter(s)")
+                print(f"{len(letters)} dead letter(s)" + (
+                    ", the newest; older ones are not shown (raise --limit)" if older else ""))
         elif args.action == "replay":
             print(f"replayed {await storage.replay(where, now=time.time())} dead letter(s)")
         else:

@@ -49,6 +49,11 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
                    for letter in letters)
         assert TOKEN not in listed.stdout  # masked in the stored request and response
         assert "**REDACTED**" in listed.stdout
+        newest = dlq("list", "--limit", "2", config=config).stdout.splitlines()
+        assert [line.split()[0] for line in newest[:-1]] == [f"#{letter['id']}"
+                                                             for letter in letters[1:]]
+        assert newest[-1] == "2 dead letter(s), the newest; older ones are not shown " \
+                             "(raise --limit)"
 
         assert "replayed 0" in dlq("replay", "--destination", "good", config=config).stdout
         assert "replayed 3" in dlq("replay", "--destination", "bad", config=config).stdout

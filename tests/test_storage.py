@@ -468,7 +468,8 @@ async def dead_letters_at(store, specs: list[tuple[str, str, float]]) -> list[in
     return ids(await store.dead_letters(DeadLetterFilter()))
 
 
-async def test_dead_letters_are_listed_in_order_with_filters_and_a_limit(store):
+async def test_dead_letters_are_listed_in_order_with_filters_and_a_limit(store, monkeypatch):
+    monkeypatch.setattr(redis_module, "LETTER_PAGE", 2)  # Redis reads them over pages
     letters = await dead_letters_at(store, [("a", "HTTP 400", T0 + 1), ("b", "HTTP 500", T0 + 2),
                                             ("a", "gave up: HTTP 503", T0 + 3),
                                             ("A", "HTTP 500", T0 + 4)])
@@ -486,7 +487,11 @@ async def test_dead_letters_are_listed_in_order_with_filters_and_a_limit(store):
     assert await listed(ids=(letters[3], letters[0], 10**9)) == [letters[0], letters[3]]
     assert await listed(ids=()) == []
     assert await listed(destination="a", reason="500") == [letters[3]]
-    assert await listed(limit=2) == letters[:2]
+    # A limit keeps the newest, as an operator looking at a failure wants them
+    assert await listed(limit=2) == letters[2:]
+    assert await listed(limit=3, destination="a") == [letters[0], letters[2], letters[3]]
+    assert await listed(limit=1, reason="http 50") == [letters[3]]
+    assert await listed(limit=1, ids=(letters[0], letters[1])) == [letters[1]]
 
 
 async def test_purge_removes_only_what_the_filter_selects(store):

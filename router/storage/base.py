@@ -195,7 +195,8 @@ class Storage(ABC):
 
     @abstractmethod
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
-        ...
+        """The newest ``limit`` dead letters ``where`` selects, oldest first: an operator
+        looking at a failure wants the latest ones, read in the order they happened."""
 
     @abstractmethod
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:

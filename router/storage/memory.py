@@ -106,7 +106,8 @@ class MemoryStorage(Storage):
                 self.leased_until[job_id] = now + lease_for
 
     async def dead_letters(self, where: DeadLetterFilter, *, limit: int = 100) -> list[DeadLetter]:
-        return [letter for letter in self.letters.values() if _matches(letter, where)][:limit]
+        matching = [letter for letter in self.letters.values() if _matches(letter, where)]
+        return matching[-limit:] if limit > 0 else []
 
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
         chosen = [letter for letter in self.letters.values() if _matches(letter, where)]

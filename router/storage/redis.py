@@ -732,11 +732,11 @@ class RedisStorage(Storage):
         found: list[DeadLetter] = []
         if limit <= 0:
             return found
-        async for chunk in self._matching_letters(where):
+        async for chunk in self._matching_letters(where, newest_first=True):
             found.extend(chunk)
             if len(found) >= limit:
                 break
-        return found[:limit]
+        return list(reversed(found[:limit]))
 
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
         # Only letters that exist now: a replayed job failing again during a long replay
@@ -817,13 +817,13 @@ class RedisStorage(Storage):
     async def _last_id(self) -> int:
         return int(await self._require_client().get(self.keys.ids) or 0)
 
-    async def _matching_letters(self, where: DeadLetterFilter, *, upto: int | None = None
-                                ) -> AsyncIterator[list[DeadLetter]]:
-        """The dead letters ``where`` selects, in id order, a page at a time. Letters are
-        never changed once written, so a filter checked here still holds when a script then
-        acts on the page (which skips letters deleted in between)."""
+    async def _matching_letters(self, where: DeadLetterFilter, *, upto: int | None = None,
+                                newest_first: bool = False) -> AsyncIterator[list[DeadLetter]]:
+        """The dead letters ``where`` selects, in id order (or the reverse), a page at a
+        time. Letters are never changed once written, so a filter checked here still holds
+        when a script then acts on the page (which skips letters deleted in between)."""
         if where.ids is not None:
-            wanted = sorted({int(i) for i in where.ids if _is_id(i)})
+            wanted = sorted({int(i) for i in where.ids if _is_id(i)}, reverse=newest_first)
             if upto is not None:
                 wanted = [i for i in wanted if i <= upto]
             for start in range(0, len(wanted), LETTER_PAGE):
@@ -841,13 +841,20 @@ class RedisStorage(Storage):
             if len(named) == 1:
                 index = self.keys.letters(named[0])
         client = self._require_client()
-        after = 0
+        lowest, highest = "-inf", "+inf" if upto is None else upto
         while True:
-            ids = await client.zrangebyscore(index, f"({after}", "+inf" if upto is None else upto,
-                                             start=0, num=LETTER_PAGE)
+            if newest_first:
+                ids = await client.zrevrangebyscore(index, highest, lowest,
+                                                    start=0, num=LETTER_PAGE)
+            else:
+                ids = await client.zrangebyscore(index, lowest, highest,
+                                                 start=0, num=LETTER_PAGE)
             if not ids:
                 return
-            after = int(ids[-1])
+            if newest_first:
+                highest = f"({int(ids[-1])}"
+            else:
+                lowest = f"({int(ids[-1])}"
             page = [letter for letter in await self._letters([int(i) for i in ids])
                     if _matches(letter, where)]
             if page:

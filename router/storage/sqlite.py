@@ -1005,8 +1005,8 @@ class SqliteStorage(Storage):
 
         def operation(connection: sqlite3.Connection) -> list[DeadLetter]:
             rows = connection.execute(f"SELECT {_LETTER_COLUMNS} FROM dead_letters{clause} "
-                                      "ORDER BY id LIMIT ?", (*params, limit)).fetchall()
-            return [_dead_letter(row) for row in rows]
+                                      "ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+            return [_dead_letter(row) for row in reversed(rows)]
 
         return await self._call(operation)
 
