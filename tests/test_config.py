@@ -82,6 +82,7 @@ def test_example_config_loads_with_its_defaults():
     ("redis://127.0.0.1:6390/0?ssl=true", "TLS to Redis"),
     ("redis://127.0.0.1:6390/0?eviction=yes", "takes only `allowed`"),
     ("redis://127.0.0.1:6390/0?socket_timeout=soon", "invalid redis:// storage URL"),
+    ("redis://127.0.0.1:6390/0?prefx=staging", "unknown redis:// storage option 'prefx'"),
     ("sqlite:///var/r.db?max_bytes=lots", "whole number of bytes"),
     ("sqlite:///var/r.db?min_free_bytes=-1", "whole number of bytes"),
     ("sqlite:///var/r.db?synchronous=sometimes", "`normal` (the default) or `full`"),
@@ -96,6 +97,15 @@ def test_a_storage_option_that_is_wrong_fails_at_load_with_file_and_line(tmp_pat
     assert_points_at(error, path, line, "storage")
     assert says in str(error)
     assert not (tmp_path / "var").exists()
+
+
+def test_redis_options_that_redis_py_takes_load(tmp_path):
+    """Named in docs/storage.md: the router passes them on to redis-py."""
+    path, _ = write(tmp_path, """
+        destinations: []
+        storage: "redis://127.0.0.1:6390/0?prefix=a&socket_timeout=3&client_name=router-a&health_check_interval=5"
+    """)
+    assert load_config(path, env={}).config.storage.endswith("health_check_interval=5")
 
 
 def test_example_config_builds_its_destinations(monkeypatch, tmp_path):

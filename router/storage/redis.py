@@ -20,6 +20,8 @@ time, which Redis Cluster forbids.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import os
@@ -39,6 +41,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 
 try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
+    from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
     from redis.asyncio.connection import parse_url as _parse_redis_url
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import (AuthenticationError, NoPermissionError, OutOfMemoryError,
@@ -470,6 +473,22 @@ class _Keys:
         return f"{self.prefix}:letters:{destination}"
 
 
+@functools.cache
+def _redis_url_options() -> frozenset[str]:
+    """The names redis-py takes in a URL's query: those it parses, and its connection's own
+    arguments, to which it hands any other name as a string. Read from the installed
+    redis-py, whose options change between versions; a misspelt name is then refused when
+    the config loads, not found by a TypeError when the router first connects."""
+    names = set(URL_QUERY_ARGUMENT_PARSERS)
+    for cls in aioredis.Connection.__mro__:
+        if "__init__" in vars(cls):
+            names.update(name for name, parameter in
+                         inspect.signature(vars(cls)["__init__"]).parameters.items()
+                         if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
+                                               parameter.KEYWORD_ONLY))
+    return frozenset(names - {"self"})
+
+
 class RedisStorage(Storage):
     """The storage in one Redis database, under a key prefix (default ``router``).
 
@@ -509,6 +528,10 @@ class RedisStorage(Storage):
                     raise ValueError("the eviction option of a redis:// storage URL takes "
                                      "only `allowed`")
                 allow_eviction = True
+            elif aioredis is not None and name not in _redis_url_options():
+                raise ValueError(f"unknown redis:// storage option {name!r}; the router's own "
+                                 "are prefix and eviction, and redis-py takes its connection "
+                                 "options such as socket_timeout")
             else:
                 rest.append((name, value))
         if not prefix:
