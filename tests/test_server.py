@@ -29,6 +29,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -1295,8 +1296,9 @@ async def test_access_log_is_json_without_secrets_or_bodies(
         ("/v1/track", 200), ("/v1/track", 401), ("/v1/batch", 401)]
     assert lines[0]["source"] == "web" and lines[1]["source"] is None
     assert lines[1]["refusal"] == "unauthorized"
-    assert all({"method", "path", "status", "bytes", "duration_ms"} <= set(line)
+    assert all({"time", "method", "path", "status", "bytes", "duration_ms"} <= set(line)
                for line in lines)
+    assert all(abs(parse_time(line["time"]) - time.time()) < 60 for line in lines)
     everything = caplog.text
     for secret in ("CANARY", WEB_KEY, base64.b64encode(f"{WEB_KEY}:".encode()).decode()):
         assert secret not in everything
@@ -1600,6 +1602,7 @@ async def test_serve_turns_away_connections_over_max_connections(recorder: Recor
         out, err = await _stop(process)
     assert process.returncode == 0, err
     access = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert all(abs(parse_time(line.pop("time")) - time.time()) < 60 for line in access)
     assert {"method": None, "path": None, "status": 503, "bytes": len(TURN_AWAY),
             "duration_ms": 0.0, "remote": "127.0.0.1", "source": None,
             "refusal": "too_many_connections"} in access
@@ -1846,3 +1849,9 @@ async def test_scrapes_at_once_share_one_read_of_the_queues(recorder: Recorder) 
                 assert CountedStorage.reads == 2
         finally:
             await runner.cleanup()
+
+
+def parse_time(text: str) -> float:
+    """An access line's ``time`` (``2026-12-06T20:01:02.123Z``) as epoch seconds."""
+    assert text.endswith("Z"), text
+    return datetime.fromisoformat(text.removesuffix("Z") + "+00:00").timestamp()

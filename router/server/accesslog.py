@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from router.config import IPNetwork
 from router.delivery.failure_log import FailureLog
+from router.events import format_time
 from router.logs import json_line
 from router.metrics import Counter
 
@@ -87,6 +89,7 @@ class JsonAccessLogger(AbstractAccessLogger):
         if response.status == 200 and request.get(PROBE):
             return
         line = {
+            "time": _now(),
             "method": request.method,
             "path": request.path[:MAX_LOGGED_PATH],
             "status": response.status,
@@ -146,6 +149,12 @@ def log_turned_away(remote: str | None, status: int, size: int, refusal: str) ->
     """The line for a connection refused before any request was read from it (over
     ``server.max_connections``): no method, path or source, since none was read."""
     if ACCESS_LOGGER.isEnabledFor(logging.INFO):
-        line = {"method": None, "path": None, "status": status, "bytes": size,
+        line = {"time": _now(), "method": None, "path": None, "status": status, "bytes": size,
                 "duration_ms": 0.0, "remote": remote, "source": None, "refusal": refusal}
         ACCESS_LOGGER.info("%s", json_line(line))
+
+
+def _now() -> str:
+    """When the answer went out, in UTC: the access log goes to stdout, where no log
+    formatter adds a time, and a pipeline reading it needs one."""
+    return format_time(datetime.now(UTC))
