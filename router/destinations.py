@@ -205,7 +205,8 @@ def _ceilings(plugin: str, defaults: DeliveryDefaults
     """The delivery settings a config may not raise past the plugin's own: the setting, its
     limit (None: no limit), the limit as shown, and why."""
     def batch(limit: int, unit: str) -> str:
-        return (f"a {plugin} request carries at most {limit} {unit} (the plugin's limit, "
+        units = unit if limit != 1 else unit.removesuffix("s")
+        return (f"a {plugin} request carries at most {limit} {units} (the plugin's limit, "
                 "from its API's); a lower value is allowed")
 
     age = defaults.max_age_limit

@@ -707,6 +707,8 @@ def test_a_delivery_setting_past_the_plugins_limit_is_refused(tmp_path, plugin, 
     error = config_error(path, build=True)
     assert_points_at(error, path, line, f"destinations.0.delivery.{key}")
     assert f"expected at most {limit}" in error.message
+    if plugin == "webhook":
+        assert "a webhook request carries at most 1 payload (" in error.message
 
 
 def test_a_breaker_for_per_user_order_without_per_user_order_is_refused(tmp_path):
