@@ -451,7 +451,36 @@ async def test_jobs_sent_again_by_the_worker_are_neither_the_delivered_nor_past_
                     for item in request.json["batch"]]
             await router.close(grace=0.2)
     assert sorted(sent) == ["m-0", "m-0", "m-0", "m-1", "m-2", "m-3"]
-    assert "1 out of attempts wait for the next start" in caplog.text
+    assert "1 out of attempts go back to the queue once the storage answers" in caplog.text
+
+
+async def test_a_job_out_of_attempts_the_storage_could_not_take_back_is_dead_lettered_once_it_can(
+        tmp_path, monkeypatch):
+    # A few seconds of write errors: the job out of attempts was held by its worker, neither
+    # delivered nor dead-lettered, its queue never drained, until the router was restarted.
+    monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.1)
+    async with FakeDestinationServer(default=Answer(500)) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, max_attempts=2)])
+        async with router:
+            storage = router.storage
+            failing = {}
+
+            async def fails(*args, **kwargs):
+                raise StorageUnavailable("disk I/O error")
+
+            await router.route_many([track(0)])
+            await server.wait_for(1)
+            for method in ("retry", "dead_letter", "release"):
+                failing[method] = getattr(storage, method)
+                monkeypatch.setattr(storage, method, fails)
+            await server.wait_for(2)  # its last attempt, whose dead letter cannot be written
+            await asyncio.sleep(1.5)  # the upkeep tries to give it back, and fails
+            for method, real in failing.items():
+                monkeypatch.setattr(storage, method, real)
+            assert await router.drain(timeout=10)
+            (letter,) = await storage.dead_letters(DeadLetterFilter())
+    assert letter.message_id == "m-0"
+    assert len(server.requests) == 3  # tried once more once back in the queue
 
 
 async def test_a_retry_after_counts_from_its_own_answer_when_a_batch_is_split(tmp_path):

@@ -203,6 +203,9 @@ class DestinationWorker:
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
         self.undispatched: list[list[Job]] = []
+        self.unreleased: list[Job] = []
+        """Jobs out of attempts whose outcome the storage could neither record nor take back
+        (see ``_send_again``): ``_upkeep`` gives them back to the queue once it answers."""
         self.round_leased_at = time.monotonic()
         """When the round being handed out was leased (``_upkeep`` gives it back in time)."""
         self.handed_out: dict[int, list[Job]] = {}
@@ -326,6 +329,8 @@ class DestinationWorker:
                     failing = True
                 else:
                     failing = False
+            if self.unreleased:
+                await self._give_back_unreleased()
             if len(self.undispatched) > 1 and \
                     time.monotonic() - self.round_leased_at > self.lease_for / 2:
                 given_back = self.undispatched[1:]
@@ -390,19 +395,30 @@ class DestinationWorker:
 
         Not those delivered (they wait in ``delivered`` to be completed), and not past
         ``max_attempts``: with the storage broken for good, nothing could be dead-lettered,
-        and the destination would get them again every rest for ever; they wait for the
-        next start instead, as every leased job then goes back to the queue."""
+        and the destination would get them again every rest for ever. Those wait in
+        ``unreleased`` until the storage takes them back (then they are tried once more and
+        dead-lettered), or for the next start, as every leased job then goes back."""
         delivered = {id(job) for job in self.delivered}
         pending = [job for job in jobs if id(job) not in delivered]
         again = [job for job in pending if job.attempts < self.delivery.max_attempts]
-        held = len(pending) - len(again)
+        out_of_attempts = [job for job in pending if job.attempts >= self.delivery.max_attempts]
+        held = len(out_of_attempts)
         log.warning("destination %s: the storage took back none of %d job(s) it could not "
                     "record; this worker sends %d of them again%s", self.name, len(jobs),
                     len(again),
-                    f", and {held} out of attempts wait for the next start" if held else "")
+                    f", and {held} out of attempts go back to the queue once the storage "
+                    "answers" if held else "")
         if again:
             self.undispatched.append(again)
             self.wakeup.set()
+        self.unreleased += out_of_attempts
+
+    async def _give_back_unreleased(self) -> None:
+        jobs, self.unreleased = self.unreleased, []
+        try:  # shielded: a stop must not leave them neither queued nor held
+            await asyncio.shield(self.storage.release([job.id for job in jobs]))
+        except Exception:  # noqa: BLE001 - the storage still fails: tried again in a second
+            self.unreleased[:0] = jobs
 
     async def _retry_after_a_bug(self, batch: list[Job]) -> None:
         """Count an attempt that failed on a bug as a failed attempt, to be retried with
