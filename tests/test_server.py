@@ -24,6 +24,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import zlib
@@ -51,6 +52,7 @@ from router.server.accesslog import client_address
 from router.server.body import GzipDecoder
 from router.server.listen import TURN_AWAY, listen
 from router.server.problems import Problem
+from router.storage import sqlite as sqlite_module
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 REPO = Path(__file__).resolve().parent.parent
@@ -1133,6 +1135,35 @@ async def test_health_is_unavailable_while_the_spools_disk_has_no_room(
     assert body["status"] == "unavailable" and "kept for delivery" in body["reason"]
     status, _, _ = await ingest.post("/v1/track", track("m-1"))
     assert status == 503
+
+
+async def test_health_is_unavailable_while_the_spool_cannot_be_written(
+        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Disk I/O errors refused every event while /health, which looked only at the room,
+    # said ok: a load balancer kept sending this router everything (I/O fault audit). Here
+    # another process holds the spool's write lock past the lock timeout, which intake
+    # refuses the same way.
+    monkeypatch.setattr(sqlite_module, "LOCK_TIMEOUT", 0.3)
+    ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}")
+
+    async def health() -> tuple[int, dict[str, Any]]:
+        async with ingest.session.get(ingest.url + "/health") as response:
+            return response.status, await response.json()
+
+    assert (await health())[0] == 200
+    other_process = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    other_process.execute("BEGIN IMMEDIATE")
+    try:
+        status, answer, _ = await ingest.post("/v1/track", track("m-1"))
+        assert (status, answer["code"]) == (503, "storage_unavailable")
+        status, body = await health()
+        assert status == 503 and "locked" in body["reason"]
+    finally:
+        other_process.execute("ROLLBACK")
+        other_process.close()
+    assert await health() == (200, {"status": "ok"})  # with no event sent in between
+    status, _, _ = await ingest.post("/v1/track", track("m-1"))
+    assert status == 200
 
 
 def test_the_state_log_never_ends_on_a_refusal_while_all_is_well(monkeypatch, caplog):

@@ -393,8 +393,8 @@ async def _route(request: web.Request, events: list[dict[str, Any]], sizes: list
                       headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}) from None
     except StorageUnavailable as exc:
         said.unavailable(str(exc))
-        raise Problem(503, "storage_unavailable", "the router's storage cannot be reached; "
-                      "retry later", headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}
+        raise Problem(503, "storage_unavailable", "the router's storage cannot be reached or "
+                      "written; retry later", headers={hdrs.RETRY_AFTER: str(STORAGE_RETRY_AFTER)}
                       ) from None
     said.ok()
     request.app[METRICS].commit_seconds.observe(time.perf_counter() - started)

@@ -186,6 +186,9 @@ class SqliteStorage(Storage):
         committed all the same (``_spool_committed``)."""
         self._index_written = False
         """Whether the running group commit wrote to the dedup index."""
+        self._intake_failing = False
+        """Whether the last accept failed to be written (an I/O error, a lock held too long):
+        ``ping`` then writes before it says the storage is ready."""
         # The state of the lanes this process reads (touched by the writer thread only):
         self._read_up_to: dict[int, int] = {}
         """Per lane, the last job id its cursor has passed."""
@@ -602,7 +605,13 @@ class SqliteStorage(Storage):
                 _insert_rows(connection, insert, width, values)
             return accepted
 
-        return await self._call(operation)
+        try:
+            accepted = await self._call(operation)
+        except StorageUnavailable:
+            self._intake_failing = True
+            raise
+        self._intake_failing = False
+        return accepted
 
     async def prepare_intake(self) -> None:
         """Build the dedup index from ``seen`` now: 2 s of CPU for 900,000 ids in the window,
@@ -1081,8 +1090,14 @@ class SqliteStorage(Storage):
     async def ping(self) -> bool:
         """Whether intake would be refused for want of room (``StorageFull``, saying why),
         read on the writer thread: readiness without the counts of ``stats``, which grow
-        with the dedup window and would hold up the group commits."""
+        with the dedup window and would hold up the group commits. After an accept that
+        could not be written, also whether a write goes through now (``StorageUnavailable``
+        while it does not): with room alone, ``/health`` said ok while every event was
+        refused for disk I/O errors, and a load balancer kept sending them (I/O fault audit)."""
         await self._call(self._check_budget, writes=False)
+        if self._intake_failing:
+            await self._call(_write_a_probe)
+            self._intake_failing = False
         return True
 
     async def stats(self, *, now: float) -> StorageStats:
@@ -1304,6 +1319,13 @@ def lock_delivery(path: Path) -> int | None:
 
 def _dedup_key(source: str, message_id: str) -> int:
     return hash((source, message_id))
+
+
+def _write_a_probe(connection: sqlite3.Connection) -> None:
+    """A row of ``seen`` that no message id has, already expired (the next purge takes it):
+    the least write that goes through the WAL as an accept's does."""
+    connection.execute("INSERT INTO seen (source, message_id, expires_at) VALUES ('', ?, 0)",
+                       (secrets.token_hex(8),))
 
 
 def _insert_rows(connection: sqlite3.Connection, insert: str, width: int,
