@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -312,3 +315,30 @@ async def test_salvage_refuses_while_a_router_delivers(tmp_path, capsys):
     async with router:
         assert salvage(spool) == 1
     assert "a router is delivering from" in capsys.readouterr().err
+
+
+async def test_a_page_the_disk_cannot_read_is_an_io_error_not_damage(tmp_path):
+    # SQLite lists a page the disk failed to read (EIO) among integrity_check's findings:
+    # the router called an intact file damaged and advised `router salvage`, which, under
+    # the same errors, rewrote it (I/O fault audit, with libfiu).
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler to build the EIO shim")
+    shim = tmp_path / "fail_pread.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim),
+                    str(Path(__file__).parent / "fixtures" / "fail_pread.c"), "-ldl"],
+                   check=True, timeout=60)
+    spool = tmp_path / "router.db"
+    await queue_events(spool)
+    config = spool.with_name("router.json")
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}", "destinations": []}))
+    check = [sys.executable, "-m", "router", "check", "--storage", "-c", str(config)]
+    bad_sectors = {"LD_PRELOAD": str(shim), "FAIL_PREAD_PATH": str(spool),
+                   "FAIL_PREAD_FROM": str(3 * PAGE_SIZE)}
+    failed = subprocess.run(check, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **bad_sectors})
+    assert failed.returncode != 0
+    assert "disk I/O error" in failed.stderr and "unable to get the page" in failed.stderr
+    assert "damaged" not in failed.stderr and "salvage" not in failed.stderr
+    intact = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert intact.returncode == 0, intact.stderr

@@ -41,6 +41,7 @@ import glob
 import logging
 import os
 import queue
+import re
 import secrets
 import sqlite3
 import threading
@@ -90,6 +91,7 @@ SALVAGE_ADVICE = ("stop every router process that uses it, then run `router salv
                   "CONFIG`, which keeps a copy of the damaged file and puts back every row "
                   "that can still be read (docs/storage.md, 'A damaged spool')")
 DEDUP_INDEX_SUFFIX = ".dedup-"
+_UNREAD_PAGE = re.compile(r"unable to get the page\. error code=(\d+)")
 LANE_BITS = 40
 """Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 
@@ -1301,7 +1303,20 @@ def damage_in(connection: sqlite3.Connection) -> str | None:
             raise  # not a database at all, say: not for a salvage
         return str(exc)
     problems = [" ".join(finding.split()) for finding in findings if finding != "ok"]
+    if problems and all(_unread_page(problem) for problem in problems):
+        # SQLite reports a page the disk failed to read (EIO) as a finding: not damage that
+        # a salvage would mend, but a disk to look at (I/O fault audit; the file was intact).
+        error = sqlite3.OperationalError(f"disk I/O error: {'; '.join(problems)}")
+        error.sqlite_errorcode = sqlite3.SQLITE_IOERR
+        raise error
     return "; ".join(problems) or None  # one line: SQLite's findings span several
+
+
+def _unread_page(finding: str) -> bool:
+    """Whether an integrity finding is a page the disk did not give (``unable to get the
+    page. error code=8458``, SQLite's I/O error class), not one that is wrong."""
+    match = _UNREAD_PAGE.search(finding)
+    return match is not None and int(match[1]) & 0xFF == sqlite3.SQLITE_IOERR
 
 
 def lock_delivery(path: Path) -> int | None:
@@ -1493,7 +1508,7 @@ def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
     if primary == sqlite3.SQLITE_FULL or (primary is None and "full" in str(exc).lower()):
         return StorageFull(f"the spool's disk is full: {exc}")
     if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
-        return StorageUnavailable(f"the spool's disk cannot be written: {exc}")
+        return StorageUnavailable(f"the spool's disk cannot be read or written: {exc}")
     if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
             primary is None and "locked" in str(exc).lower()):
         return StorageUnavailable(f"another process has held the spool locked for over "
