@@ -702,6 +702,7 @@ async def test_sqlite_keeps_its_dedup_index_beside_the_spool_and_removes_it(tmp_
     left_by_a_dead_process.write_bytes(b"x" * 1000)
     other = SqliteStorage(tmp_path / "spool.db")  # another router on the file, still open
     await other.open()
+    await accept(other, item("o-1"))  # the first intake makes its index
     storage = SqliteStorage(tmp_path / "spool.db")
     await storage.open()
     try:
@@ -716,6 +717,31 @@ async def test_sqlite_keeps_its_dedup_index_beside_the_spool_and_removes_it(tmp_
         await storage.close()
         await other.close()
     assert not any(index.exists() for index in indexes)
+
+
+async def test_sqlite_a_process_that_only_delivers_makes_no_dedup_index(tmp_path):
+    # The delivery process made one it never used: on a disk where it could not, it failed
+    # its start, and was started again and again, delivering nothing (I/O fault audit).
+    storage = SqliteStorage(tmp_path / "spool.db")
+    await storage.open()
+    await storage.claim_delivery()
+    assert await lease(storage) == []
+    assert not list(tmp_path.glob("spool.db.dedup-*"))
+    await storage.close()
+    # Where it cannot be made, intake says so as the storage's error, naming the file: here
+    # the process may open no more files (which a full disk or EIO would do as well)
+    cramped = SqliteStorage(tmp_path / "spool.db")
+    await cramped.open()
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, limits[1]))
+    try:
+        with pytest.raises(StorageUnavailable, match=r"dedup index .*spool\.db\.dedup-.* "
+                                                     r"cannot be made: Too many open files"):
+            await accept(cramped, item("m-1"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert await accept(cramped, item("m-1")) == [True]  # made once it can be
+    await cramped.close()
 
 
 async def test_sqlite_a_new_spool_is_readable_by_its_owner_only(tmp_path):

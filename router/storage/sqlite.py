@@ -358,19 +358,42 @@ class SqliteStorage(Storage):
             raise
         return connection
 
+    async def _dedup_index_ready(self) -> None:
+        if self._dedup_index is None:
+            await self._call(self._attach_dedup_index, writes=False)
+
     def _attach_dedup_index(self, connection: sqlite3.Connection) -> None:
         """A new, empty ``dedup_index`` file (see ``DEDUP_INDEX_SCHEMA``), private as the
         spool is and locked (``flock``) while open, after removing those no process holds.
         By lock, not by process id: a router that is process 1 in its container is process
-        1 again after a restart, and the files of its earlier lives piled up (review)."""
-        for other in self.path.parent.glob(f"{glob.escape(self.path.name)}{DEDUP_INDEX_SUFFIX}*"):
-            _remove_if_unheld(other)
+        1 again after a restart, and the files of its earlier lives piled up (review).
+
+        Made by the first intake (``prepare_intake`` in a router), not at open: a process
+        that only delivers or reads never uses one, and the delivery process, which could
+        not make it on a failing disk, was started again and again (I/O fault audit)."""
+        if self._dedup_index is not None:
+            return
         index = self.path.with_name(
             f"{self.path.name}{DEDUP_INDEX_SUFFIX}{os.getpid()}-{secrets.token_hex(4)}")
-        held = os.open(index, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            for other in self.path.parent.glob(
+                    f"{glob.escape(self.path.name)}{DEDUP_INDEX_SUFFIX}*"):
+                _remove_if_unheld(other)
+            held = os.open(index, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise StorageUnavailable(f"the spool's dedup index {index} cannot be made: "
+                                     f"{exc.strerror}") from exc
         self._dedup_index = (index, held)
-        connection.execute("ATTACH ? AS dedup_index", (str(index),))
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            connection.execute("ATTACH ? AS dedup_index", (str(index),))
+            connection.executescript(DEDUP_INDEX_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("DETACH dedup_index")
+            self._remove_dedup_index()
+            raise StorageUnavailable(f"the spool's dedup index {index} cannot be made: "
+                                     f"{exc}") from exc
 
     def _remove_dedup_index(self) -> None:
         """After the connection is closed: closing a descriptor of a file drops every lock
@@ -398,8 +421,6 @@ class SqliteStorage(Storage):
             raise StorageUnavailable(damage)
         self._prepare_layout(connection)
         (self._page_size,) = connection.execute("PRAGMA page_size").fetchone()
-        self._attach_dedup_index(connection)
-        connection.executescript(DEDUP_INDEX_SCHEMA)
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
         if self._recover:
             # Jobs leased by a process that died go back to the queue: sent again, never lost.
@@ -608,6 +629,7 @@ class SqliteStorage(Storage):
             return accepted
 
         try:
+            await self._dedup_index_ready()
             accepted = await self._call(operation)
         except StorageUnavailable:
             self._intake_failing = True
@@ -620,6 +642,7 @@ class SqliteStorage(Storage):
         which the first request after a restart used to wait for (soak audit). As a read,
         outside any transaction on the spool: it writes only to the process's own index,
         and must not hold the spool's write lock (a router beside this one would stall)."""
+        await self._dedup_index_ready()
         await self._call(lambda connection: self._index_seen(connection, time.time()),
                          writes=False)
 
