@@ -283,6 +283,24 @@ async def test_route_many_keeps_neighbours_of_an_invalid_event():
     assert queued == {"Hook": 2, "Orders": 1, "Identities": 1}
 
 
+async def test_a_large_batch_lets_other_calls_through_while_it_is_planned():
+    # A batch of 2,500 events held the event loop for its whole translation (250 ms): every
+    # other request and /health waited behind it (stall audit).
+    many = [track(messageId=f"big-{n}") for n in range(20 * routing.PLAN_SLICE)]
+    async with make_router(STANDARD) as router:
+        big = asyncio.create_task(router.route_many(many))
+        await asyncio.sleep(0)  # it starts planning
+        (small,) = await router.route_many([track(messageId="small")])
+        assert not small.invalid and not big.done()
+        results = await big
+        assert [r.message_id for r in results] == [event["messageId"] for event in many]
+        # A close while a batch is being planned waits for its answers
+        again = asyncio.create_task(router.route_many(
+            [track(messageId=f"late-{n}") for n in range(5 * routing.PLAN_SLICE)]))
+        await asyncio.sleep(0)
+    assert all(not r.invalid and not r.duplicate for r in await again)
+
+
 async def test_route_many_with_a_non_object_in_the_middle():
     async with make_router(STANDARD) as router:
         results = await router.route_many([track(messageId="x1"), "not an event",
