@@ -20,6 +20,7 @@ import dataclasses
 import sqlite3
 import zlib
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -1840,6 +1841,45 @@ async def test_a_throttled_worker_keeps_the_leases_of_what_it_holds(tmp_path, ur
         delivered = Counter(request.json["messageId"] for request in server.requests
                             if request.status == 200)
         assert delivered == Counter(f"m-{n}" for n in range(20))  # each exactly once
+
+
+async def test_a_router_stalled_past_its_lease_does_not_send_what_another_took_over(
+        tmp_path, url, caplog):
+    """A router frozen past its lease (SIGSTOP, a paused VM) sent, once it ran again, the
+    batch it had held, after the router that took it over had delivered it and the user's
+    later events: out of order for an ordered destination (scale-out audit). Here the stall
+    is this event loop blocked while another router, in a thread, takes the job over. The
+    lease is cut to 1 s; it is 300 s at least in production."""
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, rate_limit="1/s")],
+                            storage=url)
+
+        def another_router_takes_over() -> list[str]:
+            async def take_over() -> list[str]:
+                await asyncio.sleep(1.2)  # the first router's lease lapses
+                other = await another(url)
+                try:
+                    jobs = await other.lease("hook", 10, now=time.time(), lease_for=60)
+                    await other.complete(jobs)  # which it delivered
+                    return [job.message_id for job in jobs]
+                finally:
+                    await other.close()
+            taken: list[str] = []
+            thread = threading.Thread(target=lambda: taken.extend(asyncio.run(take_over())))
+            thread.start()
+            thread.join(timeout=30)  # this event loop waits: the stall
+            return taken
+
+        async with router:
+            lease_large_and_short(router, "hook", lease_for=1.0)
+            await router.route_many([track(0), track(1)])
+            await server.wait_for(1)  # m-0 is sent; m-1 waits a second for the rate limit
+            with caplog.at_level(logging.WARNING, logger="router.delivery"):
+                taken = another_router_takes_over()  # blocks this loop: the stall
+                await asyncio.sleep(1.5)  # the first router runs again
+    assert "m-1" in taken
+    assert [request.json["messageId"] for request in server.requests] == ["m-0"]
+    assert "held past their lease (this process stalled): not sent" in caplog.text
 
 
 async def test_redis_going_away_is_one_line_in_the_log_not_a_traceback_a_destination(

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,11 @@ RETENTION_INTERVAL = 600.0
 UNRECORDED_PAUSE = 5.0
 """Seconds a destination rests after the storage could not record what became of a batch
 (a full disk, an unreachable Redis): its jobs go back to the queue."""
+MIN_LEASE = 300.0
+"""Seconds a worker leases jobs for, at least (``4 × timeout`` when that is longer)."""
+LEASE_TRUSTED = 0.9
+"""The part of a lease within which a worker still counts a batch its own, leaving room for
+the clocks of the routers that share a storage."""
 COMPLETE_EVERY = 1.0
 """Seconds between two completions of delivered jobs while a round is handed out."""
 STOP_POLL = 0.05
@@ -214,7 +220,11 @@ class DestinationWorker:
         worker holds (``_upkeep`` renews their leases)."""
         # Long enough that a lease never lapses under a live worker; after a crash, the
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
-        self.lease_for = max(300.0, self.delivery.timeout * 4)
+        self.lease_for = max(MIN_LEASE, self.delivery.timeout * 4)
+        self.trusted_until: dict[int, float] = {}
+        """Until when (monotonic) this worker knows each batch it holds is still its own, by
+        ``id``: from its lease, or the last renewal that found its lease alive. Where leases
+        lapse under a live process (Redis), a batch past that is not sent (see ``_deliver``)."""
 
     def start_senders(self) -> None:
         """``concurrency`` long-lived senders take batches from ``ready``: cheaper than a
@@ -237,6 +247,7 @@ class DestinationWorker:
             self.failure_log.flush()
             try:
                 await self._complete_delivered()
+                leased_at = time.monotonic()
                 jobs = await self._lease()
             except (StorageFull, StorageUnavailable) as exc:
                 # Said once, not every two seconds for as long as the storage is down.
@@ -260,7 +271,10 @@ class DestinationWorker:
             if jobs:
                 jobs = await self._set_aside_built_by_others(jobs)
             # Added to what ``_upkeep`` could not give back, if anything.
-            self.undispatched += batches(jobs, self.delivery, group=_group_of, size=_size_of)
+            leased = batches(jobs, self.delivery, group=_group_of, size=_size_of)
+            for batch in leased:
+                self.trusted_until[id(batch)] = leased_at + LEASE_TRUSTED * self.lease_for
+            self.undispatched += leased
             self.round_leased_at = time.monotonic()
             while self.undispatched and not self.stopping:
                 batch = self.undispatched[0]
@@ -343,19 +357,29 @@ class DestinationWorker:
                                 "sending them here: %s", self.name, len(ids), exc)
                     self.undispatched += given_back
                     self.round_leased_at = time.monotonic()
+                else:
+                    for batch in given_back:
+                        self.trusted_until.pop(id(batch), None)
 
     async def _renew_leases(self) -> None:
         """Extend the leases of every job this worker holds: a destination that keeps its
         senders waiting (a long ``Retry-After``, a rest after failures) would otherwise hold
         them past the lease, and another router would send them again."""
-        held = [job.id for batches_held in (self.undispatched, self.handed_out.values())
-                for batch in batches_held for job in batch]
+        batches_held = [*self.undispatched, *self.handed_out.values()]
+        held = [job.id for batch in batches_held for job in batch]
         held += [job.id for job in self.delivered]
+        asked_at = time.monotonic()
         try:
             await self.storage.renew(held, now=self.clock.now(), lease_for=self.lease_for)
         except Exception as exc:  # noqa: BLE001 - tried again at the next renewal
             log.warning("destination %s: cannot renew the leases of %d job(s): %s",
                         self.name, len(held), exc)
+            return
+        # A renewal extends only the leases still alive when it was asked for: one that had
+        # lapsed may be another router's job now, whatever this one renews.
+        for batch in batches_held:
+            if self.trusted_until.get(id(batch), 0.0) >= asked_at:
+                self.trusted_until[id(batch)] = asked_at + LEASE_TRUSTED * self.lease_for
 
     async def _send_forever(self, number: int) -> None:
         """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
@@ -371,6 +395,7 @@ class DestinationWorker:
             finally:
                 del self.in_flight[number]
                 self.handed_out.pop(id(batch), None)
+                self.trusted_until.pop(id(batch), None)
                 if not self.in_flight:
                     self.all_sent.set()
 
@@ -452,6 +477,7 @@ class DestinationWorker:
         leftover += [job for batch in self.in_flight.values() for job in batch]
         await ended(self.senders)
         self.undispatched = []
+        self.trusted_until.clear()
         self.failure_log.flush(all_windows=True)
         await self._complete_delivered()
         if leftover:
@@ -526,13 +552,32 @@ class DestinationWorker:
                                         hold_attempts=self.delivery.order_hold_attempts)
 
     async def _deliver(self, batch: list[Job]) -> None:
+        if self._lease_lapsed(batch):
+            return
         now = self.clock.now()
         for job in batch:
             job.attempts += 1
             job.first_attempt_at = job.first_attempt_at or now
-        outcomes = await self._attempt(batch)
+        try:
+            outcomes = await self._attempt(batch)
+        except _LeaseLapsed:
+            return
         self._note_health(batch, outcomes)
         await self._record(batch, outcomes)
+
+    def _lease_lapsed(self, batch: list[Job]) -> bool:
+        """Whether this process stalled (stopped, its VM paused, swapping) past the lease of
+        a batch it held, on a storage where another router then takes the job over: sent
+        now, the batch would follow that router's copy and the same users' later events,
+        out of order for an ordered destination (scale-out audit). Not sent, it is left to
+        whoever leases it, this worker included, and its outcome to theirs."""
+        if not self.storage.leases_lapse or \
+                time.monotonic() <= self.trusted_until.get(id(batch), math.inf):
+            return False
+        log.warning("destination %s: %d job(s) held past their lease (this process stalled): "
+                    "not sent, left to the router that leases them again", self.name,
+                    len(batch))
+        return True
 
     def _note_health(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
                      ) -> None:
@@ -584,6 +629,8 @@ class DestinationWorker:
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
         await self._wait_for_the_limiter(counted=not part)
+        if self._lease_lapsed(batch):  # a stall while it waited
+            raise _LeaseLapsed
         started = time.monotonic()
         try:
             response = await self.transport.send(request, timeout=self.delivery.timeout,
@@ -792,3 +839,7 @@ async def ended(tasks: Sequence[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=CANCEL_AGAIN_AFTER)
+
+
+class _LeaseLapsed(Exception):
+    """A batch's lease lapsed while it waited for the rate limiter: nothing is recorded."""

@@ -113,10 +113,12 @@ async def _say_what_waits_for_no_destination(router: Router) -> None:
         has = (f"which the config now names {differs_in_case!r} (queues keep the very name)"
                if differs_in_case else "which the config does not have (removed, renamed or "
                "disabled)")
+        others = ("; other routers on this storage may have it and be delivering them: "
+                  "bury them only once none has" if router.storage.leases_lapse else "")
         log.warning("%d job(s) wait in the storage for destination %r, %s: they are sent "
                     "once it is back (enabled, under that name), or `router dlq bury -c CONFIG "
-                    "--destination %s` moves them to the dead letters", queue.pending, name,
-                    has, name)
+                    "--destination %s` moves them to the dead letters%s", queue.pending, name,
+                    has, name, others)
 
 
 async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event

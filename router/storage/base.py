@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(slots=True)
@@ -109,6 +109,11 @@ class StorageStats:
 class Storage(ABC):
     """Durable state. Every method is a coroutine; a method returns only once its change is
     durable in this backend (for ``memory://``, never: it is for tests and dry runs)."""
+
+    leases_lapse: ClassVar[bool] = False
+    """Whether several routers deliver from this storage at once (Redis), so that a lease
+    may lapse under a live process that stalled past it (stopped, its VM paused) for
+    another router to take the job over; a SQLite lease lasts until the next start."""
 
     @abstractmethod
     async def open(self, *, recover: bool = True) -> None:

@@ -496,6 +496,8 @@ class RedisStorage(Storage):
     like two router processes (the tests rely on that).
     """
 
+    leases_lapse = True
+
     def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX,
                  allow_eviction: bool = False) -> None:
         if aioredis is None:
