@@ -187,6 +187,23 @@ async def test_operator_can_retry_a_status_the_default_treats_as_permanent(tmp_p
         assert [r.status for r in server.requests] == [404, 404, 200]
 
 
+@pytest.mark.parametrize("body, said", [
+    (b'{"error": "Invalid API key"}', "Invalid API key"),  # Amplitude, Mixpanel, a router
+    (b'{"error": {"message": "Invalid OAuth access token.", "code": 190}}',  # Meta
+     "Invalid OAuth access token."),
+    (b'{"message": "Invalid  \\n app_id"}', "Invalid app_id"),  # Braze: one line
+    (b'{"errors": [{"detail": "bad customer id"}]}', "bad customer id"),  # JSON:API
+    (b'{"type": "validation_error", "detail": "no api key"}', "no api key"),  # PostHog
+    (b'{"message": "' + b"x" * 300 + b'"}', "x" * retry.API_MESSAGE_SHOWN + "…"),
+    (b'{"code": 400}', None), (b"<html><h1>Bad Request</h1></html>", None), (b"", None),
+    (b'{"error": ' + b"1" * 20_000 + b"}", None),  # too long to parse: the letter keeps it
+])
+def test_a_failures_reason_carries_what_the_api_said(body, said):
+    outcome = retry.classify_status(400, {}, frozenset(), now=0.0, body=body)
+    assert outcome is not None
+    assert outcome.reason == (f"HTTP 400: {said}" if said else "HTTP 400")
+
+
 async def test_retry_after_is_honoured(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([Answer(429, headers={"Retry-After": "1"}), 200])

@@ -45,6 +45,8 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
         assert sorted(letter["message_id"] for letter in letters) == ["m-1", "m-2", "m-3"]
         assert {letter["destination"] for letter in letters} == {"bad"}
         assert all(letter["status"] == 400 and letter["attempts"] == 1 for letter in letters)
+        # what the API said, its echo of the token masked (the reason was "HTTP 400" alone)
+        assert {letter["reason"] for letter in letters} == {"HTTP 400: bad token **REDACTED**"}
         assert all(letter["accepted_at"] <= letter["first_attempt_at"] <= letter["failed_at"]
                    for letter in letters)
         assert TOKEN not in listed.stdout  # masked in the stored request and response

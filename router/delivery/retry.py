@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
+import orjson
+
 from router.destination import DeliveryDefaults, Outcome
 from router.errors import PermanentError, RetryableError
 from router.redaction import cut_at_first_url
@@ -26,6 +28,12 @@ API a few requests; resting up to ``backoff_max`` (5 min by default) left a dest
 that had come back idle for minutes, and with its backlog filling the storage, intake
 refused every event meanwhile (100 s in a soak with a full Redis)."""
 
+API_MESSAGE_SHOWN = 200
+"""Characters of an API's own error message shown after the status in a failure's reason."""
+API_MESSAGE_READ = 16 * 1024
+"""A JSON body longer than this is not parsed for its message (the dead letter keeps it)."""
+_MESSAGE_KEYS = ("message", "error_description", "error", "detail", "errors", "title")
+
 MAX_LOCATION_SHOWN = 200
 """Characters of a redirect's ``Location`` read for its reason, which shows only its scheme
 and host: enough to see where the destination moved."""
@@ -35,17 +43,44 @@ _RETRY_AFTER_HEADERS = ("retry-after", "x-ratelimit-retry-after", "x-rate-limit-
 
 
 def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset[int],
-                    *, now: float) -> Outcome:
+                    *, now: float, body: bytes = b"") -> Outcome:
     """The default judgement of a response by its status: 2xx delivered, ``retry_on``
-    retried (no sooner than ``Retry-After``), anything else permanent."""
+    retried (no sooner than ``Retry-After``), anything else permanent. The reason carries
+    the API's own message when its body has one (``HTTP 400: Invalid API key``): "HTTP 400"
+    alone told an operator reading `router dlq list` nothing (router chaining audit)."""
     if 200 <= status < 300:
         return None
-    if status in retry_on:
-        return RetryableError(f"HTTP {status}", retry_after=retry_after(headers, now=now))
-    if 300 <= status < 400:
+    if 300 <= status < 400 and status not in retry_on:
         return PermanentError(f"HTTP {status}{_redirected_to(headers.get('location'))}: "
                               "redirects are not followed")
-    return PermanentError(f"HTTP {status}")
+    said = what_the_api_said(body)
+    reason = f"HTTP {status}: {said}" if said else f"HTTP {status}"
+    if status in retry_on:
+        return RetryableError(reason, retry_after=retry_after(headers, now=now))
+    return PermanentError(reason)
+
+
+def what_the_api_said(body: bytes) -> str | None:
+    """The message of a JSON error answer (``{"error": "..."}``, ``{"message": "..."}``,
+    ``{"error": {"message": "..."}}``, ``{"errors": [{"detail": "..."}]}``, ...), on one line
+    and cut to ``API_MESSAGE_SHOWN``; None for any other body."""
+    if not body or len(body) > API_MESSAGE_READ or not body.lstrip().startswith(b"{"):
+        return None
+    try:
+        found: object = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    for _ in range(3):  # {"error": {"message": ...}}, {"errors": [{"detail": ...}]}
+        if isinstance(found, list):
+            found = found[0] if found else None
+        if isinstance(found, dict):
+            found = next((found[key] for key in _MESSAGE_KEYS if found.get(key)), None)
+        if isinstance(found, str):
+            message = " ".join(found.split())
+            if len(message) > API_MESSAGE_SHOWN:
+                message = message[:API_MESSAGE_SHOWN] + "…"
+            return message or None
+    return None
 
 
 def _redirected_to(location: str | None) -> str:

@@ -715,7 +715,8 @@ class DestinationWorker:
             outcomes = list(judged)
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
-                                              self.delivery.retry_on, now=now)] * len(payloads)
+                                              self.delivery.retry_on, now=now,
+                                              body=response.body)] * len(payloads)
         throttled = response.status in (429, 503)
         waits = [o.retry_after for o in outcomes
                  if isinstance(o, RetryableError) and o.retry_after and (

@@ -44,8 +44,8 @@ RawOrEvent = Mapping[str, Any] | Event
 
 
 def classify_status(status: int, retry_on: Collection[int] = DEFAULT_RETRY_STATUSES, *,
-                    headers: Mapping[str, str] | None = None, now: float | None = None
-                    ) -> Outcome:
+                    headers: Mapping[str, str] | None = None, now: float | None = None,
+                    body: bytes = b"") -> Outcome:
     """The core's judgement of an answer by its status alone: 2xx delivered (None),
     ``retry_on`` a ``RetryableError`` (with ``Retry-After`` from ``headers``), anything else
     a ``PermanentError``.
@@ -55,7 +55,7 @@ def classify_status(status: int, retry_on: Collection[int] = DEFAULT_RETRY_STATU
     an answer differently from the router.
     """
     return retry.classify_status(status, headers or {}, frozenset(retry_on),
-                                 now=time.time() if now is None else now)
+                                 now=time.time() if now is None else now, body=body)
 
 
 def spooled(payload: Payload, *, opaque: bool = False) -> Payload:
@@ -189,7 +189,8 @@ class DestinationHarness(Generic[DestinationT]):
         payloads = [self.spooled(payload) for payload in payloads]
         judged = self.destination.read_response(payloads, response)
         if judged is None:
-            outcome = classify_status(status, self.delivery.retry_on, headers=response.headers)
+            outcome = classify_status(status, self.delivery.retry_on, headers=response.headers,
+                                      body=response.body)
             return [outcome] * len(payloads)
         judged = list(judged)
         problem = outcomes_problem(judged, len(payloads))
