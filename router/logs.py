@@ -16,14 +16,10 @@ inherits it, logs the same way, and so that a broken config is reported in the c
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import os
-import queue
-import threading
 from datetime import UTC, datetime
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -36,15 +32,8 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
-LOG_QUEUE_LINES = 10_000
-"""Lines ``router serve`` keeps waiting for a stream nobody reads before it drops them."""
-STDOUT_LOGGER = logging.getLogger("router.stdout")
-"""``announce``'s lines, once ``router serve`` gives it a handler (beside the access log's)."""
-
 _json_lines = False
 """Whether ``configure`` chose JSON: ``announce`` follows it."""
-_queued: list[_QueuedHandler] = []
-"""The handlers ``written_by_threads`` put in place: what they dropped is counted."""
 
 
 def configure(environ: Mapping[str, str] = os.environ) -> None:
@@ -69,88 +58,7 @@ def announce(text: str) -> None:
     if _json_lines:
         text = orjson.dumps({"time": format_time(datetime.now(UTC)), "level": "INFO",
                              "logger": "router", "message": text}).decode()
-    if STDOUT_LOGGER.handlers:  # in order with the access log, by the same thread
-        STDOUT_LOGGER.info("%s", text)
-    else:
-        print(text, flush=True)
-
-
-@contextlib.contextmanager
-def written_by_threads(*loggers: logging.Logger) -> Iterator[None]:
-    """Within the block, each handler of ``loggers`` is fed through a queue that a thread of
-    its own empties (one queue a handler, so lines that share a stream keep their order).
-    A stream nobody reads blocks its writer: a terminal paused with Ctrl-S, a log shipper
-    that stalls. Written on the event loop, the access log's lines held up every request
-    of ``router serve`` and ``/health`` for as long (15 s in the stall audit). Past
-    ``LOG_QUEUE_LINES`` waiting, lines are dropped, counted (``dropped_lines``) and said
-    once the stream moves again. At the end, each thread writes what waits, for 5 s at
-    most."""
-    queued: dict[logging.Handler, _QueuedHandler] = {}
-    replaced: list[tuple[logging.Logger, logging.Handler]] = []
-    for logger in loggers:
-        for handler in list(logger.handlers):
-            if handler not in queued:
-                queued[handler] = _QueuedHandler(handler)
-                _queued.append(queued[handler])
-            logger.removeHandler(handler)
-            logger.addHandler(queued[handler])
-            replaced.append((logger, handler))
-    try:
-        yield
-    finally:
-        for logger, handler in replaced:
-            logger.removeHandler(queued[handler])
-            logger.addHandler(handler)
-        for stand_in in queued.values():
-            stand_in.close()
-            _queued.remove(stand_in)
-
-
-def dropped_lines() -> int:
-    """Log lines dropped since the start because nothing read their stream."""
-    return sum(handler.dropped for handler in _queued)
-
-
-class _QueuedHandler(logging.Handler):
-    """Hands each record to a thread that writes it with ``target``."""
-
-    def __init__(self, target: logging.Handler) -> None:
-        super().__init__(target.level)
-        self.target = target
-        self.lines: queue.Queue[logging.LogRecord | None] = queue.Queue(LOG_QUEUE_LINES)
-        self.dropped = 0
-        self.unsaid = 0
-        self.writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
-        self.writer.start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # The message now (its arguments may change); the traceback, if any, stays for the
-        # target's formatter.
-        record = copy.copy(record)
-        record.msg, record.args = record.getMessage(), None
-        try:
-            self.lines.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-            self.unsaid += 1
-            return
-        if self.unsaid:
-            note = logging.makeLogRecord({
-                "name": "router", "levelno": logging.WARNING, "levelname": "WARNING",
-                "msg": f"{self.unsaid} log line(s) dropped: nothing read this log for a while"})
-            with contextlib.suppress(queue.Full):
-                self.lines.put_nowait(note)
-                self.unsaid = 0
-
-    def _write(self) -> None:
-        while (record := self.lines.get()) is not None:
-            self.target.handle(record)
-
-    def close(self) -> None:
-        with contextlib.suppress(queue.Full):
-            self.lines.put(None, timeout=5.0)
-            self.writer.join(timeout=5.0)
-        super().close()
+    print(text, flush=True)
 
 
 class JsonFormatter(logging.Formatter):

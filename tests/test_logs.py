@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import threading
-import time
 
 import pytest
 
@@ -73,47 +70,3 @@ def test_a_message_with_a_lone_surrogate_is_still_one_json_line() -> None:
     line = json.loads(text)
     assert line["message"] == "file \\udcff.db"
     assert "ValueError: ошибка \\udcff" in line["traceback"]
-
-
-def test_lines_nothing_reads_are_dropped_counted_and_said_never_waited_for(monkeypatch):
-    # A stream nobody reads (a paused terminal, a stalled log shipper) blocked each write,
-    # and with it the event loop of router serve (stall audit).
-    monkeypatch.setattr(logs, "LOG_QUEUE_LINES", 5)
-    unread, written = os.pipe()
-    stream = os.fdopen(written, "w")
-    logger = logging.getLogger("test.unread")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    logger.addHandler(logging.StreamHandler(stream))
-    try:
-        with logs.written_by_threads(logger):
-            for n in range(100):  # 1 MB into a pipe of 64 KB: each call returns at once
-                logger.warning("%d %s", n, "x" * 10_000)
-            dropped = unsent = logs.dropped_lines()
-            assert dropped >= 100 - 5 - 8  # what waits, and what fits in the pipe
-            read: list[bytes] = []
-            reader = threading.Thread(target=lambda: read.append(_read_to_the_end(unread)))
-            reader.start()
-            for _ in range(300):  # once the reader has made room, a line gets through
-                logger.warning("moving again")
-                if logs.dropped_lines() == dropped:
-                    break
-                dropped = logs.dropped_lines()
-                time.sleep(0.1)
-        stream.close()
-        reader.join(timeout=30)
-    finally:
-        logger.handlers.clear()
-        os.close(unread)
-    lines = read[0].decode().splitlines()
-    # said once a line gets through again
-    assert lines[-2:] == ["moving again",
-                          f"{dropped} log line(s) dropped: nothing read this log for a while"]
-    assert len([line for line in lines if line.endswith("x" * 10_000)]) == 100 - unsent
-
-
-def _read_to_the_end(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)

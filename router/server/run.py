@@ -20,7 +20,7 @@ import time
 
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError, StorageFull, StorageUnavailable
-from router.logs import STDOUT_LOGGER, announce, written_by_threads
+from router.logs import announce
 from router.redaction import redacted_url
 from router.routing import Router
 from router.runtime import reserve_descriptors, tune_garbage_collector
@@ -43,8 +43,7 @@ def serve(config_path: str | os.PathLike[str], host: str | None = None,
     ``ConfigError`` propagates: the command line prints it (file, line, field)."""
     loaded = load_config(config_path)
     _log_access_to_stdout()
-    with written_by_threads(logging.getLogger(), ACCESS_LOGGER, STDOUT_LOGGER):
-        return asyncio.run(_serve(loaded, host=host, port=port))
+    return asyncio.run(_serve(loaded, host=host, port=port))
 
 
 async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) -> int:
@@ -194,15 +193,12 @@ def _announce(router: Router, listening: asyncio.Server) -> None:
 
 
 def _log_access_to_stdout() -> None:
-    """One JSON line per request on stdout, whatever the root logger's level, through the
-    handler ``announce``'s lines take too, so that they keep their order."""
+    """One JSON line per request on stdout, whatever the root logger's level."""
     if not ACCESS_LOGGER.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        for logger in (ACCESS_LOGGER, STDOUT_LOGGER):
-            logger.addHandler(handler)
-    for logger in (ACCESS_LOGGER, STDOUT_LOGGER):
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+        ACCESS_LOGGER.addHandler(handler)
+    ACCESS_LOGGER.setLevel(logging.INFO)
+    ACCESS_LOGGER.propagate = False
 
 

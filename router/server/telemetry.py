@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from router.metrics import Counter, Gauge, Histogram, Registry
-from router.logs import dropped_lines
 from router.process_stats import ProcessStats, build_info, read_process
 from router.storage.base import QueueStats, Storage, StorageStats
 
@@ -146,9 +145,6 @@ def add_process_metrics(registry: Registry,
               [], figure(lambda stats: stats.open_fds)))
     add(Gauge("process_max_fds", "The serving process's limit on open file descriptors.",
               [], figure(lambda stats: stats.max_fds)))
-    add(Gauge("router_log_lines_dropped_total",
-              "Log lines router serve dropped because nothing read their stream.",
-              [], lambda: _unlabelled(float(dropped_lines())), kind="counter"))
     add(Gauge("router_delivery_process_up",
               "1 while the delivery process runs and delivers, 0 while it is being replaced.",
               [], of_delivery(lambda process: float(process.running_pid is not None))))
