@@ -83,6 +83,7 @@ def test_example_config_loads_with_its_defaults():
     ("redis://127.0.0.1:6390/0?eviction=yes", "takes only `allowed`"),
     ("redis://127.0.0.1:6390/0?socket_timeout=soon", "invalid redis:// storage URL"),
     ("redis://127.0.0.1:6390/0?prefx=staging", "unknown redis:// storage option 'prefx'"),
+    ("redis://127.0.0.1:6390/0?retry=3", "unknown redis:// storage option 'retry'"),  # an object
     ("sqlite:///var/r.db?max_bytes=lots", "whole number of bytes"),
     ("sqlite:///var/r.db?min_free_bytes=-1", "whole number of bytes"),
     ("sqlite:///var/r.db?synchronous=sometimes", "`normal` (the default) or `full`"),

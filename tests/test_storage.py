@@ -1843,42 +1843,67 @@ async def test_a_throttled_worker_keeps_the_leases_of_what_it_holds(tmp_path, ur
         assert delivered == Counter(f"m-{n}" for n in range(20))  # each exactly once
 
 
+def another_router_takes_over(url: str, destination: str) -> list[str]:
+    """Block this thread, and with it the event loop of the caller (a stall, as of a router
+    stopped or its VM paused), while another router, in a thread of its own, waits for the
+    leases of ``destination`` to lapse, leases its jobs and delivers them; their ids."""
+    async def take_over() -> list[str]:
+        await asyncio.sleep(1.2)  # the first router's 1 s lease lapses
+        other = await another(url)
+        try:
+            jobs = await other.lease(destination, 10, now=time.time(), lease_for=60)
+            await other.complete(jobs)  # which it delivered
+            return [job.message_id for job in jobs]
+        finally:
+            await other.close()
+
+    taken: list[str] = []
+    thread = threading.Thread(target=lambda: taken.extend(asyncio.run(take_over())))
+    thread.start()
+    thread.join(timeout=30)
+    return taken
+
+
 async def test_a_router_stalled_past_its_lease_does_not_send_what_another_took_over(
         tmp_path, url, caplog):
     """A router frozen past its lease (SIGSTOP, a paused VM) sent, once it ran again, the
     batch it had held, after the router that took it over had delivered it and the user's
-    later events: out of order for an ordered destination (scale-out audit). Here the stall
-    is this event loop blocked while another router, in a thread, takes the job over. The
-    lease is cut to 1 s; it is 300 s at least in production."""
+    later events: out of order for an ordered destination (scale-out audit). The lease is
+    cut to 1 s; it is 300 s at least in production."""
     async with FakeDestinationServer() as server:
         router = router_for(tmp_path, [webhook("hook", server.url, rate_limit="1/s")],
                             storage=url)
-
-        def another_router_takes_over() -> list[str]:
-            async def take_over() -> list[str]:
-                await asyncio.sleep(1.2)  # the first router's lease lapses
-                other = await another(url)
-                try:
-                    jobs = await other.lease("hook", 10, now=time.time(), lease_for=60)
-                    await other.complete(jobs)  # which it delivered
-                    return [job.message_id for job in jobs]
-                finally:
-                    await other.close()
-            taken: list[str] = []
-            thread = threading.Thread(target=lambda: taken.extend(asyncio.run(take_over())))
-            thread.start()
-            thread.join(timeout=30)  # this event loop waits: the stall
-            return taken
-
         async with router:
             lease_large_and_short(router, "hook", lease_for=1.0)
             await router.route_many([track(0), track(1)])
             await server.wait_for(1)  # m-0 is sent; m-1 waits a second for the rate limit
             with caplog.at_level(logging.WARNING, logger="router.delivery"):
-                taken = another_router_takes_over()  # blocks this loop: the stall
+                taken = another_router_takes_over(url, "hook")  # the stall
                 await asyncio.sleep(1.5)  # the first router runs again
     assert "m-1" in taken
     assert [request.json["messageId"] for request in server.requests] == ["m-0"]
+    assert "held past their lease (this process stalled): not sent" in caplog.text
+
+
+async def test_a_stall_while_a_batch_is_split_keeps_its_other_half_back(tmp_path, url, caplog):
+    """The halves of a batch split after a 413 were trusted for ever: a router stalled while
+    the first half was answered sent the second after another router had taken it (review)."""
+    async with FakeDestinationServer() as server:
+        server.script([Answer(413), Answer(200, delay=0.5)])  # the batch, then its first half
+        router = router_for(tmp_path, [{
+            "name": "seg", "plugin": "segment",
+            "settings": {"write_key": "seg-key-0001", "base_url": server.url},
+            "delivery": {"batch_wait": "200ms"}}], storage=url)
+        async with router:
+            lease_large_and_short(router, "seg", lease_for=1.0)
+            await router.route_many([track(0), track(1)])
+            await server.wait_for(2)  # the batch refused, its first half awaiting its answer
+            with caplog.at_level(logging.WARNING, logger="router.delivery"):
+                taken = another_router_takes_over(url, "seg")  # the stall
+                await asyncio.sleep(1.5)  # the first router runs again
+    assert sorted(taken) == ["m-0", "m-1"]
+    sent = [[item["messageId"] for item in request.json["batch"]] for request in server.requests]
+    assert sent == [["m-0", "m-1"], ["m-0"]]  # not m-1 after the other router had it
     assert "held past their lease (this process stalled): not sent" in caplog.text
 
 

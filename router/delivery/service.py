@@ -603,9 +603,11 @@ class DestinationWorker:
         elif any(outcome is None for outcome, _ in outcomes):
             self.failures_in_a_row = 0
 
-    async def _attempt(self, batch: list[Job], *, may_split: bool = True, part: bool = False
+    async def _attempt(self, batch: list[Job], *, may_split: bool = True, part: bool = False,
+                       leased_as: list[Job] | None = None
                        ) -> list[tuple[Outcome, Failure | None]]:
-        """Send a batch (or, with ``part``, a part of one being split); one outcome per job.
+        """Send a batch (or, with ``part``, a part of ``leased_as``, the batch being split);
+        one outcome per job.
 
         One bad event must not cost its neighbours: a batch refused whole (413, or a 400/422
         the plugin could not pin on particular events) is split in two and each half sent.
@@ -622,14 +624,14 @@ class DestinationWorker:
             return [(outcome, Failure(self.destination.masker.mask(exc.reason)))] * len(batch)
         except PLUGIN_FAILURES as exc:  # a broken plugin fails its own jobs only
             if may_split and len(batch) > 1:  # perhaps one event's fault: find it
-                return await self._split(batch, None, always=True)
+                return await self._split(batch, None, always=True, leased_as=leased_as)
             failed = f"{self.destination.plugin.name} failed to build a request"
             self._log_plugin_failure(failed, exc)
             reason = f"{failed}: {type(exc).__name__}"
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
         await self._wait_for_the_limiter(counted=not part)
-        if self._lease_lapsed(batch):  # a stall while it waited
+        if self._lease_lapsed(leased_as or batch):  # a stall while it waited
             raise _LeaseLapsed
         started = time.monotonic()
         try:
@@ -649,7 +651,7 @@ class DestinationWorker:
         if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
                 all(isinstance(outcome, PermanentError) for outcome in outcomes):
             return await self._split(batch, self._shown_body(request, response),
-                                     always=response.status == 413)
+                                     always=response.status == 413, leased_as=leased_as)
         if all(outcome is None for outcome in outcomes):
             return [(None, None)] * len(outcomes)
         failure = self._failure(f"HTTP {response.status}", request, response)
@@ -672,8 +674,8 @@ class DestinationWorker:
             if counted:
                 self.pacing -= 1
 
-    async def _split(self, batch: list[Job], refused: str | None, *, always: bool
-                     ) -> list[tuple[Outcome, Failure | None]]:
+    async def _split(self, batch: list[Job], refused: str | None, *, always: bool,
+                     leased_as: list[Job] | None) -> list[tuple[Outcome, Failure | None]]:
         """Send each half of a refused batch. When both halves are refused whole with the
         very answer the batch got (``refused``), the fault is not in any one event (a bad
         key, say), so splitting stops rather than send a request per event."""
@@ -681,14 +683,16 @@ class DestinationWorker:
         halves = [batch[:middle], batch[middle:]]
         results, answered_at = [], []
         for half in halves:
-            results.append(await self._attempt(half, may_split=always, part=True))
+            results.append(await self._attempt(half, may_split=always, part=True,
+                                               leased_as=leased_as or batch))
             answered_at.append(time.monotonic())
         if not always:
             whole = [_refused_whole(result) for result in results]
             if not all(answer is not None and answer == refused for answer in whole):
                 for index, half in enumerate(halves):
                     if whole[index] is not None and len(half) > 1:
-                        results[index] = await self._split(half, None, always=False)
+                        results[index] = await self._split(half, None, always=False,
+                                                           leased_as=leased_as or batch)
                         answered_at[index] = time.monotonic()
         # The retries are recorded once every half is done: a Retry-After counts from its
         # own answer, not from then (the other half may have waited out that very pause).

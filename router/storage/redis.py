@@ -20,8 +20,6 @@ time, which Redis Cluster forbids.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import math
 import os
@@ -473,20 +471,17 @@ class _Keys:
         return f"{self.prefix}:letters:{destination}"
 
 
-@functools.cache
+_TEXT_URL_OPTIONS = frozenset(("client_name", "username", "password", "lib_name",
+                               "lib_version", "encoding", "encoding_errors"))
+"""Connection arguments redis-py takes as they come in a URL's query, as text."""
+
+
 def _redis_url_options() -> frozenset[str]:
-    """The names redis-py takes in a URL's query: those it parses, and its connection's own
-    arguments, to which it hands any other name as a string. Read from the installed
-    redis-py, whose options change between versions; a misspelt name is then refused when
-    the config loads, not found by a TypeError when the router first connects."""
-    names = set(URL_QUERY_ARGUMENT_PARSERS)
-    for cls in aioredis.Connection.__mro__:
-        if "__init__" in vars(cls):
-            names.update(name for name, parameter in
-                         inspect.signature(vars(cls)["__init__"]).parameters.items()
-                         if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
-                                               parameter.KEYWORD_ONLY))
-    return frozenset(names - {"self"})
+    """The names redis-py takes in a URL's query: those it parses (they vary between its
+    versions), and the connection arguments that are text. A misspelt name, or one that
+    wants an object (``retry``, ``credential_provider``), is then refused when the config
+    loads, not found by a TypeError when the router first connects."""
+    return frozenset(URL_QUERY_ARGUMENT_PARSERS) | _TEXT_URL_OPTIONS
 
 
 class RedisStorage(Storage):
