@@ -639,6 +639,21 @@ async def test_single_event_over_32_kb_is_413(ingest: Ingest, recorder: Recorder
     assert (await ingest.stats()).dedup_entries == 0
 
 
+async def test_a_single_event_at_32_kb_as_sent_is_accepted_without_its_type(
+        ingest: Ingest, recorder: Recorder) -> None:
+    # The "type" the path gives was counted against the client's 32 KB: an event sent at the
+    # limit to /v1/track without one was refused for those 15 bytes (review).
+    event = {"event": "Signed Up", "userId": "u-1", "messageId": "at-the-limit",
+             "properties": {"pad": ""}}
+    event["properties"]["pad"] = "x" * (32 * 1024 - len(orjson.dumps(event)))
+    assert len(orjson.dumps(event)) == 32 * 1024
+    status, _, _ = await ingest.post("/v1/track", event)
+    assert status == 200
+    event["properties"]["pad"] += "x"
+    status, answer, _ = await ingest.post("/v1/track", {**event, "messageId": "over-the-lim"})
+    assert (status, answer["code"]) == (413, "event_too_large")
+
+
 async def test_a_batch_of_events_all_over_32_kb_is_413_with_each_listed(ingest: Ingest) -> None:
     # "Beyond them 413", as for a single call: it got 400 no_valid_event (contract audit).
     huge = track(properties={"pad": "x" * (33 * 1024)})

@@ -253,8 +253,9 @@ def _call_handler(call_type: str) -> BodyHandler:
         source, document = _authenticated(request, parse_json(body))
         event = document
         event.pop("writeKey", None)
+        sent = dict(event)  # the 32 KB are the client's, not the "type" that the path gives
         event["type"] = call_type
-        checked = check_event(event)
+        checked = check_event(event, sent=sent)
         if isinstance(checked, Rejection):
             _rejected(request, source, event, None, checked.reason)
             if checked.too_large:
