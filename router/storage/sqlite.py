@@ -359,6 +359,7 @@ class SqliteStorage(Storage):
         return connection
 
     async def _dedup_index_ready(self) -> None:
+        """Made if it is not yet (see ``_attach_dedup_index``), outside any transaction."""
         if self._dedup_index is None:
             await self._call(self._attach_dedup_index, writes=False)
 
@@ -1121,6 +1122,7 @@ class SqliteStorage(Storage):
         refused for disk I/O errors, and a load balancer kept sending them (I/O fault audit)."""
         await self._call(self._check_budget, writes=False)
         if self._intake_failing:
+            await self._dedup_index_ready()
             await self._call(_write_a_probe)
             self._intake_failing = False
         return True
