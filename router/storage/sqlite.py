@@ -1128,14 +1128,21 @@ class SqliteStorage(Storage):
         return True
 
     async def stats(self, *, now: float) -> StorageStats:
-        def operation(connection: sqlite3.Connection) -> StorageStats:
-            # One read transaction, so that every count is of the same moment (the delivery
-            # process may settle a bundle in between); in WAL mode it holds up no writer.
-            connection.execute("BEGIN")
-            try:
-                return figures(connection)
-            finally:
-                connection.execute("COMMIT")
+        """Read on a connection of its own, in a thread: on the writer's, the counts held up
+        every group commit behind them, 31 ms with 500,000 jobs queued at each scrape of
+        ``/metrics`` (stall audit)."""
+        def operation() -> StorageStats:
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT,
+                                                    isolation_level=None)) as connection:
+                # One read transaction, so that every count is of the same moment (the
+                # delivery process may settle a bundle in between); in WAL mode it holds up
+                # no writer.
+                connection.execute("BEGIN")
+                try:
+                    return figures(connection)
+                finally:
+                    connection.execute("COMMIT")
 
         def figures(connection: sqlite3.Connection) -> StorageStats:
             stats = StorageStats()
@@ -1171,7 +1178,12 @@ class SqliteStorage(Storage):
             stats.disk_free_bytes = _disk_free_bytes(self.path)
             return stats
 
-        return await self._call(operation, writes=False)
+        if self._thread is None:
+            raise RuntimeError("storage is not open")
+        try:
+            return await asyncio.to_thread(operation)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
 
 def _byte_count(options: dict[str, str], name: str) -> int:
