@@ -58,7 +58,10 @@ def announce(text: str) -> None:
     if _json_lines:
         text = orjson.dumps({"time": format_time(datetime.now(UTC)), "level": "INFO",
                              "logger": "router", "message": text}).decode()
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except OSError:  # stdout's reader is gone: nothing to say it to, and nothing to stop for
+        pass
 
 
 class JsonFormatter(logging.Formatter):

@@ -1511,6 +1511,41 @@ async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path:
     assert recorder.message_ids == ["serve-1"]
 
 
+async def test_serve_stops_on_sigterm_after_its_stdouts_reader_is_gone(
+        recorder: Recorder, tmp_path: Path) -> None:
+    # A log shipper that died: the stop signal's own line raised BrokenPipeError before the
+    # stop was set, and the router ran on until killed; every request wrote a traceback.
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+    unread, written = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
+        cwd=config.parent, env=_child_env(), stdout=written, stderr=asyncio.subprocess.PIPE)
+    os.close(written)
+    try:
+        with os.fdopen(unread, "rb") as banner:  # read until it listens, then closed
+            while b"destinations:" not in await asyncio.to_thread(banner.readline):
+                pass
+        async with aiohttp.ClientSession() as session:
+            for n in range(3):
+                async with session.post(f"http://127.0.0.1:{port}/v1/track",
+                                        json=track(f"gone-{n}"),
+                                        headers={"Authorization": basic(WEB_KEY)}) as response:
+                    assert response.status == 200
+        await recorder.wait_for(3)
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    said = err.decode()
+    assert said.count("the access log can no longer be written to stdout") == 1, said
+    assert "Logging error" not in said
+
+
 async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
                                                           tmp_path: Path) -> None:
     """A closing terminal sends SIGHUP to the whole group: the router stopped at once (exit

@@ -166,10 +166,10 @@ def _on_stop_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, signum
                     ) -> None:
     """First signal: drain gracefully. Our handlers are then removed, so a second one has
     its default effect (Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP terminate)."""
+    stop.set()  # first: whatever saying so costs, the router stops
+    for stop_signal in _STOP_SIGNALS:
+        loop.remove_signal_handler(stop_signal)
     announce(f"router: {signal.Signals(signum).name} received")
-    stop.set()
-    for signum in _STOP_SIGNALS:
-        loop.remove_signal_handler(signum)
 
 
 def _announce(router: Router, listening: asyncio.Server) -> None:
@@ -192,10 +192,24 @@ def _announce(router: Router, listening: asyncio.Server) -> None:
         announce("  destinations: none enabled (events are accepted and deduplicated only)")
 
 
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The access log's handler: once stdout cannot be written (its reader is gone, as
+    when a log shipper dies), it says so once on stderr and stops trying. Python's logging
+    wrote a traceback to stderr for every request instead."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.level > logging.CRITICAL:
+            return
+        self.setLevel(logging.CRITICAL + 1)
+        error = sys.exc_info()[1]
+        log.warning("the access log can no longer be written to stdout (%s: %s); requests "
+                    "are no longer logged", type(error).__name__, error)
+
+
 def _log_access_to_stdout() -> None:
     """One JSON line per request on stdout, whatever the root logger's level."""
     if not ACCESS_LOGGER.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(message)s"))
         ACCESS_LOGGER.addHandler(handler)
     ACCESS_LOGGER.setLevel(logging.INFO)
