@@ -28,7 +28,7 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-ke
 _MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary text ("1", "abc")
 _CREDENTIAL_QUERY = re.compile(
     r"([?&](?:[^=&#]*(?:token|key|secret|signature|sig|auth|password|passwd|pwd|jwt)[^=&#]*"
-    r"|code)=)[^&#]*",  # code: Azure Functions' key parameter
+    r"|code)=)([^&#]*)",  # code: Azure Functions' key parameter
     re.IGNORECASE)
 _LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
 _MIN_TOKEN_LENGTH = 8  # a word of a secret long enough to be a credential on its own
@@ -261,12 +261,16 @@ class Masker:
             return [self._masked(item) for item in value]
         return value
 
-    def with_credentials_of(self, headers: Mapping[str, str]) -> Masker:
-        """This masker, also hiding the credential header values of a request it sent, whole
-        and without their scheme. They are derived from the secrets (``Basic`` is base64 of
-        "key:"), so an API that echoes the request in its error would show them unmasked."""
+    def with_credentials_of(self, headers: Mapping[str, str], url: str = "") -> Masker:
+        """This masker, also hiding the credentials of a request it sent: its credential
+        header values, whole and without their scheme, and the values of the URL's query
+        parameters named as credentials (``?api_key=``). They may be derived from the
+        secrets (``Basic`` is base64 of "key:") or written in the config as they are, so an
+        API that echoes the request in its error would show them unmasked."""
         found = tuple(part for name, value in headers.items()
                       if name.lower() in SENSITIVE_HEADERS for part in (value, *value.split()[1:]))
+        found += tuple(value for match in _CREDENTIAL_QUERY.finditer(url)
+                       for value in {match[2], unquote(match[2])} if value)
         if not found:
             return self
         # Built once for a destination's (usually unchanging) credentials, not once a

@@ -15,6 +15,7 @@ from router.delivery import retry
 from router.delivery import service as service_module
 from router.destination import DeliveryDefaults
 from router.errors import StorageFull, StorageUnavailable
+from router.redaction import Masker
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.delivery.telemetry import DeliveryMetrics
 from router.storage import sqlite as sqlite_module
@@ -202,6 +203,18 @@ def test_a_failures_reason_carries_what_the_api_said(body, said):
     outcome = retry.classify_status(400, {}, frozenset(), now=0.0, body=body)
     assert outcome is not None
     assert outcome.reason == (f"HTTP 400: {said}" if said else "HTTP 400")
+
+
+def test_what_the_api_said_is_masked_before_it_is_cut_and_shown_without_control_codes():
+    # Cut first, a key near the 200th character lost its end and was no longer found by the
+    # masker; and an API's terminal escapes reached `router dlq list` as they came (review).
+    key = "sk_live_9f8e7d6c5b4a39281706"
+    mask = Masker([key]).mask
+    body = orjson.dumps({"message": "x" * 180 + f" bad api_key {key}"})
+    said = retry.what_the_api_said(body, mask=mask)
+    assert said is not None and "sk_live" not in said and said.endswith("…")
+    escapes = orjson.dumps({"error": "Bad request \x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x00"})
+    assert retry.what_the_api_said(escapes) == "Bad request ]0;pwned [2J [31mRED"
 
 
 async def test_retry_after_is_honoured(tmp_path):

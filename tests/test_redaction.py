@@ -71,6 +71,15 @@ def test_credential_headers_a_request_carried_are_masked_in_an_echo_of_it():
     assert "application/json" not in masker.secrets
 
 
+def test_credential_query_values_a_request_carried_are_masked_in_an_echo_of_it():
+    # A key written in a webhook URL's query (not a declared secret): the dead letter's URL
+    # masked it, and the API's message quoting it back did not (review).
+    masker = Masker().with_credentials_of(
+        {}, "https://hooks.example/in?api_key=litqueryKEY12345abcdef&plan=pro&sig=a%2Bb0001")
+    echoed = "Invalid credentials: api_key=litqueryKEY12345abcdef sig=a+b0001 plan=pro"
+    assert masker.mask(echoed) == f"Invalid credentials: api_key={REDACTED} sig={REDACTED} plan=pro"
+
+
 def test_a_secret_is_masked_as_json_escapes_it_and_as_a_url_encodes_it():
     # An API that echoes the request answers with the secret escaped in its JSON, or as it
     # was percent-encoded on the wire (security review).

@@ -1546,6 +1546,30 @@ async def test_serve_stops_on_sigterm_after_its_stdouts_reader_is_gone(
     assert "Logging error" not in said
 
 
+async def test_one_access_line_stdout_cannot_encode_turns_off_nothing(
+        recorder: Recorder, tmp_path: Path) -> None:
+    # Only a stdout whose reader is gone turns the access log off: a line an ASCII stdout
+    # cannot encode (a client's path) turned it off for good, blaming stdout (review).
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+    process, _ = await _serve(config, port, env={"PYTHONIOENCODING": "ascii"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/v1/%C3%A9t%C3%A9") as response:
+                assert response.status in (404, 405)
+            async with session.post(f"http://127.0.0.1:{port}/v1/track", json=track("after"),
+                                    headers={"Authorization": basic(WEB_KEY)}) as response:
+                assert response.status == 200
+        out, err = await _stop(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert '"path":"/v1/track"' in out  # logged after the line that could not be
+    assert "can no longer be written to stdout" not in err
+
+
 async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
                                                           tmp_path: Path) -> None:
     """A closing terminal sends SIGHUP to the whole group: the router stopped at once (exit

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
@@ -43,27 +43,32 @@ _RETRY_AFTER_HEADERS = ("retry-after", "x-ratelimit-retry-after", "x-rate-limit-
 
 
 def classify_status(status: int, headers: Mapping[str, str], retry_on: frozenset[int],
-                    *, now: float, body: bytes = b"") -> Outcome:
+                    *, now: float, body: bytes = b"",
+                    mask: Callable[[str], str] | None = None) -> Outcome:
     """The default judgement of a response by its status: 2xx delivered, ``retry_on``
     retried (no sooner than ``Retry-After``), anything else permanent. The reason carries
     the API's own message when its body has one (``HTTP 400: Invalid API key``): "HTTP 400"
-    alone told an operator reading `router dlq list` nothing (router chaining audit)."""
+    alone told an operator reading `router dlq list` nothing (router chaining audit).
+    ``mask`` hides the secrets in it, before it is cut (a secret cut short is no longer
+    found)."""
     if 200 <= status < 300:
         return None
     if 300 <= status < 400 and status not in retry_on:
         return PermanentError(f"HTTP {status}{_redirected_to(headers.get('location'))}: "
                               "redirects are not followed")
-    said = what_the_api_said(body)
+    said = what_the_api_said(body, mask=mask)
     reason = f"HTTP {status}: {said}" if said else f"HTTP {status}"
     if status in retry_on:
         return RetryableError(reason, retry_after=retry_after(headers, now=now))
     return PermanentError(reason)
 
 
-def what_the_api_said(body: bytes) -> str | None:
+def what_the_api_said(body: bytes, *, mask: Callable[[str], str] | None = None
+                      ) -> str | None:
     """The message of a JSON error answer (``{"error": "..."}``, ``{"message": "..."}``,
-    ``{"error": {"message": "..."}}``, ``{"errors": [{"detail": "..."}]}``, ...), on one line
-    and cut to ``API_MESSAGE_SHOWN``; None for any other body."""
+    ``{"error": {"message": "..."}}``, ``{"errors": [{"detail": "..."}]}``, ...): masked
+    with ``mask``, then on one line of printable characters (no terminal escapes reach
+    `router dlq list`), cut to ``API_MESSAGE_SHOWN``. None for any other body."""
     if not body or len(body) > API_MESSAGE_READ or not body.lstrip().startswith(b"{"):
         return None
     try:
@@ -76,7 +81,9 @@ def what_the_api_said(body: bytes) -> str | None:
         if isinstance(found, dict):
             found = next((found[key] for key in _MESSAGE_KEYS if found.get(key)), None)
         if isinstance(found, str):
-            message = " ".join(found.split())
+            masked = mask(found) if mask is not None else found
+            message = " ".join("".join(character if character.isprintable() else " "
+                                       for character in masked).split())
             if len(message) > API_MESSAGE_SHOWN:
                 message = message[:API_MESSAGE_SHOWN] + "…"
             return message or None

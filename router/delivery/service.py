@@ -32,6 +32,7 @@ from router.destination import (HttpRequest, HttpResponse, Outcome, Payload, che
 from router.destinations import ConfiguredDestination
 from router.errors import (PLUGIN_FAILURES, DestinationError, PermanentError, RetryableError,
                            StorageFull, StorageUnavailable)
+from router.redaction import Masker
 from router.storage.base import DeadLetterFilter, Failure, Job, Storage
 
 log = logging.getLogger("router.delivery")
@@ -647,7 +648,9 @@ class DestinationWorker:
         self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
         self.metrics.requests.inc(self.name, str(response.status))
 
-        outcomes = self._judge(payloads, response)
+        # Reasons are masked with the request's credentials too: an API may quote them back.
+        masker = self.destination.masker.with_credentials_of(request.headers, request.url)
+        outcomes = self._judge(payloads, response, masker)
         if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
                 all(isinstance(outcome, PermanentError) for outcome in outcomes):
             return await self._split(batch, self._shown_body(request, response),
@@ -655,9 +658,7 @@ class DestinationWorker:
         if all(outcome is None for outcome in outcomes):
             return [(None, None)] * len(outcomes)
         failure = self._failure(f"HTTP {response.status}", request, response)
-        # Each failed job's reason is its own (a plugin names why each event failed), masked
-        # with the request's credentials too: an API may quote them back in its error.
-        masker = self.destination.masker.with_credentials_of(request.headers)
+        # Each failed job's reason is its own (a plugin names why each event failed).
         return [(outcome, None if outcome is None else
                  dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
                 for outcome in outcomes]
@@ -700,7 +701,8 @@ class DestinationWorker:
         return [item for result, at in zip(results, answered_at)
                 for item in _aged(result, done - at)]
 
-    def _judge(self, payloads: list[Payload], response: HttpResponse) -> list[Outcome]:
+    def _judge(self, payloads: list[Payload], response: HttpResponse, masker: Masker
+               ) -> list[Outcome]:
         """One outcome per payload: the plugin's judgement when it gives one, else the
         status's. A throttle of the whole destination pauses it (Vector #4724's lesson:
         backing off one request while sending others only prolongs the throttling): a 429
@@ -720,7 +722,8 @@ class DestinationWorker:
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
                                               self.delivery.retry_on, now=now,
-                                              body=response.body)] * len(payloads)
+                                              body=response.body, mask=masker.mask)
+                        ] * len(payloads)
         throttled = response.status in (429, 503)
         waits = [o.retry_after for o in outcomes
                  if isinstance(o, RetryableError) and o.retry_after and (
@@ -747,7 +750,7 @@ class DestinationWorker:
     def _shown_body(self, request: HttpRequest, response: HttpResponse) -> str:
         """The start of a response body, secrets masked, those of the request's credential
         headers too (an API may echo them): what a dead letter keeps."""
-        masker = self.destination.masker.with_credentials_of(request.headers)
+        masker = self.destination.masker.with_credentials_of(request.headers, request.url)
         return masker.mask(
             response.body[:MAX_RESPONSE_IN_DEAD_LETTER].decode("utf-8", errors="replace"))
 

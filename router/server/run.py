@@ -12,6 +12,7 @@ and the next start takes the unfinished work back.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -198,10 +199,11 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
     wrote a traceback to stderr for every request instead."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if self.level > logging.CRITICAL:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError) or error.errno not in (errno.EPIPE, errno.EBADF):
+            super().handleError(record)  # this line's trouble (an encoding), not stdout's
             return
         self.setLevel(logging.CRITICAL + 1)
-        error = sys.exc_info()[1]
         log.warning("the access log can no longer be written to stdout (%s: %s); requests "
                     "are no longer logged", type(error).__name__, error)
 
