@@ -553,8 +553,6 @@ class DestinationWorker:
                                         hold_attempts=self.delivery.order_hold_attempts)
 
     async def _deliver(self, batch: list[Job]) -> None:
-        if self._lease_lapsed(batch):
-            return
         now = self.clock.now()
         for job in batch:
             job.attempts += 1
@@ -632,7 +630,7 @@ class DestinationWorker:
             return [(PermanentError(reason), Failure(reason))] * len(batch)
 
         await self._wait_for_the_limiter(counted=not part)
-        if self._lease_lapsed(leased_as or batch):  # a stall while it waited
+        if self._lease_lapsed(leased_as or batch):  # just before it goes, after any wait
             raise _LeaseLapsed
         started = time.monotonic()
         try:
@@ -648,9 +646,7 @@ class DestinationWorker:
         self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
         self.metrics.requests.inc(self.name, str(response.status))
 
-        # Reasons are masked with the request's credentials too: an API may quote them back.
-        masker = self.destination.masker.with_credentials_of(request.headers, request.url)
-        outcomes = self._judge(payloads, response, masker)
+        outcomes = self._judge(payloads, request, response)
         if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
                 all(isinstance(outcome, PermanentError) for outcome in outcomes):
             return await self._split(batch, self._shown_body(request, response),
@@ -659,6 +655,7 @@ class DestinationWorker:
             return [(None, None)] * len(outcomes)
         failure = self._failure(f"HTTP {response.status}", request, response)
         # Each failed job's reason is its own (a plugin names why each event failed).
+        masker = self._masker_of(request)
         return [(outcome, None if outcome is None else
                  dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
                 for outcome in outcomes]
@@ -701,7 +698,7 @@ class DestinationWorker:
         return [item for result, at in zip(results, answered_at)
                 for item in _aged(result, done - at)]
 
-    def _judge(self, payloads: list[Payload], response: HttpResponse, masker: Masker
+    def _judge(self, payloads: list[Payload], request: HttpRequest, response: HttpResponse
                ) -> list[Outcome]:
         """One outcome per payload: the plugin's judgement when it gives one, else the
         status's. A throttle of the whole destination pauses it (Vector #4724's lesson:
@@ -722,7 +719,8 @@ class DestinationWorker:
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
                                               self.delivery.retry_on, now=now,
-                                              body=response.body, mask=masker.mask)
+                                              body=response.body,
+                                              mask=lambda text: self._masker_of(request).mask(text))
                         ] * len(payloads)
         throttled = response.status in (429, 503)
         waits = [o.retry_after for o in outcomes
@@ -748,11 +746,15 @@ class DestinationWorker:
                        self._shown_body(request, response))
 
     def _shown_body(self, request: HttpRequest, response: HttpResponse) -> str:
-        """The start of a response body, secrets masked, those of the request's credential
-        headers too (an API may echo them): what a dead letter keeps."""
-        masker = self.destination.masker.with_credentials_of(request.headers, request.url)
-        return masker.mask(
+        """The start of a response body, secrets masked: what a dead letter keeps."""
+        return self._masker_of(request).mask(
             response.body[:MAX_RESPONSE_IN_DEAD_LETTER].decode("utf-8", errors="replace"))
+
+    def _masker_of(self, request: HttpRequest) -> Masker:
+        """The destination's masker, also hiding the credentials ``request`` carried (its
+        credential headers and query values): an API may quote them back in its error.
+        Only for a failure: a delivered request needs none."""
+        return self.destination.masker.with_credentials_of(request.headers, request.url)
 
     async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
                       ) -> None:

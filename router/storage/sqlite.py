@@ -547,11 +547,7 @@ class SqliteStorage(Storage):
         reads it as a message id). The index was rolled back whole, so it is brought up to
         date from ``seen`` again at the next accept."""
         if self._index_written and self._witness is None:
-            token = secrets.token_hex(8)
-            (row_id,) = connection.execute(
-                "INSERT INTO seen (source, message_id, expires_at) VALUES ('', ?, 0) "
-                "RETURNING id", (token,)).fetchone()
-            self._witness = (row_id, "", token, 0.0)
+            self._witness = _expired_row(connection)
         try:
             connection.execute("COMMIT")
         except sqlite3.Error:
@@ -1123,7 +1119,7 @@ class SqliteStorage(Storage):
         await self._call(self._check_budget, writes=False)
         if self._intake_failing:
             await self._dedup_index_ready()
-            await self._call(_write_a_probe)
+            await self._call(_expired_row)  # the least write that goes as an accept's does
             self._intake_failing = False
         return True
 
@@ -1373,11 +1369,14 @@ def _dedup_key(source: str, message_id: str) -> int:
     return hash((source, message_id))
 
 
-def _write_a_probe(connection: sqlite3.Connection) -> None:
-    """A row of ``seen`` that no message id has, already expired (the next purge takes it):
-    the least write that goes through the WAL as an accept's does."""
-    connection.execute("INSERT INTO seen (source, message_id, expires_at) VALUES ('', ?, 0)",
-                       (secrets.token_hex(8),))
+def _expired_row(connection: sqlite3.Connection) -> tuple[int, str, str, float]:
+    """A row of ``seen`` that no message id has, already expired (the next purge takes it,
+    and no index or lookup reads it): a group commit's witness, or ``ping``'s probe write.
+    Its values, which tell it from another process's row of the same id."""
+    token = secrets.token_hex(8)
+    (row_id,) = connection.execute("INSERT INTO seen (source, message_id, expires_at) "
+                                   "VALUES ('', ?, 0) RETURNING id", (token,)).fetchone()
+    return row_id, "", token, 0.0
 
 
 def _insert_rows(connection: sqlite3.Connection, insert: str, width: int,
