@@ -58,6 +58,26 @@ async def test_a_second_delivering_router_on_one_spool_is_refused(tmp_path, monk
     assert [request.json["messageId"] for request in server.requests] == ["m-1"]
 
 
+async def test_a_router_beside_a_delivering_one_leaves_its_leases_alone(tmp_path, monkeypatch):
+    # A refused second `router serve`, or `router send`, opened the spool as a router does
+    # and took back the jobs the delivering router had leased: their retries, still under
+    # way, were leased and sent a second time.
+    monkeypatch.setattr("router.storage.sqlite.CLAIM_WAIT", 0.1)
+    async with FakeDestinationServer() as server:
+        server.script([500, Answer(200, delay=1.5)])  # the retry is under way for 1.5 s
+        hook = webhook("hook", server.url)
+        async with router_for(tmp_path, [hook]) as delivering:
+            await delivering.route(track(1))
+            while len(server.requests) < 2:
+                await asyncio.sleep(0.01)
+            with pytest.raises(SpoolInUse):
+                await router_for(tmp_path, [hook]).start()
+            async with router_for(tmp_path, [hook], deliver=False) as sending:
+                await sending.route(track(2))
+            assert await delivering.drain(timeout=10)
+    assert [request.json["messageId"] for request in server.requests] == ["m-1", "m-1", "m-2"]
+
+
 @pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
 async def test_router_send_beside_a_delivering_router_queues_for_it(tmp_path, own_process):
     # The shipped config/router.yaml delivers from its own process: that child's refusal

@@ -119,7 +119,9 @@ class Storage(ABC):
     async def open(self, *, recover: bool = True) -> None:
         """Connect, create the schema, and (with ``recover``) put back to the queue every job
         leased by a process that is gone: after a crash, in-flight work is sent again. Tools
-        that share the storage with a running router (``router dlq``) open without it."""
+        that share the storage with a running router (``router dlq``) open without it. A
+        backend whose leases do not lapse (SQLite) takes them back in ``claim_delivery``
+        instead, once it knows no other process delivers."""
 
     @abstractmethod
     async def close(self) -> None: ...

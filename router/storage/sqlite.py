@@ -295,6 +295,12 @@ class SqliteStorage(Storage):
                                  "share work between routers)")
             await asyncio.sleep(0.1)
         self._delivery_lock = descriptor
+        # Only the holder of the claim may take leases back: jobs leased by a process that
+        # died go back to the queue (sent again, never lost), but a router that opens the
+        # spool beside a live one (a refused second `router serve`, `router send`) would
+        # take back the live one's in-flight jobs, and they would be sent twice.
+        await self._call(lambda connection: connection.execute(
+            "UPDATE jobs SET leased = 0 WHERE leased = 1"))
 
     def _error(self, exc: Exception) -> Exception:
         """``exc`` as the router's own error when it is SQLite's (``_storage_error``)."""
@@ -423,9 +429,6 @@ class SqliteStorage(Storage):
         self._prepare_layout(connection)
         (self._page_size,) = connection.execute("PRAGMA page_size").fetchone()
         connection.create_function("dedup_key", 2, _dedup_key, deterministic=True)
-        if self._recover:
-            # Jobs leased by a process that died go back to the queue: sent again, never lost.
-            connection.execute("UPDATE jobs SET leased = 0 WHERE leased = 1")
         connection.execute("PRAGMA busy_timeout=0")  # _begin waits for the lock itself
 
     def _damage(self, connection: sqlite3.Connection) -> str | None:
