@@ -19,6 +19,7 @@ import orjson
 
 from router import logs
 from router.config import LoadedConfig, load_config, parse_duration
+from router.dead_letters import DLQ_LIST_LIMIT, run_dlq_command
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
@@ -41,6 +42,10 @@ JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "run", None) is dlq_command and args.action != "list" and (
+            args.limit is not None or args.json):
+        # Accepted and ignored, `purge --limit 5` purged every letter that matched.
+        parser.error(f"--limit and --json apply to `router dlq list` only, not {args.action}")
     try:
         logs.configure()
     except ValueError as exc:
@@ -117,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     dlq.add_argument("--reason", help="only dead letters whose reason contains this text")
     dlq.add_argument("--since", type=_duration,
                      help="only those failed within this long, e.g. 2h")
-    dlq.add_argument("--limit", type=_positive_int, default=100)
-    dlq.add_argument("--json", action="store_true")
+    dlq.add_argument("--limit", type=_positive_int,
+                     help=f"list: how many of the newest to show ({DLQ_LIST_LIMIT})")
+    dlq.add_argument("--json", action="store_true", help="list: one JSON object a line")
     dlq.set_defaults(run=dlq_command)
 
     salvage = commands.add_parser(
@@ -403,7 +409,6 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def dlq_command(args: argparse.Namespace) -> int:
-    from router.dead_letters import run_dlq_command
     return asyncio.run(run_dlq_command(args))
 
 

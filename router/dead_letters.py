@@ -10,6 +10,7 @@ them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from datetime import datetime, UTC
@@ -25,6 +26,9 @@ from router.storage import storage_for_url
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter, Failure, Storage
+
+DLQ_LIST_LIMIT = 100
+"""How many of the newest letters ``router dlq list`` shows without ``--limit``."""
 
 
 async def run_dlq_command(args: argparse.Namespace) -> int:
@@ -45,7 +49,8 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     if args.action == "bury" and not args.destination:
         raise loaded.source.error(("destinations",), "router dlq bury needs --destination: "
                                   "the destination whose queued jobs to bury")
-    since = time.time() - args.since if args.since else None
+    # `--since 0s` selects nothing yet; as "no filter", a purge took every letter.
+    since = None if args.since is None else time.time() - args.since
     where = DeadLetterFilter(destination=args.destination, reason=args.reason, since=since)
     await loaded.open_storage(storage, recover=False)
     try:
@@ -60,24 +65,48 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
                       "bury` stopped midway: on Redis for a minute, in a SQLite spool until "
                       "`router serve` starts again): run it again later")
         elif args.action == "list":
+            limit = args.limit or DLQ_LIST_LIMIT
             # One more than shown tells whether older letters were left out.
-            letters = await storage.dead_letters(where, limit=args.limit + 1)
-            older = len(letters) > args.limit
+            letters = await storage.dead_letters(where, limit=limit + 1)
+            older = len(letters) > limit
             letters = letters[1:] if older else letters
             masker = _masker_of(loaded) if args.json else Masker()
             for letter in letters:
                 print(orjson.dumps(_as_json(letter, masker)).decode() if args.json
                       else _as_line(letter))
-            if not args.json:
-                print(f"{len(letters)} dead letter(s)" + (
-                    ", the newest; older ones are not shown (raise --limit)" if older else ""))
+            summary = f"{len(letters)} dead letter(s)" + (
+                ", the newest; older ones are not shown (raise --limit)" if older else "")
+            # On stdout a JSON line would break the reader; an export must still learn of it.
+            print(f"note: {summary}" if args.json else summary,
+                  file=sys.stderr if args.json else sys.stdout)
         elif args.action == "replay":
-            print(f"replayed {await storage.replay(where, now=time.time())} dead letter(s)")
+            await _replay(loaded, storage, where)
         else:
             print(f"purged {await storage.purge(where)} dead letter(s)")
     finally:
         await storage.close()
     return 0
+
+
+async def _replay(loaded: LoadedConfig, storage: Storage, where: DeadLetterFilter) -> None:
+    """Replay the letters of the destinations the config sends to. A letter of a destination
+    it does not (removed, renamed, disabled) would go to a queue no worker sends from and
+    leave the list: it stays listed, and the command names the destination."""
+    sending = {destination.name for destination in loaded.config.destinations
+               if destination.enabled}
+    asked = None if where.destination is None else where.destination.lower()
+    lettered = [name for name, queue in (await storage.stats(now=time.time())).queues.items()
+                if queue.dead_letters and asked in (None, name.lower())]
+    replayed = 0
+    for name in lettered:
+        if name in sending:
+            replayed += await storage.replay(dataclasses.replace(where, destination=name),
+                                             now=time.time())
+    print(f"replayed {replayed} dead letter(s)")
+    if left := sorted(set(lettered) - sending):
+        print(f"note: dead letters of {', '.join(map(repr, left))} were not replayed: the "
+              "config does not send to it (removed, renamed or disabled); put it back, or "
+              "purge them", file=sys.stderr)
 
 
 async def _queue_named(storage: Storage, destination: str) -> str:

@@ -56,6 +56,12 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
                                                              for letter in letters[1:]]
         assert newest[-1] == "2 dead letter(s), the newest; older ones are not shown " \
                              "(raise --limit)"
+        exported = dlq("list", "--json", "--limit", "2", config=config)  # an export is told
+        assert len(exported.stdout.splitlines()) == 2
+        assert exported.stderr == "note: 2 dead letter(s), the newest; older ones are not " \
+                                  "shown (raise --limit)\n"
+        # None failed within the last 0 s: as "no filter", a purge took every letter.
+        assert "purged 0" in dlq("purge", "--since", "0s", config=config).stdout
 
         assert "replayed 0" in dlq("replay", "--destination", "good", config=config).stdout
         assert "replayed 3" in dlq("replay", "--destination", "bad", config=config).stdout
@@ -90,10 +96,39 @@ def test_bad_arguments_are_usage_errors(tmp_path):
     config = tmp_path / "router.yaml"
     config.write_text("storage: memory://\n")
     for args, complaint in ((("list", "--since", "bogus"), "expected a duration"),
-                            (("list", "--limit", "-1"), "at least 1")):
+                            (("list", "--limit", "-1"), "at least 1"),
+                            # accepted and ignored, `purge --limit 5` purged every letter
+                            (("purge", "--limit", "5"), "apply to `router dlq list` only"),
+                            (("replay", "--json"), "apply to `router dlq list` only")):
         completed = dlq(*args, config=config)
         assert completed.returncode == 2 and complaint in completed.stderr
         assert "Traceback" not in completed.stderr
+
+
+async def test_a_replay_leaves_the_letters_of_destinations_the_config_does_not_send_to(
+        tmp_path):
+    # Replayed, they went to queues no worker sends from, left the list, and the command
+    # said only "replayed N".
+    async with FakeDestinationServer() as server:
+        server.default = Answer(400)
+        destinations = [webhook(name, server.url) for name in ("kept", "gone", "off")]
+        async with router_for(tmp_path, destinations) as router:
+            await router.route_many([track(1)])
+            assert await router.drain(timeout=10)
+    destinations[2]["enabled"] = False
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                                     "egress": {"allow_private_addresses": True},
+                                     "destinations": [destinations[0], destinations[2]]}))
+    replayed = dlq("replay", config=config)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == "replayed 1 dead letter(s)\n"
+    assert "dead letters of 'gone', 'off' were not replayed" in replayed.stderr
+    listed = [orjson.loads(line)
+              for line in dlq("list", "--json", config=config).stdout.splitlines()]
+    assert sorted(letter["destination"] for letter in listed) == ["gone", "off"]
+    assert dlq("replay", "--destination", "GONE", config=config).stdout == \
+        "replayed 0 dead letter(s)\n"
 
 
 async def test_a_secret_a_body_template_put_in_the_payload_is_masked(tmp_path):

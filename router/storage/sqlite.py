@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import glob
 import logging
 import os
@@ -146,6 +147,8 @@ _JOB_COLUMNS = ("id, destination, message_id, user_key, grp, body, created_at, a
                 "first_attempt_at")
 MAX_BUNDLE_JOBS = 1000
 """An accept writes a destination's jobs in bundles of at most this many."""
+REPLAY_PAGE = 1000
+"""Dead letters a replay moves back to the queue in one transaction."""
 _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, created_at, "
                    "failed_at, reason, status, request, response, first_attempt_at")
 ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"), ("jobs", "body_crc", "INTEGER"))
@@ -1045,18 +1048,24 @@ class SqliteStorage(Storage):
         return await self._call(operation)
 
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
+        """A page of letters a transaction: in one, a replay of a million letters held
+        every body in memory, and the write lock (intake waits for it) for its whole work."""
         clause, params = _where(where)
         # A letter whose body the spool's damage took (its bundle's list was unreadable) has
         # nothing to send: replayed, it went out as an empty request. It stays, to be purged.
-        clause += (" AND " if clause else " WHERE ") + "length(body) > 0"
+        clause += (" AND " if clause else " WHERE ") + "length(body) > 0 AND id > ? AND id <= ?"
+        # Only letters that exist now: a replayed job failing again during a long replay
+        # becomes a newer letter, which this replay must not pick up again.
+        (upto,) = await self._call(lambda connection: connection.execute(
+            "SELECT coalesce(max(id), 0) FROM dead_letters").fetchone(), writes=False)
 
-        def operation(connection: sqlite3.Connection) -> int:
+        def page(connection: sqlite3.Connection, after: int) -> list[int]:
             letters = connection.execute(
-                f"SELECT destination, message_id, user_key, grp, body FROM dead_letters{clause}"
-                " ORDER BY id", params).fetchall()
+                f"SELECT id, destination, message_id, user_key, grp, body FROM dead_letters"
+                f"{clause} ORDER BY id LIMIT {REPLAY_PAGE}", (*params, after, upto)).fetchall()
             by_destination: dict[str, list[tuple[Any, ...]]] = {}
             for letter in letters:
-                by_destination.setdefault(letter[0], []).append(letter)
+                by_destination.setdefault(letter[1], []).append(letter[1:])
             for destination, rows in by_destination.items():
                 first = _take_ids(connection, destination, len(rows))
                 connection.executemany(
@@ -1064,10 +1073,14 @@ class SqliteStorage(Storage):
                     "created_at, due_at, body_crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(first + n, *row, now, now, zlib.crc32(row[-1]))
                      for n, row in enumerate(rows)])
-            connection.execute(f"DELETE FROM dead_letters{clause}", params)
-            return len(letters)
+            ids = [letter[0] for letter in letters]
+            connection.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids])
+            return ids
 
-        return await self._call(operation)
+        replayed, after = 0, 0
+        while ids := await self._call(functools.partial(page, after=after)):
+            replayed, after = replayed + len(ids), ids[-1]
+        return replayed
 
     async def purge(self, where: DeadLetterFilter) -> int:
         clause, params = _where(where)
