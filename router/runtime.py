@@ -48,29 +48,41 @@ logs) beyond its connections."""
 _reserved_descriptors = DESCRIPTORS_KEPT
 
 
-def reserve_descriptors(count: int, what: str) -> int:
+def reserve_descriptors(count: int, what: str, *, share: float = 1.0) -> int:
     """Make room for ``count`` more open files (connections: the clients', or those to the
-    destinations), raising this process's soft limit on open files as far as the hard one
-    allows (the soft limit is often 1,024, the hard one far higher). Returns how many fit:
-    ``count``, or fewer, with a warning naming ``what``. ``release_descriptors`` gives
-    them back."""
+    destinations). Returns how many fit: ``count``, or fewer, with a warning naming
+    ``what``; when short, at most ``share`` of the room left (the destinations' pool leaves
+    the rest to the HTTP API, which reserves after it: taking it all once left the API one
+    connection, and a single idle client made ``/health`` answer 503).
+    ``release_descriptors`` gives them back."""
     global _reserved_descriptors
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = _reserved_descriptors + count
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-            soft = raised
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the limit on open files from %d: %s", soft, exc)
+    soft = _raise_soft_limit()
     room = count
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        room = max(1, soft - _reserved_descriptors)
+    if soft is not None and soft < _reserved_descriptors + count:
+        room = max(1, min(count, int((soft - _reserved_descriptors) * share)))
         log.warning("this process may open at most %d files, room for %d %s, not %d; raise "
                     "the limit (ulimit -n) for more", soft, room, what, count)
     _reserved_descriptors += room
     return room
+
+
+def _raise_soft_limit() -> int | None:
+    """This process's soft limit on open files (None: unlimited), raised first to the hard
+    one, as Go's runtime does at start: the soft limit is often 1,024, the hard one far
+    higher. Raised only as far as the router counted its needs, it left no room for what
+    it does not count, such as connections it turns away (each held until answered), and a
+    flood of clients took the descriptors that SQLite needs to open its files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the limit on open files from %d to %d: %s",
+                        soft, hard, exc)
+    return soft
 
 
 def release_descriptors(count: int) -> None:

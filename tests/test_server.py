@@ -1782,6 +1782,87 @@ async def test_a_burst_of_connections_gets_no_more_than_max_connections() -> Non
         await runner.cleanup()
 
 
+async def test_connections_turned_away_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each turned-away connection stayed open 2 s to read what its client still sent: 1,500
+    # clients reconnecting at once held so many descriptors that SQLite could not open its
+    # files (resource limits audit). Beyond a few, they are closed once answered.
+    from router.server import listen as listen_module
+    monkeypatch.setattr(listen_module, "MAX_LINGERING", 5)
+    app = web.Application()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    server = await listen(runner, "127.0.0.1", 0, max_connections=4)
+    port = server.sockets[0].getsockname()[1]
+    clients = []
+    try:
+        for _ in range(40):
+            clients.append(await asyncio.open_connection("127.0.0.1", port))
+        answers = [await asyncio.wait_for(reader.read(20), 5) for reader, _ in clients[4:]]
+        assert answers == [b"HTTP/1.1 503 Service"] * 36  # each closed one was answered first
+        assert listen_module._TurnAway.lingering == 5
+    finally:
+        for _, writer in clients:
+            writer.close()
+        server.close()
+        await runner.cleanup()
+
+
+async def test_failed_accepts_are_said_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    # asyncio logged each accept() that failed for want of descriptors with a traceback:
+    # tens of thousands a minute under a flood of clients, burying every other line.
+    from router.server.listen import ACCEPT_FAILURE, say_accept_failures_once_a_minute
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    seen: list[str] = []
+    loop.set_exception_handler(lambda loop, context: seen.append(context["message"]))
+    say_accept_failures_once_a_minute(loop)
+    try:
+        for _ in range(50):
+            loop.call_exception_handler({"message": ACCEPT_FAILURE,
+                                         "exception": OSError(24, "Too many open files")})
+        loop.call_exception_handler({"message": "something else"})
+    finally:
+        loop.set_exception_handler(before)
+    lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(lines) == 1 and "Too many open files" in lines[0]
+    assert not any(r.exc_info for r in caplog.records)
+    assert seen == ["something else"]  # other errors go where they went before
+
+
+def _open_files_limit(pid: int) -> int:
+    """The soft limit on open files of process ``pid``, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit in /proc")
+
+
+@pytest.mark.parametrize("limits, concurrency, said, soft", [
+    # The usual case, a soft limit far below the hard one: raised to the hard one, as Go
+    # programs do (it was raised only as far as the router counted, 1,096 here).
+    ((100, 4096), 8, [], 4096),
+    # A hard limit below what the destinations' concurrency asks: the pool took all of
+    # it, and left the API one connection, which one idle client held (/health got 503).
+    ((256, 256), 300, ["may open at most 256 files, room for 144 connections to destinations",
+                       "may open at most 256 files, room for 48 client connections"], 256),
+], ids=["soft-below-hard", "hard-limit-short"])
+async def test_serve_raises_the_open_files_limit_and_shares_it(
+        recorder: Recorder, tmp_path: Path, limits: tuple[int, int], concurrency: int,
+        said: list[str], soft: int) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, destinations=(
+        f"    delivery: {{concurrency: {concurrency}}}\n")))
+    process, _ = await _serve(config, _free_port(),
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits))
+    try:
+        assert _open_files_limit(process.pid) == soft
+    finally:
+        out, err = await _stop(process)
+    assert process.returncode == 0, err
+    assert [line for line in said if line in err] == said
+    assert ("may open at most" in err) == bool(said)
+
+
 async def test_serve_fits_max_connections_to_the_open_files_limit(recorder: Recorder,
                                                                   tmp_path: Path) -> None:
     # A hard limit on open files below what max_connections needs: the router says so and

@@ -781,6 +781,23 @@ async def test_sqlite_a_process_that_only_delivers_makes_no_dedup_index(tmp_path
     await cramped.close()
 
 
+def test_sqlite_a_file_it_cannot_open_for_want_of_descriptors_is_not_called_a_disk_fault():
+    # Under a flood of clients the process ran out of descriptors, and the 503s and the log
+    # said "the spool's disk cannot be read or written": operators looked at their disks.
+    cannot_open = sqlite3.OperationalError("unable to open database file")
+    cannot_open.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # as SQLite sets it
+    assert "disk cannot be read or written" in str(
+        sqlite_module._storage_error(cannot_open, Path("spool.db")))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, limits[1]))
+    try:
+        said = str(sqlite_module._storage_error(cannot_open, Path("spool.db")))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert said.startswith("this process has no file descriptor left to open the spool's "
+                           "files (Too many open files; its limit is 0): raise the limit")
+
+
 async def test_sqlite_a_new_spool_is_readable_by_its_owner_only(tmp_path):
     # It holds the events (personal data among them) and the dead letters' requests and
     # answers: under the usual umask of 022 every file was readable by any local user

@@ -27,6 +27,10 @@ RESEND_WITHIN = 0.5
 race (it comes within a round trip): a server that held the request longer may well have
 read it, and gets no second copy."""
 
+POOL_SHARE = 0.75
+"""Of the open files left, the most the destinations' pool takes when they are short: the
+rest is the HTTP API's (and room for what no one counts)."""
+
 MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
 
@@ -54,7 +58,8 @@ class Transport:
 
     async def start(self) -> None:
         self._reserved = reserve_descriptors(
-            self.connections, "connections to destinations (the sum of their concurrency)")
+            self.connections, "connections to destinations (the sum of their concurrency)",
+            share=POOL_SHARE)
         kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self._reserved,
                                 limit_per_host=0, ttl_dns_cache=60)
         # No cookie jar: a cookie one destination's server sets would be sent to every

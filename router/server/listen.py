@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import resource
+import time
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
@@ -33,6 +37,11 @@ LINGER = 2.0
 """Seconds a turned-away connection stays open after the answer, reading and discarding
 what the client still sends: closing with unread data makes the kernel reset the connection,
 and the client would see the reset instead of the 503."""
+MAX_LINGERING = 64
+"""Turned-away connections left open at once for ``LINGER``; those beyond are closed as
+soon as the 503 is written. Each holds a file descriptor: clients reconnecting at once
+(1,500 of them in a test) kept so many open that SQLite could not open its files, and
+intake failed for everyone."""
 
 TOO_MANY_CONNECTIONS = "too_many_connections"
 UNREAD_ENDPOINT = "unread"
@@ -52,8 +61,12 @@ class _TurnAway(asyncio.Protocol):
     """One connection over the cap: the 503, then close once the client is done (or after
     ``LINGER`` seconds). ``turned_away`` is told the client's address."""
 
+    lingering: ClassVar[int] = 0
+    """Turned-away connections open now, across every listening socket of the process."""
+
     def __init__(self, turned_away: Callable[[str | None], None]) -> None:
         self._turned_away = turned_away
+        self._closer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -62,8 +75,12 @@ class _TurnAway(asyncio.Protocol):
         transport.write(TURN_AWAY)
         if transport.can_write_eof():
             transport.write_eof()
-        self._closer = asyncio.get_running_loop().call_later(LINGER, transport.close)
         self._transport = transport
+        _TurnAway.lingering += 1
+        if _TurnAway.lingering > MAX_LINGERING:
+            transport.close()  # written first; the client may see a reset if it sent more
+        else:
+            self._closer = asyncio.get_running_loop().call_later(LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
         """What the client still sends is read and dropped."""
@@ -73,7 +90,9 @@ class _TurnAway(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closer.cancel()
+        _TurnAway.lingering -= 1
+        if self._closer is not None:
+            self._closer.cancel()
 
 
 async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections: int,
@@ -108,3 +127,40 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
         return server()
 
     return await loop.create_server(protocol, host, port, backlog=BACKLOG, reuse_address=True)
+
+
+ACCEPT_FAILURE = "socket.accept() out of system resource"
+"""asyncio's message when ``accept()`` fails for want of descriptors (EMFILE) or memory."""
+ACCEPT_FAILURE_EVERY = 60.0
+"""Seconds between two log lines about failed accepts."""
+
+
+def say_accept_failures_once_a_minute(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs every failed ``accept()`` with its traceback and tries again a second
+    later: out of descriptors under a flood of clients, that was tens of thousands of
+    six-line tracebacks a minute, burying what else the log said. They become one line a
+    minute that says how often it happened and what the limit is; other errors are passed
+    on as before."""
+    passed_on = loop.get_exception_handler()
+    said_at, held_back = -math.inf, 0
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal said_at, held_back
+        if context.get("message") != ACCEPT_FAILURE:
+            if passed_on is None:
+                loop.default_exception_handler(context)
+            else:
+                passed_on(loop, context)
+            return
+        now = time.monotonic()
+        if now - said_at < ACCEPT_FAILURE_EVERY:
+            held_back += 1
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.error("cannot accept client connections: %s (this process may open %s files); "
+                  "they wait in the kernel's queue meanwhile%s", context.get("exception"),
+                  "any number of" if soft == resource.RLIM_INFINITY else soft,
+                  f" ({held_back} more failures since the last line)" if held_back else "")
+        said_at, held_back = now, 0
+
+    loop.set_exception_handler(handler)

@@ -28,6 +28,7 @@ from router.runtime import reserve_descriptors, tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER, log_turned_away
 from router.server.app import METRICS, create_app, create_runner
 from router.server.listen import (TOO_MANY_CONNECTIONS, TURN_AWAY, TURN_AWAY_STATUS,
+                                  say_accept_failures_once_a_minute,
                                   UNREAD_ENDPOINT, listen)
 
 log = logging.getLogger("router.server")
@@ -139,6 +140,7 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
         metrics.requests.inc(UNREAD_ENDPOINT, str(TURN_AWAY_STATUS))
         log_turned_away(remote, TURN_AWAY_STATUS, len(TURN_AWAY), TOO_MANY_CONNECTIONS)
 
+    say_accept_failures_once_a_minute(asyncio.get_running_loop())
     runner = create_runner(app, shutdown_timeout=grace)
     await runner.setup()
     try:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import functools
 import glob
@@ -43,6 +44,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import secrets
 import sqlite3
 import threading
@@ -1559,6 +1561,8 @@ def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
             f"the spool {path} is damaged ({exc}): {SALVAGE_ADVICE}")
     if primary == sqlite3.SQLITE_FULL or (primary is None and "full" in str(exc).lower()):
         return StorageFull(f"the spool's disk is full: {exc}")
+    if primary == sqlite3.SQLITE_CANTOPEN and (why := _no_descriptor_left()):
+        return StorageUnavailable(f"{why}: {exc}")  # not the disk: ulimit -n
     if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
         return StorageUnavailable(f"the spool's disk cannot be read or written: {exc}")
     if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
@@ -1566,6 +1570,21 @@ def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
         return StorageUnavailable(f"another process has held the spool locked for over "
                                   f"{LOCK_TIMEOUT:g} s: {exc}")
     return exc
+
+
+def _no_descriptor_left() -> str | None:
+    """Why SQLite could not open a file when the process has no descriptor left (EMFILE,
+    ENFILE), else None: said as a disk fault, it sent operators to their disks, not to
+    ``ulimit -n``. Checked by opening one more file, at the moment of the error."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            return (f"this process has no file descriptor left to open the spool's files "
+                    f"({exc.strerror}; its limit is {soft}): raise the limit (ulimit -n), or "
+                    "lower server.max_connections or the destinations' concurrency")
+    return None
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
