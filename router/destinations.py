@@ -189,7 +189,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
     templates = {}
     for key, text in entry.mapping.properties.items():
         try:
-            templates[key] = Template(text, where=f"mapping.properties.{key}")
+            templates[key] = Template(text, where=f"mapping.properties.{key}", names=("event",))
         except ConfigError as exc:
             raise source.error((*path, "mapping", "properties", key), exc.message) from None
     return ConfiguredDestination(

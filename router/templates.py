@@ -30,11 +30,11 @@ import operator
 import re
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined, nodes
+from jinja2 import StrictUndefined, TemplateError, Undefined, meta, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter, SecurityError
 from jinja2.utils import Namespace
@@ -503,11 +503,28 @@ _environment.tests = {name: _stepped(test) for name, test in _environment.tests.
 del _environment.globals["lipsum"]
 
 
+def _check_names(source: str, names: Collection[str], where: str) -> None:
+    """Raise ``ConfigError`` when ``source`` reads a name that is neither in ``names`` nor
+    one of jinja2's own (``range``, ``namespace``...) nor set by the template itself."""
+    unknown = meta.find_undeclared_variables(_environment.parse(source)) - set(names) \
+        - set(_environment.globals)
+    if unknown:
+        given = " and ".join(f"`{name}`" for name in sorted(names))
+        raise ConfigError(f"the template reads {', '.join(f'`{n}`' for n in sorted(unknown))}, "
+                          f"which it is not given: it has {given} (`event.userId`, not "
+                          "`userId`)", field=where)
+
+
 class Template:
     """A compiled user template. ``render`` raises ``EventRejected`` on any failure, so a bad
     template costs the one event, for the one destination, never the process."""
 
-    def __init__(self, source: str, *, where: str) -> None:
+    def __init__(self, source: str, *, where: str, names: Collection[str] | None = None
+                 ) -> None:
+        """``names``: what ``render`` will be given. A template that reads any other name
+        (``user_id`` for ``event.userId``) is then a config error: the strict undefined
+        made it fail for every event, each one lost for the destination while ``router
+        check`` said all was well (templates audit)."""
         self.where = where
         try:
             self._template = _environment.from_string(source)
@@ -520,6 +537,8 @@ class Template:
         except (RecursionError, MemoryError, SyntaxError):  # jinja2's parser, or Python's
             raise ConfigError("template does not compile: it nests too deeply",
                               field=where) from None
+        if names is not None:
+            _check_names(source, names, where)
 
     def render(self, **context: Any) -> str:
         budget = _budget.set(_StepBudget())

@@ -283,10 +283,11 @@ async def test_route_many_keeps_neighbours_of_an_invalid_event():
     assert queued == {"Hook": 2, "Orders": 1, "Identities": 1}
 
 
-async def test_a_large_batch_lets_other_calls_through_while_it_is_planned():
+async def test_a_large_batch_lets_other_calls_through_while_it_is_planned(monkeypatch):
     # A batch of 2,500 events held the event loop for its whole translation (250 ms): every
     # other request and /health waited behind it (stall audit).
-    many = [track(messageId=f"big-{n}") for n in range(20 * routing.PLAN_SLICE)]
+    monkeypatch.setattr(routing, "PLAN_TURN_AFTER", 0.0)  # a turn after each event
+    many = [track(messageId=f"big-{n}") for n in range(1000)]
     async with make_router(STANDARD) as router:
         big = asyncio.create_task(router.route_many(many))
         await asyncio.sleep(0)  # it starts planning
@@ -296,9 +297,35 @@ async def test_a_large_batch_lets_other_calls_through_while_it_is_planned():
         assert [r.message_id for r in results] == [event["messageId"] for event in many]
         # A close while a batch is being planned waits for its answers
         again = asyncio.create_task(router.route_many(
-            [track(messageId=f"late-{n}") for n in range(5 * routing.PLAN_SLICE)]))
+            [track(messageId=f"late-{n}") for n in range(250)]))
         await asyncio.sleep(0)
     assert all(not r.invalid and not r.duplicate for r in await again)
+
+
+async def test_events_whose_templates_are_slow_let_other_calls_through(tmp_path):
+    # The loop turned every 50 events: 50 events whose body template took its whole second
+    # each held intake and /health for 50 s (templates audit). It turns every 10 ms now.
+    from tests.delivery_helpers import router_for
+    slow = {"name": "slow", "plugin": "webhook",
+            "settings": {"url": "https://hooks.example/a",
+                         "body": "{% for i in range(30000) %}{% endfor %}{{ event.event }}"}}
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async with router_for(tmp_path, [slow], storage="memory://", deliver=False) as router:
+        counting = asyncio.create_task(count_turns())
+        await asyncio.sleep(0)
+        before = turns
+        results = await router.route_many([track(messageId=f"s-{n}") for n in range(20)])
+        during = turns - before
+        counting.cancel()
+    assert all(r.status_of("slow").status == "send" for r in results)
+    assert during >= 5  # at least one turn for every 4 events (each takes over 2.5 ms)
 
 
 async def test_route_many_with_a_non_object_in_the_middle():

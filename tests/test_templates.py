@@ -456,12 +456,51 @@ def test_a_template_error_never_shows_a_secret_from_the_environment(tmp_path):
             url: https://hooks.example/a
             body: '{"auth": {{ ${API_KEY}|tojson }}}'
         """
-    router = router_with(tmp_path, hook, env={"API_KEY": "sk_live_ABCDEFGH12345678"})
-    reason = router.plan(EVENT).status_of("hook").reason
-    assert "sk_live" not in reason and "REDACTED" in reason
+    with pytest.raises(ConfigError) as caught:  # read as a name the template is not given
+        router_with(tmp_path, hook, env={"API_KEY": "sk_live_ABCDEFGH12345678"})
+    assert "sk_live" not in str(caught.value) and "REDACTED" in str(caught.value)
     with pytest.raises(ConfigError) as caught:  # lexed as 9, then a name: a piece is quoted
         router_with(tmp_path, hook, env={"API_KEY": "9f8e7d6c5b4a3210ffee"})
     assert "f8e7d6c5b4a3210ffee" not in str(caught.value)
+
+
+@pytest.mark.parametrize("destination, field, unknown", [
+    ("""
+     - name: hook
+       plugin: webhook
+       settings: {url: "https://hooks.example/a", body: '{"user": {{ user_id | tojson }}}'}
+     """, "destinations.0.settings.body", "`user_id`"),
+    ("""
+     - name: chat
+       plugin: slack
+       settings:
+         url: "https://hooks.slack.com/services/T0/B0/x"
+         templates: {track: "{{ evnt.event }} by {{ event.userId }}"}
+     """, "destinations.0.settings.templates.track", "`evnt`"),
+    ("""
+     - name: hook
+       plugin: webhook
+       settings: {url: "https://hooks.example/a"}
+       mapping: {properties: {plan: "{{ properties.plan }}"}}
+     """, "destinations.0.mapping.properties.plan", "`properties`"),
+], ids=["webhook-body", "slack-text", "property-mapping"])
+def test_a_template_reading_a_name_it_is_not_given_is_a_config_error(tmp_path, destination,
+                                                                     field, unknown):
+    # It passed `router check`, then failed for every event: each one lost for that
+    # destination, as invalid, with nothing to replay once the template was fixed.
+    with pytest.raises(ConfigError) as caught:
+        router_with(tmp_path, destination)
+    said = str(caught.value)
+    assert "router.yaml:" in said and field in said
+    assert f"the template reads {unknown}, which it is not given" in said
+
+
+def test_names_a_template_sets_or_jinja2_gives_are_not_unknown():
+    source = ('{% set ns = namespace(n=0) %}{% for p in event.properties.products or [] %}'
+              '{% set ns.n = ns.n + 1 %}{% endfor %}{% set total = ns.n %}'
+              '{{ total }} {{ range(2) | list }} {{ options.plan | default("free") }}')
+    assert Template(source, where="settings.body", names=("event", "options")).render(
+        event={"properties": {"products": [1, 2]}}, options={}) == "2 [0, 1] free"
 
 
 def test_a_render_of_few_but_costly_steps_is_refused_by_its_time_budget():

@@ -143,7 +143,8 @@ def _compile(templates: Mapping[TemplateKey, str], call_type: CallType) -> Templ
     key: TemplateKey
     for key in (call_type, "default"):
         if key in templates:
-            return Template(templates[key], where=f"settings.templates.{key}")
+            return Template(templates[key], where=f"settings.templates.{key}",
+                            names=("event", "options"))
     return Template(BUILTIN_TEMPLATES[call_type], where=f"built-in {call_type} template")
 
 

@@ -3,17 +3,24 @@ sandboxed jinja2 template (``event`` and ``options`` in scope)."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest, HttpUrl,
-                    Payload)
+                    Payload, SkipEvent)
 from router.templates import Template, template_event
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE_REFUSED = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""Control characters but the tab, which RFC 9110 allows inside a field value."""
 
 
 class WebhookSettings(BaseModel):
@@ -28,6 +35,21 @@ class WebhookSettings(BaseModel):
     body: str | None = Field(
         None, description="Optional jinja2 template of the body (sandboxed), with `event` and "
                           "`options` in scope. Without it the body is the event as JSON.")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_http_can_carry(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """A line break in a value passed the check, then every event was dead-lettered as
+        a bug of the plugin (aiohttp refuses to send it): said at load instead, with the
+        field. The value itself is never quoted: it is a secret."""
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an HTTP header name (letters, digits and "
+                                 "!#$%&'*+-.^_`|~ only)")
+            if _HEADER_VALUE_REFUSED.search(value.get_secret_value()):
+                raise ValueError(f"the value of header {name!r} holds a line break or another "
+                                 "control character, which no HTTP header can carry")
+        return headers
 
     @model_validator(mode="after")
     def _one_authorization(self) -> WebhookSettings:
@@ -47,7 +69,8 @@ class Webhook(Destination[WebhookSettings]):
 
     def __init__(self, settings: WebhookSettings) -> None:
         super().__init__(settings)
-        self._template = Template(settings.body, where="settings.body") if settings.body else None
+        self._template = Template(settings.body, where="settings.body",
+                                  names=("event", "options")) if settings.body else None
         # The event as JSON is sent as it was spooled; a template's text is not JSON.
         self.opaque_bodies = self._template is None
         # Without a template the event goes as it came, amounts the core could not read too
@@ -60,11 +83,14 @@ class Webhook(Destination[WebhookSettings]):
         if self._template is None:  # the same body for every webhook: serialized once
             return [Payload(event.shared("webhook:event", event.to_dict))]
         body = self._template.render(event=template_event(event), options=dict(options))
-        if body.lstrip()[:1] in ("{", "[") and not _is_json(body):
+        if not body.strip():  # as Slack's: a template's way to leave an event out
+            raise SkipEvent("settings.body rendered nothing for this event")
+        if body.lstrip()[:1] in ("{", "[") and (why := _not_json(body)):
             # Meant as JSON, broken by this event's values (a quote in a name, say): sent as
-            # text it would reach the receiver as a body it cannot parse.
-            raise EventRejected("settings.body: the template's output starts like JSON but is "
-                                "not valid JSON for this event; put values in with `| tojson`")
+            # text it would reach the receiver as a body it cannot parse, or as one whose
+            # fields the event chose (`x", "role": "admin` in a name put in without tojson).
+            raise EventRejected(f"settings.body: the template's output starts like JSON but "
+                                f"{why} for this event; put values in with `| tojson`")
         return [Payload(body)]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
@@ -80,6 +106,26 @@ class Webhook(Destination[WebhookSettings]):
 
     def endpoints(self) -> Sequence[str]:
         return (self.settings.url,)
+
+
+def _not_json(text: str) -> str | None:
+    """What keeps ``text`` from being the JSON it looks like, or None. A key twice is
+    refused too: a receiver takes one or the other, and the router's own intake refuses
+    such a body (``duplicate_key``)."""
+    def no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) < len(keys):
+            twice = next(key for key in keys if keys.count(key) > 1)
+            raise ValueError(f"has the key {twice!r} twice")
+        return dict(pairs)
+
+    if not _is_json(text):  # strict, as a receiver reads it (no NaN, say)
+        return "is not valid JSON"
+    try:
+        json.loads(text, object_pairs_hook=no_key_twice)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _is_json(text: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from router import EventRejected
+from router import EventRejected, SkipEvent
 from router.errors import ConfigError
 from router.testing import DestinationHarness, conformance_test
 from router_plugins.webhook.destination import Webhook
@@ -55,6 +55,38 @@ def test_a_json_template_broken_by_an_events_values_is_refused_not_sent_as_text(
     assert harness.request_json(fine) == {"name": "Signed Up"}
     with pytest.raises(EventRejected, match="not valid JSON for this event.*tojson"):
         harness.payloads({**ORDER, "event": 'The "Big" Sale'})
+
+
+def test_a_json_template_whose_keys_an_events_values_chose_is_refused():
+    # `x", "role": "admin` put in without | tojson made valid JSON with "role" twice: the
+    # receiver took the event's "admin" (templates audit).
+    harness = DestinationHarness(Webhook, {
+        "url": URL, "body": '{"role": "viewer", "name": "{{ event.event }}"}'})
+    with pytest.raises(EventRejected, match="has the key 'role' twice for this event"):
+        harness.payloads({**ORDER, "event": 'x", "role": "admin'})
+
+
+def test_a_body_that_renders_nothing_skips_the_event():
+    # It was POSTed empty; as with Slack, an empty render is how a template leaves one out.
+    harness = DestinationHarness(Webhook, {
+        "url": URL, "body": "{% if event.event != 'Drop' %}{{ event.event }}{% endif %}"})
+    with pytest.raises(SkipEvent, match="rendered nothing"):
+        harness.payloads({**ORDER, "event": "Drop"})
+    assert harness.payloads(ORDER)
+
+
+@pytest.mark.parametrize("headers, complaint", [
+    ({"X-Trace": "abc\r\nX-Injected: yes"}, "line break"),
+    ({"X Trace": "abc"}, "not an HTTP header name"),
+])
+def test_headers_http_cannot_carry_are_refused_at_load(headers, complaint):
+    # Accepted, they made every event a dead letter as a plugin bug (aiohttp refuses them).
+    with pytest.raises(ValidationError, match=complaint) as caught:
+        Webhook.Settings.model_validate({"url": URL, "headers": headers})
+    # What the router shows (`router check`: file, line, field and this message) never
+    # quotes the value, a secret.
+    assert "X-Injected" not in caught.value.errors()[0]["msg"]
+    Webhook.Settings.model_validate({"url": URL, "headers": {"X-Trace": "a\tb"}})
 
 
 def test_a_template_that_fails_costs_only_that_event():
