@@ -53,6 +53,7 @@ from router.server.body import GzipDecoder
 from router.server.listen import TURN_AWAY, listen
 from router.server.problems import Problem
 from router.storage import sqlite as sqlite_module
+from router.storage.sqlite import lock_delivery
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 REPO = Path(__file__).resolve().parent.parent
@@ -1590,6 +1591,9 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
         ignored, blocked = int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
         for signum in (signal.SIGHUP, signal.SIGINT):
             assert ignored & (1 << (signum - 1)) and not blocked & (1 << (signum - 1))
+        # SIGTERM, blocked while it starts, is its `stop` once it delivers.
+        caught = int(fields["SigCgt"], 16)
+        assert caught & (1 << (signal.SIGTERM - 1)) and not blocked & (1 << (signal.SIGTERM - 1))
         os.killpg(process.pid, signal.SIGHUP)
         out, err = await asyncio.wait_for(process.communicate(), 30)
     finally:
@@ -1598,6 +1602,57 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
             await process.wait()
     assert process.returncode == 0, err.decode()
     assert "router: SIGHUP received" in out.decode()
+    assert "router: stopped" in out.decode()
+    assert "delivery process exited" not in err.decode()
+
+
+async def _delivery_child(pid: int) -> int:
+    """The delivery process of the ``router serve`` ``pid``, once it runs (not before its
+    exec, while it is still a copy of the router)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError):  # one of them just exited
+            for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                if b"router.delivery.process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+        assert time.monotonic() < deadline, "no delivery process was started"
+        await asyncio.sleep(0.01)
+
+
+async def test_serve_stops_on_sigterm_to_its_group_while_its_delivery_process_starts(
+        recorder: Recorder, tmp_path: Path) -> None:
+    """systemd's KillMode=control-group sends SIGTERM to every process of the service. One
+    that came while the delivery process started killed it before it took SIGTERM as `stop`,
+    and `router serve` failed ("delivery process exited during start", exit 1) instead of
+    stopping."""
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
+                      + "delivery:\n  own_process: true\n")
+    held = lock_delivery(tmp_path / "router.db")  # the child's start waits for the spool
+    assert held is not None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(_free_port()),
+        cwd=tmp_path, env=_child_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        child = await _delivery_child(process.pid)  # the router is starting, handlers set
+        # Blocked from its first moment, so that the group's SIGTERM cannot kill it while
+        # it starts (whether the router then sees it die before its own stop is a race).
+        with open(f"/proc/{child}/status") as status:
+            blocked = next(line for line in status if line.startswith("SigBlk:"))
+        assert int(blocked.split()[1], 16) & (1 << (signal.SIGTERM - 1))
+        os.killpg(process.pid, signal.SIGTERM)
+        os.close(held)  # the start-up may go on: the stop must not depend on it
+        held = None
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if held is not None:
+            os.close(held)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert "router: SIGTERM received" in out.decode()
     assert "router: stopped" in out.decode()
     assert "delivery process exited" not in err.decode()
 

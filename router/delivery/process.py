@@ -53,6 +53,12 @@ log = logging.getLogger("router.delivery")
 
 _PARENTS_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP})
 """Signals a terminal sends the whole process group, which the router alone acts on."""
+_BLOCKED_AT_START = _PARENTS_SIGNALS | {signal.SIGTERM}
+"""The signals the child starts with blocked: the parent's, which it then ignores, and
+SIGTERM, which it acts on once it delivers. systemd's ``KillMode=control-group`` (or ``kill
+-TERM -- -PGID``) sends SIGTERM to the whole group: one that reached the child during its
+start-up killed it, and the router, stopping on its own SIGTERM, failed instead ("delivery
+process exited during start", exit 1)."""
 START_TIMEOUT = 60.0
 METRICS_INTERVAL = 0.05
 """How often the child sends its counters when they changed."""
@@ -121,12 +127,13 @@ class DeliveryProcess:
         wake_ours, wake_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         with theirs, wake_theirs:
             fds = [theirs.fileno(), wake_theirs.fileno()]
-            # Ctrl-C and a closing terminal signal the router's whole group, the child too,
-            # and reached it before it could ignore them (a SIGHUP during start-up killed it
-            # and failed the start). Started with both blocked, it ignores them before it
-            # unblocks them. (A group of its own instead stopped it at its first log line
-            # on a terminal set to `tostop`, as a background job.)
-            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENTS_SIGNALS)
+            # Ctrl-C, a closing terminal and a supervisor's SIGTERM signal the router's whole
+            # group, the child too, and reached it before it could ignore them or take them
+            # as `stop` (a SIGHUP during start-up killed it and failed the start). Started
+            # with them blocked, it sets what each does before it unblocks it. (A group of
+            # its own instead stopped it at its first log line on a terminal set to
+            # `tostop`, as a background job.)
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_AT_START)
             try:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "router.delivery.process", *map(str, fds)],
@@ -264,7 +271,8 @@ async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
 def main(fd: int, wake_fd: int) -> None:
     """The delivery process's entry point. Ctrl-C and a closing terminal signal the whole
     group; the parent decides when to stop, so the child ignores SIGINT and SIGHUP (it starts
-    with them blocked, so none is lost or fatal before this) and takes SIGTERM as ``stop``."""
+    with them blocked, so none is lost or fatal before this) and takes SIGTERM as ``stop``
+    once it delivers: a SIGTERM during start-up waits, blocked, until then."""
     for signum in _PARENTS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENTS_SIGNALS)
@@ -337,6 +345,9 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     loop.add_reader(connection.fileno(), on_message)
     loop.add_reader(wake_socket.fileno(), on_wake)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Only now: a SIGTERM sent to the group during start-up killed this process and failed
+    # the router's start. One that came since is acted on here, the stop beginning at once.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     connection.send(("ready", None))
     sender = MetricsSender(connection)  # from here on, the only one to send
     try:
