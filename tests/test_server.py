@@ -1657,6 +1657,52 @@ async def test_serve_stops_on_sigterm_to_its_group_while_its_delivery_process_st
     assert "delivery process exited" not in err.decode()
 
 
+def _catches(pid: int, signum: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
+
+
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+async def test_serve_stopped_while_it_starts_never_opens_its_port(
+        recorder: Recorder, tmp_path: Path, own_process: bool) -> None:
+    """A SIGTERM during the start (the dedup index of a spool of a million ids takes 2.5 s
+    to build; here, the wait for the spool's delivery lock) was acted on once the start had
+    ended: the router first opened its port, said it listened and accepted requests."""
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
+                      + f"delivery:\n  own_process: {str(own_process).lower()}\n")
+    held = lock_delivery(tmp_path / "router.db")  # delivery's start waits for the spool
+    assert held is not None
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(_free_port()),
+        cwd=tmp_path, env=_child_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    said = b""
+    try:
+        deadline = time.monotonic() + 30
+        while not _catches(process.pid, signal.SIGTERM):  # it is starting, its handlers set
+            assert time.monotonic() < deadline, "router serve never took SIGTERM"
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        said = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert said == b"router: SIGTERM received\n"
+        os.close(held)  # only now may the start end: the stop must not wait for it
+        held = None
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if held is not None:
+            os.close(held)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert "listening on" not in out.decode()
+    assert out.decode().endswith("router: stopped\n")
+    assert "Traceback" not in err.decode()
+
+
 async def test_serve_writes_only_json_lines_with_router_log_format_json(
         tmp_path: Path) -> None:
     """The start banner and the stop were plain text on stdout beside the JSON access lines,

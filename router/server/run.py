@@ -6,7 +6,8 @@ Shutdown order is what keeps the promise that nothing accepted is lost: first st
 once its events are durable), then stop delivery (``Router.close``: requests in flight finish
 within the grace period, the rest go back to the queue untouched), then close the storage.
 A second Ctrl-C during that wait stops at once; the storage still holds every accepted event,
-and the next start takes the unfinished work back.
+and the next start takes the unfinished work back. A stop signal during the start gives the
+start up: the port is never opened.
 """
 
 from __future__ import annotations
@@ -58,12 +59,16 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
         loop.add_signal_handler(signum, _on_stop_signal, loop, stop, signum)
     try:
         try:
-            await router.start()
+            started = await _start_unless_stopped(router, stop)
         except Exception as exc:  # noqa: BLE001 - say what failed, without a traceback
             what = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             print(f"error: cannot start the router: {what}", file=sys.stderr)
             await router.close()
             return 1
+        if not started:
+            await router.close(grace=grace)  # a start that ended as it was given up
+            announce("router: stopped")
+            return 0
         tune_garbage_collector()
         await _say_if_intake_is_refused(router)
         await _say_what_waits_for_no_destination(router)
@@ -83,6 +88,32 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     if status == 0:
         announce("router: stopped")
     return status
+
+
+async def _start_unless_stopped(router: Router, stop: asyncio.Event) -> bool:
+    """``router.start()``, given up when a stop signal comes first: True once started,
+    False when a stop signal came first or meanwhile (then ``router.close()`` remains to be
+    called). A start given up is cancelled, which closes what it opened and tells a delivery
+    process to stop. A SIGTERM during the start (the dedup index of a
+    spool of a million ids takes 2.5 s to build) was acted on only once the start had ended
+    and the port was open and accepting.
+
+    Raises what ``router.start()`` raises, unless it was given up."""
+    starting = asyncio.ensure_future(router.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait([starting])  # it closes what it opened
+    finally:
+        stopped.cancel()
+        if not starting.done():  # this task is cancelled itself (a second Ctrl-C)
+            starting.cancel()
+    if starting.cancelled():
+        return False
+    starting.result()
+    return not stop.is_set()
 
 
 async def _say_if_intake_is_refused(router: Router) -> None:
@@ -144,6 +175,8 @@ async def _run_api(router: Router, host: str, port: int, stop: asyncio.Event
     runner = create_runner(app, shutdown_timeout=grace)
     await runner.setup()
     try:
+        if stop.is_set():  # it came since the start ended: the port is never opened
+            return 0, None
         try:
             listening = await listen(
                 runner, host, port, max_connections=max_connections,
