@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from router.delivery.process import MetricsSender
 from router.errors import ConfigError
 from router.routing import Router
 from router.storage.memory import MemoryStorage
+from router.storage.sqlite import lock_delivery
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
 
@@ -288,3 +290,76 @@ async def test_a_wake_up_too_long_for_one_datagram_wakes_every_destination(tmp_p
             await router.route(track(1))
             await server.wait_for(1, timeout=20)
     assert "JSONDecodeError" not in capfd.readouterr().err
+
+
+def delivery_child_of(pid: int) -> int | None:
+    """The delivery process that ``pid`` started, once it runs (after its exec)."""
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if b"router.delivery.process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    except OSError:  # one of them just exited
+        pass
+    return None
+
+
+async def test_a_delivery_process_whose_router_dies_while_it_starts_stops_quietly(tmp_path):
+    """The router killed with -9 while its delivery process starts (here, waiting for the
+    spool's delivery lock, which a router that is just exiting still holds): the child
+    watched the pipe only once started, so it went on starting, and died with
+    BrokenPipeError tracebacks as it told the router it had failed (or was ready)."""
+    spool = tmp_path / "router.db"
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{spool}",
+                                     "egress": {"allow_private_addresses": True},
+                                     "delivery": {"own_process": True},
+                                     "destinations": [webhook("hook", "http://127.0.0.1:9/")]}))
+    held = lock_delivery(spool)
+    assert held is not None
+    with open(tmp_path / "stderr", "wb") as stderr:
+        parent = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "serve", "-c", str(config), "--port", "0",
+            cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = None
+    try:
+        await wait_until(lambda: delivery_child_of(parent.pid) is not None, timeout=30)
+        child = delivery_child_of(parent.pid)
+        parent.kill()
+        await parent.wait()
+        assert child is not None and await stops_within(child, timeout=30), \
+            "the delivery process outlived its router"
+    finally:
+        os.close(held)
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        if child is not None and running(child):
+            os.kill(child, signal.SIGKILL)
+    said = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in said and "BrokenPipeError" not in said, said
+
+
+async def test_a_replacement_delivery_process_that_cannot_start_exits_non_zero(
+        tmp_path, monkeypatch, caplog):
+    """A replacement that failed its start exited with 0, and the router's log said
+    "delivery process exited (code 0); starting another" for a failure."""
+    monkeypatch.setattr("router.delivery.process.RESTART_DELAY", 2.0)  # room to take the lock
+    async with FakeDestinationServer() as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url))
+        async with router:
+            first = delivery_pid(router)
+            os.kill(first, signal.SIGKILL)
+            held = None
+            deadline = time.monotonic() + 30
+            while (held := lock_delivery(tmp_path / "router.db")) is None:  # until it died
+                assert time.monotonic() < deadline, "the killed child's lock never went"
+                await asyncio.sleep(0.01)
+            try:  # the replacement waits 5 s for the lock, in vain, and exits
+                await wait_until(lambda: caplog.text.count("delivery process exited") >= 2,
+                                 timeout=60)
+            finally:
+                os.close(held)
+            await wait_until(lambda: router.delivery_process.running_pid is not None, 60)
+    exits = re.findall(r"delivery process exited \(code (-?\d+)\)", caplog.text)
+    assert exits[:2] == [str(-signal.SIGKILL), "1"], caplog.text

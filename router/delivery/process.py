@@ -18,9 +18,10 @@ time and readers alongside, Redis is shared anyway. Nothing passes between them 
   counters change, so ``/metrics`` stays whole in the parent.
 
 When the parent dies, even by ``kill -9``, the pipe closes and the child stops at once, even
-in the middle of a graceful stop (requests in flight are abandoned): nothing is lost, since
-every job stays in the storage until it is delivered. When the child dies, the parent starts
-another one.
+in the middle of a graceful stop (requests in flight are abandoned) or of its start-up:
+nothing is lost, since every job stays in the storage until it is delivered. When the child
+dies, the parent starts another one. A ``stop`` during the child's start-up gives the start
+up; a child that cannot start exits with 1.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from router.errors import SpoolInUse
 from router.runtime import LoopWatchdog, tune_garbage_collector
 
 if TYPE_CHECKING:
+    from router.delivery.egress import EgressPolicy
     from router.delivery.service import DeliveryService
+    from router.storage.base import Storage
 
 log = logging.getLogger("router.delivery")
 
@@ -272,24 +275,32 @@ def main(fd: int, wake_fd: int) -> None:
     """The delivery process's entry point. Ctrl-C and a closing terminal signal the whole
     group; the parent decides when to stop, so the child ignores SIGINT and SIGHUP (it starts
     with them blocked, so none is lost or fatal before this) and takes SIGTERM as ``stop``
-    once it delivers: a SIGTERM during start-up waits, blocked, until then."""
+    once it delivers: a SIGTERM during start-up waits, blocked, until then.
+
+    Exits with 1 when it cannot start, so that the parent's log does not say "code 0" for a
+    replacement that failed."""
     for signum in _PARENTS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENTS_SIGNALS)
     logs.configure()  # the parent checked the environment it passed on
     connection = Connection(fd)
-    kind, (loaded, base_dir) = connection.recv()
+    try:
+        kind, (loaded, base_dir) = connection.recv()
+    except (EOFError, OSError):
+        return  # the parent died before it sent the config: nothing to deliver for
     assert kind == "config"
     wake_socket = socket.socket(fileno=wake_fd)
     wake_socket.setblocking(False)
-    asyncio.run(_deliver_until_stopped(loaded, connection, wake_socket, Path(base_dir)))
+    if not asyncio.run(_deliver_until_stopped(loaded, connection, wake_socket, Path(base_dir))):
+        sys.exit(1)
 
 
 async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
-                                 wake_socket: socket.socket, base_dir: Path) -> None:
-    from router.delivery.service import DeliveryService
-    from router.destinations import build_destinations, egress_policy
-    from router.registry import create_registry
+                                 wake_socket: socket.socket, base_dir: Path) -> bool:
+    """Start, say so, deliver until the parent says stop (or is gone, or SIGTERM comes), and
+    stop. False if it could not start (the parent is told why); True after a stop, one that
+    came during the start (which is then given up) included."""
+    from router.destinations import egress_policy
     from router.storage import storage_for_url
 
     config = loaded.config
@@ -298,23 +309,13 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     grace = [config.server.shutdown_grace]
     at_once = asyncio.Event()
     """Set when the stop must not wait any longer: the parent is gone, or said so."""
-    egress = egress_policy(config)
-    storage = storage_for_url(config.storage, base_dir=base_dir)
-    try:
-        destinations = build_destinations(loaded, create_registry(), egress)
-        metrics = DeliveryMetrics(d.name for d in destinations)
-        await storage.open()
-        service = DeliveryService(
-            destinations, storage, egress=egress, metrics=metrics,
-            dead_letter_retention=config.delivery.dead_letter_retention)
-        await service.start()  # claims the spool: another router may hold it
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails its start
-        connection.send(("failed", (type(exc).__name__, str(exc))))
-        await storage.close()
-        return
-    tune_garbage_collector()
-    watchdog = LoopWatchdog(holds_up="deliveries (in the delivery process)")
-    watchdog.start()
+
+    def parent_gone() -> None:
+        # Stop at once, even in the middle of a graceful stop, so that a restarted router
+        # can take the spool; requests in flight are sent again by it, never lost.
+        grace[0] = 0.0
+        stop.set()
+        at_once.set()
 
     def on_message() -> None:
         try:
@@ -325,11 +326,35 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
                 elif kind == "stop":
                     grace[0] = payload
                     stop.set()
-        except (EOFError, OSError):  # the parent is gone (killed): stop at once, even in
-            loop.remove_reader(connection.fileno())  # the middle of a graceful stop, so
-            grace[0] = 0.0  # that a restarted router can take the spool; requests in
-            stop.set()  # flight are sent again by it, never lost
-            at_once.set()
+        except (EOFError, OSError):  # the parent is gone (killed)
+            loop.remove_reader(connection.fileno())
+            parent_gone()
+
+    # From the first moment, not once started: a parent killed with -9 while this process
+    # started went unnoticed until then (it waited up to 5 s for the spool's delivery lock,
+    # and could start leasing), and a parent stopped meanwhile was not heard either.
+    loop.add_reader(connection.fileno(), on_message)
+    egress = egress_policy(config)
+    storage = storage_for_url(config.storage, base_dir=base_dir)
+    starting = asyncio.ensure_future(_start_service(loaded, storage, egress))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # told to stop, or the parent is gone: the start is given up
+            starting.cancel()
+            await asyncio.wait([starting])
+    finally:
+        stopped.cancel()
+    if starting.cancelled() or starting.exception() is not None:
+        if not starting.cancelled():  # reported to the parent, which fails its start
+            exc = starting.exception()
+            _tell_parent(connection, ("failed", (type(exc).__name__, str(exc))))
+        await storage.close()
+        return starting.cancelled()
+    service, metrics = starting.result()
+    tune_garbage_collector()
+    watchdog = LoopWatchdog(holds_up="deliveries (in the delivery process)")
+    watchdog.start()
 
     def on_wake() -> None:
         try:
@@ -342,13 +367,13 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
             pass
         loop.remove_reader(wake_socket.fileno())  # the parent is gone: the pipe says so too
 
-    loop.add_reader(connection.fileno(), on_message)
     loop.add_reader(wake_socket.fileno(), on_wake)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # Only now: a SIGTERM sent to the group during start-up killed this process and failed
     # the router's start. One that came since is acted on here, the stop beginning at once.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    connection.send(("ready", None))
+    if not _tell_parent(connection, ("ready", None)):
+        parent_gone()
     sender = MetricsSender(connection)  # from here on, the only one to send
     try:
         while not stop.is_set():
@@ -365,6 +390,36 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
         sender.offer(metrics.snapshot())
         await asyncio.to_thread(sender.close, timeout=1.0 if at_once.is_set() else grace[0] + 1)
         log.debug("delivery process stopped in %.2f s", time.monotonic() - started)
+    return True
+
+
+async def _start_service(loaded: LoadedConfig, storage: Storage, egress: EgressPolicy
+                         ) -> tuple[DeliveryService, DeliveryMetrics]:
+    """Build the destinations, open the storage and start delivering from it. The caller
+    closes the storage, also when this fails or is cancelled."""
+    from router.delivery.service import DeliveryService
+    from router.destinations import build_destinations
+    from router.registry import create_registry
+
+    destinations = build_destinations(loaded, create_registry(), egress)
+    metrics = DeliveryMetrics(d.name for d in destinations)
+    await storage.open()
+    service = DeliveryService(
+        destinations, storage, egress=egress, metrics=metrics,
+        dead_letter_retention=loaded.config.delivery.dead_letter_retention)
+    await service.start()  # claims the spool: another router may hold it
+    return service, metrics
+
+
+def _tell_parent(connection: Connection, message: tuple[str, Any]) -> bool:
+    """Send ``message``; False when the parent is gone (killed while this process started):
+    a send then raised BrokenPipeError, and this process died with a traceback rather than
+    stop quietly."""
+    try:
+        connection.send(message)
+    except OSError:
+        return False
+    return True
 
 
 async def _stop_service(service: DeliveryService, grace: float, at_once: asyncio.Event
