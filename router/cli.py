@@ -26,7 +26,7 @@ from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, Spool
                            StorageUnavailable)
 from router.input import Unreadable, UnreadableDocument, read_events
 from router.process_stats import build_info
-from router.redaction import redacted_url
+from router.redaction import Masker, redacted_url
 from router.registry import create_registry
 from router.routing import (DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status,
                             duplicate_reason)
@@ -363,16 +363,31 @@ def _print_table(router: Router, index: int, result: RouteResult, out: TextIO, *
         detail = item.reason or ("queued for delivery" if not requests else "")
         out.write(f"  {name:<22} {item.status:<9} {detail}\n".rstrip() + "\n")
         if requests and item.status is Status.SEND and item.destination:
+            masker = router.destination(item.destination).masker
             for request in router.requests_for(item):
                 shown = _request_json(router, item.destination, request)
                 out.write(f"      {shown['method']} {shown['url']}\n")
                 for header, value in shown["headers"].items():
                     out.write(f"      {header}: {value}\n")
-                body = shown["body"]
-                text = body if isinstance(body, str) else orjson.dumps(
-                    body, option=orjson.OPT_INDENT_2).decode()
-                out.write("".join(f"      {line}\n" for line in (text or "").splitlines()))
+                text = _body_as_sent(masker, request.body)
+                out.write("".join(f"      {line}\n" for line in text.splitlines()))
     out.write("\n")
+
+
+def _body_as_sent(masker: Masker, body: bytes | None) -> str:
+    """A request's body for a person to read, secrets masked: JSON indented where that
+    loses nothing, else the text as it is sent. Parsed and written again, a template's
+    output lost what the receiver gets (a key twice, a number too large for a float, the
+    zero of 1.10), and the dry run promises the exact requests."""
+    if body is None:
+        return ""
+    try:
+        exact = orjson.dumps(orjson.loads(body)) == body
+    except orjson.JSONDecodeError:
+        exact = False
+    if exact:
+        return orjson.dumps(masker.mask_json(body), option=orjson.OPT_INDENT_2).decode()
+    return masker.mask(body.decode("utf-8", errors="replace"))
 
 
 # -- plugins ----------------------------------------------------------------------------------

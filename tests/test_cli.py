@@ -319,6 +319,24 @@ def test_dry_run_table_output_masks_secrets_too(workdir):
     assert_no_secret(completed)
 
 
+def test_dry_run_table_shows_a_template_body_exactly_as_it_is_sent(tmp_path):
+    # Parsed and written again, a body lost what the receiver gets: the receiver's "1.10"
+    # showed as 1.1, a whole number too large for a float as 1e+20 (templates audit).
+    (tmp_path / "router.yaml").write_text(
+        "storage: memory://\ndestinations:\n  - name: Orders\n    plugin: webhook\n"
+        "    settings:\n      url: https://hooks.example/orders\n"
+        "      body: '{\"schema\": 1.10, \"big\": 100000000000000000000, "
+        "\"order\": {{ event.properties.order_id | tojson }}}'\n"
+        "  - name: plain\n    plugin: webhook\n    settings: {url: https://hooks.example/in}\n")
+    event = {"type": "track", "event": "Order Completed", "userId": "u-1", "messageId": "m-1",
+             "properties": {"order_id": "o-1"}}
+    completed = run("send", "-c", "router.yaml", "-", "--dry-run", cwd=tmp_path,
+                    stdin=json.dumps(event).encode())
+    assert completed.returncode == 0, completed.stderr
+    assert '{"schema": 1.10, "big": 100000000000000000000, "order": "o-1"}' in completed.stdout
+    assert '"type": "track"' in completed.stdout  # the webhook's own JSON, indented as before
+
+
 def tree_digest(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
