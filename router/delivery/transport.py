@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Callable
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
+
 # The methods aiohttp itself sends once more when their connection closes before an answer:
 # the transport adds no second resend to those.
 from aiohttp.client import IDEMPOTENT_METHODS as AIOHTTP_RESENDS
@@ -151,17 +153,67 @@ class Transport:
         async with self._session.request(
                 request.method, request.url, headers=request.headers, data=request.body,
                 allow_redirects=False, timeout=timeout) as answer:
+            unwatch = _fail_body_when_connection_lost(answer)
             try:
                 body = await _read_body(answer.content)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                    aiohttp.ClientOSError):
+                    aiohttp.ClientOSError, aiohttp.ClientResponseError, HttpProcessingError):
                 # The status came, so the server has judged the request, and the answer is
-                # judged by it as one without a body is: a 200 whose body was cut short or
-                # does not decompress was sent again, a second copy downstream (Braze keeps
-                # no dedup id). What the body would have said of single events is lost.
+                # judged by it as one without a body is: a 200 whose body was cut short, does
+                # not decompress or whose chunked framing is broken was sent again, a second
+                # copy downstream (Braze keeps no dedup id). What the body would have said
+                # of single events is lost. HttpProcessingError is not a ClientError:
+                # aiohttp's pure-Python parser raises its TransferEncodingError as it is.
                 body = b""
+            finally:
+                unwatch()
             # aiohttp's case-insensitive view, not a copy: vendors' header names vary
             return HttpResponse(answer.status, answer.headers, body)
+
+
+def _fail_body_when_connection_lost(answer: aiohttp.ClientResponse) -> Callable[[], None]:
+    """Make the read of ``answer``'s body fail, rather than wait out the request's timeout,
+    once its connection is gone with the body neither ended nor failed: nothing can end it
+    then. aiohttp's C parser, on a broken chunked body that comes in a later packet than the
+    status, closes the connection and drops the body's stream without ending it (aiohttp
+    3.14.5; its pure-Python parser fails the read): a 200 waited out the whole timeout,
+    and was sent again. Returns what stops watching, to call once the body is read."""
+    connection = answer.connection
+    protocol = connection.protocol if connection is not None else None
+    if protocol is None:
+        return _nothing  # the whole body came with the status: its connection is released
+    content = answer.content
+
+    def lost(_: object = None) -> None:
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(aiohttp.ClientPayloadError(
+                "the connection closed before the body ended"))
+
+    closed = protocol.closed
+    if closed is None:  # lost before anyone asked: the future is never made
+        lost()
+        return _nothing
+    # Asking for the future made it: should the pooled connection die of an error long
+    # after this request, that error, never retrieved, would be logged as a bug. Added
+    # once, however many requests the connection carries.
+    closed.remove_done_callback(_retrieve)
+    closed.add_done_callback(_retrieve)
+    closed.add_done_callback(lost)
+
+    def unwatch() -> None:
+        closed.remove_done_callback(lost)
+
+    return unwatch
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Reads the error of a connection's close, so asyncio does not log it as unread."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _read_body(content: aiohttp.StreamReader) -> bytes:
