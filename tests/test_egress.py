@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import AsyncIterator
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ from pydantic import BaseModel
 from yarl import URL
 
 from router.delivery.egress import (
+    DaemonThreadResolver,
     EgressBlocked,
     EgressPolicy,
     GuardedResolver,
@@ -39,7 +42,7 @@ from router.delivery.egress import (
 from router.config import parse_config
 from router.delivery.transport import Transport
 from router.destination import Destination, HttpRequest, Payload
-from router.errors import PermanentError, RouterError
+from router.errors import PermanentError, RetryableError, RouterError
 from router.hookspecs import hookimpl
 from router.registry import create_registry
 from router.routing import Router
@@ -586,3 +589,120 @@ async def test_a_request_the_egress_policy_refuses_is_counted_apart(tmp_path) ->
     assert letter.reason.startswith("egress refused: 127.0.0.1 is a loopback")
     assert 'router_requests_total{destination="internal",status="egress_refused"} 1' in metrics
     assert 'status="error"' not in metrics
+
+
+# --- lookups that do not finish ----------------------------------------------------------
+
+_STUCK_LOOKUP = """
+import asyncio, socket, sys, time
+real = socket.getaddrinfo
+def getaddrinfo(host, *args, **kwargs):
+    if host == "api.stuck.test":
+        time.sleep(20)  # a nameserver that never answers, until the resolver's timeout
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    return real(host, *args, **kwargs)
+socket.getaddrinfo = getaddrinfo
+
+from router.delivery.egress import EgressPolicy
+from router.delivery.transport import Transport
+from router.destination import HttpRequest
+from router.errors import RetryableError
+
+async def main():
+    transport = Transport(EgressPolicy(), connections=4)
+    await transport.start()
+    try:
+        await transport.send(HttpRequest("POST", "http://api.stuck.test/hook", {}, b"{}"),
+                             timeout=0.5)
+    except RetryableError as exc:
+        print(exc, flush=True)
+    finally:
+        await transport.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_lookup_that_does_not_finish_does_not_hold_up_the_exit() -> None:
+    """A stop took as long as the lookups stuck on a silent nameserver (23 s, against 3 s
+    with IP literals, in the network audit), not as long as the requests under way: they ran
+    on the default executor, which asyncio.run waits for as it ends."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _STUCK_LOOKUP, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(child.communicate(), timeout=60)
+    elapsed = loop.time() - started
+    assert child.returncode == 0
+    assert out.decode().startswith("timed out after 0.5s")
+    assert elapsed < 12  # not the lookup's 20 s (the process starts in 1 to 3 s)
+
+
+@pytest.fixture
+def stuck_lookups(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """``api.stuck.test`` resolves only once the returned event is set (at teardown)."""
+    answer = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "api.stuck.test":
+            answer.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield answer
+    answer.set()
+
+
+async def test_a_request_timed_out_in_its_lookup_says_so(stuck_lookups: threading.Event
+                                                         ) -> None:
+    # "timed out after 3s" alone sent operators to look at the destination.
+    transport = Transport(DEFAULT, connections=4)
+    await transport.start()
+    try:
+        with pytest.raises(RetryableError) as raised:
+            await transport.send(HttpRequest("POST", "http://api.stuck.test/hook", {}, b"{}"),
+                                 timeout=0.3)
+    finally:
+        await transport.close()
+    assert str(raised.value) == ("timed out after 0.3s: the lookup of the address of "
+                                 "api.stuck.test did not finish")
+
+
+async def test_a_request_timed_out_after_its_lookup_says_only_that(
+        stuck_lookups: threading.Event) -> None:
+    """Another request's lookup still under way is not this request's: it had connected."""
+    async def holds(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(holds, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = Transport(PRIVATE_OK, connections=4)
+    await transport.start()
+    try:
+        stuck = asyncio.ensure_future(transport.send(
+            HttpRequest("POST", "http://api.stuck.test/hook", {}, b"{}"), timeout=2))
+        with pytest.raises(RetryableError) as raised:
+            await transport.send(HttpRequest("POST", f"http://127.0.0.1:{port}/", {}, b"{}"),
+                                 timeout=0.3)
+        stuck.cancel()
+    finally:
+        await transport.close()
+        server.close()
+    assert str(raised.value) == "timed out after 0.3s"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNSPEC])
+async def test_lookups_on_daemon_threads_answer_as_aiohttps_threaded_resolver(
+        host: str, family: socket.AddressFamily) -> None:
+    async def answers(resolver: AbstractResolver) -> object:
+        try:
+            return await resolver.resolve(host, 8080, family)
+        except OSError as exc:
+            return type(exc)
+
+    assert (await answers(DaemonThreadResolver())
+            == await answers(aiohttp.ThreadedResolver()))

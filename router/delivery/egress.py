@@ -31,16 +31,19 @@ Both are permanent failures: retrying cannot make a refused address acceptable.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import re
 import socket
+import threading
 import weakref
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -52,6 +55,7 @@ from router.config import IPNetwork
 from router.errors import RouterError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 
@@ -380,6 +384,89 @@ def egress_reason(exc: BaseException) -> str | None:
 # --- aiohttp ---------------------------------------------------------------------------
 
 
+LOOKUP_THREADS = 32
+"""Lookups under way at once, at most. A lookup whose nameserver never answers holds its
+thread until the resolver's own timeout (30 s and more), whatever the request's timeout."""
+
+_NUMERIC_ADDRESS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+_ADDRCONFIG = getattr(socket, "AI_ADDRCONFIG", 0)
+
+
+class DaemonThreadResolver(AbstractResolver):
+    """``getaddrinfo`` on threads of its own, daemon threads, as aiohttp's
+    ``ThreadedResolver`` does it on the event loop's default executor.
+
+    On the default executor a lookup stuck on a silent nameserver held up the stop:
+    ``asyncio.run`` waits for that executor's threads when it ends, so a stopping router
+    waited for the lookups (about 23 s with a blackholed nameserver), not for its
+    requests, which had timed out; and, on a small machine's six executor threads, stuck
+    lookups queued everything else sent there (SQLite's work, the stop's metrics flush).
+    A ``ThreadPoolExecutor`` of its own, even shut down without waiting, would only move
+    the wait: ``concurrent.futures`` joins its threads at interpreter exit. Daemon threads
+    are not joined; a lookup still under way at exit is abandoned with the process."""
+
+    def __init__(self, *, threads: int = LOOKUP_THREADS) -> None:
+        self._threads = asyncio.Semaphore(threads)
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        infos = await self._in_thread(host, lambda: socket.getaddrinfo(
+            host, port, family, socket.SOCK_STREAM, 0, _ADDRCONFIG))
+        answers: list[ResolveResult] = []
+        for info_family, _, proto, _, address in infos:
+            if info_family == socket.AF_INET6:
+                if len(address) < 4:
+                    continue  # a Python built without IPv6
+                if address[3]:
+                    # A link-local address's zone (fe80::1%eth0): numeric, so no lookup.
+                    text, port_text = socket.getnameinfo(address[:4], _NUMERIC_ADDRESS)
+                    address_text, answer_port = text, int(port_text)
+                else:
+                    address_text, answer_port = str(address[0]), int(address[1])
+            elif info_family == socket.AF_INET:
+                address_text, answer_port = str(address[0]), int(address[1])
+            else:
+                continue
+            answers.append(ResolveResult(
+                hostname=host, host=address_text, port=answer_port, family=info_family,
+                proto=proto, flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+        return answers
+
+    async def _in_thread(self, host: str, call: Callable[[], T]) -> T:
+        """``call()`` on a daemon thread. The thread is counted until ``call`` returns,
+        not until its waiter gives up: a request that times out leaves the lookup
+        running (aiohttp shares it with the next request for the same host)."""
+        await self._threads.acquire()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
+
+        def settle(deliver: Callable[[], None]) -> None:
+            self._threads.release()
+            if not answer.done():  # done: cancelled, as the connector closed
+                deliver()
+
+        def look_up() -> None:
+            deliver: Callable[[], None]
+            try:
+                deliver = functools.partial(answer.set_result, call())
+            except Exception as exc:
+                deliver = functools.partial(answer.set_exception, exc)
+            try:
+                loop.call_soon_threadsafe(settle, deliver)
+            except RuntimeError:
+                pass  # the loop is closed: its router stopped without waiting for this
+
+        try:
+            threading.Thread(target=look_up, name=f"lookup of {host}", daemon=True).start()
+        except BaseException:
+            self._threads.release()  # no thread started (the process is out of them)
+            raise
+        return await answer
+
+    async def close(self) -> None:
+        """Nothing to wait for: a lookup still under way ends with its daemon thread."""
+
+
 class GuardedResolver(AbstractResolver):
     """Resolves through ``inner`` and refuses the whole answer if any address is refused.
 
@@ -392,6 +479,11 @@ class GuardedResolver(AbstractResolver):
     def __init__(self, policy: EgressPolicy, inner: AbstractResolver | None = None) -> None:
         self.policy = policy
         self._inner = inner
+        self._looking_up: Counter[str] = Counter()
+
+    def looking_up(self, host: str) -> bool:
+        """Whether a lookup of ``host`` is under way (to say so when a request times out)."""
+        return self._looking_up[host] > 0
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -399,9 +491,14 @@ class GuardedResolver(AbstractResolver):
         if name_reason:
             raise ResolutionBlocked(name_reason)
         if self._inner is None:
-            # Created here, not in __init__: ThreadedResolver needs the running loop.
-            self._inner = aiohttp.ThreadedResolver()
-        answers = await self._inner.resolve(host, port, family)
+            self._inner = DaemonThreadResolver()
+        self._looking_up[host] += 1
+        try:
+            answers = await self._inner.resolve(host, port, family)
+        finally:
+            self._looking_up[host] -= 1
+            if not self._looking_up[host]:
+                del self._looking_up[host]
         for answer in answers:
             reason = address_allowed(answer["host"], self.policy)
             if reason:
@@ -418,6 +515,12 @@ connection_reused: ContextVar[bool] = ContextVar("connection_reused", default=Fa
 """Set by ``GuardedConnector.connect`` for the request being connected, in its task: whether
 its connection came from the keep-alive pool (the transport sends again a request whose
 reused connection the server had closed)."""
+
+connecting_to: ContextVar[str | None] = ContextVar("connecting_to", default=None)
+"""Set by ``GuardedConnector.connect`` for the request being connected, in its task: the host
+it is connecting to, until it has a connection (None after). A request that times out with
+this set timed out connecting, and ``GuardedConnector.lookup_unfinished`` says whether in
+the lookup of that host's addresses."""
 
 pooled_connections_refused: ContextVar[bool] = ContextVar("pooled_connections_refused",
                                                           default=False)
@@ -439,6 +542,7 @@ class GuardedConnector(aiohttp.TCPConnector):
                  **connector_kwargs: Any) -> None:
         super().__init__(resolver=resolver, **connector_kwargs)
         self.policy = policy
+        self.guarded_resolver = resolver
         self._used: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any],
@@ -449,6 +553,7 @@ class GuardedConnector(aiohttp.TCPConnector):
         reason = check_url(req.url, self.policy)
         if reason:
             raise EgressBlocked(reason)
+        connecting_to.set(req.url.raw_host)
         connection = await super().connect(req, traces, timeout)
         if pooled_connections_refused.get():
             while connection.protocol in self._used:
@@ -456,14 +561,21 @@ class GuardedConnector(aiohttp.TCPConnector):
                 connection = await super().connect(req, traces, timeout)
         protocol = connection.protocol
         connection_reused.set(protocol in self._used)
+        connecting_to.set(None)
         self._used.add(protocol)
         return connection
+
+    def lookup_unfinished(self) -> str | None:
+        """The host whose address lookup the current task's request was waiting for, if
+        it was still under way (called when the request timed out)."""
+        host = connecting_to.get()
+        return host if host is not None and self.guarded_resolver.looking_up(host) else None
 
 
 def make_connector(policy: EgressPolicy, *, resolver: AbstractResolver | None = None,
                    **connector_kwargs: Any) -> aiohttp.TCPConnector:
     """A connector enforcing ``policy``. ``resolver`` is the real DNS resolver to wrap
-    (default ``aiohttp.ThreadedResolver``; tests inject a fake one). Must be called with an
+    (default ``DaemonThreadResolver``; tests inject a fake one). Must be called with an
     event loop running, as every aiohttp connector must."""
     return GuardedConnector(policy, resolver=GuardedResolver(policy, resolver),
                             **connector_kwargs)

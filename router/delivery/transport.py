@@ -17,7 +17,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 # the transport adds no second resend to those.
 from aiohttp.client import IDEMPOTENT_METHODS as AIOHTTP_RESENDS
 
-from router.delivery.egress import (EgressBlocked, EgressPolicy, connection_reused, egress_reason,
+from router.delivery.egress import (EgressBlocked, EgressPolicy, GuardedConnector,
+                                    connecting_to, connection_reused, egress_reason,
                                     pooled_connections_refused, session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
@@ -56,6 +57,7 @@ class Transport:
         self.connections = connections
         self._reserved = 0
         self._session: aiohttp.ClientSession | None = None
+        self._connector: GuardedConnector | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
@@ -64,6 +66,7 @@ class Transport:
             share=POOL_SHARE)
         kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self._reserved,
                                 limit_per_host=0, ttl_dns_cache=60)
+        self._connector = kwargs["connector"]
         # No cookie jar: a cookie one destination's server sets would be sent to every
         # destination on that host (another tenant's webhook, say) and stay for good.
         self._session = aiohttp.ClientSession(**kwargs, cookie_jar=aiohttp.DummyCookieJar(),
@@ -119,6 +122,12 @@ class Transport:
         except EgressBlocked as exc:
             raise EgressRefused(f"egress refused: {exc}") from None
         except TimeoutError:
+            host = self._connector.lookup_unfinished() if self._connector is not None else None
+            if host is not None:
+                # Said apart: "timed out" alone sent operators looking at the destination,
+                # when its name never resolved (a nameserver that does not answer).
+                raise RetryableError(f"timed out after {timeout:g}s: the lookup of the "
+                                     f"address of {host} did not finish") from None
             raise RetryableError(f"timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             reason = egress_reason(exc)
@@ -148,6 +157,7 @@ class Transport:
                         ) -> HttpResponse:
         assert self._session is not None, "transport not started"
         connection_reused.set(False)
+        connecting_to.set(None)
         # The guarded connector checks the URL against the egress policy on every request,
         # pooled connection or not (egress.py), so it is not checked here too.
         async with self._session.request(
