@@ -101,7 +101,8 @@ class RetryableError(DestinationError):
     sending other events meanwhile would only prolong the throttling. None (the default)
     leaves it to the status, as for the core's own judgement: a 429 or 503 pauses. True for
     a throttle an API says in other ways (Meta's error codes in a 400); False where it
-    throttles users or devices one by one (Amplitude): the others' events need not wait."""
+    throttles users or devices one by one (Amplitude): the others' events need not wait,
+    and the core holds back the same user's other events as long."""
 
     # Class defaults too: a plugin's subclass written before ``pause_destination`` existed
     # may set only its own attributes.

@@ -296,6 +296,32 @@ async def test_a_throttle_of_one_user_holds_back_only_that_users_events(tmp_path
         assert (first, second) == ("busy-user", "calm-user")
 
 
+async def test_a_throttled_users_newer_events_wait_out_its_throttle(tmp_path):
+    # Sent meanwhile, the throttled user's newer events made Amplitude refuse every request
+    # they were in, whole, the other users' events with them: with one user over its limit,
+    # the others' p99 was 50 s (rate-limit audit).
+    throttle = Answer(429, body={"code": 429, "error": "Too many requests for some users",
+                                 "eps_threshold": 30, "throttled_users": {"busy-user": 31}})
+    async with FakeDestinationServer() as amplitude:
+        amplitude.script([throttle])
+        router = router_for(tmp_path, [
+            {"name": "amplitude", "plugin": "amplitude",
+             "settings": {"api_key": "amp-key-0001", "base_url": amplitude.url},
+             "delivery": {**FAST_RETRIES, "concurrency": 1}}])
+        async with router:
+            await router.route(track(1, user="busy-user"))
+            while 'router_retried_total{destination="amplitude"} 1' not in \
+                    router.delivery_metrics.registry.render():
+                await asyncio.sleep(0.01)
+            await router.route_many([track(2, user="busy-user"), track(3, user="calm-user")])
+            await amplitude.wait_for(2, timeout=10)
+            await asyncio.sleep(0.5)  # time enough for the busy user's event, were it sent
+            assert (await router.storage.stats(now=0)).queues["amplitude"].pending == 2
+        sent = [[event["user_id"] for event in request.json["events"]]
+                for request in amplitude.requests]
+        assert sent == [["busy-user"], ["calm-user"]]
+
+
 async def test_jobs_another_plugin_built_under_the_same_name_are_dead_lettered_unsent(tmp_path):
     # Config audit: a destination's plugin swapped while its backlog waited (amplitude to
     # mixpanel) posted Amplitude's events to Mixpanel, each counted as delivered.
