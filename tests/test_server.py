@@ -2019,6 +2019,32 @@ async def test_a_redis_out_of_reach_gets_503_with_retry_after(start_server: Star
         stop(process)
 
 
+async def test_metrics_say_when_they_cannot_read_the_storage(
+        start_server: StartServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # With Redis down, the queue gauges froze at the last read (the oldest age too, or a
+    # depth of 0 had none been read), nothing said the storage was down, and each scrape
+    # logged a 50-line traceback (Redis server faults audit).
+    from tests.redis_helpers import start_redis_server, stop
+    process, port = start_redis_server(tmp_path)
+    try:
+        ingest = await start_server(storage=f"redis://127.0.0.1:{port}/0", deliver=False)
+        assert (await ingest.post("/v1/track", track("r-1")))[0] == 200
+        before = samples(await ingest.metrics(), "router_")
+        assert before["router_storage_up"] == 1
+        stop(process)
+        down = [samples(await ingest.metrics(), "router_")]
+        await asyncio.sleep(1.1)
+        down.append(samples(await ingest.metrics(), "router_"))
+    finally:
+        stop(process)
+    age = 'router_queue_oldest_age_seconds{destination="hook"}'
+    assert [scrape["router_storage_up"] for scrape in down] == [0, 0]
+    assert [scrape['router_queue_depth{destination="hook"}'] for scrape in down] == [1, 1]
+    assert down[1][age] - down[0][age] >= 1.0  # counted on, not frozen
+    said = [r for r in caplog.records if "metrics: cannot read" in r.getMessage()]
+    assert len(said) == 1 and not said[0].exc_info  # one line, not a traceback a scrape
+
+
 async def test_requests_beyond_those_in_flight_wait_then_get_503(
         start_server: StartServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # With no slot free at all, every ingest request waits its turn in vain.

@@ -1656,6 +1656,47 @@ async def test_a_read_only_replica_is_unavailable_not_a_crash(redis_store, raw):
     assert await accept(redis_store, item("m-ro")) == [True]
 
 
+async def test_a_primary_short_of_replicas_is_unavailable_and_health_says_so(redis_store, raw):
+    # min-replicas-to-write with no replica: every event got 500 (a bug, with a traceback)
+    # while /health said ok (Redis server faults audit).
+    await raw.config_set("min-replicas-to-write", "1")
+    try:
+        with pytest.raises(StorageUnavailable, match="fewer replicas are connected"):
+            await accept(redis_store, item("m-norep"))
+        with pytest.raises(StorageUnavailable, match="fewer replicas are connected"):
+            await redis_store.ping()
+    finally:
+        await raw.config_set("min-replicas-to-write", "0")
+    assert await redis_store.ping()
+    assert await accept(redis_store, item("m-norep")) == [True]
+
+
+async def test_a_redis_busy_with_another_clients_script_is_unavailable(redis_store, raw):
+    # Past its script time limit, Redis answers BUSY to everyone else: answered 500, a bug.
+    await raw.config_set("lua-time-limit", "50")
+    spin = "local t = redis.call('TIME') local stop = t[1] + 2 " \
+           "while tonumber(redis.call('TIME')[1]) < stop do end return 1"
+    try:
+        busy = asyncio.create_task(raw.eval(spin, 0))
+        await asyncio.sleep(0.3)
+        with pytest.raises(StorageUnavailable, match="busy running another client's script"):
+            await accept(redis_store, item("m-busy"))
+        await busy
+    finally:
+        await raw.config_set("lua-time-limit", "5000")
+    assert await accept(redis_store, item("m-busy")) == [True]
+
+
+@pytest.mark.parametrize("reply", ["BUSY Redis is busy running a script. You can only call "
+                                   "SCRIPT KILL or SHUTDOWN NOSAVE.",
+                                   "NOREPLICAS Not enough good replicas to write."])
+def test_redis_refusals_that_pass_are_unavailable(reply):
+    from redis.exceptions import ResponseError
+    with pytest.raises(StorageUnavailable):
+        with redis_module._translated_errors():
+            raise ResponseError(reply)
+
+
 # -- a model check: Redis against the in-memory backend ---------------------------------------
 
 DESTINATIONS = ("a", "b")
@@ -2038,6 +2079,7 @@ class SqliteSpoolKeepsEveryJob(RuleBasedStateMachine):
     async def _open(self) -> SqliteStorage:
         storage = SqliteStorage(self.path)
         await storage.open()
+        await storage.claim_delivery()  # as a delivering router does: it takes leases back
         return storage
 
     def teardown(self) -> None:

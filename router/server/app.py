@@ -149,6 +149,7 @@ class StateLog:
 
 _DIGITS = re.compile(r"\d+")
 HEALTH_LOG = web.AppKey("health_log", StateLog)
+METRICS_LOG = web.AppKey("metrics_log", StateLog)
 INTAKE_LOG = web.AppKey("intake_log", StateLog)
 MAX_ASKED_HEADERS_CHARS = 1024
 """A preflight's list of header names is echoed up to this length (else the fixed list)."""
@@ -177,6 +178,8 @@ def create_app(router: Router) -> web.Application:
     app[REJECTIONS] = FailureLog(log, kind=("source",))
     app[INVALID_FOR_DESTINATION] = FailureLog(log, kind=("destination",))
     app[HEALTH_LOG] = StateLog("health check: %s", "health check: ok again")
+    app[METRICS_LOG] = StateLog("metrics: cannot read the storage's figures (router_storage_up "
+                                "is 0): %s", "metrics: reading the storage's figures again")
     app[INTAKE_LOG] = StateLog("intake refused: %s", "intake accepts events again")
     app.cleanup_ctx.append(_flushing_rejections)
     if app[WRITE_KEYS].empty:
@@ -524,8 +527,11 @@ async def handle_metrics(request: web.Request) -> web.Response:
     router, metrics = request.app[ROUTER], request.app[METRICS]
     try:
         await metrics.read_stats(router.storage)
+        request.app[METRICS_LOG].ok()
+    except (StorageFull, StorageUnavailable) as exc:  # said once a minute, as by /health
+        request.app[METRICS_LOG].unavailable(str(exc))
     except Exception:  # noqa: BLE001 - show the counters even when the storage is down
-        log.warning("metrics: cannot read storage stats", exc_info=True)
+        request.app[METRICS_LOG].unavailable("an unexpected error", exc_info=True)
     text = router.delivery_metrics.registry.render() + metrics.registry.render()
     return web.Response(body=text.encode(),
                         headers={hdrs.CONTENT_TYPE: "text/plain; version=0.0.4; charset=utf-8"})

@@ -49,7 +49,13 @@ class IngestMetrics:
             "Time to make a request's accepted events durable (the wait before 200)."))
         self._stats = StorageStats()
         self._stats_at = 0.0
+        self._stats_read = False
         self._reading: asyncio.Future[StorageStats] | None = None
+        add(Gauge("router_storage_up",
+                  "1 when this scrape read the storage's figures, 0 when it could not (Redis "
+                  "down, say): the queue gauges then show the last figures read, the oldest "
+                  "age counted on to now.", [],
+                  lambda: {(): 1.0 if self._stats_read else 0.0}))
         add(Gauge("router_queue_depth", "Jobs waiting for delivery, by destination.",
                   ["destination"], self._depth))
         add(Gauge("router_queue_oldest_age_seconds",
@@ -70,7 +76,13 @@ class IngestMetrics:
         if self._reading is None:
             self._reading = asyncio.ensure_future(storage.stats(now=time.time()))
             self._reading.add_done_callback(self._read_done)
-        self.use_stats(await asyncio.shield(self._reading))
+        try:
+            self.use_stats(await asyncio.shield(self._reading))
+        except Exception:
+            # The figures stay the last read, but a frozen oldest age (and a depth of 0 when
+            # none was read yet) told an alert that all was well while nothing was delivered.
+            self._stats_read, self._stats_at = False, time.time()
+            raise
 
     def _read_done(self, reading: asyncio.Future[StorageStats]) -> None:
         self._reading = None
@@ -80,6 +92,7 @@ class IngestMetrics:
     def use_stats(self, stats: StorageStats, *, now: float | None = None) -> None:
         """The storage figures the gauges show until the next scrape."""
         self._stats, self._stats_at = stats, time.time() if now is None else now
+        self._stats_read = True
 
     def _queues(self) -> dict[str, QueueStats]:
         """Every configured destination (an idle one shows 0, not nothing), plus any other

@@ -42,8 +42,8 @@ try:  # an optional dependency: ``pip install event-router[redis]``
     from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
     from redis.asyncio.connection import parse_url as _parse_redis_url
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import (AuthenticationError, NoPermissionError, OutOfMemoryError,
-                                  ReadOnlyError, ResponseError)
+    from redis.exceptions import (AuthenticationError, MasterDownError, NoPermissionError,
+                                  OutOfMemoryError, ReadOnlyError, ResponseError)
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:  # pragma: no cover - reported when a redis:// URL is used
     aioredis = None  # type: ignore[assignment]
@@ -51,6 +51,8 @@ except ImportError:  # pragma: no cover - reported when a redis:// URL is used
 log = logging.getLogger("router.storage.redis")
 
 DEFAULT_PREFIX = "router"
+HEALTH_PROBE_TTL_MS = 10_000
+"""How long the key ``ping``'s probe write sets lives."""
 MOVE_CAP = 5000
 """Most jobs one ``lease`` call moves from lapsed leases, and from retries come due, to the
 ready queue. Bounds how long one script blocks Redis after an outage; the next call moves more."""
@@ -444,6 +446,7 @@ class _Keys:
         self.destinations = f"{prefix}:destinations"
         self.seen_count = f"{prefix}:seen-count"
         self.letters_all = f"{prefix}:letters-all"
+        self.health = f"{prefix}:health"
 
     def seen(self, source: str, message_id: str) -> str:
         # length-prefixed source: ("a:b", "c") and ("a", "b:c") are different events
@@ -821,6 +824,10 @@ class RedisStorage(Storage):
             raise StorageFull(f"Redis is out of memory ({amount_of_bytes(used)} used of its "
                               f"maxmemory {amount_of_bytes(limit)}): intake is refused until "
                               "delivery frees room")
+        with _translated_errors():
+            # A write, as every accept makes: a primary with too few replicas for its
+            # min-replicas-to-write refused every event while this said ok.
+            await client.set(self.keys.health, b"1", px=HEALTH_PROBE_TTL_MS)
         return True
 
     # -- helpers ----------------------------------------------------------------------------
@@ -950,7 +957,20 @@ def _translated_errors() -> Iterator[None]:
         if refusal == "NOPERM":  # an ACL changed under a running router
             raise StorageUnavailable(f"Redis refuses this user a command: {exc}{NEEDED_ACL}"
                                      ) from exc
+        if refusal in _UNAVAILABLE:
+            raise StorageUnavailable(f"{_UNAVAILABLE[refusal]}: {exc}") from exc
         raise
+
+
+_UNAVAILABLE = {
+    "BUSY": "Redis is busy running another client's script, and answers nothing else until "
+            "it ends or is killed (SCRIPT KILL)",
+    "NOREPLICAS": "Redis refuses writes: fewer replicas are connected than its "
+                  "min-replicas-to-write asks",
+    "MASTERDOWN": "Redis is a replica cut off from its primary",
+}
+"""Refusals that pass: answered 500 each, with a traceback, they read as a bug of the router
+(Redis server faults audit), not as the 503 with why that clients retry."""
 
 
 _WRAPPED_IN_SCRIPT = re.compile(r"Error running script \(call to [^)]*\):.*?: -([A-Z]+) ")
@@ -958,7 +978,8 @@ _REFUSED_IN_SCRIPT = ("The user executing the script can't", "ACL failure in scr
 
 
 def _refusal(exc: ResponseError) -> str | None:
-    """Which of Redis's refusals ``exc`` is (``OOM``, ``MISCONF``, ``READONLY``, ``NOPERM``),
+    """Which of Redis's refusals ``exc`` is (``OOM``, ``MISCONF``, ``READONLY``, ``NOPERM``,
+    ``BUSY``, ``NOREPLICAS``, ``MASTERDOWN``),
     also when a script's reply hides its code: Redis before 7.0 wraps an error raised inside
     a script under ``ERR`` (``Error running script (call to f_...): @user_script:80:
     @user_script: 80: -OOM command not allowed ...``), and every version, Valkey too, words
@@ -970,9 +991,12 @@ def _refusal(exc: ResponseError) -> str | None:
         return "READONLY"
     if isinstance(exc, NoPermissionError):
         return "NOPERM"
+    if isinstance(exc, MasterDownError):
+        return "MASTERDOWN"
     message = str(exc)
-    if message.startswith("MISCONF"):
-        return "MISCONF"
+    for code in ("MISCONF", "BUSY", "NOREPLICAS"):  # codes redis-py keeps in the message
+        if message.startswith(code + " "):
+            return code
     wrapped = _WRAPPED_IN_SCRIPT.match(message)
     if wrapped:
         return wrapped.group(1)
