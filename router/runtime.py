@@ -56,7 +56,7 @@ def reserve_descriptors(count: int, what: str, *, share: float = 1.0) -> int:
     connection, and a single idle client made ``/health`` answer 503).
     ``release_descriptors`` gives them back."""
     global _reserved_descriptors
-    soft = _raise_soft_limit()
+    soft = _raise_soft_limit(_reserved_descriptors + count)
     room = count
     if soft is not None and soft < _reserved_descriptors + count:
         room = max(1, min(count, int((soft - _reserved_descriptors) * share)))
@@ -66,22 +66,28 @@ def reserve_descriptors(count: int, what: str, *, share: float = 1.0) -> int:
     return room
 
 
-def _raise_soft_limit() -> int | None:
+def _raise_soft_limit(wanted: int) -> int | None:
     """This process's soft limit on open files (None: unlimited), raised first to the hard
     one, as Go's runtime does at start: the soft limit is often 1,024, the hard one far
     higher. Raised only as far as the router counted its needs, it left no room for what
     it does not count, such as connections it turns away (each held until answered), and a
-    flood of clients took the descriptors that SQLite needs to open its files."""
+    flood of clients took the descriptors that SQLite needs to open its files. Where the
+    hard limit cannot be reached (unlimited, while the kernel caps it: macOS's 10,240),
+    at least ``wanted``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return None
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the limit on open files from %d to %d: %s",
-                        soft, hard, exc)
+    failure: Exception | None = None
+    for target in (hard, wanted):
+        if target != resource.RLIM_INFINITY and soft < target and (
+                hard == resource.RLIM_INFINITY or target <= hard):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return target
+            except (ValueError, OSError) as exc:
+                failure = exc
+    if failure is not None and soft < wanted:
+        log.warning("cannot raise the limit on open files from %d: %s", soft, failure)
     return soft
 
 
