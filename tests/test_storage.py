@@ -1671,6 +1671,17 @@ async def test_a_primary_short_of_replicas_is_unavailable_and_health_says_so(red
     assert await accept(redis_store, item("m-norep")) == [True]
 
 
+async def test_health_says_an_eviction_policy_set_since_the_start(redis_store, raw):
+    # Refused at start, a policy set later went unnoticed while Redis could evict jobs.
+    await raw.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with pytest.raises(StorageUnavailable, match="maxmemory-policy is allkeys-lru since"):
+            await redis_store.ping()
+    finally:
+        await raw.config_set("maxmemory-policy", "noeviction")
+    assert await redis_store.ping()
+
+
 async def test_a_redis_busy_with_another_clients_script_is_unavailable(redis_store, raw):
     # Past its script time limit, Redis answers BUSY to everyone else: answered 500, a bug.
     await raw.config_set("lua-time-limit", "50")

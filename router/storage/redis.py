@@ -812,6 +812,14 @@ class RedisStorage(Storage):
                 role = (await client.info("replication")).get("role")
             except ResponseError:  # NOPERM: a user without INFO
                 return bool(await client.ping())
+        policy = memory.get("maxmemory_policy", "noeviction")
+        if policy != "noeviction" and not self.allow_eviction:
+            # Checked at start; set since (CONFIG SET), it went unnoticed while Redis could
+            # drop queued jobs and dedup entries without a word.
+            raise StorageUnavailable(f"Redis's maxmemory-policy is {policy} since the router "
+                                     "started: it may evict queued jobs or dedup entries; set "
+                                     "it back to noeviction (or add ?eviction=allowed to the "
+                                     "storage URL to accept that)")
         if role == "slave":
             raise StorageUnavailable("Redis is a replica, which refuses writes (after a "
                                      "failover, the storage URL may name the old primary): "
