@@ -100,8 +100,9 @@ async def _replay(loaded: LoadedConfig, storage: Storage, where: DeadLetterFilte
     replayed = 0
     for name in lettered:
         if name in sending:
-            replayed += await storage.replay(dataclasses.replace(where, destination=name),
-                                             now=time.time())
+            replayed += await storage.replay(
+                dataclasses.replace(where, destination=name, exact_destination=True),
+                now=time.time())
     print(f"replayed {replayed} dead letter(s)")
     if left := sorted(set(lettered) - sending):
         print(f"note: dead letters of {', '.join(map(repr, left))} were not replayed: the "

@@ -48,6 +48,26 @@ logs) beyond its connections."""
 _reserved_descriptors = DESCRIPTORS_KEPT
 
 
+POOL_SHARE = 0.75
+"""Of the open files left, the most the destinations' pool takes when they are short and
+the HTTP API is still to come in the same process (``expect_http_api``)."""
+_http_api_to_come = False
+
+
+def expect_http_api() -> None:
+    """Say, before the router starts, that this process will serve the HTTP API: the
+    destinations' pool, which reserves first, then leaves it a share of a short limit.
+    Elsewhere (a delivery process, a router embedded without the API) the pool may take
+    all of it."""
+    global _http_api_to_come
+    _http_api_to_come = True
+
+
+def pool_share() -> float:
+    """The share of a short limit the destinations' pool may take (see ``POOL_SHARE``)."""
+    return POOL_SHARE if _http_api_to_come else 1.0
+
+
 def reserve_descriptors(count: int, what: str, *, share: float = 1.0) -> int:
     """Make room for ``count`` more open files (connections: the clients', or those to the
     destinations). Returns how many fit: ``count``, or fewer, with a warning naming

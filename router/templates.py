@@ -505,14 +505,30 @@ del _environment.globals["lipsum"]
 
 def _check_names(source: str, names: Collection[str], where: str) -> None:
     """Raise ``ConfigError`` when ``source`` reads a name that is neither in ``names`` nor
-    one of jinja2's own (``range``, ``namespace``...) nor set by the template itself."""
-    unknown = meta.find_undeclared_variables(_environment.parse(source)) - set(names) \
-        - set(_environment.globals)
+    one of jinja2's own (``range``, ``namespace``...) nor set anywhere in the template, nor
+    asked after (``is defined``, ``| default``). jinja2's own list of undeclared names
+    counts one set on some branches only, which renders for the events that take them."""
+    tree = _environment.parse(source)
+    set_somewhere = {name.name for name in tree.find_all(nodes.Name)
+                     if name.ctx in ("store", "param")}
+    asked_after = {node.node.name for node in tree.find_all((nodes.Test, nodes.Filter))
+                   if node.name in ("defined", "undefined", "default", "d")
+                   and isinstance(node.node, nodes.Name)}
+    unknown = meta.find_undeclared_variables(tree) - set(names) - set(_environment.globals) \
+        - set_somewhere - asked_after
     if unknown:
         given = " and ".join(f"`{name}`" for name in sorted(names))
         raise ConfigError(f"the template reads {', '.join(f'`{n}`' for n in sorted(unknown))}, "
                           f"which it is not given: it has {given} (`event.userId`, not "
                           "`userId`)", field=where)
+
+
+def _writes_values_as_json(source: str) -> bool:
+    """Whether every ``{{ ... }}`` of ``source`` ends in ``| tojson``."""
+    return all(isinstance(node, nodes.TemplateData)
+               or (isinstance(node, nodes.Filter) and node.name == "tojson")
+               for output in _environment.parse(source).find_all(nodes.Output)
+               for node in output.nodes)
 
 
 class Template:
@@ -539,6 +555,9 @@ class Template:
                               field=where) from None
         if names is not None:
             _check_names(source, names, where)
+        self.writes_values_as_json = _writes_values_as_json(source)
+        """Whether every value the template writes goes through ``tojson``: then no value
+        can add a key to a JSON body, or break it."""
 
     def render(self, **context: Any) -> str:
         budget = _budget.set(_StepBudget())

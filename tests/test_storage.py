@@ -510,6 +510,18 @@ async def test_purge_removes_only_what_the_filter_selects(store):
     assert all(queue.dead_letters == 0 for queue in stats.queues.values())
 
 
+async def test_a_replay_of_one_destination_exactly_leaves_its_namesake_in_another_case(store):
+    # `router dlq replay` replays each destination the config sends to by its very name:
+    # compared without case, replaying "amp" took "Amp"'s letters too, to a queue no worker
+    # sends from (review).
+    await dead_letters_at(store, [("Amp", "HTTP 500", T0 + 1), ("amp", "HTTP 500", T0 + 2)])
+    exact = DeadLetterFilter(destination="amp", exact_destination=True)
+    assert await store.replay(exact, now=T0 + 5) == 1
+    assert [letter.destination for letter in await store.dead_letters(DeadLetterFilter())] \
+        == ["Amp"]
+    assert len(await store.dead_letters(DeadLetterFilter(destination="AMP"))) == 1
+
+
 @pytest.mark.parametrize("backend", ["redis", "sqlite"])
 async def test_concurrent_replays_queue_each_letter_once(backend, tmp_path, monkeypatch, request):
     # Both backends replay a page at a time (a replay of a million letters in one SQLite

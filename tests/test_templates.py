@@ -495,6 +495,28 @@ def test_a_template_reading_a_name_it_is_not_given_is_a_config_error(tmp_path, d
     assert f"the template reads {unknown}, which it is not given" in said
 
 
+@pytest.mark.parametrize("source", [
+    # set on some branches only: it renders for the events that take them (review)
+    "{% if event.event %}{% set name = event.event %}{% else %}{% set name = event.type %}"
+    "{% endif %}{{ name }}",
+    "{% if event.event %}{% set y = event.event %}{% endif %}{{ y | default('none') }}",
+    "{% if foo is defined %}{{ foo }}{% endif %}{{ bar | default('-') }}",
+    "{% macro row(v) %}{{ v }}{{ caller() }}{% endmacro %}{% call row(event.type) %}!"
+    "{% endcall %}{% for x in [1, 2] %}{{ loop.index }}{{ x }}{% endfor %}",
+])
+def test_a_template_that_renders_for_some_events_is_not_refused_at_load(source):
+    Template(source, where="settings.body", names=("event", "options")).render(
+        event={"event": None, "type": "track"}, options={})
+
+
+def test_a_template_knows_whether_it_writes_every_value_as_json():
+    # A body whose values all go through tojson can have no key an event chose: the webhook
+    # spares it the (costly) check for a key twice.
+    assert Template('{"a": {{ event.x | tojson }}, "b": [{% for i in event.l %}'
+                    '{{ i | tojson }}{% endfor %}]}', where="b").writes_values_as_json
+    assert not Template('{"a": "{{ event.x }}"}', where="b").writes_values_as_json
+
+
 def test_names_a_template_sets_or_jinja2_gives_are_not_unknown():
     source = ('{% set ns = namespace(n=0) %}{% for p in event.properties.products or [] %}'
               '{% set ns.n = ns.n + 1 %}{% endfor %}{% set total = ns.n %}'

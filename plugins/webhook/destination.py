@@ -85,7 +85,8 @@ class Webhook(Destination[WebhookSettings]):
         body = self._template.render(event=template_event(event), options=dict(options))
         if not body.strip():  # as Slack's: a template's way to leave an event out
             raise SkipEvent("settings.body rendered nothing for this event")
-        if body.lstrip()[:1] in ("{", "[") and (why := _not_json(body)):
+        if body.lstrip()[:1] in ("{", "[") and (
+                why := _not_json(body, keys_checked=not self._template.writes_values_as_json)):
             # Meant as JSON, broken by this event's values (a quote in a name, say): sent as
             # text it would reach the receiver as a body it cannot parse, or as one whose
             # fields the event chose (`x", "role": "admin` in a name put in without tojson).
@@ -108,10 +109,12 @@ class Webhook(Destination[WebhookSettings]):
         return (self.settings.url,)
 
 
-def _not_json(text: str) -> str | None:
-    """What keeps ``text`` from being the JSON it looks like, or None. A key twice is
-    refused too: a receiver takes one or the other, and the router's own intake refuses
-    such a body (``duplicate_key``)."""
+def _not_json(text: str, *, keys_checked: bool) -> str | None:
+    """What keeps ``text`` from being the JSON it looks like, or None. With
+    ``keys_checked``, a key twice is refused too: a receiver takes one or the other, and the
+    router's own intake refuses such a body (``duplicate_key``). The check parses the body
+    again, in Python (about 5 µs a key): a template whose values all go through ``tojson``,
+    which no value can add a key to, is spared it."""
     def no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [key for key, _ in pairs]
         if len(set(keys)) < len(keys):
@@ -121,6 +124,8 @@ def _not_json(text: str) -> str | None:
 
     if not _is_json(text):  # strict, as a receiver reads it (no NaN, say)
         return "is not valid JSON"
+    if not keys_checked:
+        return None
     try:
         json.loads(text, object_pairs_hook=no_key_twice)
     except ValueError as exc:

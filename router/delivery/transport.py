@@ -23,16 +23,12 @@ from router.delivery.egress import (EgressBlocked, EgressPolicy, GuardedConnecto
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 from router.redaction import cut_at_first_url
-from router.runtime import release_descriptors, reserve_descriptors
+from router.runtime import pool_share, release_descriptors, reserve_descriptors
 
 RESEND_WITHIN = 0.5
 """Seconds from sending within which a pooled connection's close counts as the keep-alive
 race (it comes within a round trip): a server that held the request longer may well have
 read it, and gets no second copy."""
-
-POOL_SHARE = 0.75
-"""Of the open files left, the most the destinations' pool takes when they are short: the
-rest is the HTTP API's (and room for what no one counts)."""
 
 MAX_RESPONSE_BYTES = 256 * 1024
 """Enough for any vendor's error report; a larger answer is cut, never held in full."""
@@ -63,7 +59,7 @@ class Transport:
     async def start(self) -> None:
         self._reserved = reserve_descriptors(
             self.connections, "connections to destinations (the sum of their concurrency)",
-            share=POOL_SHARE)
+            share=pool_share())
         kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self._reserved,
                                 limit_per_host=0, ttl_dns_cache=60)
         self._connector = kwargs["connector"]

@@ -25,7 +25,7 @@ from router.errors import ConfigError, StorageFull, StorageUnavailable
 from router.logs import announce
 from router.redaction import redacted_url
 from router.routing import Router
-from router.runtime import reserve_descriptors, tune_garbage_collector
+from router.runtime import expect_http_api, reserve_descriptors, tune_garbage_collector
 from router.server.accesslog import ACCESS_LOGGER, log_turned_away
 from router.server.app import METRICS, create_app, create_runner
 from router.server.listen import (TOO_MANY_CONNECTIONS, TURN_AWAY, TURN_AWAY_STATUS,
@@ -57,6 +57,7 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     stop = asyncio.Event()
     for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, _on_stop_signal, loop, stop, signum)
+    expect_http_api()  # before the destinations' pool reserves its open files
     try:
         try:
             started = await _start_unless_stopped(router, stop)

@@ -88,6 +88,17 @@ class DeadLetterFilter:
     since: float | None = None         # failed at or after (epoch seconds)
     until: float | None = None
     ids: tuple[int | str, ...] | None = None
+    exact_destination: bool = False
+    """``destination`` compared as it is, not without case: a replay goes to the queue of
+    the letter's very name, which only one of ``Amp`` and ``amp`` has a worker for."""
+
+    def selects(self, destination: str) -> bool:
+        """Whether the destination filter selects the letters of ``destination``."""
+        if self.destination is None:
+            return True
+        if self.exact_destination:
+            return destination == self.destination
+        return destination.lower() == self.destination.lower()
 
 
 @dataclass(slots=True)

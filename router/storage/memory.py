@@ -143,7 +143,7 @@ class MemoryStorage(Storage):
 
 
 def _matches(letter: DeadLetter, where: DeadLetterFilter) -> bool:
-    return ((where.destination is None or letter.destination.lower() == where.destination.lower())
+    return (where.selects(letter.destination)
             and (where.reason is None or where.reason.lower() in letter.reason.lower())
             and (where.since is None or letter.failed_at >= where.since)
             and (where.until is None or letter.failed_at <= where.until)

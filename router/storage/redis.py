@@ -869,8 +869,7 @@ class RedisStorage(Storage):
             return
         index = self.keys.letters_all
         if where.destination is not None:
-            named = [d for d in await self._destinations()
-                     if d.lower() == where.destination.lower()]
+            named = [d for d in await self._destinations() if where.selects(d)]
             if not named:
                 return
             if len(named) == 1:
@@ -923,7 +922,7 @@ def _letter(letter_id: int, record: dict[bytes, bytes]) -> DeadLetter:
 
 def _matches(letter: DeadLetter, where: DeadLetterFilter) -> bool:
     """The filter as the other backends apply it (ids are handled by the lookup)."""
-    return ((where.destination is None or letter.destination.lower() == where.destination.lower())
+    return (where.selects(letter.destination)
             and (where.reason is None or where.reason.lower() in letter.reason.lower())
             and (where.since is None or letter.failed_at >= where.since)
             and (where.until is None or letter.failed_at <= where.until))

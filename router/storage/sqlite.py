@@ -1492,7 +1492,8 @@ def _where(where: DeadLetterFilter) -> tuple[str, tuple[Any, ...]]:
     conditions: list[str] = []
     params: list[Any] = []
     if where.destination is not None:
-        conditions.append("destination = ? COLLATE NOCASE")
+        conditions.append("destination = ?" if where.exact_destination
+                          else "destination = ? COLLATE NOCASE")
         params.append(where.destination)
     if where.reason is not None:
         conditions.append("instr(lower(reason), lower(?)) > 0")
