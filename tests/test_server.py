@@ -1606,6 +1606,33 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
     assert "delivery process exited" not in err.decode()
 
 
+@contextlib.asynccontextmanager
+async def _serve_starting(config: Path, **options: Any
+                          ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Callable[[], None]]]:
+    """``router serve`` with ``config``, whose start waits while the test holds its spool's
+    delivery lock; yields the process and what lets the lock go. Killed if still running."""
+    held: int | None = lock_delivery(config.parent / "router.db")
+    assert held is not None
+
+    def let_go() -> None:
+        nonlocal held
+        if held is not None:
+            os.close(held)
+            held = None
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(_free_port()),
+        cwd=config.parent, env=_child_env(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, **options)
+    try:
+        yield process, let_go
+    finally:
+        let_go()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def _delivery_child(pid: int) -> int:
     """The delivery process of the ``router serve`` ``pid``, once it runs (not before its
     exec, while it is still a copy of the router)."""
@@ -1628,13 +1655,7 @@ async def test_serve_stops_on_sigterm_to_its_group_while_its_delivery_process_st
     config = tmp_path / "router.yaml"
     config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
                       + "delivery:\n  own_process: true\n")
-    held = lock_delivery(tmp_path / "router.db")  # the child's start waits for the spool
-    assert held is not None
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(_free_port()),
-        cwd=tmp_path, env=_child_env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    try:
+    async with _serve_starting(config, start_new_session=True) as (process, let_go):
         child = await _delivery_child(process.pid)  # the router is starting, handlers set
         # Blocked from its first moment, so that the group's SIGTERM cannot kill it while
         # it starts (whether the router then sees it die before its own stop is a race).
@@ -1642,15 +1663,8 @@ async def test_serve_stops_on_sigterm_to_its_group_while_its_delivery_process_st
             blocked = next(line for line in status if line.startswith("SigBlk:"))
         assert int(blocked.split()[1], 16) & (1 << (signal.SIGTERM - 1))
         os.killpg(process.pid, signal.SIGTERM)
-        os.close(held)  # the start-up may go on: the stop must not depend on it
-        held = None
+        let_go()  # the start-up may go on: the stop must not depend on it
         out, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if held is not None:
-            os.close(held)
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, err.decode()
     assert "router: SIGTERM received" in out.decode()
     assert "router: stopped" in out.decode()
@@ -1672,15 +1686,8 @@ async def test_serve_stopped_while_it_starts_never_opens_its_port(
     config = tmp_path / "router.yaml"
     config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
                       + f"delivery:\n  own_process: {str(own_process).lower()}\n")
-    held = lock_delivery(tmp_path / "router.db")  # delivery's start waits for the spool
-    assert held is not None
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(_free_port()),
-        cwd=tmp_path, env=_child_env(), stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    assert process.stdout is not None
-    said = b""
-    try:
+    async with _serve_starting(config) as (process, let_go):
+        assert process.stdout is not None
         deadline = time.monotonic() + 30
         while not _catches(process.pid, signal.SIGTERM):  # it is starting, its handlers set
             assert time.monotonic() < deadline, "router serve never took SIGTERM"
@@ -1688,15 +1695,8 @@ async def test_serve_stopped_while_it_starts_never_opens_its_port(
         process.send_signal(signal.SIGTERM)
         said = await asyncio.wait_for(process.stdout.readline(), 30)
         assert said == b"router: SIGTERM received\n"
-        os.close(held)  # only now may the start end: the stop must not wait for it
-        held = None
+        let_go()  # only now may the start end: the stop must not wait for it
         out, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if held is not None:
-            os.close(held)
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, err.decode()
     assert "listening on" not in out.decode()
     assert out.decode().endswith("router: stopped\n")
