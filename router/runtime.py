@@ -23,9 +23,12 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger("router")
+T = TypeVar("T")
 
 YOUNG_THRESHOLD = 50_000
 """Allocations between collections of the youngest generation (CPython's default: 700).
@@ -66,6 +69,24 @@ def expect_http_api() -> None:
 def pool_share() -> float:
     """The share of a short limit the destinations' pool may take (see ``POOL_SHARE``)."""
     return POOL_SHARE if _http_api_to_come else 1.0
+
+
+async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> asyncio.Future[T]:
+    """Run ``work`` until it ends or ``stop`` is set, whichever comes first: a stop during a
+    start gives the start up (cancelled, it closes what it opened) rather than wait for it.
+    Returns ``work``'s future, done: cancelled when the stop came first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+    finally:
+        stopped.cancel()
+        if not task.done():  # the caller is cancelled itself (a second Ctrl-C)
+            task.cancel()
+    return task
 
 
 def reserve_descriptors(count: int, what: str, *, share: float = 1.0) -> int:

@@ -503,12 +503,11 @@ _environment.tests = {name: _stepped(test) for name, test in _environment.tests.
 del _environment.globals["lipsum"]
 
 
-def _check_names(source: str, names: Collection[str], where: str) -> None:
-    """Raise ``ConfigError`` when ``source`` reads a name that is neither in ``names`` nor
+def _check_names(tree: nodes.Template, names: Collection[str], where: str) -> None:
+    """Raise ``ConfigError`` when the template reads a name that is neither in ``names`` nor
     one of jinja2's own (``range``, ``namespace``...) nor set anywhere in the template, nor
     asked after (``is defined``, ``| default``). jinja2's own list of undeclared names
     counts one set on some branches only, which renders for the events that take them."""
-    tree = _environment.parse(source)
     set_somewhere = {name.name for name in tree.find_all(nodes.Name)
                      if name.ctx in ("store", "param")}
     asked_after = {node.node.name for node in tree.find_all((nodes.Test, nodes.Filter))
@@ -523,11 +522,11 @@ def _check_names(source: str, names: Collection[str], where: str) -> None:
                           "`userId`)", field=where)
 
 
-def _writes_values_as_json(source: str) -> bool:
-    """Whether every ``{{ ... }}`` of ``source`` ends in ``| tojson``."""
+def _writes_values_as_json(tree: nodes.Template) -> bool:
+    """Whether every ``{{ ... }}`` of the template ends in ``| tojson``."""
     return all(isinstance(node, nodes.TemplateData)
                or (isinstance(node, nodes.Filter) and node.name == "tojson")
-               for output in _environment.parse(source).find_all(nodes.Output)
+               for output in tree.find_all(nodes.Output)
                for node in output.nodes)
 
 
@@ -553,9 +552,10 @@ class Template:
         except (RecursionError, MemoryError, SyntaxError):  # jinja2's parser, or Python's
             raise ConfigError("template does not compile: it nests too deeply",
                               field=where) from None
+        tree = _environment.parse(source)  # it compiled: it parses
         if names is not None:
-            _check_names(source, names, where)
-        self.writes_values_as_json = _writes_values_as_json(source)
+            _check_names(tree, names, where)
+        self.writes_values_as_json = _writes_values_as_json(tree)
         """Whether every value the template writes goes through ``tojson``: then no value
         can add a key to a JSON body, or break it."""
 

@@ -1585,15 +1585,11 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
         # In the router's group (a job control stop reaches both), ignoring what a terminal
         # sends the group; it starts with them blocked, so none kills it during start-up.
         assert os.getpgid(child) == os.getpgid(process.pid)
-        with open(f"/proc/{child}/status") as status:
-            fields = dict(line.split(":\t", 1) for line in status.read().splitlines()
-                          if ":\t" in line)
-        ignored, blocked = int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+        ignored, blocked = _signals(child, "SigIgn"), _signals(child, "SigBlk")
         for signum in (signal.SIGHUP, signal.SIGINT):
-            assert ignored & (1 << (signum - 1)) and not blocked & (1 << (signum - 1))
+            assert signum in ignored and signum not in blocked
         # SIGTERM, blocked while it starts, is its `stop` once it delivers.
-        caught = int(fields["SigCgt"], 16)
-        assert caught & (1 << (signal.SIGTERM - 1)) and not blocked & (1 << (signal.SIGTERM - 1))
+        assert signal.SIGTERM in _signals(child, "SigCgt") and signal.SIGTERM not in blocked
         os.killpg(process.pid, signal.SIGHUP)
         out, err = await asyncio.wait_for(process.communicate(), 30)
     finally:
@@ -1659,9 +1655,7 @@ async def test_serve_stops_on_sigterm_to_its_group_while_its_delivery_process_st
         child = await _delivery_child(process.pid)  # the router is starting, handlers set
         # Blocked from its first moment, so that the group's SIGTERM cannot kill it while
         # it starts (whether the router then sees it die before its own stop is a race).
-        with open(f"/proc/{child}/status") as status:
-            blocked = next(line for line in status if line.startswith("SigBlk:"))
-        assert int(blocked.split()[1], 16) & (1 << (signal.SIGTERM - 1))
+        assert signal.SIGTERM in _signals(child, "SigBlk")
         os.killpg(process.pid, signal.SIGTERM)
         let_go()  # the start-up may go on: the stop must not depend on it
         out, err = await asyncio.wait_for(process.communicate(), 60)
@@ -1671,10 +1665,12 @@ async def test_serve_stops_on_sigterm_to_its_group_while_its_delivery_process_st
     assert "delivery process exited" not in err.decode()
 
 
-def _catches(pid: int, signum: int) -> bool:
+def _signals(pid: int, mask: str) -> set[int]:
+    """The signals in one of process ``pid``'s masks in /proc: ``SigBlk`` (blocked),
+    ``SigIgn`` (ignored) or ``SigCgt`` (caught, by a handler)."""
     with open(f"/proc/{pid}/status") as status:
-        caught = next(line for line in status if line.startswith("SigCgt:"))
-    return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
+        bits = int(next(line for line in status if line.startswith(f"{mask}:")).split()[1], 16)
+    return {signum for signum in range(1, 65) if bits & (1 << (signum - 1))}
 
 
 @pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
@@ -1689,7 +1685,8 @@ async def test_serve_stopped_while_it_starts_never_opens_its_port(
     async with _serve_starting(config) as (process, let_go):
         assert process.stdout is not None
         deadline = time.monotonic() + 30
-        while not _catches(process.pid, signal.SIGTERM):  # it is starting, its handlers set
+        # It is starting once it catches SIGTERM (its handlers set).
+        while signal.SIGTERM not in _signals(process.pid, "SigCgt"):
             assert time.monotonic() < deadline, "router serve never took SIGTERM"
             await asyncio.sleep(0.01)
         process.send_signal(signal.SIGTERM)

@@ -45,7 +45,7 @@ from router import logs
 from router.config import LoadedConfig
 from router.delivery.telemetry import DeliveryMetrics, Snapshot, added
 from router.errors import SpoolInUse
-from router.runtime import LoopWatchdog, tune_garbage_collector
+from router.runtime import LoopWatchdog, tune_garbage_collector, until_stopped
 
 if TYPE_CHECKING:
     from router.delivery.egress import EgressPolicy
@@ -336,15 +336,8 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     loop.add_reader(connection.fileno(), on_message)
     egress = egress_policy(config)
     storage = storage_for_url(config.storage, base_dir=base_dir)
-    starting = asyncio.ensure_future(_start_service(loaded, storage, egress))
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():  # told to stop, or the parent is gone: the start is given up
-            starting.cancel()
-            await asyncio.wait([starting])
-    finally:
-        stopped.cancel()
+    # Told to stop, or the parent gone, while it starts: the start is given up.
+    starting = await until_stopped(_start_service(loaded, storage, egress), stop)
     if starting.cancelled() or starting.exception() is not None:
         if not starting.cancelled():  # reported to the parent, which fails its start
             exc = starting.exception()

@@ -25,7 +25,8 @@ from router.errors import ConfigError, StorageFull, StorageUnavailable
 from router.logs import announce
 from router.redaction import redacted_url
 from router.routing import Router
-from router.runtime import expect_http_api, reserve_descriptors, tune_garbage_collector
+from router.runtime import (expect_http_api, reserve_descriptors, tune_garbage_collector,
+                            until_stopped)
 from router.server.accesslog import ACCESS_LOGGER, log_turned_away
 from router.server.app import METRICS, create_app, create_runner
 from router.server.listen import (TOO_MANY_CONNECTIONS, TURN_AWAY, TURN_AWAY_STATUS,
@@ -100,17 +101,7 @@ async def _start_unless_stopped(router: Router, stop: asyncio.Event) -> bool:
     and the port was open and accepting.
 
     Raises what ``router.start()`` raises, unless it was given up."""
-    starting = asyncio.ensure_future(router.start())
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            await asyncio.wait([starting])  # it closes what it opened
-    finally:
-        stopped.cancel()
-        if not starting.done():  # this task is cancelled itself (a second Ctrl-C)
-            starting.cancel()
+    starting = await until_stopped(router.start(), stop)
     if starting.cancelled():
         return False
     starting.result()
