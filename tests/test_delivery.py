@@ -246,6 +246,32 @@ async def test_a_retry_after_of_a_day_waits_15_minutes_and_only_for_its_destinat
         assert due[0] is not None and sent_at + 800 < due[0] <= due[1] < sent_at + 1000
 
 
+
+async def test_a_429_without_retry_after_rests_the_whole_destination(tmp_path):
+    # An API allowing 10 requests a second, answering 429 with no Retry-After beyond
+    # (Mixpanel, Customer.io). Each refused event used to come back on its own backoff while
+    # the others went on: about two 429s for each event delivered (vendor rate-limit audit).
+    windows: dict[int, int] = {}
+
+    def ten_a_second(request):
+        window = int(request.time)
+        windows[window] = windows.get(window, 0) + 1
+        return Answer(429) if windows[window] > 10 else None
+
+    async with FakeDestinationServer(handler=ten_a_second) as server:
+        router = router_for(tmp_path, [webhook("limited", server.url, concurrency=1,
+                                               backoff_initial="1s", backoff_max="2s")])
+        async with router:
+            await router.route_many([track(n) for n in range(25)])
+            assert await router.drain(timeout=30)
+    assert sorted(await delivered_ids(server)) == sorted(f"m-{n}" for n in range(25))
+    throttled = [request for request in server.requests if request.status == 429]
+    assert throttled and len(throttled) < 25 // 2
+    for answer in throttled:  # nothing sent for at least half of backoff_initial after one
+        sent_then = [request for request in server.requests
+                     if answer.time < request.time < answer.time + 0.5]
+        assert not sent_then, (answer.time, [request.time for request in sent_then])
+
 USAGE = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
 
 
