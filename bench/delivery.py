@@ -49,6 +49,12 @@ Phases:
     the drop is given against both baselines.
 ``backlog_memory``
     One destination down while 100,000 events are routed: RSS sampled every 10,000 events.
+``throttled``
+    One ``webhook`` destination (concurrency 8) whose API allows 50 requests in each second
+    and answers 429 with no ``Retry-After`` beyond (as Mixpanel's and Customer.io's do), an
+    in-process ``router.testing`` fake; 1,500 events offered at three times that, 150 a
+    second for 10 s. The 429s for each event delivered, and the time until the last one is
+    delivered, next to the least it could take (30 s).
 
 Nothing listens beyond 127.0.0.1; every wait is bounded; every process started is stopped by
 its own pid (the sinks also exit by themselves after a few minutes).
@@ -839,6 +845,41 @@ async def phase_backlog(dead_url: str, count: int, every: int) -> dict[str, Any]
 
 # -- the stage ---------------------------------------------------------------------------------
 
+async def phase_throttled(limit: int, seconds: int) -> dict[str, Any]:
+    from router.testing.fake_server import Answer, FakeDestinationServer
+
+    answered: dict[int, int] = {}
+
+    def fixed_window(request: Any) -> Answer | None:
+        window = int(request.time)
+        answered[window] = answered.get(window, 0) + 1
+        return Answer(429) if answered[window] > limit else None
+
+    offered = 3 * limit
+    events = [orjson.dumps({"type": "track", "event": "Throttled", "userId": f"u{n % 50}",
+                            "messageId": f"t-{n}"}) for n in range(offered * seconds)]
+    with tempfile.TemporaryDirectory() as directory:
+        quiet_router_logs(directory)
+        async with FakeDestinationServer(handler=fixed_window) as api:
+            router = make_router(directory, [webhook("throttled", api.url, concurrency=8)])
+            async with router:
+                started = time.monotonic()
+                for second, chunk in enumerate(chunks_of(events, offered)):
+                    await route_chunk(router, chunk, {}, {})
+                    await asyncio.sleep(max(0.0, started + second + 1 - time.monotonic()))
+                drained = await wait_delivered(router, {"throttled": len(events)},
+                                               timeout=20 * seconds)
+                took = time.monotonic() - started
+            statuses = [request.status for request in api.requests]
+    refused = statuses.count(429)
+    return {"events": len(events), "all_delivered": drained,
+            "limit_requests_per_second": limit, "offered_per_second": offered,
+            "refused_429": refused,
+            "refused_per_event_delivered": round(refused / max(1, statuses.count(200)), 2),
+            "seconds_to_deliver_all": round(took, 1),
+            "least_seconds_it_could_take": round(len(events) / limit, 1)}
+
+
 def machine_load() -> dict[str, Any]:
     """The machine is shared: how busy it was is part of every figure."""
     return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
@@ -926,6 +967,8 @@ def run(count: int = 20_000) -> dict[str, Any]:
         log("delivery: a backlog for a destination that is down")
         backlog = figures["backlog_memory"] = in_child(here, "phase_backlog", dead_url=dead_url,
                                                        count=100_000, every=10_000)
+        log("delivery: a destination throttling at a third of the rate offered")
+        figures["throttled"] = in_child(here, "phase_throttled", limit=50, seconds=10)
         figures["sinks_cpu_seconds"] = [round(sink.stats()["cpu_seconds"], 1) for sink in sinks]
     finally:
         for sink in sinks:

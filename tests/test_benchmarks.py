@@ -39,6 +39,8 @@ def test_the_delivery_phases_deliver_everything(sink_urls):
     one = in_child("bench.delivery", "phase_one_per_request", urls=sink_urls, count=300,
                    warmup=0.1, window=0.5)
     assert one["requests"] > 0 and set(one["statuses"]) <= {"w0 200", "w1 200", "w2 200"}
+    throttled = in_child("bench.delivery", "phase_throttled", limit=20, seconds=2)
+    assert throttled["all_delivered"] and throttled["refused_429"] > 0
 
 
 def test_the_ingest_benchmark_delivers_everything_and_stops_cleanly(monkeypatch):
