@@ -161,6 +161,21 @@ def test_a_quantity_no_json_body_can_hold_counts_as_one():
         assert contents == [{"id": "p1", "quantity": 1, "item_price": 3.5}]
 
 
+
+def test_a_fractional_quantity_counts_in_the_value_and_rounds_up_in_contents():
+    # 0.5 kg at 4.5 was worth 0.0, its quantity cut to 0 (data fidelity audit).
+    props = {"product_id": "p1", "price": 4.5, "quantity": 0.5, "currency": "USD"}
+    data = only_event(meta(), track("Product Added", props))["custom_data"]
+    assert data["value"] == 2.25
+    assert (data["contents"], data["num_items"]) == ([{"id": "p1", "quantity": 1,
+                                                       "item_price": 4.5}], 1)
+
+
+def test_a_boolean_price_is_not_a_price():
+    props = {"product_id": "p1", "price": True, "currency": "USD"}
+    data = only_event(meta(), track("Product Added", props))["custom_data"]
+    assert "value" not in data and data["contents"] == [{"id": "p1", "quantity": 1}]
+
 def test_value_comes_from_revenue_then_total_then_value():
     def value(props):
         return only_event(meta(), track("Checkout Started", props))["custom_data"]["value"]

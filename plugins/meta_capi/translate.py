@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
@@ -354,7 +355,7 @@ def custom_data(event: Event, name: str) -> dict[str, Any]:
     if single:
         for key in PRODUCT_KEYS:
             data.pop(key, None)
-        if value is None and isinstance(props.get("price"), (int, float)):
+        if value is None and _is_number(props.get("price")):
             value = props["price"] * _quantity(props)
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -385,8 +386,9 @@ def _contents(listed: list[dict]) -> dict[str, Any]:
         if product_id is None:
             raise EventRejected(f"product {position} has no product_id or sku; Meta needs an "
                                 f"id in contents and content_ids")
-        content: dict[str, Any] = {"id": str(product_id), "quantity": _quantity(product)}
-        if isinstance(product.get("price"), (int, float)):
+        content: dict[str, Any] = {"id": str(product_id),
+                                   "quantity": math.ceil(_quantity(product))}
+        if _is_number(product.get("price")):
             content["item_price"] = product["price"]
         contents.append(content)
     return {"content_ids": [content["id"] for content in contents], "contents": contents,
@@ -403,14 +405,20 @@ def _check_purchase(data: Mapping[str, Any]) -> None:
         raise EventRejected("Meta needs a currency on Purchase: set properties.currency")
 
 
-def _quantity(product: Mapping[str, Any]) -> int:
-    """A product's whole quantity, 1 when it has none that makes sense (an embedding
-    program can pass ``inf``, which no JSON body can)."""
+def _quantity(product: Mapping[str, Any]) -> int | float:
+    """A product's quantity, 1 when it has none that makes sense (an embedding program can
+    pass ``inf``, which no JSON body can). A fraction (0.5 kg) counts as given in the value;
+    ``contents`` rounds it up, Meta's ``quantity`` being a whole number (it was cut to 0,
+    and the value with it: data fidelity audit)."""
     quantity = product.get("quantity")
-    if isinstance(quantity, (int, float)) and not isinstance(quantity, bool) \
-            and 0 < quantity < 2**31:
-        return int(quantity)
+    if _is_number(quantity) and 0 < quantity < 2**31:
+        return quantity
     return 1
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool: ``True`` is an int to Python, never a price to Meta."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _first(data: Mapping[str, Any], keys: Iterable[str]) -> Any:
