@@ -273,11 +273,16 @@ def test_a_track_name_mixpanel_reserves_is_rejected(name, prefix):
     assert translate(mixpanel(), track(event="Merged $ accounts"))  # only as a prefix
 
 
-def test_string_values_are_truncated_to_255_characters():
-    (payload,) = translate(mixpanel(), track(properties={"note": "y" * 300,
-                                                         "tags": ["z" * 300]}))
-    assert payload.body["properties"]["note"] == "y" * 255
-    assert payload.body["properties"]["tags"] == ["z" * 255]
+def test_string_values_are_truncated_to_255_bytes_between_characters():
+    (payload,) = translate(mixpanel(), track(properties={
+        "note": "y" * 300, "tags": ["z" * 300], "cyrillic": "я" * 300, "emoji": "😀" * 100,
+        "nested": {"ru": "я" * 128, "fits": "я" * 127}, "date": "2026-01-02T03:04:05" + "x" * 300}))
+    properties = payload.body["properties"]
+    assert properties["note"] == "y" * 255 and properties["tags"] == ["z" * 255]
+    # Mixpanel's limit is in bytes: 2 for each "я", 4 for each emoji.
+    assert (properties["cyrillic"], properties["emoji"]) == ("я" * 127, "😀" * 63)
+    assert properties["nested"] == {"ru": "я" * 127, "fits": "я" * 127}
+    assert properties["date"] == ("2026-01-02T03:04:05" + "x" * 300)[:255]
 
 
 DATE_TIMES = {

@@ -22,6 +22,7 @@ IdentityMerge = Literal["simplified", "original"]
 # Mixpanel's documented limits ("Import Events", "Events FAQ", "Data Types").
 MAX_PROPERTIES = 255
 MAX_STRING = 255
+"""Bytes of UTF-8 in a string value."""
 MAX_EVENT_NAME = 255
 EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
 MAX_FUTURE = timedelta(hours=1)
@@ -107,26 +108,41 @@ def event_time(event: Event) -> int:
 
 
 def mixpanel_values(value: Any) -> Any:
-    """Property values as Mixpanel reads them, at any depth: strings cut to 255 characters
-    (Mixpanel keeps no more, and cutting here keeps batches small and the stored value
-    predictable), and ISO-8601 date-times in Mixpanel's own date form,
+    """Property values as Mixpanel reads them, at any depth: strings cut to 255 bytes of
+    UTF-8 (Mixpanel keeps no more, and cutting here, between characters, keeps batches
+    small and the stored value predictable), and ISO-8601 date-times in Mixpanel's own date form,
     ``YYYY-MM-DDTHH:MM:SS`` in UTC ("Supported Properties Data Type"): a time with an
     offset (``+01:00``) or fractional seconds is not read as a date, or not in UTC."""
     if isinstance(value, str):
         return _text(value)
     # Scalars inline: a call for each of them would cost more than the rest; only a string
-    # shaped like a date-time (a "T" after the date) takes a call.
+    # shaped like a date-time (a "T" after the date), or long enough to be over 255 bytes,
+    # takes a call (UTF-8 takes at most 4 bytes a character).
     if isinstance(value, dict):
-        return {key: (item[:MAX_STRING] if len(item) < 16 or item[10] != "T" else _text(item))
+        return {key: (item if len(item) < 16 or (len(item) <= MAX_STRING // 4
+                                                 and item[10] != "T") else _text(item))
                 if isinstance(item, str) else
                 mixpanel_values(item) if isinstance(item, (dict, list)) else item
                 for key, item in value.items()}
     if isinstance(value, list):
-        return [(item[:MAX_STRING] if len(item) < 16 or item[10] != "T" else _text(item))
+        return [(item if len(item) < 16 or (len(item) <= MAX_STRING // 4
+                                            and item[10] != "T") else _text(item))
                 if isinstance(item, str) else
                 mixpanel_values(item) if isinstance(item, (dict, list)) else item
                 for item in value]
     return value
+
+
+def _cut(text: str) -> str:
+    """At most 255 bytes of UTF-8, ending between characters: Mixpanel's limit is in bytes
+    ("Supported Data Types"), and 255 characters of Cyrillic or emoji, cut here before,
+    were two to four times over it, for Mixpanel to cut anywhere (data fidelity audit)."""
+    if len(text) <= MAX_STRING // 4:
+        return text
+    encoded = text.encode()
+    if len(encoded) <= MAX_STRING:
+        return text
+    return encoded[:MAX_STRING].decode(errors="ignore")
 
 
 _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?")
@@ -136,7 +152,7 @@ _MIXPANEL_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
 def _text(text: str) -> str:
     if len(text) < 16 or text[10] != "T" or _MIXPANEL_DATE_TIME.fullmatch(text) \
             or not _DATE_TIME.fullmatch(text):
-        return text[:MAX_STRING]
+        return _cut(text)
     try:
         moment = datetime.fromisoformat(text)
         if moment.tzinfo is not None:
