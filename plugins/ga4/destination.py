@@ -119,11 +119,12 @@ class GoogleAnalytics4(Destination[GA4Settings]):
         self._skip_unsupported(event)
         settings = self.settings
         limits = t.ValueLimits(settings.max_param_value_length, settings.oversized_values)
-        name, pairs = t.shape(event, limits, lowercase=settings.lowercase_event_names)
+        name, pairs, made_items = t.shape(event, limits,
+                                          lowercase=settings.lowercase_event_names)
         for key in ("session_id", "engagement_time_msec"):  # what GA4 sessions are made of
             if options.get(key) is not None:
                 pairs[key] = options[key]
-        ga4_event = {"name": name, "params": t.params(pairs, limits),
+        ga4_event = {"name": name, "params": t.params(pairs, limits, made_items),
                      # 72 h is measured from receipt, so keep the delivery age limit for retries
                      "timestamp_micros": t.timestamp_micros(
                          event, margin=timedelta(seconds=self.delivery.max_age))}

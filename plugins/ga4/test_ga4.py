@@ -539,3 +539,27 @@ def test_every_setting_is_documented():
 test_conformance = conformance_test(
     GoogleAnalytics4, settings={"measurement_id": "G-TEST12345", "api_secret": "ga4-secret-0001"},
     examples=100)
+
+
+def test_an_items_property_is_checked_as_ga4_items():
+    # It went out as it came, a string or nested lists, for GA4 to drop (data fidelity audit).
+    for bad in ("abc", [{"deep": {"x": [1]}}], [None], [{"item_id": "p1", "tags": ["a"]}]):
+        with pytest.raises(EventRejected):
+            ga4().translate(track("Custom Thing", {"items": bad}), {})
+    (payload,) = ga4().translate(track("Custom Thing", {"items": [
+        {"item_id": "p1", "price": 2, "coupon": None}]}), {})
+    assert payload.body["events"][0]["params"]["items"] == [{"item_id": "p1", "price": 2}]
+    # An event's products make its items; an items property beside them is not sent.
+    (payload,) = ga4().translate(track("Order Completed", {
+        "order_id": "o1", "revenue": 5, "items": "abc",
+        "products": [{"product_id": "p2"}]}), {})
+    assert payload.body["events"][0]["params"]["items"] == [{"item_id": "p2"}]
+
+
+def test_a_future_timestamp_is_refused_and_a_fast_clock_reads_as_receipt():
+    # GA4 answers 2xx to an event in the future and drops it (data fidelity audit).
+    with pytest.raises(EventRejected, match="in the past"):
+        ga4().translate(track("Future", timestamp=(RECEIVED + timedelta(hours=2)).isoformat()),
+                        {})
+    fast = track("Fast", timestamp=(RECEIVED + timedelta(seconds=20)).isoformat())
+    assert only_event(ga4(), fast)["timestamp_micros"] == int(RECEIVED.timestamp()) * 10**6

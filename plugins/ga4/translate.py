@@ -31,6 +31,8 @@ USER_PROPERTIES_MAX = 25
 USER_PROPERTY_NAME_MAX = 24
 USER_PROPERTY_VALUE_MAX = 36
 BACKDATE_MAX = timedelta(hours=72)
+CLOCK_SKEW = timedelta(minutes=1)
+"""How far a timestamp may be ahead of receipt: a sender's clock running fast."""
 
 # Three page params have their own, longer value limits (RT ga4 README, MP "Limitations").
 PAGE_PARAM_VALUE_MAX = {"page_location": 1000, "page_referrer": 420, "page_title": 300}
@@ -191,6 +193,24 @@ def items(event: Event, limits: ValueLimits) -> list[dict[str, Any]]:
     return result
 
 
+def given_items(value: Any, limits: ValueLimits) -> list[dict[str, Any]]:
+    """An ``items`` property as GA4 takes it: objects with an ``item_id`` or ``item_name``,
+    their values strings and numbers (nulls dropped), at most 200."""
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise EventRejected("property items is not GA4's items, a list of objects; send "
+                            "products, which become items")
+    if len(value) > ITEMS_MAX:
+        raise EventRejected(f"{len(value)} items, over GA4's {ITEMS_MAX} per event")
+    checked = []
+    for position, item in enumerate(value):
+        if item.get("item_id") is None and item.get("item_name") is None:
+            raise EventRejected(f"GA4 needs item_id or item_name on every item; items"
+                                f"[{position}] has neither")
+        checked.append({key: limits.scalar(f"items[{position}].{key}", field)
+                        for key, field in item.items() if field is not None})
+    return checked
+
+
 def money(event: Event, native: Native) -> tuple[dict[str, Any], set[str]]:
     """``value``/``currency`` (and ``transaction_id`` for purchase/refund) of an e-commerce
     event, and the properties they used up.
@@ -232,8 +252,10 @@ def money(event: Event, native: Native) -> tuple[dict[str, Any], set[str]]:
 PAGE_KEYS = frozenset({"url", "referrer", "title", "path", "search"})
 
 
-def shape(event: Event, limits: ValueLimits, *, lowercase: bool) -> tuple[str, dict[str, Any]]:
-    """The GA4 event name and its params (before the checks of ``params``)."""
+def shape(event: Event, limits: ValueLimits, *, lowercase: bool
+          ) -> tuple[str, dict[str, Any], list[dict[str, Any]] | None]:
+    """The GA4 event name, its params (before the checks of ``params``) and the ``items``
+    made from its products, if any."""
     props = event.properties
     if event.type == "page":
         page = event.context.get("page")
@@ -243,17 +265,17 @@ def shape(event: Event, limits: ValueLimits, *, lowercase: bool) -> tuple[str, d
         pairs["page_location"] = _first(props, "url") or page.get("url")
         pairs["page_referrer"] = _first(props, "referrer") or page.get("referrer")
         pairs["page_title"] = _first(props, "title") or page.get("title")
-        return "page_view", pairs
+        return "page_view", pairs, None
     if event.type == "screen":
         pairs = dict(props)
         pairs["screen_name"] = event.name or props.get("name")
-        return "screen_view", pairs
+        return "screen_view", pairs, None
     if event.type == "group":
-        return "join_group", {"group_id": event.groupId}
+        return "join_group", {"group_id": event.groupId}, None
     native = NATIVE_EVENTS.get(event.event or "")
     if native is None:
-        return event_name(event.event or "", lowercase=lowercase), custom_params(props)
-    return native.name, native_params(event, native, limits)
+        return event_name(event.event or "", lowercase=lowercase), custom_params(props), None
+    return native.name, *native_params(event, native, limits)
 
 
 def custom_params(props: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,9 +287,10 @@ def custom_params(props: Mapping[str, Any]) -> dict[str, Any]:
     return pairs
 
 
-def native_params(event: Event, native: Native, limits: ValueLimits) -> dict[str, Any]:
-    """A recommended event's params: the mapped fields, money, items, then the remaining
-    properties as custom params."""
+def native_params(event: Event, native: Native, limits: ValueLimits
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """A recommended event's params: the mapped fields, money, then the remaining
+    properties as custom params; and its items, when it has products."""
     props = event.properties
     mapped, used = money(event, native)
     for ga4_key, segment_key in native.params.items():
@@ -275,14 +298,13 @@ def native_params(event: Event, native: Native, limits: ValueLimits) -> dict[str
             mapped[ga4_key] = props[segment_key]
             used.add(segment_key)
     mapped.update(native.constants)
+    listed = None
     if native.items:
-        listed = items(event, limits)
-        if listed:
-            mapped["items"] = listed
+        listed = items(event, limits) or None
         used |= {"products"} | (PRODUCT_KEYS if "products" not in props else set())
     pairs = {key: value for key, value in props.items() if key not in used}
     pairs.update(mapped)
-    return pairs
+    return pairs, listed
 
 
 # --- values --------------------------------------------------------------------------------
@@ -311,18 +333,24 @@ class ValueLimits:
         return text[:limit]
 
 
-def params(pairs: Mapping[str, Any], limits: ValueLimits) -> dict[str, Any]:
+def params(pairs: Mapping[str, Any], limits: ValueLimits,
+           made_items: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Event params from ``pairs``: names checked, nulls dropped (GA4 takes none), values
-    checked, at most 25 (items included)."""
+    checked, at most 25 (items included). ``made_items``, made from the event's products,
+    win over an ``items`` property, which is checked as GA4's items otherwise (it went out
+    unchecked, a string or nested lists, for GA4 to drop silently: data fidelity audit)."""
     result: dict[str, Any] = {}
     for raw_name, value in pairs.items():
         if value is None:
             continue
         name = param_name(raw_name)
         if name == "items":
-            result[name] = value
+            if made_items is None:
+                result[name] = given_items(value, limits)
             continue
         result[name] = limits.scalar(f"param {name!r}", value, PAGE_PARAM_VALUE_MAX.get(name))
+    if made_items is not None:
+        result["items"] = made_items
     if len(result) > PARAMS_MAX:
         raise EventRejected(f"{len(result)} params, over GA4's {PARAMS_MAX} per event; drop "
                             f"properties with a filter or a mapping override")
@@ -425,18 +453,25 @@ def _ga_cookie_client_id(cookies: Any) -> str | None:
 
 
 def timestamp_micros(event: Event, *, margin: timedelta) -> int:
-    """The event time in µs since the epoch, after checking GA4's 72-hour backdating window.
+    """The event time in µs since the epoch, after checking GA4's 72-hour backdating window
+    and that it is not in the future ("only ... events that happened in the past", which GA4
+    answers 2xx and drops: data fidelity audit).
 
-    The age is measured from ``receivedAt`` (not the clock: translate must be deterministic)
+    Both are measured from ``receivedAt`` (not the clock: translate must be deterministic)
     and ``margin`` is kept free for retries, since GA4 drops a late event silently.
     """
+    if event.timestamp - event.receivedAt > CLOCK_SKEW:
+        raise EventRejected("the event's timestamp is over a minute after the router received "
+                            "it; GA4 takes only events that happened in the past")
     age = event.receivedAt - event.timestamp
     if age > BACKDATE_MAX - margin:
         hours = age / timedelta(hours=1)
         raise EventRejected(f"the event happened {hours:.0f} h before it was received; GA4 "
                             f"keeps events backdated by at most 72 h, and this leaves "
                             f"{margin / timedelta(hours=1):.0f} h for retries")
-    return (event.timestamp - _EPOCH) // timedelta(microseconds=1)
+    # A sender's clock a little fast (a server library sends no sentAt to correct it) is
+    # read as the moment of receipt.
+    return (min(event.timestamp, event.receivedAt) - _EPOCH) // timedelta(microseconds=1)
 
 
 def _first(data: Mapping[str, Any], *keys: str) -> Any:
