@@ -15,7 +15,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 import phonenumbers
 
@@ -416,7 +416,7 @@ def _quantity(product: Mapping[str, Any]) -> int | float:
     return 1
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     """An int or float, not a bool: ``True`` is an int to Python, never a price to Meta."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
