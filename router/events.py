@@ -171,6 +171,12 @@ def parse_event(raw: Any, *, received_at: datetime | None = None,
         event = Event.model_validate(data)
     except ValidationError as exc:
         raise InvalidEvent(_problems(exc)) from None
+    # An id of spaces names no one, as an empty one does: sent on, every sender of "   "
+    # became one person in each destination (data fidelity audit).
+    if event.userId and event.userId[0].isspace() and not event.userId.strip():
+        event.userId = ""
+    if event.anonymousId and event.anonymousId[0].isspace() and not event.anonymousId.strip():
+        event.anonymousId = ""
     # Unset slots would take pydantic's slow path.
     object.__setattr__(event, "_shared", None)
     object.__setattr__(event, "_amount_problems", ())

@@ -102,6 +102,16 @@ def test_anonymous_only_event_is_valid():
     assert event.userId is None and event.anonymousId == "anon-1"
 
 
+
+def test_an_id_of_spaces_names_no_one():
+    # Sent on, every sender of "   " became one person in each destination (data audit).
+    event = parse({"type": "track", "event": "Viewed", "userId": " \t ", "anonymousId": "a-1"})
+    assert (event.userId, event.user_key) == ("", "a-1")
+    assert parse({"type": "track", "event": "Viewed", "userId": " u1 "}).userId == " u1 "
+    message = str(problems_of({"type": "track", "event": "x", "userId": "  ",
+                               "anonymousId": "   "}))
+    assert "one of userId or anonymousId is required" in message
+
 def test_an_event_that_is_not_an_object_is_invalid():
     for raw in (["track"], "track", 42, None):
         with pytest.raises(InvalidEvent):
