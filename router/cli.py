@@ -31,6 +31,7 @@ from router.registry import create_registry
 from router.routing import (DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status,
                             duplicate_reason)
 from router.storage.base import DeadLetterFilter, Storage
+from router.terminal import printable
 
 log = logging.getLogger("router")
 
@@ -42,10 +43,14 @@ JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if getattr(args, "run", None) is dlq_command and args.action != "list" and (
-            args.limit is not None or args.json):
-        # Accepted and ignored, `purge --limit 5` purged every letter that matched.
-        parser.error(f"--limit and --json apply to `router dlq list` only, not {args.action}")
+    if getattr(args, "run", None) is dlq_command:
+        _check_dlq_options(parser, args)
+    # A terminal or pipe that cannot write some character (PYTHONIOENCODING=ascii, a C
+    # locale on an old Python) would end the command with a traceback after its work was
+    # done (events delivered, letters replayed): such a character is written as its escape.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         logs.configure()
     except ValueError as exc:
@@ -66,6 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROBLEM
 
 
+def _check_dlq_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Options an action would accept and ignore: `purge --limit 5` purged every letter that
+    matched, and `bury --since 1h` buried every queued job (CLI audit)."""
+    if args.action != "list" and (args.limit is not None or args.json):
+        parser.error(f"--limit and --json apply to `router dlq list` only, not {args.action}")
+    if args.action == "bury" and (args.since is not None or args.reason is not None):
+        parser.error("--since and --reason select dead letters; `router dlq bury` takes "
+                     "every job queued for --destination")
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -74,8 +89,14 @@ def _duration(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 2**62:
         raise argparse.ArgumentTypeError("expected a whole number of at least 1")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError("expected a port number from 0 to 65535")
     return int(text)
 
 
@@ -111,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP ingest API and delivery")
     serve.add_argument("-c", "--config", required=True)
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=_port)
     serve.set_defaults(run=serve_command)
 
     dlq = commands.add_parser("dlq", help="list, replay or purge dead letters, or bury the "
@@ -188,6 +209,14 @@ async def _open_and_close(loaded: LoadedConfig, storage: Storage) -> None:
 def send_command(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else _read_input(args.input)
     router = Router(load_config(args.config), deliver=not args.dry_run)
+    sources = {source.name for source in router.loaded.config.sources}
+    if args.source != DEFAULT_SOURCE and args.source not in sources:
+        # A misspelt source has a dedup window of its own: what the HTTP API took from the
+        # one meant goes again (CLI audit).
+        print(f"note: the config has no source named {args.source!r}; the events are "
+              f"deduplicated apart from those of its sources ({', '.join(sorted(sources))})"
+              if sources else f"note: the config has no sources; {args.source!r} has a dedup "
+              "window of its own", file=sys.stderr)
     try:
         items = list(read_events(data, json_lines=args.input.endswith(JSON_LINES_SUFFIXES)))
     except UnreadableDocument as exc:  # nothing is sent from a file cut short
@@ -292,7 +321,11 @@ async def _send(router: Router, items: list[Any], source: str, wait: float
         results = [_unreadable(item) if isinstance(item, Unreadable) else next(routed)
                    for item in items]
         if router.delivers:
-            drained = await router.drain(timeout=wait)
+            try:
+                drained = await router.drain(timeout=wait)
+            except asyncio.CancelledError:  # Ctrl-C: exit 130, but say what is already done
+                _say_queued_on_interrupt(results)
+                raise
             # When the send began, in the wall time of either side of a clock step during
             # the wait: the earlier of the two, so no dead letter of this send is missed.
             began = min(started, time.time() - (time.monotonic() - started_monotonic)) - 1
@@ -301,6 +334,16 @@ async def _send(router: Router, items: list[Any], source: str, wait: float
     finally:
         await router.close()
     return results, dead_lettered
+
+
+def _say_queued_on_interrupt(results: list[RouteResult]) -> None:
+    """Interrupted while waiting for delivery, the send had already queued its events, and
+    said nothing: sent again, they were delivered twice wherever the file gave them no
+    messageId (CLI audit)."""
+    queued = sum(1 for result in results
+                 if any(item.status is Status.SEND for item in result.results))
+    print(f"interrupted: {queued} event(s) were already accepted and queued; the next router "
+          "to run on this storage delivers them, so do not send them again", file=sys.stderr)
 
 
 async def _note_outcomes(router: Router, results: list[RouteResult], *, since: float,
@@ -357,20 +400,21 @@ def _print_table(router: Router, index: int, result: RouteResult, out: TextIO, *
                  requests: bool) -> None:
     event = result.event
     title = f"{event.type} {event.event or event.name or ''}".strip() if event else "invalid event"
-    out.write(f"event {index}: {title}  (messageId {result.message_id or '-'})\n")
+    out.write(printable(f"event {index}: {title}  (messageId {result.message_id or '-'})")
+              + "\n")
     for item in result.results:
         name = item.destination or "-"
-        detail = item.reason or ("queued for delivery" if not requests else "")
-        out.write(f"  {name:<22} {item.status:<9} {detail}\n".rstrip() + "\n")
+        detail = printable(item.reason) or ("queued for delivery" if not requests else "")
+        out.write(f"  {name:<22} {item.status:<9} {detail}".rstrip() + "\n")
         if requests and item.status is Status.SEND and item.destination:
             masker = router.destination(item.destination).masker
             for request in router.requests_for(item):
                 shown = _request_json(router, item.destination, request)
-                out.write(f"      {shown['method']} {shown['url']}\n")
+                out.write(printable(f"      {shown['method']} {shown['url']}") + "\n")
                 for header, value in shown["headers"].items():
-                    out.write(f"      {header}: {value}\n")
+                    out.write(printable(f"      {header}: {value}") + "\n")
                 text = _body_as_sent(masker, request.body)
-                out.write("".join(f"      {line}\n" for line in text.splitlines()))
+                out.write("".join(f"      {printable(line)}\n" for line in text.splitlines()))
     out.write("\n")
 
 

@@ -10,6 +10,7 @@ them.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import sys
 import time
@@ -26,6 +27,7 @@ from router.storage import storage_for_url
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter, Failure, Storage
+from router.terminal import printable
 
 DLQ_LIST_LIMIT = 100
 """How many of the newest letters ``router dlq list`` shows without ``--limit``."""
@@ -98,11 +100,17 @@ async def _replay(loaded: LoadedConfig, storage: Storage, where: DeadLetterFilte
     lettered = [name for name, queue in (await storage.stats(now=time.time())).queues.items()
                 if queue.dead_letters and asked in (None, name.lower())]
     replayed = 0
-    for name in lettered:
-        if name in sending:
-            replayed += await storage.replay(
-                dataclasses.replace(where, destination=name, exact_destination=True),
-                now=time.time())
+    try:
+        for name in lettered:
+            if name in sending:
+                replayed += await storage.replay(
+                    dataclasses.replace(where, destination=name, exact_destination=True),
+                    now=time.time())
+    except asyncio.CancelledError:  # Ctrl-C: exit 130, but say what is done and what is not
+        print("interrupted: the dead letters replayed so far have left the list and are "
+              "queued; those still listed were not replayed: run it again for them",
+              file=sys.stderr)
+        raise
     print(f"replayed {replayed} dead letter(s)")
     if left := sorted(set(lettered) - sending):
         print(f"note: dead letters of {', '.join(map(repr, left))} were not replayed: the "
@@ -170,9 +178,10 @@ def _as_json(letter: DeadLetter, masker: Masker) -> dict[str, object]:
 
 
 def _as_line(letter: DeadLetter) -> str:
-    return (f"#{letter.id} {_time(letter.failed_at)} {letter.destination} "
-            f"{letter.message_id} attempts={letter.attempts} status={letter.status or '-'} "
-            f"{letter.reason}")
+    """One line, whatever the letter's messageId (a client's) or reason (an API's) holds."""
+    return printable(f"#{letter.id} {_time(letter.failed_at)} {letter.destination} "
+                     f"{letter.message_id} attempts={letter.attempts} "
+                     f"status={letter.status or '-'} {letter.reason}")
 
 
 def _time(epoch: float) -> str:

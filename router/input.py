@@ -29,7 +29,9 @@ def read_events(data: bytes, *, json_lines: bool = False) -> Iterator[Any]:
     holds no events (``router send /dev/null`` delivers what an earlier run left queued).
 
     ``json_lines`` says the input is JSON Lines (a ``.jsonl`` or ``.ndjson`` file), even when
-    its first line is the bad one; otherwise the input tells."""
+    its first line is the bad one; otherwise the input tells. A UTF-8 byte order mark, which
+    Windows tools write, is read past."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
     if not data.strip():
         return
     if json_lines:

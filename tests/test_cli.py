@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -657,3 +658,85 @@ def test_dry_run_reports_a_plugin_failing_to_build_a_request_and_shows_the_rest(
     assert lines[(1, "opaque")]["reason"] == "zopaque failed to build a request: TypeError"
     assert "destination boom: zboom failed to build a request: KeyError: 'name'" in \
         completed.stderr  # the message for the operator, in the log, on one line
+
+
+# -- an operator's terminal, pipes and keys (CLI audit) ----------------------------------------
+
+def test_the_table_prints_control_characters_of_an_event_as_escapes(workdir):
+    # A client's messageId or event name could clear the screen or forge a line.
+    event = {"type": "track", "event": "Order \x1b[2J\x1b]0;pwned\x07", "userId": "u-1",
+             "messageId": "m-1\nevent 9: forged"}
+    (workdir / "ev.json").write_text(json.dumps(event))
+    completed = run("send", "-c", "router.yaml", "ev.json", "--dry-run", cwd=workdir)
+    assert "\x1b" not in completed.stdout and "\x07" not in completed.stdout
+    assert ("event 0: track Order \\x1b[2J\\x1b]0;pwned\\x07  (messageId m-1\\x0aevent 9: "
+            "forged)") in completed.stdout.splitlines()
+
+
+def test_a_byte_order_mark_is_read_past(workdir):
+    event = {"type": "track", "event": "Signed Up", "userId": "u-1", "messageId": "m-1"}
+    for name, text in (("ev.json", json.dumps(event)), ("ev.jsonl", json.dumps(event) + "\n")):
+        (workdir / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        lines, completed = dry_run(workdir, name)
+        assert completed.returncode == 0, completed.stdout
+        assert {line["status"] for line in lines} == {"send", "skipped"}
+
+
+def test_a_terminal_that_cannot_write_a_character_gets_its_escape_not_a_traceback(workdir):
+    (workdir / "ev.json").write_text(json.dumps(
+        {"type": "track", "event": "Café ☕", "userId": "u-1", "messageId": "m-1"}))
+    completed = run("send", "-c", "router.yaml", "ev.json", "--dry-run", cwd=workdir,
+                    env={"PYTHONIOENCODING": "ascii"})
+    assert completed.returncode == 0 and "Traceback" not in completed.stderr
+    assert "Caf\\xe9 \\u2615" in completed.stdout
+
+
+def test_numbers_out_of_range_and_options_a_command_would_ignore_are_usage_errors(workdir):
+    for args, complaint in ((("serve", "-c", "router.yaml", "--port", "70000"), "0 to 65535"),
+                            (("dlq", "list", "-c", "router.yaml", "--limit",
+                              "99999999999999999999"), "at least 1"),
+                            (("dlq", "bury", "-c", "router.yaml", "--destination", "old",
+                              "--since", "1h"), "takes every job queued")):
+        completed = run(*args, cwd=workdir)
+        assert completed.returncode == 2 and complaint in completed.stderr, completed.stderr
+        assert "Traceback" not in completed.stderr
+
+
+def test_a_source_the_config_does_not_have_is_pointed_out(workdir):
+    (workdir / "ev.json").write_text(json.dumps(
+        {"type": "track", "event": "A", "userId": "u-1", "messageId": "m-1"}))
+    completed = run("send", "-c", "router.yaml", "ev.json", "--dry-run", "--source", "webiste",
+                    cwd=workdir)
+    assert "note: the config has no sources; 'webiste' has a dedup window of its own" \
+        in completed.stderr
+    quiet = run("send", "-c", "router.yaml", "ev.json", "--dry-run", cwd=workdir)
+    assert "note" not in quiet.stderr
+
+
+async def test_ctrl_c_while_waiting_for_delivery_says_the_events_are_queued(tmp_path):
+    # It exited 130 without a word; sent again, the events went twice.
+    from router.testing import Answer, FakeDestinationServer
+
+    async with FakeDestinationServer(default=Answer(200, delay=30)) as server:
+        (tmp_path / "router.json").write_text(json.dumps({
+            "storage": f"sqlite:///{tmp_path / 'router.db'}",
+            "egress": {"allow_private_addresses": True},
+            "destinations": [{"name": "slow", "plugin": "webhook",
+                              "settings": {"url": server.url}}]}))
+        (tmp_path / "ev.jsonl").write_text("".join(json.dumps(
+            {"type": "track", "event": "A", "userId": "u-1"}) + "\n" for _ in range(3)))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "router", "send", "-c", "router.json", "ev.jsonl"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            await server.wait_for(1, timeout=30)  # accepted, and being delivered
+            process.send_signal(signal.SIGINT)
+            _, stderr = await asyncio.to_thread(process.communicate, timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted: 3 event(s) were already accepted and queued" in stderr
+    assert "Traceback" not in stderr

@@ -206,3 +206,21 @@ async def test_a_queue_renamed_only_in_case_is_said_and_can_be_buried(tmp_path, 
     assert "whose workers send" in dlq("bury", "--destination", "amp", config=config).stderr
     buried = dlq("bury", "--destination", "Amp", config=config)
     assert buried.stdout == "buried 2 job(s) of 'Amp' in the dead letters\n", buried.stderr
+
+
+async def test_a_letter_prints_as_one_line_whatever_its_message_id_holds(tmp_path):
+    # A client's messageId cleared the operator's screen and forged a line (CLI audit).
+    async with FakeDestinationServer() as bad:
+        bad.default = Answer(400)
+        destinations = [webhook("bad", bad.url)]
+        router = router_for(tmp_path, destinations)
+        async with router:
+            await router.route(track(1, messageId="m-1\x1b[2J\n#2 forged status=200"))
+            assert await router.drain(timeout=10)
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                                     "egress": {"allow_private_addresses": True},
+                                     "destinations": destinations}))
+    lines = dlq("list", config=config).stdout.splitlines()
+    assert len(lines) == 2 and lines[1] == "1 dead letter(s)"
+    assert "m-1\\x1b[2J\\x0a#2 forged status=200 attempts=1" in lines[0]
