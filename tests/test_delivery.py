@@ -272,6 +272,27 @@ async def test_a_429_without_retry_after_rests_the_whole_destination(tmp_path):
                      if answer.time < request.time < answer.time + 0.5]
         assert not sent_then, (answer.time, [request.time for request in sent_then])
 
+
+async def test_a_window_with_no_request_left_rests_the_destination_until_it_resets(tmp_path):
+    # Braze says on its successes how many requests the window has left, and when it resets
+    # (epoch seconds): the request after the last one was only refused (vendor audit).
+    windows: dict[int, int] = {}
+
+    def five_a_second(request):
+        window = int(request.time)
+        windows[window] = windows.get(window, 0) + 1
+        if windows[window] > 5:
+            return Answer(429)
+        return Answer(201, headers={"X-RateLimit-Remaining": str(5 - windows[window]),
+                                    "X-RateLimit-Reset": str(window + 1)})
+
+    async with FakeDestinationServer(handler=five_a_second) as server:
+        router = router_for(tmp_path, [webhook("braze-like", server.url, concurrency=1)])
+        async with router:
+            await router.route_many([track(n) for n in range(12)])
+            assert await router.drain(timeout=30)
+    assert [request.status for request in server.requests] == [201] * 12
+
 USAGE = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
 
 
@@ -1024,3 +1045,15 @@ async def test_drain_does_not_wait_for_a_destination_the_config_no_longer_has(tm
             stats = await router.storage.stats(now=time.time())
         assert len(server.requests) == 1
     assert stats.queues["gone"].pending == 3  # kept, for a router that has it again
+
+
+def test_a_spent_rate_limit_window_is_read_from_either_kind_of_reset():
+    date = "Sun, 06 Dec 2026 12:00:00 GMT"  # 1796558400
+    spent = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1796558430", "Date": date}
+    assert retry.budget_spent(spent, now=0) == 30.0  # a moment, read against Date
+    assert retry.budget_spent({"ratelimit-remaining": "0", "ratelimit-reset": "12"},
+                              now=0) == 12.0  # seconds from now (the IETF draft)
+    assert retry.budget_spent({**spent, "X-RateLimit-Remaining": "3"}, now=0) is None
+    assert retry.budget_spent({"X-RateLimit-Remaining": "0"}, now=0) is None
+    assert retry.budget_spent({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "nan"},
+                              now=0) is None

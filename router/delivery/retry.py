@@ -12,6 +12,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.destination import DeliveryDefaults, Outcome
 from router.errors import PermanentError, RetryableError
@@ -106,7 +107,7 @@ def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
     equivalent header; None when there is none or it cannot be read. An HTTP-date is a
     moment on the server's clock, so it is measured from the response's ``Date`` when there
     is one: ours may be an hour off (a 15-minute pause, or none at all)."""
-    lowered = {name.lower(): value for name, value in headers.items()}
+    lowered = _case_insensitive(headers)
     for name in _RETRY_AFTER_HEADERS:
         value = lowered.get(name)
         if value is None:
@@ -123,6 +124,45 @@ def retry_after(headers: Mapping[str, str], *, now: float) -> float | None:
             continue
         return min(max(seconds, 0.0), MAX_RETRY_AFTER)
     return None
+
+
+_REMAINING_HEADERS = ("x-ratelimit-remaining", "x-rate-limit-remaining", "ratelimit-remaining")
+_RESET_HEADERS = ("x-ratelimit-reset", "x-rate-limit-reset", "ratelimit-reset")
+EPOCH_RESET_AFTER = 1e9
+"""A reset above this is a moment (epoch seconds, as Braze's and GitHub's are), not a
+number of seconds from now (as the IETF draft's ``RateLimit-Reset`` is)."""
+
+
+def budget_spent(headers: Mapping[str, str], *, now: float) -> float | None:
+    """Seconds until the API's rate-limit window resets, when its answer says no request
+    of the window is left (``X-RateLimit-Remaining: 0``, on a success too, as Braze sends
+    it); None otherwise. Sent on, the next requests of the window would only be refused.
+    A moment is measured from the response's ``Date``, as a ``Retry-After`` date is."""
+    lowered = _case_insensitive(headers)
+    remaining = next((lowered[name] for name in _REMAINING_HEADERS if name in lowered), None)
+    if remaining is None or remaining.strip() != "0":
+        return None
+    reset = next((lowered[name] for name in _RESET_HEADERS if name in lowered), None)
+    if reset is None:
+        return None
+    try:
+        seconds = float(reset)
+    except ValueError:
+        return None
+    if not math.isfinite(seconds):
+        return None
+    if seconds > EPOCH_RESET_AFTER:
+        server_now = _http_date(lowered.get("date", ""))
+        seconds -= now if server_now is None else server_now
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _case_insensitive(headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` to look up by lower-case names: aiohttp's answers are already (every
+    response is looked at, so they are not copied); a plain dict is copied lower-cased."""
+    if isinstance(headers, (CIMultiDictProxy, CIMultiDict)):
+        return headers
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def _http_date(text: str) -> float | None:

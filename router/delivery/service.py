@@ -733,7 +733,9 @@ class DestinationWorker:
         status's. A throttle of the whole destination pauses it (Vector #4724's lesson:
         backing off one request while sending others only prolongs the throttling): a 429
         or 503 with ``Retry-After``, or what the plugin read as one (Meta answers 400 with an
-        error code, and the wait in a usage header)."""
+        error code, and the wait in a usage header); an answer saying the API's rate-limit
+        window has no request left (``X-RateLimit-Remaining: 0``); a 429 that states no wait
+        (``_rest_after_throttle``)."""
         now = self.clock.now()
         try:
             judged = self.destination.adapter.read_response(payloads, response)
@@ -757,6 +759,8 @@ class DestinationWorker:
                      throttled if o.pause_destination is None else o.pause_destination)]
         if waits and len(waits) == len(outcomes):
             self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
+        elif (spent := retry.budget_spent(response.headers, now=now)) is not None:
+            self.limiter.pause(spent)  # the window's last request: rest until it resets
         elif response.status == 429 and all(
                 isinstance(o, RetryableError) and o.retry_after is None
                 and o.pause_destination is not False for o in outcomes):
