@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 
 import pytest
 
@@ -54,9 +55,37 @@ def test_the_level_and_format_apply_to_the_root_logger(monkeypatch) -> None:
     logs.configure({"ROUTER_LOG_LEVEL": "info", "ROUTER_LOG_FORMAT": "JSON"})
     assert root.level == logging.INFO
     (handler,) = root.handlers
-    assert isinstance(handler.formatter, logs.JsonFormatter)
+    assert isinstance(handler, logs.BackgroundHandler)  # written off the event loop
+    assert isinstance(handler.target.formatter, logs.JsonFormatter)
     logs.configure({})  # configured already: left as it is
     assert root.handlers == [handler] and root.level == logging.INFO
+    handler.close()
+
+
+def test_lines_beyond_what_a_stalled_stream_holds_are_dropped_and_counted(monkeypatch):
+    # The writer thread holds lines while its stream is stalled; the event loop never waits.
+    stalled = threading.Event()
+    written: list[str] = []
+
+    class Stalled(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stalled.wait(10)
+            written.append(record.getMessage())
+
+    monkeypatch.setattr(logs, "LINES_WAITING_AT_MOST", 3)
+    handler = logs.BackgroundHandler(Stalled())
+    for n in range(10):
+        handler.handle(record(f"line {n}", logging.WARNING))
+    stalled.set()
+    handler.close()
+    # Three waited (and one was being written, if the writer had taken it); the rest were
+    # dropped, and said so.
+    kept = [line for line in written if line.startswith("line ")]
+    (note,) = [line for line in written if not line.startswith("line ")]
+    assert note.endswith("log line(s) were dropped: they came faster than they could be "
+                         "written (is the reader of the log stalled?)")
+    assert kept == [f"line {n}" for n in range(len(kept))] and len(kept) in (3, 4)
+    assert len(kept) + int(note.split()[0]) == 10
 
 
 def test_a_message_with_a_lone_surrogate_is_still_one_json_line() -> None:

@@ -1543,9 +1543,48 @@ async def test_serve_stops_on_sigterm_after_its_stdouts_reader_is_gone(
             await process.wait()
     assert process.returncode == 0, err.decode()
     said = err.decode()
-    assert said.count("the access log can no longer be written to stdout") == 1, said
+    assert said.count("stdout can no longer be written to") == 1, said
     assert "Logging error" not in said
 
+
+
+async def test_a_stalled_reader_of_stdout_holds_back_no_request(
+        recorder: Recorder, tmp_path: Path) -> None:
+    # A log shipper that stops reading: once the pipe was full (about 400 access lines),
+    # every request and /health hung until the reader came back (deployment audit).
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+    unread, written = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
+        cwd=config.parent, env=_child_env(), stdout=written, stderr=asyncio.subprocess.PIPE)
+    os.close(written)
+    stdout = os.fdopen(unread, "rb")
+    try:
+        while b"destinations:" not in await asyncio.to_thread(stdout.readline):
+            pass  # it listens; from here on, nobody reads its stdout
+        answered = 0
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for n in range(1_500):  # several times what the pipe holds
+                async with session.get(f"http://127.0.0.1:{port}/v1/nothing-{n}") as response:
+                    answered += response.status == 404
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
+        assert answered == 1_500
+        lines = 0
+        process.send_signal(signal.SIGTERM)
+        while line := await asyncio.to_thread(stdout.readline):  # the reader comes back
+            lines += b'"status":404' in line
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        stdout.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    assert lines == 1_500  # held meanwhile, none lost
 
 async def test_one_access_line_stdout_cannot_encode_turns_off_nothing(
         recorder: Recorder, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ start up: the port is never opened.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ import time
 
 from router.config import LoadedConfig, load_config
 from router.errors import ConfigError, StorageFull, StorageUnavailable
-from router.logs import announce
+from router.logs import announce, to_stdout
 from router.redaction import redacted_url
 from router.routing import Router
 from router.runtime import (expect_http_api, reserve_descriptors, tune_garbage_collector,
@@ -220,28 +219,8 @@ def _announce(router: Router, listening: asyncio.Server) -> None:
         announce("  destinations: none enabled (events are accepted and deduplicated only)")
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The access log's handler: once stdout cannot be written (its reader is gone, as
-    when a log shipper dies), it says so once on stderr and stops trying. Python's logging
-    wrote a traceback to stderr for every request instead."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        error = sys.exc_info()[1]
-        if not isinstance(error, OSError) or error.errno not in (errno.EPIPE, errno.EBADF):
-            super().handleError(record)  # this line's trouble (an encoding), not stdout's
-            return
-        self.setLevel(logging.CRITICAL + 1)
-        log.warning("the access log can no longer be written to stdout (%s: %s); requests "
-                    "are no longer logged", type(error).__name__, error)
-
-
 def _log_access_to_stdout() -> None:
     """One JSON line per request on stdout, whatever the root logger's level."""
-    if not ACCESS_LOGGER.handlers:
-        handler = _StdoutHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        ACCESS_LOGGER.addHandler(handler)
-    ACCESS_LOGGER.setLevel(logging.INFO)
-    ACCESS_LOGGER.propagate = False
+    to_stdout(ACCESS_LOGGER)
 
 
