@@ -1586,6 +1586,33 @@ async def test_a_stalled_reader_of_stdout_holds_back_no_request(
     assert process.returncode == 0, err.decode()
     assert lines == 1_500  # held meanwhile, none lost
 
+
+async def test_a_stop_signal_the_caller_ignores_stays_ignored(recorder: Recorder,
+                                                              tmp_path: Path) -> None:
+    # `nohup router serve &`: a closing terminal (SIGHUP) stopped it (deployment audit).
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+
+    def as_nohup_starts_it() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    process, _ = await _serve(config, port, preexec_fn=as_nohup_starts_it)
+    try:
+        process.send_signal(signal.SIGHUP)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(process.wait(), 2)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
+        out, err = await _stop(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err
+    assert "SIGHUP" not in out and "SIGTERM received" in out
+
 async def test_one_access_line_stdout_cannot_encode_turns_off_nothing(
         recorder: Recorder, tmp_path: Path) -> None:
     # Only a stdout whose reader is gone turns the access log off: a line an ASCII stdout

@@ -56,7 +56,10 @@ async def _serve(loaded: LoadedConfig, *, host: str | None, port: int | None) ->
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in _STOP_SIGNALS:
-        loop.add_signal_handler(signum, _on_stop_signal, loop, stop, signum)
+        # One the caller ignores stays ignored: `nohup router serve &` stopped when its
+        # terminal closed, and a script's `router serve &` on Ctrl-C (deployment audit).
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            loop.add_signal_handler(signum, _on_stop_signal, loop, stop, signum)
     expect_http_api()  # before the destinations' pool reserves its open files
     try:
         try:
