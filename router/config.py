@@ -153,9 +153,23 @@ class DedupConfig(_Section):
     window: Duration = 12 * 3600.0
 
 
+def secret_as_given(secret: SecretStr) -> SecretStr:
+    """A secret as an API or a client sends it: not blank, and no space around it. Taken
+    from the environment, a Kubernetes secret that is missing is "" and a value with a
+    stray space is easy to make: `router check` said OK, then every event failed at the
+    vendor, or every client got 401 (deployment audit)."""
+    text = secret.get_secret_value()
+    if not text.strip():
+        raise ValueError("is empty (an environment variable set to nothing?)")
+    if text != text.strip():
+        raise ValueError("begins or ends with a space, which no API or client sends (from "
+                         "the environment?)")
+    return secret
+
+
 class SourceConfig(_Section):
     name: Name
-    write_keys: list[Annotated[SecretStr, Field(min_length=1)]] = Field(min_length=1)
+    write_keys: list[Annotated[SecretStr, AfterValidator(secret_as_given)]] = Field(min_length=1)
 
 
 class DeliveryOverrides(_Section):

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
-from router.config import DestinationConfig, LoadedConfig, RouterConfig
+from router.config import DestinationConfig, LoadedConfig, RouterConfig, secret_as_given
 from router.delivery.batching import payload_limit
 from router.delivery.egress import EgressPolicy, check_url
 from router.destination import (DeliveryDefaults, Destination, Payload, checked_payloads,
@@ -146,6 +146,13 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         raise source.validation_error(exc, (*path, "settings")) from None
     except PLUGIN_FAILURES as exc:
         raise broken(exc, "checking its settings") from None
+    for name in type(settings).model_fields:
+        secret = getattr(settings, name)
+        if isinstance(secret, SecretStr):
+            try:
+                secret_as_given(secret)
+            except ValueError as exc:
+                raise source.error((*path, "settings", name), str(exc)) from None
     try:
         adapter = plugin.cls(settings)
     except ConfigError as exc:  # a template's syntax error quotes the template's text

@@ -14,6 +14,8 @@ import pytest
 from router.config import load_config, parse_config
 from router.destination import DeliveryDefaults
 from router.errors import ConfigError
+from router.registry import create_registry
+from router.routing import Router
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "router.yaml"
@@ -399,7 +401,7 @@ def test_error_says_what_was_expected(tmp_path):
 @pytest.mark.parametrize("text, says", [
     # pydantic's own words were "Value should have at least 1 item after validation, not 0"
     # for an empty key, "Input should be a valid list" (contract audit)
-    ('sources: [{name: web, write_keys: [""]}]', "sources.0.write_keys.0: must not be empty"),
+    ('sources: [{name: web, write_keys: [""]}]', "sources.0.write_keys.0: is empty"),
     ("sources: [{name: web, write_keys: key}]", "sources.0.write_keys: expected a list"),
     ("sources: [{name: web, write_keys: []}]", "write_keys: expected at least 1 item"),
     ("server: {port: 99999}", "server.port: expected 65535 or less"),
@@ -936,3 +938,24 @@ def test_a_listen_address_that_is_neither_an_address_nor_a_name_fails_at_load(tm
 def test_listen_addresses_and_names_are_taken(host, read):
     text = f'storage: memory://\nserver:\n  host: "{host}"\n'
     assert parse_config(text, file="t.yaml", env={}).config.server.host == read
+
+
+@pytest.mark.parametrize(("text", "value", "problem"), [
+    ("destinations:\n  - name: amp\n    plugin: amplitude\n    settings: {api_key: '${KEY}'}\n",
+     "", "destinations.0.settings.api_key: is empty"),
+    ("destinations:\n  - name: amp\n    plugin: amplitude\n    settings: {api_key: '${KEY}'}\n",
+     "abc123 ", "destinations.0.settings.api_key: begins or ends with a space"),
+    ("sources:\n  - name: web\n    write_keys: ['${KEY}']\n", " wk1",
+     "sources.0.write_keys.0: begins or ends with a space"),
+    ("sources:\n  - name: web\n    write_keys: ['${KEY}']\n", "  ",
+     "sources.0.write_keys.0: is empty"),
+])
+def test_a_secret_set_to_nothing_or_with_a_stray_space_fails_at_start(text, value, problem):
+    # A missing Kubernetes secret gives "": `router check` said OK, then every event failed
+    # at the vendor; a write key with a space made every client's request 401 (deployment
+    # audit).
+    with pytest.raises(ConfigError) as caught:
+        Router(parse_config("storage: memory://\n" + text, file="r.yaml", env={"KEY": value}),
+               registry=create_registry(), deliver=False)
+    assert str(caught.value).startswith("r.yaml:") and problem in str(caught.value)
+    assert value.strip() == "" or value.strip() not in str(caught.value)
