@@ -1450,12 +1450,14 @@ def _free_port() -> int:
 
 
 async def _serve(config: Path, port: int, *, env: dict[str, str] | None = None,
-                 **options: Any) -> tuple[asyncio.subprocess.Process, str]:
-    """``router serve`` with ``config`` on ``port`` (``env`` added to the environment), once
-    it has printed its banner; returns the process and the banner."""
+                 host: str | None = None, **options: Any
+                 ) -> tuple[asyncio.subprocess.Process, str]:
+    """``router serve`` with ``config`` on ``port`` (and ``host``, if given; ``env`` added
+    to the environment), once it has printed its banner; returns the process and the
+    banner."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
-        cwd=config.parent, env={**_child_env(), **(env or {})},
+        *(("--host", host) if host else ()), cwd=config.parent, env={**_child_env(), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, **options)
     assert process.stdout is not None and process.stderr is not None
     banner: list[str] = []
@@ -1612,6 +1614,37 @@ async def test_a_stop_signal_the_caller_ignores_stays_ignored(recorder: Recorder
             await process.wait()
     assert process.returncode == 0, err
     assert "SIGHUP" not in out and "SIGTERM received" in out
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+async def test_the_every_address_of_ipv6_takes_ipv4_clients_too(recorder: Recorder,
+                                                                 tmp_path: Path) -> None:
+    # asyncio listens IPv6-only on "::": every IPv4 client was refused (deployment audit).
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+    process, banner = await _serve(config, port, host="::")
+    try:
+        assert f"listening on http://[::]:{port}" in banner
+        async with aiohttp.ClientSession() as session:
+            for address in ("127.0.0.1", "[::1]"):
+                async with session.get(f"http://{address}:{port}/health") as response:
+                    assert response.status == 200, address
+        _, err = await _stop(process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err
 
 async def test_one_access_line_stdout_cannot_encode_turns_off_nothing(
         recorder: Recorder, tmp_path: Path) -> None:

@@ -16,9 +16,11 @@ connections and counts them (``connections``).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import resource
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -126,7 +128,32 @@ async def listen(runner: web.AppRunner, host: str, port: int, *, max_connections
         loop.call_soon(loop.call_soon, admitted)
         return server()
 
+    if _every_ipv6_address(host):
+        return await loop.create_server(protocol, sock=_dual_stack_socket(port),
+                                        backlog=BACKLOG)
     return await loop.create_server(protocol, host, port, backlog=BACKLOG, reuse_address=True)
+
+
+def _every_ipv6_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
+    except ValueError:
+        return False
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """A socket on ``::`` that takes IPv4 clients too, as Go's and Node's do: asyncio makes
+    every IPv6 socket IPv6-only, so ``host: "::"`` refused every IPv4 client, though the
+    config's own hint offers ``::`` beside ``0.0.0.0`` (deployment audit)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 ACCEPT_FAILURE = "socket.accept() out of system resource"
