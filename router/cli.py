@@ -21,7 +21,7 @@ import orjson
 
 from router import logs
 from router.config import LoadedConfig, load_config, parse_duration
-from router.dead_letters import DLQ_LIST_LIMIT, run_dlq_command
+from router.dead_letters import DLQ_LIST_LIMIT, require_spool, run_dlq_command
 from router.delivery.egress import check_url
 from router.destination import HttpRequest
 from router.errors import (PLUGIN_FAILURES, ConfigError, DestinationError, SpoolInUse, StorageFull,
@@ -519,8 +519,7 @@ def salvage_command(args: argparse.Namespace) -> int:
     if not isinstance(storage, SqliteStorage):
         raise loaded.source.error(("storage",), "router salvage repairs a SQLite spool "
                                   "(sqlite:///...); this storage is not one")
-    if not storage.path.exists():
-        raise loaded.source.error(("storage",), f"{storage.path} does not exist")
+    require_spool(loaded, storage.path, "there is nothing to salvage")
     lock = lock_delivery(storage.path)
     if lock is None:
         print(f"error: a router is delivering from {storage.path}: stop it first",

@@ -37,10 +37,10 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     config = loaded.config
     storage = storage_for_url(config.storage, base_dir=Path.cwd())
-    if isinstance(storage, SqliteStorage) and not storage.path.exists():
+    if isinstance(storage, SqliteStorage):
         # Opening would create an empty spool and report nothing: a wrong path or directory
-        raise loaded.source.error(("storage",), f"{storage.path} does not exist: no router "
-                                  "has used this storage yet (check the working directory)")
+        require_spool(loaded, storage.path, "no router has used this storage yet (check the "
+                                            "working directory)")
     if isinstance(storage, MemoryStorage):  # a fresh, empty one: "0 dead letters" would lie
         raise loaded.source.error(("storage",), "memory:// keeps nothing once its router "
                                   "stops: there are no dead letters here for router dlq")
@@ -88,6 +88,19 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
     finally:
         await storage.close()
     return 0
+
+
+def require_spool(loaded: LoadedConfig, path: Path, missing: str) -> None:
+    """The config's storage error when no spool is at ``path`` (``missing`` says what that
+    may mean), or when its directory cannot be looked into: a user without the right to
+    enter it got a PermissionError traceback (deployment audit)."""
+    try:
+        if path.exists():
+            return
+        why = f"{path} does not exist: {missing}"
+    except OSError as exc:
+        why = f"cannot look for {path}: {exc.strerror} (run as a user who may read it)"
+    raise loaded.source.error(("storage",), why)
 
 
 async def _replay(loaded: LoadedConfig, storage: Storage, where: DeadLetterFilter) -> None:

@@ -224,3 +224,25 @@ async def test_a_letter_prints_as_one_line_whatever_its_message_id_holds(tmp_pat
     lines = dlq("list", config=config).stdout.splitlines()
     assert len(lines) == 2 and lines[1] == "1 dead letter(s)"
     assert "m-1\\x1b[2J\\x0a#2 forged status=200 attempts=1" in lines[0]
+
+
+def test_a_spool_whose_directory_cannot_be_entered_is_said_at_the_storage_line(
+        tmp_path, monkeypatch):
+    # As a user without the right to enter the spool's directory: a PermissionError
+    # traceback (deployment audit). Run as root here, so the refusal is the kernel's stand-in.
+    from router.config import load_config
+    from router.dead_letters import require_spool
+    from router.errors import ConfigError
+
+    config = tmp_path / "router.yaml"
+    config.write_text("storage: sqlite:///data/router.db\n")
+    loaded = load_config(config)
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "exists", refused)
+    with pytest.raises(ConfigError) as caught:
+        require_spool(loaded, tmp_path / "data" / "router.db", "nothing to read")
+    assert str(caught.value).startswith(f"{config}:1: storage: cannot look for ")
+    assert "Permission denied (run as a user who may read it)" in str(caught.value)
