@@ -33,7 +33,7 @@ from router.registry import create_registry
 from router.routing import (DEFAULT_SOURCE, DestinationResult, RouteResult, Router, Status,
                             duplicate_reason)
 from router.storage.base import DeadLetterFilter, Storage
-from router.terminal import printable
+from router.terminal import printable, write_json_line
 
 log = logging.getLogger("router")
 
@@ -226,7 +226,7 @@ class _Shown:
 
 
 def send_command(args: argparse.Namespace) -> int:
-    data = sys.stdin.buffer.read() if args.input == "-" else _read_input(args.input)
+    data = _read_stdin() if args.input == "-" else _read_input(args.input)
     router = Router(load_config(args.config), deliver=not args.dry_run)
     sources = {source.name for source in router.loaded.config.sources}
     if args.source != DEFAULT_SOURCE and args.source not in sources:
@@ -268,6 +268,13 @@ def _shown(result: RouteResult, *, requests: bool = True) -> _Shown:
     results = result.results if requests else [
         DestinationResult(item.destination, item.status, item.reason) for item in result.results]
     return _Shown(title, result.message_id, results, result.invalid)
+
+
+def _read_stdin() -> bytes:
+    if sys.stdin is None:  # started with it closed (`<&-`): an AttributeError traceback
+        raise ConfigError("cannot read events: standard input is closed; name a file of "
+                          "events", file="stdin")
+    return sys.stdin.buffer.read()
 
 
 def _read_input(path: str) -> bytes:
@@ -431,7 +438,7 @@ def _print_json(router: Router, index: int, result: _Shown, out: TextIO, *,
         if requests and item.status is Status.SEND and item.destination:
             line["requests"] = [_request_json(router, item.destination, request)
                                 for request in router.requests_for(item)]
-        out.write(orjson.dumps(line).decode() + "\n")
+        write_json_line(line, out)
 
 
 def _print_table(router: Router, index: int, result: _Shown, out: TextIO, *,

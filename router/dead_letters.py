@@ -17,7 +17,6 @@ import time
 from datetime import datetime, UTC
 from pathlib import Path
 
-import orjson
 
 from router.config import LoadedConfig, load_config
 from router.destinations import build_destinations, egress_policy
@@ -27,7 +26,7 @@ from router.storage import storage_for_url
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
 from router.storage.base import DeadLetter, DeadLetterFilter, Failure, Storage
-from router.terminal import printable
+from router.terminal import printable, write_json_line
 
 DLQ_LIST_LIMIT = 100
 """How many of the newest letters ``router dlq list`` shows without ``--limit``."""
@@ -74,8 +73,10 @@ async def run_dlq_command(args: argparse.Namespace) -> int:
             letters = letters[1:] if older else letters
             masker = _masker_of(loaded) if args.json else Masker()
             for letter in letters:
-                print(orjson.dumps(_as_json(letter, masker)).decode() if args.json
-                      else _as_line(letter))
+                if args.json:
+                    write_json_line(_as_json(letter, masker))
+                else:
+                    print(_as_line(letter))
             summary = f"{len(letters)} dead letter(s)" + (
                 ", the newest; older ones are not shown (raise --limit)" if older else "")
             # On stdout a JSON line would break the reader; an export must still learn of it.

@@ -1,4 +1,5 @@
-"""Text from events and APIs, made safe to print on an operator's terminal.
+"""What the command line prints: text from events and APIs made safe for an operator's
+terminal, and JSON lines in UTF-8 whatever the terminal's encoding.
 
 A ``messageId`` or an event name comes from whoever holds a write key, often public in a
 web page, and an API's answer from whoever runs it. Printed as they came, their escape
@@ -9,6 +10,10 @@ forge a line of ``router dlq list`` (CLI audit). JSON output escapes them alread
 from __future__ import annotations
 
 import re
+import sys
+from typing import Any, TextIO
+
+import orjson
 
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 """C0 and C1 controls (newlines, tabs and ESC among them), DEL, and the marks and overrides
@@ -26,3 +31,17 @@ def printable(text: str) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match[0])
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def write_json_line(data: Any, out: TextIO | None = None) -> None:
+    """``data`` as one line of JSON on ``out`` (stdout), in UTF-8 whatever the locale: JSON
+    is UTF-8, and written through a Latin-1 terminal's encoding, an "é" became a byte no JSON
+    reader takes (deployment audit). A stream with no bytes beneath it gets the text."""
+    out = sys.stdout if out is None else out
+    line = orjson.dumps(data) + b"\n"
+    buffer = getattr(out, "buffer", None)
+    if buffer is None:
+        out.write(line.decode())
+        return
+    out.flush()  # what was written as text goes first
+    buffer.write(line)

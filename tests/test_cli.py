@@ -765,3 +765,25 @@ def test_a_large_file_is_routed_a_chunk_at_a_time(workdir):
     assert [line["status"] for line in webhook[-2:]] == ["send", "duplicate"]
     peak_kb = int(measured.stderr.split()[-1])
     assert peak_kb < 150 * 1024, f"peak RSS {peak_kb // 1024} MB"
+
+
+def test_json_lines_are_utf_8_whatever_the_terminal_encodes(workdir):
+    # Through a Latin-1 stdout, "é" became a byte no JSON reader takes (deployment audit).
+    (workdir / "ev.json").write_text(json.dumps(
+        {"type": "track", "event": "Café ✓", "userId": "u-1", "messageId": "m-é"}))
+    completed = subprocess.run(
+        [sys.executable, "-m", "router", "send", "-c", "router.yaml", "ev.json", "--dry-run",
+         "--json"], cwd=workdir, capture_output=True, timeout=60,
+        env={**os.environ, "HOOK_SECRET": SECRET, "PYTHONIOENCODING": "latin-1"})
+    assert completed.returncode == 0, completed.stderr
+    lines = [json.loads(line) for line in completed.stdout.decode("utf-8").splitlines()]
+    assert {line["message_id"] for line in lines} == {"m-é"}
+
+
+def test_a_closed_standard_input_is_said_plainly(workdir):
+    completed = subprocess.run(
+        [sys.executable, "-m", "router", "send", "-c", "router.yaml"], cwd=workdir,
+        capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(0),
+        env={**os.environ, "HOOK_SECRET": SECRET})
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "standard input is closed" in completed.stderr
