@@ -2242,3 +2242,44 @@ async def test_redis_out_of_reach_is_storage_unavailable(tmp_path):
 def test_room_is_shown_in_a_unit_that_does_not_round_it_to_nothing(size, shown):
     # "the spool's disk has 0 MB free, under the 0 MB kept" for min_free_bytes=1
     assert amount_of_bytes(size) == shown
+
+
+async def test_a_spool_name_its_dedup_index_could_not_have_is_refused_at_open(tmp_path):
+    # A name of 236 bytes passed `router check --storage`, then every intake failed: the
+    # dedup index beside it could not be made (deployment audit).
+    storage = SqliteStorage(tmp_path / ("a" * 240 + ".db"))
+    with pytest.raises(StorageUnavailable, match="the spool's name is too long: .* over "
+                                                 "the 255 a file name may have"):
+        await storage.open()
+    fits = SqliteStorage(tmp_path / ("a" * 200 + ".db"))  # its index is made at intake
+    await fits.open()
+    try:
+        assert await fits.accept([Acceptance("web", "m-1", [])], window=WINDOW,
+                                 now=time.time()) == [True]
+    finally:
+        await fits.close()
+
+
+def test_a_spool_this_user_may_not_write_is_said_so_not_as_a_disk_fault(tmp_path,
+                                                                        monkeypatch):
+    # SQLite answers READONLY when the spool's directory is not the service user's (it
+    # cannot make -wal and -shm there): it was said as "the spool's disk cannot be read or
+    # written" (deployment audit). Run as root here, where the kernel lets everything
+    # through, os.access stands in for a user's rights.
+    spool = tmp_path / "router.db"
+    spool.touch()
+    connection = sqlite3.connect(spool)
+    try:
+        connection.execute("PRAGMA query_only = ON")
+        with pytest.raises(sqlite3.Error) as refused:
+            connection.execute("CREATE TABLE t (x)")
+    finally:
+        connection.close()
+    assert refused.value.sqlite_errorcode & 0xFF == sqlite3.SQLITE_READONLY
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    said = str(sqlite_module._storage_error(refused.value, spool))
+    assert said.startswith(f"this user (uid {os.geteuid()}) may not write the spool's "
+                           f"directory {tmp_path}: SQLite writes the spool and its -wal")
+    monkeypatch.undo()
+    assert str(sqlite_module._storage_error(refused.value, spool)).startswith(
+        "the spool's disk cannot be read or written")

@@ -252,6 +252,7 @@ class SqliteStorage(Storage):
         self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
         self._damaged = []
         self._indexed_up_to = 0
+        _check_the_index_name_fits(self.path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A queue of its own: a stop left in an earlier writer's queue must not end this one.
@@ -1550,6 +1551,30 @@ def _undo(changes: list[Callable[[], object]]) -> None:
         undo()
 
 
+DEDUP_INDEX_NAME_EXTRA = len(DEDUP_INDEX_SUFFIX) + 7 + 1 + 8
+"""Bytes the dedup index's name adds to the spool's: the suffix, a pid, "-", 8 hex digits."""
+SQLITE_MAX_PATH = 512
+"""The longest path SQLite opens (its unix VFS's ``MAX_PATHNAME``)."""
+
+
+def _check_the_index_name_fits(path: Path) -> None:
+    """``StorageUnavailable`` when the dedup index, made beside the spool at the first
+    intake, would have a name too long to be made: a spool name of 236 bytes passed `router
+    check --storage`, then every intake failed (deployment audit)."""
+    longest_name = 255
+    with contextlib.suppress(OSError, ValueError):
+        longest_name = os.pathconf(path.parent if path.parent.exists() else "/", "PC_NAME_MAX")
+    name_bytes = len(os.fsencode(path.name)) + DEDUP_INDEX_NAME_EXTRA
+    path_bytes = len(os.fsencode(str(path.absolute()))) + DEDUP_INDEX_NAME_EXTRA
+    for what, size, limit, of in (("name", name_bytes, longest_name, "a file name"),
+                                  ("path", path_bytes, SQLITE_MAX_PATH, "a path SQLite opens")):
+        if size > limit:
+            raise StorageUnavailable(
+                f"the spool's {what} is too long: the dedup index made beside it "
+                f"({path.name}{DEDUP_INDEX_SUFFIX}...) would have a {what} of {size} bytes, "
+                f"over the {limit} {of} may have; choose a shorter one")
+
+
 def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
     """A full disk is ``StorageFull``; a disk that fails or is read-only, a spool another
     process has held locked for ``LOCK_TIMEOUT`` (a stopped ``router dlq``, a process
@@ -1564,6 +1589,9 @@ def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
         return StorageFull(f"the spool's disk is full: {exc}")
     if primary == sqlite3.SQLITE_CANTOPEN and (why := _no_descriptor_left()):
         return StorageUnavailable(f"{why}: {exc}")  # not the disk: ulimit -n
+    if primary in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN) and (
+            why := _not_writable(path)):
+        return StorageUnavailable(f"{why}: {exc}")  # not the disk: permissions or a mount
     if primary in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
         return StorageUnavailable(f"the spool's disk cannot be read or written: {exc}")
     if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
@@ -1571,6 +1599,26 @@ def _storage_error(exc: sqlite3.Error, path: Path) -> Exception:
         return StorageUnavailable(f"another process has held the spool locked for over "
                                   f"{LOCK_TIMEOUT:g} s: {exc}")
     return exc
+
+
+def _not_writable(path: Path) -> str | None:
+    """Why this process may not write the spool, when that is why SQLite could not: a
+    directory it may not write (SQLite makes its ``-wal`` and ``-shm`` files beside the
+    spool), a spool file it may not write, or a read-only mount. Said as a disk fault, it
+    sent operators to their disks (deployment audit). None when none of these holds."""
+    for target, kind, access in ((path.parent, "directory", os.W_OK | os.X_OK),
+                                 (path, "file", os.W_OK)):
+        try:
+            if not target.exists():
+                continue
+            if os.statvfs(target).f_flag & os.ST_RDONLY:
+                return f"the spool's {kind} {target} is on a read-only file system"
+            if not os.access(target, access):
+                return (f"this user (uid {os.geteuid()}) may not write the spool's {kind} "
+                        f"{target}: SQLite writes the spool and its -wal and -shm files there")
+        except OSError:
+            continue
+    return None
 
 
 def _no_descriptor_left() -> str | None:
