@@ -146,7 +146,7 @@ def _build(loaded: LoadedConfig, registry: Registry, egress: EgressPolicy, index
         raise source.validation_error(exc, (*path, "settings")) from None
     except PLUGIN_FAILURES as exc:
         raise broken(exc, "checking its settings") from None
-    for name in type(settings).model_fields:
+    for name in settings.model_fields_set:  # as the config gave them: a default may be ""
         secret = getattr(settings, name)
         if isinstance(secret, SecretStr):
             try:

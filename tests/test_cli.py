@@ -752,9 +752,10 @@ def test_a_large_file_is_routed_a_chunk_at_a_time(workdir):
              for n in range(count)]
     (workdir / "many.jsonl").write_text("\n".join(lines) + "\n")
     measured = subprocess.run(
-        [sys.executable, "-c", "import resource, sys\nfrom router.cli import main\n"
-         "code = main(sys.argv[1:])\nsys.stdout.flush()\n"
-         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        # VmHWM, not ru_maxrss: Linux keeps that across exec, so it would say pytest's size
+        [sys.executable, "-c", "import re, sys\nfrom router.cli import main\n"
+         "code = main(sys.argv[1:])\nsys.stdout.flush()\nstatus = open('/proc/self/status')"
+         ".read()\nprint(re.search(r'VmHWM:\\s+(\\d+)', status)[1], file=sys.stderr)\n"
          "sys.exit(code)", "send", "-c", "router.yaml", "many.jsonl", "--dry-run", "--json"],
         cwd=workdir, capture_output=True, text=True, timeout=120,
         env={**os.environ, "HOOK_SECRET": SECRET, "PYTHONPATH": str(ROOT)})
