@@ -293,6 +293,23 @@ async def test_a_window_with_no_request_left_rests_the_destination_until_it_rese
             assert await router.drain(timeout=30)
     assert [request.status for request in server.requests] == [201] * 12
 
+
+async def test_a_job_older_than_max_age_is_dead_lettered_unsent(tmp_path):
+    # Behind a destination down for hours, jobs never tried were sent when it came back,
+    # hours past max_age: it was checked only after a failed attempt (time audit).
+    async with FakeDestinationServer() as server:
+        destinations = [webhook("late", server.url, max_age="1s")]
+        async with router_for(tmp_path, destinations, deliver=False) as intake:
+            await intake.route_many([track(n) for n in range(5)])
+        await asyncio.sleep(1.2)  # the destination "down" meanwhile: nothing delivers
+        async with router_for(tmp_path, destinations) as router:
+            stats = await eventually(router, lambda stats: stats.queues["late"].pending == 0
+                                     and stats.queues["late"].dead_letters == 5)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=10)
+    assert stats.queues["late"].dead_letters == 5 and server.requests == []
+    assert {letter.reason for letter in letters} == {
+        "gave up: older than the maximum age (1 s) before it could be sent; not sent"}
+
 USAGE = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
 
 

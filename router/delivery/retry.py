@@ -210,6 +210,15 @@ def exhausted(attempts: int, age_at_next: float, delivery: DeliveryDefaults) -> 
     if attempts >= delivery.max_attempts:
         return f"gave up after {attempts} attempts"
     if age_at_next > delivery.max_age:
-        hours = delivery.max_age / 3600
-        return f"gave up: older than the maximum age ({hours:g} h) before the next attempt"
+        return (f"gave up: older than the maximum age ({shown_duration(delivery.max_age)}) "
+                "before the next attempt")
     return None
+
+
+def shown_duration(seconds: float) -> str:
+    """``4 h``, ``30 min``, ``90 s``: a duration as a reason shows it."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"

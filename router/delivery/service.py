@@ -278,6 +278,7 @@ class DestinationWorker:
                 continue
             if jobs:
                 jobs = await self._set_aside_built_by_others(jobs)
+                jobs = await self._give_up_on_the_too_old(jobs)
                 jobs = await self._hold_back_throttled_users(jobs)
             # Added to what ``_upkeep`` could not give back, if anything.
             leased = batches(jobs, self.delivery, group=_group_of, size=_size_of)
@@ -326,6 +327,30 @@ class DestinationWorker:
                         "by %s: moved to the dead letters unsent", self.name, len(built),
                         plugin, mine)
         return kept
+
+    async def _give_up_on_the_too_old(self, jobs: list[Job]) -> list[Job]:
+        """Jobs already older than ``max_age`` go to the dead letters unsent. It was checked
+        only after a failed attempt: behind a destination down for hours, jobs never tried
+        waited their turn, and when it came back they were sent hours past ``max_age``,
+        past the windows it keeps events within (GA4's 72 h, Meta's 7 days; time audit)."""
+        now = self.clock.now()
+        max_age = self.delivery.max_age
+        too_old = [job for job in jobs if self.clock.age(job.created_at, now) > max_age]
+        if not too_old:
+            return jobs
+        failure = Failure(f"gave up: older than the maximum age "
+                          f"({retry.shown_duration(max_age)}) before it could be sent; not sent")
+        try:
+            await self.storage.dead_letter(too_old, now=now, failure=failure)
+        except Exception as exc:  # noqa: BLE001 - full, locked: sent now rather than stuck
+            log.warning("destination %s: cannot move %d job(s) older than max_age to the "
+                        "dead letters; sending them: %s", self.name, len(too_old), exc)
+            return jobs
+        self.metrics.dead_lettered.inc(self.name, amount=len(too_old))
+        for job in too_old:
+            self._log_failure(job, failure, "dead_letter")
+        gone = {job.id for job in too_old}
+        return [job for job in jobs if job.id not in gone]
 
     async def _hold_back_throttled_users(self, jobs: list[Job]) -> list[Job]:
         """Jobs of users the API throttles, put back unsent until the throttle's end, with
