@@ -318,9 +318,9 @@ class SqliteStorage(Storage):
         try:
             connection = self._connect()
         except Exception as exc:  # noqa: BLE001 - reported to the opener
-            loop.call_soon_threadsafe(_resolve, ready, None, self._error(exc))
+            _tell(loop, ready, self._error(exc))
             return
-        loop.call_soon_threadsafe(_resolve, ready, None, None)
+        _tell(loop, ready, None)
         try:
             self._serve_operations(connection, operations)
         finally:
@@ -1634,6 +1634,15 @@ def _no_descriptor_left() -> str | None:
                     f"({exc.strerror}; its limit is {soft}): raise the limit (ulimit -n), or "
                     "lower server.max_connections or the destinations' concurrency")
     return None
+
+
+def _tell(loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None],
+          error: BaseException | None) -> None:
+    """Tell the opener how the open went, unless its loop has closed meanwhile (a router
+    stopped while it started: its open was given up, and the writer only has to stop). The
+    loop's RuntimeError ended the writer with a traceback instead."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_resolve, ready, None, error)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
