@@ -1074,3 +1074,19 @@ def test_a_spent_rate_limit_window_is_read_from_either_kind_of_reset():
     assert retry.budget_spent({"X-RateLimit-Remaining": "0"}, now=0) is None
     assert retry.budget_spent({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "nan"},
                               now=0) is None
+
+
+async def test_a_request_abandoned_by_a_stop_is_counted(tmp_path):
+    # Counted only once the transport answered or raised a DestinationError, a request cut
+    # off by a stop was missing from router_requests_total and router_request_seconds,
+    # though the destination got it (delivery audit).
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200, delay=5)])
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="10s")])
+        await router.start()
+        await router.route(track(1))
+        await server.wait_for(1)
+        await router.close(grace=0.1)
+        metrics = router.delivery_metrics
+    assert metrics.requests.get("hook", "error") == 1  # no response: abandoned
+    assert metrics.request_seconds.series[("hook",)][-1] == 1

@@ -686,19 +686,17 @@ class DestinationWorker:
         await self._wait_for_the_limiter(counted=not part)
         if self._lease_lapsed(leased_as or batch):  # just before it goes, after any wait
             raise _LeaseLapsed
-        started = time.monotonic()
+        started, status = time.monotonic(), "error"
         try:
             response = await self.transport.send(request, timeout=self.delivery.timeout,
                                                  on_resend=self.count_resend)
+            status = str(response.status)
         except DestinationError as exc:
-            # Timed out or unanswered: counted in the request time too, or its p99 would
-            # look healthy exactly while the destination hangs.
-            self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
-            self.metrics.requests.inc(
-                self.name, "egress_refused" if isinstance(exc, EgressRefused) else "error")
+            if isinstance(exc, EgressRefused):
+                status = "egress_refused"
             return [(exc, self._failure(exc.reason, request, None))] * len(batch)
-        self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
-        self.metrics.requests.inc(self.name, str(response.status))
+        finally:
+            self._count_request(status, started)
 
         outcomes = self._judge(payloads, request, response)
         if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
@@ -713,6 +711,14 @@ class DestinationWorker:
         return [(outcome, None if outcome is None else
                  dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
                 for outcome in outcomes]
+
+    def _count_request(self, status: str, started: float) -> None:
+        """Count a request and its time whatever became of it: one that timed out or went
+        unanswered (``error``), or the p99 would look healthy exactly while the destination
+        hangs; and one a stop abandoned (``error`` too, as it got no answer), which the
+        destination may have received like any other."""
+        self.metrics.request_seconds.observe(time.monotonic() - started, self.name)
+        self.metrics.requests.inc(self.name, status)
 
     async def _wait_for_the_limiter(self, *, counted: bool) -> None:
         """Wait until the destination's rate limit and rest let a request go. A stop does not
