@@ -1090,3 +1090,82 @@ async def test_a_request_abandoned_by_a_stop_is_counted(tmp_path):
         metrics = router.delivery_metrics
     assert metrics.requests.get("hook", "error") == 1  # no response: abandoned
     assert metrics.request_seconds.series[("hook",)][-1] == 1
+
+
+def mixpanel(url: str, **delivery) -> dict:
+    return {"name": "mix", "plugin": "mixpanel",
+            "settings": {"project_token": "tok-0001", "api_secret": "secret-0001",
+                         "base_url": url},
+            "delivery": {**FAST_RETRIES, "batch_wait": "200ms", **delivery}}
+
+
+async def test_events_refused_by_name_are_not_sent_again(tmp_path):
+    # Mixpanel's strict /import names each record it refused; when it named every record of
+    # the request, the batch was split and every half and event sent again, each refused
+    # again by name: 7 requests for 4 events refused in the first answer (delivery audit).
+    def handler(request):
+        return Answer(400, {"code": 400, "num_records_imported": 0, "failed_records": [
+            {"index": index, "insert_id": event["properties"]["$insert_id"],
+             "field": "properties.time", "message": "must be within 5 days"}
+            for index, event in enumerate(request.json)]})
+
+    async with FakeDestinationServer(handler=handler) as server:
+        router = router_for(tmp_path, [mixpanel(server.url, batch_size=4)])
+        async with router:
+            await router.route_many([track(n) for n in range(4)])
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert len(server.requests) == 1
+    assert sorted(letter.message_id for letter in letters) == [f"m-{n}" for n in range(4)]
+    assert all("must be within 5 days" in letter.reason for letter in letters)
+
+
+async def test_a_half_whose_events_were_refused_by_name_is_not_split_again(tmp_path):
+    # Braze answers 201 naming the objects it refused. A half of a split batch whose every
+    # event was named so was split again, and its events sent once more (delivery audit).
+    def handler(request):
+        events = request.json["events"]
+        if len(events) == 4:
+            return Answer(400, {"message": "Invalid request"})
+        named = [{"type": "invalid_event", "input_array": "events", "index": index}
+                 for index, event in enumerate(events) if event["name"] == "Refused"]
+        return Answer(201, {"message": "success", "errors": named} if named else
+                      {"message": "success"})
+
+    async with FakeDestinationServer(handler=handler) as server:
+        router = router_for(tmp_path, [{
+            "name": "braze", "plugin": "braze",
+            "settings": {"api_key": "braze-key-0001", "rest_endpoint": server.url},
+            "delivery": {**FAST_RETRIES, "batch_size": 4, "batch_wait": "200ms"}}])
+        async with router:
+            await router.route_many([{**track(n), "event": "Refused" if n < 2 else "Fine"}
+                                     for n in range(4)])
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert [len(request.json["events"]) for request in server.requests] == [4, 2, 2]
+    assert sorted(letter.message_id for letter in letters) == ["m-0", "m-1"]
+
+
+async def test_a_refusal_the_plugin_cannot_pin_on_an_event_still_splits_the_batch(tmp_path):
+    # Meta refuses a request whole for one bad event (error 100); its plugin judges every
+    # event alike, with one outcome for them all: the batch is split to find the event.
+    def handler(request):
+        if any(event["event_id"] == "m-2" for event in request.json["data"]):
+            return Answer(400, {"error": {"message": "Invalid parameter", "code": 100,
+                                          "error_user_msg": "A currency is required"}})
+        return Answer(200, {"events_received": len(request.json["data"])})
+
+    async with FakeDestinationServer(handler=handler) as server:
+        router = router_for(tmp_path, [{
+            "name": "meta", "plugin": "meta_capi",
+            "settings": {"pixel_id": "1234567890", "access_token": "meta-token-0001",
+                         "action_source": "system_generated", "base_url": server.url},
+            "delivery": {**FAST_RETRIES, "batch_size": 4, "batch_wait": "200ms"}}])
+        async with router:
+            await router.route_many([track(n) for n in range(4)])
+            assert await router.drain(timeout=10)
+            (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+    assert letter.message_id == "m-2" and "A currency is required" in letter.reason
+    delivered = {event["event_id"] for request in server.requests if request.status == 200
+                 for event in request.json["data"]}
+    assert delivered == {"m-0", "m-1", "m-3"}

@@ -656,16 +656,26 @@ class DestinationWorker:
         elif any(outcome is None for outcome, _ in outcomes):
             self.failures_in_a_row = self.throttled_in_a_row = 0
 
-    async def _attempt(self, batch: list[Job], *, may_split: bool = True, part: bool = False,
-                       leased_as: list[Job] | None = None
+    async def _attempt(self, batch: list[Job], *, leased_as: list[Job] | None = None
                        ) -> list[tuple[Outcome, Failure | None]]:
-        """Send a batch (or, with ``part``, a part of ``leased_as``, the batch being split);
-        one outcome per job.
+        """Send a batch (or a part of ``leased_as``, the batch being split); one outcome per
+        job.
 
         One bad event must not cost its neighbours: a batch refused whole (413, or a 400/422
         the plugin could not pin on particular events) is split in two and each half sent.
         If both halves are refused whole too, the fault is not in an event (a bad key, say)
-        and splitting stops; otherwise the refused half is split again, down to the event."""
+        and splitting stops; otherwise the refused half is split again, down to the event.
+        Events the plugin's judgement names are never sent again: the API said which they
+        are, and would only refuse them once more."""
+        sent = await self._send(batch, leased_as=leased_as)
+        if len(batch) > 1 and sent.refused is not None:
+            return await self._split(batch, sent.refused, always=sent.always,
+                                     leased_as=leased_as)
+        return sent.results
+
+    async def _send(self, batch: list[Job], *, leased_as: list[Job] | None) -> _Sent:
+        """One request for ``batch``, never split: what each job got, and whether splitting
+        the batch could find the events at fault (see ``_Sent``)."""
         adapter = self.destination.adapter
         try:
             payloads = [from_spool(job.body, built_by(job.group)[1],
@@ -674,16 +684,17 @@ class DestinationWorker:
             request = checked_request(adapter.build_request(payloads))
         except DestinationError as exc:
             outcome = exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)
-            return [(outcome, Failure(self.destination.masker.mask(exc.reason)))] * len(batch)
+            return _Sent([(outcome, Failure(self.destination.masker.mask(exc.reason)))]
+                         * len(batch))
         except PLUGIN_FAILURES as exc:  # a broken plugin fails its own jobs only
-            if may_split and len(batch) > 1:  # perhaps one event's fault: find it
-                return await self._split(batch, None, always=True, leased_as=leased_as)
             failed = f"{self.destination.plugin.name} failed to build a request"
-            self._log_plugin_failure(failed, exc)
+            if len(batch) == 1:  # else perhaps one event's fault: split to find it
+                self._log_plugin_failure(failed, exc)
             reason = f"{failed}: {type(exc).__name__}"
-            return [(PermanentError(reason), Failure(reason))] * len(batch)
+            return _Sent([(PermanentError(reason), Failure(reason))] * len(batch),
+                         refused="", always=True)
 
-        await self._wait_for_the_limiter(counted=not part)
+        await self._wait_for_the_limiter(counted=leased_as is None)
         if self._lease_lapsed(leased_as or batch):  # just before it goes, after any wait
             raise _LeaseLapsed
         started, status = time.monotonic(), "error"
@@ -694,23 +705,24 @@ class DestinationWorker:
         except DestinationError as exc:
             if isinstance(exc, EgressRefused):
                 status = "egress_refused"
-            return [(exc, self._failure(exc.reason, request, None))] * len(batch)
+            return _Sent([(exc, self._failure(exc.reason, request, None))] * len(batch))
         finally:
             self._count_request(status, started)
 
-        outcomes = self._judge(payloads, request, response)
-        if may_split and len(batch) > 1 and response.status in SPLIT_STATUSES and \
-                all(isinstance(outcome, PermanentError) for outcome in outcomes):
-            return await self._split(batch, self._shown_body(request, response),
-                                     always=response.status == 413, leased_as=leased_as)
+        outcomes, named = self._judge(payloads, request, response)
+        refused = None
+        if all(isinstance(outcome, PermanentError) for outcome in outcomes) and (
+                response.status == 413 or response.status in SPLIT_STATUSES and not named):
+            refused = self._shown_body(request, response)
         if all(outcome is None for outcome in outcomes):
-            return [(None, None)] * len(outcomes)
+            return _Sent([(None, None)] * len(outcomes))
         failure = self._failure(f"HTTP {response.status}", request, response)
         # Each failed job's reason is its own (a plugin names why each event failed).
         masker = self._masker_of(request)
-        return [(outcome, None if outcome is None else
-                 dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
-                for outcome in outcomes]
+        return _Sent([(outcome, None if outcome is None else
+                       dataclasses.replace(failure, reason=masker.mask(outcome.reason)))
+                      for outcome in outcomes],
+                     refused=refused, always=response.status == 413)
 
     def _count_request(self, status: str, started: float) -> None:
         """Count a request and its time whatever became of it: one that timed out or went
@@ -734,24 +746,32 @@ class DestinationWorker:
 
     async def _split(self, batch: list[Job], refused: str | None, *, always: bool,
                      leased_as: list[Job] | None) -> list[tuple[Outcome, Failure | None]]:
-        """Send each half of a refused batch. When both halves are refused whole with the
-        very answer the batch got (``refused``), the fault is not in any one event (a bad
-        key, say), so splitting stops rather than send a request per event."""
+        """Send each half of a batch refused whole. When both halves are refused whole with
+        the very answer the batch got (``refused``, as a dead letter shows it), the fault is
+        not in any one event (a bad key, say), so splitting stops rather than send a request
+        per event; ``always`` (a 413, a request the plugin could not build) splits on."""
         middle = len(batch) // 2
         halves = [batch[:middle], batch[middle:]]
         results, answered_at = [], []
-        for half in halves:
-            results.append(await self._attempt(half, may_split=always, part=True,
-                                               leased_as=leased_as or batch))
-            answered_at.append(time.monotonic())
-        if not always:
-            whole = [_refused_whole(result) for result in results]
-            if not all(answer is not None and answer == refused for answer in whole):
-                for index, half in enumerate(halves):
-                    if whole[index] is not None and len(half) > 1:
-                        results[index] = await self._split(half, None, always=False,
-                                                           leased_as=leased_as or batch)
-                        answered_at[index] = time.monotonic()
+        if always:
+            for half in halves:
+                results.append(await self._attempt(half, leased_as=leased_as or batch))
+                answered_at.append(time.monotonic())
+        else:
+            sent = []
+            for half in halves:
+                sent.append(await self._send(half, leased_as=leased_as or batch))
+                answered_at.append(time.monotonic())
+            results = [answer.results for answer in sent]
+            alike = all(answer.refused is not None and answer.refused == refused
+                        and not answer.always for answer in sent)
+            for index, (half, answer) in enumerate(zip(halves, sent)):
+                if answer.refused is not None and len(half) > 1 and not alike:
+                    # The other half got through, or was refused otherwise: the fault is
+                    # in events, so no answer stops this half's split (``refused`` None).
+                    results[index] = await self._split(half, None, always=False,
+                                                       leased_as=leased_as or batch)
+                    answered_at[index] = time.monotonic()
         # The retries are recorded once every half is done: a Retry-After counts from its
         # own answer, not from then (the other half may have waited out that very pause).
         done = time.monotonic()
@@ -759,9 +779,10 @@ class DestinationWorker:
                 for item in _aged(result, done - at)]
 
     def _judge(self, payloads: list[Payload], request: HttpRequest, response: HttpResponse
-               ) -> list[Outcome]:
+               ) -> tuple[list[Outcome], bool]:
         """One outcome per payload: the plugin's judgement when it gives one, else the
-        status's. A throttle of the whole destination pauses it (Vector #4724's lesson:
+        status's; and whether the plugin named events, judging them one by one (see
+        ``_names_events``). A throttle of the whole destination pauses it (Vector #4724's lesson:
         backing off one request while sending others only prolongs the throttling): a 429
         or 503 with ``Retry-After``, or what the plugin read as one (Meta answers 400 with an
         error code, and the wait in a usage header); an answer saying the API's rate-limit
@@ -796,7 +817,7 @@ class DestinationWorker:
                 isinstance(o, RetryableError) and o.retry_after is None
                 and o.pause_destination is not False for o in outcomes):
             self._rest_after_throttle()
-        return outcomes
+        return outcomes, judged is not None and _names_events(outcomes)
 
     def _rest_after_throttle(self) -> None:
         """A 429 that does not say how long to wait (Mixpanel's, Customer.io's) rests the
@@ -896,12 +917,30 @@ class DestinationWorker:
                                 "status": failure.status, "reason": failure.reason})
 
 
-def _refused_whole(result: list[tuple[Outcome, Failure | None]]) -> str | None:
-    """The answer a whole batch was refused with, or None when any of it got through."""
-    if not all(isinstance(outcome, PermanentError) for outcome, _ in result):
-        return None
-    failure = result[0][1]
-    return (failure.response or "") if failure else ""
+def _names_events(judged: list[Outcome]) -> bool:
+    """Whether a plugin's judgement names events: outcomes made one by one (Mixpanel's
+    refused records, Braze's refused objects), final even when every event is refused, as
+    splitting the batch would only have each refused again by name. One outcome given to
+    every event (``[PermanentError(reason)] * len(payloads)``, Meta's error for a request it
+    refuses whole) judges the request, as the status does, and a 400 or 422 so judged is
+    split to find the event at fault."""
+    return any(outcome is not judged[0] for outcome in judged)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sent:
+    """What one request made of a batch (``DestinationWorker._send``)."""
+
+    results: list[tuple[Outcome, Failure | None]]
+    """An outcome per job, each failure with its ``Failure``."""
+    refused: str | None = None
+    """How the batch was refused whole, when splitting it could find the events at fault:
+    the answer as a dead letter shows it ("" for a request the plugin could not build). Set
+    for a 413, and for a 400 or 422 judged by its status or by one outcome for every event;
+    None when any event got through, or the plugin named the events it refused."""
+    always: bool = False
+    """Split whatever the halves get: the batch was too large (413), or the plugin could not
+    build its request (perhaps for one event)."""
 
 
 def _aged(result: list[tuple[Outcome, Failure | None]], elapsed: float
