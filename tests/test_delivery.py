@@ -492,7 +492,7 @@ async def test_many_hanging_destinations_leave_the_others_their_connections(tmp_
         hung = [webhook(f"hung-{n}", hanging.url, timeout="60s") for n in range(40)]
         router = router_for(tmp_path, [*hung, webhook("healthy", healthy.url, timeout="2s")])
         async with router:
-            await router.route_many([track(n) for n in range(8)])
+            await router.route_many([track(n, user="user-1") for n in range(8)])
             await hanging.wait_for(320, timeout=20)  # every hung sender holds a connection
             await healthy.wait_for(8, timeout=20)
             await router.close(grace=0.2)
@@ -1169,3 +1169,40 @@ async def test_a_refusal_the_plugin_cannot_pin_on_an_event_still_splits_the_batc
     delivered = {event["event_id"] for request in server.requests if request.status == 200
                  for event in request.json["data"]}
     assert delivered == {"m-0", "m-1", "m-3"}
+
+
+async def test_a_stop_during_a_split_gives_back_only_what_was_not_answered(tmp_path):
+    # Amplitude refuses more than 2 events with 413; the second quarter of the batch is
+    # throttled (Retry-After 3), which rests the destination past the stop's grace while its
+    # sender holds the rest of the batch. The stop gave the whole batch back, and the first
+    # quarter, already answered 200, was sent again after the restart (delivery audit).
+    answered: dict[tuple[str, ...], int] = {}
+
+    def handler(request):
+        ids = tuple(event["insert_id"] for event in request.json["events"])
+        answered[ids] = answered.get(ids, 0) + 1
+        if len(ids) > 2:
+            return Answer(413, {"error": "Payload too large"})
+        if ids == ("m-2", "m-3") and answered[ids] == 1:
+            return Answer(429, {"error": "slow down"}, headers={"Retry-After": "3"})
+        return Answer(200, {"code": 200})
+
+    async with FakeDestinationServer(handler=handler) as server:
+        amplitude = {"name": "amp", "plugin": "amplitude",
+                     "settings": {"api_key": "amp-key-0001", "base_url": server.url},
+                     "delivery": {**FAST_RETRIES, "batch_size": 8, "batch_wait": "200ms",
+                                  "concurrency": 1}}
+        router = router_for(tmp_path, [amplitude])
+        await router.start()
+        await router.route_many([track(n, user="user-1") for n in range(8)])
+        await server.wait_for(4)  # 8 and 4 refused, [m-0, m-1] delivered, [m-2, m-3] throttled
+        await router.close(grace=0.2)
+        before_the_stop = (router.delivery_metrics.delivered.get("amp"),
+                           router.delivery_metrics.retried.get("amp"))
+        restarted = router_for(tmp_path, [amplitude])
+        async with restarted:
+            assert await restarted.drain(timeout=20)
+    delivered = [event["insert_id"] for request in server.requests if request.status == 200
+                 for event in request.json["events"]]
+    assert sorted(delivered) == [f"m-{n}" for n in range(8)]  # each once
+    assert before_the_stop == (2, 2)  # completed and retried at the stop, not left to chance

@@ -205,6 +205,11 @@ class DestinationWorker:
         """Whether the last lease failed for want of storage (logged once, not each time)."""
         self.in_flight: dict[int, list[Job]] = {}
         """The batch each busy sender is sending, by sender number."""
+        self.recorded: dict[int, set[int | str]] = {}
+        """The ids of the jobs whose outcome is recorded, of each batch in flight (by ``id``),
+        while it is: the parts of a batch being split are recorded as they are answered, so
+        a stop gives back only the jobs whose fate is unknown (``finish``), and nothing is
+        recorded twice (``_record``)."""
         self.all_sent = asyncio.Event()
         self.all_sent.set()
         self.pacing = 0
@@ -453,6 +458,7 @@ class DestinationWorker:
                 self.trusted_until.pop(id(batch), None)
                 if not self.in_flight:
                     self.all_sent.set()
+            self.recorded.pop(id(batch), None)  # kept when cancelled: ``finish`` reads it
 
     async def _release_unrecorded(self, jobs: list[Job], exc: Exception) -> None:
         """The storage could not record what became of these jobs (a full disk, a locked
@@ -510,11 +516,13 @@ class DestinationWorker:
         except Exception:  # noqa: BLE001 - the storage too
             log.exception("destination %s: cannot record the failed delivery", self.name)
             self.limiter.pause(UNRECORDED_PAUSE)
-            self._send_again(batch)
+            recorded = self.recorded.get(id(batch), set())
+            self._send_again([job for job in batch if job.id not in recorded])
 
     async def finish(self, grace: float) -> None:
         """After ``run`` has ended: wait up to ``grace`` for requests in flight, record what
-        they delivered, then put every job this worker still holds back in the queue."""
+        they delivered, then put every job this worker still holds, whose outcome is not
+        recorded, back in the queue."""
         leftover = [job for batch in self.undispatched for job in batch]
         while not self.ready.empty():
             leftover += self.ready.get_nowait()
@@ -529,8 +537,14 @@ class DestinationWorker:
                                        min(STOP_POLL, deadline - time.monotonic()))
             except TimeoutError:
                 pass
-        leftover += [job for batch in self.in_flight.values() for job in batch]
+        in_flight = list(self.in_flight.values())
         await ended(self.senders)
+        # Of a batch being split, the parts already answered are recorded (those delivered
+        # are completed below): only the jobs whose fate is unknown go back, or a half
+        # answered 200 would be sent again after the restart.
+        leftover += [job for batch in in_flight for job in batch
+                     if job.id not in self.recorded.get(id(batch), ())]
+        self.recorded.clear()
         self.undispatched = []
         self.trusted_until.clear()
         self.failure_log.flush(all_windows=True)
@@ -734,8 +748,9 @@ class DestinationWorker:
 
     async def _wait_for_the_limiter(self, *, counted: bool) -> None:
         """Wait until the destination's rate limit and rest let a request go. A stop does not
-        wait for the senders ``counted`` here (``pacing``); a part of a batch being split is
-        not counted, since the outcome of the part already sent would be lost with it."""
+        wait for the senders ``counted`` here (``pacing``). A part of a batch being split is
+        not counted: the batch is under way, and the stop lets it finish within its grace,
+        then gives back only the parts not answered yet (``finish``)."""
         if counted:
             self.pacing += 1
         try:
@@ -749,34 +764,38 @@ class DestinationWorker:
         """Send each half of a batch refused whole. When both halves are refused whole with
         the very answer the batch got (``refused``, as a dead letter shows it), the fault is
         not in any one event (a bad key, say), so splitting stops rather than send a request
-        per event; ``always`` (a 413, a request the plugin could not build) splits on."""
+        per event; ``always`` (a 413, a request the plugin could not build) splits on.
+
+        Each half's outcome is recorded as soon as it is known, not once the whole batch is
+        done: a stop while the rest waits (for a ``Retry-After`` the destination got, say)
+        then gives back only what was not answered, and a ``Retry-After`` counts from its
+        own answer."""
+        whole = leased_as or batch
         middle = len(batch) // 2
         halves = [batch[:middle], batch[middle:]]
-        results, answered_at = [], []
         if always:
+            results = []
             for half in halves:
-                results.append(await self._attempt(half, leased_as=leased_as or batch))
-                answered_at.append(time.monotonic())
-        else:
-            sent = []
-            for half in halves:
-                sent.append(await self._send(half, leased_as=leased_as or batch))
-                answered_at.append(time.monotonic())
-            results = [answer.results for answer in sent]
-            alike = all(answer.refused is not None and answer.refused == refused
-                        and not answer.always for answer in sent)
-            for index, (half, answer) in enumerate(zip(halves, sent)):
-                if answer.refused is not None and len(half) > 1 and not alike:
-                    # The other half got through, or was refused otherwise: the fault is
-                    # in events, so no answer stops this half's split (``refused`` None).
-                    results[index] = await self._split(half, None, always=False,
-                                                       leased_as=leased_as or batch)
-                    answered_at[index] = time.monotonic()
-        # The retries are recorded once every half is done: a Retry-After counts from its
-        # own answer, not from then (the other half may have waited out that very pause).
-        done = time.monotonic()
-        return [item for result, at in zip(results, answered_at)
-                for item in _aged(result, done - at)]
+                results.append(await self._attempt(half, leased_as=whole))
+                await self._record(half, results[-1], of=whole)
+            return [item for result in results for item in result]
+        sent = []
+        for half in halves:
+            sent.append(answer := await self._send(half, leased_as=whole))
+            if answer.refused is None or len(half) == 1:  # never split again
+                await self._record(half, answer.results, of=whole)
+        alike = all(answer.refused is not None and answer.refused == refused
+                    and not answer.always for answer in sent)
+        outcomes: list[tuple[Outcome, Failure | None]] = []
+        for half, answer in zip(halves, sent):
+            if answer.refused is not None and len(half) > 1 and not alike:
+                # The other half got through, or was refused otherwise: the fault is in
+                # events, so no answer stops this half's split (``refused`` None).
+                outcomes += await self._split(half, None, always=False, leased_as=whole)
+            else:
+                await self._record(half, answer.results, of=whole)
+                outcomes += answer.results
+        return outcomes
 
     def _judge(self, payloads: list[Payload], request: HttpRequest, response: HttpResponse
                ) -> tuple[list[Outcome], bool]:
@@ -858,16 +877,22 @@ class DestinationWorker:
         Only for a failure: a delivered request needs none."""
         return self.destination.masker.with_credentials_of(request.headers, request.url)
 
-    async def _record(self, batch: list[Job], outcomes: list[tuple[Outcome, Failure | None]]
-                      ) -> None:
+    async def _record(self, jobs: list[Job], outcomes: list[tuple[Outcome, Failure | None]],
+                      *, of: list[Job] | None = None) -> None:
+        """Record what became of each of ``jobs`` (a part of the batch ``of``, when it is
+        being split) that is not recorded yet, and note it in ``recorded``."""
+        recorded = self.recorded.setdefault(id(of or jobs), set())
+        pending = [(job, result) for job, result in zip(jobs, outcomes)
+                   if job.id not in recorded]
         now = self.clock.now()
         # The delivered first: should a storage call for a failed job raise below, they are
         # still completed, not sent again once their lease lapses.
-        delivered = [job for job, (outcome, _) in zip(batch, outcomes) if outcome is None]
+        delivered = [job for job, (outcome, _) in pending if outcome is None]
         if delivered:
             if not self.delivered:
                 self.wakeup.set()  # an idle worker records them now, not at its next poll
             self.delivered += delivered
+            recorded.update(job.id for job in delivered)
             # The jobs of one accept share its time, so a batch has few distinct ones.
             accepted_at: dict[float, int] = {}
             for job in delivered:
@@ -875,9 +900,9 @@ class DestinationWorker:
             for created_at, count in accepted_at.items():
                 self.metrics.latency.observe(self.clock.age(created_at, now), self.name,
                                              count=count)
-            if len(delivered) == len(batch):
+            if len(delivered) == len(pending):
                 return
-        failed = [(job, outcome, failure) for job, (outcome, failure) in zip(batch, outcomes)
+        failed = [(job, outcome, failure) for job, (outcome, failure) in pending
                   if outcome is not None]
         for index, (job, outcome, failure) in enumerate(failed):
             try:
@@ -885,8 +910,11 @@ class DestinationWorker:
             except Exception as exc:  # noqa: BLE001 - full, locked, broken (a corrupt file)
                 # Exactly the jobs not recorded yet go back: not those delivered (to be
                 # completed), nor those whose retry is written (they keep their backoff).
-                await self._release_unrecorded([job for job, _, _ in failed[index:]], exc)
+                unrecorded = [job for job, _, _ in failed[index:]]
+                await self._release_unrecorded(unrecorded, exc)
+                recorded.update(job.id for job in unrecorded)  # given back, or sent again
                 return
+            recorded.add(job.id)
 
     async def _record_failure(self, job: Job, outcome: DestinationError,
                               failure: Failure | None, *, now: float) -> None:
@@ -941,18 +969,6 @@ class _Sent:
     always: bool = False
     """Split whatever the halves get: the batch was too large (413), or the plugin could not
     build its request (perhaps for one event)."""
-
-
-def _aged(result: list[tuple[Outcome, Failure | None]], elapsed: float
-          ) -> list[tuple[Outcome, Failure | None]]:
-    """``result`` as if recorded ``elapsed`` seconds after its answer: what is left of each
-    ``Retry-After``."""
-    if elapsed <= 0:
-        return result
-    return [(RetryableError(outcome.reason, retry_after=max(0.0, outcome.retry_after - elapsed)),
-             failure)
-            if isinstance(outcome, RetryableError) and outcome.retry_after else (outcome, failure)
-            for outcome, failure in result]
 
 
 def _group_of(job: Job) -> str:
