@@ -16,7 +16,7 @@ inherits it, logs the same way, and so that a broken config is reported in the c
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import errno
 import logging
 import os
@@ -25,7 +25,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -56,80 +56,85 @@ def configure(environ: Mapping[str, str] = os.environ) -> None:
     root = logging.getLogger()
     if root.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = BackgroundHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if form == "json" else logging.Formatter(TEXT_FORMAT))
-    root.addHandler(BackgroundHandler(handler))
+    root.addHandler(handler)
     root.setLevel(level)
     _json_lines = form == "json"
 
 
 class BackgroundHandler(logging.Handler):
-    """Hands each line to a thread of its own, which writes it with ``target``.
+    """Writes each line to ``stream``'s file descriptor from a thread of its own.
 
     Written on the event loop, a line waits for its stream: when the reader of stdout or
     stderr stalls (a log shipper stuck, a pipe nobody reads), the pipe fills and the whole
     router stopped with it, intake and ``/health`` included, until the reader came back
-    (deployment audit). Here the loop only queues the line. Beyond
+    (deployment audit). Here the loop only formats and queues the line. Beyond
     ``LINES_WAITING_AT_MOST`` waiting lines are dropped, and a line says how many once the
-    stream takes lines again."""
+    stream takes lines again.
 
-    def __init__(self, target: logging.Handler) -> None:
-        super().__init__(target.level)
-        self.target = target
-        self.lines: queue.Queue[logging.LogRecord | None] = queue.Queue(LINES_WAITING_AT_MOST)
+    The thread writes with ``os.write``, holding no lock of logging's or of ``sys.stdout``'s:
+    blocked in a write, it held the lock that ``logging.shutdown`` (and the interpreter's
+    last flush of stdout) then waited for, and a stop never ended (review). ``gone`` is what
+    to say on stderr, once, when the stream's reader is gone (EPIPE): the writer stops
+    there."""
+
+    def __init__(self, stream: TextIO | None, *, gone: str | None = None) -> None:
+        super().__init__()
+        self.fd: int | None = None
+        self.encoding = "utf-8"
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            if stream is not None:  # None: started with the descriptor closed
+                self.fd, self.encoding = stream.fileno(), stream.encoding or "utf-8"
+        self.gone = gone
+        self.lines: queue.Queue[str | None] = queue.Queue(LINES_WAITING_AT_MOST)
         self.dropped = 0
         self.writer = threading.Thread(target=self._write, name="router-log-writer",
                                        daemon=True)
         self.writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        record = copy.copy(record)
-        record.msg, record.args = record.getMessage(), None  # its arguments may change later
         try:
-            self.lines.put_nowait(record)
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 - as logging does: this line's trouble only
+            self.handleError(record)
+            return
+        try:
+            self.lines.put_nowait(line)
         except queue.Full:
             self.dropped += 1
 
     def _write(self) -> None:
-        while (record := self.lines.get()) is not None:
-            if record.levelno >= self.target.level:  # as a logger checks its handlers'
-                self.target.handle(record)
+        while (line := self.lines.get()) is not None:
             if self.dropped:
                 dropped, self.dropped = self.dropped, 0
-                self.target.handle(logging.makeLogRecord({
+                line += self.format(logging.makeLogRecord({
                     "name": "router", "levelno": logging.WARNING, "levelname": "WARNING",
                     "msg": f"{dropped} log line(s) were dropped: they came faster than they "
-                           "could be written (is the reader of the log stalled?)"}))
+                           "could be written (is the reader of the log stalled?)"})) + "\n"
+            try:
+                self._write_all(line.encode(self.encoding, "backslashreplace"))
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EBADF):
+                    continue  # this line is lost; the next may go
+                if self.gone:
+                    logging.getLogger("router").warning("%s (%s: %s)", self.gone,
+                                                        type(exc).__name__, exc)
+                return  # its reader is gone: nothing more can be said there
+
+    def _write_all(self, data: bytes) -> None:
+        if self.fd is None:
+            return
+        while data:
+            data = data[os.write(self.fd, data):]
 
     def close(self) -> None:
         """Write what is still waiting, for up to ``CLOSE_WAIT`` seconds: a stream that
         does not take it holds the exit no longer."""
-        try:
+        with contextlib.suppress(queue.Full):
             self.lines.put(None, timeout=CLOSE_WAIT)
-        except queue.Full:
-            pass
         self.writer.join(CLOSE_WAIT)
         super().close()
-
-
-class StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes lines to stdout. Once stdout cannot be written (its reader is gone, as when a
-    log shipper dies), it says so once on stderr and stops trying. Python's logging wrote a
-    traceback to stderr for every request instead."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-        self.setFormatter(logging.Formatter("%(message)s"))
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        error = sys.exc_info()[1]
-        if not isinstance(error, OSError) or error.errno not in (errno.EPIPE, errno.EBADF):
-            super().handleError(record)  # this line's trouble (an encoding), not stdout's
-            return
-        self.setLevel(logging.CRITICAL + 1)
-        logging.getLogger("router").warning(
-            "stdout can no longer be written to (%s: %s); requests are no longer logged",
-            type(error).__name__, error)
 
 
 _stdout: BackgroundHandler | None = None
@@ -141,7 +146,9 @@ def to_stdout(logger: logging.Logger) -> None:
     interleave)."""
     global _stdout
     if _stdout is None:
-        _stdout = BackgroundHandler(StdoutHandler())
+        _stdout = BackgroundHandler(sys.stdout, gone="stdout can no longer be written to; "
+                                                     "requests are no longer logged")
+        _stdout.setFormatter(logging.Formatter("%(message)s"))
     if _stdout not in logger.handlers:
         logger.addHandler(_stdout)
     logger.setLevel(logging.INFO)

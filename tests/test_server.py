@@ -1589,6 +1589,36 @@ async def test_a_stalled_reader_of_stdout_holds_back_no_request(
     assert lines == 1_500  # held meanwhile, none lost
 
 
+
+async def test_a_stop_ends_though_the_reader_of_stdout_never_reads_again(
+        recorder: Recorder, tmp_path: Path) -> None:
+    # It said "router: stopped" and never ended: at exit, logging waited for a lock the
+    # writer held, blocked in its write (review).
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
+    port = _free_port()
+    unread, written = os.pipe()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
+        cwd=config.parent, env=_child_env(), stdout=written, stderr=asyncio.subprocess.PIPE)
+    os.close(written)
+    stdout = os.fdopen(unread, "rb")
+    try:
+        while b"destinations:" not in await asyncio.to_thread(stdout.readline):
+            pass  # it listens; from here on, nobody reads its stdout, ever
+        async with aiohttp.ClientSession() as session:
+            for n in range(1_000):
+                async with session.get(f"http://127.0.0.1:{port}/v1/nothing-{n}") as response:
+                    assert response.status == 404
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        stdout.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+
 async def test_a_stop_signal_the_caller_ignores_stays_ignored(recorder: Recorder,
                                                               tmp_path: Path) -> None:
     # `nohup router serve &`: a closing terminal (SIGHUP) stopped it (deployment audit).
