@@ -788,3 +788,43 @@ def test_a_closed_standard_input_is_said_plainly(workdir):
         env={**os.environ, "HOOK_SECRET": SECRET})
     assert completed.returncode == 1 and "Traceback" not in completed.stderr
     assert "standard input is closed" in completed.stderr
+
+
+async def test_ctrl_c_at_any_point_of_a_long_send_says_exactly_what_is_queued(tmp_path):
+    # A chunk being routed when Ctrl-C came was committed all the same, and not counted: it
+    # said 1,000 fewer than were queued; after the routing, it said nothing (review).
+    from router.storage.sqlite import SqliteStorage
+
+    (tmp_path / "router.yaml").write_text(
+        f"storage: sqlite:///{tmp_path}/router.db\negress: {{allow_private_addresses: true}}\n"
+        "destinations:\n  - {name: hook, plugin: webhook, settings: {url: "
+        "'http://127.0.0.1:9/in'}}\n")
+    (tmp_path / "many.jsonl").write_text("".join(json.dumps(
+        {"type": "track", "event": "A", "userId": f"u{n}", "messageId": f"m-{n}"}) + "\n"
+        for n in range(20_000)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "send", "-c", "router.yaml", "many.jsonl", "--wait",
+        "0s", cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        while not (tmp_path / "router.db").exists():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # somewhere in the routing, or after it
+        process.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    said = err.decode()
+    if process.returncode == 0:
+        pytest.skip("the send ended before Ctrl-C came")
+    assert process.returncode == 130, said
+    storage = SqliteStorage(tmp_path / "router.db")
+    await storage.open(recover=False)
+    try:
+        queue = (await storage.stats(now=time.time())).queues.get("hook")
+        queued = queue.pending if queue else 0
+    finally:
+        await storage.close()
+    assert f"interrupted: {queued} event(s) were already accepted and queued" in said, said
