@@ -210,9 +210,14 @@ def exhausted(attempts: int, age_at_next: float, delivery: DeliveryDefaults) -> 
     if attempts >= delivery.max_attempts:
         return f"gave up after {attempts} attempts"
     if age_at_next > delivery.max_age:
-        return (f"gave up: older than the maximum age ({shown_duration(delivery.max_age)}) "
-                "before the next attempt")
+        return too_old(delivery, "the next attempt")
     return None
+
+
+def too_old(delivery: DeliveryDefaults, before: str) -> str:
+    """Why a job gave up for its age, ``before`` what."""
+    return (f"gave up: older than the maximum age ({shown_duration(delivery.max_age)}) "
+            f"before {before}")
 
 
 def shown_duration(seconds: float) -> str:

@@ -343,8 +343,7 @@ class DestinationWorker:
         too_old = [job for job in jobs if self.clock.age(job.created_at, now) > max_age]
         if not too_old:
             return jobs
-        failure = Failure(f"gave up: older than the maximum age "
-                          f"({retry.shown_duration(max_age)}) before it could be sent; not sent")
+        failure = Failure(retry.too_old(self.delivery, "it could be sent") + "; not sent")
         try:
             await self.storage.dead_letter(too_old, now=now, failure=failure)
         except Exception as exc:  # noqa: BLE001 - full, locked: sent now rather than stuck
