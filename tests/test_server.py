@@ -1514,46 +1514,11 @@ async def test_serve_drains_on_sigterm_and_exits_0(recorder: Recorder, tmp_path:
     assert recorder.message_ids == ["serve-1"]
 
 
-async def test_serve_stops_on_sigterm_after_its_stdouts_reader_is_gone(
-        recorder: Recorder, tmp_path: Path) -> None:
-    # A log shipper that died: the stop signal's own line raised BrokenPipeError before the
-    # stop was set, and the router ran on until killed; every request wrote a traceback.
-    config = tmp_path / "router.yaml"
-    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
-    port = _free_port()
-    unread, written = os.pipe()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
-        cwd=config.parent, env=_child_env(), stdout=written, stderr=asyncio.subprocess.PIPE)
-    os.close(written)
-    try:
-        with os.fdopen(unread, "rb") as banner:  # read until it listens, then closed
-            while b"destinations:" not in await asyncio.to_thread(banner.readline):
-                pass
-        async with aiohttp.ClientSession() as session:
-            for n in range(3):
-                async with session.post(f"http://127.0.0.1:{port}/v1/track",
-                                        json=track(f"gone-{n}"),
-                                        headers={"Authorization": basic(WEB_KEY)}) as response:
-                    assert response.status == 200
-        await recorder.wait_for(3)
-        process.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, err.decode()
-    said = err.decode()
-    assert said.count("stdout can no longer be written to") == 1, said
-    assert "Logging error" not in said
-
-
-
-async def test_a_stalled_reader_of_stdout_holds_back_no_request(
-        recorder: Recorder, tmp_path: Path) -> None:
-    # A log shipper that stops reading: once the pipe was full (about 400 access lines),
-    # every request and /health hung until the reader came back (deployment audit).
+@contextlib.asynccontextmanager
+async def _serve_into_a_pipe(recorder: Recorder, tmp_path: Path
+                             ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, Any]]:
+    """``router serve`` whose stdout is a pipe the test reads (``readline``), leaves unread
+    or closes, once it has said it listens: the process, its port and the pipe's end."""
     config = tmp_path / "router.yaml"
     config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
     port = _free_port()
@@ -1565,8 +1530,42 @@ async def test_a_stalled_reader_of_stdout_holds_back_no_request(
     stdout = os.fdopen(unread, "rb")
     try:
         while b"destinations:" not in await asyncio.to_thread(stdout.readline):
-            pass  # it listens; from here on, nobody reads its stdout
-        answered = 0
+            pass
+        yield process, port, stdout
+    finally:
+        stdout.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_serve_stops_on_sigterm_after_its_stdouts_reader_is_gone(
+        recorder: Recorder, tmp_path: Path) -> None:
+    # A log shipper that died: the stop signal's own line raised BrokenPipeError before the
+    # stop was set, and the router ran on until killed; every request wrote a traceback.
+    async with _serve_into_a_pipe(recorder, tmp_path) as (process, port, stdout):
+        stdout.close()  # the reader is gone
+        async with aiohttp.ClientSession() as session:
+            for n in range(3):
+                async with session.post(f"http://127.0.0.1:{port}/v1/track",
+                                        json=track(f"gone-{n}"),
+                                        headers={"Authorization": basic(WEB_KEY)}) as response:
+                    assert response.status == 200
+        await recorder.wait_for(3)
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    said = err.decode()
+    assert said.count("stdout can no longer be written to") == 1, said
+    assert "Logging error" not in said
+
+
+async def test_a_stalled_reader_of_stdout_holds_back_no_request(
+        recorder: Recorder, tmp_path: Path) -> None:
+    # A log shipper that stops reading: once the pipe was full (about 400 access lines),
+    # every request and /health hung until the reader came back (deployment audit).
+    async with _serve_into_a_pipe(recorder, tmp_path) as (process, port, stdout):
+        answered = 0  # from here on, nobody reads its stdout
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for n in range(1_500):  # several times what the pipe holds
@@ -1580,43 +1579,21 @@ async def test_a_stalled_reader_of_stdout_holds_back_no_request(
         while line := await asyncio.to_thread(stdout.readline):  # the reader comes back
             lines += b'"status":404' in line
         _, err = await asyncio.wait_for(process.communicate(), 30)
-    finally:
-        stdout.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, err.decode()
     assert lines == 1_500  # held meanwhile, none lost
-
 
 
 async def test_a_stop_ends_though_the_reader_of_stdout_never_reads_again(
         recorder: Recorder, tmp_path: Path) -> None:
     # It said "router: stopped" and never ended: at exit, logging waited for a lock the
     # writer held, blocked in its write (review).
-    config = tmp_path / "router.yaml"
-    config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db"))
-    port = _free_port()
-    unread, written = os.pipe()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "serve", "-c", str(config), "--port", str(port),
-        cwd=config.parent, env=_child_env(), stdout=written, stderr=asyncio.subprocess.PIPE)
-    os.close(written)
-    stdout = os.fdopen(unread, "rb")
-    try:
-        while b"destinations:" not in await asyncio.to_thread(stdout.readline):
-            pass  # it listens; from here on, nobody reads its stdout, ever
-        async with aiohttp.ClientSession() as session:
+    async with _serve_into_a_pipe(recorder, tmp_path) as (process, port, _):
+        async with aiohttp.ClientSession() as session:  # nobody reads its stdout, ever
             for n in range(1_000):
                 async with session.get(f"http://127.0.0.1:{port}/v1/nothing-{n}") as response:
                     assert response.status == 404
         process.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        stdout.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert process.returncode == 0, err.decode()
 
 async def test_a_stop_signal_the_caller_ignores_stays_ignored(recorder: Recorder,

@@ -340,7 +340,11 @@ class DestinationWorker:
         past the windows it keeps events within (GA4's 72 h, Meta's 7 days; time audit)."""
         now = self.clock.now()
         max_age = self.delivery.max_age
-        too_old = [job for job in jobs if self.clock.age(job.created_at, now) > max_age]
+        # An age is never more than the wall time since acceptance: only jobs accepted
+        # before ``now - max_age`` can be too old, and only they are aged (every lease).
+        maybe = now - max_age
+        too_old = [job for job in jobs if job.created_at < maybe
+                   and self.clock.age(job.created_at, now) > max_age]
         if not too_old:
             return jobs
         failure = Failure(retry.too_old(self.delivery, "it could be sent") + "; not sent")
