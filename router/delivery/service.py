@@ -884,25 +884,23 @@ class DestinationWorker:
                       *, of: list[Job] | None = None) -> None:
         """Record what became of each of ``jobs`` (a part of the batch ``of``, when it is
         being split) that is not recorded yet, and note it in ``recorded``."""
-        recorded = self.recorded.setdefault(id(of or jobs), set())
+        now = self.clock.now()
+        key = id(of or jobs)
+        if of is None and key not in self.recorded and all(
+                outcome is None for outcome, _ in outcomes):
+            # The usual case, a whole batch delivered: nothing below waits, so no stop can
+            # look at the batch before its sender is done with it, and nothing is noted.
+            self._take_delivered(jobs, now)
+            return
+        recorded = self.recorded.setdefault(key, set())
         pending = [(job, result) for job, result in zip(jobs, outcomes)
                    if job.id not in recorded]
-        now = self.clock.now()
         # The delivered first: should a storage call for a failed job raise below, they are
         # still completed, not sent again once their lease lapses.
         delivered = [job for job, (outcome, _) in pending if outcome is None]
         if delivered:
-            if not self.delivered:
-                self.wakeup.set()  # an idle worker records them now, not at its next poll
-            self.delivered += delivered
+            self._take_delivered(delivered, now)
             recorded.update(job.id for job in delivered)
-            # The jobs of one accept share its time, so a batch has few distinct ones.
-            accepted_at: dict[float, int] = {}
-            for job in delivered:
-                accepted_at[job.created_at] = accepted_at.get(job.created_at, 0) + 1
-            for created_at, count in accepted_at.items():
-                self.metrics.latency.observe(self.clock.age(created_at, now), self.name,
-                                             count=count)
             if len(delivered) == len(pending):
                 return
         failed = [(job, outcome, failure) for job, (outcome, failure) in pending
@@ -918,6 +916,19 @@ class DestinationWorker:
                 recorded.update(job.id for job in unrecorded)  # given back, or sent again
                 return
             recorded.add(job.id)
+
+    def _take_delivered(self, delivered: list[Job], now: float) -> None:
+        """Delivered jobs, for ``_complete_delivered`` to complete, and their latency."""
+        if not self.delivered:
+            self.wakeup.set()  # an idle worker records them now, not at its next poll
+        self.delivered += delivered
+        # The jobs of one accept share its time, so a batch has few distinct ones.
+        accepted_at: dict[float, int] = {}
+        for job in delivered:
+            accepted_at[job.created_at] = accepted_at.get(job.created_at, 0) + 1
+        for created_at, count in accepted_at.items():
+            self.metrics.latency.observe(self.clock.age(created_at, now), self.name,
+                                         count=count)
 
     async def _record_failure(self, job: Job, outcome: DestinationError,
                               failure: Failure | None, *, now: float) -> None:
