@@ -10,7 +10,8 @@ time and readers alongside, Redis is shared anyway. Nothing passes between them 
   queued for (else the child would find it at its next poll). These are hints, so the
   parent never waits to send one: when the child is not reading (stopped, or stuck) and the
   socket is full, the names wait for the next send and the child's poll finds the work;
-- parent to child, on a pipe: the config at start, ``("stop", grace)`` at shutdown, and
+- parent to child, on a stream socket pair carrying ``multiprocessing`` messages (the
+  "pipe" of the comments below): the config at start, ``("stop", grace)`` at shutdown, and
   ``("stop", 0)`` again if the shutdown is cut short (a second Ctrl-C): a ``stop`` that
   comes while the child is stopping can only shorten what is left of the grace;
 - child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", (type
@@ -106,7 +107,10 @@ class DeliveryProcess:
         """Children started to replace one that exited, since ``start``."""
 
     async def start(self) -> None:
-        """Start the child and wait until it delivers; ``RuntimeError`` if it cannot."""
+        """Start the child and wait until it delivers. If it cannot: ``SpoolInUse`` when
+        another router delivers from the spool (as ``DeliveryService.start`` raises it, so
+        ``router send`` can leave its events to that router), ``TimeoutError`` when it is not
+        delivering within ``START_TIMEOUT``, else ``RuntimeError`` naming the child's error."""
         self._spawn()
         assert self._ready is not None
         await asyncio.wait_for(self._ready, START_TIMEOUT)
