@@ -221,8 +221,8 @@ class DeliveryDefaults(BaseModel):
         "update): the core counts them against batch_bytes")
     max_payload_bytes: int | None = Field(
         None, ge=1, description="one payload's serialized body, at most: a larger one is "
-        "rejected when the event is routed (default: batch_bytes, since it could never be "
-        "sent)")
+        "rejected when the event is routed (default: batch_bytes less payload_overhead, "
+        "since it could never be sent)")
     batch_wait: float = Field(1.0, ge=0, description="seconds a partial batch waits for more")
     backoff_initial: float = Field(1.0, gt=0, description="seconds before the first retry, "
                                    "at most (exponential with full jitter)")

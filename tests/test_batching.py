@@ -175,3 +175,15 @@ async def test_a_storage_error_recording_one_failure_still_completes_the_deliver
 def test_payload_overhead_must_leave_room_for_a_payload():
     with pytest.raises(ValueError, match="payload_overhead .2000. must be less than batch_bytes"):
         DeliveryDefaults(batch_bytes=1024, payload_overhead=2000)
+
+
+def test_without_max_payload_bytes_a_payload_may_fill_a_request_less_the_overhead():
+    # As DeliveryDefaults.max_payload_bytes and docs/plugins.md say: batch_bytes less
+    # payload_overhead, the room a request has for one payload once build_request adds its part.
+    from router.delivery.batching import payload_limit
+    assert payload_limit(DeliveryDefaults(batch_bytes=2048)) == 2048
+    assert payload_limit(DeliveryDefaults(batch_bytes=2048, payload_overhead=100)) == 1948
+    assert payload_limit(DeliveryDefaults(batch_bytes=2048, payload_overhead=100,
+                                          max_payload_bytes=500)) == 500
+    described = DeliveryDefaults.model_fields["max_payload_bytes"].description or ""
+    assert "batch_bytes less payload_overhead" in described
