@@ -50,6 +50,8 @@ class Buggy(Destination[BuggySettings]):
     def __init__(self, settings: BuggySettings) -> None:
         if settings.bug == "init":
             raise RuntimeError(f"cannot start with {settings.token.get_secret_value()}")
+        if settings.bug == "refuses":  # a plugin refusing its settings, as docs/plugins.md says
+            raise ValueError("this url and this bug do not go together")
         super().__init__(settings)
 
     def endpoints(self) -> Sequence[str]:
@@ -179,6 +181,13 @@ async def test_a_plugin_blocking_the_event_loop_is_named_in_the_log(tmp_path, ca
     assert "intake, delivery and /health wait until it does" in stalled  # one process here
     assert "tests/test_misbehaving_plugins.py" in stalled and "in translate" in stalled
     assert "turned again after" in resumed
+
+
+def test_a_value_error_from_init_refuses_the_settings_rather_than_report_a_bug(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        router_with(tmp_path, "http://127.0.0.1:9", "refuses")
+    assert caught.value.field == "destinations.1.settings"
+    assert caught.value.message == "buggy: this url and this bug do not go together"
 
 
 @pytest.mark.parametrize("bug, where", [
