@@ -13,8 +13,11 @@ rules of Advocate, Sentry and GitLab (see ``docs/egress.md``):
   exactly those addresses, so DNS rebinding (public at check time, private at connect time)
   has no window. A lookup with *any* refused address is refused whole (Sentry's rule).
 * aiohttp never asks the resolver about IP-literal hosts, and a redirect may point anywhere,
-  so the connector re-checks every request it opens (each redirect hop included) and a
-  trace hook checks each ``Location`` before it is followed.
+  so the connector re-checks every request it opens (each redirect hop included) and, for a
+  session that follows redirects, a trace hook checks each ``Location`` before it is
+  followed. The router's own transport follows none (a 3xx is the destination's answer), so
+  it runs without the trace hooks (``session_kwargs(follows_redirects=False)``): they, and
+  ``check_request_url``, are used by the tests alone.
 
 What a caller of ``aiohttp.ClientSession(**session_kwargs(policy))`` sees when the guard
 refuses:
