@@ -89,7 +89,8 @@ class Router:
             result = await router.route({"type": "track", "event": "Signed Up", "userId": "42"})
 
     ``route`` returns once the event's work is durable in the storage (a group commit shared
-    with concurrent calls: with SQLite, about one fsync-less WAL append per batch of events);
+    with concurrent calls: with SQLite, about one WAL append per batch of events, without an
+    fsync unless the URL says ``?synchronous=full``);
     delivery then happens in the background, with retries, until ``close``.
     """
 
