@@ -45,7 +45,6 @@ class DestinationType:
 class Registry:
     """The destination types known to this process, and the plugins that failed to load."""
 
-    plugin_manager: pluggy.PluginManager
     types: dict[str, DestinationType] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
 
@@ -69,7 +68,7 @@ def create_registry(*, entry_points: bool = True,
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    registry = Registry(pm)
+    registry = Registry()
     origins: dict[object, _Origin] = {}
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
