@@ -87,8 +87,9 @@ class Amplitude(Destination[AmplitudeSettings]):
     # HTTP V2: at most 2000 events and under 1 MB per request ("HTTP V2 API"; "Batch and
     # retry HTTP V2 API requests"). Amplitude limits events per second per user or device
     # (30; 1000 on /batch), not requests, so no request rate is set; 429s name the throttled
-    # users and devices (see responses.py). With `use_batch_endpoint`, requests may be up to
-    # 20 MB: raise `delivery.batch_bytes` in the config to use that.
+    # users and devices (see responses.py). With `use_batch_endpoint`, Amplitude takes
+    # requests up to 20 MB, but requests stay under 1 MB here: a config may only lower
+    # `delivery.batch_bytes` below the class's, and the class's cannot depend on settings.
     delivery = DeliveryDefaults(batch_size=2000,
                                 batch_bytes=MAX_REQUEST_BYTES - _ENVELOPE_BYTES,
                                 concurrency=8)
