@@ -575,15 +575,3 @@ def test_an_amplitude_throttle_index_out_of_range_is_ignored():
     outcomes = amplitude().read_response(batch(2), answer(429, {"throttled_events": [7, "x"]}))
     assert outcomes is None
 
-
-def test_the_batch_endpoint_does_not_raise_the_request_size_a_config_may_set():
-    # docs/destinations/amplitude.md: /batch takes 20 MB, but a config may only lower
-    # delivery.batch_bytes, so requests stay under 1 MB with use_batch_endpoint too.
-    from router import ConfigError, Router, parse_config
-    text = ("storage: memory://\ndestinations:\n  - name: Amp\n    plugin: amplitude\n"
-            "    settings: {api_key: k-0123456789, use_batch_endpoint: true}\n"
-            "    delivery: {batch_bytes: 20000000}\n")
-    with pytest.raises(ConfigError, match="expected at most 990000"):
-        Router(parse_config(text, env={}), deliver=False)
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "destinations" / "amplitude.md")
-    assert "raise `delivery.batch_bytes`" not in docs.read_text()
