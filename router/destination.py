@@ -49,7 +49,8 @@ class Payload(NamedTuple):
 
 @dataclass(slots=True)
 class HttpRequest:
-    """A request described, not sent: what ``build_request`` returns and dry-run prints."""
+    """A request described, not sent: what ``build_request`` returns and dry-run prints.
+    A ``str`` body is accepted and sent as UTF-8 (the core turns it into bytes first)."""
 
     method: str
     url: str
@@ -133,6 +134,8 @@ def checked_request(request: Any) -> HttpRequest:
     problem = request_problem(request)
     if problem:
         raise TypeError(f"build_request returned {problem}")
+    if isinstance(request.body, str):  # allowed, and sent as UTF-8, as aiohttp would send it
+        request.body = request.body.encode()
     return request
 
 
@@ -159,7 +162,7 @@ def request_problem(request: Any) -> str | None:
             and "\n" not in value for name, value in request.headers.items()):
         return "headers that are not str names and values without line breaks"
     if request.body is not None and not isinstance(request.body, (bytes, str)):
-        return f"a {type(request.body).__name__} body, not bytes"
+        return f"a {type(request.body).__name__} body, not bytes or str"
     return None
 
 

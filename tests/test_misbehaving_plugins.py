@@ -4,6 +4,7 @@ or dead-lettered), and no secret reaches a log."""
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, SecretStr, field_validator
 
-from router import runtime
+from router import cli, runtime
 from router import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload, hookimpl
 from router.config import parse_config
 from router.errors import ConfigError, EventRejected
@@ -75,6 +76,9 @@ class Buggy(Destination[BuggySettings]):
             return None  # type: ignore[return-value]
         if self.settings.bug == "one event" and 2 in numbers:
             raise ValueError(f"cannot send event 2 with {self.settings.token.get_secret_value()}")
+        if self.settings.bug == "text body":  # no bug: a str body is allowed, sent as UTF-8
+            return HttpRequest("POST", self.settings.url, {"Content-Type": "application/json"},
+                               orjson.dumps(numbers).decode() + " ")
         return HttpRequest.json("POST", self.settings.url, numbers)
 
     def read_response(self, payloads: Sequence[Payload], response: HttpResponse) -> Any:
@@ -181,6 +185,23 @@ async def test_a_plugin_blocking_the_event_loop_is_named_in_the_log(tmp_path, ca
     assert "intake, delivery and /health wait until it does" in stalled  # one process here
     assert "tests/test_misbehaving_plugins.py" in stalled and "in translate" in stalled
     assert "turned again after" in resumed
+
+
+async def test_a_str_body_is_sent_as_utf8(tmp_path):
+    done = await run(tmp_path, "text body", 3)
+    assert (done.sent("/buggy"), done.letters) == ([0, 1, 2], [])
+
+
+def test_a_str_body_is_shown_by_the_dry_run(tmp_path):
+    # router send --dry-run ended with an AttributeError on a str body.
+    router = router_with(tmp_path, "http://127.0.0.1:9", "text body")
+    [result] = cli.dry_run(router, [track(7)])
+    [request] = router.requests_for(result.status_of("buggy"))
+    assert request.body == b"[7] "
+    for printer in (cli._print_table, cli._print_json):
+        shown = io.StringIO()
+        printer(router, 0, cli._shown(result), shown, requests=True)
+        assert "[7]" in shown.getvalue()
 
 
 def test_a_value_error_from_init_refuses_the_settings_rather_than_report_a_bug(tmp_path):
