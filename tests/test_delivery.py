@@ -427,6 +427,26 @@ async def test_retry_after_as_http_date_is_honoured(tmp_path):
         assert second.time - first.time >= 0.9  # HTTP-dates have whole-second precision
 
 
+async def test_a_plugin_judging_a_retry_leaves_the_wait_to_the_answers_retry_after(tmp_path):
+    # Meta judges its 503 itself (a transient code) and reads only a Retry-After in
+    # seconds: an HTTP-date was ignored and the event came back after the backoff alone.
+    from email.utils import formatdate
+    async with FakeDestinationServer() as meta:
+        meta.script([Answer(503, body={"error": {"message": "Service unavailable", "code": 2}},
+                            headers={"Retry-After": formatdate(time.time() + 3, usegmt=True)}),
+                     200])
+        router = router_for(tmp_path, [
+            {"name": "meta", "plugin": "meta_capi",
+             "settings": {"pixel_id": "1234567890", "access_token": "meta-token-0001",
+                          "action_source": "system_generated", "base_url": meta.url},
+             "delivery": FAST_RETRIES}])
+        async with router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+        first, second = meta.requests
+        assert second.time - first.time >= 1.9  # HTTP-dates have whole-second precision
+
+
 async def test_timeouts_and_connection_resets_are_retried(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([Answer(200, delay=5), Answer(200, reset=True), 200])

@@ -113,19 +113,11 @@ def deletion_outcomes(payloads: Sequence[Payload], response: HttpResponse,
     sent: Outcome = None
     if not 200 <= response.status < 300:
         reason = f"HTTP {response.status} from the User Privacy API"
-        sent = RetryableError(reason, retry_after=_retry_after(response)) \
-            if response.status in retry_on else PermanentError(reason)
+        # The answer's Retry-After, in either form, is the core's to read.
+        sent = RetryableError(reason) if response.status in retry_on else PermanentError(reason)
     return [sent] * MAX_DELETION_USERS + [
         RetryableError("not sent yet: Amplitude deletes at most 100 users per request",
                        retry_after=1.0)] * (len(payloads) - MAX_DELETION_USERS)
-
-
-def _retry_after(response: HttpResponse) -> float | None:
-    """A Retry-After given in seconds (the HTTP-date form is left to the backoff)."""
-    for name, value in response.headers.items():
-        if name.lower() == "retry-after" and value.strip().isdigit():
-            return float(value.strip())
-    return None
 
 
 def _indexes(value: Any, count: int) -> Iterable[int]:

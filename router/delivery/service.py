@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from router.delivery import retry
 from router.delivery.batching import batches, built_by, from_spool
@@ -820,7 +820,7 @@ class DestinationWorker:
                                      "by its status instead", exc)
             judged = None
         if judged is not None:
-            outcomes = list(judged)
+            outcomes = _with_the_stated_wait(judged, response.headers, now=now)
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
                                               self.delivery.retry_on, now=now,
@@ -957,6 +957,26 @@ class DestinationWorker:
         self.failure_log.write({"destination": self.name, "action": action,
                                 "message_id": job.message_id, "attempt": job.attempts,
                                 "status": failure.status, "reason": failure.reason})
+
+
+def _with_the_stated_wait(judged: list[Outcome], headers: Mapping[str, str], *, now: float
+                          ) -> list[Outcome]:
+    """A plugin's ``RetryableError`` that gives no wait takes the answer's ``Retry-After``
+    (seconds or an HTTP-date), as the core's own judgement would: a plugin need not read the
+    header itself (two built-ins did, each reading only the seconds form). Outcomes given to
+    several events stay one object, which ``_names_events`` relies on."""
+    if not any(isinstance(o, RetryableError) and o.retry_after is None for o in judged):
+        return judged
+    wait = retry.retry_after(headers, now=now)
+    if wait is None:
+        return judged
+    filled: dict[int, Outcome] = {}
+    for outcome in judged:
+        if isinstance(outcome, RetryableError) and outcome.retry_after is None \
+                and id(outcome) not in filled:
+            filled[id(outcome)] = RetryableError(outcome.reason, retry_after=wait,
+                                                 pause_destination=outcome.pause_destination)
+    return [filled.get(id(outcome), outcome) for outcome in judged]
 
 
 def _names_events(judged: list[Outcome]) -> bool:
