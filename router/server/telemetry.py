@@ -63,6 +63,10 @@ class IngestMetrics:
                   ["destination"], self._oldest_age))
         add(Gauge("router_dead_letters", "Jobs in the dead-letter store, by destination.",
                   ["destination"], self._dead_letters))
+        add(Gauge("router_dedup_window_ids",
+                  "Message ids the dedup window remembers (about the events accepted in the "
+                  "window), so that its memory on Redis or disk on SQLite can be sized.", [],
+                  lambda: _unlabelled(self._stats.dedup_entries)))
         add(Gauge("router_storage_bytes", "Bytes the spool's database holds (SQLite).", [],
                   lambda: _unlabelled(self._stats.bytes_used)))
         add(Gauge("router_storage_disk_free_bytes",

@@ -112,6 +112,7 @@ class QueueStats:
 class StorageStats:
     queues: dict[str, QueueStats] = field(default_factory=dict)
     dedup_entries: int = 0
+    """The message ids the dedup window remembers (``router_dedup_window_ids``)."""
     bytes_used: int | None = None
     disk_free_bytes: int | None = None
     """Free space on the disk the storage writes to, where it has one (SQLite)."""
