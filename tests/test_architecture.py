@@ -2,7 +2,8 @@
 
 - Destinations are pure: nothing under ``plugins/`` reaches the transport, the event loop, the
   storage or the server; the core owns all of those.
-- Built-ins are plugins: nothing under ``router/`` imports a built-in destination by name.
+- Built-ins are plugins: nothing under ``router/`` imports a built-in destination by name, and
+  they use only the public plugin API (``router``, ``router.semantics``, ``router.testing``).
 - The plugin contract cannot drift from its docs: every hook and every public ``Destination``
   method appears in ``docs/plugins.md`` with its signature.
 """
@@ -70,6 +71,22 @@ def test_the_import_scanner_sees_what_it_must(tmp_path):
 
 def test_plugins_do_no_io_and_touch_no_core_internals():
     assert violations("plugins", FORBIDDEN_IN_PLUGINS) == []
+
+
+def test_built_in_destinations_use_only_the_public_plugin_api():
+    # docs/plugins.md says the built-ins are written exactly as a third-party plugin is: a
+    # helper they reached for in router.events or router.templates was not documented, and
+    # could have changed under a third-party plugin that copied one.
+    import router
+    public = {"router", "router.semantics", "router.testing",
+              *(f"router.{name}" for name in router.__all__)}
+    reached = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+               for path in python_files("plugins") if not path.name.startswith("test_")
+               for line, module in imported_modules(path)
+               if module.startswith("router") and not module.startswith("router_plugins")
+               and module not in public and not module.startswith(("router.semantics.",
+                                                                   "router.testing."))]
+    assert reached == []
 
 
 def test_the_core_never_imports_a_built_in_destination():

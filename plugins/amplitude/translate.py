@@ -193,7 +193,9 @@ def attribution(event: Event) -> dict[str, dict[str, Any]]:
                                               for key, value in last.items()}}
 
 
-def as_number(value: Any) -> float | int | None:
+def _finite_number(value: Any) -> float | int | None:
+    """A number given as one: the core has already made the spec's amounts numbers, so a
+    string left (a product's ``revenue``) is not one Amplitude would count."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value if math.isfinite(value) else None
@@ -210,9 +212,9 @@ def revenue_fields(item: Mapping[str, Any]) -> dict[str, Any]:
     ``revenue`` is that product whenever the quantity is known or no revenue is given. Its
     quantity is an integer: a fractional one would be rounded and the revenue recounted, so
     then only ``revenue`` goes, already multiplied."""
-    price = as_number(item.get("price"))
-    quantity = as_number(item.get("quantity"))
-    revenue = as_number(item.get("revenue"))
+    price = _finite_number(item.get("price"))
+    quantity = _finite_number(item.get("quantity"))
+    revenue = _finite_number(item.get("revenue"))
     if price is not None and (quantity is not None or revenue is None):
         revenue = price * (1 if quantity is None else quantity)
     if revenue is None:

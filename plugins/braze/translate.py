@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
-from router import Event, EventRejected
-from router.events import as_number, format_time
+from router import Event, EventRejected, as_number, format_time
 from router.semantics import products
 
 MAX_NAME = 255  # custom event names and product ids (Braze "Event object", "Purchase object")

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
-from router import Event, EventRejected, SkipEvent
-from router.events import format_time
+from router import Event, EventRejected, SkipEvent, format_time
 
 PersonProfiles = Literal["always", "identified_only"]
 

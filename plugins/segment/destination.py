@@ -14,9 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from router import (BaseUrl, basic_auth, DeliveryDefaults, Destination, Event, HttpRequest,
-                    HttpResponse, Outcome, Payload, PermanentError)
-from router.events import MAX_EVENT_BYTES
+from router import (MAX_EVENT_BYTES, BaseUrl, basic_auth, DeliveryDefaults, Destination, Event,
+                    HttpRequest, HttpResponse, Outcome, Payload, PermanentError)
 
 BATCH_PATH = "/v1/batch"
 _ENVELOPE_BYTES = len(b'{"batch":[]}')

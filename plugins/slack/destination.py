@@ -16,11 +16,10 @@ from urllib.parse import urlsplit
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, field_validator,
                       model_validator)
 
-from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
-                    HttpResponse, Outcome, Payload, PermanentError, SkipEvent)
-from router.events import CallType
+from router import (CallType, DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
+                    HttpResponse, Outcome, Payload, PermanentError, SkipEvent, Template,
+                    template_event)
 from router.semantics import semantic_action
-from router.templates import Template, template_event
 
 TemplateKey = Literal["default", "track", "identify", "page", "screen", "group", "alias"]
 

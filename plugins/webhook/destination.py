@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest, HttpUrl,
-                    Payload, SkipEvent)
-from router.templates import Template, template_event
+                    Payload, SkipEvent, Template, template_event)
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
