@@ -129,11 +129,14 @@ class Storage(ABC):
 
     @abstractmethod
     async def open(self, *, recover: bool = True) -> None:
-        """Connect, create the schema, and (with ``recover``) put back to the queue every job
-        leased by a process that is gone: after a crash, in-flight work is sent again. Tools
-        that share the storage with a running router (``router dlq``) open without it. A
-        backend whose leases do not lapse (SQLite) takes them back in ``claim_delivery``
-        instead, once it knows no other process delivers."""
+        """Connect and create the schema. ``recover`` says who opens it: a router (True), which
+        may put the storage right for itself, or a tool that shares it with a running router
+        (``router dlq``, ``router check --storage``: False), which must change nothing that
+        router relies on. What putting right means is the backend's: Redis puts back to the
+        queue the lapsed leases of a process that is gone (after a crash, in-flight work is
+        sent again); SQLite checks the file for damage and converts an older layout, and
+        takes leases back in ``claim_delivery`` instead, once it knows no other process
+        delivers; memory forgets its leases."""
 
     @abstractmethod
     async def close(self) -> None: ...
