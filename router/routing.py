@@ -78,6 +78,10 @@ class RouteResult:
         return bool(self.results) and all(r.status is Status.DUPLICATE for r in self.results)
 
     def status_of(self, destination: str) -> DestinationResult | None:
+        """The whole result for ``destination`` (``.status``, ``.reason``), not the status
+        alone, despite its name, which stays for the embedders who call it; None for a
+        destination the event was never routed to (an invalid event). Names match without
+        regard to case, as the integrations map's do."""
         return next((r for r in self.results if r.destination and
                      r.destination.lower() == destination.lower()), None)
 
