@@ -18,7 +18,7 @@ from router.errors import StorageFull, StorageUnavailable
 from router.redaction import Masker
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.delivery.telemetry import DeliveryMetrics
-from router.storage import sqlite as sqlite_module
+from router.storage.sqlite import writer as sqlite_writer
 from router.storage.base import DeadLetterFilter
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import (FAST_RETRIES, fill_the_disk, lease_large_and_short,
@@ -546,7 +546,7 @@ async def test_jobs_a_locked_spool_cannot_record_nor_take_back_are_sent_again(
     # Another process holds the spool's write lock (a router dlq stopped mid-commit, say)
     # past the lock timeout: neither the retry nor the job's return to the queue can be
     # written. The job stayed leased with nothing recorded until the next start.
-    monkeypatch.setattr(sqlite_module, "LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(sqlite_writer, "LOCK_TIMEOUT", 0.3)
     monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.5)
     async with FakeDestinationServer() as server:
         server.script([Answer(500, delay=0.5)])

@@ -42,7 +42,7 @@ def _delivery_children() -> list[int]:
 
 async def test_a_second_delivering_router_on_one_spool_is_refused(tmp_path, monkeypatch):
     # Each would send the jobs the other has read: every event twice.
-    monkeypatch.setattr("router.storage.sqlite.CLAIM_WAIT", 0.3)
+    monkeypatch.setattr("router.storage.sqlite.storage.CLAIM_WAIT", 0.3)
     async with FakeDestinationServer() as server:
         first = router_for(tmp_path, [webhook("hook", server.url)])
         second = router_for(tmp_path, [webhook("hook", server.url)])
@@ -62,7 +62,7 @@ async def test_a_router_beside_a_delivering_one_leaves_its_leases_alone(tmp_path
     # A refused second `router serve`, or `router send`, opened the spool as a router does
     # and took back the jobs the delivering router had leased: their retries, still under
     # way, were leased and sent a second time.
-    monkeypatch.setattr("router.storage.sqlite.CLAIM_WAIT", 0.1)
+    monkeypatch.setattr("router.storage.sqlite.storage.CLAIM_WAIT", 0.1)
     async with FakeDestinationServer() as server:
         server.script([500, Answer(200, delay=1.5)])  # the retry is under way for 1.5 s
         hook = webhook("hook", server.url)

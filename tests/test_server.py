@@ -52,7 +52,7 @@ from router.server.accesslog import client_address
 from router.server.body import GzipDecoder
 from router.server.listen import TURN_AWAY, listen
 from router.server.problems import Problem
-from router.storage import sqlite as sqlite_module
+from router.storage.sqlite import writer as sqlite_writer
 from router.storage.sqlite import lock_delivery
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
@@ -1159,7 +1159,7 @@ async def test_health_is_unavailable_while_the_spool_cannot_be_written(
     # said ok: a load balancer kept sending this router everything (I/O fault audit). Here
     # another process holds the spool's write lock past the lock timeout, which intake
     # refuses the same way.
-    monkeypatch.setattr(sqlite_module, "LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(sqlite_writer, "LOCK_TIMEOUT", 0.3)
     ingest = await start_server(storage=f"sqlite:///{tmp_path / 'spool.db'}")
 
     async def health() -> tuple[int, dict[str, Any]]:

@@ -43,7 +43,10 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
 from router.storage import redis as redis_module
-from router.storage import sqlite as sqlite_module
+from router.storage.sqlite import budget as sqlite_budget
+from router.storage.sqlite import errors as sqlite_errors
+from router.storage.sqlite import letters as sqlite_letters
+from router.storage.sqlite import writer as sqlite_writer
 from router.storage.sqlite import LAYOUT, SqliteStorage
 from router.testing.fake_server import Answer, FakeDestinationServer
 from tests.delivery_helpers import (fill_the_disk, lease_large_and_short, router_for, track,
@@ -528,7 +531,7 @@ async def test_concurrent_replays_queue_each_letter_once(backend, tmp_path, monk
     # transaction held every body in memory, and intake's write lock, for its whole work);
     # two replays at once (two shells) still queue each letter once.
     monkeypatch.setattr(redis_module, "LETTER_PAGE", 3)
-    monkeypatch.setattr(sqlite_module, "REPLAY_PAGE", 3)
+    monkeypatch.setattr(sqlite_letters, "REPLAY_PAGE", 3)
     if backend == "redis":
         url = unique_url(request.getfixturevalue("redis_url"))
         first, second = await another(url), await another(url, recover=False)
@@ -799,11 +802,11 @@ def test_sqlite_a_file_it_cannot_open_for_want_of_descriptors_is_not_called_a_di
     cannot_open = sqlite3.OperationalError("unable to open database file")
     cannot_open.sqlite_errorcode = sqlite3.SQLITE_CANTOPEN  # as SQLite sets it
     assert "disk cannot be read or written" in str(
-        sqlite_module._storage_error(cannot_open, Path("spool.db")))
+        sqlite_errors._storage_error(cannot_open, Path("spool.db")))
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (0, limits[1]))
     try:
-        said = str(sqlite_module._storage_error(cannot_open, Path("spool.db")))
+        said = str(sqlite_errors._storage_error(cannot_open, Path("spool.db")))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
     assert said.startswith("this process has no file descriptor left to open the spool's "
@@ -871,7 +874,7 @@ async def test_sqlite_a_lease_may_stop_inside_a_bundle_and_the_next_goes_on_from
 
 
 async def test_sqlite_a_large_accept_is_spooled_in_several_bundles(spool, tmp_path, monkeypatch):
-    monkeypatch.setattr("router.storage.sqlite.MAX_BUNDLE_JOBS", 3)
+    monkeypatch.setattr("router.storage.sqlite.lanes.MAX_BUNDLE_JOBS", 3)
     await accept(spool, *(item(f"m-{n}") for n in range(8)))
     assert spool_rows(tmp_path / "spool.db")["bundles"] == 3
     leased = await lease(spool, 5)
@@ -1223,14 +1226,14 @@ async def test_sqlite_intake_counts_what_a_long_read_keeps_from_the_spool_file(t
         growth = checkpoint_growth(path)
         assert growth > 10_000_000
         # Room on the disk beyond the reserve, but not for the pages still in the WAL.
-        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) - growth // 2
+        storage.min_free_bytes = sqlite_budget._disk_free_bytes(path) - growth // 2
         with pytest.raises(StorageFull, match=r"less the \d+ MB its next checkpoint adds"):
             await accept(storage, item("m-refused"))
         reader.execute("COMMIT")
         reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
         assert checkpoint_growth(path) == 0  # home: what the file took is the disk's now
         # (4 MB below the disk's free space: room for what the machine writes meanwhile)
-        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) - 4 * 2**20
+        storage.min_free_bytes = sqlite_budget._disk_free_bytes(path) - 4 * 2**20
         assert await accept(storage, item("m-after")) == [True]
     finally:
         reader.close()
@@ -1256,9 +1259,9 @@ async def test_sqlite_intake_counts_the_room_delivery_freed_inside_the_spool(tmp
             (free_pages,) = other.execute("PRAGMA freelist_count").fetchone()
         assert free_pages * 16384 > 10_000_000
         # Less free on the disk than the reserve, more once the spool's own room counts.
-        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) + 5_000_000
+        storage.min_free_bytes = sqlite_budget._disk_free_bytes(path) + 5_000_000
         assert await accept(storage, item("m-after")) == [True]
-        storage.min_free_bytes = sqlite_module._disk_free_bytes(path) + 50_000_000
+        storage.min_free_bytes = sqlite_budget._disk_free_bytes(path) + 50_000_000
         with pytest.raises(StorageFull, match=r"MB free and \d+ MB inside the spool"):
             await accept(storage, item("m-refused"))
     finally:
@@ -1269,7 +1272,9 @@ async def test_sqlite_a_spool_another_process_keeps_locked_is_unavailable_not_an
         spool, tmp_path, monkeypatch):
     # Intake answered 500 with a traceback, and delivery did not put the jobs back: the
     # raw "database is locked" was not one of the storage's errors.
-    monkeypatch.setattr(sqlite_module, "LOCK_TIMEOUT", 0.2)
+    # The writer waits for the lock that long, and its error says so.
+    monkeypatch.setattr(sqlite_writer, "LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(sqlite_errors, "LOCK_TIMEOUT", 0.2)
     other_process = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
     other_process.execute("BEGIN IMMEDIATE")
     try:
@@ -2277,9 +2282,9 @@ def test_a_spool_this_user_may_not_write_is_said_so_not_as_a_disk_fault(tmp_path
         connection.close()
     assert refused.value.sqlite_errorcode & 0xFF == sqlite3.SQLITE_READONLY
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
-    said = str(sqlite_module._storage_error(refused.value, spool))
+    said = str(sqlite_errors._storage_error(refused.value, spool))
     assert said.startswith(f"this user (uid {os.geteuid()}) may not write the spool's "
                            f"directory {tmp_path}: SQLite writes the spool and its -wal")
     monkeypatch.undo()
-    assert str(sqlite_module._storage_error(refused.value, spool)).startswith(
+    assert str(sqlite_errors._storage_error(refused.value, spool)).startswith(
         "the spool's disk cannot be read or written")

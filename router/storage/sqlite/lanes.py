@@ -1,0 +1,287 @@
+"""The spool's jobs by destination: each destination's lane of job ids, what an accept adds
+to it (``_Lane``: a bundle, or rows of ``jobs``), and the lanes this process reads
+(``Lanes``: the cursors, the bundles read and not yet finished, and the settling of their
+jobs in ``settled_runs``)."""
+
+from __future__ import annotations
+
+import sqlite3
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from router.storage.base import Acceptance, Job, NewJob
+from router.storage.bundle_format import pack_bundle, unpack_bundle
+from router.storage.sqlite.writer import Writer, _insert_rows
+
+LANE_BITS = 40
+"""Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
+MAX_BUNDLE_JOBS = 1000
+"""An accept writes a destination's jobs in bundles of at most this many."""
+
+
+class Lanes(Writer):
+    """The lanes this process reads, touched by the writer thread only."""
+
+    # The storage's state they use, which ``SqliteStorage.__init__`` sets and describes:
+    _read_up_to: dict[int, int]
+    _bundles: dict[int, _OpenBundle]
+    _bundle_of: dict[int | str, _OpenBundle]
+    _damaged: list[tuple[Job, str]]
+
+    def _read_bundles(self, connection: sqlite3.Connection, destination: str, limit: int
+                      ) -> list[Job]:
+        """Up to ``limit`` jobs of a destination's bundles past its cursor, moving the
+        cursor and skipping jobs already settled or still held by this process."""
+        lane = _lane_of(connection, destination)
+        if lane is None:
+            return []
+        end = (lane + 1) << LANE_BITS
+        after = self._read_up_to.get(lane, lane << LANE_BITS)
+        taken: list[Job] = []
+        damaged: list[tuple[Job, str]] = []
+        opened: list[int] = []
+
+        def undo(cursor: int = after) -> None:
+            self._read_up_to[lane] = cursor
+            for job in taken + [job for job, _ in damaged]:
+                self._bundle_of.pop(job.id, None)
+            for bundle_id in opened:  # read in a transaction that did not happen
+                self._bundles.pop(bundle_id, None)
+
+        self._on_rollback(undo)
+        while len(taken) + len(damaged) < limit:
+            # A bundle is keyed by its last job id, so the bundles that hold the next
+            # `wanted` ids end past `after` and start at or before `after + wanted`; one
+            # holds at most MAX_BUNDLE_JOBS ids, which bounds the scan.
+            wanted = after + limit - len(taken)
+            rows = connection.execute(
+                "SELECT id, first_id FROM bundles WHERE id > ? AND id <= ? AND first_id <= ? "
+                "ORDER BY id", (after, min(end - 1, wanted + MAX_BUNDLE_JOBS), wanted)).fetchall()
+            if not rows:  # none there: the next bundle, past a run of ids used by `jobs`
+                rows = connection.execute(
+                    "SELECT id, first_id FROM bundles WHERE id > ? AND id < ? ORDER BY id "
+                    "LIMIT 1", (after, end)).fetchall()
+                if not rows:
+                    break
+            for bundle_id, first_id in rows:
+                if bundle_id not in self._bundles:
+                    opened.append(bundle_id)
+                bundle = self._open_bundle(connection, bundle_id, first_id)
+                for index in range(max(after + 1 - first_id, 0), len(bundle.jobs)):
+                    if len(taken) + len(damaged) == limit:
+                        break
+                    after = job_id = first_id + index
+                    if job_id in bundle.unsettled and job_id not in self._bundle_of:
+                        message_id, user_key, group, body = bundle.jobs[index]
+                        job = Job(job_id, destination, message_id, user_key, group, body,
+                                  bundle.created_at)
+                        self._bundle_of[job_id] = bundle
+                        if bundle.damaged and index in bundle.damaged:
+                            damaged.append((job, bundle.damaged[index]))
+                        else:
+                            taken.append(job)
+                if len(taken) + len(damaged) == limit:
+                    break
+        self._read_up_to[lane] = after
+        self._note_damaged(damaged)
+        return taken
+
+    def _note_damaged(self, damaged: list[tuple[Job, str]]) -> None:
+        """Keep damaged jobs that a lease found, with why, for ``lease`` to dead-letter;
+        forgotten again if the lease's transaction is rolled back."""
+        if damaged:
+            self._damaged += damaged
+            self._on_rollback(lambda: setattr(self, "_damaged", [
+                found for found in self._damaged if found not in damaged]))
+
+    def _open_bundle(self, connection: sqlite3.Connection, bundle_id: int, first_id: int
+                     ) -> _OpenBundle:
+        bundle = self._bundles.get(bundle_id)
+        if bundle is None:
+            created_at, packed = connection.execute(
+                "SELECT created_at, jobs FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+            settled = {job_id for first, last in connection.execute(
+                           "SELECT first, last FROM settled_runs WHERE last BETWEEN ? AND ?",
+                           (first_id, bundle_id))
+                       for job_id in range(first, last + 1)}
+            bundle = self._bundles[bundle_id] = _OpenBundle(bundle_id, first_id, created_at,
+                                                            packed, settled)
+        return bundle
+
+    def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
+                ) -> list[int | str]:
+        """Forget held jobs: the bundles they finish are deleted, and in a bundle still
+        open they are noted in ``settled_runs``. Returns the ids that are not of a bundle
+        (rows of ``jobs``)."""
+        others: list[int | str] = []
+        settled: dict[_OpenBundle, list[int]] = {}
+        for job_id in job_ids:
+            bundle = self._bundle_of.pop(job_id, None)
+            if bundle is None:
+                others.append(job_id)
+            else:
+                bundle.unsettled.discard(job_id)
+                settled.setdefault(bundle, []).append(int(job_id))
+        # A finished bundle goes whole, with its notes; the others' settled jobs are noted,
+        # a row per run of consecutive ids of one bundle.
+        finished: list[_OpenBundle] = []
+        runs: list[int] = []
+        had_settled_rows = [(bundle, bundle.has_settled_rows) for bundle in settled]
+        for bundle, ids in settled.items():
+            if not bundle.unsettled:
+                del self._bundles[bundle.id]
+                finished.append(bundle)
+            else:
+                bundle.has_settled_rows = True
+                runs += [bound for first, last in _runs(sorted(ids)) for bound in (last, first)]
+
+        def undo() -> None:
+            for bundle, ids in settled.items():
+                bundle.unsettled.update(ids)
+                self._bundle_of.update(dict.fromkeys(ids, bundle))
+            for bundle, had in had_settled_rows:
+                bundle.has_settled_rows = had
+            for bundle in finished:
+                self._bundles[bundle.id] = bundle
+
+        if settled:
+            self._on_rollback(undo)
+        if runs:
+            _insert_rows(connection, "INSERT INTO settled_runs (last, first)", 2, runs)
+        for start in range(0, len(finished), 500):
+            chunk = finished[start:start + 500]
+            connection.execute(f"DELETE FROM bundles WHERE id IN ({', '.join('?' * len(chunk))})",
+                               [bundle.id for bundle in chunk])
+            for bundle in chunk:
+                if bundle.has_settled_rows:
+                    connection.execute("DELETE FROM settled_runs WHERE last BETWEEN ? AND ?",
+                                       (bundle.first_id, bundle.id))
+        return others
+
+
+class _Lane:
+    """What one accept adds for one destination, built before the write lock is taken: a
+    bundle, or for an ordered destination rows of ``jobs``. Job ids are taken under the
+    lock."""
+
+    def __init__(self, destination: str, ordered: bool, jobs: list[NewJob], owners: list[int],
+                 now: float) -> None:
+        self.destination = destination
+        self.ordered = ordered
+        self.jobs = jobs
+        self.owners = owners
+        """The index of the event each job belongs to."""
+        self.now = now
+        if ordered:
+            self.insert, self.width = _ORDERED_INSERT, 9
+            self._values: list[Any] = [
+                value for job in jobs for value in (0, destination, job.message_id,
+                                                    job.user_key, job.group, job.body, now, now,
+                                                    zlib.crc32(job.body))]
+        else:
+            self.insert, self.width = _BUNDLE_INSERT, 4
+            self._values = [
+                value for start in range(0, len(jobs), MAX_BUNDLE_JOBS)
+                for value in (0, 0, now, pack_bundle(jobs[start:start + MAX_BUNDLE_JOBS]))]
+
+    def of(self, accepted: list[bool]) -> _Lane:
+        """The same without the jobs of duplicate events."""
+        kept = [n for n, owner in enumerate(self.owners) if accepted[owner]]
+        return _Lane(self.destination, self.ordered, [self.jobs[n] for n in kept],
+                     [self.owners[n] for n in kept], self.now)
+
+    def values(self, first: int) -> list[Any]:
+        """The values to insert, flat, with job ids from ``first`` on."""
+        if self.ordered:
+            self._values[0::9] = range(first, first + len(self.jobs))
+        else:
+            for row, start in enumerate(range(first, first + len(self.jobs), MAX_BUNDLE_JOBS)):
+                last = min(start + MAX_BUNDLE_JOBS, first + len(self.jobs)) - 1
+                self._values[row * 4:row * 4 + 2] = last, start
+        return self._values
+
+
+_BUNDLE_INSERT = "INSERT INTO bundles (id, first_id, created_at, jobs)"
+_ORDERED_INSERT = ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
+                   "created_at, due_at, body_crc)")
+
+
+def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
+    jobs: dict[tuple[str, bool], tuple[list[NewJob], list[int]]] = {}
+    for index, item in enumerate(items):
+        for job in item.jobs:
+            lane = jobs.get((job.destination, job.ordered))
+            if lane is None:
+                lane = jobs[(job.destination, job.ordered)] = ([], [])
+            lane[0].append(job)
+            lane[1].append(index)
+    return [_Lane(destination, ordered, lane_jobs, owners, now)
+            for (destination, ordered), (lane_jobs, owners) in jobs.items()]
+
+
+def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
+    """The runs of consecutive numbers in sorted ``ids``, as (first, last)."""
+    first = previous = ids[0]
+    for job_id in ids[1:]:
+        if job_id != previous + 1:
+            yield first, previous
+            first = job_id
+        previous = job_id
+    yield first, previous
+
+
+class _OpenBundle:
+    """A bundle this process has read: its jobs, unpacked, which are damaged (why, by index)
+    and which are not settled yet."""
+
+    __slots__ = ("created_at", "damaged", "first_id", "has_settled_rows", "id", "jobs",
+                 "unsettled")
+
+    def __init__(self, bundle_id: int, first_id: int, created_at: float, packed: bytes,
+                 settled: set[int]) -> None:
+        self.id = bundle_id
+        self.first_id = first_id
+        self.created_at = created_at
+        self.jobs, self.damaged = unpack_bundle(packed, bundle_id - first_id + 1)
+        self.unsettled = set(range(first_id, bundle_id + 1)) - settled
+        self.has_settled_rows = bool(settled)
+
+
+def _lane_of(connection: sqlite3.Connection, destination: str) -> int | None:
+    row = connection.execute("SELECT number FROM lanes WHERE destination = ?",
+                             (destination,)).fetchone()
+    return row[0] if row else None
+
+
+def _take_ids_of(connection: sqlite3.Connection, counts: dict[str, int]) -> dict[str, int]:
+    """``_take_ids`` for several destinations in one statement (lanes are created only on
+    first use, which is rare): the first new id of each."""
+    if not counts:
+        return {}
+    cases = " ".join("WHEN ? THEN ?" for _ in counts)
+    names = list(counts)
+    sql = (f"UPDATE lanes SET last_seq = last_seq + CASE destination {cases} END WHERE "
+           f"destination IN ({', '.join('?' * len(names))}) RETURNING destination, number, "
+           "last_seq")
+    params = [value for name in names for value in (name, counts[name])] + names
+    taken = connection.execute(sql, params).fetchall()
+    firsts = {name: (number << LANE_BITS) + last - counts[name] + 1
+              for name, number, last in taken}
+    for name in names:
+        if name not in firsts:
+            firsts[name] = _take_ids(connection, name, counts[name])
+    return firsts
+
+
+def _take_ids(connection: sqlite3.Connection, destination: str, count: int) -> int:
+    """The first of ``count`` new job ids of a destination's lane (created on first use).
+    Ids are taken under the write lock and never reused, so a lane's ids grow in commit
+    order, which is what lets a worker read it with a cursor."""
+    connection.execute(
+        "INSERT OR IGNORE INTO lanes (destination, number) "
+        "VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM lanes))", (destination,))
+    number, last = connection.execute(
+        "UPDATE lanes SET last_seq = last_seq + ? WHERE destination = ? "
+        "RETURNING number, last_seq", (count, destination)).fetchone()
+    return (number << LANE_BITS) + last - count + 1
