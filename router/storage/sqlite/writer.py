@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 T = TypeVar("T")
 log = logging.getLogger("router.storage")
 MAX_OPERATIONS_PER_COMMIT = 1000
+# Imported, and read, by schema (the busy timeout while the file is set up), dedup and
+# storage (their read-only connections) and errors (the message that names it): a test
+# that changes it patches each of these modules that it depends on.
 LOCK_TIMEOUT = 10.0
 """Seconds to wait for the write lock that another process holds."""
 
