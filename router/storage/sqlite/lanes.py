@@ -18,6 +18,9 @@ LANE_BITS = 40
 """Job ids are ``lane << LANE_BITS | sequence``: 10^12 jobs a destination, 2^23 destinations."""
 MAX_BUNDLE_JOBS = 1000
 """An accept writes a destination's jobs in bundles of at most this many."""
+BUNDLES_MOVED_AT_ONCE = 20
+"""Bundles a transaction moves into ``jobs`` when a destination becomes ordered: a backlog
+of a million jobs moves in small steps, between which intake goes on."""
 
 
 class Lanes(Writer):
@@ -86,6 +89,40 @@ class Lanes(Writer):
         self._read_up_to[lane] = after
         self._note_damaged(damaged)
         return taken
+
+    def _bundles_into_jobs(self, connection: sqlite3.Connection, destination: str,
+                           after: int) -> int | None:
+        """Move the jobs of a destination's bundles past id ``after`` (accepted while it was
+        not ``ordered``), up to ``BUNDLES_MOVED_AT_ONCE`` bundles, into ``jobs``, where the
+        per-user check sees them; returns the id to go on after, or None when none is left.
+        Left in bundles, they were out of that check's sight, and a user's events accepted
+        after the switch went out before the user's older ones. Only for a lane this
+        process has not read: one it holds jobs of is left as it is. A bundle with damaged
+        jobs stays a bundle, for the lease to dead-letter them."""
+        lane = _lane_of(connection, destination)
+        if lane is None or lane in self._read_up_to:
+            return None
+        rows = connection.execute(
+            "SELECT id, first_id, created_at, jobs FROM bundles WHERE id > ? AND id < ? "
+            "ORDER BY id LIMIT ?", (max(after, lane << LANE_BITS), (lane + 1) << LANE_BITS,
+                                    BUNDLES_MOVED_AT_ONCE)).fetchall()
+        for bundle_id, first_id, created_at, packed in rows:
+            jobs, damaged = unpack_bundle(packed, bundle_id - first_id + 1)
+            if damaged:
+                continue
+            settled = {job_id for first, last in connection.execute(
+                           "SELECT first, last FROM settled_runs WHERE last BETWEEN ? AND ?",
+                           (first_id, bundle_id))
+                       for job_id in range(first, last + 1)}
+            _insert_rows(connection, _ORDERED_INSERT, 9, [
+                value for index, (message_id, user_key, group, body) in enumerate(jobs)
+                if first_id + index not in settled
+                for value in (first_id + index, destination, message_id, user_key, group, body,
+                              created_at, created_at, zlib.crc32(body))])
+            connection.execute("DELETE FROM bundles WHERE id = ?", (bundle_id,))
+            connection.execute("DELETE FROM settled_runs WHERE last BETWEEN ? AND ?",
+                               (first_id, bundle_id))
+        return int(rows[-1][0]) if rows else None
 
     def _note_damaged(self, damaged: list[tuple[Job, str]]) -> None:
         """Keep damaged jobs that a lease found, with why, for ``lease`` to dead-letter;

@@ -4,6 +4,7 @@ it does is in its bases, one concern each (``router.storage.sqlite`` lists them)
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import fcntl
 import logging
@@ -91,6 +92,8 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
         bundle: what a cursor moved back by ``release`` must not hand out twice."""
         self._holding_indexed: set[str] = set()
         """The ``holding_index`` names this process has made sure of."""
+        self._ordered_lanes: set[str] = set()
+        """The ordered destinations whose bundles this process has moved into ``jobs``."""
         self._damaged: list[tuple[Job, str]] = []
         """Jobs that a lease found damaged (a CRC that does not match), with why, for
         ``lease`` to dead-letter."""
@@ -135,6 +138,7 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
             raise RuntimeError("the storage is already open")
         self._recover = recover
         self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
+        self._ordered_lanes = set()
         self._damaged = []
         self._indexed_up_to = 0
         _check_the_index_name_fits(self.path)
@@ -289,6 +293,8 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
                 self._holding_indexed.add(index)
             earlier = f"jobs AS earlier INDEXED BY {index}"
             holding = f" AND earlier.{holds}"
+        if ordered and destination not in self._ordered_lanes:
+            await self._move_bundles_into_jobs(destination)
         head_of_user = (f" AND NOT EXISTS (SELECT 1 FROM {earlier} WHERE earlier.destination"
                         " = jobs.destination AND earlier.user_key = jobs.user_key AND earlier.id"
                         f" < jobs.id{holding})") if ordered else ""
@@ -331,6 +337,15 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
             return await self._call(
                 lambda connection: self._read_bundles(connection, destination, limit),
                 writes=False)
+
+    async def _move_bundles_into_jobs(self, destination: str) -> None:
+        """Before a destination's first ordered lease, its jobs accepted while it was not
+        ordered join the per-user order (``_bundles_into_jobs``)."""
+        after: int | None = 0
+        while after is not None:
+            after = await self._call(functools.partial(self._bundles_into_jobs,
+                                                       destination=destination, after=after))
+        self._ordered_lanes.add(destination)
 
     async def complete(self, jobs: Sequence[Job]) -> None:
         job_ids = [job.id for job in jobs]
