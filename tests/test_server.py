@@ -2160,6 +2160,34 @@ async def test_metrics_say_when_they_cannot_read_the_storage(
     assert len(said) == 1 and not said[0].exc_info  # one line, not a traceback a scrape
 
 
+async def test_connections_redis_closed_while_idle_are_opened_again_not_refused(
+        start_server: StartServer, tmp_path: Path) -> None:
+    # Redis closes a client's connection when its `timeout` passes idle (managed Redis often
+    # sets one), and all of them when it restarts. With redis-py before 5.0.8 the asyncio pool
+    # did not notice (its check read with a zero timeout, and never saw the close): the first
+    # command on each closed connection failed, and intake answered 503, /health
+    # "unavailable" (taking the router out of a load balancer) once for every such
+    # connection. 5.0.8 checks the stream's end instead and connects again.
+    from tests.redis_helpers import start_redis_server, stop
+    process, port = start_redis_server(tmp_path)
+    try:
+        ingest = await start_server(storage=f"redis://127.0.0.1:{port}/0", deliver=False)
+        assert (await ingest.post("/v1/track", track("idle-1")))[0] == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"CLIENT KILL TYPE normal SKIPME yes\r\n")  # the router's, not ours
+        await writer.drain()
+        killed = await reader.readline()
+        writer.close()
+        assert int(killed[1:]) >= 1
+        await asyncio.sleep(0.2)  # the loop reads each connection's end
+        status, answer, _ = await ingest.post("/v1/track", track("idle-2"))
+        assert (status, answer.get("code")) == (200, None)
+        async with ingest.session.get(f"{ingest.url}/health") as response:
+            assert response.status == 200, await response.text()
+    finally:
+        stop(process)
+
+
 async def test_requests_beyond_those_in_flight_wait_then_get_503(
         start_server: StartServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # With no slot free at all, every ingest request waits its turn in vain.
