@@ -33,22 +33,33 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 class RawServer:
-    """A loopback server running ``handler`` for each connection; counts connections."""
+    """A loopback server running ``handler`` for each connection; counts connections.
+
+    Handlers still running when the block ends (one holding its connection, one sleeping
+    after its answer) are cancelled and awaited there: left pending, they were collected
+    after the test's loop had closed, where ``writer.close()`` raised "Event loop is closed"
+    and pytest failed the test for the unraisable exception (with pytest-asyncio before 1.1,
+    which the ``testing`` extra admits; 1.1 cancels a loop's leftover tasks itself)."""
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
         self.requests: list[bytes] = []
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> RawServer:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self._handlers.add(task)
             try:
                 await self.handler(reader, writer)
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
                 writer.close()
+                self._handlers.discard(task)
 
         self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -56,6 +67,10 @@ class RawServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.server.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
         await self.server.wait_closed()
 
     def url(self, path: str = "/hook") -> str:
