@@ -608,8 +608,21 @@ async def test_a_job_out_of_attempts_the_storage_could_not_take_back_is_dead_let
             async def fails(*args, **kwargs):
                 raise StorageUnavailable("disk I/O error")
 
+            # The errors start once the first attempt's retry is written: started as soon as
+            # its request arrived, they failed that write too on Python 3.12 and 3.13 (the
+            # test woke before the worker had read the answer), and the job went out a fourth
+            # time.
+            retried = asyncio.Event()
+            retry = storage.retry
+
+            async def retry_then_say(*args, **kwargs):
+                await retry(*args, **kwargs)
+                retried.set()
+
+            monkeypatch.setattr(storage, "retry", retry_then_say)
             await router.route_many([track(0)])
             await server.wait_for(1)
+            await asyncio.wait_for(retried.wait(), 5)
             for method in ("retry", "dead_letter", "release"):
                 failing[method] = getattr(storage, method)
                 monkeypatch.setattr(storage, method, fails)
