@@ -49,7 +49,7 @@ from router.server import app as app_module
 from router.server.app import REQUESTS_IN_FLIGHT, create_app, create_runner
 from router.server.auth import WriteKeys
 from router.server.accesslog import client_address
-from router.server.body import GzipDecoder
+from router.server.body import MAX_GZIP_MEMBERS, GzipDecoder
 from router.server.listen import TURN_AWAY, listen
 from router.server.problems import Problem
 from router.storage.sqlite import writer as sqlite_writer
@@ -470,6 +470,16 @@ async def test_concatenated_gzip_members_are_one_body(ingest: Ingest) -> None:
     status, _, _ = await ingest.post("/v1/track", data=data,
                                      headers={"Content-Encoding": "x-gzip"})
     assert status == 200
+
+
+async def test_a_body_of_thousands_of_gzip_members_is_refused(ingest: Ingest) -> None:
+    # Each member inflated the rest of the body anew: 4 MB of empty members held the event
+    # loop for 9 s (dependency audit), as aiohttp's own CVE-2026-128131.
+    data = gzip.compress(b"") * MAX_GZIP_MEMBERS + gzip.compress(json.dumps(track()).encode())
+    status, answer, _ = await ingest.post("/v1/track", data=data,
+                                          headers={"Content-Encoding": "gzip"})
+    assert (status, answer["code"]) == (400, "invalid_gzip")
+    assert f"more than {MAX_GZIP_MEMBERS} members" in answer["message"]
 
 
 def _gzip_bomb(inflated: int) -> bytes:

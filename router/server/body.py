@@ -110,20 +110,32 @@ def inflate(request: web.BaseRequest, body: bytes, *, limit: int) -> bytes:
     return inflated
 
 
+MAX_GZIP_MEMBERS = 1024
+"""Most gzip members a body may hold, as aiohttp allows since 3.14.5. Each member starts a
+new inflater over the rest of the body, which is copied each time: thousands of empty
+members (about 20 bytes each) held the event loop for seconds, quadratic in the body's size
+(CVE-2026-128131 is aiohttp's own case of it). A writer makes one, or a few."""
+
+
 class GzipDecoder:
     """Inflates a gzip stream fed in pieces, never holding more than ``limit`` bytes of
     output. Concatenated gzip members (valid gzip, and what some writers produce) are
-    inflated one after the other."""
+    inflated one after the other, up to ``MAX_GZIP_MEMBERS``."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._size = 0
         self._inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self._members = 1
 
     def feed(self, data: bytes) -> bytes:
         out: list[bytes] = []
         while data:
             if self._inflater.eof:  # the previous member ended: another one follows
+                self._members += 1
+                if self._members > MAX_GZIP_MEMBERS:
+                    raise Problem(400, "invalid_gzip", "the gzip body has more than "
+                                  f"{MAX_GZIP_MEMBERS} members")
                 self._inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
             try:
                 piece = self._inflater.decompress(data, self._limit - self._size + 1)
