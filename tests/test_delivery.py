@@ -11,8 +11,8 @@ import time
 import orjson
 import pytest
 
+from router.delivery import outcomes as delivery_outcomes
 from router.delivery import retry
-from router.delivery import service as service_module
 from router.destination import DeliveryDefaults
 from router.errors import StorageFull, StorageUnavailable
 from router.redaction import Masker
@@ -547,7 +547,7 @@ async def test_jobs_a_locked_spool_cannot_record_nor_take_back_are_sent_again(
     # past the lock timeout: neither the retry nor the job's return to the queue can be
     # written. The job stayed leased with nothing recorded until the next start.
     monkeypatch.setattr(sqlite_writer, "LOCK_TIMEOUT", 0.3)
-    monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.5)
+    monkeypatch.setattr(delivery_outcomes, "UNRECORDED_PAUSE", 0.5)
     async with FakeDestinationServer() as server:
         server.script([Answer(500, delay=0.5)])
         router = router_for(tmp_path, [webhook("hook", server.url)])
@@ -569,7 +569,7 @@ async def test_jobs_sent_again_by_the_worker_are_neither_the_delivered_nor_past_
         tmp_path, monkeypatch, caplog):
     # A storage broken for good (a corrupt file) records no failure and takes nothing back:
     # the worker sent the whole batch again every rest, delivered events included, for ever.
-    monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.1)
+    monkeypatch.setattr(delivery_outcomes, "UNRECORDED_PAUSE", 0.1)
     rejects_the_first = Answer(200, body={"success": True, "rejected": [
         {"index": 0, "reason": "bad"}]})
     async with FakeDestinationServer(default=rejects_the_first) as server:
@@ -598,7 +598,7 @@ async def test_a_job_out_of_attempts_the_storage_could_not_take_back_is_dead_let
         tmp_path, monkeypatch):
     # A few seconds of write errors: the job out of attempts was held by its worker, neither
     # delivered nor dead-lettered, its queue never drained, until the router was restarted.
-    monkeypatch.setattr(service_module, "UNRECORDED_PAUSE", 0.1)
+    monkeypatch.setattr(delivery_outcomes, "UNRECORDED_PAUSE", 0.1)
     async with FakeDestinationServer(default=Answer(500)) as server:
         router = router_for(tmp_path, [webhook("hook", server.url, max_attempts=2)])
         async with router:

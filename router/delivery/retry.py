@@ -5,10 +5,10 @@ Pure functions with the clock and the random source passed in, so they are teste
 Not every decision lives here: when a whole destination pauses or rests (after
 ``FAILURES_BEFORE_PAUSE`` failures, a ``Retry-After`` on every event, a spent rate-limit
 budget, a 429 without a wait), which users are held back, and which refusals split a batch
-(``SPLIT_STATUSES``) are decided by ``service.DestinationWorker`` (``_judge``,
-``_note_health``, ``_rest_after_throttle``), with the durations from here; and the transport
-sends a request once more itself after the keep-alive race (``transport.RESEND_WITHIN``),
-without spending an attempt.
+(``SPLIT_STATUSES``) are decided by the delivery worker (``sending``: ``_judge``; ``health``:
+``_note_health``, ``_rest_after_throttle``, ``_hold_back_throttled_users``), with the
+durations from here; and the transport sends a request once more itself after the
+keep-alive race (``transport.RESEND_WITHIN``), without spending an attempt.
 """
 
 from __future__ import annotations
