@@ -42,7 +42,8 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
                                  NewJob, amount_of_bytes)
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
-from router.storage import redis as redis_module
+from router.storage.redis import errors as redis_errors
+from router.storage.redis import storage as redis_storage
 from router.storage.sqlite import budget as sqlite_budget
 from router.storage.sqlite import errors as sqlite_errors
 from router.storage.sqlite import lanes as sqlite_lanes
@@ -474,7 +475,7 @@ async def dead_letters_at(store, specs: list[tuple[str, str, float]]) -> list[in
 
 
 async def test_dead_letters_are_listed_in_order_with_filters_and_a_limit(store, monkeypatch):
-    monkeypatch.setattr(redis_module, "LETTER_PAGE", 2)  # Redis reads them over pages
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)  # Redis reads them over pages
     letters = await dead_letters_at(store, [("a", "HTTP 400", T0 + 1), ("b", "HTTP 500", T0 + 2),
                                             ("a", "gave up: HTTP 503", T0 + 3),
                                             ("A", "HTTP 500", T0 + 4)])
@@ -531,7 +532,7 @@ async def test_concurrent_replays_queue_each_letter_once(backend, tmp_path, monk
     # Both backends replay a page at a time (a replay of a million letters in one SQLite
     # transaction held every body in memory, and intake's write lock, for its whole work);
     # two replays at once (two shells) still queue each letter once.
-    monkeypatch.setattr(redis_module, "LETTER_PAGE", 3)
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 3)
     monkeypatch.setattr(sqlite_letters, "REPLAY_PAGE", 3)
     if backend == "redis":
         url = unique_url(request.getfixturevalue("redis_url"))
@@ -1612,7 +1613,7 @@ async def test_a_redis_user_refused_what_stats_read_gets_storage_unavailable(url
 def test_refusals_inside_scripts_are_read_as_redis_6_and_valkey_word_them(reply, refusal):
     from redis.exceptions import ResponseError
     with pytest.raises(refusal):
-        with redis_module._translated_errors():
+        with redis_errors._translated_errors():
             raise ResponseError(reply)
 
 
@@ -1760,7 +1761,7 @@ async def test_a_redis_busy_with_another_clients_script_is_unavailable(redis_sto
 def test_redis_refusals_that_pass_are_unavailable(reply):
     from redis.exceptions import ResponseError
     with pytest.raises(StorageUnavailable):
-        with redis_module._translated_errors():
+        with redis_errors._translated_errors():
             raise ResponseError(reply)
 
 

@@ -1,0 +1,400 @@
+"""The Lua scripts that change a Redis storage, and the key layout (``_Keys``) they share
+with Python: the two change together. Each change that must be atomic is one script, which
+Redis runs alone; ``RedisStorage`` registers them all at ``open``, by the names its ``_run``
+takes (``storage._SCRIPTS``)."""
+
+from __future__ import annotations
+
+# -- Lua --------------------------------------------------------------------------------------
+#
+# Every script gets the key prefix as ARGV[1] and builds key names from it with the helpers
+# below, which ``_Keys`` mirrors in Python. Numbers that must survive exactly (timestamps)
+# arrive as strings from Python and are stored as given; scores given to ZADD as Lua numbers
+# are formatted by Redis with 17 significant digits, so they round-trip as well.
+#
+# Job states, per destination d: ready (zset ready:d, score = job id, so the lowest id —
+# the oldest job — comes first), waiting for a retry (zset waiting:d, score = due time) and
+# leased (zset leased:d, score = lease expiry; the job hash's ``owner`` names the holder).
+# Every job is also in jobs:d (score = created_at: pending count and oldest) and in
+# user:<len(d)>:d:<user> (score = id: the user's head, for ordered leasing).
+
+_HELPERS = """
+local P = ARGV[1]
+local IDS = P .. ':ids'
+local DESTINATIONS = P .. ':destinations'
+local SEEN_COUNT = P .. ':seen-count'
+local SEEN_PRUNED = P .. ':seen-pruned'
+local LETTERS_ALL = P .. ':letters-all'
+local function job_key(id) return P .. ':job:' .. id end
+local function ready_key(d) return P .. ':ready:' .. d end
+local function waiting_key(d) return P .. ':waiting:' .. d end
+local function leased_key(d) return P .. ':leased:' .. d end
+local function jobs_key(d) return P .. ':jobs:' .. d end
+-- length-prefixed: destination 'a:b' with user 'c' must not share a key with 'a' and 'b:c'
+local function user_key(d, u) return P .. ':user:' .. #d .. ':' .. d .. ':' .. u end
+local function letter_key(id) return P .. ':letter:' .. id end
+local function letters_key(d) return P .. ':letters:' .. d end
+
+-- A new job, due at once: in every index it belongs to.
+local function enqueue(id, d, message_id, user, group, body, created)
+  redis.call('HSET', job_key(id), 'destination', d, 'message_id', message_id,
+             'user_key', user, 'group', group, 'body', body, 'created_at', created,
+             'attempts', 0)
+  redis.call('ZADD', ready_key(d), id, id)
+  redis.call('ZADD', jobs_key(d), created, id)
+  redis.call('ZADD', user_key(d, user), id, id)
+  redis.call('SADD', DESTINATIONS, d)
+end
+
+-- A job gone for good (delivered or dead-lettered): out of every index, whatever its state.
+local function forget(id, d, user)
+  redis.call('ZREM', ready_key(d), id)
+  redis.call('ZREM', waiting_key(d), id)
+  redis.call('ZREM', leased_key(d), id)
+  redis.call('ZREM', jobs_key(d), id)
+  redis.call('ZREM', user_key(d, user), id)
+  redis.call('DEL', job_key(id))
+end
+
+-- The job's destination when ``token`` holds its lease, else nil: a process whose lease
+-- lapsed (and was taken over) must not record a fate for a job it no longer holds.
+local function held_by(id, token)
+  local fields = redis.call('HMGET', job_key(id), 'destination', 'owner')
+  local d, owner = fields[1], fields[2]
+  if not d or owner ~= token then return nil end
+  if not redis.call('ZSCORE', leased_key(d), id) then return nil end
+  return d
+end
+
+-- Takeover: leases that lapsed at or before ``now`` go back to the ready queue, whoever held
+-- them (their holder is presumed dead). At most ``cap`` per call.
+local function take_back_lapsed(d, now, cap)
+  local lapsed = redis.call('ZRANGEBYSCORE', leased_key(d), '-inf', now, 'LIMIT', 0, cap)
+  for _, id in ipairs(lapsed) do
+    redis.call('ZREM', leased_key(d), id)
+    redis.call('HDEL', job_key(id), 'owner')
+    redis.call('ZADD', ready_key(d), id, id)
+  end
+  return #lapsed
+end
+"""
+
+ACCEPT = _HELPERS + """
+-- accept: remember each event's (source, messageId) and queue its jobs, all or nothing per
+-- call (Redis runs the script alone). A key present with a logical expiry after ``now`` is a
+-- duplicate; an expired one (still present because PX counts real time, or because ``now``
+-- is a test's clock) is overwritten, starting a new window.
+-- ARGV: prefix, now, expires_at, px, expiry_bucket, current_bucket, n_events; then per event:
+--   dedup_key, n_jobs, and per job: destination, message_id, user_key, group, body.
+-- Returns one 1 (accepted) or 0 (duplicate) per event.
+local now = tonumber(ARGV[2])
+local created, expires_at, px = ARGV[2], ARGV[3], ARGV[4]
+local i = 8
+local results = {}
+local admitted = 0
+for e = 1, tonumber(ARGV[7]) do
+  local seen_key, n_jobs = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local prior = redis.call('GET', seen_key)
+  if prior and (tonumber(prior) or 0) > now then
+    results[e] = 0
+  else
+    redis.call('SET', seen_key, expires_at, 'PX', px)
+    for j = 0, n_jobs - 1 do
+      local at = i + 5 * j
+      enqueue(redis.call('INCR', IDS), ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3],
+              ARGV[at + 4], created)
+    end
+    admitted = admitted + 1
+    results[e] = 1
+  end
+  i = i + 5 * n_jobs
+end
+-- dedup entries counted per minute of expiry (stats); buckets wholly in the past are dropped
+-- once a minute, so the hash stays at about window / 60 fields.
+if admitted > 0 then redis.call('HINCRBY', SEEN_COUNT, ARGV[5], admitted) end
+local current = ARGV[6]
+if redis.call('GET', SEEN_PRUNED) ~= current then
+  for _, bucket in ipairs(redis.call('HKEYS', SEEN_COUNT)) do
+    if tonumber(bucket) < tonumber(current) then redis.call('HDEL', SEEN_COUNT, bucket) end
+  end
+  redis.call('SET', SEEN_PRUNED, current)
+end
+return results
+"""
+
+LEASE = _HELPERS + """
+-- lease: take back lapsed leases, promote retries come due, then take up to ``limit`` ready
+-- jobs, lowest id (oldest) first, leasing them to ``token`` until ``lease_until``.
+-- With ``ordered``, a job is taken only when no lower id of its (destination, user) holds
+-- the user's line, in any state (ready, leased, waiting): every earlier job holds it, or
+-- with ``hold`` (0: none) those that have failed fewer than ``hold`` attempts.
+-- ARGV: prefix, destination, now, lease_until, limit, ordered (0/1), token, cap, scan_max,
+-- page, hold
+-- Returns per job: id, message_id, user_key, group, body, created_at, attempts, first_attempt_at
+local d, now, lease_until = ARGV[2], ARGV[3], ARGV[4]
+local limit, ordered, token = tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
+local cap, scan_max, page = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local hold = tonumber(ARGV[11])
+
+-- The id of the user's first job that holds the line, or false: the user's head, or with
+-- ``hold`` the first that has failed fewer attempts than that.
+local function first_holding(user)
+  local start = 0
+  while true do
+    local ids = redis.call('ZRANGE', user_key(d, user), start, start + 9)
+    if #ids == 0 then return false end
+    for _, id in ipairs(ids) do
+      if hold == 0 or tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') < hold then
+        return tonumber(id)
+      end
+    end
+    start = start + 10
+  end
+end
+take_back_lapsed(d, now, cap)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', waiting_key(d), '-inf', now, 'LIMIT', 0, cap)) do
+  redis.call('ZREM', waiting_key(d), id)
+  redis.call('ZADD', ready_key(d), id, id)
+end
+if limit < 1 then return {} end
+
+local chosen = {}
+if ordered then
+  local holder = {}  -- per user: the first job that holds the line, false for none
+  local offset = 0
+  while #chosen < limit and offset < scan_max do
+    local ids = redis.call('ZRANGE', ready_key(d), offset, offset + page - 1)
+    if #ids == 0 then break end
+    for _, id in ipairs(ids) do
+      local user = redis.call('HGET', job_key(id), 'user_key')
+      if user then
+        if holder[user] == nil then holder[user] = first_holding(user) end
+        if not holder[user] or tonumber(id) <= holder[user] then
+          chosen[#chosen + 1] = id
+          if #chosen >= limit then break end
+        end
+      end
+    end
+    offset = offset + page
+  end
+else
+  chosen = redis.call('ZRANGE', ready_key(d), 0, limit - 1)
+end
+
+local leased = {}
+for _, id in ipairs(chosen) do
+  redis.call('ZREM', ready_key(d), id)
+  local f = redis.call('HMGET', job_key(id), 'message_id', 'user_key', 'group', 'body',
+                       'created_at', 'attempts', 'first_attempt_at')
+  if f[1] then  -- a queue entry without its job cannot happen; if it did, drop the entry
+    redis.call('ZADD', leased_key(d), lease_until, id)
+    redis.call('HSET', job_key(id), 'owner', token)
+    leased[#leased + 1] = {id, f[1], f[2], f[3], f[4], f[5], f[6], f[7]}
+  end
+end
+return leased
+"""
+
+RECLAIM = _HELPERS + """
+-- open(recover=True): take back lapsed leases of the given destinations (never live ones:
+-- their holders may be other routers at work). ARGV: prefix, now, cap, destinations...
+-- Returns how many jobs went back to their ready queues.
+local moved = 0
+for a = 4, #ARGV do moved = moved + take_back_lapsed(ARGV[a], ARGV[2], tonumber(ARGV[3])) end
+return moved
+"""
+
+COMPLETE = _HELPERS + """
+-- complete: the jobs were delivered; forget them in whatever state they are. Deliberately
+-- not restricted to the caller's lease: a success is final, so a late completion by a
+-- process whose lease lapsed only saves a duplicate. But only a job that still carries the
+-- delivered event's messageId: after Redis loses writes, its id counter may hand an id out
+-- again, and the new job must not go with the old one.
+-- ARGV: prefix, then id and messageId pairs. Returns how many were found.
+local done = 0
+for a = 2, #ARGV, 2 do
+  local f = redis.call('HMGET', job_key(ARGV[a]), 'destination', 'user_key', 'message_id')
+  if f[1] and f[3] == ARGV[a + 1] then
+    forget(ARGV[a], f[1], f[2])
+    done = done + 1
+  end
+end
+return done
+"""
+
+# RETRY and DEAD_LETTER begin with a ZREM of the lease: over `maxmemory`, Redis refuses a
+# script's first write when it may grow memory (HSET, INCR), and lets the rest of a script
+# through once it has written. Begun with ZREM, which frees memory and is never refused,
+# delivery records its retries and dead letters on a full Redis, as it records deliveries.
+# Refused, every failed job went back to the queue and was sent again at once, without
+# backoff or an attempt counted, for as long as Redis stayed full.
+RETRY = _HELPERS + """
+-- retry: leased jobs wait until their due time, with their new attempt counts; only jobs
+-- still leased by ``token``. ARGV: prefix, token, then per job: id, due, attempts,
+-- first_attempt_at ('' for none), reason. Returns how many were put back.
+local token, done = ARGV[2], 0
+for a = 3, #ARGV, 5 do
+  local id = ARGV[a]
+  local d = held_by(id, token)
+  if d then
+    redis.call('ZREM', leased_key(d), id)  -- first: see the note above RETRY
+    redis.call('HSET', job_key(id), 'attempts', ARGV[a + 2], 'last_error', ARGV[a + 4])
+    if ARGV[a + 3] == '' then
+      redis.call('HDEL', job_key(id), 'first_attempt_at', 'owner')
+    else
+      redis.call('HSET', job_key(id), 'first_attempt_at', ARGV[a + 3])
+      redis.call('HDEL', job_key(id), 'owner')
+    end
+    redis.call('ZADD', waiting_key(d), ARGV[a + 1], id)
+    done = done + 1
+  end
+end
+return done
+"""
+
+DEAD_LETTER = _HELPERS + """
+-- dead_letter: move jobs still leased by ``token`` to the dead-letter store (a hash per
+-- letter, indexed per destination and overall, by letter id).
+-- ARGV: prefix, token, failed_at, n, then n/2 (field, value) pairs of the failure (reason,
+-- and status / request / response when known), then per job: id, attempts, first_attempt_at
+-- ('' when it was never sent).
+-- Returns how many letters were written.
+local token, failed_at, n = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local failure = {}
+for a = 5, 4 + n do failure[#failure + 1] = ARGV[a] end
+local done = 0
+for a = 5 + n, #ARGV, 3 do
+  local id = ARGV[a]
+  local d = held_by(id, token)
+  if d then
+    redis.call('ZREM', leased_key(d), id)  -- first: see the note above RETRY
+    local f = redis.call('HMGET', job_key(id), 'message_id', 'user_key', 'group', 'body',
+                         'created_at')
+    local letter = redis.call('INCR', IDS)
+    redis.call('HSET', letter_key(letter), 'destination', d, 'message_id', f[1],
+               'user_key', f[2], 'group', f[3], 'body', f[4], 'created_at', f[5],
+               'attempts', ARGV[a + 1], 'failed_at', failed_at, unpack(failure))
+    if ARGV[a + 2] ~= '' then
+      redis.call('HSET', letter_key(letter), 'first_attempt_at', ARGV[a + 2])
+    end
+    redis.call('ZADD', letters_key(d), letter, letter)
+    redis.call('ZADD', LETTERS_ALL, letter, letter)
+    forget(id, d, f[2])
+    done = done + 1
+  end
+end
+return done
+"""
+
+RELEASE = _HELPERS + """
+-- release: jobs still leased by ``token`` go back to the ready queue untouched (shutdown).
+-- ARGV: prefix, token, ids... Returns how many went back.
+local token, done = ARGV[2], 0
+for a = 3, #ARGV do
+  local id = ARGV[a]
+  local d = held_by(id, token)
+  if d then
+    redis.call('ZREM', leased_key(d), id)
+    redis.call('HDEL', job_key(id), 'owner')
+    redis.call('ZADD', ready_key(d), id, id)
+    done = done + 1
+  end
+end
+return done
+"""
+
+REPLAY = _HELPERS + """
+-- replay: each dead letter that still exists becomes a new job of its own destination, due
+-- at once, attempts reset, and the letter is deleted — atomically, so two concurrent replays
+-- queue a letter once. ARGV: prefix, now, letter ids... Returns how many were queued.
+local created, done = ARGV[2], 0
+for a = 3, #ARGV do
+  local lid = ARGV[a]
+  local f = redis.call('HMGET', letter_key(lid), 'destination', 'message_id', 'user_key',
+                       'group', 'body')
+  if f[1] then
+    enqueue(redis.call('INCR', IDS), f[1], f[2], f[3], f[4], f[5], created)
+    redis.call('DEL', letter_key(lid))
+    redis.call('ZREM', letters_key(f[1]), lid)
+    redis.call('ZREM', LETTERS_ALL, lid)
+    done = done + 1
+  end
+end
+return done
+"""
+
+PURGE = _HELPERS + """
+-- purge: delete dead letters that still exist. ARGV: prefix, letter ids...
+-- Returns how many were deleted.
+local done = 0
+for a = 2, #ARGV do
+  local lid = ARGV[a]
+  local d = redis.call('HGET', letter_key(lid), 'destination')
+  if d then
+    redis.call('DEL', letter_key(lid))
+    redis.call('ZREM', letters_key(d), lid)
+    redis.call('ZREM', LETTERS_ALL, lid)
+    done = done + 1
+  end
+end
+return done
+"""
+
+# RENEW takes each lease out and puts it back, rather than moving its score with ZADD XX:
+# a ZREM first is never refused, so a renewal goes through on a full Redis too. A Redis
+# filled by a destination that stays down refused every renewal, and the leases of a live
+# worker lapsed and were taken over: its jobs were sent twice.
+RENEW = _HELPERS + """
+-- renew: extend the leases of jobs still leased by ``token`` to ``lease_until`` (a worker
+-- kept waiting by its destination). ARGV: prefix, token, lease_until, ids...
+-- Returns how many were extended.
+local token, lease_until, done = ARGV[2], ARGV[3], 0
+for a = 4, #ARGV do
+  local id = ARGV[a]
+  local d = held_by(id, token)
+  if d then
+    redis.call('ZREM', leased_key(d), id)
+    redis.call('ZADD', leased_key(d), lease_until, id)
+    done = done + 1
+  end
+end
+return done
+"""
+
+
+class _Keys:
+    """Key names, built exactly as the Lua helpers build them (``_HELPERS``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.ids = f"{prefix}:ids"
+        self.destinations = f"{prefix}:destinations"
+        self.seen_count = f"{prefix}:seen-count"
+        self.letters_all = f"{prefix}:letters-all"
+        self.health = f"{prefix}:health"
+
+    def seen(self, source: str, message_id: str) -> str:
+        # length-prefixed source: ("a:b", "c") and ("a", "b:c") are different events
+        return f"{self.prefix}:seen:{len(source.encode())}:{source}:{message_id}"
+
+    def job(self, job_id: int | str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def ready(self, destination: str) -> str:
+        return f"{self.prefix}:ready:{destination}"
+
+    def waiting(self, destination: str) -> str:
+        return f"{self.prefix}:waiting:{destination}"
+
+    def leased(self, destination: str) -> str:
+        return f"{self.prefix}:leased:{destination}"
+
+    def jobs(self, destination: str) -> str:
+        return f"{self.prefix}:jobs:{destination}"
+
+    def letter(self, letter_id: int | str) -> str:
+        return f"{self.prefix}:letter:{letter_id}"
+
+    def letters(self, destination: str) -> str:
+        return f"{self.prefix}:letters:{destination}"
