@@ -102,18 +102,29 @@ class RetryableError(DestinationError):
     leaves it to the status, as for the core's own judgement: a 429 or 503 pauses. True for
     a throttle an API says in other ways (Meta's error codes in a 400); False where it
     throttles users or devices one by one (Amplitude): the others' events need not wait,
-    and the core holds back the same user's other events as long."""
+    and the core holds back the same user's other events as long.
 
-    # Class defaults too: a plugin's subclass written before ``pause_destination`` existed
-    # may set only its own attributes.
+    ``caused_by_others`` says the API refused this event only for the others in its request
+    (Amplitude and Customer.io refuse a request whole for one bad event, naming it): the event
+    goes again at once, and the attempt is not counted, neither towards ``max_attempts`` nor
+    towards ``order_hold_attempts``, so one bad event does not cost its neighbours their
+    attempts or their users their order. Honoured only when the same answer fails another
+    event for its own sake; else it is an ordinary retry, so a request refused whole always
+    counts."""
+
+    # Class defaults too: a plugin's subclass written before these existed may set only its
+    # own attributes.
     retry_after: float | None = None
     pause_destination: bool | None = None
+    caused_by_others: bool = False
 
     def __init__(self, reason: str, *, retry_after: float | None = None,
-                 pause_destination: bool | None = None) -> None:
+                 pause_destination: bool | None = None, caused_by_others: bool = False
+                 ) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.pause_destination = pause_destination
+        self.caused_by_others = caused_by_others
 
 
 class PermanentError(DestinationError):

@@ -447,6 +447,43 @@ async def test_a_plugin_judging_a_retry_leaves_the_wait_to_the_answers_retry_aft
         assert second.time - first.time >= 1.9  # HTTP-dates have whole-second precision
 
 
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_events_refused_only_for_another_in_their_request_lose_no_attempt(tmp_path,
+                                                                               ordered):
+    # Amplitude refuses a request whole for one bad event, naming it. The others went again
+    # after a backoff with the attempt counted: with max_attempts 1 they were dead-lettered,
+    # and past order_hold_attempts their users' later events overtook them (ordering audit).
+    def amplitude(request):
+        events = request.json["events"]
+        bad = [index for index, event in enumerate(events) if event["insert_id"] == "bad-0"]
+        if bad:
+            return Answer(400, body={"code": 400, "error": "Request missing required field",
+                                     "events_with_invalid_fields": {"time": bad}})
+        return Answer(200, body={"code": 200})
+
+    delivery = {"batch_wait": "100ms", "backoff_initial": "60s", "backoff_max": "60s",
+                "max_attempts": 1 if not ordered else 150}
+    if ordered:
+        delivery |= {"ordered": True, "order_hold_attempts": 1}
+    async with FakeDestinationServer(handler=amplitude) as server:
+        router = router_for(tmp_path, [
+            {"name": "amp", "plugin": "amplitude", "delivery": delivery,
+             "settings": {"api_key": "amp-key-0001", "base_url": server.url}}])
+        async with router:
+            await router.route_many([
+                {"type": "track", "event": "E", "userId": "bad-user", "messageId": "bad-0"},
+                {"type": "track", "event": "E", "userId": "good-user", "messageId": "good-0"},
+                {"type": "track", "event": "E", "userId": "good-user", "messageId": "good-1"}])
+            assert await router.drain(timeout=10)  # no 60 s backoff for the good ones
+            letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert [letter.message_id for letter in letters] == ["bad-0"]
+    delivered = [event["insert_id"] for request in server.requests if request.status == 200
+                 for event in request.json["events"]]
+    assert sorted(delivered) == ["good-0", "good-1"]
+    if ordered:
+        assert delivered == ["good-0", "good-1"]
+
+
 async def test_timeouts_and_connection_resets_are_retried(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([Answer(200, delay=5), Answer(200, reset=True), 200])

@@ -16,7 +16,8 @@ import pytest
 from pydantic import BaseModel, SecretStr, field_validator
 
 from router import cli, runtime
-from router import DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload, hookimpl
+from router import (DeliveryDefaults, Destination, HttpRequest, HttpResponse, Payload,
+                    RetryableError, hookimpl)
 from router.config import parse_config
 from router.errors import ConfigError, EventRejected
 from router.registry import create_registry
@@ -86,6 +87,9 @@ class Buggy(Destination[BuggySettings]):
             return ["fine"] * len(payloads)
         if self.settings.bug == "rejected outcomes":  # an Outcome is any DestinationError
             return [EventRejected("the vendor refused it")] * len(payloads)
+        if self.settings.bug == "blames others":  # and names no event at fault
+            return [RetryableError("refused for the others", caused_by_others=True)
+                    for _ in payloads]
         return None
 
 
@@ -170,6 +174,15 @@ async def test_outcomes_that_are_not_outcomes_are_judged_by_the_status(tmp_path)
 async def test_an_outcome_of_any_destination_error_is_permanent(tmp_path):
     done = await run(tmp_path, "rejected outcomes", 2)
     assert [letter.reason for letter in done.letters] == ["the vendor refused it"] * 2
+
+
+async def test_events_all_refused_for_each_other_count_their_attempts(tmp_path):
+    # caused_by_others with no event at fault beside it: sent again at once and never
+    # counted, they went round for ever; they are ordinary retries (max_attempts 2 here).
+    done = await run(tmp_path, "blames others", 3)
+    assert [letter.attempts for letter in done.letters] == [2, 2, 2]
+    assert {letter.reason for letter in done.letters} == {
+        "gave up after 2 attempts; last: refused for the others"}
 
 
 async def test_a_plugin_blocking_the_event_loop_is_named_in_the_log(tmp_path, caplog,

@@ -72,7 +72,7 @@ def _bad_request(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Out
                                            retry_after=THROTTLE_PAUSE,
                                            pause_destination=False))
         else:
-            outcomes.append(RetryableError(_RESENT))
+            outcomes.append(RetryableError(_RESENT, caused_by_others=True))
     return outcomes
 
 
@@ -91,7 +91,7 @@ def _throttled(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Outco
     outcomes: list[Outcome] = []
     for event, is_throttled in zip(events, throttled):
         if not is_throttled:
-            outcomes.append(RetryableError(_RESENT))
+            outcomes.append(RetryableError(_RESENT, caused_by_others=True))
         elif event.get("user_id") in quota_users or event.get("device_id") in quota_devices:
             outcomes.append(PermanentError("the event's user or device is over Amplitude's "
                                            "daily event quota"))

@@ -113,7 +113,8 @@ class CustomerIO(Destination[CustomerIOSettings]):
                     for index in range(len(payloads))]
         if response.status == 400:
             return [PermanentError(failed[index]) if index in failed else
-                    RetryableError("Customer.io refused the batch for other items in it")
+                    RetryableError("Customer.io refused the batch for other items in it",
+                                   caused_by_others=True)
                     for index in range(len(payloads))]
         return None
 

@@ -104,6 +104,16 @@ class Outcomes:
         # Each job its own Failure (a batch's may be shared): its reason changes below.
         assert failure is not None, "_attempt gives every failed job its Failure"
         failure = dataclasses.replace(failure)
+        if isinstance(outcome, RetryableError) and outcome.caused_by_others:
+            # Refused for another event of its request (``RetryableError``): not its own
+            # attempt, so not counted, and sent again at once, without the event at fault.
+            # Counted, one bad event cost its neighbours their attempts, dead-lettering them
+            # with a low max_attempts, and their users their order past order_hold_attempts.
+            job.attempts -= 1
+            await self.storage.retry([job], not_before=[now], now=now, failure=failure)
+            self.metrics.retried.inc(self.name)
+            self._log_failure(job, failure, "retry")
+            return
         if isinstance(outcome, RetryableError):
             due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
                                         rng=self.rng)

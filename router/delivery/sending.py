@@ -224,7 +224,8 @@ class Sending(Health, Outcomes):
                                      "by its status instead", exc)
             judged = None
         if judged is not None:
-            outcomes = _with_the_stated_wait(judged, response.headers, now=now)
+            outcomes = _caused_by_others_beside_a_culprit(
+                _with_the_stated_wait(judged, response.headers, now=now))
         else:
             outcomes = [retry.classify_status(response.status, response.headers,
                                               self.delivery.retry_on, now=now,
@@ -270,6 +271,22 @@ class Sending(Health, Outcomes):
         credential headers and query values): an API may quote them back in its error.
         Only for a failure: a delivered request needs none."""
         return self.destination.masker.with_credentials_of(request.headers, request.url)
+
+
+def _caused_by_others_beside_a_culprit(judged: list[Outcome]) -> list[Outcome]:
+    """``RetryableError.caused_by_others`` holds only beside an event of the same answer that
+    failed for its own sake. Were every failed event so marked (a request refused whole, its
+    culprit unnamed), they would go again at once, attempt after attempt, none counted: then
+    they are ordinary retries. Outcomes given to several events stay one object."""
+    if not any(isinstance(o, RetryableError) and o.caused_by_others for o in judged):
+        return judged
+    if any(o is not None and not (isinstance(o, RetryableError) and o.caused_by_others)
+           for o in judged):
+        return judged
+    plain = {id(o): RetryableError(o.reason, retry_after=o.retry_after,
+                                   pause_destination=o.pause_destination)
+             for o in judged if isinstance(o, RetryableError)}
+    return [plain.get(id(o), o) for o in judged]
 
 
 def _with_the_stated_wait(judged: list[Outcome], headers: Mapping[str, str], *, now: float
