@@ -77,6 +77,8 @@ class Buggy(Destination[BuggySettings]):
             return None  # type: ignore[return-value]
         if self.settings.bug == "one event" and 2 in numbers:
             raise ValueError(f"cannot send event 2 with {self.settings.token.get_secret_value()}")
+        if self.settings.bug == "build blames others":  # no request, so no event at fault
+            raise RetryableError("refused for the others", caused_by_others=True)
         if self.settings.bug == "text body":  # no bug: a str body is allowed, sent as UTF-8
             return HttpRequest("POST", self.settings.url, {"Content-Type": "application/json"},
                                orjson.dumps(numbers).decode() + " ")
@@ -180,6 +182,15 @@ async def test_events_all_refused_for_each_other_count_their_attempts(tmp_path):
     # caused_by_others with no event at fault beside it: sent again at once and never
     # counted, they went round for ever; they are ordinary retries (max_attempts 2 here).
     done = await run(tmp_path, "blames others", 3)
+    assert [letter.attempts for letter in done.letters] == [2, 2, 2]
+    assert {letter.reason for letter in done.letters} == {
+        "gave up after 2 attempts; last: refused for the others"}
+
+
+async def test_a_request_not_built_for_the_others_counts_its_attempts(tmp_path):
+    # build_request raising caused_by_others fails every event alike, none at fault: its
+    # retries went again at once, never counted, and drain() never ended.
+    done = await run(tmp_path, "build blames others", 3)
     assert [letter.attempts for letter in done.letters] == [2, 2, 2]
     assert {letter.reason for letter in done.letters} == {
         "gave up after 2 attempts; last: refused for the others"}

@@ -104,7 +104,10 @@ class Sending(Health, Outcomes):
                         for job in batch]
             request = checked_request(adapter.build_request(payloads))
         except DestinationError as exc:
-            outcome = exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)
+            # One outcome for every event, so none is at fault beside the others: a
+            # ``caused_by_others`` is an ordinary retry (it went round for ever, uncounted).
+            outcome = _caused_by_others_beside_a_culprit(
+                [exc if isinstance(exc, RetryableError) else PermanentError(exc.reason)])[0]
             return _Sent([(outcome, Failure(self.destination.masker.mask(exc.reason)))]
                          * len(batch))
         except PLUGIN_FAILURES as exc:  # a broken plugin fails its own jobs only
