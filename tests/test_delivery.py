@@ -447,9 +447,10 @@ async def test_a_plugin_judging_a_retry_leaves_the_wait_to_the_answers_retry_aft
         assert second.time - first.time >= 1.9  # HTTP-dates have whole-second precision
 
 
-@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("ordered,retry_after", [(False, None), (True, None), (False, "60")])
 async def test_events_refused_only_for_another_in_their_request_lose_no_attempt(tmp_path,
-                                                                               ordered):
+                                                                               ordered,
+                                                                               retry_after):
     # Amplitude refuses a request whole for one bad event, naming it. The others went again
     # after a backoff with the attempt counted: with max_attempts 1 they were dead-lettered,
     # and past order_hold_attempts their users' later events overtook them (ordering audit).
@@ -457,8 +458,11 @@ async def test_events_refused_only_for_another_in_their_request_lose_no_attempt(
         events = request.json["events"]
         bad = [index for index, event in enumerate(events) if event["insert_id"] == "bad-0"]
         if bad:
+            # A Retry-After beside the culprit once cost the others their caused_by_others:
+            # they waited it, counted (dead-lettered here with max_attempts 1).
             return Answer(400, body={"code": 400, "error": "Request missing required field",
-                                     "events_with_invalid_fields": {"time": bad}})
+                                     "events_with_invalid_fields": {"time": bad}},
+                          headers={"Retry-After": retry_after} if retry_after else {})
         return Answer(200, body={"code": 200})
 
     delivery = {"batch_wait": "100ms", "backoff_initial": "60s", "backoff_max": "60s",

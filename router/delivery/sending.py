@@ -308,7 +308,8 @@ def _with_the_stated_wait(judged: list[Outcome], headers: Mapping[str, str], *, 
         if isinstance(outcome, RetryableError) and outcome.retry_after is None \
                 and id(outcome) not in filled:
             filled[id(outcome)] = RetryableError(outcome.reason, retry_after=wait,
-                                                 pause_destination=outcome.pause_destination)
+                                                 pause_destination=outcome.pause_destination,
+                                                 caused_by_others=outcome.caused_by_others)
     return [filled.get(id(outcome), outcome) for outcome in judged]
 
 
