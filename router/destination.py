@@ -136,6 +136,9 @@ def checked_request(request: Any) -> HttpRequest:
         raise TypeError(f"build_request returned {problem}")
     if isinstance(request.body, str):  # allowed, and sent as UTF-8, as aiohttp would send it
         request.body = request.body.encode()
+        if not any(name.lower() == "content-type" for name in request.headers):
+            # aiohttp's type for a str; bytes without one would go as application/octet-stream
+            request.headers = {**request.headers, "Content-Type": "text/plain; charset=utf-8"}
     return request
 
 

@@ -79,6 +79,8 @@ class Buggy(Destination[BuggySettings]):
             raise ValueError(f"cannot send event 2 with {self.settings.token.get_secret_value()}")
         if self.settings.bug == "build blames others":  # no request, so no event at fault
             raise RetryableError("refused for the others", caused_by_others=True)
+        if self.settings.bug == "untyped text body":  # no Content-Type: aiohttp's for a str
+            return HttpRequest("POST", self.settings.url, {}, orjson.dumps(numbers).decode())
         if self.settings.bug == "text body":  # no bug: a str body is allowed, sent as UTF-8
             return HttpRequest("POST", self.settings.url, {"Content-Type": "application/json"},
                                orjson.dumps(numbers).decode() + " ")
@@ -214,6 +216,15 @@ async def test_a_plugin_blocking_the_event_loop_is_named_in_the_log(tmp_path, ca
 async def test_a_str_body_is_sent_as_utf8(tmp_path):
     done = await run(tmp_path, "text body", 3)
     assert (done.sent("/buggy"), done.letters) == ([0, 1, 2], [])
+
+
+async def test_a_str_body_without_a_content_type_is_sent_as_utf8_text(tmp_path):
+    # Turned into bytes before aiohttp saw it, it went as application/octet-stream, where
+    # aiohttp sends a str as text/plain; charset=utf-8.
+    done = await run(tmp_path, "untyped text body", 2)
+    assert done.sent("/buggy") == [0, 1]
+    assert {request.headers["Content-Type"] for request in done.server.requests_to("/buggy")
+            } == {"text/plain; charset=utf-8"}
 
 
 def test_a_str_body_is_shown_by_the_dry_run(tmp_path):
