@@ -450,7 +450,8 @@ async def test_a_plugin_judging_a_retry_leaves_the_wait_to_the_answers_retry_aft
 @pytest.mark.parametrize("ordered,retry_after", [(False, None), (True, None), (False, "60")])
 async def test_events_refused_only_for_another_in_their_request_lose_no_attempt(tmp_path,
                                                                                ordered,
-                                                                               retry_after):
+                                                                               retry_after,
+                                                                               caplog):
     # Amplitude refuses a request whole for one bad event, naming it. The others went again
     # after a backoff with the attempt counted: with max_attempts 1 they were dead-lettered,
     # and past order_hold_attempts their users' later events overtook them (ordering audit).
@@ -481,6 +482,10 @@ async def test_events_refused_only_for_another_in_their_request_lose_no_attempt(
             assert await router.drain(timeout=10)  # no 60 s backoff for the good ones
             letters = await router.storage.dead_letters(DeadLetterFilter())
     assert [letter.message_id for letter in letters] == ["bad-0"]
+    logged = [orjson.loads(record.getMessage()) for record in caplog.records
+              if record.getMessage().startswith('{"destination":"amp"')]
+    assert {(line["message_id"], line["action"], line["attempt"]) for line in logged} >= {
+        ("good-0", "retry", 1)}  # the attempt sent, though not counted (it said 0)
     delivered = [event["insert_id"] for request in server.requests if request.status == 200
                  for event in request.json["events"]]
     assert sorted(delivered) == ["good-0", "good-1"]

@@ -112,7 +112,9 @@ class Outcomes:
             job.attempts -= 1
             await self.storage.retry([job], not_before=[now], now=now, failure=failure)
             self.metrics.retried.inc(self.name)
-            self._log_failure(job, failure, "retry")
+            # The log names the attempt sent (never an "attempt 0"), though it is not counted.
+            self._log_failure(dataclasses.replace(job, attempts=job.attempts + 1), failure,
+                              "retry")
             return
         if isinstance(outcome, RetryableError):
             due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,
