@@ -78,8 +78,9 @@ def _bad_request(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Out
 
 def _throttled(events: list[dict[str, Any]], body: dict[str, Any]) -> list[Outcome] | None:
     """Only the throttled users' and devices' events wait 30 s; the others were refused with
-    them and go again after the usual backoff (the core holds back the throttled users' other
-    events meanwhile). Those over their daily quota will not pass today."""
+    them and go again at once, uncounted (``caused_by_others``; the core holds back the
+    throttled users' other events meanwhile). Those over their daily quota will not pass
+    today."""
     indexes = set(_indexes(body.get("throttled_events"), len(events)))
     users, devices = _names(body.get("throttled_users")), _names(body.get("throttled_devices"))
     quota_users = _names(body.get("exceeded_daily_quota_users"))
