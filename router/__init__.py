@@ -32,6 +32,11 @@ _LAZY = {"Router": "router.routing", "RouteResult": "router.routing",
          "template_event": "router.templates"}
 
 
+def __dir__() -> list[str]:
+    """The lazy names too, for completion in a shell or an editor."""
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1336,6 +1336,19 @@ async def test_store_a_destination_made_ordered_keeps_the_order_of_jobs_queued_b
     assert order == ["a-1", "b-1", "a-2", "b-2", "a-3"]
 
 
+async def test_sqlite_on_a_full_disk_jobs_queued_before_ordered_still_go_out(spool):
+    # Indexed rows take more room than bundles: on a full disk the move into the order
+    # waits, and the bundles go out as before, since delivering them frees the disk.
+    await accept(spool, *(item(f"a-{n}", user="a") for n in range(3000)))
+    await fill_the_disk(spool, True)
+    leased = await lease(spool, 5000, ordered=True)
+    assert len(leased) == 3000
+    await spool.complete(leased)
+    await fill_the_disk(spool, False)
+    await accept(spool, item("a-3000", user="a", ordered=True))
+    assert [job.message_id for job in await lease(spool, ordered=True)] == ["a-3000"]
+
+
 async def test_sqlite_a_bundle_partly_delivered_joins_the_order_without_its_delivered_jobs(
         tmp_path):
     # A bundle whose first jobs were delivered before a restart (noted in settled_runs)

@@ -340,11 +340,19 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
 
     async def _move_bundles_into_jobs(self, destination: str) -> None:
         """Before a destination's first ordered lease, its jobs accepted while it was not
-        ordered join the per-user order (``_bundles_into_jobs``)."""
+        ordered join the per-user order (``_bundles_into_jobs``). Indexed rows take more
+        room than bundles: on a full disk the move waits for a later lease, and the jobs
+        left in bundles go out meanwhile, as before, since delivering them frees the disk."""
         after: int | None = 0
         while after is not None:
-            after = await self._call(functools.partial(self._bundles_into_jobs,
-                                                       destination=destination, after=after))
+            try:
+                after = await self._call(functools.partial(
+                    self._bundles_into_jobs, destination=destination, after=after))
+            except StorageFull as exc:
+                log.warning("destination %s: its jobs queued before it was ordered cannot "
+                            "join the per-user order yet, the disk is full (%s); they go "
+                            "out unordered meanwhile", destination, exc)
+                return
         self._ordered_lanes.add(destination)
 
     async def complete(self, jobs: Sequence[Job]) -> None:
