@@ -177,6 +177,36 @@ def test_a_retry_after_that_is_not_a_finite_number_is_ignored():
                              now=0.0) == 7.0
 
 
+def test_a_vendors_retry_after_header_is_read_when_retry_after_is_missing_or_unreadable():
+    # docs/delivery.md: "or a vendor's equivalent (X-Ratelimit-Retry-After)"
+    assert retry.retry_after({"X-Ratelimit-Retry-After": "12"}, now=0.0) == 12.0  # Braze
+    assert retry.retry_after({"X-Rate-Limit-Retry-After": "3"}, now=0.0) == 3.0
+    for unreadable in ("soon", "nan"):
+        assert retry.retry_after({"Retry-After": unreadable, "X-RateLimit-Retry-After": "5"},
+                                 now=0.0) == 5.0
+
+
+def test_a_retry_after_is_capped_at_15_minutes_and_one_already_past_means_now():
+    assert retry.retry_after({"Retry-After": "86400"}, now=0.0) == 15 * 60
+    assert retry.retry_after({"Retry-After": "0"}, now=0.0) == 0.0
+    assert retry.retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+                             now=1445412480.0 + 60) == 0.0
+
+
+def test_a_retry_after_date_is_read_in_its_own_zone_whatever_this_hosts_zone(monkeypatch):
+    at = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry.retry_after({"Retry-After": "Wed, 21 Oct 2015 09:28:30 +0200"}, now=at) == 30.0
+    # "-0000" is UTC with its source's zone unknown (RFC 5322), not this host's local time
+    monkeypatch.setenv("TZ", "XYZ-3")
+    time.tzset()
+    try:
+        assert retry.retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:30 -0000"},
+                                 now=at) == 30.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_a_date_or_retry_after_with_an_absurd_zone_is_ignored_not_raised():
     # Found by review: OverflowError from the date's zone, inside the delivery of a batch.
     absurd = "Wed, 21 Oct 2015 07:28:00 +99999999999999999999"
