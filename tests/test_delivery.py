@@ -14,7 +14,7 @@ import pytest
 from router.delivery import outcomes as delivery_outcomes
 from router.delivery import retry
 from router.destination import DeliveryDefaults
-from router.errors import StorageFull, StorageUnavailable
+from router.errors import PermanentError, StorageFull, StorageUnavailable
 from router.redaction import Masker
 from router.delivery.failure_log import LINES_PER_WINDOW, FailureLog
 from router.delivery.telemetry import DeliveryMetrics
@@ -196,8 +196,13 @@ async def test_operator_can_retry_a_status_the_default_treats_as_permanent(tmp_p
     (b'{"errors": [{"detail": "bad customer id"}]}', "bad customer id"),  # JSON:API
     (b'{"type": "validation_error", "detail": "no api key"}', "no api key"),  # PostHog
     (b'{"message": "' + b"x" * 300 + b'"}', "x" * retry.API_MESSAGE_SHOWN + "…"),
+    (b'{"message": "' + b"x" * 200 + b'"}', "x" * 200),  # all of it: no "…"
+    # OAuth's error code beside its description: the description says what went wrong
+    (b'{"error": "invalid_grant", "error_description": "Refresh token expired"}',
+     "Refresh token expired"),
     (b'{"code": 400}', None), (b"<html><h1>Bad Request</h1></html>", None), (b"", None),
     (b'{"error": ' + b"1" * 20_000 + b"}", None),  # too long to parse: the letter keeps it
+    (b'{"error": "Invalid API key", "padding": "' + b"x" * 20_000 + b'"}', None),  # valid too
 ])
 def test_a_failures_reason_carries_what_the_api_said(body, said):
     outcome = retry.classify_status(400, {}, frozenset(), now=0.0, body=body)
@@ -215,6 +220,17 @@ def test_what_the_api_said_is_masked_before_it_is_cut_and_shown_without_control_
     assert said is not None and "sk_live" not in said and said.endswith("…")
     escapes = orjson.dumps({"error": "Bad request \x1b]0;pwned\x07\x1b[2J\x1b[31mRED\x00"})
     assert retry.what_the_api_said(escapes) == "Bad request ]0;pwned [2J [31mRED"
+
+
+@pytest.mark.parametrize("status, reason", [
+    (200, None), (299, None),
+    (300, "HTTP 300: redirects are not followed"), (399, "HTTP 399: redirects are not followed"),
+    (199, "HTTP 199"), (400, "HTTP 400"),
+])
+def test_only_a_2xx_is_delivered_and_every_3xx_is_a_redirect_not_followed(status, reason):
+    outcome = retry.classify_status(status, {}, frozenset(), now=0.0)
+    assert (outcome.reason if outcome is not None else None) == reason
+    assert outcome is None or isinstance(outcome, PermanentError)
 
 
 async def test_retry_after_is_honoured(tmp_path):
