@@ -1087,6 +1087,38 @@ def test_a_destination_that_stays_down_is_tried_again_at_least_every_30_s():
     assert max(retry.destination_pause(n, short, rng) for n in range(1, 40)) <= 4
 
 
+class _End(random.Random):
+    """A random source whose ``uniform`` answers one end of its range: a wait's bounds."""
+
+    def __init__(self, end: str) -> None:
+        super().__init__(0)
+        self.end = end
+
+    def uniform(self, a: float, b: float) -> float:
+        return b if self.end == "high" else a
+
+
+def test_a_retry_waits_between_0_and_backoff_initial_doubled_each_attempt_up_to_backoff_max():
+    # docs/delivery.md: "a random wait between 0 and backoff_initial × 2^(attempt−1), capped at
+    # backoff_max (1 s and 5 min by default)"
+    defaults = DeliveryDefaults()
+    longest = [retry.backoff(n, defaults, _End("high")) for n in (1, 2, 3, 4, 8, 9, 10, 200)]
+    assert longest == [1, 2, 4, 8, 128, 256, 300, 300]
+    assert {retry.backoff(n, defaults, _End("low")) for n in (1, 2, 10, 200)} == {0}
+
+
+def test_a_failing_destination_rests_half_to_all_of_a_step_that_doubles_up_to_30_s():
+    # docs/delivery.md: "from half of backoff_initial to all of it after the first, twice as
+    # long after each 429 in a row (with the same jitter, capped at backoff_max and at 30 s)"
+    defaults = DeliveryDefaults()
+    assert [retry.destination_pause(n, defaults, _End("low")) for n in (1, 2, 3, 4, 5, 6, 40)] \
+        == [0.5, 1, 2, 4, 8, 15, 15]
+    assert [retry.destination_pause(n, defaults, _End("high")) for n in (1, 2, 3, 4, 5, 6, 40)] \
+        == [1, 2, 4, 8, 16, 30, 30]
+    short = DeliveryDefaults(backoff_max=4)
+    assert [retry.destination_pause(n, short, _End("high")) for n in (2, 3, 4)] == [2, 4, 4]
+
+
 async def test_a_round_given_back_in_vain_is_still_sent(tmp_path, monkeypatch):
     # Half a lease into a slow round, the batches no sender took go back to the queue; when
     # the storage cannot take them back, this worker sends them itself. (They were dropped
