@@ -1119,6 +1119,15 @@ def test_a_failing_destination_rests_half_to_all_of_a_step_that_doubles_up_to_30
     assert [retry.destination_pause(n, short, _End("high")) for n in (2, 3, 4)] == [2, 4, 4]
 
 
+@pytest.mark.parametrize("max_age, shown", [
+    (4 * 3600, "4 h"), (3600, "1 h"), (5400, "1.5 h"), (60, "1 min"), (90, "1.5 min"),
+    (59, "59 s"),
+])
+def test_a_reason_for_giving_up_on_age_shows_the_maximum_age_in_its_unit(max_age, shown):
+    reason = retry.exhausted(1, max_age + 1, DeliveryDefaults(max_age=max_age))
+    assert reason == f"gave up: older than the maximum age ({shown}) before the next attempt"
+
+
 async def test_a_round_given_back_in_vain_is_still_sent(tmp_path, monkeypatch):
     # Half a lease into a slow round, the batches no sender took go back to the queue; when
     # the storage cannot take them back, this worker sends them itself. (They were dropped
@@ -1201,6 +1210,8 @@ def test_a_spent_rate_limit_window_is_read_from_either_kind_of_reset():
     assert retry.budget_spent({"X-RateLimit-Remaining": "0"}, now=0) is None
     assert retry.budget_spent({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "nan"},
                               now=0) is None
+    # a reset already past (a clock behind, a slow answer) rests no more: 0, not negative
+    assert retry.budget_spent({**spent, "X-RateLimit-Reset": "1796558300"}, now=0) == 0.0
 
 
 async def test_a_request_abandoned_by_a_stop_is_counted(tmp_path):
