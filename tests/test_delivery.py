@@ -1206,6 +1206,8 @@ def test_a_spent_rate_limit_window_is_read_from_either_kind_of_reset():
     assert retry.budget_spent(spent, now=0) == 30.0  # a moment, read against Date
     assert retry.budget_spent({"ratelimit-remaining": "0", "ratelimit-reset": "12"},
                               now=0) == 12.0  # seconds from now (the IETF draft)
+    assert retry.budget_spent({"X-Rate-Limit-Remaining": "0", "X-Rate-Limit-Reset": "20"},
+                              now=0) == 20.0  # the hyphenated variant docs/delivery.md names
     assert retry.budget_spent({**spent, "X-RateLimit-Remaining": "3"}, now=0) is None
     assert retry.budget_spent({"X-RateLimit-Remaining": "0"}, now=0) is None
     assert retry.budget_spent({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "nan"},
