@@ -130,6 +130,21 @@ def test_unknown_fields_are_kept_at_every_level():
     assert data["context"] == {"app": {"name": "shop"}, "weird": "kept"}
 
 
+@pytest.mark.parametrize("call_type", sorted(VALID_MINIMAL))
+def test_the_event_as_json_carries_only_the_map_its_call_type_has(call_type):
+    # What the webhook sends by default: an identify with "properties": {} (or a track with
+    # "traits": {}) is not what the client sent, nor what the spec has for that call.
+    data = parse(VALID_MINIMAL[call_type]).to_dict()
+    has = {"track": "properties", "page": "properties", "screen": "properties",
+           "identify": "traits", "group": "traits", "alias": None}[call_type]
+    assert {key for key in ("properties", "traits") if key in data} == ({has} if has else set())
+    assert all(data[key] == {} for key in ("properties", "traits") if key in data)
+    # a map the client did send is kept, whatever the call type
+    sent = {**VALID_MINIMAL[call_type], "properties": {"a": 1}, "traits": {"b": 2}}
+    assert (parse(sent).to_dict()["properties"], parse(sent).to_dict()["traits"]) \
+        == ({"a": 1}, {"b": 2})
+
+
 def test_identify_traits_sent_only_in_the_context_are_the_traits():
     # RudderStack's libraries put identify traits in context.traits alone
     sent = {"type": "identify", "userId": "u1",
