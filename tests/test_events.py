@@ -145,6 +145,14 @@ def test_the_event_as_json_carries_only_the_map_its_call_type_has(call_type):
         == ({"a": 1}, {"b": 2})
 
 
+def test_a_value_json_cannot_hold_makes_the_event_invalid_with_its_reason():
+    # route() takes Python objects: a set or bytes in an event is the caller's mistake,
+    # named as such, not "an internal error" of the router
+    for value in ({1, 2}, b"bytes", object()):
+        error = problems_of({**VALID_MINIMAL["track"], "properties": {"at": value}})
+        assert str(error).startswith("not JSON-serializable: ")
+
+
 def test_identify_traits_sent_only_in_the_context_are_the_traits():
     # RudderStack's libraries put identify traits in context.traits alone
     sent = {"type": "identify", "userId": "u1",
