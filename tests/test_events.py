@@ -165,6 +165,9 @@ def test_identify_traits_sent_only_in_the_context_are_the_traits():
     # traits given at the top level are the traits; other calls keep theirs as they are
     assert parse({**sent, "traits": {"plan": "team"}}).traits == {"plan": "team"}
     assert parse({**sent, "type": "group", "groupId": "g1"}).traits == {}
+    # context.traits that is not an object is no traits, and no reason to refuse the event
+    for not_an_object in ("ada@example.com", ["email"], 42):
+        assert parse({**sent, "context": {"traits": not_an_object}}).traits == {}
 
 
 def test_message_id_is_generated_when_missing_and_unique():
