@@ -144,12 +144,19 @@ async def run(tmp_path, bug: str, count: int) -> Run:
 
 
 @pytest.mark.parametrize("bug", ["group", "exit"])
-async def test_a_translation_bug_costs_that_event_for_that_destination(tmp_path, bug):
+async def test_a_translation_bug_costs_that_event_for_that_destination(tmp_path, bug, caplog):
     # A group that is not a str once killed the destination's batching for every event
     # after it; a SystemExit from translate ended intake for everyone.
-    done = await run(tmp_path, bug, 5)
+    with caplog.at_level(logging.ERROR, logger="router"):
+        done = await run(tmp_path, bug, 5)
     assert done.results[2].status_of("buggy").status is Status.INVALID
     assert "buggy failed" in done.results[2].status_of("buggy").reason
+    # the reason names only the exception's type; the operator's log says what it said
+    said = {"exit": "SystemExit: 3", "group": "TypeError: translate returned item 0"}[bug]
+    logged = [record.getMessage() for record in caplog.records
+              if "failed to translate" in record.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].startswith(f"destination buggy failed to translate event m-2: {said}")
     assert done.sent("/buggy") == [0, 1, 3, 4]
 
 
