@@ -323,11 +323,15 @@ def test_event_names_can_be_lower_cased():
 def test_invalid_event_names_are_rejected_with_the_rule(name, why):
     with pytest.raises(EventRejected, match=why):
         ga4().translate(track(name), {})
+    assert only_event(ga4(), track("x" * 40))["name"] == "x" * 40  # the longest allowed
 
 
 def test_invalid_param_names_are_rejected():
     with pytest.raises(EventRejected, match="param 'ga_x'.*prefix GA4 reserves"):
         ga4().translate(track("X", {"ga_x": 1}), {})
+    with pytest.raises(EventRejected, match="41 characters, over GA4's 40"):
+        ga4().translate(track("X", {"p" * 41: 1}), {})
+    assert only_event(ga4(), track("X", {"p" * 40: 1}))["params"] == {"p" * 40: 1}
 
 
 def test_spaces_in_property_names_become_underscores():
