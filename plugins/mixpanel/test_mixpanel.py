@@ -318,13 +318,18 @@ def test_date_times_go_in_mixpanels_date_form_in_utc_at_any_depth():
 def test_events_more_than_an_hour_in_the_future_are_rejected():
     with pytest.raises(EventRejected, match="1 h in the future"):
         translate(mixpanel(), track(timestamp="2026-11-20T15:03:13.000Z"))
+    (payload,) = translate(mixpanel(), track(timestamp="2026-11-20T15:03:12.000Z"))
+    assert payload.body["properties"]["time"] == RECEIVED_MS + 3600_000  # 1 h exactly: sent
 
 
 def test_old_events_are_imported_but_not_before_1971():
     (payload,) = translate(mixpanel(), track(timestamp="2019-01-01T00:00:00.000Z"))
     assert payload.body["properties"]["time"] == 1546300800000
+    assert type(payload.body["properties"]["time"]) is int  # 1546300800000, not ...0.0
     with pytest.raises(EventRejected, match="1971"):
-        translate(mixpanel(), track(timestamp="1970-06-01T00:00:00.000Z"))
+        translate(mixpanel(), track(timestamp="1970-12-31T23:59:59.999Z"))
+    (payload,) = translate(mixpanel(), track(timestamp="1971-01-01T00:00:00.000Z"))
+    assert payload.body["properties"]["time"] == 31536000000
 
 
 def test_placeholder_user_ids_are_rejected():
