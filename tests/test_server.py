@@ -531,6 +531,14 @@ async def test_other_encodings_are_415(ingest: Ingest, encoding: str) -> None:
     assert status == 415 and answer["code"] == "unsupported_encoding"
 
 
+async def test_a_body_of_exactly_the_limit_is_accepted(ingest: Ingest) -> None:
+    events = [track(f"big-{n}", properties={"pad": "x" * 1000}) for n in range(400)]
+    data = json.dumps({"batch": events}).encode()
+    data += b" " * (LIMIT - len(data))  # JSON's trailing whitespace: 500 KB to the byte
+    status, answer, _ = await ingest.post("/v1/batch", data=data)
+    assert (status, answer) == (200, {"success": True})
+
+
 async def test_body_over_the_limit_with_content_length_is_413(ingest: Ingest) -> None:
     events = [track(f"big-{n}", properties={"pad": "x" * 1000}) for n in range(600)]
     data = json.dumps({"batch": events}).encode()
