@@ -343,6 +343,7 @@ async def test_unknown_path_and_method_are_json_errors(ingest: Ingest) -> None:
     basic(WEB_KEY_2),                     # a source's second key
     basic(WEB_KEY, "ignored-password"),   # the password part is not checked, as in Segment
     "basic " + base64.b64encode(f"{WEB_KEY}:".encode()).decode().rstrip("="),  # no padding
+    "Basic  " + base64.b64encode(f"{WEB_KEY}:".encode()).decode(),  # 1*SP (RFC 9110 11.4)
 ])
 async def test_accepted_authorization_headers(ingest: Ingest, authorization: str) -> None:
     status, answer, _ = await ingest.post("/v1/track", track(), key=None,
@@ -372,6 +373,7 @@ async def test_write_key_in_the_body(ingest: Ingest) -> None:
     ("Basic !!!not-base64!!!", None),                         # bad base64
     ("Basic " + base64.b64encode(b"\xff\xfe\xfd:").decode(), None),  # not UTF-8
     ("Token " + WEB_KEY, None),                               # another scheme
+    ("Token " + basic(WEB_KEY).split()[1], None),             # its credentials are Basic's
     ("Bearer wrong-key", None),                               # unknown key as a bearer
     ("Bearer  ", None),                                       # an empty bearer
     ("Basic", None),                                          # no credentials
