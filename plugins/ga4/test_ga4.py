@@ -186,13 +186,20 @@ def test_ecommerce_events_map_to_ga4_recommended_events(segment, native, props, 
      [{"item_id": "p1", "item_name": "Hat", "price": 9.99}]),
     ("Product Clicked", "select_item", {"product_id": "p1", "name": "Hat", "price": 9.99},
      [{"item_id": "p1", "item_name": "Hat", "price": 9.99}]),
+    ("Product Removed", "remove_from_cart", {"product_id": "p1", "name": "Hat", "price": 9.99},
+     [{"item_id": "p1", "item_name": "Hat", "price": 9.99}]),
     ("Product List Viewed", "view_item_list",
      {"list_id": "l1", "products": [{"product_id": "p1"}, {"product_id": "p2", "name": "Cap"}]},
      [{"item_id": "p1"}, {"item_id": "p2", "item_name": "Cap"}]),
+    *[(segment, native, {"products": [{"product_id": "p1"}, {"product_id": "p2", "name": "Cap"}]},
+       [{"item_id": "p1"}, {"item_id": "p2", "item_name": "Cap"}])
+      for segment, native in [("Checkout Started", "begin_checkout"),
+                              ("Payment Info Entered", "add_payment_info"),
+                              ("Checkout Step Completed", "add_shipping_info")]],
 ])
 def test_product_events_carry_their_products_as_items(segment, native, props, items):
-    # GA4 reports view_item, select_item and view_item_list by their items: without them
-    # the event counts, but no product does
+    # GA4 reports its e-commerce events by their items: without them the event counts, but
+    # no product does
     ga4_event = only_event(ga4(), track(segment, {**props, "currency": "EUR"}))
     assert (ga4_event["name"], ga4_event["params"]["items"]) == (native, items)
 
