@@ -195,6 +195,7 @@ async def test_operator_can_retry_a_status_the_default_treats_as_permanent(tmp_p
     (b'{"message": "Invalid  \\n app_id"}', "Invalid app_id"),  # Braze: one line
     (b'{"errors": [{"detail": "bad customer id"}]}', "bad customer id"),  # JSON:API
     (b'{"type": "validation_error", "detail": "no api key"}', "no api key"),  # PostHog
+    (b'{"type": "about:blank", "title": "Bad Request", "status": 400}', "Bad Request"),  # 7807
     (b'{"message": "' + b"x" * 300 + b'"}', "x" * retry.API_MESSAGE_SHOWN + "…"),
     (b'{"message": "' + b"x" * 200 + b'"}', "x" * 200),  # all of it: no "…"
     # OAuth's error code beside its description: the description says what went wrong
