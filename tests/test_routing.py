@@ -515,6 +515,22 @@ async def test_a_payload_over_the_destinations_limit_is_rejected_for_that_destin
     assert queued == {"Hook": 2, "Small": 1}
 
 
+async def test_a_payload_of_exactly_the_destinations_limit_is_sent():
+    async with make_router("""
+        - name: Small
+          plugin: probe
+          delivery: {batch_bytes: 2048}
+    """) as router:
+        bare_event = track("Fine", messageId="at-1", properties={"blob": ""})
+        (bare,) = router.plan(bare_event).status_of("Small").bodies
+        fits = 2048 - len(bare)
+        at, over = await router.route_many([
+            track("Fine", messageId="at-1", properties={"blob": "x" * fits}),
+            track("Fine", messageId="ov-1", properties={"blob": "x" * (fits + 1)})])
+    assert len(at.status_of("Small").bodies[0]) == 2048
+    assert (statuses(at), statuses(over)) == ({"Small": "send"}, {"Small": "invalid"})
+
+
 async def test_rejected_and_skipped_events_carry_the_plugin_reason():
     async with make_router(MISBEHAVING) as router:
         result = await router.route(track("Fine"))
