@@ -109,12 +109,10 @@ class Outcomes:
             # attempt, so not counted, and sent again at once, without the event at fault.
             # Counted, one bad event cost its neighbours their attempts, dead-lettering them
             # with a low max_attempts, and their users their order past order_hold_attempts.
-            job.attempts -= 1
-            await self.storage.retry([job], not_before=[now], now=now, failure=failure)
+            await self.storage.retry([dataclasses.replace(job, attempts=job.attempts - 1)],
+                                     not_before=[now], now=now, failure=failure)
             self.metrics.retried.inc(self.name)
-            # The log names the attempt sent (never an "attempt 0"), though it is not counted.
-            self._log_failure(dataclasses.replace(job, attempts=job.attempts + 1), failure,
-                              "retry")
+            self._log_failure(job, failure, "retry")  # the attempt sent, though not counted
             return
         if isinstance(outcome, RetryableError):
             due = retry.next_attempt_at(job.attempts, outcome, self.delivery, now=now,

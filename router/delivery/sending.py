@@ -11,8 +11,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
 from router.delivery import retry
 from router.delivery.batching import built_by, from_spool
@@ -280,37 +281,44 @@ def _caused_by_others_beside_a_culprit(judged: list[Outcome]) -> list[Outcome]:
     """``RetryableError.caused_by_others`` holds only beside an event of the same answer that
     failed for its own sake. Were every failed event so marked (a request refused whole, its
     culprit unnamed), they would go again at once, attempt after attempt, none counted: then
-    they are ordinary retries. Outcomes given to several events stay one object."""
-    if not any(isinstance(o, RetryableError) and o.caused_by_others for o in judged):
-        return judged
-    if any(o is not None and not (isinstance(o, RetryableError) and o.caused_by_others)
-           for o in judged):
-        return judged
-    plain = {id(o): RetryableError(o.reason, retry_after=o.retry_after,
-                                   pause_destination=o.pause_destination)
-             for o in judged if isinstance(o, RetryableError)}
-    return [plain.get(id(o), o) for o in judged]
+    they are ordinary retries."""
+    if not any(_for_others(outcome) for outcome in judged) or any(
+            outcome is not None and not _for_others(outcome) for outcome in judged):
+        return judged  # the usual case, none so marked, in one pass
+    return _reissued(judged, _for_others, caused_by_others=False)
 
 
 def _with_the_stated_wait(judged: list[Outcome], headers: Mapping[str, str], *, now: float
                           ) -> list[Outcome]:
     """A plugin's ``RetryableError`` that gives no wait takes the answer's ``Retry-After``
     (seconds or an HTTP-date), as the core's own judgement would: a plugin need not read the
-    header itself (two built-ins did, each reading only the seconds form). Outcomes given to
-    several events stay one object, which ``_names_events`` relies on."""
+    header itself (two built-ins did, each reading only the seconds form)."""
     if not any(isinstance(o, RetryableError) and o.retry_after is None for o in judged):
         return judged
     wait = retry.retry_after(headers, now=now)
     if wait is None:
         return judged
-    filled: dict[int, Outcome] = {}
+    return _reissued(judged, lambda outcome: outcome.retry_after is None, retry_after=wait)
+
+
+def _for_others(outcome: Outcome) -> bool:
+    return isinstance(outcome, RetryableError) and outcome.caused_by_others
+
+
+def _reissued(judged: list[Outcome], which: Callable[[RetryableError], bool],
+              **changes: Any) -> list[Outcome]:
+    """``judged`` with each ``RetryableError`` that ``which`` picks made again with
+    ``changes``. An outcome given to several events stays one object, which
+    ``_names_events`` relies on."""
+    again: dict[int, Outcome] = {}
     for outcome in judged:
-        if isinstance(outcome, RetryableError) and outcome.retry_after is None \
-                and id(outcome) not in filled:
-            filled[id(outcome)] = RetryableError(outcome.reason, retry_after=wait,
-                                                 pause_destination=outcome.pause_destination,
-                                                 caused_by_others=outcome.caused_by_others)
-    return [filled.get(id(outcome), outcome) for outcome in judged]
+        if isinstance(outcome, RetryableError) and id(outcome) not in again \
+                and which(outcome):
+            again[id(outcome)] = RetryableError(outcome.reason, **{
+                "retry_after": outcome.retry_after,
+                "pause_destination": outcome.pause_destination,
+                "caused_by_others": outcome.caused_by_others, **changes})
+    return [again.get(id(outcome), outcome) for outcome in judged] if again else judged
 
 
 def _names_events(judged: list[Outcome]) -> bool:

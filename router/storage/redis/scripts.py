@@ -56,6 +56,13 @@ local function forget(id, d, user)
   redis.call('DEL', job_key(id))
 end
 
+-- A dead letter gone (replayed or purged): out of its destination's index and the whole's.
+local function forget_letter(lid, d)
+  redis.call('DEL', letter_key(lid))
+  redis.call('ZREM', letters_key(d), lid)
+  redis.call('ZREM', LETTERS_ALL, lid)
+end
+
 -- The job's destination when ``token`` holds its lease, else nil: a process whose lease
 -- lapsed (and was taken over) must not record a fate for a job it no longer holds.
 local function held_by(id, token)
@@ -315,9 +322,7 @@ for a = 3, #ARGV do
                        'group', 'body')
   if f[1] then
     enqueue(redis.call('INCR', IDS), f[1], f[2], f[3], f[4], f[5], created)
-    redis.call('DEL', letter_key(lid))
-    redis.call('ZREM', letters_key(f[1]), lid)
-    redis.call('ZREM', LETTERS_ALL, lid)
+    forget_letter(lid, f[1])
     done = done + 1
   end
 end
@@ -332,9 +337,7 @@ for a = 2, #ARGV do
   local lid = ARGV[a]
   local d = redis.call('HGET', letter_key(lid), 'destination')
   if d then
-    redis.call('DEL', letter_key(lid))
-    redis.call('ZREM', letters_key(d), lid)
-    redis.call('ZREM', LETTERS_ALL, lid)
+    forget_letter(lid, d)
     done = done + 1
   end
 end

@@ -107,18 +107,16 @@ class Lanes(Writer):
             "ORDER BY id LIMIT ?", (max(after, lane << LANE_BITS), (lane + 1) << LANE_BITS,
                                     BUNDLES_MOVED_AT_ONCE)).fetchall()
         for bundle_id, first_id, created_at, packed in rows:
-            jobs, damaged = unpack_bundle(packed, bundle_id - first_id + 1)
-            if damaged:
+            bundle = _OpenBundle(bundle_id, first_id, created_at, packed,
+                                 _settled_in(connection, first_id, bundle_id))
+            if bundle.damaged:
                 continue
-            settled = {job_id for first, last in connection.execute(
-                           "SELECT first, last FROM settled_runs WHERE last BETWEEN ? AND ?",
-                           (first_id, bundle_id))
-                       for job_id in range(first, last + 1)}
-            _insert_rows(connection, _ORDERED_INSERT, 9, [
-                value for index, (message_id, user_key, group, body) in enumerate(jobs)
-                if first_id + index not in settled
-                for value in (first_id + index, destination, message_id, user_key, group, body,
-                              created_at, created_at, zlib.crc32(body))])
+            values: list[Any] = []
+            for job_id in sorted(bundle.unsettled):
+                message_id, user_key, group, body = bundle.jobs[job_id - first_id]
+                values += (job_id, destination, message_id, user_key, group, body, created_at,
+                           created_at, zlib.crc32(body))
+            _insert_rows(connection, _ORDERED_INSERT, 9, values)
             connection.execute("DELETE FROM bundles WHERE id = ?", (bundle_id,))
             connection.execute("DELETE FROM settled_runs WHERE last BETWEEN ? AND ?",
                                (first_id, bundle_id))
@@ -138,12 +136,9 @@ class Lanes(Writer):
         if bundle is None:
             created_at, packed = connection.execute(
                 "SELECT created_at, jobs FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
-            settled = {job_id for first, last in connection.execute(
-                           "SELECT first, last FROM settled_runs WHERE last BETWEEN ? AND ?",
-                           (first_id, bundle_id))
-                       for job_id in range(first, last + 1)}
-            bundle = self._bundles[bundle_id] = _OpenBundle(bundle_id, first_id, created_at,
-                                                            packed, settled)
+            bundle = self._bundles[bundle_id] = _OpenBundle(
+                bundle_id, first_id, created_at, packed,
+                _settled_in(connection, first_id, bundle_id))
         return bundle
 
     def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
@@ -283,6 +278,14 @@ class _OpenBundle:
         self.jobs, self.damaged = unpack_bundle(packed, bundle_id - first_id + 1)
         self.unsettled = set(range(first_id, bundle_id + 1)) - settled
         self.has_settled_rows = bool(settled)
+
+
+def _settled_in(connection: sqlite3.Connection, first_id: int, bundle_id: int) -> set[int]:
+    """The ids of a bundle's jobs already settled, from its rows of ``settled_runs``."""
+    return {job_id for first, last in connection.execute(
+                "SELECT first, last FROM settled_runs WHERE last BETWEEN ? AND ?",
+                (first_id, bundle_id))
+            for job_id in range(first, last + 1)}
 
 
 def _lane_of(connection: sqlite3.Connection, destination: str) -> int | None:
