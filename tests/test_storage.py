@@ -554,6 +554,120 @@ async def test_concurrent_replays_queue_each_letter_once(backend, tmp_path, monk
         await first.close()
 
 
+@pytest.fixture(params=["memory", "redis", "sqlite"])
+async def every_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """The durable backends and the in-memory one, for what all three must do alike."""
+    storage: MemoryStorage | RedisStorage | SqliteStorage = MemoryStorage()
+    if request.param == "redis":
+        storage = RedisStorage.from_url(unique_url(request.getfixturevalue("redis_url")))
+    elif request.param == "sqlite":
+        storage = SqliteStorage(tmp_path / "spool.db")
+    await storage.open()
+    yield storage
+    await storage.close()
+
+
+async def users_order(storage, *, now: float, destination: str = "hook") -> dict[str, list[str]]:
+    """Each user's events as ordered leases hand them out, each round completed before the
+    next lease: the order an ``ordered`` destination receives them in."""
+    order: dict[str, list[str]] = {}
+    while jobs := await lease(storage, destination=destination, now=now, ordered=True):
+        for leased in jobs:
+            order.setdefault(leased.user_key, []).append(leased.message_id)
+        await storage.complete(jobs)
+    return order
+
+
+async def test_a_replay_queues_each_users_letters_in_the_order_they_were_accepted(
+        every_store, monkeypatch):
+    # On an ordered destination a user's events can be dead-lettered out of the order they
+    # were accepted in (one went through more retries, past order_hold_attempts, or was
+    # replayed and failed again): replayed in the order they failed, they went out in that
+    # order. The pages of a replay (2 letters here) follow the order of acceptance too.
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)
+    monkeypatch.setattr(sqlite_letters, "REPLAY_PAGE", 2)
+    store = every_store
+    accepted = ("a-1", "b-1", "a-2", "a-3", "b-2")
+    await accept(store, *(item(message_id, destinations=("hook", "other"), user=message_id[0],
+                               ordered=True) for message_id in accepted))
+    failed = {"hook": ("a-3", "b-2", "a-1", "b-1", "a-2"),
+              "other": ("b-2", "a-2", "a-1", "a-3", "b-1")}
+    for destination, order in failed.items():
+        jobs = {job.message_id: job for job in await lease(store, destination=destination)}
+        for n, message_id in enumerate(order):
+            await store.dead_letter([tried(jobs[message_id], T0)], now=T0 + n,
+                                    failure=Failure("HTTP 500", 500))
+    for destination, order in failed.items():
+        letters = await store.dead_letters(DeadLetterFilter(destination=destination))
+        assert tuple(letter.message_id for letter in letters) == order
+
+    assert await store.replay(DeadLetterFilter(), now=T0 + 10) == 10
+    for destination in failed:
+        assert await users_order(store, now=T0 + 10, destination=destination) == {
+            "a": ["a-1", "a-2", "a-3"], "b": ["b-1", "b-2"]}
+
+
+async def test_a_letter_replayed_and_failing_again_keeps_its_place(every_store):
+    # Dead-lettered again, a replayed job is a newer letter, with a newer job id: neither
+    # is the order its event was accepted in, which the letter keeps (`accepted_id`).
+    store = every_store
+    await accept(store, item("a-1", user="a"), item("a-2", user="a"))
+    first, second = await lease(store)
+    await store.dead_letter([tried(first, T0)], now=T0, failure=Failure("HTTP 400: one"))
+    await store.dead_letter([tried(second, T0)], now=T0 + 1, failure=Failure("HTTP 400: two"))
+    assert await store.replay(DeadLetterFilter(reason="one"), now=T0 + 2) == 1
+    (again,) = await lease(store, now=T0 + 2)
+    assert again.message_id == "a-1" and again.id != first.id
+    await store.dead_letter([tried(again, T0 + 2)], now=T0 + 3, failure=Failure("HTTP 400: one"))
+    letters = await store.dead_letters(DeadLetterFilter())
+    assert [letter.message_id for letter in letters] == ["a-2", "a-1"]
+
+    assert await store.replay(DeadLetterFilter(), now=T0 + 4) == 2
+    assert await users_order(store, now=T0 + 4) == {"a": ["a-1", "a-2"]}
+    assert [letter.accepted_id for letter in letters] == [second.id, first.id]
+
+
+async def test_a_replayed_letter_goes_behind_its_users_events_still_queued(every_store):
+    # The choice docs/delivery.md states: a replay is new work, queued behind the jobs
+    # already queued, the user's events accepted since included. Put before them, a letter
+    # failing again would hold up the user's live events; and those of them already
+    # delivered cannot be put back behind it anyway.
+    store = every_store
+    await accept(store, item("a-1", user="a", ordered=True), item("a-2", user="a", ordered=True))
+    (first,) = await lease(store, ordered=True)
+    await store.dead_letter([tried(first, T0)], now=T0, failure=Failure("HTTP 400"))
+    assert await store.replay(DeadLetterFilter(), now=T0 + 1) == 1
+    assert await users_order(store, now=T0 + 1) == {"a": ["a-2", "a-1"]}
+
+
+async def test_redis_letters_written_before_they_kept_their_place_are_replayed_by_their_id(
+        redis_store, raw):
+    # A letter hash without `accepted_id` (written by an earlier version) is placed by its
+    # own id, from the counter job ids come from: as if its event had been accepted when it
+    # failed. Replayed and failing again, it keeps that place.
+    await accept(redis_store, *(item(f"a-{n}", user="a") for n in (1, 2)))
+    first, second = await lease(redis_store)
+    await redis_store.dead_letter([second], now=T0, failure=Failure("HTTP 400"))
+    await redis_store.dead_letter([first], now=T0 + 1, failure=Failure("HTTP 400"))
+    old = await redis_store.dead_letters(DeadLetterFilter())
+    for letter in old:
+        assert await raw.hdel(redis_store.keys.letter(letter.id), "accepted_id") == 1
+    await accept(redis_store, item("a-3", user="a"), now=T0 + 2)
+    (third,) = await lease(redis_store, now=T0 + 2)
+    await redis_store.dead_letter([third], now=T0 + 2, failure=Failure("HTTP 400: three"))
+    assert [letter.accepted_id for letter in await redis_store.dead_letters(
+        DeadLetterFilter())] == [None, None, third.id]
+
+    assert await redis_store.replay(DeadLetterFilter(ids=(old[0].id,)), now=T0 + 3) == 1
+    (again,) = await lease(redis_store, now=T0 + 3)
+    await redis_store.dead_letter([again], now=T0 + 3, failure=Failure("HTTP 400"))
+    letters = await redis_store.dead_letters(DeadLetterFilter())
+    assert [(letter.message_id, letter.accepted_id) for letter in letters] == [
+        ("a-1", None), ("a-3", third.id), ("a-2", old[0].id)]
+    assert await redis_store.replay(DeadLetterFilter(), now=T0 + 4) == 3
+    assert await users_order(redis_store, now=T0 + 4) == {"a": ["a-2", "a-1", "a-3"]}
+
+
 async def test_stats_per_destination(store):
     await accept(store, item("m-1", destinations=("a", "b")), now=T0)
     await accept(store, item("m-2", destinations=("a",)), now=T0 + 10)
@@ -1137,6 +1251,84 @@ async def test_sqlite_a_spool_of_layout_1_gains_the_dead_letters_first_attempt(t
     finally:
         await router.close()
     assert user_version(path) == LAYOUT
+
+
+LAYOUT_2_SCHEMA = """
+CREATE TABLE seen (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, message_id TEXT NOT NULL,
+    expires_at REAL NOT NULL);
+CREATE TABLE lanes (
+    destination TEXT PRIMARY KEY, number INTEGER NOT NULL UNIQUE,
+    last_seq INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE bundles (
+    id INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, created_at REAL NOT NULL,
+    jobs BLOB NOT NULL);
+CREATE TABLE settled_runs (last INTEGER PRIMARY KEY, first INTEGER NOT NULL);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
+    user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
+    due_at REAL NOT NULL, leased INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, first_attempt_at REAL, last_error TEXT,
+    body_crc INTEGER);
+CREATE INDEX jobs_due ON jobs (destination, due_at, id);
+CREATE INDEX jobs_user ON jobs (destination, user_key, id);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
+    user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL, failed_at REAL NOT NULL, reason TEXT NOT NULL, status INTEGER,
+    request TEXT, response TEXT, first_attempt_at REAL);
+CREATE INDEX dead_letters_destination ON dead_letters (destination, failed_at);
+PRAGMA user_version = 2;
+"""
+"""The spool's tables as layout 2 (before letters kept the id their event was accepted as)
+made them."""
+
+
+async def test_sqlite_a_spool_of_layout_2_keeps_its_letters_and_replays_them_first(tmp_path):
+    # Layout 3 added `accepted_id` to `dead_letters` and `jobs`. A letter written before
+    # does not know it: a replay queues such letters first, in the order they were written
+    # (the order every letter was replayed in before), then the others by acceptance.
+    path = tmp_path / "spool.db"
+    lane = 1 << 40
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.executescript(LAYOUT_2_SCHEMA)
+        connection.execute("INSERT INTO lanes VALUES ('hook', 1, 5)")
+        connection.executemany(  # a-1 went through more retries than a-2: it failed last
+            "INSERT INTO dead_letters (destination, message_id, user_key, grp, body, attempts, "
+            "created_at, failed_at, reason) VALUES ('hook', ?, 'a', '', ?, ?, ?, ?, 'HTTP 500')",
+            [("a-2", b'{"id": "a-2"}', 1, T0, T0 + 5), ("a-1", b'{"id": "a-1"}', 5, T0, T0 + 9)])
+        body = b'{"id": "a-3"}'
+        connection.execute(  # a-3 waits for a retry
+            "INSERT INTO jobs (id, destination, message_id, user_key, grp, body, created_at, "
+            "due_at, attempts, body_crc) VALUES (?, 'hook', 'a-3', 'a', '', ?, ?, ?, 1, ?)",
+            (lane + 3, body, T0, T0 + 10, zlib.crc32(body)))
+    with pytest.raises(StorageMisconfigured, match="not converted yet .*'dead_letters' has no "
+                                                   "column 'accepted_id'"):
+        await SqliteStorage(path).open(recover=False)
+    assert user_version(path) == 2
+
+    router = SqliteStorage(path)
+    await router.open()
+    try:
+        assert user_version(path) == LAYOUT == 3
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            assert connection.execute("SELECT 1 FROM sqlite_master WHERE name = "
+                                      "'dead_letters_accepted'").fetchone()
+        assert [(letter.message_id, letter.accepted_id) for letter in
+                await router.dead_letters(DeadLetterFilter())] == [("a-2", None), ("a-1", None)]
+        await accept(router, item("a-4", user="a"), now=T0 + 10)
+        a4, a3 = sorted(await lease(router, now=T0 + 10), key=lambda job_: job_.message_id,
+                        reverse=True)
+        assert a3.id == lane + 3
+        await router.dead_letter([tried(a4, T0 + 10)], now=T0 + 11, failure=Failure("HTTP 400"))
+        await router.dead_letter([tried(a3, T0 + 10)], now=T0 + 12, failure=Failure("HTTP 400"))
+        assert [(letter.message_id, letter.accepted_id) for letter in
+                await router.dead_letters(DeadLetterFilter())] == [
+            ("a-2", None), ("a-1", None), ("a-4", a4.id), ("a-3", lane + 3)]
+        assert await router.replay(DeadLetterFilter(), now=T0 + 20) == 4
+        assert await users_order(router, now=T0 + 20) == {"a": ["a-2", "a-1", "a-3", "a-4"]}
+    finally:
+        await router.close()
 
 
 async def test_sqlite_every_row_of_jobs_carries_its_bodys_checksum(tmp_path):

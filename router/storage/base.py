@@ -79,6 +79,11 @@ class DeadLetter:
     response: str | None = None
     first_attempt_at: float | None = None
     """When the job was first sent, None when it never was (lost in the spool, say)."""
+    accepted_id: int | str | None = None
+    """The id the job had when its event was accepted, kept through replays that failed
+    again: the letter's place in its destination's order of acceptance, which a replay
+    follows (each user's events in the order they were accepted, whatever order they
+    failed in). None for a letter written by a version that did not keep it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +227,12 @@ class Storage(ABC):
 
     @abstractmethod
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
-        """Queue matching dead letters again, to their own destination only; returns how many."""
+        """Queue matching dead letters again, to their own destination only; returns how many.
+
+        They are queued in the order their events were accepted (``accepted_id``), not the
+        order they failed in: on an ``ordered`` destination a user's replayed events go out
+        in the user's order. As new work, behind the jobs already queued, the user's events
+        accepted since included: a letter that fails again must not hold up live events."""
 
     @abstractmethod
     async def purge(self, where: DeadLetterFilter) -> int:

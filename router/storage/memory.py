@@ -17,6 +17,8 @@ class MemoryStorage(Storage):
         self.due: dict[int | str, float] = {}
         self.leased_until: dict[int | str, float] = {}
         self.letters: dict[int | str, DeadLetter] = {}
+        self.accepted_ids: dict[int | str, int | str] = {}
+        """The id each replayed job's event was accepted as (any other job's is its own)."""
         self._ids = itertools.count(1)
         self._accept_calls = 0
 
@@ -88,12 +90,13 @@ class MemoryStorage(Storage):
 
     async def dead_letter(self, jobs: Sequence[Job], *, now: float, failure: Failure) -> None:
         for job in jobs:
+            accepted_id = self.accepted_ids.get(job.id, job.id)
             if self._forget(job.id):
                 letter_id = next(self._ids)
                 self.letters[letter_id] = DeadLetter(
                     letter_id, job.destination, job.message_id, job.user_key, job.group, job.body,
                     job.attempts, job.created_at, now, failure.reason, failure.status,
-                    failure.request, failure.response, job.first_attempt_at)
+                    failure.request, failure.response, job.first_attempt_at, accepted_id)
 
     async def release(self, job_ids: Sequence[int | str]) -> None:
         for job_id in job_ids:
@@ -110,13 +113,15 @@ class MemoryStorage(Storage):
         return matching[-limit:] if limit > 0 else []
 
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
-        chosen = [letter for letter in self.letters.values() if _matches(letter, where)]
+        chosen = sorted((letter for letter in self.letters.values() if _matches(letter, where)),
+                        key=_place)
         for letter in chosen:
             del self.letters[letter.id]
             job_id = next(self._ids)
             self.jobs[job_id] = Job(job_id, letter.destination, letter.message_id,
                                     letter.user_key, letter.group, letter.body, now)
             self.due[job_id] = now
+            self.accepted_ids[job_id] = _place(letter)[0]
         return len(chosen)
 
     async def purge(self, where: DeadLetterFilter) -> int:
@@ -137,6 +142,7 @@ class MemoryStorage(Storage):
         return stats
 
     def _forget(self, job_id: int | str) -> bool:
+        self.accepted_ids.pop(job_id, None)
         self.due.pop(job_id, None)
         self.leased_until.pop(job_id, None)
         return self.jobs.pop(job_id, None) is not None
@@ -148,3 +154,9 @@ def _matches(letter: DeadLetter, where: DeadLetterFilter) -> bool:
             and (where.since is None or letter.failed_at >= where.since)
             and (where.until is None or letter.failed_at <= where.until)
             and (where.ids is None or letter.id in where.ids))
+
+
+def _place(letter: DeadLetter) -> tuple[int | str, int | str]:
+    """Where a replay queues the letter: in the order its event was accepted, as the other
+    backends do (without that id, its own, as Redis does, whose ids share one counter)."""
+    return (letter.id if letter.accepted_id is None else letter.accepted_id), letter.id

@@ -242,10 +242,11 @@ def _dead_letter_lane(target: sqlite3.Connection, number: int, name: str, now: f
         for index, (message_id, user_key, group, body) in enumerate(jobs):
             if first_id + index not in settled:
                 letters.append((name, message_id, user_key, group, body, 0, created_at, now,
-                                damaged.get(index, LOST_LANE_REASON)))
+                                damaged.get(index, LOST_LANE_REASON), first_id + index))
     target.executemany(
         "INSERT INTO dead_letters (destination, message_id, user_key, grp, body, attempts, "
-        "created_at, failed_at, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", letters)
+        "created_at, failed_at, reason, accepted_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        letters)
     target.execute(f"DELETE FROM bundles WHERE {_LANE} = ?", (number,))
     target.execute(f"DELETE FROM settled_runs WHERE last >> {LANE_BITS} = ?", (number,))
     return len(letters)

@@ -262,7 +262,9 @@ return done
 
 DEAD_LETTER = _HELPERS + """
 -- dead_letter: move jobs still leased by ``token`` to the dead-letter store (a hash per
--- letter, indexed per destination and overall, by letter id).
+-- letter, indexed per destination and overall, by letter id). The letter keeps the id its
+-- event was accepted as (``accepted_id``: the job's own, or the one a replayed job carries),
+-- the order a replay queues letters in.
 -- ARGV: prefix, token, failed_at, n, then n/2 (field, value) pairs of the failure (reason,
 -- and status / request / response when known), then per job: id, attempts, first_attempt_at
 -- ('' when it was never sent).
@@ -277,11 +279,12 @@ for a = 5 + n, #ARGV, 3 do
   if d then
     redis.call('ZREM', leased_key(d), id)  -- first: see the note above RETRY
     local f = redis.call('HMGET', job_key(id), 'message_id', 'user_key', 'group', 'body',
-                         'created_at')
+                         'created_at', 'accepted_id')
     local letter = redis.call('INCR', IDS)
     redis.call('HSET', letter_key(letter), 'destination', d, 'message_id', f[1],
                'user_key', f[2], 'group', f[3], 'body', f[4], 'created_at', f[5],
-               'attempts', ARGV[a + 1], 'failed_at', failed_at, unpack(failure))
+               'attempts', ARGV[a + 1], 'failed_at', failed_at, 'accepted_id', f[6] or id,
+               unpack(failure))
     if ARGV[a + 2] ~= '' then
       redis.call('HSET', letter_key(letter), 'first_attempt_at', ARGV[a + 2])
     end
@@ -314,14 +317,19 @@ return done
 REPLAY = _HELPERS + """
 -- replay: each dead letter that still exists becomes a new job of its own destination, due
 -- at once, attempts reset, and the letter is deleted — atomically, so two concurrent replays
--- queue a letter once. ARGV: prefix, now, letter ids... Returns how many were queued.
+-- queue a letter once. The job keeps the letter's ``accepted_id`` (a letter written before
+-- letters kept it: its own id), should it be dead-lettered again; new ids are taken in the
+-- order of the letters given, which Python sorts by it.
+-- ARGV: prefix, now, letter ids... Returns how many were queued.
 local created, done = ARGV[2], 0
 for a = 3, #ARGV do
   local lid = ARGV[a]
   local f = redis.call('HMGET', letter_key(lid), 'destination', 'message_id', 'user_key',
-                       'group', 'body')
+                       'group', 'body', 'accepted_id')
   if f[1] then
-    enqueue(redis.call('INCR', IDS), f[1], f[2], f[3], f[4], f[5], created)
+    local id = redis.call('INCR', IDS)
+    enqueue(id, f[1], f[2], f[3], f[4], f[5], created)
+    redis.call('HSET', job_key(id), 'accepted_id', f[6] or lid)
     forget_letter(lid, f[1])
     done = done + 1
   end

@@ -349,12 +349,21 @@ class RedisStorage(Storage):
         return list(reversed(found[:limit]))
 
     async def replay(self, where: DeadLetterFilter, *, now: float) -> int:
+        """In the order the letters' events were accepted (``_place``), not the order they
+        failed in, which on an ``ordered`` destination put a user's event that had gone
+        through more retries, or had been replayed and failed again, after the user's later
+        ones. The letters are indexed by when they failed only, so their places are read
+        first (a page at a time, as a listing reads them), then the letters are queued a page
+        a script in that order: about 130 bytes of memory a letter is held, not its body."""
         # Only letters that exist now: a replayed job failing again during a long replay
         # becomes a newer letter, which this replay must not pick up again.
         upto = await self._last_id()
+        chosen = sorted([_place(letter) async for chunk in self._matching_letters(where, upto=upto)
+                         for letter in chunk])
         replayed = 0
-        async for chunk in self._matching_letters(where, upto=upto):
-            replayed += await self._run("replay", [_num(now), *(letter.id for letter in chunk)])
+        for start in range(0, len(chosen), LETTER_PAGE):
+            page = [letter_id for _, letter_id in chosen[start:start + LETTER_PAGE]]
+            replayed += await self._run("replay", [_num(now), *page])
         return replayed
 
     async def purge(self, where: DeadLetterFilter) -> int:
@@ -498,13 +507,23 @@ def _letter(letter_id: int, record: dict[bytes, bytes]) -> DeadLetter:
     request = record.get(b"request")
     response = record.get(b"response")
     first_attempt_at = record.get(b"first_attempt_at")
+    accepted_id = record.get(b"accepted_id")
     return DeadLetter(letter_id, text("destination"), text("message_id"), text("user_key"),
                       text("group"), bytes(record[b"body"]), int(record[b"attempts"]),
                       float(record[b"created_at"]), float(record[b"failed_at"]), text("reason"),
                       int(status) if status is not None else None,
                       orjson.loads(request) if request is not None else None,
                       response.decode() if response is not None else None,
-                      float(first_attempt_at) if first_attempt_at is not None else None)
+                      float(first_attempt_at) if first_attempt_at is not None else None,
+                      int(accepted_id) if accepted_id is not None else None)
+
+
+def _place(letter: DeadLetter) -> tuple[int, int]:
+    """Where a replay queues the letter: by the id its event was accepted as. A letter
+    written before letters kept it takes its own id, from the same counter as job ids: as
+    if its event had been accepted when it was dead-lettered."""
+    place = letter.id if letter.accepted_id is None else letter.accepted_id
+    return int(place), int(letter.id)
 
 
 def _matches(letter: DeadLetter, where: DeadLetterFilter) -> bool:

@@ -25,7 +25,7 @@ for ordered destinations, whose jobs are rows); ``bench.delivery``'s ``spool`` p
 measures it."""
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint that empties it."""
-LAYOUT = 2
+LAYOUT = 3
 """The spool's layout, stamped in the file as ``PRAGMA user_version``. A file stamped with a
 higher number was written by a newer router, which a rollback to this one must not read as
 if it understood it (it would send again what the newer one delivered, or miss what it
@@ -48,18 +48,26 @@ CREATE TABLE IF NOT EXISTS jobs (
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, created_at REAL NOT NULL,
     due_at REAL NOT NULL, leased INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, first_attempt_at REAL, last_error TEXT,
-    body_crc INTEGER);
+    body_crc INTEGER, accepted_id INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, due_at, id);
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (destination, user_key, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, destination TEXT NOT NULL, message_id TEXT NOT NULL,
     user_key TEXT NOT NULL, grp TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL,
     created_at REAL NOT NULL, failed_at REAL NOT NULL, reason TEXT NOT NULL, status INTEGER,
-    request TEXT, response TEXT, first_attempt_at REAL);
+    request TEXT, response TEXT, first_attempt_at REAL, accepted_id INTEGER);
 CREATE INDEX IF NOT EXISTS dead_letters_destination ON dead_letters (destination, failed_at);
+CREATE INDEX IF NOT EXISTS dead_letters_accepted ON dead_letters (
+    destination, coalesce(accepted_id, id));
 """
-ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"), ("jobs", "body_crc", "INTEGER"))
-"""Columns that layout 2 added to tables of layout 1, which a router adds to such a file."""
+ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"), ("jobs", "body_crc", "INTEGER"),
+                 ("dead_letters", "accepted_id", "INTEGER"), ("jobs", "accepted_id", "INTEGER"))
+"""Columns that later layouts added to tables of earlier ones, which a router adds to such a
+file: layout 2 the dead letters' ``first_attempt_at`` and the checksums of ``jobs``; layout 3
+``accepted_id``, the id a job had when its event was accepted, which a replayed job (in
+``jobs``) and its letter keep, so that a replay queues letters in the order of acceptance
+(``letters.PLACE``). It is NULL in the rows written before, and in the jobs that were not
+replayed: the row's own id stands for it."""
 
 
 class SpoolFile(Writer):
@@ -138,10 +146,10 @@ class SpoolFile(Writer):
                 f"the spool {self.path} was written by an earlier version of the router and "
                 f"is not converted yet (it has the table {earlier[0]!r}): stop the router "
                 "that uses it and start the new one, which converts the file")
-        connection.executescript(SCHEMA)
-        _move_the_old_tables(connection, earlier)
+        # The columns first: SCHEMA indexes some of them, in tables a file of an earlier
+        # layout already has (CREATE TABLE IF NOT EXISTS leaves those as they are).
         missing = [(table, column, kind) for table, column, kind in ADDED_COLUMNS
-                   if column not in _columns_of(connection, table)]
+                   if (columns := _columns_of(connection, table)) and column not in columns]
         if missing and not self._recover:
             raise StorageMisconfigured(
                 f"the spool {self.path} was written by an earlier version of the router and "
@@ -150,6 +158,8 @@ class SpoolFile(Writer):
                 "which converts the file")
         for table, column, kind in missing:
             connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        connection.executescript(SCHEMA)
+        _move_the_old_tables(connection, earlier)
         if layout < LAYOUT and (self._recover or fresh):
             connection.execute(f"PRAGMA user_version={LAYOUT}")
 

@@ -394,14 +394,20 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
         def operation(connection: sqlite3.Connection) -> None:
             in_jobs_table = set(self._settle(connection, [job.id for job in jobs]))
             for job in jobs:
-                if job.id not in in_jobs_table or connection.execute(
-                        "DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
-                    connection.execute(
-                        f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
-                        "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job.destination, job.message_id, job.user_key, job.group, job.body,
-                         job.attempts, job.created_at, now, failure.reason, failure.status,
-                         request, failure.response, job.first_attempt_at))
+                accepted_id = job.id  # a job of a bundle was accepted as it is
+                if job.id in in_jobs_table:
+                    # a replayed job keeps the id its event was accepted as (`accepted_id`)
+                    deleted = connection.execute("DELETE FROM jobs WHERE id = ? RETURNING "
+                                                 "accepted_id", (job.id,)).fetchall()
+                    if not deleted:
+                        continue
+                    accepted_id = job.id if deleted[0][0] is None else deleted[0][0]
+                connection.execute(
+                    f"INSERT INTO dead_letters ({_LETTER_COLUMNS}) VALUES "
+                    "(NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.destination, job.message_id, job.user_key, job.group, job.body,
+                     job.attempts, job.created_at, now, failure.reason, failure.status,
+                     request, failure.response, job.first_attempt_at, accepted_id))
 
         await self._call(operation)
 
