@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from router.storage.base import DeadLetterFilter
 from router.testing import Answer, FakeDestinationServer
 from tests.delivery_helpers import router_for, track, webhook
+from tests.redis_helpers import start_redis_server, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "dlq-secret-token-0001"
@@ -22,6 +26,16 @@ def dlq(*args: str, config: Path, env: dict[str, str] | None = None
     return subprocess.run([sys.executable, "-m", "router", "dlq", *args, "-c", str(config)],
                           capture_output=True, text=True, timeout=60, cwd=config.parent,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of this module's own, on a free loopback port."""
+    process, port = start_redis_server(tmp_path_factory.mktemp("redis"))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
 
 
 async def test_list_replay_and_purge_dead_letters(tmp_path):
@@ -246,3 +260,61 @@ def test_a_spool_whose_directory_cannot_be_entered_is_said_at_the_storage_line(
         require_spool(loaded, tmp_path / "data" / "router.db", "nothing to read")
     assert str(caught.value).startswith(f"{config}:1: storage: cannot look for ")
     assert "Permission denied (run as a user who may read it)" in str(caught.value)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_replay_delivers_each_users_events_in_the_order_they_were_accepted(
+        tmp_path, request, backend):
+    # An ordered destination dead-lettered u1's events out of the order they were accepted
+    # in: m-1 failed past order_hold_attempts and was retried while m-2 and m-3 were
+    # refused, and m-2, replayed alone, was refused again. `router dlq replay` queued the
+    # letters in the order they failed, and the destination got m-2 last (after m-3 and
+    # m-1, which failed at about the same time, in either order).
+    storage = (f"sqlite:///{tmp_path / 'router.db'}" if backend == "sqlite" else
+               f"{request.getfixturevalue('redis_url')}?prefix=dlq-{uuid.uuid4().hex[:12]}")
+    refusing = True
+    running: list = []
+
+    async def api(request) -> Answer:
+        message_id = request.json["messageId"]
+        if not refusing:
+            return Answer(200)
+        if message_id == "m-1" and not [  # retried until m-2 is a dead letter
+                letter for letter in await running[0].storage.dead_letters(DeadLetterFilter())
+                if letter.message_id == "m-2"]:
+            return Answer(500)
+        return Answer(400, body={"error": f"refused {message_id}"})
+
+    async with FakeDestinationServer(handler=api) as server:
+        destinations = [webhook("ordered", server.url, ordered=True, order_hold_attempts=1,
+                                max_attempts=100)]
+        config = tmp_path / "router.json"
+        config.write_bytes(orjson.dumps({"storage": storage, "destinations": destinations,
+                                         "egress": {"allow_private_addresses": True}}))
+
+        async def deliver(*events) -> None:
+            async with router_for(tmp_path, destinations, storage=storage) as router:
+                running[:] = [router]
+                await router.route_many(list(events))
+                assert await router.drain(timeout=30)
+
+        await deliver(track(1, user="u1"), track(11, user="u2"), track(2, user="u1"),
+                      track(3, user="u1"), track(12, user="u2"))
+        replayed = dlq("replay", "--reason", "refused m-2", config=config)
+        assert replayed.stdout == "replayed 1 dead letter(s)\n", replayed.stderr
+        await deliver()
+        listed = dlq("list", "--json", config=config)
+        letters = [orjson.loads(line)["message_id"] for line in listed.stdout.splitlines()]
+        assert sorted(letters) == ["m-1", "m-11", "m-12", "m-2", "m-3"]
+        assert letters[-1] == "m-2"  # and m-1's letter was written after m-2's first one
+
+        refusing = False
+        server.requests.clear()
+        replayed = dlq("replay", config=config)
+        assert replayed.stdout == "replayed 5 dead letter(s)\n", replayed.stderr
+        await deliver()
+    delivered = [r.json for r in server.requests if r.status == 200]
+    assert [event["messageId"] for event in delivered if event["userId"] == "u1"] == [
+        "m-1", "m-2", "m-3"]
+    assert [event["messageId"] for event in delivered if event["userId"] == "u2"] == [
+        "m-11", "m-12"]
