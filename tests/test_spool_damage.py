@@ -159,7 +159,7 @@ async def test_bundles_written_before_the_checksums_are_still_delivered(tmp_path
     received, letters = await deliver_all(spool)
     assert delivered_intact(received) == list(range(EVENTS)) and letters == []
     with contextlib.closing(sqlite3.connect(spool)) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 3
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == LAYOUT == 2
 
 
 def layout_1_bundle(connection: sqlite3.Connection, bundle: int, first_id: int) -> bytes:

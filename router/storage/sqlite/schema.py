@@ -25,7 +25,7 @@ for ordered destinations, whose jobs are rows); ``bench.delivery``'s ``spool`` p
 measures it."""
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint that empties it."""
-LAYOUT = 3
+LAYOUT = 2
 """The spool's layout, stamped in the file as ``PRAGMA user_version``. A file stamped with a
 higher number was written by a newer router, which a rollback to this one must not read as
 if it understood it (it would send again what the newer one delivered, or miss what it
@@ -62,12 +62,15 @@ CREATE INDEX IF NOT EXISTS dead_letters_accepted ON dead_letters (
 """
 ADDED_COLUMNS = (("dead_letters", "first_attempt_at", "REAL"), ("jobs", "body_crc", "INTEGER"),
                  ("dead_letters", "accepted_id", "INTEGER"), ("jobs", "accepted_id", "INTEGER"))
-"""Columns that later layouts added to tables of earlier ones, which a router adds to such a
-file: layout 2 the dead letters' ``first_attempt_at`` and the checksums of ``jobs``; layout 3
-``accepted_id``, the id a job had when its event was accepted, which a replayed job (in
-``jobs``) and its letter keep, so that a replay queues letters in the order of acceptance
-(``letters.PLACE``). It is NULL in the rows written before, and in the jobs that were not
-replayed: the row's own id stands for it."""
+"""Columns a router adds to a file that lacks them. Layout 2 added the dead letters'
+``first_attempt_at`` and the checksums of ``jobs`` to layout 1's tables. ``accepted_id``, the
+id a job had when its event was accepted, which a replayed job (in ``jobs``) and its letter
+keep so that a replay queues letters in the order of acceptance (``letters.PLACE``), came
+later without a new layout: a router of layout 2 that does not know it reads and writes
+such a file correctly (it names its columns; it only replays in the old order), so a
+rollback keeps its spool. It is NULL in the rows written before, in the rows a router that
+does not know it writes, and in the jobs that were not replayed: the row's own id stands
+for it."""
 
 
 class SpoolFile(Writer):
