@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SINK_PORT ?= 9900
 
-.PHONY: serve test lint bench check clean
+.PHONY: serve test test-lowest lint bench check clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,22 @@ serve: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
+## The whole suite again, on the oldest release of each dependency that pyproject.toml
+## allows (.ci/floors.py pins them) and on LOWEST_PYTHON: CI gives it the newest Python the
+## machine has, so one run covers both ends of what users install.
+LOWEST_PYTHON ?= $(PYTHON)
+LOWEST_VENV   := .venv-lowest
+test-lowest:
+	rm -rf $(LOWEST_VENV)
+	$(LOWEST_PYTHON) -m venv $(LOWEST_VENV)
+	$(PYTHON) .ci/floors.py > $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST_VENV)/constraints.txt \
+		-e '.[test]' -e examples/router-acme
+	$(LOWEST_VENV)/bin/python --version
+	$(LOWEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(aiohttp|pydantic|jinja2|redis|pytest)=='
+	$(LOWEST_VENV)/bin/python -m pytest -q
+
 ## pyflakes, pycodestyle, bugbear and pyupgrade checks, then the type checker (both
 ## configured in pyproject.toml).
 lint: $(STAMP)
@@ -39,4 +55,4 @@ check: $(STAMP)
 	$(BIN)/router check -c config/router.yaml
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) var build *.egg-info
