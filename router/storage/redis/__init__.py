@@ -13,6 +13,10 @@ wait out their lease (the delivery service leases for ``max(300 s, 4 × timeout)
 sent again by the others: at least once, never lost. ``open(recover=True)`` takes back only
 lapsed leases, because the other holders may be alive.
 
+An ordered lease walks an index of the destination's users with ready jobs, so one user's
+backlog costs it one look, not one per job; the destination's first ordered lease builds the
+index from its ready queue in bounded steps (``INDEX``), and every script keeps it from then on.
+
 Needs a standalone Redis (or a primary with replicas): the scripts build key names at run
 time, which Redis Cluster forbids.
 

@@ -17,6 +17,16 @@ from __future__ import annotations
 # leased (zset leased:d, score = lease expiry; the job hash's ``owner`` names the holder).
 # Every job is also in jobs:d (score = created_at: pending count and oldest) and in
 # user:<len(d)>:d:<user> (score = id: the user's head, for ordered leasing).
+#
+# Ordered leasing walks users, not jobs, through an index of the users who have ready jobs,
+# kept per destination once its first ordered lease has had it built (ready-users-built:
+# 'building', then 'built'; none for a destination never leased ordered, which pays nothing
+# for it): ready-users:d (member = user, score = the id of the user's lowest ready job) and,
+# per user, user-ready:<len(d)>:d:<user> (the user's jobs in ready:d, score = id). Every move
+# into or out of ready:d goes through ``make_ready`` and ``unready``, which keep both. The user
+# sets and ready:d stay what decides: the index only says whom to look at, and the lease
+# checks what it finds there against them (an entry left by a router of an earlier version,
+# which knows no index, is dropped when met; one it did not write is added by ``index_pass``).
 
 _HELPERS = """
 local P = ARGV[1]
@@ -25,6 +35,8 @@ local DESTINATIONS = P .. ':destinations'
 local SEEN_COUNT = P .. ':seen-count'
 local SEEN_PRUNED = P .. ':seen-pruned'
 local LETTERS_ALL = P .. ':letters-all'
+local INDEXED = P .. ':ready-users-built'
+local INDEX_CURSOR = P .. ':ready-users-cursor'
 local function job_key(id) return P .. ':job:' .. id end
 local function ready_key(d) return P .. ':ready:' .. d end
 local function waiting_key(d) return P .. ':waiting:' .. d end
@@ -34,21 +46,88 @@ local function jobs_key(d) return P .. ':jobs:' .. d end
 local function user_key(d, u) return P .. ':user:' .. #d .. ':' .. d .. ':' .. u end
 local function letter_key(id) return P .. ':letter:' .. id end
 local function letters_key(d) return P .. ':letters:' .. d end
+local function ready_users_key(d) return P .. ':ready-users:' .. d end
+local function user_ready_key(d, u) return P .. ':user-ready:' .. #d .. ':' .. d .. ':' .. u end
+
+-- Whether d's users with ready jobs are indexed (being built or built), read once a run.
+local indexing = {}
+local function indexed(d)
+  if indexing[d] == nil then indexing[d] = redis.call('HEXISTS', INDEXED, d) == 1 end
+  return indexing[d]
+end
+
+-- The user's entry in ready-users: the lowest of its ready jobs, or none when it has none.
+local function rescore(d, user)
+  local first = redis.call('ZRANGE', user_ready_key(d, user), 0, 0)
+  if first[1] then
+    redis.call('ZADD', ready_users_key(d), first[1], user)
+  else
+    redis.call('ZREM', ready_users_key(d), user)
+  end
+end
+
+-- A ready job in the index: in its user's ready jobs, and the user's score at most its id.
+local function index_ready(d, id, user)
+  redis.call('ZADD', user_ready_key(d, user), id, id)
+  local score = redis.call('ZSCORE', ready_users_key(d), user)
+  if not score or tonumber(id) < tonumber(score) then
+    redis.call('ZADD', ready_users_key(d), id, user)
+  end
+end
+
+-- A job comes into d's ready queue (new, taken back, due again, released). ``user`` is read
+-- from the job when not given, and only when d is indexed.
+local function make_ready(d, id, user)
+  redis.call('ZADD', ready_key(d), id, id)
+  if indexed(d) then
+    user = user or redis.call('HGET', job_key(id), 'user_key')
+    if user then index_ready(d, id, user) end
+  end
+end
+
+-- A job leaves d's ready queue (leased, or gone for good).
+local function unready(d, id, user)
+  redis.call('ZREM', ready_key(d), id)
+  if user and indexed(d) and redis.call('ZREM', user_ready_key(d, user), id) == 1 then
+    rescore(d, user)
+  end
+end
+
+-- Up to ``count`` ready jobs of d past the index's cursor put in the index when missing, the
+-- cursor moved past them, back to the start at the end of the queue; true at the end. Builds
+-- the index (from the start, before the first ordered lease) and afterwards, a step at each
+-- ordered lease that comes back short, finds the jobs a router of an earlier version queued
+-- or put back without it. Through on a full Redis: its first write (HDEL) is one Redis never
+-- refuses, and ordered delivery, which frees memory, waits for the index.
+local function index_pass(d, count)
+  local cursor = redis.call('HGET', INDEX_CURSOR, d) or '0'
+  redis.call('HDEL', INDEX_CURSOR, d)
+  local ids = redis.call('ZRANGEBYSCORE', ready_key(d), '(' .. cursor, '+inf', 'LIMIT', 0, count)
+  for _, id in ipairs(ids) do
+    local user = redis.call('HGET', job_key(id), 'user_key')
+    if user and not redis.call('ZSCORE', user_ready_key(d, user), id) then
+      index_ready(d, id, user)
+    end
+  end
+  if #ids < count then return true end  -- the cursor, deleted, is back at the start
+  redis.call('HSET', INDEX_CURSOR, d, ids[#ids])
+  return false
+end
 
 -- A new job, due at once: in every index it belongs to.
 local function enqueue(id, d, message_id, user, group, body, created)
   redis.call('HSET', job_key(id), 'destination', d, 'message_id', message_id,
              'user_key', user, 'group', group, 'body', body, 'created_at', created,
              'attempts', 0)
-  redis.call('ZADD', ready_key(d), id, id)
   redis.call('ZADD', jobs_key(d), created, id)
   redis.call('ZADD', user_key(d, user), id, id)
+  make_ready(d, id, user)
   redis.call('SADD', DESTINATIONS, d)
 end
 
 -- A job gone for good (delivered or dead-lettered): out of every index, whatever its state.
 local function forget(id, d, user)
-  redis.call('ZREM', ready_key(d), id)
+  unready(d, id, user)
   redis.call('ZREM', waiting_key(d), id)
   redis.call('ZREM', leased_key(d), id)
   redis.call('ZREM', jobs_key(d), id)
@@ -80,7 +159,7 @@ local function take_back_lapsed(d, now, cap)
   for _, id in ipairs(lapsed) do
     redis.call('ZREM', leased_key(d), id)
     redis.call('HDEL', job_key(id), 'owner')
-    redis.call('ZADD', ready_key(d), id, id)
+    make_ready(d, id)
   end
   return #lapsed
 end
@@ -135,72 +214,145 @@ LEASE = _HELPERS + """
 -- jobs, lowest id (oldest) first, leasing them to ``token`` until ``lease_until``.
 -- With ``ordered``, a job is taken only when no lower id of its (destination, user) holds
 -- the user's line, in any state (ready, leased, waiting): every earlier job holds it, or
--- with ``hold`` (0: none) those that have failed fewer than ``hold`` attempts.
+-- with ``hold`` (0: none) those that have failed fewer than ``hold`` attempts. An ordered
+-- lease needs the destination's users indexed: when they are not (yet), it changes nothing
+-- and returns -1, and the caller builds the index (INDEX) and asks again.
 -- ARGV: prefix, destination, now, lease_until, limit, ordered (0/1), token, cap, scan_max,
--- page, hold
+-- page, hold, sweep
 -- Returns per job: id, message_id, user_key, group, body, created_at, attempts, first_attempt_at
 local d, now, lease_until = ARGV[2], ARGV[3], ARGV[4]
 local limit, ordered, token = tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
 local cap, scan_max, page = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local hold = tonumber(ARGV[11])
+local hold, sweep = tonumber(ARGV[11]), tonumber(ARGV[12])
+if ordered and redis.call('HGET', INDEXED, d) ~= 'built' then return -1 end
 
 -- The id of the user's first job that holds the line, or false: the user's head, or with
 -- ``hold`` the first that has failed fewer attempts than that.
 local function first_holding(user)
+  if hold == 0 then return redis.call('ZRANGE', user_key(d, user), 0, 0)[1] or false end
   local start = 0
   while true do
     local ids = redis.call('ZRANGE', user_key(d, user), start, start + 9)
     if #ids == 0 then return false end
     for _, id in ipairs(ids) do
-      if hold == 0 or tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') < hold then
-        return tonumber(id)
+      if tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') < hold then
+        return id
       end
     end
     start = start + 10
   end
 end
+
+-- The user's jobs that may go, added to ``found`` (ids as numbers): its ready jobs up to
+-- and including its first that holds the line (all of them when none holds), its lowest
+-- ``limit`` at most. The one that holds the line is looked up in ready:d itself, so that a
+-- head queued by a router of an earlier version, missing from the index, does not hold its
+-- user back; an index entry no longer ready (a job such a router leased) is dropped.
+local function takeable(user, found)
+  local key = user_ready_key(d, user)
+  local holding = first_holding(user)
+  local ids
+  if holding then
+    ids = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. holding, 'LIMIT', 0, limit)
+    ids[#ids + 1] = holding
+  else
+    ids = redis.call('ZRANGE', key, 0, limit - 1)
+  end
+  local stale = false
+  for _, id in ipairs(ids) do
+    if redis.call('ZSCORE', ready_key(d), id) then
+      found[#found + 1] = tonumber(id)
+    elseif redis.call('ZREM', key, id) == 1 then
+      stale = true
+    end
+  end
+  if stale then rescore(d, user) end
+end
+
+-- The ``limit`` lowest ids among what the users may send, the users met in the order of
+-- their lowest ready job (ready-users), at most ``scan_max`` of them: a user's backlog is
+-- one of them, however long. A user's jobs that may go are all at or after its score, so
+-- once ``limit`` are found, a user whose score is past the highest of them has nothing to
+-- add, nor has any after it: the walk stops there, with what a walk of every user finds.
+local function pick_ordered()
+  local found, seen = {}, {}
+  local bound = nil  -- the limit-th lowest found, once that many are
+  local looked, lowest, done = 0, '-inf', false
+  local function keep_lowest()
+    table.sort(found)
+    for k = #found, limit + 1, -1 do found[k] = nil end
+    bound = found[limit]
+  end
+  while not done and looked < scan_max do
+    local users = redis.call('ZRANGEBYSCORE', ready_users_key(d), lowest, '+inf',
+                             'WITHSCORES', 'LIMIT', 0, page)
+    if #users == 0 then break end
+    for k = 1, #users, 2 do
+      local user, score = users[k], users[k + 1]
+      if bound and tonumber(score) > bound then
+        done = true
+        break
+      end
+      lowest = '(' .. score
+      -- an entry dropped by ``takeable`` only raises its user's score: met again, skipped
+      if not seen[user] then
+        seen[user] = true
+        takeable(user, found)
+        looked = looked + 1
+        if #found >= limit and (not bound or #found >= 2 * limit) then keep_lowest() end
+        if looked >= scan_max then break end
+      end
+    end
+  end
+  keep_lowest()
+  return found
+end
+
 take_back_lapsed(d, now, cap)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', waiting_key(d), '-inf', now, 'LIMIT', 0, cap)) do
   redis.call('ZREM', waiting_key(d), id)
-  redis.call('ZADD', ready_key(d), id, id)
+  make_ready(d, id)
 end
 if limit < 1 then return {} end
 
-local chosen = {}
+local chosen
 if ordered then
-  local holder = {}  -- per user: the first job that holds the line, false for none
-  local offset = 0
-  while #chosen < limit and offset < scan_max do
-    local ids = redis.call('ZRANGE', ready_key(d), offset, offset + page - 1)
-    if #ids == 0 then break end
-    for _, id in ipairs(ids) do
-      local user = redis.call('HGET', job_key(id), 'user_key')
-      if user then
-        if holder[user] == nil then holder[user] = first_holding(user) end
-        if not holder[user] or tonumber(id) <= holder[user] then
-          chosen[#chosen + 1] = id
-          if #chosen >= limit then break end
-        end
-      end
-    end
-    offset = offset + page
-  end
+  chosen = pick_ordered()
 else
   chosen = redis.call('ZRANGE', ready_key(d), 0, limit - 1)
 end
 
 local leased = {}
 for _, id in ipairs(chosen) do
-  redis.call('ZREM', ready_key(d), id)
   local f = redis.call('HMGET', job_key(id), 'message_id', 'user_key', 'group', 'body',
                        'created_at', 'attempts', 'first_attempt_at')
+  unready(d, id, f[2])
   if f[1] then  -- a queue entry without its job cannot happen; if it did, drop the entry
     redis.call('ZADD', leased_key(d), lease_until, id)
     redis.call('HSET', job_key(id), 'owner', token)
     leased[#leased + 1] = {id, f[1], f[2], f[3], f[4], f[5], f[6], f[7]}
   end
 end
+-- Short of ``limit``: maybe jobs the index lacks (written by a router of an earlier version).
+if ordered and #leased < limit then index_pass(d, sweep) end
 return leased
+"""
+
+INDEX = _HELPERS + """
+-- index: one step of building the index of d's users with ready jobs (see index_pass), which
+-- an ordered lease needs; from the first step on, every script keeps it for the jobs it moves.
+-- ARGV: prefix, destination, count. Returns 0 while there is more to index, 1 once this
+-- step has finished it, 2 when it was built already.
+local d, count = ARGV[2], tonumber(ARGV[3])
+local state = redis.call('HGET', INDEXED, d)
+if state == 'built' then return 2 end
+if not state then
+  redis.call('HDEL', INDEX_CURSOR, d)  -- from the start (and a write Redis never refuses)
+  redis.call('HSET', INDEXED, d, 'building')
+end
+if not index_pass(d, count) then return 0 end
+redis.call('HSET', INDEXED, d, 'built')
+return 1
 """
 
 RECLAIM = _HELPERS + """
@@ -307,7 +459,7 @@ for a = 3, #ARGV do
   if d then
     redis.call('ZREM', leased_key(d), id)
     redis.call('HDEL', job_key(id), 'owner')
-    redis.call('ZADD', ready_key(d), id, id)
+    make_ready(d, id)
     done = done + 1
   end
 end
@@ -384,6 +536,8 @@ class _Keys:
         self.seen_count = f"{prefix}:seen-count"
         self.letters_all = f"{prefix}:letters-all"
         self.health = f"{prefix}:health"
+        self.ready_users_built = f"{prefix}:ready-users-built"
+        self.ready_users_cursor = f"{prefix}:ready-users-cursor"
 
     def seen(self, source: str, message_id: str) -> str:
         # length-prefixed source: ("a:b", "c") and ("a", "b:c") are different events
@@ -409,3 +563,12 @@ class _Keys:
 
     def letters(self, destination: str) -> str:
         return f"{self.prefix}:letters:{destination}"
+
+    def user(self, destination: str, user: str) -> str:
+        return f"{self.prefix}:user:{len(destination.encode())}:{destination}:{user}"
+
+    def ready_users(self, destination: str) -> str:
+        return f"{self.prefix}:ready-users:{destination}"
+
+    def user_ready(self, destination: str, user: str) -> str:
+        return f"{self.prefix}:user-ready:{len(destination.encode())}:{destination}:{user}"

@@ -21,8 +21,8 @@ from router.errors import RouterError, StorageFull, StorageMisconfigured, Storag
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  QueueStats, Storage, StorageStats, amount_of_bytes)
 from router.storage.redis.errors import NEEDED_ACL, _translated_errors
-from router.storage.redis.scripts import (ACCEPT, COMPLETE, DEAD_LETTER, LEASE, PURGE, RECLAIM,
-                                         RELEASE, RENEW, REPLAY, RETRY, _Keys)
+from router.storage.redis.scripts import (ACCEPT, COMPLETE, DEAD_LETTER, INDEX, LEASE, PURGE,
+                                         RECLAIM, RELEASE, RENEW, REPLAY, RETRY, _Keys)
 
 try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
@@ -41,10 +41,20 @@ MOVE_CAP = 5000
 """Most jobs one ``lease`` call moves from lapsed leases, and from retries come due, to the
 ready queue. Bounds how long one script blocks Redis after an outage; the next call moves more."""
 ORDERED_SCAN_MAX = 5000
-"""Most ready jobs an ordered ``lease`` looks at to find users' heads. Past it, a lease may
-return fewer jobs than are available (never a wrong one); later calls find them as the
-blocked users' earlier jobs finish."""
+"""Most users an ordered ``lease`` looks at, in the order of their oldest ready job, however
+many jobs each has queued. Only users whose earlier job holds back every ready one of theirs
+(in flight, or waiting for a retry) cost a look without giving a job; past 5,000 of those
+ahead of the others, a lease may return fewer jobs than are available (never a wrong one),
+and later calls find them as those earlier jobs finish."""
 ORDERED_PAGE = 200
+"""Users an ordered lease reads from the index at a time."""
+ORDERED_SWEEP = 500
+"""Ready jobs an ordered lease that comes back short looks at for some the index lacks
+(queued or put back by a router of an earlier version, which keeps no index): each pass
+over the ready queue goes on where the last stopped."""
+INDEX_STEP = 1000
+"""Ready jobs one step of building a destination's index reads: a step is one script, which
+Redis runs alone, so intake and the other routers go on between steps."""
 LETTER_PAGE = 500
 DEDUP_BUCKET = 60
 """Width in seconds of the buckets that count dedup entries by expiry (``stats``)."""
@@ -58,7 +68,7 @@ _WARNED: set[tuple[Any, ...]] = set()
 
 _SCRIPTS = {"accept": ACCEPT, "lease": LEASE, "reclaim": RECLAIM, "complete": COMPLETE,
             "retry": RETRY, "dead_letter": DEAD_LETTER, "release": RELEASE,
-            "renew": RENEW, "replay": REPLAY, "purge": PURGE}
+            "renew": RENEW, "replay": REPLAY, "purge": PURGE, "index": INDEX}
 
 
 _TEXT_URL_OPTIONS = frozenset(("client_name", "username", "password", "lib_name",
@@ -290,12 +300,29 @@ class RedisStorage(Storage):
 
     async def lease(self, destination: str, limit: int, *, now: float, lease_for: float,
                     ordered: bool = False, hold_attempts: int | None = None) -> list[Job]:
-        rows = await self._run("lease", [destination, _num(now), _num(now + lease_for), limit,
-                                         1 if ordered else 0, self.token, MOVE_CAP,
-                                         ORDERED_SCAN_MAX, ORDERED_PAGE, hold_attempts or 0])
+        args = [destination, _num(now), _num(now + lease_for), limit, 1 if ordered else 0,
+                self.token, MOVE_CAP, ORDERED_SCAN_MAX, ORDERED_PAGE, hold_attempts or 0,
+                ORDERED_SWEEP]
+        rows = await self._run("lease", args)
+        while not isinstance(rows, list):  # ordered, and its users are not indexed yet
+            await self._index_users(destination)
+            rows = await self._run("lease", args)
         return [Job(int(row[0]), destination, row[1].decode(), row[2].decode(), row[3].decode(),
                     bytes(row[4]), float(row[5]), int(row[6]),
                     float(row[7]) if row[7] is not None else None) for row in rows]
+
+    async def _index_users(self, destination: str) -> None:
+        """Build the index of the destination's users with ready jobs, which its ordered
+        leases walk (its first ordered lease, whether the destination was just made ordered
+        or its jobs were queued by a version that kept no index), ``INDEX_STEP`` jobs a
+        script: bounded steps, resumed by whichever router takes the next, while the others
+        go on queuing and delivering (each script keeps the index from the first step on)."""
+        steps = 1
+        while not (done := await self._run("index", [destination, INDEX_STEP])):
+            steps += 1
+        if done == 1:  # built by these steps, not found built (2)
+            log.info("redis storage: indexed the ready jobs of %r by user for ordered leasing "
+                     "(%d %s)", destination, steps, "step" if steps == 1 else "steps")
 
     async def complete(self, jobs: Sequence[Job]) -> None:
         if jobs:
