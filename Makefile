@@ -27,7 +27,8 @@ test: lint
 
 ## The whole suite again, on the oldest release of each dependency that pyproject.toml
 ## allows (.ci/floors.py pins them) and on LOWEST_PYTHON: CI gives it the newest Python the
-## machine has, so one run covers both ends of what users install.
+## project supports that the machine has (.ci/newest-python), so one run covers both ends of
+## what users install.
 LOWEST_PYTHON ?= $(PYTHON)
 LOWEST_VENV   := .venv-lowest
 test-lowest:
