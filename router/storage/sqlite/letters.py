@@ -22,9 +22,11 @@ _LETTER_COLUMNS = ("id, destination, message_id, user_key, grp, body, attempts, 
 PLACE = "coalesce(accepted_id, id)"
 """A letter's place in its destination's order of acceptance, which a replay follows: the
 id its job had when its event was accepted (a lane's ids grow in commit order). A letter
-written before layout 3 does not know it and takes its own id, which is below every job id
-(a lane's ids start at 2^40): such letters are replayed first, in the order they were
-written, as before. Indexed with the destination (``dead_letters_accepted``)."""
+written before letters kept it, or by a router of an earlier release (after a rollback),
+does not know it and takes its own id, which is below every job id (a lane's ids start at
+2^40): such letters are replayed first, in the order they were written, as before. Indexed
+with the destination (``dead_letters_accepted``). There is no layout 3: the column came
+within layout 2 (``schema.ADDED_COLUMNS``)."""
 
 
 class DeadLetterQueue(Writer):
