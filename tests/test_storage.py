@@ -806,6 +806,29 @@ async def test_a_lease_with_the_breaker_takes_each_users_jobs_no_earlier_job_hol
     assert sorted(ids(leased)) == expected and expected
 
 
+@pytest.mark.parametrize("limit", [1, 2, 3, 7])
+async def test_a_lease_with_the_breaker_short_of_room_takes_the_oldest_jobs_that_may_go(
+        store, limit):
+    # With order_hold_attempts a user can have several jobs that may go, and Redis's lease,
+    # which walks users by their oldest ready job, stops once no user further on can have an
+    # older one than the `limit` it has found: the oldest that may go across users, as a look
+    # at every job gives, not the first user's: u's retried jobs come first and third, v's
+    # job second.
+    hold = 1
+    await accept(store, *(item(f"m-{n}", user=user, ordered=True)
+                          for n, user in enumerate("uvuvuvuu")))
+    queued = await lease(store, 100)
+    retried = [job_ for job_ in queued if job_.user_key == "u"]
+    for job_ in retried:
+        await store.retry([tried(job_, T0)], not_before=[T0], now=T0, failure=Failure("x"))
+    v_first, *v_rest = [job_ for job_ in queued if job_.user_key == "v"]
+    await store.complete(v_rest)
+    await store.retry([v_first], not_before=[T0], now=T0, failure=Failure("x"))  # no attempt
+    may_go = sorted(ids([v_first, *retried]))  # none of u's holds u's line any more
+    leased = await lease(store, limit, ordered=True, hold_attempts=hold, now=T0 + 1)
+    assert sorted(ids(leased)) == may_go[:limit]
+
+
 @pytest.mark.parametrize("hold_attempts", [None, 3])
 async def test_one_users_backlog_past_the_scan_holds_back_no_other_user(
         store, monkeypatch, hold_attempts):
