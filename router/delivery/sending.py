@@ -99,10 +99,10 @@ class Sending(Health, Outcomes):
         """One request for ``batch``, never split: what each job got, and whether splitting
         the batch could find the events at fault (see ``_Sent``)."""
         adapter = self.destination.adapter
+        # A batch is of one queued group (``batches``), so its plugin's group is read once.
+        group, opaque = built_by(batch[0].group)[1], adapter.opaque_bodies
         try:
-            payloads = [from_spool(job.body, built_by(job.group)[1],
-                                   opaque=adapter.opaque_bodies)
-                        for job in batch]
+            payloads = [from_spool(job.body, group, opaque=opaque) for job in batch]
             request = checked_request(adapter.build_request(payloads))
         except DestinationError as exc:
             # One outcome for every event, so none is at fault beside the others: a
