@@ -3,6 +3,7 @@ test kit, so a plugin's tests batch exactly as production does."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -18,18 +19,18 @@ def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
     """``items`` split into batches: one group per batch (in order of first appearance), at
     most ``delivery.batch_size`` items and about ``delivery.batch_bytes`` of bodies each,
     with what ``build_request`` adds for each (``delivery.payload_overhead``)."""
-    by_group: dict[str, list[Item]] = {}
+    by_group: defaultdict[str, list[Item]] = defaultdict(list)
     for item in items:
-        by_group.setdefault(group(item), []).append(item)
+        by_group[group(item)].append(item)
     overhead = delivery.payload_overhead
+    most, most_bytes = delivery.batch_size, delivery.batch_bytes
     result: list[list[Item]] = []
     for group_items in by_group.values():
         batch: list[Item] = []
         total = 0
         for item in group_items:
             item_size = size(item) + overhead
-            if batch and (len(batch) >= delivery.batch_size
-                          or total + item_size > delivery.batch_bytes):
+            if batch and (len(batch) >= most or total + item_size > most_bytes):
                 result.append(batch)
                 batch, total = [], 0
             batch.append(item)
