@@ -26,6 +26,8 @@ log = logging.getLogger("router.delivery")
 UNRECORDED_PAUSE = 5.0
 """Seconds a destination rests after the storage could not record what became of a batch
 (a full disk, an unreachable Redis): its jobs go back to the queue."""
+DELIVERED: tuple[Outcome, Failure | None] = (None, None)
+"""A job's result when it was delivered: no outcome to record, no failure."""
 
 
 class Outcomes:
@@ -55,8 +57,8 @@ class Outcomes:
         being split) that is not recorded yet, and note it in ``recorded``."""
         now = self.clock.now()
         key = id(of or jobs)
-        if of is None and key not in self.recorded and all(
-                outcome is None for outcome, _ in outcomes):
+        if of is None and key not in self.recorded and \
+                outcomes.count(DELIVERED) == len(outcomes):
             # The usual case, a whole batch delivered: nothing below waits, so no stop can
             # look at the batch before its sender is done with it, and nothing is noted.
             self._take_delivered(jobs, now)

@@ -19,7 +19,7 @@ from router.delivery import retry
 from router.delivery.batching import built_by, from_spool
 from router.delivery.clock import DeliveryClock
 from router.delivery.health import Health
-from router.delivery.outcomes import Outcomes
+from router.delivery.outcomes import DELIVERED, Outcomes
 from router.delivery.ratelimit import RateLimiter
 from router.delivery.telemetry import DeliveryMetrics
 from router.delivery.transport import EgressRefused, Transport
@@ -139,8 +139,8 @@ class Sending(Health, Outcomes):
         if all(isinstance(outcome, PermanentError) for outcome in outcomes) and (
                 response.status == 413 or response.status in SPLIT_STATUSES and not named):
             refused = self._shown_body(request, response)
-        if all(outcome is None for outcome in outcomes):
-            return _Sent([(None, None)] * len(outcomes))
+        if outcomes.count(None) == len(outcomes):  # all delivered
+            return _Sent([DELIVERED] * len(outcomes))
         failure = self._failure(f"HTTP {response.status}", request, response)
         # Each failed job's reason is its own (a plugin names why each event failed).
         masker = self._masker_of(request)
