@@ -237,9 +237,9 @@ class Sending(Health, Outcomes):
                                               mask=lambda text: self._masker_of(request).mask(text))
                         ] * len(payloads)
         throttled = response.status in (429, 503)
-        waits = [o.retry_after for o in outcomes
-                 if isinstance(o, RetryableError) and o.retry_after and (
-                     throttled if o.pause_destination is None else o.pause_destination)]
+        waits = [] if None in outcomes else [  # none when an event got through
+            o.retry_after for o in outcomes if isinstance(o, RetryableError) and o.retry_after
+            and (throttled if o.pause_destination is None else o.pause_destination)]
         if waits and len(waits) == len(outcomes):
             self.limiter.pause(min(max(waits), retry.MAX_RETRY_AFTER))
         elif (spent := retry.budget_spent(response.headers, now=now)) is not None:
