@@ -25,8 +25,8 @@ id its job had when its event was accepted (a lane's ids grow in commit order). 
 written before letters kept it, or by a router of an earlier release (after a rollback),
 does not know it and takes its own id, which is below every job id (a lane's ids start at
 2^40): such letters are replayed first, in the order they were written, as before. Indexed
-with the destination (``dead_letters_accepted``). There is no layout 3: the column came
-within layout 2 (``schema.ADDED_COLUMNS``)."""
+with the destination (``dead_letters_accepted``). The column came within layout 2
+(``schema.ADDED_COLUMNS``)."""
 
 
 class DeadLetterQueue(Writer):
