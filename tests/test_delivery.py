@@ -52,6 +52,17 @@ async def test_every_event_reaches_every_destination(tmp_path):
             assert sorted(await delivered_ids(server)) == sorted(f"m-{n}" for n in range(50))
 
 
+async def test_requests_say_they_come_from_the_router_unless_the_plugin_says_otherwise(tmp_path):
+    async with FakeDestinationServer() as plain, FakeDestinationServer() as own:
+        mine = webhook("own", own.url)
+        mine["settings"]["headers"] = {"user-agent": "acme-hook/2"}
+        async with router_for(tmp_path, [webhook("plain", plain.url), mine]) as router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+        assert plain.requests[0].headers.getall("User-Agent") == ["event-router"]
+        assert own.requests[0].headers.getall("User-Agent") == ["acme-hook/2"]
+
+
 async def test_the_latency_histogram_counts_every_delivered_event(tmp_path):
     async with FakeDestinationServer() as server:
         server.script([Answer(200, delay=0.5)])  # the first request: the others wait for it

@@ -64,10 +64,11 @@ class Transport:
                                 limit_per_host=0, ttl_dns_cache=60)
         self._connector = kwargs["connector"]
         # No cookie jar: a cookie one destination's server sets would be sent to every
-        # destination on that host (another tenant's webhook, say) and stay for good.
+        # destination on that host (another tenant's webhook, say) and stay for good. The
+        # session's User-Agent replaces aiohttp's (a plugin's own replaces it): no
+        # ``skip_auto_headers``, which costs every request a copy of its headers.
         self._session = aiohttp.ClientSession(**kwargs, cookie_jar=aiohttp.DummyCookieJar(),
                                               auto_decompress=True,
-                                              skip_auto_headers=("User-Agent",),
                                               headers={"User-Agent": "event-router"})
 
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:
