@@ -562,10 +562,11 @@ class GuardedConnector(aiohttp.TCPConnector):
             while connection.protocol in self._used:
                 connection.close()  # not put back in the pool: the next one, or a new one
                 connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        connection_reused.set(protocol in self._used)
+        reused = connection.protocol in self._used
+        connection_reused.set(reused)
         connecting_to.set(None)
-        self._used.add(protocol)
+        if not reused:  # a weak reference made once a connection, not once a request
+            self._used.add(connection.protocol)
         return connection
 
     def lookup_unfinished(self) -> str | None:
