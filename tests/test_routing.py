@@ -160,6 +160,50 @@ async def test_filter_passes_matching_events():
                                   "Identities": "send"}
 
 
+async def test_a_filter_of_event_names_alone_takes_every_other_call_type():
+    async with make_router("""
+        - name: Orders
+          plugin: probe
+          filter: {events: ["Order *", "Checkout Started"]}
+    """) as router:
+        results = {name: statuses(await router.route(track(name)))["Orders"]
+                   for name in ("Order Completed", "Checkout Started", "Signed Up")}
+        identify = await router.route({"type": "identify", "userId": "u-1"})
+    # Every pattern of the list counts, not only the last.
+    assert results == {"Order Completed": "send", "Checkout Started": "send",
+                       "Signed Up": "skipped"}
+    assert statuses(identify)["Orders"] == "send"  # the names filter only track calls
+
+
+async def test_exclude_events_skips_the_events_it_names_and_only_those():
+    async with make_router("""
+        - name: Quiet
+          plugin: probe
+          filter: {exclude_events: ["Debug *", "Heartbeat"]}
+    """) as router:
+        results = {name: await router.route(track(name))
+                   for name in ("Debug Tick", "Heartbeat", "Order Completed")}
+        page = await router.route({"type": "page", "userId": "u-1", "name": "Heartbeat"})
+    assert {name: statuses(result)["Quiet"] for name, result in results.items()} == {
+        "Debug Tick": "skipped", "Heartbeat": "skipped", "Order Completed": "send"}
+    assert results["Heartbeat"].status_of("Quiet").reason == \
+        "filter excludes the event 'Heartbeat'"
+    assert statuses(page)["Quiet"] == "send"  # event names are those of track calls
+
+
+async def test_empty_lists_in_a_filter_take_no_track_event_and_exclude_none():
+    async with make_router("""
+        - name: NoTracks
+          plugin: probe
+          filter: {events: []}
+        - name: ExcludesNothing
+          plugin: probe
+          filter: {exclude_events: []}
+    """) as router:
+        result = await router.route(track("Order Completed"))
+    assert statuses(result) == {"NoTracks": "skipped", "ExcludesNothing": "send"}
+
+
 async def test_integrations_map_decides_with_a_reason():
     async with make_router(STANDARD) as router:
         result = await router.route(track("Order Completed",
