@@ -187,3 +187,32 @@ def test_without_max_payload_bytes_a_payload_may_fill_a_request_less_the_overhea
                                           max_payload_bytes=500)) == 500
     described = DeliveryDefaults.model_fields["max_payload_bytes"].description or ""
     assert "batch_bytes less payload_overhead" in described
+
+
+def _cut(bodies: list[bytes], **delivery) -> list[list[bytes]]:
+    from router.delivery.batching import batches
+    return batches(bodies, DeliveryDefaults(**delivery), group=lambda body: "", size=len)
+
+
+def test_a_batch_filled_by_bytes_holds_bodies_and_separators_up_to_batch_bytes_exactly():
+    # A plugin's batch_bytes is its API's request limit less the envelope (Segment's 500 KB
+    # less '{"batch":[]}'): the bodies and the commas between them may fill it to the byte,
+    # and one byte more must go in the next request, or the API refuses the whole batch.
+    a, b, c = b"a" * 340, b"b" * 340, b"c" * 342
+    assert len(b",".join([a, b, c])) == 1024
+    assert _cut([a, b, c], batch_size=100, batch_bytes=1024) == [[a, b, c]]
+    assert _cut([a, b, c + b"!"], batch_size=100, batch_bytes=1024) == [[a, b], [c + b"!"]]
+    # Every batch counts from nothing, not only the first.
+    assert _cut([a, b, c] * 2, batch_size=100, batch_bytes=1024) == [[a, b, c]] * 2
+    # What build_request adds around each body counts too: (505 + 6) + 1 + (506 + 6) fits.
+    d, e = b"d" * 505, b"e" * 506
+    assert _cut([d, e], batch_size=100, batch_bytes=1024, payload_overhead=6) == [[d, e]]
+    assert _cut([e, e], batch_size=100, batch_bytes=1024, payload_overhead=6) == [[e], [e]]
+
+
+def test_a_body_larger_than_batch_bytes_goes_alone_and_no_empty_request_is_made():
+    # Queued before batch_bytes was lowered, a body may no longer fit any request: it is
+    # sent alone (the API judges it), never preceded by a request with no events.
+    big, small = b"x" * 2000, b"y" * 5
+    assert _cut([big, small], batch_size=100, batch_bytes=1024) == [[big], [small]]
+    assert _cut([small, big], batch_size=100, batch_bytes=1024) == [[small], [big]]
