@@ -1364,3 +1364,24 @@ async def test_a_stop_during_a_split_gives_back_only_what_was_not_answered(tmp_p
                  for event in request.json["events"]]
     assert sorted(delivered) == [f"m-{n}" for n in range(8)]  # each once
     assert before_the_stop == (2, 2)  # completed and retried at the stop, not left to chance
+
+
+async def test_each_job_of_a_batch_given_up_on_has_its_reason_said_once(tmp_path):
+    # The jobs of one request that could not be sent share the request's failure; each dead
+    # letter must say why it was given up on once, not once more for every job before it.
+    server = FakeDestinationServer()
+    await server.start()
+    url = server.url
+    await server.stop()  # a port nothing listens on
+    router = router_for(tmp_path, [{
+        "name": "acme", "plugin": "acme", "settings": {"api_key": "k-123456", "base_url": url},
+        "delivery": {**FAST_RETRIES, "batch_wait": "300ms", "max_attempts": 2}}])
+    async with router:
+        await router.route_many([track(n) for n in range(3)])
+        assert await router.drain(timeout=10)
+        letters = await router.storage.dead_letters(DeadLetterFilter())
+    assert len(letters) == 3
+    for letter in letters:
+        assert letter.reason.count("gave up after 2 attempts") == 1, letter.reason
+        assert letter.reason.count("last:") == 1, letter.reason
+
