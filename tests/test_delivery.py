@@ -1385,3 +1385,27 @@ async def test_each_job_of_a_batch_given_up_on_has_its_reason_said_once(tmp_path
         assert letter.reason.count("gave up after 2 attempts") == 1, letter.reason
         assert letter.reason.count("last:") == 1, letter.reason
 
+
+async def test_a_bug_in_delivery_costs_attempts_and_ends_in_the_dead_letters(tmp_path,
+                                                                           monkeypatch, caplog):
+    # A bug in the router itself after a request went out: the batch's jobs are neither left
+    # leased with nothing recorded nor sent again for ever, but retried with backoff and
+    # dead-lettered after max_attempts, the reason pointing at the log.
+    from router.delivery.worker import DestinationWorker
+
+    def broken(self, batch, outcomes):
+        raise RuntimeError("a bug in the router")
+
+    monkeypatch.setattr(DestinationWorker, "_note_health", broken)
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, max_attempts=2)])
+        async with router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+            (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+    assert letter.attempts == 2
+    assert letter.reason == ("gave up after 2 attempts; last: the router failed to deliver it "
+                             "(a bug: the router's log has the details)")
+    assert len(server.requests) == 2
+    assert any("delivery failed" in record.getMessage() and record.exc_info
+               for record in caplog.records)
