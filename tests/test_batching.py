@@ -63,10 +63,11 @@ async def test_a_413_splits_the_batch_instead_of_failing_it(tmp_path):
         assert sorted(delivered) == sorted(f"m-{n}" for n in range(100))
 
 
-async def test_one_bad_event_in_a_refused_batch_costs_only_itself(tmp_path):
+@pytest.mark.parametrize("status", [400, 422])  # docs/delivery.md: both refuse a batch whole
+async def test_one_bad_event_in_a_refused_batch_costs_only_itself(tmp_path, status):
     def handler(request):
         bad = any(event["props"].get("n") == 37 for event in request.json["events"])
-        return Answer(400, body={"error": "event 37 is malformed"}) if bad else Answer(200)
+        return Answer(status, body={"error": "event 37 is malformed"}) if bad else Answer(200)
 
     async with FakeDestinationServer(handler=handler) as server:
         router = router_for(tmp_path, [acme(server.url)])
