@@ -1409,3 +1409,24 @@ async def test_a_bug_in_delivery_costs_attempts_and_ends_in_the_dead_letters(tmp
     assert len(server.requests) == 2
     assert any("delivery failed" in record.getMessage() and record.exc_info
                for record in caplog.records)
+
+
+async def test_a_stop_waits_for_a_request_under_way_after_earlier_ones_were_answered(tmp_path):
+    # A stop waits, within its grace, for the requests under way (not for senders held by
+    # the rate limiter): each request sent before must leave the count of those held by the
+    # limiter as it found it, or a later stop takes the request under way for a held one,
+    # abandons it, and the event, which the destination got, is sent again after the restart.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200), Answer(200), Answer(200, delay=1.0)])
+        hook = webhook("hook", server.url, concurrency=1)
+        router = router_for(tmp_path, [hook])
+        await router.start()
+        for n in range(3):
+            await router.route(track(n))
+            await server.wait_for(n + 1, timeout=10)
+        await router.close(grace=30)  # the third is under way: answered within the grace
+        reopened = router_for(tmp_path, [hook], deliver=False)
+        async with reopened:
+            stats = await reopened.storage.stats(now=time.time())
+    assert len(server.requests) == 3
+    assert "hook" not in stats.queues  # all three delivered, nothing to send again
