@@ -93,6 +93,24 @@ async def test_a_batch_refused_for_a_reason_no_event_has_is_not_split_to_pieces(
         assert len(server.requests) == 3  # the batch, then its two halves: then it stops
 
 
+async def test_a_batch_never_mixes_the_groups_a_plugin_puts_its_payloads_in(tmp_path):
+    # Mixpanel's events go to /import and its profile updates to /engage: each group of
+    # payloads is a request of its own, however the events came in together.
+    async with FakeDestinationServer() as server:
+        router = router_for(tmp_path, [{
+            "name": "mix", "plugin": "mixpanel",
+            "settings": {"project_token": "tok-0001", "api_secret": "secret-0001",
+                         "base_url": server.url},
+            "delivery": {"batch_wait": "300ms"}}])
+        async with router:
+            await router.route_many([
+                track(0), {"type": "identify", "userId": "u1", "messageId": "m-identify",
+                           "traits": {"plan": "pro"}}, track(1)])
+            assert await router.drain(timeout=10)
+    sent = sorted((request.path, len(request.json)) for request in server.requests)
+    assert sent == [("/engage", 1), ("/import", 2)]
+
+
 async def test_a_plugin_can_fail_single_events_of_a_batch(tmp_path):
     """Acme answers 207 naming the events it refused: only those are dead-lettered."""
     def handler(request):
