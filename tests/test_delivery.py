@@ -338,6 +338,27 @@ async def test_a_job_older_than_max_age_is_dead_lettered_unsent(tmp_path):
     assert {letter.reason for letter in letters} == {
         "gave up: older than the maximum age (1 s) before it could be sent; not sent"}
 
+async def test_jobs_leased_with_ones_older_than_max_age_are_sent(tmp_path, caplog):
+    # The too old go to the dead letters unsent, counted and logged as any other; the others
+    # of the same lease go out as usual.
+    caplog.set_level(logging.INFO, logger="router.delivery")
+    async with FakeDestinationServer() as server:
+        destinations = [webhook("late", server.url, max_age="1s")]
+        async with router_for(tmp_path, destinations, deliver=False) as intake:
+            await intake.route_many([track(n) for n in range(3)])
+        await asyncio.sleep(1.2)
+        async with router_for(tmp_path, destinations, deliver=False) as intake:
+            await intake.route_many([track(n) for n in range(3, 5)])  # fresh: one lease
+        async with router_for(tmp_path, destinations) as router:
+            stats = await eventually(router, lambda stats: stats.queues["late"].pending == 0)
+            assert router.delivery_metrics.dead_lettered.get("late") == 3
+    assert stats.queues["late"].dead_letters == 3
+    assert sorted(await delivered_ids(server)) == ["m-3", "m-4"]
+    logged = [orjson.loads(record.getMessage()) for record in caplog.records
+              if record.getMessage().startswith('{"destination":"late"')]
+    assert sorted((line["message_id"], line["action"]) for line in logged) == [
+        ("m-0", "dead_letter"), ("m-1", "dead_letter"), ("m-2", "dead_letter")]
+
 USAGE = {"1234567890": [{"type": "ads_management", "estimated_time_to_regain_access": 1440}]}
 
 
