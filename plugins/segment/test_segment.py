@@ -87,6 +87,19 @@ def test_all_six_call_types_go_on_as_the_normalized_event(raw):
     assert forwarded({**raw, "messageId": "m-1"}) == normalized
 
 
+def test_empty_properties_traits_and_context_are_left_to_the_next_hop():
+    # Each byte counts against the next hop's 32 KB an event; it reads them as empty itself.
+    identify = forwarded({"type": "identify", "userId": "u1", "traits": {}, "context": {}})
+    track = forwarded({"type": "track", "event": "E", "userId": "u1", "properties": {}})
+    group = forwarded({"type": "group", "userId": "u1", "groupId": "g1", "traits": {}})
+    assert not {"traits", "context"} & identify.keys()
+    assert not {"properties", "context"} & track.keys()
+    assert "traits" not in group
+    # Maps with something in them go on.
+    assert forwarded({"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}
+                     )["traits"] == {"plan": "pro"}
+
+
 def test_reserved_properties_go_on_normalized_and_products_untouched():
     body = forwarded(fixture("order_completed.json"))
     assert body["properties"]["revenue"] == 25.0  # "25.00" became a number
@@ -207,8 +220,37 @@ def test_a_router_next_hop_rejecting_all_events_fails_each_with_its_reason():
         f"the next hop rejected the event: r{i}" for i in range(3)]
 
 
+def test_a_next_hop_refusing_a_batch_while_naming_only_some_events_is_judged_by_status():
+    # A 4xx that names some events refused says nothing of the others: they were not
+    # accepted, so the whole answer is judged by its status, none counted delivered.
+    response = HttpResponse(400, {}, orjson.dumps({"rejected": [{"index": 1, "reason": "r"}]}))
+    assert segment().read_response(PAYLOADS, response) is None
+
+
+def test_a_rejection_without_a_reason_says_so():
+    response = HttpResponse(200, {}, orjson.dumps({"rejected": [{"index": 0}]}))
+    outcomes = segment().read_response(PAYLOADS, response)
+    assert outcomes[0].reason == "the next hop rejected the event: no reason given"
+    assert outcomes[1:] == [None, None]
+
+
+def test_rejections_that_name_no_event_are_ignored_and_the_others_still_fail():
+    response = HttpResponse(200, {}, orjson.dumps({"rejected": [
+        "junk", {"index": "1", "reason": "text index"}, {"reason": "no index"},
+        {"index": 2, "reason": "r2"}]}))
+    outcomes = segment().read_response(PAYLOADS, response)
+    assert outcomes[:2] == [None, None]
+    assert outcomes[2].reason == "the next hop rejected the event: r2"
+    # A refusal whose entries name no event by its index is judged by its status: none of
+    # its events is taken for delivered.
+    refused = HttpResponse(400, {}, orjson.dumps({"rejected": [
+        {"index": str(n), "reason": "text index"} for n in range(3)]}))
+    assert segment().read_response(PAYLOADS, refused) is None
+
+
 def test_delivery_limits_follow_the_tracking_api():
     assert Segment.delivery.batch_size == 100
+    assert Segment.delivery.rate_limit == 50  # the rate Segment asks senders to stay under
     assert Segment.delivery.batch_bytes + len(b'{"batch":[]}') == 500_000
     assert {429, 500, 503} <= Segment.delivery.retry_on
 
