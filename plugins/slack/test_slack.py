@@ -91,6 +91,21 @@ def test_per_type_templates_and_a_default():
     assert text(fixture("identify_merge.json"), **adapter_settings) == "identify from user-1042"
 
 
+@pytest.mark.parametrize("raw", [
+    {"type": "track", "event": "E", "userId": "u1"},
+    {"type": "identify", "userId": "u1"},
+    {"type": "page", "userId": "u1", "name": "Home"},
+    {"type": "screen", "userId": "u1", "name": "Home"},
+    {"type": "group", "userId": "u1", "groupId": "g1"},
+    {"type": "alias", "userId": "u1", "previousId": "a1"},
+], ids=lambda raw: raw["type"])
+def test_each_call_type_takes_a_template_of_its_own(raw):
+    call_type = raw["type"]
+    assert text(raw, types=[call_type], templates={
+        call_type: f"{call_type}: {{{{ event.userId }}}}",
+        "default": "the default"}) == f"{call_type}: u1"
+
+
 def test_an_amount_the_router_cannot_read_is_shown_as_it_came():
     # A message for people: a sale alert is worth sending with "$25.00" (review).
     harness = DestinationHarness(Slack, {"url": WEBHOOK, "templates": {
@@ -218,6 +233,8 @@ ONE = [Payload({"text": "hi"})]
                                 "webhook's channel was deleted or the app removed from it)"),
     (410, b"channel_is_archived", "Slack refused the message: HTTP 410 channel_is_archived (the "
                                   "webhook's channel is archived)"),
+    (403, b"invalid_token", "Slack refused the message: HTTP 403 invalid_token (the webhook "
+                            "was revoked; create a new one)"),
     (404, b"something_new", "Slack refused the message: HTTP 404 something_new"),
 ])
 def test_refusals_are_permanent_with_slacks_reason(status, body, reason):
