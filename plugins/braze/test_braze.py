@@ -361,10 +361,18 @@ def test_plain_success_and_errors_without_items_are_left_to_the_core():
         is None
 
 
-def test_429_with_retry_after_header_is_left_to_the_core_which_reads_it():
+RESET = {"X-RateLimit-Reset": "1795183400", "Date": "Fri, 20 Nov 2026 14:03:12 GMT"}
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Ratelimit-Retry-After": "12"},
+    {"X-Ratelimit-Retry-After": "12", **RESET},  # the wait it states wins over the reset
+    {"Retry-After": "12", **RESET},
+])
+def test_429_with_retry_after_header_is_left_to_the_core_which_reads_it(headers):
     destination = braze()
     payloads = translate(destination, track())
-    response = HttpResponse(429, {"X-Ratelimit-Retry-After": "12"}, b"")
+    response = HttpResponse(429, headers, b"")
     assert destination.read_response(payloads, response) is None
 
 
@@ -375,6 +383,9 @@ def test_429_with_only_a_reset_time_waits_until_then():
                                   "Date": "Fri, 20 Nov 2026 14:03:12 GMT"}, b"")
     (outcome,) = destination.read_response(payloads, response)
     assert isinstance(outcome, RetryableError) and outcome.retry_after == 8.0
+    past = HttpResponse(429, {**RESET, "Date": "Fri, 20 Nov 2026 14:03:22 GMT"}, b"")
+    (outcome,) = destination.read_response(payloads, past)  # the reset already past: now
+    assert isinstance(outcome, RetryableError) and outcome.retry_after == 0.0
 
 
 # The contract every destination keeps, whatever its vendor (router.testing).
