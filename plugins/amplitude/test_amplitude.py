@@ -59,6 +59,15 @@ def track(**fields: Any) -> dict[str, Any]:
             "timestamp": "2026-11-20T14:03:12.000Z", **fields}
 
 
+def test_a_device_type_is_the_platform_even_for_analytics_js():
+    # "Web" stands in only for a browser event that names no device type.
+    raw = track(context={"library": {"name": "analytics.js"}, "device": {"type": "ios"}})
+    assert events(amplitude(), raw)[0]["platform"] == "ios"
+    assert events(amplitude(), track(context={"library": {"name": "analytics.js"}})
+                  )[0]["platform"] == "Web"
+    assert "platform" not in events(amplitude(), track(context={"library": {"name": "x"}}))[0]
+
+
 def test_discovered_through_its_entry_point():
     assert create_registry().get("amplitude").package == "event-router"
 
@@ -378,6 +387,8 @@ def test_session_id_and_groups_come_from_the_events_options():
 @pytest.mark.parametrize(("given", "sent"), [
     (1795183000, 1795183000000),  # seconds, which Amplitude would read as January 1970
     ("1795183000", 1795183000000),
+    (1795183000000.0, 1795183000000),  # a whole number written as a float is one
+    (1795183000.0, 1795183000000),
     (-1, -1), (0, 0), (42, 42),  # no session, and ids that are not times, as they are
 ])
 def test_a_session_start_in_seconds_is_sent_in_milliseconds(given, sent):
@@ -388,6 +399,7 @@ def test_a_session_start_in_seconds_is_sent_in_milliseconds(given, sent):
 @pytest.mark.parametrize("options, message", [
     ({"session_id": "yesterday"}, "session_id"),
     ({"session_id": True}, "session_id"),
+    ({"session_id": 1795183000000.5}, "session_id"),
     ({"session_id": "\u00b2"}, "session_id"),  # a digit to str.isdigit, not to int()
     ({"groups": ["acme"]}, "groups"),
     ({"groups": {f"type{n}": "x" for n in range(6)}}, "at most 5 types"),
