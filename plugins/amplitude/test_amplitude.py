@@ -396,12 +396,20 @@ def test_a_session_start_in_seconds_is_sent_in_milliseconds(given, sent):
     assert event["session_id"] == sent
 
 
+def test_groups_up_to_the_limits_amplitude_tracks_are_sent():
+    groups = {"t0": [f"v{n}" for n in range(6)], **{f"t{n}": "x" for n in range(1, 5)}}
+    (event,) = events(amplitude(), track(), {"groups": groups})  # 5 types, 10 values
+    assert event["groups"] == groups  # one more of either is refused (below)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"session_id": "yesterday"}, "session_id"),
     ({"session_id": True}, "session_id"),
     ({"session_id": 1795183000000.5}, "session_id"),
     ({"session_id": "\u00b2"}, "session_id"),  # a digit to str.isdigit, not to int()
     ({"groups": ["acme"]}, "groups"),
+    ({"groups": {"company": {"name": "acme"}}}, "groups"),  # a name is a string or a list
+    ({"groups": {"company": 42}}, "groups"),
     ({"groups": {f"type{n}": "x" for n in range(6)}}, "at most 5 types"),
     ({"groups": {"team": [f"t{n}" for n in range(11)]}}, "10 values"),
 ])
@@ -420,7 +428,7 @@ def test_ids_shorter_than_five_characters_are_rejected_unless_min_id_length_allo
     assert request["body"]["events"][0]["user_id"] == "u1"
 
 
-@pytest.mark.parametrize("name", ["$identify", "[Amplitude] Start Session",
+@pytest.mark.parametrize("name", ["$identify", "$groupidentify", "[Amplitude] Start Session",
                                   "[Amplitude] Revenue"])
 def test_reserved_event_names_are_rejected(name: str):
     with pytest.raises(EventRejected, match="reserves"):
