@@ -152,6 +152,18 @@ def test_single_product_event_is_worth_price_times_quantity():
     }
 
 
+def test_an_event_listing_products_keeps_its_own_product_like_properties():
+    # Product List Viewed names the list's category beside its products[]: not a product's
+    # own fields, so it stays a property (only a single-product event's become content_*).
+    props = {"list_id": "l1", "category": "Games", "name": "Bestsellers",
+             "products": [{"product_id": "p1", "price": 3.5}]}
+    data = only_event(meta(), track("Product List Viewed", props))["custom_data"]
+    assert (data["list_id"], data["category"]) == ("l1", "Games")
+    assert "content_category" not in data and "content_name" not in data
+    assert "name" not in data  # a "name" property is never sent: it may be a person's
+    assert "value" not in data  # no revenue, total or value: a list is worth nothing
+
+
 def test_a_quantity_no_json_body_can_hold_counts_as_one():
     # An embedding program may pass float("inf"): int() of it raised OverflowError inside
     # the plugin, which the router counts as a bug.
@@ -213,6 +225,7 @@ def test_page_and_screen_are_page_views():
     body = only_event(meta(), page)
     assert (body["event_name"], body["event_source_url"]) == \
         ("PageView", "https://shop.example/pricing")
+    assert "url" not in body.get("custom_data", {})  # it went as event_source_url
     screen = event({"type": "screen", "anonymousId": "a", "name": "Home", "messageId": "s"})
     assert only_event(meta(), screen, {"action_source": "other"})["event_name"] == "PageView"
 
@@ -412,8 +425,9 @@ def test_limited_data_use_option():
         == (1, 1000)
     assert only_event(meta(), track("X"), {"data_processing_options": []})[
         "data_processing_options"] == []
-    with pytest.raises(EventRejected, match=r'must be \[\] or \["LDU"\]'):
-        meta().translate(track("X"), {"data_processing_options": "LDU"})
+    for bad in ("LDU", ["ldu"], ["LDU", "GDPR"], {}, ""):
+        with pytest.raises(EventRejected, match=r'must be \[\] or \["LDU"\]'):
+            meta().translate(track("X"), {"data_processing_options": bad})
 
 
 # --- secrets ---------------------------------------------------------------------------------
