@@ -271,6 +271,13 @@ def test_a_message_id_that_is_already_a_ulid_is_used_as_it_is():
     assert item["id"] == "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
 
+def test_a_screen_without_a_name_is_named_by_its_name_property():
+    (item,) = items({"type": "screen", "userId": "u1", "properties": {"name": "Settings"}})
+    assert item["name"] == "Settings"
+    with pytest.raises(EventRejected, match="name of the screen"):
+        items({"type": "screen", "userId": "u1"})
+
+
 def test_anonymous_track_page_and_screen_use_the_anonymous_id():
     for raw in ({"type": "track", "event": "Viewed Pricing", "anonymousId": "a1"},
                 {"type": "page", "anonymousId": "a1", "properties": {"url": "https://x.example"}},
@@ -285,6 +292,8 @@ def test_anonymous_identify_uses_the_email_trait_or_is_skipped():
     assert item["attributes"] == {"email": "ada@example.com", "anonymous_id": "a1"}
     with pytest.raises(SkipEvent, match="only an anonymousId"):
         items({"type": "identify", "anonymousId": "a1", "traits": {"plan": "free"}})
+    with pytest.raises(SkipEvent, match="only an anonymousId"):  # no address: no person
+        items({"type": "identify", "anonymousId": "a1", "traits": {"email": "ada at home"}})
 
 
 # --- semantic events -----------------------------------------------------------------------------
@@ -342,6 +351,8 @@ def test_device_attributes_are_sent_as_the_strings_customerio_takes():
 
 def test_a_device_with_only_null_properties_has_no_attributes():
     assert "attributes" not in device_added({"push_enabled": None})
+    # Nor does a number no JSON body can hold (an embedding program may pass one).
+    assert "attributes" not in device_added({"ratio": float("nan"), "big": float("inf")})
 
 
 @pytest.mark.parametrize(("value", "kind"), [({"os": "14"}, "an object"), (["a"], "an array")])
@@ -360,6 +371,8 @@ def test_device_attribute_values_are_held_to_the_attribute_limits_as_strings():
 @pytest.mark.parametrize(("context", "error", "message"), [
     ({}, EventRejected, "context.device.token"),
     ({"device": {"token": "t-1", "type": "web"}}, EventRejected, "ios or android"),
+    ({"device": {"token": 12345, "type": "ios"}}, EventRejected, "context.device.token"),
+    ({"device": {"token": "", "type": "ios"}}, EventRejected, "context.device.token"),
 ])
 def test_a_device_event_customerio_would_refuse_is_rejected(context, error, message):
     with pytest.raises(error, match=message):
@@ -393,6 +406,24 @@ def test_attribute_name_and_value_limits_name_the_trait():
     with pytest.raises(EventRejected, match=r"^traits\.tags: the attribute value"):
         items({"type": "group", "userId": "u1", "groupId": "g",
                "traits": {"tags": ["t" * 60] * 20}})
+
+
+def test_an_item_of_up_to_32_kb_is_sent_and_a_larger_one_rejected():
+    # Each item of a v2 batch may be 32 KB; an embedding program may route larger events.
+    adapter = destination()
+
+    def item_of(padding: int) -> list[Payload]:
+        raw = {"type": "track", "event": "E", "userId": "u1", "messageId": "m-1",
+               "properties": {"blob": "x" * padding}}
+        return list(adapter.translate(parse_event(raw, received_at=RECEIVED,
+                                                  max_bytes=64 * 1024), {}))
+
+    base = len(orjson.dumps(item_of(0)[0].body))
+    (payload,) = item_of(32 * 1024 - base)
+    assert len(orjson.dumps(payload.body)) == 32 * 1024
+    with pytest.raises(EventRejected, match="item is 32769 bytes; each item of a batch may be "
+                                            "at most 32768"):
+        item_of(32 * 1024 - base + 1)
 
 
 def test_event_attributes_are_not_held_to_the_person_attribute_value_limit():
