@@ -120,6 +120,23 @@ def test_uuid_is_a_uuidv5_of_the_messageid_the_same_on_every_translation():
     assert first != event(posthog(), track(messageId="msg-43"))["uuid"]
 
 
+def test_the_device_app_screen_and_network_context_become_posthogs_properties():
+    context = {"os": {"name": "iOS", "version": "17.1"},
+               "device": {"id": "d-1", "manufacturer": "Apple", "model": "iPhone15,2",
+                          "name": "Ada's phone"},
+               "app": {"name": "Shop", "version": "3.2", "build": "320", "namespace": "ex.shop"},
+               "screen": {"width": 1179, "height": 2556, "density": 3},
+               "network": {"carrier": "T-Mobile"}, "timezone": "Europe/London"}
+    properties = event(posthog(), track(context=context))["properties"]
+    assert {key: value for key, value in properties.items() if key.startswith("$")} == {
+        "$os": "iOS", "$os_version": "17.1", "$device_id": "d-1",
+        "$device_manufacturer": "Apple", "$device_model": "iPhone15,2",
+        "$device_name": "Ada's phone", "$app_name": "Shop", "$app_version": "3.2",
+        "$app_build": "320", "$app_namespace": "ex.shop", "$screen_width": 1179,
+        "$screen_height": 2556, "$screen_density": 3, "$network_carrier": "T-Mobile",
+        "$timezone": "Europe/London", "$geoip_disable": True}
+
+
 def test_anonymous_event_uses_the_anonymous_id_and_no_geoip_without_an_ip():
     body = event(posthog(), fixture("newsletter_signup"))
     assert body["distinct_id"] == "anon-7f1c2e"
@@ -187,9 +204,17 @@ def test_identify_with_both_ids_sets_traits_and_merges_the_anonymous_person():
         "uuid": "a579d8e6-c5ee-5d1e-834e-d725bea1de16"}]
 
 
-def test_identify_with_an_id_posthog_refuses_to_merge_is_rejected():
+@pytest.mark.parametrize("anonymous_id", [
+    "undefined", "Anonymous", " guest ", "[object Object]", "0",
+    '"null"', "'false'", '"Distinct_ID"',  # quoted, as some libraries send them
+])
+def test_identify_with_an_id_posthog_refuses_to_merge_is_rejected(anonymous_id):
     with pytest.raises(EventRejected, match="refuses to merge"):
-        translate(posthog(), {**fixture("identify_merge"), "anonymousId": "undefined"})
+        translate(posthog(), {**fixture("identify_merge"), "anonymousId": anonymous_id})
+    # ids that only contain such a word, or quote marks around a real id, are merged
+    for fine in ("guest-7f1c", "'anon-7f1c2e'", '"x"', "NULL0"):
+        body = event(posthog(), {**fixture("identify_merge"), "anonymousId": fine})
+        assert body["properties"]["$anon_distinct_id"] == fine
     # with one id there is no merge, so nothing to refuse
     body = event(posthog(), {"type": "identify", "userId": "user-1", "traits": {"a": 1}})
     assert "$anon_distinct_id" not in body["properties"]
@@ -259,7 +284,7 @@ def test_groups_option_ties_the_event_to_groups():
 
 
 @pytest.mark.parametrize("options", [{"groups": ["acme"]}, {"groups": {"company": 7}},
-                                     {"group_type": ""}])
+                                     {"group_type": ""}, {"group_type": 7}])
 def test_bad_options_reject_the_event(options: dict):
     with pytest.raises(EventRejected, match="integrations option"):
         translate(posthog(), track(), options)
