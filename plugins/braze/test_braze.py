@@ -124,6 +124,22 @@ def test_a_numeric_product_id_is_sent_as_text():
         == [("1234", 25, 2), ("77", 5, 1)]
 
 
+def test_a_purchase_of_100_is_the_most_braze_takes_and_a_products_own_currency_is_not_sent():
+    raw = track(event="Order Completed", properties={"currency": "EUR", "products": [
+        {"product_id": "p1", "price": 2, "quantity": 100, "currency": "GBP", "size": "L"}]})
+    ((purchase,),) = [p.body["purchases"] for p in translate(braze(), raw)]
+    # The order's currency is the purchase's; the product's own would be a reserved property.
+    assert (purchase["quantity"], purchase["currency"], purchase["properties"]) == (
+        100, "EUR", {"size": "L"})
+
+
+def test_a_custom_event_carries_the_app_id_when_one_is_set():
+    (payload,) = translate(braze(app_id="app-1"), track())
+    assert payload.body["events"][0]["app_id"] == "app-1"
+    (payload,) = translate(braze(), track())
+    assert "app_id" not in payload.body["events"][0]
+
+
 def test_order_completed_without_products_stays_a_custom_event():
     (payload,) = translate(braze(), track(event="Order Completed",
                                           properties={"revenue": 10}))
@@ -136,6 +152,8 @@ def test_order_completed_without_products_stays_a_custom_event():
     ({"product_id": "p1"}, "no numeric price"),
     ({"product_id": "p1", "price": 1, "quantity": 1.5}, "whole number"),
     ({"product_id": "p1", "price": 1, "quantity": 101}, "outside 1..100"),
+    ({"product_id": "p1", "price": 1, "quantity": 0}, "outside 1..100"),
+    ({"product_id": "p1", "price": 1, "quantity": "a few"}, "whole number"),
     ({"product_id": "p" * 256, "price": 1}, "over 255"),
 ])
 def test_purchases_braze_would_refuse_are_rejected(product, message):
@@ -197,6 +215,13 @@ def test_traits_map_to_braze_standard_attributes():
                           "first_name": "Ada", "last_name": "Lovelace", "gender": "F",
                           "dob": "1815-12-10", "home_city": "London", "country": "GB",
                           "address": {"city": "London", "country": "GB"}}
+    # Both spellings of the spec's names: first_name and lastName too.
+    raw["traits"] = {"first_name": "Ada", "lastName": "Lovelace", "phone": "+442071234567",
+                     "email": "ada@example.com"}
+    ((attributes,),) = [p.body["attributes"] for p in translate(braze(), raw)]
+    assert (attributes["first_name"], attributes["last_name"], attributes["phone"],
+            attributes["email"]) == ("Ada", "Lovelace", "+442071234567", "ada@example.com")
+    assert not {"firstName", "lastName"} & attributes.keys()
 
 
 def gender_sent(value: Any) -> dict[str, Any]:
