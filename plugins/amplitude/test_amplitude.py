@@ -594,4 +594,16 @@ def test_429_that_names_nobody_and_success_are_left_to_the_status():
 def test_an_amplitude_throttle_index_out_of_range_is_ignored():
     outcomes = amplitude().read_response(batch(2), answer(429, {"throttled_events": [7, "x"]}))
     assert outcomes is None
+    # A 400 naming no event of the request by a valid index is judged by its status too.
+    refused = answer(400, {"events_with_invalid_fields": {"time": [7, -1, "0", True]},
+                           "silenced_events": [2]})
+    assert amplitude().read_response(batch(2), refused) is None
+
+
+def test_a_429_naming_only_a_throttled_device_holds_back_that_devices_events():
+    events = [payload.body for payload in batch(2)]
+    outcomes = amplitude().read_response(batch(2), answer(429, {
+        "throttled_devices": {events[1]["device_id"]: 31}}))
+    assert outcomes[0].caused_by_others and outcomes[0].retry_after is None
+    assert outcomes[1].retry_after == 30.0 and not outcomes[1].caused_by_others
 
