@@ -248,6 +248,20 @@ def test_rejections_that_name_no_event_are_ignored_and_the_others_still_fail():
     assert segment().read_response(PAYLOADS, refused) is None
 
 
+def test_a_refusal_naming_events_outside_the_request_counts_no_other_event_delivered():
+    # A 400 that names two of three events, and one index the request does not have, has
+    # not named the third: it was refused with the batch, never taken for delivered.
+    response = HttpResponse(400, {}, orjson.dumps({"rejected": [
+        {"index": 0, "reason": "r0"}, {"index": 1, "reason": "r1"},
+        {"index": 3, "reason": "r3"}, {"index": -1, "reason": "r-1"}]}))
+    assert segment().read_response(PAYLOADS, response) is None
+    # Nor does a 200 fail an event it did not name.
+    accepted = HttpResponse(200, {}, orjson.dumps({"rejected": [
+        {"index": 3, "reason": "r3"}, {"index": -1, "reason": "r-1"},
+        {"index": True, "reason": "a boolean"}]}))
+    assert segment().read_response(PAYLOADS, accepted) == [None, None, None]
+
+
 def test_delivery_limits_follow_the_tracking_api():
     assert Segment.delivery.batch_size == 100
     assert Segment.delivery.rate_limit == 50  # the rate Segment asks senders to stay under
