@@ -111,6 +111,22 @@ async def test_a_batch_never_mixes_the_groups_a_plugin_puts_its_payloads_in(tmp_
     assert sent == [("/engage", 1), ("/import", 2)]
 
 
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_a_batch_refused_with_a_status_that_is_no_events_fault_is_not_split(tmp_path,
+                                                                                  status):
+    # docs/delivery.md: only 400, 422 and 413 split a batch; a bad key or a wrong URL would
+    # only be refused again in every half.
+    async with FakeDestinationServer() as server:
+        server.default = Answer(status, body={"error": "nope"})
+        router = router_for(tmp_path, [acme(server.url)])
+        async with router:
+            await router.route_many([track(n) for n in range(8)])
+            assert await router.drain(timeout=10)
+            letters = await router.storage.dead_letters(DeadLetterFilter(), limit=100)
+        assert len(letters) == 8
+        assert len(server.requests) == 1
+
+
 async def test_a_plugin_can_fail_single_events_of_a_batch(tmp_path):
     """Acme answers 207 naming the events it refused: only those are dead-lettered."""
     def handler(request):
