@@ -174,6 +174,19 @@ async def test_permanent_statuses_dead_letter_after_one_attempt(tmp_path, status
         assert letter.attempts == 1 and f"HTTP {status}" in letter.reason
         assert letter.response == '{"error": "nope"}'
         assert letter.request["url"] == server.url
+        assert letter.request["method"] == "POST"
+        assert letter.request["headers"]["Content-Type"] == "application/json"
+
+
+async def test_an_answer_that_is_not_utf8_is_kept_in_the_dead_letter_as_text(tmp_path):
+    async with FakeDestinationServer() as server:
+        server.script([Answer(400, body=b"erreur \xe9 \xff")])  # Latin-1, as some APIs answer
+        router = router_for(tmp_path, [webhook("hook", server.url)])
+        async with router:
+            await router.route(track(1))
+            assert await router.drain(timeout=10)
+            (letter,) = await router.storage.dead_letters(DeadLetterFilter())
+    assert letter.response == "erreur \ufffd \ufffd"
 
 
 # Every 5xx, not only the registered ones: Cloudflare's 520-524 and 530 mean an origin down
