@@ -314,6 +314,24 @@ async def test_a_429_without_retry_after_rests_the_whole_destination(tmp_path):
         assert not sent_then, (answer.time, [request.time for request in sent_then])
 
 
+async def test_a_first_429_without_retry_after_rests_half_to_all_of_backoff_initial(tmp_path):
+    # docs/delivery.md: the rest starts at half of backoff_initial and up to it, doubling with
+    # each 429 in a row; the first is the first step, not the second.
+    async with FakeDestinationServer() as server:
+        server.script([429, 429])
+        router = router_for(tmp_path, [webhook("limited", server.url, concurrency=1,
+                                               backoff_initial="200ms", backoff_max="2s")])
+        async with router:
+            limiter = router._delivery.workers["limited"].limiter
+            pauses: list[float] = []
+            real_pause = limiter.pause
+            limiter.pause = lambda seconds: (pauses.append(seconds), real_pause(seconds))[1]
+            await router.route(track(1))
+            assert await router.drain(timeout=30)
+    assert len(pauses) == 2
+    assert 0.1 <= pauses[0] <= 0.2 and 0.2 <= pauses[1] <= 0.4, pauses
+
+
 async def test_a_window_with_no_request_left_rests_the_destination_until_it_resets(tmp_path):
     # Braze says on its successes how many requests the window has left, and when it resets
     # (epoch seconds): the request after the last one was only refused (vendor audit).
@@ -1106,16 +1124,19 @@ def test_dead_letters_are_kept_two_weeks_unless_configured(tmp_path):
     assert kept.config.delivery.dead_letter_retention is None
 
 
-@pytest.mark.parametrize("answers, rests", [
-    ([200, 200, 500] * 10, False),  # a third of the requests fail, never three in a row
-    ([500] * 6 + [200] * 30, True),  # down for a while
-], ids=["now-and-then", "down"])
-async def test_a_destination_rests_only_when_it_keeps_failing(tmp_path, answers, rests):
+@pytest.mark.parametrize("answers, rests, concurrency", [
+    ([200, 200, 500] * 10, False, 1),  # a third of the requests fail, never three in a row
+    # Its very first two requests, sent together, failing: two in a row, not three.
+    ([500, 500] + [200] * 30, False, 2),
+    ([500] * 6 + [200] * 30, True, 1),  # down for a while
+], ids=["now-and-then", "two-at-start", "down"])
+async def test_a_destination_rests_only_when_it_keeps_failing(tmp_path, answers, rests,
+                                                              concurrency):
     # Resting after every failure, a destination that fails now and then fell further and
     # further behind: a third of its requests failing cut its rate to a few a second.
     async with FakeDestinationServer() as server:
         server.script(answers)
-        router = router_for(tmp_path, [webhook("hook", server.url, concurrency=1)])
+        router = router_for(tmp_path, [webhook("hook", server.url, concurrency=concurrency)])
         async with router:
             limiter = router._delivery.workers["hook"].limiter
             pauses: list[float] = []
