@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -64,6 +65,27 @@ async def stops_within(pid: int, timeout: float) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def freeze_outside_a_write(pid: int, spool: Path) -> None:
+    """Stop ``pid`` (SIGSTOP) at a moment it holds no write lock on ``spool``. A process frozen
+    inside a write transaction keeps every other writer out, and the router's intake then
+    fails after its 10 s busy timeout, which is right for a spool both share but not what a
+    test of the wake-up socket means to freeze. So stop it, check the lock is free, and if
+    it is not, let it run a moment and try again."""
+    for _ in range(1000):
+        os.kill(pid, signal.SIGSTOP)
+        probe = sqlite3.connect(spool, timeout=0, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.01)
+        finally:
+            probe.close()
+    raise AssertionError(f"process {pid} held the spool's write lock at every look")
 
 
 async def test_a_delivery_process_delivers_and_its_counters_reach_the_router(tmp_path):
@@ -180,7 +202,7 @@ async def test_intake_goes_on_while_the_delivery_process_is_stopped(tmp_path):
         router = own_process_router(tmp_path, webhook("hook", server.url))
         async with router:
             child = delivery_pid(router)
-            os.kill(child, signal.SIGSTOP)
+            await freeze_outside_a_write(child, tmp_path / "router.db")
             try:
                 async def route_one_at_a_time() -> None:
                     for n in range(3000):  # a wake-up each: far more than the socket holds
