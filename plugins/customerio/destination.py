@@ -105,7 +105,7 @@ class CustomerIO(Destination[CustomerIOSettings]):
         ``batch_index``; Customer.io accepted the others. A 400 listing items refused the
         whole request because of them: the listed ones fail, the others are sent again
         (their dedup ids make that safe). Anything else is judged by its status."""
-        failed = _failed_items(response)
+        failed = _failed_items(response, len(payloads))
         if not failed:
             return None
         if 200 <= response.status < 300:
@@ -134,17 +134,21 @@ _BUILDERS: dict[str, Callable[[Event, Mapping[str, Any]], dict[str, Any]]] = {
 }
 
 
-def _failed_items(response: HttpResponse) -> dict[int, str]:
-    """``{batch_index: reason}`` from ``{"errors": [{batch_index, reason, field, message}]}``;
-    errors without an index cannot be pinned on an item and are left to the status."""
+def _failed_items(response: HttpResponse, count: int) -> dict[int, str]:
+    """``{batch_index: reason}`` from ``{"errors": [{batch_index, reason, field, message}]}``
+    for the ``count`` items sent. An error whose index is not one of theirs (none, past the
+    end, negative, or a bool, which Python takes for 0 or 1) cannot be pinned on an item
+    and is left to the status: counted, a 400 naming only such indexes had its items retried
+    until their attempts ran out instead of failing at once, as a refused request does."""
     body = response.json()
     errors = body.get("errors") if isinstance(body, dict) else None
     failed: dict[int, str] = {}
     for error in errors if isinstance(errors, list) else []:
-        if not isinstance(error, dict) or not isinstance(error.get("batch_index"), int):
+        index = error.get("batch_index") if isinstance(error, dict) else None
+        if type(index) is not int or not 0 <= index < count:
             continue
         parts = [f"{key}: {error[key]}" for key in ("reason", "field", "message")
                  if error.get(key)]
         detail = ", ".join(parts) or orjson.dumps(error).decode()
-        failed[error["batch_index"]] = f"Customer.io refused the item ({detail})"
+        failed[index] = f"Customer.io refused the item ({detail})"
     return failed

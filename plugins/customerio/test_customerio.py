@@ -509,6 +509,13 @@ def test_a_400_naming_items_fails_them_and_resends_the_rest():
     HttpResponse(401, {}, b"Unauthorized"),
     HttpResponse(400, {}, orjson.dumps({"errors": [{"reason": "malformed"}]})),
     HttpResponse(503, {}, b"<html>down</html>"),
+    # Only positions of this request name an item: an index past its end, a negative one
+    # or a bool (an int to Python, True == 1) names none, so the answer is its status's.
+    # Taken as naming one, a 400 had its items retried until their attempts ran out.
+    HttpResponse(400, {}, orjson.dumps({"errors": [{"batch_index": 3, "reason": "x"}]})),
+    HttpResponse(400, {}, orjson.dumps({"errors": [{"batch_index": -1, "reason": "x"}]})),
+    HttpResponse(400, {}, orjson.dumps({"errors": [{"batch_index": True, "reason": "x"}]})),
+    HttpResponse(207, {}, orjson.dumps({"errors": [{"batch_index": True, "reason": "x"}]})),
 ])
 def test_other_answers_are_judged_by_their_status(response):
     assert destination().read_response(PAYLOADS, response) is None
