@@ -23,7 +23,7 @@ def import_outcomes(payloads: Sequence[Payload], response: HttpResponse
     for record in failed:
         if not isinstance(record, dict):
             continue
-        if isinstance(record.get("index"), int):
+        if type(record.get("index")) is int:  # a bool is not a position
             by_index[record["index"]] = record
         if isinstance(record.get("insert_id"), str):
             by_insert_id[record["insert_id"]] = record

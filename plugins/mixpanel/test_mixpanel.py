@@ -435,6 +435,16 @@ def test_import_400_fails_only_the_records_it_lists():
     assert isinstance(third, PermanentError) and "distinct_id" in third.reason
 
 
+def test_an_import_400_index_that_is_a_bool_names_no_record():
+    # True is 1 to Python; taken as a position it failed the second record, which Mixpanel
+    # had ingested. Unmatched (its insert_id names none either), the 400 is the status's.
+    destination = mixpanel()
+    payloads = [payload for message_id in ("m-1", "m-2")
+                for payload in translate(destination, track(messageId=message_id))]
+    body = {"code": 400, "failed_records": [{"index": True, "insert_id": "other"}]}
+    assert destination.read_response(payloads, HttpResponse(400, {}, orjson.dumps(body))) is None
+
+
 def test_import_success_and_other_statuses_are_left_to_the_core():
     destination = mixpanel()
     payloads = translate(destination, track())
