@@ -4,7 +4,8 @@ Wall-clock rates on a shared 2-core machine move by ±10 % from run to run; call
 instructions, which do not depend on the load, so a change to the delivery path can be
 weighed to a fraction of a percent:
 
-    .venv/bin/python -m bench.callgrind_one_per_request [--events 2000] [--out FILE]
+    .venv/bin/python -m bench.callgrind_one_per_request [--events 2000] [--concurrency 1]
+        [--out FILE]
 
 runs this script again under ``valgrind --tool=callgrind --instr-atstart=no`` (``--inner``),
 then prints, as JSON, the instructions callgrind counted and their number per request. The
@@ -17,13 +18,18 @@ What it does, in this one process (``delivery.own_process`` off, so the delivery
 1. starts a ``bench.sink`` (an aiohttp server answering ``200 {}``) in a process of its own,
    which callgrind does not follow (no ``--trace-children``), so its work is not counted;
 2. fills a SQLite spool with ``--events`` events of ``bench.events.event_mix`` for one
-   ``webhook`` destination (concurrency 8, its default) pointing at the sink, with a router
-   that does not deliver;
+   ``webhook`` destination pointing at the sink, with a router that does not deliver;
 3. starts a router that delivers, from that spool, and tunes the garbage collector as
    ``router serve`` does; then switches callgrind's instrumentation on
    (``callgrind_control -i on`` for this pid) before the delivery tasks first run;
 4. waits until every job is recorded delivered (the router's own metric) and completed in
    the spool, and switches instrumentation off, before the router closes.
+
+The destination sends one request at a time by default (``--concurrency 1``). With
+several in flight, how many answers each turn of the event loop finds waiting depends on
+how fast the sink answers beside this process, so on the machine's load: at the webhook's
+default of 8 the count moves by about ±0.5 % from run to run, at 1 by about ±0.05 %. The
+router's own work a request is the same either way.
 
 So what is counted is the delivery alone: the lease loop, the senders, aiohttp's client,
 the SQLite spool's lease and complete (its writer thread included), metrics, the egress
@@ -50,22 +56,34 @@ from bench.delivery import (ROOT, SinkProcess, chunks_of, delivered, quiet_route
                             route_chunk)
 from bench.events import event_mix
 from router.config import parse_config
+from router.delivery import worker as delivery_worker
 from router.registry import create_registry
 from router.routing import Router
 from router.runtime import tune_garbage_collector
 
 DESTINATION = "w0"
+SLOWDOWN = 50
+"""About how much slower Python runs under callgrind. A worker leases as many jobs as it
+delivers in ``LEASE_AHEAD`` seconds at the rate it sees (up to ``MAX_LEASE``): at the rate
+callgrind allows, its leases would be this much smaller than at full speed, and their
+number would follow the machine's load. Scaled back, it leases ``MAX_LEASE`` at a time, as
+it does at full speed on this path, and the count repeats."""
 UNDER_VALGRIND = "valgrind" in os.environ.get("LD_PRELOAD", "") or any(
     "vgpreload" in line for line in Path("/proc/self/maps").read_text().splitlines())
 
 
-def make_router(directory: str, url: str, *, deliver: bool) -> Router:
+POLL = 0.5
+"""Seconds between two looks at whether every job is delivered."""
+
+
+def make_router(directory: str, url: str, *, deliver: bool, concurrency: int) -> Router:
     config = {"storage": f"sqlite:///{Path(directory) / 'router.db'}",
               "egress": {"allow_private_addresses": True},
               "server": {"shutdown_grace": "2s"},
               "delivery": {"own_process": False},
               "destinations": [{"name": DESTINATION, "plugin": "webhook",
-                                "settings": {"url": url}, "delivery": {}}]}
+                                "settings": {"url": url},
+                                "delivery": {"concurrency": concurrency}}]}
     loaded = parse_config(orjson.dumps(config).decode(), file="bench.yaml", env={})
     return Router(loaded, registry=create_registry(), deliver=deliver)
 
@@ -89,21 +107,23 @@ def instrumentation(on: bool) -> None:
         raise RuntimeError(f"callgrind_control failed: {said}")
 
 
-async def deliver_all(events: int) -> dict[str, float]:
+async def deliver_all(events: int, concurrency: int) -> dict[str, float]:
     sink = SinkProcess(count_only=True)
     try:
         sink.wait_ready()
         with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as directory:
             quiet_router_logs(directory)
             url = f"{sink.url}/w/{DESTINATION}"
-            filler = make_router(directory, url, deliver=False)
+            filler = make_router(directory, url, deliver=False, concurrency=concurrency)
             await filler.start()
             try:
                 for chunk in chunks_of(event_mix(events, seed=14), 500):
                     await route_chunk(filler, chunk, {}, {})
             finally:
                 await filler.close()
-            router = make_router(directory, url, deliver=True)
+            router = make_router(directory, url, deliver=True, concurrency=concurrency)
+            if UNDER_VALGRIND:
+                delivery_worker.LEASE_AHEAD *= SLOWDOWN
             await router.start()  # the delivery tasks are made, not yet run
             tune_garbage_collector()
             instrumentation(True)
@@ -112,7 +132,9 @@ async def deliver_all(events: int) -> dict[str, float]:
                 worker = router._delivery.workers[DESTINATION]
                 # Delivered, and told to the spool (``complete``, a round at a time).
                 while delivered(router, [DESTINATION]) < events or worker.delivered:
-                    await asyncio.sleep(0.05)
+                    # Seldom: each look is a turn of the event loop, counted, and how many
+                    # there are follows the machine's load.
+                    await asyncio.sleep(POLL)
             finally:
                 instrumentation(False)
                 seconds = time.perf_counter() - started
@@ -120,7 +142,8 @@ async def deliver_all(events: int) -> dict[str, float]:
             requests = int(sum(router.delivery_metrics.requests.values.values()))
     finally:
         sink.stop()
-    return {"events": events, "requests": requests, "seconds": round(seconds, 1)}
+    return {"events": events, "concurrency": concurrency, "requests": requests,
+            "seconds": round(seconds, 1)}
 
 
 def instructions_in(path: Path) -> int:
@@ -132,12 +155,13 @@ def instructions_in(path: Path) -> int:
     return int(found.group(1))
 
 
-def under_callgrind(events: int, out: Path) -> dict[str, float]:
+def under_callgrind(events: int, concurrency: int, out: Path) -> dict[str, float]:
     """Run this script again under callgrind (instrumentation off at start) and read back
     what it counted."""
     command = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                f"--callgrind-out-file={out}", sys.executable, "-m",
-               "bench.callgrind_one_per_request", "--events", str(events), "--inner"]
+               "bench.callgrind_one_per_request", "--events", str(events),
+               "--concurrency", str(concurrency), "--inner"]
     run = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          check=True)
     result = orjson.loads(run.stdout.splitlines()[-1])
@@ -149,15 +173,19 @@ def under_callgrind(events: int, out: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="the destination's requests in flight (see the module's doc)")
     parser.add_argument("--out", type=Path, default=Path("callgrind.one_per_request.out"),
                         help="callgrind's output file (kept for callgrind_annotate)")
     parser.add_argument("--inner", action="store_true",
                         help="deliver here (what the run under valgrind does)")
     args = parser.parse_args()
     if args.inner:
-        print(orjson.dumps(asyncio.run(deliver_all(args.events))).decode(), flush=True)
+        result = asyncio.run(deliver_all(args.events, args.concurrency))
+        print(orjson.dumps(result).decode(), flush=True)
     else:
-        print(orjson.dumps(under_callgrind(args.events, args.out.resolve())).decode())
+        print(orjson.dumps(under_callgrind(args.events, args.concurrency,
+                                                   args.out.resolve())).decode())
 
 
 if __name__ == "__main__":
