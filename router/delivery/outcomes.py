@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections import deque
 
 from router.delivery import retry
 from router.delivery.clock import DeliveryClock
@@ -47,7 +48,7 @@ class Outcomes:
     delivered: list[Job]
     delivered_per_second: float
     last_completed_at: float
-    undispatched: list[list[Job]]
+    undispatched: deque[list[Job]]
     unreleased: list[Job]
     held_users: dict[str, float]
 

@@ -15,6 +15,7 @@ import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from router.delivery import retry
@@ -101,7 +102,9 @@ class DestinationWorker(Sending, Health, Outcomes):
         """Delivered jobs the storage has not been told of yet (see _complete_delivered)."""
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
-        self.undispatched: list[list[Job]] = []
+        self.undispatched: deque[list[Job]] = deque()
+        """The batches of the round being handed out, not yet taken by a sender: a deque, as
+        a round of up to ``MAX_LEASE`` batches is handed out from its front."""
         self.unreleased: list[Job] = []
         """Jobs out of attempts whose outcome the storage could neither record nor take back
         (see ``_send_again``): ``_upkeep`` gives them back to the queue once it answers."""
@@ -178,7 +181,7 @@ class DestinationWorker(Sending, Health, Outcomes):
                 batch = self.undispatched[0]
                 await self.ready.put(batch)
                 self.handed_out[id(batch)] = batch
-                self.undispatched.pop(0)
+                self.undispatched.popleft()
 
     async def _set_aside_built_by_others(self, jobs: list[Job]) -> list[Job]:
         """Jobs whose payloads another plugin built (the config changed while they were
@@ -276,8 +279,9 @@ class DestinationWorker(Sending, Health, Outcomes):
                 await self._give_back_unreleased()
             if len(self.undispatched) > 1 and \
                     time.monotonic() - self.round_leased_at > self.lease_for / 2:
-                given_back = self.undispatched[1:]
-                del self.undispatched[1:]
+                # All but the first, which ``run`` is handing over, in their order.
+                given_back = [self.undispatched.pop() for _ in range(len(self.undispatched) - 1)]
+                given_back.reverse()
                 ids = [job.id for batch in given_back for job in batch]
                 try:  # shielded: a stop must not leave them neither queued nor held
                     await asyncio.shield(self.storage.release(ids))
@@ -355,7 +359,7 @@ class DestinationWorker(Sending, Health, Outcomes):
         leftover += [job for batch in in_flight for job in batch
                      if job.id not in self.recorded.get(id(batch), ())]
         self.recorded.clear()
-        self.undispatched = []
+        self.undispatched.clear()
         self.trusted_until.clear()
         self.failure_log.flush(all_windows=True)
         await self._complete_delivered()
