@@ -45,6 +45,11 @@ class DeliveryClock:
         """Wall time, except that it never goes back (but for under ``STEP_TOLERANCE``)."""
         wall, monotonic = self._wall(), self._monotonic()
         expected = self._anchor_wall + (monotonic - self._anchor_monotonic)
+        if not self._behind_by and -STEP_TOLERANCE <= wall - expected <= STEP_TOLERANCE:
+            # The usual case, no step (read a few times a request): what the rest below
+            # comes to then, without its branches.
+            self._anchor_wall, self._anchor_monotonic = wall, monotonic
+            return wall
         wall_before = expected - self._behind_by  # where the wall clock should be
         if wall > wall_before + STEP_TOLERANCE:
             self._forward_steps.append((wall_before, wall - wall_before))
@@ -65,5 +70,6 @@ class DeliveryClock:
         time): by the wall clock, leaving out the steps forward taken since it was accepted.
         (An event accepted before a step back looks younger by the step: its ``max_age``
         is stretched, never cut.)"""
-        stepped = sum(size for before, size in self._forward_steps if created_at < before)
+        stepped = sum(size for before, size in self._forward_steps if created_at < before
+                      ) if self._forward_steps else 0.0
         return max(0.0, at - self._behind_by - created_at - stepped)
