@@ -61,6 +61,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 T = TypeVar("T")
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
+URL_VERDICTS_KEPT = 4096
+"""URLs whose egress verdict a connector remembers (``GuardedConnector._verdict``)."""
+_NOT_CHECKED: Any = object()
 
 CLOUD_METADATA = frozenset({ipaddress.ip_address("169.254.169.254"),   # AWS, GCP, Azure, ...
                             ipaddress.ip_address("fd00:ec2::254")})    # AWS over IPv6
@@ -547,13 +550,15 @@ class GuardedConnector(aiohttp.TCPConnector):
         self.policy = policy
         self.guarded_resolver = resolver
         self._used: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._verdicts: dict[URL, str | None] = {}
+        """``check_url``'s verdict on each URL asked about (see ``_verdict``)."""
 
     async def connect(self, req: aiohttp.ClientRequest, traces: list[Any],
                       timeout: aiohttp.ClientTimeout) -> Connection:
         if req.proxy is not None:
             raise EgressBlocked("requests through a proxy are refused: the proxy would "
                                 "resolve the host beyond the egress check")
-        reason = check_url(req.url, self.policy)
+        reason = self._verdict(req.url)
         if reason:
             raise EgressBlocked(reason)
         connecting_to.set(req.url.raw_host)
@@ -568,6 +573,19 @@ class GuardedConnector(aiohttp.TCPConnector):
         if not reused:  # a weak reference made once a connection, not once a request
             self._used.add(connection.protocol)
         return connection
+
+    def _verdict(self, url: URL) -> str | None:
+        """``check_url(url, self.policy)``, remembered: it depends on nothing but the URL and
+        the policy (frozen), and a destination sends its requests to the same few URLs (yarl
+        hands out one ``URL`` object per string, its hash kept in it), so the check is made
+        once a URL, not once a request. Forgotten all at once past ``URL_VERDICTS_KEPT``, for
+        plugins whose URLs vary."""
+        verdict = self._verdicts.get(url, _NOT_CHECKED)
+        if verdict is _NOT_CHECKED:
+            if len(self._verdicts) >= URL_VERDICTS_KEPT:
+                self._verdicts.clear()
+            verdict = self._verdicts[url] = check_url(url, self.policy)
+        return verdict
 
     def lookup_unfinished(self) -> str | None:
         """The host whose address lookup the current task's request was waiting for, if
