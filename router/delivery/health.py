@@ -12,6 +12,7 @@ import random
 
 from router.delivery import retry
 from router.delivery.clock import DeliveryClock
+from router.delivery.outcomes import DELIVERED
 from router.delivery.ratelimit import RateLimiter
 from router.destination import DeliveryDefaults, Outcome
 from router.errors import RetryableError
@@ -52,15 +53,15 @@ class Health:
         The rest begins at the ``FAILURES_BEFORE_PAUSE``-th failure in a row: a destination
         that is down fails every time, while one that fails now and then (a third of its
         requests, say) would otherwise rest after each failure and fall ever further behind."""
-        if outcomes and all(isinstance(outcome, RetryableError) for outcome, _ in outcomes):
+        if DELIVERED in outcomes:  # an event got through: the usual case, asked in C first
+            self.failures_in_a_row = self.throttled_in_a_row = 0
+        elif outcomes and all(isinstance(outcome, RetryableError) for outcome, _ in outcomes):
             if self.limiter.paused or all(job.attempts > 1 for job in batch):
                 return
             self.failures_in_a_row += 1
             rests = self.failures_in_a_row - FAILURES_BEFORE_PAUSE + 1
             if rests > 0:
                 self.limiter.pause(retry.destination_pause(rests, self.delivery, self.rng))
-        elif any(outcome is None for outcome, _ in outcomes):
-            self.failures_in_a_row = self.throttled_in_a_row = 0
 
     def _rest_after_throttle(self) -> None:
         """A 429 that does not say how long to wait (Mixpanel's, Customer.io's) rests the

@@ -135,12 +135,12 @@ class Sending(Health, Outcomes):
             self._count_request(status, started)
 
         outcomes, named = self._judge(payloads, request, response)
+        if outcomes.count(None) == len(outcomes):  # all delivered
+            return _Sent([DELIVERED] * len(outcomes))
         refused = None
         if all(isinstance(outcome, PermanentError) for outcome in outcomes) and (
                 response.status == 413 or response.status in SPLIT_STATUSES and not named):
             refused = self._shown_body(request, response)
-        if outcomes.count(None) == len(outcomes):  # all delivered
-            return _Sent([DELIVERED] * len(outcomes))
         failure = self._failure(f"HTTP {response.status}", request, response)
         # Each failed job's reason is its own (a plugin names why each event failed).
         masker = self._masker_of(request)
