@@ -160,13 +160,18 @@ def request_problem(request: Any) -> str | None:
         return f"a method {request.method!r:.40} that is not an HTTP token"
     if not isinstance(request.url, str):
         return f"a {type(request.url).__name__} URL, not a str"
-    if not isinstance(request.headers, Mapping) or not all(
-            _is_token(name) and isinstance(value, str) and "\r" not in value
-            and "\n" not in value for name, value in request.headers.items()):
-        return "headers that are not str names and values without line breaks"
+    if not isinstance(request.headers, Mapping):
+        return _BAD_HEADERS
+    for name, value in request.headers.items():  # a loop, not a generator: every request
+        if not (_is_token(name) and isinstance(value, str) and "\r" not in value
+                and "\n" not in value):
+            return _BAD_HEADERS
     if request.body is not None and not isinstance(request.body, (bytes, str)):
         return f"a {type(request.body).__name__} body, not bytes or str"
     return None
+
+
+_BAD_HEADERS = "headers that are not str names and values without line breaks"
 
 
 def outcomes_problem(outcomes: list[Any], count: int) -> str | None:

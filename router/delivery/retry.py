@@ -147,10 +147,10 @@ def budget_spent(headers: Mapping[str, str], *, now: float) -> float | None:
     it); None otherwise. Sent on, the next requests of the window would only be refused.
     A moment is measured from the response's ``Date``, as a ``Retry-After`` date is."""
     lowered = _case_insensitive(headers)
-    remaining = next((lowered[name] for name in _REMAINING_HEADERS if name in lowered), None)
+    remaining = _first_of(lowered, _REMAINING_HEADERS)
     if remaining is None or remaining.strip() != "0":
         return None
-    reset = next((lowered[name] for name in _RESET_HEADERS if name in lowered), None)
+    reset = _first_of(lowered, _RESET_HEADERS)
     if reset is None:
         return None
     try:
@@ -163,6 +163,16 @@ def budget_spent(headers: Mapping[str, str], *, now: float) -> float | None:
         server_now = _http_date(lowered.get("date", ""))
         seconds -= now if server_now is None else server_now
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _first_of(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    """The value of the first of ``names`` that ``headers`` has (asked of every answer: a
+    loop, not a generator)."""
+    for name in names:
+        value = headers.get(name)
+        if value is not None:
+            return value
+    return None
 
 
 def _case_insensitive(headers: Mapping[str, str]) -> Mapping[str, str]:
