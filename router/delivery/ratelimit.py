@@ -28,10 +28,16 @@ class RateLimiter:
     def paused(self) -> bool:
         return time.monotonic() < self.paused_until
 
+    def free(self) -> bool:
+        """Whether a request may go at once, needing no token: no rate limit, no pause and
+        nobody waiting. The common case, asked without a coroutine (``acquire`` is one)."""
+        return self.rate is None and not self._lock.locked() and \
+            time.monotonic() >= self.paused_until
+
     async def acquire(self) -> None:
         """Wait until one request may go."""
-        if self.rate is None and not self._lock.locked() and time.monotonic() >= self.paused_until:
-            return  # unlimited and not paused: the common case costs no lock
+        if self.free():
+            return  # the common case costs no lock
         async with self._lock:  # first come, first served
             while True:
                 now = time.monotonic()

@@ -119,7 +119,8 @@ class Sending(Health, Outcomes):
             return _Sent([(PermanentError(reason), Failure(reason))] * len(batch),
                          refused="", always=True)
 
-        await self._wait_for_the_limiter(counted=leased_as is None)
+        if not self.limiter.free():  # else nothing to wait for, and no coroutine made for it
+            await self._wait_for_the_limiter(counted=leased_as is None)
         if self._lease_lapsed(leased_as or batch):  # just before it goes, after any wait
             raise _LeaseLapsed
         started, status = time.monotonic(), "error"

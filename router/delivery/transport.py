@@ -8,6 +8,7 @@ checked on each request is the one that applies (see ``egress.py``).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -90,8 +91,7 @@ class Transport:
         request the egress policy refuses. Reasons never quote the URL: aiohttp's messages
         do, query string (and any key in it) included. ``on_resend`` is called when the
         request goes out a second time after the keep-alive race below."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.monotonic()
         try:
             try:
                 return await self._exchange(request, self._timeout(timeout))
@@ -104,7 +104,7 @@ class Transport:
                 # new connection, within what is left of the timeout, as browsers do,
                 # rather than spending one of the event's attempts. aiohttp already does
                 # this itself for the methods it deems idempotent.
-                elapsed = loop.time() - started
+                elapsed = time.monotonic() - started
                 if (not connection_reused.get() or request.method in AIOHTTP_RESENDS
                         or elapsed > RESEND_WITHIN or elapsed >= timeout):
                     raise
