@@ -10,8 +10,11 @@ weighed to a fraction of a percent:
 runs this script again under ``valgrind --tool=callgrind --instr-atstart=no`` (``--inner``),
 then prints, as JSON, the instructions callgrind counted and their number per request. The
 file callgrind wrote (``--out``, ``callgrind.one_per_request.out`` by default) is kept, for
-``callgrind_annotate --inclusive=yes FILE | head -80``. Run it twice per tree: the count
-repeats within about ±0.1 %. It takes a minute or two for 2,000 events.
+``callgrind_annotate --inclusive=yes FILE | head -80``. It takes about a minute for 2,000
+events. Run it twice per tree, alone or two at a time at most: the count still holds some
+work done by the clock (the worker's upkeep every second, the loop watchdog, the lease
+sizes, which follow the rate), so it moves by about ±0.1 % on a quiet machine and by up to
+±0.6 % when four runs share two cores.
 
 What it does, in this one process (``delivery.own_process`` off, so the delivery is here):
 
@@ -27,9 +30,9 @@ What it does, in this one process (``delivery.own_process`` off, so the delivery
 
 The destination sends one request at a time by default (``--concurrency 1``). With
 several in flight, how many answers each turn of the event loop finds waiting depends on
-how fast the sink answers beside this process, so on the machine's load: at the webhook's
-default of 8 the count moves by about ±0.5 % from run to run, at 1 by about ±0.05 %. The
-router's own work a request is the same either way.
+how fast the sink answers beside this process, so on the machine's load, and the count
+moves more (``--concurrency 8``, the webhook's default, also works). The router's own work
+a request is the same either way.
 
 So what is counted is the delivery alone: the lease loop, the senders, aiohttp's client,
 the SQLite spool's lease and complete (its writer thread included), metrics, the egress
