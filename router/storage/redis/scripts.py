@@ -27,6 +27,16 @@ from __future__ import annotations
 # sets and ready:d stay what decides: the index only says whom to look at, and the lease
 # checks what it finds there against them (an entry left by a router of an earlier version,
 # which knows no index, is dropped when met; one it did not write is added by ``index_pass``).
+#
+# Dead letters, per destination d: letters:d (score = letter id, the order they failed in),
+# LETTERS_ALL (the same, every destination) and letters-placed:d (score = the letter's place,
+# its ``accepted_id`` or, in a letter written before letters kept it, its own id): the order
+# a replay walks, a page at a time. DEAD_LETTER adds a letter to all three and
+# ``forget_letter`` takes it out of all three. Letters written by a version without
+# letters-placed are added to it by ``place_pass``, which the first replay of d runs from the
+# start (letters-placed-built: 'building', then 'built') and every replay from the
+# letters-placed-cursor on: letter ids only grow, so every letter past the cursor is one the
+# pass has not looked at yet, and every one before it is in the index.
 
 _HELPERS = """
 local P = ARGV[1]
@@ -37,6 +47,8 @@ local SEEN_PRUNED = P .. ':seen-pruned'
 local LETTERS_ALL = P .. ':letters-all'
 local INDEXED = P .. ':ready-users-built'
 local INDEX_CURSOR = P .. ':ready-users-cursor'
+local PLACED = P .. ':letters-placed-built'
+local PLACED_CURSOR = P .. ':letters-placed-cursor'
 local function job_key(id) return P .. ':job:' .. id end
 local function ready_key(d) return P .. ':ready:' .. d end
 local function waiting_key(d) return P .. ':waiting:' .. d end
@@ -46,6 +58,7 @@ local function jobs_key(d) return P .. ':jobs:' .. d end
 local function user_key(d, u) return P .. ':user:' .. #d .. ':' .. d .. ':' .. u end
 local function letter_key(id) return P .. ':letter:' .. id end
 local function letters_key(d) return P .. ':letters:' .. d end
+local function placed_key(d) return P .. ':letters-placed:' .. d end
 local function ready_users_key(d) return P .. ':ready-users:' .. d end
 local function user_ready_key(d, u) return P .. ':user-ready:' .. #d .. ':' .. d .. ':' .. u end
 
@@ -135,11 +148,29 @@ local function forget(id, d, user)
   redis.call('DEL', job_key(id))
 end
 
--- A dead letter gone (replayed or purged): out of its destination's index and the whole's.
+-- A dead letter gone (replayed or purged): out of its destination's indexes and the whole's.
 local function forget_letter(lid, d)
   redis.call('DEL', letter_key(lid))
   redis.call('ZREM', letters_key(d), lid)
   redis.call('ZREM', LETTERS_ALL, lid)
+  redis.call('ZREM', placed_key(d), lid)
+end
+
+-- Up to ``count`` letters of d past the letters-placed cursor, up to id ``upto``, put in
+-- letters-placed when missing (written by a version without it), the cursor moved past them;
+-- true once none is left up to ``upto``. Its first write (HDEL) is one Redis never refuses.
+local function place_pass(d, upto, count)
+  local cursor = redis.call('HGET', PLACED_CURSOR, d) or '0'
+  redis.call('HDEL', PLACED_CURSOR, d)
+  local ids = redis.call('ZRANGEBYSCORE', letters_key(d), '(' .. cursor, upto, 'LIMIT', 0, count)
+  for _, lid in ipairs(ids) do
+    if not redis.call('ZSCORE', placed_key(d), lid) then
+      local place = redis.call('HGET', letter_key(lid), 'accepted_id') or lid
+      redis.call('ZADD', placed_key(d), place, lid)
+    end
+  end
+  redis.call('HSET', PLACED_CURSOR, d, ids[#ids] or cursor)
+  return #ids < count
 end
 
 -- The job's destination when ``token`` holds its lease, else nil: a process whose lease
@@ -414,9 +445,9 @@ return done
 
 DEAD_LETTER = _HELPERS + """
 -- dead_letter: move jobs still leased by ``token`` to the dead-letter store (a hash per
--- letter, indexed per destination and overall, by letter id). The letter keeps the id its
--- event was accepted as (``accepted_id``: the job's own, or the one a replayed job carries),
--- the order a replay queues letters in.
+-- letter, indexed per destination and overall, by letter id, and per destination by place).
+-- The letter keeps the id its event was accepted as (``accepted_id``: the job's own, or the
+-- one a replayed job carries), its place: the order a replay queues letters in.
 -- ARGV: prefix, token, failed_at, n, then n/2 (field, value) pairs of the failure (reason,
 -- and status / request / response when known), then per job: id, attempts, first_attempt_at
 -- ('' when it was never sent).
@@ -442,6 +473,7 @@ for a = 5 + n, #ARGV, 3 do
     end
     redis.call('ZADD', letters_key(d), letter, letter)
     redis.call('ZADD', LETTERS_ALL, letter, letter)
+    redis.call('ZADD', placed_key(d), f[6] or id, letter)
     forget(id, d, f[2])
     done = done + 1
   end
@@ -471,10 +503,12 @@ REPLAY = _HELPERS + """
 -- at once, attempts reset, and the letter is deleted — atomically, so two concurrent replays
 -- queue a letter once. The job keeps the letter's ``accepted_id`` (a letter written before
 -- letters kept it: its own id), should it be dead-lettered again; new ids are taken in the
--- order of the letters given, which Python sorts by it.
--- ARGV: prefix, now, letter ids... Returns how many were queued.
+-- order of the letters given, the order of their places.
+-- ARGV: prefix, now, then per letter: its id and the destination whose letters-placed listed
+-- it ('' for none): an entry whose letter is gone (replayed or purged by a router of an
+-- earlier version, which knows no letters-placed) is dropped. Returns how many were queued.
 local created, done = ARGV[2], 0
-for a = 3, #ARGV do
+for a = 3, #ARGV, 2 do
   local lid = ARGV[a]
   local f = redis.call('HMGET', letter_key(lid), 'destination', 'message_id', 'user_key',
                        'group', 'body', 'accepted_id')
@@ -484,9 +518,29 @@ for a = 3, #ARGV do
     redis.call('HSET', job_key(id), 'accepted_id', f[6] or lid)
     forget_letter(lid, f[1])
     done = done + 1
+  elseif ARGV[a + 1] ~= '' then
+    redis.call('ZREM', placed_key(ARGV[a + 1]), lid)
   end
 end
 return done
+"""
+
+PLACE = _HELPERS + """
+-- place: one step of bringing d's letters-placed up to the letter id ``upto`` (see
+-- place_pass), which a replay walks: from the start the first time (letters written by a
+-- version without it), from its cursor afterwards (letters a router of such a version wrote
+-- since). ARGV: prefix, destination, upto, count. Returns 0 while there is more, 1 once this
+-- step has built the index, 2 once it has brought a built one up to date.
+local d, upto, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local state = redis.call('HGET', PLACED, d)
+if not state then redis.call('HDEL', PLACED_CURSOR, d) end  -- from the start
+if not place_pass(d, upto, count) then
+  if not state then redis.call('HSET', PLACED, d, 'building') end
+  return 0
+end
+if state == 'built' then return 2 end
+redis.call('HSET', PLACED, d, 'built')
+return 1
 """
 
 PURGE = _HELPERS + """
@@ -538,6 +592,8 @@ class _Keys:
         self.health = f"{prefix}:health"
         self.ready_users_built = f"{prefix}:ready-users-built"
         self.ready_users_cursor = f"{prefix}:ready-users-cursor"
+        self.letters_placed_built = f"{prefix}:letters-placed-built"
+        self.letters_placed_cursor = f"{prefix}:letters-placed-cursor"
 
     def seen(self, source: str, message_id: str) -> str:
         # length-prefixed source: ("a:b", "c") and ("a", "b:c") are different events
@@ -563,6 +619,9 @@ class _Keys:
 
     def letters(self, destination: str) -> str:
         return f"{self.prefix}:letters:{destination}"
+
+    def letters_placed(self, destination: str) -> str:
+        return f"{self.prefix}:letters-placed:{destination}"
 
     def user(self, destination: str, user: str) -> str:
         return f"{self.prefix}:user:{len(destination.encode())}:{destination}:{user}"

@@ -5,14 +5,15 @@ layout (``_Keys``); Redis's errors are said as the router's own by ``errors``
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -21,8 +22,8 @@ from router.errors import RouterError, StorageFull, StorageMisconfigured, Storag
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  QueueStats, Storage, StorageStats, amount_of_bytes)
 from router.storage.redis.errors import NEEDED_ACL, _translated_errors
-from router.storage.redis.scripts import (ACCEPT, COMPLETE, DEAD_LETTER, INDEX, LEASE, PURGE,
-                                         RECLAIM, RELEASE, RENEW, REPLAY, RETRY, _Keys)
+from router.storage.redis.scripts import (ACCEPT, COMPLETE, DEAD_LETTER, INDEX, LEASE, PLACE,
+                                         PURGE, RECLAIM, RELEASE, RENEW, REPLAY, RETRY, _Keys)
 
 try:  # an optional dependency: ``pip install event-router[redis]``
     import redis.asyncio as aioredis
@@ -56,6 +57,10 @@ INDEX_STEP = 1000
 """Ready jobs one step of building a destination's index reads: a step is one script, which
 Redis runs alone, so intake and the other routers go on between steps."""
 LETTER_PAGE = 500
+"""Dead letters read, and queued by a replay, at a time."""
+PLACE_STEP = 1000
+"""Letters one step of bringing a destination's index of letters by place up to date reads
+(a script, as ``INDEX_STEP``'s)."""
 DEDUP_BUCKET = 60
 """Width in seconds of the buckets that count dedup entries by expiry (``stats``)."""
 CONNECT_TIMEOUT = 5.0
@@ -68,7 +73,8 @@ _WARNED: set[tuple[Any, ...]] = set()
 
 _SCRIPTS = {"accept": ACCEPT, "lease": LEASE, "reclaim": RECLAIM, "complete": COMPLETE,
             "retry": RETRY, "dead_letter": DEAD_LETTER, "release": RELEASE,
-            "renew": RENEW, "replay": REPLAY, "purge": PURGE, "index": INDEX}
+            "renew": RENEW, "replay": REPLAY, "purge": PURGE, "index": INDEX,
+            "place": PLACE}
 
 
 _TEXT_URL_OPTIONS = frozenset(("client_name", "username", "password", "lib_name",
@@ -379,19 +385,28 @@ class RedisStorage(Storage):
         """In the order the letters' events were accepted (``_place``), not the order they
         failed in, which on an ``ordered`` destination put a user's event that had gone
         through more retries, or had been replayed and failed again, after the user's later
-        ones. The letters are indexed by when they failed only, so their places are read
-        first (a page at a time, as a listing reads them), then the letters are queued a page
-        a script in that order: about 130 bytes of memory a letter is held, not its body."""
+        ones. Each selected destination's letters are walked in that order through its index
+        by place (``letters-placed``), a page at a time, and the walks merged, so the letters
+        go in the order of their places across destinations too, ``LETTER_PAGE`` a script:
+        what is held is a page per destination, however many letters there are (before, the
+        places of all of them, about 130 bytes a letter, were read and sorted first, and
+        nothing was queued until all were read)."""
         # Only letters that exist now: a replayed job failing again during a long replay
         # becomes a newer letter, which this replay must not pick up again.
         upto = await self._last_id()
-        chosen = sorted([_place(letter) async for chunk in self._matching_letters(where, upto=upto)
-                         for letter in chunk])
-        replayed = 0
-        for start in range(0, len(chosen), LETTER_PAGE):
-            page = [letter_id for _, letter_id in chosen[start:start + LETTER_PAGE]]
-            replayed += await self._run("replay", [_num(now), *page])
-        return replayed
+        if where.ids is not None:  # the caller's list: its places are read and sorted
+            chosen = sorted([(*_place(letter), letter.destination)
+                             async for chunk in self._matching_letters(where, upto=upto)
+                             for letter in chunk])
+            return await self._replay_in_pages(
+                [(letter_id, destination) for _, letter_id, destination in chosen], now=now)
+        named = [d for d in await self._destinations() if where.selects(d)]
+        for destination in named:
+            await self._place_letters(destination, upto)
+        walks = [self._placed_walk(destination, where, upto) for destination in named]
+        return await self._replay_in_pages(
+            ((letter_id, destination) async for _, _, letter_id, destination in _merged(walks)),
+            now=now)
 
     async def purge(self, where: DeadLetterFilter) -> int:
         upto = await self._last_id()
@@ -517,6 +532,75 @@ class RedisStorage(Storage):
             if page:
                 yield page
 
+    async def _replay_in_pages(self, letters: AsyncIterable[tuple[int, str]]
+                               | Iterable[tuple[int, str]], *, now: float) -> int:
+        """Queue ``letters`` (each an id, and the destination whose index listed it), in
+        their order, ``LETTER_PAGE`` a script."""
+        replayed, page = 0, []
+        async for letter_id, destination in _async(letters):
+            page += [letter_id, destination]
+            if len(page) >= 2 * LETTER_PAGE:
+                replayed += await self._run("replay", [_num(now), *page])
+                page = []
+        if page:
+            replayed += await self._run("replay", [_num(now), *page])
+        return replayed
+
+    async def _place_letters(self, destination: str, upto: int) -> None:
+        """Bring the destination's index of letters by place up to ``upto`` (``PLACE``):
+        built from every letter the first time (letters written by a version that kept no
+        such index), afterwards from where the last replay stopped (letters a router of that
+        version wrote since, during a rolling upgrade). ``PLACE_STEP`` letters a script,
+        resumed by whichever replay takes the next step, as ``_index_users``'s."""
+        steps = 1
+        while not (done := await self._run("place", [destination, upto, PLACE_STEP])):
+            steps += 1
+        if done == 1:  # built by these steps, not brought up to date (2)
+            log.info("redis storage: indexed the dead letters of %r by the order their events "
+                     "were accepted, for replays (%d %s)", destination, steps,
+                     "step" if steps == 1 else "steps")
+
+    async def _placed_walk(self, destination: str, where: DeadLetterFilter, upto: int
+                           ) -> AsyncIterator[tuple[float, bytes, int, str]]:
+        """The destination's letters that ``where`` selects, up to id ``upto``, in the order
+        of their places, a page of the index at a time: (place, index member, letter id,
+        destination). An entry whose letter is gone comes too (replayed or purged by a router
+        of an earlier version, which left it), for ``REPLAY`` to drop."""
+        client = self._require_client()
+        key = self.keys.letters_placed(destination)
+        after: tuple[float, bytes] | None = None
+        while rows := await self._placed_page(key, after):
+            after = (rows[-1][1], rows[-1][0])
+            async with client.pipeline(transaction=False) as pipe:
+                for member, _ in rows:
+                    pipe.hmget(self.keys.letter(int(member)), "reason", "failed_at")
+                found = await pipe.execute()
+            for (member, place), (reason, failed_at) in zip(rows, found):
+                letter_id = int(member)
+                if reason is None or (letter_id <= upto and _selected(
+                        where, destination, reason.decode(), float(failed_at))):
+                    yield place, member, letter_id, destination
+
+    async def _placed_page(self, key: str, after: tuple[float, bytes] | None
+                           ) -> list[tuple[bytes, float]]:
+        """The next ``LETTER_PAGE`` entries of an index by place past ``after`` (a place and
+        a member: Redis orders entries of one place by member). The entries of ``after``'s
+        place are read again and those up to it left out; a page of nothing but those (a
+        page of letters of one place, which only a Redis that lost writes can hold) is
+        followed by the next."""
+        client = self._require_client()
+        if after is None:
+            return await client.zrangebyscore(key, "-inf", "+inf", start=0, num=LETTER_PAGE,
+                                              withscores=True)
+        skip = 0
+        while True:
+            rows = await client.zrangebyscore(key, after[0], "+inf", start=skip,
+                                              num=LETTER_PAGE, withscores=True)
+            fresh = [(member, place) for member, place in rows if (place, member) > after]
+            if fresh or len(rows) < LETTER_PAGE:
+                return fresh
+            skip += len(rows)
+
     async def _letters(self, letter_ids: Sequence[int]) -> list[DeadLetter]:
         async with self._require_client().pipeline(transaction=False) as pipe:
             for letter_id in letter_ids:
@@ -555,10 +639,47 @@ def _place(letter: DeadLetter) -> tuple[int, int]:
 
 def _matches(letter: DeadLetter, where: DeadLetterFilter) -> bool:
     """The filter as the other backends apply it (ids are handled by the lookup)."""
-    return (where.selects(letter.destination)
-            and (where.reason is None or where.reason.lower() in letter.reason.lower())
-            and (where.since is None or letter.failed_at >= where.since)
-            and (where.until is None or letter.failed_at <= where.until))
+    return _selected(where, letter.destination, letter.reason, letter.failed_at)
+
+
+def _selected(where: DeadLetterFilter, destination: str, reason: str, failed_at: float
+              ) -> bool:
+    """Whether a letter of ``destination`` that failed at ``failed_at`` for ``reason`` is
+    one ``where`` selects (ids aside)."""
+    return (where.selects(destination)
+            and (where.reason is None or where.reason.lower() in reason.lower())
+            and (where.since is None or failed_at >= where.since)
+            and (where.until is None or failed_at <= where.until))
+
+
+_T = TypeVar("_T")
+
+
+async def _merged(walks: Sequence[AsyncIterator[_T]]) -> AsyncIterator[_T]:
+    """The items of walks, each in order, in one walk in order (``heapq.merge`` for async
+    iterators): each walk is read only as far as the item it offers next."""
+    heads: list[tuple[_T, int]] = []
+    for n, walk in enumerate(walks):
+        if (head := await anext(walk, None)) is not None:
+            heads.append((head, n))
+    heapq.heapify(heads)
+    while heads:
+        head, n = heads[0]
+        yield head
+        if (following := await anext(walks[n], None)) is None:
+            heapq.heappop(heads)
+        else:
+            heapq.heapreplace(heads, (following, n))
+
+
+async def _async(items: AsyncIterable[_T] | Iterable[_T]) -> AsyncIterator[_T]:
+    """Either kind of iterable, walked with ``async for``."""
+    if isinstance(items, AsyncIterable):
+        async for each in items:
+            yield each
+    else:
+        for each in items:
+            yield each
 
 
 def _is_id(value: object) -> bool:
