@@ -22,6 +22,7 @@ import zlib
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,7 @@ from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failu
 from router.storage.memory import MemoryStorage
 from router.storage.redis import RedisStorage
 from router.storage.redis import errors as redis_errors
+from router.storage.redis import scripts as redis_scripts
 from router.storage.redis import storage as redis_storage
 from router.storage.sqlite import budget as sqlite_budget
 from router.storage.sqlite import errors as sqlite_errors
@@ -709,6 +711,226 @@ async def test_redis_letters_written_before_they_kept_their_place_are_replayed_b
         ("a-1", None), ("a-3", third.id), ("a-2", old[0].id)]
     assert await redis_store.replay(DeadLetterFilter(), now=T0 + 4) == 3
     assert await users_order(redis_store, now=T0 + 4) == {"a": ["a-2", "a-1", "a-3"]}
+
+
+# -- Redis: the index of dead letters by place, which a replay walks ---------------------------
+
+def without_the_index_by_place(script: str) -> str:
+    """A script as the version before ``letters-placed`` ran it: the same, less its writes
+    to that index (DEAD_LETTER's ZADD, and ``forget_letter``'s ZREM that REPLAY and PURGE
+    call)."""
+    older = script
+    for line in ("    redis.call('ZADD', placed_key(d), f[6] or id, letter)\n",
+                 "  redis.call('ZREM', placed_key(d), lid)\n"):
+        older = older.replace(line, "")
+    assert "ZREM', placed_key(d), lid)" not in older and older != script
+    return older
+
+
+async def older_router(url: str) -> RedisStorage:
+    """A router of the version before the index of letters by place, as far as writing and
+    purging dead letters goes: its letters are in no such index, and what it purges leaves
+    its entry there (as its replay does)."""
+    storage = await another(url, recover=False)
+    for name, script in (("dead_letter", redis_scripts.DEAD_LETTER),
+                         ("purge", redis_scripts.PURGE)):
+        storage._scripts[name] = storage._client.register_script(
+            without_the_index_by_place(script))
+    return storage
+
+
+async def placed(client: Any, storage: RedisStorage, destination: str = "hook"
+                 ) -> dict[int, int]:
+    """The destination's index of letters by place: letter id -> place."""
+    return {int(member): int(score) for member, score in await client.zrange(
+        storage.keys.letters_placed(destination), 0, -1, withscores=True)}
+
+
+async def test_redis_a_replay_of_several_destinations_queues_them_in_the_order_of_acceptance(
+        redis_store, raw, monkeypatch):
+    # Each destination's letters are walked in their own index and the walks merged: the
+    # new jobs take their ids in the order the events were accepted across destinations,
+    # as when every place was read and sorted first (a page of 2 here, so that pages of
+    # one destination end inside another's).
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)
+    await accept(redis_store, *(item(f"m-{n}", destinations=("a", "b", "c")) for n in range(4)))
+    first: dict[tuple[str, str], int] = {}
+    for destination in "abc":
+        jobs = await lease(redis_store, destination=destination)
+        first.update({(job_.destination, job_.message_id): job_.id for job_ in jobs})
+        random.Random(destination).shuffle(jobs)
+        for n, job_ in enumerate(jobs):
+            await redis_store.dead_letter([job_], now=T0 + n, failure=Failure("HTTP 500"))
+    assert {letter_id: place for destination in "abc"
+            for letter_id, place in (await placed(raw, redis_store, destination)).items()} == {
+        letter.id: letter.accepted_id
+        for letter in await redis_store.dead_letters(DeadLetterFilter())}
+
+    assert await redis_store.replay(DeadLetterFilter(), now=T0 + 10) == 12
+    replayed = sorted([(job_.id, first[job_.destination, job_.message_id])
+                       for destination in "abc"
+                       for job_ in await lease(redis_store, destination=destination, now=T0 + 10)])
+    assert [accepted for _, accepted in replayed] == sorted(first.values())
+    for destination in "abc":
+        assert await placed(raw, redis_store, destination) == {}
+
+
+async def test_a_replay_selects_by_destination_reason_and_failure_time(store):
+    await dead_letters_at(store, [("a", "HTTP 400", T0 + 1), ("b", "HTTP 500", T0 + 2),
+                                  ("a", "HTTP 500", T0 + 3), ("A", "HTTP 503", T0 + 4),
+                                  ("b", "HTTP 502", T0 + 5), ("a", "HTTP 500", T0 + 6)])
+    assert await store.replay(DeadLetterFilter(destination="a", reason="http 50",
+                                               since=T0 + 2, until=T0 + 4), now=T0 + 9) == 2
+    assert [(job_.destination, job_.message_id) for destination in ("a", "A", "b")
+            for job_ in await lease(store, destination=destination, now=T0 + 9)] == [
+        ("a", "m-2"), ("A", "m-3")]
+    assert await store.replay(DeadLetterFilter(reason="502"), now=T0 + 9) == 1
+    assert [letter.message_id for letter in await store.dead_letters(DeadLetterFilter())] == [
+        "m-0", "m-1", "m-5"]
+
+
+async def test_redis_letters_written_before_the_index_by_place_are_indexed_and_replayed_in_order(
+        redis_store, url, raw, monkeypatch, caplog):
+    # Letters a version without letters-placed wrote: the first replay indexes them,
+    # PLACE_STEP letters a script, and queues them in the order of acceptance, as before.
+    monkeypatch.setattr(redis_storage, "PLACE_STEP", 2)
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)
+    older = await older_router(url)
+    try:
+        await accept(older, *(item(message_id, user=message_id[0], ordered=True)
+                              for message_id in ("a-1", "b-1", "a-2", "a-3", "b-2")))
+        jobs = {job_.message_id: job_ for job_ in await lease(older)}
+        for n, message_id in enumerate(("a-3", "b-2", "a-1", "b-1", "a-2")):
+            await older.dead_letter([jobs[message_id]], now=T0 + n, failure=Failure("HTTP 500"))
+    finally:
+        await older.close()
+    assert await placed(raw, redis_store) == {}
+
+    with caplog.at_level(logging.INFO, logger="router.storage.redis"):
+        assert await redis_store.replay(DeadLetterFilter(), now=T0 + 9) == 5
+    assert ("indexed the dead letters of 'hook' by the order their events were accepted, "
+            "for replays (3 steps)") in caplog.text
+    assert await users_order(redis_store, now=T0 + 9) == {"a": ["a-1", "a-2", "a-3"],
+                                                         "b": ["b-1", "b-2"]}
+    assert await raw.hget(redis_store.keys.letters_placed_built, "hook") == b"built"
+    assert await placed(raw, redis_store) == {}
+
+
+async def test_redis_a_replay_beside_routers_of_the_version_before_queues_every_letter_once(
+        redis_store, url, raw, monkeypatch):
+    # A rolling upgrade: a router of the version before letters-placed writes letters in no
+    # such index after the index was built, and its purges (and replays) leave their
+    # entries in it. A replay first indexes the letters written since the last one (letter
+    # ids only grow: past the PLACE cursor), and drops the entries whose letters are gone.
+    monkeypatch.setattr(redis_storage, "PLACE_STEP", 2)
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)
+    older = await older_router(url)
+    try:
+        await accept(redis_store, *(item(m, user=m[0]) for m in ("a-1", "a-2", "a-3", "b-1")))
+        mine = {job_.message_id: job_ for job_ in await lease(redis_store)}
+        await accept(redis_store, *(item(m, user=m[0]) for m in ("a-4", "a-5", "a-6", "b-2")))
+        theirs = {job_.message_id: job_ for job_ in await lease(older)}
+
+        async def fail(storage: RedisStorage, jobs: dict[str, Job], *message_ids: str) -> None:
+            for message_id in message_ids:
+                await storage.dead_letter([jobs[message_id]], now=T0,
+                                          failure=Failure(f"HTTP 500: {message_id}"))
+
+        await fail(redis_store, mine, "a-3", "a-1")
+        assert await redis_store.replay(DeadLetterFilter(reason="none"), now=T0) == 0  # built
+        await fail(older, theirs, "a-5", "b-2", "a-4")
+        assert await older.purge(DeadLetterFilter(reason="a-1")) == 1  # its entry left
+        await fail(redis_store, mine, "a-2", "b-1")
+        await fail(older, theirs, "a-6")
+        # a-3, a-2, b-1 and the entry a-1's purge left; none of the older router's letters
+        assert len(await placed(raw, redis_store)) == 4
+
+        assert await redis_store.replay(DeadLetterFilter(), now=T0 + 1) == 7
+    finally:
+        await older.close()
+    assert await users_order(redis_store, now=T0 + 1) == {"a": ["a-2", "a-3", "a-4", "a-5",
+                                                                "a-6"], "b": ["b-1", "b-2"]}
+    assert await redis_store.dead_letters(DeadLetterFilter()) == []
+    assert await placed(raw, redis_store) == {}
+
+
+async def test_redis_concurrent_replays_build_the_index_by_place_together_and_queue_once(
+        url, raw, monkeypatch):
+    # Two replays at once, of letters no index by place holds yet: both take steps of its
+    # build, on one cursor, then walk it; each letter is queued once, in order.
+    monkeypatch.setattr(redis_storage, "PLACE_STEP", 3)
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 3)
+    older = await older_router(url)
+    first, second = await another(url), await another(url, recover=False)
+    try:
+        await accept(older, *(item(f"m-{n:02}", destinations=("hook", "other"))
+                              for n in range(20)))
+        for destination in ("hook", "other"):
+            jobs = await lease(older, 20, destination=destination)
+            await older.dead_letter(jobs[::-1], now=T0, failure=Failure("HTTP 500"))
+        counts = await asyncio.gather(first.replay(DeadLetterFilter(), now=T0 + 1),
+                                      second.replay(DeadLetterFilter(), now=T0 + 1))
+        assert sum(counts) == 40
+        assert await first.dead_letters(DeadLetterFilter()) == []
+        for destination in ("hook", "other"):
+            leased = await lease(first, 40, destination=destination, now=T0 + 1)
+            assert [job_.message_id for job_ in leased] == [f"m-{n:02}" for n in range(20)]
+            assert await raw.hget(first.keys.letters_placed_built, destination) == b"built"
+            assert await placed(raw, first, destination) == {}
+    finally:
+        for storage in (second, first, older):
+            await storage.close()
+
+
+async def test_redis_a_replay_walks_past_pages_of_letters_of_one_place(redis_store, raw,
+                                                                       monkeypatch):
+    # Letters of one place (only a Redis that lost writes, and gave ids out again, can hold
+    # them): Redis orders them by id as text, and the walk goes on past a whole page of
+    # them that the filter leaves, rather than reading that page for ever.
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)
+    letters = await dead_letters_at(redis_store, [("hook", "HTTP 400", T0)] * 4
+                                    + [("hook", "HTTP 500", T0)] * 2)
+    await raw.zadd(redis_store.keys.letters_placed("hook"), {str(i): 7 for i in letters})
+    assert await redis_store.replay(DeadLetterFilter(reason="500"), now=T0 + 1) == 2
+    assert [letter.id for letter in await redis_store.dead_letters(DeadLetterFilter())] == \
+        letters[:4]
+    assert await redis_store.replay(DeadLetterFilter(), now=T0 + 1) == 4
+    assert await placed(raw, redis_store) == {}
+
+
+async def many_letters(storage: RedisStorage, count: int) -> None:
+    """``count`` dead letters of ``hook``, written 1,000 a call."""
+    for start in range(0, count, 1000):
+        await accept(storage, *(item(f"m-{n}") for n in range(start, min(count, start + 1000))))
+        await storage.dead_letter(await lease(storage, 1000), now=T0,
+                                  failure=Failure("HTTP 500"))
+
+
+async def replay_peak(url: str, count: int) -> int:
+    """The most Python memory a replay of ``count`` letters held at once (tracemalloc)."""
+    storage = await another(url)
+    try:
+        await many_letters(storage, count)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            assert await storage.replay(DeadLetterFilter(), now=T0 + 1) == count
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        await storage.close()
+
+
+async def test_redis_a_replay_holds_a_page_of_letters_however_many_there_are(
+        redis_url, monkeypatch):
+    # A replay read the place of every letter it selected before it queued any (about 130
+    # bytes a letter): a replay of millions held them all. bench.replay measures the figure
+    # for 50,000 letters (docs/storage.md).
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 100)
+    few = await replay_peak(unique_url(redis_url), 1000)
+    many = await replay_peak(unique_url(redis_url), 8000)
+    assert many < 2 * few, (few, many)
 
 
 async def test_stats_per_destination(store):
