@@ -50,7 +50,7 @@ lint: $(STAMP)
 
 ## Benchmarks; figures are printed and recorded in docs/performance.md by hand.
 bench: $(STAMP)
-	$(BIN)/python -m bench.run core delivery ingest
+	$(BIN)/python -m bench.run core delivery ingest replay
 
 check: $(STAMP)
 	$(BIN)/router check -c config/router.yaml

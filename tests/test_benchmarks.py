@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import core, ingest
+from bench import core, ingest, replay
 from bench.delivery import in_child, start_sinks
 
 
@@ -23,6 +23,11 @@ def sink_urls():
 def test_the_core_benchmark_runs():
     figures = core.run(count=200)
     assert figures["events_per_second"] > 0 and figures["percent_of_reference"] > 0
+
+
+def test_the_replay_benchmark_replays_every_letter():
+    figures = replay.run(count=300)
+    assert figures["replay_python_peak_bytes"] > 0 and figures["index_build_seconds"] >= 0
 
 
 def test_the_delivery_phases_deliver_everything(sink_urls):
