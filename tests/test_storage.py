@@ -2602,6 +2602,28 @@ class RedisMatchesMemory(RuleBasedStateMachine):
         lease of each destination builds it again, in steps, and leases as before."""
         self.run(forget_the_index(self.raw, self.redis))
 
+    @rule()
+    def upgrade_from_a_version_without_the_index_by_place(self) -> None:
+        """The keys as a version before the index of dead letters by place left them: the
+        next replay of each destination builds it again, in steps, and replays as before."""
+        keys = self.redis.keys
+        self.run(self.raw.delete(keys.letters_placed_built, keys.letters_placed_cursor,
+                                 *(keys.letters_placed(d) for d in DESTINATIONS)))
+
+    @invariant()
+    def the_index_by_place_matches_the_letters(self) -> None:
+        """Each entry is a letter of its destination at its place; once built, every letter
+        is in it (no router of an earlier version writes here)."""
+        letters = self.run(self.redis.dead_letters(DeadLetterFilter(), limit=1000))
+        for destination in DESTINATIONS:
+            expected = {letter.id: letter.accepted_id for letter in letters
+                        if letter.destination == destination}
+            entries = self.run(placed(self.raw, self.redis, destination))
+            assert entries.items() <= expected.items()
+            if self.run(self.raw.hget(self.redis.keys.letters_placed_built,
+                                      destination)) == b"built":
+                assert entries == expected
+
     @invariant()
     def the_index_matches_the_queues(self) -> None:
         for destination in DESTINATIONS:
@@ -2622,6 +2644,8 @@ def test_redis_behaves_like_the_in_memory_model(redis_url, monkeypatch):
     monkeypatch.setattr(redis_storage, "INDEX_STEP", 2)
     monkeypatch.setattr(redis_storage, "ORDERED_PAGE", 2)
     monkeypatch.setattr(redis_storage, "ORDERED_SWEEP", 2)
+    monkeypatch.setattr(redis_storage, "PLACE_STEP", 2)
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 2)
     RedisMatchesMemory.url = redis_url
     run_state_machine_as_test(
         RedisMatchesMemory,
