@@ -882,6 +882,33 @@ async def test_redis_concurrent_replays_build_the_index_by_place_together_and_qu
             await storage.close()
 
 
+async def test_redis_a_replay_leaves_the_letters_written_while_it_runs(redis_store,
+                                                                      monkeypatch):
+    # Only letters that exist when the replay starts: one written meanwhile whose place is
+    # still ahead of the walk (an event accepted before the replayed ones' last, failing
+    # now) is left for the next replay, as a replayed job failing again would be.
+    monkeypatch.setattr(redis_storage, "LETTER_PAGE", 1)
+    await accept(redis_store, *(item(f"m-{n}") for n in range(4)))
+    jobs = await lease(redis_store)
+    await redis_store.dead_letter([jobs[0], jobs[1], jobs[3]], now=T0, failure=Failure("x"))
+    run, pages = redis_store._run, []
+
+    async def failing_meanwhile(script: str, args: Any) -> Any:
+        answer = await run(script, args)
+        if script == "replay":
+            pages.append(answer)
+            if len(pages) == 1:  # m-2, accepted before m-3, fails after the first page
+                await redis_store.dead_letter([jobs[2]], now=T0 + 1, failure=Failure("late"))
+        return answer
+
+    monkeypatch.setattr(redis_store, "_run", failing_meanwhile)
+    assert await redis_store.replay(DeadLetterFilter(), now=T0 + 2) == 3
+    assert [letter.message_id for letter in await redis_store.dead_letters(
+        DeadLetterFilter())] == ["m-2"]
+    assert [job_.message_id for job_ in await lease(redis_store, now=T0 + 2)] == [
+        "m-0", "m-1", "m-3"]
+
+
 async def test_redis_a_replay_walks_past_pages_of_letters_of_one_place(redis_store, raw,
                                                                        monkeypatch):
     # Letters of one place (only a Redis that lost writes, and gave ids out again, can hold
