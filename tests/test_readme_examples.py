@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -114,3 +115,71 @@ def test_the_examples_of_testing_plugins_run_and_their_tests_pass():
             "test_every_track_keeps_its_message_id"} <= set(tests)
     for test in tests.values():
         test()
+
+
+def _curl_examples():
+    # Each shell block with curl in README.md and docs/http-api.md, cut where an answer is
+    # shown: a `# {...}` line after a command, or at the end of its line.
+    for path in (ROOT / "README.md", ROOT / "docs" / "http-api.md"):
+        for block in re.findall(r"^```sh\n(.*?)^```", path.read_text(), re.S | re.M):
+            if "curl" in block:
+                yield pytest.param(block, id=str(path.relative_to(ROOT)))
+
+
+def _steps(block: str) -> list[tuple[str, str | None]]:
+    """The block as (commands, the answer shown after them or None), in order."""
+    steps: list[tuple[str, str | None]] = []
+    lines: list[str] = []
+    for line in block.splitlines():
+        inline = re.match(r"(curl .*?)\s+# (\{.*)$", line)
+        if inline:
+            steps.append(("\n".join([*lines, inline.group(1)]), inline.group(2)))
+            lines = []
+        elif line.startswith("# {"):
+            steps.append(("\n".join(lines), line[2:]))
+            lines = []
+        elif not line.startswith("#"):
+            lines.append(line)
+        elif any(line.strip() for line in lines):  # a comment between commands
+            steps.append(("\n".join(lines), None))
+            lines = []
+    if any(line.strip() for line in lines):
+        steps.append(("\n".join(lines), None))
+    return steps
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("block", list(_curl_examples()))
+def test_the_curl_examples_get_the_answers_shown(block, tmp_path):
+    # Run as written against `router serve` with the quick start's write key, on a free
+    # port instead of 8080; `...` in a shown answer stands for the rest of it, and a
+    # `(401)` after it is the status.
+    port = _free_port()
+    (tmp_path / "router.yaml").write_text(
+        f"server: {{port: {port}}}\nstorage: memory://\n"
+        "sources: [{name: website, write_keys: [demo-write-key]}]\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen([sys.executable, "-m", "router", "serve", "-c", "router.yaml"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        block = block.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        variables = "\n".join(re.findall(r"^[A-Z]+=.*$", block, re.M))
+        for commands, shown in _steps(block):
+            status = re.search(r"\s+\((\d{3})\)$", shown or "")
+            script = (f"{variables}\n{commands}" if not status else
+                      f"{variables}\n{commands.rstrip()} -w ' (%{{http_code}})'")
+            completed = subprocess.run(["bash", "-c", f"set -e\n{script}"], capture_output=True,
+                                       text=True, timeout=30)
+            assert completed.returncode == 0, (commands, completed.stderr)
+            if shown is not None:
+                pattern = ".*".join(re.escape(part) for part in
+                                    re.sub(r"\s+\(\d{3}\)$", "", shown).split("..."))
+                if status:
+                    pattern += re.escape(f" ({status.group(1)})")
+                assert re.fullmatch(pattern, completed.stdout.strip()), (commands,
+                                                                        completed.stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
