@@ -1,4 +1,5 @@
-"""The README's examples run as written, and every config example in the docs loads."""
+"""The docs' examples run as written: the README's embedding example, the curl examples and the
+answers they show, docs/testing-plugins.md's tests; and every config example in the docs loads."""
 
 from __future__ import annotations
 
