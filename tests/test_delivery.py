@@ -459,7 +459,9 @@ async def test_a_throttled_users_newer_events_wait_out_its_throttle(tmp_path):
                 await asyncio.sleep(0.01)
             await router.route_many([track(2, user="busy-user"), track(3, user="calm-user")])
             await amplitude.wait_for(2, timeout=10)
-            await asyncio.sleep(0.5)  # time enough for the busy user's event, were it sent
+            # the calm user's delivery recorded (the request's arrival does not say so) ...
+            await eventually(router, lambda stats: stats.queues["amplitude"].pending == 2)
+            await asyncio.sleep(0.5)  # ... and time enough for the busy user's, were it sent
             assert (await router.storage.stats(now=0)).queues["amplitude"].pending == 2
         sent = [[event["user_id"] for event in request.json["events"]]
                 for request in amplitude.requests]
