@@ -682,15 +682,28 @@ async def test_jobs_a_locked_spool_cannot_record_nor_take_back_are_sent_again(
     # written. The job stayed leased with nothing recorded until the next start.
     monkeypatch.setattr(sqlite_writer, "LOCK_TIMEOUT", 0.3)
     monkeypatch.setattr(delivery_outcomes, "UNRECORDED_PAUSE", 0.5)
-    async with FakeDestinationServer() as server:
-        server.script([Answer(500, delay=0.5)])
-        router = router_for(tmp_path, [webhook("hook", server.url)])
+    locked = asyncio.Event()
+
+    async def fails_once_the_spool_is_locked(request):
+        # The first answer comes only once the lock is held (a fixed delay let a slow test
+        # take it after the retry was written); the re-send gets the default 200.
+        if len(server.requests) == 1:
+            await locked.wait()
+            return Answer(500)
+        return None
+
+    async with FakeDestinationServer(handler=fails_once_the_spool_is_locked) as server:
+        router = router_for(tmp_path, [webhook("hook", server.url, timeout="60s")])
         async with router:
             await router.route_many([track(0)])
             await server.wait_for(1)
             other_process = sqlite3.connect(tmp_path / "router.db", isolation_level=None)
             other_process.execute("BEGIN IMMEDIATE")  # before the 500 is answered
-            await asyncio.sleep(1.5)  # the retry and the release each give up after 0.3 s
+            locked.set()
+            deadline = time.monotonic() + 20  # the retry and the release each give up
+            while "the storage took back none" not in caplog.text:  # after 0.3 s
+                assert time.monotonic() < deadline, "the worker never gave up on the spool"
+                await asyncio.sleep(0.02)
             other_process.execute("ROLLBACK")
             other_process.close()
             assert await router.drain(timeout=10)
