@@ -170,16 +170,15 @@ async def test_an_answer_whose_body_cannot_be_read_is_judged_by_its_status(
             await writer.drain()
 
     async with RawServer(spoils_the_first) as server:
-        router = router_for(tmp_path, [webhook("hook", server.url(), timeout="5s")])
+        # A request timeout far past the drain's deadline: a read that waited for a body that
+        # cannot come would miss the deadline (no measured time to compare with a bound).
+        router = router_for(tmp_path, [webhook("hook", server.url(), timeout="120s")])
         async with router:
-            started = asyncio.get_running_loop().time()
             await router.route(track(1))
             assert await router.drain(timeout=15)
-            elapsed = asyncio.get_running_loop().time() - started
             letters = await router.storage.dead_letters(DeadLetterFilter())
     assert letters == []
     assert len(server.requests) == (1 if status == 200 else 2)  # a 500 is retried
-    assert elapsed < 4  # not the 5 s timeout: nothing waited for a body that cannot come
 
 
 @pytest.fixture(params=["C", "Python"])
@@ -214,11 +213,10 @@ async def test_a_body_broken_after_the_status_is_judged_by_it_with_either_parser
             await asyncio.sleep(30)
 
     async with RawServer(broken_chunk_later) as server:
-        started = asyncio.get_running_loop().time()
-        response = await send(HttpRequest("POST", server.url(), {}, b"{}"), timeout=10)
-        elapsed = asyncio.get_running_loop().time() - started
+        # the answer, not the request's timeout: one far past this deadline
+        response = await asyncio.wait_for(
+            send(HttpRequest("POST", server.url(), {}, b"{}"), timeout=120), 15)
     assert (response.status, response.body) == (200, b"")
-    assert elapsed < 5  # the answer, not the 10 s timeout
 
 
 @pytest.mark.parametrize("broken", [
