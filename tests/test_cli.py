@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.plugin_helpers import install_plugin
+from tests.signal_helpers import as_from_a_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "events"
@@ -728,7 +729,7 @@ async def test_ctrl_c_while_waiting_for_delivery_says_the_events_are_queued(tmp_
         process = subprocess.Popen(
             [sys.executable, "-m", "router", "send", "-c", "router.json", "ev.jsonl"],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=as_from_a_terminal)
         try:
             await server.wait_for(1, timeout=30)  # accepted, and being delivered
             process.send_signal(signal.SIGINT)
@@ -805,7 +806,8 @@ async def test_ctrl_c_at_any_point_of_a_long_send_says_exactly_what_is_queued(tm
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "router", "send", "-c", "router.yaml", "many.jsonl", "--wait",
         "0s", cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=as_from_a_terminal)
     try:
         while not (tmp_path / "router.db").exists():
             await asyncio.sleep(0.01)

@@ -54,6 +54,7 @@ from router.server.listen import TURN_AWAY, listen
 from router.server.problems import Problem
 from router.storage.sqlite import writer as sqlite_writer
 from router.storage.sqlite import lock_delivery
+from tests.signal_helpers import as_from_a_terminal
 
 FIXTURES = Path(__file__).parent / "fixtures" / "events"
 REPO = Path(__file__).resolve().parent.parent
@@ -1705,14 +1706,8 @@ async def test_serve_drains_on_sighup_to_its_process_group(recorder: Recorder,
     config = tmp_path / "router.yaml"
     config.write_text(config_text(recorder.url, storage=f"sqlite:///{tmp_path}/router.db")
                       + "delivery:\n  own_process: true\n")
-
-    def as_a_terminal_starts_it() -> None:
-        # SIGHUP at its default, whatever the suite runs under: started with `nohup`, the
-        # router would inherit it ignored, and rightly keep ignoring it (the test above).
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
     process, _ = await _serve(config, _free_port(), start_new_session=True,
-                              preexec_fn=as_a_terminal_starts_it)
+                              preexec_fn=as_from_a_terminal)
     try:
         with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
             (child,) = map(int, children.read().split())
