@@ -782,6 +782,20 @@ def test_json_lines_are_utf_8_whatever_the_terminal_encodes(workdir):
     assert {line["message_id"] for line in lines} == {"m-é"}
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("source, stdin", [("-", b""), ("empty.jsonl", None),
+                                           ("empty.json", None)])
+def test_an_input_with_no_events_says_so(workdir, source, stdin, dry_run):
+    # It printed nothing and exited 0, which looks the same as events all sent.
+    (workdir / "empty.jsonl").write_text("\n")
+    (workdir / "empty.json").write_text("[]")
+    completed = run("send", "-c", "router.yaml", source, *(["--dry-run"] if dry_run else []),
+                    cwd=workdir, stdin=stdin)
+    assert completed.returncode == 0 and completed.stdout == ""
+    where = "standard input" if source == "-" else source
+    assert f"note: {where} holds no events; nothing was sent" in completed.stderr
+
+
 def test_a_closed_standard_input_is_said_plainly(workdir):
     completed = subprocess.run(
         [sys.executable, "-m", "router", "send", "-c", "router.yaml"], cwd=workdir,
