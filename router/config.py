@@ -305,8 +305,8 @@ class SourceMap:
 
     def validation_error(self, exc: ValidationError, prefix: Sequence[Any] = ()) -> ConfigError:
         """The first problem of a pydantic error, without echoing the input (it may be a
-        secret); the others are listed after it."""
-        errors = exc.errors(include_input=False, include_url=False)
+        secret); the others are listed after it. The input is read only for its type."""
+        errors = exc.errors(include_url=False)
         first, *rest = errors
         error = self.error((*prefix, *first["loc"]), _describe(first))
         if rest:
@@ -431,7 +431,13 @@ _BOUNDS = {"greater_than": ("gt", "a number over {}"), "greater_than_equal": ("g
 
 
 def _describe(error: Mapping[str, Any]) -> str:
+    """The problem in the words of the other config errors, never quoting the value."""
     kind, context = error["type"], error.get("ctx") or {}
+    if kind == "string_type" and isinstance(error.get("input"), (bool, int, float)):
+        # YAML reads an unquoted Off, no, yes or on as a boolean, and 0123 as a number: a
+        # destination named Off was "expected a string", which puzzled (docs audit).
+        read_as = "true or false" if isinstance(error["input"], bool) else "a number"
+        return f"expected a string; YAML read the value as {read_as}: put it in quotes"
     if kind in _EXPECTED:
         return _EXPECTED[kind]
     if kind in _BOUNDS:

@@ -414,6 +414,12 @@ def test_error_says_what_was_expected(tmp_path):
      "delivery: {backoff_initial: 0}}]", "delivery.backoff_initial: expected a number over 0"),
     ("destinations: [{name: d, plugin: webhook, settings: {url: https://a.example, "
      "method: GET}}]", "settings.method: expected 'POST', 'PUT' or 'PATCH'"),
+    # YAML 1.1 reads an unquoted Off as false: "expected a string" alone puzzled (docs audit)
+    ("destinations: [{name: Off, plugin: webhook, settings: {url: https://a.example}}]",
+     "destinations.0.name: expected a string; YAML read the value as true or false: put it "
+     "in quotes"),
+    ("sources: [{name: 2024, write_keys: [k]}]",
+     "sources.0.name: expected a string; YAML read the value as a number: put it in quotes"),
 ])
 def test_type_and_bound_errors_say_what_was_expected(tmp_path, text, says):
     path, _ = write(tmp_path, text + "\n")
