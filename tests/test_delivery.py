@@ -1500,3 +1500,22 @@ async def test_a_stop_waits_for_a_request_under_way_after_earlier_ones_were_answ
             stats = await reopened.storage.stats(now=time.time())
     assert len(server.requests) == 3
     assert "hook" not in stats.queues  # all three delivered, nothing to send again
+
+
+async def test_a_stop_starts_no_request_it_lets_only_those_under_way_finish(tmp_path):
+    # A stop lets the requests under way finish, and gives back the batches no sender had
+    # taken: a sender that finished its request meanwhile once took the next batch and sent
+    # it, and the stop waited for that one too.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(200, delay=0.5)] * 5)
+        hook = webhook("hook", server.url, concurrency=1)
+        router = router_for(tmp_path, [hook])
+        await router.start()
+        await router.route_many([track(n) for n in range(5)])
+        await server.wait_for(1, timeout=10)
+        await router.close(grace=30)  # the first is under way: answered within the grace
+        reopened = router_for(tmp_path, [hook], deliver=False)
+        async with reopened:
+            stats = await reopened.storage.stats(now=time.time())
+    assert [request.json["messageId"] for request in server.requests] == ["m-0"]
+    assert stats.queues["hook"].pending == 4  # the other four go back, unsent

@@ -44,6 +44,7 @@ class Outcomes:
     failure_log: FailureLog
     limiter: RateLimiter
     wakeup: asyncio.Event
+    batches_queued: asyncio.Event
     recorded: dict[int, set[int | str]]
     delivered: list[Job]
     delivered_per_second: float
@@ -196,7 +197,7 @@ class Outcomes:
                     "answers" if held else "")
         if again:
             self.undispatched.append(again)
-            self.wakeup.set()
+            self.batches_queued.set()
         self.unreleased += out_of_attempts
 
     async def _give_back_unreleased(self) -> None:

@@ -123,8 +123,9 @@ class DeliveryService:
         """Stop leasing, let in-flight requests finish for up to ``grace`` seconds in all,
         then hand what is still unfinished back to the queue untouched.
 
-        A worker waiting for a free sender (its destination slow, paused or down) is
-        cancelled rather than waited for: its leased, unsent jobs go back to the queue."""
+        The senders take no new batch once it begins, and a worker still leasing after a
+        second (its storage slow) is cancelled rather than waited for: the leased, unsent
+        jobs go back to the queue."""
         deadline = time.monotonic() + grace
         try:
             if self._housekeeping is not None:

@@ -1,10 +1,10 @@
 """``DestinationWorker``: one destination's delivery, its state (all set in its
 ``__init__``) and its tasks. The lease loop (``run``) leases due jobs, cuts them into
-batches and hands them to the senders (``_send_forever``), a round at a time; the upkeep
-beside it (``_upkeep``) completes what was delivered, renews the leases of every job the
-worker holds, and gives back a round held too long; ``finish`` ends it all at a stop. What
-a sender does with a batch is in the worker's bases, one concern each:
-``router.delivery.service`` lists them."""
+batches and queues them in ``undispatched``, a round at a time, for the senders
+(``_send_forever``) to take; the upkeep beside it (``_upkeep``) completes what was
+delivered, renews the leases of every job the worker holds, and gives back a round held
+too long; ``finish`` ends it all at a stop. What a sender does with a batch is in the
+worker's bases, one concern each: ``router.delivery.service`` lists them."""
 
 from __future__ import annotations
 
@@ -76,11 +76,15 @@ class DestinationWorker(Sending, Health, Outcomes):
         """What the transport calls when it sends a request once more (made once, not for
         every request)."""
         self.limiter = RateLimiter(self.delivery.rate_limit)
-        self.ready: asyncio.Queue[list[Job]] = asyncio.Queue(self.delivery.concurrency)
-        """Batches leased and cut, waiting for a sender: a round of them, so the senders have
-        work while the next lease is taken."""
         self.senders: list[asyncio.Task[None]] = []
         self.wakeup = asyncio.Event()
+        """Wakes the lease loop: work was queued, jobs were delivered, the worker is stopping,
+        or the senders are running out of batches (``low_water``)."""
+        self.batches_queued = asyncio.Event()
+        """Wakes the idle senders: batches were added to ``undispatched``."""
+        self.low_water = self.delivery.concurrency
+        """How few batches left in ``undispatched`` make the lease loop lease the next round:
+        a batch for each sender, so they have work while the lease is taken."""
         self.stopping = False
         self.failures_in_a_row = 0
         self.throttled_in_a_row = 0
@@ -103,20 +107,17 @@ class DestinationWorker(Sending, Health, Outcomes):
         self.delivered_per_second = 0.0
         self.last_completed_at = time.monotonic()
         self.undispatched: deque[list[Job]] = deque()
-        """The batches of the round being handed out, not yet taken by a sender: a deque, as
-        a round of up to ``MAX_LEASE`` batches is handed out from its front."""
+        """The batches leased and cut, not yet taken by a sender, oldest first: the senders
+        take them from the front, one at a time, a round of up to ``MAX_LEASE`` batches."""
         self.unreleased: list[Job] = []
         """Jobs out of attempts whose outcome the storage could neither record nor take back
         (see ``_send_again``): ``_upkeep`` gives them back to the queue once it answers."""
         self.round_leased_at = time.monotonic()
-        """When the round being handed out was leased (``_upkeep`` gives it back in time)."""
+        """When the last round was leased (``_upkeep`` gives back what is left of it in
+        time)."""
         self.held_users: dict[str, float] = {}
         """Users the API throttles one by one (Amplitude), until when (``clock.now()``):
         their jobs leased meanwhile wait, unsent (see ``_hold_back_throttled_users``)."""
-        self.handed_out: dict[int, list[Job]] = {}
-        """Batches handed to the senders whose fate is not recorded yet, by ``id``: with the
-        round not yet handed out and the delivered jobs not yet completed, every job this
-        worker holds (``_upkeep`` renews their leases)."""
         # Long enough that a lease never lapses under a live worker; after a crash, the
         # storage takes leases back at start (SQLite) or when they lapse (Redis).
         self.lease_for = max(MIN_LEASE, self.delivery.timeout * 4)
@@ -126,15 +127,16 @@ class DestinationWorker(Sending, Health, Outcomes):
         lapse under a live process (Redis), a batch past that is not sent (see ``_deliver``)."""
 
     def start_senders(self) -> None:
-        """``concurrency`` long-lived senders take batches from ``ready``: cheaper than a
-        task per request, and the number of requests in flight is bounded by construction."""
+        """``concurrency`` long-lived senders take batches from ``undispatched``: cheaper
+        than a task per request, and the number of requests in flight is bounded by
+        construction."""
         self.senders = [asyncio.create_task(self._send_forever(number),
                                             name=f"send:{self.name}:{number}")
                         for number in range(self.delivery.concurrency)]
 
     async def run(self) -> None:
-        """Lease due jobs, cut them into batches and hand them to the senders, a round at a
-        time; waits while every sender is busy and ``ready`` is full."""
+        """Lease due jobs, cut them into batches and queue them for the senders, a round at
+        a time; waits while more than ``low_water`` batches are left."""
         upkeep = asyncio.create_task(self._upkeep(), name=f"upkeep:{self.name}")
         try:
             await self._lease_and_hand_out()
@@ -164,24 +166,21 @@ class DestinationWorker(Sending, Health, Outcomes):
             if self.storage_trouble:
                 log.warning("destination %s: leasing work again", self.name)
                 self.storage_trouble = False
-            if not jobs and not self.undispatched:
+            if not jobs:
                 await self._sleep(POLL_INTERVAL)
                 continue
-            if jobs:
-                jobs = await self._set_aside_built_by_others(jobs)
-                jobs = await self._give_up_on_the_too_old(jobs)
-                jobs = await self._hold_back_throttled_users(jobs)
-            # Added to what ``_upkeep`` could not give back, if anything.
+            jobs = await self._set_aside_built_by_others(jobs)
+            jobs = await self._give_up_on_the_too_old(jobs)
+            jobs = await self._hold_back_throttled_users(jobs)
             leased = batches(jobs, self.delivery, group=_group_of, size=_size_of)
             for batch in leased:
                 self.trusted_until[id(batch)] = leased_at + LEASE_TRUSTED * self.lease_for
             self.undispatched += leased
+            self.batches_queued.set()
             self.round_leased_at = time.monotonic()
-            while self.undispatched and not self.stopping:
-                batch = self.undispatched[0]
-                await self.ready.put(batch)
-                self.handed_out[id(batch)] = batch
-                self.undispatched.popleft()
+            # The senders wake this loop once they leave ``low_water`` batches or fewer.
+            while len(self.undispatched) > self.low_water and not self.stopping:
+                await self._sleep(None)
 
     async def _set_aside_built_by_others(self, jobs: list[Job]) -> list[Job]:
         """Jobs whose payloads another plugin built (the config changed while they were
@@ -252,12 +251,12 @@ class DestinationWorker(Sending, Health, Outcomes):
 
     async def _upkeep(self) -> None:
         """Beside ``run``, every ``COMPLETE_EVERY`` seconds: complete what the senders
-        delivered, and once half the lease of the round being handed out has passed, give
-        back to the queue the batches no sender has taken yet (all but the one ``run`` is
-        handing over). A destination that slowed down after a large lease, taken while it
-        was fast, would otherwise hold them, and its deliveries uncompleted, past the lease:
-        Redis then hands them to another router, which sends them again. A task of its own,
-        not a timeout on each hand-over, which would cost every request its price."""
+        delivered, and once half the lease of the last round has passed, give back to the
+        queue the batches no sender has taken yet. A destination that slowed down after a
+        large lease, taken while it was fast, would otherwise hold them, and its deliveries
+        uncompleted, past the lease: Redis then hands them to another router, which sends
+        them again. A task of its own, not a timeout on each batch taken, which would cost
+        every request its price."""
         failing = False
         renewed_at = time.monotonic()
         while True:
@@ -277,28 +276,34 @@ class DestinationWorker(Sending, Health, Outcomes):
                     failing = False
             if self.unreleased:
                 await self._give_back_unreleased()
-            if len(self.undispatched) > 1 and \
+            if self.undispatched and \
                     time.monotonic() - self.round_leased_at > self.lease_for / 2:
-                # All but the first, which ``run`` is handing over, in their order.
-                given_back = [self.undispatched.pop() for _ in range(len(self.undispatched) - 1)]
-                given_back.reverse()
-                ids = [job.id for batch in given_back for job in batch]
-                try:  # shielded: a stop must not leave them neither queued nor held
-                    await asyncio.shield(self.storage.release(ids))
-                except Exception as exc:  # noqa: BLE001 - kept, and sent by this worker
-                    log.warning("destination %s: cannot put %d job(s) back in the queue, "
-                                "sending them here: %s", self.name, len(ids), exc)
-                    self.undispatched += given_back
-                    self.round_leased_at = time.monotonic()
-                else:
-                    for batch in given_back:
-                        self.trusted_until.pop(id(batch), None)
+                await self._give_back_undispatched()
+
+    async def _give_back_undispatched(self) -> None:
+        """Put the batches no sender has taken back in the queue, then have the lease loop
+        lease again, as much as the rate now seen calls for."""
+        given_back = list(self.undispatched)
+        self.undispatched.clear()  # taken from the senders before the wait below
+        ids = [job.id for batch in given_back for job in batch]
+        try:  # shielded: a stop must not leave them neither queued nor held
+            await asyncio.shield(self.storage.release(ids))
+        except Exception as exc:  # noqa: BLE001 - kept, and sent by this worker
+            log.warning("destination %s: cannot put %d job(s) back in the queue, "
+                        "sending them here: %s", self.name, len(ids), exc)
+            self.undispatched.extendleft(reversed(given_back))
+            self.batches_queued.set()
+            self.round_leased_at = time.monotonic()
+        else:
+            for batch in given_back:
+                self.trusted_until.pop(id(batch), None)
+        self.wakeup.set()
 
     async def _renew_leases(self) -> None:
         """Extend the leases of every job this worker holds: a destination that keeps its
         senders waiting (a long ``Retry-After``, a rest after failures) would otherwise hold
         them past the lease, and another router would send them again."""
-        batches_held = [*self.undispatched, *self.handed_out.values()]
+        batches_held = [*self.undispatched, *self.in_flight.values()]
         held = [job.id for batch in batches_held for job in batch]
         held += [job.id for job in self.delivered]
         asked_at = time.monotonic()
@@ -315,9 +320,19 @@ class DestinationWorker(Sending, Health, Outcomes):
                 self.trusted_until[id(batch)] = asked_at + LEASE_TRUSTED * self.lease_for
 
     async def _send_forever(self, number: int) -> None:
-        """One sender: a batch at a time, from ``ready``, until cancelled by ``finish``."""
+        """One sender: a batch at a time, from the front of ``undispatched``, until
+        cancelled by ``finish``; none once the worker is stopping (``finish`` gives them
+        back)."""
         while True:
-            batch = await self.ready.get()
+            while not self.undispatched or self.stopping:
+                self.batches_queued.clear()
+                await self.batches_queued.wait()
+            batch = self.undispatched.popleft()
+            if len(self.undispatched) == self.low_water:
+                # The lease loop waits for this (see ``run``): it leases the next round
+                # while the senders work through these. Once, as the batches left fall past
+                # the mark, one at a time (``_upkeep``, which takes them all, wakes it too).
+                self.wakeup.set()
             self.in_flight[number] = batch
             self.all_sent.clear()
             try:
@@ -327,7 +342,6 @@ class DestinationWorker(Sending, Health, Outcomes):
                 await self._retry_after_a_bug(batch)
             finally:
                 del self.in_flight[number]
-                self.handed_out.pop(id(batch), None)
                 self.trusted_until.pop(id(batch), None)
                 if not self.in_flight:
                     self.all_sent.set()
@@ -338,8 +352,7 @@ class DestinationWorker(Sending, Health, Outcomes):
         they delivered, then put every job this worker still holds, whose outcome is not
         recorded, back in the queue."""
         leftover = [job for batch in self.undispatched for job in batch]
-        while not self.ready.empty():
-            leftover += self.ready.get_nowait()
+        self.undispatched.clear()  # and ``stopping`` keeps the senders from taking more
         # Wait for the requests under way, not for senders held by the rate limiter: a
         # destination resting after failures, or throttled, would otherwise hold every
         # stop for its whole grace (past Kubernetes' 30 s, at the default).
@@ -366,7 +379,8 @@ class DestinationWorker(Sending, Health, Outcomes):
         if leftover:
             await self.storage.release([job.id for job in leftover])
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until ``wakeup`` is set, or ``seconds`` have passed (None: no limit)."""
         try:
             await asyncio.wait_for(self.wakeup.wait(), seconds)
         except TimeoutError:
@@ -375,8 +389,8 @@ class DestinationWorker(Sending, Health, Outcomes):
 
     async def _lease(self) -> list[Job]:
         """Due jobs, as many as ``_lease_size`` says (the next lease is taken while the
-        senders work through ``ready``); a partial batch waits up to ``batch_wait`` for
-        company so a quiet stream still goes out promptly."""
+        senders work through the last ``low_water`` batches); a partial batch waits up to
+        ``batch_wait`` for company so a quiet stream still goes out promptly."""
         delivery = self.delivery
         limit = self._lease_size()
         jobs = await self._lease_more(limit)
