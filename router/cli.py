@@ -242,10 +242,10 @@ def send_command(args: argparse.Namespace) -> int:
     except UnreadableDocument as exc:  # nothing is sent from a file cut short
         raise ConfigError(f"cannot read events: {exc}; nothing was sent",
                           file="stdin" if args.input == "-" else args.input) from None
-    if not first:  # an empty file or pipe printed nothing at all, as if events had gone
+    if not first:  # an empty file or pipe printed nothing at all, as if events had gone;
+        # it still runs as usual: a send of nothing delivers what the storage holds (--wait)
         print(f"note: {'standard input' if args.input == '-' else args.input} holds no "
-              "events; nothing was sent", file=sys.stderr)
-        return EXIT_OK
+              "events", file=sys.stderr)
     chunks = itertools.chain([first], iter(lambda: list(itertools.islice(items, SEND_CHUNK)),
                                            []))
     printer = _print_json if args.json else _print_table
