@@ -420,6 +420,11 @@ def test_error_says_what_was_expected(tmp_path):
      "in quotes"),
     ("sources: [{name: 2024, write_keys: [k]}]",
      "sources.0.name: expected a string; YAML read the value as a number: put it in quotes"),
+    ("destinations: [{name: d}]", "destinations.0.plugin: required field is missing"),
+    ("server: {log_probes: [1]}", "server.log_probes: expected true or false"),
+    ("server: {port: [1]}", "server.port: expected a whole number"),
+    ("server: {port: 80.5}", "server.port: expected a whole number"),
+    ("storage: [1]", "storage: expected a string"),
 ])
 def test_type_and_bound_errors_say_what_was_expected(tmp_path, text, says):
     path, _ = write(tmp_path, text + "\n")
@@ -542,6 +547,42 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 # -- YAML that must never run or explode ---------------------------------------------------------
 
+@pytest.mark.parametrize("text", ["- a\n- b\n", "42\n", "just text\n"])
+def test_a_config_that_is_not_a_mapping_says_what_it_should_be(tmp_path, text):
+    # pydantic's own words were "Input should be a valid dictionary or instance of
+    # RouterConfig" (mutation audit: dropping the check went unnoticed)
+    path = tmp_path / "router.yaml"
+    path.write_text(text)
+    error = config_error(path)
+    assert str(error) == (f"{path}:1: expected a mapping of sections (server, storage, "
+                          "destinations, ...)")
+
+
+# -- durations and rates, in each unit the docs name --------------------------------------------
+
+DELIVERY = ("storage: memory://\ndestinations: [{{name: d, plugin: webhook, "
+            "settings: {{url: 'https://a.example'}}, delivery: {{{key}: {value}}}}}]\n")
+
+
+@pytest.mark.parametrize("written, seconds", [
+    ("500ms", 0.5), ("10s", 10), ("10", 10), ("2.5", 2.5), ("5m", 300), ("1.5 h", 5400),
+    ("12h", 43200), ("7d", 604800)])
+def test_a_duration_is_read_in_each_unit(written, seconds):
+    # mutation audit: minutes read as 59 s, or a unit missing from the table, went unnoticed
+    loaded = parse_config(DELIVERY.format(key="max_age", value=written), env={})
+    assert loaded.config.destinations[0].delivery.max_age == seconds
+
+
+@pytest.mark.parametrize("written, per_second", [
+    ("100", 100), ("2.5", 2.5), ("100/s", 100), ("3/sec", 3), ("4/second", 4), ("600/m", 10),
+    ("120/min", 2), ("30 / minute", 0.5), ("3600/h", 1), ("7200/hour", 2)])
+def test_a_rate_is_read_in_each_unit(written, per_second):
+    # mutation audit: a plain number refused, any rate written with a unit refused, or a
+    # minute's 60 changed, each went unnoticed
+    loaded = parse_config(DELIVERY.format(key="rate_limit", value=written), env={})
+    assert loaded.config.destinations[0].delivery.rate_limit == pytest.approx(per_second)
+
+
 @pytest.mark.parametrize("value", [
     '!!python/object/apply:os.system ["touch {marker}"]',
     '!!python/object/apply:os.system\n    args: ["touch {marker}"]',
@@ -571,6 +612,33 @@ def test_billion_laughs_alias_bomb_is_refused(tmp_path):
     error = config_error(path)
     assert error.file == str(path)
     assert "alias" in str(error).lower() or "over" in str(error).lower()
+
+
+@pytest.mark.parametrize("value", ["!!set {a, b}", "!custom {port: 1}", "!!omap [a: 1]",
+                                   "!custom [1, 2]"])
+def test_a_tag_on_a_mapping_or_a_list_is_refused_at_its_line(tmp_path, value):
+    # Read as a plain mapping, a tag the router does not act on would pass silently
+    # (mutation audit: dropping the check on collection tags went unnoticed)
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        server: {value}   #!
+    """)
+    error = config_error(path)
+    assert_points_at(error, path, line, "server")
+    assert "unsupported YAML tag" in error.message
+
+
+@pytest.mark.parametrize("merged", ["5", "[[1]]", "[{port: 1}, text]"])
+def test_a_merge_key_of_anything_but_mappings_is_a_config_error(tmp_path, merged):
+    # It crashed with an AttributeError traceback without the check (mutation audit)
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        server:
+          <<: {merged}   #!
+    """)
+    error = config_error(path)
+    assert error.file == str(path) and error.line == line and error.field == "server"
+    assert "a merge key (<<) takes a mapping or a list of mappings" in error.message
 
 
 def test_yaml_anchors_and_merge_keys_work(tmp_path):
@@ -923,6 +991,20 @@ def test_a_network_list_names_the_entry_that_is_not_a_network(tmp_path, section,
     assert_points_at(error, path, line, f"{section}.{key}")
     assert "entry 1 is not a network such as 10.1.0.0/16" in error.message
     assert "proxy.internal" not in str(error)
+
+
+@pytest.mark.parametrize("section, key", [("server", "trusted_proxies"),
+                                          ("egress", "allowed_networks")])
+def test_a_number_is_not_a_network(tmp_path, section, key):
+    # ipaddress reads 10 as 0.0.0.10/32 (mutation audit: dropping the check went unnoticed)
+    path, line = write(tmp_path, f"""
+        storage: memory://
+        {section}:
+          {key}: [10]   #!
+    """)
+    error = config_error(path)
+    assert_points_at(error, path, line, f"{section}.{key}")
+    assert "entry 0 is not a network such as 10.1.0.0/16" in error.message
 
 
 @pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "::g", "my host", "-bad.example"])
