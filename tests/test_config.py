@@ -460,7 +460,9 @@ def test_an_infinite_duration_or_rate_is_refused(tmp_path, section, key, value):
     path, line = write(tmp_path, text)
     error = config_error(path)
     assert_points_at(error, path, line, field)
-    assert "expected a" in error.message
+    expected = ("a rate such as 100/s, 600/m or 3600/h" if key == "rate_limit"
+                else "a duration such as 500ms, 10s, 5m, 12h or 7d")
+    assert error.message == f"expected {expected}, not {value.strip('.')}"  # and what it got
 
 
 @pytest.mark.parametrize("plugin, settings", [
@@ -562,6 +564,46 @@ def test_a_config_that_is_not_a_mapping_says_what_it_should_be(tmp_path, text):
 
 DELIVERY = ("storage: memory://\ndestinations: [{{name: d, plugin: webhook, "
             "settings: {{url: 'https://a.example'}}, delivery: {{{key}: {value}}}}}]\n")
+
+
+def test_every_problem_of_a_config_is_said_not_only_the_first():
+    # mutation audit: the list of the other problems could lose its "(also: " unnoticed
+    with pytest.raises(ConfigError) as caught:
+        parse_config("storage: memory://\nserver: {port: http, max_connections: 0}\n",
+                     file="f.yaml", env={})
+    assert str(caught.value) == ("f.yaml:2: server.port: expected a whole number (also: "
+                                 "server.max_connections: expected 1 or more)")
+
+
+def test_the_defaults_are_those_docs_configuration_md_gives():
+    # mutation audit: a dedup window of 11 h or dead letters kept 13 days went unnoticed
+    config = parse_config("destinations: [{name: d, plugin: webhook}]\n", env={}).config
+    server = config.server
+    assert (server.host, server.port, server.max_request_bytes, server.max_connections,
+            server.shutdown_grace, server.trusted_proxies, server.log_probes) == (
+        "127.0.0.1", 8080, 512000, 1024, 30.0, [], False)
+    assert config.storage == "sqlite:///var/router.db"
+    assert config.dedup.window == 12 * 3600
+    assert (config.egress.allow_private_addresses, config.egress.allowed_networks) == (False, [])
+    assert config.delivery.own_process is False
+    assert config.delivery.dead_letter_retention == 14 * 86400
+    destination = config.destinations[0]
+    assert (destination.settings, destination.enabled, destination.default_on,
+            destination.filter) == ({}, True, True, None)
+
+
+@pytest.mark.parametrize("key, least", [
+    ("max_attempts", 1), ("concurrency", 1), ("batch_size", 1), ("batch_bytes", 1024),
+    ("order_hold_attempts", 1), ("batch_wait", 0)])
+def test_a_delivery_override_is_taken_down_to_its_least_and_refused_below(key, least):
+    # mutation audit: max_attempts or concurrency of 0 allowed (nothing would ever be sent),
+    # or 1 refused, went unnoticed
+    text = DELIVERY.format(key=key, value=least)
+    assert getattr(parse_config(text, env={}).config.destinations[0].delivery, key) == least
+    with pytest.raises(ConfigError) as caught:
+        parse_config(DELIVERY.format(key=key, value=least - 1), env={})
+    assert caught.value.field == f"destinations.0.delivery.{key}"
+    assert caught.value.message == f"expected {least} or more"
 
 
 @pytest.mark.parametrize("written, seconds", [
