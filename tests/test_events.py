@@ -148,6 +148,18 @@ def test_the_event_as_json_carries_only_the_map_its_call_type_has(call_type):
         == ({"a": 1}, {"b": 2})
 
 
+def test_the_event_as_json_leaves_out_fields_it_does_not_have_and_the_routers_own_state():
+    # The webhook's default body: no "event": null on an identify, no "anonymousId": null
+    # beside a userId, nor what the router noted about the event (mutation audit: the nulls
+    # and an "_amount_problems" key in the body went unnoticed)
+    event = parse({**VALID_MINIMAL["track"], "properties": {"revenue": "$5"}})
+    assert event.amount_problems
+    assert set(event.to_dict()) == {"messageId", "timestamp", "receivedAt",
+                                    *VALID_MINIMAL["track"], "properties", "context"}
+    assert set(parse(VALID_MINIMAL["identify"]).to_dict()) == {
+        "messageId", "timestamp", "receivedAt", *VALID_MINIMAL["identify"], "traits", "context"}
+
+
 def test_a_value_json_cannot_hold_makes_the_event_invalid_with_its_reason():
     # route() takes Python objects: a set or bytes in an event is the caller's mistake,
     # named as such, not "an internal error" of the router
@@ -171,6 +183,16 @@ def test_identify_traits_sent_only_in_the_context_are_the_traits():
     # context.traits that is not an object is no traits, and no reason to refuse the event
     for not_an_object in ("ada@example.com", ["email"], 42):
         assert parse({**sent, "context": {"traits": not_an_object}}).traits == {}
+
+
+def test_an_identifys_stray_properties_are_not_read_as_amounts():
+    # Only track, page and screen carry properties in the spec: an identify's are left as
+    # sent, refused by no destination that reads amounts, and its context.traits still
+    # become its traits (mutation audit: normalizing any call's properties went unnoticed)
+    event = parse({"type": "identify", "userId": "u1", "properties": {"revenue": "$5"},
+                   "context": {"traits": {"plan": "pro"}}})
+    assert event.amount_problems == ()
+    assert event.properties == {"revenue": "$5"} and event.traits == {"plan": "pro"}
 
 
 def test_message_id_is_generated_when_missing_and_unique():
