@@ -15,7 +15,8 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 from router.delivery.retry import classify_status
-from router.redaction import REDACTED, Masker, redacted_url, secret_values, cut_at_first_url
+from router.redaction import (REDACTED, Masker, cut_at_first_url, redacted_url, secret_values,
+                              values_found_in)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,50 @@ def test_every_secret_str_is_found_and_a_bearer_token_counts_alone():
     assert {"tok-0001-abcdef", "nested-key-0001", "Bearer header-token-0001",
             "header-token-0001"} <= found
     assert "not-a-secret-value" not in found
+
+
+def test_a_word_of_a_secret_counts_alone_from_8_characters_on():
+    # mutation audit: the bound at 7 or 9 characters went unnoticed
+    assert set(secret_values(SecretStr("Bearer abcdefgh"))) == {"Bearer abcdefgh", "abcdefgh"}
+    assert set(secret_values(SecretStr("Bearer abcdefg"))) == {"Bearer abcdefg"}
+
+
+def test_only_values_that_may_be_credentials_are_masked_wherever_found():
+    # What the config took from the environment and put in a destination's settings: "POST",
+    # "EU", a port or a flag masked everywhere would garble bodies and logs (mutation audit:
+    # dropping the length check, or taking exactly 8 characters as too short, went unnoticed)
+    settings = {"url": "https://h.example/in/abcdefgh/abcdefg?region=EU&port=12345678",
+                "method": "POST", "flags": ["true", "1234567.5"]}
+    assert values_found_in(settings, ["abcdefgh", "abcdefg", "EU", "POST", "12345678",
+                                      "1234567.5", "true"]) == ["abcdefgh"]
+
+
+def test_a_secret_of_4_characters_is_masked_and_one_of_3_is_not():
+    # shorter values would mask ordinary text (mutation audit: a bound of 3 went unnoticed)
+    assert Masker(["abcd"]).mask("xabcdx abc") == f"x{REDACTED}x abc"
+    assert Masker(["abc"]).mask("xabcdx abc") == "xabcdx abc"
+
+
+def test_a_json_body_shown_has_the_secret_masked_in_every_string_key_and_list():
+    # What `router dlq list --json` and a dry run show of a payload (mutation audit: strings
+    # inside a list left unmasked, and numbers shown as null, went unnoticed)
+    masker = Masker(["sk_live_ABCDEFGH"])
+    body = orjson.dumps({"k": "sk_live_ABCDEFGH", "sk_live_ABCDEFGH": {"n": 1.5},
+                         "list": ["Bearer sk_live_ABCDEFGH", 2, None, True, ["sk_live_ABCDEFGH"]]})
+    assert masker.mask_json(body) == {
+        "k": REDACTED, REDACTED: {"n": 1.5},
+        "list": [f"Bearer {REDACTED}", 2, None, True, [REDACTED]]}
+    assert masker.mask_json(b"not json: sk_live_ABCDEFGH \xff") == \
+        f"not json: {REDACTED} \ufffd"
+
+
+@pytest.mark.parametrize("name", ["Authorization", "proxy-authorization", "X-API-Key", "api-key",
+                                  "X-Auth-Token", "Cookie"])
+def test_a_credential_header_is_shown_masked_whole(name):
+    # mutation audit: x-auth-token and cookie shown as sent went unnoticed
+    masker = Masker(["sk_live_ABCDEFGH"])
+    assert masker.mask_headers({name: "session=plain-0001", "X-Trace": "t sk_live_ABCDEFGH"}) == \
+        {name: REDACTED, "X-Trace": f"t {REDACTED}"}
 
 
 def test_urls_lose_credential_query_values_and_passwords():
