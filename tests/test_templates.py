@@ -159,6 +159,22 @@ def test_one_template_serves_every_call_type_and_anonymous_events(tmp_path):
                     "track": {"name": "Signed Up", "user": "a-2"}}
 
 
+def test_every_field_of_the_spec_is_there_for_an_event_without_it():
+    # mutation audit: a field left out of the defaults (groupId, timestamp,
+    # originalTimestamp) failed the render of every event without it, unnoticed
+    from datetime import datetime, UTC
+    fields = ["type", "event", "userId", "anonymousId", "name", "groupId", "previousId",
+              "messageId", "timestamp", "originalTimestamp", "sentAt", "receivedAt", "version",
+              "properties", "traits", "context", "integrations"]
+    event = parse_event({"type": "alias", "userId": "u-1", "previousId": "a-1", "messageId": "m-1"},
+                        received_at=datetime(2024, 3, 1, 12, tzinfo=UTC))
+    source = "{{ [" + ", ".join(f"event.{field}" for field in fields) + "] | tojson }}"
+    at = "2024-03-01T12:00:00.000Z"
+    assert json.loads(render(source, event=templates_module.template_event(event))) == [
+        "alias", None, "u-1", None, None, None, "a-1", "m-1", at, None, None, at, None,
+        {}, {}, {}, {}]
+
+
 def test_undefined_names_are_errors_not_empty_strings():
     with pytest.raises(EventRejected) as caught:
         render("{{ event.properties.missing_field }}")
@@ -437,8 +453,20 @@ def test_one_step_that_would_take_minutes_is_refused(source):
     deep = list(range(99999))
     for _ in range(60):
         deep = [deep]
-    with pytest.raises(EventRejected, match="too large|too slow"):
+    # pprint is refused before it runs, not by the size of what it took seconds to write
+    # (mutation audit: a nesting count that never grew went unnoticed)
+    refused = "pprint of so large" if "pprint" in source else "too large|too slow"
+    with pytest.raises(EventRejected, match=refused):
         render(source, options={"deep": deep})
+
+
+def test_filters_spend_steps_too(monkeypatch):
+    # 60,000 loop iterations alone are within the budget; each with a filter, over it
+    # (mutation audit: filters spending no step went unnoticed)
+    monkeypatch.setattr(templates_module, "MAX_RENDER_SECONDS", 600.0)
+    assert render("{% for i in range(60000) %}{% set x = i %}{% endfor %}ok") == "ok"
+    with pytest.raises(EventRejected, match="over 100000 steps"):
+        render("{% for i in range(60000) %}{% set x = i|abs %}{% endfor %}ok")
 
 
 def test_a_template_cannot_replace_what_counts_its_loops(monkeypatch):
