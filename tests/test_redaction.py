@@ -52,9 +52,10 @@ def test_only_values_that_may_be_credentials_are_masked_wherever_found():
     # "EU", a port or a flag masked everywhere would garble bodies and logs (mutation audit:
     # dropping the length check, or taking exactly 8 characters as too short, went unnoticed)
     settings = {"url": "https://h.example/in/abcdefgh/abcdefg?region=EU&port=12345678",
-                "method": "POST", "flags": ["true", "1234567.5"]}
+                "method": "POST", "flags": ["true", "1234567.5", {"deep": ["k-0001-listed"]}]}
     assert values_found_in(settings, ["abcdefgh", "abcdefg", "EU", "POST", "12345678",
-                                      "1234567.5", "true"]) == ["abcdefgh"]
+                                      "1234567.5", "true", "k-0001-listed"]) == [
+        "abcdefgh", "k-0001-listed"]
 
 
 def test_a_secret_of_4_characters_is_masked_and_one_of_3_is_not():
@@ -83,6 +84,30 @@ def test_a_credential_header_is_shown_masked_whole(name):
     masker = Masker(["sk_live_ABCDEFGH"])
     assert masker.mask_headers({name: "session=plain-0001", "X-Trace": "t sk_live_ABCDEFGH"}) == \
         {name: REDACTED, "X-Trace": f"t {REDACTED}"}
+
+
+def test_a_segment_of_a_secret_url_is_a_token_from_16_characters_or_8_with_digits():
+    # mutation audit: each bound moved by one went unnoticed
+    masker = Masker(["https://hooks.example/qwertyuiopasdfgh/zxcvbnmlkjhgfds/token123/tok1234"])
+    assert masker.mask("qwertyuiopasdfgh zxcvbnmlkjhgfds token123 tok1234") == \
+        f"{REDACTED} zxcvbnmlkjhgfds {REDACTED} tok1234"
+
+
+def test_a_password_of_a_secret_url_is_masked_alone_from_8_characters():
+    assert Masker(["https://svc:pass1234@hooks.example/in"]).mask("pass1234") == REDACTED
+    assert Masker(["https://svc:pass123@hooks.example/in"]).mask("pass123") == "pass123"
+
+
+def test_a_secret_url_that_urlsplit_refuses_is_still_masked_whole():
+    # a bracket that does not close: no parts, and no crash building the masker (mutation
+    # audit: the crash went unnoticed)
+    masker = Masker(["https://[hooks.example/in/abcdefgh12345678"])
+    assert masker.mask("at https://[hooks.example/in/abcdefgh12345678") == f"at {REDACTED}"
+
+
+def test_a_masker_given_a_request_without_credentials_is_the_same_masker():
+    masker = Masker(["sk_live_ABCDEFGH"])
+    assert masker.with_credentials_of({"Content-Type": "application/json"}) is masker
 
 
 def test_urls_lose_credential_query_values_and_passwords():
