@@ -354,8 +354,9 @@ MEMORY_BOMBS = [
     "{{ ([['x' * 99999]] * 99999)|tojson|length }}",
     # widths under the cap each, over it together (security review): 200 MB apiece unguarded
     "{{ ('{0:99999}' * 2000).format('a')|length }}",
-    "{{ ('%99999s' * 2000) % (('a',) * 2000)|length }}",
+    "{{ (('%99999s' * 2000) % (('a',) * 2000))|length }}",
     "{{ ('%99999s' * 2000)|format(*(('a',) * 2000))|length }}",
+    "{{ (('%.99999f' * 2000) % ((1.5,) * 2000))|length }}",  # precisions add up too
     "{{ ('{0:.9999f}' * 20000).format(1.5)|length }}",
     # a separator an item of a list no one counted: a generator
     "{{ ('y' * 9999).join(range(20000)|map('string'))|length }}",
@@ -453,9 +454,11 @@ def test_one_step_that_would_take_minutes_is_refused(source):
     deep = list(range(99999))
     for _ in range(60):
         deep = [deep]
-    # pprint is refused before it runs, not by the size of what it took seconds to write
-    # (mutation audit: a nesting count that never grew went unnoticed)
-    refused = "pprint of so large" if "pprint" in source else "too large|too slow"
+    # pprint is refused before it runs, tojson as it writes, not by the size of what took
+    # seconds to write (mutation audit: a nesting count that never grew, and tojson left to
+    # json.dumps, went unnoticed)
+    refused = {"pprint": "pprint of so large", "tojson": "tojson output too large"}.get(
+        next((name for name in ("pprint", "tojson") if name in source), ""), "too large|too slow")
     with pytest.raises(EventRejected, match=refused):
         render(source, options={"deep": deep})
 
