@@ -139,6 +139,10 @@ def test_credential_headers_a_request_carried_are_masked_in_an_echo_of_it():
     echoed = '{"error": "bad auth", "headers": {"Authorization": "Basic c2VnLWtleS0wMDAxOg=="}}'
     assert "c2VnLWtleS0wMDAxOg" not in masker.mask(echoed)
     assert "application/json" not in masker.secrets
+    # the credential alone, without its scheme, is masked too; the scheme's word is not
+    # (mutation audit: either end of the split moved by one went unnoticed)
+    assert masker.mask("Basic auth refused: c2VnLWtleS0wMDAxOg==") == \
+        f"Basic auth refused: {REDACTED}"
 
 
 def test_credential_query_values_a_request_carried_are_masked_in_an_echo_of_it():
@@ -148,6 +152,10 @@ def test_credential_query_values_a_request_carried_are_masked_in_an_echo_of_it()
         {}, "https://hooks.example/in?api_key=litqueryKEY12345abcdef&plan=pro&sig=a%2Bb0001")
     echoed = "Invalid credentials: api_key=litqueryKEY12345abcdef sig=a+b0001 plan=pro"
     assert masker.mask(echoed) == f"Invalid credentials: api_key={REDACTED} sig={REDACTED} plan=pro"
+    # as it was sent, percent-encoded, too, and the parameters' names stay readable
+    # (mutation audit: masking "&sig=" itself went unnoticed)
+    assert masker.mask("POST /in?api_key=litqueryKEY12345abcdef&sig=a%2Bb0001&plan=pro") == \
+        f"POST /in?api_key={REDACTED}&sig={REDACTED}&plan=pro"
 
 
 def test_a_secret_is_masked_as_json_escapes_it_and_as_a_url_encodes_it():
