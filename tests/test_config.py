@@ -407,6 +407,7 @@ def test_error_says_what_was_expected(tmp_path):
     ("server: {port: 99999}", "server.port: expected 65535 or less"),
     ("server: {port: http}", "server.port: expected a whole number"),
     ("server: {max_connections: 0}", "server.max_connections: expected 1 or more"),
+    ("server: {max_request_bytes: 1023}", "server.max_request_bytes: expected 1024 or more"),
     ("egress: {allow_private_addresses: maybe}", "expected true or false"),
     ("destinations: [{name: d, plugin: webhook, settings: {url: https://a.example, "
      "headers: [1]}}]", "settings.headers: expected a mapping of keys to values"),
@@ -500,6 +501,18 @@ def test_a_config_over_1_mb_is_refused_without_reading_it_all(tmp_path, source):
     with pytest.raises(ConfigError, match="over 1024 KB") as caught:
         load_config(path, env={})
     assert caught.value.file == str(path)
+
+
+def test_a_config_of_exactly_1_mb_is_read_and_one_byte_more_refused(tmp_path):
+    # mutation audit: refusing a config equal to the limit went unnoticed
+    path = tmp_path / "router.yaml"
+    head = "storage: memory://\n#"
+    path.write_text(head + "x" * (1024 * 1024 - len(head) - 1) + "\n")
+    assert path.stat().st_size == 1024 * 1024
+    assert load_config(path, env={}).config.storage == "memory://"
+    path.write_text(path.read_text() + "\n")
+    with pytest.raises(ConfigError, match="over 1024 KB"):
+        load_config(path, env={})
 
 
 def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
