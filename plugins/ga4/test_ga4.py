@@ -176,6 +176,8 @@ def test_single_product_event_is_its_own_item():
       "creative_slot": "top"}),
     ("Product Shared", "share", {"share_via": "email", "product_id": "p1"},
      {"method": "email", "item_id": "p1", "content_type": "product"}),
+    ("Cart Shared", "share", {"share_via": "sms", "cart_id": "c1"},
+     {"method": "sms", "item_id": "c1", "content_type": "cart"}),
     ("Signed Up", "sign_up", {"method": "google"}, {"method": "google"}),
     ("Cart Viewed", "view_cart", {}, {}),
     ("Product Added to Wishlist", "add_to_wishlist", {}, {}),
