@@ -344,6 +344,8 @@ MEMORY_BOMBS = [
     # one step that multiplies: every line, every break, every nesting level
     "{{ ('x\n' * 50000)|indent(99999)|length }}",
     "{{ ('x' * 100000)|wordwrap(1, wrapstring='y' * 100000)|length }}",
+    # short words, so that the square check lets it through: the wrap string's own check
+    "{{ ('a ' * 2000)|wordwrap(1, wrapstring='x' * 99999)|length }}",
     "{{ (range(50000)|list)|tojson(indent=99999)|length }}",
     # repetition of what a container holds, not of the container's items
     "{{ [['x' * 99999]] * 99999 }}",
