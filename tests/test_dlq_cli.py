@@ -222,6 +222,22 @@ async def test_a_queue_renamed_only_in_case_is_said_and_can_be_buried(tmp_path, 
     assert buried.stdout == "buried 2 job(s) of 'Amp' in the dead letters\n", buried.stderr
 
 
+async def test_bury_takes_the_queue_of_the_very_name_before_one_differing_in_case(tmp_path):
+    # mutation audit: burying the first queue whose name matched without case, when one of
+    # the very name was there too, went unnoticed
+    for name, events in (("Amp", [track(1), track(2)]), ("amp", [track(3)])):
+        async with router_for(tmp_path, [webhook(name, "http://127.0.0.1:9/")],
+                              deliver=False) as router:
+            await router.route_many(events)
+    config = tmp_path / "router.json"
+    config.write_bytes(orjson.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                                     "destinations": []}))
+    for name, count in (("amp", 1), ("Amp", 2)):
+        buried = dlq("bury", "--destination", name, config=config)
+        assert buried.stdout == f"buried {count} job(s) of {name!r} in the dead letters\n", \
+            buried.stderr
+
+
 async def test_a_letter_prints_as_one_line_whatever_its_message_id_holds(tmp_path):
     # A client's messageId cleared the operator's screen and forged a line (CLI audit).
     async with FakeDestinationServer() as bad:
