@@ -3063,6 +3063,21 @@ async def test_a_spool_name_its_dedup_index_could_not_have_is_refused_at_open(tm
         await fits.close()
 
 
+async def test_the_longest_spool_name_its_dedup_index_can_have_is_taken(tmp_path):
+    # The index adds ".dedup-", a pid of up to 7 digits, "-" and 8 hex digits: 23 bytes, so
+    # 232 fit in 255 (mutation audit: a count 2 bytes short went unnoticed)
+    assert os.pathconf(tmp_path, "PC_NAME_MAX") == 255
+    with pytest.raises(StorageUnavailable, match="would have a name of 256 bytes"):
+        await SqliteStorage(tmp_path / ("a" * 230 + ".db")).open()
+    fits = SqliteStorage(tmp_path / ("a" * 229 + ".db"))
+    await fits.open()
+    try:
+        assert await fits.accept([Acceptance("web", "m-1", [])], window=WINDOW,
+                                 now=time.time()) == [True]
+    finally:
+        await fits.close()
+
+
 def test_a_spool_this_user_may_not_write_is_said_so_not_as_a_disk_fault(tmp_path,
                                                                         monkeypatch):
     # SQLite answers READONLY when the spool's directory is not the service user's (it
