@@ -190,6 +190,9 @@ def test_ecommerce_events_map_to_ga4_recommended_events(segment, native, props, 
 @pytest.mark.parametrize(("segment", "native", "props", "items"), [
     ("Product Viewed", "view_item", {"product_id": "p1", "name": "Hat", "price": 9.99},
      [{"item_id": "p1", "item_name": "Hat", "price": 9.99}]),
+    # a product known by its sku alone is a product too (mutation audit)
+    ("Product Viewed", "view_item", {"sku": "SKU-1", "price": 9.99},
+     [{"item_id": "SKU-1", "price": 9.99}]),
     ("Product Clicked", "select_item", {"product_id": "p1", "name": "Hat", "price": 9.99},
      [{"item_id": "p1", "item_name": "Hat", "price": 9.99}]),
     ("Product Removed", "remove_from_cart", {"product_id": "p1", "name": "Hat", "price": 9.99},
