@@ -77,7 +77,13 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
         # None failed within the last 0 s: as "no filter", a purge took every letter.
         assert "purged 0" in dlq("purge", "--since", "0s", config=config).stdout
 
-        assert "replayed 0" in dlq("replay", "--destination", "good", config=config).stdout
+        replayed = dlq("replay", "--destination", "Good", config=config)
+        assert "replayed 0" in replayed.stdout and replayed.stderr == ""  # a name it has
+        # a name it does not have is said (mutation audit: the note said for the config's
+        # own names instead went unnoticed)
+        assert dlq("list", "--destination", "gone", config=config).stderr == (
+            "note: the config has no destination named 'gone'; dead letters of a destination "
+            "since removed are still listed\n")
         assert "replayed 3" in dlq("replay", "--destination", "bad", config=config).stdout
         assert dlq("list", "--json", config=config).stdout == ""
 
