@@ -74,6 +74,10 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
         assert len(exported.stdout.splitlines()) == 2
         assert exported.stderr == "note: 2 dead letter(s), the newest; older ones are not " \
                                   "shown (raise --limit)\n"
+        # all three failed within the last hour (mutation audit: --since counted into the
+        # future, selecting nothing, went unnoticed)
+        recent = dlq("list", "--json", "--since", "1h", config=config).stdout.splitlines()
+        assert len(recent) == 3
         # None failed within the last 0 s: as "no filter", a purge took every letter.
         assert "purged 0" in dlq("purge", "--since", "0s", config=config).stdout
 
