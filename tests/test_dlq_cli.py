@@ -58,6 +58,12 @@ async def test_list_replay_and_purge_dead_letters(tmp_path):
         letters = [orjson.loads(line) for line in listed.stdout.splitlines()]
         assert sorted(letter["message_id"] for letter in letters) == ["m-1", "m-2", "m-3"]
         assert {letter["destination"] for letter in letters} == {"bad"}
+        # every field of the export, under its name (mutation audit: "request" renamed went
+        # unnoticed)
+        assert all(set(letter) == {"id", "destination", "message_id", "attempts", "failed_at",
+                                   "first_attempt_at", "accepted_at", "reason", "status",
+                                   "request", "response", "payload"} for letter in letters)
+        assert all(letter["request"]["method"] == "POST" for letter in letters)
         assert all(letter["status"] == 400 and letter["attempts"] == 1 for letter in letters)
         # what the API said, its echo of the token masked (the reason was "HTTP 400" alone)
         assert {letter["reason"] for letter in letters} == {"HTTP 400: bad token **REDACTED**"}
