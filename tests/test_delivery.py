@@ -1519,3 +1519,47 @@ async def test_a_stop_starts_no_request_it_lets_only_those_under_way_finish(tmp_
             stats = await reopened.storage.stats(now=time.time())
     assert [request.json["messageId"] for request in server.requests] == ["m-0"]
     assert stats.queues["hook"].pending == 4  # the other four go back, unsent
+
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    from tests.redis_helpers import start_redis_server, stop
+    process, port = start_redis_server(tmp_path)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop(process)
+
+
+async def test_jobs_a_sender_keeps_to_send_again_during_a_stop_go_back_to_the_queue(
+        tmp_path, monkeypatch, redis_url):
+    # A request answered during a stop's grace whose outcome the storage can neither record
+    # nor take back is kept to be sent again by this worker ('_send_again'); the stop must
+    # give it back once the storage answers, not drop it still leased: on Redis it waited
+    # out its lease, five minutes or more, before any router sent it.
+    async with FakeDestinationServer() as server:
+        server.script([Answer(500, delay=0.5)])
+        hook = webhook("hook", server.url, concurrency=1)
+        router = router_for(tmp_path, [hook], storage=redis_url)
+        await router.start()
+        release = router.storage.release
+        refusals: list[str] = []
+
+        async def retry_refused(*args, **kwargs):
+            refusals.append("retry")
+            raise StorageUnavailable("the disk is away")
+
+        async def release_refused_once(job_ids):
+            if "release" not in refusals:
+                refusals.append("release")
+                raise StorageUnavailable("the disk is away")
+            await release(job_ids)
+
+        monkeypatch.setattr(router.storage, "retry", retry_refused)
+        monkeypatch.setattr(router.storage, "release", release_refused_once)
+        await router.route(track(1))
+        await server.wait_for(1, timeout=10)
+        await router.close(grace=30)  # the 500 comes within the grace
+        assert refusals == ["retry", "release"]
+        async with router_for(tmp_path, [hook], storage=redis_url) as restarted:
+            assert await restarted.drain(timeout=20)  # not after the lease (300 s)
+    assert await delivered_ids(server) == ["m-1"]

@@ -371,6 +371,9 @@ class DestinationWorker(Sending, Health, Outcomes):
         # answered 200 would be sent again after the restart.
         leftover += [job for batch in in_flight for job in batch
                      if job.id not in self.recorded.get(id(batch), ())]
+        # And what a sender queued to send again meanwhile (``_send_again``: the storage
+        # could neither record nor take it back then), which no sender takes now.
+        leftover += [job for batch in self.undispatched for job in batch]
         self.recorded.clear()
         self.undispatched.clear()
         self.trusted_until.clear()
