@@ -151,7 +151,8 @@ class DeliveryService:
         requests in flight): ``stop`` then puts every job they hold back in the queue and
         cancels the senders, whose requests are abandoned. For when waiting out the grace
         would do harm (the router this process delivers for is gone). Call it again until
-        ``stop`` returns: a sender that just finished a request may take another batch."""
+        ``stop`` returns: a wait the stop had not begun yet when it was called (a worker
+        still finishing its lease, say) is not cut by it."""
         for task in self._tasks:
             task.cancel()
         for worker in self.workers.values():
