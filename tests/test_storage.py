@@ -3047,6 +3047,16 @@ def test_room_is_shown_in_a_unit_that_does_not_round_it_to_nothing(size, shown):
     assert amount_of_bytes(size) == shown
 
 
+async def assert_accepts(storage: SqliteStorage) -> None:
+    """``storage`` opens and accepts an event: its dedup index beside it could be made."""
+    await storage.open()
+    try:
+        assert await storage.accept([Acceptance("web", "m-1", [])], window=WINDOW,
+                                    now=time.time()) == [True]
+    finally:
+        await storage.close()
+
+
 async def test_a_spool_name_its_dedup_index_could_not_have_is_refused_at_open(tmp_path):
     # A name of 236 bytes passed `router check --storage`, then every intake failed: the
     # dedup index beside it could not be made (deployment audit).
@@ -3054,13 +3064,7 @@ async def test_a_spool_name_its_dedup_index_could_not_have_is_refused_at_open(tm
     with pytest.raises(StorageUnavailable, match="the spool's name is too long: .* over "
                                                  "the 255 a file name may have"):
         await storage.open()
-    fits = SqliteStorage(tmp_path / ("a" * 200 + ".db"))  # its index is made at intake
-    await fits.open()
-    try:
-        assert await fits.accept([Acceptance("web", "m-1", [])], window=WINDOW,
-                                 now=time.time()) == [True]
-    finally:
-        await fits.close()
+    await assert_accepts(SqliteStorage(tmp_path / ("a" * 200 + ".db")))  # index made at intake
 
 
 async def test_the_longest_spool_name_its_dedup_index_can_have_is_taken(tmp_path):
@@ -3069,13 +3073,7 @@ async def test_the_longest_spool_name_its_dedup_index_can_have_is_taken(tmp_path
     assert os.pathconf(tmp_path, "PC_NAME_MAX") == 255
     with pytest.raises(StorageUnavailable, match="would have a name of 256 bytes"):
         await SqliteStorage(tmp_path / ("a" * 230 + ".db")).open()
-    fits = SqliteStorage(tmp_path / ("a" * 229 + ".db"))
-    await fits.open()
-    try:
-        assert await fits.accept([Acceptance("web", "m-1", [])], window=WINDOW,
-                                 now=time.time()) == [True]
-    finally:
-        await fits.close()
+    await assert_accepts(SqliteStorage(tmp_path / ("a" * 229 + ".db")))
 
 
 def test_a_spool_this_user_may_not_write_is_said_so_not_as_a_disk_fault(tmp_path,
