@@ -98,20 +98,32 @@ def _contents(value: Any) -> Iterable[Any] | None:
     return None
 
 
-def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1) -> int:
+def _size(value: Any, budget: int = MAX_OUTPUT_CHARS + 1,
+          known: dict[int, int] | None = None) -> int:
     """The characters of a string, or the items of a list, tuple or dict with what they hold,
     at any depth (``[['x' * 99999]] * 99999`` is ten gigabytes, not 99,999 items). Counting
-    stops once ``budget`` is reached: only whether a value is too large matters."""
+    stops once ``budget`` is reached: only whether a value is too large matters.
+
+    A container met again is counted again (its repr writes it out again) but walked once:
+    ``known`` keeps the size of each one counted to the end, by ``id``, which holds while
+    ``value`` keeps them all alive. Forty ``{% set ns.a = [ns.a, ns.a] %}`` make a million
+    items in forty lists; walked item by item, the check alone held the event loop for more
+    than a second on a slow machine."""
     if isinstance(value, str):
         return len(value)
     items = _contents(value)
     if items is None:
         return 1
+    if known is None:
+        known = {}
+    elif (size := known.get(id(value))) is not None:
+        return size
     total = 1
     for item in items:
-        total += _size(item, budget - total)
+        total += _size(item, budget - total, known)
         if total >= budget:
-            break
+            return total  # not counted to the end, so not kept: the walk stops here anyway
+    known[id(value)] = total
     return total
 
 

@@ -465,6 +465,27 @@ def test_one_step_that_would_take_minutes_is_refused(source):
         render(source, options={"deep": deep})
 
 
+def test_a_value_that_holds_one_list_many_times_is_sized_without_walking_each_time(
+        monkeypatch):
+    # Forty doublings of [a, a] are a million items in forty lists. Walked item by item,
+    # sizing them after each step held the event loop 1.5 s on a slow machine, so the
+    # render ran out of time before the size check refused it; each list is walked once now.
+    walked = 0
+    contents = templates_module._contents
+
+    def counting(value):
+        nonlocal walked
+        walked += 1
+        return contents(value)
+
+    monkeypatch.setattr(templates_module, "_contents", counting)
+    monkeypatch.setattr(templates_module, "MAX_RENDER_SECONDS", 600.0)
+    with pytest.raises(EventRejected, match="value too large"):
+        render("{% set ns = namespace(a=1) %}{% for i in range(40) %}"
+               "{% set ns.a = [ns.a, ns.a] %}{% endfor %}{{ ns.a }}")
+    assert walked < 10_000
+
+
 def test_filters_spend_steps_too(monkeypatch):
     # 60,000 loop iterations alone are within the budget; each with a filter, over it
     # (mutation audit: filters spending no step went unnoticed)
