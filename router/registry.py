@@ -47,6 +47,9 @@ class Registry:
 
     types: dict[str, DestinationType] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)
+    entry_points: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    """Each loaded entry point's name: its package and version, and the plugin names it
+    registered (for a config that names the entry point rather than the ``plugin_name``)."""
 
     def get(self, plugin: str) -> DestinationType:
         """The type registered as ``plugin``, or a ``ConfigError`` saying why there is none."""
@@ -54,6 +57,12 @@ class Registry:
             return self.types[plugin]
         if plugin in self.broken:
             raise ConfigError(f"plugin {plugin!r} failed to load: {self.broken[plugin]}")
+        if self.entry_points.get(plugin, ("", []))[1]:
+            where, names = self.entry_points[plugin]
+            use = (f"write plugin: {names[0]}" if len(names) == 1
+                   else "write one of them as plugin:")
+            raise ConfigError(f"unknown plugin {plugin!r}: the entry point {plugin!r} of {where} "
+                              f"registers {', '.join(map(repr, names))}; {use}")
         known = ", ".join(sorted(self.types)) or "none"
         failed = "".join(f"; {name} failed to load: {why}" for name, why in self.broken.items())
         raise ConfigError(f"unknown plugin {plugin!r}; installed: {known}{failed}")
@@ -85,6 +94,7 @@ def create_registry(*, entry_points: bool = True,
                             ep.name, package, version, reason)
                 continue
             origins[module] = _Origin(ep.name, package, version)
+    from_entry_points = set(origins)
     for plugin in extra_plugins:
         _register_checked(pm, plugin)
         name = getattr(plugin, "__name__", type(plugin).__name__)
@@ -102,8 +112,15 @@ def create_registry(*, entry_points: bool = True,
             continue
         before = len(registry.types)
 
-        def register(cls: type[Destination], _origin: _Origin = origin) -> None:
+        registered: list[str] = []
+        if plugin in from_entry_points:
+            registry.entry_points[origin.name] = (f"{origin.package} {origin.version}",
+                                                  registered)
+
+        def register(cls: type[Destination], _origin: _Origin = origin,
+                     _registered: list[str] = registered) -> None:
             _add_type(registry, cls, _origin.package, _origin.version)
+            _registered.append(cls.plugin_name)
 
         try:
             returned = impl.function(register=register)

@@ -79,3 +79,22 @@ def test_a_registration_failure_is_found_by_the_entry_point_name(site: Path):
     reason = broken_reason(create_registry(), "zbadname")
     assert "plugin 'zbadname' failed to load" in reason
     assert "needs a plugin_name that is an identifier" in reason
+
+
+def test_a_config_naming_the_entry_point_is_told_the_plugin_name(site: Path):
+    # plugins.md asks for the entry point to be named as the plugin_name; a package whose
+    # two names differ is found only by its plugin_name, and the error for the entry
+    # point's name used to say "unknown plugin" and list the other name among all the
+    # installed ones, without connecting the two (plugin author audit).
+    install_plugin(site, "zalias", """
+        Probe.plugin_name = "zalias_dest"
+
+        @hookimpl
+        def router_register_destinations(register):
+            register(Probe)
+    """)
+    registry = create_registry()
+    assert registry.get("zalias_dest").package == "zalias"
+    reason = broken_reason(registry, "zalias")
+    assert ("unknown plugin 'zalias': the entry point 'zalias' of zalias 0.1 registers "
+            "'zalias_dest'; write plugin: zalias_dest") in reason
