@@ -6,7 +6,7 @@ and drops repeated ``id``s, so the event's messageId goes there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -67,5 +67,5 @@ class Acme(Destination[AcmeSettings]):
 
 
 @hookimpl
-def router_register_destinations(register):
+def router_register_destinations(register: Callable[[type[Destination[Any]]], None]) -> None:
     register(Acme)
