@@ -213,38 +213,47 @@ class DeliveryDefaults(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    timeout: float = Field(10.0, gt=0, description="seconds to wait for one request")
-    max_attempts: int = Field(150, ge=1, description="attempts before dead-lettering (by "
-                              "default more than max_age leaves room for, so that age decides)")
-    max_age: float = Field(4 * 3600.0, gt=0,
-                           description="seconds after which an undelivered event is dead-lettered")
+    # Each default is given as Field(default=...): type checkers without pydantic's plugin
+    # (a plugin author's bare mypy --strict, pyright) read no other form, and would ask for
+    # every field in DeliveryDefaults(batch_size=100).
+    timeout: float = Field(default=10.0, gt=0, description="seconds to wait for one request")
+    max_attempts: int = Field(default=150, ge=1, description="attempts before dead-lettering "
+                              "(by default more than max_age leaves room for, so that age "
+                              "decides)")
+    max_age: float = Field(default=4 * 3600.0, gt=0, description="seconds after which an "
+                           "undelivered event is dead-lettered")
     max_age_limit: float | None = Field(
-        None, gt=0, description="the longest max_age a config may set, for an API that refuses "
-        "events past an age (GA4: 72 h; its limit is half that, so events up to 36 h old "
-        "still have time for every retry)")
-    concurrency: int = Field(4, ge=1, description="requests in flight at once")
-    rate_limit: float | None = Field(None, gt=0, description="requests per second, at most")
-    batch_size: int = Field(1, ge=1, description="payloads per request, at most")
-    batch_bytes: int = Field(1_000_000, ge=1024, description="request body bytes, at most")
+        default=None, gt=0, description="the longest max_age a config may set, for an API "
+        "that refuses events past an age (GA4: 72 h; its limit is half that, so events up to "
+        "36 h old still have time for every retry)")
+    concurrency: int = Field(default=4, ge=1, description="requests in flight at once")
+    rate_limit: float | None = Field(default=None, gt=0,
+                                     description="requests per second, at most")
+    batch_size: int = Field(default=1, ge=1, description="payloads per request, at most")
+    batch_bytes: int = Field(default=1_000_000, ge=1024,
+                             description="request body bytes, at most")
     payload_overhead: int = Field(
-        0, ge=0, description="bytes build_request adds to a request for each payload beyond "
-        "its body and a separator (Mixpanel's /engage puts the project token in each "
+        default=0, ge=0, description="bytes build_request adds to a request for each payload "
+        "beyond its body and a separator (Mixpanel's /engage puts the project token in each "
         "update): the core counts them against batch_bytes")
     max_payload_bytes: int | None = Field(
-        None, ge=1, description="one payload's serialized body, at most: a larger one is "
-        "rejected when the event is routed (default: batch_bytes less payload_overhead, "
+        default=None, ge=1, description="one payload's serialized body, at most: a larger one "
+        "is rejected when the event is routed (default: batch_bytes less payload_overhead, "
         "since it could never be sent)")
-    batch_wait: float = Field(1.0, ge=0, description="seconds a partial batch waits for more")
-    backoff_initial: float = Field(1.0, gt=0, description="seconds before the first retry, "
-                                   "at most (exponential with full jitter)")
-    backoff_max: float = Field(300.0, gt=0, description="longest wait between two attempts")
-    retry_on: frozenset[int] = Field(DEFAULT_RETRY_STATUSES,
+    batch_wait: float = Field(default=1.0, ge=0,
+                              description="seconds a partial batch waits for more")
+    backoff_initial: float = Field(default=1.0, gt=0, description="seconds before the first "
+                                   "retry, at most (exponential with full jitter)")
+    backoff_max: float = Field(default=300.0, gt=0,
+                               description="longest wait between two attempts")
+    retry_on: frozenset[int] = Field(default=DEFAULT_RETRY_STATUSES,
                                      description="HTTP statuses retried; others are permanent")
-    ordered: bool = Field(False, description="hold a user's later events while one retries")
+    ordered: bool = Field(default=False,
+                          description="hold a user's later events while one retries")
     order_hold_attempts: int | None = Field(
-        None, ge=1, description="with ordered: failed attempts after which an event stops "
-        "holding its user's later events (it goes on retrying beside them); none: it holds "
-        "them until it is delivered or given up")
+        default=None, ge=1, description="with ordered: failed attempts after which an event "
+        "stops holding its user's later events (it goes on retrying beside them); none: it "
+        "holds them until it is delivered or given up")
 
     @model_validator(mode="after")
     def _room_for_a_payload(self) -> DeliveryDefaults:
