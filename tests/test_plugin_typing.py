@@ -17,19 +17,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def mypy_strict(path: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+ACME = ROOT / "examples" / "router-acme"
+
+AUTHORS_TEST = """
+from pydantic import SecretStr
+
+from router_acme import Acme, AcmeSettings
+
+settings = AcmeSettings(api_key=SecretStr("acme-key-0001"))
+destination = Acme(settings)
+"""
+"""What a plugin's own tests do with its settings model, which the example's is the model of."""
+
+
+def mypy_strict(*paths: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     # --follow-imports silent: the router is type-checked as it is installed (its own
     # checks are `make lint`'s), and only the plugin's errors are reported.
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", os.devnull, "--strict",
          "--follow-imports", "silent", "--cache-dir", str(cache), "--no-error-summary",
-         str(path)],
-        cwd=ROOT, env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=300)
+         *map(str, paths)],
+        cwd=ROOT, env={**os.environ, "MYPYPATH": f"{ROOT}{os.pathsep}{ACME}"},
+        capture_output=True, text=True, timeout=300)
 
 
 def test_the_example_plugin_passes_mypy_strict(tmp_path: Path):
     # DeliveryDefaults(batch_size=100, ...) was refused, "Missing named argument 'timeout'"
-    # and twelve more, while its fields gave their defaults positionally to Field().
-    checked = mypy_strict(ROOT / "examples" / "router-acme" / "router_acme.py", tmp_path)
+    # and twelve more, while its fields gave their defaults positionally to Field(); so was
+    # AcmeSettings(api_key=...), "Missing named argument 'base_url'", copied from it.
+    (tmp_path / "authors_test.py").write_text(AUTHORS_TEST)
+    checked = mypy_strict(ACME / "router_acme.py", tmp_path / "authors_test.py",
+                          cache=tmp_path / "cache")
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -19,7 +19,7 @@ class AcmeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_key: SecretStr = Field(description="Acme API key (Settings > API in Acme).")
-    base_url: BaseUrl = Field("https://api.acme.example",
+    base_url: BaseUrl = Field(default="https://api.acme.example",
                               description="Acme API host (a test server or proxy may stand in).")
 
 
