@@ -236,6 +236,7 @@ def test_classify_status_is_the_core_default():
     assert classify_status(429, headers={"Retry-After": "3"}).retry_after == 3
 
 
+
 def test_harness_finds_secrets_at_any_depth():
     class Region(BaseModel):
         key: SecretStr = Field(description="regional key")
@@ -291,6 +292,32 @@ class Recorder(Destination[RecorderSettings]):
 
 
 RECORDER_SETTINGS = {"api_key": "recorder-key-0001"}
+
+
+class ReadsItsHeadersInLowerCase(Recorder):
+    """Reads the vendor's own wait header, and the answer's content type, as their names
+    come in lower case (HTTP/2 sends them so, and aiohttp finds them in any case)."""
+
+    def read_response(self, payloads: Sequence[Payload], response: HttpResponse
+                      ) -> Sequence[Outcome] | None:
+        if not response.headers["content-type"].startswith("application/json"):
+            return None
+        wait = response.headers.get("x-recorder-retry-in")
+        if response.status == 200 and wait is not None:
+            return [RetryableError("busy", retry_after=float(wait))] * len(payloads)
+        return None
+
+
+def test_read_response_gets_headers_in_any_case_from_the_kit_as_from_the_router():
+    # The router hands read_response aiohttp's case-insensitive headers; the harness and the
+    # conformance suite handed it a plain dict, so a plugin that reads a header in another
+    # case than its test wrote it failed tests that production passes (plugin author audit).
+    harness = DestinationHarness(ReadsItsHeadersInLowerCase, RECORDER_SETTINGS)
+    payloads = harness.payloads(make_event("track"))
+    (outcome,) = harness.outcomes(payloads, 200, headers={"Content-Type": "application/json",
+                                                          "X-Recorder-Retry-In": "5"})
+    assert isinstance(outcome, RetryableError) and outcome.retry_after == 5
+    check_destination(ReadsItsHeadersInLowerCase, RECORDER_SETTINGS, rules=["read_response"])
 
 
 def test_harness_batches_payloads_by_group_up_to_the_batch_size():

@@ -60,13 +60,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from router.destination import (DeliveryDefaults, Destination, HttpRequest, HttpResponse,
-                                Payload, outcomes_problem, payloads_problem,
+from router.destination import (DeliveryDefaults, Destination, HttpRequest, Payload,
+                                outcomes_problem, payloads_problem,
                                 refuse_unread_amounts, request_problem)
 from router.errors import DestinationError, EventRejected, SkipEvent
 from router.events import Event
 from router.testing.events import describe_event, edge_events, event_json, sample_events
-from router.testing.harness import DestinationHarness, batches, decoded_body, spooled
+from router.testing.harness import DestinationHarness, answer, batches, decoded_body, spooled
 from router.testing.strategies import json_values, raw_events, texts
 
 ENVELOPE_SLACK = 64
@@ -302,8 +302,8 @@ class ConformanceSuite:
             batch = batches([self.harness.spooled(payload) for payload in payloads],
                             self.harness.delivery)[0]
             for status, body, headers in READ_RESPONSE_ANSWERS:
-                response = HttpResponse(status, {"Content-Type": "application/json", **headers},
-                                        body)
+                response = answer(status, {"Content-Type": "application/json", **headers},
+                                  body)
                 where = f"HTTP {status} with body {body[:40]!r} and headers {headers} for " \
                         f"{len(batch)} payloads of group {group!r}"
                 try:

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel
 
 from router.delivery import retry
@@ -62,6 +63,12 @@ def spooled(payload: Payload, *, opaque: bool = False) -> Payload:
     """The payload as ``build_request`` receives it in production, after the spool (as JSON
     text in an ``orjson.Fragment`` for a destination with ``opaque_bodies``)."""
     return from_spool(orjson.dumps(payload.body), payload.group, opaque=opaque)
+
+
+def answer(status: int, headers: Mapping[str, str] | None, body: bytes) -> HttpResponse:
+    """An answer as the router hands it to ``read_response``: its headers aiohttp's
+    case-insensitive view, where ``headers["content-type"]`` finds ``Content-Type``."""
+    return HttpResponse(status, CIMultiDictProxy(CIMultiDict(headers or {})), body)
 
 
 def batches(payloads: Iterable[Payload], delivery: DeliveryDefaults) -> list[list[Payload]]:
@@ -185,7 +192,7 @@ class DestinationHarness(Generic[DestinationT]):
         data. A ``read_response`` that returns what the router would ignore (the wrong
         number of outcomes, or one that is not None or a ``DestinationError`` with a ``str``
         reason) fails the test: the router would fall back to the status."""
-        response = HttpResponse(status, dict(headers or {}), _as_bytes(body))
+        response = answer(status, headers, _as_bytes(body))
         payloads = [self.spooled(payload) for payload in payloads]
         judged = self.destination.read_response(payloads, response)
         if judged is None:
