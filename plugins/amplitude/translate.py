@@ -250,8 +250,13 @@ def nests_deeper_than(value: Any, levels: int) -> bool:
         value = value.values()
     elif not isinstance(value, list):
         return False
-    return levels < 1 or any(nests_deeper_than(item, levels - 1) for item in value
-                             if isinstance(item, (dict, list)))
+    if levels < 1:
+        return True
+    # A loop, not any() over a generator: for the usual flat properties it makes no frame.
+    for item in value:
+        if isinstance(item, (dict, list)) and nests_deeper_than(item, levels - 1):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
