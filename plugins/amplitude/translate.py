@@ -64,8 +64,14 @@ class EventOptions:
     group_type: str | None = None
 
 
+_NO_OPTIONS = EventOptions()
+"""What an event without options gets (most do): nothing reads it to change it."""
+
+
 def event_options(options: Mapping[str, Any]) -> EventOptions:
     """Validated per-event options, or ``EventRejected`` naming the bad one."""
+    if not options:
+        return _NO_OPTIONS
     session_id = options.get("session_id")
     if session_id is not None:
         session_id = _session_id(session_id)
