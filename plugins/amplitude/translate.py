@@ -176,12 +176,13 @@ def context_fields(event: Event) -> dict[str, Any]:
     if isinstance(context.get("ip"), str):
         found["ip"] = context["ip"]  # Amplitude geolocates from it
     device = context.get("device")
-    if not isinstance(device, Mapping):
-        device = {}
-    advertising_id = device.get("advertisingId")
-    os_info = context.get("os")
-    os_name = str(os_info.get("name", "")).lower() if isinstance(os_info, dict) else ""
+    # An absent device is told apart first: isinstance against the Mapping ABC costs a call
+    # into abc's machinery, for every event.
+    advertising_id = device.get("advertisingId") \
+        if device is not None and isinstance(device, Mapping) else None
     if isinstance(advertising_id, str) and advertising_id:
+        os_info = context.get("os")
+        os_name = str(os_info.get("name", "")).lower() if isinstance(os_info, dict) else ""
         if os_name == "ios":
             found["idfa"] = advertising_id
         elif os_name == "android":
