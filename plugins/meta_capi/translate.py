@@ -151,10 +151,28 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     """Customer information: contact fields normalized and SHA-256 hashed, the ids hashed,
     IP, user agent, fbc and fbp as they are (Customer Information Parameters)."""
     traits = _traits(event)
+    data: dict[str, Any] = {}
+    if traits:  # most track and page calls carry none: no contact fields to look for
+        _contact_fields(data, traits)
+    ids = [sha256(str(value)) for value in (event.userId, event.anonymousId) if value]
+    if ids:
+        data["external_id"] = ids
+    if isinstance(event.context.get("ip"), str):
+        data["client_ip_address"] = event.context["ip"]
+    if isinstance(event.context.get("userAgent"), str):
+        data["client_user_agent"] = event.context["userAgent"]
+    for key in ("fbc", "fbp"):  # click id and browser id cookies, sent unhashed
+        value = options.get(key) or event.context.get(key) or traits.get(key)
+        if isinstance(value, str) and value:
+            data[key] = value
+    return data
+
+
+def _contact_fields(data: dict[str, Any], traits: Mapping[str, Any]) -> None:
+    """The hashed contact fields (em, ph, fn, ln, db, ge and the address's) into ``data``."""
     address = traits.get("address")
     if not isinstance(address, Mapping):
         address = {}
-    data: dict[str, Any] = {}
     _put_hashed(data, "em", _first(traits, EMAIL_KEYS), normalize_email)
     country = _first(address, ADDRESS_KEYS["country"]) or _first(traits, ADDRESS_KEYS["country"])
     code = normalize_country(country) if isinstance(country, str) else None
@@ -169,18 +187,6 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
                    "country": lambda _: code}
     for key, names in ADDRESS_KEYS.items():
         _put_hashed(data, key, _first(address, names) or _first(traits, names), normalizers[key])
-    ids = [sha256(str(value)) for value in (event.userId, event.anonymousId) if value]
-    if ids:
-        data["external_id"] = ids
-    if isinstance(event.context.get("ip"), str):
-        data["client_ip_address"] = event.context["ip"]
-    if isinstance(event.context.get("userAgent"), str):
-        data["client_user_agent"] = event.context["userAgent"]
-    for key in ("fbc", "fbp"):  # click id and browser id cookies, sent unhashed
-        value = options.get(key) or event.context.get(key) or traits.get(key)
-        if isinstance(value, str) and value:
-            data[key] = value
-    return data
 
 
 US_STATE_CODES: dict[str, str] = {  # names as normalize_name leaves them
