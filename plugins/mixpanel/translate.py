@@ -48,6 +48,10 @@ PROFILE_TRAITS = {
 # Segment context → Mixpanel default properties that its reports know.
 _CAMPAIGN_PROPERTIES = {"source": "utm_source", "medium": "utm_medium", "name": "utm_campaign",
                         "term": "utm_term", "content": "utm_content"}
+_DEVICE_PROPERTIES = (("os", "name", "$os"), ("app", "version", "$app_version_string"),
+                      ("device", "model", "$model"), ("device", "manufacturer", "$manufacturer"),
+                      ("screen", "width", "$screen_width"), ("screen", "height", "$screen_height"))
+_DEVICE_SECTIONS = frozenset(section for section, _, _ in _DEVICE_PROPERTIES)
 
 
 @dataclass(frozen=True)
@@ -174,26 +178,28 @@ def context_section(event: Event, name: str) -> Mapping[str, Any]:
 
 def context_properties(event: Event) -> dict[str, Any]:
     """Mixpanel default properties from the event's context (geolocation, URL, UTM, device)."""
+    context = event.context
     found: dict[str, Any] = {}
-    if isinstance(event.context.get("ip"), str):
-        found["ip"] = event.context["ip"]  # /import geolocates from the `ip` property
-    page = context_section(event, "page")
-    if page.get("url"):
-        found["$current_url"] = page["url"]
-    if page.get("referrer"):
-        found["$referrer"] = page["referrer"]
-    campaign = context_section(event, "campaign")
-    for key, name in _CAMPAIGN_PROPERTIES.items():
-        if campaign.get(key):
-            found[name] = campaign[key]
-    for section, key, name in (("os", "name", "$os"), ("app", "version", "$app_version_string"),
-                               ("device", "model", "$model"),
-                               ("device", "manufacturer", "$manufacturer"),
-                               ("screen", "width", "$screen_width"),
-                               ("screen", "height", "$screen_height")):
-        value = context_section(event, section).get(key)
-        if value is not None:
-            found[name] = value
+    if isinstance(context.get("ip"), str):
+        found["ip"] = context["ip"]  # /import geolocates from the `ip` property
+    page = context.get("page")
+    if isinstance(page, dict):
+        if page.get("url"):
+            found["$current_url"] = page["url"]
+        if page.get("referrer"):
+            found["$referrer"] = page["referrer"]
+    campaign = context.get("campaign")
+    if isinstance(campaign, dict):
+        for key, name in _CAMPAIGN_PROPERTIES.items():
+            if campaign.get(key):
+                found[name] = campaign[key]
+    # Most events (a browser's) carry none of these sections: one set test spares the
+    # look-ups; when one is there, the table's order is the properties' order.
+    if not _DEVICE_SECTIONS.isdisjoint(context):
+        for section, key, name in _DEVICE_PROPERTIES:
+            part = context.get(section)
+            if isinstance(part, dict) and part.get(key) is not None:
+                found[name] = part[key]
     return found
 
 
