@@ -27,6 +27,8 @@ MAX_EVENT_NAME = 255
 EARLIEST = datetime(1971, 1, 1, tzinfo=UTC)
 MAX_FUTURE = timedelta(hours=1)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+"""Made once: ``timedelta()`` with a keyword costs more than the division it serves."""
 
 # Values /import rejects as distinct_id or $insert_id because they usually mean a bug
 # (Mixpanel "400 Bad Request" troubleshooting page; the list there says "including").
@@ -108,7 +110,7 @@ def event_time(event: Event) -> int:
     if event.timestamp - event.receivedAt > MAX_FUTURE:
         raise EventRejected("timestamp is more than 1 hour after the router received the "
                             "event; Mixpanel rejects events over 1 h in the future")
-    return (event.timestamp - EPOCH) // timedelta(milliseconds=1)
+    return (event.timestamp - EPOCH) // _MILLISECOND
 
 
 def mixpanel_values(value: Any) -> Any:
