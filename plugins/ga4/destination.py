@@ -119,7 +119,7 @@ class GoogleAnalytics4(Destination[GA4Settings]):
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         self._skip_unsupported(event)
         settings = self.settings
-        limits = t.ValueLimits(settings.max_param_value_length, settings.oversized_values)
+        limits = _value_limits(settings.max_param_value_length, settings.oversized_values)
         name, pairs, made_items = t.shape(event, limits,
                                           lowercase=settings.lowercase_event_names)
         for key in ("session_id", "engagement_time_msec"):  # what GA4 sessions are made of
@@ -185,6 +185,13 @@ class GoogleAnalytics4(Destination[GA4Settings]):
         if event.type == "alias":
             raise SkipEvent("GA4 has no alias call: events of a known user carry user_id, "
                             "which joins their client ids")
+
+
+@functools.lru_cache(maxsize=16)
+def _value_limits(max_length: int, oversized: t.Oversized) -> t.ValueLimits:
+    """The settings' value limits, made once per pair: a frozen dataclass costs a call of
+    object.__setattr__ a field to build, for every event, and it is never changed."""
+    return t.ValueLimits(max_length, oversized)
 
 
 @functools.lru_cache(maxsize=16)
