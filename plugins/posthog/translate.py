@@ -41,15 +41,17 @@ _ILLEGAL_EXACT = frozenset({"[object Object]", "NaN", "None", "none", "null", "0
 _PAGE_FIELDS = {"url": "$current_url", "path": "$pathname", "referrer": "$referrer"}
 _CAMPAIGN = {"source": "utm_source", "medium": "utm_medium", "name": "utm_campaign",
              "term": "utm_term", "content": "utm_content"}
-_CONTEXT = (("os", "name", "$os"), ("os", "version", "$os_version"),
-            ("device", "id", "$device_id"), ("device", "manufacturer", "$device_manufacturer"),
-            ("device", "model", "$device_model"), ("device", "name", "$device_name"),
-            ("app", "name", "$app_name"), ("app", "version", "$app_version"),
-            ("app", "build", "$app_build"), ("app", "namespace", "$app_namespace"),
-            ("screen", "width", "$screen_width"), ("screen", "height", "$screen_height"),
-            ("screen", "density", "$screen_density"),
-            ("network", "carrier", "$network_carrier"),
-            ("library", "name", "$lib"), ("library", "version", "$lib_version"))
+# By context section, in the properties' order: each section is looked up once, and its
+# fields only when it is there (a browser's events carry the library alone).
+_CONTEXT = (("os", (("name", "$os"), ("version", "$os_version"))),
+            ("device", (("id", "$device_id"), ("manufacturer", "$device_manufacturer"),
+                        ("model", "$device_model"), ("name", "$device_name"))),
+            ("app", (("name", "$app_name"), ("version", "$app_version"),
+                     ("build", "$app_build"), ("namespace", "$app_namespace"))),
+            ("screen", (("width", "$screen_width"), ("height", "$screen_height"),
+                        ("density", "$screen_density"))),
+            ("network", (("carrier", "$network_carrier"),)),
+            ("library", (("name", "$lib"), ("version", "$lib_version"))))
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,12 @@ def context_properties(event: Event) -> dict[str, Any]:
     """PostHog's default properties from the Segment context."""
     context = event.context
     found: dict[str, Any] = {}
-    for section, key, name in _CONTEXT:
+    for section, fields in _CONTEXT:
         part = context.get(section)
-        if isinstance(part, dict) and part.get(key) is not None:
-            found[name] = part[key]
+        if isinstance(part, dict):
+            for key, name in fields:
+                if part.get(key) is not None:
+                    found[name] = part[key]
     for key, name in (("ip", "$ip"), ("locale", "$locale"), ("timezone", "$timezone"),
                       ("userAgent", "$useragent")):
         if context.get(key) is not None:
