@@ -63,8 +63,14 @@ class EventOptions:
     group_type: str | None = None
 
 
+_NO_OPTIONS = EventOptions()
+"""What an event without options gets (most do): nothing reads it to change it."""
+
+
 def event_options(options: Mapping[str, Any]) -> EventOptions:
     """Validated per-event options, or ``EventRejected`` naming the bad one."""
+    if not options:
+        return _NO_OPTIONS
     groups = options.get("groups") or {}
     if not isinstance(groups, dict) or not all(
             isinstance(key, str) and isinstance(value, str) and value
