@@ -266,10 +266,13 @@ def nests_deeper_than(value: Any, levels: int) -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Builder:
     """Builds the Amplitude events of one Segment event, which all share its ids, time,
-    context, session and event-level groups."""
+    context, session and event-level groups.
+
+    Not frozen, though nothing changes it: a frozen dataclass pays an ``object.__setattr__``
+    call a field to be built, and one is built for every event."""
 
     event: Event
     options: EventOptions
