@@ -141,10 +141,13 @@ def context_properties(event: Event) -> dict[str, Any]:
     return found
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Builder:
     """Builds the capture event of one Segment event: identity, time, uuid and the context's
-    properties are shared by every kind."""
+    properties are shared by every kind.
+
+    Not frozen, though nothing changes it: a frozen dataclass pays an ``object.__setattr__``
+    call a field to be built, and one is built for every event."""
 
     event: Event
     options: EventOptions
