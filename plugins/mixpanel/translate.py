@@ -56,9 +56,11 @@ _DEVICE_PROPERTIES = (("os", "name", "$os"), ("app", "version", "$app_version_st
 _DEVICE_SECTIONS = frozenset(section for section, _, _ in _DEVICE_PROPERTIES)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Identity:
-    """Who an event is about, as Mixpanel names them."""
+    """Who an event is about, as Mixpanel names them. Not frozen, though nothing changes it:
+    a frozen dataclass pays an ``object.__setattr__`` call a field to be built, and one is
+    built for every event."""
 
     distinct_id: str
     properties: dict[str, str]
