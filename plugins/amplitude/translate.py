@@ -308,6 +308,10 @@ def track_events(builder: Builder, name: str, *, product_purchased: bool,
     listed = event.properties.get("products")
     products = [item for item in listed if isinstance(item, dict)] \
         if product_purchased and name == ORDER_COMPLETED and isinstance(listed, list) else []
+    if not products:  # most track calls: the order's revenue, if any, stays on the event
+        return [builder.amplitude_event(name, event_properties=dict(event.properties),
+                                        user_properties=attribution(event),
+                                        **_order_revenue(event.properties))]
     order = {key: event.properties[key] for key in ("order_id", "currency")
              if event.properties.get(key) is not None}
     on_products = [revenue_fields({**order, **product}) if revenue_per_product else {}
