@@ -350,7 +350,12 @@ def params(pairs: Mapping[str, Any], limits: ValueLimits,
             if made_items is None:
                 result[name] = given_items(value, limits)
             continue
-        result[name] = limits.scalar(f"param {name!r}", value, PAGE_PARAM_VALUE_MAX.get(name))
+        max_length = PAGE_PARAM_VALUE_MAX.get(name)
+        if isinstance(value, (int, float)) or isinstance(value, str) \
+                and len(value) <= (max_length or limits.max_length):
+            result[name] = value  # as scalar() leaves it, without formatting where it is
+        else:
+            result[name] = limits.scalar(f"param {name!r}", value, max_length)
     if made_items is not None:
         result["items"] = made_items
     if len(result) > PARAMS_MAX:
