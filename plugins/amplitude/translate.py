@@ -289,7 +289,9 @@ class Builder:
             body["session_id"] = self.options.session_id
         if self.options.groups:
             body["groups"] = dict(self.options.groups)
-        body.update({key: value for key, value in fields.items() if value not in (None, {})})
+        for key, value in fields.items():  # a loop: a comprehension is a function to make
+            if value is not None and value != {}:
+                body[key] = value
         for name in ("event_properties", "user_properties", "group_properties"):
             if name in body and nests_deeper_than(body[name], MAX_DEPTH):
                 raise EventRejected(f"{name} nest deeper than {MAX_DEPTH} levels, the most "
