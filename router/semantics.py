@@ -67,9 +67,10 @@ SIGNED_UP = "Signed Up"
 def products(event: Event) -> list[dict]:
     """The event's ``products[]`` (only the objects), or the event's own properties as one
     product for single-product events such as Product Added."""
-    listed = event.properties.get("products")
+    properties = event.properties
+    listed = properties.get("products")
     if isinstance(listed, list):
         return [item for item in listed if isinstance(item, dict)]
-    if any(key in event.properties for key in ("product_id", "sku")):
-        return [event.properties]
+    if "product_id" in properties or "sku" in properties:  # not any(): no generator to make
+        return [properties]
     return []
