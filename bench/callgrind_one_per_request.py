@@ -45,18 +45,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import orjson
 
-from bench.delivery import (ROOT, SinkProcess, chunks_of, delivered, quiet_router_logs,
-                            route_chunk)
+from bench.callgrind import UNDER_VALGRIND, instrumentation, under_callgrind
+from bench.delivery import SinkProcess, chunks_of, delivered, quiet_router_logs, route_chunk
 from bench.events import event_mix
 from router.config import parse_config
 from router.delivery import worker as delivery_worker
@@ -71,10 +67,6 @@ delivers in ``LEASE_AHEAD`` seconds at the rate it sees (up to ``MAX_LEASE``): a
 callgrind allows, its leases would be this much smaller than at full speed, and their
 number would follow the machine's load. Scaled back, it leases ``MAX_LEASE`` at a time, as
 it does at full speed on this path, and the count repeats."""
-UNDER_VALGRIND = "valgrind" in os.environ.get("LD_PRELOAD", "") or any(
-    "vgpreload" in line for line in Path("/proc/self/maps").read_text().splitlines())
-
-
 POLL = 0.5
 """Seconds between two looks at whether every job is delivered."""
 
@@ -89,20 +81,6 @@ def make_router(directory: str, url: str, *, deliver: bool, concurrency: int) ->
                                 "delivery": {"concurrency": concurrency}}]}
     loaded = parse_config(orjson.dumps(config).decode(), file="bench.yaml", env={})
     return Router(loaded, registry=create_registry(), deliver=deliver)
-
-
-def instrumentation(on: bool) -> None:
-    """Switch callgrind's instrumentation for this process. ``callgrind_control`` reaches it
-    through vgdb, which forces its way in (ptrace) while this process waits, blocked: a wait
-    that ran code (a loop polling the child) was counted, for as long as the machine's load
-    made it last, and moved the count by ±0.5 %."""
-    if not UNDER_VALGRIND:
-        return
-    said = subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,
-                          check=False).stdout.decode()
-    if "OK." not in said:  # it exits 0 when it finds no such process
-        raise RuntimeError(f"callgrind_control failed: {said}")
 
 
 async def deliver_all(events: int, concurrency: int) -> dict[str, float]:
@@ -144,29 +122,11 @@ async def deliver_all(events: int, concurrency: int) -> dict[str, float]:
             "seconds": round(seconds, 1)}
 
 
-def instructions_in(path: Path) -> int:
-    """The total callgrind counted (its ``totals:`` line; ``summary:`` counts only what
-    was collected before the last dump, none here)."""
-    found = re.search(r"^totals:\s*(\d+)", path.read_text(), re.MULTILINE)
-    if found is None:
-        raise ValueError(f"no totals in {path}")
-    return int(found.group(1))
-
-
-def under_callgrind(events: int, concurrency: int, out: Path) -> dict[str, float]:
-    """Run this script again under callgrind (instrumentation off at start) and read back
-    what it counted."""
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-               f"--callgrind-out-file={out}", sys.executable, "-m",
-               "bench.callgrind_one_per_request", "--events", str(events),
-               "--concurrency", str(concurrency), "--inner"]
-    # A fixed hash seed: with a random one, which names collide in dicts and in the type
-    # attribute cache changes from run to run, and the count with it (by ±0.2 %).
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    run = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, check=True)
-    result = orjson.loads(run.stdout.splitlines()[-1])
-    instructions = instructions_in(out)
+def run_under_callgrind(events: int, concurrency: int, out: Path) -> dict[str, float]:
+    """Run this script again under callgrind and read back what it counted."""
+    result, instructions = under_callgrind(
+        "bench.callgrind_one_per_request",
+        ["--events", str(events), "--concurrency", str(concurrency)], out)
     return {**result, "instructions": instructions,
             "instructions_per_request": round(instructions / result["requests"])}
 
@@ -185,7 +145,7 @@ def main() -> None:
         result = asyncio.run(deliver_all(args.events, args.concurrency))
         print(orjson.dumps(result).decode(), flush=True)
     else:
-        print(orjson.dumps(under_callgrind(args.events, args.concurrency,
+        print(orjson.dumps(run_under_callgrind(args.events, args.concurrency,
                                                    args.out.resolve())).decode())
 
 
