@@ -39,7 +39,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
 
 from router.routing import Router
 from router.errors import StorageFull, StorageMisconfigured, StorageUnavailable
-from router.storage import storage_for_url
+from router.storage import bundle_format, storage_for_url
 from router.storage.base import (Acceptance, DeadLetter, DeadLetterFilter, Failure, Job,
                                  NewJob, amount_of_bytes)
 from router.storage.memory import MemoryStorage
@@ -1837,6 +1837,24 @@ async def test_sqlite_every_row_of_jobs_carries_its_bodys_checksum(tmp_path):
         rows = connection.execute("SELECT message_id, body, body_crc FROM jobs").fetchall()
     assert sorted(message_id for message_id, _, _ in rows) == ["bundled", "ordered", "replayed"]
     assert all(crc == zlib.crc32(body) for _, body, crc in rows)
+
+
+def test_bundles_of_one_accept_that_share_bodies_carry_each_bodys_own_checksum():
+    # An accept computes a shared body's CRC once for all its bundles (by the body object):
+    # each body, shared or not, still carries its own, and none reads as damaged.
+    shared, other = b'{"shared":1}', b'{"other":2}'
+    alike = b"".join([b'{"shared":', b"1}"])  # equal to `shared`, another object
+    known: bundle_format.BodyChecksums = {}
+    first = bundle_format.pack_bundle([NewJob("a", "m1", "u", "g", shared),
+                                       NewJob("a", "m2", "u", "g", other)], known)
+    second = bundle_format.pack_bundle([NewJob("b", "m2", "u", "g", other),
+                                        NewJob("b", "m1", "u", "g", shared),
+                                        NewJob("b", "m3", "u", "g", alike)], known)
+    assert bundle_format.unpack_bundle(first, 2) == (
+        [("m1", "u", "g", shared), ("m2", "u", "g", other)], {})
+    assert bundle_format.unpack_bundle(second, 3) == (
+        [("m2", "u", "g", other), ("m1", "u", "g", shared), ("m3", "u", "g", alike)], {})
+    assert all(crc == zlib.crc32(body) for body, crc in known.values())
 
 
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from router.storage.base import Acceptance, Job, NewJob
-from router.storage.bundle_format import pack_bundle, unpack_bundle
+from router.storage.bundle_format import BodyChecksums, crc_of, pack_bundle, unpack_bundle
 from router.storage.sqlite.writer import Writer, _insert_rows
 
 LANE_BITS = 40
@@ -198,30 +198,33 @@ class _Lane:
     lock."""
 
     def __init__(self, destination: str, ordered: bool, jobs: list[NewJob], owners: list[int],
-                 now: float) -> None:
+                 now: float, known: BodyChecksums) -> None:
         self.destination = destination
         self.ordered = ordered
         self.jobs = jobs
         self.owners = owners
         """The index of the event each job belongs to."""
         self.now = now
+        self._known = known
+        """The CRCs of the accept's bodies so far, shared by its lanes (``crc_of``)."""
         if ordered:
             self.insert, self.width = _ORDERED_INSERT, 9
             self._values: list[Any] = [
                 value for job in jobs for value in (0, destination, job.message_id,
                                                     job.user_key, job.group, job.body, now, now,
-                                                    zlib.crc32(job.body))]
+                                                    crc_of(job.body, known))]
         else:
             self.insert, self.width = _BUNDLE_INSERT, 4
             self._values = [
                 value for start in range(0, len(jobs), MAX_BUNDLE_JOBS)
-                for value in (0, 0, now, pack_bundle(jobs[start:start + MAX_BUNDLE_JOBS]))]
+                for value in (0, 0, now,
+                              pack_bundle(jobs[start:start + MAX_BUNDLE_JOBS], known))]
 
     def of(self, accepted: list[bool]) -> _Lane:
         """The same without the jobs of duplicate events."""
         kept = [n for n, owner in enumerate(self.owners) if accepted[owner]]
         return _Lane(self.destination, self.ordered, [self.jobs[n] for n in kept],
-                     [self.owners[n] for n in kept], self.now)
+                     [self.owners[n] for n in kept], self.now, self._known)
 
     def values(self, first: int) -> list[Any]:
         """The values to insert, flat, with job ids from ``first`` on."""
@@ -248,7 +251,8 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
                 lane = jobs[(job.destination, job.ordered)] = ([], [])
             lane[0].append(job)
             lane[1].append(index)
-    return [_Lane(destination, ordered, lane_jobs, owners, now)
+    known: BodyChecksums = {}  # lives as long as `items`, which hold the bodies
+    return [_Lane(destination, ordered, lane_jobs, owners, now, known)
             for (destination, ordered), (lane_jobs, owners) in jobs.items()]
 
 
