@@ -52,7 +52,7 @@ from bench.callgrind import UNDER_VALGRIND, instrumentation, under_callgrind
 from bench.delivery import chunks_of, make_router, quiet_router_logs, segment
 from bench.events import event_mix
 from router import routing
-from router.routing import Router, _jobs
+from router.routing import Router, _acceptances
 from router.runtime import tune_garbage_collector
 from router.storage.base import Acceptance
 
@@ -76,9 +76,8 @@ def acceptances_of(router: Router, events: Sequence[Any], sizes: Sequence[int]
     received = datetime.now(UTC)
     results = [router.plan(event, received_at=received, size=size)
                for event, size in zip(events, sizes)]
-    return [Acceptance(routing.DEFAULT_SOURCE, result.message_id or "",
-                       _jobs(result, router._queued_as))
-            for result in results if result.event is not None]
+    return _acceptances([result for result in results if result.event is not None],
+                        routing.DEFAULT_SOURCE, router._queued_as)
 
 
 async def count(events: int, part: str) -> dict[str, Any]:

@@ -85,8 +85,9 @@ import orjson
 
 from bench.events import event_mix
 from router.config import parse_config
+from router.delivery.batching import queued_group
 from router.registry import create_registry
-from router.routing import Router, Status, _jobs
+from router.routing import Router, Status, _acceptances
 from router.runtime import tune_garbage_collector
 from router.storage.base import Acceptance, Failure, NewJob
 from router.storage.memory import MemoryStorage
@@ -529,10 +530,9 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
         planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
                                           for i in range(destinations)],
                               deliver=False, storage=MemoryStorage())
-        queued_as = {destination.name: (destination.plugin.name, False)
+        queued_as = {destination.name: (queued_group(destination.plugin.name, ""), False)
                      for destination in planner.destinations}
-        items = [Acceptance("default", result.message_id or "", _jobs(result, queued_as))
-                 for result in planned(planner, count, seed=13)]
+        items = _acceptances(planned(planner, count, seed=13), "default", queued_as)
         jobs = sum(len(item.jobs) for item in items)
         storage = SqliteStorage(Path(directory) / "spool.db")
         await storage.open()
