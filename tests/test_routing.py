@@ -19,6 +19,7 @@ from pydantic import BaseModel, SecretStr
 from router import (Destination, EventRejected, HttpRequest, Payload, SkipEvent, hookimpl,
                     parse_event)
 from router.config import parse_config
+from router.destination import checked_payloads
 from router.errors import ConfigError
 from router.registry import create_registry
 from router import routing
@@ -740,3 +741,23 @@ def test_the_router_and_its_config_are_importable_from_the_package():
     assert package.Router is Router and package.Status is Status
     assert package.parse_config is parse_config
     assert {"Router", "RouteResult", "parse_config", "load_config"} <= set(package.__all__)
+
+
+def test_translate_answers_are_checked_the_same_on_the_fast_path_and_off_it():
+    # checked_payloads lets the usual list of Payload through without calling
+    # payloads_problem; what it refuses, and the subclasses it takes, are as before.
+    class Group(str):
+        pass
+
+    class MyPayload(Payload):
+        pass
+
+    usual = [Payload({"a": 1}), Payload({"b": 2}, "g")]
+    assert checked_payloads(usual) is usual
+    for accepted in ([Payload({}, Group("g"))], [MyPayload({})], (Payload({}),), []):
+        assert checked_payloads(accepted) is accepted
+    for refused, says in (([Payload({}), ({}, "")], "item 1 "),
+                          ([Payload({}, 3)], "item 0 "),  # type: ignore[arg-type]
+                          ((p for p in usual), "generator, not a list of Payload")):
+        with pytest.raises(TypeError, match=f"translate returned {says}"):
+            checked_payloads(refused)
