@@ -33,11 +33,15 @@ _ENABLED = Decision(True)
 class IntegrationsMap:
     """An event's ``integrations`` object, read once so each destination's lookup is cheap."""
 
-    __slots__ = ("all_on", "named")
+    __slots__ = ("all_on", "named", "if_on_by_default")
 
     def __init__(self, integrations: Mapping[str, Any] | None) -> None:
         self.all_on = True
         self.named: dict[str, Any] = {}
+        self.if_on_by_default: Decision | None = _ENABLED
+        """The decision for every destination on by default when the map names none and
+        leaves "All" on (most events carry no map at all), else None: ``decide`` gives the
+        same, and routing, which runs for every destination of every event, need not ask."""
         if not integrations:
             return
         for key, value in integrations.items():
@@ -46,6 +50,8 @@ class IntegrationsMap:
                 self.all_on = value is not False
             else:
                 self.named[name] = value
+        if self.named or not self.all_on:
+            self.if_on_by_default = None
 
     def decide(self, name: str, *, default_on: bool = True) -> Decision:
         """The decision for the destination configured as ``name``."""

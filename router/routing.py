@@ -348,7 +348,9 @@ class Router:
     def _decide(self, destination: ConfiguredDestination, event: Event,
                 integrations: IntegrationsMap) -> DestinationResult:
         name = destination.name
-        decision = integrations.decide(name, default_on=destination.default_on)
+        decision = integrations.if_on_by_default if destination.default_on else None
+        if decision is None:
+            decision = integrations.decide(name, default_on=destination.default_on)
         if not decision.enabled:
             return DestinationResult(name, _SKIPPED, decision.reason)
         if destination.event_filter is not None:

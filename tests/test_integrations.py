@@ -77,6 +77,21 @@ def test_integrations_rules(integrations, name, default_on, enabled, options):
         assert name in decision.reason
 
 
+@pytest.mark.parametrize("integrations, name, default_on, enabled, options",
+                         [*TABLE, ({"All": True}, "Audit", True, ON, {}),
+                          ({"all": None}, "Audit", True, ON, {})])
+def test_the_decision_routing_takes_without_asking_is_the_one_decide_gives(
+        integrations, name, default_on, enabled, options):
+    # Routing takes if_on_by_default for a destination on by default, when the map has one,
+    # instead of asking decide: it must be what decide would have said, for every map.
+    shortcut = IntegrationsMap(integrations).if_on_by_default
+    if default_on and shortcut is not None:
+        assert shortcut == decide(integrations, name, default_on=True)
+    assert (shortcut is not None) == (not integrations or (
+        all(key.lower() == "all" for key in integrations) and
+        all(value is not False for value in integrations.values())))
+
+
 def test_one_map_decides_for_many_destinations():
     integrations = IntegrationsMap({"All": False, "slack": True, "Mixpanel": {"x": 1}})
     assert integrations.decide("Slack").enabled
