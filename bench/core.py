@@ -26,7 +26,7 @@ from router.config import parse_config
 from router.events import parse_event
 from router.integrations import IntegrationsMap
 from router.routing import Router, Status
-from router.routing import _serialize as serialize
+from router.routing import _SERIALIZED as SERIALIZED, _serialize as serialize
 from router.runtime import tune_garbage_collector
 from router.storage.base import Acceptance
 from router.storage.memory import MemoryStorage
@@ -90,12 +90,13 @@ def direct_translators(router: Router) -> Callable[[bytes], int]:
     def run(raw: bytes) -> int:
         event = parse_event(orjson.loads(raw), received_at=received, size=len(raw))
         produced = 0
+        serialized: dict[int, Any] = event.shared(SERIALIZED, dict)  # once an event, as plan
         for adapter in adapters:
             try:
                 payloads = adapter.translate(event, {})
             except Exception:  # noqa: BLE001 - skips and rejections count as no output
                 continue
-            produced += sum(len(serialize(payload.body, event)) for payload in payloads)
+            produced += sum(len(serialize(payload.body, serialized)) for payload in payloads)
         return produced
 
     return run

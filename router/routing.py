@@ -341,12 +341,16 @@ class Router:
                 return _invalid(event, "the router could not read this event (an internal "
                                        "error; the router's log has the details)")
         integrations = IntegrationsMap(parsed.integrations)
+        serialized: dict[int, tuple[Any, bytes]] = parsed.shared(_SERIALIZED, dict)
         return RouteResult(parsed.messageId, parsed,
-                           [self._decide(destination, parsed, integrations)
+                           [self._decide(destination, parsed, integrations, serialized)
                             for destination in self.destinations])
 
     def _decide(self, destination: ConfiguredDestination, event: Event,
-                integrations: IntegrationsMap) -> DestinationResult:
+                integrations: IntegrationsMap,
+                serialized: dict[int, tuple[Any, bytes]] | None = None) -> DestinationResult:
+        """``serialized``, the event's bodies serialized so far (``_serialize``), is read
+        once by ``plan`` for all the destinations; else here."""
         name = destination.name
         decision = integrations.if_on_by_default if destination.default_on else None
         if decision is None:
@@ -359,7 +363,9 @@ class Router:
                 return DestinationResult(name, _SKIPPED, reason)
         try:
             payloads = destination.translate(event, decision.options)
-            bodies = [_serialize(payload.body, event) for payload in payloads]
+            if serialized is None:
+                serialized = event.shared(_SERIALIZED, dict)
+            bodies = [_serialize(payload.body, serialized) for payload in payloads]
             limit = destination.payload_limit
             for body in bodies:
                 if len(body) > limit:
@@ -408,10 +414,14 @@ async def _finished(closing: asyncio.Future[None]) -> None:
             raise
 
 
-def _serialize(body: Any, event: Event) -> bytes:
-    """``body`` as JSON. The event keeps its bodies serialized so far, by object, so that a
-    body several destinations share (``Event.shared``) is serialized once."""
-    serialized: dict[int, tuple[Any, bytes]] = event.shared("router:serialized", dict)
+_SERIALIZED = "router:serialized"
+"""The key of an event's bodies serialized so far (``Event.shared``), for ``_serialize``."""
+
+
+def _serialize(body: Any, serialized: dict[int, tuple[Any, bytes]]) -> bytes:
+    """``body`` as JSON. The event keeps its bodies serialized so far, by object
+    (``serialized``, under ``_SERIALIZED``), so that a body several destinations share
+    (``Event.shared``) is serialized once."""
     known = serialized.get(id(body))
     if known is not None and known[0] is body:
         return known[1]
