@@ -55,3 +55,11 @@ def test_the_ingest_benchmark_delivers_everything_and_stops_cleanly(monkeypatch)
     assert figures["load"]["total_events_acknowledged"] > 0
     assert figures["delivery"]["all_delivered"]
     assert figures["shutdown"]["exit_code"] == 0
+
+
+@pytest.mark.parametrize("part", ["route", "plan", "accept"])
+def test_the_callgrind_route_driver_runs_each_part_outside_valgrind(part):
+    # Outside valgrind the instrumentation calls are skipped: what runs is what is counted.
+    # In a child, as the delivery phases: it sends the router's log to a file of its own.
+    result = in_child("bench.callgrind_route", "count", events=600, part=part)
+    assert result == {**result, "events": 600, "part": part, "jobs": 3 * 600}
