@@ -1,7 +1,7 @@
-"""What the callgrind drivers (``bench.callgrind_one_per_request``, ``bench.callgrind_route``)
-share: running a driver again under ``valgrind --tool=callgrind --instr-atstart=no``,
-switching the instrumentation on and off around the part they count, and reading back
-the instructions callgrind counted.
+"""What the callgrind drivers (``bench.callgrind_one_per_request``, ``bench.callgrind_route``,
+``bench.callgrind_translate``) share: running a driver again under
+``valgrind --tool=callgrind --instr-atstart=no``, switching the instrumentation on and off
+around the part they count, and reading back the instructions callgrind counted.
 
 Wall-clock rates on a shared 2-core machine move by ±10 % from run to run; callgrind counts
 instructions, which do not depend on the load, so a change can be weighed to a fraction of

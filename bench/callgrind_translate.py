@@ -13,7 +13,7 @@ instrumentation on, each routed through ``Router._decide`` for the plugin's one 
 (integrations map, ``translate``, serialization), as the benchmark's per-plugin figure does.
 It prints, as JSON, the instructions counted and their number per event; the file is kept
 (``callgrind.translate.<plugin>.out`` by default) for ``callgrind_annotate``. Switching
-instrumentation on and off and reading the total are ``bench.callgrind_one_per_request``'s.
+instrumentation on and off and reading the total are ``bench.callgrind``'s.
 ``--inner`` without valgrind runs too, which checks the driver.
 """
 
@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import subprocess
-import sys
+from collections import Counter
 from datetime import datetime, UTC
 from pathlib import Path
 
 import orjson
 
-from bench.callgrind_one_per_request import instructions_in, instrumentation
+from bench.callgrind import instrumentation, under_callgrind
 from bench.core import BENCH_DESTINATIONS, make_router
-from bench.delivery import ROOT
 from bench.events import event_mix
 from router.events import parse_event
 from router.integrations import IntegrationsMap
@@ -50,22 +47,15 @@ def translate_all(plugin: str, events: int) -> dict[str, object]:
     tune_garbage_collector()
     gc.collect()
     instrumentation(True)
-    for event in parsed:
-        router._decide(destination, event, integrations)
+    results = [router._decide(destination, event, integrations) for event in parsed]
     instrumentation(False)
-    return {"plugin": plugin, "events": events}
+    return {"plugin": plugin, "events": events,
+            "statuses": dict(Counter(str(result.status) for result in results))}
 
 
-def under_callgrind(plugin: str, events: int, out: Path) -> dict[str, object]:
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-               f"--callgrind-out-file={out}", sys.executable, "-m",
-               "bench.callgrind_translate", "--plugin", plugin, "--events", str(events),
-               "--inner"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # as bench.callgrind_one_per_request says
-    run = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, check=True)
-    result = orjson.loads(run.stdout.splitlines()[-1])
-    instructions = instructions_in(out)
+def run_under_callgrind(plugin: str, events: int, out: Path) -> dict[str, object]:
+    result, instructions = under_callgrind(
+        "bench.callgrind_translate", ["--plugin", plugin, "--events", str(events)], out)
     return {**result, "instructions": instructions,
             "instructions_per_event": round(instructions / events)}
 
@@ -83,7 +73,8 @@ def main() -> None:
         print(orjson.dumps(translate_all(args.plugin, args.events)).decode(), flush=True)
     else:
         out = args.out or Path(f"callgrind.translate.{args.plugin}.out")
-        print(orjson.dumps(under_callgrind(args.plugin, args.events, out.resolve())).decode())
+        print(orjson.dumps(run_under_callgrind(args.plugin, args.events,
+                                               out.resolve())).decode())
 
 
 if __name__ == "__main__":

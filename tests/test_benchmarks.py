@@ -4,10 +4,14 @@ docs/performance.md, never asserted here; what is checked is that every event go
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import orjson
 import pytest
 
 from bench import core, ingest, replay
-from bench.delivery import in_child, start_sinks
+from bench.delivery import ROOT, in_child, start_sinks
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +67,14 @@ def test_the_callgrind_route_driver_runs_each_part_outside_valgrind(part):
     # In a child, as the delivery phases: it sends the router's log to a file of its own.
     result = in_child("bench.callgrind_route", "count", events=600, part=part)
     assert result == {**result, "events": 600, "part": part, "jobs": 3 * 600}
+
+
+@pytest.mark.parametrize("plugin", ["amplitude", "meta_capi"])
+def test_the_callgrind_translate_driver_translates_every_event_outside_valgrind(plugin):
+    # Its --inner run, as valgrind starts it: in a process of its own, since it tunes the
+    # garbage collector as the router does.
+    run = subprocess.run([sys.executable, "-m", "bench.callgrind_translate", "--plugin", plugin,
+                          "--events", "300", "--inner"], cwd=ROOT, stdout=subprocess.PIPE,
+                         check=True, timeout=120)
+    result = orjson.loads(run.stdout.splitlines()[-1])
+    assert sum(result["statuses"].values()) == 300 and result["statuses"].get("send", 0) > 200
