@@ -1483,6 +1483,32 @@ async def test_sqlite_a_large_accept_is_spooled_in_several_bundles(spool, tmp_pa
     assert [j.message_id for j in await lease(spool)] == ["m-5", "m-6", "m-7"]
 
 
+@pytest.mark.parametrize("seed", range(6))
+async def test_sqlite_leases_take_the_oldest_jobs_neither_held_nor_settled_whatever_came_before(
+        spool, monkeypatch, seed):
+    # Bundles of 7, leases of any size, and completions and releases of any held jobs in
+    # between: a lease that runs through a bundle whole and one that steps over settled or
+    # held jobs, or over a bundle's end, must each take exactly the oldest jobs to take.
+    monkeypatch.setattr("router.storage.sqlite.lanes.MAX_BUNDLE_JOBS", 7)
+    rng = random.Random(seed)
+    names = [f"m-{n:03}" for n in range(60)]
+    for start in range(0, len(names), 20):  # three accepts: bundles of 7, 7 and 6 each
+        await accept(spool, *(item(name) for name in names[start:start + 20]))
+    held: dict[str, Job] = {}
+    settled: set[str] = set()
+    for _ in range(40):
+        size = rng.choice([1, 2, 5, 7, 9, 15, 30])
+        expected = [name for name in names if name not in held and name not in settled][:size]
+        leased = await lease(spool, size)
+        assert [j.message_id for j in leased] == expected
+        held.update((j.message_id, j) for j in leased)
+        chosen = rng.sample(sorted(held), k=rng.randint(0, len(held)))
+        done, back = chosen[:len(chosen) // 2], chosen[len(chosen) // 2:]
+        await spool.complete([held.pop(name) for name in done])
+        settled.update(done)
+        await spool.release([held.pop(name).id for name in back])
+
+
 def spool_rows(path: Path) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(path)) as connection, connection:
         return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
