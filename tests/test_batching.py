@@ -293,3 +293,17 @@ def test_batches_are_cut_as_item_by_item_whatever_the_groups_sizes_and_limits(
     group, size = (lambda item: item[0]), (lambda item: item[1])
     assert batches(iter(numbered), delivery, group=group, size=size) == \
         _cut_one_by_one(numbered, delivery, group, size)
+
+
+@pytest.mark.parametrize("opaque", [False, True])
+def test_a_batchs_payloads_come_from_the_spool_as_each_alone_would(opaque):
+    # The sender reads a batch's bodies in one call (all_from_spool); build_request must get
+    # what from_spool gives for each body: parsed, or for opaque_bodies the JSON as it is.
+    from router.delivery.batching import all_from_spool, from_spool
+    bodies = [b'{"a":1,"t":"2024-03-01T12:00:00Z"}', b'[1,2]', b'"x"']
+    together = all_from_spool(bodies, "g", opaque=opaque)
+    alone = [from_spool(body, "g", opaque=opaque) for body in bodies]
+    assert [payload.group for payload in together] == ["g"] * 3
+    assert orjson.dumps([payload.body for payload in together]) == \
+        orjson.dumps([payload.body for payload in alone])
+    assert all(isinstance(payload.body, orjson.Fragment) == opaque for payload in together)

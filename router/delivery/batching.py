@@ -106,3 +106,12 @@ def from_spool(body: bytes, group: str, *, opaque: bool = False) -> Payload:
     back (tuples are lists, datetimes strings). For a destination with ``opaque_bodies`` the
     body stays that JSON, as an ``orjson.Fragment`` that orjson writes out as it is."""
     return Payload(orjson.Fragment(body) if opaque else orjson.loads(body), group)
+
+
+def all_from_spool(bodies: Iterable[bytes], group: str, *, opaque: bool = False
+                   ) -> list[Payload]:
+    """``from_spool`` for each of a batch's bodies, in one call: a call of its own for each
+    body cost the batching path about 3 % of its instructions."""
+    if opaque:
+        return [Payload(orjson.Fragment(body), group) for body in bodies]
+    return [Payload(orjson.loads(body), group) for body in bodies]

@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 from router.delivery import retry
-from router.delivery.batching import built_by, from_spool
+from router.delivery.batching import all_from_spool, built_by
 from router.delivery.clock import DeliveryClock
 from router.delivery.health import Health
 from router.delivery.outcomes import DELIVERED, Outcomes
@@ -102,7 +102,7 @@ class Sending(Health, Outcomes):
         # A batch is of one queued group (``batches``), so its plugin's group is read once.
         group, opaque = built_by(batch[0].group)[1], adapter.opaque_bodies
         try:
-            payloads = [from_spool(job.body, group, opaque=opaque) for job in batch]
+            payloads = all_from_spool([job.body for job in batch], group, opaque=opaque)
             request = checked_request(adapter.build_request(payloads))
         except DestinationError as exc:
             # One outcome for every event, so none is at fault beside the others: a
