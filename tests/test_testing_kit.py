@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from router import (DeliveryDefaults, Destination, Event, EventRejected, HttpRequest,
                     HttpResponse, Outcome, Payload, PermanentError, RetryableError, SkipEvent,
@@ -261,6 +261,8 @@ def test_harness_finds_secrets_at_any_depth():
 # -- destinations for the harness and the conformance suite ---------------------------------
 
 class RecorderSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     api_key: SecretStr = Field(description="API key, sent as a bearer token.")
     base_url: str = Field("https://api.recorder.example", description="API host.")
 
@@ -566,6 +568,34 @@ def test_an_unserializable_payload_fails():
 def test_undocumented_settings_fail():
     message = failure(Undocumented)
     assert "[settings]" in message and "missing on region" in message
+
+
+class LaxRoute(BaseModel):
+    path: str = Field("/events", description="Where the route's events go.")
+
+
+class LaxNested(RecorderSettings):
+    region: str = Field("us", description="Data region: us (the default) or eu.")
+    proxy: RecorderSettings | None = Field(None, description="Nested, and strict.")
+    routes: list[LaxRoute] = Field(default_factory=list, description="Nested, and lax.")
+
+
+class IgnoresUnknownKeys(Recorder):
+    Settings = LaxNested
+
+
+class AllowsUnknownKeys(Recorder):
+    class Settings(RecorderSettings):
+        model_config = ConfigDict(extra="allow")
+
+
+def test_settings_models_that_drop_unknown_keys_fail():
+    # A misspelt `regoin: eu` passed router check and the events went to the default
+    # region, with a model that left pydantic's extra unset (plugin author audit).
+    message = failure(IgnoresUnknownKeys, rules=["settings"])
+    assert "[settings]" in message and "ignore keys they do not have" in message
+    assert "(pydantic's default): LaxRoute." in message
+    check_destination(AllowsUnknownKeys, RECORDER_SETTINGS, rules=["settings"])
 
 
 def test_a_credential_typed_str_fails_as_the_router_would_never_mask_it():

@@ -6,7 +6,9 @@ test can cover:
 
 ``settings``
     The plugin declares a ``plugin_name``, a pydantic ``Settings`` model whose fields all have
-    descriptions (they are the settings' documentation, shown by ``router plugins``), and
+    descriptions (they are the settings' documentation, shown by ``router plugins``) and
+    which, with every model nested in it, says what to do with keys it does not have
+    (``extra="forbid"``: pydantic's default drops a misspelt setting without a word), and
     ``delivery`` limits.
 ``sample_events``
     Each of the kit's sample events (every call type, e-commerce, semantic events, anonymous
@@ -193,6 +195,14 @@ class ConformanceSuite:
                                         "and this suite checks it never reaches a payload; "
                                         "if it is no secret, give it json_schema_extra="
                                         "{\"secret\": False}")
+        lax = _ignoring_unknown_keys(self.destination_cls.Settings)
+        if lax:
+            raise self.fail("settings", "settings models that ignore keys they do not have "
+                                        "(pydantic's default): " + ", ".join(lax) + ". A "
+                                        "misspelt setting in a config would pass router check "
+                                        "and be lost; give each model_config = ConfigDict("
+                                        "extra=\"forbid\"), or extra=\"allow\" where other "
+                                        "keys are meant")
 
     def _check_declarations(self) -> None:
         cls = self.destination_cls
@@ -498,6 +508,14 @@ def _all_fields(model: type[BaseModel], prefix: str = "", seen: set[type] | None
         yield prefix + name, info
         for nested in _models_in(info.annotation):
             yield from _all_fields(nested, f"{prefix}{name}.", seen)
+
+
+def _ignoring_unknown_keys(model: type[BaseModel]) -> list[str]:
+    """``model`` and the models nested in it, by name, that leave pydantic's ``extra`` unset,
+    so that a key they do not have is dropped without a word."""
+    models = [model] + [nested for _, info in _all_fields(model)
+                        for nested in _models_in(info.annotation)]
+    return list(dict.fromkeys(m.__name__ for m in models if "extra" not in m.model_config))
 
 
 def _undocumented_fields(model: type[BaseModel]) -> list[str]:
