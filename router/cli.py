@@ -11,6 +11,7 @@ import os
 import sqlite3
 import sys
 import time
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, UTC
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
+from pydantic.fields import FieldInfo
 
 from router import logs
 from router.config import LoadedConfig, load_config, parse_duration
@@ -499,8 +501,7 @@ def plugins_command(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for name in sorted(registry.types):
         kind = registry.types[name]
-        fields = [{"name": field_name, "required": info.is_required(),
-                   "description": info.description or ""}
+        fields = [_setting(field_name, info)
                   for field_name, info in kind.cls.Settings.model_fields.items()]
         rows.append({"name": name, "package": kind.package, "version": kind.version,
                      "settings": fields})
@@ -508,14 +509,47 @@ def plugins_command(args: argparse.Namespace) -> int:
         for row in rows:
             print(orjson.dumps(row).decode())
     else:
+        width = max([22, *(len(field["name"]) for row in rows for field in row["settings"])])
         for row in rows:
             print(f"{row['name']}  ({row['package']} {row['version']})")
             for field in row["settings"]:
                 required = "required" if field["required"] else "optional"
-                print(f"    {field['name']:<22} {required:<9} {field['description']}")
+                print(f"    {field['name']:<{width}} {required:<9} {field['description']}"
+                      f"{_choices_and_default(field)}")
     for name, error in sorted(registry.broken.items()):
         print(f"{name}  FAILED TO LOAD: {error}", file=sys.stderr)
     return EXIT_OK
+
+
+def _setting(name: str, info: FieldInfo) -> dict[str, Any]:
+    """A settings field as ``router plugins`` shows it: its name, whether it is required,
+    its description, and what an operator cannot tell from those: the values a ``Literal``
+    allows, and the default (a value, not one a factory makes each time)."""
+    field: dict[str, Any] = {"name": name, "required": info.is_required(),
+                             "description": info.description or ""}
+    choices = _literal_choices(info.annotation)
+    if choices:
+        field["choices"] = choices
+    if not info.is_required() and info.default_factory is None:
+        # as JSON has it (a SecretStr is masked by its str, a URL type written out)
+        field["default"] = orjson.loads(orjson.dumps(info.default, default=str))
+    return field
+
+
+def _literal_choices(annotation: Any) -> list[Any]:
+    """The values of a ``Literal`` annotation, also inside ``Optional`` or a union."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return list(typing.get_args(annotation))
+    return [choice for arg in typing.get_args(annotation) for choice in _literal_choices(arg)]
+
+
+def _choices_and_default(field: dict[str, Any]) -> str:
+    said = []
+    if "choices" in field:
+        said.append("one of " + ", ".join(orjson.dumps(c).decode() for c in field["choices"]))
+    if "default" in field:
+        said.append(f"default {orjson.dumps(field['default']).decode()}")
+    return f" ({'; '.join(said)})" if said else ""
 
 
 # -- serve / dlq ------------------------------------------------------------------------------

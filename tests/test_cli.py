@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -480,6 +481,13 @@ def test_plugins_lists_webhook_with_its_settings(tmp_path):
     for field in ("url", "method", "headers", "body"):
         assert field in block
     assert "required" in block
+    # what the field's name and description leave out: the values allowed, the default
+    method = next(line for line in lines[start + 1:start + 5] if "method" in line)
+    assert method.endswith('(one of "POST", "PUT", "PATCH"; default "POST")')
+    # every setting's column lines up, the longest names included (plugin author audit)
+    settings = [re.match(r"    \S+ +(required|optional) ", line)
+                for line in lines if line.startswith("    ")]
+    assert all(settings) and len({found.start(1) for found in settings if found}) == 1
 
 
 def test_plugins_json_gives_settings_fields(tmp_path):
@@ -491,6 +499,9 @@ def test_plugins_json_gives_settings_fields(tmp_path):
     assert set(fields) == {"url", "method", "headers", "body"}
     assert fields["url"]["required"] is True
     assert fields["method"]["required"] is False
+    assert (fields["method"]["choices"], fields["method"]["default"]) == (
+        ["POST", "PUT", "PATCH"], "POST")
+    assert "default" not in fields["url"] and "choices" not in fields["url"]
     assert all(field["description"] for field in fields.values())
 
 
