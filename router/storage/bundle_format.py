@@ -49,14 +49,8 @@ def pack_bundle(jobs: Sequence[NewJob], known: BodyChecksums | None = None) -> b
     again (``crc_of``)."""
     if known is None:
         known = {}
-    entries = []
-    for job in jobs:  # crc_of, inlined: a call a job cost half of what it saves
-        body = job.body
-        found = known.get(id(body))
-        if found is None or found[0] is not body:
-            found = known[id(body)] = (body, zlib.crc32(body))
-        entries.append((job.message_id, job.user_key, job.group, len(body), found[1]))
-    header = orjson.dumps(entries)
+    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body),
+                            crc_of(job.body, known)) for job in jobs])
     return b"".join((CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
                      zlib.crc32(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
 
