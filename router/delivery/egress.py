@@ -13,11 +13,8 @@ rules of Advocate, Sentry and GitLab (see ``docs/egress.md``):
   exactly those addresses, so DNS rebinding (public at check time, private at connect time)
   has no window. A lookup with *any* refused address is refused whole (Sentry's rule).
 * aiohttp never asks the resolver about IP-literal hosts, and a redirect may point anywhere,
-  so the connector re-checks every request it opens (each redirect hop included) and, for a
-  session that follows redirects, a trace hook checks each ``Location`` before it is
-  followed. The router's own transport follows none (a 3xx is the destination's answer), so
-  it runs without the trace hooks (``session_kwargs(follows_redirects=False)``): they, and
-  ``check_request_url``, are used by the tests alone.
+  so the connector re-checks every request it opens, each redirect hop included. The
+  router's own transport follows no redirect (a 3xx is the destination's answer).
 
 What a caller of ``aiohttp.ClientSession(**session_kwargs(policy))`` sees when the guard
 refuses:
@@ -45,13 +42,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.connector import Connection
-from aiohttp.tracing import TraceRequestRedirectParams, TraceRequestStartParams
 from yarl import URL
 
 from router.config import IPNetwork
@@ -603,49 +598,12 @@ def make_connector(policy: EgressPolicy, *, resolver: AbstractResolver | None = 
                             **connector_kwargs)
 
 
-def make_trace_config(policy: EgressPolicy) -> aiohttp.TraceConfig:
-    """Trace hooks that refuse a request before any connection work, and a redirect before
-    it is followed (the hop's ``Location`` is checked; the connector checks it again)."""
-
-    async def on_request_start(session: aiohttp.ClientSession, context: SimpleNamespace,
-                               params: TraceRequestStartParams) -> None:
-        reason = check_url(params.url, policy)
-        if reason:
-            raise EgressBlocked(reason)
-
-    async def on_request_redirect(session: aiohttp.ClientSession, context: SimpleNamespace,
-                                  params: TraceRequestRedirectParams) -> None:
-        location = params.response.headers.get("Location") or params.response.headers.get("URI")
-        if location is None:
-            return
-        try:
-            target = params.url.join(URL(location))   # a relative Location is common
-        except ValueError:
-            return   # aiohttp refuses a malformed Location itself
-        reason = check_url(target, policy)
-        if reason:
-            params.response.close()
-            raise EgressBlocked(f"redirect refused: {reason}")
-
-    trace_config = aiohttp.TraceConfig()
-    trace_config.on_request_start.append(on_request_start)
-    trace_config.on_request_redirect.append(on_request_redirect)
-    return trace_config
-
-
 def session_kwargs(policy: EgressPolicy, *, resolver: AbstractResolver | None = None,
-                   follows_redirects: bool = True, **connector_kwargs: Any) -> dict[str, Any]:
+                   **connector_kwargs: Any) -> dict[str, Any]:
     """What ``aiohttp.ClientSession(**...)`` needs to enforce ``policy``: the guarded
-    connector, the trace hooks, and ``trust_env=False`` so no ``HTTP(S)_PROXY`` from the
-    environment routes requests around the guard.
-
-    The router sends with ``allow_redirects=False`` (a 3xx is the destination's answer, not
-    an instruction to go elsewhere) and says so with ``follows_redirects=False``: then the
-    connector's check is the whole guard, and the trace hooks, which cost several objects
-    on every request, are left out."""
-    kwargs: dict[str, Any] = {
-        "connector": make_connector(policy, resolver=resolver, **connector_kwargs),
-        "trust_env": False}
-    if follows_redirects:
-        kwargs["trace_configs"] = [make_trace_config(policy)]
-    return kwargs
+    connector, and ``trust_env=False`` so no ``HTTP(S)_PROXY`` from the environment routes
+    requests around the guard. The connector checks every connection it opens, each hop of
+    a redirect included, so a session that follows redirects is guarded as well (the
+    router's own transport follows none: a 3xx is the destination's answer)."""
+    return {"connector": make_connector(policy, resolver=resolver, **connector_kwargs),
+            "trust_env": False}

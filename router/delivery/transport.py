@@ -61,8 +61,8 @@ class Transport:
         self._reserved = reserve_descriptors(
             self.connections, "connections to destinations (the sum of their concurrency)",
             share=pool_share())
-        kwargs = session_kwargs(self.policy, follows_redirects=False, limit=self._reserved,
-                                limit_per_host=0, ttl_dns_cache=60)
+        kwargs = session_kwargs(self.policy, limit=self._reserved, limit_per_host=0,
+                                ttl_dns_cache=60)
         self._connector = kwargs["connector"]
         # No cookie jar: a cookie one destination's server sets would be sent to every
         # destination on that host (another tenant's webhook, say) and stay for good. The
