@@ -129,11 +129,10 @@ class GoogleAnalytics4(Destination[GA4Settings]):
                      # 72 h is measured from receipt, so keep the delivery age limit for retries
                      "timestamp_micros": t.timestamp_micros(
                          event, margin=_retry_margin(self.delivery.max_age))}
-        body = {**t.request_fields(event, options, limits, stream=settings.stream,
-                                     traits=settings.user_property_traits),
-                "events": [ga4_event]}
+        fields = t.request_fields(event, options, limits, stream=settings.stream,
+                                  traits=settings.user_property_traits)
         # A body over batch_bytes (130 KB) is rejected by the router when it is routed.
-        return [Payload(body, group=_group(body))]
+        return [Payload({**fields, "events": [ga4_event]}, group=_group(fields))]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
         first = payloads[0].body
@@ -202,9 +201,9 @@ def _retry_margin(max_age: float) -> timedelta:
     return timedelta(seconds=max_age)
 
 
-def _group(body: Mapping[str, Any]) -> str:
-    """Events may share a request only when every request-level field is equal."""
-    fields = {key: value for key, value in body.items() if key != "events"}
+def _group(fields: Mapping[str, Any]) -> str:
+    """Events may share a request only when every request-level field (all of the body but
+    its ``events``) is equal."""
     digest = hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"request:{digest[:24]}"
 
