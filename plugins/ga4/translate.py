@@ -401,15 +401,16 @@ def request_fields(event: Event, options: Mapping[str, Any], limits: ValueLimits
             raise EventRejected(f"the userId is {len(event.userId)} characters; GA4 does not "
                                 f"log a user_id over {USER_ID_MAX}")
         fields["user_id"] = event.userId
-    context_traits = event.context.get("traits")
-    context_traits = context_traits if isinstance(context_traits, dict) else {}
-    chosen = {name: context_traits.get(name) for name in traits}
     extra = options.get("user_properties") or {}
     if not isinstance(extra, dict):
         raise EventRejected("the `user_properties` option must be an object")
-    properties = user_properties({**chosen, **extra}, limits)
-    if properties:
-        fields["user_properties"] = properties
+    if traits or extra:  # most destinations list no traits, and most events give none
+        context_traits = event.context.get("traits")
+        context_traits = context_traits if isinstance(context_traits, dict) else {}
+        chosen = {name: context_traits.get(name) for name in traits}
+        properties = user_properties({**chosen, **extra}, limits)
+        if properties:
+            fields["user_properties"] = properties
     if options.get("consent") is not None:
         fields["consent"] = consent(options["consent"])
     return fields
