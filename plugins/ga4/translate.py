@@ -431,8 +431,10 @@ def client_id(event: Event, options: Mapping[str, Any]) -> str:
     """The web client id: the per-event option, the context (``context.client_id``, or the
     ``_ga`` cookie in ``context.cookies``), the anonymous id, and last the user id (Segment's
     GA4 destination also falls back to it, so server-side events still count)."""
-    for candidate in (options.get("client_id"), event.context.get("client_id"),
-                      _ga_cookie_client_id(event.context.get("cookies")),
+    context = event.context
+    cookies = context.get("cookies")  # server-side events have none: no call for them
+    for candidate in (options.get("client_id"), context.get("client_id"),
+                      None if cookies is None else _ga_cookie_client_id(cookies),
                       event.anonymousId, event.userId):
         if isinstance(candidate, (str, int)) and not isinstance(candidate, bool) \
                 and str(candidate):
