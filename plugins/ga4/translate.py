@@ -176,7 +176,9 @@ def items(event: Event, limits: ValueLimits) -> list[dict[str, Any]]:
         item: dict[str, Any] = {}
         item_id = _first(product, "product_id", "sku")
         if item_id is not None:
-            item["item_id"] = limits.fit(f"items[{position}].item_id", str(item_id))
+            item_id = str(item_id)
+            item["item_id"] = item_id if len(item_id) <= limits.max_length \
+                else limits.fit(f"items[{position}].item_id", item_id)
         for ga4_key, segment_key in ITEM_FIELDS.items():
             value = product.get(segment_key)
             if value is None:
@@ -185,7 +187,11 @@ def items(event: Event, limits: ValueLimits) -> list[dict[str, Any]]:
                     isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise EventRejected(f"GA4 takes items[].{ga4_key} as a number; product "
                                     f"{position} has a {type(value).__name__} {segment_key}")
-            item[ga4_key] = limits.scalar(f"items[{position}].{ga4_key}", value)
+            if isinstance(value, (int, float)) or isinstance(value, str) \
+                    and len(value) <= limits.max_length:
+                item[ga4_key] = value  # as in params(): the error location is made only if needed
+            else:
+                item[ga4_key] = limits.scalar(f"items[{position}].{ga4_key}", value)
         if "item_id" not in item and "item_name" not in item:
             raise EventRejected(f"GA4 needs item_id or item_name on every item; product "
                                 f"{position} has neither product_id, sku nor name")
