@@ -75,18 +75,20 @@ def identity(event: Event, merge: IdentityMerge) -> Identity:
     do (Mixpanel "Identifying Users (Simplified)"). Original ID Merge uses the ids as they are
     and merges through ``$identify`` events only.
     """
-    for field, value in (("userId", event.userId), ("anonymousId", event.anonymousId)):
+    # Read once: an event's fields are pydantic attributes, slower to read than locals.
+    user_id, anonymous_id = event.userId, event.anonymousId
+    for field, value in (("userId", user_id), ("anonymousId", anonymous_id)):
         if value is not None and value.strip().lower() in PLACEHOLDER_IDS:
             raise EventRejected(f"{field} is a placeholder value (such as 'null' or "
                                 "'anonymous') that Mixpanel rejects as a distinct_id")
     if merge == "original":
-        return Identity(event.userId or event.anonymousId or "", {})
+        return Identity(user_id or anonymous_id or "", {})
     properties = {}
-    if event.userId:
-        properties["$user_id"] = event.userId
-    if event.anonymousId:
-        properties["$device_id"] = event.anonymousId
-    return Identity(event.userId or f"$device:{event.anonymousId}", properties)
+    if user_id:
+        properties["$user_id"] = user_id
+    if anonymous_id:
+        properties["$device_id"] = anonymous_id
+    return Identity(user_id or f"$device:{anonymous_id}", properties)
 
 
 def insert_id(message_id: str, part: str = "") -> str:
@@ -107,12 +109,13 @@ def event_time(event: Event) -> int:
     "More than 1 h in the future" is measured against the router's receive time, so the
     answer does not depend on when the event is translated.
     """
-    if event.timestamp < EARLIEST:
+    timestamp = event.timestamp
+    if timestamp < EARLIEST:
         raise EventRejected("timestamp is before 1971-01-01; Mixpanel rejects such events")
-    if event.timestamp - event.receivedAt > MAX_FUTURE:
+    if timestamp - event.receivedAt > MAX_FUTURE:
         raise EventRejected("timestamp is more than 1 hour after the router received the "
                             "event; Mixpanel rejects events over 1 h in the future")
-    return (event.timestamp - EPOCH) // _MILLISECOND
+    return (timestamp - EPOCH) // _MILLISECOND
 
 
 def mixpanel_values(value: Any) -> Any:
