@@ -104,22 +104,24 @@ class Amplitude(Destination[AmplitudeSettings]):
             return [self._deletion(event)]
         if action is not None:
             raise SkipEvent(f"Amplitude has no {action} operation for a user")
-        if event.type == "alias":
+        kind = event.type
+        if kind == "alias":
             raise SkipEvent("Amplitude has no alias: it merges a device into a user when an "
                             "event carries both ids (an identify with userId and anonymousId "
                             "does it); its usermap API maps ids across Portfolio projects only")
 
         opts = translate.event_options(options)
         builder = translate.Builder(event, opts, self._min_id_length)
-        if event.type == "track":
-            assert event.event is not None  # required for track by parse_event
+        if kind == "track":
+            name = event.event
+            assert name is not None  # required for track by parse_event
             bodies = translate.track_events(
-                builder, event.event,
+                builder, name,
                 product_purchased=self.settings.product_purchased_events,
                 revenue_per_product=self.settings.track_revenue_per_product)
-        elif event.type in ("page", "screen"):
+        elif kind in ("page", "screen"):
             bodies = [translate.page_event(builder)]
-        elif event.type == "identify":
+        elif kind == "identify":
             bodies = [translate.identify_event(builder)]
         else:  # group
             group_type = opts.group_type or self.settings.group_type
