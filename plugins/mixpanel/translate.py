@@ -230,11 +230,11 @@ def import_event(name: str, event: Event, properties: Mapping[str, Any], merge: 
         raise EventRejected(f"event name is {len(name)} characters; Mixpanel takes at most "
                             f"{MAX_EVENT_NAME}")
     who = identity(event, merge)
-    merged = {**context_properties(event), **properties}
-    merged = mixpanel_values(merged)
+    merged = mixpanel_values({**context_properties(event), **properties})
     merged.update(who.properties)
-    merged.update({"distinct_id": who.distinct_id, "time": event_time(event),
-                   "$insert_id": insert_id(event.messageId, part)})
+    merged["distinct_id"] = who.distinct_id
+    merged["time"] = event_time(event)
+    merged["$insert_id"] = insert_id(event.messageId, part)
     if len(merged) > MAX_PROPERTIES:
         raise EventRejected(f"the event has {len(merged)} properties with Mixpanel's own; "
                             f"Mixpanel keeps at most {MAX_PROPERTIES} per event")
