@@ -124,29 +124,31 @@ class Mixpanel(Destination[MixpanelSettings]):
         imported: list[dict[str, Any]] = []
         engaged: list[dict[str, Any]] = []
         grouped: list[dict[str, Any]] = []
-        if event.type == "track":
-            assert event.event is not None  # required for track by parse_event
-            imported.append(translate.import_event(translate.track_name(event.event), event,
+        kind = event.type  # read once: an event's fields are pydantic attributes, not cheap
+        if kind == "track":
+            name = event.event
+            assert name is not None  # required for track by parse_event
+            imported.append(translate.import_event(translate.track_name(name), event,
                                                    event.properties, merge))
-            if event.event == ORDER_COMPLETED and self.settings.product_purchased_events:
+            if name == ORDER_COMPLETED and self.settings.product_purchased_events:
                 imported += translate.product_purchased(event, merge)
-        elif event.type in ("page", "screen"):
-            name = translate.page_event_name(event, named=self.settings.named_page_events)
-            imported.append(translate.import_event(name, event, translate.page_properties(event),
-                                                   merge))
-        elif event.type == "identify":
+        elif kind in ("page", "screen"):
+            page_name = translate.page_event_name(event, named=self.settings.named_page_events)
+            imported.append(translate.import_event(page_name, event,
+                                                   translate.page_properties(event), merge))
+        elif kind == "identify":
             engaged.append(translate.profile_update(
                 event, merge, "$set", translate.profile_properties(event.traits)))
             if event.userId and event.anonymousId:
                 imported.append(translate.identify_event(event, merge))
-        elif event.type == "group":
+        elif kind == "group":
             if not self.settings.group_key:
                 raise SkipEvent("group calls need the `group_key` setting (a group key set up "
                                 "in the Mixpanel project)")
             grouped.append(translate.group_update(event, self.settings.group_key))
             engaged.append(translate.profile_update(
                 event, merge, "$union", {self.settings.group_key: [event.groupId]}))
-        elif event.type == "alias":
+        elif kind == "alias":
             if merge == "simplified":
                 raise SkipEvent("$create_alias does nothing on Simplified ID Merge projects; an "
                                 "identify with both userId and anonymousId merges instead")
