@@ -84,17 +84,19 @@ def event_time(event: Event, *, margin: timedelta) -> int:
     Both are measured from ``receivedAt`` (translate must be deterministic); ``margin`` is
     kept free for retries, since one stale event fails its whole request.
     """
-    if event.timestamp - event.receivedAt > CLOCK_SKEW:
+    # Each read once: an event's fields are pydantic attributes, slower to read than locals.
+    timestamp, received = event.timestamp, event.receivedAt
+    if timestamp - received > CLOCK_SKEW:
         raise EventRejected("the event's timestamp is over a minute after the router received "
                             "it; Meta refuses event_time in the future")
-    age = event.receivedAt - event.timestamp
+    age = received - timestamp
     if age > MAX_EVENT_AGE - margin:
         raise EventRejected(f"the event happened {age / timedelta(days=1):.1f} days before it "
                             f"was received; Meta refuses event_time over 7 days old, and "
                             f"this leaves {margin / timedelta(hours=1):.0f} h for retries")
     # A sender's clock a little fast (a server library sends no sentAt to correct it) is
     # read as the moment of receipt, which is never in the future when Meta gets it.
-    return int(min(event.timestamp, event.receivedAt).timestamp())
+    return int(min(timestamp, received).timestamp())
 
 
 # --- required fields and options ----------------------------------------------------------
@@ -157,12 +159,13 @@ def user_data(event: Event, options: Mapping[str, Any]) -> dict[str, Any]:
     ids = [sha256(str(value)) for value in (event.userId, event.anonymousId) if value]
     if ids:
         data["external_id"] = ids
-    if isinstance(event.context.get("ip"), str):
-        data["client_ip_address"] = event.context["ip"]
-    if isinstance(event.context.get("userAgent"), str):
-        data["client_user_agent"] = event.context["userAgent"]
+    context = event.context  # read once: a pydantic attribute, slower to read than a local
+    if isinstance(context.get("ip"), str):
+        data["client_ip_address"] = context["ip"]
+    if isinstance(context.get("userAgent"), str):
+        data["client_user_agent"] = context["userAgent"]
     for key in ("fbc", "fbp"):  # click id and browser id cookies, sent unhashed
-        value = options.get(key) or event.context.get(key) or traits.get(key)
+        value = options.get(key) or context.get(key) or traits.get(key)
         if isinstance(value, str) and value:
             data[key] = value
     return data
