@@ -98,16 +98,18 @@ class PostHog(Destination[PostHogSettings]):
             raise SkipEvent(f"PostHog has no {action} operation for a person")
         opts = translate.event_options(options)
         builder = translate.Builder(event, opts, self.settings.person_profiles)
-        if event.type == "track":
-            assert event.event is not None  # required for track by parse_event
-            body = builder.capture(translate.track_name(event.event), event.properties)
-        elif event.type == "page":
+        kind = event.type  # read once: an event's fields are pydantic attributes, not cheap
+        if kind == "track":
+            name = event.event
+            assert name is not None  # required for track by parse_event
+            body = builder.capture(translate.track_name(name), event.properties)
+        elif kind == "page":
             body = translate.page_event(builder)
-        elif event.type == "screen":
+        elif kind == "screen":
             body = translate.screen_event(builder)
-        elif event.type == "identify":
+        elif kind == "identify":
             body = translate.identify_event(builder)
-        elif event.type == "alias":
+        elif kind == "alias":
             body = translate.alias_event(builder)
         else:  # group
             body = translate.group_event(builder, opts.group_type or self.settings.group_type)

@@ -160,7 +160,8 @@ class Builder:
         an anonymous event's person processing on, whatever ``person_profiles`` says: its
         whole point is the person's properties."""
         event = self.event
-        if event.timestamp - event.receivedAt > MAX_FUTURE:
+        timestamp = event.timestamp  # read once: a pydantic attribute, slower than a local
+        if timestamp - event.receivedAt > MAX_FUTURE:
             raise EventRejected("timestamp is more than 23 hours after the router received "
                                 "the event; PostHog hides such events")
         merged = {**context_properties(event), **properties}
@@ -176,7 +177,7 @@ class Builder:
         if not event.userId and self.person_profiles == "identified_only" and not sets_person:
             merged["$process_person_profile"] = False
         return {"event": name, "distinct_id": distinct_id(event), "properties": merged,
-                "timestamp": format_time(event.timestamp), "uuid": event_uuid(event.messageId)}
+                "timestamp": format_time(timestamp), "uuid": event_uuid(event.messageId)}
 
 
 def track_name(name: str) -> str:
