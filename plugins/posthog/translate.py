@@ -122,22 +122,26 @@ def context_properties(event: Event) -> dict[str, Any]:
         part = context.get(section)
         if isinstance(part, dict):
             for key, name in fields:
-                if part.get(key) is not None:
-                    found[name] = part[key]
+                value = part.get(key)
+                if value is not None:
+                    found[name] = value
     for key, name in (("ip", "$ip"), ("locale", "$locale"), ("timezone", "$timezone"),
                       ("userAgent", "$useragent")):
-        if context.get(key) is not None:
-            found[name] = context[key]
+        value = context.get(key)
+        if value is not None:
+            found[name] = value
     page = context.get("page")
     if isinstance(page, dict):
         for key, name in _PAGE_FIELDS.items():
-            if page.get(key):
-                found[name] = page[key]
+            value = page.get(key)
+            if value:
+                found[name] = value
     campaign = context.get("campaign")
     if isinstance(campaign, dict):
         for key, name in _CAMPAIGN.items():
-            if campaign.get(key) is not None:
-                found[name] = campaign[key]
+            value = campaign.get(key)
+            if value is not None:
+                found[name] = value
     return found
 
 
