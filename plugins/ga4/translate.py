@@ -270,9 +270,9 @@ def shape(event: Event, limits: ValueLimits, *, lowercase: bool
         if not isinstance(page, dict):
             page = {}
         pairs = {key: value for key, value in props.items() if key not in PAGE_KEYS}
-        pairs["page_location"] = _first(props, "url") or page.get("url")
-        pairs["page_referrer"] = _first(props, "referrer") or page.get("referrer")
-        pairs["page_title"] = _first(props, "title") or page.get("title")
+        pairs["page_location"] = props.get("url") or page.get("url")
+        pairs["page_referrer"] = props.get("referrer") or page.get("referrer")
+        pairs["page_title"] = props.get("title") or page.get("title")
         return "page_view", pairs, None
     if kind == "screen":
         pairs = dict(props)
