@@ -310,25 +310,26 @@ def track_events(builder: Builder, name: str, *, product_purchased: bool,
     if name in RESERVED_EVENT_TYPES:
         raise EventRejected(f"{name!r} is an event name Amplitude reserves for itself")
     event = builder.event
-    listed = event.properties.get("products")
+    properties = event.properties  # read once: a pydantic attribute, slower than a local
+    listed = properties.get("products")
     products = [item for item in listed if isinstance(item, dict)] \
         if product_purchased and name == ORDER_COMPLETED and isinstance(listed, list) else []
     if not products:  # most track calls: the order's revenue, if any, stays on the event
-        return [builder.amplitude_event(name, event_properties=dict(event.properties),
+        return [builder.amplitude_event(name, event_properties=dict(properties),
                                         user_properties=attribution(event),
-                                        **_order_revenue(event.properties))]
-    order = {key: event.properties[key] for key in ("order_id", "currency")
-             if event.properties.get(key) is not None}
+                                        **_order_revenue(properties))]
+    order = {key: properties[key] for key in ("order_id", "currency")
+             if properties.get(key) is not None}
     on_products = [revenue_fields({**order, **product}) if revenue_per_product else {}
                    for product in products]
-    on_order = _order_revenue(event.properties)
+    on_order = _order_revenue(properties)
     if on_order and not all(on_products):
         # A product without a price: the others would count part of the order and lose the
         # rest, so the order, which has its revenue, keeps it.
         on_products = [{} for _ in products]
     if any(on_products):
         on_order = {}
-    events = [builder.amplitude_event(name, event_properties=dict(event.properties),
+    events = [builder.amplitude_event(name, event_properties=dict(properties),
                                       user_properties=attribution(event), **on_order)]
     for index, (product, revenue) in enumerate(zip(products, on_products)):
         events.append(builder.amplitude_event(
@@ -348,15 +349,16 @@ def page_event(builder: Builder) -> dict[str, Any]:
     / "Loaded a Screen" when it has no name. Properties: the page's own, its name, and the
     ``context.page`` fields it lacks."""
     event = builder.event
-    kind = "Screen" if event.type == "screen" else "Page"
-    name = event.name or event.properties.get("name")
+    call, own_name, own_properties = event.type, event.name, event.properties  # read once
+    kind = "Screen" if call == "screen" else "Page"
+    name = own_name or own_properties.get("name")
     event_type = f"Viewed {name}" if isinstance(name, str) and name else f"Loaded a {kind}"
-    page = event.context.get("page") if event.type == "page" else None
+    page = event.context.get("page") if call == "page" else None
     properties = {key: page[key] for key in _PAGE_FIELDS
                   if isinstance(page, dict) and page.get(key) is not None}
-    properties.update(event.properties)
-    if event.name:
-        properties.setdefault("name", event.name)
+    properties.update(own_properties)
+    if own_name:
+        properties.setdefault("name", own_name)
     return builder.amplitude_event(event_type, event_properties=properties,
                                    user_properties=attribution(event))
 
