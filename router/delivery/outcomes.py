@@ -8,11 +8,13 @@ the worker itself (``_send_again``) or held until it answers (``_give_back_unrel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
 import time
 from collections import deque
+from collections.abc import Iterator
 
 from router.delivery import retry
 from router.delivery.clock import DeliveryClock
@@ -52,6 +54,19 @@ class Outcomes:
     undispatched: deque[list[Job]]
     unreleased: list[Job]
     held_users: dict[str, float]
+    settling: int
+
+    @contextlib.contextmanager
+    def _settling(self) -> Iterator[None]:
+        """Around a storage call that settles jobs and the counting of what it did: the
+        storage commits first, and the worker counts once it resumes, a turn of the event
+        loop or more later. ``Router.drain`` waits for no such step to be under way, so
+        that the counters read after it count every job the storage shows settled."""
+        self.settling += 1
+        try:
+            yield
+        finally:
+            self.settling -= 1
 
     async def _record(self, jobs: list[Job], outcomes: list[tuple[Outcome, Failure | None]],
                       *, of: list[Job] | None = None) -> None:
@@ -151,12 +166,13 @@ class Outcomes:
         if not self.delivered:
             return
         delivered, self.delivered = self.delivered, []
-        try:
-            await self.storage.complete(delivered)
-        except BaseException:
-            self.delivered[:0] = delivered
-            raise
-        self.metrics.delivered.inc(self.name, amount=len(delivered))
+        with self._settling():
+            try:
+                await self.storage.complete(delivered)
+            except BaseException:
+                self.delivered[:0] = delivered
+                raise
+            self.metrics.delivered.inc(self.name, amount=len(delivered))
         now = time.monotonic()
         self.delivered_per_second = len(delivered) / max(now - self.last_completed_at, 1e-3)
         self.last_completed_at = now

@@ -154,6 +154,12 @@ class DeliveryProcess:
         self._ready = loop.create_future()
         loop.add_reader(self._connection.fileno(), self._on_message)
 
+    @property
+    def settled(self) -> bool:
+        """Always: the child's counts come with its next snapshot, whatever ``Router.drain``
+        waits for (the in-process ``DeliveryService.settled`` is exact)."""
+        return True
+
     def wake(self, destinations: Iterable[str]) -> None:
         """New work for these destinations; sent once per turn of the event loop."""
         if not self._wake_scheduled:

@@ -98,6 +98,12 @@ class DeliveryService:
                 log.warning("deleting old dead letters failed", exc_info=True)
             await asyncio.sleep(RETENTION_INTERVAL)
 
+    @property
+    def settled(self) -> bool:
+        """The counters count every job the storage shows settled, for every destination
+        (see ``DestinationWorker.settled``): what ``Router.drain`` waits for."""
+        return all(worker.settled for worker in self.workers.values())
+
     def wake(self, destinations: Iterable[str]) -> None:
         """New work was queued for these destinations: look now rather than at the next poll."""
         for name in destinations:

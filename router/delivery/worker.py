@@ -101,6 +101,8 @@ class DestinationWorker(Sending, Health, Outcomes):
         recorded twice (``_record``)."""
         self.all_sent = asyncio.Event()
         self.all_sent.set()
+        self.settling = 0
+        """Steps settling jobs outside a sender, under way (see ``_settling``)."""
         self.pacing = 0
         """Senders waiting for the rate limiter: holding a batch, not yet sending it."""
         self.delivered: list[Job] = []
@@ -126,6 +128,12 @@ class DestinationWorker(Sending, Health, Outcomes):
         """Until when (monotonic) this worker knows each batch it holds is still its own, by
         ``id``: from its lease, or the last renewal that found its lease alive. Where leases
         lapse under a live process (Redis), a batch past that is not sent (see ``_deliver``)."""
+
+    @property
+    def settled(self) -> bool:
+        """Every job the storage shows settled is counted: no sender holds a batch (its
+        outcomes are counted when it lets go) and no other settling step is under way."""
+        return not self.in_flight and not self.settling
 
     def start_senders(self) -> None:
         """``concurrency`` long-lived senders take batches from ``undispatched``: cheaper
@@ -170,8 +178,9 @@ class DestinationWorker(Sending, Health, Outcomes):
             if not jobs:
                 await self._sleep(POLL_INTERVAL)
                 continue
-            jobs = await self._set_aside_built_by_others(jobs)
-            jobs = await self._give_up_on_the_too_old(jobs)
+            with self._settling():
+                jobs = await self._set_aside_built_by_others(jobs)
+                jobs = await self._give_up_on_the_too_old(jobs)
             jobs = await self._hold_back_throttled_users(jobs)
             leased = batches(jobs, self.delivery, group=_group_of, size=_size_of)
             for batch in leased:
