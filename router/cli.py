@@ -256,8 +256,9 @@ def send_command(args: argparse.Namespace) -> int:
         in_input: set[str] = set()
         for chunk in chunks:
             for result in dry_run(router, chunk, source=args.source, in_input=in_input):
-                printer(router, index, _shown(result), sys.stdout, requests=True)
-                invalid |= result.invalid
+                line = _shown(result)
+                printer(router, index, line, sys.stdout, requests=True)
+                invalid |= _say_refusals(index, line)
                 index += 1
     else:
         shown: list[_Shown] = []
@@ -265,11 +266,25 @@ def send_command(args: argparse.Namespace) -> int:
             dead_lettered = asyncio.run(_send(router, chunks, args.source, args.wait, shown))
             for index, line in enumerate(shown):
                 printer(router, index, line, sys.stdout, requests=False)
-                invalid |= line.invalid
+                invalid |= _say_refusals(index, line)
         except KeyboardInterrupt:  # Ctrl-C at any point: exit 130, but say what is done
             _say_queued_on_interrupt(shown)
             raise
     return EXIT_PROBLEM if dead_lettered or invalid else EXIT_OK
+
+
+def _say_refusals(index: int, line: _Shown) -> bool:
+    """Whether the event is invalid, for the router or for a destination, naming on stderr
+    each destination that refused it and why. An event one destination's translator refuses
+    (``EventRejected``: an amount it cannot read, a template that fails) never reaches that
+    destination: a dry run that exited 0 on it sent an operator's script on to the real
+    send, which lost it there (plugin author audit)."""
+    refused = [item for item in line.results
+               if item.status is Status.INVALID and item.destination is not None]
+    for item in refused:
+        print(printable(f"event {index} (messageId {line.message_id!r}) refused by "
+                        f"{item.destination}: {item.reason}"), file=sys.stderr)
+    return line.invalid or bool(refused)
 
 
 def _shown(result: RouteResult, *, requests: bool = True) -> _Shown:

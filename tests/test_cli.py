@@ -260,6 +260,31 @@ def test_dry_run_of_a_batch_reports_the_invalid_event_alone(workdir):
     assert_no_secret(completed)
 
 
+def test_a_dry_run_fails_when_one_destination_refuses_an_event_and_says_which(workdir):
+    # Valid for the router, "$25.00" is no amount for the Orders template (reads_amounts):
+    # the dry run exited 0, and a script then ran the real send (plugin author audit).
+    order = {"type": "track", "event": "Order Completed", "userId": "u-1", "messageId": "m-1",
+             "properties": {"order_id": "o-1", "revenue": "$25.00"}}
+    lines, completed = dry_run(workdir, "-", stdin=json.dumps(order).encode())
+    assert completed.returncode == 1, completed.stderr
+    by_name = {line["destination"]: line for line in lines}
+    assert by_name["webhook"]["status"] == "send" and by_name["webhook"]["requests"]
+    assert by_name["Orders"]["status"] == "invalid"
+    why = "properties.revenue: expected a number or a numeric string"
+    assert by_name["Orders"]["reason"] == why
+    assert f"event 0 (messageId 'm-1') refused by Orders: {why}" in completed.stderr
+    table = run("send", "-c", "router.yaml", "-", "--dry-run", cwd=workdir,
+                stdin=json.dumps(order).encode())
+    assert table.returncode == 1 and "POST https://hooks.example/in" in table.stdout
+    assert f"refused by Orders: {why}" in table.stderr
+    assert_no_secret(table)
+    # The send itself fails the same way: nothing would ever deliver it to Orders.
+    only_orders = {**order, "messageId": "m-2", "integrations": {"All": False, "Orders": True}}
+    sent = run("send", "-c", "router.yaml", "-", "--wait", "1s", cwd=workdir,
+               stdin=json.dumps(only_orders).encode())
+    assert sent.returncode == 1 and f"refused by Orders: {why}" in sent.stderr, sent.stderr
+
+
 def test_dry_run_reports_a_repeated_message_id_as_duplicate(workdir):
     order = {"type": "track", "event": "Order Completed", "userId": "u", "messageId": "same",
              "properties": {"order_id": "o-1", "revenue": 5}}
@@ -520,8 +545,14 @@ def test_version_names_the_installed_release_and_python(tmp_path):
 
 
 def test_example_config_dry_run_works_offline(tmp_path):
-    completed = run("send", "-c", str(ROOT / "config" / "router.yaml"),
-                    str(FIXTURES / "order_completed.json"), "--dry-run", "--json", cwd=tmp_path,
+    # A dry run that one destination refuses exits 1: without the fixture's fixed timestamp
+    # (GA4 and Meta refuse an event days old), and with the page and browser that Meta's
+    # website events need.
+    order = json.loads((FIXTURES / "order_completed.json").read_text())
+    del order["timestamp"]
+    order["context"] |= {"page": {"url": "https://shop.example/checkout"}, "userAgent": "curl"}
+    completed = run("send", "-c", str(ROOT / "config" / "router.yaml"), "-", "--dry-run",
+                    "--json", cwd=tmp_path, stdin=json.dumps(order).encode(),
                     env={"WEBHOOK_TOKEN": SECRET})
     assert completed.returncode == 0, completed.stderr
     lines = [json.loads(line) for line in completed.stdout.splitlines()]
