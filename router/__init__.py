@@ -18,7 +18,7 @@ from router.errors import (ConfigError, DestinationError, EventRejected, Invalid
                            PermanentError, RetryableError, RouterError, SkipEvent, SpoolInUse,
                            StorageFull, StorageMisconfigured, StorageUnavailable)
 from router.events import MAX_EVENT_BYTES, CallType, Event, as_number, format_time, parse_event
-from router.hookspecs import hookimpl
+from router.hookspecs import RegisterDestination, hookimpl
 
 if TYPE_CHECKING:
     from router.config import LoadedConfig, load_config, parse_config
@@ -46,8 +46,8 @@ __all__ = [
     "DEFAULT_RETRY_STATUSES", "MAX_EVENT_BYTES", "BaseUrl", "CallType", "ConfigError",
     "DeliveryDefaults", "Destination", "DestinationError", "DestinationResult", "Event",
     "EventRejected", "HttpRequest", "HttpResponse", "HttpUrl", "InvalidEvent", "LoadedConfig",
-    "Outcome", "Payload", "PermanentError", "RetryableError", "RouteResult", "Router",
-    "RouterError", "SkipEvent", "SpoolInUse", "Status", "StorageFull", "StorageMisconfigured",
-    "StorageUnavailable", "Template", "as_number", "basic_auth", "format_time", "hookimpl",
-    "load_config", "parse_config", "parse_event", "template_event",
+    "Outcome", "Payload", "PermanentError", "RegisterDestination", "RetryableError",
+    "RouteResult", "Router", "RouterError", "SkipEvent", "SpoolInUse", "Status", "StorageFull",
+    "StorageMisconfigured", "StorageUnavailable", "Template", "as_number", "basic_auth",
+    "format_time", "hookimpl", "load_config", "parse_config", "parse_event", "template_event",
 ]

@@ -6,13 +6,13 @@ and drops repeated ``id``s, so the event's messageId goes there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from router import (BaseUrl, DeliveryDefaults, Destination, Event, HttpRequest, HttpResponse,
-                    Outcome, Payload, PermanentError, SkipEvent, hookimpl)
+                    Outcome, Payload, PermanentError, RegisterDestination, SkipEvent, hookimpl)
 
 
 class AcmeSettings(BaseModel):
@@ -67,5 +67,5 @@ class Acme(Destination[AcmeSettings]):
 
 
 @hookimpl
-def router_register_destinations(register: Callable[[type[Destination[Any]]], None]) -> None:
+def router_register_destinations(register: RegisterDestination) -> None:
     register(Acme)

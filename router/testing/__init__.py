@@ -8,7 +8,8 @@
 - ``make_event``, ``sample_events``, ``edge_events``: realistic and unusual raw events;
   ``router.testing.strategies``: hypothesis strategies for any valid event.
 - ``conformance_test``: the suite as a pytest test, one line in a test module;
-  ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures.
+  ``router.testing.pytest_plugin``: the ``fake_destination`` and ``destination_harness`` fixtures
+  (``HarnessFactory`` is the latter's type).
 
 Needs the testing extras (``pip install event-router[testing]``): hypothesis, pytest,
 pytest-asyncio. The conformance suite, which needs hypothesis, is imported when first asked
@@ -21,15 +22,14 @@ from typing import TYPE_CHECKING, Any
 from router.testing.events import (RECEIVED_AT, describe_event, edge_events, make_event,
                                    sample_events)
 from router.testing.fake_server import Answer, FakeDestinationServer, RecordedRequest
-from router.testing.harness import (DestinationHarness, batches, classify_status,
-                                    requests_from, shown, spooled)
+from router.testing.harness import (DestinationHarness, HarnessFactory, batches,
+                                    classify_status, requests_from, shown, spooled)
 
 __all__ = [
     "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DestinationHarness",
-    "FakeDestinationServer", "RecordedRequest", "batches", "check_destination",
-    "classify_status", "conformance_test", "describe_event", "edge_events", "make_event",
-    "sample_events",
-    "requests_from", "shown", "spooled",
+    "FakeDestinationServer", "HarnessFactory", "RecordedRequest", "batches",
+    "check_destination", "classify_status", "conformance_test", "describe_event",
+    "edge_events", "make_event", "sample_events", "requests_from", "shown", "spooled",
 ]
 
 _CONFORMANCE = frozenset({"ConformanceFailure", "ConformanceSuite", "check_destination",

@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -222,6 +222,18 @@ class DestinationHarness(Generic[DestinationT]):
         restarted router would run."""
         return DestinationHarness(self.destination_cls, self.settings, name=self.name,
                                   delivery=self.delivery, received_at=self.received_at)
+
+
+class HarnessFactory(Protocol):
+    """The type of the ``destination_harness`` fixture (``router.testing.pytest_plugin``):
+    ``DestinationHarness``'s own constructor, so that a test annotated
+    ``destination_harness: HarnessFactory`` gets a ``DestinationHarness[Acme]`` from
+    ``destination_harness(Acme, ...)``, and ``harness.destination`` is an ``Acme``."""
+
+    def __call__(self, destination_cls: type[DestinationT],
+                 settings: Mapping[str, Any] | BaseModel, *, name: str | None = None,
+                 delivery: Mapping[str, Any] | DeliveryDefaults | None = None,
+                 received_at: datetime = RECEIVED_AT) -> DestinationHarness[DestinationT]: ...
 
 
 def decoded_body(request: HttpRequest) -> bytes:

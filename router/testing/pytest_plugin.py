@@ -5,7 +5,8 @@
 and get:
 
 - ``fake_destination``: a started ``FakeDestinationServer``, stopped after the test;
-- ``destination_harness``: a factory, ``destination_harness(Acme, {"api_key": ...})``;
+- ``destination_harness``: a factory, ``destination_harness(Acme, {"api_key": ...})``, whose
+  type is ``router.testing.HarnessFactory``;
 - ``conformance_test(...)`` (also importable from ``router.testing``): the conformance suite
   as one line of a test module, one test per rule, so a report names the rule that broke::
 
@@ -19,16 +20,14 @@ PYTEST_DONT_REWRITE: nothing here asserts, and a test module that imports
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
-from router.destination import Destination
 from router.testing.conformance import conformance_test
 from router.testing.fake_server import FakeDestinationServer
-from router.testing.harness import DestinationHarness
+from router.testing.harness import DestinationHarness, HarnessFactory
 
 __all__ = ["conformance_test", "destination_harness", "fake_destination"]
 
@@ -41,10 +40,8 @@ async def fake_destination() -> AsyncIterator[FakeDestinationServer]:
 
 
 @pytest.fixture
-def destination_harness() -> Callable[..., DestinationHarness[Any]]:
+def destination_harness() -> HarnessFactory:
     """``destination_harness(destination_cls, settings, **options)`` builds a
-    ``DestinationHarness``: settings validated, events in, exact requests out."""
-    def build(destination_cls: type[Destination[Any]], settings: Mapping[str, Any],
-              **options: Any) -> DestinationHarness[Any]:
-        return DestinationHarness(destination_cls, settings, **options)
-    return build
+    ``DestinationHarness``: settings validated, events in, exact requests out. Annotate it
+    as ``router.testing.HarnessFactory``."""
+    return DestinationHarness

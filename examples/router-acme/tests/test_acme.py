@@ -1,21 +1,26 @@
-"""Tests of the example plugin, as a plugin author would write them with ``router.testing``."""
+"""Tests of the example plugin, as a plugin author would write them with ``router.testing``.
+
+Annotated throughout, fixtures included, and checked with ``mypy --strict``
+(``tests/test_plugin_typing.py`` in the router's repository) as the plugin itself is."""
 
 from __future__ import annotations
 
 from router import PermanentError, SkipEvent
 from router.registry import create_registry
-from router.testing import DestinationHarness, conformance_test
+from router.testing import DestinationHarness, HarnessFactory, conformance_test
 from router_acme import Acme
+
+pytest_plugins = ["router.testing.pytest_plugin"]
 
 SETTINGS = {"api_key": "acme-key-0001"}
 
 
-def test_discovered_through_its_entry_point():
+def test_discovered_through_its_entry_point() -> None:
     kind = create_registry().get("acme")
     assert kind.cls is Acme and kind.package == "router-acme"
 
 
-def test_an_order_becomes_one_acme_event_with_revenue():
+def test_an_order_becomes_one_acme_event_with_revenue() -> None:
     harness = DestinationHarness(Acme, SETTINGS)
     (request,) = harness.requests({
         "type": "track", "event": "Order Completed", "userId": "user-1042",
@@ -30,8 +35,8 @@ def test_an_order_becomes_one_acme_event_with_revenue():
         "revenue": {"amount": 25.0, "currency": "EUR"}}]}
 
 
-def test_pages_are_skipped_with_a_reason():
-    harness = DestinationHarness(Acme, SETTINGS)
+def test_pages_are_skipped_with_a_reason(destination_harness: HarnessFactory) -> None:
+    harness = destination_harness(Acme, SETTINGS)  # the fixture: a DestinationHarness[Acme]
     try:
         harness.payloads({"type": "page", "anonymousId": "a-1", "name": "Home"})
     except SkipEvent as skip:
@@ -40,7 +45,7 @@ def test_pages_are_skipped_with_a_reason():
         raise AssertionError("a page should be skipped")
 
 
-def test_a_207_fails_only_the_events_acme_names():
+def test_a_207_fails_only_the_events_acme_names() -> None:
     harness = DestinationHarness(Acme, SETTINGS)
     payloads = [p for n in range(3) for p in harness.payloads(
         {"type": "track", "event": "Played", "userId": "u-1", "messageId": f"m-{n}"})]
