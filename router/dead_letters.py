@@ -177,8 +177,7 @@ def _masker_of(loaded: LoadedConfig) -> Masker:
     template that puts a token from the environment in the body), and a dead letter of a
     destination since renamed should not show it either."""
     destinations = build_destinations(loaded, create_registry(), egress_policy(loaded.config))
-    # One masker of them all, not a sum: each sum builds (and compiles) another.
-    return Masker([secret for destination in destinations for secret in destination.masker.given])
+    return Masker.joined(destination.masker for destination in destinations)
 
 
 def _as_json(letter: DeadLetter, masker: Masker) -> dict[str, object]:

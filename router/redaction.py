@@ -233,6 +233,13 @@ class Masker:
         self._short = re.compile("|".join(map(re.escape, short))) if short else None
         self._with_credentials: tuple[tuple[str, ...], Masker] | None = None
 
+    @classmethod
+    def joined(cls, maskers: Iterable[Masker]) -> Masker:
+        """One masker hiding what each of ``maskers`` hides: several destinations' secrets,
+        where a stored payload may carry any of them. One, not a sum: each sum builds (and
+        compiles) another."""
+        return cls([secret for masker in maskers for secret in masker.given])
+
     def mask(self, text: str) -> str:
         if self._long is not None:
             text = _masked_in_any_case(self._long, text)

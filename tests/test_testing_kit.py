@@ -882,3 +882,43 @@ def test_bytes_added_to_each_payload_are_seen_through_gzip():
 def test_a_dedup_id_made_of_several_values_is_found_in_the_request():
     check_destination(Recorder, RECORDER_SETTINGS, rules=["batching"],
                       dedup_id=lambda body: (body["user"], body["id"]))
+
+
+# -- what a router dead-lettered ------------------------------------------------------------
+
+async def test_dead_letters_say_which_event_a_destination_refused_and_why(tmp_path,
+                                                                           fake_destination):
+    # drain() is True whether an event was delivered or dead-lettered: a plugin's test
+    # could tell them apart only through the storage's internals (plugin author audit).
+    from router import Router, parse_config
+    from router.redaction import REDACTED
+    from router.testing import dead_letters
+
+    fake_destination.script([Answer(400, body={"error": "unknown event name"})], path="/bad")
+    fake_destination.script([503, 503], path="/busy")
+    hooks = [{"name": name, "plugin": "webhook",
+              "settings": {"url": f"{fake_destination.url}/{name.lower()}",
+                           "headers": {"Authorization": HOOK_SECRET}},
+              "delivery": {"max_attempts": 2, "backoff_initial": "20ms"}}
+             for name in ("Good", "Bad", "Busy")]
+    config = json.dumps({"storage": f"sqlite:///{tmp_path / 'router.db'}",
+                         "egress": {"allow_private_addresses": True}, "destinations": hooks})
+    async with Router(parse_config(config)) as router:
+        await router.route(make_event("track", messageId="m-1",
+                                      properties={"note": HOOK_SECRET}))
+        assert await router.drain(timeout=20)
+        refused, busy = sorted(await dead_letters(router), key=lambda letter: letter.destination)
+        assert await dead_letters(router, "good") == []
+        assert await dead_letters(router, "BAD") == [refused]  # names match without case
+    assert (refused.destination, refused.message_id, refused.status, refused.attempts) == \
+        ("Bad", "m-1", 400, 1)
+    assert refused.reason == "HTTP 400: unknown event name"
+    assert refused.response == '{"error":"unknown event name"}'
+    assert refused.request is not None
+    assert (refused.request["method"], refused.request["url"]) == \
+        ("POST", f"{fake_destination.url}/bad")
+    assert refused.request["headers"]["Authorization"] == REDACTED
+    assert refused.payload["messageId"] == "m-1"
+    assert refused.payload["properties"]["note"] == REDACTED  # as `router dlq list` shows it
+    assert (busy.destination, busy.status, busy.attempts) == ("Busy", 503, 2)
+    assert busy.reason == "gave up after 2 attempts; last: HTTP 503"

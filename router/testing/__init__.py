@@ -5,6 +5,8 @@
 - ``DestinationHarness``: one destination driven by hand; events in, exact requests out,
   answers judged as the router would.
 - ``check_destination``: the conformance suite every destination must pass.
+- ``dead_letters(router)``: what a ``Router`` dead-lettered, as ``DeadLetterRecord``s, for a
+  test that delivers through the router to a fake server.
 - ``make_event``, ``sample_events``, ``edge_events``: realistic and unusual raw events;
   ``router.testing.strategies``: hypothesis strategies for any valid event.
 - ``conformance_test``: the suite as a pytest test, one line in a test module;
@@ -19,6 +21,7 @@ fan-out with) runs on a plain install.
 
 from typing import TYPE_CHECKING, Any
 
+from router.testing.dead_lettered import DeadLetterRecord, dead_letters
 from router.testing.events import (RECEIVED_AT, describe_event, edge_events, make_event,
                                    sample_events)
 from router.testing.fake_server import Answer, FakeDestinationServer, RecordedRequest
@@ -26,10 +29,11 @@ from router.testing.harness import (DestinationHarness, HarnessFactory, batches,
                                     classify_status, requests_from, shown, spooled)
 
 __all__ = [
-    "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DestinationHarness",
-    "FakeDestinationServer", "HarnessFactory", "RecordedRequest", "batches",
-    "check_destination", "classify_status", "conformance_test", "describe_event",
-    "edge_events", "make_event", "sample_events", "requests_from", "shown", "spooled",
+    "RECEIVED_AT", "Answer", "ConformanceFailure", "ConformanceSuite", "DeadLetterRecord",
+    "DestinationHarness", "FakeDestinationServer", "HarnessFactory", "RecordedRequest",
+    "batches", "check_destination", "classify_status", "conformance_test", "dead_letters",
+    "describe_event", "edge_events", "make_event", "sample_events", "requests_from", "shown",
+    "spooled",
 ]
 
 _CONFORMANCE = frozenset({"ConformanceFailure", "ConformanceSuite", "check_destination",

@@ -5,9 +5,10 @@ Annotated throughout, fixtures included, and checked with ``mypy --strict``
 
 from __future__ import annotations
 
-from router import PermanentError, SkipEvent
+from router import PermanentError, Router, SkipEvent, parse_config
 from router.registry import create_registry
-from router.testing import DestinationHarness, HarnessFactory, conformance_test
+from router.testing import (Answer, DestinationHarness, FakeDestinationServer, HarnessFactory,
+                            conformance_test, dead_letters, make_event)
 from router_acme import Acme
 
 pytest_plugins = ["router.testing.pytest_plugin"]
@@ -52,6 +53,29 @@ def test_a_207_fails_only_the_events_acme_names() -> None:
     outcomes = harness.outcomes(payloads, 207, {"errors": [{"index": 1, "error": "bad name"}]})
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], PermanentError) and "bad name" in outcomes[1].reason
+
+
+async def test_an_event_acme_refuses_is_dead_lettered_with_its_answer(
+        fake_destination: FakeDestinationServer) -> None:
+    # Through the router's own delivery, against a real HTTP server standing in for Acme.
+    fake_destination.script([Answer(400, body={"error": "unknown event name"})])
+    config = f"""
+    storage: memory://
+    egress: {{allow_private_addresses: true}}
+    destinations:
+      - name: Acme
+        plugin: acme
+        settings: {{api_key: acme-key-0001, base_url: "{fake_destination.url}"}}
+        delivery: {{batch_wait: 10ms}}
+    """
+    async with Router(parse_config(config)) as router:
+        await router.route(make_event("track", messageId="m-1"))
+        assert await router.drain(timeout=10)  # True for dead-lettered events too
+        (letter,) = await dead_letters(router, "Acme")
+    assert (letter.message_id, letter.status) == ("m-1", 400)
+    assert letter.reason == "HTTP 400: unknown event name"
+    assert letter.request is not None
+    assert letter.request["headers"]["Authorization"] == "**REDACTED**"
 
 
 test_conformance = conformance_test(Acme, settings=SETTINGS, examples=100)
