@@ -1,11 +1,11 @@
 """The ``amplitude`` destination: events to the HTTP V2 (or Batch) API, deletions to the User
 Privacy API."""
 
-from router import hookimpl
+from router import RegisterDestination, hookimpl
 
 from .destination import Amplitude
 
 
 @hookimpl
-def router_register_destinations(register):
+def router_register_destinations(register: RegisterDestination) -> None:
     register(Amplitude)

@@ -1,10 +1,10 @@
 """The ``braze`` destination: users, events and purchases to the Braze REST API."""
 
-from router import hookimpl
+from router import RegisterDestination, hookimpl
 
 from .destination import Braze
 
 
 @hookimpl
-def router_register_destinations(register):
+def router_register_destinations(register: RegisterDestination) -> None:
     register(Braze)

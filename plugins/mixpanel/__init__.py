@@ -1,10 +1,10 @@
 """The ``mixpanel`` destination: events to ``/import``, profiles to ``/engage`` and ``/groups``."""
 
-from router import hookimpl
+from router import RegisterDestination, hookimpl
 
 from .destination import Mixpanel
 
 
 @hookimpl
-def router_register_destinations(register):
+def router_register_destinations(register: RegisterDestination) -> None:
     register(Mixpanel)

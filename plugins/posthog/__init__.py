@@ -1,10 +1,10 @@
 """The ``posthog`` destination: events, identities and groups through PostHog's capture API."""
 
-from router import hookimpl
+from router import RegisterDestination, hookimpl
 
 from .destination import PostHog
 
 
 @hookimpl
-def router_register_destinations(register):
+def router_register_destinations(register: RegisterDestination) -> None:
     register(PostHog)

@@ -1,10 +1,10 @@
 """The ``slack`` destination: a message in a Slack channel per event, by incoming webhook."""
 
-from router import hookimpl
+from router import RegisterDestination, hookimpl
 
 from .destination import Slack
 
 
 @hookimpl
-def router_register_destinations(register):
+def router_register_destinations(register: RegisterDestination) -> None:
     register(Slack)
