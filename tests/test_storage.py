@@ -1866,21 +1866,28 @@ async def test_sqlite_every_row_of_jobs_carries_its_bodys_checksum(tmp_path):
 
 
 def test_bundles_of_one_accept_that_share_bodies_carry_each_bodys_own_checksum():
-    # An accept computes a shared body's CRC once for all its bundles (by the body object):
-    # each body, shared or not, still carries its own, and none reads as damaged.
+    # An accept computes a shared body's CRC once for all its bundles (by the body object,
+    # and not at all for a job right after one with the same body): each body, shared or
+    # not, in whatever order, still carries its own, and none reads as damaged.
     shared, other = b'{"shared":1}', b'{"other":2}'
     alike = b"".join([b'{"shared":', b"1}"])  # equal to `shared`, another object
-    known: bundle_format.BodyChecksums = {}
-    first = bundle_format.pack_bundle([NewJob("a", "m1", "u", "g", shared),
-                                       NewJob("a", "m2", "u", "g", other)], known)
-    second = bundle_format.pack_bundle([NewJob("b", "m2", "u", "g", other),
-                                        NewJob("b", "m1", "u", "g", shared),
-                                        NewJob("b", "m3", "u", "g", alike)], known)
-    assert bundle_format.unpack_bundle(first, 2) == (
-        [("m1", "u", "g", shared), ("m2", "u", "g", other)], {})
-    assert bundle_format.unpack_bundle(second, 3) == (
-        [("m2", "u", "g", other), ("m1", "u", "g", shared), ("m3", "u", "g", alike)], {})
-    assert all(crc == zlib.crc32(body) for body, crc in known.values())
+    twin = b'{"shared":2}'  # as long as `shared`
+    items = [Acceptance("s", "m1", [NewJob("a", "m1", "u", "g", shared),
+                                    NewJob("b", "m1", "u", "g", shared),
+                                    NewJob("c", "m1", "u", "g", other),
+                                    NewJob("d", "m1", "u", "g", shared, ordered=True)]),
+             Acceptance("s", "m2", [NewJob("c", "m2", "u", "g", alike),
+                                    NewJob("a", "m2", "u", "g", other),
+                                    NewJob("b", "m2", "u", "g", twin)])]
+    lanes = {lane.destination: lane for lane in sqlite_lanes._lanes_of(items, 1.0)}
+    for destination, bodies in (("a", [shared, other]), ("b", [shared, twin]),
+                                ("c", [other, alike])):
+        packed = lanes[destination].values(1)[3]
+        assert bundle_format.unpack_bundle(packed, 2) == (
+            [(message_id, "u", "g", body) for message_id, body in zip(("m1", "m2"), bodies)],
+            {})
+    assert lanes["d"].values(1)[5::9] == [shared]
+    assert lanes["d"].values(1)[8::9] == [zlib.crc32(shared)]
 
 
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):

@@ -21,38 +21,20 @@ UNREADABLE_HEADER = ("damaged in the spool: the list of events of its bundle is 
                      "(disk or file corruption); its messageId and body are lost")
 
 
-BodyChecksums = dict[int, tuple[bytes, int]]
-"""CRC-32s of bodies already computed, by the body object's id (``crc_of``)."""
-
-
-def crc_of(body: bytes, known: BodyChecksums) -> int:
-    """``zlib.crc32(body)``, computed once per body object: the destinations of one plugin
-    share their body (``Event.shared``: the router serializes it once), so an accept to
-    three ``segment`` destinations holds each body three times, and its CRC, at about 4
-    instructions a byte, was 2 % of an event's routing. The body is kept beside its CRC, so
-    that its id stays its own while ``known`` lives."""
-    found = known.get(id(body))
-    if found is not None and found[0] is body:
-        return found[1]
-    crc = zlib.crc32(body)
-    known[id(body)] = (body, crc)
-    return crc
-
-
-def pack_bundle(jobs: Sequence[NewJob], known: BodyChecksums | None = None) -> bytes:
+def pack_bundle(jobs: Sequence[NewJob], crcs: Sequence[int] | None = None) -> bytes:
     """A bundle's jobs as one blob: ``CHECKED_BUNDLE``, the length and CRC-32 of a JSON
     header, the header (messageId, user key, group, body length and body CRC-32 of each job),
     then the bodies back to back, so that reading a bundle never parses a body. The CRCs
     find bytes that the disk or a copy changed, which SQLite's own checks do not look at:
     a damaged job is dead-lettered, not delivered with another messageId or value.
-    ``known``, shared by the bundles of one accept, saves computing a shared body's CRC
-    again (``crc_of``)."""
-    if known is None:
-        known = {}
-    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body),
-                            crc_of(job.body, known)) for job in jobs])
-    return b"".join((CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
-                     zlib.crc32(header).to_bytes(4, "big"), header, *(job.body for job in jobs)))
+    ``crcs``, the bodies' CRC-32s in the jobs' order, when the caller has them already
+    (``_lanes_of`` computes a body shared by several destinations' jobs once)."""
+    if crcs is None:
+        crcs = [zlib.crc32(job.body) for job in jobs]
+    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body), crc)
+                           for job, crc in zip(jobs, crcs)])
+    return b"".join([CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
+                     zlib.crc32(header).to_bytes(4, "big"), header, *[job.body for job in jobs]])
 
 
 PackedJob = tuple[str, str, str, bytes]
