@@ -132,8 +132,9 @@ class DedupWindow(Writer):
         self._indexed_up_to = last
 
     def _remember(self, connection: sqlite3.Connection, items: Sequence[Acceptance], *,
-                  expires_at: float, now: float) -> set[tuple[str, str]]:
-        """Record each ``(source, messageId)`` not seen within its window; returns those.
+                  expires_at: float, now: float) -> list[bool]:
+        """Record each ``(source, messageId)`` not seen within its window; returns whether
+        each item's was new. Of two repeats in a batch, the first is new, the second not.
 
         Message ids are random (UUIDs, mostly), so an index of them takes each new one at a
         random place: in the spool's file, every accepted event would rewrite a page of that
@@ -144,24 +145,34 @@ class DedupWindow(Writer):
         make the second a duplicate, about once in 10^12 events with ten million ids in the
         window.
 
-        One statement per 300 events: the first of two repeats in a batch is taken, the
-        second then meets the entry the first just wrote."""
-        taken: set[tuple[str, str]] = set()
+        One statement per 300 events, which returns the keys it took; the second of two
+        repeats in a batch then meets the entry the first just wrote. The items are matched
+        to those keys by their hashes, computed once: a set of the pairs taken, looked up
+        and emptied again item by item, hashed each pair three more times."""
+        accepted: list[bool] = []
+        new_pairs: list[tuple[str, str]] = []
         for start in range(0, len(items), 300):
-            # hash(pair) is _dedup_key(*pair), without a call an event
-            keys = {hash(pair): pair for pair in [(item.source, item.message_id)
-                                                  for item in items[start:start + 300]]}
-            taken.update(keys[key] for (key,) in connection.execute(
+            pairs = [(item.source, item.message_id) for item in items[start:start + 300]]
+            hashes = [hash(pair) for pair in pairs]  # _dedup_key(*pair), without a call an event
+            keys = dict(zip(hashes, pairs))
+            taken = {key for (key,) in connection.execute(
                 "INSERT INTO dedup_index.keys (key, expires_at) "
                 f"SELECT column1, ? FROM (VALUES {', '.join(['(?)'] * len(keys))}) "
                 "WHERE true ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
-                "WHERE keys.expires_at <= ? RETURNING key", (expires_at, *keys, now)))
-        last = _write_seen(connection, taken, expires_at)
+                "WHERE keys.expires_at <= ? RETURNING key", (expires_at, *keys, now))}
+            for key, pair in zip(hashes, pairs):
+                # `keys` holds the last pair of a hash: of two that share it, that one is new
+                new = key in taken and keys[key] == pair
+                if new:
+                    taken.discard(key)  # a repeat later in this batch is a duplicate
+                    new_pairs.append(pair)
+                accepted.append(new)
+        last = _write_seen(connection, new_pairs, expires_at)
         if last is not None:  # the index has these rows already
             self._indexed_up_to = last[0]
             witness, self._witness = self._witness, last
             self._on_rollback(lambda: setattr(self, "_witness", witness))
-        return taken
+        return accepted
 
     async def seen_before(self, source: str, message_ids: Sequence[str], *, now: float
                           ) -> set[str]:
@@ -202,7 +213,7 @@ class DedupWindow(Writer):
                 (source, now, orjson.dumps(message_ids).decode()))}
 
 
-def _write_seen(connection: sqlite3.Connection, pairs: set[tuple[str, str]],
+def _write_seen(connection: sqlite3.Connection, pairs: list[tuple[str, str]],
                 expires_at: float) -> tuple[int, str, str, float] | None:
     """Append ``pairs`` to ``seen``; returns the last row written, or None when there
     was none. A statement per source (an accept's events mostly share theirs) binds the

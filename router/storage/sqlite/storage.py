@@ -217,12 +217,7 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
                 self._purge_dedup(connection, now, at_least=2 * self._accepted_since_purge)
                 self._accepted_since_purge = 0
             self._index_seen(connection, now)
-            remembered = self._remember(connection, items, expires_at=now + window, now=now)
-            accepted = []
-            for item in items:
-                key = (item.source, item.message_id)
-                accepted.append(key in remembered)
-                remembered.discard(key)  # a repeat later in this batch is a duplicate
+            accepted = self._remember(connection, items, expires_at=now + window, now=now)
             kept = lanes if all(accepted) else [lane.of(accepted) for lane in lanes]
             kept = [lane for lane in kept if lane.jobs]
             counts: dict[str, int] = {}
