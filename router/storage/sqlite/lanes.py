@@ -242,6 +242,10 @@ _ORDERED_INSERT = ("INSERT INTO jobs (id, destination, message_id, user_key, grp
                    "created_at, due_at, body_crc)")
 
 
+_Jobs = tuple[list[NewJob], list[int], list[int]]
+"""A lane's jobs, the index of the event of each, and the CRC-32 of each one's body."""
+
+
 def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
     """The accept's jobs by lane, each with its body's CRC-32, computed once per body
     object: the destinations of one plugin share their body (``Event.shared``: the router
@@ -250,15 +254,18 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
     up inline, by the body's id (``items`` holds every body while this runs), and not at
     all for the job after one with the same body: a call a job to look it up, and a tuple
     kept to pin the body, cost 1,500 instructions an event."""
-    lanes: dict[tuple[str, bool], tuple[list[NewJob], list[int], list[int]]] = {}
+    # Unordered lanes, then ordered ones, by destination: a tuple made and hashed a job,
+    # to key one dict by both, cost about 900 instructions an event.
+    lanes: tuple[dict[str, _Jobs], dict[str, _Jobs]] = ({}, {})
     crc_by_id: dict[int, int] = {}
     body: bytes | None = None
     crc = 0
     for index, item in enumerate(items):
         for job in item.jobs:
-            lane = lanes.get((job.destination, job.ordered))
+            by_destination = lanes[job.ordered]
+            lane = by_destination.get(job.destination)
             if lane is None:
-                lane = lanes[(job.destination, job.ordered)] = ([], [], [])
+                lane = by_destination[job.destination] = ([], [], [])
             if job.body is not body:
                 body = job.body
                 crc = crc_by_id.get(id(body), -1)  # a CRC-32 is never negative
@@ -268,7 +275,8 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
             lane[1].append(index)
             lane[2].append(crc)
     return [_Lane(destination, ordered, jobs, owners, crcs, now)
-            for (destination, ordered), (jobs, owners, crcs) in lanes.items()]
+            for ordered in (False, True)
+            for destination, (jobs, owners, crcs) in lanes[ordered].items()]
 
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
