@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import sqlite3
 import zlib
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any
 
 from router.storage.base import Acceptance, Job, NewJob
@@ -146,15 +148,23 @@ class Lanes(Writer):
         """Forget held jobs: the bundles they finish are deleted, and in a bundle still
         open they are noted in ``settled_runs``. Returns the ids that are not of a bundle
         (rows of ``jobs``)."""
-        others: list[int | str] = []
+        job_ids = list(job_ids)
+        # Each job's bundle, or None for a row of ``jobs``; the ids of bundles, in order,
+        # are then cut by bundle, whose ids are a range: passes in C, where a job at a time
+        # in Python cost a lease and complete 4 % more instructions.
+        holders = list(map(self._bundle_of.pop, job_ids, repeat(None)))
+        if None in holders:
+            others = [job_id for job_id, bundle in zip(job_ids, holders) if bundle is None]
+            held = sorted(int(job_id) for job_id, bundle in zip(job_ids, holders)
+                          if bundle is not None)
+        else:
+            others, held = [], sorted(map(int, job_ids))
         settled: dict[_OpenBundle, list[int]] = {}
-        for job_id in job_ids:
-            bundle = self._bundle_of.pop(job_id, None)
-            if bundle is None:
-                others.append(job_id)
-            else:
-                bundle.unsettled.discard(job_id)
-                settled.setdefault(bundle, []).append(int(job_id))
+        for bundle in dict.fromkeys(holders):
+            if bundle is not None:
+                ids = held[bisect_left(held, bundle.first_id):bisect_right(held, bundle.id)]
+                bundle.unsettled.difference_update(ids)
+                settled[bundle] = ids
         # A finished bundle goes whole, with its notes; the others' settled jobs are noted,
         # a row per run of consecutive ids of one bundle.
         finished: list[_OpenBundle] = []
@@ -166,7 +176,7 @@ class Lanes(Writer):
                 finished.append(bundle)
             else:
                 bundle.has_settled_rows = True
-                runs += [bound for first, last in _runs(sorted(ids)) for bound in (last, first)]
+                runs += [bound for first, last in _runs(ids) for bound in (last, first)]
 
         def undo() -> None:
             for bundle, ids in settled.items():
@@ -281,6 +291,9 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
     """The runs of consecutive numbers in sorted ``ids``, as (first, last)."""
+    if ids[-1] - ids[0] == len(ids) - 1:  # one run, as a batch's ids mostly are
+        yield ids[0], ids[-1]
+        return
     first = previous = ids[0]
     for job_id in ids[1:]:
         if job_id != previous + 1:
