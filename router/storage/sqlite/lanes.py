@@ -73,19 +73,24 @@ class Lanes(Writer):
                 if bundle_id not in self._bundles:
                     opened.append(bundle_id)
                 bundle = self._open_bundle(connection, bundle_id, first_id)
-                for index in range(max(after + 1 - first_id, 0), len(bundle.jobs)):
-                    if len(taken) + len(damaged) == limit:
-                        break
+                # Run for every job leased, so with the least Python a job: the bundle's
+                # fields read once, the room left counted down only as a job is taken.
+                packed, unsettled, held = bundle.jobs, bundle.unsettled, self._bundle_of
+                room = limit - len(taken) - len(damaged)
+                for index in range(max(after + 1 - first_id, 0), len(packed)):
                     after = job_id = first_id + index
-                    if job_id in bundle.unsettled and job_id not in self._bundle_of:
-                        message_id, user_key, group, body = bundle.jobs[index]
+                    if job_id in unsettled and job_id not in held:
+                        message_id, user_key, group, body = packed[index]
                         job = Job(job_id, destination, message_id, user_key, group, body,
                                   bundle.created_at)
-                        self._bundle_of[job_id] = bundle
+                        held[job_id] = bundle
                         if bundle.damaged and index in bundle.damaged:
                             damaged.append((job, bundle.damaged[index]))
                         else:
                             taken.append(job)
+                        room -= 1
+                        if not room:
+                            break
                 if len(taken) + len(damaged) == limit:
                     break
         self._read_up_to[lane] = after
