@@ -58,13 +58,16 @@ def unpack_bundle(packed: bytes, count: int) -> tuple[list[PackedJob], dict[int,
         entries = orjson.loads(header)
     except ValueError:
         return [("", "", "", b"")] * count, dict.fromkeys(range(count), UNREADABLE_HEADER)
+    if not checked:  # a layout 1 entry has no CRC: None, for one loop below
+        entries = [[*entry, None] for entry in entries]
     jobs: list[PackedJob] = []
     damaged: dict[int, str] = {}
-    for entry in entries:  # read by index: a slice of each entry would be a list a job
-        length = entry[3]
+    # Each entry unpacked in one step (read by index, 47 bytecodes a job rather than 40):
+    # this loop runs for every job a lease reads.
+    for message_id, user_key, group, length, crc in entries:
         body = packed[offset:offset + length]
         offset += length
-        if checked and zlib.crc32(body) != entry[4]:
+        if crc is not None and zlib.crc32(body) != crc:
             damaged[len(jobs)] = DAMAGED_BODY
-        jobs.append((entry[0], entry[1], entry[2], body))
+        jobs.append((message_id, user_key, group, body))
     return jobs, damaged
