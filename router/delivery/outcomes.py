@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import operator
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 
 from router.delivery import retry
@@ -110,11 +111,9 @@ class Outcomes:
         if not self.delivered:
             self.wakeup.set()  # an idle worker records them now, not at its next poll
         self.delivered += delivered
-        # The jobs of one accept share its time, so a batch has few distinct ones.
-        accepted_at: dict[float, int] = {}
-        for job in delivered:
-            accepted_at[job.created_at] = accepted_at.get(job.created_at, 0) + 1
-        for created_at, count in accepted_at.items():
+        # The jobs of one accept share its time, so a batch has few distinct ones; counted
+        # in C (a loop here was a tenth of the bytecodes the delivery ran a job).
+        for created_at, count in Counter(map(_created_at, delivered)).items():
             self.metrics.latency.observe(self.clock.age(created_at, now), self.name,
                                          count=count)
 
@@ -235,3 +234,7 @@ class Outcomes:
             self.limiter.pause(UNRECORDED_PAUSE)
             recorded = self.recorded.get(id(batch), set())
             self._send_again([job for job in batch if job.id not in recorded])
+
+
+_created_at = operator.attrgetter("created_at")
+"""A job's acceptance time, read in C by ``_take_delivered``."""
