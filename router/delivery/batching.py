@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import TypeVar
 
 import orjson
@@ -111,7 +112,9 @@ def from_spool(body: bytes, group: str, *, opaque: bool = False) -> Payload:
 def all_from_spool(bodies: Iterable[bytes], group: str, *, opaque: bool = False
                    ) -> list[Payload]:
     """``from_spool`` for each of a batch's bodies, in one call: a call of its own for each
-    body cost the batching path about 3 % of its instructions."""
-    if opaque:
-        return [Payload(orjson.Fragment(body), group) for body in bodies]
-    return [Payload(orjson.loads(body), group) for body in bodies]
+    body cost the batching path about 3 % of its instructions. Each ``Payload`` is made by
+    ``tuple.__new__``, all in C: the ``__new__`` that ``NamedTuple`` writes is a Python
+    function, and with the loop here it was 21 bytecodes a job, an eighth of what the event
+    loop's thread ran a job on the batching path."""
+    read = orjson.Fragment if opaque else orjson.loads
+    return list(map(tuple.__new__, repeat(Payload), zip(map(read, bodies), repeat(group))))
