@@ -118,3 +118,8 @@ def all_from_spool(bodies: Iterable[bytes], group: str, *, opaque: bool = False
     loop's thread ran a job on the batching path."""
     read = orjson.Fragment if opaque else orjson.loads
     return list(map(tuple.__new__, repeat(Payload), zip(map(read, bodies), repeat(group))))
+
+
+# all_from_spool builds each Payload from (body, group) alone: a field added to Payload must
+# be added there too, or its Payloads would lack it.
+assert Payload._fields == ("body", "group"), "see all_from_spool"
