@@ -215,14 +215,15 @@ class Router:
         dead-lettered), up to ``timeout`` seconds; True when their queues emptied. Work still
         queued stays in the storage. Jobs of a destination the config no longer has are
         left out: nothing here would ever deliver them, and every drain waited them out.
-        With delivery in this process, ``delivery_metrics`` then count every job settled;
-        a delivery process (``own_process``) sends its counts with its next snapshot."""
+        ``delivery_metrics`` then count every job settled, a delivery process's
+        (``own_process``) too."""
         deadline = time.monotonic() + timeout
         names = {destination.name for destination in self.destinations}
         while True:
             stats = await self.storage.stats(now=time.time())
             if not any(queue.pending for name, queue in stats.queues.items() if name in names) \
-                    and (self._delivery is None or self._delivery.settled):
+                    and (self._delivery is None or await self._delivery.counts_settled(
+                        timeout=max(deadline - time.monotonic(), 0.01))):
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -102,6 +102,26 @@ async def test_a_delivery_process_delivers_and_its_counters_reach_the_router(tmp
             sorted(f"m-{n}" for n in range(30))
 
 
+@pytest.mark.parametrize("status", [200, 400])
+async def test_once_drained_the_counters_count_what_the_delivery_process_settled(tmp_path,
+                                                                                 status):
+    # drain() returned once the storage showed the jobs settled, and the child's counts
+    # came with its next snapshot, up to 50 ms later: delivery_metrics counted short.
+    # Drained with no timeout, over and over, drain() looks at the storage as often as it
+    # can, so it meets the moment the jobs are settled and not yet counted.
+    async with FakeDestinationServer(default=Answer(status)) as server:
+        router = own_process_router(tmp_path, webhook("hook", server.url))
+        async with router:
+            for round_ in range(3):
+                await router.route_many([track(n) for n in range(20 * round_, 20 * round_ + 20)])
+                deadline = time.monotonic() + 20
+                while not await router.drain(timeout=0):
+                    assert time.monotonic() < deadline, "timed out"
+                counted = (router.delivery_metrics.delivered if status == 200
+                           else router.delivery_metrics.dead_lettered)
+                assert counted.get("hook") == 20 * round_ + 20
+
+
 async def test_a_delivery_process_that_dies_is_replaced_and_nothing_is_lost(tmp_path):
     async with FakeDestinationServer(default=Answer(200, delay=0.02)) as server:
         router = own_process_router(tmp_path, webhook("hook", server.url, concurrency=1))

@@ -16,7 +16,10 @@ time and readers alongside, Redis is shared anyway. Nothing passes between them 
   comes while the child is stopping can only shorten what is left of the grace;
 - child to parent, on the pipe: ``("ready", None)`` once delivering, ``("failed", (type
   name, message))`` if it cannot start, and ``("metrics", snapshot)`` whenever its
-  counters change, so ``/metrics`` stays whole in the parent.
+  counters change, so ``/metrics`` stays whole in the parent;
+- both ways, for ``Router.drain``: ``("settled?", n)`` from the parent, answered with
+  ``("settled", n)`` once the child's workers have counted every job they settled, right
+  after the snapshot that holds those counts.
 
 When the parent dies, even by ``kill -9``, the pipe closes and the child stops at once, even
 in the middle of a graceful stop (requests in flight are abandoned) or of its start-up:
@@ -28,6 +31,7 @@ up; a child that cannot start exits with 1.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
 import socket
@@ -75,6 +79,8 @@ EXIT_POLL_INTERVAL = 0.02
 """How often the parent looks whether the child has exited while it waits for it."""
 STOP_AT_ONCE_WAIT = 2.0
 """How long a parent whose stop was cut short waits for the child before killing it."""
+SETTLED_POLL_INTERVAL = 0.005
+"""How often the child, asked whether it has counted what it settled, looks again."""
 CUT_INTERVAL = 0.05
 """How often the child, told to stop at once, ends the waits of its stop still under way."""
 
@@ -105,6 +111,9 @@ class DeliveryProcess:
         """What the children that have exited counted, under the running one's counts."""
         self.restarts = 0
         """Children started to replace one that exited, since ``start``."""
+        self._questions: dict[int, asyncio.Future[bool]] = {}
+        """``counts_settled``'s questions to the child not answered yet, by number."""
+        self._question_numbers = itertools.count()
 
     async def start(self) -> None:
         """Start the child and wait until it delivers. If it cannot: ``SpoolInUse`` when
@@ -154,11 +163,23 @@ class DeliveryProcess:
         self._ready = loop.create_future()
         loop.add_reader(self._connection.fileno(), self._on_message)
 
-    @property
-    def settled(self) -> bool:
-        """Always: the child's counts come with its next snapshot, whatever ``Router.drain``
-        waits for (the in-process ``DeliveryService.settled`` is exact)."""
-        return True
+    async def counts_settled(self, *, timeout: float) -> bool:
+        """Whether ``metrics`` count every job the storage shows settled, as
+        ``DeliveryService.counts_settled``. The child's counts come with its snapshots, a
+        moment after the storage shows the jobs settled, so the child is asked: it answers
+        once its workers have counted what they settled, right after sending those counts.
+        False when no answer comes within ``timeout`` (the child busy, or gone)."""
+        if self._connection is None:
+            return False
+        number = next(self._question_numbers)
+        answer = self._questions[number] = asyncio.get_running_loop().create_future()
+        self._send(("settled?", number))
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            del self._questions[number]
 
     def wake(self, destinations: Iterable[str]) -> None:
         """New work for these destinations; sent once per turn of the event loop."""
@@ -195,6 +216,8 @@ class DeliveryProcess:
                 if kind == "metrics":
                     self._counted = payload
                     self.metrics.restore(payload, carried=self._carried)
+                elif kind == "settled" and payload in self._questions:
+                    self._questions[payload].set_result(True)
                 elif kind == "ready" and self._ready and not self._ready.done():
                     self._ready.set_result(None)
                 elif kind == "failed" and self._ready and not self._ready.done():
@@ -214,6 +237,9 @@ class DeliveryProcess:
             self._wake_socket.close()
             self._wake_socket = None
         self._carried, self._counted = added(self._carried, self._counted), {}
+        for question in self._questions.values():  # its replacement is asked next time
+            if not question.done():
+                question.set_result(False)
         ready = self._ready
         if ready is not None and not ready.done():
             ready.set_exception(RuntimeError("delivery process exited during start"))
@@ -319,6 +345,8 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     grace = [config.server.shutdown_grace]
     at_once = asyncio.Event()
     """Set when the stop must not wait any longer: the parent is gone, or said so."""
+    questions: asyncio.Queue[int] = asyncio.Queue()
+    """The parent's ``settled?`` questions, answered once delivering."""
 
     def parent_gone() -> None:
         # Stop at once, even in the middle of a graceful stop, so that a restarted router
@@ -336,6 +364,8 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
                 elif kind == "stop":
                     grace[0] = payload
                     stop.set()
+                elif kind == "settled?":
+                    questions.put_nowait(payload)
         except (EOFError, OSError):  # the parent is gone (killed)
             loop.remove_reader(connection.fileno())
             parent_gone()
@@ -378,6 +408,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
     if not _tell_parent(connection, ("ready", None)):
         parent_gone()
     sender = MetricsSender(connection)  # from here on, the only one to send
+    answering = asyncio.create_task(_answer_settled(questions, service, metrics, sender))
     try:
         while not stop.is_set():
             try:
@@ -386,6 +417,7 @@ async def _deliver_until_stopped(loaded: LoadedConfig, connection: Connection,
                 pass
             sender.offer(metrics.snapshot())
     finally:
+        answering.cancel()
         started = time.monotonic()
         await _stop_service(service, grace[0], at_once)
         watchdog.stop()
@@ -412,6 +444,18 @@ async def _start_service(loaded: LoadedConfig, storage: Storage, egress: EgressP
         dead_letter_retention=loaded.config.delivery.dead_letter_retention)
     await service.start()  # claims the spool: another router may hold it
     return service, metrics
+
+
+async def _answer_settled(questions: asyncio.Queue[int], service: DeliveryService,
+                          metrics: DeliveryMetrics, sender: MetricsSender) -> None:
+    """Answer each of the parent's ``settled?`` questions once the workers have counted
+    every job they settled, with the snapshot holding those counts sent first."""
+    while True:
+        number = await questions.get()
+        while not service.settled:
+            await asyncio.sleep(SETTLED_POLL_INTERVAL)
+        sender.offer(metrics.snapshot())
+        sender.answer(number)
 
 
 def _tell_parent(connection: Connection, message: tuple[str, Any]) -> bool:
@@ -451,6 +495,7 @@ class MetricsSender:
         self._connection = connection
         self._latest: dict[str, Any] | None = None
         self._offered: dict[str, Any] | None = None
+        self._answers: list[int] = []
         self._changed = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._send_forever, name="metrics-sender",
@@ -467,6 +512,13 @@ class MetricsSender:
             self._latest = snapshot
             self._changed.notify()
 
+    def answer(self, number: int) -> None:
+        """Answer the parent's ``settled?`` question ``number``, after any snapshot offered
+        before."""
+        with self._changed:
+            self._answers.append(number)
+            self._changed.notify()
+
     def close(self, *, timeout: float) -> None:
         """Send what is queued, then stop; waits at most ``timeout`` for a parent that does
         not read."""
@@ -478,13 +530,18 @@ class MetricsSender:
     def _send_forever(self) -> None:
         while True:
             with self._changed:
-                while self._latest is None and not self._closing:
+                while self._latest is None and not self._answers and not self._closing:
                     self._changed.wait()
                 snapshot, self._latest = self._latest, None
-            if snapshot is None:
+                answers, self._answers = self._answers, []
+            if snapshot is None and not answers:
                 return  # closing, and everything is sent
+            messages: list[tuple[str, Any]] = [("settled", number) for number in answers]
+            if snapshot is not None:  # first: the answers say it is counted
+                messages.insert(0, ("metrics", snapshot))
             try:
-                self._connection.send(("metrics", snapshot))
+                for message in messages:
+                    self._connection.send(message)
             except OSError:
                 return  # the parent is gone
 
