@@ -78,7 +78,7 @@ class Event(BaseModel):
     @property
     def user_key(self) -> str:
         """Who the event is about: the user id, else the anonymous id. Orders per-user work."""
-        return self.userId or self.anonymousId or ""
+        return user_key_of(self.__dict__)
 
     def to_dict(self) -> dict[str, Any]:
         """The event as plain JSON data (timestamps as ISO-8601 strings), unset fields left out.
@@ -130,6 +130,13 @@ def format_time(moment: datetime) -> str:
 
 
 _OBJECTS_NULL_MEANS_EMPTY = ("properties", "traits", "context")
+
+
+def user_key_of(fields: Mapping[str, Any]) -> str:
+    """``Event.user_key`` from the event's ``__dict__``, for a caller that holds it already:
+    each read through the event goes through pydantic's ``__getattr__`` hook (about 400
+    instructions)."""
+    return fields["userId"] or fields["anonymousId"] or ""
 
 
 def parse_event(raw: Any, *, received_at: datetime | None = None,
