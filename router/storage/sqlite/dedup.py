@@ -145,8 +145,8 @@ class DedupWindow(Writer):
         make the second a duplicate, about once in 10^12 events with ten million ids in the
         window.
 
-        One statement per 300 events, which returns the keys it took; the second of two
-        repeats in a batch then meets the entry the first just wrote. The items are matched
+        One statement per 300 events, which takes their keys (``_take_keys``); the second of
+        two repeats in a batch then meets the entry the first just wrote. The items are matched
         to those keys by their hashes, computed once: a set of the pairs taken, looked up
         and emptied again item by item, hashed each pair three more times."""
         accepted: list[bool] = []
@@ -155,11 +155,7 @@ class DedupWindow(Writer):
             pairs = [(item.source, item.message_id) for item in items[start:start + 300]]
             hashes = [hash(pair) for pair in pairs]  # _dedup_key(*pair), without a call an event
             keys = dict(zip(hashes, pairs))
-            taken = {key for (key,) in connection.execute(
-                "INSERT INTO dedup_index.keys (key, expires_at) "
-                f"SELECT column1, ? FROM (VALUES {', '.join(['(?)'] * len(keys))}) "
-                "WHERE true ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
-                "WHERE keys.expires_at <= ? RETURNING key", (expires_at, *keys, now))}
+            taken = _take_keys(connection, list(keys), expires_at=expires_at, now=now)
             for key, pair in zip(hashes, pairs):
                 # `keys` holds the last pair of a hash: of two that share it, that one is new
                 new = key in taken and keys[key] == pair
@@ -233,6 +229,28 @@ def _write_seen(connection: sqlite3.Connection, pairs: list[tuple[str, str]],
             assert row_id is not None  # an INSERT's
             last = (row_id, source, chunk[-1], expires_at)
     return last
+
+
+def _take_keys(connection: sqlite3.Connection, keys: list[int], *, expires_at: float,
+               now: float) -> set[int]:
+    """Write ``keys`` (no two alike) to the dedup index, expiring at ``expires_at``, where
+    they are new or expired (at ``now``); returns those it wrote. Mostly every one is new,
+    which the count of rows written tells: then the statement need not return them, and
+    reading them back cost about 2,600 instructions an event. When one is not, the
+    statement is rolled back and run again, returning the keys it writes."""
+    insert = ("INSERT INTO dedup_index.keys (key, expires_at) "
+              f"SELECT column1, ? FROM (VALUES {', '.join(['(?)'] * len(keys))}) "
+              "WHERE true ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at "
+              "WHERE keys.expires_at <= ?")
+    parameters = (expires_at, *keys, now)
+    connection.execute("SAVEPOINT take_keys")
+    if connection.execute(insert, parameters).rowcount == len(keys):
+        taken = set(keys)
+    else:
+        connection.execute("ROLLBACK TO take_keys")
+        taken = {key for (key,) in connection.execute(f"{insert} RETURNING key", parameters)}
+    connection.execute("RELEASE take_keys")
+    return taken
 
 
 def _remove_if_unheld(index: Path) -> None:
