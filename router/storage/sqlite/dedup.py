@@ -12,6 +12,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 
 import orjson
@@ -156,6 +157,10 @@ class DedupWindow(Writer):
             hashes = [hash(pair) for pair in pairs]  # _dedup_key(*pair), without a call an event
             keys = dict(zip(hashes, pairs))
             taken = _take_keys(connection, list(keys), expires_at=expires_at, now=now)
+            if len(taken) == len(pairs):  # each one new, and none twice: mostly
+                accepted += [True] * len(pairs)
+                new_pairs += pairs
+                continue
             for key, pair in zip(hashes, pairs):
                 # `keys` holds the last pair of a hash: of two that share it, that one is new
                 new = key in taken and keys[key] == pair
@@ -209,15 +214,23 @@ class DedupWindow(Writer):
                 (source, now, orjson.dumps(message_ids).decode()))}
 
 
+_SOURCE, _MESSAGE_ID = itemgetter(0), itemgetter(1)
+
+
 def _write_seen(connection: sqlite3.Connection, pairs: list[tuple[str, str]],
                 expires_at: float) -> tuple[int, str, str, float] | None:
     """Append ``pairs`` to ``seen``; returns the last row written, or None when there
     was none. A statement per source (an accept's events mostly share theirs) binds the
     source and the expiry once, not once a row: each text bound is copied and costs
-    about 800 instructions, a sixth of what writing an event to ``seen`` cost."""
+    about 800 instructions, a sixth of what writing an event to ``seen`` cost. The pairs
+    of one source (a ``route_many``'s) are told apart in C, without a loop a pair."""
+    sources = set(map(_SOURCE, pairs))
     by_source: dict[str, list[str]] = {}
-    for source, message_id in pairs:
-        by_source.setdefault(source, []).append(message_id)
+    if len(sources) == 1:
+        by_source[sources.pop()] = list(map(_MESSAGE_ID, pairs))
+    else:
+        for source, message_id in pairs:
+            by_source.setdefault(source, []).append(message_id)
     last = None
     for source, message_ids in by_source.items():
         for start in range(0, len(message_ids), 1000):
