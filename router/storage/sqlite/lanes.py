@@ -10,7 +10,7 @@ import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 from router.storage.base import Acceptance, Job, NewJob
 from router.storage.bundle_format import pack_bundle, unpack_bundle
@@ -162,8 +162,9 @@ class Lanes(Writer):
             others = [job_id for job_id, bundle in zip(job_ids, holders) if bundle is None]
             held = sorted(int(job_id) for job_id, bundle in zip(job_ids, holders)
                           if bundle is not None)
-        else:
-            others, held = [], sorted(map(int, job_ids))
+        else:  # every one a bundle's job, so an int: sorted as they are (``int`` of each, a
+            # call a job, cost as much as the sort)
+            others, held = [], sorted(cast("list[int]", job_ids))
         settled: dict[_OpenBundle, list[int]] = {}
         for bundle in dict.fromkeys(holders):
             if bundle is not None:
