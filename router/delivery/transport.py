@@ -18,8 +18,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 # the transport adds no second resend to those.
 from aiohttp.client import IDEMPOTENT_METHODS as AIOHTTP_RESENDS
 
-from router.delivery.egress import (EgressBlocked, EgressPolicy, GuardedConnector,
-                                    connecting_to, connection_reused, egress_reason,
+from router.delivery.egress import (ConnectionNotes, EgressBlocked, EgressPolicy,
+                                    GuardedConnector, connection_notes, egress_reason,
                                     pooled_connections_refused, session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
@@ -92,6 +92,8 @@ class Transport:
         do, query string (and any key in it) included. ``on_resend`` is called when the
         request goes out a second time after the keep-alive race below."""
         started = time.monotonic()
+        notes = ConnectionNotes()
+        connection_notes.set(notes)  # filled in by the connector (egress.py)
         try:
             try:
                 return await self._exchange(request, self._timeout(timeout))
@@ -105,12 +107,13 @@ class Transport:
                 # rather than spending one of the event's attempts. aiohttp already does
                 # this itself for the methods it deems idempotent.
                 elapsed = time.monotonic() - started
-                if (not connection_reused.get() or request.method in AIOHTTP_RESENDS
+                if (not notes.reused or request.method in AIOHTTP_RESENDS
                         or elapsed > RESEND_WITHIN or elapsed >= timeout):
                     raise
                 if on_resend is not None:
                     on_resend()
                 refused = pooled_connections_refused.set(True)
+                connection_notes.set(ConnectionNotes())  # the second connection's
                 try:
                     return await self._exchange(
                         request, aiohttp.ClientTimeout(total=timeout - elapsed))
@@ -153,8 +156,6 @@ class Transport:
     async def _exchange(self, request: HttpRequest, timeout: aiohttp.ClientTimeout
                         ) -> HttpResponse:
         assert self._session is not None, "transport not started"
-        connection_reused.set(False)
-        connecting_to.set(None)
         # The guarded connector checks the URL against the egress policy on every request,
         # pooled connection or not (egress.py), so it is not checked here too.
         async with self._session.request(
