@@ -231,6 +231,12 @@ class Sending(Health, Outcomes):
             self._log_plugin_failure(f"read_response failed; judging HTTP {response.status} "
                                      "by its status instead", exc)
             judged = None
+        if judged is None and 200 <= response.status < 300:
+            # Delivered, by its status: the usual answer, with nothing to weigh but a spent
+            # rate-limit window (no wait, throttle or rest comes of a success).
+            if (spent := retry.budget_spent(response.headers, now=now)) is not None:
+                self.limiter.pause(spent)
+            return [None] * len(payloads), False
         if judged is not None:
             outcomes = _caused_by_others_beside_a_culprit(
                 _with_the_stated_wait(judged, response.headers, now=now))

@@ -183,8 +183,9 @@ class DestinationWorker(Sending, Health, Outcomes):
                 jobs = await self._give_up_on_the_too_old(jobs)
             jobs = await self._hold_back_throttled_users(jobs)
             leased = batches(jobs, self.delivery, group=_group_of, size=_size_of)
-            for batch in leased:
-                self.trusted_until[id(batch)] = leased_at + LEASE_TRUSTED * self.lease_for
+            if self.storage.leases_lapse:  # else never read (``_lease_lapsed``): not kept
+                for batch in leased:
+                    self.trusted_until[id(batch)] = leased_at + LEASE_TRUSTED * self.lease_for
             self.undispatched += leased
             self.batches_queued.set()
             self.round_leased_at = time.monotonic()
@@ -352,7 +353,8 @@ class DestinationWorker(Sending, Health, Outcomes):
                 await self._retry_after_a_bug(batch)
             finally:
                 del self.in_flight[number]
-                self.trusted_until.pop(id(batch), None)
+                if self.trusted_until:  # kept only where leases lapse
+                    self.trusted_until.pop(id(batch), None)
                 if not self.in_flight:
                     self.all_sent.set()
             self.recorded.pop(id(batch), None)  # kept when cancelled: ``finish`` reads it
