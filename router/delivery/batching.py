@@ -45,6 +45,8 @@ def _cut(items: list[Item], delivery: DeliveryDefaults, size: Callable[[Item], i
     """One group's ``items`` cut into batches, in order (see ``batches``)."""
     overhead = delivery.payload_overhead
     most, most_bytes = delivery.batch_size, delivery.batch_bytes
+    if most == 1:  # one event a request: each item its own batch, whatever its size
+        return [[item] for item in items]
     result: list[list[Item]] = []
     start = 0
     # Whole batches of ``most`` items while they fit: item by item, the last one's check,
