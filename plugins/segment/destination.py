@@ -23,7 +23,7 @@ _ENVELOPE_BYTES = len(b'{"batch":[]}')
 # sentAt gone, take originalTimestamp as the time), so only the corrected timestamp goes on.
 _CLIENT_CLOCK_FIELDS = ("sentAt", "originalTimestamp")
 _LEFT_TO_THE_NEXT_HOP = frozenset((*_CLIENT_CLOCK_FIELDS, "receivedAt"))
-_MAPS = frozenset(("properties", "traits", "context"))
+_MAPS = ("properties", "traits", "context")
 
 
 class SegmentSettings(BaseModel):
@@ -100,5 +100,8 @@ def _forwarded(event: Event) -> dict[str, Any]:
     ``properties``, ``traits`` or ``context``. Each byte added here counts against the next
     hop's 32 KB an event: an event near the limit, valid as the client sent it, was refused
     here for the 92 bytes those fields added (router chaining audit)."""
-    return {field: value for field, value in event.to_dict().items()
-            if field not in _LEFT_TO_THE_NEXT_HOP and not (value == {} and field in _MAPS)}
+    body = event.to_dict(leave_out=_LEFT_TO_THE_NEXT_HOP)
+    for field in _MAPS:
+        if body.get(field) == {}:
+            del body[field]
+    return body
