@@ -94,19 +94,25 @@ class Event(BaseModel):
             return self._build_dict(leave_out)
         return dict(self.shared("router:to_dict", self._build_dict))
 
-    def shared(self, key: str, build: Callable[[], T]) -> T:
-        """``build()``, called once per event and key: every destination that asks with
+    def shared(self, key: str, build: Callable[..., T], *args: Any) -> T:
+        """``build(*args)``, called once per event and key: every destination that asks with
         the same key gets the same object. A plugin whose payload body depends on the event
         alone (not on its settings or options) builds it this way, so that when several of
         its destinations are configured, the router serializes the body once for all of
-        them (it recognizes the object). What it returns must not be changed."""
-        shared: dict[str, Any] | None = getattr(self, "_shared", None)
+        them (it recognizes the object). What it returns must not be changed. ``args`` spare
+        a closure made for every call, most of which find the object built."""
+        try:
+            shared: dict[str, Any] | None = self._shared  # type: ignore[attr-defined]  # a slot
+        except AttributeError:  # an Event not made by parse_event
+            shared = None
         if shared is None:
             shared = {}
             object.__setattr__(self, "_shared", shared)
-        if key not in shared:
-            shared[key] = build()
-        return shared[key]
+        try:
+            return shared[key]  # type: ignore[no-any-return]
+        except KeyError:
+            built = shared[key] = build(*args)
+            return built
 
     def _build_dict(self, leave_out: Container[str] = ()) -> dict[str, Any]:
         fields = self.__dict__  # read so: see parse_event

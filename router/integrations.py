@@ -53,6 +53,12 @@ class IntegrationsMap:
         if self.named or not self.all_on:
             self.if_on_by_default = None
 
+    @classmethod
+    def of(cls, integrations: Mapping[str, Any] | None) -> IntegrationsMap:
+        """``IntegrationsMap(integrations)``, the same map for every event that carries
+        none (most do): it is never changed, and routing makes one for every event."""
+        return cls(integrations) if integrations else _NO_MAP
+
     def decide(self, name: str, *, default_on: bool = True) -> Decision:
         """The decision for the destination configured as ``name``."""
         key = name.lower()
@@ -73,6 +79,9 @@ class IntegrationsMap:
             return Decision(False, reason=f'integrations map has "All": false and does not '
                                           f"name {name}")
         return _ENABLED
+
+
+_NO_MAP = IntegrationsMap(None)
 
 
 def decide(integrations: Mapping[str, Any] | None, name: str, *, default_on: bool = True

@@ -344,11 +344,15 @@ class Router:
                 log.exception("reading an event failed (a bug: please report it)")
                 return _invalid(event, "the router could not read this event (an internal "
                                        "error; the router's log has the details)")
-        integrations = IntegrationsMap(parsed.integrations)
+        fields = parsed.__dict__  # read so: see parse_event
+        integrations = IntegrationsMap.of(fields["integrations"])
         serialized: dict[int, tuple[Any, bytes]] = parsed.shared(_SERIALIZED, dict)
-        return RouteResult(parsed.messageId, parsed,
-                           [self._decide(destination, parsed, integrations, serialized)
-                            for destination in self.destinations])
+        decide = self._decide
+        # A loop, not a comprehension: on Python 3.11 each makes a function an event.
+        results = []
+        for destination in self.destinations:
+            results.append(decide(destination, parsed, integrations, serialized))
+        return RouteResult(fields["messageId"], parsed, results)
 
     def _decide(self, destination: ConfiguredDestination, event: Event,
                 integrations: IntegrationsMap,
@@ -369,11 +373,13 @@ class Router:
             payloads = destination.translate(event, decision.options)
             if serialized is None:
                 serialized = event.shared(_SERIALIZED, dict)
-            bodies = [_serialize(payload.body, serialized) for payload in payloads]
             limit = destination.payload_limit
-            for body in bodies:
+            bodies = []
+            for payload in payloads:
+                body = _serialize(payload.body, serialized)
                 if len(body) > limit:
                     raise EventRejected(oversized(len(body), limit, destination.plugin.name))
+                bodies.append(body)
         except SkipEvent as exc:
             return DestinationResult(name, Status.SKIPPED, exc.reason)
         except EventRejected as exc:  # a template's error may quote what it holds: a secret

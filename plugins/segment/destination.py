@@ -59,8 +59,8 @@ class Segment(Destination[SegmentSettings]):
     )
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
-        # The same body for every segment destination: the router serializes it once.
-        return [Payload(event.shared("segment:forwarded", lambda: _forwarded(event)))]
+        # The same payload for every segment destination: the router serializes it once.
+        return [event.shared("segment:forwarded", _forwarded_payload, event)]
 
     def build_request(self, payloads: Sequence[Payload]) -> HttpRequest:
         return HttpRequest.json("POST", self.settings.base_url + BATCH_PATH,
@@ -92,6 +92,10 @@ class Segment(Destination[SegmentSettings]):
 
     def endpoints(self) -> Sequence[str]:
         return (self.settings.base_url + BATCH_PATH,)
+
+
+def _forwarded_payload(event: Event) -> Payload:
+    return Payload(_forwarded(event))
 
 
 def _forwarded(event: Event) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class Webhook(Destination[WebhookSettings]):
 
     def translate(self, event: Event, options: Mapping[str, Any]) -> Sequence[Payload]:
         if self._template is None:  # the same body for every webhook: serialized once
-            return [Payload(event.shared("webhook:event", event.to_dict))]
+            return [event.shared("webhook:event", _event_payload, event)]
         body = self._template.render(event=template_event(event), options=dict(options))
         if not body.strip():  # as Slack's: a template's way to leave an event out
             raise SkipEvent("settings.body rendered nothing for this event")
@@ -106,6 +106,12 @@ class Webhook(Destination[WebhookSettings]):
 
     def endpoints(self) -> Sequence[str]:
         return (self.settings.url,)
+
+
+def _event_payload(event: Event) -> Payload:
+    """The event as it came (``Event.to_dict``), one payload for every webhook without a
+    template."""
+    return Payload(event.to_dict())
 
 
 def _not_json(text: str, *, keys_checked: bool) -> str | None:
