@@ -55,10 +55,11 @@ class ConfiguredDestination:
         later, for every event queued behind it. Amounts the adapter relies on and the router
         could not read make the event invalid here, before the mapping, which cannot repair
         them (``refuse_unread_amounts``)."""
-        refuse_unread_amounts(self.adapter, event)
+        adapter = self.adapter
+        refuse_unread_amounts(adapter, event)
         if self.transforms:
             event = self._apply_mapping(event)
-        return checked_payloads(self.adapter.translate(event, options))
+        return checked_payloads(adapter.translate(event, options))
 
     def _apply_mapping(self, event: Event) -> Event:
         update: dict[str, Any] = {}

@@ -392,7 +392,8 @@ class Router:
                                      f"{destination.plugin.name} failed: {type(exc).__name__}")
         if not payloads:
             return DestinationResult(name, Status.SKIPPED, "the destination sends nothing for it")
-        return DestinationResult(name, _SEND, payloads=payloads, bodies=bodies)
+        # Positionally: keywords make a dict on their way to the dataclass's __init__.
+        return DestinationResult(name, _SEND, "", payloads, bodies)
 
     def destination(self, name: str) -> ConfiguredDestination:
         for destination in self.destinations:
