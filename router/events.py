@@ -15,7 +15,7 @@ import functools
 import math
 import re
 import uuid
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, UTC
 from typing import Any, Literal, TypeVar
 
@@ -80,7 +80,7 @@ class Event(BaseModel):
         """Who the event is about: the user id, else the anonymous id. Orders per-user work."""
         return user_key_of(self.__dict__)
 
-    def to_dict(self, *, leave_out: Container[str] = ()) -> dict[str, Any]:
+    def to_dict(self, *, leave_out: Collection[str] = ()) -> dict[str, Any]:
         """The event as plain JSON data (timestamps as ISO-8601 strings), unset fields left out.
 
         This is what templates see as ``event`` and what the webhook sends by default. Built
@@ -108,22 +108,23 @@ class Event(BaseModel):
         if shared is None:
             shared = {}
             object.__setattr__(self, "_shared", shared)
-        try:
-            return shared[key]  # type: ignore[no-any-return]
-        except KeyError:
+        built = shared.get(key, _NOT_BUILT)  # not a KeyError caught: raising costs more
+        if built is _NOT_BUILT:
             built = shared[key] = build(*args)
-            return built
+        return built  # type: ignore[no-any-return]
 
-    def _build_dict(self, leave_out: Container[str] = ()) -> dict[str, Any]:
+    def _build_dict(self, leave_out: Collection[str] = ()) -> dict[str, Any]:
         fields = self.__dict__  # read so: see parse_event
         data: dict[str, Any] = {}
         for key, value in fields.items():
-            if value is None or key in leave_out:
-                continue
-            data[key] = format_time(value) if isinstance(value, datetime) else value
+            if value is not None:
+                data[key] = (format_time(value) if isinstance(value, datetime)
+                             and key not in leave_out else value)
         extra = self.__pydantic_extra__
         if extra:
             data.update(extra)
+        for key in leave_out:
+            data.pop(key, None)
         # The model gives every event both maps; the spec gives each call type one of them.
         call_type = fields["type"]
         if not fields["properties"] and call_type not in _PROPERTY_CALLS:
@@ -132,6 +133,9 @@ class Event(BaseModel):
             data.pop("traits", None)
         return data
 
+
+_NOT_BUILT = object()
+"""What ``Event.shared`` finds for a key not built yet (a build may return None)."""
 
 _validate_event: Callable[[dict[str, Any]], Event] = Event.__pydantic_validator__.validate_python
 
