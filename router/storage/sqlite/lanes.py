@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import sqlite3
 import zlib
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import repeat
 from typing import Any, cast
 
 from router.storage.base import Acceptance, Job, NewJob
@@ -31,7 +30,6 @@ class Lanes(Writer):
     # The storage's state they use, which ``SqliteStorage.__init__`` sets and describes:
     _read_up_to: dict[int, int]
     _bundles: dict[int, _OpenBundle]
-    _bundle_of: dict[int | str, _OpenBundle]
     _damaged: list[tuple[Job, str]]
 
     def _read_bundles(self, connection: sqlite3.Connection, destination: str, limit: int
@@ -46,11 +44,14 @@ class Lanes(Writer):
         taken: list[Job] = []
         damaged: list[tuple[Job, str]] = []
         opened: list[int] = []
+        read: list[_OpenBundle] = []
 
         def undo(cursor: int = after) -> None:
             self._read_up_to[lane] = cursor
-            for job in taken + [job for job, _ in damaged]:
-                self._bundle_of.pop(job.id, None)
+            for bundle in read:
+                for job in taken + [job for job, _ in damaged]:
+                    if bundle.first_id <= cast("int", job.id) <= bundle.id:
+                        bundle.held[cast("int", job.id) - bundle.first_id] = 0
             for bundle_id in opened:  # read in a transaction that did not happen
                 self._bundles.pop(bundle_id, None)
 
@@ -73,17 +74,18 @@ class Lanes(Writer):
                 if bundle_id not in self._bundles:
                     opened.append(bundle_id)
                 bundle = self._open_bundle(connection, bundle_id, first_id)
+                read.append(bundle)
                 # Run for every job leased, so with the least Python a job: the bundle's
                 # fields read once, the room left counted down only as a job is taken.
-                packed, unsettled, held = bundle.jobs, bundle.unsettled, self._bundle_of
+                packed, unsettled, held = bundle.jobs, bundle.unsettled, bundle.held
                 room = limit - len(taken) - len(damaged)
                 for index in range(max(after + 1 - first_id, 0), len(packed)):
                     after = job_id = first_id + index
-                    if unsettled[index] and job_id not in held:
+                    if unsettled[index] and not held[index]:
                         message_id, user_key, group, body = packed[index]
                         job = Job(job_id, destination, message_id, user_key, group, body,
                                   bundle.created_at)
-                        held[job_id] = bundle
+                        held[index] = 1
                         if bundle.damaged and index in bundle.damaged:
                             damaged.append((job, bundle.damaged[index]))
                         else:
@@ -148,37 +150,64 @@ class Lanes(Writer):
                 _settled_in(connection, first_id, bundle_id))
         return bundle
 
+    def _holders(self, job_ids: Iterable[int | str]) -> list[_OpenBundle | None]:
+        """The open bundle that holds each job for this process (leased from it, not settled
+        yet), or None (a row of ``jobs``): a bisection a job, for the paths that are rare."""
+        ends = sorted(self._bundles)
+        holders: list[_OpenBundle | None] = []
+        for job_id in map(int, job_ids):
+            at = bisect_left(ends, job_id)
+            bundle = self._bundles[ends[at]] if at < len(ends) else None
+            holders.append(bundle if bundle is not None and bundle.first_id <= job_id
+                           and bundle.held[job_id - bundle.first_id] else None)
+        return holders
+
     def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
                 ) -> list[int | str]:
         """Forget held jobs: the bundles they finish are deleted, and in a bundle still
         open they are noted in ``settled_runs``. Returns the ids that are not of a bundle
         (rows of ``jobs``)."""
-        job_ids = list(job_ids)
-        # Each job's bundle, or None for a row of ``jobs``; the ids of bundles, in order,
-        # are then cut by bundle, whose ids are a range: passes in C, where a job at a time
-        # in Python cost a lease and complete 4 % more instructions.
-        holders = list(map(self._bundle_of.pop, job_ids, repeat(None)))
-        if None in holders:
-            others = [job_id for job_id, bundle in zip(job_ids, holders) if bundle is None]
-            held = sorted(int(job_id) for job_id, bundle in zip(job_ids, holders)
-                          if bundle is not None)
-        else:  # every one a bundle's job, so an int: sorted as they are (``int`` of each, a
-            # call a job, cost as much as the sort)
-            others, held = [], sorted(cast("list[int]", job_ids))
-        # Each bundle's settled ids, and their runs of consecutive ids (a batch's ids are
-        # mostly one), by which the bundle notes them settled.
-        settled: dict[_OpenBundle, tuple[list[int], list[tuple[int, int]]]] = {}
-        for bundle in dict.fromkeys(holders):
-            if bundle is not None:
-                ids = held[bisect_left(held, bundle.first_id):bisect_right(held, bundle.id)]
-                settled[bundle] = ids, list(_runs(ids))
-                bundle.note(settled[bundle][1], unsettled=False)
+        # The ids, sorted, in runs of consecutive ids (a batch's are mostly one run), each
+        # run cut by the open bundles' ranges of ids, found by bisection: a job's bundle
+        # found once a run, where a dict from each held job to its bundle (an insert at the
+        # lease, a look-up and a pop here) cost about 880 instructions a job. A set first,
+        # since a run must hold no id twice to be one.
+        ids = sorted(set(cast("Iterable[int]", job_ids)))
+        ends = sorted(self._bundles)
+        others: list[int | str] = []
+        settled: dict[_OpenBundle, list[tuple[int, int]]] = {}
+        for first, last in _runs(ids) if ids else ():
+            at = bisect_left(ends, first)
+            while first <= last:
+                bundle = self._bundles[ends[at]] if at < len(ends) else None
+                if bundle is None or bundle.first_id > last:
+                    others += range(first, last + 1)
+                    break
+                if first < bundle.first_id:
+                    others += range(first, bundle.first_id)
+                    first = bundle.first_id
+                upto = min(last, bundle.id)
+                held = bundle.held
+                if held.count(0, first - bundle.first_id, upto - bundle.first_id + 1):
+                    # some of them are rows of `jobs` (a job retried, then leased again)
+                    ones = [job_id for job_id in range(first, upto + 1)
+                            if held[job_id - bundle.first_id]]
+                    others += [job_id for job_id in range(first, upto + 1)
+                               if not held[job_id - bundle.first_id]]
+                    pieces = list(_runs(ones)) if ones else []
+                else:
+                    pieces = [(first, upto)]
+                if pieces:
+                    settled.setdefault(bundle, []).extend(pieces)
+                    bundle.note(pieces, settled=True)
+                first = upto + 1
+                at += 1
         # A finished bundle goes whole, with its notes; the others' settled jobs are noted,
         # a row per run of consecutive ids of one bundle.
         finished: list[_OpenBundle] = []
         runs: list[int] = []
         had_settled_rows = [(bundle, bundle.has_settled_rows) for bundle in settled]
-        for bundle, (_, bundle_runs) in settled.items():
+        for bundle, bundle_runs in settled.items():
             if bundle.finished:
                 del self._bundles[bundle.id]
                 finished.append(bundle)
@@ -187,9 +216,8 @@ class Lanes(Writer):
                 runs += [bound for first, last in bundle_runs for bound in (last, first)]
 
         def undo() -> None:
-            for bundle, (ids, bundle_runs) in settled.items():
-                bundle.note(bundle_runs, unsettled=True)
-                self._bundle_of.update(dict.fromkeys(ids, bundle))
+            for bundle, bundle_runs in settled.items():
+                bundle.note(bundle_runs, settled=False)
             for bundle, had in had_settled_rows:
                 bundle.has_settled_rows = had
             for bundle in finished:
@@ -312,13 +340,15 @@ def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
 
 
 class _OpenBundle:
-    """A bundle this process has read: its jobs, unpacked, which are damaged (why, by index)
-    and which are not settled yet (``unsettled``: a byte a job, by index, 1 until it is).
-    Bytes rather than a set of ids: a set made for every bundle read, and its ids removed
-    one by one as they settle, cost a lease and complete about 400 instructions a job;
-    the bytes are made at once and cleared a run of ids at a time."""
+    """A bundle this process has read: its jobs, unpacked, which are damaged (why, by index),
+    which are not settled yet (``unsettled``: a byte a job, by index, 1 until it is) and
+    which this process holds (``held``: 1 from its lease until it is settled or released),
+    which a cursor moved back by ``release`` must not hand out twice. Bytes rather than sets
+    of ids: a set made for every bundle read, and its ids removed one by one as they settle,
+    cost a lease and complete about 400 instructions a job; the bytes are made at once and
+    cleared a run of ids at a time."""
 
-    __slots__ = ("created_at", "damaged", "first_id", "has_settled_rows", "id", "jobs",
+    __slots__ = ("created_at", "damaged", "first_id", "has_settled_rows", "held", "id", "jobs",
                  "unsettled")
 
     def __init__(self, bundle_id: int, first_id: int, created_at: float, packed: bytes,
@@ -328,6 +358,7 @@ class _OpenBundle:
         self.created_at = created_at
         self.jobs, self.damaged = unpack_bundle(packed, bundle_id - first_id + 1)
         self.unsettled = bytearray(b"\x01") * (bundle_id - first_id + 1)
+        self.held = bytearray(bundle_id - first_id + 1)
         for job_id in settled:
             if first_id <= job_id <= bundle_id:
                 self.unsettled[job_id - first_id] = 0
@@ -338,11 +369,13 @@ class _OpenBundle:
         """Every job of the bundle is settled."""
         return 1 not in self.unsettled
 
-    def note(self, runs: Iterable[tuple[int, int]], *, unsettled: bool) -> None:
-        """Note the jobs of ``runs`` (first and last ids) settled, or unsettled again."""
+    def note(self, runs: Iterable[tuple[int, int]], *, settled: bool) -> None:
+        """Note the held jobs of ``runs`` (first and last ids) settled, or, undone, held and
+        unsettled again."""
         for first, last in runs:
             self.unsettled[first - self.first_id:last - self.first_id + 1] = \
-                bytes([unsettled]) * (last - first + 1)
+                self.held[first - self.first_id:last - self.first_id + 1] = \
+                bytes([not settled]) * (last - first + 1)
 
     def unsettled_indexes(self) -> list[int]:
         """The index of each job not settled yet, in order."""

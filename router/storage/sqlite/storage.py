@@ -86,10 +86,8 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
         self._read_up_to: dict[int, int] = {}
         """Per lane, the last job id its cursor has passed."""
         self._bundles: dict[int, _OpenBundle] = {}
-        """The bundles read and not yet finished, by id."""
-        self._bundle_of: dict[int | str, _OpenBundle] = {}
-        """The jobs of bundles leased by this process and not yet settled, each with its
-        bundle: what a cursor moved back by ``release`` must not hand out twice."""
+        """The bundles read and not yet finished, by id (their last job's), with the jobs of
+        each that this process holds."""
         self._holding_indexed: set[str] = set()
         """The ``holding_index`` names this process has made sure of."""
         self._ordered_lanes: set[str] = set()
@@ -137,7 +135,7 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
         if self._thread is not None:
             raise RuntimeError("the storage is already open")
         self._recover = recover
-        self._read_up_to, self._bundles, self._bundle_of = {}, {}, {}
+        self._read_up_to, self._bundles = {}, {}
         self._ordered_lanes = set()
         self._damaged = []
         self._indexed_up_to = 0
@@ -418,16 +416,22 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
 
         def operation(connection: sqlite3.Connection) -> None:
             rows = []
-            held = {job_id: self._bundle_of[job_id] for job_id in job_ids
-                    if job_id in self._bundle_of}
+            holders = self._holders(job_ids)
             cursors = dict(self._read_up_to)
-            self._on_rollback(lambda: (self._bundle_of.update(held),
-                                       self._read_up_to.update(cursors)))
-            for job_id in job_ids:
-                if self._bundle_of.pop(job_id, None) is None:
+
+            def undo() -> None:
+                for bundle, job_id in zip(holders, job_ids):
+                    if bundle is not None:
+                        bundle.held[int(job_id) - bundle.first_id] = 1
+                self._read_up_to.update(cursors)
+
+            self._on_rollback(undo)
+            for bundle, job_id in zip(holders, job_ids):
+                if bundle is None:
                     rows.append((now, job_id))
                     continue
                 number = int(job_id)
+                bundle.held[number - bundle.first_id] = 0
                 lane = number >> LANE_BITS
                 if self._read_up_to.get(lane, number) >= number:
                     self._read_up_to[lane] = number - 1
