@@ -1883,9 +1883,8 @@ def test_bundles_of_one_accept_that_share_bodies_carry_each_bodys_own_checksum()
     for destination, bodies in (("a", [shared, other]), ("b", [shared, twin]),
                                 ("c", [other, alike])):
         packed = lanes[destination].values(1)[3]
-        assert bundle_format.unpack_bundle(packed, 2) == (
-            [(message_id, "u", "g", body) for message_id, body in zip(("m1", "m2"), bodies)],
-            {})
+        assert bundle_format.unpack_bundle(packed, 2) == bundle_format.UnpackedBundle(
+            ("m1", "m2"), ("u", "u"), ("g", "g"), bodies, {})
     assert lanes["d"].values(1)[5::9] == [shared]
     assert lanes["d"].values(1)[8::9] == [zlib.crc32(shared)]
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 
 import orjson
 
@@ -37,14 +39,24 @@ def pack_bundle(jobs: Sequence[NewJob], crcs: Sequence[int] | None = None) -> by
                      zlib.crc32(header).to_bytes(4, "big"), header, *[job.body for job in jobs]])
 
 
-PackedJob = tuple[str, str, str, bytes]
-"""A job as a bundle holds it: messageId, user key, group and body."""
+@dataclass(slots=True)
+class UnpackedBundle:
+    """A bundle's jobs, in id order, field by field (the ``index``-th of each list is the
+    ``index``-th job's), and why each damaged one cannot be sent, by its index. By field
+    rather than a tuple a job: each list is made at once, in C, where a loop that sliced
+    each body, checked its CRC and made its tuple was a fifth of the instructions of
+    reading a bundle (this runs for every job a lease reads)."""
+
+    message_ids: Sequence[str]
+    user_keys: Sequence[str]
+    groups: Sequence[str]
+    bodies: Sequence[bytes]
+    damaged: dict[int, str]
 
 
-def unpack_bundle(packed: bytes, count: int) -> tuple[list[PackedJob], dict[int, str]]:
-    """The ``count`` jobs of a bundle, in id order, and why each damaged one cannot be sent,
-    by its index. A bundle written before the CRCs (layout 1, whose first four bytes are a
-    header length under SQLite's 1 GB limit) is read unchecked."""
+def unpack_bundle(packed: bytes, count: int) -> UnpackedBundle:
+    """The ``count`` jobs of a bundle. A bundle written before the CRCs (layout 1, whose
+    first four bytes are a header length under SQLite's 1 GB limit) is read unchecked."""
     checked = packed.startswith(CHECKED_BUNDLE)
     try:
         if checked:
@@ -52,22 +64,18 @@ def unpack_bundle(packed: bytes, count: int) -> tuple[list[PackedJob], dict[int,
             header = packed[12:offset]
             if zlib.crc32(header) != int.from_bytes(packed[8:12], "big"):
                 raise ValueError("the header's checksum does not match")
-        else:
+            message_ids, user_keys, groups, lengths, crcs = zip(*orjson.loads(header))
+        else:  # a layout 1 entry has no CRC
             offset = 4 + int.from_bytes(packed[:4], "big")
-            header = packed[4:offset]
-        entries = orjson.loads(header)
-    except ValueError:
-        return [("", "", "", b"")] * count, dict.fromkeys(range(count), UNREADABLE_HEADER)
-    if not checked:  # a layout 1 entry has no CRC: None, for one loop below
-        entries = [[*entry, None] for entry in entries]
-    jobs: list[PackedJob] = []
+            message_ids, user_keys, groups, lengths = zip(*orjson.loads(packed[4:offset]))
+            crcs = None
+        ends = list(accumulate(lengths, initial=offset))
+    except (ValueError, TypeError):  # unreadable, or not a list of entries of the layout
+        return UnpackedBundle([""] * count, [""] * count, [""] * count, [b""] * count,
+                              dict.fromkeys(range(count), UNREADABLE_HEADER))
+    bodies = list(map(packed.__getitem__, map(slice, ends, ends[1:])))
     damaged: dict[int, str] = {}
-    # Each entry unpacked in one step (read by index, 47 bytecodes a job rather than 40):
-    # this loop runs for every job a lease reads.
-    for message_id, user_key, group, length, crc in entries:
-        body = packed[offset:offset + length]
-        offset += length
-        if crc is not None and zlib.crc32(body) != crc:
-            damaged[len(jobs)] = DAMAGED_BODY
-        jobs.append((message_id, user_key, group, body))
-    return jobs, damaged
+    if crcs is not None and tuple(map(zlib.crc32, bodies)) != crcs:
+        damaged = {index: DAMAGED_BODY for index, (body, crc) in enumerate(zip(bodies, crcs))
+                   if zlib.crc32(body) != crc}
+    return UnpackedBundle(message_ids, user_keys, groups, bodies, damaged)

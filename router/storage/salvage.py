@@ -238,11 +238,12 @@ def _dead_letter_lane(target: sqlite3.Connection, number: int, name: str, now: f
     for bundle_id, first_id, created_at, packed in target.execute(
             f"SELECT id, first_id, created_at, jobs FROM bundles WHERE {_LANE} = ?", (number,)
             ).fetchall():
-        jobs, damaged = unpack_bundle(packed, bundle_id - first_id + 1)
-        for index, (message_id, user_key, group, body) in enumerate(jobs):
+        bundle = unpack_bundle(packed, bundle_id - first_id + 1)
+        for index, (message_id, user_key, group, body) in enumerate(zip(
+                bundle.message_ids, bundle.user_keys, bundle.groups, bundle.bodies)):
             if first_id + index not in settled:
                 letters.append((name, message_id, user_key, group, body, 0, created_at, now,
-                                damaged.get(index, LOST_LANE_REASON), first_id + index))
+                                bundle.damaged.get(index, LOST_LANE_REASON), first_id + index))
     target.executemany(
         "INSERT INTO dead_letters (destination, message_id, user_key, grp, body, attempts, "
         "created_at, failed_at, reason, accepted_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -9,6 +9,7 @@ import sqlite3
 import zlib
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import Any, cast
 
 from router.storage.base import Acceptance, Job, NewJob
@@ -75,24 +76,38 @@ class Lanes(Writer):
                     opened.append(bundle_id)
                 bundle = self._open_bundle(connection, bundle_id, first_id)
                 read.append(bundle)
-                # Run for every job leased, so with the least Python a job: the bundle's
-                # fields read once, the room left counted down only as a job is taken.
-                packed, unsettled, held = bundle.jobs, bundle.unsettled, bundle.held
+                jobs, unsettled, held = bundle.jobs, bundle.unsettled, bundle.held
                 room = limit - len(taken) - len(damaged)
-                for index in range(max(after + 1 - first_id, 0), len(packed)):
-                    after = job_id = first_id + index
-                    if unsettled[index] and not held[index]:
-                        message_id, user_key, group, body = packed[index]
-                        job = Job(job_id, destination, message_id, user_key, group, body,
-                                  bundle.created_at)
-                        held[index] = 1
-                        if bundle.damaged and index in bundle.damaged:
-                            damaged.append((job, bundle.damaged[index]))
-                        else:
-                            taken.append(job)
-                        room -= 1
-                        if not room:
-                            break
+                start = max(after + 1 - first_id, 0)
+                stop = min(start + room, len(jobs.bodies))
+                if start < stop and not jobs.damaged and not unsettled.count(0, start, stop) \
+                        and not held.count(1, start, stop):
+                    # The jobs wanted, from the cursor on, all free to take, as a lease of
+                    # fresh jobs nearly always finds them: made at once, in C, from the
+                    # bundle's fields. The loop below, over a tuple a job, cost a lease about
+                    # 1,100 instructions a job more.
+                    taken += map(Job, range(first_id + start, first_id + stop),
+                                 repeat(destination), jobs.message_ids[start:stop],
+                                 jobs.user_keys[start:stop], jobs.groups[start:stop],
+                                 jobs.bodies[start:stop], repeat(bundle.created_at))
+                    held[start:stop] = b"\x01" * (stop - start)
+                    after = first_id + stop - 1
+                else:  # job by job, with the least Python a job: the room left counted
+                    # down only as a job is taken
+                    for index in range(start, len(jobs.bodies)):
+                        after = job_id = first_id + index
+                        if unsettled[index] and not held[index]:
+                            job = Job(job_id, destination, jobs.message_ids[index],
+                                      jobs.user_keys[index], jobs.groups[index], jobs.bodies[index],
+                                      bundle.created_at)
+                            held[index] = 1
+                            if jobs.damaged and index in jobs.damaged:
+                                damaged.append((job, jobs.damaged[index]))
+                            else:
+                                taken.append(job)
+                            room -= 1
+                            if not room:
+                                break
                 if len(taken) + len(damaged) == limit:
                     break
         self._read_up_to[lane] = after
@@ -118,13 +133,15 @@ class Lanes(Writer):
         for bundle_id, first_id, created_at, packed in rows:
             bundle = _OpenBundle(bundle_id, first_id, created_at, packed,
                                  _settled_in(connection, first_id, bundle_id))
-            if bundle.damaged:
+            if bundle.jobs.damaged:
                 continue
             values: list[Any] = []
+            jobs = bundle.jobs
             for index in bundle.unsettled_indexes():
-                message_id, user_key, group, body = bundle.jobs[index]
-                values += (first_id + index, destination, message_id, user_key, group, body,
-                           created_at, created_at, zlib.crc32(body))
+                body = jobs.bodies[index]
+                values += (first_id + index, destination, jobs.message_ids[index],
+                           jobs.user_keys[index], jobs.groups[index], body, created_at,
+                           created_at, zlib.crc32(body))
             _insert_rows(connection, _ORDERED_INSERT, 9, values)
             connection.execute("DELETE FROM bundles WHERE id = ?", (bundle_id,))
             connection.execute("DELETE FROM settled_runs WHERE last BETWEEN ? AND ?",
@@ -340,7 +357,7 @@ def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
 
 
 class _OpenBundle:
-    """A bundle this process has read: its jobs, unpacked, which are damaged (why, by index),
+    """A bundle this process has read: its jobs, unpacked (with which are damaged, and why),
     which are not settled yet (``unsettled``: a byte a job, by index, 1 until it is) and
     which this process holds (``held``: 1 from its lease until it is settled or released),
     which a cursor moved back by ``release`` must not hand out twice. Bytes rather than sets
@@ -348,15 +365,14 @@ class _OpenBundle:
     cost a lease and complete about 400 instructions a job; the bytes are made at once and
     cleared a run of ids at a time."""
 
-    __slots__ = ("created_at", "damaged", "first_id", "has_settled_rows", "held", "id", "jobs",
-                 "unsettled")
+    __slots__ = ("created_at", "first_id", "has_settled_rows", "held", "id", "jobs", "unsettled")
 
     def __init__(self, bundle_id: int, first_id: int, created_at: float, packed: bytes,
                  settled: set[int]) -> None:
         self.id = bundle_id
         self.first_id = first_id
         self.created_at = created_at
-        self.jobs, self.damaged = unpack_bundle(packed, bundle_id - first_id + 1)
+        self.jobs = unpack_bundle(packed, bundle_id - first_id + 1)
         self.unsettled = bytearray(b"\x01") * (bundle_id - first_id + 1)
         self.held = bytearray(bundle_id - first_id + 1)
         for job_id in settled:
