@@ -45,14 +45,13 @@ class Lanes(Writer):
         taken: list[Job] = []
         damaged: list[tuple[Job, str]] = []
         opened: list[int] = []
-        read: list[_OpenBundle] = []
 
         def undo(cursor: int = after) -> None:
             self._read_up_to[lane] = cursor
-            for bundle in read:
-                for job in taken + [job for job, _ in damaged]:
-                    if bundle.first_id <= cast("int", job.id) <= bundle.id:
-                        bundle.held[cast("int", job.id) - bundle.first_id] = 0
+            job_ids = [job.id for job in taken] + [job.id for job, _ in damaged]
+            for bundle, job_id in zip(self._holders(job_ids), job_ids):
+                if bundle is not None:
+                    bundle.held[int(job_id) - bundle.first_id] = 0
             for bundle_id in opened:  # read in a transaction that did not happen
                 self._bundles.pop(bundle_id, None)
 
@@ -75,7 +74,6 @@ class Lanes(Writer):
                 if bundle_id not in self._bundles:
                     opened.append(bundle_id)
                 bundle = self._open_bundle(connection, bundle_id, first_id)
-                read.append(bundle)
                 jobs, unsettled, held = bundle.jobs, bundle.unsettled, bundle.held
                 room = limit - len(taken) - len(damaged)
                 start = max(after + 1 - first_id, 0)
