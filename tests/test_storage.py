@@ -1626,6 +1626,51 @@ async def test_sqlite_a_batch_that_writes_the_dedup_index_alone_has_a_witness(tm
         await storage.close()
 
 
+@contextlib.asynccontextmanager
+async def commits_failing_in_the_spool(storage: SqliteStorage):
+    """Every COMMIT of ``storage``'s writer fails, its WAL unwritable (no file of the process
+    may then grow past the WAL's size once it is emptied: SQLite reports a disk I/O error
+    and rolls the transaction back whole), until the block ends."""
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+    def trace(statement: str) -> None:
+        limit = wal.stat().st_size if statement == "COMMIT" else resource.RLIM_INFINITY
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    def arm(connection: sqlite3.Connection) -> None:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        connection.set_trace_callback(trace)
+
+    wal = storage.path.with_name(storage.path.name + "-wal")
+    await storage._call(arm, writes=False)  # the test's one reach into the writer
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+        await storage._call(lambda connection: connection.set_trace_callback(None),
+                            writes=False)
+
+
+async def test_sqlite_settling_or_releasing_jobs_that_could_not_be_written_leaves_them_held(
+        spool):
+    # A completion or a release rolled back (a disk error) is undone in memory too: its jobs
+    # stay held, neither settled (their bundle kept) nor handed out again, until it is done
+    # again; then each job goes exactly once. (A release of jobs of bundles writes nothing:
+    # it fails with the completion it shares a group commit with.)
+    await accept(spool, *(item(f"m-{n}") for n in range(10)))
+    held = await lease(spool, 6)
+    async with commits_failing_in_the_spool(spool):
+        failures = await in_one_group_commit(
+            spool, spool.complete(held[:3]), spool.release([job.id for job in held[3:5]]))
+    assert [type(failure) for failure in failures] == [StorageUnavailable] * 2
+    assert [job.message_id for job in await lease(spool, 10)] == [f"m-{n}" for n in range(6, 10)]
+    await spool.release([job.id for job in held[3:5]])
+    assert [job.message_id for job in await lease(spool, 10)] == ["m-3", "m-4"]
+    await spool.complete(held[:3])
+    assert await lease(spool, 10) == []
+    assert await pending(spool) == 7
+
+
 async def test_sqlite_settled_jobs_noted_one_row_each_by_an_earlier_version_stay_settled(
         tmp_path):
     path = tmp_path / "spool.db"
