@@ -25,7 +25,7 @@ import time
 import tracemalloc
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -1531,36 +1531,39 @@ async def test_sqlite_a_bundle_and_its_notes_go_once_every_job_of_it_is_settled(
 # -- a commit that fails in the dedup index only ---------------------------------------------
 
 @contextlib.asynccontextmanager
-async def commit_failing_in_the_index(storage: SqliteStorage):
-    """The next COMMIT of ``storage``'s writer fails in its dedup index only, as on a disk
-    filled from outside: no file of the process may then grow past half the index file's
-    size. The spool's WAL, emptied first, stays far below that, and SQLite commits it
-    before the index (WAL mode commits attached databases one after another)."""
-    index = storage._dedup_index[0]
-    limit = index.stat().st_size // 2
-    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-    armed = True
-
+async def commits_limited(storage: SqliteStorage, limit_at_commit: Callable[[], int | None]):
+    """While the block runs, each COMMIT of ``storage``'s writer runs with no file of the
+    process allowed to grow past ``limit_at_commit()`` bytes (None: no limit), as on a disk
+    filled from outside. The spool's WAL is emptied first."""
     def trace(statement: str) -> None:
-        nonlocal armed
-        if statement == "COMMIT" and armed:
-            armed = False
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-        else:
-            resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+        limit = limit_at_commit() if statement == "COMMIT" else None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (
+            resource.RLIM_INFINITY if limit is None else limit, resource.RLIM_INFINITY))
 
     def arm(connection: sqlite3.Connection) -> None:
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         connection.set_trace_callback(trace)
 
-    await storage._call(arm, writes=False)  # the test's one reach into the writer
+    await storage._call(arm, writes=False)  # the tests' one reach into the writer
     try:
         yield
     finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,
+                                                   resource.RLIM_INFINITY))
         await storage._call(lambda connection: connection.set_trace_callback(None),
                             writes=False)
-        assert not armed, "no COMMIT ran"
+
+
+@contextlib.asynccontextmanager
+async def commit_failing_in_the_index(storage: SqliteStorage):
+    """The next COMMIT of ``storage``'s writer fails in its dedup index only, as on a disk
+    filled from outside: no file of the process may then grow past half the index file's
+    size. The spool's WAL, emptied first, stays far below that, and SQLite commits it
+    before the index (WAL mode commits attached databases one after another)."""
+    limits = [storage._dedup_index[0].stat().st_size // 2]
+    async with commits_limited(storage, lambda: limits.pop() if limits else None):
+        yield
+    assert not limits, "no COMMIT ran"
 
 
 async def in_one_group_commit(storage: SqliteStorage, *calls):
@@ -1629,26 +1632,11 @@ async def test_sqlite_a_batch_that_writes_the_dedup_index_alone_has_a_witness(tm
 @contextlib.asynccontextmanager
 async def commits_failing_in_the_spool(storage: SqliteStorage):
     """Every COMMIT of ``storage``'s writer fails, its WAL unwritable (no file of the process
-    may then grow past the WAL's size once it is emptied: SQLite reports a disk I/O error
-    and rolls the transaction back whole), until the block ends."""
-    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
-
-    def trace(statement: str) -> None:
-        limit = wal.stat().st_size if statement == "COMMIT" else resource.RLIM_INFINITY
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
-    def arm(connection: sqlite3.Connection) -> None:
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        connection.set_trace_callback(trace)
-
+    may grow past the WAL's size once it is emptied: SQLite reports a disk I/O error and
+    rolls the transaction back whole), until the block ends."""
     wal = storage.path.with_name(storage.path.name + "-wal")
-    await storage._call(arm, writes=False)  # the test's one reach into the writer
-    try:
+    async with commits_limited(storage, lambda: wal.stat().st_size):
         yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
-        await storage._call(lambda connection: connection.set_trace_callback(None),
-                            writes=False)
 
 
 async def test_sqlite_settling_or_releasing_jobs_that_could_not_be_written_leaves_them_held(
