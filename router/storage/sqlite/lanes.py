@@ -177,46 +177,52 @@ class Lanes(Writer):
                            and bundle.held[job_id - bundle.first_id] else None)
         return holders
 
+    def _runs_by_bundle(self, ids: list[int]
+                        ) -> Iterator[tuple[_OpenBundle | None, int, int]]:
+        """``ids`` (sorted, no two alike) as runs of consecutive ids, each within one open
+        bundle, with it (None: of no open bundle, rows of ``jobs``). The bundle is found by
+        bisection once a run (a batch's ids are mostly one run), where a dict from each held
+        job to its bundle (an insert at the lease, a look-up and a pop at the settling) cost
+        about 880 instructions a job."""
+        ends = sorted(self._bundles)
+        for first, last in _runs(ids):
+            at = bisect_left(ends, first)
+            while first <= last:
+                bundle = self._bundles[ends[at]] if at < len(ends) else None
+                if bundle is None or bundle.first_id > last:
+                    yield None, first, last
+                    break
+                if first < bundle.first_id:
+                    yield None, first, bundle.first_id - 1
+                    first = bundle.first_id
+                upto = min(last, bundle.id)
+                yield bundle, first, upto
+                first, at = upto + 1, at + 1
+
     def _settle(self, connection: sqlite3.Connection, job_ids: Iterable[int | str]
                 ) -> list[int | str]:
         """Forget held jobs: the bundles they finish are deleted, and in a bundle still
         open they are noted in ``settled_runs``. Returns the ids that are not of a bundle
         (rows of ``jobs``)."""
-        # The ids, sorted, in runs of consecutive ids (a batch's are mostly one run), each
-        # run cut by the open bundles' ranges of ids, found by bisection: a job's bundle
-        # found once a run, where a dict from each held job to its bundle (an insert at the
-        # lease, a look-up and a pop here) cost about 880 instructions a job. A set first,
-        # since a run must hold no id twice to be one.
-        ids = sorted(set(cast("Iterable[int]", job_ids)))
-        ends = sorted(self._bundles)
         others: list[int | str] = []
         settled: dict[_OpenBundle, list[tuple[int, int]]] = {}
-        for first, last in _runs(ids) if ids else ():
-            at = bisect_left(ends, first)
-            while first <= last:
-                bundle = self._bundles[ends[at]] if at < len(ends) else None
-                if bundle is None or bundle.first_id > last:
-                    others += range(first, last + 1)
-                    break
-                if first < bundle.first_id:
-                    others += range(first, bundle.first_id)
-                    first = bundle.first_id
-                upto = min(last, bundle.id)
-                held = bundle.held
-                if held.count(0, first - bundle.first_id, upto - bundle.first_id + 1):
-                    # some of them are rows of `jobs` (a job retried, then leased again)
-                    ones = [job_id for job_id in range(first, upto + 1)
-                            if held[job_id - bundle.first_id]]
-                    others += [job_id for job_id in range(first, upto + 1)
-                               if not held[job_id - bundle.first_id]]
-                    pieces = list(_runs(ones)) if ones else []
-                else:
-                    pieces = [(first, upto)]
-                if pieces:
-                    settled.setdefault(bundle, []).extend(pieces)
-                    bundle.note(pieces, settled=True)
-                first = upto + 1
-                at += 1
+        # A set first, since a run must hold no id twice to be one.
+        ids = sorted(set(cast("Iterable[int]", job_ids)))
+        for bundle, first, last in self._runs_by_bundle(ids):
+            if bundle is None:
+                others += range(first, last + 1)
+                continue
+            offset, held = bundle.first_id, bundle.held
+            if not held.count(0, first - offset, last - offset + 1):
+                pieces = [(first, last)]
+            else:  # some of them are rows of `jobs` (a job retried, then leased again)
+                others += [job_id for job_id in range(first, last + 1)
+                           if not held[job_id - offset]]
+                pieces = list(_runs([job_id for job_id in range(first, last + 1)
+                                     if held[job_id - offset]]))
+            if pieces:
+                settled.setdefault(bundle, []).extend(pieces)
+                bundle.note(pieces, settled=True)
         # A finished bundle goes whole, with its notes; the others' settled jobs are noted,
         # a row per run of consecutive ids of one bundle.
         finished: list[_OpenBundle] = []
@@ -342,6 +348,8 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
     """The runs of consecutive numbers in sorted ``ids``, as (first, last)."""
+    if not ids:
+        return
     if ids[-1] - ids[0] == len(ids) - 1:  # one run, as a batch's ids mostly are
         yield ids[0], ids[-1]
         return
