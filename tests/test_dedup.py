@@ -223,6 +223,37 @@ async def test_sqlite_purge_keeps_entries_still_in_their_window(tmp_path):
         await store.close()
 
 
+async def test_sqlite_dedup_index_is_swept_of_expired_ids(tmp_path):
+    # The dedup index has no index by expiry: each purge sweeps a stretch of it in key
+    # order, going round again at its end. The expired ids all leave it, those still in
+    # their window stay, and an expired one is new again meanwhile.
+    store = SqliteStorage(tmp_path / "router.db")
+    await store.open()
+
+    def indexed(connection: sqlite3.Connection) -> int:
+        return connection.execute("SELECT count(*) FROM dedup_index.keys").fetchone()[0]
+
+    try:
+        await store.accept([Acceptance("web", f"old-{i}", []) for i in range(5000)],
+                           window=1.0, now=T0)
+        await store.accept([Acceptance("web", "kept", [])], window=WINDOW, now=T0)
+        later = T0 + LATER
+        assert await store.accept([Acceptance("web", "old-7", [])], window=1.0,
+                                  now=later) == [True]
+        for batch in range(6):
+            await store.accept([Acceptance("web", f"new-{batch}-{i}", [])
+                                for i in range(PURGE_AFTER_EVENTS)], window=WINDOW, now=later)
+        assert await store._call(indexed, writes=False) == 6 * PURGE_AFTER_EVENTS + 2  # kept, old-7
+        assert await store.accept([Acceptance("web", "kept", [])], window=WINDOW,
+                                  now=later) == [False]
+        assert await store.accept([Acceptance("web", "new-0-5", [])], window=WINDOW,
+                                  now=later) == [False]
+        assert await store.accept([Acceptance("web", "old-5", [])], window=WINDOW,
+                                  now=later) == [True]
+    finally:
+        await store.close()
+
+
 async def test_memory_expired_entries_are_purged_so_it_stays_bounded():
     store = storage_for_url("memory://")
     await store.open()

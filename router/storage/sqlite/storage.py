@@ -25,7 +25,7 @@ from router.errors import SpoolInUse, StorageFull, StorageUnavailable
 from router.storage.base import Acceptance, Failure, Job, QueueStats, Storage, StorageStats
 from router.storage.bundle_format import DAMAGED_BODY
 from router.storage.sqlite.budget import MIN_FREE_BYTES, Budget, _disk_free_bytes
-from router.storage.sqlite.dedup import DedupWindow, _check_the_index_name_fits
+from router.storage.sqlite.dedup import _FIRST_KEY, DedupWindow, _check_the_index_name_fits
 from router.storage.sqlite.errors import _storage_error
 from router.storage.sqlite.lanes import LANE_BITS, Lanes, _lanes_of, _OpenBundle, _take_ids_of
 from router.storage.sqlite.letters import _LETTER_COLUMNS, DeadLetterQueue
@@ -73,6 +73,8 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
         self._accepted_since_purge = 0
         self._indexed_up_to = 0
         """The last row of ``seen`` in this connection's ``dedup_index``."""
+        self._swept_from = _FIRST_KEY
+        """The key of the dedup index from which the next purge sweeps it."""
         self._witness: tuple[int, str, str, float] | None = None
         """A row of ``seen`` that the running group commit wrote, if it wrote to the dedup
         index: what tells, after a COMMIT that failed, whether the spool's part of it was
@@ -139,6 +141,7 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
         self._ordered_lanes = set()
         self._damaged = []
         self._indexed_up_to = 0
+        self._swept_from = _FIRST_KEY
         _check_the_index_name_fits(self.path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -212,7 +215,7 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
             self._check_budget(connection)
             self._accepted_since_purge += len(items)
             if self._accepted_since_purge >= PURGE_AFTER_EVENTS:
-                self._purge_dedup(connection, now, at_least=2 * self._accepted_since_purge)
+                self._purge_dedup(connection, now, accepted=self._accepted_since_purge)
                 self._accepted_since_purge = 0
             self._index_seen(connection, now)
             accepted = self._remember(connection, items, expires_at=now + window, now=now)
