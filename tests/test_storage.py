@@ -1922,6 +1922,30 @@ def test_bundles_of_one_accept_that_share_bodies_carry_each_bodys_own_checksum()
     assert lanes["d"].values(1)[8::9] == [zlib.crc32(shared)]
 
 
+def test_lanes_with_the_same_jobs_share_their_bundle_and_no_other_does():
+    # An accept packs one bundle for lanes whose jobs are alike (the same body objects, the
+    # same entries): a lane that differs in a group, a body or its count packs its own, and
+    # each lane's rows keep ids of their own.
+    first = b'{"n":1}'
+    copy = b"".join([b'{"n":', b"1}"])  # equal to `first`, another object
+    items = [Acceptance("s", f"m{n}", [NewJob(destination, f"m{n}", "u", group, body)
+                                       for destination, group, body in (
+                                           ("a", "g", first), ("b", "g", first),
+                                           ("c", "h", first), ("d", "g", first))])
+             for n in range(2)]
+    items[1].jobs[3] = NewJob("d", "m1", "u", "g", copy)
+    items[1].jobs[1] = NewJob("b", "m1", "u", "g", first)  # another NewJob, the same body
+    lanes = {lane.destination: lane for lane in sqlite_lanes._lanes_of(items, 1.0)}
+    packed = {destination: lane.values(1)[3] for destination, lane in lanes.items()}
+    assert packed["a"] is packed["b"]
+    assert packed["c"] is not packed["a"] and packed["d"] is not packed["a"]
+    for destination, group, bodies in (("a", "g", [first, first]), ("c", "h", [first, first]),
+                                       ("d", "g", [first, copy])):
+        assert bundle_format.unpack_bundle(packed[destination], 2) == \
+            bundle_format.UnpackedBundle(("m0", "m1"), ("u", "u"), (group, group), bodies, {})
+    assert lanes["a"].values(7)[:2] == [8, 7] and lanes["b"].values(1)[:2] == [2, 1]
+
+
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):
     assert user_version(tmp_path / "spool.db") == LAYOUT
 

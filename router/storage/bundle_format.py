@@ -21,6 +21,8 @@ DAMAGED_BODY = ("damaged in the spool: its bytes on disk no longer match their c
                 "(disk or file corruption); not sent, the body kept as read")
 UNREADABLE_HEADER = ("damaged in the spool: the list of events of its bundle is unreadable "
                      "(disk or file corruption); its messageId and body are lost")
+BundleEntry = tuple[str, str, str, int, int]
+"""A job's entry in its bundle's header: messageId, user key, group, body length, body CRC."""
 
 
 def pack_bundle(jobs: Sequence[NewJob], crcs: Sequence[int] | None = None) -> bytes:
@@ -33,10 +35,16 @@ def pack_bundle(jobs: Sequence[NewJob], crcs: Sequence[int] | None = None) -> by
     (``_lanes_of`` computes a body shared by several destinations' jobs once)."""
     if crcs is None:
         crcs = [zlib.crc32(job.body) for job in jobs]
-    header = orjson.dumps([(job.message_id, job.user_key, job.group, len(job.body), crc)
-                           for job, crc in zip(jobs, crcs)])
+    return pack_entries([(job.message_id, job.user_key, job.group, len(job.body), crc)
+                         for job, crc in zip(jobs, crcs)], [job.body for job in jobs])
+
+
+def pack_entries(entries: Sequence[BundleEntry], bodies: Sequence[bytes]) -> bytes:
+    """``pack_bundle`` of jobs given as their header's entries (messageId, user key, group,
+    body length, body CRC-32) and their bodies, as ``_lanes_of`` gathers them."""
+    header = orjson.dumps(entries)
     return b"".join([CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
-                     zlib.crc32(header).to_bytes(4, "big"), header, *[job.body for job in jobs]])
+                     zlib.crc32(header).to_bytes(4, "big"), header, *bodies])
 
 
 @dataclass(slots=True)

@@ -220,15 +220,15 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
             self._index_seen(connection, now)
             accepted = self._remember(connection, items, expires_at=now + window, now=now)
             kept = lanes if all(accepted) else [lane.of(accepted) for lane in lanes]
-            kept = [lane for lane in kept if lane.jobs]
+            kept = [lane for lane in kept if lane.jobs.bodies]
             counts: dict[str, int] = {}
             for lane in kept:
-                counts[lane.destination] = counts.get(lane.destination, 0) + len(lane.jobs)
+                counts[lane.destination] = counts.get(lane.destination, 0) + len(lane.jobs.bodies)
             next_ids = _take_ids_of(connection, counts)
             by_table: dict[tuple[str, int], list[Any]] = {}
             for lane in kept:
                 first = next_ids[lane.destination]
-                next_ids[lane.destination] = first + len(lane.jobs)
+                next_ids[lane.destination] = first + len(lane.jobs.bodies)
                 by_table.setdefault((lane.insert, lane.width), []).extend(lane.values(first))
             for (insert, width), values in by_table.items():
                 _insert_rows(connection, insert, width, values)
