@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis import exceptions as redis_exceptions
@@ -1944,6 +1945,67 @@ def test_lanes_with_the_same_jobs_share_their_bundle_and_no_other_does():
         assert bundle_format.unpack_bundle(packed[destination], 2) == \
             bundle_format.UnpackedBundle(("m0", "m1"), ("u", "u"), (group, group), bodies, {})
     assert lanes["a"].values(7)[:2] == [8, 7] and lanes["b"].values(1)[:2] == [2, 1]
+
+
+def _bundles_to_read() -> list[tuple[str, bytes, int]]:
+    """Bundles as ``read_bundle`` may find them: sound ones whose bodies fall across its
+    pieces every way (empty, longer than a piece, ending on a piece's edge), and damaged
+    ones of every kind, each with how many jobs it should hold."""
+    piece = bundle_format.READ_PIECE
+    generator = random.Random(7)
+
+    def jobs(lengths: list[int]) -> list[NewJob]:
+        return [NewJob("d", f"m-{n}", f"u-{n}", "g", bytes([n % 251]) * length)
+                for n, length in enumerate(lengths)]
+
+    def packed(lengths: list[int]) -> bytes:
+        return bundle_format.pack_bundle(jobs(lengths))
+
+    sizes = {"one": [10], "empty bodies": [0, 5, 0, 0], "a body longer than a piece":
+             [100, 3 * piece + 1, 7], "bodies that end on a piece's edge": [piece // 2] * 9,
+             "many": [generator.randrange(0, 4000) for _ in range(700)]}
+    bundles = [(name, packed(lengths), len(lengths)) for name, lengths in sizes.items()]
+    sound = packed(sizes["many"])
+    header_end = 12 + int.from_bytes(sound[4:8], "big")
+    flipped = bytearray(sound)
+    flipped[header_end + 5000] ^= 1
+    bad_header = bytearray(sound)
+    bad_header[20] ^= 1
+    layout_1_header = b'[["m-0","u-0","g",3],["m-1","u-1","g",2]]'
+    bundles += [
+        ("a body's byte changed", bytes(flipped), 700),
+        ("the header changed", bytes(bad_header), 700),
+        ("cut short", sound[:len(sound) - 3000], 700),
+        ("cut within its header", sound[:header_end - 10], 700),
+        ("fewer jobs than its ids", packed([5, 6]), 3),
+        ("a negative length", _with_header([["m", "u", "g", -4, 0], ["n", "u", "g", 8, 0]],
+                                           b"x" * 20), 2),
+        ("a length that is not a number", _with_header([["m", "u", "g", "4", 0]], b"x" * 4), 1),
+        ("layout 1", len(layout_1_header).to_bytes(4, "big") + layout_1_header + b"abcde", 2),
+        ("not a bundle", b"\x00\x00", 1),
+    ]
+    return bundles
+
+
+def _with_header(entries: list[list[object]], bodies: bytes) -> bytes:
+    """A bundle of the checked layout with ``entries`` for its header, its CRC right."""
+    header = orjson.dumps(entries)
+    return b"".join([bundle_format.CHECKED_BUNDLE, len(header).to_bytes(4, "big"),
+                     zlib.crc32(header).to_bytes(4, "big"), header, bodies])
+
+
+def test_a_bundle_read_in_pieces_is_the_bundle_read_whole(tmp_path):
+    # The spool reads a leased bundle from its blob a piece at a time (`read_bundle`); every
+    # bundle, sound or damaged, must come out as `unpack_bundle` makes it of the whole.
+    bundles = _bundles_to_read()
+    with contextlib.closing(sqlite3.connect(tmp_path / "blobs.db")) as connection:
+        connection.execute("CREATE TABLE bundles (id INTEGER PRIMARY KEY, jobs BLOB)")
+        connection.executemany("INSERT INTO bundles (jobs) VALUES (?)",
+                               [(packed,) for _, packed, _ in bundles])
+        for row_id, (name, packed, count) in enumerate(bundles, start=1):
+            with connection.blobopen("bundles", "jobs", row_id, readonly=True) as blob:
+                assert bundle_format.read_bundle(blob, count) == \
+                    bundle_format.unpack_bundle(packed, count), name
 
 
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):

@@ -14,7 +14,8 @@ from operator import is_
 from typing import Any, NamedTuple, cast
 
 from router.storage.base import Acceptance, Job
-from router.storage.bundle_format import BundleEntry, pack_entries, unpack_bundle
+from router.storage.bundle_format import (BundleEntry, UnpackedBundle, pack_entries,
+                                         read_bundle, unpack_bundle)
 from router.storage.sqlite.writer import Writer, _insert_rows
 
 LANE_BITS = 40
@@ -130,7 +131,8 @@ class Lanes(Writer):
             "ORDER BY id LIMIT ?", (max(after, lane << LANE_BITS), (lane + 1) << LANE_BITS,
                                     BUNDLES_MOVED_AT_ONCE)).fetchall()
         for bundle_id, first_id, created_at, packed in rows:
-            bundle = _OpenBundle(bundle_id, first_id, created_at, packed,
+            bundle = _OpenBundle(bundle_id, first_id, created_at,
+                                 unpack_bundle(packed, bundle_id - first_id + 1),
                                  _settled_in(connection, first_id, bundle_id))
             if bundle.jobs.damaged:
                 continue
@@ -159,10 +161,13 @@ class Lanes(Writer):
                      ) -> _OpenBundle:
         bundle = self._bundles.get(bundle_id)
         if bundle is None:
-            created_at, packed = connection.execute(
-                "SELECT created_at, jobs FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+            (created_at,) = connection.execute(
+                "SELECT created_at FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
+            # In pieces, not whole (``read_bundle`` says why).
+            with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
+                jobs = read_bundle(blob, bundle_id - first_id + 1)
             bundle = self._bundles[bundle_id] = _OpenBundle(
-                bundle_id, first_id, created_at, packed,
+                bundle_id, first_id, created_at, jobs,
                 _settled_in(connection, first_id, bundle_id))
         return bundle
 
@@ -406,12 +411,12 @@ class _OpenBundle:
 
     __slots__ = ("created_at", "first_id", "has_settled_rows", "held", "id", "jobs", "unsettled")
 
-    def __init__(self, bundle_id: int, first_id: int, created_at: float, packed: bytes,
+    def __init__(self, bundle_id: int, first_id: int, created_at: float, jobs: UnpackedBundle,
                  settled: set[int]) -> None:
         self.id = bundle_id
         self.first_id = first_id
         self.created_at = created_at
-        self.jobs = unpack_bundle(packed, bundle_id - first_id + 1)
+        self.jobs = jobs
         self.unsettled = bytearray(b"\x01") * (bundle_id - first_id + 1)
         self.held = bytearray(bundle_id - first_id + 1)
         for job_id in settled:
