@@ -64,18 +64,19 @@ class Lanes(Writer):
             # holds at most MAX_BUNDLE_JOBS ids, which bounds the scan.
             wanted = after + limit - len(taken)
             rows = connection.execute(
-                "SELECT id, first_id FROM bundles WHERE id > ? AND id <= ? AND first_id <= ? "
-                "ORDER BY id", (after, min(end - 1, wanted + MAX_BUNDLE_JOBS), wanted)).fetchall()
+                "SELECT id, first_id, created_at FROM bundles WHERE id > ? AND id <= ? AND "
+                "first_id <= ? ORDER BY id",
+                (after, min(end - 1, wanted + MAX_BUNDLE_JOBS), wanted)).fetchall()
             if not rows:  # none there: the next bundle, past a run of ids used by `jobs`
                 rows = connection.execute(
-                    "SELECT id, first_id FROM bundles WHERE id > ? AND id < ? ORDER BY id "
-                    "LIMIT 1", (after, end)).fetchall()
+                    "SELECT id, first_id, created_at FROM bundles WHERE id > ? AND id < ? "
+                    "ORDER BY id LIMIT 1", (after, end)).fetchall()
                 if not rows:
                     break
-            for bundle_id, first_id in rows:
+            for bundle_id, first_id, created_at in rows:
                 if bundle_id not in self._bundles:
                     opened.append(bundle_id)
-                bundle = self._open_bundle(connection, bundle_id, first_id)
+                bundle = self._open_bundle(connection, bundle_id, first_id, created_at)
                 jobs, unsettled, held = bundle.jobs, bundle.unsettled, bundle.held
                 room = limit - len(taken) - len(damaged)
                 start = max(after + 1 - first_id, 0)
@@ -157,12 +158,10 @@ class Lanes(Writer):
             self._on_rollback(lambda: setattr(self, "_damaged", [
                 found for found in self._damaged if found not in damaged]))
 
-    def _open_bundle(self, connection: sqlite3.Connection, bundle_id: int, first_id: int
-                     ) -> _OpenBundle:
+    def _open_bundle(self, connection: sqlite3.Connection, bundle_id: int, first_id: int,
+                     created_at: float) -> _OpenBundle:
         bundle = self._bundles.get(bundle_id)
         if bundle is None:
-            (created_at,) = connection.execute(
-                "SELECT created_at FROM bundles WHERE id = ?", (bundle_id,)).fetchone()
             # In pieces, not whole (``read_bundle`` says why).
             with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
                 jobs = read_bundle(blob, bundle_id - first_id + 1)
