@@ -279,12 +279,12 @@ class _Lane:
         self.now = now
         entries, bodies = jobs.entries, jobs.bodies
         if ordered:
-            self.insert, self.width = _ORDERED_INSERT, 9
+            self.insert, self.width, self.rows_a_statement = _ORDERED_INSERT, 9, 1000
             self._values: list[Any] = [
                 value for (message_id, user_key, group, _, crc), body in zip(entries, bodies)
                 for value in (0, destination, message_id, user_key, group, body, now, now, crc)]
             return
-        self.insert, self.width = _BUNDLE_INSERT, 4
+        self.insert, self.width, self.rows_a_statement = _BUNDLE_INSERT, 4, 1
         for other, values in alike or ():
             if _same_jobs(jobs, other):
                 self._values = list(values)  # its own: `values` sets the ids in it
@@ -318,6 +318,12 @@ class _Lane:
 
 
 _BUNDLE_INSERT = "INSERT INTO bundles (id, first_id, created_at, jobs)"
+"""Run a bundle a statement. An INSERT of several rows may fail halfway (a conflict), so
+within a transaction SQLite keeps a statement journal for it, a copy of each page it
+changes that existed before; past 64 KB that journal goes to a temporary file. The
+bundles of an accept, written together, changed 16 KB pages enough to pass it at nearly
+every accept: a file made, written (about 130 KB), read on nothing and removed each time.
+An INSERT of one row needs no statement journal."""
 _ORDERED_INSERT = ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
                    "created_at, due_at, body_crc)")
 

@@ -225,13 +225,14 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
             for lane in kept:
                 counts[lane.destination] = counts.get(lane.destination, 0) + len(lane.jobs.bodies)
             next_ids = _take_ids_of(connection, counts)
-            by_table: dict[tuple[str, int], list[Any]] = {}
+            by_table: dict[tuple[str, int, int], list[Any]] = {}
             for lane in kept:
                 first = next_ids[lane.destination]
                 next_ids[lane.destination] = first + len(lane.jobs.bodies)
-                by_table.setdefault((lane.insert, lane.width), []).extend(lane.values(first))
-            for (insert, width), values in by_table.items():
-                _insert_rows(connection, insert, width, values)
+                by_table.setdefault((lane.insert, lane.width, lane.rows_a_statement),
+                                    []).extend(lane.values(first))
+            for (insert, width, rows_a_statement), values in by_table.items():
+                _insert_rows(connection, insert, width, values, rows_a_statement=rows_a_statement)
             return accepted
 
         try:
