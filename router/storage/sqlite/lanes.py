@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, cast
 
 from router.storage.base import Acceptance, Job
 from router.storage.bundle_format import (BundleEntry, UnpackedBundle, pack_entries,
-                                         read_bundle, unpack_bundle)
+                                         read_bundle)
 from router.storage.sqlite.writer import Writer, _insert_rows
 
 LANE_BITS = 40
@@ -128,12 +128,14 @@ class Lanes(Writer):
         if lane is None or lane in self._read_up_to:
             return None
         rows = connection.execute(
-            "SELECT id, first_id, created_at, jobs FROM bundles WHERE id > ? AND id < ? "
+            "SELECT id, first_id, created_at FROM bundles WHERE id > ? AND id < ? "
             "ORDER BY id LIMIT ?", (max(after, lane << LANE_BITS), (lane + 1) << LANE_BITS,
                                     BUNDLES_MOVED_AT_ONCE)).fetchall()
-        for bundle_id, first_id, created_at, packed in rows:
-            bundle = _OpenBundle(bundle_id, first_id, created_at,
-                                 unpack_bundle(packed, bundle_id - first_id + 1),
+        for bundle_id, first_id, created_at in rows:
+            # A bundle at a time, in pieces (``read_bundle``), not all twenty at once, whole.
+            with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
+                jobs = read_bundle(blob, bundle_id - first_id + 1)
+            bundle = _OpenBundle(bundle_id, first_id, created_at, jobs,
                                  _settled_in(connection, first_id, bundle_id))
             if bundle.jobs.damaged:
                 continue
