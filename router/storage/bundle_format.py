@@ -109,7 +109,7 @@ def read_bundle(blob: _Blob, count: int) -> UnpackedBundle:
     """``unpack_bundle`` of the bundle that ``blob`` (positioned at its start) holds, read
     from it a piece of at most about ``READ_PIECE`` bytes at a time rather than whole.
 
-    Why: a bundle is some 700 KB. Read whole (a ``SELECT``), SQLite copied it into a buffer
+    Why: a bundle is hundreds of KB. Read whole (a ``SELECT``), SQLite copied it into a buffer
     of its own and Python into a ``bytes`` of the same size, both freed once its bodies
     were sliced out; the writer thread's malloc arena gave the freed top of its heap back
     to the kernel (``madvise``) after nearly every bundle, and the next bundle's copies
