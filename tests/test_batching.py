@@ -293,6 +293,17 @@ def test_batches_are_cut_as_item_by_item_whatever_the_groups_sizes_and_limits(
     group, size = (lambda item: item[0]), (lambda item: item[1])
     assert batches(iter(numbered), delivery, group=group, size=size) == \
         _cut_one_by_one(numbered, delivery, group, size)
+    # The same given every size of a run at once (``sizes``, as the worker reads them).
+    assert batches(iter(numbered), delivery, group=group, size=size,
+                   sizes=lambda chunk: [item[1] for item in chunk]) == \
+        _cut_one_by_one(numbered, delivery, group, size)
+
+
+def test_the_workers_sizes_of_a_run_of_jobs_are_its_size_of_each():
+    from router.delivery.worker import _size_of, _sizes_of
+    from router.storage.base import Job
+    jobs = [Job(n, "d", f"m{n}", "u", "g", b"x" * n, 1.0) for n in (0, 1, 5, 700)]
+    assert list(_sizes_of(jobs)) == [_size_of(job) for job in jobs] == [0, 1, 5, 700]
 
 
 @pytest.mark.parametrize("opaque", [False, True])

@@ -17,7 +17,7 @@ import operator
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from router.delivery import retry
 from router.delivery.batching import batches, built_by
@@ -182,7 +182,8 @@ class DestinationWorker(Sending, Health, Outcomes):
                 jobs = await self._set_aside_built_by_others(jobs)
                 jobs = await self._give_up_on_the_too_old(jobs)
             jobs = await self._hold_back_throttled_users(jobs)
-            leased = batches(jobs, self.delivery, group=_group_of, size=_size_of)
+            leased = batches(jobs, self.delivery, group=_group_of, size=_size_of,
+                             sizes=_sizes_of)
             if self.storage.leases_lapse:  # else never read (``_lease_lapsed``): not kept
                 for batch in leased:
                     self.trusted_until[id(batch)] = leased_at + LEASE_TRUSTED * self.lease_for
@@ -451,6 +452,14 @@ _group_of = operator.attrgetter("group")
 
 def _size_of(job: Job) -> int:
     return len(job.body)
+
+
+_body_of = operator.attrgetter("body")
+
+
+def _sizes_of(jobs: Sequence[Job]) -> Iterable[int]:
+    """``_size_of`` of each of ``jobs``, read in C (see ``batches``' ``sizes``)."""
+    return map(len, map(_body_of, jobs))
 
 
 async def ended(tasks: Sequence[asyncio.Task[None]]) -> None:
