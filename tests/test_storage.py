@@ -2008,6 +2008,33 @@ def test_a_bundle_read_in_pieces_is_the_bundle_read_whole(tmp_path):
                     bundle_format.unpack_bundle(packed, count), name
 
 
+def test_a_bundles_groups_read_back_as_written_shared_or_mixed(tmp_path):
+    # A bundle of one group reads it back as one string for all its jobs (the worker hashes
+    # and compares it once); one of several groups keeps each job's own, in order. Read
+    # whole (`unpack_bundle`) or from its blob in the spool's file (`read_bundle`, a lease's).
+    one = [NewJob("a", f"m{n}", "u", group, b"{}") for n, group in enumerate(["seg\x1fg"] * 3)]
+    mixed = [NewJob("a", f"m{n}", "u", group, b"{}") for n, group in enumerate("ghg")]
+    with contextlib.closing(sqlite3.connect(tmp_path / "blobs.db")) as connection:
+        connection.execute("CREATE TABLE bundles (id INTEGER PRIMARY KEY, jobs BLOB)")
+        connection.executemany("INSERT INTO bundles (id, jobs) VALUES (?, ?)",
+                               [(1, bundle_format.pack_bundle(one)),
+                                (2, bundle_format.pack_bundle(mixed))])
+
+        def read_both(row_id: int, count: int) -> list[bundle_format.UnpackedBundle]:
+            packed = connection.execute("SELECT jobs FROM bundles WHERE id = ?",
+                                        (row_id,)).fetchone()[0]
+            with connection.blobopen("bundles", "jobs", row_id, readonly=True) as blob:
+                return [bundle_format.unpack_bundle(packed, count),
+                        bundle_format.read_bundle(blob, count)]
+
+        for shared in read_both(1, 3):
+            assert list(shared.groups) == ["seg\x1fg"] * 3 and not shared.damaged
+            assert shared.groups[0] is shared.groups[1] is shared.groups[2]
+        for apart in read_both(2, 3):
+            assert list(apart.groups) == ["g", "h", "g"]
+    assert list(bundle_format.unpack_bundle(bundle_format.pack_bundle([]), 0).groups) == []
+
+
 async def test_sqlite_a_new_spool_is_stamped_with_its_layout(spool, tmp_path):
     assert user_version(tmp_path / "spool.db") == LAYOUT
 
