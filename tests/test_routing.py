@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import textwrap
@@ -19,11 +20,13 @@ from pydantic import BaseModel, SecretStr
 from router import (Destination, EventRejected, HttpRequest, Payload, SkipEvent, hookimpl,
                     parse_event)
 from router.config import parse_config
+from router.delivery.batching import queued_group
 from router.destination import checked_payloads
 from router.errors import ConfigError
 from router.registry import create_registry
 from router import routing
 from router.routing import Router, Status
+from router.storage.base import Acceptance, NewJob
 
 LOUD_SECRET = "sk_live_CANARY_1e0f"
 
@@ -53,6 +56,9 @@ class Probe(Destination[ProbeSettings]):
             raise SkipEvent("probe has no meaning for this event")
         if behaviour == "nothing":
             return []
+        if behaviour == "pair":  # two payloads, in groups of their own
+            return [Payload({"import": event.messageId}, "import"),
+                    Payload({"engage": event.messageId}, "engage")]
         if behaviour == "decimal" and event.event == "Decimal":
             return [Payload({"revenue": Decimal("19.99")})]  # a plugin bug: not JSON data
         return [Payload({"event": event.event, "type": event.type,
@@ -654,6 +660,44 @@ async def test_queued_jobs_are_in_storage_after_route():
     body = json.loads(job.body)
     assert body["event"] == "Order Completed"
     assert body["properties"] == {"revenue": 9.5, "currency": "USD"}
+
+
+def test_the_storage_is_handed_whole_jobs_for_one_payload_and_for_several():
+    """``_acceptances`` makes a destination's one job, and each acceptance, without calling
+    their class (for speed): each must be the very ``NewJob``/``Acceptance`` the class's
+    constructor makes, every field set (a field added to either and left unset here fails
+    the comparison), beside the jobs of a destination with several payloads."""
+    router = make_router("""
+        - name: One
+          plugin: probe
+          delivery: {ordered: true}
+        - name: Two
+          plugin: probe
+          settings: {behaviour: pair}
+        - name: Skips
+          plugin: probe
+          settings: {behaviour: skip}
+    """)
+    received = datetime.now(UTC)
+    results = [router.plan(track(messageId="j-1"), received_at=received),
+               router.plan({"type": "page", "anonymousId": "anon-2", "messageId": "j-2"},
+                           received_at=received)]
+    acceptances = routing._acceptances(results, "web", router._queued_as)
+    expected = []
+    for result, user in zip(results, ["u-1", "anon-2"]):
+        one, two, _ = result.results
+        expected.append(Acceptance("web", result.message_id, [
+            NewJob("One", result.message_id, user, queued_group("probe", ""), one.bodies[0],
+                   True),
+            NewJob("Two", result.message_id, user, queued_group("probe", "import"),
+                   two.bodies[0], False),
+            NewJob("Two", result.message_id, user, queued_group("probe", "engage"),
+                   two.bodies[1], False)]))
+    assert acceptances == expected
+    assert [type(a) for a in acceptances] == [Acceptance, Acceptance]
+    assert {type(job) for a in acceptances for job in a.jobs} == {NewJob}
+    assert [dataclasses.astuple(a) for a in acceptances] == \
+        [dataclasses.astuple(a) for a in expected]
 
 
 async def test_nothing_is_queued_for_skipped_or_invalid_destinations():
