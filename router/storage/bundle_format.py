@@ -84,12 +84,8 @@ def unpack_bundle(packed: bytes, count: int) -> UnpackedBundle:
         return UnpackedBundle([""] * count, [""] * count, [""] * count, [b""] * count,
                               dict.fromkeys(range(count), UNREADABLE_HEADER))
     bodies = list(map(packed.__getitem__, map(slice, ends, ends[1:])))
-    groups = _one_string_a_group(groups)
-    damaged: dict[int, str] = {}
-    if crcs is not None and tuple(map(zlib.crc32, bodies)) != crcs:
-        damaged = {index: DAMAGED_BODY for index, (body, crc) in enumerate(zip(bodies, crcs))
-                   if zlib.crc32(body) != crc}
-    return UnpackedBundle(message_ids, user_keys, groups, bodies, damaged)
+    return UnpackedBundle(message_ids, user_keys, _one_string_a_group(groups), bodies,
+                          _damaged(bodies, crcs) if crcs is not None else {})
 
 
 READ_PIECE = 64 * 1024
@@ -146,12 +142,8 @@ def read_bundle(blob: _Blob, count: int) -> UnpackedBundle:
         relative = [end - base for end in ends[first:last + 1]]
         bodies += map(piece.__getitem__, map(slice, relative, relative[1:]))
         first = last
-    groups = _one_string_a_group(groups)
-    damaged: dict[int, str] = {}
-    if tuple(map(zlib.crc32, bodies)) != crcs:
-        damaged = {index: DAMAGED_BODY for index, (body, crc) in enumerate(zip(bodies, crcs))
-                   if zlib.crc32(body) != crc}
-    return UnpackedBundle(message_ids, user_keys, groups, bodies, damaged)
+    return UnpackedBundle(message_ids, user_keys, _one_string_a_group(groups), bodies,
+                          _damaged(bodies, crcs))
 
 
 def _one_string_a_group(groups: tuple[str, ...]) -> tuple[str, ...]:
@@ -162,6 +154,15 @@ def _one_string_a_group(groups: tuple[str, ...]) -> tuple[str, ...]:
     if groups and groups.count(groups[0]) == len(groups):
         return (groups[0],) * len(groups)
     return groups
+
+
+def _damaged(bodies: Sequence[bytes], crcs: tuple[int, ...]) -> dict[int, str]:
+    """Why each body whose CRC-32 is not its header's cannot be sent, by its index: all
+    checked at once, in C, and one by one only when one differs."""
+    if tuple(map(zlib.crc32, bodies)) == crcs:
+        return {}
+    return {index: DAMAGED_BODY for index, (body, crc) in enumerate(zip(bodies, crcs))
+            if zlib.crc32(body) != crc}
 
 
 def _read_whole(blob: _Blob, count: int) -> UnpackedBundle:
