@@ -132,10 +132,9 @@ class Lanes(Writer):
             "ORDER BY id LIMIT ?", (max(after, lane << LANE_BITS), (lane + 1) << LANE_BITS,
                                     BUNDLES_MOVED_AT_ONCE)).fetchall()
         for bundle_id, first_id, created_at in rows:
-            # A bundle at a time, in pieces (``read_bundle``), not all twenty at once, whole.
-            with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
-                jobs = read_bundle(blob, bundle_id - first_id + 1)
-            bundle = _OpenBundle(bundle_id, first_id, created_at, jobs,
+            # A bundle at a time, in pieces, not all twenty at once, whole.
+            bundle = _OpenBundle(bundle_id, first_id, created_at,
+                                 _read_bundle(connection, bundle_id, first_id),
                                  _settled_in(connection, first_id, bundle_id))
             if bundle.jobs.damaged:
                 continue
@@ -164,11 +163,8 @@ class Lanes(Writer):
                      created_at: float) -> _OpenBundle:
         bundle = self._bundles.get(bundle_id)
         if bundle is None:
-            # In pieces, not whole (``read_bundle`` says why).
-            with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
-                jobs = read_bundle(blob, bundle_id - first_id + 1)
             bundle = self._bundles[bundle_id] = _OpenBundle(
-                bundle_id, first_id, created_at, jobs,
+                bundle_id, first_id, created_at, _read_bundle(connection, bundle_id, first_id),
                 _settled_in(connection, first_id, bundle_id))
         return bundle
 
@@ -389,6 +385,14 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
     alike: list[tuple[_Jobs, list[Any]]] = []
     return [_Lane(destination, ordered, _Jobs(*fields), now, alike)
             for ordered in (False, True) for destination, fields in lanes[ordered].items()]
+
+
+def _read_bundle(connection: sqlite3.Connection, bundle_id: int, first_id: int
+                 ) -> UnpackedBundle:
+    """The jobs of a bundle, read from its blob in pieces, not whole (``read_bundle`` says
+    why)."""
+    with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
+        return read_bundle(blob, bundle_id - first_id + 1)
 
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:
