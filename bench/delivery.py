@@ -30,6 +30,11 @@ Phases:
     The spool alone: ``SqliteStorage.accept`` of the 3 jobs of each event (chunks of 500),
     then ``lease`` (300 at a time) and ``complete`` of every job; µs of wall and CPU per
     event, and its share of the batching phase's CPU per event.
+``bare_spool``
+    What the least a SQLite spool does for the same jobs costs (``phase_bare_spool``):
+    each destination's bodies written as one blob and the ids as ``seen`` rows, a
+    transaction each 500 events, then each blob read and deleted. ``spool`` less this is
+    the router's own code in the spool.
 ``batching_floor``
     A bare ``aiohttp.ClientSession`` sending the batching phase's requests (the same events,
     batches and ``build_request``) to the same sinks: its CPU per event, added to the
@@ -69,6 +74,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -92,6 +98,7 @@ from router.runtime import tune_garbage_collector
 from router.storage.base import Acceptance, Failure, NewJob
 from router.storage.memory import MemoryStorage
 from router.storage.sqlite import SqliteStorage
+from router.storage.sqlite.schema import PAGE_SIZE, WAL_SIZE_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -565,6 +572,61 @@ async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
                                    "cpu": round((accept[1] + drain[1]) * per, 1)}}
 
 
+async def phase_bare_spool(count: int, destinations: int) -> dict[str, Any]:
+    """The least a SQLite spool does for the jobs ``phase_spool`` measures, with the spool's
+    settings (16 KB pages, WAL, ``synchronous=NORMAL``, checkpoints at 64 MB): each 500
+    events one transaction writing each destination's bodies joined as one blob and the
+    events' ids as ``seen`` rows; then each blob read and deleted in a transaction of its
+    own. No header, checksum, dedup index, writer thread nor bookkeeping: what ``spool``
+    costs beyond this is the router's own code, which no choice of database settings
+    takes back."""
+    with tempfile.TemporaryDirectory(prefix="bench-bare-spool-") as directory:
+        planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
+                                          for i in range(destinations)],
+                              deliver=False, storage=MemoryStorage())
+        events = [(result.message_id, [body for item in result.results if item.destination
+                                       for body in item.bodies])
+                  for result in planned(planner, count, seed=13) if result.event is not None]
+        path = Path(directory) / "bare.db"
+        connection = sqlite3.connect(path, isolation_level=None)
+        try:
+            for pragma in (f"page_size={PAGE_SIZE}", "journal_mode=WAL", "synchronous=NORMAL",
+                           f"wal_autocheckpoint={WAL_SIZE_LIMIT // PAGE_SIZE}",
+                           f"journal_size_limit={WAL_SIZE_LIMIT}"):
+                connection.execute(f"PRAGMA {pragma}")
+            connection.execute("CREATE TABLE bundles (id INTEGER PRIMARY KEY, jobs BLOB)")
+            connection.execute("CREATE TABLE seen (id INTEGER PRIMARY KEY, source TEXT, "
+                               "message_id TEXT, expires_at REAL)")
+            cpu0 = time.process_time()
+            for start in range(0, len(events), 500):
+                chunk = events[start:start + 500]
+                connection.execute("BEGIN IMMEDIATE")
+                for index in range(destinations):
+                    connection.execute("INSERT INTO bundles (jobs) VALUES (?)",
+                                       (b"".join(bodies[index] for _, bodies in chunk),))
+                connection.execute(
+                    "INSERT INTO seen (source, message_id, expires_at) SELECT ?, column1, ? "
+                    f"FROM (VALUES {', '.join(['(?)'] * len(chunk))})",
+                    ("default", time.time() + 43200, *[message_id for message_id, _ in chunk]))
+                connection.execute("COMMIT")
+            cpu1 = time.process_time()
+            read = 0
+            for (bundle_id,) in connection.execute("SELECT id FROM bundles").fetchall():
+                connection.execute("BEGIN IMMEDIATE")
+                read += len(connection.execute("SELECT jobs FROM bundles WHERE id = ?",
+                                               (bundle_id,)).fetchone()[0])
+                connection.execute("DELETE FROM bundles WHERE id = ?", (bundle_id,))
+                connection.execute("COMMIT")
+            cpu2 = time.process_time()
+        finally:
+            connection.close()
+    per = 1e6 / count
+    return {"events": count, "body_bytes_per_event": round(read / count),
+            "write_us_per_event": round((cpu1 - cpu0) * per, 1),
+            "read_and_delete_us_per_event": round((cpu2 - cpu1) * per, 1),
+            "total_us_per_event": round((cpu2 - cpu0) * per, 1)}
+
+
 async def phase_dedup_window(remembered: int, count: int) -> dict[str, Any]:
     """The SQLite spool's accept with ``remembered`` ids already in the dedup window: CPU an
     event, one event a call (an intake of single calls, each its own commit) and a hundred
@@ -895,9 +957,11 @@ def batching_floor(batching: dict[str, Any], spool: dict[str, Any],
     parts = {"inprocess_path": inprocess, "spool": spool["total_us_per_event"]["cpu"],
              "transport": transport["cpu_us_per_event"]}
     floor = sum(parts.values())
+    bare = inprocess + spool["bare_sqlite"]["total_us_per_event"] + transport["cpu_us_per_event"]
     return {"transport_alone": transport,
             "floor_us_per_event": {**parts, "sum": round(floor, 1)},
             "floor_ratio_to_inprocess_path": round(floor / inprocess, 2),
+            "floor_ratio_with_a_bare_sqlite_spool": round(bare / inprocess, 2),
             "router_glue_us_per_event": round(batching["cpu_us_per_event"] - floor, 1),
             "glue_the_2x_target_leaves_us_per_event": round(2 * inprocess - floor, 1)}
 
@@ -920,6 +984,7 @@ def run(count: int = 20_000) -> dict[str, Any]:
                                                      rate=rate, seconds=5.0)
         figures["batching_cpu_split"] = in_child(here, "phase_split", urls=urls, count=count)
         spool = figures["spool"] = in_child(here, "phase_spool", count=20_000, destinations=3)
+        spool["bare_sqlite"] = in_child(here, "phase_bare_spool", count=20_000, destinations=3)
         figures["dedup_window"] = [in_child(here, "phase_dedup_window", remembered=remembered,
                                             count=5_000)
                                    for remembered in (0, 1_000_000)]

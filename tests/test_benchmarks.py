@@ -39,6 +39,8 @@ def test_the_delivery_phases_deliver_everything(sink_urls):
     assert batching["all_delivered"] and batching["jobs_left_in_spool"] == 0
     spool = in_child("bench.delivery", "phase_spool", count=300, destinations=3)
     assert spool["jobs_leased_and_completed"] == 900
+    bare = in_child("bench.delivery", "phase_bare_spool", count=300, destinations=3)
+    assert bare["body_bytes_per_event"] > 100 and bare["total_us_per_event"] > 0
     window = in_child("bench.delivery", "phase_dedup_window", remembered=1000, count=200)
     assert window["accept_cpu_us_per_event_1_a_call"] > 0
     assert window["accept_cpu_us_per_event_100_a_call"] > 0
