@@ -87,14 +87,15 @@ async def _replay(url: str, count: int, *, traced: bool) -> dict[str, float]:
 
 
 async def _run(count: int) -> dict[str, object]:
-    process, port = start_redis_server(Path(tempfile.mkdtemp(prefix="bench-replay-")))
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        timed = await _replay(f"{url}?prefix=timed", count, traced=False)
-        traced = await _replay(f"{url}?prefix=traced", count, traced=True)
-        return {"letters": count, **timed, **traced}
-    finally:
-        stop(process)
+    with tempfile.TemporaryDirectory(prefix="bench-replay-") as directory:
+        process, port = start_redis_server(Path(directory))
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            timed = await _replay(f"{url}?prefix=timed", count, traced=False)
+            traced = await _replay(f"{url}?prefix=traced", count, traced=True)
+            return {"letters": count, **timed, **traced}
+        finally:
+            stop(process)
 
 
 def run(count: int = 50_000) -> dict[str, object]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import orjson
 import pytest
@@ -29,9 +30,12 @@ def test_the_core_benchmark_runs():
     assert figures["events_per_second"] > 0 and figures["percent_of_reference"] > 0
 
 
-def test_the_replay_benchmark_replays_every_letter():
+def test_the_replay_benchmark_replays_every_letter_and_leaves_nothing_behind(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its Redis works
     figures = replay.run(count=300)
     assert figures["replay_python_peak_bytes"] > 0 and figures["index_build_seconds"] >= 0
+    assert list(tmp_path.iterdir()) == []  # its Redis's directory went with it
 
 
 def test_the_delivery_phases_deliver_everything(sink_urls):
