@@ -531,12 +531,18 @@ def planned(planner: Router, count: int, *, seed: int) -> list[Any]:
             for raw in event_mix(count, seed=seed)]
 
 
+def spool_planner(directory: str, destinations: int) -> Router:
+    """A router that only plans, for ``destinations`` ``segment`` destinations that are never
+    sent to: what the spool phases store comes from it."""
+    return make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
+                                   for i in range(destinations)],
+                       deliver=False, storage=MemoryStorage())
+
+
 async def phase_spool(count: int, destinations: int) -> dict[str, Any]:
     """The SQLite spool alone, for the jobs the batching phase queues."""
     with tempfile.TemporaryDirectory(prefix="bench-spool-") as directory:
-        planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
-                                          for i in range(destinations)],
-                              deliver=False, storage=MemoryStorage())
+        planner = spool_planner(directory, destinations)
         queued_as = {destination.name: (queued_group(destination.plugin.name, ""), False)
                      for destination in planner.destinations}
         items = _acceptances(planned(planner, count, seed=13), "default", queued_as)
@@ -581,9 +587,7 @@ async def phase_bare_spool(count: int, destinations: int) -> dict[str, Any]:
     costs beyond this is the router's own code, which no choice of database settings
     takes back."""
     with tempfile.TemporaryDirectory(prefix="bench-bare-spool-") as directory:
-        planner = make_router(directory, [segment(f"d{i}", "http://127.0.0.1:9/x")
-                                          for i in range(destinations)],
-                              deliver=False, storage=MemoryStorage())
+        planner = spool_planner(directory, destinations)
         events = [(result.message_id, [body for item in result.results if item.destination
                                        for body in item.bodies])
                   for result in planned(planner, count, seed=13) if result.event is not None]

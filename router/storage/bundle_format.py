@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import zlib
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -27,18 +27,15 @@ BundleEntry = tuple[str, str, str, int, int]
 """A job's entry in its bundle's header: messageId, user key, group, body length, body CRC."""
 
 
-def pack_bundle(jobs: Sequence[NewJob], crcs: Sequence[int] | None = None) -> bytes:
+def pack_bundle(jobs: Sequence[NewJob]) -> bytes:
     """A bundle's jobs as one blob: ``CHECKED_BUNDLE``, the length and CRC-32 of a JSON
     header, the header (messageId, user key, group, body length and body CRC-32 of each job),
     then the bodies back to back, so that reading a bundle never parses a body. The CRCs
     find bytes that the disk or a copy changed, which SQLite's own checks do not look at:
-    a damaged job is dead-lettered, not delivered with another messageId or value.
-    ``crcs``, the bodies' CRC-32s in the jobs' order, when the caller has them already
-    (``_lanes_of`` computes a body shared by several destinations' jobs once)."""
-    if crcs is None:
-        crcs = [zlib.crc32(job.body) for job in jobs]
-    return pack_entries([(job.message_id, job.user_key, job.group, len(job.body), crc)
-                         for job, crc in zip(jobs, crcs)], [job.body for job in jobs])
+    a damaged job is dead-lettered, not delivered with another messageId or value. The
+    spool packs its bundles with ``pack_entries``, from what ``_lanes_of`` gathers."""
+    return pack_entries([(job.message_id, job.user_key, job.group, len(job.body),
+                          zlib.crc32(job.body)) for job in jobs], [job.body for job in jobs])
 
 
 def pack_entries(entries: Sequence[BundleEntry], bodies: Sequence[bytes]) -> bytes:
@@ -71,10 +68,8 @@ def unpack_bundle(packed: bytes, count: int) -> UnpackedBundle:
     try:
         if checked:
             offset = 12 + int.from_bytes(packed[4:8], "big")
-            header = packed[12:offset]
-            if zlib.crc32(header) != int.from_bytes(packed[8:12], "big"):
-                raise ValueError("the header's checksum does not match")
-            message_ids, user_keys, groups, lengths, crcs = zip(*orjson.loads(header))
+            message_ids, user_keys, groups, lengths, crcs = _header_fields(packed[:12],
+                                                                           packed[12:offset])
         else:  # a layout 1 entry has no CRC
             offset = 4 + int.from_bytes(packed[:4], "big")
             message_ids, user_keys, groups, lengths = zip(*orjson.loads(packed[4:offset]))
@@ -86,6 +81,15 @@ def unpack_bundle(packed: bytes, count: int) -> UnpackedBundle:
     bodies = list(map(packed.__getitem__, map(slice, ends, ends[1:])))
     return UnpackedBundle(message_ids, user_keys, _one_string_a_group(groups), bodies,
                           _damaged(bodies, crcs) if crcs is not None else {})
+
+
+def _header_fields(start: bytes, header: bytes) -> Iterator[tuple[Any, ...]]:
+    """The fields of a checked bundle's header (``start``, its first 12 bytes, holds the
+    header's CRC-32), each a tuple in the jobs' order: message ids, user keys, groups, body
+    lengths and body CRC-32s. ``ValueError`` or ``TypeError`` when it is damaged."""
+    if zlib.crc32(header) != int.from_bytes(start[8:12], "big"):
+        raise ValueError("the header's checksum does not match")
+    return zip(*orjson.loads(header))
 
 
 READ_PIECE = 64 * 1024
@@ -123,9 +127,7 @@ def read_bundle(blob: _Blob, count: int) -> UnpackedBundle:
     offset = 12 + int.from_bytes(start[4:8], "big")
     header = blob.read(offset - 12) if offset <= size else b""
     try:
-        if zlib.crc32(header) != int.from_bytes(start[8:12], "big"):
-            raise ValueError("the header's checksum does not match")
-        message_ids, user_keys, groups, lengths, crcs = zip(*orjson.loads(header))
+        message_ids, user_keys, groups, lengths, crcs = _header_fields(start, header)
         ends = list(accumulate(lengths, initial=offset))
         if min(lengths) < 0 or ends[-1] > size:
             raise ValueError("a body that is not in the blob")

@@ -53,8 +53,8 @@ DEDUP_SWEEP_RATE = 4
 one sweep of the index, in key order, takes a quarter of the window's intake, so an expired
 id stays in it for at most about a quarter of the window (the index holds about 1.25 times
 the ids of the window, the sweep costing about 4 rows visited an event)."""
-_FIRST_KEY = -(2**63)
-"""The least key (``hash`` gives a 64-bit signed integer, as SQLite's are)."""
+_FIRST_KEY, _LAST_KEY = -(2**63), 2**63 - 1
+"""The least and the greatest key (``hash`` gives a 64-bit signed integer, as SQLite's are)."""
 DEDUP_INDEX_NAME_EXTRA = len(DEDUP_INDEX_SUFFIX) + 7 + 1 + 8
 """Bytes the dedup index's name adds to the spool's: the suffix, a pid, "-", 8 hex digits."""
 SQLITE_MAX_PATH = 512
@@ -131,9 +131,9 @@ class DedupWindow(Writer):
         row = connection.execute(
             "SELECT key FROM dedup_index.keys WHERE key >= ? ORDER BY key LIMIT 1 OFFSET ?",
             (start, max(DEDUP_SWEEP_RATE * accepted, DEDUP_PURGE_MINIMUM) - 1)).fetchone()
-        end = row[0] if row is not None else 2**63 - 1
+        end = row[0] if row is not None else _LAST_KEY
         # Not undone with a rollback: the keys it passed over are swept on the next round.
-        self._swept_from = end + 1 if end < 2**63 - 1 else _FIRST_KEY
+        self._swept_from = end + 1 if end < _LAST_KEY else _FIRST_KEY
         if connection.execute("DELETE FROM dedup_index.keys WHERE key >= ? AND key <= ? AND "
                               "expires_at <= ?", (start, end, now)).rowcount:
             self._index_written = True
