@@ -1,7 +1,8 @@
 """Instructions an event on the intake path (``Router.route_many`` into a SQLite spool),
 counted by callgrind:
 
-    .venv/bin/python -m bench.callgrind_route [--events 5000] [--part route|plan|accept]
+    .venv/bin/python -m bench.callgrind_route [--events 5000]
+        [--part route|plan|accept|lease]
         [--out FILE]
 
 runs this script again under callgrind (``bench.callgrind``, ``--inner``) and prints, as
@@ -28,6 +29,11 @@ writer thread's work included, since callgrind counts every thread):
 ``--part accept``
     ``storage.accept`` of each chunk alone, the acceptances (the same jobs as ``route``'s)
     built beforehand, uncounted.
+
+``--part lease``
+    the other half of the spool's work: the events routed first, uncounted, then every
+    destination's jobs leased 300 at a time and completed, as ``bench.delivery``'s
+    ``spool`` phase does (no requests: what the spool costs a delivery).
 
 ``route`` less ``plan`` and ``accept`` is the glue between them. Under callgrind Python
 runs about 50 times slower, so ``route_many``'s turn of the event loop every
@@ -58,6 +64,8 @@ from router.storage.base import Acceptance
 
 DESTINATIONS = 3
 CHUNK = 500
+LEASE = 300
+"""Jobs a lease takes on ``--part lease``, as ``bench.delivery``'s spool phase."""
 SLOWDOWN = 50
 """About how much slower Python runs under callgrind (see the module's doc)."""
 BASE_URL = "http://127.0.0.1:9"
@@ -94,6 +102,10 @@ async def count(events: int, part: str) -> dict[str, Any]:
             chunks = parsed_chunks(events, seed=17)
             prepared = ([acceptances_of(router, chunk, sizes) for chunk, sizes in chunks]
                         if part == "accept" else [])
+            if part == "lease":  # the warm-up's jobs leased uncounted, then these queued
+                await run(router, "lease", [], [])
+                for chunk, sizes in chunks:
+                    await router.route_many(chunk, sizes=sizes)
             tune_garbage_collector()
             instrumentation(True)
             started = time.perf_counter()
@@ -125,6 +137,12 @@ async def run(router: Router, part: str, chunks: list[tuple[list[Any], list[int]
         for acceptances in prepared:
             await router.storage.accept(acceptances, window=router.window, now=time.time())
             jobs += sum(len(acceptance.jobs) for acceptance in acceptances)
+    elif part == "lease":
+        for destination in router.destinations:
+            while batch := await router.storage.lease(destination.name, LEASE, now=time.time(),
+                                                      lease_for=300):
+                await router.storage.complete(batch)
+                jobs += len(batch)
     else:
         raise ValueError(f"unknown part {part!r}")
     return jobs
@@ -140,7 +158,7 @@ def run_under_callgrind(events: int, part: str, out: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--part", choices=("route", "plan", "accept"), default="route",
+    parser.add_argument("--part", choices=("route", "plan", "accept", "lease"), default="route",
                         help="what is counted (see the module's doc)")
     parser.add_argument("--out", type=Path, default=Path("callgrind.route.out"),
                         help="callgrind's output file (kept for callgrind_annotate)")
