@@ -82,6 +82,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, UTC
 from pathlib import Path
@@ -344,11 +345,17 @@ async def route_chunk(router: Router, chunk: Sequence[bytes], started_at: dict[s
     give them, so the 32 KB check does not serialize each event again."""
     events = [orjson.loads(raw) for raw in chunk]
     started = time.time()
-    for result in await router.route_many(events, sizes=[len(raw) for raw in chunk]):
-        started_at[result.message_id or ""] = started
-        for item in result.results:
-            if item.status is Status.SEND and item.destination:
-                queued[item.destination] = queued.get(item.destination, 0) + 1
+    results = await router.route_many(events, sizes=[len(raw) for raw in chunk])
+    # This bookkeeping is the benchmark's, not the router's, but its CPU time is counted
+    # with the router's: kept to the least Python an event (``Status.SEND`` read once, on
+    # Python 3.11 about 700 instructions a read; the queued jobs counted in C).
+    started_at.update(dict.fromkeys([result.message_id or "" for result in results], started))
+    send = Status.SEND
+    for destination, jobs in Counter([item.destination for result in results
+                                      for item in result.results
+                                      if item.status is send]).items():
+        if destination:
+            queued[destination] = queued.get(destination, 0) + jobs
 
 
 def delivered(router: Router, names: Sequence[str]) -> int:
