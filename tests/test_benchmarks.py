@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from bench import core, ingest, replay
-from bench.delivery import ROOT, in_child, start_sinks
+from bench.delivery import ROOT, in_child, median_round, start_sinks
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,13 @@ def test_the_replay_benchmark_replays_every_letter_and_leaves_nothing_behind(
     figures = replay.run(count=300)
     assert figures["replay_python_peak_bytes"] > 0 and figures["index_build_seconds"] >= 0
     assert list(tmp_path.iterdir()) == []  # its Redis's directory went with it
+
+
+def test_the_batching_figures_are_those_of_the_round_with_the_median_ratio():
+    rounds = [{"cpu_ratio_to_inprocess_path": ratio, "round": n}
+              for n, ratio in enumerate([3.1, 2.2, 2.6])]
+    assert median_round(rounds)["round"] == 2
+    assert median_round(rounds[:2])["round"] == 1  # of two, the lower
 
 
 def test_the_delivery_phases_deliver_everything(sink_urls):
