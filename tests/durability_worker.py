@@ -1,7 +1,9 @@
 """A router process for the crash and memory tests, run as ``python tests/durability_worker.py``.
 
 ``route CONFIG COUNT [CHUNK]``: accept COUNT events in chunks, printing ``accepted N`` after
-each chunk is durable, while delivering; then keep delivering until killed.
+each chunk is durable, while delivering; then keep delivering until killed. With
+``SYNC_LOG`` set (``fixtures/count_wal_syncs.c``'s log), each ``accepted N`` is also appended
+to that file, so that the syncs it logs and the acknowledgements are in one order.
 ``backlog CONFIG COUNT``: accept COUNT events for a destination that is down, then print the
 peak resident memory in MB.
 """
@@ -9,6 +11,7 @@ peak resident memory in MB.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from bench.delivery import peak_rss_mb  # VmHWM: ru_maxrss would count the runner's size
@@ -26,6 +29,9 @@ async def route(config: str, count: int, chunk: int) -> None:
     async with Router(load_config(config)) as router:
         for start in range(0, count, chunk):
             await router.route_many(events(start, min(chunk, count - start)))
+            if os.environ.get("SYNC_LOG"):
+                with open(os.environ["SYNC_LOG"], "a") as log:
+                    log.write(f"accepted {start + chunk}\n")
             print(f"accepted {start + chunk}", flush=True)
         while True:
             await asyncio.sleep(3600)
