@@ -886,3 +886,56 @@ async def test_ctrl_c_at_any_point_of_a_long_send_says_exactly_what_is_queued(tm
     finally:
         await storage.close()
     assert f"interrupted: {queued} event(s) were already accepted and queued" in said, said
+
+
+# -- the egress rule: a dry run refuses what delivery refuses (S6) ------------------------------
+
+# Where each event asks a plugin to send; the plugin takes the URL from the event's own options,
+# so nothing checks it at config load and only the dry run's check and the transport stand in
+# the way (one rule for the preview and for delivery: tokentimer-core #70's button that said yes
+# while real alerts were refused).
+REFUSED_URLS = {
+    "http://2130706433:9/": "127.0.0.1 is a loopback address",
+    "http://0177.0.0.1:9/": "127.0.0.1 is a loopback address",
+    "http://0x7f000001:9/": "127.0.0.1 is a loopback address",
+    "http://0.0.0.0:9/": "0.0.0.0 is the unspecified address",
+    "http://localhost:9/": "localhost is a loopback host name",
+    "http://[::ffff:127.0.0.1]:9/": "::ffff:7f00:1 embeds 127.0.0.1, which is a loopback address",
+    "gopher://127.0.0.1:9/_FLUSHALL": "only http and https URLs are allowed, not 'gopher'",
+    "file:///etc/passwd": "only http and https URLs are allowed, not 'file'",
+}
+TO_ITS_OPTION = """
+    class ToItsOption(Probe):
+        def translate(self, event, options):
+            return [Payload({"url": options["url"]})]
+
+        def build_request(self, payloads):
+            return HttpRequest.json("POST", payloads[0].body["url"], {})
+
+    @hookimpl
+    def router_register_destinations(register):
+        register(ToItsOption)
+"""
+
+
+def test_a_dry_run_refuses_each_address_as_delivery_does_and_for_the_same_reason(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site, "zurl", TO_ITS_OPTION)
+    (tmp_path / "router.yaml").write_text(
+        "storage: sqlite:///router.db\ndestinations:\n  - {name: anywhere, plugin: zurl}\n")
+    events = "\n".join(json.dumps({"type": "track", "event": "E", "userId": "u-1",
+                                   "messageId": f"m-{n}",
+                                   "integrations": {"anywhere": {"url": url}}})
+                       for n, url in enumerate(REFUSED_URLS)).encode()
+    said = {}
+    for mode in ("--dry-run", "--wait=30s"):
+        completed = run("send", "-c", "router.yaml", "-", "--json", mode, cwd=tmp_path,
+                        stdin=events, env={"PYTHONPATH": str(site)})
+        assert "Traceback" not in completed.stderr, completed.stderr
+        said[mode] = [(line["status"], line["reason"])
+                      for line in map(json.loads, completed.stdout.splitlines())]
+    expected = [f"egress refused: {reason}" for reason in REFUSED_URLS.values()]
+    assert [reason for _, reason in said["--dry-run"]] == expected
+    assert [reason for _, reason in said["--wait=30s"]] == [f"dead-lettered: {reason}"
+                                                            for reason in expected]

@@ -19,8 +19,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.client import IDEMPOTENT_METHODS as AIOHTTP_RESENDS
 
 from router.delivery.egress import (ConnectionNotes, EgressBlocked, EgressPolicy,
-                                    GuardedConnector, connection_notes, egress_reason,
-                                    pooled_connections_refused, session_kwargs)
+                                    GuardedConnector, check_url, connection_notes,
+                                    egress_reason, pooled_connections_refused, session_kwargs)
 from router.destination import HttpRequest, HttpResponse
 from router.errors import PermanentError, RetryableError
 from router.redaction import cut_at_first_url
@@ -139,7 +139,12 @@ class Transport:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
                 aiohttp.ClientOSError) as exc:
             raise RetryableError(f"connection lost: {_described(exc)}") from None
-        except (aiohttp.InvalidUrlClientError, aiohttp.NonHttpUrlClientError) as exc:
+        except aiohttp.NonHttpUrlClientError:
+            # aiohttp refuses gopher://, file:// ... before the guarded connector sees them:
+            # said and counted as the egress rule refuses them, as a dry run says it.
+            raise EgressRefused(f"egress refused: {check_url(request.url, self.policy)}"
+                                ) from None
+        except aiohttp.InvalidUrlClientError as exc:
             raise PermanentError(f"invalid URL: {_described(exc)}") from None  # again won't help
         except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP/1.1 as written
             # Its status is aiohttp's own (400), not one the server sent.
