@@ -39,6 +39,8 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from router.config import parse_config
@@ -784,6 +786,59 @@ async def test_byte_order_mark_is_tolerated(ingest: Ingest) -> None:
     status, _, _ = await ingest.post("/v1/track", data=b"\xef\xbb\xbf" + json.dumps(track())
                                      .encode())
     assert status == 200
+
+
+# Fuzzing (S9), as OSS-Fuzz fuzzes aiohttp's request handling: JSON documents shaped like
+# events (the spec's field names, values of any type, nested, NaN, surrogates, huge numbers),
+# sent whole or with a few bytes changed, gzipped or not, to every endpoint.
+_FIELDS = ["type", "event", "userId", "anonymousId", "messageId", "properties", "traits",
+           "context", "integrations", "timestamp", "sentAt", "originalTimestamp", "batch",
+           "writeKey", "revenue", "currency", "products", "All", "name"]
+_json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+              st.sampled_from(["track", "identify", "2024-01-01T00:00:00Z", "19.99", "usd",
+                               "\ud800", "\x00"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.sampled_from(_FIELDS) | st.text(max_size=4),
+                                            inner, max_size=5)),
+    max_leaves=20)
+_events = st.fixed_dictionaries(
+    {"type": st.sampled_from(["track", "page", "bogus"]), "event": st.text(max_size=6),
+     "userId": st.text(max_size=4)},
+    optional={field: _json_values for field in _FIELDS
+              if field not in ("type", "event", "userId")})
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+    path = draw(st.sampled_from(["/v1/track", "/v1/identify", "/v1/page", "/v1/batch"]))
+    document: Any = draw(_events)
+    if path == "/v1/batch":
+        document = {"batch": draw(st.lists(_events | _json_values, max_size=4)),
+                    "context": draw(_json_values)}
+    data = json.dumps(document, allow_nan=True).encode()
+    for _ in range(draw(st.integers(0, 3))):  # a few bytes changed, cut or added
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(st.binary(max_size=2)) + data[at + draw(st.integers(0, 2)):]
+    return path, data
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(sent=_bodies(), gzipped=st.booleans())
+async def test_a_fuzzed_request_is_answered_in_json_and_never_with_a_server_error(
+        ingest: Ingest, sent: tuple[str, bytes], gzipped: bool) -> None:
+    path, data = sent
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    before = (await ingest.stats()).dedup_entries
+    status, answer, _ = await ingest.post(path, data=gzip.compress(data) if gzipped else data,
+                                          headers=headers)
+    assert status in (200, 400, 413), (status, answer, data)
+    assert answer["success"] is (status == 200)
+    if status != 200:
+        assert isinstance(answer["code"], str) and isinstance(answer["message"], str)
+        if not answer.get("rejected"):
+            assert (await ingest.stats()).dedup_entries == before, "a refused body kept"
 
 
 # == batches =====================================================================================

@@ -13,6 +13,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from router.config import load_config
 from router.errors import ConfigError, EventRejected
@@ -670,3 +672,74 @@ def test_formats_joins_of_generators_and_refused_methods_behave(source, expected
 def test_any_render_failure_is_event_rejected(source):
     with pytest.raises(EventRejected):
         render(source)
+
+
+# -- fuzzing (S9): templates built from the pieces escapes and bombs are made of ------------------
+
+_ATOMS = ["event", "event.properties", "event.properties.revenue", "event.userId", "options",
+          "'x'", "'{0}'", "'%s'", "''", "0", "1", "9", "99999", "[]", "['a', 'b']",
+          "{'a': 1}", "range(3)", "cycler", "namespace", "joiner", "none", "true", "1.5"]
+_FILTERS = ["list", "join", "length", "upper", "string", "tojson", "first", "last", "sort",
+            "reverse", "unique", "sum", "map('string')", "select", "batch(2)", "center(9999)",
+            "indent(99)", "wordwrap(3)", "replace('', 'xx')", "format('x')", "attr('format')",
+            "attr('__class__')", "pprint", "dictsort", "items", "int", "float", "abs", "trim"]
+_NAMES = ["__class__", "__mro__", "__globals__", "__init__", "__subclasses__", "upper",
+          "format", "format_map", "items", "update", "append", "pop", "encode", "next",
+          "join", "ljust", "zfill"]
+
+
+def _expression(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "-", "*", "**", "%", "~", "//", "==", "in"]),
+                  inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        st.tuples(inner, st.sampled_from(_FILTERS)).map(lambda t: f"({t[0]}|{t[1]})"),
+        st.tuples(inner, st.sampled_from(_NAMES)).map(lambda t: f"{t[0]}.{t[1]}"),
+        st.tuples(inner, inner).map(lambda t: f"{t[0]}({t[1]})"),
+        st.tuples(inner, inner).map(lambda t: f"{t[0]}[{t[1]}]"),
+        st.tuples(inner, inner).map(lambda t: f"[{t[0]}, {t[1]}]"),
+        inner.map(lambda e: f"range({e})"),
+    )
+
+
+_expressions = st.recursive(st.sampled_from(_ATOMS), _expression, max_leaves=8)
+_templates = st.one_of(
+    _expressions.map(lambda e: "{{ " + e + " }}"),
+    st.tuples(_expressions, _expressions).map(
+        lambda t: "{% for x in " + t[0] + " %}{{ " + t[1] + " }}{% endfor %}"),
+    st.tuples(_expressions, _expressions, _expressions).map(
+        lambda t: "{% set ns = namespace(a=" + t[0] + ") %}{% for i in " + t[1]
+        + " %}{% set ns.a = " + t[2].replace("x", "ns.a") + " %}{% endfor %}{{ ns.a }}"),
+    st.tuples(_expressions, _expressions).map(
+        lambda t: "{% macro m(x) %}{{ " + t[0] + " }}{% endmacro %}{{ m(" + t[1] + ") }}"),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_templates)
+def test_a_fuzzed_template_compiles_or_not_renders_or_not_and_never_raises_else(source):
+    # The jinja2 and OSS-Fuzz recipe: whatever the template, the only outcomes are a config
+    # error at load, or output within the cap, or the event refused for this destination;
+    # never another exception (a crash of delivery), never more than the cap, never the
+    # memory an escape or a bomb would take.
+    try:
+        template = Template(source, where="settings.body")
+    except ConfigError:
+        return
+    outcome, peak = render_measured_with(template)
+    assert isinstance(outcome, (str, EventRejected)), (source, outcome)
+    if isinstance(outcome, str):
+        assert len(outcome) <= MAX_OUTPUT_CHARS
+    assert peak < MEMORY_LIMIT, (source, f"peak {peak // 2**20} MB")
+
+
+def render_measured_with(template: Template) -> tuple[BaseException | str, int]:
+    tracemalloc.start()
+    try:
+        try:
+            outcome: BaseException | str = template.render(
+                event=parse_event(EVENT).to_dict(), options={})
+        except BaseException as exc:  # noqa: BLE001 - judged by the caller
+            outcome = exc
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
