@@ -576,6 +576,7 @@ async def test_chunked_body_is_counted_while_read(ingest: Ingest) -> None:
             writer.write(b"0\r\n\r\n")  # a complete body, as a real client sends it
             await writer.drain()
 
+    tracemalloc.start()
     sender = asyncio.create_task(send_ten_megabytes())
     try:
         status_line = await asyncio.wait_for(reader.readline(), 10)
@@ -586,7 +587,11 @@ async def test_chunked_body_is_counted_while_read(ingest: Ingest) -> None:
         answer = json.loads(await reader.readexactly(length))
         assert answer["code"] == "request_too_large"
         await asyncio.wait_for(sender, 10)  # the server read (and dropped) the rest
+        _, peak = tracemalloc.get_traced_memory()
+        # the test plan's bound (S2): what a request holds stays near the limit, not the body
+        assert peak < 4 << 20, f"{peak / 2**20:.1f} MB held while refusing 10 MB"
     finally:
+        tracemalloc.stop()
         sender.cancel()
         writer.close()
 
