@@ -142,8 +142,8 @@ class Transport:
         except aiohttp.NonHttpUrlClientError:
             # aiohttp refuses gopher://, file:// ... before the guarded connector sees them:
             # said and counted as the egress rule refuses them, as a dry run says it.
-            raise EgressRefused(f"egress refused: {check_url(request.url, self.policy)}"
-                                ) from None
+            reason = check_url(request.url, self.policy) or "not an http or https URL"
+            raise EgressRefused(f"egress refused: {reason}") from None
         except aiohttp.InvalidUrlClientError as exc:
             raise PermanentError(f"invalid URL: {_described(exc)}") from None  # again won't help
         except aiohttp.ClientResponseError as exc:  # an answer that is not HTTP/1.1 as written
