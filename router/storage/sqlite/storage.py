@@ -27,7 +27,8 @@ from router.storage.bundle_format import DAMAGED_BODY
 from router.storage.sqlite.budget import MIN_FREE_BYTES, Budget, _disk_free_bytes
 from router.storage.sqlite.dedup import _FIRST_KEY, DedupWindow, _check_the_index_name_fits
 from router.storage.sqlite.errors import _storage_error
-from router.storage.sqlite.lanes import LANE_BITS, Lanes, _lanes_of, _OpenBundle, _take_ids_of
+from router.storage.sqlite.lanes import (_BUNDLE_INSERT, LANE_BITS, Lanes, _insert_bundles,
+                                         _lanes_of, _OpenBundle, _take_ids_of)
 from router.storage.sqlite.letters import _LETTER_COLUMNS, DeadLetterQueue
 from router.storage.sqlite.schema import PAGE_SIZE, SpoolFile, holding_index
 from router.storage.sqlite.writer import LOCK_TIMEOUT, _expired_row, _insert_rows, _Operation
@@ -232,7 +233,11 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
                 by_table.setdefault((lane.insert, lane.width, lane.rows_a_statement),
                                     []).extend(lane.values(first))
             for (insert, width, rows_a_statement), values in by_table.items():
-                _insert_rows(connection, insert, width, values, rows_a_statement=rows_a_statement)
+                if insert == _BUNDLE_INSERT:
+                    _insert_bundles(connection, values)
+                else:
+                    _insert_rows(connection, insert, width, values,
+                                 rows_a_statement=rows_a_statement)
             return accepted
 
         try:
