@@ -1947,10 +1947,10 @@ def test_lanes_with_the_same_jobs_share_their_bundle_and_no_other_does():
 
 
 def _bundles_to_read() -> list[tuple[str, bytes, int]]:
-    """Bundles as ``read_bundle`` may find them: sound ones whose bodies fall across its
-    pieces every way (empty, longer than a piece, ending on a piece's edge), and damaged
-    ones of every kind, each with how many jobs it should hold."""
-    piece = bundle_format.READ_PIECE
+    """Bundles as ``read_bundle`` may find them: sound ones of bodies of every size (empty,
+    spanning many of SQLite's overflow pages, a run of 32 KB ones), and damaged ones of every
+    kind, each with how many jobs it should hold."""
+    piece = 64 * 1024
     generator = random.Random(7)
 
     def jobs(lengths: list[int]) -> list[NewJob]:
@@ -1987,8 +1987,8 @@ def _bundles_to_read() -> list[tuple[str, bytes, int]]:
     return bundles
 
 
-def test_a_bundle_read_in_pieces_is_the_bundle_read_whole(tmp_path):
-    # The spool reads a leased bundle from its blob a piece at a time (`read_bundle`); every
+def test_a_bundle_read_body_by_body_is_the_bundle_read_whole(tmp_path):
+    # The spool reads a leased bundle from its blob a body at a time (`read_bundle`); every
     # bundle, sound or damaged, must come out as `unpack_bundle` makes it of the whole.
     bundles = _bundles_to_read()
     with contextlib.closing(sqlite3.connect(tmp_path / "blobs.db")) as connection:

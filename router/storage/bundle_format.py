@@ -6,7 +6,6 @@ checksums are what finds a disk's damage that SQLite's own checks do not look at
 from __future__ import annotations
 
 import zlib
-from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -92,12 +91,6 @@ def _header_fields(start: bytes, header: bytes) -> Iterator[tuple[Any, ...]]:
     return zip(*orjson.loads(header))
 
 
-READ_PIECE = 64 * 1024
-"""Bytes ``read_bundle`` reads at a time: below glibc's smallest threshold for serving an
-allocation with a fresh ``mmap`` (128 KB), so that each piece reuses the memory the one
-before it freed."""
-
-
 class _Blob(Protocol):
     """What ``read_bundle`` needs of a ``sqlite3.Blob``."""
 
@@ -107,15 +100,18 @@ class _Blob(Protocol):
 
 
 def read_bundle(blob: _Blob, count: int) -> UnpackedBundle:
-    """``unpack_bundle`` of the bundle that ``blob`` (positioned at its start) holds, read
-    from it a piece of at most about ``READ_PIECE`` bytes at a time rather than whole.
+    """``unpack_bundle`` of the bundle that ``blob`` (positioned at its start) holds, each
+    body read from it on its own rather than the bundle whole.
 
     Why: a bundle is hundreds of KB. Read whole (a ``SELECT``), SQLite copied it into a buffer
     of its own and Python into a ``bytes`` of the same size, both freed once its bodies
     were sliced out; the writer thread's malloc arena gave the freed top of its heap back
     to the kernel (``madvise``) after nearly every bundle, and the next bundle's copies
     faulted the pages in again, zeroed: about 15,000 page faults each 60,000 jobs leased.
-    Read in pieces, the memory of one piece is reused by the next.
+    Read in pieces of 64 KB, and each body then sliced out of its piece, every byte was
+    still copied twice; read body by body (``map`` of the handle's ``read``, in C), once:
+    callgrind's lease and complete, 42.4k -> 39.3k instructions an event, and 148 -> 129
+    misses an event of a 1.25 MB L2 (its cache simulation; docs/performance.md, session 30).
 
     A bundle that is not of the checked layout, or whose header does not describe bodies
     that lie within the blob, is read whole and given to ``unpack_bundle``, so that every
@@ -133,17 +129,7 @@ def read_bundle(blob: _Blob, count: int) -> UnpackedBundle:
             raise ValueError("a body that is not in the blob")
     except (ValueError, TypeError):
         return _read_whole(blob, count)
-    bodies: list[bytes] = []
-    first = 0  # the index of the first job of the next piece
-    while first < len(lengths):
-        base = ends[first]
-        # The jobs whose bodies end within READ_PIECE of the piece's start, or one job
-        # whose body alone is longer.
-        last = max(bisect_right(ends, base + READ_PIECE, first + 1) - 1, first + 1)
-        piece = blob.read(ends[last] - base)
-        relative = [end - base for end in ends[first:last + 1]]
-        bodies += map(piece.__getitem__, map(slice, relative, relative[1:]))
-        first = last
+    bodies = list(map(blob.read, lengths))  # the handle is at the first body
     return UnpackedBundle(message_ids, user_keys, _one_string_a_group(groups), bodies,
                           _damaged(bodies, crcs))
 

@@ -132,7 +132,7 @@ class Lanes(Writer):
             "ORDER BY id LIMIT ?", (max(after, lane << LANE_BITS), (lane + 1) << LANE_BITS,
                                     BUNDLES_MOVED_AT_ONCE)).fetchall()
         for bundle_id, first_id, created_at in rows:
-            # A bundle at a time, in pieces, not all twenty at once, whole.
+            # A bundle at a time, a body at a time, not all twenty at once, whole.
             bundle = _OpenBundle(bundle_id, first_id, created_at,
                                  _read_bundle(connection, bundle_id, first_id),
                                  _settled_in(connection, first_id, bundle_id))
@@ -406,7 +406,7 @@ def _lanes_of(items: Sequence[Acceptance], now: float) -> list[_Lane]:
 
 def _read_bundle(connection: sqlite3.Connection, bundle_id: int, first_id: int
                  ) -> UnpackedBundle:
-    """The jobs of a bundle, read from its blob in pieces, not whole (``read_bundle`` says
+    """The jobs of a bundle, read from its blob a body at a time, not whole (``read_bundle`` says
     why)."""
     with connection.blobopen("bundles", "jobs", bundle_id, readonly=True) as blob:
         return read_bundle(blob, bundle_id - first_id + 1)
