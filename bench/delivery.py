@@ -353,9 +353,8 @@ async def route_chunk(router: Router, chunk: Sequence[bytes], started_at: dict[s
     send = Status.SEND
     for destination, jobs in Counter([item.destination for result in results
                                       for item in result.results
-                                      if item.status is send]).items():
-        if destination:
-            queued[destination] = queued.get(destination, 0) + jobs
+                                      if item.status is send and item.destination]).items():
+        queued[destination] = queued.get(destination, 0) + jobs
 
 
 def delivered(router: Router, names: Sequence[str]) -> int:

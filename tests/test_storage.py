@@ -1950,7 +1950,7 @@ def _bundles_to_read() -> list[tuple[str, bytes, int]]:
     """Bundles as ``read_bundle`` may find them: sound ones of bodies of every size (empty,
     spanning many of SQLite's overflow pages, a run of 32 KB ones), and damaged ones of every
     kind, each with how many jobs it should hold."""
-    piece = 64 * 1024
+    large = 64 * 1024  # a body over many of SQLite's overflow pages
     generator = random.Random(7)
 
     def jobs(lengths: list[int]) -> list[NewJob]:
@@ -1960,8 +1960,8 @@ def _bundles_to_read() -> list[tuple[str, bytes, int]]:
     def packed(lengths: list[int]) -> bytes:
         return bundle_format.pack_bundle(jobs(lengths))
 
-    sizes = {"one": [10], "empty bodies": [0, 5, 0, 0], "a body longer than a piece":
-             [100, 3 * piece + 1, 7], "bodies that end on a piece's edge": [piece // 2] * 9,
+    sizes = {"one": [10], "empty bodies": [0, 5, 0, 0], "a body of many overflow pages":
+             [100, 3 * large + 1, 7], "a run of 32 KB bodies": [large // 2] * 9,
              "many": [generator.randrange(0, 4000) for _ in range(700)]}
     bundles = [(name, packed(lengths), len(lengths)) for name, lengths in sizes.items()]
     sound = packed(sizes["many"])

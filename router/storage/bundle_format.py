@@ -124,8 +124,7 @@ def read_bundle(blob: _Blob, count: int) -> UnpackedBundle:
     header = blob.read(offset - 12) if offset <= size else b""
     try:
         message_ids, user_keys, groups, lengths, crcs = _header_fields(start, header)
-        ends = list(accumulate(lengths, initial=offset))
-        if min(lengths) < 0 or ends[-1] > size:
+        if min(lengths) < 0 or offset + sum(lengths) > size:
             raise ValueError("a body that is not in the blob")
     except (ValueError, TypeError):
         return _read_whole(blob, count)

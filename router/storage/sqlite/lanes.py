@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import zlib
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import repeat
 from operator import is_
 from typing import Any, NamedTuple, cast
@@ -145,7 +145,7 @@ class Lanes(Writer):
                 values += (first_id + index, destination, jobs.message_ids[index],
                            jobs.user_keys[index], jobs.groups[index], body, created_at,
                            created_at, zlib.crc32(body))
-            _insert_rows(connection, _ORDERED_INSERT, 9, values)
+            _insert_jobs(connection, values)
             connection.execute("DELETE FROM bundles WHERE id = ?", (bundle_id,))
             connection.execute("DELETE FROM settled_runs WHERE last BETWEEN ? AND ?",
                                (first_id, bundle_id))
@@ -262,6 +262,11 @@ class Lanes(Writer):
         return others
 
 
+RowWriter = Callable[[sqlite3.Connection, list[Any]], object]
+"""How a lane's rows are written (``_insert_jobs``, ``_insert_bundles``): given the values of
+one or more lanes, flat, as ``_Lane.values`` gives them."""
+
+
 class _Lane:
     """What one accept adds for one destination, built before the write lock is taken: a
     bundle, or for an ordered destination rows of ``jobs``. Job ids are taken under the
@@ -277,12 +282,12 @@ class _Lane:
         self.now = now
         entries, bodies = jobs.entries, jobs.bodies
         if ordered:
-            self.insert, self.width, self.rows_a_statement = _ORDERED_INSERT, 9, 1000
+            self.write: RowWriter = _insert_jobs
             self._values: list[Any] = [
                 value for (message_id, user_key, group, _, crc), body in zip(entries, bodies)
                 for value in (0, destination, message_id, user_key, group, body, now, now, crc)]
             return
-        self.insert, self.width, self.rows_a_statement = _BUNDLE_INSERT, 4, 1
+        self.write = _insert_bundles
         for other, values in alike or ():
             if _same_jobs(jobs, other):
                 self._values = list(values)  # its own: `values` sets the ids in it
@@ -341,6 +346,11 @@ def _insert_bundles(connection: sqlite3.Connection, values: list[Any]) -> None:
 
 _ORDERED_INSERT = ("INSERT INTO jobs (id, destination, message_id, user_key, grp, body, "
                    "created_at, due_at, body_crc)")
+
+
+def _insert_jobs(connection: sqlite3.Connection, values: list[Any]) -> None:
+    """Rows of ``jobs`` (9 values to a row, as ``_Lane.values`` gives them)."""
+    _insert_rows(connection, _ORDERED_INSERT, 9, values)
 
 
 class _Jobs(NamedTuple):

@@ -27,11 +27,11 @@ from router.storage.bundle_format import DAMAGED_BODY
 from router.storage.sqlite.budget import MIN_FREE_BYTES, Budget, _disk_free_bytes
 from router.storage.sqlite.dedup import _FIRST_KEY, DedupWindow, _check_the_index_name_fits
 from router.storage.sqlite.errors import _storage_error
-from router.storage.sqlite.lanes import (_BUNDLE_INSERT, LANE_BITS, Lanes, _insert_bundles,
-                                         _lanes_of, _OpenBundle, _take_ids_of)
+from router.storage.sqlite.lanes import (LANE_BITS, Lanes, RowWriter, _lanes_of, _OpenBundle,
+                                         _take_ids_of)
 from router.storage.sqlite.letters import _LETTER_COLUMNS, DeadLetterQueue
 from router.storage.sqlite.schema import PAGE_SIZE, SpoolFile, holding_index
-from router.storage.sqlite.writer import LOCK_TIMEOUT, _expired_row, _insert_rows, _Operation
+from router.storage.sqlite.writer import LOCK_TIMEOUT, _expired_row, _Operation
 
 log = logging.getLogger("router.storage")
 PURGE_AFTER_EVENTS = 1000
@@ -226,18 +226,15 @@ class SqliteStorage(SpoolFile, DedupWindow, Lanes, DeadLetterQueue, Budget, Stor
             for lane in kept:
                 counts[lane.destination] = counts.get(lane.destination, 0) + len(lane.jobs.bodies)
             next_ids = _take_ids_of(connection, counts)
-            by_table: dict[tuple[str, int, int], list[Any]] = {}
+            # The lanes' rows by the function that writes them: all the ordered lanes' rows
+            # of ``jobs`` together, 1,000 to a statement; the bundles one by one.
+            by_writer: dict[RowWriter, list[Any]] = {}
             for lane in kept:
                 first = next_ids[lane.destination]
                 next_ids[lane.destination] = first + len(lane.jobs.bodies)
-                by_table.setdefault((lane.insert, lane.width, lane.rows_a_statement),
-                                    []).extend(lane.values(first))
-            for (insert, width, rows_a_statement), values in by_table.items():
-                if insert == _BUNDLE_INSERT:
-                    _insert_bundles(connection, values)
-                else:
-                    _insert_rows(connection, insert, width, values,
-                                 rows_a_statement=rows_a_statement)
+                by_writer.setdefault(lane.write, []).extend(lane.values(first))
+            for write, values in by_writer.items():
+                write(connection, values)
             return accepted
 
         try:

@@ -222,13 +222,13 @@ def _expired_row(connection: sqlite3.Connection) -> tuple[int, str, str, float]:
 
 
 def _insert_rows(connection: sqlite3.Connection, insert: str, width: int,
-                 values: list[Any], *, rows_a_statement: int = 1000) -> int | None:
+                 values: list[Any]) -> int | None:
     """``insert`` (``INSERT INTO table (columns)``) of ``values``, ``width`` to a row, 1,000
-    rows a statement (SQLite takes 32,766 parameters) unless told fewer; returns the last
-    row's id, or None when there was nothing to insert. Not ``executemany``: each of its
+    rows a statement (SQLite takes 32,766 parameters); returns the last row's id, or None
+    when there was nothing to insert. Not ``executemany``: each of its
     rows gives up the GIL and takes it back, and under load every take waits for the event
     loop's thread while the write lock, which another process may be waiting for, is held."""
-    step = rows_a_statement * width
+    step = 1000 * width
     last = None
     for start in range(0, len(values), step):
         chunk = values[start:start + step]
